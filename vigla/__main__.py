@@ -1,0 +1,5 @@
+import sys
+
+from vigla.cli import main
+
+sys.exit(main())

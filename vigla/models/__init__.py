@@ -1,0 +1,1 @@
+"""Model families, one file each; importing this package registers them with timm."""

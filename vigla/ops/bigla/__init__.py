@@ -1,0 +1,97 @@
+"""BiGLA: bidirectional gated linear attention (spec §2.1), with interchangeable backends.
+
+``bigla(q, k, v, log_gf, log_gb)`` is the one public entry point. Backends:
+
+* ``naive``: the token-by-token recurrence; any dtype (float64 too). Ground truth.
+* ``chunked``: chunk-parallel PyTorch; any device, autograd. The CPU default.
+* ``triton``: the fused bidirectional kernel (CUDA, needs Triton), forward and backward.
+* ``fla``: fla-core's ``chunk_gla`` run the way the official ViG code trains (on ``[x; flip(x)]``),
+  only when ``fla-core`` is installed; for benchmarks and cross-checks.
+
+``backend="auto"`` picks the fastest one available for the inputs' device.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .chunked import bigla_chunked
+from .naive import bigla_naive
+
+__all__ = ["bigla", "bigla_naive", "bigla_chunked", "available_backends"]
+
+_BACKENDS: dict[str, Callable] = {"naive": bigla_naive, "chunked": bigla_chunked}
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` here (all devices when None)."""
+    names = ["naive", "chunked"]
+    return names
+
+
+def _check(q, k, v, log_gf, log_gb):
+    tensors = dict(q=q, k=k, v=v, log_gf=log_gf, log_gb=log_gb)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bigla: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"bigla: {name} must be 4-D [B, T, H, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"bigla: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"bigla: {name} is on {t.device} but q is on {q.device}")
+    for name in ("k", "log_gf", "log_gb"):
+        if tensors[name].shape != q.shape:
+            raise ValueError(
+                f"bigla: {name} must have q's shape {tuple(q.shape)} [B, T, H, K], "
+                f"got {tuple(tensors[name].shape)}"
+            )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"bigla: v must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])}, got {tuple(v.shape)}"
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"bigla: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _auto_backend(q: torch.Tensor) -> str:
+    return "chunked"
+
+
+def bigla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gf: torch.Tensor,
+    log_gb: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Bidirectional gated linear attention.
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys (no feature map is applied).
+        v: ``[B, T, H, V]`` values.
+        log_gf, log_gb: ``[B, T, H, K]`` per-key-channel log decays (finite, <= 0) of the
+            forward and the backward scan.
+        scale: readout scale, default ``K ** -0.5``.
+        backend: ``"auto"``, or one of :func:`available_backends`.
+
+    Returns:
+        ``[B, T, H, V]`` in ``q.dtype``: ``o_t = scale/2 * (q_t^T S^f_t + q_t^T S^b_t)`` with
+        ``S^f_t = diag(exp(log_gf_t)) S^f_{t-1} + k_t v_t^T`` and
+        ``S^b_t = diag(exp(log_gb_t)) S^b_{t+1} + k_t v_t^T``; both scans include token t itself.
+    """
+    _check(q, k, v, log_gf, log_gb)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "auto":
+        backend = _auto_backend(q)
+    try:
+        fn = _BACKENDS[backend]
+    except KeyError:
+        raise ValueError(
+            f"bigla: unknown backend {backend!r}; available here: {available_backends(q.device)}"
+        ) from None
+    return fn(q, k, v, log_gf, log_gb, float(scale))
