@@ -16,18 +16,26 @@ from typing import Callable
 
 import torch
 
-from .chunked import bigla_chunked
+from . import op
+from .chunked import bigla_chunked, bigla_chunked_bwd
 from .naive import bigla_naive
+from .op import bigla_macs
 
-__all__ = ["bigla", "bigla_naive", "bigla_chunked", "available_backends"]
+__all__ = ["bigla", "bigla_naive", "bigla_chunked", "bigla_chunked_bwd", "bigla_macs",
+           "available_backends"]
 
-_BACKENDS: dict[str, Callable] = {"naive": bigla_naive, "chunked": bigla_chunked}
+
+def _bigla_op(q, k, v, log_gf, log_gb, scale):
+    return torch.ops.vigla.bigla_fwd(q, k, v, log_gf, log_gb, scale)
+
+
+_BACKENDS: dict[str, Callable] = {"naive": bigla_naive, "chunked": bigla_chunked, "op": _bigla_op}
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on ``device`` here (all devices when None)."""
-    names = ["naive", "chunked"]
-    return names
+    """Backends that can run on ``device`` here (``op``: the custom op, Triton-backed on CUDA)."""
+    return [name for name in _BACKENDS if device is None or name not in ("triton",)
+            or torch.device(device).type == "cuda"]
 
 
 def _check(q, k, v, log_gf, log_gb):
@@ -56,7 +64,9 @@ def _check(q, k, v, log_gf, log_gb):
 
 
 def _auto_backend(q: torch.Tensor) -> str:
-    return "chunked"
+    # The custom op runs the Triton kernels on CUDA when they are registered, and the chunked
+    # reference (with a hand-written backward) everywhere else.
+    return "op"
 
 
 def bigla(

@@ -1,4 +1,4 @@
-"""Chunk-parallel BiGLA in plain PyTorch (any device, autograd through ordinary ops).
+"""Chunk-parallel BiGLA in plain PyTorch (any device), with an explicit backward.
 
 Within a chunk of ``C`` tokens the output is a masked matrix product; between chunks a
 ``[K, V]`` state is carried. Every exponent that is evaluated is <= 0, so the result is exact
@@ -11,6 +11,8 @@ and finite for any finite log decays (-20 per token included) and any sequence l
 
 The backward direction is the forward recurrence on the time-reversed sequence; this backend
 computes both directions as one batch (it is the portable reference path, not the fast one).
+``bigla_chunked`` differentiates through ordinary ops; ``bigla_chunked_bwd`` is the same
+gradient written out by hand (it backs the custom op's CPU backward, which cannot use autograd).
 """
 from __future__ import annotations
 
@@ -20,39 +22,93 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 32
 
 
+def _chunks(q, k, v, g, chunk):
+    *lead, T, K = q.shape
+    n = T // chunk
+    q, k, g = (t.reshape(*lead, n, chunk, K) for t in (q, k, g))
+    return q, k, v.reshape(*lead, n, chunk, v.shape[-1]), g
+
+
+def _intra_decay(b, chunk):
+    """``[..., C, C, K]``: ``exp(b_i - b_j)`` for ``j <= i``, else 0 (never overflows)."""
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=b.device).tril()
+    diff = b.unsqueeze(-2) - b.unsqueeze(-3)
+    return torch.where(causal[..., None], diff, diff.new_tensor(float("-inf"))).exp()
+
+
+def _states_before(chunk_decay, local):
+    """Scan ``S_{n+1} = D_n * S_n + U_n`` from ``S_0 = 0``; returns ``[S_0 .. S_{N-1}]`` stacked."""
+    state = torch.zeros_like(local[..., 0, :, :])
+    before = []
+    for i in range(local.shape[-3]):
+        before.append(state)
+        state = chunk_decay[..., i, :, :] * state + local[..., i, :, :]
+    return torch.stack(before, dim=-3)
+
+
 def _causal_gla(q, k, v, g, scale: float, chunk: int):
     """Causal GLA on ``[..., T, K]`` / ``[..., T, V]`` tensors, ``T`` a multiple of ``chunk``.
 
     ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``; returns ``scale * q_t^T S_t`` as ``[..., T, V]``.
     """
-    *lead, T, K = q.shape
-    V = v.shape[-1]
-    n = T // chunk
-    q, k, g = (t.reshape(*lead, n, chunk, K) for t in (q, k, g))
-    v = v.reshape(*lead, n, chunk, V)
-
+    shape = v.shape
+    q, k, v, g = _chunks(q, k, v, g, chunk)
     b = g.cumsum(-2)  # in-chunk inclusive cumulative log decay, <= 0
     b_last = b[..., -1:, :]
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3) * _intra_decay(b, chunk)).sum(-1)  # [..., n, C, C]
+    local = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # [..., n, K, V]
+    before = _states_before(b_last.transpose(-1, -2).exp(), local)
+    out = scores @ v + (q * b.exp()) @ before
+    return (out * scale).reshape(shape)
 
-    # intra-chunk: A_ij = sum_c q_ic k_jc exp(b_ic - b_jc), j <= i
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    diff = b.unsqueeze(-2) - b.unsqueeze(-3)  # [..., n, C(i), C(j), K]
-    decay = torch.where(causal[..., None], diff, diff.new_tensor(float("-inf"))).exp()
-    scores = (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)  # [..., n, C, C]
-    out = scores @ v
 
-    # inter-chunk: carry S across chunks
-    q_dec = q * b.exp()
-    k_dec = k * (b_last - b).exp()
-    local = k_dec.transpose(-1, -2) @ v  # [..., n, K, V]: chunk's own contribution
-    chunk_decay = b_last.squeeze(-2).exp().unsqueeze(-1)  # [..., n, K, 1]
-    state = local.new_zeros(*lead, K, V)
-    before = []
-    for i in range(n):
-        before.append(state)
-        state = chunk_decay[..., i, :, :] * state + local[..., i, :, :]
-    out = out + q_dec @ torch.stack(before, dim=-3)
-    return (out * scale).reshape(*lead, T, V)
+def _causal_gla_bwd(q, k, v, g, do, scale: float, chunk: int):
+    """Gradients ``(dq, dk, dv, dg)`` of ``<do, _causal_gla(q, k, v, g)>``, same shapes as inputs."""
+    shapes = [t.shape for t in (q, k, v, g)]
+    q, k, v, g = _chunks(q, k, v, g, chunk)
+    do = do.reshape(v.shape) * scale
+    b = g.cumsum(-2)
+    b_last = b[..., -1:, :]
+    decay = _intra_decay(b, chunk)
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)
+    q_dec, k_dec = q * b.exp(), k * (b_last - b).exp()
+    chunk_decay = b_last.transpose(-1, -2).exp()  # [..., n, K, 1]
+    before = _states_before(chunk_decay, k_dec.transpose(-1, -2) @ v)
+
+    # gradient w.r.t. the state after each chunk, scanned backwards: dS_{n+1} feeds chunk n+1's
+    # readout and, decayed, every later state.
+    d_after = []
+    ds = torch.zeros_like(before[..., 0, :, :])
+    for i in range(q.shape[-3] - 1, -1, -1):
+        d_after.append(ds)
+        ds = q_dec[..., i, :, :].transpose(-1, -2) @ do[..., i, :, :] + chunk_decay[..., i, :, :] * ds
+    d_after = torch.stack(d_after[::-1], dim=-3)  # [..., n, K, V]
+
+    d_scores = (do @ v.transpose(-1, -2)).tril()  # [..., n, C, C]
+    t = d_scores.unsqueeze(-1) * decay  # [..., n, C(i), C(j), K]
+    dq = (t * k.unsqueeze(-3)).sum(-2) + (do @ before.transpose(-1, -2)) * b.exp()
+    dk_inter = (v @ d_after.transpose(-1, -2)) * (b_last - b).exp()
+    dk = (t * q.unsqueeze(-2)).sum(-3) + dk_inter
+    dv = scores.transpose(-1, -2) @ do + k_dec @ d_after
+    # log-decay gradient: d b_i = q_i dq_i - k_i dk_i, plus the chunk-end terms on b_last
+    db = q * dq - k * dk
+    d_chunk_decay = (d_after * before).sum(-1) * chunk_decay.squeeze(-1)  # [..., n, K]
+    db[..., -1, :] += (k * dk_inter).sum(-2) + d_chunk_decay
+    dg = db.flip(-2).cumsum(-2).flip(-2)
+    return tuple(x.reshape(s) for x, s in zip((dq, dk, dv, dg), shapes))
+
+
+def _prepare(tensors_and_flips, work, pad):
+    """``[B, T, H, D]`` inputs -> ``[2, B, H, T+pad, D]``: index 0 as is, index 1 time-reversed."""
+    def heads_first(x, flip):
+        x = x.to(work)
+        x = (x.flip(1) if flip else x).transpose(1, 2)
+        return F.pad(x, (0, 0, 0, pad)) if pad else x
+    return [torch.stack([heads_first(a, False), heads_first(b, True)]) for a, b in tensors_and_flips]
+
+
+def _work_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def bigla_chunked(q, k, v, log_gf, log_gb, scale: float, chunk: int = DEFAULT_CHUNK):
@@ -65,23 +121,30 @@ def bigla_chunked(q, k, v, log_gf, log_gb, scale: float, chunk: int = DEFAULT_CH
     Returns:
         ``[B, T, H, V]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs).
     """
-    out_dtype = q.dtype
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
     T = q.shape[1]
     pad = (-T) % chunk
-
-    def heads_first(x, flip):
-        x = x.to(work)
-        if flip:
-            x = x.flip(1)
-        x = x.transpose(1, 2)  # [B, H, T, D]
-        return F.pad(x, (0, 0, 0, pad)) if pad else x
-
-    # both directions as one batch: index 0 = forward scan, 1 = backward scan (time-reversed)
-    qs = torch.stack([heads_first(q, False), heads_first(q, True)])
-    ks = torch.stack([heads_first(k, False), heads_first(k, True)])
-    vs = torch.stack([heads_first(v, False), heads_first(v, True)])
-    gs = torch.stack([heads_first(log_gf, False), heads_first(log_gb, True)])
+    qs, ks, vs, gs = _prepare([(q, q), (k, k), (v, v), (log_gf, log_gb)], _work_dtype(q), pad)
     o = _causal_gla(qs, ks, vs, gs, scale, chunk)[..., :T, :]  # [2, B, H, T, V]
     o = (o[0] + o[1].flip(2)) * 0.5
-    return o.transpose(1, 2).to(out_dtype)
+    return o.transpose(1, 2).to(q.dtype)
+
+
+def bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale: float, chunk: int = DEFAULT_CHUNK):
+    """Gradients ``(dq, dk, dv, dlog_gf, dlog_gb)`` of ``<do, bigla_chunked(...)>``, without autograd.
+
+    Shapes and dtypes follow the inputs; ``do`` is ``[B, T, H, V]``.
+    """
+    T = q.shape[1]
+    pad = (-T) % chunk
+    qs, ks, vs, gs, dos = _prepare([(q, q), (k, k), (v, v), (log_gf, log_gb), (do, do)],
+                                   _work_dtype(q), pad)
+    grads = _causal_gla_bwd(qs, ks, vs, gs, dos * 0.5, scale, chunk)
+
+    def back(x, like):  # [2, B, H, T+pad, D] -> forward part + un-reversed backward part
+        x = x[..., :T, :].transpose(2, 3)
+        return (x[0] + x[1].flip(1)).to(like.dtype)
+
+    dq, dk, dv, dg = grads
+    dg = dg[..., :T, :].transpose(2, 3)
+    return (back(dq, q), back(dk, k), back(dv, v), dg[0].to(log_gf.dtype),
+            dg[1].flip(1).to(log_gb.dtype))

@@ -1,0 +1,78 @@
+"""``torch.ops.vigla.bigla_fwd`` / ``bigla_bwd``: BiGLA as PyTorch custom ops.
+
+One op, dispatched by device: the Triton kernels register a CUDA implementation (see
+``triton_kernels.py``); every other device runs the chunked reference. Going through a custom op
+lets ``torch.compile`` trace a whole model without a graph break and lets
+``torch.utils.flop_counter`` count the op with the analytic formula below.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .chunked import bigla_chunked, bigla_chunked_bwd
+
+
+def bigla_macs(q_shape, v_shape) -> int:
+    """Multiply-accumulates of one BiGLA forward, counted in the recurrent form.
+
+    Per token, head and direction: the state update ``k_t v_t^T`` (K*V) and the readout
+    ``q_t^T S_t`` (K*V); two directions. ``q_shape = [B, T, H, K]``, ``v_shape = [B, T, H, V]``.
+    """
+    B, T, H, K = q_shape
+    return 2 * 2 * B * T * H * K * v_shape[-1]
+
+
+@torch.library.custom_op("vigla::bigla_fwd", mutates_args=())
+def bigla_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gf: torch.Tensor, log_gb: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``[B, T, H, V]`` BiGLA output (see :func:`vigla.ops.bigla.bigla`)."""
+    with torch.no_grad():
+        return bigla_chunked(q, k, v, log_gf, log_gb, scale).contiguous()
+
+
+@bigla_fwd.register_fake
+def _(q, k, v, log_gf, log_gb, scale):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+@torch.library.custom_op("vigla::bigla_bwd", mutates_args=())
+def bigla_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gf: torch.Tensor,
+    log_gb: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dlog_gf, dlog_gb)`` of ``<do, bigla_fwd(...)>`` (reference path)."""
+    return tuple(g.contiguous() for g in bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale))
+
+
+@bigla_bwd.register_fake
+def _(do, q, k, v, log_gf, log_gb, scale):
+    return tuple(torch.empty_like(t) for t in (q, k, v, log_gf, log_gb))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_gf, log_gb, scale = inputs
+    ctx.save_for_backward(q, k, v, log_gf, log_gb)
+    ctx.scale = scale
+
+
+def _backward(ctx, do):
+    grads = torch.ops.vigla.bigla_bwd(do.contiguous(), *ctx.saved_tensors, ctx.scale)
+    return (*grads, None)
+
+
+bigla_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.vigla.bigla_fwd)
+def _fwd_flops(q_shape, k_shape, v_shape, gf_shape, gb_shape, scale, *args, out_shape=None, **kwargs):
+    return 2 * bigla_macs(q_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.vigla.bigla_bwd)
+def _bwd_flops(do_shape, q_shape, k_shape, v_shape, gf_shape, gb_shape, scale, *args, out_shape=None,
+               **kwargs):
+    # dq, dk, dv: three products of the forward's size, plus the gate terms (same order).
+    return 2 * 2 * bigla_macs(q_shape, v_shape)
