@@ -19,6 +19,7 @@ import torch
 from . import op
 from .chunked import bigla_chunked, bigla_chunked_bwd
 from .naive import bigla_naive
+from .fla import HAS_FLA, bigla_fla
 from .op import bigla_macs
 
 __all__ = ["bigla", "bigla_naive", "bigla_chunked", "bigla_chunked_bwd", "bigla_macs",
@@ -29,13 +30,32 @@ def _bigla_op(q, k, v, log_gf, log_gb, scale):
     return torch.ops.vigla.bigla_fwd(q, k, v, log_gf, log_gb, scale)
 
 
-_BACKENDS: dict[str, Callable] = {"naive": bigla_naive, "chunked": bigla_chunked, "op": _bigla_op}
+def _bigla_triton(q, k, v, log_gf, log_gb, scale):
+    if not (op.HAS_TRITON and q.is_cuda):
+        raise RuntimeError(f"bigla: backend 'triton' needs CUDA tensors and Triton (got device {q.device}, "
+                           f"Triton {'found' if op.HAS_TRITON else 'not installed'})")
+    return _bigla_op(q, k, v, log_gf, log_gb, scale)
+
+
+_BACKENDS: dict[str, Callable] = {
+    "naive": bigla_naive, "chunked": bigla_chunked, "op": _bigla_op, "triton": _bigla_triton,
+    "fla": bigla_fla,
+}
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on ``device`` here (``op``: the custom op, Triton-backed on CUDA)."""
-    return [name for name in _BACKENDS if device is None or name not in ("triton",)
-            or torch.device(device).type == "cuda"]
+    """Backends that can run on ``device`` (any device when None).
+
+    ``op`` is the custom op (Triton kernels on CUDA, the chunked reference elsewhere); ``triton``
+    is the same op, but refuses to run anything else.
+    """
+    dev = torch.device(device).type if device is not None else None
+    names = ["naive", "chunked", "op"]
+    if op.HAS_TRITON and dev in (None, "cuda"):
+        names.append("triton")
+    if HAS_FLA and dev in (None, "cuda"):
+        names.append("fla")
+    return names
 
 
 def _check(q, k, v, log_gf, log_gb):

@@ -76,3 +76,18 @@ def _bwd_flops(do_shape, q_shape, k_shape, v_shape, gf_shape, gb_shape, scale, *
                **kwargs):
     # dq, dk, dv: three products of the forward's size, plus the gate terms (same order).
     return 2 * 2 * bigla_macs(q_shape, v_shape)
+
+
+def _register_triton() -> bool:
+    """Give the ops their CUDA implementation: the fused Triton kernels (if Triton imports)."""
+    try:
+        from .triton_kernels import bigla_bwd_triton, bigla_fwd_triton
+    except ImportError:
+        return False
+    bigla_fwd.register_kernel("cuda")(bigla_fwd_triton)
+    bigla_bwd.register_kernel("cuda")(
+        lambda do, q, k, v, log_gf, log_gb, scale: bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale))
+    return True
+
+
+HAS_TRITON = _register_triton()

@@ -1,0 +1,156 @@
+"""BiGLA operator benchmark: fused Triton kernel vs fla's bidirectional path vs chunked PyTorch.
+
+Run on a GPU (one run per table; ratios are taken within the run):
+
+    python benchmarks/bench_bigla.py --out benchmarks/results
+
+Shapes: ViG-T layers (H=3, d_k=32, d_v=64) at T = 196/1024/4096/16384 with the anchors' batch
+sizes, a ViG-S layer, and the four ViG-H-T stages at 224². bf16 inputs (gates too), forward and
+forward+backward, median of ``triton.testing.do_bench``. The byte floor is the time to read
+q, k, v and both gates once and write o once at the copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from vigla.ops.bigla import available_backends, bigla  # noqa: E402
+
+SHAPES = [  # name, B, T, H, K, V
+    ("ViG-T @224", 128, 196, 3, 32, 64),
+    ("ViG-T @512", 48, 1024, 3, 32, 64),
+    ("ViG-T @1024", 12, 4096, 3, 32, 64),
+    ("ViG-T @2048", 4, 16384, 3, 32, 64),
+    ("ViG-S @224", 128, 196, 6, 32, 64),
+    ("ViG-H-T s1 @224", 128, 3136, 3, 16, 32),
+    ("ViG-H-T s2 @224", 128, 784, 6, 16, 32),
+    ("ViG-H-T s3 @224", 128, 196, 12, 16, 32),
+    ("ViG-H-T s4 @224", 128, 49, 24, 16, 32),
+]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    from triton.testing import do_bench
+
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def make_inputs(B, T, H, K, V, dtype=torch.bfloat16, grad=False):
+    def r(*s):
+        return torch.randn(*s, device="cuda", dtype=dtype, requires_grad=grad)
+
+    def gate():
+        g = (F.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 16).to(dtype)
+        return g.requires_grad_(grad)
+
+    return r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), gate(), gate()
+
+
+def time_backend(backend, shape, train: bool):
+    from triton.testing import do_bench
+
+    _, B, T, H, K, V = shape
+    x = make_inputs(B, T, H, K, V, grad=train)
+    if train:
+        do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+
+        def fn():
+            out = bigla(*x, backend=backend)
+            torch.autograd.grad(out, x, do)
+    else:
+        def fn():
+            with torch.no_grad():
+                bigla(*x, backend=backend)
+    try:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("VIGLA_COMMIT", "unknown")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--backends", nargs="+", default=["triton", "fla", "chunked"])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_bigla needs a CUDA GPU", file=sys.stderr)
+        return 2
+    backends = [b for b in args.backends if b in available_backends("cuda")]
+    bw = copy_bandwidth()
+    rows = []
+    for shape in SHAPES:
+        name, B, T, H, K, V = shape
+        nbytes = 2 * B * T * H * (4 * K + 2 * V)  # bf16: q, k, gf, gb, v read; o written
+        row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T,
+                   floor_ms=nbytes / bw * 1e3)
+        for backend in backends:
+            row[f"{backend}_fwd_ms"] = time_backend(backend, shape, train=False)
+            row[f"{backend}_fwdbwd_ms"] = time_backend(backend, shape, train=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    for row in rows:
+        row["fla_over_triton_fwd"] = ratio(row.get("fla_fwd_ms"), row.get("triton_fwd_ms"))
+        row["fla_over_triton_fwdbwd"] = ratio(row.get("fla_fwdbwd_ms"), row.get("triton_fwdbwd_ms"))
+        row["chunked_over_triton_fwd"] = ratio(row.get("chunked_fwd_ms"), row.get("triton_fwd_ms"))
+        row["triton_fwd_over_floor"] = ratio(row.get("triton_fwd_ms"), row["floor_ms"])
+
+    versions = dict(torch=torch.__version__)
+    for mod in ("triton", "fla"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    result = dict(
+        benchmark="bigla operator", device=torch.cuda.get_device_name(), commit=git_commit(),
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv), versions=versions,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", timing="triton.testing.do_bench median",
+        rows=rows,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_bigla.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+    def fmt(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    print(f"\n{result['device']}  copy {bw / 1e12:.2f} TB/s  commit {result['commit']}")
+    print(f"{'shape':18} {'tri fwd':>8} {'fla fwd':>8} {'x':>6} {'tri f+b':>8} {'fla f+b':>8} {'x':>6} "
+          f"{'floor':>7} {'/floor':>7}")
+    for r in rows:
+        print(f"{r['name']:18} {fmt(r.get('triton_fwd_ms'))} {fmt(r.get('fla_fwd_ms')):>8} "
+              f"{fmt(r['fla_over_triton_fwd'], '.1f'):>6} {fmt(r.get('triton_fwdbwd_ms')):>8} "
+              f"{fmt(r.get('fla_fwdbwd_ms')):>8} {fmt(r['fla_over_triton_fwdbwd'], '.1f'):>6} "
+              f"{fmt(r['floor_ms']):>7} {fmt(r['triton_fwd_over_floor'], '.1f'):>7}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The fused Triton kernel against the float64 recurrence.
+
+* On CPU: a few small shapes through Triton's interpreter (``TRITON_INTERPRET=1``, in a
+  subprocess because the flag must be set before Triton is imported).
+* On a GPU (``pytest -m gpu``): >= 200 random shapes, three dtypes, forward and all five gradients,
+  gates from ~0 to -20 per token; ``torch.library.opcheck``; ``torch.compile`` of the op.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vigla.ops.bigla import bigla, bigla_chunked, bigla_naive
+
+pytest.importorskip("triton", reason="Triton is not installed: the fused kernel cannot be tested")
+
+INTERPRETER_SCRIPT = r"""
+import json, sys, torch, torch.nn.functional as F
+from vigla.ops.bigla.triton_kernels import bigla_fwd_triton, bigla_bwd_triton
+from vigla.ops.bigla import bigla_naive
+torch.manual_seed(int(sys.argv[1]))
+res = []
+for B, T, H, K, V in json.loads(sys.argv[2]):
+    x = [torch.randn(B, T, H, K, dtype=torch.float64), torch.randn(B, T, H, K, dtype=torch.float64),
+         torch.randn(B, T, H, V, dtype=torch.float64),
+         F.logsigmoid(torch.randn(B, T, H, K, dtype=torch.float64) * 3),
+         F.logsigmoid(torch.randn(B, T, H, K, dtype=torch.float64) * 3 - 1)]
+    x = [t.requires_grad_() for t in x]
+    ref = bigla_naive(*x, K ** -0.5)
+    do = torch.randn_like(ref)
+    gref = torch.autograd.grad(ref, x, do)
+    xf = [t.detach().float() for t in x]
+    out = bigla_fwd_triton(*xf, K ** -0.5)
+    grads = bigla_bwd_triton(*xf, do.float(), K ** -0.5)
+    err = lambda a, b, d: ((a.double() - b).norm() / d).item()
+    term = (x[0] * gref[0]).norm()  # gate gradients are sums of such terms (zero when T = 1)
+    dens = [ref.norm()] + [b.norm() for b in gref[:3]] + [max(b.norm(), term) for b in gref[3:]]
+    res.append([err(a, b, d) for a, b, d in zip([out, *grads], [ref, *gref], dens)])
+print(json.dumps(res))
+"""
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-6)).item()
+
+
+def test_triton_kernel_in_interpreter_on_cpu():
+    shapes = [(1, 1, 1, 16, 16), (2, 7, 2, 16, 32), (1, 33, 1, 32, 64), (1, 40, 2, 16, 128)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, "0", json.dumps(shapes)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    for shape, errs in zip(shapes, errors):
+        assert max(errs) < 1e-5, f"{shape}: relative errors (o, dq, dk, dv, dgf, dgb) = {errs}"
+
+
+# ----------------------------------------------------------------------------------------- GPU
+def _random_shapes(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fixed_T = [1, 7, 63, 64, 65, 196, 784, 3136, 4096, 16384]
+    shapes = []
+    for i in range(n):
+        T = fixed_T[i % len(fixed_T)] if i < 3 * len(fixed_T) else int(torch.randint(1, 3000, (1,), generator=g))
+        K = [16, 32, 64, 128][int(torch.randint(0, 4, (1,), generator=g))]
+        V = [32, 64, 128, 256][int(torch.randint(0, 4, (1,), generator=g))]
+        budget = max(1, 2 ** 21 // (T * (K + V)))  # keep each case small enough for the reference
+        B = int(torch.randint(1, 4, (1,), generator=g))
+        H = int(torch.randint(1, 5, (1,), generator=g))
+        while B * H > budget and (B > 1 or H > 1):
+            B, H = (B - 1, H) if B > 1 else (B, H - 1)
+        gate = ["weak", "init", "mixed", "strong"][i % 4]
+        dtype = [torch.float32, torch.bfloat16, torch.float16][(i // 4) % 3]
+        shapes.append((B, T, H, K, V, gate, dtype))
+    return shapes
+
+
+def _gates(shape, kind, device):
+    z = torch.randn(shape, device=device, dtype=torch.float64)
+    if kind == "weak":  # decay ~ 1 per token
+        return F.logsigmoid(z + 12) / 16
+    if kind == "init":  # ViG at init: logsigmoid(~0)/16
+        return F.logsigmoid(z) / 16
+    if kind == "strong":
+        return torch.full(shape, -20.0, device=device, dtype=torch.float64) * torch.rand(shape, device=device, dtype=torch.float64)
+    return torch.where(torch.rand(shape, device=device) < 0.5, F.logsigmoid(z * 4), -20 * torch.rand(shape, device=device, dtype=torch.float64))
+
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _reference(x64, scale):
+    T = x64[0].shape[1]
+    # the naive recurrence is the ground truth; past 4096 tokens its per-token Python loop is slow,
+    # so the float64 chunked path (equal to it to 1e-10 in the CPU suite) stands in
+    fn = bigla_naive if T <= 4096 else bigla_chunked
+    return fn(*x64, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _random_shapes(210), ids=lambda c: "B{}T{}H{}K{}V{}-{}-{}".format(
+    *c[:6], str(c[6]).split(".")[-1]))
+def test_triton_matches_float64_reference(case):
+    B, T, H, K, V, gate, dtype = case
+    dev = "cuda"
+    x64 = [torch.randn(B, T, H, K, device=dev, dtype=torch.float64),
+           torch.randn(B, T, H, K, device=dev, dtype=torch.float64),
+           torch.randn(B, T, H, V, device=dev, dtype=torch.float64),
+           _gates((B, T, H, K), gate, dev), _gates((B, T, H, K), gate, dev)]
+    x64 = [t.requires_grad_() for t in x64]
+    ref = _reference(x64, K ** -0.5)
+    do = torch.randn_like(ref)
+    gref = torch.autograd.grad(ref, x64, do)
+
+    x = [t.detach().to(dtype).requires_grad_() for t in x64[:3]] + [t.detach().float().requires_grad_() for t in x64[3:]]
+    out = bigla(*x, backend="triton")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype], f"forward rel err {rel_err(out, ref):.2e}"
+    grads = torch.autograd.grad(out, x, do.to(dtype))
+    for name, a, b, t in zip(["dq", "dk", "dv", "dlog_gf", "dlog_gb"], grads, gref, x):
+        assert a.dtype == t.dtype and torch.isfinite(a).all(), name
+        # gate gradients are sums of many products of both signs: judge them against the size
+        # of the terms, i.e. relative to the norm of q*dq (same scale as the sum)
+        denom = b.norm() if name in ("dq", "dk", "dv") else max(b.norm(), (x64[0] * gref[0]).norm())
+        err = ((a.double() - b).norm() / denom.clamp_min(1e-6)).item()
+        assert err < TOL[dtype] * (1 if name in ("dq", "dk", "dv") else 2), f"{name} rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_triton_is_deterministic():
+    x = [torch.randn(2, 500, 3, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    v = torch.randn(2, 500, 3, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = [F.logsigmoid(torch.randn(2, 500, 3, 32, device="cuda")).requires_grad_() for _ in range(2)]
+    runs = []
+    for _ in range(2):
+        out = bigla(x[0], x[1], v, *g, backend="triton")
+        runs.append([out] + list(torch.autograd.grad(out.float().square().sum(), [*x, v, *g])))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_triton_custom_op_opcheck_and_compile():
+    x = [torch.randn(2, 70, 2, 16, device="cuda", requires_grad=True) for _ in range(2)]
+    v = torch.randn(2, 70, 2, 32, device="cuda", requires_grad=True)
+    g = [F.logsigmoid(torch.randn(2, 70, 2, 16, device="cuda")).requires_grad_() for _ in range(2)]
+    torch.library.opcheck(torch.ops.vigla.bigla_fwd.default, (x[0], x[1], v, *g, 0.25))
+
+    def f(q, k, v, gf, gb):
+        return bigla(q, k, v, gf, gb, backend="triton").square().sum()
+
+    eager = torch.autograd.grad(f(*x, v, *g), [*x, v, *g])
+    compiled = torch.compile(f, fullgraph=True)
+    got = torch.autograd.grad(compiled(*x, v, *g), [*x, v, *g])
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_auto_backend_on_cuda_is_the_kernel():
+    from vigla.ops.bigla import available_backends
+
+    assert "triton" in available_backends("cuda")
+    x = torch.randn(1, 20, 1, 16, device="cuda")
+    g = F.logsigmoid(torch.randn(1, 20, 1, 16, device="cuda"))
+    torch.testing.assert_close(bigla(x, x, x, g, g), bigla(x, x, x, g, g, backend="triton"), rtol=0, atol=0)
