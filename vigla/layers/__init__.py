@@ -1,0 +1,2 @@
+from .bigla_mixer import BiGLAMixer  # noqa: F401
+from .stem import ConvDownsample, ConvStem, check_image_batch  # noqa: F401

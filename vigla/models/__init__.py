@@ -1,1 +1,2 @@
 """Model families, one file each; importing this package registers them with timm."""
+from . import vig, vig_h  # noqa: F401

@@ -1,0 +1,347 @@
+"""ViG / ViG-H models: sizes, init, the mixer against spec §1.3 in float64, and the timm surface."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import timm.optim
+import torch
+import torch.nn.functional as F
+
+import vigla  # noqa: F401  (registers the models)
+from vigla.layers import BiGLAMixer
+from vigla.ops import bigla
+
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "vig_official_keys"  # copy of shared/spec/official_keys
+PLAIN = ["vig_tiny", "vig_small", "vig_base"]
+HIER = ["vig_h_tiny", "vig_h_small", "vig_h_base"]
+# spec §3, in millions
+SPEC_PARAMS_M = dict(vig_tiny=5.83, vig_small=22.62, vig_base=89.02,
+                     vig_h_tiny=28.60, vig_h_small=50.05, vig_h_base=88.90)
+
+
+def official_param_count(name: str) -> int:
+    header = (KEYS_DIR / f"{name}.txt").read_text().splitlines()[0]
+    return int(re.search(r"(\d+) parameters", header).group(1))
+
+
+def small(name: str, **kwargs):
+    """A shallow model of the family (same code paths, fast on CPU)."""
+    shallow = dict(depths=(1, 1, 2, 1)) if name.startswith("vig_h") else dict(depth=2)
+    return timm.create_model(name, **dict(shallow, **kwargs)).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# registry, sizes, configs
+
+@pytest.mark.parametrize("name", PLAIN + HIER)
+def test_create_and_param_count(name):
+    assert name in timm.list_models("vig*")
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / 1e6 - SPEC_PARAMS_M[name]) / SPEC_PARAMS_M[name] < 1e-3
+    assert n == official_param_count(name)
+    cfg = model.pretrained_cfg
+    assert cfg["num_classes"] == 1000 and tuple(cfg["input_size"]) == (3, 224, 224)
+    assert cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
+    assert tuple(cfg["mean"]) == timm.data.IMAGENET_DEFAULT_MEAN
+    assert tuple(cfg["std"]) == timm.data.IMAGENET_DEFAULT_STD
+    assert not cfg.get("url") and not cfg.get("hf_hub_id")
+
+
+def test_per_config_differences():
+    with torch.device("meta"):
+        t, s = timm.create_model("vig_tiny"), timm.create_model("vig_small")
+        ht, hb = timm.create_model("vig_h_tiny"), timm.create_model("vig_h_base")
+    assert isinstance(t.blocks[0].attn.conv_act, torch.nn.SiLU) and isinstance(t.blocks[0].attn.out_act, torch.nn.SiLU)
+    assert isinstance(s.blocks[0].attn.conv_act, torch.nn.Identity) and isinstance(s.blocks[0].attn.out_act, torch.nn.Identity)
+    assert isinstance(t.blocks[-1].drop_path1, torch.nn.Identity)  # ViG-T: drop path 0
+    assert s.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    assert s.blocks[0].attn.head_k == 32 and s.blocks[0].attn.head_v == 64
+    assert s.blocks[0].mlp.fc2.in_features == 1024
+    assert hb.stages[3].blocks[0].mlp.fc2.in_features == 2752
+    assert ht.stages[2].blocks[0].attn.head_k == 16 and ht.stages[2].blocks[0].attn.head_v == 32
+    assert ht.stages[-1].blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    assert ht.stages[0].blocks[0].norm1.eps == 1e-5 and ht.stages[0].blocks[0].attn.norm_out.eps == 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# the mixer against a direct implementation of spec §1.3 steps 2-8
+
+def _rms(t, w):
+    return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def reference_mixer(m: BiGLAMixer, x: torch.Tensor, hw, conv_act: bool, out_act: bool):
+    B, N, C = x.shape
+    H, W = hw
+    h = m.num_heads
+    K = C // 2
+    a = x.transpose(1, 2).reshape(B, C, H, W)
+    xc = F.conv2d(a, m.dwconv.weight, padding=1, groups=C)  # step 2
+    xc = F.silu(xc) if conv_act else xc
+    xc = xc.flatten(2).transpose(1, 2)
+    qkv = xc @ m.qkv.weight.T  # step 3
+    q, k, v = qkv[..., :K], qkv[..., K:2 * K], qkv[..., 2 * K:]
+    z = (xc @ m.decay_down.weight.T) @ m.decay_up.weight.T + m.decay_up.bias  # step 4
+    log_f, log_b = F.logsigmoid(z[..., :K]) / 16, F.logsigmoid(z[..., K:]) / 16
+    heads = lambda t: t.reshape(B, N, h, -1)  # noqa: E731
+    o = bigla(heads(q), heads(k), heads(v), heads(log_f), heads(log_b),
+              scale=(K // h) ** -0.5, backend="naive")  # step 5
+    g = torch.sigmoid(xc @ m.mix_gate.weight.T + m.mix_gate.bias)  # step 7
+    y = heads(g) * _rms(o, m.norm_out.weight) + (1 - heads(g)) * _rms(heads(xc), m.norm_local.weight)
+    y = y.reshape(B, N, C)  # step 8
+    y = F.silu(y) if out_act else y
+    return y @ m.proj.weight.T
+
+
+@pytest.mark.parametrize("acts", [(True, True), (False, False)])
+def test_mixer_matches_spec_float64(acts):
+    conv_act, out_act = acts
+    m = BiGLAMixer(24, num_heads=2, conv_act=conv_act, out_act=out_act).double()
+    with torch.no_grad():  # non-trivial biases and norm weights
+        for p in (m.decay_up.bias, m.mix_gate.bias):
+            p.normal_()
+        for p in (m.norm_out.weight, m.norm_local.weight):
+            p.uniform_(0.5, 1.5)
+        m.decay_up.weight.mul_(20)  # decays spread well away from 0.96
+    hw = (3, 5)
+    x = torch.randn(2, 15, 24, dtype=torch.float64, requires_grad=True)
+    out = m(x, hw)
+    ref = reference_mixer(m, x, hw, conv_act, out_act)
+    assert out.shape == (2, 15, 24)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    # gradients through the op's hand-written backward vs autograd through the naive recurrence
+    go = torch.randn_like(out)
+    params = [x] + list(m.parameters())
+    g_out = torch.autograd.grad(out, params, go)
+    g_ref = torch.autograd.grad(ref, params, go)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_mixer_bad_grid():
+    m = BiGLAMixer(16, num_heads=2)
+    with pytest.raises(ValueError, match="12 tokens do not form the given 3x3 grid"):
+        m(torch.randn(1, 12, 16), (3, 3))
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        BiGLAMixer(18, num_heads=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# init
+
+def _xavier_std(w, gain=2 ** -2.5):
+    fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(w)
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def test_init_plain():
+    model = timm.create_model("vig_tiny")
+    attn = model.blocks[3].attn
+    for w in (attn.qkv.weight, attn.mix_gate.weight, attn.proj.weight, attn.dwconv.weight):
+        assert w.std().item() == pytest.approx(_xavier_std(w), rel=0.06)
+        assert w.abs().max().item() <= math.sqrt(3) * _xavier_std(w) + 1e-7  # uniform bound
+    assert attn.decay_up.bias.abs().max() == 0 and attn.mix_gate.bias.abs().max() == 0
+    for w in (model.blocks[3].mlp.fc1.weight, model.blocks[3].mlp.fc2.weight, model.head.weight):
+        assert w.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.head.bias.abs().max() == 0
+    assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(model.blocks[0].norm1.weight == 1) and torch.all(attn.norm_out.weight == 1)
+
+
+def test_init_hier():
+    model = small("vig_h_tiny")
+    attn = model.stages[1].blocks[0].attn
+    for w in (attn.qkv.weight, attn.mix_gate.weight, attn.proj.weight, model.stages[1].blocks[0].mlp.fc1.weight):
+        assert w.std().item() == pytest.approx(0.02, rel=0.06)
+    w = model.stages[2].blocks[0].attn.dwconv.weight  # only the DWConv keeps the Xavier init
+    assert w.std().item() == pytest.approx(_xavier_std(w), rel=0.1)
+    assert attn.decay_up.bias.abs().max() == 0
+    assert torch.all(model.stages[0].blocks[0].norm1.bias == 0)
+    conv = model.stem.conv1  # PyTorch default: kaiming-uniform(a=sqrt(5)), bound 1/sqrt(fan_in)
+    assert conv.weight.abs().max().item() <= 1 / math.sqrt(27) + 1e-7
+
+
+# ------------------------------------------------------------------------------------------------
+# forward, features, timm surface
+
+def test_forward_shapes_plain():
+    model = small("vig_tiny")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 16, 192)  # 64 px -> 8 -> 4x4 grid
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 192)
+        assert model(x).shape == (2, 1000)
+
+
+def test_forward_shapes_hier():
+    model = small("vig_h_tiny")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 768, 2, 2)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 768)
+        assert model(x).shape == (2, 1000)
+
+
+def test_features_only_hier():
+    model = timm.create_model("vig_h_tiny", depths=(1, 1, 1, 1), features_only=True).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == [96, 192, 384, 768]
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(1, 96, 16, 16), (1, 192, 8, 8), (1, 384, 4, 4), (1, 768, 2, 2)]
+
+
+def test_features_only_plain():
+    model = timm.create_model("vig_tiny", depth=4, features_only=True, out_indices=(1, 3)).eval()
+    assert model.feature_info.reduction() == [16, 16]
+    assert model.feature_info.channels() == [192, 192]
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 96, 64))
+    assert [tuple(o.shape) for o in outs] == [(1, 192, 6, 4), (1, 192, 6, 4)]
+
+
+def test_forward_intermediates_plain():
+    model = small("vig_tiny", depth=3)
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        final, inters = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        assert len(inters) == 3 and inters[-1].shape == (1, 192, 4, 3)
+        normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0].flatten(2).transpose(1, 2), final, rtol=0, atol=0)
+        nlc = model.forward_intermediates(x, indices=2, output_fmt="NLC", stop_early=True, intermediates_only=True)
+        assert len(nlc) == 2 and nlc[0].shape == (1, 12, 192)
+        torch.testing.assert_close(nlc[0], inters[1].flatten(2).transpose(1, 2), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="output_fmt"):
+            model.forward_intermediates(x, output_fmt="NHWC")
+        take = model.prune_intermediate_layers(indices=[1])
+        assert take == [1] and len(model.blocks) == 2
+        pruned = model.forward_intermediates(x, indices=[1], intermediates_only=True)
+        torch.testing.assert_close(pruned[0], inters[1], rtol=0, atol=0)
+
+
+def test_forward_intermediates_hier():
+    model = small("vig_h_tiny")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, inters = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        assert [i.shape[1] for i in inters] == [96, 192, 384, 768]
+        normed = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0], final, rtol=0, atol=0)
+        nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(nhwc[0], inters[1].permute(0, 2, 3, 1), rtol=0, atol=0)
+        model.prune_intermediate_layers(indices=[0, 1])
+        assert len(model.stages) == 2
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[1], inters[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [(160, 160), (288, 288), (160, 288)])
+def test_dynamic_size_resamples_pos_embed(size):
+    model = small("vig_tiny", depth=1)
+    x = torch.randn(1, 3, *size)
+    grid = tuple((((s + 2 - 9) // 8 + 1) + 2 - 3) // 2 + 1 for s in size)
+    with torch.no_grad():
+        assert model.forward_features(x).shape == (1, grid[0] * grid[1], 192)
+        assert model(x).shape == (1, 1000)
+        pos = model._pos_embed(grid)
+    # official resize: bicubic, align_corners=False, no antialias, from the 14x14 grid
+    expect = F.interpolate(model.pos_embed.detach().reshape(1, 14, 14, 192).permute(0, 3, 1, 2),
+                           size=grid, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(pos, expect.flatten(2).transpose(1, 2))
+    assert model._pos_embed((14, 14)) is model.pos_embed
+
+
+def test_dynamic_size_hier():
+    model = small("vig_h_tiny")
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 50, 70)).shape == (1, 1000)
+        assert model.forward_features(torch.randn(1, 3, 50, 70)).shape == (1, 768, 2, 3)
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_reset_classifier(name):
+    model = small(name)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        model.reset_classifier(10)
+        assert model(x).shape == (1, 10) and model.num_classes == 10
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), pooled, rtol=0, atol=0)
+        model.reset_classifier(5, global_pool="")
+        assert model(x).shape[-1] == 5 and model(x).dim() in (3, 4)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(5, global_pool="max")
+    assert timm.create_model(name, num_classes=10, **({"depth": 1} if name == "vig_tiny" else {"depths": (1, 1, 1, 1)})).head.out_features == 10
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_grad_checkpointing(name):
+    torch.manual_seed(0)
+    model = small(name).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(1)  # same drop-path draws (ViG-H-T has drop path 0.2)
+        out = model(x)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    calls = []
+    first = model.blocks[0] if name == "vig_tiny" else model.stages[0].blocks[0]
+    first.register_forward_pre_hook(lambda *_: calls.append(1))
+    ref_out, ref_grads = run()
+    assert len(calls) == 1
+    model.set_grad_checkpointing(True)
+    out, grads = run()
+    assert len(calls) == 3  # one forward + one recomputation in backward
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_no_weight_decay_and_groups():
+    plain, hier = small("vig_tiny"), small("vig_h_tiny")
+    assert plain.no_weight_decay() == {"pos_embed"} and hier.no_weight_decay() == set()
+    groups = timm.models.group_parameters(plain, plain.group_matcher())
+    assert len(groups) == 2 + 2  # stem (+pos_embed), 2 blocks, final norm (head goes last)
+    assert "pos_embed" in groups[0] and "patch_embed.conv1.weight" in groups[0]
+    hgroups = timm.models.group_parameters(hier, hier.group_matcher(coarse=True))
+    assert len(hgroups) == 1 + 4 + 1
+    opt = timm.optim.create_optimizer_v2(plain, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(plain.pos_embed) in no_decay
+
+
+# ------------------------------------------------------------------------------------------------
+# input errors
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_bad_input_errors(name):
+    model = small(name)
+    with pytest.raises(ValueError, match=r"expected 3 input channels .* got 1"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"4-D image batch \[B, 3, H, W\], got shape \(3, 64, 64\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_too_small_image():
+    model = small("vig_tiny")
+    with pytest.raises(ValueError, match=r"at least 7x7 pixels .* got 6x32"):
+        model(torch.randn(1, 3, 6, 32))
+    with torch.no_grad():  # the smallest accepted size gives a 1x1 grid
+        assert model.forward_features(torch.randn(1, 3, 7, 7)).shape == (1, 1, 192)
+    with pytest.raises(ValueError, match="global_pool"):
+        timm.create_model("vig_tiny", global_pool="token")

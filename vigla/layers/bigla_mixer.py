@@ -1,0 +1,115 @@
+"""The ViG token mixer: BiGLA with direction-wise gates and 2D gating locality injection.
+
+Spec §1.3 (steps 2-8) and §1.4: one module serves plain ViG and ViG-H; the per-config differences
+are constructor arguments (``conv_act``, ``out_act``). Weight names are vigla's; the official
+names map onto them in ``vigla.models.vig`` (``in_proj.0`` -> ``dwconv``, ``qkv_proj`` -> ``qkv``,
+``gk_proj.0/1`` -> ``decay_down/up``, ``g_norm`` -> ``norm_out``, ``l_norm`` -> ``norm_local``,
+``g_proj`` -> ``mix_gate``, ``o_proj`` -> ``proj``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import RmsNorm
+
+from ..ops import bigla
+
+__all__ = ["BiGLAMixer"]
+
+
+class BiGLAMixer(nn.Module):
+    """Bidirectional gated linear attention over a 2-D token grid.
+
+    With ``x_c = DWConv3x3(x)`` (SiLU after it if ``conv_act``), ``h`` heads, ``K = expand_k * C``
+    key channels and ``V = C`` value channels:
+
+    * ``q, k, v = split(x_c W_qkv)``; direction-wise log decays
+      ``log_gf, log_gb = split(logsigmoid((x_c W_1) W_2 + b_2) / gate_logit_normalizer)``;
+    * ``o = bigla(q, k, v, log_gf, log_gb)`` (mean of the forward and backward scans, readout
+      scale ``(K/h) ** -0.5``);
+    * ``G = sigmoid(x_c W_g + b_g)``; ``y = G * RMSNorm(o) + (1 - G) * RMSNorm(x_c)`` per head
+      (each RMSNorm has one ``d_v``-sized weight shared by the heads);
+    * output ``(SiLU(y) if out_act else y) W_o``.
+
+    Args:
+        dim: channels ``C`` (also the value width: the local branch needs ``V = C``).
+        num_heads: heads ``h``; ``C`` and ``K`` must be divisible by it.
+        expand_k: key width ``K = expand_k * C``.
+        gate_low_rank_dim: rank of the decay projection ``C -> r -> 2K``.
+        gate_logit_normalizer: divides ``logsigmoid`` of the decay logits.
+        conv_act: SiLU after the depthwise conv (ViG-T).
+        out_act: SiLU before the output projection (ViG-T).
+        norm_eps: eps of the two per-head RMSNorms.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        expand_k: float = 0.5,
+        gate_low_rank_dim: int = 16,
+        gate_logit_normalizer: float = 16.0,
+        conv_act: bool = False,
+        out_act: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        key_dim = int(dim * expand_k)
+        if dim % num_heads or key_dim % num_heads:
+            raise ValueError(
+                f"BiGLAMixer: dim ({dim}) and key dim ({key_dim} = {expand_k} * dim) must be "
+                f"divisible by num_heads ({num_heads})"
+            )
+        self.dim = dim
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.head_k = key_dim // num_heads
+        self.head_v = dim // num_heads
+        self.gate_logit_normalizer = gate_logit_normalizer
+
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
+        self.conv_act = nn.SiLU() if conv_act else nn.Identity()
+        self.qkv = nn.Linear(dim, 2 * key_dim + dim, bias=False)
+        self.decay_down = nn.Linear(dim, gate_low_rank_dim, bias=False)
+        self.decay_up = nn.Linear(gate_low_rank_dim, 2 * key_dim, bias=True)
+        self.mix_gate = nn.Linear(dim, dim, bias=True)
+        self.norm_out = RmsNorm(self.head_v, eps=norm_eps)
+        self.norm_local = RmsNorm(self.head_v, eps=norm_eps)
+        self.out_act = nn.SiLU() if out_act else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: Xavier-uniform with gain ``2 ** -2.5`` on every weight, zero biases."""
+        for layer in (self.dwconv, self.qkv, self.decay_down, self.decay_up, self.mix_gate, self.proj):
+            nn.init.xavier_uniform_(layer.weight, gain=2 ** -2.5)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        self.norm_out.reset_parameters()
+        self.norm_local.reset_parameters()
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """``x``: ``[B, N, C]`` tokens of an ``H x W`` grid in row-major order (``N = H * W``).
+        Returns ``[B, N, C]``."""
+        B, N, C = x.shape
+        H, W = hw
+        if N != H * W:
+            raise ValueError(f"BiGLAMixer: {N} tokens do not form the given {H}x{W} grid")
+        # Depthwise conv on an NCHW view of the channels-last tokens (no copy in, none out when
+        # the conv keeps the channels-last memory format).
+        x_c = self.dwconv(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
+        x_c = self.conv_act(x_c).permute(0, 2, 3, 1).reshape(B, N, C)
+
+        h = self.num_heads
+        q, k, v = self.qkv(x_c).split([self.key_dim, self.key_dim, C], dim=-1)
+        q, k = q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k))
+        v = v.unflatten(-1, (h, self.head_v))
+        log_g = F.logsigmoid(self.decay_up(self.decay_down(x_c))) / self.gate_logit_normalizer
+        log_gf, log_gb = log_g.unflatten(-1, (2, h, self.head_k)).unbind(dim=2)
+        o = bigla(q, k, v, log_gf, log_gb)  # [B, N, h, d_v]
+
+        gate = torch.sigmoid(self.mix_gate(x_c)).unflatten(-1, (h, self.head_v))
+        local = self.norm_local(x_c.unflatten(-1, (h, self.head_v)))
+        y = torch.lerp(local, self.norm_out(o), gate)  # gate * norm(o) + (1 - gate) * norm(x_c)
+        return self.proj(self.out_act(y.flatten(2)))

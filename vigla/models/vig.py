@@ -1,0 +1,454 @@
+"""ViG: plain (isotropic) vision backbone on bidirectional gated linear attention.
+
+"ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention", Liao et al., 2024
+(arXiv 2405.18425); official code github.com/hustvl/ViG. Spec: ``shared/spec/vig.md`` §1.2-1.3, §3.
+
+Model: conv stem (stride 16) + learned absolute position embedding (14x14 at 224, bicubically
+resized for other input sizes) -> ``depth`` x [x + BiGLAMixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))]
+-> RMSNorm -> global average pool -> Linear.
+
+Also home of what plain ViG and ViG-H share: the block, the checkpointed block loop and the
+official-checkpoint key mapping.
+"""
+from __future__ import annotations
+
+import math
+import re
+from functools import partial
+from typing import Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, GluMlp, RmsNorm, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+
+from ..layers import BiGLAMixer, ConvStem
+
+__all__ = ["ViG", "ViGBlock", "checkpoint_filter_fn", "to_official_state_dict"]
+
+
+def swiglu_hidden_dim(dim: int, multiple_of: int) -> int:
+    """SwiGLU width of the official code: ``8 * dim / 3`` rounded up to ``multiple_of``."""
+    return multiple_of * math.ceil((8 * dim // 3) / multiple_of)
+
+
+class ViGBlock(nn.Module):
+    """Pre-norm block: ``x + DropPath(mixer(norm1(x)))`` then ``x + DropPath(SwiGLU(norm2(x)))``.
+
+    Takes and returns ``[B, N, C]`` tokens of an ``hw = (H, W)`` grid. The SwiGLU is
+    ``fc2(SiLU(a) * b)`` with ``[a | b] = fc1(x)``, no biases.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden_dim: int,
+        norm_layer: type[nn.Module],
+        drop_path: float = 0.0,
+        **mixer_kwargs,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = BiGLAMixer(dim, num_heads, **mixer_kwargs)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = GluMlp(dim, 2 * mlp_hidden_dim, act_layer=nn.SiLU, bias=False, gate_last=False)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), hw))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over the blocks."""
+    return [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, hw: tuple[int, int],
+               grad_checkpointing: bool) -> torch.Tensor:
+    """Apply ``blocks`` in order, each under activation checkpointing if asked."""
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = checkpoint(blk, x, hw)
+        else:
+            x = blk(x, hw)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Official checkpoint names (hustvl/ViG) <-> vigla names
+
+# Mixer weights: official name -> vigla name.
+MIXER_KEYS = (
+    ("in_proj.0", "dwconv"),
+    ("qkv_proj", "qkv"),
+    ("gk_proj.0", "decay_down"),
+    ("gk_proj.1", "decay_up"),
+    ("g_norm", "norm_out"),
+    ("l_norm", "norm_local"),
+    ("g_proj", "mix_gate"),
+    ("o_proj", "proj"),
+)
+
+
+class KeyMap:
+    """Renames state-dict keys between two naming schemes, both ways.
+
+    Built from ``(official_prefix, our_prefix[, shift])`` templates in which ``#`` stands for an
+    integer index; ``shift`` is added to every index on our side (e.g. the official stage ``i``
+    downsample is our stage ``i + 1``'s). A key matching no template keeps its name.
+    """
+
+    def __init__(self, templates: Iterable[tuple]):
+        self._to_ours, self._to_official = [], []
+        for official, ours, *shift in templates:
+            shift = shift[0] if shift else 0
+            self._to_ours.append(self._rule(official, ours, shift))
+            self._to_official.append(self._rule(ours, official, -shift))
+
+    @staticmethod
+    def _rule(src: str, dst: str, shift: int):
+        pattern = re.compile("^" + re.escape(src).replace(r"\#", r"(\d+)"))
+        head, *tails = dst.split("#")
+
+        def repl(m: re.Match) -> str:
+            return head + "".join(str(int(i) + shift) + t for i, t in zip(m.groups(), tails))
+
+        return pattern, repl
+
+    @staticmethod
+    def _apply(key: str, rules) -> str:
+        for pattern, repl in rules:
+            new, n = pattern.subn(repl, key, count=1)
+            if n:
+                return new
+        return key
+
+    def to_ours(self, key: str) -> str:
+        return self._apply(key, self._to_ours)
+
+    def to_official(self, key: str) -> str:
+        return self._apply(key, self._to_official)
+
+
+def unwrap_state_dict(checkpoint: dict) -> dict:
+    """The weights inside a training checkpoint (``model_ema`` / ``model`` / ``state_dict``
+    entry, EMA first as in timm), without DistributedDataParallel's ``module.`` prefix."""
+    for name in ("state_dict_ema", "model_ema", "model", "state_dict"):
+        inner = checkpoint.get(name)
+        if isinstance(inner, dict) and inner:
+            checkpoint = inner
+            break
+    return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+
+
+def check_state_dict(state_dict: dict, model: nn.Module) -> None:
+    """Raise ``ValueError`` naming missing, unexpected and wrongly shaped keys, if any.
+
+    The classifier may differ in its number of classes (timm drops it when ``num_classes``
+    differs from the checkpoint's)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+        and not (k.startswith("head.") and v.shape[1:] == expected[k].shape[1:])
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(label, names):
+        shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6} more)" if len(names) > 6 else "")
+        return f"\n  {len(names)} {label}: {shown}" if names else ""
+
+    raise ValueError(
+        f"checkpoint does not fit this {type(model).__name__} "
+        f"(is it for another model size or variant?):"
+        + listing("missing", missing) + listing("unexpected", unexpected)
+        + listing("with a different shape", mismatched)
+    )
+
+
+def remap_checkpoint(checkpoint: dict, model: nn.Module, keymap: KeyMap) -> dict:
+    """Official (or vigla) weights -> vigla names; drops the classifier if the model has none."""
+    out = {keymap.to_ours(k): v for k, v in unwrap_state_dict(checkpoint).items()}
+    if isinstance(getattr(model, "head", None), nn.Identity):
+        out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    return out
+
+
+VIG_KEYMAP = KeyMap([
+    ("patch_embed.proj.0.", "patch_embed.conv1."),
+    ("patch_embed.proj.1.", "patch_embed.norm1."),
+    ("patch_embed.proj.3.", "patch_embed.conv2."),
+    ("patch_embed.proj.4.", "patch_embed.norm2."),
+    ("blocks.#.attn_norm.", "blocks.#.norm1."),
+    ("blocks.#.mlp_norm.", "blocks.#.norm2."),
+    ("blocks.#.mlp.gate_proj.", "blocks.#.mlp.fc1."),
+    ("blocks.#.mlp.down_proj.", "blocks.#.mlp.fc2."),
+    *((f"blocks.#.attn.{o}.", f"blocks.#.attn.{v}.") for o, v in MIXER_KEYS),
+])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class ViG(nn.Module):
+    """Plain ViG.
+
+    Args:
+        img_size: size the learned position embedding is laid out for (other sizes are
+            resized to on the fly).
+        in_chans, num_classes: input channels, classes (0: no classifier).
+        global_pool: ``"avg"`` (mean over tokens) or ``""`` (classifier applied per token).
+        embed_dim, depth, num_heads: width ``C``, blocks, heads (``d_v = C / num_heads``).
+        expand_k: key width ``K = expand_k * C``.
+        conv_act, out_act: SiLU after the mixer's DWConv / before its output projection (ViG-T).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linearly increasing to this value over the blocks.
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        expand_k: float = 0.5,
+        conv_act: bool = False,
+        out_act: bool = False,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        _check_pool(global_pool)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.grad_checkpointing = False
+
+        self.patch_embed = ConvStem(in_chans, embed_dim, kernel_size=9, stride=8, act_layer=nn.SiLU)
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.grid_size = self.patch_embed.grid_size(img_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+
+        dpr = drop_path_schedule(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([
+            ViGBlock(
+                embed_dim, num_heads, swiglu_hidden_dim(embed_dim, 256),
+                norm_layer=partial(RmsNorm, eps=1e-6), drop_path=dpr[i],
+                expand_k=expand_k, conv_act=conv_act, out_act=out_act,
+            )
+            for i in range(depth)
+        ])
+        self.norm = RmsNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=16) for i in range(depth)
+        ]
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Official init: every Linear N(0, 0.02) with zero bias, then the mixers' own Xavier
+        init (gain 2**-2.5); pos_embed trunc-normal 0.02; convs keep PyTorch's default."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, BiGLAMixer):
+                m.reset_parameters()
+
+    # -- timm interface --------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        if hw == self.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(
+            self.pos_embed, new_size=hw, old_size=self.grid_size, num_prefix_tokens=0,
+            interpolation="bicubic", antialias=False,
+        )
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``[B, in_chans, H, W]`` -> tokens ``[B, N, C]`` (+ position), grid ``(H/16, W/16)``."""
+        x = self.patch_embed(x)
+        hw = (x.shape[1], x.shape[2])
+        return x.flatten(1, 2) + self._pos_embed(hw), hw
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` -> normalized tokens ``[B, N, C]``, N = (H/16) * (W/16)."""
+        x, hw = self._embed(x)
+        x = run_blocks(self.blocks, x, hw, self.grad_checkpointing)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``[B, N, C]`` -> ``[B, num_classes]`` (``[B, C]`` if ``pre_logits``)."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Block outputs (stride 16) as ``[B, C, H/16, W/16]`` (``NCHW``) or ``[B, N, C]`` (``NLC``).
+
+        Args:
+            indices: last n blocks if int, all if None, else these block indices.
+            norm: apply the final norm to every intermediate.
+            stop_early: stop after the last block asked for.
+            intermediates_only: return only the list of intermediates.
+        Returns:
+            ``intermediates`` or ``(forward_features output, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, hw = self._embed(x)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = run_blocks([blk], x, hw, self.grad_checkpointing)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                intermediates.append(y.unflatten(1, hw).permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks after the last one in ``indices`` (and the norm / head if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+
+
+def checkpoint_filter_fn(state_dict: dict, model: ViG) -> dict:
+    """Official hustvl/ViG (or vigla) weights -> this model's state dict.
+
+    Accepts a bare state dict or a training checkpoint (``model`` / ``model_ema`` /
+    ``state_dict`` entry), renames the official keys, resizes ``pos_embed`` to the model's grid
+    (bicubic) and raises ``ValueError`` if the result does not fit the model.
+    """
+    out = remap_checkpoint(state_dict, model, VIG_KEYMAP)
+    pos = out.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape and pos.shape[-1] == model.embed_dim:
+        side = math.isqrt(pos.shape[1])
+        if side * side != pos.shape[1]:
+            raise ValueError(f"checkpoint pos_embed {tuple(pos.shape)} is not a square grid")
+        out["pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=model.grid_size, old_size=(side, side), num_prefix_tokens=0,
+            interpolation="bicubic", antialias=False,
+        )
+    check_state_dict(out, model)
+    return out
+
+
+def to_official_state_dict(state_dict: dict) -> dict:
+    """A vigla ``ViG`` state dict under the official hustvl/ViG key names."""
+    return {VIG_KEYMAP.to_official(k): v for k, v in state_dict.items()}
+
+
+def _create_vig(variant: str, pretrained: bool = False, **kwargs) -> ViG:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        ViG, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.conv1", "classifier": "head",
+        "paper_ids": "arXiv:2405.18425", "origin_url": "https://github.com/hustvl/ViG",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "vig_tiny.in1k": _cfg(),
+    "vig_small.in1k": _cfg(),
+    "vig_base.in1k": _cfg(),
+})
+
+
+@register_model
+def vig_tiny(pretrained: bool = False, **kwargs) -> ViG:
+    """ViG-T (5.83M): C 192, 3 heads; SiLU after the DWConv and before o_proj; drop path 0."""
+    args = dict(embed_dim=192, depth=12, num_heads=3, conv_act=True, out_act=True, drop_path_rate=0.0)
+    return _create_vig("vig_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vig_small(pretrained: bool = False, **kwargs) -> ViG:
+    """ViG-S (22.62M): C 384, 6 heads; drop path 0.2."""
+    args = dict(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.2)
+    return _create_vig("vig_small", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vig_base(pretrained: bool = False, **kwargs) -> ViG:
+    """ViG-B (89.02M): C 768, 12 heads; drop path 0.5."""
+    args = dict(embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.5)
+    return _create_vig("vig_base", pretrained, **dict(args, **kwargs))

@@ -1,0 +1,301 @@
+"""ViG-H: hierarchical ViG (four stages, strides 4 / 8 / 16 / 32).
+
+"ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention", Liao et al., 2024
+(arXiv 2405.18425); official code github.com/hustvl/ViG (``HierViG``). Spec: ``shared/spec/vig.md``
+§1.4, §3.
+
+Model: conv stem (stride 4, GELU) -> 4 stages [conv 3x3/2 + LayerNorm downsample (stages 2-4),
+blocks x + BiGLAMixer(LN(x)); x + SwiGLU(LN(x))] -> LayerNorm -> global average pool -> Linear.
+No position embedding. Tensors stay channels-last ``[B, H, W, C]`` between modules (the official
+code is channels-first; LayerNorm over channels and 1x1 convs are the same maths either way).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..layers import ConvDownsample, ConvStem
+from .vig import (
+    MIXER_KEYS, KeyMap, ViGBlock, _check_pool, check_state_dict, drop_path_schedule,
+    remap_checkpoint, run_blocks, swiglu_hidden_dim,
+)
+
+__all__ = ["HierViG", "ViGStage", "checkpoint_filter_fn", "to_official_state_dict"]
+
+_LayerNorm = partial(nn.LayerNorm, eps=1e-5)
+
+
+class ViGStage(nn.Module):
+    """``[B, H, W, in_dim]`` -> (downsample, if any) -> ``depth`` ViG blocks -> ``[B, H', W', dim]``."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        downsample: bool,
+        drop_path: Sequence[float],
+    ):
+        super().__init__()
+        self.downsample = ConvDownsample(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.ModuleList([
+            ViGBlock(dim, num_heads, swiglu_hidden_dim(dim, 32), norm_layer=_LayerNorm,
+                     drop_path=drop_path[i])
+            for i in range(depth)
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        hw = (x.shape[1], x.shape[2])
+        x = run_blocks(self.blocks, x.flatten(1, 2), hw, self.grad_checkpointing)
+        return x.unflatten(1, hw)
+
+
+class HierViG(nn.Module):
+    """ViG-H.
+
+    Args:
+        in_chans, num_classes: input channels, classes (0: no classifier).
+        global_pool: ``"avg"`` or ``""`` (classifier applied per position, channels-last output).
+        depths, dims, num_heads: per stage (``d_v = dim / heads``, 32 in every shipped config).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linearly increasing to this value over all blocks.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        depths: Sequence[int] = (2, 2, 5, 2),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        if not len(depths) == len(dims) == len(num_heads):
+            raise ValueError(
+                f"depths, dims and num_heads need one entry per stage, got {len(depths)}, "
+                f"{len(dims)}, {len(num_heads)}"
+            )
+        _check_pool(global_pool)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = dims[-1]
+
+        self.stem = ConvStem(in_chans, dims[0], kernel_size=3, stride=2, act_layer=nn.GELU)
+        dpr = drop_path_schedule(drop_path_rate, sum(depths))
+        starts = [sum(depths[:i]) for i in range(len(depths))]
+        self.stages = nn.Sequential(*[
+            ViGStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], downsample=i > 0,
+                     drop_path=dpr[starts[i]:starts[i] + depths[i]])
+            for i in range(len(depths))
+        ])
+        self.feature_info = [
+            dict(module=f"stages.{i}", num_chs=dims[i], reduction=4 * 2 ** i) for i in range(len(dims))
+        ]
+        self.norm = _LayerNorm(dims[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Official init: trunc-normal 0.02 / zero bias on every Linear, the mixers' included
+        (this overrides their Xavier init; only the DWConv keeps it); convs keep PyTorch's
+        default; norms 1 / 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # -- timm interface --------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` -> normalized ``[B, C, H/32, W/32]`` (a channels-last view)."""
+        x = self.stages(self.stem(x))
+        return self.norm(x).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``[B, C, h, w]`` -> ``[B, num_classes]`` (``[B, C]`` if ``pre_logits``)."""
+        x = x.mean(dim=(2, 3)) if self.global_pool == "avg" else x.permute(0, 2, 3, 1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (strides 4, 8, 16, 32) as ``NCHW`` or ``NHWC`` maps.
+
+        Args:
+            indices: last n stages if int, all if None, else these stage indices.
+            norm: apply the final norm to the last stage's output (the only one it fits).
+            stop_early: stop after the last stage asked for.
+            intermediates_only: return only the list of intermediates.
+        Returns:
+            ``intermediates`` or ``(forward_features output, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        x = self.stem(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last one in ``indices`` (and the norm / head if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+VIG_H_KEYMAP = KeyMap([
+    ("patch_embed.0.", "stem.conv1."),
+    ("patch_embed.2.", "stem.norm1."),
+    ("patch_embed.5.", "stem.conv2."),
+    ("patch_embed.7.", "stem.norm2."),
+    ("layers.#.downsample.1.", "stages.#.downsample.conv.", 1),
+    ("layers.#.downsample.3.", "stages.#.downsample.norm.", 1),
+    ("layers.#.blocks.#.norm.", "stages.#.blocks.#.norm1."),
+    ("layers.#.blocks.#.norm2.", "stages.#.blocks.#.norm2."),
+    ("layers.#.blocks.#.mlp.", "stages.#.blocks.#.mlp."),
+    *((f"layers.#.blocks.#.op.{o}.", f"stages.#.blocks.#.attn.{v}.") for o, v in MIXER_KEYS),
+    ("classifier.norm.", "norm."),
+    ("classifier.head.", "head."),
+])
+
+
+def checkpoint_filter_fn(state_dict: dict, model: HierViG) -> dict:
+    """Official hustvl/ViG ``HierViG`` (or vigla) weights -> this model's state dict.
+
+    Accepts a bare state dict or a training checkpoint (``model`` / ``model_ema`` /
+    ``state_dict`` entry), renames the official keys and raises ``ValueError`` if the result
+    does not fit the model.
+    """
+    out = remap_checkpoint(state_dict, model, VIG_H_KEYMAP)
+    check_state_dict(out, model)
+    return out
+
+
+def to_official_state_dict(state_dict: dict) -> dict:
+    """A vigla ``HierViG`` state dict under the official hustvl/ViG key names."""
+    return {VIG_H_KEYMAP.to_official(k): v for k, v in state_dict.items()}
+
+
+def _create_vig_h(variant: str, pretrained: bool = False, **kwargs) -> HierViG:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        HierViG, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1", "classifier": "head",
+        "paper_ids": "arXiv:2405.18425", "origin_url": "https://github.com/hustvl/ViG",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "vig_h_tiny.in1k": _cfg(),
+    "vig_h_small.in1k": _cfg(),
+    "vig_h_base.in1k": _cfg(),
+})
+
+
+@register_model
+def vig_h_tiny(pretrained: bool = False, **kwargs) -> HierViG:
+    """ViG-H-T (28.60M): depths 2-2-5-2, dims 96-768; drop path 0.2."""
+    args = dict(depths=(2, 2, 5, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24),
+                drop_path_rate=0.2)
+    return _create_vig_h("vig_h_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vig_h_small(pretrained: bool = False, **kwargs) -> HierViG:
+    """ViG-H-S (50.05M): depths 2-2-17-2, dims 96-768; drop path 0.3."""
+    args = dict(depths=(2, 2, 17, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24),
+                drop_path_rate=0.3)
+    return _create_vig_h("vig_h_small", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vig_h_base(pretrained: bool = False, **kwargs) -> HierViG:
+    """ViG-H-B (88.90M): depths 2-2-17-2, dims 128-1024; drop path 0.6."""
+    args = dict(depths=(2, 2, 17, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
+                drop_path_rate=0.6)
+    return _create_vig_h("vig_h_base", pretrained, **dict(args, **kwargs))
