@@ -1,0 +1,263 @@
+"""``vigla bench``: speed, memory and FLOPs against resolution, models side by side.
+
+For every model x image size: inference throughput at the batch size, latency at batch 1, peak
+memory, (``--train``) training-step throughput and memory, parameters, and MACs/FLOPs per image;
+ratios to a baseline model measured in the same run. Writes ``NAME.json``, ``NAME.csv`` and
+``NAME.png`` under ``--out``. See docs/bench.md.
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+
+import torch
+
+from . import report
+from .flops import count_model_flops
+from .measure import MemoryMeter, free_memory, guarded, measure_inference, measure_train
+
+# batch sizes of the anchor figures (docs/bench.md); other sizes scale by token count above 512
+GPU_BATCH_AT_512 = 128
+CPU_BATCH_DIVISOR = 16
+
+
+def default_batch_size(img_size: int, device_type: str) -> int:
+    """128 up to 512², then 128·(512/R)² (32 at 1024², 8 at 2048²); a 16th of that on the CPU."""
+    batch = GPU_BATCH_AT_512 if img_size <= 512 else round(GPU_BATCH_AT_512 * (512 / img_size) ** 2)
+    if device_type != "cuda":
+        batch //= CPU_BATCH_DIVISOR
+    return max(1, batch)
+
+
+# an empty format of the default: keeps ArgumentDefaultsHelpFormatter from appending "(default: None)"
+_NO_DEFAULT = "%(default).0s"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", nargs="+", required=True, metavar="NAME",
+                        help="timm model names (vigla's are registered by `import vigla`)" + _NO_DEFAULT)
+    parser.add_argument("--img-size", nargs="+", type=int, default=[224], metavar="R",
+                        help="square image sizes")
+    parser.add_argument("--batch-size", nargs="+", type=int, default=None, metavar="N",
+                        help="one batch size for all sizes, or one per --img-size; default: 128 "
+                             "up to 512, 32 at 1024, 8 at 2048 (128*(512/R)^2), a 16th of that on "
+                             "CPU" + _NO_DEFAULT)
+    parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                        help="autocast dtype; default: bf16 on cuda, none on cpu" + _NO_DEFAULT)
+    parser.add_argument("--compile", action="store_true",
+                        help="wrap each model in torch.compile (default mode, static shapes)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last model weights and inputs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda, cuda:N or cpu")
+    parser.add_argument("--train", action="store_true",
+                        help="also time training steps (forward, backward, optimizer step)")
+    parser.add_argument("--optimizer", choices=["adamw", "none"], default="adamw",
+                        help="with --train: 'none' times forward+backward only (the anchors' protocol)")
+    parser.add_argument("--baseline", default=None,
+                        help="model the ratios are taken against (added to the run if missing); "
+                             "default: the first of --models" + _NO_DEFAULT)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (>= 1)")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement (>= 1)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
+    parser.add_argument("--out", default="bench_out", help="output directory")
+    parser.add_argument("--name", default="bench", help="stem of the output files")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT",
+                        help="free text stored in the JSON 'notes' (repeatable)" + _NO_DEFAULT)
+
+
+class UsageError(ValueError):
+    """A bad argument, reported in one line."""
+
+
+def _check_models(names: list[str]) -> None:
+    import timm
+
+    import vigla  # noqa: F401  (registers vigla's models with timm)
+    for name in names:
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UsageError(f"unknown model {name!r} (not registered with timm after `import vigla`)"
+                             f"{hint} `vigla info --filter '*{name.split('_')[0]}*'` lists names")
+
+
+def _resolve(args) -> dict:
+    """Validated settings of the run (raises UsageError)."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: expected cuda, cuda:N or cpu, got {args.device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available here (use --device cpu)")
+    if device.type not in ("cuda", "cpu"):
+        raise UsageError(f"--device: expected cuda or cpu, got {args.device!r}")
+    if any(r < 1 for r in args.img_size):
+        raise UsageError(f"--img-size: expected positive sizes, got {args.img_size}")
+    if args.warmup < 1 or args.iters < 1:
+        raise UsageError(f"--warmup and --iters must be >= 1, got {args.warmup} and {args.iters}")
+    sizes = list(dict.fromkeys(args.img_size))
+    if args.batch_size is None:
+        batches = [default_batch_size(r, device.type) for r in sizes]
+    elif len(args.batch_size) == 1:
+        batches = args.batch_size * len(sizes)
+    elif len(args.batch_size) == len(sizes):
+        batches = list(args.batch_size)
+    else:
+        raise UsageError(f"--batch-size: expected one value or one per --img-size ({len(sizes)}), "
+                         f"got {len(args.batch_size)}")
+    if any(b < 1 for b in batches):
+        raise UsageError(f"--batch-size: expected positive sizes, got {batches}")
+    baseline = args.baseline or args.models[0]
+    models = list(dict.fromkeys([baseline] + args.models))
+    _check_models(models)
+    return {
+        "device": device,
+        "models": models,
+        "baseline": baseline,
+        "img_sizes": sizes,
+        "batch_sizes": batches,
+        "amp": args.amp or ("bf16" if device.type == "cuda" else "none"),
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "train": args.train,
+        "optimizer": args.optimizer if args.train else None,
+        "latency": not args.no_latency,
+        "latency_batch_size": 1,
+        "warmup": args.warmup,
+        "iters": args.iters,
+    }
+
+
+def build_model(name: str, img_size: int) -> torch.nn.Module:
+    """``timm.create_model(name, img_size=img_size)``, or without ``img_size`` for models that do
+    not take it, on the current default device."""
+    import timm
+    try:
+        return timm.create_model(name, img_size=img_size)
+    except TypeError:
+        return timm.create_model(name)
+
+
+def model_stats(name: str, img_size: int) -> dict:
+    """Parameters and per-image MACs/FLOPs (see :mod:`vigla.bench.flops`; no real memory used)."""
+    try:
+        with torch.device("meta"):
+            model = build_model(name, img_size)
+    except Exception:  # noqa: BLE001  (init code that needs real data: build on the CPU)
+        model = build_model(name, img_size)
+    params = sum(p.numel() for p in model.parameters())
+    stats = {"params": params, "params_m": params / 1e6}
+    try:
+        counted = count_model_flops(model, img_size)
+    except Exception as exc:  # noqa: BLE001  (recorded in the row; the timings still run)
+        return stats | {"macs": None, "flops": None, "gmacs": None, "gflops": None,
+                        "flops_by_op": None, "flops_error": f"{type(exc).__name__}: {exc}"}
+    return stats | {"macs": counted["macs"], "flops": counted["flops"], "gmacs": counted["macs"] / 1e9,
+                    "gflops": counted["flops"] / 1e9, "flops_by_op": counted["by_op"]}
+
+
+def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
+    """All measurements of one model at one size; failures (OOM included) are recorded, not raised."""
+    device = s["device"]
+    row = {"model": name, "img_size": img_size, "batch_size": batch_size}
+    row.update(model_stats(name, img_size))
+    common = dict(amp=s["amp"], channels_last=s["channels_last"], warmup=s["warmup"], iters=s["iters"])
+    free_memory(device)  # what the previous row left
+    meter = MemoryMeter(device)
+
+    def build():
+        with torch.device(device):
+            model = build_model(name, img_size)
+        if s["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        return {"status": "ok", "model": torch.compile(model, dynamic=False) if s["compile"] else model}
+
+    built = guarded(build, device)
+    model = built.pop("model", None)
+    if model is None:
+        row["infer"] = dict(built)
+        row["latency"] = dict(built) if s["latency"] else None
+        row["train"] = dict(built) if s["train"] else None
+        return row
+    row["infer"] = guarded(lambda: measure_inference(model, batch_size, img_size, device,
+                                                     meter=meter, **common), device)
+    row["latency"] = (guarded(lambda: measure_inference(model, s["latency_batch_size"], img_size,
+                                                        device, **common), device)
+                      if s["latency"] else None)
+    row["train"] = (guarded(lambda: measure_train(model, batch_size, img_size, device,
+                                                  optimizer=s["optimizer"], meter=meter, **common),
+                            device)
+                    if s["train"] else None)
+    if s["compile"]:
+        torch._dynamo.reset()
+    return row
+
+
+def _progress(i: int, n: int, row: dict) -> str:
+    parts = [f"[{i}/{n}] {row['model']} @{row['img_size']} b{row['batch_size']}:"]
+    for name, key, unit in (("infer", "img_per_s", "img/s"), ("latency", "median_ms", "ms @b1"),
+                            ("train", "img_per_s", "train img/s")):
+        m = row.get(name)
+        if m is not None:
+            parts.append(f"{m[key]:,.1f} {unit}" if m["status"] == "ok" else f"{name} {m['status'].upper()}"
+                         f" ({m.get('error', '')})")
+    return " ".join(parts)
+
+
+def run(s: dict, command: str, notes: list[str]) -> dict:
+    """Measure every model at every size; the bench JSON as a dict."""
+    device = s["device"]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    plan = [(m, r, b) for r, b in zip(s["img_sizes"], s["batch_sizes"]) for m in s["models"]]
+    rows = []
+    for i, (model, img_size, batch) in enumerate(plan, 1):
+        rows.append(bench_one(model, img_size, batch, s))
+        print(_progress(i, len(plan), rows[-1]), file=sys.stderr, flush=True)
+    report.add_ratios(rows, s["baseline"])
+    settings = {k: (str(v) if k == "device" else v) for k, v in s.items()}
+    settings["memory"] = MemoryMeter(device).kind
+    return {
+        "schema": report.SCHEMA,
+        "timestamp": report.timestamp(),
+        "command": command,
+        "git": report.git_info(),
+        "environment": report.environment(device),
+        "settings": settings,
+        "notes": notes,
+        "rows": rows,
+    }
+
+
+def write_outputs(result: dict, out: Path, name: str) -> list[Path]:
+    from .plot import plot_results
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.csv", out / f"{name}.png"]
+    report.write_json(result, paths[0])
+    report.write_csv(result["rows"], paths[1])
+    plot_results(result, paths[2])
+    return paths
+
+
+def main(args) -> int:
+    try:
+        s = _resolve(args)
+    except UsageError as exc:
+        print(f"vigla bench: error: {exc}", file=sys.stderr)
+        return 2
+    result = run(s, report.command_line(), list(args.note))
+    print(f"\nratios: model / {s['baseline']} at the same size | {result['environment']['device']} | "
+          f"amp {s['amp']} | compile {s['compile']} | memory: {result['settings']['memory']}")
+    print(report.format_table(result["rows"], train=s["train"], latency=s["latency"]))
+    for path in write_outputs(result, Path(args.out), args.name):
+        print(f"wrote {path}")
+    failed = [f"{r['model']}@{r['img_size']} {k}" for r in result["rows"]
+              for k in ("infer", "latency", "train") if (r.get(k) or {}).get("status") == "error"]
+    if failed:
+        print(f"vigla bench: {len(failed)} measurement(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

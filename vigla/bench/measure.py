@@ -1,0 +1,263 @@
+"""Timing and peak memory of one model: inference throughput, batch-1 latency, training steps.
+
+Timing: ``warmup`` untimed calls (the first one is timed separately as ``first_call_ms``: with
+``torch.compile`` it holds the compilation), then ``iters`` calls timed one by one, with CUDA events
+on a GPU and ``time.perf_counter`` on the CPU. :func:`summarize` reports the median and the spread.
+
+Peak memory (:class:`MemoryMeter`):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the start of the
+  window: the absolute high-water mark of tensor memory, weights and input included (what the
+  anchors report). Allocator caching and the CUDA context are not in it.
+* CPU: the growth of the process's peak resident set (``VmHWM``, reset through
+  ``/proc/self/clear_refs``) over the RSS measured *before the model was built*: weights, input,
+  activations and allocator workspace. It reads pages the process touched, so it also holds
+  allocator slack and is approximate to a few MiB. Linux only; ``None`` elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MemoryMeter", "autocast", "free_memory", "guarded", "is_oom", "make_input",
+    "measure_inference", "measure_train", "summarize", "time_calls",
+]
+
+MiB = 2 ** 20
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def free_memory(device: torch.device) -> None:
+    """Give freed memory back: Python garbage, the CUDA caching allocator, glibc's heap."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    else:
+        _malloc_trim()
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5": reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+class MemoryMeter:
+    """Peak memory of a measurement window, in MiB (see the module docstring for what it means).
+
+    Create it before building the model (the CPU reference point; call :func:`free_memory` first),
+    call :meth:`start` at the start of each window and :meth:`peak_mib` at its end.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.kind = "cuda_max_memory_allocated" if self.is_cuda else "cpu_peak_rss_growth"
+        self.reference_kib = 0
+        if not self.is_cuda:
+            _malloc_trim()
+            self.reference_kib = _proc_status_kib("VmRSS")
+            if self.reference_kib is None or not _reset_cpu_peak():
+                self.kind = "unavailable"
+
+    def start(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind != "unavailable":
+            _malloc_trim()
+            _reset_cpu_peak()
+
+    def peak_mib(self) -> float | None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / MiB
+        if self.kind == "unavailable":
+            return None
+        return max(0, _proc_status_kib("VmHWM") - self.reference_kib) / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int
+               ) -> tuple[list[float], float]:
+    """Milliseconds of each of ``iters`` timed calls of ``fn`` after ``warmup >= 1`` untimed ones.
+
+    Returns ``(times_ms, first_call_ms)``: ``first_call_ms`` is the wall-clock time of the first
+    warm-up call (lazy initialisation, autotuning, ``torch.compile``'s compilation).
+    """
+    if warmup < 1 or iters < 1:
+        raise ValueError(f"time_calls: need warmup >= 1 and iters >= 1, got {warmup} and {iters}")
+    is_cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(warmup - 1):
+        fn()
+    if is_cuda:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        sync()
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        sync()
+        return [start.elapsed_time(end) for start, end in events], first_ms
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times, first_ms
+
+
+def summarize(times_ms: list[float], batch_size: int) -> dict:
+    """Median, min/max and quartiles of per-call times, and the images/s they give."""
+    q25, q75 = (statistics.quantiles(times_ms, n=4, method="inclusive")[::2]
+                if len(times_ms) > 1 else (times_ms[0], times_ms[0]))
+    median = statistics.median(times_ms)
+    return {
+        "status": "ok",
+        "batch_size": batch_size,
+        "n": len(times_ms),
+        "median_ms": median,
+        "min_ms": min(times_ms),
+        "max_ms": max(times_ms),
+        "q25_ms": q25,
+        "q75_ms": q75,
+        "img_per_s": batch_size * 1e3 / median,
+        "img_per_s_min": batch_size * 1e3 / max(times_ms),
+        "img_per_s_max": batch_size * 1e3 / min(times_ms),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# failures
+
+def is_oom(exc: BaseException) -> bool:
+    """True for out-of-memory errors, also when a library re-raises them as RuntimeError."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def guarded(fn: Callable[[], dict], device: torch.device) -> dict:
+    """``fn()``, or ``{"status": "oom" | "error", "error": message}`` when it raises.
+
+    Memory is released after leaving the ``except`` block, when the traceback (which keeps the
+    failed call's tensors alive) is gone.
+    """
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001  (one failed row must not end the run)
+        lines = str(exc).strip().splitlines()
+        failure = {"status": "oom" if is_oom(exc) else "error",
+                   "error": f"{type(exc).__name__}: {lines[0] if lines else ''}"}
+    free_memory(torch.device(device))
+    return failure
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurements
+
+def autocast(device: torch.device, amp: str):
+    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"}; a no-op context for "none"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp])
+
+
+def make_input(batch_size: int, img_size: int, device: torch.device, channels_last: bool,
+               in_chans: int = 3) -> torch.Tensor:
+    """``[batch_size, in_chans, img_size, img_size]`` standard-normal fp32 images."""
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def measure_inference(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
+                      *, amp: str, channels_last: bool, warmup: int, iters: int,
+                      meter: MemoryMeter | None = None) -> dict:
+    """Forward passes in ``eval()`` + ``torch.inference_mode``: :func:`summarize`'s dict, plus
+    ``first_call_ms`` and, with a ``meter``, ``peak_mib``."""
+    model.eval()
+    x = make_input(batch_size, img_size, device, channels_last)
+    if meter is not None:
+        meter.start()
+    with torch.inference_mode(), autocast(device, amp):
+        times, first_ms = time_calls(lambda: model(x), device, warmup, iters)
+    result = summarize(times, batch_size)
+    result["first_call_ms"] = first_ms
+    if meter is not None:
+        result["peak_mib"] = meter.peak_mib()
+    return result
+
+
+def measure_train(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
+                  *, amp: str, channels_last: bool, warmup: int, iters: int, optimizer: str,
+                  meter: MemoryMeter | None = None) -> dict:
+    """Training steps in ``train()`` mode on random images and labels: forward under autocast,
+    cross-entropy, backward, and (``optimizer="adamw"``) an AdamW step (fused on CUDA);
+    ``optimizer="none"``: forward + backward only, as the anchors' training figures."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
+           if optimizer == "adamw" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    num_classes = getattr(model, "num_classes", None) or 1000
+    x = make_input(batch_size, img_size, device, channels_last)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+
+    def step():
+        with autocast(device, amp):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        scaler.scale(loss).backward()
+        if opt is not None:
+            scaler.step(opt)
+            scaler.update()
+        for p in params:
+            p.grad = None
+
+    if meter is not None:
+        meter.start()
+    times, first_ms = time_calls(step, device, warmup, iters)
+    result = summarize(times, batch_size)
+    result["first_call_ms"] = first_ms
+    result["optimizer"] = optimizer
+    if meter is not None:
+        result["peak_mib"] = meter.peak_mib()
+    return result
