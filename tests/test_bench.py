@@ -242,7 +242,7 @@ def test_cli_writes_json_with_the_schema(bench_run):
     for key, typ in [("timestamp", str), ("command", str), ("git", dict), ("environment", dict),
                      ("settings", dict), ("notes", list), ("rows", list)]:
         assert isinstance(result[key], typ), key
-    assert result["notes"] == ["shared CPU"]
+    assert result["notes"] == ["shared CPU"] and result["complete"] is True
     assert isinstance(result["git"]["commit"], str) and result["git"]["commit"]
     env = result["environment"]
     for key in ("device", "device_type", "driver_version", "cuda_version", "torch", "timm", "triton"):
@@ -342,6 +342,24 @@ def test_baseline_is_added_to_the_run(tmp_path):
     assert [r["model"] for r in rows] == ["bench_test_vit", "bench_test_vit_wide"]
 
 
+def test_rows_are_handed_over_as_they_finish(capsys):
+    s = cli._resolve(_parse(ONE + ["--img-size", "32", "48", "--iters", "1", "--no-latency"]))
+    seen = []
+    result = cli.run(s, "cmd", [], on_row=lambda r: seen.append(json.loads(json.dumps(r))))
+    assert [(len(r["rows"]), r["complete"]) for r in seen] == [(1, False), (2, True)]
+    assert seen[-1] == json.loads(json.dumps(result))
+    assert "[2/2] bench_test_vit @48 b2" in capsys.readouterr().err
+
+
+def test_skip_missing_drops_unknown_names_but_not_the_baseline(tmp_path, capsys):
+    argv = ONE + ["--img-size", "32", "--iters", "1", "--no-latency", "--out", str(tmp_path)]
+    assert _run(argv[:2] + ["no_such_model"] + argv[2:] + ["--skip-missing"]) == 0
+    assert "skipping unknown model 'no_such_model'" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["bench_test_vit"]
+    assert _run(argv + ["--baseline", "no_such_model", "--skip-missing"]) == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--models", "not_a_model_xyz"], "unknown model 'not_a_model_xyz'"),
     (["--models", "deit_tiny_patch16_24"], "did you mean deit_tiny_patch16_224"),
@@ -371,3 +389,36 @@ def test_help_and_bad_model_through_the_vigla_command(capsys):
     assert "--img-size" in help_text and "--baseline" in help_text and "--train" in help_text
     assert vigla_main(["bench", "--models", "nope_model", "--device", "cpu"]) == 2
     assert "unknown model 'nope_model'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU (pytest -m gpu): CUDA events, max_memory_allocated, a real OOM, torch.compile
+
+@pytest.mark.gpu
+def test_cli_on_gpu_records_a_real_oom_and_goes_on(tmp_path):
+    # batch 100000 at 1024^2: the 1.2 TB input cannot be allocated; batch 1 and the 32^2 row can
+    rc = _run(["--models", "bench_test_vit", "--device", "cuda", "--img-size", "1024", "32",
+               "--batch-size", "100000", "2", "--train", "--warmup", "2", "--iters", "3",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["settings"]["memory"] == "cuda_max_memory_allocated"
+    assert result["environment"]["device_type"] == "cuda" and result["settings"]["amp"] == "bf16"
+    big, small = result["rows"]
+    assert big["infer"]["status"] == "oom" and big["train"]["status"] == "oom"
+    assert big["latency"]["status"] == "ok"
+    for name in ("infer", "latency", "train"):
+        assert small[name]["status"] == "ok" and small[name]["img_per_s"] > 0
+    weights_mib = small["params"] * 4 / 2 ** 20
+    assert small["infer"]["peak_mib"] > weights_mib
+    assert small["train"]["peak_mib"] > 3 * weights_mib  # weights, grads, two AdamW moments
+
+
+@pytest.mark.gpu
+def test_cli_on_gpu_with_compile(tmp_path):
+    rc = _run(["--models", "bench_test_vit", "--device", "cuda", "--img-size", "32", "--compile",
+               "--batch-size", "4", "--warmup", "2", "--iters", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    row = json.loads((tmp_path / "bench.json").read_text())["rows"][0]
+    assert row["infer"]["status"] == "ok" and row["latency"]["status"] == "ok"
+    assert row["infer"]["first_call_ms"] > row["infer"]["median_ms"]  # the compilation

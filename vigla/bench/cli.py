@@ -10,12 +10,14 @@ from __future__ import annotations
 import difflib
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import report
 from .flops import count_model_flops
-from .measure import MemoryMeter, free_memory, guarded, measure_inference, measure_train
+from .measure import (MemoryMeter, free_memory, guarded, measure_inference, measure_train,
+                      memory_kind)
 
 # batch sizes of the anchor figures (docs/bench.md); other sizes scale by token count above 512
 GPU_BATCH_AT_512 = 128
@@ -60,6 +62,8 @@ def add_arguments(parser) -> None:
                              "default: the first of --models" + _NO_DEFAULT)
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (>= 1)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement (>= 1)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="skip unregistered model names with a warning (the baseline must exist)")
     parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument("--name", default="bench", help="stem of the output files")
@@ -71,16 +75,24 @@ class UsageError(ValueError):
     """A bad argument, reported in one line."""
 
 
-def _check_models(names: list[str]) -> None:
+def _check_models(names: list[str], skip_missing: bool) -> list[str]:
+    """The registered ``names``; an unknown one is a UsageError, or (``skip_missing``) a warning."""
     import timm
 
     import vigla  # noqa: F401  (registers vigla's models with timm)
+    known = []
     for name in names:
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UsageError(f"unknown model {name!r} (not registered with timm after `import vigla`)"
-                             f"{hint} `vigla info --filter '*{name.split('_')[0]}*'` lists names")
+        if timm.is_model(name):
+            known.append(name)
+            continue
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        message = (f"unknown model {name!r} (not registered with timm after `import vigla`){hint} "
+                   f"`vigla info --filter '*{name.split('_')[0]}*'` lists names")
+        if not skip_missing:
+            raise UsageError(message)
+        print(f"vigla bench: skipping {message}", file=sys.stderr)
+    return known
 
 
 def _resolve(args) -> dict:
@@ -89,10 +101,16 @@ def _resolve(args) -> dict:
         device = torch.device(args.device)
     except RuntimeError as exc:
         raise UsageError(f"--device: expected cuda, cuda:N or cpu, got {args.device!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but CUDA is not available here (use --device cpu)")
     if device.type not in ("cuda", "cpu"):
-        raise UsageError(f"--device: expected cuda or cpu, got {args.device!r}")
+        raise UsageError(f"--device: expected cuda, cuda:N or cpu, got {args.device!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but CUDA is not available here (use --device cpu)")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"got {args.device!r}")
+        device = torch.device("cuda", index)
     if any(r < 1 for r in args.img_size):
         raise UsageError(f"--img-size: expected positive sizes, got {args.img_size}")
     if args.warmup < 1 or args.iters < 1:
@@ -110,8 +128,8 @@ def _resolve(args) -> dict:
     if any(b < 1 for b in batches):
         raise UsageError(f"--batch-size: expected positive sizes, got {batches}")
     baseline = args.baseline or args.models[0]
-    models = list(dict.fromkeys([baseline] + args.models))
-    _check_models(models)
+    _check_models([baseline], skip_missing=False)
+    models = _check_models(list(dict.fromkeys([baseline] + args.models)), args.skip_missing)
     return {
         "device": device,
         "models": models,
@@ -206,21 +224,18 @@ def _progress(i: int, n: int, row: dict) -> str:
     return " ".join(parts)
 
 
-def run(s: dict, command: str, notes: list[str]) -> dict:
-    """Measure every model at every size; the bench JSON as a dict."""
+def run(s: dict, command: str, notes: list[str], on_row: Callable[[dict], None] | None = None
+        ) -> dict:
+    """Measure every model at every size (sizes in the given order, the baseline first at each);
+    the bench JSON as a dict, handed to ``on_row`` after each row (``"complete": false`` until the
+    last one)."""
     device = s["device"]
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    plan = [(m, r, b) for r, b in zip(s["img_sizes"], s["batch_sizes"]) for m in s["models"]]
-    rows = []
-    for i, (model, img_size, batch) in enumerate(plan, 1):
-        rows.append(bench_one(model, img_size, batch, s))
-        print(_progress(i, len(plan), rows[-1]), file=sys.stderr, flush=True)
-    report.add_ratios(rows, s["baseline"])
     settings = {k: (str(v) if k == "device" else v) for k, v in s.items()}
-    settings["memory"] = MemoryMeter(device).kind
-    return {
+    settings["memory"] = memory_kind(device)
+    result = {
         "schema": report.SCHEMA,
         "timestamp": report.timestamp(),
         "command": command,
@@ -228,19 +243,29 @@ def run(s: dict, command: str, notes: list[str]) -> dict:
         "environment": report.environment(device),
         "settings": settings,
         "notes": notes,
-        "rows": rows,
+        "complete": False,
+        "rows": [],
     }
+    rows = result["rows"]
+    plan = [(m, r, b) for r, b in zip(s["img_sizes"], s["batch_sizes"]) for m in s["models"]]
+    for i, (model, img_size, batch) in enumerate(plan, 1):
+        rows.append(bench_one(model, img_size, batch, s))
+        print(_progress(i, len(plan), rows[-1]), file=sys.stderr, flush=True)
+        report.add_ratios(rows, s["baseline"])
+        result["complete"] = i == len(plan)
+        if on_row is not None:
+            on_row(result)
+    return result
 
 
-def write_outputs(result: dict, out: Path, name: str) -> list[Path]:
-    from .plot import plot_results
+def output_paths(out: Path, name: str) -> dict[str, Path]:
+    return {ext: out / f"{name}.{ext}" for ext in ("json", "csv", "png")}
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.json", out / f"{name}.csv", out / f"{name}.png"]
-    report.write_json(result, paths[0])
-    report.write_csv(result["rows"], paths[1])
-    plot_results(result, paths[2])
-    return paths
+
+def write_tables(result: dict, paths: dict[str, Path]) -> None:
+    """JSON and CSV (cheap: written after every row, so an interrupted run keeps its rows)."""
+    report.write_json(result, paths["json"])
+    report.write_csv(result["rows"], paths["csv"])
 
 
 def main(args) -> int:
@@ -249,11 +274,16 @@ def main(args) -> int:
     except UsageError as exc:
         print(f"vigla bench: error: {exc}", file=sys.stderr)
         return 2
-    result = run(s, report.command_line(), list(args.note))
+    from .plot import plot_results
+
+    paths = output_paths(Path(args.out), args.name)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    result = run(s, report.command_line(), list(args.note), on_row=lambda r: write_tables(r, paths))
+    plot_results(result, paths["png"])
     print(f"\nratios: model / {s['baseline']} at the same size | {result['environment']['device']} | "
           f"amp {s['amp']} | compile {s['compile']} | memory: {result['settings']['memory']}")
     print(report.format_table(result["rows"], train=s["train"], latency=s["latency"]))
-    for path in write_outputs(result, Path(args.out), args.name):
+    for path in paths.values():
         print(f"wrote {path}")
     failed = [f"{r['model']}@{r['img_size']} {k}" for r in result["rows"]
               for k in ("infer", "latency", "train") if (r.get(k) or {}).get("status") == "error"]

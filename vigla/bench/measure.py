@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import statistics
 import time
 from typing import Callable
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "MemoryMeter", "autocast", "free_memory", "guarded", "is_oom", "make_input",
-    "measure_inference", "measure_train", "summarize", "time_calls",
+    "measure_inference", "measure_train", "memory_kind", "summarize", "time_calls",
 ]
 
 MiB = 2 ** 20
@@ -73,6 +74,15 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
+def memory_kind(device: torch.device) -> str:
+    """What :class:`MemoryMeter` measures on ``device``: ``cuda_max_memory_allocated``,
+    ``cpu_peak_rss_growth``, or ``unavailable`` (no ``/proc``)."""
+    if torch.device(device).type == "cuda":
+        return "cuda_max_memory_allocated"
+    ok = _proc_status_kib("VmRSS") is not None and os.access("/proc/self/clear_refs", os.W_OK)
+    return "cpu_peak_rss_growth" if ok else "unavailable"
+
+
 class MemoryMeter:
     """Peak memory of a measurement window, in MiB (see the module docstring for what it means).
 
@@ -83,13 +93,11 @@ class MemoryMeter:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
-        self.kind = "cuda_max_memory_allocated" if self.is_cuda else "cpu_peak_rss_growth"
+        self.kind = memory_kind(self.device)
         self.reference_kib = 0
-        if not self.is_cuda:
+        if self.kind == "cpu_peak_rss_growth":
             _malloc_trim()
             self.reference_kib = _proc_status_kib("VmRSS")
-            if self.reference_kib is None or not _reset_cpu_peak():
-                self.kind = "unavailable"
 
     def start(self) -> None:
         if self.is_cuda:
