@@ -1,2 +1,3 @@
 from .bigla_mixer import BiGLAMixer  # noqa: F401
 from .stem import ConvDownsample, ConvStem, check_image_batch  # noqa: F401
+from .linear_angular import DW_MODES, LinearAngularAttention  # noqa: F401
