@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -188,8 +189,15 @@ def format_table(rows: list[dict], train: bool, latency: bool = True) -> str:
 # ---------------------------------------------------------------------------------------------
 # files
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file, so a run killed mid-write leaves the previous version."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(result: dict, path: Path) -> None:
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    _write_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 _MEASURE_KEYS = ("status", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "img_per_s",
@@ -209,8 +217,8 @@ def flatten_row(row: dict) -> dict:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     records = [flatten_row(r) for r in rows]
-    fields = list(records[0]) if records else list(flatten_row({}))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(records)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else list(flatten_row({})))
+    writer.writeheader()
+    writer.writerows(records)
+    _write_atomic(path, buf.getvalue())

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `vigla bench` on one GPU, in one call (fits ~8 minutes on one H100; each run has its own time cap):
+#   1. gpu_eager_train   ViG-T/S/B, ViG-H-T, Castling-DeiT-T, DeiT-T/S/B at 224/512/1024/2048:
+#                        inference (batch 128/128/32/8), latency at batch 1, training steps
+#                        (AdamW, bf16 autocast); ratios against DeiT-T            (cap 260 s)
+#   2. gpu_vig_s_vs_deit_b_224   ViG-S vs DeiT-B at 224, inference and training    (cap 50 s)
+#   3. gpu_compile       torch.compile inference, ViG-T vs DeiT-T at 224 and 1024   (cap 160 s)
+# Anchors protocol: bf16 autocast, 3 warm-ups, median of 10 CUDA-event-timed calls. Models that are
+# not registered (yet) are skipped with a warning. Each run writes NAME.json and NAME.csv after every
+# row (so a run stopped by its cap keeps its rows), NAME.png and NAME.log.
+# Usage: bash benchmarks/gpu_bench.sh [OUT_DIR]     (default: $OUT, else benchmarks/results)
+set -o pipefail
+OUT_DIR=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, timm, triton; print('torch', torch.__version__, '| timm', timm.__version__, '| triton', triton.__version__)"
+
+ALL="vig_tiny vig_small vig_base vig_h_tiny castling_deit_tiny deit_tiny_patch16_224 deit_small_patch16_224 deit_base_patch16_224"
+COMMON=(--device cuda --amp bf16 --warmup 3 --iters 10 --skip-missing --out "$OUT_DIR")
+PLOT='import json, sys; from pathlib import Path; from vigla.bench.plot import plot_results
+plot_results(json.load(open(sys.argv[1])), Path(sys.argv[2]))'
+
+bench() {  # bench CAP_SECONDS NAME ARGS...
+  local cap=$1 name=$2
+  shift 2
+  rm -f "$OUT_DIR/$name".{json,csv,png,log}
+  echo "=== $name (cap ${cap}s): vigla bench $*"
+  timeout -k 10 "$cap" python3 -m vigla bench "${COMMON[@]}" --name "$name" "$@" 2>&1 \
+    | tee "$OUT_DIR/$name.log" | tail -n 45
+  local rc=$?
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "gpu_bench: $name hit its ${cap}s cap; the rows measured so far are in $name.json"
+  fi
+  if [ -f "$OUT_DIR/$name.json" ] && [ ! -f "$OUT_DIR/$name.png" ]; then
+    python3 -c "$PLOT" "$OUT_DIR/$name.json" "$OUT_DIR/$name.png"
+  fi
+}
+
+bench 260 gpu_eager_train --models $ALL --baseline deit_tiny_patch16_224 \
+  --img-size 224 512 1024 2048 --train
+bench 50 gpu_vig_s_vs_deit_b_224 --models vig_small deit_base_patch16_224 \
+  --baseline deit_base_patch16_224 --img-size 224 --train
+bench 160 gpu_compile --models vig_tiny deit_tiny_patch16_224 --baseline deit_tiny_patch16_224 \
+  --img-size 224 1024 --compile --no-latency
+ls -l "$OUT_DIR"
