@@ -1,0 +1,15 @@
+"""Data: image sources (ImageFolder trees, the embedded Fashion-MNIST), resumable datasets and samplers,
+timm transforms."""
+from .dataset import ResumableDistributedSampler, ShardSampler, TransformedDataset, collate
+from .errors import DataError
+from .fmnist import DEFAULT_FMNIST_DIR, FMNIST_CLASSES, load_fashion_mnist, read_idx
+from .sources import ArraySource, FolderSource, Source, load_image_folder_pair, scan_image_folder
+from .splits import DataSplits, load_splits
+from .transforms import BatchPrep, eval_transform, train_transform
+
+__all__ = [
+    "ArraySource", "BatchPrep", "DataError", "DataSplits", "DEFAULT_FMNIST_DIR", "FMNIST_CLASSES", "FolderSource",
+    "ResumableDistributedSampler", "ShardSampler", "Source", "TransformedDataset", "collate", "eval_transform",
+    "load_fashion_mnist", "load_image_folder_pair", "load_splits", "read_idx", "scan_image_folder",
+    "train_transform",
+]

@@ -1,0 +1,224 @@
+"""Training configuration: one dataclass, named presets, YAML files and command-line flags.
+
+Precedence, lowest first: the field defaults (the ViG recipe of spec section 4, preset ``recipe``) <
+the chosen preset < the saved config of the run being resumed < ``--config FILE.yaml`` < explicit flags.
+Every run writes the resolved config to ``<out>/config.yaml``, which ``--config`` reads back.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from vigla.data.fmnist import DEFAULT_FMNIST_DIR
+
+from .errors import UserError
+
+
+def _opt(default, help: str, group: str, **kw):
+    return field(default=default, metadata=dict(help=help, group=group, **kw))
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = _opt(None, "ImageFolder root holding train/<class>/* and val/<class>/*; "
+                            "leave out to use the embedded Fashion-MNIST", "data", metavar="PATH")
+    fmnist_dir: str = _opt(DEFAULT_FMNIST_DIR, "folder with the four Fashion-MNIST .gz files", "data", metavar="DIR")
+    train_subset: int = _opt(0, "train on this many images, a fixed random pick (0: all)", "data", metavar="N")
+    val_subset: int = _opt(0, "validate every epoch on this many images (0: all of val/); Fashion-MNIST holds "
+                           "them out of its training file (0: uses the test file)", "data", metavar="N")
+    in_memory: bool = _opt(False, "decode the image folder into memory once, before training", "data")
+    workers: int = _opt(-1, "data loader processes per device (-1: none for in-memory data on CPU, "
+                        "else one per spare core, at most 8)", "data", metavar="N")
+    strict_data: bool = _opt(False, "stop at the first unreadable image instead of skipping it", "data")
+    # model
+    model: str = _opt("vig_tiny", "timm model name (vigla's models are registered on import)", "model")
+    img_size: int = _opt(224, "training image size (square)", "model", metavar="PX")
+    drop_path: float | None = _opt(None, "stochastic depth rate (default: the model's own)", "model",
+                                   metavar="RATE")
+    compile: bool = _opt(False, "torch.compile the model", "model")
+    # optimisation
+    epochs: int = _opt(300, "training epochs", "optimisation", metavar="N")
+    batch_size: int = _opt(128, "images per device per step", "optimisation", metavar="N")
+    lr: float = _opt(1e-3, "peak learning rate per 512 images: the run uses lr x global batch / 512",
+                     "optimisation")
+    warmup_lr: float = _opt(5e-7, "learning rate at the start of warm-up, per 512 images", "optimisation")
+    min_lr: float = _opt(5e-6, "learning rate at the end of the cosine, per 512 images", "optimisation")
+    warmup_epochs: float = _opt(20.0, "linear warm-up epochs (part of --epochs)", "optimisation", metavar="N")
+    opt: str = _opt("adamw", "timm optimizer name (timm.optim.create_optimizer_v2)", "optimisation")
+    weight_decay: float = _opt(0.05, "weight decay (not on biases and norms)", "optimisation", metavar="WD")
+    clip_grad: float = _opt(5.0, "clip the global gradient L2 norm to this (0: off)", "optimisation", metavar="NORM")
+    amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, off on CPU", "optimisation",
+                    choices=("auto", "bf16", "fp16", "off"))
+    # augmentation
+    aa: str = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec, or 'none'", "augmentation", metavar="SPEC")
+    scale_min: float = _opt(0.08, "RandomResizedCrop: smallest crop area fraction", "augmentation", metavar="F")
+    hflip: float = _opt(0.5, "horizontal flip probability", "augmentation", metavar="P")
+    color_jitter: float = _opt(0.4, "colour jitter strength (timm skips it when RandAugment is on; 0: off)",
+                               "augmentation", metavar="F")
+    reprob: float = _opt(0.25, "RandomErasing probability", "augmentation", metavar="P")
+    mixup: float = _opt(0.8, "Mixup alpha (0: off)", "augmentation", metavar="ALPHA")
+    cutmix: float = _opt(1.0, "CutMix alpha (0: off)", "augmentation", metavar="ALPHA")
+    mixup_prob: float = _opt(1.0, "probability of mixing a batch", "augmentation", metavar="P")
+    mixup_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup", "augmentation", metavar="P")
+    smoothing: float = _opt(0.1, "label smoothing", "augmentation", metavar="EPS")
+    interpolation: str = _opt("bicubic", "resize interpolation", "augmentation",
+                              choices=("bilinear", "bicubic", "nearest"))
+    crop_pct: float = _opt(0.875, "evaluation: resize to img_size / crop_pct, then centre-crop", "augmentation",
+                           metavar="F")
+    # EMA
+    ema: bool = _opt(True, "keep an exponential moving average of the weights (timm ModelEmaV3); "
+                     "validated each epoch beside the raw weights", "EMA")
+    ema_decay: float = _opt(0.9999, "EMA decay per step", "EMA")
+    ema_warmup: bool = _opt(False, "ramp the EMA decay up over the first steps (for short runs)", "EMA")
+    # run
+    preset: str = _opt("auto", "named settings under the flags: auto = fmnist-quick without --data, "
+                       "recipe with it", "run", choices=("auto", "fmnist-quick", "recipe"))
+    out: str | None = _opt(None, "output folder (default: runs/<model>-<data>, numbered if taken)", "run",
+                           metavar="DIR")
+    resume: str | None = _opt(None, "continue a run: 'auto' (latest checkpoint in --out) or a checkpoint "
+                              "folder / .state.pt file", "run", metavar="PATH|auto")
+    seed: int = _opt(0, "random seed (rank r uses seed + r for dropout and mixing)", "run")
+    deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CPU; slower)", "run")
+    device: str = _opt("auto", "auto = cuda when available (LOCAL_RANK under torchrun), else cpu", "run",
+                       choices=("auto", "cpu", "cuda"))
+    log_interval: int = _opt(10, "steps between progress-bar refreshes and train-loss log rows", "run",
+                             metavar="N")
+
+
+#: Named settings. "recipe" is the ViG training recipe of spec section 4 (the field defaults).
+#: "fmnist-quick" is the default run: ViG-T on a Fashion-MNIST subset, about 10 minutes on 2 CPU cores.
+PRESETS: dict[str, dict[str, Any]] = {
+    "recipe": {},
+    "fmnist-quick": dict(
+        img_size=64, epochs=4, batch_size=64, lr=2e-3, warmup_lr=1e-5, min_lr=1e-5, warmup_epochs=0.5,
+        train_subset=12000, val_subset=2000,
+        aa="none", scale_min=0.7, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1,
+        interpolation="bilinear", crop_pct=1.0, ema=False,
+    ),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_NOT_SAVED = ("resume", "out")  # a run's own location is not part of the recipe it writes out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default_text(name: str) -> str:
+    base = FIELDS[name].default
+    quick = PRESETS["fmnist-quick"].get(name, base)
+    if quick != base:
+        return f" [recipe: {base}; fmnist-quick: {quick}]"
+    return "" if base is None else f" [default: {base}]"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, grouped; unset flags stay out of the namespace
+    (``argparse.SUPPRESS``) so that presets and YAML files can fill them."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="read settings from a YAML file (keys are the long flag names); flags win")
+    groups = {}
+    for name, f in FIELDS.items():
+        meta = dict(f.metadata)
+        title = meta.pop("group")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        kw = dict(default=argparse.SUPPRESS, help=meta.pop("help") + _default_text(name), **meta)
+        if f.type in ("bool", bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _scalar_type(f)
+        groups[title].add_argument(_flag(name), dest=name, **kw)
+
+
+def _scalar_type(f: dataclasses.Field):
+    t = str(f.type)
+    return int if t.startswith("int") else float if t.startswith("float") else str
+
+
+def _check_value(name: str, value: Any, where: str) -> Any:
+    f = FIELDS[name]
+    t = str(f.type)
+    if value is None and "None" in t:
+        return None
+    expected = _scalar_type(f) if "bool" not in t else bool
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise UserError(f"{where}: {name} must be {expected.__name__}{' or null' if 'None' in t else ''}, "
+                        f"got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A config YAML as {field: value}, checked against :class:`TrainConfig`."""
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of setting: value, got {type(raw).__name__}")
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            raise UserError(f"config file {path}: unknown setting {key!r}"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
+        out[name] = _check_value(name, value, f"config file {path}")
+    return out
+
+
+def resolve_config(flags: dict[str, Any], yaml_values: dict[str, Any] | None = None,
+                   saved: dict[str, Any] | None = None) -> TrainConfig:
+    """Layer the settings (see the module docstring); the preset comes from the highest layer that names it."""
+    upper = {**(saved or {}), **(yaml_values or {}), **flags}
+    preset = upper.get("preset", "auto")
+    if preset == "auto":
+        preset = "fmnist-quick" if upper.get("data") is None else "recipe"
+    values = {**PRESETS[preset], **upper, "preset": preset}
+    for name, value in values.items():
+        _check_value(name, value, "settings")
+    cfg = TrainConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    positive = ("epochs", "batch_size", "img_size", "log_interval")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_epochs < cfg.epochs:
+        raise UserError(f"--warmup-epochs must be in [0, --epochs={cfg.epochs}), got {cfg.warmup_epochs}")
+    if cfg.train_subset < 0 or cfg.val_subset < 0:
+        raise UserError("--train-subset and --val-subset must be >= 0")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise UserError(f"Mixup/CutMix mix pairs within a batch: --batch-size must be even, got {cfg.batch_size}")
+    if not 0 < cfg.crop_pct <= 1:
+        raise UserError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SAVED}
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def saved_config(text: str) -> dict[str, Any]:
+    values = yaml.safe_load(text) or {}
+    return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}

@@ -1,0 +1,146 @@
+"""``vigla eval``: top-1 / top-5 of a checkpoint at one or several resolutions, as a table and a JSON file."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EPILOG = """\
+examples:
+  vigla eval runs/vig_tiny-fmnist/best.safetensors                 Fashion-MNIST test set, training size
+  vigla eval runs/x/best.safetensors --data /data/imagenette --img-size 224 448 896
+  vigla eval vig_tiny_official.pth --model vig_tiny --data /data/imagenet/val
+
+A vigla checkpoint (.safetensors with its .json) knows its model, classes and preprocessing. Any other
+checkpoint (e.g. an official ViG release) needs --model; timm loads it through the model's checkpoint filter.
+--data is an ImageFolder (class sub-folders), or a folder holding val/ as for training.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vigla.data.fmnist import DEFAULT_FMNIST_DIR
+
+    parser.formatter_class = _HelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("checkpoint", help="weights: vigla .safetensors, or any timm-loadable file with --model")
+    parser.add_argument("--model", help="timm model name (default: the one in the checkpoint's .json)")
+    parser.add_argument("--data", metavar="PATH", help="ImageFolder to evaluate on (default: Fashion-MNIST test)")
+    parser.add_argument("--fmnist-dir", default=DEFAULT_FMNIST_DIR, metavar="DIR",
+                        help="folder with the Fashion-MNIST .gz files")
+    parser.add_argument("--img-size", type=int, nargs="+", metavar="PX",
+                        help="one or more resolutions (default: the training resolution)")
+    parser.add_argument("--batch-size", type=int, default=128, metavar="N")
+    parser.add_argument("--crop-pct", type=float, metavar="F",
+                        help="resize to size / crop_pct, centre-crop (default: as trained)")
+    parser.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
+                        help="(default: as trained)")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                        help="auto = bf16 on CUDA, off on CPU")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--workers", type=int, default=-1, metavar="N",
+                        help="data loader processes (-1: one per spare core, at most 8; 0 on CPU for Fashion-MNIST)")
+    parser.add_argument("--out", metavar="FILE.json", help="where to write the results "
+                        "(default: eval-<data>.json beside the checkpoint)")
+
+
+def _eval_source(data: str | None, fmnist_dir: str):
+    from vigla.data import load_fashion_mnist, scan_image_folder
+
+    if data is None:
+        return load_fashion_mnist(fmnist_dir, "test"), "fashion-mnist test"
+    folder = os.path.join(data, "val") if os.path.isdir(os.path.join(data, "val")) else data
+    return scan_image_folder(folder, require_all_classes=False), folder
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform
+
+    from .distributed import setup
+    from .errors import OutOfMemory, UserError
+    from .evaluate import evaluate
+    from .modeling import load_for_eval, set_input_size
+
+    device = setup(args.device).device
+    source, data_name = _eval_source(args.data, args.fmnist_dir)
+    model, meta = load_for_eval(args.checkpoint, args.model, num_classes=len(source.classes))
+    trained_classes = meta.get("classes")
+    if trained_classes is not None and list(trained_classes) != list(source.classes):
+        raise UserError(f"{args.checkpoint} was trained on classes {_short(trained_classes)}, the data has "
+                        f"{_short(source.classes)}")
+    dc = meta["data_config"]
+    crop_pct = args.crop_pct or dc["crop_pct"]
+    interpolation = args.interpolation or dc["interpolation"]
+    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    workers = args.workers if args.workers >= 0 else (
+        0 if args.data is None and device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1)))
+    rows = []
+    for size in args.img_size or [dc["img_size"]]:
+        if not rows:
+            model = model.to(device)
+        else:  # fresh weights for each size, so position embeddings are resampled once from the original
+            model = load_for_eval(args.checkpoint, args.model, num_classes=len(source.classes))[0].to(device)
+        set_input_size(model, size)
+        dataset = TransformedDataset(source, eval_transform(size, crop_pct=crop_pct, interpolation=interpolation,
+                                                            mean=dc["mean"], std=dc["std"]))
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=ShardSampler(len(dataset)),
+                            num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+        start = time.perf_counter()
+        try:
+            result = evaluate(model, loader, BatchPrep(dc["mean"], dc["std"], device), amp_dtype)
+        except torch.OutOfMemoryError:
+            result = {"error": f"CUDA out of memory at batch size {args.batch_size}; try a smaller --batch-size"}
+            torch.cuda.empty_cache()
+        except RuntimeError as e:
+            raise OutOfMemory(str(e)) if "out of memory" in str(e) else UserError(
+                f"{meta['model']} cannot run at {size}px: {str(e).splitlines()[0]}") from None
+        if "error" not in result:
+            result["img_per_s"] = result["images"] / (time.perf_counter() - start)
+        rows.append({"img_size": size, **result})
+        _print_row(rows[-1], header=len(rows) == 1, title=f"{args.checkpoint} ({meta['model']}) on {data_name}, "
+                   f"{len(source)} images, crop_pct {crop_pct}, {interpolation}, device {device}, amp {amp}")
+    return {"checkpoint": args.checkpoint, "model": meta["model"], "data": data_name, "images": len(source),
+            "crop_pct": crop_pct, "interpolation": interpolation, "amp": amp,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "results": rows}
+
+
+def _short(names, n: int = 4) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)})" if len(names) > n else "")
+
+
+def _print_row(row: dict, header: bool, title: str) -> None:
+    if header:
+        print(title)
+        print(f"{'size':>6} | {'top-1 %':>8} | {'top-5 %':>8} | {'loss':>7} | {'img/s':>8}")
+        print("-" * 50)
+    if "error" in row:
+        print(f"{row['img_size']:>6} | {row['error']}", flush=True)
+    else:
+        print(f"{row['img_size']:>6} | {row['top1']:8.2f} | {row['top5']:8.2f} | {row['loss']:7.4f} | "
+              f"{row['img_per_s']:8.1f}", flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    from .checkpoint import write_text
+    from .errors import RUN_ERRORS, exit_code
+
+    try:
+        report = evaluate_checkpoint(args)
+    except RUN_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code(e)
+    data_tag = "fmnist" if args.data is None else os.path.basename(os.path.normpath(args.data))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval-{data_tag}.json")
+    write_text(out, json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,113 @@
+"""Run logs: ``metrics.csv`` (one row per epoch), ``steps.csv`` (train loss every few steps), TensorBoard when
+installed, and ``curves.png`` (training loss and validation accuracy). Only rank 0 writes."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+
+from .checkpoint import atomic_write, write_text
+
+
+def _read_csv(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _num(v: str):
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: write_text(tmp, buf.getvalue()))
+
+
+class MetricsLog:
+    """Append-only run logs that survive a resume: rows at or after the resumed position are dropped."""
+
+    def __init__(self, out_dir: str, resume_step: int = 0, tensorboard: bool = True):
+        self.out_dir = out_dir
+        self.epoch_path, self.step_path = os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "steps.csv")
+        self.epochs = [r for r in _read_csv(self.epoch_path) if r["global_step"] <= resume_step]
+        self.steps = [r for r in _read_csv(self.step_path) if r["global_step"] <= resume_step]
+        self.tb = _tensorboard(out_dir) if tensorboard else None
+
+    def log_step(self, row: dict) -> None:
+        self.steps.append(row)
+        if self.tb:
+            self.tb.add_scalar("train/loss", row["loss"], row["global_step"])
+            self.tb.add_scalar("train/lr", row["lr"], row["global_step"])
+
+    def log_epoch(self, row: dict) -> None:
+        self.epochs.append(row)
+        self.flush()
+        if self.tb:
+            for k, v in row.items():
+                if k not in ("epoch", "global_step") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"epoch/{k}", v, row["epoch"])
+            self.tb.flush()
+
+    def flush(self) -> None:
+        if self.epochs:
+            _write_csv(self.epoch_path, self.epochs)
+        if self.steps:
+            _write_csv(self.step_path, self.steps)
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb:
+            self.tb.close()
+
+
+def _tensorboard(out_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+
+def plot_curves(out_dir: str, title: str = "") -> str | None:
+    """``curves.png`` from ``steps.csv`` and ``metrics.csv``: train loss (left), val top-1 (right)."""
+    steps, epochs = _read_csv(os.path.join(out_dir, "steps.csv")), _read_csv(os.path.join(out_dir, "metrics.csv"))
+    if not steps and not epochs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps:
+        ax_loss.plot([r["epoch_progress"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="per step")
+    if epochs:
+        x = [r["epoch"] + 1 for r in epochs]
+        ax_loss.plot(x, [r["train_loss"] for r in epochs], "o-", label="epoch mean")
+        ax_acc.plot(x, [r["val_top1"] for r in epochs], "o-", label="model")
+        if any(not math.isnan(float(r.get("ema_val_top1", "nan") or "nan")) for r in epochs):
+            ax_acc.plot(x, [r.get("ema_val_top1") for r in epochs], "s--", label="EMA")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves.png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
