@@ -360,6 +360,22 @@ def test_skip_missing_drops_unknown_names_but_not_the_baseline(tmp_path, capsys)
     assert _run(argv + ["--baseline", "no_such_model", "--skip-missing"]) == 2
 
 
+def test_flops_only_counts_without_running(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "build_model", None)  # only model_stats may build models
+    monkeypatch.setattr(cli, "model_stats", lambda name, r: {"params": 10, "params_m": 1e-5,
+                                                             "macs": r * r, "gmacs": r * r / 1e9})
+    rc = _run(["--models", "bench_test_vit", "bench_test_vit_wide", "--img-size", "32", "64",
+               "--flops-only", "--train", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert all(r["infer"] is None and r["latency"] is None and r["train"] is None for r in result["rows"])
+    assert result["settings"]["train"] is False
+    assert [r["ratios"]["gmacs"] for r in result["rows"]] == [1.0, 1.0, 1.0, 1.0]
+    table = capsys.readouterr().out
+    assert "GMACs" in table and "img/s" not in table
+    assert (tmp_path / "bench.png").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--models", "not_a_model_xyz"], "unknown model 'not_a_model_xyz'"),
     (["--models", "deit_tiny_patch16_24"], "did you mean deit_tiny_patch16_224"),

@@ -62,6 +62,8 @@ def add_arguments(parser) -> None:
                              "default: the first of --models" + _NO_DEFAULT)
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (>= 1)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per measurement (>= 1)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count parameters and FLOPs only (no model is run; seconds on any machine)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="skip unregistered model names with a warning (the baseline must exist)")
     parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
@@ -139,9 +141,10 @@ def _resolve(args) -> dict:
         "amp": args.amp or ("bf16" if device.type == "cuda" else "none"),
         "compile": args.compile,
         "channels_last": args.channels_last,
-        "train": args.train,
-        "optimizer": args.optimizer if args.train else None,
-        "latency": not args.no_latency,
+        "flops_only": args.flops_only,
+        "train": args.train and not args.flops_only,
+        "optimizer": args.optimizer if args.train and not args.flops_only else None,
+        "latency": not (args.no_latency or args.flops_only),
         "latency_batch_size": 1,
         "warmup": args.warmup,
         "iters": args.iters,
@@ -181,6 +184,9 @@ def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
     device = s["device"]
     row = {"model": name, "img_size": img_size, "batch_size": batch_size}
     row.update(model_stats(name, img_size))
+    row.update(infer=None, latency=None, train=None)
+    if s["flops_only"]:
+        return row
     common = dict(amp=s["amp"], channels_last=s["channels_last"], warmup=s["warmup"], iters=s["iters"])
     free_memory(device)  # what the previous row left
     meter = MemoryMeter(device)
@@ -280,9 +286,13 @@ def main(args) -> int:
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     result = run(s, report.command_line(), list(args.note), on_row=lambda r: write_tables(r, paths))
     plot_results(result, paths["png"])
-    print(f"\nratios: model / {s['baseline']} at the same size | {result['environment']['device']} | "
-          f"amp {s['amp']} | compile {s['compile']} | memory: {result['settings']['memory']}")
-    print(report.format_table(result["rows"], train=s["train"], latency=s["latency"]))
+    header = f"\nratios: model / {s['baseline']} at the same size"
+    if not s["flops_only"]:
+        header += (f" | {result['environment']['device']} | amp {s['amp']} | compile {s['compile']}"
+                   f" | memory: {result['settings']['memory']}")
+    print(header)
+    print(report.format_table(result["rows"], train=s["train"], latency=s["latency"],
+                              timings=not s["flops_only"]))
     for path in paths.values():
         print(f"wrote {path}")
     failed = [f"{r['model']}@{r['img_size']} {k}" for r in result["rows"]

@@ -157,25 +157,31 @@ def _spread(m: dict | None) -> str:
     return f"{100 * (m['q75_ms'] - m['q25_ms']) / m['median_ms']:.0f}%"
 
 
-def format_table(rows: list[dict], train: bool, latency: bool = True) -> str:
-    """Fixed-width table, one line per model x resolution; ratios are model / baseline."""
-    cols = ["model", "res", "batch", "img/s", "iqr", "ratio"]
+def format_table(rows: list[dict], train: bool, latency: bool = True, timings: bool = True) -> str:
+    """Fixed-width table, one line per model x resolution; ratios are model / baseline.
+    ``timings=False``: the FLOP and parameter columns only."""
+    cols = ["model", "res"]
+    if timings:
+        cols += ["batch", "img/s", "iqr", "ratio"]
     if latency:
         cols += ["lat ms", "ratio"]
-    cols += ["peak MiB", "ratio", "GMACs", "ratio", "params M"]
+    if timings:
+        cols += ["peak MiB", "ratio"]
+    cols += ["GMACs", "ratio", "params M"]
     if train:
         cols += ["train img/s", "ratio", "train MiB", "ratio"]
     lines = []
     for r in rows:
         q = r.get("ratios", {})
-        cells = [r["model"], str(r["img_size"]), str(r["batch_size"]),
-                 _measured(r.get("infer"), "img_per_s", ",.1f"), _spread(r.get("infer")),
-                 _num(q.get("img_per_s"), ".2f")]
+        cells = [r["model"], str(r["img_size"])]
+        if timings:
+            cells += [str(r["batch_size"]), _measured(r.get("infer"), "img_per_s", ",.1f"),
+                      _spread(r.get("infer")), _num(q.get("img_per_s"), ".2f")]
         if latency:
             cells += [_measured(r.get("latency"), "median_ms", ".2f"), _num(q.get("latency_ms"), ".2f")]
-        cells += [_measured(r.get("infer"), "peak_mib", ",.0f"), _num(q.get("peak_mib"), ".2f"),
-                  _num(r.get("gmacs"), ".3f"), _num(q.get("gmacs"), ".2f"),
-                  _num(r.get("params_m"), ".2f")]
+        if timings:
+            cells += [_measured(r.get("infer"), "peak_mib", ",.0f"), _num(q.get("peak_mib"), ".2f")]
+        cells += [_num(r.get("gmacs"), ".3f"), _num(q.get("gmacs"), ".2f"), _num(r.get("params_m"), ".2f")]
         if train:
             cells += [_measured(r.get("train"), "img_per_s", ",.1f"), _num(q.get("train_img_per_s"), ".2f"),
                       _measured(r.get("train"), "peak_mib", ",.0f"), _num(q.get("train_peak_mib"), ".2f")]
