@@ -20,6 +20,15 @@ FAMILY = dict(vig_tiny=vig, vig_small=vig, vig_base=vig,
               vig_h_tiny=vig_h, vig_h_small=vig_h, vig_h_base=vig_h)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: intra-op threads only add overhead (and spin on a shared 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def official_shapes(name: str) -> dict:
     rows = [line.split("\t") for line in (KEYS_DIR / f"{name}.txt").read_text().splitlines()
             if line and not line.startswith("#")]
@@ -86,6 +95,8 @@ def test_pretrained_features_only_and_new_head(name, shallow, indices, tmp_path)
         tuned = load(name, tmp_path / "ckpt.pth", num_classes=10, **shallow).eval()
         assert tuned.head.out_features == 10
         assert torch.equal(tuned.forward_features(x), src.forward_features(x))
+        headless = load(name, tmp_path / "ckpt.pth", num_classes=0, **shallow).eval()
+        assert torch.equal(headless(x), src.forward_head(src.forward_features(x), pre_logits=True))
 
 
 @pytest.mark.parametrize("wrap", ["model", "model_ema", "state_dict", "bare", "ddp"])

@@ -23,14 +23,24 @@ SPEC_PARAMS_M = dict(vig_tiny=5.83, vig_small=22.62, vig_base=89.02,
                      vig_h_tiny=28.60, vig_h_small=50.05, vig_h_base=88.90)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: intra-op threads only add overhead (and spin on a shared 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def official_param_count(name: str) -> int:
     header = (KEYS_DIR / f"{name}.txt").read_text().splitlines()[0]
     return int(re.search(r"(\d+) parameters", header).group(1))
 
 
 def small(name: str, **kwargs):
-    """A shallow model of the family (same code paths, fast on CPU)."""
-    shallow = dict(depths=(1, 1, 2, 1)) if name.startswith("vig_h") else dict(depth=2)
+    """A shallow (ViG-H: also narrow, d_v still 32) model of the family: same code paths, fast."""
+    shallow = (dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8))
+               if name.startswith("vig_h") else dict(depth=2))
     return timm.create_model(name, **dict(shallow, **kwargs)).eval()
 
 
@@ -57,8 +67,9 @@ def test_per_config_differences():
     with torch.device("meta"):
         t, s = timm.create_model("vig_tiny"), timm.create_model("vig_small")
         ht, hb = timm.create_model("vig_h_tiny"), timm.create_model("vig_h_base")
-    assert isinstance(t.blocks[0].attn.conv_act, torch.nn.SiLU) and isinstance(t.blocks[0].attn.out_act, torch.nn.SiLU)
-    assert isinstance(s.blocks[0].attn.conv_act, torch.nn.Identity) and isinstance(s.blocks[0].attn.out_act, torch.nn.Identity)
+    SiLU, Identity = torch.nn.SiLU, torch.nn.Identity
+    assert isinstance(t.blocks[0].attn.conv_act, SiLU) and isinstance(t.blocks[0].attn.out_act, SiLU)
+    assert isinstance(s.blocks[0].attn.conv_act, Identity) and isinstance(s.blocks[0].attn.out_act, Identity)
     assert isinstance(t.blocks[-1].drop_path1, torch.nn.Identity)  # ViG-T: drop path 0
     assert s.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
     assert s.blocks[0].attn.head_k == 32 and s.blocks[0].attn.head_v == 64
@@ -124,6 +135,17 @@ def test_mixer_matches_spec_float64(acts):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def test_mixer_bf16_autocast():
+    m = BiGLAMixer(64, num_heads=2)
+    x = torch.randn(2, 20, 64)
+    with torch.no_grad():
+        ref = m(x, (4, 5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, (4, 5))
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
 def test_mixer_bad_grid():
     m = BiGLAMixer(16, num_heads=2)
     with pytest.raises(ValueError, match="12 tokens do not form the given 3x3 grid"):
@@ -155,9 +177,10 @@ def test_init_plain():
 
 
 def test_init_hier():
-    model = small("vig_h_tiny")
+    model = timm.create_model("vig_h_tiny", depths=(1, 1, 1, 1))
     attn = model.stages[1].blocks[0].attn
-    for w in (attn.qkv.weight, attn.mix_gate.weight, attn.proj.weight, model.stages[1].blocks[0].mlp.fc1.weight):
+    mlp = model.stages[1].blocks[0].mlp
+    for w in (attn.qkv.weight, attn.mix_gate.weight, attn.proj.weight, mlp.fc1.weight):
         assert w.std().item() == pytest.approx(0.02, rel=0.06)
     w = model.stages[2].blocks[0].attn.dwconv.weight  # only the DWConv keeps the Xavier init
     assert w.std().item() == pytest.approx(_xavier_std(w), rel=0.1)
@@ -185,8 +208,8 @@ def test_forward_shapes_hier():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         feats = model.forward_features(x)
-        assert feats.shape == (2, 768, 2, 2)
-        assert model.forward_head(feats, pre_logits=True).shape == (2, 768)
+        assert feats.shape == (2, 256, 2, 2)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 256)
         assert model(x).shape == (2, 1000)
 
 
@@ -217,7 +240,8 @@ def test_forward_intermediates_plain():
         assert len(inters) == 3 and inters[-1].shape == (1, 192, 4, 3)
         normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
         torch.testing.assert_close(normed[0].flatten(2).transpose(1, 2), final, rtol=0, atol=0)
-        nlc = model.forward_intermediates(x, indices=2, output_fmt="NLC", stop_early=True, intermediates_only=True)
+        nlc = model.forward_intermediates(x, indices=2, output_fmt="NLC", stop_early=True,
+                                          intermediates_only=True)
         assert len(nlc) == 2 and nlc[0].shape == (1, 12, 192)
         torch.testing.assert_close(nlc[0], inters[1].flatten(2).transpose(1, 2), rtol=0, atol=0)
         with pytest.raises(ValueError, match="output_fmt"):
@@ -234,14 +258,16 @@ def test_forward_intermediates_hier():
     with torch.no_grad():
         final, inters = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
-        assert [i.shape[1] for i in inters] == [96, 192, 384, 768]
+        assert [tuple(i.shape[1:]) for i in inters] == [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
         normed = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
         torch.testing.assert_close(normed[0], final, rtol=0, atol=0)
-        nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", stop_early=True, intermediates_only=True)
+        nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", stop_early=True,
+                                           intermediates_only=True)
         torch.testing.assert_close(nhwc[0], inters[1].permute(0, 2, 3, 1), rtol=0, atol=0)
         model.prune_intermediate_layers(indices=[0, 1])
         assert len(model.stages) == 2
-        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[1], inters[1], rtol=0, atol=0)
+        pruned = model.forward_intermediates(x, intermediates_only=True)
+        torch.testing.assert_close(pruned[1], inters[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("size", [(160, 160), (288, 288), (160, 288)])
@@ -264,7 +290,7 @@ def test_dynamic_size_hier():
     model = small("vig_h_tiny")
     with torch.no_grad():
         assert model(torch.randn(1, 3, 50, 70)).shape == (1, 1000)
-        assert model.forward_features(torch.randn(1, 3, 50, 70)).shape == (1, 768, 2, 3)
+        assert model.forward_features(torch.randn(1, 3, 50, 70)).shape == (1, 256, 2, 3)
 
 
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
@@ -281,7 +307,7 @@ def test_reset_classifier(name):
         assert model(x).shape[-1] == 5 and model(x).dim() in (3, 4)
     with pytest.raises(ValueError, match="global_pool"):
         model.reset_classifier(5, global_pool="max")
-    assert timm.create_model(name, num_classes=10, **({"depth": 1} if name == "vig_tiny" else {"depths": (1, 1, 1, 1)})).head.out_features == 10
+    assert small(name, num_classes=10).head.out_features == 10
 
 
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])

@@ -105,7 +105,10 @@ class BiGLAMixer(nn.Module):
         q, k, v = self.qkv(x_c).split([self.key_dim, self.key_dim, C], dim=-1)
         q, k = q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k))
         v = v.unflatten(-1, (h, self.head_v))
-        log_g = F.logsigmoid(self.decay_up(self.decay_down(x_c))) / self.gate_logit_normalizer
+        # Log decays in at least float32: they are summed over up to N tokens inside the scan.
+        z = self.decay_up(self.decay_down(x_c))
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        log_g = F.logsigmoid(z) / self.gate_logit_normalizer
         log_gf, log_gb = log_g.unflatten(-1, (2, h, self.head_k)).unbind(dim=2)
         o = bigla(q, k, v, log_gf, log_gb)  # [B, N, h, d_v]
 

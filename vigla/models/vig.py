@@ -231,7 +231,7 @@ class ViG(nn.Module):
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        _check_pool(global_pool)
+        check_global_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -291,7 +291,7 @@ class ViG(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
-            _check_pool(global_pool)
+            check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -374,7 +374,7 @@ class ViG(nn.Module):
         return take_indices
 
 
-def _check_pool(global_pool: str) -> None:
+def check_global_pool(global_pool: str) -> None:
     if global_pool not in ("avg", ""):
         raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
 

@@ -23,7 +23,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem
 from .vig import (
-    MIXER_KEYS, KeyMap, ViGBlock, _check_pool, check_state_dict, drop_path_schedule,
+    MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, drop_path_schedule,
     remap_checkpoint, run_blocks, swiglu_hidden_dim,
 )
 
@@ -88,7 +88,7 @@ class HierViG(nn.Module):
                 f"depths, dims and num_heads need one entry per stage, got {len(depths)}, "
                 f"{len(dims)}, {len(num_heads)}"
             )
-        _check_pool(global_pool)
+        check_global_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dims[-1]
@@ -146,7 +146,7 @@ class HierViG(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
-            _check_pool(global_pool)
+            check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
