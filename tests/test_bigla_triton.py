@@ -24,18 +24,20 @@ from vigla.ops.bigla.triton_kernels import bigla_fwd_triton, bigla_bwd_triton
 from vigla.ops.bigla import bigla_naive
 torch.manual_seed(int(sys.argv[1]))
 res = []
-for B, T, H, K, V in json.loads(sys.argv[2]):
+def gate(shape, kind):
+    z = F.logsigmoid(torch.randn(shape, dtype=torch.float64) * 3)
+    strong = -20 * torch.rand(shape, dtype=torch.float64)
+    return {"normal": z, "strong": strong, "mixed": torch.where(torch.rand(shape) < 0.5, z, strong)}[kind]
+for B, T, H, K, V, kind, segments in json.loads(sys.argv[2]):
     x = [torch.randn(B, T, H, K, dtype=torch.float64), torch.randn(B, T, H, K, dtype=torch.float64),
-         torch.randn(B, T, H, V, dtype=torch.float64),
-         F.logsigmoid(torch.randn(B, T, H, K, dtype=torch.float64) * 3),
-         F.logsigmoid(torch.randn(B, T, H, K, dtype=torch.float64) * 3 - 1)]
+         torch.randn(B, T, H, V, dtype=torch.float64), gate((B, T, H, K), kind), gate((B, T, H, K), kind)]
     x = [t.requires_grad_() for t in x]
     ref = bigla_naive(*x, K ** -0.5)
     do = torch.randn_like(ref)
     gref = torch.autograd.grad(ref, x, do)
     xf = [t.detach().float() for t in x]
-    out = bigla_fwd_triton(*xf, K ** -0.5)
-    grads = bigla_bwd_triton(*xf, do.float(), K ** -0.5)
+    out = bigla_fwd_triton(*xf, K ** -0.5, segments=segments)
+    grads = bigla_bwd_triton(*xf, do.float(), K ** -0.5, segments=segments)
     err = lambda a, b, d: ((a.double() - b).norm() / d).item()
     term = (x[0] * gref[0]).norm()  # gate gradients are sums of such terms (zero when T = 1)
     dens = [ref.norm()] + [b.norm() for b in gref[:3]] + [max(b.norm(), term) for b in gref[3:]]
@@ -49,7 +51,11 @@ def rel_err(a, b):
 
 
 def test_triton_kernel_in_interpreter_on_cpu():
-    shapes = [(1, 1, 1, 16, 16), (2, 7, 2, 16, 32), (1, 33, 1, 32, 64), (1, 40, 2, 16, 128)]
+    """Both intra-chunk paths (factored, and exact for strong decays), one and several segments,
+    several value blocks, a ragged last chunk."""
+    shapes = [(1, 1, 1, 16, 16, "normal", None), (2, 7, 2, 16, 32, "normal", None),
+              (1, 100, 1, 32, 64, "normal", 3), (1, 100, 1, 32, 64, "strong", 3),
+              (1, 70, 2, 16, 128, "mixed", 2)]
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, "0", json.dumps(shapes)],
                           capture_output=True, text=True, env=env, timeout=600)

@@ -1,21 +1,26 @@
 """Fused bidirectional GLA in Triton: both scans in one launch, forward and backward.
 
-Layout ``[B, T, H, D]`` is read in place (no transposes, no flipped copies, no 2B batch). One
-program owns one (batch, head, value-block): it walks the sequence in chunks of ``BT`` tokens,
-keeping the ``[K, BV]`` fp32 state in registers.
+Layout ``[B, T, H, D]`` is read in place: no transposes, no flipped copies, no 2B batch, no 2x
+output. Work is split over (value block, sequence segment, batch*head) programs. A program walks
+its segment in chunks of ``BT`` tokens keeping ``[K, BV]`` fp32 states in registers:
 
-Forward: a right-to-left pass computes the backward scan and stores ``o^b``; a left-to-right pass
-adds the forward scan. Backward: a right-to-left pass carries the backward scan's state ``S^b``
-(for ``dq^b``) and the forward scan's state gradient ``dS^f`` (for ``dk^f, dv^f``); a
-left-to-right pass carries ``S^f`` (for ``dq^f``) and ``dS^b`` (for ``dk^b, dv^b``), adds the
-stored partials and forms the log-decay gradients, which are prefix sums of
-``q*dq - k*dk`` per direction. Nothing but the inputs, the output and the gradients touches
-memory.
+* forward: a right-to-left pass computes the backward scan and stores ``o^b``; a left-to-right
+  pass adds the forward scan.
+* backward: a right-to-left pass carries the backward scan's state ``S^b`` (for ``dq^b``) and the
+  forward scan's state gradient ``dS^f`` (for ``dk^f, dv^f``); a left-to-right pass carries
+  ``S^f`` (``dq^f``) and ``dS^b`` (``dk^b, dv^b``), adds the stored partials and forms the
+  log-decay gradients, prefix sums of ``q*dq - k*dk`` per direction.
 
-Stability: inside a chunk the decay between tokens i and j is formed per channel as
-``exp(b_i - b_j)`` with the exponent <= 0 (a ``[BT, BT, K]`` broadcast on CUDA cores); across
-chunks only ``exp(<= 0)`` factors appear. So any finite log decay (-20 per token included) is
-exact, as in the chunked reference.
+Long sequences are cut into segments so that the grid fills the GPU: a summary kernel computes
+each segment's state contribution and total decay (and, for the backward, its state-gradient
+contribution); a program folds the summaries of the segments before/after it into its incoming
+states (states only, ``[K, BV]`` each), and a last light kernel adds the gate-gradient carries.
+
+Intra-chunk scores ``sum_c q_ic k_jc exp(x_ic - x_jc)`` go through tensor cores, factored around
+the chunk's per-channel maximum of ``x`` so that one factor is <= 1 and the other <= exp(range);
+a chunk whose in-chunk decay range exceeds 30 (e.g. log decays of -20 per token) takes
+an exact ``[BT, BT, K]`` path in which every exponent is <= 0. Across chunks and segments only
+``exp(<= 0)`` factors appear. So every finite log decay gives the exact result.
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ import triton.language as tl
 BT = 16  # tokens per chunk
 
 
+# ----------------------------------------------------------------------------------- helpers
 @triton.jit
-def _load_rows(ptr, rows, cols, stride, T, other: tl.constexpr = 0.0):
-    """``[BT, len(cols)]`` fp32 tile of rows ``rows`` (masked past T)."""
+def _load_rows(ptr, rows, cols, stride, T):
+    """``[BT, len(cols)]`` fp32 tile of ``rows`` (zero past ``T``)."""
     mask = rows[:, None] < T
-    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=other).to(tl.float32)
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -40,21 +46,135 @@ def _store_rows(ptr, rows, cols, stride, T, x):
 
 
 @triton.jit
-def _decay3(x, sign: tl.constexpr, upper: tl.constexpr, BT: tl.constexpr):
-    """``[BT(i), BT(j), K]``: ``exp(sign * (x_i - x_j))`` on the causal (``upper=False``: j <= i)
-    or anti-causal (``upper=True``: j >= i) triangle, 0 elsewhere."""
+def _dot(a, b, DOT_BF16: tl.constexpr):
+    if DOT_BF16:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _triangle(BT: tl.constexpr, UPPER: tl.constexpr):
     o = tl.arange(0, BT)
-    keep = (o[:, None] >= o[None, :]) if not upper else (o[:, None] <= o[None, :])
-    diff = (x[:, None, :] - x[None, :, :]) * sign
+    if UPPER:
+        return o[:, None] <= o[None, :]  # j >= i: the backward scan
+    return o[:, None] >= o[None, :]  # j <= i: the forward scan
+
+
+@triton.jit
+def _decay3(x, BT: tl.constexpr, UPPER: tl.constexpr):
+    """``[BT(i), BT(j), K]``: ``exp(x_i - x_j)`` on the triangle, 0 elsewhere (exponents <= 0)."""
+    keep = _triangle(BT, UPPER)
+    diff = x[:, None, :] - x[None, :, :]
     return tl.exp(tl.where(keep[:, :, None], diff, float("-inf")))
 
 
-@triton.jit(do_not_specialize=["T", "H", "scale"])
-def _bigla_fwd_kernel(q, k, v, gf, gb, o, T, H, scale,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                      PREC: tl.constexpr):
+@triton.jit
+def _is_safe(x):
+    """Per-channel max of ``x`` over the chunk and whether the factored path is safe."""
+    hi = tl.max(x, axis=0)
+    rng = tl.max(hi - tl.min(x, axis=0), axis=0)
+    return hi, rng < 30.0  # exp(30) keeps every factor far inside the fp32/bf16 range
+
+
+@triton.jit
+def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, DOT_BF16: tl.constexpr):
+    """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle."""
+    hi, safe = _is_safe(x)
+    if safe:
+        s = _dot(a * tl.exp(x - hi[None, :]), tl.trans(b * tl.exp(hi[None, :] - x)), DOT_BF16)
+        s = tl.where(_triangle(BT, UPPER), s, 0.0)
+    else:
+        s = tl.sum(a[:, None, :] * b[None, :, :] * _decay3(x, BT, UPPER), axis=2)
+    return s
+
+
+@triton.jit
+def _mix_rows(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, DOT_BF16: tl.constexpr):
+    """``[BT, K]``: ``r_i = sum_j w_ij y_j exp(x_i - x_j)`` (``w`` zero off the triangle)."""
+    hi, safe = _is_safe(x)
+    if safe:
+        r = _dot(w, y * tl.exp(hi[None, :] - x), DOT_BF16) * tl.exp(x - hi[None, :])
+    else:
+        r = tl.sum(w[:, :, None] * y[None, :, :] * _decay3(x, BT, UPPER), axis=1)
+    return r
+
+
+@triton.jit
+def _mix_cols(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, DOT_BF16: tl.constexpr):
+    """``[BT, K]``: ``r_j = sum_i w_ij y_i exp(x_i - x_j)`` (``w`` zero off the triangle)."""
+    hi, safe = _is_safe(x)
+    if safe:
+        r = _dot(tl.trans(w), y * tl.exp(x - hi[None, :]), DOT_BF16) * tl.exp(hi[None, :] - x)
+    else:
+        r = tl.sum(w[:, :, None] * y[:, None, :] * _decay3(x, BT, UPPER), axis=0)
+    return r
+
+
+@triton.jit
+def _fold(state, u_ptr, d_ptr, first, count, step, ck, cv, V: tl.constexpr, K: tl.constexpr):
+    """``state <- exp(d_m) * state + u_m`` for m = first, first+step, ... (count terms).
+
+    ``u_ptr``: ``[NSEG, K, V]`` fp32 summaries of one batch*head; ``d_ptr``: ``[NSEG, K]``.
+    """
+    for i in range(0, count):
+        m = first + i * step
+        d = tl.load(d_ptr + m * K + ck)
+        u = tl.load(u_ptr + m * K * V + ck[:, None] * V + cv[None, :])
+        state = state * tl.exp(d)[:, None] + u
+    return state
+
+
+# ----------------------------------------------------------------------------------- forward
+@triton.jit(do_not_specialize=["T", "H", "L", "NSEG"])
+def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                    DOT_BF16: tl.constexpr):
+    """Per segment: its contribution to the forward state at its end (``uf``) and to the backward
+    state at its start (``ub``), and its total log decays (``df``, ``db``)."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    off_k = (i_b * T * H + i_h) * K
+    off_v = (i_b * T * H + i_h) * V
+    ck = tl.arange(0, K)
+    cv = i_v * BV + tl.arange(0, BV)
+    ot = tl.arange(0, BT)
+    start = i_s * L
+    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
+    s_f = tl.zeros([K, BV], dtype=tl.float32)
+    s_b = tl.zeros([K, BV], dtype=tl.float32)
+    acc_f = tl.zeros([K], dtype=tl.float32)
+    acc_b = tl.zeros([K], dtype=tl.float32)
+    for n in range(0, n_chunks):
+        rows = start + n * BT + ot
+        b_k = _load_rows(k + off_k, rows, ck, H * K, T)
+        b_v = _load_rows(v + off_v, rows, cv, H * V, T)
+        g_f = _load_rows(gf + off_k, rows, ck, H * K, T)
+        g_b = _load_rows(gb + off_k, rows, ck, H * K, T)
+        b = tl.cumsum(g_f, axis=0)
+        last = tl.sum(g_f, axis=0)
+        s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, DOT_BF16)
+        acc_f += last
+        c = tl.cumsum(g_b, axis=0) - g_b + acc_b[None, :]  # decay from the segment start
+        s_b += _dot(tl.trans(b_k * tl.exp(c)), b_v, DOT_BF16)
+        acc_b += tl.sum(g_b, axis=0)
+    off_u = (i_bh * NSEG + i_s) * K * V
+    tl.store(uf + off_u + ck[:, None] * V + cv[None, :], s_f)
+    tl.store(ub + off_u + ck[:, None] * V + cv[None, :], s_b)
+    if i_v == 0:
+        tl.store(df + (i_bh * NSEG + i_s) * K + ck, acc_f)
+        tl.store(db + (i_bh * NSEG + i_s) * K + ck, acc_b)
+
+
+@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
+def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                DOT_BF16: tl.constexpr):
     i_v = tl.program_id(0).to(tl.int64)  # int64: offsets can pass 2**31 elements
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
     off_k = (i_b * T * H + i_h) * K
@@ -64,72 +184,120 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, T, H, scale,
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
     ot = tl.arange(0, BT)
-    NT = tl.cdiv(T, BT)
+    start = i_s * L
+    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
     half_scale = 0.5 * scale
+    off_sum = i_bh * NSEG
 
-    # right to left: the backward scan, o <- o^b
+    # right to left: the backward scan, o <- o^b; entering state = the segments to the right
     state = tl.zeros([K, BV], dtype=tl.float32)
-    for i in range(0, NT):
-        rows = (NT - 1 - i) * BT + ot
+    state = _fold(state, ub + off_sum * K * V, db + off_sum * K, NSEG - 1, NSEG - 1 - i_s, -1, ck, cv, V, K)
+    for i in range(0, n_chunks):
+        rows = start + (n_chunks - 1 - i) * BT + ot
         b_q = _load_rows(q + off_k, rows, ck, sk, T)
         b_k = _load_rows(k + off_k, rows, ck, sk, T)
         b_v = _load_rows(v + off_v, rows, cv, sv, T)
         b_g = _load_rows(gb + off_k, rows, ck, sk, T)
         c = tl.cumsum(b_g, axis=0) - b_g  # exclusive: decay from the chunk start to j is exp(c_j)
         tot = tl.sum(b_g, axis=0)
-        scores = tl.sum(b_q[:, None, :] * b_k[None, :, :] * _decay3(c, -1.0, True, BT), axis=2)
-        out = tl.dot(scores, b_v, input_precision=PREC)
-        out += tl.dot(b_q * tl.exp(tot[None, :] - c), state, input_precision=PREC)
-        state = state * tl.exp(tot)[:, None] + tl.dot(tl.trans(b_k * tl.exp(c)), b_v, input_precision=PREC)
+        out = _dot(_scores(b_q, b_k, -c, BT, True, DOT_BF16), b_v, DOT_BF16)
+        out += _dot(b_q * tl.exp(tot[None, :] - c), state, DOT_BF16)
+        state = state * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, DOT_BF16)
         _store_rows(o + off_v, rows, cv, sv, T, out * half_scale)
     tl.debug_barrier()
 
-    # left to right: the forward scan, o <- o^b + o^f
+    # left to right: the forward scan, o <- o^b + o^f; entering state = the segments to the left
     state = tl.zeros([K, BV], dtype=tl.float32)
-    for n in range(0, NT):
-        rows = n * BT + ot
+    state = _fold(state, uf + off_sum * K * V, df + off_sum * K, 0, i_s, 1, ck, cv, V, K)
+    for n in range(0, n_chunks):
+        rows = start + n * BT + ot
         b_q = _load_rows(q + off_k, rows, ck, sk, T)
         b_k = _load_rows(k + off_k, rows, ck, sk, T)
         b_v = _load_rows(v + off_v, rows, cv, sv, T)
         b_g = _load_rows(gf + off_k, rows, ck, sk, T)
         b = tl.cumsum(b_g, axis=0)  # inclusive: decay from j to i is exp(b_i - b_j)
         last = tl.sum(b_g, axis=0)
-        scores = tl.sum(b_q[:, None, :] * b_k[None, :, :] * _decay3(b, 1.0, False, BT), axis=2)
-        out = tl.dot(scores, b_v, input_precision=PREC)
-        out += tl.dot(b_q * tl.exp(b), state, input_precision=PREC)
-        state = state * tl.exp(last)[:, None] + tl.dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v,
-                                                       input_precision=PREC)
+        out = _dot(_scores(b_q, b_k, b, BT, False, DOT_BF16), b_v, DOT_BF16)
+        out += _dot(b_q * tl.exp(b), state, DOT_BF16)
+        state = state * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, DOT_BF16)
         prev = _load_rows(o + off_v, rows, cv, sv, T)
         _store_rows(o + off_v, rows, cv, sv, T, prev + out * half_scale)
 
 
-@triton.jit(do_not_specialize=["T", "H", "scale"])
-def _bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, T, H, scale,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                      PREC: tl.constexpr):
-    """dq, dk, dgf, dgb: fp32 ``[NV, B, T, H, K]`` partials (summed over value blocks by the
-    caller); dv: fp32 ``[B, T, H, V]``."""
-    i_v = tl.program_id(0).to(tl.int64)  # int64: offsets can pass 2**31 elements
-    i_bh = tl.program_id(1).to(tl.int64)
+# ----------------------------------------------------------------------------------- backward
+@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
+def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
+                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                         DOT_BF16: tl.constexpr):
+    """Per segment: its queries' contribution to the gradient of the forward state before it
+    (``wf``) and of the backward state after it (``wb``)."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    B = tl.num_programs(1) // H
     off_k = (i_b * T * H + i_h) * K
     off_v = (i_b * T * H + i_h) * V
-    off_part = i_v * B * T * H * K + off_k  # this value block's slice of the partial buffers
+    ck = tl.arange(0, K)
+    cv = i_v * BV + tl.arange(0, BV)
+    ot = tl.arange(0, BT)
+    start = i_s * L
+    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
+    half_scale = 0.5 * scale
+    g_fwd = tl.zeros([K, BV], dtype=tl.float32)
+    g_bwd = tl.zeros([K, BV], dtype=tl.float32)
+    acc_f = tl.zeros([K], dtype=tl.float32)
+    for n in range(0, n_chunks):
+        rows = start + n * BT + ot
+        b_q = _load_rows(q + off_k, rows, ck, H * K, T)
+        b_do = _load_rows(do + off_v, rows, cv, H * V, T) * half_scale
+        g_f = _load_rows(gf + off_k, rows, ck, H * K, T)
+        g_b = _load_rows(gb + off_k, rows, ck, H * K, T)
+        b = tl.cumsum(g_f, axis=0) + acc_f[None, :]
+        g_fwd += _dot(tl.trans(b_q * tl.exp(b)), b_do, DOT_BF16)
+        acc_f += tl.sum(g_f, axis=0)
+        c = tl.cumsum(g_b, axis=0) - g_b
+        tot = tl.sum(g_b, axis=0)
+        g_bwd = g_bwd * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, DOT_BF16)
+    off_u = (i_bh * NSEG + i_s) * K * V
+    tl.store(wf + off_u + ck[:, None] * V + cv[None, :], g_fwd)
+    tl.store(wb + off_u + ck[:, None] * V + cv[None, :], g_bwd)
+
+
+@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
+def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
+                uf, ub, df, db, wf, wb, T, H, scale, L, NSEG,
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                DOT_BF16: tl.constexpr):
+    """dq, dk, dgf, dgb: fp32 ``[NV, B, T, H, K]`` partials (summed over value blocks by the
+    caller); dv: fp32 ``[B, T, H, V]``; tot_wf, tot_wb: fp32 ``[NV, B*H, NSEG, K]`` per-segment
+    totals of the gate-gradient terms (the carries between segments)."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    BH = tl.num_programs(2)
+    off_k = (i_b * T * H + i_h) * K
+    off_v = (i_b * T * H + i_h) * V
+    off_part = i_v * BH * T * K + off_k  # this value block's slice of the partial buffers
     sk = H * K
     sv = H * V
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
     ot = tl.arange(0, BT)
-    NT = tl.cdiv(T, BT)
+    start = i_s * L
+    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
     half_scale = 0.5 * scale
+    off_sum = i_bh * NSEG
 
     # right to left: S^b (for dq^b) and dS^f (for dk^f, dv^f)
     s_b = tl.zeros([K, BV], dtype=tl.float32)
+    s_b = _fold(s_b, ub + off_sum * K * V, db + off_sum * K, NSEG - 1, NSEG - 1 - i_s, -1, ck, cv, V, K)
     ds_f = tl.zeros([K, BV], dtype=tl.float32)
-    for i in range(0, NT):
-        rows = (NT - 1 - i) * BT + ot
+    ds_f = _fold(ds_f, wf + off_sum * K * V, df + off_sum * K, NSEG - 1, NSEG - 1 - i_s, -1, ck, cv, V, K)
+    for i in range(0, n_chunks):
+        rows = start + (n_chunks - 1 - i) * BT + ot
         b_q = _load_rows(q + off_k, rows, ck, sk, T)
         b_k = _load_rows(k + off_k, rows, ck, sk, T)
         b_v = _load_rows(v + off_v, rows, cv, sv, T)
@@ -140,23 +308,22 @@ def _bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, T, H, scale,
         last = tl.sum(g_f, axis=0)
         c = tl.cumsum(g_b, axis=0) - g_b
         tot = tl.sum(g_b, axis=0)
-        d_scores = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BT(i), BT(j)]: do_i . v_j
+        d_scores = _dot(b_do, tl.trans(b_v), DOT_BF16)  # [BT(i), BT(j)]: do_i . v_j
 
-        # forward scan: dk^f, dv^f (intra + through dS^f)
-        e_f = _decay3(b, 1.0, False, BT)
-        scores_f = tl.sum(b_q[:, None, :] * b_k[None, :, :] * e_f, axis=2)
-        dk_f = tl.sum(d_scores[:, :, None] * b_q[:, None, :] * e_f, axis=0)
+        # forward scan: dk^f, dv^f (within the chunk, and through dS^f)
+        tri_f = _triangle(BT, False)
         k_dec = tl.exp(last[None, :] - b)
-        dk_f += tl.dot(b_v, tl.trans(ds_f), input_precision=PREC) * k_dec
-        dv_f = tl.dot(tl.trans(scores_f), b_do, input_precision=PREC)
-        dv_f += tl.dot(b_k * k_dec, ds_f, input_precision=PREC)
-        ds_f = ds_f * tl.exp(last)[:, None] + tl.dot(tl.trans(b_q * tl.exp(b)), b_do, input_precision=PREC)
+        dk_f = _mix_cols(tl.where(tri_f, d_scores, 0.0), b_q, b, BT, False, DOT_BF16)
+        dk_f += _dot(b_v, tl.trans(ds_f), DOT_BF16) * k_dec
+        dv_f = _dot(tl.trans(_scores(b_q, b_k, b, BT, False, DOT_BF16)), b_do, DOT_BF16)
+        dv_f += _dot(b_k * k_dec, ds_f, DOT_BF16)
+        ds_f = ds_f * tl.exp(last)[:, None] + _dot(tl.trans(b_q * tl.exp(b)), b_do, DOT_BF16)
 
-        # backward scan: dq^b (intra + through S^b)
-        e_b = _decay3(c, -1.0, True, BT)
-        dq_b = tl.sum(d_scores[:, :, None] * b_k[None, :, :] * e_b, axis=1)
-        dq_b += tl.dot(b_do, tl.trans(s_b), input_precision=PREC) * tl.exp(tot[None, :] - c)
-        s_b = s_b * tl.exp(tot)[:, None] + tl.dot(tl.trans(b_k * tl.exp(c)), b_v, input_precision=PREC)
+        # backward scan: dq^b (within the chunk, and through S^b)
+        tri_b = _triangle(BT, True)
+        dq_b = _mix_rows(tl.where(tri_b, d_scores, 0.0), b_k, -c, BT, True, DOT_BF16)
+        dq_b += _dot(b_do, tl.trans(s_b), DOT_BF16) * tl.exp(tot[None, :] - c)
+        s_b = s_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, DOT_BF16)
 
         _store_rows(dq + off_part, rows, ck, sk, T, dq_b)
         _store_rows(dk + off_part, rows, ck, sk, T, dk_f)
@@ -165,11 +332,13 @@ def _bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, T, H, scale,
 
     # left to right: S^f (for dq^f) and dS^b (for dk^b, dv^b); totals and gate gradients
     s_f = tl.zeros([K, BV], dtype=tl.float32)
+    s_f = _fold(s_f, uf + off_sum * K * V, df + off_sum * K, 0, i_s, 1, ck, cv, V, K)
     ds_b = tl.zeros([K, BV], dtype=tl.float32)
+    ds_b = _fold(ds_b, wb + off_sum * K * V, db + off_sum * K, 0, i_s, 1, ck, cv, V, K)
     carry_b = tl.zeros([K], dtype=tl.float32)
     carry_f = tl.zeros([K], dtype=tl.float32)
-    for n in range(0, NT):
-        rows = n * BT + ot
+    for n in range(0, n_chunks):
+        rows = start + n * BT + ot
         b_q = _load_rows(q + off_k, rows, ck, sk, T)
         b_k = _load_rows(k + off_k, rows, ck, sk, T)
         b_v = _load_rows(v + off_v, rows, cv, sv, T)
@@ -177,37 +346,34 @@ def _bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, T, H, scale,
         g_f = _load_rows(gf + off_k, rows, ck, sk, T)
         g_b = _load_rows(gb + off_k, rows, ck, sk, T)
         b = tl.cumsum(g_f, axis=0)
+        last = tl.sum(g_f, axis=0)
         c = tl.cumsum(g_b, axis=0) - g_b
         tot = tl.sum(g_b, axis=0)
-        d_scores = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        d_scores = _dot(b_do, tl.trans(b_v), DOT_BF16)
 
         # forward scan: dq^f
-        e_f = _decay3(b, 1.0, False, BT)
-        dq_f = tl.sum(d_scores[:, :, None] * b_k[None, :, :] * e_f, axis=1)
-        dq_f += tl.dot(b_do, tl.trans(s_f), input_precision=PREC) * tl.exp(b)
-        last = tl.sum(g_f, axis=0)
-        s_f = s_f * tl.exp(last)[:, None] + tl.dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v,
-                                                   input_precision=PREC)
+        tri_f = _triangle(BT, False)
+        dq_f = _mix_rows(tl.where(tri_f, d_scores, 0.0), b_k, b, BT, False, DOT_BF16)
+        dq_f += _dot(b_do, tl.trans(s_f), DOT_BF16) * tl.exp(b)
+        s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, DOT_BF16)
 
         # backward scan: dk^b, dv^b
-        e_b = _decay3(c, -1.0, True, BT)
-        scores_b = tl.sum(b_q[:, None, :] * b_k[None, :, :] * e_b, axis=2)
-        dk_b = tl.sum(d_scores[:, :, None] * b_q[:, None, :] * e_b, axis=0)
-        dk_b += tl.dot(b_v, tl.trans(ds_b), input_precision=PREC) * tl.exp(c)
-        dv_b = tl.dot(tl.trans(scores_b), b_do, input_precision=PREC)
-        dv_b += tl.dot(b_k * tl.exp(c), ds_b, input_precision=PREC)
-        ds_b = ds_b * tl.exp(tot)[:, None] + tl.dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do,
-                                                    input_precision=PREC)
+        tri_b = _triangle(BT, True)
+        dk_b = _mix_cols(tl.where(tri_b, d_scores, 0.0), b_q, -c, BT, True, DOT_BF16)
+        dk_b += _dot(b_v, tl.trans(ds_b), DOT_BF16) * tl.exp(c)
+        dv_b = _dot(tl.trans(_scores(b_q, b_k, -c, BT, True, DOT_BF16)), b_do, DOT_BF16)
+        dv_b += _dot(b_k * tl.exp(c), ds_b, DOT_BF16)
+        ds_b = ds_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, DOT_BF16)
 
         dq_b = _load_rows(dq + off_part, rows, ck, sk, T)
         dk_f = _load_rows(dk + off_part, rows, ck, sk, T)
         dv_f = _load_rows(dv + off_v, rows, cv, sv, T)
-        # log-decay gradients: dgb_t = sum_{r<=t} w^b_r, dgf_t = sum_{r>=t} w^f_r (finished below)
+        # log-decay gradients (within the segment): dgb_t = sum_{r<=t} w^b_r, dgf_t = sum_{r>=t} w^f_r
         w_b = b_q * dq_b - b_k * dk_b
         w_f = b_q * dq_f - b_k * dk_f
         cw_b = tl.cumsum(w_b, axis=0) + carry_b[None, :]
         carry_b += tl.sum(w_b, axis=0)
-        cw_f = tl.cumsum(w_f, axis=0) + carry_f[None, :]  # exclusive-of-nothing prefix of w^f
+        cw_f = tl.cumsum(w_f, axis=0) + carry_f[None, :]
         carry_f += tl.sum(w_f, axis=0)
         _store_rows(dq + off_part, rows, ck, sk, T, dq_b + dq_f)
         _store_rows(dk + off_part, rows, ck, sk, T, dk_f + dk_b)
@@ -215,53 +381,123 @@ def _bigla_bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, T, H, scale,
         _store_rows(dgb + off_part, rows, ck, sk, T, cw_b)
         _store_rows(dgf + off_part, rows, ck, sk, T, cw_f - w_f)  # prefix sum before t
     tl.debug_barrier()
-    # dgf_t = total - (prefix before t), in one more light pass
-    for n in range(0, NT):
-        rows = n * BT + ot
+    for n in range(0, n_chunks):  # dgf_t = segment total - prefix before t
+        rows = start + n * BT + ot
         before = _load_rows(dgf + off_part, rows, ck, sk, T)
         _store_rows(dgf + off_part, rows, ck, sk, T, carry_f[None, :] - before)
+    off_tot = ((i_v * BH + i_bh) * NSEG + i_s) * K
+    tl.store(tot_wf + off_tot + ck, carry_f)
+    tl.store(tot_wb + off_tot + ck, carry_b)
 
 
+@triton.jit(do_not_specialize=["T", "H", "L", "NSEG"])
+def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, T, H, L, NSEG, K: tl.constexpr, BT: tl.constexpr):
+    """Adds the other segments' totals: dgf += sum of later segments, dgb += sum of earlier ones."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    BH = tl.num_programs(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    ck = tl.arange(0, K)
+    ot = tl.arange(0, BT)
+    base = (i_v * BH + i_bh) * NSEG * K
+    later = tl.zeros([K], dtype=tl.float32)
+    for m in range(i_s + 1, NSEG):
+        later += tl.load(tot_wf + base + m * K + ck)
+    earlier = tl.zeros([K], dtype=tl.float32)
+    for m in range(0, i_s):
+        earlier += tl.load(tot_wb + base + m * K + ck)
+    off = i_v * BH * T * K + (i_b * T * H + i_h) * K
+    start = i_s * L
+    for n in range(0, tl.cdiv(tl.minimum(T - start, L), BT)):
+        rows = start + n * BT + ot
+        _store_rows(dgf + off, rows, ck, H * K, T, _load_rows(dgf + off, rows, ck, H * K, T) + later[None, :])
+        _store_rows(dgb + off, rows, ck, H * K, T, _load_rows(dgb + off, rows, ck, H * K, T) + earlier[None, :])
+
+
+# ----------------------------------------------------------------------------------- launchers
 def _check_dims(K: int, V: int):
     if K not in (16, 32, 64, 128) or V not in (16, 32, 64, 128, 256):
         raise ValueError(f"bigla triton backend supports d_k in (16, 32, 64, 128) and d_v in "
                          f"(16, 32, 64, 128, 256); got d_k={K}, d_v={V} (use backend='chunked')")
 
 
-def _launch_config(K: int, V: int, dtype: torch.dtype):
+def _plan(q: torch.Tensor, V: int, segments: int | None = None):
+    """Value block, number of segments and segment length (tokens) for a call."""
+    B, T, H, K = q.shape
     BV = min(V, 64)
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    num_warps = 4 if K <= 32 else 8
-    return BV, prec, num_warps
+    NV = triton.cdiv(V, BV)
+    n_chunks = triton.cdiv(T, BT)
+    if segments is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        want = triton.cdiv(4 * sms, B * H * NV)  # about four programs per multiprocessor
+        segments = min(want, n_chunks // 4)  # keep >= 4 chunks per segment
+    nseg = max(1, min(segments, n_chunks))
+    seg_chunks = triton.cdiv(n_chunks, nseg)
+    nseg = triton.cdiv(n_chunks, seg_chunks)
+    return BV, NV, nseg, seg_chunks * BT
 
 
-def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float) -> torch.Tensor:
-    """``[B, T, H, V]`` output in ``q.dtype``; inputs ``[B, T, H, K|V]`` (made contiguous)."""
+def _common(q, backward: bool):
+    # register budgets read off ptxas -v for sm_90: 4 warps keep the forward spill-free up to
+    # d_k = 32, the backward needs 8
+    return dict(DOT_BF16=q.dtype == torch.bfloat16,
+                num_warps=8 if backward or q.shape[-1] > 32 else 4)
+
+
+def _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts):
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    f32 = dict(dtype=torch.float32, device=k.device)
+    uf, ub = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2))
+    df, db = (torch.empty(B * H, nseg, K, **f32) for _ in range(2))
+    if nseg > 1:
+        _summary_kernel[(NV, nseg, B * H)](k, v, log_gf, log_gb, uf, ub, df, db, T, H, L, nseg,
+                                          K=K, V=V, BT=BT, BV=BV, **opts)
+    return uf, ub, df, db
+
+
+def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None = None) -> torch.Tensor:
+    """``[B, T, H, V]`` output in ``q.dtype``; inputs ``[B, T, H, K|V]`` (made contiguous).
+
+    ``segments``: how many pieces the sequence is cut into (default: enough to fill the GPU).
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     _check_dims(K, V)
     q, k, v, log_gf, log_gb = (t.contiguous() for t in (q, k, v, log_gf, log_gb))
+    BV, NV, nseg, L = _plan(q, V, segments)
+    opts = _common(q, backward=False)
+    uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    BV, prec, num_warps = _launch_config(K, V, q.dtype)
-    grid = (triton.cdiv(V, BV), B * H)
-    _bigla_fwd_kernel[grid](q, k, v, log_gf, log_gb, o, T, H, scale, K=K, V=V, BT=BT, BV=BV,
-                            PREC=prec, num_warps=num_warps)
+    _fwd_kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, uf, ub, df, db, T, H, scale, L, nseg,
+                                   K=K, V=V, BT=BT, BV=BV, **opts)
     return o
 
 
-def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float):
+def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | None = None):
     """``(dq, dk, dv, dlog_gf, dlog_gb)`` in the dtypes of the corresponding inputs."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     _check_dims(K, V)
     q, k, v, log_gf, log_gb, do = (t.contiguous() for t in (q, k, v, log_gf, log_gb, do))
-    BV, prec, num_warps = _launch_config(K, V, q.dtype)
-    NV = triton.cdiv(V, BV)
-    part = dict(dtype=torch.float32, device=q.device)
-    dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, **part) for _ in range(4))
-    dv = torch.empty(B, T, H, V, **part)
-    _bigla_bwd_kernel[(NV, B * H)](q, k, v, log_gf, log_gb, do, dq, dk, dv, dgf, dgb, T, H, scale,
-                                   K=K, V=V, BT=BT, BV=BV, PREC=prec, num_warps=num_warps)
+    BV, NV, nseg, L = _plan(q, V, segments)
+    opts = _common(q, backward=True)
+    uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    wf, wb = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2))
+    grid = (NV, nseg, B * H)
+    if nseg > 1:
+        _grad_summary_kernel[grid](q, do, log_gf, log_gb, wf, wb, T, H, scale, L, nseg,
+                                   K=K, V=V, BT=BT, BV=BV, **opts)
+    dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, **f32) for _ in range(4))
+    dv = torch.empty(B, T, H, V, **f32)
+    tot_wf, tot_wb = (torch.empty(NV, B * H, nseg, K, **f32) for _ in range(2))
+    _bwd_kernel[grid](q, k, v, log_gf, log_gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
+                      uf, ub, df, db, wf, wb, T, H, scale, L, nseg, K=K, V=V, BT=BT, BV=BV, **opts)
+    if nseg > 1:
+        _gate_carry_kernel[grid](dgf, dgb, tot_wf, tot_wb, T, H, L, nseg, K=K, BT=BT, num_warps=2)
     sums = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, dgf, dgb)]
     return (sums[0].to(q.dtype), sums[1].to(k.dtype), dv.to(v.dtype), sums[2].to(log_gf.dtype),
             sums[3].to(log_gb.dtype))
