@@ -203,7 +203,8 @@ class LinearAngularAttention(nn.Module):
         """``x [B, N, C] -> [B, N, C]``.
 
         ``hw = (H, W)`` (default: :attr:`grid_size`, which the Castling model sets) and ``num_prefix_tokens``
-        (default: the constructor's) locate the patch grid; only ``dw_mode="2d"`` uses them. ``attn_mask`` / ``is_causal`` exist for timm's ``Block`` and must be unset.
+        (default: the constructor's) locate the patch grid; only ``dw_mode="2d"`` uses them.
+        ``attn_mask`` / ``is_causal`` exist for timm's ``Block`` and must be unset.
         """
         if attn_mask is not None or is_causal:
             raise ValueError("LinearAngularAttention does not support attn_mask or is_causal")
