@@ -43,6 +43,7 @@ def _draw_panel(ax, rows: list[dict], models: list[str], sizes: list[int], title
     else:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
     ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.3)  # also centres a single size
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("image size (px)")
     ax.set_title(title)
@@ -71,8 +72,10 @@ def plot_results(result: dict, path: Path) -> None:
             ax.axis("off")
     s = result["settings"]
     env = result["environment"]
-    fig.suptitle(f"{env['device']} | amp {s['amp']} | compile {s['compile']} | "
-                 f"channels_last {s['channels_last']} | {result['timestamp']}", fontsize=10)
+    title = (f"FLOPs only (counted by shape) | {result['timestamp']}" if s.get("flops_only") else
+             f"{env['device']} | amp {s['amp']} | compile {s['compile']} | "
+             f"channels_last {s['channels_last']} | {result['timestamp']}")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
