@@ -281,6 +281,11 @@ def test_cli_writes_csv_and_png(bench_run):
     assert {"model", "img_size", "gmacs", "infer_img_per_s", "infer_peak_mib", "latency_median_ms",
             "train_img_per_s", "ratio_img_per_s"} <= set(records[0])
     assert float(records[1]["infer_img_per_s"]) > 0
+    result = json.loads((out / "t.json").read_text())
+    for key in ("device", "driver_version", "torch", "timm", "triton", "git_commit", "timestamp", "command"):
+        assert key in records[0], key
+    assert records[0]["torch"] == torch.__version__ and records[3]["command"] == result["command"]
+    assert records[0]["git_commit"] == result["git"]["commit"]
     assert (out / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -271,7 +271,7 @@ def output_paths(out: Path, name: str) -> dict[str, Path]:
 def write_tables(result: dict, paths: dict[str, Path]) -> None:
     """JSON and CSV (cheap: written after every row, so an interrupted run keeps its rows)."""
     report.write_json(result, paths["json"])
-    report.write_csv(result["rows"], paths["csv"])
+    report.write_csv(result, paths["csv"])
 
 
 def main(args) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["SCHEMA", "RATIO_METRICS", "add_ratios", "command_line", "environment", "flatten_row",
-           "format_table", "git_info", "write_csv", "write_json"]
+           "format_table", "git_info", "run_fields", "write_csv", "write_json"]
 
 SCHEMA = "vigla.bench/1"
 
@@ -217,14 +217,26 @@ def flatten_row(row: dict) -> dict:
     for name in ("infer", "latency", "train"):
         m = row.get(name) or {}
         flat.update({f"{name}_{k}": m.get(k) for k in _MEASURE_KEYS})
-    flat.update({f"ratio_{k}": v for k, v in (row.get("ratios") or {}).items()})
+    ratios = row.get("ratios") or {}
+    flat.update({f"ratio_{k}": ratios.get(k) for k in RATIO_METRICS})
     return flat
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    records = [flatten_row(r) for r in rows]
+def run_fields(result: dict) -> dict:
+    """The run's identity, repeated on every CSV line so that CSVs of several runs can be stacked."""
+    env = result.get("environment", {})
+    return {"device": env.get("device"), "driver_version": env.get("driver_version"),
+            "cuda_version": env.get("cuda_version"), "torch": env.get("torch"), "timm": env.get("timm"),
+            "triton": env.get("triton"), "git_commit": result.get("git", {}).get("commit"),
+            "timestamp": result.get("timestamp"), "command": result.get("command")}
+
+
+def write_csv(result: dict, path: Path) -> None:
+    """One line per row: :func:`flatten_row`, then :func:`run_fields`."""
+    run = run_fields(result)
+    records = [flatten_row(r) | run for r in result["rows"]]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else list(flatten_row({})))
+    writer = csv.DictWriter(buf, fieldnames=list(flatten_row({}) | run))
     writer.writeheader()
     writer.writerows(records)
     _write_atomic(path, buf.getvalue())
