@@ -1,0 +1,300 @@
+"""vigla train: config layering, a full tiny run, exact resume after a stop, signals, DDP, bad input, aux losses."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.models import register_model
+
+from test_data import write_fake_fmnist, write_folder
+from vigla import cli
+from vigla.engine import train_cli
+from vigla.engine.checkpoint import load_state, load_weights, read_meta
+from vigla.engine.config import read_yaml, resolve_config
+from vigla.engine.errors import CheckpointError, NonFiniteLossError, UserError
+from vigla.engine.trainer import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run far faster on one thread (no OpenMP barrier waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ENV_1T = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return write_fake_fmnist(str(tmp_path_factory.mktemp("fmnist")), n_train=120, n_test=40)
+
+
+def tiny_flags(fmnist, out, **kw):
+    flags = dict(fmnist_dir=fmnist, model="test_vit", img_size=32, epochs=2, batch_size=8, train_subset=48,
+                 val_subset=16, out=str(out), workers=0, log_interval=2, lr=2e-3, warmup_epochs=0.5)
+    flags.update(kw)
+    return flags
+
+
+def parse(argv):
+    return cli.build_parser().parse_args(["train", *argv])
+
+
+def argv_of(flags):
+    out = []
+    for k, v in flags.items():
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else [flag, str(v)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_help_is_readable(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("--resume PATH|auto", "per 512 images", "fmnist-quick", "--strict-data", "examples:",
+                   "torchrun --nproc_per_node"):
+        assert needle in text
+
+
+def test_precedence_preset_yaml_flags(tmp_path):
+    cfg = resolve_config({})
+    assert cfg.preset == "fmnist-quick" and cfg.model == "vig_tiny" and cfg.img_size == 64 and cfg.aa == "none"
+    cfg = resolve_config({"data": "/x"})
+    assert cfg.preset == "recipe" and cfg.aa == "rand-m9-mstd0.5-inc1" and cfg.mixup == 0.8 and cfg.ema
+    assert (cfg.weight_decay, cfg.clip_grad, cfg.smoothing, cfg.reprob) == (0.05, 5.0, 0.1, 0.25)
+    (tmp_path / "c.yaml").write_text("epochs: 7\nwarmup-epochs: 1\nbatch-size: 16\nlr: 0.004\npreset: recipe\n")
+    from_yaml = read_yaml(str(tmp_path / "c.yaml"))
+    cfg = resolve_config({"lr": 1e-4}, from_yaml)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.preset, cfg.img_size) == (7, 16, 1e-4, "recipe", 224)
+    # the flags parser leaves unset options out, so YAML values are not overwritten by flag defaults
+    args = parse(["--config", str(tmp_path / "c.yaml"), "--epochs", "3"])
+    cfg, state = train_cli.build_config(args)
+    assert (cfg.epochs, cfg.batch_size, state) == (3, 16, None)
+
+
+def test_bad_settings_are_clear(tmp_path):
+    (tmp_path / "bad.yaml").write_text("epoch: 3\n")
+    with pytest.raises(UserError, match="unknown setting 'epoch' \\(did you mean 'epochs'\\?\\)"):
+        read_yaml(str(tmp_path / "bad.yaml"))
+    (tmp_path / "bad2.yaml").write_text("epochs: three\n")
+    with pytest.raises(UserError, match="epochs must be int, got 'three'"):
+        read_yaml(str(tmp_path / "bad2.yaml"))
+    with pytest.raises(UserError, match="--batch-size must be even"):
+        resolve_config({"data": "/x", "batch_size": 7})
+    with pytest.raises(UserError, match="does not exist"):
+        read_yaml(str(tmp_path / "none.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------- a full run
+def test_tiny_run_writes_everything(fmnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", *argv_of(tiny_flags(fmnist, out, ema=True, ema_warmup=True))])
+    assert code == 0
+    for name in ("config.yaml", "run.json", "metrics.csv", "steps.csv", "curves.png", "results.json",
+                 "last.safetensors", "last.json", "last.state.pt", "best.safetensors", "best.json"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = read_yaml(str(out / "config.yaml"))  # the resolved config reads back as a --config file
+    assert saved["epochs"] == 2 and saved["preset"] == "fmnist-quick" and "out" not in saved
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1] and [int(r["global_step"]) for r in rows] == [6, 12]
+    assert all(0 <= float(r["val_top1"]) <= 100 and r["ema_val_top1"] != "nan" for r in rows)
+    results = json.load(open(out / "results.json"))
+    assert results["test"]["images"] == 40 and results["best"]["weights"] in ("model", "ema")
+    assert read_meta(str(out / "last.safetensors"))["global_step"] == 12
+    assert "test top-1" in capsys.readouterr().out
+    run = json.load(open(out / "run.json"))
+    assert run["global_batch"] == 8 and run["lr_scaled"] == pytest.approx(2e-3 * 8 / 512)
+    # a second run into the same folder must not clobber it
+    assert cli.main(["train", *argv_of(tiny_flags(fmnist, out))]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop_at", [9, 6])  # mid-epoch 2, and exactly at the epoch boundary
+def test_stop_and_resume_gives_the_same_weights(fmnist, tmp_path, stop_at):
+    flags = tiny_flags(fmnist, tmp_path / "a", deterministic=True, ema=True, ema_warmup=True, mixup=0.8,
+                       cutmix=1.0, reprob=0.25, aa="rand-m9-mstd0.5-inc1", drop_path=0.1, scale_min=0.3)
+    assert Trainer(resolve_config(flags)).run() == 0
+    flags_b = dict(flags, out=str(tmp_path / "b"))
+    stopped = Trainer(resolve_config(flags_b), stop_after_steps=stop_at)
+    assert stopped.run() == 128 + signal.SIGTERM
+    state = load_state(str(tmp_path / "b" / "last.state.pt"))
+    # a stop on the last step of an epoch saves before that epoch's validation, which the resumed run then does
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == {9: (1, 3, 9), 6: (0, 6, 6)}[stop_at]
+    # resume through the CLI with only --resume and --out: the rest comes from the run's saved config.yaml
+    cfg, state_path = train_cli.build_config(parse(["--resume", "auto", "--out", str(tmp_path / "b")]))
+    assert cfg.mixup == 0.8 and cfg.fmnist_dir == fmnist and state_path.endswith("last.state.pt")
+    assert Trainer(cfg, resume_state=state_path).run() == 0
+    a, b = load_weights(str(tmp_path / "a" / "last.safetensors")), load_weights(str(tmp_path / "b" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_state(str(tmp_path / "a" / "last.state.pt")), load_state(str(tmp_path / "b" / "last.state.pt"))
+    assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
+    assert sa["optimizer"]["state"][0]["step"] == sb["optimizer"]["state"][0]["step"] == 12
+    ra, rb = (list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in "ab")
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("global_step", "train_loss", "val_top1", "val_loss", "ema_val_top1", "lr"):
+            assert x[key] == y[key], key
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_tells_how_to_resume(fmnist, tmp_path):
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "vigla", "train",
+           *argv_of(tiny_flags(fmnist, out, epochs=50, train_subset=100, batch_size=4))]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV_1T)
+    deadline = time.time() + 120
+    for line in proc.stdout:  # the header's last line is printed once the handler is installed
+        if line.strip().startswith("output") or time.time() > deadline:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received" in err and f"vigla train --resume auto --out {out}" in err
+    state = load_state(str(out / "last.state.pt"))
+    assert 0 < state["global_step"] < 50 * 25
+    resumed = subprocess.run([sys.executable, "-m", "vigla", "train", "--resume", "auto", "--out", str(out),
+                              "--epochs", str(state["epoch"] + 1)], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=ENV_1T)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"global step {state['global_step']}" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(fmnist, tmp_path):
+    out = tmp_path / "ddp"
+    flags = tiny_flags(fmnist, out, epochs=1, train_subset=32, batch_size=8)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "vigla", "train", *argv_of(flags)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=ENV_1T)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.load(open(out / "run.json"))
+    assert (run["world_size"], run["global_batch"], run["steps_per_epoch"]) == (2, 16, 2)
+    state = load_state(str(out / "last.state.pt"))
+    assert state["global_step"] == 2 and len(state["rng"]) == 2  # both ranks' RNG states are kept
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    assert proc.stdout.count("test top-1") == 1  # only rank 0 reports
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_missing_and_mismatched_data_exit_cleanly(tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data") and "no such folder" in err and "Traceback" not in err
+    write_folder(str(tmp_path / "d" / "train"), ["a", "b"])
+    write_folder(str(tmp_path / "d" / "val"), ["a", "c"])
+    assert cli.main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 2
+    assert "class folders differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_corrupt_images_skipped_or_fatal(tmp_path, capsys, strict):
+    write_folder(str(tmp_path / "d" / "train"), ["a", "b"], per_class=4, corrupt={("b", 2)})
+    write_folder(str(tmp_path / "d" / "val"), ["a", "b"], per_class=2)
+    flags = dict(data=str(tmp_path / "d"), model="test_vit", img_size=32, epochs=1, batch_size=4, workers=0,
+                 out=str(tmp_path / "o"), aa="none", mixup=0.0, cutmix=0.0, ema=False, warmup_epochs=0,
+                 strict_data=strict)
+    code = cli.main(["train", *argv_of(flags)])
+    if strict:
+        assert code == 2 and "b/2.png" in capsys.readouterr().err
+    else:
+        assert code == 0
+        rows = list(csv.DictReader(open(tmp_path / "o" / "metrics.csv")))
+        assert rows[0]["unreadable_images"] == "1"
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(fmnist, tmp_path):
+    trainer = Trainer(resolve_config(tiny_flags(fmnist, tmp_path / "nan")))
+    calls = {"n": 0}
+    criterion = trainer.criterion
+
+    def poisoned(out, y):
+        calls["n"] += 1
+        loss = criterion(out, y)
+        return loss * float("nan") if calls["n"] == 8 else loss
+
+    trainer.criterion = poisoned
+    with pytest.raises(NonFiniteLossError) as e:
+        trainer.run()
+    msg = str(e.value)
+    assert "became nan at epoch 2, step 2/6 (global step 8)" in msg and "last good checkpoint" in msg
+    assert read_meta(str(tmp_path / "nan" / "last.safetensors"))["global_step"] == 6
+    before = load_weights(str(tmp_path / "nan" / "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in before.values())
+    assert trainer.global_step == 7  # the bad step never touched the weights
+
+
+def test_out_of_memory_suggests_a_smaller_batch(fmnist, tmp_path, capsys, monkeypatch):
+    def oom(self, x, y):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", oom)
+    code = cli.main(["train", *argv_of(tiny_flags(fmnist, tmp_path / "oom"))])
+    err = capsys.readouterr().err
+    assert code == 4 and "out of memory" in err and "Try --batch-size 4" in err and "Traceback" not in err
+
+
+def test_resume_refuses_another_model_or_batch(fmnist, tmp_path):
+    flags = tiny_flags(fmnist, tmp_path / "r", epochs=1)
+    assert Trainer(resolve_config(flags)).run() == 0
+    state = str(tmp_path / "r" / "last.state.pt")
+    with pytest.raises(CheckpointError, match="is a test_vit checkpoint, this run builds test_vit2"):
+        Trainer(resolve_config(dict(flags, model="test_vit2")), resume_state=state)
+    with pytest.raises(CheckpointError, match="global batch of 8"):
+        Trainer(resolve_config(dict(flags, batch_size=4)), resume_state=state)
+    with pytest.raises(UserError, match="no checkpoint"):
+        train_cli.build_config(parse(["--resume", "auto", "--out", str(tmp_path / "empty")]))
+
+
+# ---------------------------------------------------------------------------------------------- aux-loss contract
+class AuxNet(nn.Module):
+    """Tiny classifier with a Castling-style auxiliary loss on a parameter the main loss never sees."""
+
+    def __init__(self, num_classes=10, img_size=32, **kwargs):
+        super().__init__()
+        self.pretrained_cfg = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+        self.body = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, num_classes))
+        self.aux_param = nn.Parameter(torch.ones(3))
+        self.progress = []
+
+    def forward(self, x):
+        return self.body(x)
+
+    def set_aux_progress(self, p: float) -> None:
+        self.progress.append(p)
+
+    def aux_loss(self) -> torch.Tensor:
+        return (self.aux_param ** 2).sum() * 0.1
+
+    def aux_stats(self) -> dict:
+        return {"aux_norm": self.aux_param.norm().item()}
+
+
+@register_model
+def vigla_test_auxnet(pretrained=False, **kwargs):
+    return AuxNet(**kwargs)
+
+
+def test_aux_loss_contract(fmnist, tmp_path):
+    trainer = Trainer(resolve_config(tiny_flags(fmnist, tmp_path / "aux2", model="vigla_test_auxnet", lr=0.5)))
+    assert trainer.run() == 0
+    core = trainer.core
+    assert core.progress[0] == 0.0 and core.progress == sorted(core.progress) and max(core.progress) < 1
+    assert len(core.progress) == 12
+    assert core.aux_param.norm() < torch.ones(3).norm()  # only the aux loss can have moved it
+    rows = list(csv.DictReader(open(tmp_path / "aux2" / "metrics.csv")))
+    assert float(rows[1]["aux_aux_norm"]) < float(rows[0]["aux_aux_norm"]) < 3 ** 0.5
