@@ -71,17 +71,15 @@ def load_for_eval(path: str, model_name: str | None = None, num_classes: int | N
         model = create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{path} does not load into {model_name}: {' '.join(first[:3])}") from None
-    except Exception as e:  # noqa: BLE001  (torch.load refusing a pickled object, a corrupt file, ...)
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+    except Exception as e:  # noqa: BLE001  (torch.load refusing a pickled object, missing keys, a corrupt file)
+        text = str(e).strip()
+        if "weights_only" in text or "Unsupported global" in text:
             raise CheckpointError(
                 f"{path} holds pickled Python objects besides its tensors, and vigla does not unpickle them. "
                 f"If you trust the file, keep only its weights: python -c \"import torch; "
                 f"c = torch.load('{path}', weights_only=False); torch.save(c.get('model', c), 'weights.pth')\"") from None
-        raise CheckpointError(f"{path}: could not read it as a checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(f"{path} does not load into {model_name} ({type(e).__name__}): "
+                              f"{' '.join(text.splitlines()[:3])}") from None
     cfg = model.pretrained_cfg
     return model, {"model": model_name, "model_args": kwargs, "source": "timm", "data_config": {
         "mean": list(cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)),

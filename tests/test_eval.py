@@ -1,0 +1,134 @@
+"""vigla eval: vigla and foreign checkpoints, several resolutions, the JSON report, clear errors."""
+import json
+
+import pytest
+import timm
+import torch
+
+from test_data import write_fake_fmnist, write_folder
+from vigla import cli
+from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform, scan_image_folder
+from vigla.engine.checkpoint import save_weights
+
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    write_folder(str(tmp_path / "data" / "val"), [f"c{i}" for i in range(4)], per_class=5, size=24)
+    return str(tmp_path / "data")
+
+
+def vigla_checkpoint(path, model_name="test_vit", num_classes=4, img_size=32, classes=None):
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=num_classes, img_size=img_size)
+    meta = {"model": model_name, "model_args": {"num_classes": num_classes, "img_size": img_size},
+            "classes": classes or [f"c{i}" for i in range(num_classes)],
+            "data_config": {"mean": list(MEAN), "std": list(STD), "img_size": img_size, "interpolation": "bilinear",
+                            "crop_pct": 1.0}}
+    save_weights(str(path), model.state_dict(), meta)
+    return model
+
+
+def reference_top1(model, folder, size):
+    src = scan_image_folder(folder)
+    ds = TransformedDataset(src, eval_transform(size, crop_pct=1.0, interpolation="bilinear", mean=MEAN, std=STD))
+    images, targets, _ = collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = model.eval()(BatchPrep(MEAN, STD, "cpu")(images))
+    return 100 * (logits.argmax(-1) == targets).double().mean().item()
+
+
+def test_eval_vigla_checkpoint_at_several_sizes(tmp_path, folder, capsys):
+    ckpt = tmp_path / "w.safetensors"
+    model = vigla_checkpoint(ckpt)
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", str(ckpt), "--data", folder, "--img-size", "32", "64", "--batch-size", "6",
+                     "--out", str(out)]) == 0
+    report = json.load(open(out))
+    assert [r["img_size"] for r in report["results"]] == [32, 64] and report["images"] == 20
+    assert report["results"][0]["top1"] == pytest.approx(reference_top1(model, folder + "/val", 32))
+    model.set_input_size(img_size=64)
+    assert report["results"][1]["top1"] == pytest.approx(reference_top1(model, folder + "/val", 64))
+    assert all(r["top5"] == 100.0 for r in report["results"])  # 4 classes: top-5 is top-4
+    table = capsys.readouterr().out
+    assert "top-1 %" in table and "\n    64 |" in table
+
+
+def test_eval_defaults_to_fmnist_test_and_writes_beside_the_checkpoint(tmp_path):
+    fm = write_fake_fmnist(str(tmp_path / "fm"), n_train=10, n_test=30)
+    from vigla.data import FMNIST_CLASSES
+    ckpt = tmp_path / "run" / "best.safetensors"
+    ckpt.parent.mkdir()
+    vigla_checkpoint(ckpt, num_classes=10, classes=list(FMNIST_CLASSES))
+    assert cli.main(["eval", str(ckpt), "--fmnist-dir", fm]) == 0
+    report = json.load(open(tmp_path / "run" / "eval-fmnist.json"))
+    assert report["data"] == "fashion-mnist test" and report["results"][0]["images"] == 30
+
+
+def test_eval_foreign_checkpoint_through_timm(tmp_path, folder):
+    torch.manual_seed(1)
+    model = timm.create_model("test_vit", num_classes=4)
+    path = tmp_path / "official.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3}, path)  # the layout of official ViG releases
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", str(path), "--model", "test_vit", "--data", folder, "--img-size", "160",
+                     "--crop-pct", "1.0", "--interpolation", "bilinear", "--out", str(out)]) == 0
+    got = json.load(open(out))["results"][0]["top1"]
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    src = scan_image_folder(folder + "/val")
+    ds = TransformedDataset(src, eval_transform(160, crop_pct=1.0, interpolation="bilinear", mean=mean, std=std))
+    images, targets, _ = collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        ref = (model.eval()(BatchPrep(mean, std, "cpu")(images)).argmax(-1) == targets).double().mean().item()
+    assert got == pytest.approx(100 * ref)
+
+
+def test_eval_errors_are_clear(tmp_path, folder, capsys):
+    ckpt = tmp_path / "w.safetensors"
+    vigla_checkpoint(ckpt)
+    assert cli.main(["eval", str(ckpt), "--model", "test_vit2", "--data", folder]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit model" in err and "missing keys:" in err and "Traceback" not in err
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": timm.create_model("test_vit", num_classes=4).state_dict(), "config": Evil()}, evil)
+    assert cli.main(["eval", str(evil), "--model", "test_vit", "--data", folder]) == 2
+    err = capsys.readouterr().err
+    assert "pickled Python objects" in err and "unpickled!" not in capsys.readouterr().out
+
+    plain = tmp_path / "plain.pth"
+    torch.save({"model": timm.create_model("test_vit", num_classes=4).state_dict()}, plain)
+    assert cli.main(["eval", str(plain), "--model", "test_vit2", "--data", folder]) == 2
+    assert "does not load into test_vit2" in (err := capsys.readouterr().err) and "Missing key" in err
+
+    assert cli.main(["eval", str(tmp_path / "none.pth"), "--model", "test_vit", "--data", folder]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path / "none.pth"), "--data", folder]) == 2
+    assert "--model" in capsys.readouterr().err
+
+    other = tmp_path / "other" / "val"
+    write_folder(str(other), ["x", "y", "z", "w"])
+    assert cli.main(["eval", str(ckpt), "--data", str(other.parent)]) == 2
+    assert "trained on classes c0, c1, c2, c3" in capsys.readouterr().err
+
+
+def test_eval_vig_tiny_at_two_sizes(tmp_path, folder):
+    ckpt = tmp_path / "vig.safetensors"
+    vigla_checkpoint(ckpt, model_name="vig_tiny", img_size=32)
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", str(ckpt), "--data", folder, "--img-size", "32", "64", "--out", str(out)]) == 0
+    rows = json.load(open(out))["results"]
+    assert [r["images"] for r in rows] == [20, 20] and all(0 <= r["top1"] <= 100 for r in rows)
