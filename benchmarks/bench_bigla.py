@@ -107,6 +107,12 @@ def main() -> int:
         for backend in backends:
             row[f"{backend}_fwd_ms"] = time_backend(backend, shape, train=False)
             row[f"{backend}_fwdbwd_ms"] = time_backend(backend, shape, train=True)
+        if "triton" in backends and K == 32:
+            # what the per-chunk branch to the exact path costs (inputs here never need it)
+            from vigla.ops.bigla import triton_kernels
+            triton_kernels._EXACT_FALLBACK = False
+            row["triton_nofallback_fwd_ms"] = time_backend("triton", shape, train=False)
+            triton_kernels._EXACT_FALLBACK = True
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -12,6 +12,6 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m pytest tests/test_bigla_triton.py -m gpu -q -p no:cacheprovider -n 8 --timeout 300 ${1:+-k "$1"} 2>&1 \
-  | tee "$OUT/test_bigla_gpu.log" | tail -25
-python3 benchmarks/bench_bigla.py --out "$OUT" 2>&1 | tee "$OUT/bench_bigla.log" | tail -14
+timeout 280 python3 -m pytest tests/test_bigla_triton.py -m gpu -q -p no:cacheprovider -n 16 --timeout 200 \
+  -W ignore::DeprecationWarning -p no:benchmark ${1:+-k "$1"} 2>&1 | tee "$OUT/test_bigla_gpu.log" | tail -30
+timeout 290 python3 benchmarks/bench_bigla.py --out "$OUT" 2>&1 | tee "$OUT/bench_bigla.log" | tail -14

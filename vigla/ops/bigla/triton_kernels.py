@@ -29,6 +29,9 @@ import triton
 import triton.language as tl
 
 BT = 16  # tokens per chunk
+# The exact path for chunks whose decay range exceeds exp(30). Only benchmarks switch it off, to
+# measure what the branch costs; without it, log decays below about -1.9 per token overflow.
+_EXACT_FALLBACK = True
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -46,10 +49,11 @@ def _store_rows(ptr, rows, cols, stride, T, x):
 
 
 @triton.jit
-def _dot(a, b, DOT_BF16: tl.constexpr):
-    if DOT_BF16:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    return tl.dot(a, b, input_precision="tf32")
+def _dot(a, b, TF32: tl.constexpr):
+    """fp32 operands and accumulation; ``TF32``: tensor-core tf32 products (half-precision inputs)."""
+    if TF32:
+        return tl.dot(a, b, input_precision="tf32")
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -77,11 +81,11 @@ def _is_safe(x):
 
 
 @triton.jit
-def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, DOT_BF16: tl.constexpr):
+def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr):
     """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle."""
     hi, safe = _is_safe(x)
-    if safe:
-        s = _dot(a * tl.exp(x - hi[None, :]), tl.trans(b * tl.exp(hi[None, :] - x)), DOT_BF16)
+    if safe or not EXACT:
+        s = _dot(a * tl.exp(x - hi[None, :]), tl.trans(b * tl.exp(hi[None, :] - x)), TF32)
         s = tl.where(_triangle(BT, UPPER), s, 0.0)
     else:
         s = tl.sum(a[:, None, :] * b[None, :, :] * _decay3(x, BT, UPPER), axis=2)
@@ -89,22 +93,22 @@ def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, DOT_BF16: tl.constex
 
 
 @triton.jit
-def _mix_rows(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, DOT_BF16: tl.constexpr):
+def _mix_rows(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr):
     """``[BT, K]``: ``r_i = sum_j w_ij y_j exp(x_i - x_j)`` (``w`` zero off the triangle)."""
     hi, safe = _is_safe(x)
-    if safe:
-        r = _dot(w, y * tl.exp(hi[None, :] - x), DOT_BF16) * tl.exp(x - hi[None, :])
+    if safe or not EXACT:
+        r = _dot(w, y * tl.exp(hi[None, :] - x), TF32) * tl.exp(x - hi[None, :])
     else:
         r = tl.sum(w[:, :, None] * y[None, :, :] * _decay3(x, BT, UPPER), axis=1)
     return r
 
 
 @triton.jit
-def _mix_cols(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, DOT_BF16: tl.constexpr):
+def _mix_cols(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr):
     """``[BT, K]``: ``r_j = sum_i w_ij y_i exp(x_i - x_j)`` (``w`` zero off the triangle)."""
     hi, safe = _is_safe(x)
-    if safe:
-        r = _dot(tl.trans(w), y * tl.exp(x - hi[None, :]), DOT_BF16) * tl.exp(hi[None, :] - x)
+    if safe or not EXACT:
+        r = _dot(tl.trans(w), y * tl.exp(x - hi[None, :]), TF32) * tl.exp(hi[None, :] - x)
     else:
         r = tl.sum(w[:, :, None] * y[:, None, :] * _decay3(x, BT, UPPER), axis=0)
     return r
@@ -128,7 +132,7 @@ def _fold(state, u_ptr, d_ptr, first, count, step, ck, cv, V: tl.constexpr, K: t
 @triton.jit(do_not_specialize=["T", "H", "L", "NSEG"])
 def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                    DOT_BF16: tl.constexpr):
+                    TF32: tl.constexpr):
     """Per segment: its contribution to the forward state at its end (``uf``) and to the backward
     state at its start (``ub``), and its total log decays (``df``, ``db``)."""
     i_v = tl.program_id(0).to(tl.int64)
@@ -155,10 +159,10 @@ def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
         g_b = _load_rows(gb + off_k, rows, ck, H * K, T)
         b = tl.cumsum(g_f, axis=0)
         last = tl.sum(g_f, axis=0)
-        s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, DOT_BF16)
+        s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
         acc_f += last
         c = tl.cumsum(g_b, axis=0) - g_b + acc_b[None, :]  # decay from the segment start
-        s_b += _dot(tl.trans(b_k * tl.exp(c)), b_v, DOT_BF16)
+        s_b += _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
         acc_b += tl.sum(g_b, axis=0)
     off_u = (i_bh * NSEG + i_s) * K * V
     tl.store(uf + off_u + ck[:, None] * V + cv[None, :], s_f)
@@ -171,7 +175,7 @@ def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
 def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                DOT_BF16: tl.constexpr):
+                TF32: tl.constexpr, EXACT: tl.constexpr):
     i_v = tl.program_id(0).to(tl.int64)  # int64: offsets can pass 2**31 elements
     i_s = tl.program_id(1).to(tl.int64)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -200,9 +204,9 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
         b_g = _load_rows(gb + off_k, rows, ck, sk, T)
         c = tl.cumsum(b_g, axis=0) - b_g  # exclusive: decay from the chunk start to j is exp(c_j)
         tot = tl.sum(b_g, axis=0)
-        out = _dot(_scores(b_q, b_k, -c, BT, True, DOT_BF16), b_v, DOT_BF16)
-        out += _dot(b_q * tl.exp(tot[None, :] - c), state, DOT_BF16)
-        state = state * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, DOT_BF16)
+        out = _dot(_scores(b_q, b_k, -c, BT, True, TF32, EXACT), b_v, TF32)
+        out += _dot(b_q * tl.exp(tot[None, :] - c), state, TF32)
+        state = state * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
         _store_rows(o + off_v, rows, cv, sv, T, out * half_scale)
     tl.debug_barrier()
 
@@ -217,9 +221,9 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
         b_g = _load_rows(gf + off_k, rows, ck, sk, T)
         b = tl.cumsum(b_g, axis=0)  # inclusive: decay from j to i is exp(b_i - b_j)
         last = tl.sum(b_g, axis=0)
-        out = _dot(_scores(b_q, b_k, b, BT, False, DOT_BF16), b_v, DOT_BF16)
-        out += _dot(b_q * tl.exp(b), state, DOT_BF16)
-        state = state * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, DOT_BF16)
+        out = _dot(_scores(b_q, b_k, b, BT, False, TF32, EXACT), b_v, TF32)
+        out += _dot(b_q * tl.exp(b), state, TF32)
+        state = state * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
         prev = _load_rows(o + off_v, rows, cv, sv, T)
         _store_rows(o + off_v, rows, cv, sv, T, prev + out * half_scale)
 
@@ -228,7 +232,7 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
 def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
                          K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                         DOT_BF16: tl.constexpr):
+                         TF32: tl.constexpr):
     """Per segment: its queries' contribution to the gradient of the forward state before it
     (``wf``) and of the backward state after it (``wb``)."""
     i_v = tl.program_id(0).to(tl.int64)
@@ -254,11 +258,11 @@ def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
         g_f = _load_rows(gf + off_k, rows, ck, H * K, T)
         g_b = _load_rows(gb + off_k, rows, ck, H * K, T)
         b = tl.cumsum(g_f, axis=0) + acc_f[None, :]
-        g_fwd += _dot(tl.trans(b_q * tl.exp(b)), b_do, DOT_BF16)
+        g_fwd += _dot(tl.trans(b_q * tl.exp(b)), b_do, TF32)
         acc_f += tl.sum(g_f, axis=0)
         c = tl.cumsum(g_b, axis=0) - g_b
         tot = tl.sum(g_b, axis=0)
-        g_bwd = g_bwd * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, DOT_BF16)
+        g_bwd = g_bwd * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, TF32)
     off_u = (i_bh * NSEG + i_s) * K * V
     tl.store(wf + off_u + ck[:, None] * V + cv[None, :], g_fwd)
     tl.store(wb + off_u + ck[:, None] * V + cv[None, :], g_bwd)
@@ -268,7 +272,7 @@ def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
 def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
                 uf, ub, df, db, wf, wb, T, H, scale, L, NSEG,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                DOT_BF16: tl.constexpr):
+                TF32: tl.constexpr, EXACT: tl.constexpr):
     """dq, dk, dgf, dgb: fp32 ``[NV, B, T, H, K]`` partials (summed over value blocks by the
     caller); dv: fp32 ``[B, T, H, V]``; tot_wf, tot_wb: fp32 ``[NV, B*H, NSEG, K]`` per-segment
     totals of the gate-gradient terms (the carries between segments)."""
@@ -308,22 +312,22 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
         last = tl.sum(g_f, axis=0)
         c = tl.cumsum(g_b, axis=0) - g_b
         tot = tl.sum(g_b, axis=0)
-        d_scores = _dot(b_do, tl.trans(b_v), DOT_BF16)  # [BT(i), BT(j)]: do_i . v_j
+        d_scores = _dot(b_do, tl.trans(b_v), TF32)  # [BT(i), BT(j)]: do_i . v_j
 
         # forward scan: dk^f, dv^f (within the chunk, and through dS^f)
         tri_f = _triangle(BT, False)
         k_dec = tl.exp(last[None, :] - b)
-        dk_f = _mix_cols(tl.where(tri_f, d_scores, 0.0), b_q, b, BT, False, DOT_BF16)
-        dk_f += _dot(b_v, tl.trans(ds_f), DOT_BF16) * k_dec
-        dv_f = _dot(tl.trans(_scores(b_q, b_k, b, BT, False, DOT_BF16)), b_do, DOT_BF16)
-        dv_f += _dot(b_k * k_dec, ds_f, DOT_BF16)
-        ds_f = ds_f * tl.exp(last)[:, None] + _dot(tl.trans(b_q * tl.exp(b)), b_do, DOT_BF16)
+        dk_f = _mix_cols(tl.where(tri_f, d_scores, 0.0), b_q, b, BT, False, TF32, EXACT)
+        dk_f += _dot(b_v, tl.trans(ds_f), TF32) * k_dec
+        dv_f = _dot(tl.trans(_scores(b_q, b_k, b, BT, False, TF32, EXACT)), b_do, TF32)
+        dv_f += _dot(b_k * k_dec, ds_f, TF32)
+        ds_f = ds_f * tl.exp(last)[:, None] + _dot(tl.trans(b_q * tl.exp(b)), b_do, TF32)
 
         # backward scan: dq^b (within the chunk, and through S^b)
         tri_b = _triangle(BT, True)
-        dq_b = _mix_rows(tl.where(tri_b, d_scores, 0.0), b_k, -c, BT, True, DOT_BF16)
-        dq_b += _dot(b_do, tl.trans(s_b), DOT_BF16) * tl.exp(tot[None, :] - c)
-        s_b = s_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, DOT_BF16)
+        dq_b = _mix_rows(tl.where(tri_b, d_scores, 0.0), b_k, -c, BT, True, TF32, EXACT)
+        dq_b += _dot(b_do, tl.trans(s_b), TF32) * tl.exp(tot[None, :] - c)
+        s_b = s_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
 
         _store_rows(dq + off_part, rows, ck, sk, T, dq_b)
         _store_rows(dk + off_part, rows, ck, sk, T, dk_f)
@@ -349,21 +353,21 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
         last = tl.sum(g_f, axis=0)
         c = tl.cumsum(g_b, axis=0) - g_b
         tot = tl.sum(g_b, axis=0)
-        d_scores = _dot(b_do, tl.trans(b_v), DOT_BF16)
+        d_scores = _dot(b_do, tl.trans(b_v), TF32)
 
         # forward scan: dq^f
         tri_f = _triangle(BT, False)
-        dq_f = _mix_rows(tl.where(tri_f, d_scores, 0.0), b_k, b, BT, False, DOT_BF16)
-        dq_f += _dot(b_do, tl.trans(s_f), DOT_BF16) * tl.exp(b)
-        s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, DOT_BF16)
+        dq_f = _mix_rows(tl.where(tri_f, d_scores, 0.0), b_k, b, BT, False, TF32, EXACT)
+        dq_f += _dot(b_do, tl.trans(s_f), TF32) * tl.exp(b)
+        s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
 
         # backward scan: dk^b, dv^b
         tri_b = _triangle(BT, True)
-        dk_b = _mix_cols(tl.where(tri_b, d_scores, 0.0), b_q, -c, BT, True, DOT_BF16)
-        dk_b += _dot(b_v, tl.trans(ds_b), DOT_BF16) * tl.exp(c)
-        dv_b = _dot(tl.trans(_scores(b_q, b_k, -c, BT, True, DOT_BF16)), b_do, DOT_BF16)
-        dv_b += _dot(b_k * tl.exp(c), ds_b, DOT_BF16)
-        ds_b = ds_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, DOT_BF16)
+        dk_b = _mix_cols(tl.where(tri_b, d_scores, 0.0), b_q, -c, BT, True, TF32, EXACT)
+        dk_b += _dot(b_v, tl.trans(ds_b), TF32) * tl.exp(c)
+        dv_b = _dot(tl.trans(_scores(b_q, b_k, -c, BT, True, TF32, EXACT)), b_do, TF32)
+        dv_b += _dot(b_k * tl.exp(c), ds_b, TF32)
+        ds_b = ds_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, TF32)
 
         dq_b = _load_rows(dq + off_part, rows, ck, sk, T)
         dk_f = _load_rows(dk + off_part, rows, ck, sk, T)
@@ -442,7 +446,9 @@ def _plan(q: torch.Tensor, V: int, segments: int | None = None):
 def _common(q, backward: bool):
     # register budgets read off ptxas -v for sm_90: 4 warps keep the forward spill-free up to
     # d_k = 32, the backward needs 8
-    return dict(DOT_BF16=q.dtype == torch.bfloat16,
+    # fp32 inputs keep exact fp32 products; bf16/fp16 inputs multiply in tf32 (10-bit mantissa,
+    # finer than the inputs themselves)
+    return dict(TF32=q.dtype != torch.float32,
                 num_warps=8 if backward or q.shape[-1] > 32 else 4)
 
 
@@ -472,7 +478,7 @@ def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None
     uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     _fwd_kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, uf, ub, df, db, T, H, scale, L, nseg,
-                                   K=K, V=V, BT=BT, BV=BV, **opts)
+                                   K=K, V=V, BT=BT, BV=BV, EXACT=_EXACT_FALLBACK, **opts)
     return o
 
 
@@ -495,7 +501,8 @@ def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | 
     dv = torch.empty(B, T, H, V, **f32)
     tot_wf, tot_wb = (torch.empty(NV, B * H, nseg, K, **f32) for _ in range(2))
     _bwd_kernel[grid](q, k, v, log_gf, log_gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
-                      uf, ub, df, db, wf, wb, T, H, scale, L, nseg, K=K, V=V, BT=BT, BV=BV, **opts)
+                      uf, ub, df, db, wf, wb, T, H, scale, L, nseg, K=K, V=V, BT=BT, BV=BV,
+                      EXACT=_EXACT_FALLBACK, **opts)
     if nseg > 1:
         _gate_carry_kernel[grid](dgf, dgb, tot_wf, tot_wb, T, H, L, nseg, K=K, BT=BT, num_warps=2)
     sums = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, dgf, dgb)]
