@@ -298,3 +298,26 @@ def test_aux_loss_contract(fmnist, tmp_path):
     assert core.aux_param.norm() < torch.ones(3).norm()  # only the aux loss can have moved it
     rows = list(csv.DictReader(open(tmp_path / "aux2" / "metrics.csv")))
     assert float(rows[1]["aux_aux_norm"]) < float(rows[0]["aux_aux_norm"]) < 3 ** 0.5
+
+
+# ---------------------------------------------------------------------------------------------- the GPU script
+@pytest.mark.slow
+def test_gpu_train_script_runs_on_cpu(fmnist, tmp_path):
+    """benchmarks/gpu_train.py end to end with a tiny model, so the GPU session does not find its bugs."""
+    for split, n in (("train", 6), ("val", 2)):
+        write_folder(str(tmp_path / "inette" / split), ["n0", "n1", "n2"], per_class=n, size=40)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_train.py", "--device", "cpu", "--models", "test_vit",
+                           "--imagenette", str(tmp_path / "inette"), "--fmnist-dir", fmnist, "--in-epochs", "1",
+                           "--in-warmup", "0", "--in-img", "32", "--in-batch", "6", "--fm-epochs", "1", "--fm-img",
+                           "32", "--fm-batch", "8", "--workers", "0", "--out", str(out), "--extra", "--val-subset",
+                           "16"], cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV_1T)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.load(open(out / "gpu_train.json"))
+    assert [(r["data"], r["model"]) for r in result["runs"]] == [("imagenette", "test_vit"),
+                                                                 ("fashion-mnist", "test_vit")]
+    for r in result["runs"]:
+        assert [e["img_size"] for e in r["eval"]] == [32, 64, 128] and r["epochs_done"] == 1
+    assert result["git"]["commit"] and result["command"].startswith("benchmarks/gpu_train.py")
+    assert (out / "gpu_train.md").read_text().count("| test_vit |") == 2
+    assert (out / "gpu_train_imagenette.png").is_file()

@@ -254,7 +254,8 @@ class Trainer:
         if self.is_main:
             state = {
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "global_batch": self.global_batch,
                 "world_size": self.dist.world_size, "sampler_seed": self.sampler.seed, "sampler_epoch": self.epoch,
                 "epoch_loss": list(self.epoch_loss), "skipped_images": self.skipped_images,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -284,7 +285,11 @@ class Trainer:
                 f"to resume: the schedule and the position inside the epoch depend on it")
         load_into(self.core, load_weights(weights), f"checkpoint {weights}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if state["total_steps"] == self.total_steps:
+            self.scheduler.load_state_dict(state["scheduler"])
+        elif self.is_main:  # e.g. --epochs raised to extend a finished run: the cosine is re-planned
+            print(f"note: the schedule is re-planned for {self.total_steps} steps (the checkpoint's run planned "
+                  f"{state['total_steps']})", flush=True)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
