@@ -32,6 +32,8 @@ class TrainConfig:
     train_subset: int = _opt(0, "train on this many images, a fixed random pick (0: all)", "data", metavar="N")
     val_subset: int = _opt(0, "validate every epoch on this many images (0: all of val/); Fashion-MNIST holds "
                            "them out of its training file (0: uses the test file)", "data", metavar="N")
+    test_subset: int = _opt(0, "test at the end on this many images, a fixed random pick (0: all); the test "
+                            "split is the Fashion-MNIST test file, or val/", "data", metavar="N")
     in_memory: bool = _opt(False, "decode the image folder into memory once, before training", "data")
     workers: int = _opt(-1, "data loader processes per device (-1: none for in-memory data on CPU, "
                         "else one per spare core, at most 8)", "data", metavar="N")
@@ -96,9 +98,9 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "recipe": {},
     "fmnist-quick": dict(
-        img_size=64, epochs=4, batch_size=64, lr=2e-3, warmup_lr=1e-5, min_lr=1e-5, warmup_epochs=0.5,
-        train_subset=12000, val_subset=2000,
-        aa="none", scale_min=0.7, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1,
+        img_size=64, epochs=2, batch_size=16, lr=1.6e-2, warmup_lr=3.2e-5, min_lr=3.2e-4, warmup_epochs=0.2,
+        train_subset=4000, val_subset=400, test_subset=2000,
+        aa="none", scale_min=1.0, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1,
         interpolation="bilinear", crop_pct=1.0, ema=False,
     ),
 }
@@ -206,8 +208,8 @@ def _validate(cfg: TrainConfig) -> None:
             raise UserError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
         raise UserError(f"--warmup-epochs must be in [0, --epochs={cfg.epochs}), got {cfg.warmup_epochs}")
-    if cfg.train_subset < 0 or cfg.val_subset < 0:
-        raise UserError("--train-subset and --val-subset must be >= 0")
+    if min(cfg.train_subset, cfg.val_subset, cfg.test_subset) < 0:
+        raise UserError("--train-subset, --val-subset and --test-subset must be >= 0")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"Mixup/CutMix mix pairs within a batch: --batch-size must be even, got {cfg.batch_size}")
     if not 0 < cfg.crop_pct <= 1:

@@ -42,7 +42,8 @@ def set_input_size(model: torch.nn.Module, img_size: int) -> None:
             model.set_input_size((img_size, img_size))
 
 
-def load_for_eval(path: str, model_name: str | None = None, num_classes: int | None = None) -> tuple[torch.nn.Module, dict]:
+def load_for_eval(path: str, model_name: str | None = None,
+                  num_classes: int | None = None) -> tuple[torch.nn.Module, dict]:
     """A model with the weights of ``path`` and a description of them.
 
     * vigla weights (``.safetensors`` with the ``.json`` written beside it): the model is rebuilt from the JSON.
@@ -77,7 +78,8 @@ def load_for_eval(path: str, model_name: str | None = None, num_classes: int | N
             raise CheckpointError(
                 f"{path} holds pickled Python objects besides its tensors, and vigla does not unpickle them. "
                 f"If you trust the file, keep only its weights: python -c \"import torch; "
-                f"c = torch.load('{path}', weights_only=False); torch.save(c.get('model', c), 'weights.pth')\"") from None
+                f"c = torch.load('{path}', weights_only=False); torch.save(c.get('model', c), 'weights.pth')\""
+            ) from None
         raise CheckpointError(f"{path} does not load into {model_name} ({type(e).__name__}): "
                               f"{' '.join(text.splitlines()[:3])}") from None
     cfg = model.pretrained_cfg

@@ -160,8 +160,9 @@ class Trainer:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.splits = load_splits(cfg.data, fmnist_dir=cfg.fmnist_dir, train_subset=cfg.train_subset,
-                                  val_subset=cfg.val_subset, seed=cfg.seed, in_memory=cfg.in_memory,
-                                  strict=cfg.strict_data, threads=max(1, cpus // local_procs))
+                                  val_subset=cfg.val_subset, test_subset=cfg.test_subset, seed=cfg.seed,
+                                  in_memory=cfg.in_memory, strict=cfg.strict_data,
+                                  threads=max(1, cpus // local_procs))
         in_memory = cfg.data is None or cfg.in_memory
         if cfg.workers >= 0:
             self.workers = cfg.workers
@@ -372,8 +373,8 @@ class Trainer:
             props = torch.cuda.get_device_properties(self.device)
             device = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
         return (f"CUDA out of memory during {where} with --batch-size {self.cfg.batch_size} per device at "
-                f"{self.cfg.img_size}px ({self.cfg.model}, {device}). Try --batch-size {max(1, self.cfg.batch_size // 2)}: the learning rate follows "
-                f"the global batch automatically")
+                f"{self.cfg.img_size}px ({self.cfg.model}, {device}). Try --batch-size "
+                f"{max(1, self.cfg.batch_size // 2)}: the learning rate follows the global batch automatically")
 
     # ------------------------------------------------------------------------------------------- loop
     def run(self) -> int:
@@ -501,14 +502,16 @@ class Trainer:
             load_into(model, load_weights(best_path), f"checkpoint {best_path}")
         test = self._evaluate(self._eval_loader(self.splits.test), model)
         if self.is_main:
-            results = {"test": test, "test_split": "fashion-mnist test" if self.cfg.data is None else "val/",
+            split = "the Fashion-MNIST test file" if self.cfg.data is None else f"{self.cfg.data}/val"
+            split = f"{test['images']} {'fixed random ' if self.cfg.test_subset else ''}images of {split}"
+            results = {"test": test, "test_split": split,
                        "best": self.best, "epochs": self.cfg.epochs, "global_step": self.global_step,
                        "model": self.cfg.model, "out": self.out}
             write_text(os.path.join(self.out, "results.json"), json.dumps(results, indent=2))
             self.log.flush()
             png = plot_curves(self.out, title=f"{self.cfg.model} on {self.splits.name}")
-            print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%  ({test['images']} images, "
-                  f"best weights: {self.best['weights']} after epoch {self.best['epoch']})\n"
+            print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}% on {split} (best weights: "
+                  f"{self.best['weights']} after epoch {self.best['epoch']})\n"
                   f"wrote {self.out}/: {LAST}.safetensors, {BEST}.safetensors, metrics.csv, "
                   f"{os.path.basename(png) if png else ''}, results.json", flush=True)
         return 0
