@@ -36,6 +36,19 @@ def _one_thread():
 ENV_1T = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+def run_group(cmd, timeout):
+    """subprocess.run in its own process group, all of which is killed on a timeout (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV_1T,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.fixture(scope="module")
 def fmnist(tmp_path_factory):
     return write_fake_fmnist(str(tmp_path_factory.mktemp("fmnist")), n_train=120, n_test=40)
@@ -139,7 +152,7 @@ def test_stop_and_resume_gives_the_same_weights(fmnist, tmp_path, stop_at):
     cfg, state_path = train_cli.build_config(parse(["--resume", "auto", "--out", str(tmp_path / "b")]))
     assert cfg.mixup == 0.8 and cfg.fmnist_dir == fmnist and state_path.endswith("last.state.pt")
     assert Trainer(cfg, resume_state=state_path).run() == 0
-    a, b = load_weights(str(tmp_path / "a" / "last.safetensors")), load_weights(str(tmp_path / "b" / "last.safetensors"))
+    a, b = (load_weights(str(tmp_path / d / "last.safetensors")) for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = load_state(str(tmp_path / "a" / "last.state.pt")), load_state(str(tmp_path / "b" / "last.state.pt"))
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
@@ -155,7 +168,8 @@ def test_sigterm_saves_and_tells_how_to_resume(fmnist, tmp_path):
     out = tmp_path / "sig"
     cmd = [sys.executable, "-m", "vigla", "train",
            *argv_of(tiny_flags(fmnist, out, epochs=50, train_subset=100, batch_size=4))]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV_1T)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV_1T,
+                            start_new_session=True)
     deadline = time.time() + 120
     for line in proc.stdout:  # the header's last line is printed once the handler is installed
         if line.strip().startswith("output") or time.time() > deadline:
@@ -167,9 +181,8 @@ def test_sigterm_saves_and_tells_how_to_resume(fmnist, tmp_path):
     assert "SIGTERM received" in err and f"vigla train --resume auto --out {out}" in err
     state = load_state(str(out / "last.state.pt"))
     assert 0 < state["global_step"] < 50 * 25
-    resumed = subprocess.run([sys.executable, "-m", "vigla", "train", "--resume", "auto", "--out", str(out),
-                              "--epochs", str(state["epoch"] + 1)], cwd=REPO, capture_output=True, text=True,
-                             timeout=300, env=ENV_1T)
+    resumed = run_group([sys.executable, "-m", "vigla", "train", "--resume", "auto", "--out", str(out),
+                         "--epochs", str(state["epoch"] + 1)], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"global step {state['global_step']}" in resumed.stdout
 
@@ -178,9 +191,8 @@ def test_sigterm_saves_and_tells_how_to_resume(fmnist, tmp_path):
 def test_ddp_two_processes_gloo(fmnist, tmp_path):
     out = tmp_path / "ddp"
     flags = tiny_flags(fmnist, out, epochs=1, train_subset=32, batch_size=8)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "vigla", "train", *argv_of(flags)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=ENV_1T)
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "vigla", "train", *argv_of(flags)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.load(open(out / "run.json"))
     assert (run["world_size"], run["global_batch"], run["steps_per_epoch"]) == (2, 16, 2)
@@ -307,11 +319,11 @@ def test_gpu_train_script_runs_on_cpu(fmnist, tmp_path):
     for split, n in (("train", 6), ("val", 2)):
         write_folder(str(tmp_path / "inette" / split), ["n0", "n1", "n2"], per_class=n, size=40)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_train.py", "--device", "cpu", "--models", "test_vit",
-                           "--imagenette", str(tmp_path / "inette"), "--fmnist-dir", fmnist, "--in-epochs", "1",
-                           "--in-warmup", "0", "--in-img", "32", "--in-batch", "6", "--fm-epochs", "1", "--fm-img",
-                           "32", "--fm-batch", "8", "--workers", "0", "--out", str(out), "--extra", "--val-subset",
-                           "16"], cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV_1T)
+    proc = run_group([sys.executable, "benchmarks/gpu_train.py", "--device", "cpu", "--models", "test_vit",
+                      "--imagenette", str(tmp_path / "inette"), "--fmnist-dir", fmnist, "--in-epochs", "1",
+                      "--in-warmup", "0", "--in-img", "32", "--in-batch", "6", "--fm-epochs", "1", "--fm-img", "32",
+                      "--fm-batch", "8", "--workers", "0", "--out", str(out), "--extra", "--val-subset", "16"],
+                     timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.load(open(out / "gpu_train.json"))
     assert [(r["data"], r["model"]) for r in result["runs"]] == [("imagenette", "test_vit"),

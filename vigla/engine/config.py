@@ -99,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "recipe": {},
     "fmnist-quick": dict(
         img_size=64, epochs=2, batch_size=16, lr=1.6e-2, warmup_lr=3.2e-5, min_lr=3.2e-4, warmup_epochs=0.2,
-        train_subset=4000, val_subset=400, test_subset=2000,
+        train_subset=4400, val_subset=400, test_subset=2000,
         aa="none", scale_min=1.0, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1,
         interpolation="bilinear", crop_pct=1.0, ema=False,
     ),
