@@ -33,6 +33,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "vigla", "train", "--out", str(out)]
+        git = git_info()  # the code that runs, before anything can change it
         load_before = os.getloadavg()
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -42,7 +43,7 @@ def main() -> int:
             return proc.returncode
         result = {
             "what": "`vigla train` with no settings (preset fmnist-quick), wall time of the whole command",
-            "command": command_line(), "train_command": "vigla train", "git": git_info(),
+            "command": command_line(), "train_command": "vigla train", "git": git,
             "environment": environment(torch.device("cpu")), "finished": timestamp(),
             "wall_s": round(wall, 1), "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "results": json.load(open(out / "results.json")),

@@ -48,9 +48,11 @@ class TrainConfig:
     epochs: int = _opt(300, "training epochs", "optimisation", metavar="N")
     batch_size: int = _opt(128, "images per device per step", "optimisation", metavar="N")
     lr: float = _opt(1e-3, "peak learning rate per 512 images: the run uses lr x global batch / 512",
-                     "optimisation")
-    warmup_lr: float = _opt(5e-7, "learning rate at the start of warm-up, per 512 images", "optimisation")
-    min_lr: float = _opt(5e-6, "learning rate at the end of the cosine, per 512 images", "optimisation")
+                     "optimisation", metavar="LR")
+    warmup_lr: float = _opt(5e-7, "learning rate at the start of warm-up, per 512 images", "optimisation",
+                           metavar="LR")
+    min_lr: float = _opt(5e-6, "learning rate at the end of the cosine, per 512 images", "optimisation",
+                        metavar="LR")
     warmup_epochs: float = _opt(20.0, "linear warm-up epochs (part of --epochs)", "optimisation", metavar="N")
     opt: str = _opt("adamw", "timm optimizer name (timm.optim.create_optimizer_v2)", "optimisation")
     weight_decay: float = _opt(0.05, "weight decay (not on biases and norms)", "optimisation", metavar="WD")
@@ -76,7 +78,7 @@ class TrainConfig:
     # EMA
     ema: bool = _opt(True, "keep an exponential moving average of the weights (timm ModelEmaV3); "
                      "validated each epoch beside the raw weights", "EMA")
-    ema_decay: float = _opt(0.9999, "EMA decay per step", "EMA")
+    ema_decay: float = _opt(0.9999, "EMA decay per step", "EMA", metavar="D")
     ema_warmup: bool = _opt(False, "ramp the EMA decay up over the first steps (for short runs)", "EMA")
     # run
     preset: str = _opt("auto", "named settings under the flags: auto = fmnist-quick without --data, "
@@ -85,7 +87,7 @@ class TrainConfig:
                            metavar="DIR")
     resume: str | None = _opt(None, "continue a run: 'auto' (latest checkpoint in --out) or a checkpoint "
                               "folder / .state.pt file", "run", metavar="PATH|auto")
-    seed: int = _opt(0, "random seed (rank r uses seed + r for dropout and mixing)", "run")
+    seed: int = _opt(0, "random seed (rank r uses seed + r for dropout and mixing)", "run", metavar="N")
     deterministic: bool = _opt(False, "deterministic kernels (bitwise-repeatable on CPU; slower)", "run")
     device: str = _opt("auto", "auto = cuda when available (LOCAL_RANK under torchrun), else cpu", "run",
                        choices=("auto", "cpu", "cuda"))
