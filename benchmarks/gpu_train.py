@@ -7,20 +7,24 @@ One command on one GPU (under 8 minutes on an H100 with the defaults), from the 
 * Imagenette (ImageFolder with train/ and val/, 10 classes): decoded into memory once per run, the ViG ImageNet
   recipe of spec section 4 (AdamW, cosine with warm-up, RandAugment, Mixup/CutMix, RandomErasing, label
   smoothing, EMA) shortened to ``--in-epochs`` epochs at ``--in-img`` px.
-* Fashion-MNIST (the four .gz files in ``--fmnist-dir``): the ``fmnist-quick`` preset on all 60000 training
-  images for ``--fm-epochs`` epochs at ``--fm-img`` px.
+* Fashion-MNIST (the four .gz files in ``--fmnist-dir``): the ``fmnist-quick`` preset's light augmentation on
+  55000 training images (5000 held out for validation) for ``--fm-epochs`` epochs at ``--fm-img`` px, with a
+  learning rate for its larger batch; tested on all 10000 test images.
 
 Each run is ``python -m vigla train`` (log, metrics.csv, curves.png, checkpoints under ``$OUT/<data>/<model>/``),
-then ``python -m vigla eval`` of its best checkpoint at 1x, 2x and 4x. A run that outlives its time slot gets
-SIGTERM, saves, and is evaluated as it stands (marked "stopped"). Results: ``$OUT/gpu_train.json`` and
-``$OUT/gpu_train.md``, curves side by side in ``$OUT/gpu_train_<data>.png``.
+then ``python -m vigla eval`` of its best checkpoint at 1x, 2x and 4x. Each training run gets a time slot
+(``--in-slot`` / ``--fm-slot``, shrunk in proportion when needed so that everything fits in ``--budget``); a run
+that outlives it gets SIGTERM, saves, and its best checkpoint so far is evaluated (marked "stopped").
+Results: ``$OUT/gpu_train.json`` and ``$OUT/gpu_train.md``, curves side by side in
+``$OUT/gpu_train_<data>.png``. Scale with ``--in-epochs``, ``--fm-epochs``, the image sizes and ``--budget``.
 
 DDP smoke test on the 2-GPU machine (about a minute; log and run folder under ``$OUT/ddp_smoke``)::
 
     PYTHONPATH=. python benchmarks/gpu_train.py --ddp-smoke --fmnist-dir /data/fmnist
 
-It runs ``torchrun --standalone --nproc_per_node=2 -m vigla train`` for one epoch, then resumes it for a second
-under torchrun again, and checks world size, steps and that the resumed run continued.
+It runs ``torchrun --standalone --nproc_per_node=2 -m vigla train`` (ViG-T, 20000 Fashion-MNIST images, 2 epochs),
+then ``--resume auto --epochs 3`` under torchrun again, and checks the world size and that the resumed run
+continued to epoch 3 (``ddp_smoke.json``).
 """
 from __future__ import annotations
 
@@ -52,11 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--in-img", type=int, default=224)
     p.add_argument("--in-batch", type=int, default=256, help="per GPU")
     p.add_argument("--in-lr", type=float, default=2e-3, help="per 512 images")
-    p.add_argument("--in-slot", type=float, default=170, help="seconds a training run may take before SIGTERM")
+    p.add_argument("--in-slot", type=float, default=150, help="seconds a training run may take before SIGTERM")
     p.add_argument("--fm-epochs", type=int, default=6)
     p.add_argument("--fm-img", type=int, default=64)
     p.add_argument("--fm-batch", type=int, default=256, help="per GPU")
+    p.add_argument("--fm-lr", type=float, default=2e-3, help="per 512 images")
     p.add_argument("--fm-slot", type=float, default=60, help="seconds a training run may take before SIGTERM")
+    p.add_argument("--budget", type=float, default=450, help="seconds for the whole script: the training slots "
+                   "shrink (in proportion) so that all runs and evaluations fit")
+    p.add_argument("--eval-reserve", type=float, default=35, help="seconds kept for each evaluation")
     p.add_argument("--workers", type=int, default=12, help="data loader processes")
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -68,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
 
 
 def run_logged(cmd: list[str], log: Path, slot: float | None = None) -> dict:
@@ -101,7 +109,7 @@ def train_and_eval(args, data: str, model: str, train_flags: list[str], eval_dat
            "--workers", str(args.workers), *train_flags, *(["--compile"] if args.compile else []), *args.extra]
     print(f"[{data}] training {model}", flush=True)
     train = run_logged(cmd, out / "train.log", slot)
-    row = {"data": data, "model": model, "train": train, "train_cmd": " ".join(cmd[1:])}
+    row = {"data": data, "model": model, "train": train, "slot_s": round(slot), "train_cmd": " ".join(cmd[1:])}
     best = out / "best.safetensors"
     if not best.exists():
         row["error"] = f"no checkpoint written; see {train['log']}"
@@ -158,7 +166,8 @@ def plot_pair(rows: list[dict], data: str, path: Path) -> None:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# ViG-T vs DeiT-T, same recipe and budget ({meta['environment']['device']})", "",
              f"commit `{meta['git']['commit'][:12]}`, command `{meta['command']}`", "",
-             "| data | model | epochs | train s | train img/s | best val top-1 | test top-1 | eval top-1 @1x / 2x / 4x |",
+             "| data | model | epochs | train s | train img/s | best val top-1 | test top-1 "
+             "| eval top-1 @1x / 2x / 4x |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -227,13 +236,20 @@ def main(argv=None) -> int:
         plans.append(("imagenette", flags, ["--data", args.imagenette], args.in_img, args.in_slot))
     if args.fmnist_dir:
         flags = ["--fmnist-dir", args.fmnist_dir, "--preset", "fmnist-quick", "--train-subset", "0",
-                 "--epochs", str(args.fm_epochs), "--img-size", str(args.fm_img), "--batch-size", str(args.fm_batch),
-                 "--log-interval", "20"]
+                 "--val-subset", "5000", "--test-subset", "0", "--epochs", str(args.fm_epochs), "--warmup-epochs",
+                 "0.5", "--img-size", str(args.fm_img), "--batch-size", str(args.fm_batch), "--lr", str(args.fm_lr),
+                 "--warmup-lr", "1e-5", "--min-lr", "1e-5", "--log-interval", "20"]
         plans.append(("fashion-mnist", flags, ["--fmnist-dir", args.fmnist_dir], args.fm_img, args.fm_slot))
     if not plans:
         raise SystemExit("nothing to do: give --imagenette and/or --fmnist-dir")
+    slots_left = [slot for *_, slot in plans for _ in args.models]
     for data, flags, eval_data, img, slot in plans:
-        pair = [train_and_eval(args, data, model, flags, eval_data, img, slot) for model in args.models]
+        pair = []
+        for model in args.models:
+            remaining = args.budget - (time.perf_counter() - start) - args.eval_reserve * len(slots_left)
+            fitted = max(30.0, min(slot, remaining * slot / sum(slots_left)))
+            slots_left.pop(0)
+            pair.append(train_and_eval(args, data, model, flags, eval_data, img, fitted))
         rows += pair
         plot_pair(pair, data, Path(args.out) / f"gpu_train_{data}.png")
     meta["seconds"] = round(time.perf_counter() - start, 1)
