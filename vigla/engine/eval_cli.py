@@ -20,7 +20,8 @@ checkpoint (e.g. an official ViG release) needs --model; timm loads it through t
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):  # no "(default: None)": those helps say what happens instead
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,14 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with the Fashion-MNIST .gz files")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="PX",
                         help="one or more resolutions (default: the training resolution)")
-    parser.add_argument("--batch-size", type=int, default=128, metavar="N")
+    parser.add_argument("--batch-size", type=int, default=128, metavar="N", help="images per forward")
     parser.add_argument("--crop-pct", type=float, metavar="F",
                         help="resize to size / crop_pct, centre-crop (default: as trained)")
     parser.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
-                        help="(default: as trained)")
+                        help="resize interpolation (default: as trained)")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                         help="auto = bf16 on CUDA, off on CPU")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = cuda when available, else cpu")
     parser.add_argument("--workers", type=int, default=-1, metavar="N",
                         help="data loader processes (-1: one per spare core, at most 8; 0 on CPU for Fashion-MNIST)")
     parser.add_argument("--out", metavar="FILE.json", help="where to write the results "
