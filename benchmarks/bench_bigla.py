@@ -8,6 +8,10 @@ Shapes: ViG-T layers (H=3, d_k=32, d_v=64) at T = 196/1024/4096/16384 with the a
 sizes, a ViG-S layer, and the four ViG-H-T stages at 224². bf16 inputs (gates too), forward and
 forward+backward, median of ``triton.testing.do_bench``. The byte floor is the time to read
 q, k, v and both gates once and write o once at the copy bandwidth measured in the same run.
+
+``--variants CHUNK/MODE/FWD_WARPS/BWD_WARPS ...`` also times the kernel under other launch
+settings (``triton_kernels.CHUNK``, ``DOT_MODE``, ``WARPS``) on ``--variant-shapes``, to choose
+the defaults.
 """
 from __future__ import annotations
 
@@ -92,27 +96,40 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--backends", nargs="+", default=["triton", "fla", "chunked"])
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="launch settings CHUNK/MODE/FWD_WARPS/BWD_WARPS to time besides the default")
+    ap.add_argument("--variant-shapes", nargs="*", default=["ViG-T @224", "ViG-T @1024", "ViG-H-T s1 @224"])
+    ap.add_argument("--shapes", nargs="*", default=None, help="names of the shapes to run (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_bigla needs a CUDA GPU", file=sys.stderr)
         return 2
     backends = [b for b in args.backends if b in available_backends("cuda")]
     bw = copy_bandwidth()
+    from vigla.ops.bigla import triton_kernels as tk
     rows = []
     for shape in SHAPES:
         name, B, T, H, K, V = shape
+        if args.shapes and name not in args.shapes:
+            continue
         nbytes = 2 * B * T * H * (4 * K + 2 * V)  # bf16: q, k, gf, gb, v read; o written
         row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T,
                    floor_ms=nbytes / bw * 1e3)
         for backend in backends:
             row[f"{backend}_fwd_ms"] = time_backend(backend, shape, train=False)
             row[f"{backend}_fwdbwd_ms"] = time_backend(backend, shape, train=True)
-        if "triton" in backends and K == 32:
-            # what the per-chunk branch to the exact path costs (inputs here never need it)
-            from vigla.ops.bigla import triton_kernels
-            triton_kernels._EXACT_FALLBACK = False
-            row["triton_nofallback_fwd_ms"] = time_backend("triton", shape, train=False)
-            triton_kernels._EXACT_FALLBACK = True
+        if "triton" in backends and name in args.variant_shapes:
+            default = (tk.CHUNK, tk.DOT_MODE, dict(tk.WARPS))
+            for variant in args.variants:
+                chunk, mode, fw, bw = variant.split("/")
+                tk.CHUNK, tk.DOT_MODE = int(chunk), mode
+                tk.WARPS.update({("fwd", int(chunk)): int(fw), ("bwd", int(chunk)): int(bw)})
+                row[f"variant {variant}"] = dict(
+                    fwd_ms=time_backend("triton", shape, train=False),
+                    fwdbwd_ms=time_backend("triton", shape, train=True))
+                tk.CHUNK, tk.DOT_MODE = default[0], default[1]
+                tk.WARPS.clear()
+                tk.WARPS.update(default[2])
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -136,6 +153,8 @@ def main() -> int:
         command=" ".join([os.path.basename(sys.executable)] + sys.argv), versions=versions,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", timing="triton.testing.do_bench median",
+        kernel_defaults=dict(chunk=tk.CHUNK, dot_mode=tk.DOT_MODE,
+                             warps={f"{p}/{c}": w for (p, c), w in tk.WARPS.items()}),
         rows=rows,
     )
     os.makedirs(args.out, exist_ok=True)

@@ -27,15 +27,22 @@ res = []
 def gate(shape, kind):
     z = F.logsigmoid(torch.randn(shape, dtype=torch.float64) * 3)
     strong = -20 * torch.rand(shape, dtype=torch.float64)
-    return {"normal": z, "strong": strong, "mixed": torch.where(torch.rand(shape) < 0.5, z, strong)}[kind]
-for B, T, H, K, V, kind, segments in json.loads(sys.argv[2]):
-    x = [torch.randn(B, T, H, K, dtype=torch.float64), torch.randn(B, T, H, K, dtype=torch.float64),
-         torch.randn(B, T, H, V, dtype=torch.float64), gate((B, T, H, K), kind), gate((B, T, H, K), kind)]
-    x = [t.requires_grad_() for t in x]
+    return {"normal": z / 16, "mid": -1.5 * torch.rand(shape, dtype=torch.float64), "strong": strong,
+            "mixed": torch.where(torch.rand(shape) < 0.5, z, strong)}[kind]
+for B, T, H, K, V, kind, segments, strided in json.loads(sys.argv[2]):
+    if strided:  # q, k, v: column slices of one projection; the gates: slices of one tensor
+        qkv = torch.randn(B, T, H, 2 * K + V + 3, dtype=torch.float64)
+        q, k, v = qkv[..., :K], qkv[..., K:2 * K], qkv[..., 2 * K:2 * K + V]
+        gf, gb = torch.stack([gate((B, T, H, K), kind), gate((B, T, H, K), kind)], -2).unbind(-2)
+    else:
+        q, k = torch.randn(B, T, H, K, dtype=torch.float64), torch.randn(B, T, H, K, dtype=torch.float64)
+        v = torch.randn(B, T, H, V, dtype=torch.float64)
+        gf, gb = gate((B, T, H, K), kind), gate((B, T, H, K), kind)
+    x = [t.detach().clone().requires_grad_() for t in (q, k, v, gf, gb)]
     ref = bigla_naive(*x, K ** -0.5)
     do = torch.randn_like(ref)
     gref = torch.autograd.grad(ref, x, do)
-    xf = [t.detach().float() for t in x]
+    xf = [t.detach().float() for t in (q, k, v, gf, gb)]
     out = bigla_fwd_triton(*xf, K ** -0.5, segments=segments)
     grads = bigla_bwd_triton(*xf, do.float(), K ** -0.5, segments=segments)
     err = lambda a, b, d: ((a.double() - b).norm() / d).item()
@@ -51,11 +58,14 @@ def rel_err(a, b):
 
 
 def test_triton_kernel_in_interpreter_on_cpu():
-    """Both intra-chunk paths (factored, and exact for strong decays), one and several segments,
-    several value blocks, a ragged last chunk."""
-    shapes = [(1, 1, 1, 16, 16, "normal", None), (2, 7, 2, 16, 32, "normal", None),
-              (1, 100, 1, 32, 64, "normal", 3), (1, 100, 1, 32, 64, "strong", 3),
-              (1, 70, 2, 16, 128, "mixed", 2)]
+    """Every path of the kernel: the 64-token factored chunk ("normal"), 16-token sub-chunks
+    ("mid": spread over 64 tokens too large), the elementwise exact path ("strong", "mixed"),
+    one and several segments, several value blocks, strided inputs, ragged last chunks, T = 1."""
+    shapes = [(1, 1, 1, 16, 16, "normal", None, False), (2, 7, 2, 16, 32, "normal", None, True),
+              (1, 200, 1, 32, 64, "mid", None, False), (1, 200, 1, 32, 64, "strong", None, True),
+              (1, 300, 1, 32, 64, "mixed", 3, True), (1, 300, 1, 32, 64, "normal", 3, False),
+              (1, 140, 2, 16, 128, "mixed", 2, True), (1, 129, 1, 128, 64, "normal", 2, False),
+              (1, 70, 1, 64, 256, "mid", None, False)]
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, "0", json.dumps(shapes)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -79,9 +89,9 @@ def _random_shapes(n, seed=0):
         H = int(torch.randint(1, 5, (1,), generator=g))
         while B * H > budget and (B > 1 or H > 1):
             B, H = (B - 1, H) if B > 1 else (B, H - 1)
-        gate = ["weak", "init", "mixed", "strong"][i % 4]
-        dtype = [torch.float32, torch.bfloat16, torch.float16][(i // 4) % 3]
-        shapes.append((B, T, H, K, V, gate, dtype))
+        gate = ["weak", "init", "mid", "mixed", "strong"][i % 5]
+        dtype = [torch.float32, torch.bfloat16, torch.float16][(i // 5) % 3]
+        shapes.append((B, T, H, K, V, gate, dtype, i % 2 == 1))
     return shapes
 
 
@@ -91,6 +101,8 @@ def _gates(shape, kind, device):
         return F.logsigmoid(z + 12) / 16
     if kind == "init":  # ViG at init: logsigmoid(~0)/16
         return F.logsigmoid(z) / 16
+    if kind == "mid":  # too steep for one 64-token chunk, fine for 16-token sub-chunks
+        return -1.5 * torch.rand(shape, device=device, dtype=torch.float64)
     if kind == "strong":
         return torch.full(shape, -20.0, device=device, dtype=torch.float64) * torch.rand(shape, device=device, dtype=torch.float64)
     return torch.where(torch.rand(shape, device=device) < 0.5, F.logsigmoid(z * 4), -20 * torch.rand(shape, device=device, dtype=torch.float64))
@@ -108,10 +120,10 @@ def _reference(x64, scale):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", _random_shapes(210), ids=lambda c: "B{}T{}H{}K{}V{}-{}-{}".format(
-    *c[:6], str(c[6]).split(".")[-1]))
+@pytest.mark.parametrize("case", _random_shapes(210), ids=lambda c: "B{}T{}H{}K{}V{}-{}-{}{}".format(
+    *c[:6], str(c[6]).split(".")[-1], "-strided" if c[7] else ""))
 def test_triton_matches_float64_reference(case):
-    B, T, H, K, V, gate, dtype = case
+    B, T, H, K, V, gate, dtype, strided = case
     dev = "cuda"
     x64 = [torch.randn(B, T, H, K, device=dev, dtype=torch.float64),
            torch.randn(B, T, H, K, device=dev, dtype=torch.float64),
@@ -123,6 +135,10 @@ def test_triton_matches_float64_reference(case):
     gref = torch.autograd.grad(ref, x64, do)
 
     x = [t.detach().to(dtype).requires_grad_() for t in x64[:3]] + [t.detach().float().requires_grad_() for t in x64[3:]]
+    if strided:  # as in the model: q, k, v column slices of one projection, gates of one tensor
+        qkv = torch.cat([t.detach() for t in x[:3]], -1).requires_grad_()
+        g2 = torch.stack([t.detach() for t in x[3:]], -2).requires_grad_()
+        x = [*qkv.split([K, K, V], -1), *g2.unbind(-2)]
     out = bigla(*x, backend="triton")
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[dtype], f"forward rel err {rel_err(out, ref):.2e}"

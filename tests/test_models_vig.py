@@ -68,8 +68,8 @@ def test_per_config_differences():
         t, s = timm.create_model("vig_tiny"), timm.create_model("vig_small")
         ht, hb = timm.create_model("vig_h_tiny"), timm.create_model("vig_h_base")
     SiLU, Identity = torch.nn.SiLU, torch.nn.Identity
-    assert isinstance(t.blocks[0].attn.conv_act, SiLU) and isinstance(t.blocks[0].attn.out_act, SiLU)
-    assert isinstance(s.blocks[0].attn.conv_act, Identity) and isinstance(s.blocks[0].attn.out_act, Identity)
+    assert isinstance(t.blocks[0].attn.conv_act, SiLU) and t.blocks[0].attn.out_act is True
+    assert isinstance(s.blocks[0].attn.conv_act, Identity) and s.blocks[0].attn.out_act is False
     assert isinstance(t.blocks[-1].drop_path1, torch.nn.Identity)  # ViG-T: drop path 0
     assert s.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
     assert s.blocks[0].attn.head_k == 32 and s.blocks[0].attn.head_v == 64

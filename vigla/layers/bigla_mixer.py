@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import RmsNorm
-
 from ..ops import bigla
+from ..ops.locality_mix import locality_mix
+from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer"]
 
@@ -31,6 +31,10 @@ class BiGLAMixer(nn.Module):
     * ``G = sigmoid(x_c W_g + b_g)``; ``y = G * RMSNorm(o) + (1 - G) * RMSNorm(x_c)`` per head
       (each RMSNorm has one ``d_v``-sized weight shared by the heads);
     * output ``(SiLU(y) if out_act else y) W_o``.
+
+    ``W_qkv``, ``W_1`` and ``W_g`` run as one GEMM over ``x_c``; BiGLA reads q, k, v as column
+    slices of its output; the mix (both norms, the gate, the SiLU) is one fused op
+    (:func:`vigla.ops.locality_mix.locality_mix`).
 
     Args:
         dim: channels ``C`` (also the value width: the local branch needs ``V = C``).
@@ -74,9 +78,9 @@ class BiGLAMixer(nn.Module):
         self.decay_down = nn.Linear(dim, gate_low_rank_dim, bias=False)
         self.decay_up = nn.Linear(gate_low_rank_dim, 2 * key_dim, bias=True)
         self.mix_gate = nn.Linear(dim, dim, bias=True)
-        self.norm_out = RmsNorm(self.head_v, eps=norm_eps)
+        self.norm_out = RmsNorm(self.head_v, eps=norm_eps)  # weights of the fused mix
         self.norm_local = RmsNorm(self.head_v, eps=norm_eps)
-        self.out_act = nn.SiLU() if out_act else nn.Identity()
+        self.out_act = out_act
         self.proj = nn.Linear(dim, dim, bias=False)
         self.reset_parameters()
 
@@ -101,18 +105,20 @@ class BiGLAMixer(nn.Module):
         x_c = self.dwconv(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
         x_c = self.conv_act(x_c).permute(0, 2, 3, 1).reshape(B, N, C)
 
-        h = self.num_heads
-        q, k, v = self.qkv(x_c).split([self.key_dim, self.key_dim, C], dim=-1)
-        q, k = q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k))
-        v = v.unflatten(-1, (h, self.head_v))
+        h, K = self.num_heads, self.key_dim
+        # One GEMM for everything that reads x_c: q, k, v, the decay projection's input and the
+        # mix gate's logits (the weights stay separate parameters, in the official layout).
+        weight = torch.cat([self.qkv.weight, self.decay_down.weight, self.mix_gate.weight])
+        bias = F.pad(self.mix_gate.bias, (weight.shape[0] - C, 0))
+        q, k, v, z, gate = F.linear(x_c, weight, bias).split(
+            [K, K, C, self.decay_down.out_features, C], dim=-1)
         # Log decays in at least float32: they are summed over up to N tokens inside the scan.
-        z = self.decay_up(self.decay_down(x_c))
+        z = self.decay_up(z)
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         log_g = F.logsigmoid(z) / self.gate_logit_normalizer
         log_gf, log_gb = log_g.unflatten(-1, (2, h, self.head_k)).unbind(dim=2)
-        o = bigla(q, k, v, log_gf, log_gb)  # [B, N, h, d_v]
-
-        gate = torch.sigmoid(self.mix_gate(x_c)).unflatten(-1, (h, self.head_v))
-        local = self.norm_local(x_c.unflatten(-1, (h, self.head_v)))
-        y = torch.lerp(local, self.norm_out(o), gate)  # gate * norm(o) + (1 - gate) * norm(x_c)
-        return self.proj(self.out_act(y.flatten(2)))
+        o = bigla(q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k)),
+                  v.unflatten(-1, (h, self.head_v)), log_gf, log_gb)  # [B, N, h, d_v]
+        y = locality_mix(o, x_c, gate, self.norm_out.weight, self.norm_local.weight,
+                         self.norm_out.eps, act=self.out_act)
+        return self.proj(y)

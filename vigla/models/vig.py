@@ -20,12 +20,12 @@ from typing import Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, GluMlp, RmsNorm, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from ..layers import BiGLAMixer, ConvStem
+from ..layers import BiGLAMixer, ConvStem, RmsNorm, SwiGLU
 
 __all__ = ["ViG", "ViGBlock", "checkpoint_filter_fn", "to_official_state_dict"]
 
@@ -56,7 +56,7 @@ class ViGBlock(nn.Module):
         self.attn = BiGLAMixer(dim, num_heads, **mixer_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = GluMlp(dim, 2 * mlp_hidden_dim, act_layer=nn.SiLU, bias=False, gate_last=False)
+        self.mlp = SwiGLU(dim, mlp_hidden_dim)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..dispatch import use_kernels
 from . import op
 from .chunked import bigla_chunked, bigla_chunked_bwd
 from .naive import bigla_naive
@@ -83,10 +84,14 @@ def _check(q, k, v, log_gf, log_gb):
         raise TypeError(f"bigla: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _auto_backend(q: torch.Tensor) -> str:
+def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
     # The custom op runs the Triton kernels on CUDA when they are registered, and the chunked
-    # reference (with a hand-written backward) everywhere else.
-    return "op"
+    # reference (with a hand-written backward) everywhere else; inside
+    # ``vigla.ops.dispatch.reference_ops()``, and for head sizes the kernels do not take, the
+    # chunked reference itself.
+    if not use_kernels(q):
+        return "op" if not q.is_cuda else "chunked"
+    return "op" if op.supports(q.shape[-1], v.shape[-1]) else "chunked"
 
 
 def bigla(
@@ -117,7 +122,7 @@ def bigla(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
-        backend = _auto_backend(q)
+        backend = _auto_backend(q, v)
     try:
         fn = _BACKENDS[backend]
     except KeyError:

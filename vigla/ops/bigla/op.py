@@ -78,6 +78,11 @@ def _bwd_flops(do_shape, q_shape, k_shape, v_shape, gf_shape, gb_shape, scale, *
     return 2 * 2 * bigla_macs(q_shape, v_shape)
 
 
+def supports(K: int, V: int) -> bool:
+    """Whether the Triton kernels take heads of ``d_k = K`` and ``d_v = V``."""
+    return K in (16, 32, 64, 128) and V in (16, 32, 64, 128, 256)
+
+
 def _register_triton() -> bool:
     """Give the ops their CUDA implementation: the fused Triton kernels (if Triton imports)."""
     try:

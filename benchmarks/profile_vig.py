@@ -1,0 +1,125 @@
+"""Where ViG's time and memory go, op by op: torch.profiler over inference and training steps.
+
+Run on a GPU:
+
+    python benchmarks/profile_vig.py --models vig_tiny vig_small vig_h_tiny --img-size 224 1024 \
+        --out benchmarks/results
+
+For each model and size: ``--iters`` profiled steps after warm-up, bf16 autocast, random inputs;
+``inference`` is a no-grad forward in eval mode, ``train`` a forward + backward. The JSON holds,
+per phase, the kernels' self CUDA time per step grouped by op (top ``--top``), the share of the
+step they take, the number of launches per step, the step's wall time and its peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import timm  # noqa: E402
+
+import vigla  # noqa: E402,F401
+
+
+def _batch(img: int) -> int:
+    return 128 if img <= 512 else max(1, int(32 * (1024 / img) ** 2))
+
+
+def profile_phase(model, x, train: bool, iters: int, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if train:
+                model(x).float().mean().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+
+    model.train(train)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / iters
+    rows = []
+    for ev in prof.key_averages():
+        cuda_us = getattr(ev, "self_device_time_total", getattr(ev, "self_cuda_time_total", 0))
+        if cuda_us > 0:
+            rows.append(dict(op=ev.key, self_cuda_ms=cuda_us / 1e3 / iters, calls=ev.count / iters))
+    rows.sort(key=lambda r: -r["self_cuda_ms"])
+    total = sum(r["self_cuda_ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["self_cuda_ms"] / total if total else None
+    kernels = sum(ev.count for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
+    return dict(wall_ms=wall_ms, kernel_ms=total, kernel_launches=kernels / iters,
+                peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20, top=rows[:top])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["vig_tiny", "vig_small", "vig_h_tiny"])
+    ap.add_argument("--img-size", nargs="+", type=int, default=[224, 1024])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_vig needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results = []
+    for name in args.models:
+        model = timm.create_model(name, num_classes=1000).cuda()
+        for img in args.img_size:
+            B = _batch(img)
+            x = torch.randn(B, 3, img, img, device="cuda")
+            entry = dict(model=name, img_size=img, batch_size=B)
+            for phase in ("inference", "train"):
+                try:
+                    entry[phase] = profile_phase(model, x, phase == "train", args.iters, args.top)
+                except torch.OutOfMemoryError:
+                    entry[phase] = "OOM"
+                    torch.cuda.empty_cache()
+            results.append(entry)
+            for phase in ("inference", "train"):
+                r = entry[phase]
+                if isinstance(r, dict):
+                    print(f"\n{name} @{img} B={B} {phase}: wall {r['wall_ms']:.2f} ms/step, kernels "
+                          f"{r['kernel_ms']:.2f} ms, {r['kernel_launches']:.0f} launches, "
+                          f"peak {r['peak_mib']:.0f} MiB")
+                    for row in r["top"][:12]:
+                        print(f"  {row['self_cuda_ms']:8.3f} ms {100 * row['share']:5.1f}% "
+                              f"x{row['calls']:<5.0f} {row['op'][:90]}")
+        del model
+        torch.cuda.empty_cache()
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        commit = os.environ.get("VIGLA_COMMIT", "unknown")
+    out = dict(benchmark="ViG op profile", device=torch.cuda.get_device_name(), commit=commit,
+               command=" ".join(["python3"] + sys.argv), torch=torch.__version__,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               amp="bf16", results=results)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "profile_vig.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

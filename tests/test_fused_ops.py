@@ -1,0 +1,222 @@
+"""The fused model ops (locality mix, SwiGLU gating) and the layers built on them.
+
+* CPU: each written-out reference backward against autograd of its reference forward in float64;
+  the Triton kernels through Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess);
+  the layers against the plain maths.
+* GPU (``pytest -m gpu``): the kernels against the float64 reference in fp32 / bf16 / fp16,
+  ``torch.library.opcheck``, and whole ViG models on their fused paths against
+  ``reference_ops()``.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import vigla  # noqa: F401
+from vigla.layers import RmsNorm, SwiGLU
+from vigla.ops.dispatch import reference_ops, resolve
+from vigla.ops.locality_mix import locality_mix, locality_mix_reference, locality_mix_reference_bwd
+from vigla.ops.swiglu import swiglu, swiglu_reference, swiglu_reference_bwd
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def _mix_inputs(B, N, h, d, dtype=torch.float64, device="cpu"):
+    """o, x, z (z a column slice of a wider tensor, as in the mixer), w_o, w_l."""
+    C = h * d
+    o = torch.randn(B, N, h, d, dtype=dtype, device=device)
+    x = 3 * torch.randn(B, N, C, dtype=dtype, device=device)
+    z = torch.randn(B, N, 2 * C + 5, dtype=dtype, device=device)[..., C + 5:]
+    w_o = torch.rand(d, dtype=dtype, device=device) + 0.5
+    w_l = torch.rand(d, dtype=dtype, device=device) + 0.5
+    return o, x, z, w_o, w_l
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_locality_mix_reference_backward_is_the_gradient(act):
+    args = [t.clone().requires_grad_() for t in _mix_inputs(2, 9, 3, 8)]
+    y = locality_mix_reference(*args, 1e-6, act)
+    dy = torch.randn_like(y)
+    auto = torch.autograd.grad(y, args, dy)
+    written = locality_mix_reference_bwd(dy, *[a.detach() for a in args], 1e-6, act)
+    for name, a, b in zip(["do", "dx", "dz", "dw_o", "dw_l"], written, auto):
+        assert a.shape == b.shape and rel(a, b) < 1e-12, name
+
+
+def test_locality_mix_is_the_vig_mix():
+    o, x, z, w_o, w_l = _mix_inputs(2, 5, 2, 4)
+    y = locality_mix(o, x, z, w_o, w_l, act=True)
+    rms = lambda t, w: t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6) * w
+    gate = torch.sigmoid(z.unflatten(-1, (2, 4)))
+    expect = F.silu(gate * rms(o, w_o) + (1 - gate) * rms(x.unflatten(-1, (2, 4)), w_l)).flatten(-2)
+    torch.testing.assert_close(y, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_locality_mix_rejects_bad_shapes():
+    o, x, z, w_o, w_l = _mix_inputs(1, 4, 2, 4)
+    with pytest.raises(ValueError, match="expected o"):
+        locality_mix(o, x[..., :6], z[..., :6], w_o, w_l)
+    with pytest.raises(ValueError, match="w_o and w_l"):
+        locality_mix(o, x, z, w_o[:3], w_l)
+
+
+def test_swiglu_reference_backward_is_the_gradient():
+    u = torch.randn(3, 7, 2 * 6, dtype=torch.float64, requires_grad=True)
+    y = swiglu_reference(u)
+    dy = torch.randn_like(y)
+    (auto,) = torch.autograd.grad(y, u, dy)
+    assert rel(swiglu_reference_bwd(dy, u.detach()), auto) < 1e-12
+    torch.testing.assert_close(y, F.silu(u[..., :6]) * u[..., 6:])
+    with pytest.raises(ValueError, match="even"):
+        swiglu(torch.randn(2, 5))
+
+
+def test_dispatch_auto_and_reference_ops():
+    cpu = torch.zeros(1)
+    assert resolve("auto", cpu, "op") == "reference"
+    with reference_ops():
+        assert resolve("auto", cpu, "op") == "reference"
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        resolve("triton", cpu, "op")
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve("fast", cpu, "op")
+
+
+def test_rmsnorm_layer_matches_timm_and_keeps_half_precision():
+    norm = RmsNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    ref = timm.layers.RmsNorm(16, eps=1e-6)
+    ref.load_state_dict(norm.state_dict())
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(norm(x), ref(x), rtol=1e-6, atol=1e-6)
+    y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and rel(y, ref(x)) < 1e-2
+
+
+def test_swiglu_layer_state_dict_is_timms_glumlp():
+    mlp = SwiGLU(8, 12)
+    ref = timm.layers.GluMlp(8, 24, act_layer=torch.nn.SiLU, bias=False, gate_last=False)
+    ref.load_state_dict(mlp.state_dict())  # same names and shapes
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(mlp(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+INTERPRETER_SCRIPT = r"""
+import json, torch
+from vigla.ops.locality_mix.triton_kernels import locality_mix_fwd_triton, locality_mix_bwd_triton
+from vigla.ops.locality_mix import locality_mix_reference, locality_mix_reference_bwd
+from vigla.ops.swiglu.triton_kernels import swiglu_fwd_triton, swiglu_bwd_triton
+from vigla.ops.swiglu import swiglu_reference, swiglu_reference_bwd
+torch.manual_seed(0)
+rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+out = {}
+for B, N, h, d, act in [(2, 37, 3, 64, True), (1, 70, 4, 32, False)]:
+    C = h * d
+    o, x = torch.randn(B, N, h, d, dtype=torch.float64), 3 * torch.randn(B, N, C, dtype=torch.float64)
+    z = torch.randn(B, N, 2 * C + 5, dtype=torch.float64)[..., C + 5:]
+    w = [torch.rand(d, dtype=torch.float64) + 0.5 for _ in range(2)]
+    ref = locality_mix_reference(o, x, z, *w, 1e-6, act)
+    dy = torch.randn_like(ref)
+    gref = locality_mix_reference_bwd(dy, o, x, z, *w, 1e-6, act)
+    f = [t.float() for t in (o, x, z, *w)]
+    got = [locality_mix_fwd_triton(*f, 1e-6, act), *locality_mix_bwd_triton(dy.float(), *f, 1e-6, act)]
+    out[f"mix{(B, N, h, d, act)}"] = [rel(a, b) for a, b in zip(got, [ref, *gref])]
+for shape in [(3, 17, 2 * 44), (5, 2 * 1024)]:
+    u = torch.randn(*shape[:-1], shape[-1] + 8, dtype=torch.float64)[..., 4:4 + shape[-1]]
+    ref = swiglu_reference(u)
+    dy = torch.randn_like(ref)
+    got = [swiglu_fwd_triton(u.float()), swiglu_bwd_triton(dy.float(), u.float())]
+    out[f"swiglu{shape}"] = [rel(a, b) for a, b in zip(got, [ref, swiglu_reference_bwd(dy, u)])]
+print(json.dumps(out))
+"""
+
+
+def test_fused_kernels_in_interpreter_on_cpu():
+    pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case, errs in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        assert max(errs) < 1e-5, f"{case}: relative errors {errs}"
+
+
+# ----------------------------------------------------------------------------------------- GPU
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4, 196, 3, 64, True), (2, 3136, 3, 32, False), (1, 49, 24, 32, False)])
+def test_locality_mix_kernel_on_gpu(shape, dtype):
+    B, N, h, d, act = shape
+    x64 = _mix_inputs(B, N, h, d, device="cuda")
+    ref = locality_mix_reference(*x64, 1e-6, act)
+    dy = torch.randn_like(ref)
+    gref = locality_mix_reference_bwd(dy, *x64, 1e-6, act)
+    x = [t.to(dtype).requires_grad_() for t in x64[:3]] + [t.float().requires_grad_() for t in x64[3:]]
+    y = locality_mix(*x, act=act, backend="triton")
+    assert y.dtype == dtype and rel(y, ref) < TOL[dtype]
+    grads = torch.autograd.grad(y, x, dy.to(dtype))
+    for name, a, b in zip(["do", "dx", "dz", "dw_o", "dw_l"], grads, gref):
+        assert torch.isfinite(a).all() and rel(a, b) < 2 * TOL[dtype], f"{name}: {rel(a, b):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(128 * 196, 2 * 512), (7, 33, 2 * 2752)])
+def test_swiglu_kernel_on_gpu(shape, dtype):
+    u64 = torch.randn(*shape, dtype=torch.float64, device="cuda")
+    ref = swiglu_reference(u64)
+    dy = torch.randn_like(ref)
+    u = u64.to(dtype).requires_grad_()
+    y = swiglu(u, backend="triton")
+    assert y.dtype == dtype and rel(y, ref) < TOL[dtype]
+    (du,) = torch.autograd.grad(y, u, dy.to(dtype))
+    assert rel(du, swiglu_reference_bwd(dy, u64)) < 2 * TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_fused_ops_opcheck():
+    o, x, z, w_o, w_l = (t.float().requires_grad_() for t in _mix_inputs(2, 10, 2, 32, device="cuda"))
+    torch.library.opcheck(torch.ops.vigla.locality_mix.default, (o, x, z, w_o, w_l, 1e-6, True))
+    u = torch.randn(3, 5, 64, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.vigla.swiglu.default, (u,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_small", "vig_h_tiny"])
+def test_fused_model_matches_reference_ops(name):
+    """The model on its fused paths (Triton BiGLA, locality mix, SwiGLU) against the same weights
+    through the PyTorch references: fp32 logits and gradients, and bf16 autocast logits."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).cuda().eval()  # eval: no drop path
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+
+    def run(reference: bool, amp: bool):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            if reference:
+                with reference_ops():
+                    out = model(x)
+            else:
+                out = model(x)
+        out.float().square().mean().backward()
+        return out.float(), [p.grad.clone() for p in model.parameters()]
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out_f, grads_f = run(False, False)
+    out_r, grads_r = run(True, False)
+    assert rel(out_f, out_r) < 1e-4
+    assert rel(torch.cat([g.flatten() for g in grads_f]), torch.cat([g.flatten() for g in grads_r])) < 1e-3
+    out_f, _ = run(False, True)
+    out_r, _ = run(True, True)
+    assert rel(out_f, out_r) < 3e-2

@@ -1,0 +1,23 @@
+"""MLPs."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops.swiglu import swiglu
+
+__all__ = ["SwiGLU"]
+
+
+class SwiGLU(nn.Module):
+    """``fc2(SiLU(a) * b)`` with ``[a | b] = fc1(x)``, no biases (the official ViG MLP; the same
+    state dict as timm's ``GluMlp(gate_last=False)``). The gating is one fused op
+    (:func:`vigla.ops.swiglu.swiglu`). ``[..., dim]`` -> ``[..., dim]``."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(swiglu(self.fc1(x)))

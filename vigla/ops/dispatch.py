@@ -1,0 +1,48 @@
+"""Which implementation an op's ``backend="auto"`` takes.
+
+Every fused op has a plain PyTorch reference beside its Triton kernels. ``auto`` takes the kernels
+for CUDA tensors when Triton is installed and the reference everywhere else; inside
+``reference_ops()`` it takes the reference on every device (to check a model's fused paths
+against the plain maths, or to debug).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # optional: every op has a PyTorch path
+    HAS_TRITON = False
+_FORCE_REFERENCE = False
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """Within this block every ``backend="auto"`` op runs its PyTorch reference."""
+    global _FORCE_REFERENCE
+    previous, _FORCE_REFERENCE = _FORCE_REFERENCE, True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = previous
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` runs the Triton kernels for an input like ``t``."""
+    return HAS_TRITON and t.is_cuda and not _FORCE_REFERENCE
+
+
+def resolve(backend: str, t: torch.Tensor, op: str) -> str:
+    """``"auto"`` -> ``"triton"`` or ``"reference"``; checks an explicit choice."""
+    if backend == "auto":
+        return "triton" if use_kernels(t) else "reference"
+    if backend == "triton" and not (HAS_TRITON and t.is_cuda):
+        raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors and Triton (got device "
+                           f"{t.device}, Triton {'found' if HAS_TRITON else 'not installed'})")
+    if backend not in ("triton", "reference"):
+        raise ValueError(f"{op}: unknown backend {backend!r}; use 'auto', 'triton' or 'reference'")
+    return backend

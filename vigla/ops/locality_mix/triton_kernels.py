@@ -1,0 +1,125 @@
+"""Fused locality mix (two per-head RMSNorms, the sigmoid gate, the convex mix, the optional
+SiLU) in one pass forward and one pass backward.
+
+Rows are (token, head) pairs of ``d`` channels. ``o`` and the outputs are contiguous; ``x`` and
+``z`` are read through a token stride, so ``z`` can be a column slice of a fused projection.
+The backward recomputes the norms and the gate instead of storing them, and sums the two norm
+weights' gradients per program (deterministic, summed by the caller).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_ROWS = 64
+
+
+@triton.jit
+def _load_rows(o, x, z, rows, cols, R, H, sx, sz, D: tl.constexpr):
+    mask = (rows < R)[:, None]
+    tok = rows // H
+    off = (rows - tok * H)[:, None] * D + cols[None, :]  # head * D + channel
+    a = tl.load(o + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x + tok[:, None] * sx + off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(z + tok[:, None] * sz + off, mask=mask, other=0.0).to(tl.float32)
+    return a, b, g, mask
+
+
+@triton.jit
+def _normed(t, w, eps, D: tl.constexpr):
+    r = tl.rsqrt(tl.sum(t * t, axis=1) / D + eps)
+    return t * r[:, None] * w[None, :], r
+
+
+@triton.jit
+def _fwd_kernel(o, x, z, wo, wl, y, R, H, sx, sz, eps, D: tl.constexpr, BR: tl.constexpr,
+                ACT: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, D)
+    a, b, g, mask = _load_rows(o, x, z, rows, cols, R, H, sx, sz, D)
+    na, _ = _normed(a, tl.load(wo + cols).to(tl.float32), eps, D)
+    nb, _ = _normed(b, tl.load(wl + cols).to(tl.float32), eps, D)
+    u = nb + tl.sigmoid(g) * (na - nb)
+    if ACT:
+        u = u * tl.sigmoid(u)
+    tl.store(y + rows[:, None] * D + cols[None, :], u.to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd(dn, t, r, w, D: tl.constexpr):
+    m = dn * w[None, :]
+    return r[:, None] * m - t * (r * r * r * tl.sum(m * t, axis=1) / D)[:, None]
+
+
+@triton.jit
+def _bwd_kernel(dy, o, x, z, wo, wl, do, dx, dz, dwo, dwl, R, H, sx, sz, eps, D: tl.constexpr,
+                BR: tl.constexpr, ACT: tl.constexpr):
+    """``dy, do, dx, dz``: contiguous; ``dwo, dwl``: ``[programs, D]`` fp32 partial sums."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, D)
+    w_o = tl.load(wo + cols).to(tl.float32)
+    w_l = tl.load(wl + cols).to(tl.float32)
+    acc_o = tl.zeros([D], dtype=tl.float32)
+    acc_l = tl.zeros([D], dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(R, BR), tl.num_programs(0)):
+        rows = (blk * BR + tl.arange(0, BR)).to(tl.int64)
+        a, b, g, mask = _load_rows(o, x, z, rows, cols, R, H, sx, sz, D)
+        off = rows[:, None] * D + cols[None, :]
+        du = tl.load(dy + off, mask=mask, other=0.0).to(tl.float32)
+        na, ra = _normed(a, w_o, eps, D)
+        nb, rb = _normed(b, w_l, eps, D)
+        gate = tl.sigmoid(g)
+        if ACT:
+            u = nb + gate * (na - nb)
+            s = tl.sigmoid(u)
+            du = du * s * (1 + u * (1 - s))
+        dna = du * gate
+        dnb = du - dna
+        acc_o += tl.sum(dna * a * ra[:, None], axis=0)
+        acc_l += tl.sum(dnb * b * rb[:, None], axis=0)
+        tl.store(dz + off, (du * (na - nb) * gate * (1 - gate)).to(dz.dtype.element_ty), mask=mask)
+        tl.store(do + off, _norm_bwd(dna, a, ra, w_o, D).to(do.dtype.element_ty), mask=mask)
+        tl.store(dx + off, _norm_bwd(dnb, b, rb, w_l, D).to(dx.dtype.element_ty), mask=mask)
+    tl.store(dwo + pid * D + cols, acc_o)
+    tl.store(dwl + pid * D + cols, acc_l)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _flat(o, x, z):
+    """``o``: ``[R, d]`` rows; ``x``, ``z``: ``[tokens, C]`` with unit last stride."""
+    h, d = o.shape[-2:]
+    rows = o.reshape(-1, d).contiguous()
+    x2, z2 = (t.reshape(-1, h * d) for t in (x, z))
+    x2, z2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, z2))
+    return rows, x2, z2, h, d
+
+
+def locality_mix_fwd_triton(o, x, z, w_o, w_l, eps: float, act: bool) -> torch.Tensor:
+    rows, x2, z2, h, d = _flat(o, x, z)
+    R = rows.shape[0]
+    y = torch.empty(x.shape, dtype=o.dtype, device=o.device)
+    _fwd_kernel[(triton.cdiv(R, BLOCK_ROWS),)](rows, x2, z2, w_o, w_l, y, R, h, x2.stride(0),
+                                               z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act,
+                                               num_warps=4)
+    return y
+
+
+def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool):
+    rows, x2, z2, h, d = _flat(o, x, z)
+    R = rows.shape[0]
+    dy = dy.contiguous()
+    n = min(triton.cdiv(R, BLOCK_ROWS), _programs(o.device.index) if o.is_cuda else 4)
+    do = torch.empty(o.shape, dtype=o.dtype, device=o.device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=o.device)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=o.device)
+    dwo, dwl = (torch.empty(n, d, dtype=torch.float32, device=o.device) for _ in range(2))
+    _bwd_kernel[(n,)](dy, rows, x2, z2, w_o, w_l, do, dx, dz, dwo, dwl, R, h, x2.stride(0),
+                      z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act, num_warps=4)
+    return do, dx, dz, dwo.sum(0).to(w_o.dtype), dwl.sum(0).to(w_l.dtype)

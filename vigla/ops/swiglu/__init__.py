@@ -1,0 +1,59 @@
+"""``swiglu(u)``: ``SiLU(a) * b`` for ``[a | b] = u``, the gating of ViG's MLP.
+
+Backends: ``reference`` (PyTorch, any device), ``triton`` (fused forward and backward behind the
+custom op ``vigla::swiglu``); ``auto`` takes Triton for CUDA tensors (:mod:`vigla.ops.dispatch`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import HAS_TRITON, resolve
+from .reference import swiglu_reference, swiglu_reference_bwd
+
+__all__ = ["swiglu", "swiglu_reference", "swiglu_reference_bwd"]
+
+
+@torch.library.custom_op("vigla::swiglu", mutates_args=())
+def _swiglu_op(u: torch.Tensor) -> torch.Tensor:
+    return swiglu_reference(u).contiguous()
+
+
+@_swiglu_op.register_fake
+def _(u):
+    return u.new_empty(*u.shape[:-1], u.shape[-1] // 2)
+
+
+@torch.library.custom_op("vigla::swiglu_bwd", mutates_args=())
+def _swiglu_bwd_op(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return swiglu_reference_bwd(dy, u).contiguous()
+
+
+@_swiglu_bwd_op.register_fake
+def _(dy, u):
+    return u.new_empty(u.shape)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, dy):
+    return torch.ops.vigla.swiglu_bwd(dy, ctx.saved_tensors[0])
+
+
+_swiglu_op.register_autograd(_backward, setup_context=_setup)
+
+if HAS_TRITON:  # the CUDA implementations
+    from .triton_kernels import swiglu_bwd_triton, swiglu_fwd_triton
+
+    _swiglu_op.register_kernel("cuda")(swiglu_fwd_triton)
+    _swiglu_bwd_op.register_kernel("cuda")(swiglu_bwd_triton)
+
+
+def swiglu(u: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``u``: ``[..., 2I]`` -> ``[..., I]`` = ``SiLU(u[..., :I]) * u[..., I:]``, in ``u.dtype``."""
+    if u.dim() < 1 or u.shape[-1] % 2:
+        raise ValueError(f"swiglu: the last dim must be even ([..., 2I]), got shape {tuple(u.shape)}")
+    if resolve(backend, u, "swiglu") == "triton":
+        return _swiglu_op(u)
+    return swiglu_reference(u)

@@ -1,0 +1,60 @@
+"""SwiGLU's gating ``SiLU(a) * b`` (``[a | b] = u``) fused: one read of ``u`` and one write of
+``y`` forward, one read of ``u`` and ``dy`` and one write of ``du`` backward (the activation is
+recomputed, not stored)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _fwd_kernel(u, y, N, I, su, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    row = idx // I
+    col = idx - row * I
+    a = tl.load(u + row * su + col, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(u + row * su + I + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y + idx, (a * tl.sigmoid(a) * b).to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(dy, u, du, N, I, su, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    row = idx // I
+    col = idx - row * I
+    a = tl.load(u + row * su + col, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(u + row * su + I + col, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dy + idx, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(a)
+    out = du + row * 2 * I + col
+    tl.store(out, (g * b * s * (1 + a * (1 - s))).to(du.dtype.element_ty), mask=mask)
+    tl.store(out + I, (g * a * s).to(du.dtype.element_ty), mask=mask)
+
+
+def _rows(u: torch.Tensor) -> torch.Tensor:
+    u2 = u.reshape(-1, u.shape[-1])
+    return u2 if u2.stride(-1) == 1 else u2.contiguous()
+
+
+def swiglu_fwd_triton(u: torch.Tensor) -> torch.Tensor:
+    u2 = _rows(u)
+    I = u.shape[-1] // 2
+    y = torch.empty(*u.shape[:-1], I, dtype=u.dtype, device=u.device)
+    n = u2.shape[0] * I
+    _fwd_kernel[(triton.cdiv(n, BLOCK),)](u2, y, n, I, u2.stride(0), BLOCK=BLOCK, num_warps=4)
+    return y
+
+
+def swiglu_bwd_triton(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    u2 = _rows(u)
+    I = u.shape[-1] // 2
+    du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    n = u2.shape[0] * I
+    _bwd_kernel[(triton.cdiv(n, BLOCK),)](dy.contiguous(), u2, du, n, I, u2.stride(0), BLOCK=BLOCK,
+                                          num_warps=4)
+    return du
