@@ -20,9 +20,8 @@ chunk's keys leave as ``k * exp(D - p)``; every exponent there is <= 0.
 
 Intra-chunk scores go through tensor cores, factored around the chunk's per-channel maximum of
 ``p`` (one factor <= 1, the other <= exp(spread)). A chunk whose spread exceeds ``SAFE_SPREAD``
-(log decays below about -0.6 per token) is redone in sub-chunks of 16 tokens, each factored the
-same way, or, past the spread again (log decays below about -2.5 per token, e.g. -20), computed
-elementwise with exponents <= 0 only. So every finite log decay gives the exact result.
+(log decays below about -0.6 per token somewhere in it) is computed in sub-chunks of 16 tokens,
+elementwise, with exponents <= 0 only. So every finite log decay gives the exact result.
 
 Long sequences are cut into segments so that the grid fills the GPU: a summary kernel computes
 each segment's state contribution and total decay (and, for the backward, its state-gradient
@@ -192,22 +191,18 @@ def _fwd_chunk(q, k, v, g, o, t0, T, sqt, svt, sgt, sot, ck, cv, state, hs,
     if _spread(p) < SAFE_SPREAD:
         state = _fwd_tile(q, k, v, o, rows, T, sqt, svt, sot, ck, cv, b_g, p, e, D, state, hs,
                           BT, REVERSE, ACCUM, MODE, False)
-    else:
+    else:  # steep decays: sub-chunks in scan order, elementwise
         for s in tl.static_range(BT // BS):
             rows_s = t0 + _sub_index(s, BT // BS, REVERSE) * BS + tl.arange(0, BS)
             g_s = _load(g, rows_s, ck, sgt, T)
             p_s, e_s, D_s = _positions(g_s, REVERSE)
-            if _spread(p_s) < SAFE_SPREAD:
-                state = _fwd_tile(q, k, v, o, rows_s, T, sqt, svt, sot, ck, cv, g_s, p_s, e_s, D_s,
-                                  state, hs, BS, REVERSE, ACCUM, MODE, False)
-            else:
-                state = _fwd_tile(q, k, v, o, rows_s, T, sqt, svt, sot, ck, cv, g_s, p_s, e_s, D_s,
-                                  state, hs, BS, REVERSE, ACCUM, MODE, True)
+            state = _fwd_tile(q, k, v, o, rows_s, T, sqt, svt, sot, ck, cv, g_s, p_s, e_s, D_s,
+                              state, hs, BS, REVERSE, ACCUM, MODE, True)
     return state
 
 
 @triton.jit
-def _load_state(ptr, i_bh, i_s, NSEG, ck, cv, V: tl.constexpr, K: tl.constexpr):
+def _load_state(ptr, i_bh, i_s, NSEG, ck, cv, V, K: tl.constexpr):
     """``[K, BV]`` slice of a ``[B*H, NSEG, K, V]`` fp32 state buffer."""
     return tl.load(ptr + ((i_bh * NSEG + i_s) * K + ck[:, None]) * V + cv[None, :])
 
@@ -215,7 +210,7 @@ def _load_state(ptr, i_bh, i_s, NSEG, ck, cv, V: tl.constexpr, K: tl.constexpr):
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
 def _fwd_kernel(q, k, v, gf, gb, o, s_f, s_b, T, H, scale, L, NSEG,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
-                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+                V, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
                 BV: tl.constexpr, MODE: tl.constexpr, SEGMENTED: tl.constexpr):
     """``s_f`` / ``s_b``: each segment's entering forward / backward state (when SEGMENTED)."""
     i_v = tl.program_id(0)
@@ -257,7 +252,7 @@ def _fwd_kernel(q, k, v, gf, gb, o, s_f, s_b, T, H, scale, L, NSEG,
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
 def _summary_kernel(q, k, v, gf, gb, do, u_f, u_b, w_f, w_b, d_f, d_b, T, H, scale, L, NSEG,
                     sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
-                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                    V, K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                     MODE: tl.constexpr, GRAD: tl.constexpr):
     """Per segment: its contribution to the forward state at its end (``u_f``) and to the
     backward state at its start (``u_b``), its total log decays (``d_f``, ``d_b``) and, with
@@ -312,7 +307,7 @@ def _summary_kernel(q, k, v, gf, gb, do, u_f, u_b, w_f, w_b, d_f, d_b, T, H, sca
 
 
 @triton.jit(do_not_specialize=["NSEG"])
-def _scan_kernel(u_f, u_b, w_f, w_b, d_f, d_b, NSEG, K: tl.constexpr, V: tl.constexpr,
+def _scan_kernel(u_f, u_b, w_f, w_b, d_f, d_b, NSEG, V, K: tl.constexpr,
                  BV: tl.constexpr, GRAD: tl.constexpr):
     """In place, segment summaries -> each segment's entering states: ``u_f`` the forward state
     (from the left), ``u_b`` the backward state (from the right); with ``GRAD``, ``w_f`` the
@@ -429,20 +424,15 @@ def _bwd_chunk_rl(q, k, v, gf, gb, do, dq, dk, dv, t0, T, sqt, svt, sgt, sdt, sk
                                  g_f, p_f, e_f, D_f, g_b, p_b, e_b, D_b, s_b, ds_f, hs, BT, MODE,
                                  False)
     else:
-        for s in tl.static_range(BT // BS):
+        for s in tl.static_range(BT // BS):  # steep decays: sub-chunks, elementwise
             rows_s = t0 + (BT // BS - 1 - s) * BS + tl.arange(0, BS)
             gf_s = _load(gf, rows_s, ck, sgt, T)
             gb_s = _load(gb, rows_s, ck, sgt, T)
             pf_s, ef_s, Df_s = _positions(gf_s, False)
             pb_s, eb_s, Db_s = _positions(gb_s, True)
-            if tl.maximum(_spread(pf_s), _spread(pb_s)) < SAFE_SPREAD:
-                s_b, ds_f = _bwd_tile_rl(q, k, v, do, dq, dk, dv, rows_s, T, sqt, svt, sdt, skt,
-                                         ck, cv, gf_s, pf_s, ef_s, Df_s, gb_s, pb_s, eb_s, Db_s,
-                                         s_b, ds_f, hs, BS, MODE, False)
-            else:
-                s_b, ds_f = _bwd_tile_rl(q, k, v, do, dq, dk, dv, rows_s, T, sqt, svt, sdt, skt,
-                                         ck, cv, gf_s, pf_s, ef_s, Df_s, gb_s, pb_s, eb_s, Db_s,
-                                         s_b, ds_f, hs, BS, MODE, True)
+            s_b, ds_f = _bwd_tile_rl(q, k, v, do, dq, dk, dv, rows_s, T, sqt, svt, sdt, skt, ck, cv,
+                                     gf_s, pf_s, ef_s, Df_s, gb_s, pb_s, eb_s, Db_s, s_b, ds_f, hs,
+                                     BS, MODE, True)
     return s_b, ds_f
 
 
@@ -460,29 +450,23 @@ def _bwd_chunk_lr(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, t0, T, sqt, svt, sg
                                           sdt, skt, ck, cv, g_f, p_f, e_f, D_f, g_b, p_b, e_b,
                                           D_b, s_f, ds_b, carry_b, hs, BT, MODE, False)
     else:
-        for s in tl.static_range(BT // BS):
+        for s in tl.static_range(BT // BS):  # steep decays: sub-chunks, elementwise
             rows_s = t0 + s * BS + tl.arange(0, BS)
             gf_s = _load(gf, rows_s, ck, sgt, T)
             gb_s = _load(gb, rows_s, ck, sgt, T)
             pf_s, ef_s, Df_s = _positions(gf_s, False)
             pb_s, eb_s, Db_s = _positions(gb_s, True)
-            if tl.maximum(_spread(pf_s), _spread(pb_s)) < SAFE_SPREAD:
-                s_f, ds_b, carry_b = _bwd_tile_lr(q, k, v, do, dq, dk, dv, dgf, dgb, rows_s, T,
-                                                  sqt, svt, sdt, skt, ck, cv, gf_s, pf_s, ef_s,
-                                                  Df_s, gb_s, pb_s, eb_s, Db_s, s_f, ds_b,
-                                                  carry_b, hs, BS, MODE, False)
-            else:
-                s_f, ds_b, carry_b = _bwd_tile_lr(q, k, v, do, dq, dk, dv, dgf, dgb, rows_s, T,
-                                                  sqt, svt, sdt, skt, ck, cv, gf_s, pf_s, ef_s,
-                                                  Df_s, gb_s, pb_s, eb_s, Db_s, s_f, ds_b,
-                                                  carry_b, hs, BS, MODE, True)
+            s_f, ds_b, carry_b = _bwd_tile_lr(q, k, v, do, dq, dk, dv, dgf, dgb, rows_s, T, sqt,
+                                              svt, sdt, skt, ck, cv, gf_s, pf_s, ef_s, Df_s, gb_s,
+                                              pb_s, eb_s, Db_s, s_f, ds_b, carry_b, hs, BS, MODE,
+                                              True)
     return s_f, ds_b, carry_b
 
 
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG", "PART"])
 def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_f, tot_b, s_f, s_b, ds_f, ds_b,
                 T, H, scale, L, NSEG, PART, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
-                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+                V, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
                 BV: tl.constexpr, MODE: tl.constexpr, SEGMENTED: tl.constexpr):
     """``do``, ``dv``: contiguous ``[B, T, H, V]``; ``dq, dk, dgf, dgb``: contiguous
     ``[B, T, H, K]`` per value block, ``PART`` elements apart (the caller sums the blocks);
