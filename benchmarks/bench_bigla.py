@@ -8,10 +8,6 @@ Shapes: ViG-T layers (H=3, d_k=32, d_v=64) at T = 196/1024/4096/16384 with the a
 sizes, a ViG-S layer, and the four ViG-H-T stages at 224². bf16 inputs (gates too), forward and
 forward+backward, median of ``triton.testing.do_bench``. The byte floor is the time to read
 q, k, v and both gates once and write o once at the copy bandwidth measured in the same run.
-
-``--variants CHUNK/MODE/FWD_WARPS/BWD_WARPS ...`` also times the kernel under other launch
-settings (``triton_kernels.CHUNK``, ``DOT_MODE``, ``WARPS``) on ``--variant-shapes``, to choose
-the defaults.
 """
 from __future__ import annotations
 
@@ -96,9 +92,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--backends", nargs="+", default=["triton", "fla", "chunked"])
-    ap.add_argument("--variants", nargs="*", default=[],
-                    help="launch settings CHUNK/MODE/FWD_WARPS/BWD_WARPS to time besides the default")
-    ap.add_argument("--variant-shapes", nargs="*", default=["ViG-T @224", "ViG-T @1024", "ViG-H-T s1 @224"])
     ap.add_argument("--shapes", nargs="*", default=None, help="names of the shapes to run (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -106,42 +99,6 @@ def main() -> int:
         return 2
     backends = [b for b in args.backends if b in available_backends("cuda")]
     bw = copy_bandwidth()
-    from vigla.ops.bigla import triton_kernels as tk
-    rows = []
-    for shape in SHAPES:
-        name, B, T, H, K, V = shape
-        if args.shapes and name not in args.shapes:
-            continue
-        nbytes = 2 * B * T * H * (4 * K + 2 * V)  # bf16: q, k, gf, gb, v read; o written
-        row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T,
-                   floor_ms=nbytes / bw * 1e3)
-        for backend in backends:
-            row[f"{backend}_fwd_ms"] = time_backend(backend, shape, train=False)
-            row[f"{backend}_fwdbwd_ms"] = time_backend(backend, shape, train=True)
-        if "triton" in backends and name in args.variant_shapes:
-            default = (tk.CHUNK, tk.DOT_MODE, dict(tk.WARPS))
-            for variant in args.variants:
-                chunk, mode, fw, bw = variant.split("/")
-                tk.CHUNK, tk.DOT_MODE = int(chunk), mode
-                tk.WARPS.update({("fwd", int(chunk)): int(fw), ("bwd", int(chunk)): int(bw)})
-                row[f"variant {variant}"] = dict(
-                    fwd_ms=time_backend("triton", shape, train=False),
-                    fwdbwd_ms=time_backend("triton", shape, train=True))
-                tk.CHUNK, tk.DOT_MODE = default[0], default[1]
-                tk.WARPS.clear()
-                tk.WARPS.update(default[2])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    def ratio(a, b):
-        return None if a is None or b is None else a / b
-
-    for row in rows:
-        row["fla_over_triton_fwd"] = ratio(row.get("fla_fwd_ms"), row.get("triton_fwd_ms"))
-        row["fla_over_triton_fwdbwd"] = ratio(row.get("fla_fwdbwd_ms"), row.get("triton_fwdbwd_ms"))
-        row["chunked_over_triton_fwd"] = ratio(row.get("chunked_fwd_ms"), row.get("triton_fwd_ms"))
-        row["triton_fwd_over_floor"] = ratio(row.get("triton_fwd_ms"), row["floor_ms"])
-
     versions = dict(torch=torch.__version__)
     for mod in ("triton", "fla"):
         try:
@@ -153,14 +110,38 @@ def main() -> int:
         command=" ".join([os.path.basename(sys.executable)] + sys.argv), versions=versions,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", timing="triton.testing.do_bench median",
-        kernel_defaults=dict(chunk=tk.CHUNK, dot_mode=tk.DOT_MODE,
-                             warps={f"{p}/{c}": w for (p, c), w in tk.WARPS.items()}),
-        rows=rows,
+        complete=False, rows=[],
     )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_bigla.json")
-    with open(path, "w") as f:
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    rows = result["rows"]
+    for shape in SHAPES:
+        name, B, T, H, K, V = shape
+        if args.shapes and name not in args.shapes:
+            continue
+        nbytes = 2 * B * T * H * (4 * K + 2 * V)  # bf16: q, k, gf, gb, v read; o written
+        row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T,
+                   floor_ms=nbytes / bw * 1e3)
+        for backend in backends:
+            row[f"{backend}_fwd_ms"] = time_backend(backend, shape, train=False)
+            row[f"{backend}_fwdbwd_ms"] = time_backend(backend, shape, train=True)
+        row["fla_over_triton_fwd"] = ratio(row.get("fla_fwd_ms"), row.get("triton_fwd_ms"))
+        row["fla_over_triton_fwdbwd"] = ratio(row.get("fla_fwdbwd_ms"), row.get("triton_fwdbwd_ms"))
+        row["chunked_over_triton_fwd"] = ratio(row.get("chunked_fwd_ms"), row.get("triton_fwd_ms"))
+        row["triton_fwd_over_floor"] = ratio(row.get("triton_fwd_ms"), row["floor_ms"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(path + ".tmp", "w") as f:  # after every row: a run cut short keeps its rows
+            json.dump(result, f, indent=2)
+        os.replace(path + ".tmp", path)
+    result["complete"] = True
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
 
     def fmt(x, spec=".3f"):
         return "-" if x is None else format(x, spec)

@@ -58,9 +58,9 @@ def rel_err(a, b):
 
 
 def test_triton_kernel_in_interpreter_on_cpu():
-    """Every path of the kernel: the 64-token factored chunk ("normal"), 16-token sub-chunks
-    ("mid": spread over 64 tokens too large), the elementwise exact path ("strong", "mixed"),
-    one and several segments, several value blocks, strided inputs, ragged last chunks, T = 1."""
+    """Every path of the kernel: factored tensor-core chunks ("normal", "mid"), the elementwise
+    exact path for steep decays ("strong", "mixed"), one and several segments, several value
+    blocks, strided inputs (column slices of one projection), ragged last chunks, T = 1."""
     shapes = [(1, 1, 1, 16, 16, "normal", None, False), (2, 7, 2, 16, 32, "normal", None, True),
               (1, 200, 1, 32, 64, "mid", None, False), (1, 200, 1, 32, 64, "strong", None, True),
               (1, 300, 1, 32, 64, "mixed", 3, True), (1, 300, 1, 32, 64, "normal", 3, False),

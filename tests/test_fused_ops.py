@@ -220,3 +220,17 @@ def test_fused_model_matches_reference_ops(name):
     out_f, _ = run(False, True)
     out_r, _ = run(True, True)
     assert rel(out_f, out_r) < 3e-2
+
+
+@pytest.mark.gpu
+def test_vig_block_compiles_without_graph_breaks():
+    """The custom ops (BiGLA, locality mix, SwiGLU) let torch.compile trace a whole ViG block."""
+    torch.manual_seed(0)
+    block = timm.create_model("vig_tiny", num_classes=0).blocks[0].cuda()
+    x = torch.randn(2, 196, 192, device="cuda", requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager, got = block(x, (14, 14)), compiled(x, (14, 14))
+    assert rel(got, eager) < 1e-2
+    (g_eager,), (g_got,) = (torch.autograd.grad(y.float().sum(), x) for y in (eager, got))
+    assert rel(g_got, g_eager) < 1e-2

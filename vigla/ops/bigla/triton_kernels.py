@@ -2,31 +2,26 @@
 
 Inputs are read in place in the ``[B, T, H, D]`` layout, strided views included (q, k, v can be
 column slices of one fused projection): no transposes, no flipped copies, no 2B batch, no 2x
-output. A program owns one (value block, sequence segment, batch*head) and sweeps its segment in
-chunks of ``CHUNK`` tokens, keeping ``[K, BV]`` fp32 states in registers:
+output. Work is split over (value block, sequence segment, batch*head) programs. A program walks
+its segment in chunks of ``BT`` tokens keeping ``[K, BV]`` fp32 states in registers:
 
-* forward: a right-to-left sweep runs the backward scan and stores ``o^b``; a left-to-right
-  sweep adds the forward scan's ``o^f``.
-* backward: a right-to-left sweep carries the backward scan's state (for ``dq^b``) and the
-  forward scan's state gradient (for ``dk^f, dv^f``); a left-to-right sweep carries the forward
-  state (``dq^f``) and the backward state gradient (``dk^b, dv^b``), sums the parts and forms
-  ``dlog_gb`` (prefix sums of ``q*dq^b - k*dk^b``); a last sweep turns ``q*dq^f - k*dk^f`` into
-  its suffix sums, ``dlog_gf``.
-
-Both directions share one chunk step: with ``p`` the in-chunk inclusive cumulative log decay in
-the scan's order and ``D`` the chunk's total, the intra-chunk decay between query i and key j is
-``exp(p_i - p_j)`` on the scan's triangle, the carried state enters as ``(q * exp(p)) S`` and the
-chunk's keys leave as ``k * exp(D - p)``; every exponent there is <= 0.
-
-Intra-chunk scores go through tensor cores, factored around the chunk's per-channel maximum of
-``p`` (one factor <= 1, the other <= exp(spread)). A chunk whose spread exceeds ``SAFE_SPREAD``
-(log decays below about -0.6 per token somewhere in it) is computed in sub-chunks of 16 tokens,
-elementwise, with exponents <= 0 only. So every finite log decay gives the exact result.
+* forward: a right-to-left pass computes the backward scan and stores ``o^b``; a left-to-right
+  pass adds the forward scan.
+* backward: a right-to-left pass carries the backward scan's state ``S^b`` (for ``dq^b``) and the
+  forward scan's state gradient ``dS^f`` (for ``dk^f, dv^f``); a left-to-right pass carries
+  ``S^f`` (``dq^f``) and ``dS^b`` (``dk^b, dv^b``), adds the stored partials and forms the
+  log-decay gradients, prefix sums of ``q*dq - k*dk`` per direction.
 
 Long sequences are cut into segments so that the grid fills the GPU: a summary kernel computes
 each segment's state contribution and total decay (and, for the backward, its state-gradient
-contribution), a scan kernel turns them into each segment's entering states, and (backward) a
-carry kernel adds the other segments' gate-gradient totals.
+contribution); a program folds the summaries of the segments before/after it into its incoming
+states (states only, ``[K, BV]`` each), and a last light kernel adds the gate-gradient carries.
+
+Intra-chunk scores ``sum_c q_ic k_jc exp(x_ic - x_jc)`` go through tensor cores, factored around
+the chunk's per-channel maximum of ``x`` so that one factor is <= 1 and the other <= exp(range);
+a chunk whose in-chunk decay range exceeds 30 (e.g. log decays of -20 per token) takes
+an exact ``[BT, BT, K]`` path in which every exponent is <= 0. Across chunks and segments only
+``exp(<= 0)`` factors appear. So every finite log decay gives the exact result.
 """
 from __future__ import annotations
 
@@ -36,525 +31,404 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch settings (module-level so that benchmarks/bench_bigla.py can compare them in one run).
-CHUNK = 64  # tokens per chunk on the fast path (32 or 64; 32 for d_k = 128)
-SUB = 16  # tokens per sub-chunk on the exact path
-# tensor-core products for half-precision inputs: "tf32" (fp32 operands rounded to tf32) or
-# "bf16" (operands rounded to bf16); fp32 inputs always take exact fp32 products ("ieee")
-DOT_MODE = "tf32"
-WARPS = {("fwd", 32): 4, ("fwd", 64): 8, ("bwd", 32): 4, ("bwd", 64): 8}  # per (pass, chunk)
-SAFE_SPREAD = tl.constexpr(40.0)  # largest in-chunk decay spread the factored products take
-_MODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+BT = 16  # tokens per chunk
 
 
 # ----------------------------------------------------------------------------------- helpers
 @triton.jit
-def _dot(a, b, MODE: tl.constexpr):
-    """fp32-accumulated product; MODE 0: fp32 products, 1: tf32, 2: bf16 operands."""
-    if MODE == 2:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
-    elif MODE == 1:
-        return tl.dot(a, b, input_precision="tf32")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
-def _load(ptr, rows, cols, stride, T):
-    """``[len(rows), len(cols)]`` fp32 tile (zero past ``T``)."""
+def _load_rows(ptr, rows, cols, stride, T):
+    """``[BT, len(cols)]`` fp32 tile of ``rows`` (zero past ``T``)."""
     mask = rows[:, None] < T
     return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store(ptr, rows, cols, stride, T, x):
+def _store_rows(ptr, rows, cols, stride, T, x):
     tl.store(ptr + rows[:, None] * stride + cols[None, :], x.to(ptr.dtype.element_ty),
              mask=rows[:, None] < T)
 
 
 @triton.jit
-def _tri(N: tl.constexpr, REVERSE: tl.constexpr):
-    """``[N, N]`` keys a query sees within a chunk: ``j <= i`` (forward), ``j >= i`` (backward)."""
-    o = tl.arange(0, N)
-    if REVERSE:
-        keep = o[:, None] <= o[None, :]
-    else:
-        keep = o[:, None] >= o[None, :]
-    return keep
+def _dot(a, b, TF32: tl.constexpr):
+    """fp32 operands and accumulation; ``TF32``: tensor-core tf32 products (half-precision inputs)."""
+    if TF32:
+        return tl.dot(a, b, input_precision="tf32")
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
-def _positions(g, REVERSE: tl.constexpr):
-    """``p``: in-chunk inclusive cumulative log decay in scan order ``[N, K]``; ``e``: the
-    exclusive one in the opposite order (``e = D - p``, summed directly so that it stays accurate
-    where it is small); ``D``: the chunk's total ``[K]``."""
-    if REVERSE:
-        p = tl.cumsum(g, axis=0, reverse=True)
-        e = tl.cumsum(g, axis=0) - g
-    else:
-        p = tl.cumsum(g, axis=0)
-        e = tl.cumsum(g, axis=0, reverse=True) - g
-    return p, e, tl.sum(g, axis=0)
+def _triangle(BT: tl.constexpr, UPPER: tl.constexpr):
+    o = tl.arange(0, BT)
+    if UPPER:
+        return o[:, None] <= o[None, :]  # j >= i: the backward scan
+    return o[:, None] >= o[None, :]  # j <= i: the forward scan
 
 
 @triton.jit
-def _spread(p):
-    """Largest per-channel range of ``p`` over the chunk (a scalar)."""
-    return tl.max(tl.max(p, axis=0) - tl.min(p, axis=0), axis=0)
+def _decay3(x, BT: tl.constexpr, UPPER: tl.constexpr):
+    """``[BT(i), BT(j), K]``: ``exp(x_i - x_j)`` on the triangle, 0 elsewhere (exponents <= 0)."""
+    keep = _triangle(BT, UPPER)
+    diff = x[:, None, :] - x[None, :, :]
+    return tl.exp(tl.where(keep[:, :, None], diff, float("-inf")))
 
 
 @triton.jit
-def _intra_terms(g, p, N: tl.constexpr, REVERSE: tl.constexpr, EXACT: tl.constexpr):
-    """The decays ``exp(p_i - p_j)`` of query i and key j on the triangle (``g``: the chunk's
-    log decays, ``p``: their cumulative sums from :func:`_positions`).
-
-    Factored (``EXACT`` off): ``(fq, fk)`` with ``fq_i * fk_j = exp(p_i - p_j)``, ``fq <= 1``.
-    ``EXACT``: the ``[N, N, K]`` tensor itself (zero off the triangle), twice.
-    """
-    if EXACT:
-        fq = tl.exp(tl.where(_tri(N, REVERSE)[:, :, None], p[:, None, :] - p[None, :, :], float("-inf")))
-        fk = fq
-    else:
-        hi = tl.max(p, axis=0)
-        fq = tl.exp(p - hi[None, :])
-        fk = tl.exp(hi[None, :] - p)
-    return fq, fk
+def _is_safe(x):
+    """Per-channel max of ``x`` over the chunk and whether the factored path is safe."""
+    hi = tl.max(x, axis=0)
+    rng = tl.max(hi - tl.min(x, axis=0), axis=0)
+    return hi, rng < 30.0  # exp(30) keeps every factor far inside the fp32/bf16 range
 
 
 @triton.jit
-def _scores(a, b, fq, fk, N: tl.constexpr, REVERSE: tl.constexpr, MODE: tl.constexpr,
-            EXACT: tl.constexpr):
-    """``[N, N]``: ``sum_c a_ic b_jc exp(p_ic - p_jc)`` on the triangle."""
-    if EXACT:
-        s = tl.sum(a[:, None, :] * b[None, :, :] * fq, axis=2)
+def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+    """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle."""
+    hi, safe = _is_safe(x)
+    if safe:
+        s = _dot(a * tl.exp(x - hi[None, :]), tl.trans(b * tl.exp(hi[None, :] - x)), TF32)
+        s = tl.where(_triangle(BT, UPPER), s, 0.0)
     else:
-        s = tl.where(_tri(N, REVERSE), _dot(a * fq, tl.trans(b * fk), MODE), 0.0)
+        s = tl.sum(a[:, None, :] * b[None, :, :] * _decay3(x, BT, UPPER), axis=2)
     return s
 
 
 @triton.jit
-def _mix_rows(w, y, fq, fk, MODE: tl.constexpr, EXACT: tl.constexpr):
-    """``[N, K]``: ``r_i = sum_j w_ij y_j exp(p_i - p_j)`` (``w`` zero off the triangle)."""
-    if EXACT:
-        r = tl.sum(w[:, :, None] * y[None, :, :] * fq, axis=1)
+def _mix_rows(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+    """``[BT, K]``: ``r_i = sum_j w_ij y_j exp(x_i - x_j)`` (``w`` zero off the triangle)."""
+    hi, safe = _is_safe(x)
+    if safe:
+        r = _dot(w, y * tl.exp(hi[None, :] - x), TF32) * tl.exp(x - hi[None, :])
     else:
-        r = _dot(w, y * fk, MODE) * fq
+        r = tl.sum(w[:, :, None] * y[None, :, :] * _decay3(x, BT, UPPER), axis=1)
     return r
 
 
 @triton.jit
-def _mix_cols(w, y, fq, fk, MODE: tl.constexpr, EXACT: tl.constexpr):
-    """``[N, K]``: ``r_j = sum_i w_ij y_i exp(p_i - p_j)`` (``w`` zero off the triangle)."""
-    if EXACT:
-        r = tl.sum(w[:, :, None] * y[:, None, :] * fq, axis=0)
+def _mix_cols(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+    """``[BT, K]``: ``r_j = sum_i w_ij y_i exp(x_i - x_j)`` (``w`` zero off the triangle)."""
+    hi, safe = _is_safe(x)
+    if safe:
+        r = _dot(tl.trans(w), y * tl.exp(x - hi[None, :]), TF32) * tl.exp(hi[None, :] - x)
     else:
-        r = _dot(tl.trans(w), y * fq, MODE) * fk
+        r = tl.sum(w[:, :, None] * y[:, None, :] * _decay3(x, BT, UPPER), axis=0)
     return r
 
 
 @triton.jit
-def _sub_index(s, NS: tl.constexpr, REVERSE: tl.constexpr):
-    """The ``s``-th sub-chunk of a chunk in scan order."""
-    if REVERSE:
-        i = NS - 1 - s
-    else:
-        i = s
-    return i
+def _fold(state, u_ptr, d_ptr, first, count, step, ck, cv, V: tl.constexpr, K: tl.constexpr):
+    """``state <- exp(d_m) * state + u_m`` for m = first, first+step, ... (count terms).
 
-
-# ----------------------------------------------------------------------------------- forward
-@triton.jit
-def _fwd_tile(q, k, v, o, rows, T, sqt, svt, sot, ck, cv, g, p, e, D, state, hs,
-              N: tl.constexpr, REVERSE: tl.constexpr, ACCUM: tl.constexpr, MODE: tl.constexpr,
-              EXACT: tl.constexpr):
-    """One direction's output for ``N`` rows (stored, or added to what ``o`` holds); returns the
-    state passed on in scan order. ``g, p, e, D``: the rows' log decays and :func:`_positions`."""
-    b_q = _load(q, rows, ck, sqt, T)
-    b_k = _load(k, rows, ck, sqt, T)
-    b_v = _load(v, rows, cv, svt, T)
-    fq, fk = _intra_terms(g, p, N, REVERSE, EXACT)
-    a = _scores(b_q, b_k, fq, fk, N, REVERSE, MODE, EXACT)
-    out = (_dot(a, b_v, MODE) + _dot(b_q * tl.exp(p), state, MODE)) * hs
-    if ACCUM:
-        out += _load(o, rows, cv, sot, T)
-    _store(o, rows, cv, sot, T, out)
-    return state * tl.exp(D)[:, None] + _dot(tl.trans(b_k * tl.exp(e)), b_v, MODE)
-
-
-@triton.jit
-def _fwd_chunk(q, k, v, g, o, t0, T, sqt, svt, sgt, sot, ck, cv, state, hs,
-               BT: tl.constexpr, BS: tl.constexpr, REVERSE: tl.constexpr, ACCUM: tl.constexpr,
-               MODE: tl.constexpr):
-    rows = t0 + tl.arange(0, BT)
-    b_g = _load(g, rows, ck, sgt, T)
-    p, e, D = _positions(b_g, REVERSE)
-    if _spread(p) < SAFE_SPREAD:
-        state = _fwd_tile(q, k, v, o, rows, T, sqt, svt, sot, ck, cv, b_g, p, e, D, state, hs,
-                          BT, REVERSE, ACCUM, MODE, False)
-    else:  # steep decays: sub-chunks in scan order, elementwise
-        for s in tl.static_range(BT // BS):
-            rows_s = t0 + _sub_index(s, BT // BS, REVERSE) * BS + tl.arange(0, BS)
-            g_s = _load(g, rows_s, ck, sgt, T)
-            p_s, e_s, D_s = _positions(g_s, REVERSE)
-            state = _fwd_tile(q, k, v, o, rows_s, T, sqt, svt, sot, ck, cv, g_s, p_s, e_s, D_s,
-                              state, hs, BS, REVERSE, ACCUM, MODE, True)
+    ``u_ptr``: ``[NSEG, K, V]`` fp32 summaries of one batch*head; ``d_ptr``: ``[NSEG, K]``.
+    """
+    for i in range(0, count):
+        m = first + i * step
+        d = tl.load(d_ptr + m * K + ck)
+        u = tl.load(u_ptr + m * K * V + ck[:, None] * V + cv[None, :])
+        state = state * tl.exp(d)[:, None] + u
     return state
 
 
-@triton.jit
-def _load_state(ptr, i_bh, i_s, NSEG, ck, cv, V, K: tl.constexpr):
-    """``[K, BV]`` slice of a ``[B*H, NSEG, K, V]`` fp32 state buffer."""
-    return tl.load(ptr + ((i_bh * NSEG + i_s) * K + ck[:, None]) * V + cv[None, :])
-
-
-@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
-def _fwd_kernel(q, k, v, gf, gb, o, s_f, s_b, T, H, scale, L, NSEG,
-                sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
-                V, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                BV: tl.constexpr, MODE: tl.constexpr, SEGMENTED: tl.constexpr):
-    """``s_f`` / ``s_b``: each segment's entering forward / backward state (when SEGMENTED)."""
-    i_v = tl.program_id(0)
-    i_s = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)  # int64 base offsets; in-sequence offsets stay int32
-    i_b = i_bh // H
-    i_h = i_bh % H
-    q += i_b * sqb + i_h * sqh
-    k += i_b * sqb + i_h * sqh
-    v += i_b * svb + i_h * svh
-    gf += i_b * sgb + i_h * sgh
-    gb += i_b * sgb + i_h * sgh
-    o += (i_b * T * H + i_h) * V
-    sot = H * V
-    ck = tl.arange(0, K)
-    cv = i_v * BV + tl.arange(0, BV)
-    start = i_s * L
-    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
-    hs = 0.5 * scale
-
-    # right to left: the backward scan, o <- o^b
-    state = tl.zeros([K, BV], dtype=tl.float32)
-    if SEGMENTED:
-        state = _load_state(s_b, i_bh, i_s, NSEG, ck, cv, V, K)
-    for i in range(0, n_chunks):
-        state = _fwd_chunk(q, k, v, gb, o, start + (n_chunks - 1 - i) * BT, T, sqt, svt, sgt, sot,
-                           ck, cv, state, hs, BT, BS, True, False, MODE)
-    tl.debug_barrier()
-    # left to right: the forward scan, o <- o^b + o^f
-    state = tl.zeros([K, BV], dtype=tl.float32)
-    if SEGMENTED:
-        state = _load_state(s_f, i_bh, i_s, NSEG, ck, cv, V, K)
-    for i in range(0, n_chunks):
-        state = _fwd_chunk(q, k, v, gf, o, start + i * BT, T, sqt, svt, sgt, sot,
-                           ck, cv, state, hs, BT, BS, False, True, MODE)
-
-
-# ----------------------------------------------------------------------------------- segments
-@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
-def _summary_kernel(q, k, v, gf, gb, do, u_f, u_b, w_f, w_b, d_f, d_b, T, H, scale, L, NSEG,
-                    sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
-                    V, K: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                    MODE: tl.constexpr, GRAD: tl.constexpr):
-    """Per segment: its contribution to the forward state at its end (``u_f``) and to the
-    backward state at its start (``u_b``), its total log decays (``d_f``, ``d_b``) and, with
-    ``GRAD``, its queries' contribution to the gradient of the forward state at its start
-    (``w_f``) and of the backward state at its end (``w_b``). ``do``: contiguous ``[B, T, H, V]``."""
-    i_v = tl.program_id(0)
-    i_s = tl.program_id(1)
+# ----------------------------------------------------------------------------------- forward
+@triton.jit(do_not_specialize=["T", "H", "L", "NSEG"])
+def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
+                    sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                    TF32: tl.constexpr):
+    """Per segment: its contribution to the forward state at its end (``uf``) and to the backward
+    state at its start (``ub``), and its total log decays (``df``, ``db``)."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    q += i_b * sqb + i_h * sqh
-    k += i_b * sqb + i_h * sqh
-    v += i_b * svb + i_h * svh
-    gf += i_b * sgb + i_h * sgh
-    gb += i_b * sgb + i_h * sgh
-    do += (i_b * T * H + i_h) * V
+    off_k = (i_b * T * H + i_h) * K  # contiguous [B, T, H, K] buffers (outputs, partials)
+    off_v = (i_b * T * H + i_h) * V  # contiguous [B, T, H, V] buffers
+    off_q = i_b * sqb + i_h * sqh  # the (possibly strided) inputs
+    off_x = i_b * svb + i_h * svh
+    off_g = i_b * sgb + i_h * sgh
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
     ot = tl.arange(0, BT)
     start = i_s * L
-    hs = 0.5 * scale
-    uf = tl.zeros([K, BV], dtype=tl.float32)
-    ub = tl.zeros([K, BV], dtype=tl.float32)
-    wf = tl.zeros([K, BV], dtype=tl.float32)
-    wb = tl.zeros([K, BV], dtype=tl.float32)
+    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
+    s_f = tl.zeros([K, BV], dtype=tl.float32)
+    s_b = tl.zeros([K, BV], dtype=tl.float32)
     acc_f = tl.zeros([K], dtype=tl.float32)
     acc_b = tl.zeros([K], dtype=tl.float32)
-    for n in range(0, tl.cdiv(tl.minimum(T - start, L), BT)):
+    for n in range(0, n_chunks):
         rows = start + n * BT + ot
-        b_k = _load(k, rows, ck, sqt, T)
-        b_v = _load(v, rows, cv, svt, T)
-        p_f, e_f, D_f = _positions(_load(gf, rows, ck, sgt, T), False)
-        p_b, e_b, D_b = _positions(_load(gb, rows, ck, sgt, T), True)
-        uf = uf * tl.exp(D_f)[:, None] + _dot(tl.trans(b_k * tl.exp(e_f)), b_v, MODE)
-        ub += _dot(tl.trans(b_k * tl.exp(acc_b[None, :] + e_b)), b_v, MODE)
-        if GRAD:
-            b_q = _load(q, rows, ck, sqt, T)
-            b_do = _load(do, rows, cv, H * V, T) * hs
-            wf += _dot(tl.trans(b_q * tl.exp(acc_f[None, :] + p_f)), b_do, MODE)
-            wb = wb * tl.exp(D_b)[:, None] + _dot(tl.trans(b_q * tl.exp(p_b)), b_do, MODE)
-        acc_f += D_f
-        acc_b += D_b
-    off = ((i_bh * NSEG + i_s) * K + ck[:, None]) * V + cv[None, :]
-    tl.store(u_f + off, uf)
-    tl.store(u_b + off, ub)
-    if GRAD:
-        tl.store(w_f + off, wf)
-        tl.store(w_b + off, wb)
+        b_k = _load_rows(k + off_q, rows, ck, sqt, T)
+        b_v = _load_rows(v + off_x, rows, cv, svt, T)
+        g_f = _load_rows(gf + off_g, rows, ck, sgt, T)
+        g_b = _load_rows(gb + off_g, rows, ck, sgt, T)
+        b = tl.cumsum(g_f, axis=0)
+        last = tl.sum(g_f, axis=0)
+        s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
+        acc_f += last
+        c = tl.cumsum(g_b, axis=0) - g_b + acc_b[None, :]  # decay from the segment start
+        s_b += _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
+        acc_b += tl.sum(g_b, axis=0)
+    off_u = (i_bh * NSEG + i_s) * K * V
+    tl.store(uf + off_u + ck[:, None] * V + cv[None, :], s_f)
+    tl.store(ub + off_u + ck[:, None] * V + cv[None, :], s_b)
     if i_v == 0:
-        tl.store(d_f + (i_bh * NSEG + i_s) * K + ck, acc_f)
-        tl.store(d_b + (i_bh * NSEG + i_s) * K + ck, acc_b)
+        tl.store(df + (i_bh * NSEG + i_s) * K + ck, acc_f)
+        tl.store(db + (i_bh * NSEG + i_s) * K + ck, acc_b)
 
 
-@triton.jit(do_not_specialize=["NSEG"])
-def _scan_kernel(u_f, u_b, w_f, w_b, d_f, d_b, NSEG, V, K: tl.constexpr,
-                 BV: tl.constexpr, GRAD: tl.constexpr):
-    """In place, segment summaries -> each segment's entering states: ``u_f`` the forward state
-    (from the left), ``u_b`` the backward state (from the right); with ``GRAD``, ``w_f`` the
-    forward state gradient (from the right) and ``w_b`` the backward one (from the left)."""
-    i_v = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
+@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
+def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
+                sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                TF32: tl.constexpr):
+    i_v = tl.program_id(0).to(tl.int64)  # int64: offsets can pass 2**31 elements
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    off_k = (i_b * T * H + i_h) * K  # contiguous [B, T, H, K] buffers (outputs, partials)
+    off_v = (i_b * T * H + i_h) * V  # contiguous [B, T, H, V] buffers
+    off_q = i_b * sqb + i_h * sqh  # the (possibly strided) inputs
+    off_x = i_b * svb + i_h * svh
+    off_g = i_b * sgb + i_h * sgh
+    sk = H * K
+    sv = H * V
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
-    acc = tl.zeros([K, BV], dtype=tl.float32)
-    acc_w = tl.zeros([K, BV], dtype=tl.float32)
-    for m in range(0, NSEG):  # left to right
-        row = i_bh * NSEG + m
-        off = (row * K + ck[:, None]) * V + cv[None, :]
-        u = tl.load(u_f + off)
-        tl.store(u_f + off, acc)
-        acc = acc * tl.exp(tl.load(d_f + row * K + ck))[:, None] + u
-        if GRAD:
-            w = tl.load(w_b + off)
-            tl.store(w_b + off, acc_w)
-            acc_w = acc_w * tl.exp(tl.load(d_b + row * K + ck))[:, None] + w
-    acc = tl.zeros([K, BV], dtype=tl.float32)
-    acc_w = tl.zeros([K, BV], dtype=tl.float32)
-    for i in range(0, NSEG):  # right to left
-        row = i_bh * NSEG + NSEG - 1 - i
-        off = (row * K + ck[:, None]) * V + cv[None, :]
-        u = tl.load(u_b + off)
-        tl.store(u_b + off, acc)
-        acc = acc * tl.exp(tl.load(d_b + row * K + ck))[:, None] + u
-        if GRAD:
-            w = tl.load(w_f + off)
-            tl.store(w_f + off, acc_w)
-            acc_w = acc_w * tl.exp(tl.load(d_f + row * K + ck))[:, None] + w
+    ot = tl.arange(0, BT)
+    start = i_s * L
+    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
+    half_scale = 0.5 * scale
+    off_sum = i_bh * NSEG
+
+    # right to left: the backward scan, o <- o^b; entering state = the segments to the right
+    state = tl.zeros([K, BV], dtype=tl.float32)
+    state = _fold(state, ub + off_sum * K * V, db + off_sum * K, NSEG - 1, NSEG - 1 - i_s, -1, ck, cv, V, K)
+    for i in range(0, n_chunks):
+        rows = start + (n_chunks - 1 - i) * BT + ot
+        b_q = _load_rows(q + off_q, rows, ck, sqt, T)
+        b_k = _load_rows(k + off_q, rows, ck, sqt, T)
+        b_v = _load_rows(v + off_x, rows, cv, svt, T)
+        b_g = _load_rows(gb + off_g, rows, ck, sgt, T)
+        c = tl.cumsum(b_g, axis=0) - b_g  # exclusive: decay from the chunk start to j is exp(c_j)
+        tot = tl.sum(b_g, axis=0)
+        out = _dot(_scores(b_q, b_k, -c, BT, True, TF32), b_v, TF32)
+        out += _dot(b_q * tl.exp(tot[None, :] - c), state, TF32)
+        state = state * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
+        _store_rows(o + off_v, rows, cv, sv, T, out * half_scale)
+    tl.debug_barrier()
+
+    # left to right: the forward scan, o <- o^b + o^f; entering state = the segments to the left
+    state = tl.zeros([K, BV], dtype=tl.float32)
+    state = _fold(state, uf + off_sum * K * V, df + off_sum * K, 0, i_s, 1, ck, cv, V, K)
+    for n in range(0, n_chunks):
+        rows = start + n * BT + ot
+        b_q = _load_rows(q + off_q, rows, ck, sqt, T)
+        b_k = _load_rows(k + off_q, rows, ck, sqt, T)
+        b_v = _load_rows(v + off_x, rows, cv, svt, T)
+        b_g = _load_rows(gf + off_g, rows, ck, sgt, T)
+        b = tl.cumsum(b_g, axis=0)  # inclusive: decay from j to i is exp(b_i - b_j)
+        last = tl.sum(b_g, axis=0)
+        out = _dot(_scores(b_q, b_k, b, BT, False, TF32), b_v, TF32)
+        out += _dot(b_q * tl.exp(b), state, TF32)
+        state = state * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
+        prev = _load_rows(o + off_v, rows, cv, sv, T)
+        _store_rows(o + off_v, rows, cv, sv, T, prev + out * half_scale)
 
 
 # ----------------------------------------------------------------------------------- backward
-@triton.jit
-def _bwd_tile_rl(q, k, v, do, dq, dk, dv, rows, T, sqt, svt, sdt, skt, ck, cv,
-                 g_f, p_f, e_f, D_f, g_b, p_b, e_b, D_b, s_b, ds_f, hs, N: tl.constexpr,
-                 MODE: tl.constexpr, EXACT: tl.constexpr):
-    """Right-to-left step: ``dq^b`` (through the backward state ``s_b``) and ``dk^f, dv^f``
-    (through the forward state gradient ``ds_f``), stored as the first parts of dq, dk, dv."""
-    b_q = _load(q, rows, ck, sqt, T)
-    b_k = _load(k, rows, ck, sqt, T)
-    b_v = _load(v, rows, cv, svt, T)
-    b_do = _load(do, rows, cv, sdt, T) * hs
-    d_a = _dot(b_do, tl.trans(b_v), MODE)  # [N(i), N(j)]: do_i . v_j
-
-    fq, fk = _intra_terms(g_b, p_b, N, True, EXACT)
-    dq_b = _mix_rows(tl.where(_tri(N, True), d_a, 0.0), b_k, fq, fk, MODE, EXACT)
-    dq_b += _dot(b_do, tl.trans(s_b), MODE) * tl.exp(p_b)
-    s_b = s_b * tl.exp(D_b)[:, None] + _dot(tl.trans(b_k * tl.exp(e_b)), b_v, MODE)
-
-    fq, fk = _intra_terms(g_f, p_f, N, False, EXACT)
-    k_dec = tl.exp(e_f)
-    dk_f = _mix_cols(tl.where(_tri(N, False), d_a, 0.0), b_q, fq, fk, MODE, EXACT)
-    dk_f += _dot(b_v, tl.trans(ds_f), MODE) * k_dec
-    a_f = _scores(b_q, b_k, fq, fk, N, False, MODE, EXACT)
-    dv_f = _dot(tl.trans(a_f), b_do, MODE) + _dot(b_k * k_dec, ds_f, MODE)
-    ds_f = ds_f * tl.exp(D_f)[:, None] + _dot(tl.trans(b_q * tl.exp(p_f)), b_do, MODE)
-
-    _store(dq, rows, ck, skt, T, dq_b)
-    _store(dk, rows, ck, skt, T, dk_f)
-    _store(dv, rows, cv, sdt, T, dv_f)
-    return s_b, ds_f
-
-
-@triton.jit
-def _bwd_tile_lr(q, k, v, do, dq, dk, dv, dgf, dgb, rows, T, sqt, svt, sdt, skt, ck, cv,
-                 g_f, p_f, e_f, D_f, g_b, p_b, e_b, D_b, s_f, ds_b, carry_b, hs,
-                 N: tl.constexpr, MODE: tl.constexpr, EXACT: tl.constexpr):
-    """Left-to-right step: ``dq^f`` (through ``s_f``) and ``dk^b, dv^b`` (through ``ds_b``),
-    added to the stored parts; ``dgb`` (running prefix sum from ``carry_b``) and the terms
-    ``q*dq^f - k*dk^f`` of ``dgf`` (into ``dgf``, summed by the last sweep)."""
-    b_q = _load(q, rows, ck, sqt, T)
-    b_k = _load(k, rows, ck, sqt, T)
-    b_v = _load(v, rows, cv, svt, T)
-    b_do = _load(do, rows, cv, sdt, T) * hs
-    d_a = _dot(b_do, tl.trans(b_v), MODE)
-
-    fq, fk = _intra_terms(g_f, p_f, N, False, EXACT)
-    dq_f = _mix_rows(tl.where(_tri(N, False), d_a, 0.0), b_k, fq, fk, MODE, EXACT)
-    dq_f += _dot(b_do, tl.trans(s_f), MODE) * tl.exp(p_f)
-    s_f = s_f * tl.exp(D_f)[:, None] + _dot(tl.trans(b_k * tl.exp(e_f)), b_v, MODE)
-
-    fq, fk = _intra_terms(g_b, p_b, N, True, EXACT)
-    k_dec = tl.exp(e_b)
-    dk_b = _mix_cols(tl.where(_tri(N, True), d_a, 0.0), b_q, fq, fk, MODE, EXACT)
-    dk_b += _dot(b_v, tl.trans(ds_b), MODE) * k_dec
-    a_b = _scores(b_q, b_k, fq, fk, N, True, MODE, EXACT)
-    dv_b = _dot(tl.trans(a_b), b_do, MODE) + _dot(b_k * k_dec, ds_b, MODE)
-    ds_b = ds_b * tl.exp(D_b)[:, None] + _dot(tl.trans(b_q * tl.exp(p_b)), b_do, MODE)
-
-    dq_b = _load(dq, rows, ck, skt, T)
-    dk_f = _load(dk, rows, ck, skt, T)
-    w_b = b_q * dq_b - b_k * dk_b
-    _store(dq, rows, ck, skt, T, dq_b + dq_f)
-    _store(dk, rows, ck, skt, T, dk_f + dk_b)
-    _store(dv, rows, cv, sdt, T, _load(dv, rows, cv, sdt, T) + dv_b)
-    _store(dgb, rows, ck, skt, T, tl.cumsum(w_b, axis=0) + carry_b[None, :])
-    _store(dgf, rows, ck, skt, T, b_q * dq_f - b_k * dk_f)
-    return s_f, ds_b, carry_b + tl.sum(w_b, axis=0)
-
-
-@triton.jit
-def _bwd_chunk_rl(q, k, v, gf, gb, do, dq, dk, dv, t0, T, sqt, svt, sgt, sdt, skt, ck, cv,
-                  s_b, ds_f, hs, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr):
-    rows = t0 + tl.arange(0, BT)
-    g_f = _load(gf, rows, ck, sgt, T)
-    g_b = _load(gb, rows, ck, sgt, T)
-    p_f, e_f, D_f = _positions(g_f, False)
-    p_b, e_b, D_b = _positions(g_b, True)
-    if tl.maximum(_spread(p_f), _spread(p_b)) < SAFE_SPREAD:
-        s_b, ds_f = _bwd_tile_rl(q, k, v, do, dq, dk, dv, rows, T, sqt, svt, sdt, skt, ck, cv,
-                                 g_f, p_f, e_f, D_f, g_b, p_b, e_b, D_b, s_b, ds_f, hs, BT, MODE,
-                                 False)
-    else:
-        for s in tl.static_range(BT // BS):  # steep decays: sub-chunks, elementwise
-            rows_s = t0 + (BT // BS - 1 - s) * BS + tl.arange(0, BS)
-            gf_s = _load(gf, rows_s, ck, sgt, T)
-            gb_s = _load(gb, rows_s, ck, sgt, T)
-            pf_s, ef_s, Df_s = _positions(gf_s, False)
-            pb_s, eb_s, Db_s = _positions(gb_s, True)
-            s_b, ds_f = _bwd_tile_rl(q, k, v, do, dq, dk, dv, rows_s, T, sqt, svt, sdt, skt, ck, cv,
-                                     gf_s, pf_s, ef_s, Df_s, gb_s, pb_s, eb_s, Db_s, s_b, ds_f, hs,
-                                     BS, MODE, True)
-    return s_b, ds_f
-
-
-@triton.jit
-def _bwd_chunk_lr(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, t0, T, sqt, svt, sgt, sdt, skt,
-                  ck, cv, s_f, ds_b, carry_b, hs, BT: tl.constexpr, BS: tl.constexpr,
-                  MODE: tl.constexpr):
-    rows = t0 + tl.arange(0, BT)
-    g_f = _load(gf, rows, ck, sgt, T)
-    g_b = _load(gb, rows, ck, sgt, T)
-    p_f, e_f, D_f = _positions(g_f, False)
-    p_b, e_b, D_b = _positions(g_b, True)
-    if tl.maximum(_spread(p_f), _spread(p_b)) < SAFE_SPREAD:
-        s_f, ds_b, carry_b = _bwd_tile_lr(q, k, v, do, dq, dk, dv, dgf, dgb, rows, T, sqt, svt,
-                                          sdt, skt, ck, cv, g_f, p_f, e_f, D_f, g_b, p_b, e_b,
-                                          D_b, s_f, ds_b, carry_b, hs, BT, MODE, False)
-    else:
-        for s in tl.static_range(BT // BS):  # steep decays: sub-chunks, elementwise
-            rows_s = t0 + s * BS + tl.arange(0, BS)
-            gf_s = _load(gf, rows_s, ck, sgt, T)
-            gb_s = _load(gb, rows_s, ck, sgt, T)
-            pf_s, ef_s, Df_s = _positions(gf_s, False)
-            pb_s, eb_s, Db_s = _positions(gb_s, True)
-            s_f, ds_b, carry_b = _bwd_tile_lr(q, k, v, do, dq, dk, dv, dgf, dgb, rows_s, T, sqt,
-                                              svt, sdt, skt, ck, cv, gf_s, pf_s, ef_s, Df_s, gb_s,
-                                              pb_s, eb_s, Db_s, s_f, ds_b, carry_b, hs, BS, MODE,
-                                              True)
-    return s_f, ds_b, carry_b
-
-
-@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG", "PART"])
-def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_f, tot_b, s_f, s_b, ds_f, ds_b,
-                T, H, scale, L, NSEG, PART, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
-                V, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                BV: tl.constexpr, MODE: tl.constexpr, SEGMENTED: tl.constexpr):
-    """``do``, ``dv``: contiguous ``[B, T, H, V]``; ``dq, dk, dgf, dgb``: contiguous
-    ``[B, T, H, K]`` per value block, ``PART`` elements apart (the caller sums the blocks);
-    ``tot_f, tot_b``: ``[NV, B*H, NSEG, K]`` fp32 per-segment gate-gradient totals;
-    ``s_f, s_b, ds_f, ds_b``: entering states and state gradients (when SEGMENTED)."""
-    i_v = tl.program_id(0)
-    i_s = tl.program_id(1)
+@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
+def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
+                         sqb, sqt, sqh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                         TF32: tl.constexpr):
+    """Per segment: its queries' contribution to the gradient of the forward state before it
+    (``wf``) and of the backward state after it (``wb``)."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    q += i_b * sqb + i_h * sqh
-    k += i_b * sqb + i_h * sqh
-    v += i_b * svb + i_h * svh
-    gf += i_b * sgb + i_h * sgh
-    gb += i_b * sgb + i_h * sgh
-    do += (i_b * T * H + i_h) * V
-    dv += (i_b * T * H + i_h) * V
-    off_k = i_v.to(tl.int64) * PART + (i_b * T * H + i_h) * K
-    dq += off_k
-    dk += off_k
-    dgf += off_k
-    dgb += off_k
-    sdt = H * V
-    skt = H * K
+    off_k = (i_b * T * H + i_h) * K  # contiguous [B, T, H, K] buffers (outputs, partials)
+    off_v = (i_b * T * H + i_h) * V  # contiguous [B, T, H, V] buffers
+    off_q = i_b * sqb + i_h * sqh  # the (possibly strided) inputs
+    off_g = i_b * sgb + i_h * sgh
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
+    ot = tl.arange(0, BT)
     start = i_s * L
     n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
-    hs = 0.5 * scale
-
-    # right to left: backward state (dq^b), forward state gradient (dk^f, dv^f)
-    st = tl.zeros([K, BV], dtype=tl.float32)
-    ds = tl.zeros([K, BV], dtype=tl.float32)
-    if SEGMENTED:
-        st = _load_state(s_b, i_bh, i_s, NSEG, ck, cv, V, K)
-        ds = _load_state(ds_f, i_bh, i_s, NSEG, ck, cv, V, K)
-    for i in range(0, n_chunks):
-        st, ds = _bwd_chunk_rl(q, k, v, gf, gb, do, dq, dk, dv, start + (n_chunks - 1 - i) * BT,
-                               T, sqt, svt, sgt, sdt, skt, ck, cv, st, ds, hs, BT, BS, MODE)
-    tl.debug_barrier()
-    # left to right: forward state (dq^f), backward state gradient (dk^b, dv^b), dgb
-    st = tl.zeros([K, BV], dtype=tl.float32)
-    ds = tl.zeros([K, BV], dtype=tl.float32)
-    if SEGMENTED:
-        st = _load_state(s_f, i_bh, i_s, NSEG, ck, cv, V, K)
-        ds = _load_state(ds_b, i_bh, i_s, NSEG, ck, cv, V, K)
-    carry_b = tl.zeros([K], dtype=tl.float32)
-    for i in range(0, n_chunks):
-        st, ds, carry_b = _bwd_chunk_lr(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, start + i * BT,
-                                        T, sqt, svt, sgt, sdt, skt, ck, cv, st, ds, carry_b, hs,
-                                        BT, BS, MODE)
-    tl.debug_barrier()
-    # right to left: dgf_t = sum over r >= t (within the segment) of q*dq^f - k*dk^f
-    carry_f = tl.zeros([K], dtype=tl.float32)
-    for i in range(0, n_chunks):
-        rows = start + (n_chunks - 1 - i) * BT + tl.arange(0, BT)
-        w = _load(dgf, rows, ck, skt, T)
-        _store(dgf, rows, ck, skt, T, tl.cumsum(w, axis=0, reverse=True) + carry_f[None, :])
-        carry_f += tl.sum(w, axis=0)
-    if SEGMENTED:
-        off_tot = ((i_v * tl.num_programs(2) + i_bh) * NSEG + i_s) * K + ck
-        tl.store(tot_f + off_tot, carry_f)
-        tl.store(tot_b + off_tot, carry_b)
+    half_scale = 0.5 * scale
+    g_fwd = tl.zeros([K, BV], dtype=tl.float32)
+    g_bwd = tl.zeros([K, BV], dtype=tl.float32)
+    acc_f = tl.zeros([K], dtype=tl.float32)
+    for n in range(0, n_chunks):
+        rows = start + n * BT + ot
+        b_q = _load_rows(q + off_q, rows, ck, sqt, T)
+        b_do = _load_rows(do + off_v, rows, cv, H * V, T) * half_scale
+        g_f = _load_rows(gf + off_g, rows, ck, sgt, T)
+        g_b = _load_rows(gb + off_g, rows, ck, sgt, T)
+        b = tl.cumsum(g_f, axis=0) + acc_f[None, :]
+        g_fwd += _dot(tl.trans(b_q * tl.exp(b)), b_do, TF32)
+        acc_f += tl.sum(g_f, axis=0)
+        c = tl.cumsum(g_b, axis=0) - g_b
+        tot = tl.sum(g_b, axis=0)
+        g_bwd = g_bwd * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, TF32)
+    off_u = (i_bh * NSEG + i_s) * K * V
+    tl.store(wf + off_u + ck[:, None] * V + cv[None, :], g_fwd)
+    tl.store(wb + off_u + ck[:, None] * V + cv[None, :], g_bwd)
 
 
-@triton.jit(do_not_specialize=["T", "H", "L", "NSEG", "PART"])
-def _gate_carry_kernel(dgf, dgb, tot_f, tot_b, T, H, L, NSEG, PART, K: tl.constexpr,
-                       BT: tl.constexpr):
-    """Adds the other segments' totals: dgf += sum of later segments, dgb += sum of earlier ones."""
-    i_v = tl.program_id(0)
-    i_s = tl.program_id(1)
+@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
+def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
+                uf, ub, df, db, wf, wb, T, H, scale, L, NSEG,
+                sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                TF32: tl.constexpr):
+    """dq, dk, dgf, dgb: fp32 ``[NV, B, T, H, K]`` partials (summed over value blocks by the
+    caller); dv: fp32 ``[B, T, H, V]``; tot_wf, tot_wb: fp32 ``[NV, B*H, NSEG, K]`` per-segment
+    totals of the gate-gradient terms (the carries between segments)."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    BH = tl.num_programs(2)
+    off_k = (i_b * T * H + i_h) * K  # contiguous [B, T, H, K] buffers (outputs, partials)
+    off_v = (i_b * T * H + i_h) * V  # contiguous [B, T, H, V] buffers
+    off_q = i_b * sqb + i_h * sqh  # the (possibly strided) inputs
+    off_x = i_b * svb + i_h * svh
+    off_g = i_b * sgb + i_h * sgh
+    off_part = i_v * BH * T * K + off_k  # this value block's slice of the partial buffers
+    sk = H * K
+    sv = H * V
     ck = tl.arange(0, K)
-    base = (i_v * tl.num_programs(2) + i_bh) * NSEG * K
+    cv = i_v * BV + tl.arange(0, BV)
+    ot = tl.arange(0, BT)
+    start = i_s * L
+    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
+    half_scale = 0.5 * scale
+    off_sum = i_bh * NSEG
+
+    # right to left: S^b (for dq^b) and dS^f (for dk^f, dv^f)
+    s_b = tl.zeros([K, BV], dtype=tl.float32)
+    s_b = _fold(s_b, ub + off_sum * K * V, db + off_sum * K, NSEG - 1, NSEG - 1 - i_s, -1, ck, cv, V, K)
+    ds_f = tl.zeros([K, BV], dtype=tl.float32)
+    ds_f = _fold(ds_f, wf + off_sum * K * V, df + off_sum * K, NSEG - 1, NSEG - 1 - i_s, -1, ck, cv, V, K)
+    for i in range(0, n_chunks):
+        rows = start + (n_chunks - 1 - i) * BT + ot
+        b_q = _load_rows(q + off_q, rows, ck, sqt, T)
+        b_k = _load_rows(k + off_q, rows, ck, sqt, T)
+        b_v = _load_rows(v + off_x, rows, cv, svt, T)
+        b_do = _load_rows(do + off_v, rows, cv, sv, T) * half_scale
+        g_f = _load_rows(gf + off_g, rows, ck, sgt, T)
+        g_b = _load_rows(gb + off_g, rows, ck, sgt, T)
+        b = tl.cumsum(g_f, axis=0)
+        last = tl.sum(g_f, axis=0)
+        c = tl.cumsum(g_b, axis=0) - g_b
+        tot = tl.sum(g_b, axis=0)
+        d_scores = _dot(b_do, tl.trans(b_v), TF32)  # [BT(i), BT(j)]: do_i . v_j
+
+        # forward scan: dk^f, dv^f (within the chunk, and through dS^f)
+        tri_f = _triangle(BT, False)
+        k_dec = tl.exp(last[None, :] - b)
+        dk_f = _mix_cols(tl.where(tri_f, d_scores, 0.0), b_q, b, BT, False, TF32)
+        dk_f += _dot(b_v, tl.trans(ds_f), TF32) * k_dec
+        dv_f = _dot(tl.trans(_scores(b_q, b_k, b, BT, False, TF32)), b_do, TF32)
+        dv_f += _dot(b_k * k_dec, ds_f, TF32)
+        ds_f = ds_f * tl.exp(last)[:, None] + _dot(tl.trans(b_q * tl.exp(b)), b_do, TF32)
+
+        # backward scan: dq^b (within the chunk, and through S^b)
+        tri_b = _triangle(BT, True)
+        dq_b = _mix_rows(tl.where(tri_b, d_scores, 0.0), b_k, -c, BT, True, TF32)
+        dq_b += _dot(b_do, tl.trans(s_b), TF32) * tl.exp(tot[None, :] - c)
+        s_b = s_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
+
+        _store_rows(dq + off_part, rows, ck, sk, T, dq_b)
+        _store_rows(dk + off_part, rows, ck, sk, T, dk_f)
+        _store_rows(dv + off_v, rows, cv, sv, T, dv_f)
+    tl.debug_barrier()
+
+    # left to right: S^f (for dq^f) and dS^b (for dk^b, dv^b); totals and gate gradients
+    s_f = tl.zeros([K, BV], dtype=tl.float32)
+    s_f = _fold(s_f, uf + off_sum * K * V, df + off_sum * K, 0, i_s, 1, ck, cv, V, K)
+    ds_b = tl.zeros([K, BV], dtype=tl.float32)
+    ds_b = _fold(ds_b, wb + off_sum * K * V, db + off_sum * K, 0, i_s, 1, ck, cv, V, K)
+    carry_b = tl.zeros([K], dtype=tl.float32)
+    carry_f = tl.zeros([K], dtype=tl.float32)
+    for n in range(0, n_chunks):
+        rows = start + n * BT + ot
+        b_q = _load_rows(q + off_q, rows, ck, sqt, T)
+        b_k = _load_rows(k + off_q, rows, ck, sqt, T)
+        b_v = _load_rows(v + off_x, rows, cv, svt, T)
+        b_do = _load_rows(do + off_v, rows, cv, sv, T) * half_scale
+        g_f = _load_rows(gf + off_g, rows, ck, sgt, T)
+        g_b = _load_rows(gb + off_g, rows, ck, sgt, T)
+        b = tl.cumsum(g_f, axis=0)
+        last = tl.sum(g_f, axis=0)
+        c = tl.cumsum(g_b, axis=0) - g_b
+        tot = tl.sum(g_b, axis=0)
+        d_scores = _dot(b_do, tl.trans(b_v), TF32)
+
+        # forward scan: dq^f
+        tri_f = _triangle(BT, False)
+        dq_f = _mix_rows(tl.where(tri_f, d_scores, 0.0), b_k, b, BT, False, TF32)
+        dq_f += _dot(b_do, tl.trans(s_f), TF32) * tl.exp(b)
+        s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
+
+        # backward scan: dk^b, dv^b
+        tri_b = _triangle(BT, True)
+        dk_b = _mix_cols(tl.where(tri_b, d_scores, 0.0), b_q, -c, BT, True, TF32)
+        dk_b += _dot(b_v, tl.trans(ds_b), TF32) * tl.exp(c)
+        dv_b = _dot(tl.trans(_scores(b_q, b_k, -c, BT, True, TF32)), b_do, TF32)
+        dv_b += _dot(b_k * tl.exp(c), ds_b, TF32)
+        ds_b = ds_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, TF32)
+
+        dq_b = _load_rows(dq + off_part, rows, ck, sk, T)
+        dk_f = _load_rows(dk + off_part, rows, ck, sk, T)
+        dv_f = _load_rows(dv + off_v, rows, cv, sv, T)
+        # log-decay gradients (within the segment): dgb_t = sum_{r<=t} w^b_r, dgf_t = sum_{r>=t} w^f_r
+        w_b = b_q * dq_b - b_k * dk_b
+        w_f = b_q * dq_f - b_k * dk_f
+        cw_b = tl.cumsum(w_b, axis=0) + carry_b[None, :]
+        carry_b += tl.sum(w_b, axis=0)
+        cw_f = tl.cumsum(w_f, axis=0) + carry_f[None, :]
+        carry_f += tl.sum(w_f, axis=0)
+        _store_rows(dq + off_part, rows, ck, sk, T, dq_b + dq_f)
+        _store_rows(dk + off_part, rows, ck, sk, T, dk_f + dk_b)
+        _store_rows(dv + off_v, rows, cv, sv, T, dv_f + dv_b)
+        _store_rows(dgb + off_part, rows, ck, sk, T, cw_b)
+        _store_rows(dgf + off_part, rows, ck, sk, T, cw_f - w_f)  # prefix sum before t
+    tl.debug_barrier()
+    for n in range(0, n_chunks):  # dgf_t = segment total - prefix before t
+        rows = start + n * BT + ot
+        before = _load_rows(dgf + off_part, rows, ck, sk, T)
+        _store_rows(dgf + off_part, rows, ck, sk, T, carry_f[None, :] - before)
+    off_tot = ((i_v * BH + i_bh) * NSEG + i_s) * K
+    tl.store(tot_wf + off_tot + ck, carry_f)
+    tl.store(tot_wb + off_tot + ck, carry_b)
+
+
+@triton.jit(do_not_specialize=["T", "H", "L", "NSEG"])
+def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, T, H, L, NSEG, K: tl.constexpr, BT: tl.constexpr):
+    """Adds the other segments' totals: dgf += sum of later segments, dgb += sum of earlier ones."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    BH = tl.num_programs(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    ck = tl.arange(0, K)
+    ot = tl.arange(0, BT)
+    base = (i_v * BH + i_bh) * NSEG * K
     later = tl.zeros([K], dtype=tl.float32)
     for m in range(i_s + 1, NSEG):
-        later += tl.load(tot_f + base + m * K + ck)
+        later += tl.load(tot_wf + base + m * K + ck)
     earlier = tl.zeros([K], dtype=tl.float32)
     for m in range(0, i_s):
-        earlier += tl.load(tot_b + base + m * K + ck)
-    off = i_v.to(tl.int64) * PART + (i_b * T * H + i_h) * K
+        earlier += tl.load(tot_wb + base + m * K + ck)
+    off = i_v * BH * T * K + (i_b * T * H + i_h) * K
     start = i_s * L
     for n in range(0, tl.cdiv(tl.minimum(T - start, L), BT)):
-        rows = start + n * BT + tl.arange(0, BT)
-        _store(dgf + off, rows, ck, H * K, T, _load(dgf + off, rows, ck, H * K, T) + later[None, :])
-        _store(dgb + off, rows, ck, H * K, T, _load(dgb + off, rows, ck, H * K, T) + earlier[None, :])
+        rows = start + n * BT + ot
+        _store_rows(dgf + off, rows, ck, H * K, T, _load_rows(dgf + off, rows, ck, H * K, T) + later[None, :])
+        _store_rows(dgb + off, rows, ck, H * K, T, _load_rows(dgb + off, rows, ck, H * K, T) + earlier[None, :])
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -569,21 +443,29 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _plan(B: int, T: int, H: int, K: int, V: int, device: torch.device, segments: int | None):
-    """Chunk, value block, number of segments and segment length (tokens) of a call."""
-    chunk = CHUNK if K <= 64 else 32  # [chunk, K] fp32 tiles in registers
+def _plan(q: torch.Tensor, V: int, segments: int | None = None):
+    """Value block, number of segments and segment length (tokens) for a call."""
+    B, T, H, K = q.shape
     BV = min(V, 64)
     NV = triton.cdiv(V, BV)
-    n_chunks = triton.cdiv(T, chunk)
+    n_chunks = triton.cdiv(T, BT)
     if segments is None:
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 1
+        sms = _sm_count(q.device.index) if q.is_cuda else 1
         want = triton.cdiv(4 * sms, B * H * NV)  # about four programs per multiprocessor
-        segments = min(want, n_chunks // 2)  # keep >= 2 chunks per segment
+        segments = min(want, n_chunks // 4)  # keep >= 4 chunks per segment
     nseg = max(1, min(segments, n_chunks))
     seg_chunks = triton.cdiv(n_chunks, nseg)
     nseg = triton.cdiv(n_chunks, seg_chunks)
-    return chunk, BV, NV, nseg, seg_chunks * chunk
+    return BV, NV, nseg, seg_chunks * BT
+
+
+def _common(q, backward: bool):
+    # register budgets read off ptxas -v for sm_90: 4 warps keep the forward spill-free up to
+    # d_k = 32, the backward needs 8
+    # fp32 inputs keep exact fp32 products; bf16/fp16 inputs multiply in tf32 (10-bit mantissa,
+    # finer than the inputs themselves)
+    return dict(TF32=q.dtype != torch.float32,
+                num_warps=8 if backward or q.shape[-1] > 32 else 4)
 
 
 def _strided(q, k, v, log_gf, log_gb):
@@ -600,35 +482,22 @@ def _strided(q, k, v, log_gf, log_gb):
     return q, k, v, log_gf, log_gb
 
 
-def _opts(q, chunk: int, backward: bool):
-    mode = _MODES["ieee"] if q.dtype == torch.float32 else _MODES[DOT_MODE]
-    return dict(MODE=mode, num_warps=WARPS["bwd" if backward else "fwd", chunk])
-
-
-def _strides(q, v, g):
-    return (*q.stride()[:3], *v.stride()[:3], *g.stride()[:3])
-
-
-def _segment_states(q, k, v, gf, gb, do, scale, chunk, BV, NV, nseg, L, mode, grad):
-    """Entering states of every segment (and, with ``grad``, state gradients), fp32
-    ``[B*H, NSEG, K, V]`` each: ``(s_f, s_b, ds_f, ds_b)``."""
-    B, T, H, K = q.shape
+def _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts):
+    B, T, H, K = k.shape
     V = v.shape[-1]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    u_f, u_b = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2))
-    w_f, w_b = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2)) if grad else (u_f, u_b)
-    d_f, d_b = (torch.empty(B * H, nseg, K, **f32) for _ in range(2))
-    _summary_kernel[(NV, nseg, B * H)](q, k, v, gf, gb, do if grad else v, u_f, u_b, w_f, w_b,
-                                       d_f, d_b, T, H, scale, L, nseg, *_strides(q, v, gf),
-                                       K=K, V=V, BT=chunk, BV=BV, MODE=mode, GRAD=grad, num_warps=4)
-    _scan_kernel[(NV, B * H)](u_f, u_b, w_f, w_b, d_f, d_b, nseg, K=K, V=V, BV=BV, GRAD=grad,
-                              num_warps=4)
-    return u_f, u_b, w_f, w_b
+    f32 = dict(dtype=torch.float32, device=k.device)
+    uf, ub = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2))
+    df, db = (torch.empty(B * H, nseg, K, **f32) for _ in range(2))
+    if nseg > 1:
+        _summary_kernel[(NV, nseg, B * H)](k, v, log_gf, log_gb, uf, ub, df, db, T, H, L, nseg,
+                                          *k.stride()[:3], *v.stride()[:3], *log_gf.stride()[:3],
+                                          K=K, V=V, BT=BT, BV=BV, **opts)
+    return uf, ub, df, db
 
 
 def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None = None) -> torch.Tensor:
-    """``[B, T, H, V]`` contiguous output in ``q.dtype``; inputs ``[B, T, H, K|V]`` (any strides
-    with a unit last one).
+    """``[B, T, H, V]`` contiguous output in ``q.dtype``; inputs ``[B, T, H, K|V]``, read in place
+    when their last stride is 1 (column slices of a fused projection included).
 
     ``segments``: how many pieces the sequence is cut into (default: enough to fill the GPU).
     """
@@ -636,51 +505,42 @@ def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None
     V = v.shape[-1]
     _check_dims(K, V)
     q, k, v, log_gf, log_gb = _strided(q, k, v, log_gf, log_gb)
-    chunk, BV, NV, nseg, L = _plan(B, T, H, K, V, q.device, segments)
-    opts = _opts(q, chunk, backward=False)
+    BV, NV, nseg, L = _plan(q, V, segments)
+    opts = _common(q, backward=False)
+    uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    if nseg > 1:
-        s_f, s_b, _, _ = _segment_states(q, k, v, log_gf, log_gb, None, scale, chunk, BV, NV, nseg,
-                                         L, opts["MODE"], grad=False)
-    else:
-        s_f = s_b = o  # unused
-    _fwd_kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, s_f, s_b, T, H, scale, L, nseg,
-                                   *_strides(q, v, log_gf), K=K, V=V, BT=chunk, BS=SUB, BV=BV,
-                                   SEGMENTED=nseg > 1, **opts)
+    _fwd_kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, uf, ub, df, db, T, H, scale, L, nseg,
+                                   *q.stride()[:3], *v.stride()[:3], *log_gf.stride()[:3],
+                                   K=K, V=V, BT=BT, BV=BV, **opts)
     return o
 
 
 def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | None = None):
-    """``(dq, dk, dv, dlog_gf, dlog_gb)``, contiguous, in the dtypes of the corresponding inputs."""
+    """``(dq, dk, dv, dlog_gf, dlog_gb)`` in the dtypes of the corresponding inputs."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     _check_dims(K, V)
     q, k, v, log_gf, log_gb = _strided(q, k, v, log_gf, log_gb)
     do = do.contiguous()
-    chunk, BV, NV, nseg, L = _plan(B, T, H, K, V, q.device, segments)
-    opts = _opts(q, chunk, backward=True)
-    dev = q.device
-    if NV == 1:  # one value block: the kernel writes the results themselves
-        dq, dk = torch.empty(B, T, H, K, dtype=q.dtype, device=dev), torch.empty(B, T, H, K, dtype=k.dtype, device=dev)
-        dgf = torch.empty(B, T, H, K, dtype=log_gf.dtype, device=dev)
-        dgb = torch.empty(B, T, H, K, dtype=log_gb.dtype, device=dev)
-    else:  # per-block fp32 parts, summed below
-        dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, dtype=torch.float32, device=dev) for _ in range(4))
-    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
-    tot_f, tot_b = (torch.empty(NV, B * H, nseg, K, dtype=torch.float32, device=dev) for _ in range(2))
-    if nseg > 1:
-        states = _segment_states(q, k, v, log_gf, log_gb, do, scale, chunk, BV, NV, nseg, L,
-                                 opts["MODE"], grad=True)
-    else:
-        states = (tot_f,) * 4  # unused
-    part = B * T * H * K if NV > 1 else 0
+    BV, NV, nseg, L = _plan(q, V, segments)
+    opts = _common(q, backward=True)
+    uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    wf, wb = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2))
     grid = (NV, nseg, B * H)
-    _bwd_kernel[grid](q, k, v, log_gf, log_gb, do, dq, dk, dv, dgf, dgb, tot_f, tot_b, *states,
-                      T, H, scale, L, nseg, part, *_strides(q, v, log_gf), K=K, V=V, BT=chunk,
-                      BS=SUB, BV=BV, SEGMENTED=nseg > 1, **opts)
     if nseg > 1:
-        _gate_carry_kernel[grid](dgf, dgb, tot_f, tot_b, T, H, L, nseg, part, K=K, BT=chunk,
-                                 num_warps=4)
-    if NV > 1:
-        dq, dk, dgf, dgb = (x.sum(0).to(t.dtype) for x, t in zip((dq, dk, dgf, dgb), (q, k, log_gf, log_gb)))
-    return dq, dk, dv, dgf, dgb
+        _grad_summary_kernel[grid](q, do, log_gf, log_gb, wf, wb, T, H, scale, L, nseg,
+                                   *q.stride()[:3], *log_gf.stride()[:3],
+                                   K=K, V=V, BT=BT, BV=BV, **opts)
+    dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, **f32) for _ in range(4))
+    dv = torch.empty(B, T, H, V, **f32)
+    tot_wf, tot_wb = (torch.empty(NV, B * H, nseg, K, **f32) for _ in range(2))
+    _bwd_kernel[grid](q, k, v, log_gf, log_gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
+                      uf, ub, df, db, wf, wb, T, H, scale, L, nseg,
+                      *q.stride()[:3], *v.stride()[:3], *log_gf.stride()[:3],
+                      K=K, V=V, BT=BT, BV=BV, **opts)
+    if nseg > 1:
+        _gate_carry_kernel[grid](dgf, dgb, tot_wf, tot_wb, T, H, L, nseg, K=K, BT=BT, num_warps=2)
+    sums = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, dgf, dgb)]
+    return (sums[0].to(q.dtype), sums[1].to(k.dtype), dv.to(v.dtype), sums[2].to(log_gf.dtype),
+            sums[3].to(log_gb.dtype))
