@@ -28,6 +28,9 @@ __all__ = ["bigla", "bigla_naive", "bigla_chunked", "bigla_chunked_bwd", "bigla_
 
 
 def _bigla_op(q, k, v, log_gf, log_gb, scale):
+    if op.HAS_TRITON and q.is_cuda and not torch.compiler.is_compiling():
+        # eager mode on CUDA: the same kernels without the custom op's dispatch cost
+        return op.BiGLAFunction.apply(q, k, v, log_gf, log_gb, scale)
     return torch.ops.vigla.bigla_fwd(q, k, v, log_gf, log_gb, scale)
 
 

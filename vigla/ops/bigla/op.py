@@ -96,3 +96,22 @@ def _register_triton() -> bool:
 
 
 HAS_TRITON = _register_triton()
+
+
+class BiGLAFunction(torch.autograd.Function):
+    """The Triton kernels as a plain ``autograd.Function`` (CUDA): what eager mode calls, since a
+    custom op costs tens of microseconds more per call; ``torch.compile`` traces the custom op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_gf, log_gb, scale):
+        from .triton_kernels import bigla_fwd_triton
+
+        ctx.save_for_backward(q, k, v, log_gf, log_gb)
+        ctx.scale = scale
+        return bigla_fwd_triton(q, k, v, log_gf, log_gb, scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        from .triton_kernels import bigla_bwd_triton
+
+        return (*bigla_bwd_triton(*ctx.saved_tensors, do, ctx.scale), None)

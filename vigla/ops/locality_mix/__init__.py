@@ -1,8 +1,9 @@
 """``locality_mix``: ViG's output mix ``act(G * RMSNorm(o) + (1 - G) * RMSNorm(x))``, G = sigmoid(z).
 
 Backends: ``reference`` (PyTorch, any device, autograd), ``triton`` (one fused kernel forward,
-one backward, behind the custom op ``vigla::locality_mix`` so that ``torch.compile`` traces it);
-``auto`` takes Triton for CUDA tensors (see :mod:`vigla.ops.dispatch`).
+one backward; under ``torch.compile`` through the custom op ``vigla::locality_mix``, which it
+traces without a graph break, in eager mode through a plain ``autograd.Function``, which costs
+less to call); ``auto`` takes Triton for CUDA tensors (see :mod:`vigla.ops.dispatch`).
 """
 from __future__ import annotations
 
@@ -56,6 +57,19 @@ if HAS_TRITON:  # the CUDA implementations
     _mix_op.register_kernel("cuda")(locality_mix_fwd_triton)
     _mix_bwd_op.register_kernel("cuda")(locality_mix_bwd_triton)
 
+    class _MixFunction(torch.autograd.Function):
+        """The same kernels without the custom op's dispatch cost, for eager mode."""
+
+        @staticmethod
+        def forward(ctx, o, x, z, w_o, w_l, eps, act):
+            ctx.save_for_backward(o, x, z, w_o, w_l)
+            ctx.eps, ctx.act = eps, act
+            return locality_mix_fwd_triton(o, x, z, w_o, w_l, eps, act)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return (*locality_mix_bwd_triton(dy, *ctx.saved_tensors, ctx.eps, ctx.act), None, None)
+
 
 def locality_mix(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor,
                  w_l: torch.Tensor, eps: float = 1e-6, act: bool = False,
@@ -84,5 +98,7 @@ def locality_mix(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.T
     if backend == "auto" and (d & (d - 1) or d > 256):  # the kernel takes power-of-two heads
         backend = "reference"
     if resolve(backend, o, "locality_mix") == "triton":
-        return _mix_op(o, x, z, w_o, w_l, float(eps), bool(act))
+        if torch.compiler.is_compiling():  # the custom op: traced without a graph break
+            return _mix_op(o, x, z, w_o, w_l, float(eps), bool(act))
+        return _MixFunction.apply(o, x, z, w_o, w_l, float(eps), bool(act))
     return locality_mix_reference(o, x, z, w_o, w_l, eps, act)

@@ -1,7 +1,8 @@
 """``swiglu(u)``: ``SiLU(a) * b`` for ``[a | b] = u``, the gating of ViG's MLP.
 
-Backends: ``reference`` (PyTorch, any device), ``triton`` (fused forward and backward behind the
-custom op ``vigla::swiglu``); ``auto`` takes Triton for CUDA tensors (:mod:`vigla.ops.dispatch`).
+Backends: ``reference`` (PyTorch, any device), ``triton`` (fused forward and backward; the custom
+op ``vigla::swiglu`` under ``torch.compile``, a plain ``autograd.Function`` in eager mode);
+``auto`` takes Triton for CUDA tensors (:mod:`vigla.ops.dispatch`).
 """
 from __future__ import annotations
 
@@ -49,11 +50,25 @@ if HAS_TRITON:  # the CUDA implementations
     _swiglu_op.register_kernel("cuda")(swiglu_fwd_triton)
     _swiglu_bwd_op.register_kernel("cuda")(swiglu_bwd_triton)
 
+    class _SwiGLUFunction(torch.autograd.Function):
+        """The same kernels without the custom op's dispatch cost, for eager mode."""
+
+        @staticmethod
+        def forward(ctx, u):
+            ctx.save_for_backward(u)
+            return swiglu_fwd_triton(u)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return swiglu_bwd_triton(dy, ctx.saved_tensors[0])
+
 
 def swiglu(u: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``u``: ``[..., 2I]`` -> ``[..., I]`` = ``SiLU(u[..., :I]) * u[..., I:]``, in ``u.dtype``."""
     if u.dim() < 1 or u.shape[-1] % 2:
         raise ValueError(f"swiglu: the last dim must be even ([..., 2I]), got shape {tuple(u.shape)}")
     if resolve(backend, u, "swiglu") == "triton":
-        return _swiglu_op(u)
+        if torch.compiler.is_compiling():  # the custom op: traced without a graph break
+            return _swiglu_op(u)
+        return _SwiGLUFunction.apply(u)
     return swiglu_reference(u)
