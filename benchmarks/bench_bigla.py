@@ -15,13 +15,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from vigla.bench.report import git_info  # noqa: E402
 from vigla.ops.bigla import available_backends, bigla  # noqa: E402
 
 SHAPES = [  # name, B, T, H, K, V
@@ -80,14 +80,6 @@ def time_backend(backend, shape, train: bool):
         return None
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return os.environ.get("VIGLA_COMMIT", "unknown")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -106,7 +98,7 @@ def main() -> int:
         except Exception:
             versions[mod] = None
     result = dict(
-        benchmark="bigla operator", device=torch.cuda.get_device_name(), commit=git_commit(),
+        benchmark="bigla operator", device=torch.cuda.get_device_name(), commit=git_info()["commit"],
         command=" ".join([os.path.basename(sys.executable)] + sys.argv), versions=versions,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", timing="triton.testing.do_bench median",

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import timm  # noqa: E402
 
 import vigla  # noqa: E402,F401
+from vigla.bench.report import git_info  # noqa: E402
 
 
 def _batch(img: int) -> int:
@@ -104,12 +104,7 @@ def main() -> int:
                               f"x{row['calls']:<5.0f} {row['op'][:90]}")
         del model
         torch.cuda.empty_cache()
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        commit = os.environ.get("VIGLA_COMMIT", "unknown")
-    out = dict(benchmark="ViG op profile", device=torch.cuda.get_device_name(), commit=commit,
+    out = dict(benchmark="ViG op profile", device=torch.cuda.get_device_name(), commit=git_info()["commit"],
                command=" ".join(["python3"] + sys.argv), torch=torch.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                amp="bf16", results=results)

@@ -51,12 +51,15 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 
 def git_info() -> dict:
-    """Commit of the vigla checkout and whether tracked files differ from it; outside a git
-    repository (a copied tree), the ``VIGLA_COMMIT`` environment variable, else ``"unknown"``."""
+    """Commit of the vigla checkout and whether tracked files differ from it. ``VIGLA_COMMIT``,
+    when set, names the commit instead (a tree copied to another machine without its history, or
+    with a stale one); outside a git repository without it: ``"unknown"``."""
+    if os.environ.get("VIGLA_COMMIT"):
+        return {"commit": os.environ["VIGLA_COMMIT"], "dirty": None}
     here = str(Path(__file__).resolve().parent)
     commit = _run(["git", "rev-parse", "HEAD"], cwd=here)
     if commit is None:
-        return {"commit": os.environ.get("VIGLA_COMMIT", "unknown"), "dirty": None}
+        return {"commit": "unknown", "dirty": None}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
