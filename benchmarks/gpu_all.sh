@@ -4,6 +4,8 @@
 #   1. test_gpu         the GPU test suite (`pytest -m gpu`: kernel vs float64 on 210 random shapes,
 #                       fused ops, fused model vs reference ops, torch.compile, vigla bench on CUDA)
 #   2. bench_bigla      the BiGLA operator, Triton vs fla-core's chunk_gla on [x; flip(x)], bf16
+#                       (fla-core autotunes from cold: at 45de212 this step used up its cap before
+#                       its first row; `--backends triton` alone takes well under a minute)
 #   3. gpu_eager_train  vigla bench: ViG-T vs DeiT-T at 224/512/1024/2048, inference (batch
 #                       128/128/32/8), batch-1 latency, training steps (AdamW), bf16 autocast
 #   4. gpu_vig_s_vs_deit_b_224   vigla bench: ViG-S vs DeiT-B at 224
@@ -12,15 +14,7 @@
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# a copied tree may carry no .git, or a stale one: name the commit, e.g. VIGLA_COMMIT=$(git rev-parse --short HEAD)
-export VIGLA_COMMIT=${VIGLA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch, timm, triton; print('torch', torch.__version__, '| timm', timm.__version__, '| triton', triton.__version__)"
+source benchmarks/gpu_env.sh
 
 step() {  # step CAP_SECONDS NAME COMMAND...
   local cap=$1 name=$2

@@ -12,9 +12,7 @@
 set -o pipefail
 OUT_DIR=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$OUT_DIR"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch, timm, triton; print('torch', torch.__version__, '| timm', timm.__version__, '| triton', triton.__version__)"
+source benchmarks/gpu_env.sh
 
 ALL="vig_tiny vig_small vig_base vig_h_tiny castling_deit_tiny deit_tiny_patch16_224 deit_small_patch16_224 deit_base_patch16_224"
 COMMON=(--device cuda --amp bf16 --warmup 3 --iters 10 --skip-missing --out "$OUT_DIR")
