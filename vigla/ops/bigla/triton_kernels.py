@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .op import supports
+
 BT = 16  # tokens per chunk
 
 
@@ -433,7 +435,7 @@ def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, T, H, L, NSEG, K: tl.constexpr,
 
 # ----------------------------------------------------------------------------------- launchers
 def _check_dims(K: int, V: int):
-    if K not in (16, 32, 64, 128) or V not in (16, 32, 64, 128, 256):
+    if not supports(K, V):
         raise ValueError(f"bigla triton backend supports d_k in (16, 32, 64, 128) and d_v in "
                          f"(16, 32, 64, 128, 256); got d_k={K}, d_v={V} (use backend='chunked')")
 
