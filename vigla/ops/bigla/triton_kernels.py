@@ -142,8 +142,6 @@ def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    off_k = (i_b * T * H + i_h) * K  # contiguous [B, T, H, K] buffers (outputs, partials)
-    off_v = (i_b * T * H + i_h) * V  # contiguous [B, T, H, V] buffers
     off_q = i_b * sqb + i_h * sqh  # the (possibly strided) inputs
     off_x = i_b * svb + i_h * svh
     off_g = i_b * sgb + i_h * sgh
@@ -186,12 +184,10 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    off_k = (i_b * T * H + i_h) * K  # contiguous [B, T, H, K] buffers (outputs, partials)
     off_v = (i_b * T * H + i_h) * V  # contiguous [B, T, H, V] buffers
     off_q = i_b * sqb + i_h * sqh  # the (possibly strided) inputs
     off_x = i_b * svb + i_h * svh
     off_g = i_b * sgb + i_h * sgh
-    sk = H * K
     sv = H * V
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
@@ -248,7 +244,6 @@ def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    off_k = (i_b * T * H + i_h) * K  # contiguous [B, T, H, K] buffers (outputs, partials)
     off_v = (i_b * T * H + i_h) * V  # contiguous [B, T, H, V] buffers
     off_q = i_b * sqb + i_h * sqh  # the (possibly strided) inputs
     off_g = i_b * sgb + i_h * sgh
