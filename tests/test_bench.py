@@ -336,6 +336,30 @@ def test_compile_flag_wraps_the_model(tmp_path, monkeypatch):
     assert result["settings"]["compile"] is True and result["rows"][0]["latency"] is None
 
 
+def test_grad_checkpointing_applies_to_the_named_models_only(tmp_path, monkeypatch):
+    enabled = []
+    original = VisionTransformer.set_grad_checkpointing
+
+    def spy(self, enable=True):
+        enabled.append((self.embed_dim, enable))
+        return original(self, enable)
+
+    monkeypatch.setattr(VisionTransformer, "set_grad_checkpointing", spy)
+    rc = _run(TWO + ["--img-size", "32", "--no-latency", "--train", "--iters", "1",
+                     "--grad-checkpointing", "bench_test_vit_wide", "--out", str(tmp_path)])
+    assert rc == 0 and enabled == [(64, True)]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["settings"]["grad_checkpointing"] == ["bench_test_vit_wide"]
+    assert [r["grad_checkpointing"] for r in result["rows"]] == [False, True]
+    assert all(r["train"]["status"] == "ok" for r in result["rows"])
+    with open(tmp_path / "bench.csv") as f:
+        assert [r["grad_checkpointing"] for r in csv.DictReader(f)] == ["False", "True"]
+    enabled.clear()
+    assert _run(TWO + ["--img-size", "32", "--no-latency", "--train", "--iters", "1",
+                       "--grad-checkpointing", "--out", str(tmp_path)]) == 0
+    assert enabled == [(32, True), (64, True)]  # no names: every model
+
+
 def test_baseline_is_added_to_the_run(tmp_path):
     rc = _run(["--models", "bench_test_vit_wide", "--baseline", "bench_test_vit", "--device", "cpu",
                "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--iters", "1",
@@ -385,6 +409,10 @@ def test_flops_only_counts_without_running(tmp_path, monkeypatch, capsys):
     (["--models", "bench_test_vit", "--img-size", "32", "64", "--batch-size", "1", "2", "3"],
      "one value or one per --img-size (2), got 3"),
     (["--models", "bench_test_vit", "--iters", "0"], "must be >= 1"),
+    (["--models", "bench_test_vit", "--grad-checkpointing"], "add --train"),
+    (["--models", "bench_test_vit", "--train", "--grad-checkpointing", "vig_tiny"],
+     "vig_tiny not among the benchmarked models"),
+    (["--models", "bench_test_vit", "--cuda-graph"], "--cuda-graph needs --device cuda"),
 ])
 def test_bad_arguments_give_a_clear_error(argv, message, capsys, tmp_path):
     assert _run(argv + ["--device", "cpu", "--out", str(tmp_path)]) == 2
@@ -441,3 +469,32 @@ def test_cli_on_gpu_with_compile(tmp_path):
     row = json.loads((tmp_path / "bench.json").read_text())["rows"][0]
     assert row["infer"]["status"] == "ok" and row["latency"]["status"] == "ok"
     assert row["infer"]["first_call_ms"] > row["infer"]["median_ms"]  # the compilation
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bench_test_vit", "vig_tiny"])
+def test_cuda_graph_replay_gives_the_eager_output(name):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = cli.build_model(name, 64).to(device).eval()
+    x = torch.randn(2, 3, 64, 64, device=device)
+    with torch.inference_mode(), measure.autocast(device, "bf16"):
+        eager = model(x).float()
+    replay = measure.cuda_graph_forward(model, x, "bf16")
+    x.copy_(torch.randn_like(x))  # the graph reads its captured input buffer
+    with torch.inference_mode(), measure.autocast(device, "bf16"):
+        fresh = model(x).float()
+    out = replay().float()
+    torch.testing.assert_close(out, fresh, rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(out, eager)
+
+
+@pytest.mark.gpu
+def test_cli_on_gpu_with_cuda_graph(tmp_path):
+    rc = _run(["--models", "bench_test_vit", "--device", "cuda", "--img-size", "32", "--cuda-graph",
+               "--batch-size", "4", "--warmup", "2", "--iters", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["settings"]["cuda_graph"] is True
+    row = result["rows"][0]
+    assert row["infer"]["status"] == "ok" and row["latency"]["status"] == "ok"

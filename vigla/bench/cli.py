@@ -49,6 +49,14 @@ def add_arguments(parser) -> None:
                         help="autocast dtype; default: bf16 on cuda, none on cpu" + _NO_DEFAULT)
     parser.add_argument("--compile", action="store_true",
                         help="wrap each model in torch.compile (default mode, static shapes)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time inference as replays of one CUDA graph per model and size "
+                             "(takes the CPU's launch overhead out; CUDA only; the training steps "
+                             "stay eager)")
+    parser.add_argument("--grad-checkpointing", nargs="*", default=None, metavar="NAME",
+                        help="with --train: activation checkpointing (set_grad_checkpointing) for "
+                             "the named models, or for every model when no name follows"
+                             + _NO_DEFAULT)
     parser.add_argument("--channels-last", action="store_true",
                         help="channels_last model weights and inputs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -132,6 +140,9 @@ def _resolve(args) -> dict:
     baseline = args.baseline or args.models[0]
     _check_models([baseline], skip_missing=False)
     models = _check_models(list(dict.fromkeys([baseline] + args.models)), args.skip_missing)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError("--cuda-graph needs --device cuda")
+    checkpointed = _checkpointed(args.grad_checkpointing, models, args.train)
     return {
         "device": device,
         "models": models,
@@ -141,6 +152,8 @@ def _resolve(args) -> dict:
         "amp": args.amp or ("bf16" if device.type == "cuda" else "none"),
         "compile": args.compile,
         "channels_last": args.channels_last,
+        "cuda_graph": args.cuda_graph,
+        "grad_checkpointing": checkpointed,
         "flops_only": args.flops_only,
         "train": args.train and not args.flops_only,
         "optimizer": args.optimizer if args.train and not args.flops_only else None,
@@ -149,6 +162,19 @@ def _resolve(args) -> dict:
         "warmup": args.warmup,
         "iters": args.iters,
     }
+
+
+def _checkpointed(names: list[str] | None, models: list[str], train: bool) -> list[str]:
+    """The models that train with activation checkpointing (``--grad-checkpointing [NAME ...]``)."""
+    if names is None:
+        return []
+    if not train:
+        raise UsageError("--grad-checkpointing only changes training steps: add --train")
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise UsageError(f"--grad-checkpointing: {', '.join(unknown)} not among the benchmarked "
+                         f"models ({', '.join(models)})")
+    return list(names) or list(models)
 
 
 def build_model(name: str, img_size: int) -> torch.nn.Module:
@@ -182,7 +208,9 @@ def model_stats(name: str, img_size: int) -> dict:
 def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
     """All measurements of one model at one size; failures (OOM included) are recorded, not raised."""
     device = s["device"]
-    row = {"model": name, "img_size": img_size, "batch_size": batch_size}
+    checkpointing = name in s["grad_checkpointing"]
+    row = {"model": name, "img_size": img_size, "batch_size": batch_size,
+           "grad_checkpointing": checkpointing}
     row.update(model_stats(name, img_size))
     row.update(infer=None, latency=None, train=None)
     if s["flops_only"]:
@@ -196,6 +224,10 @@ def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
             model = build_model(name, img_size)
         if s["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
+        if checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"{name} has no set_grad_checkpointing (needed by --grad-checkpointing)")
+            model.set_grad_checkpointing(True)
         return {"status": "ok", "model": torch.compile(model, dynamic=False) if s["compile"] else model}
 
     built = guarded(build, device)
@@ -205,10 +237,11 @@ def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
         row["latency"] = dict(built) if s["latency"] else None
         row["train"] = dict(built) if s["train"] else None
         return row
-    row["infer"] = guarded(lambda: measure_inference(model, batch_size, img_size, device,
-                                                     meter=meter, **common), device)
+    row["infer"] = guarded(lambda: measure_inference(model, batch_size, img_size, device, meter=meter,
+                                                     cuda_graph=s["cuda_graph"], **common), device)
     row["latency"] = (guarded(lambda: measure_inference(model, s["latency_batch_size"], img_size,
-                                                        device, **common), device)
+                                                        device, cuda_graph=s["cuda_graph"], **common),
+                              device)
                       if s["latency"] else None)
     row["train"] = (guarded(lambda: measure_train(model, batch_size, img_size, device,
                                                   optimizer=s["optimizer"], meter=meter, **common),
@@ -289,6 +322,8 @@ def main(args) -> int:
     header = f"\nratios: model / {s['baseline']} at the same size"
     if not s["flops_only"]:
         header += (f" | {result['environment']['device']} | amp {s['amp']} | compile {s['compile']}"
+                   f"{' | cuda graph' if s['cuda_graph'] else ''}"
+                   f"{' | checkpointing ' + ','.join(s['grad_checkpointing']) if s['grad_checkpointing'] else ''}"
                    f" | memory: {result['settings']['memory']}")
     print(header)
     print(report.format_table(result["rows"], train=s["train"], latency=s["latency"],

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "MemoryMeter", "autocast", "free_memory", "guarded", "is_oom", "make_input",
+    "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "guarded", "is_oom", "make_input",
     "measure_inference", "measure_train", "memory_kind", "summarize", "time_calls",
 ]
 
@@ -202,11 +202,11 @@ def guarded(fn: Callable[[], dict], device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the measurements
 
-def autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str, cache: bool = True):
     """``torch.autocast`` for ``amp`` in {"bf16", "fp16"}; a no-op context for "none"."""
     if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp])
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp], cache_enabled=cache)
 
 
 def make_input(batch_size: int, img_size: int, device: torch.device, channels_last: bool,
@@ -216,17 +216,54 @@ def make_input(batch_size: int, img_size: int, device: torch.device, channels_la
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def cuda_graph_forward(model: torch.nn.Module, x: torch.Tensor, amp: str, warmup: int = 3
+                       ) -> Callable[[], torch.Tensor]:
+    """A CUDA graph of ``model(x)`` (inference mode, ``amp`` autocast): returns its replay.
+
+    ``warmup`` eager calls on a side stream first (cuDNN autotuning, Triton compilation, lazy
+    state), as ``torch.cuda.graph`` requires. Autocast runs without its weight cache inside the
+    capture, so each replay re-casts the weights, as an eager call in a fresh autocast region does.
+    """
+    stream = torch.cuda.Stream(x.device)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(stream), torch.inference_mode(), autocast(x.device, amp):
+        for _ in range(warmup):
+            model(x)
+    torch.cuda.current_stream(x.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), autocast(x.device, amp, cache=False), torch.cuda.graph(graph):
+        out = model(x)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
 def measure_inference(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
                       *, amp: str, channels_last: bool, warmup: int, iters: int,
-                      meter: MemoryMeter | None = None) -> dict:
+                      meter: MemoryMeter | None = None, cuda_graph: bool = False) -> dict:
     """Forward passes in ``eval()`` + ``torch.inference_mode``: :func:`summarize`'s dict, plus
-    ``first_call_ms`` and, with a ``meter``, ``peak_mib``."""
+    ``first_call_ms`` and, with a ``meter``, ``peak_mib``. ``cuda_graph`` (CUDA only): time replays
+    of one captured forward (:func:`cuda_graph_forward`; ``first_call_ms`` then holds the warm-up
+    and the capture), which takes the CPU's launch overhead out of the figure."""
     model.eval()
     x = make_input(batch_size, img_size, device, channels_last)
     if meter is not None:
         meter.start()
-    with torch.inference_mode(), autocast(device, amp):
-        times, first_ms = time_calls(lambda: model(x), device, warmup, iters)
+    if cuda_graph:
+        if device.type != "cuda":
+            raise ValueError(f"measure_inference: cuda_graph needs a CUDA device, got {device}")
+        t0 = time.perf_counter()
+        fn = cuda_graph_forward(model, x, amp, warmup)
+        torch.cuda.synchronize(device)
+        capture_ms = (time.perf_counter() - t0) * 1e3
+        times, _ = time_calls(fn, device, 1, iters)
+        first_ms = capture_ms
+    else:
+        with torch.inference_mode(), autocast(device, amp):
+            times, first_ms = time_calls(lambda: model(x), device, warmup, iters)
     result = summarize(times, batch_size)
     result["first_call_ms"] = first_ms
     if meter is not None:

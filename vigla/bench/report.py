@@ -176,7 +176,7 @@ def format_table(rows: list[dict], train: bool, latency: bool = True, timings: b
     lines = []
     for r in rows:
         q = r.get("ratios", {})
-        cells = [r["model"], str(r["img_size"])]
+        cells = [r["model"] + (" (ckpt)" if r.get("grad_checkpointing") else ""), str(r["img_size"])]
         if timings:
             cells += [str(r["batch_size"]), _measured(r.get("infer"), "img_per_s", ",.1f"),
                       _spread(r.get("infer")), _num(q.get("img_per_s"), ".2f")]
@@ -215,8 +215,8 @@ _MEASURE_KEYS = ("status", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", 
 
 def flatten_row(row: dict) -> dict:
     """One CSV record: the scalar fields, each measurement's fields prefixed by its name."""
-    flat = {k: row.get(k) for k in ("model", "img_size", "batch_size", "params", "params_m", "macs",
-                                    "flops", "gmacs", "gflops")}
+    flat = {k: row.get(k) for k in ("model", "img_size", "batch_size", "grad_checkpointing", "params",
+                                    "params_m", "macs", "flops", "gmacs", "gflops")}
     for name in ("infer", "latency", "train"):
         m = row.get(name) or {}
         flat.update({f"{name}_{k}": m.get(k) for k in _MEASURE_KEYS})
