@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vigla.ops.bigla import bigla, bigla_chunked, bigla_chunked_bwd, bigla_macs, bigla_naive
+from vigla.ops.bigla import (bigla, bigla_chunked, bigla_chunked_bwd, bigla_gated, bigla_macs, bigla_naive,
+                             log_decays)
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float64, gate_scale=1.0, gate_shift=0.0, requires_grad=False):
@@ -176,3 +177,54 @@ def test_compile_traces_without_graph_break():
     x = make_inputs(1, 9, 2, 4, 4, dtype=torch.float32)
     explained = torch._dynamo.explain(f)(*x)
     assert explained.graph_break_count == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bigla_gated: log decays logsigmoid(z) / normalizer formed inside the op
+
+def _logits(B, T, H, K, shift=0.0, requires_grad=True):
+    return [(torch.randn(B, T, H, K, dtype=torch.float64) * 3 + shift).requires_grad_(requires_grad)
+            for _ in range(2)]
+
+
+@pytest.mark.parametrize("backend", ["naive", "chunked", "op"])
+@pytest.mark.parametrize("shift, normalizer", [(0.0, 16.0), (10.0, 16.0), (-8.0, 1.0)])
+def test_gated_equals_bigla_of_the_log_decays(backend, shift, normalizer):
+    q, k, v, _, _ = make_inputs(2, 40, 2, 8, 6, requires_grad=True)
+    zf, zb = _logits(2, 40, 2, 8, shift)
+    x = [q, k, v, zf, zb]
+    out = bigla_gated(*x, normalizer, backend=backend)
+    ref = bigla_naive(q, k, v, F.logsigmoid(zf) / normalizer, F.logsigmoid(zb) / normalizer, 8 ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    do = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, x, do), torch.autograd.grad(ref, x, do)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_gated_gradcheck_of_the_op():
+    q, k, v, _, _ = make_inputs(1, 6, 2, 3, 2, requires_grad=True)
+    x = [q, k, v, *_logits(1, 6, 2, 3)]
+    assert torch.autograd.gradcheck(lambda *t: bigla_gated(*t, 4.0, backend="op"), x)
+
+
+def test_gated_takes_low_precision_logits_and_returns_their_dtype():
+    q, k, v, _, _ = make_inputs(1, 20, 2, 4, 4, dtype=torch.float32)
+    zf, zb = (z.detach().bfloat16().requires_grad_() for z in _logits(1, 20, 2, 4))
+    out = bigla_gated(q, k, v, zf, zb, 16.0)
+    ref = bigla(q, k, v, log_decays(zf, 16.0), log_decays(zb, 16.0))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    gf, gb = torch.autograd.grad(out.sum(), [zf, zb])
+    assert gf.dtype == gb.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("normalizer", [0.0, -1.0, None, "16"])
+def test_gated_rejects_a_bad_normalizer(normalizer):
+    q, k, v, zf, zb = make_inputs(1, 5, 1, 4, 4)
+    with pytest.raises(ValueError, match="gate_normalizer must be a number > 0"):
+        bigla_gated(q, k, v, zf, zb, normalizer)
+
+
+def test_gated_custom_op_opcheck():
+    q, k, v, _, _ = make_inputs(2, 10, 3, 4, 6, dtype=torch.float32, requires_grad=True)
+    zf, zb = (z.detach().float().requires_grad_() for z in _logits(2, 10, 3, 4))
+    torch.library.opcheck(torch.ops.vigla.bigla_fwd.default, (q, k, v, zf, zb, 0.5, 16.0))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vigla.ops.bigla import bigla, bigla_chunked, bigla_naive
+from vigla.ops.bigla import bigla, bigla_chunked, bigla_gated, bigla_naive
 
 pytest.importorskip("triton", reason="Triton is not installed: the fused kernel cannot be tested")
 
@@ -29,22 +29,29 @@ def gate(shape, kind):
     strong = -20 * torch.rand(shape, dtype=torch.float64)
     return {"normal": z / 16, "mid": -1.5 * torch.rand(shape, dtype=torch.float64), "strong": strong,
             "mixed": torch.where(torch.rand(shape) < 0.5, z, strong)}[kind]
-for B, T, H, K, V, kind, segments, strided in json.loads(sys.argv[2]):
+logits = {"normal": lambda s: torch.randn(s, dtype=torch.float64) * 3,  # gate logits z
+          "weak": lambda s: torch.randn(s, dtype=torch.float64) + 12,  # logsigmoid(z) ~ -6e-6
+          "strong": lambda s: -25 * torch.rand(s, dtype=torch.float64)}
+for B, T, H, K, V, kind, segments, strided, norm in json.loads(sys.argv[2]):
+    make = (lambda s: gate(s, kind)) if norm is None else logits[kind]
     if strided:  # q, k, v: column slices of one projection; the gates: slices of one tensor
         qkv = torch.randn(B, T, H, 2 * K + V + 3, dtype=torch.float64)
         q, k, v = qkv[..., :K], qkv[..., K:2 * K], qkv[..., 2 * K:2 * K + V]
-        gf, gb = torch.stack([gate((B, T, H, K), kind), gate((B, T, H, K), kind)], -2).unbind(-2)
+        gf, gb = torch.stack([make((B, T, H, K)), make((B, T, H, K))], -2).unbind(-2)
     else:
         q, k = torch.randn(B, T, H, K, dtype=torch.float64), torch.randn(B, T, H, K, dtype=torch.float64)
         v = torch.randn(B, T, H, V, dtype=torch.float64)
-        gf, gb = gate((B, T, H, K), kind), gate((B, T, H, K), kind)
+        gf, gb = make((B, T, H, K)), make((B, T, H, K))
     x = [t.detach().clone().requires_grad_() for t in (q, k, v, gf, gb)]
-    ref = bigla_naive(*x, K ** -0.5)
+    if norm is None:
+        ref = bigla_naive(*x, K ** -0.5)
+    else:  # the kernels take the logits; the reference forms the log decays in float64
+        ref = bigla_naive(*x[:3], F.logsigmoid(x[3]) / norm, F.logsigmoid(x[4]) / norm, K ** -0.5)
     do = torch.randn_like(ref)
     gref = torch.autograd.grad(ref, x, do)
     xf = [t.detach().float() for t in (q, k, v, gf, gb)]
-    out = bigla_fwd_triton(*xf, K ** -0.5, segments=segments)
-    grads = bigla_bwd_triton(*xf, do.float(), K ** -0.5, segments=segments)
+    out = bigla_fwd_triton(*xf, K ** -0.5, segments=segments, gate_normalizer=norm)
+    grads = bigla_bwd_triton(*xf, do.float(), K ** -0.5, segments=segments, gate_normalizer=norm)
     err = lambda a, b, d: ((a.double() - b).norm() / d).item()
     term = (x[0] * gref[0]).norm()  # gate gradients are sums of such terms (zero when T = 1)
     dens = [ref.norm()] + [b.norm() for b in gref[:3]] + [max(b.norm(), term) for b in gref[3:]]
@@ -60,12 +67,16 @@ def rel_err(a, b):
 def test_triton_kernel_in_interpreter_on_cpu():
     """Every path of the kernel: factored tensor-core chunks ("normal", "mid"), the elementwise
     exact path for steep decays ("strong", "mixed"), one and several segments, several value
-    blocks, strided inputs (column slices of one projection), ragged last chunks, T = 1."""
-    shapes = [(1, 1, 1, 16, 16, "normal", None, False), (2, 7, 2, 16, 32, "normal", None, True),
-              (1, 200, 1, 32, 64, "mid", None, False), (1, 200, 1, 32, 64, "strong", None, True),
-              (1, 300, 1, 32, 64, "mixed", 3, True), (1, 300, 1, 32, 64, "normal", 3, False),
-              (1, 140, 2, 16, 128, "mixed", 2, True), (1, 129, 1, 128, 64, "normal", 2, False),
-              (1, 70, 1, 64, 256, "mid", None, False)]
+    blocks, strided inputs (column slices of one projection), ragged last chunks, T = 1; and gate
+    logits turned into log decays inside the kernels (last field: the normalizer), from gates
+    near 1 (where log1p matters) to -25 per token."""
+    shapes = [(1, 1, 1, 16, 16, "normal", None, False, None), (2, 7, 2, 16, 32, "normal", None, True, None),
+              (1, 200, 1, 32, 64, "mid", None, False, None), (1, 200, 1, 32, 64, "strong", None, True, None),
+              (1, 300, 1, 32, 64, "mixed", 3, True, None), (1, 300, 1, 32, 64, "normal", 3, False, None),
+              (1, 140, 2, 16, 128, "mixed", 2, True, None), (1, 129, 1, 128, 64, "normal", 2, False, None),
+              (1, 70, 1, 64, 256, "mid", None, False, None),
+              (2, 37, 2, 16, 32, "normal", None, True, 16.0), (1, 200, 1, 32, 64, "weak", 3, True, 16.0),
+              (1, 150, 1, 32, 128, "strong", 2, False, 1.0)]
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, "0", json.dumps(shapes)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -150,6 +161,70 @@ def test_triton_matches_float64_reference(case):
         denom = b.norm() if name in ("dq", "dk", "dv") else max(b.norm(), (x64[0] * gref[0]).norm())
         err = ((a.double() - b).norm() / denom.clamp_min(1e-6)).item()
         assert err < TOL[dtype] * (1 if name in ("dq", "dk", "dv") else 2), f"{name} rel err {err:.2e}"
+
+
+def _logits(shape, kind, device):
+    """Gate logits ``z`` and a normalizer: log decays ``logsigmoid(z) / n`` from ~0 to -25."""
+    z = torch.randn(shape, device=device, dtype=torch.float64)
+    if kind == "weak":
+        return z + 12, 16.0
+    if kind == "init":
+        return z, 16.0
+    if kind == "mid":
+        return 2 * z - 1, 1.0
+    if kind == "strong":
+        return -25 * torch.rand(shape, device=device, dtype=torch.float64), 1.0
+    return torch.where(torch.rand(shape, device=device) < 0.5, 4 * z, -25 * z.abs()), 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _random_shapes(45, seed=1), ids=lambda c: "B{}T{}H{}K{}V{}-{}-{}{}".format(
+    *c[:6], str(c[6]).split(".")[-1], "-strided" if c[7] else ""))
+def test_triton_gated_matches_float64_reference(case):
+    """``bigla_gated``: logits in the inputs' dtype (as under autocast), log decays formed in the
+    kernels, gradients of the logits; against float64 with the same (rounded) logits."""
+    B, T, H, K, V, kind, dtype, strided = case
+    dev = "cuda"
+    (zf, norm), (zb, _) = _logits((B, T, H, K), kind, dev), _logits((B, T, H, K), kind, dev)
+    x64 = [torch.randn(B, T, H, K, device=dev, dtype=torch.float64),
+           torch.randn(B, T, H, K, device=dev, dtype=torch.float64),
+           torch.randn(B, T, H, V, device=dev, dtype=torch.float64), zf, zb]
+    x64 = [t.to(dtype).double().requires_grad_() for t in x64]  # what the kernel sees
+    ref = _reference(x64[:3] + [F.logsigmoid(z) / norm for z in x64[3:]], K ** -0.5)
+    do = torch.randn_like(ref)
+    gref = torch.autograd.grad(ref, x64, do)
+    x = [t.detach().to(dtype) for t in x64]
+    if strided:  # as in the model: column slices of one projection, logits of one projection
+        qkv = torch.cat(x[:3], -1).requires_grad_()
+        z2 = torch.stack(x[3:], -2).requires_grad_()
+        x = [*qkv.split([K, K, V], -1), *z2.unbind(-2)]
+    else:
+        x = [t.requires_grad_() for t in x]
+    out = bigla_gated(*x, norm, backend="triton")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype], f"forward rel err {rel_err(out, ref):.2e}"
+    grads = torch.autograd.grad(out, x, do.to(dtype))
+    for name, a, b, t in zip(["dq", "dk", "dv", "dzf", "dzb"], grads, gref, x):
+        assert a.dtype == t.dtype and torch.isfinite(a).all(), name
+        denom = b.norm() if name in ("dq", "dk", "dv") else max(b.norm(), (x64[0] * gref[0]).norm() / norm)
+        err = ((a.double() - b).norm() / denom.clamp_min(1e-6)).item()
+        assert err < TOL[dtype] * (1 if name in ("dq", "dk", "dv") else 2), f"{name} rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_triton_gated_opcheck_and_compile():
+    x = [torch.randn(2, 70, 2, 16, device="cuda", requires_grad=True) for _ in range(2)]
+    v = torch.randn(2, 70, 2, 32, device="cuda", requires_grad=True)
+    z = [torch.randn(2, 70, 2, 16, device="cuda", requires_grad=True) for _ in range(2)]
+    torch.library.opcheck(torch.ops.vigla.bigla_fwd.default, (x[0], x[1], v, *z, 0.25, 16.0))
+
+    def f(q, k, v, zf, zb):
+        return bigla_gated(q, k, v, zf, zb, 16.0, backend="triton").square().sum()
+
+    eager = torch.autograd.grad(f(*x, v, *z), [*x, v, *z])
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(*x, v, *z), [*x, v, *z])
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

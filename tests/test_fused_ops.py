@@ -21,7 +21,7 @@ import vigla  # noqa: F401
 from vigla.layers import RmsNorm, SwiGLU
 from vigla.ops.dispatch import reference_ops, resolve
 from vigla.ops.locality_mix import locality_mix, locality_mix_reference, locality_mix_reference_bwd
-from vigla.ops.swiglu import swiglu, swiglu_reference, swiglu_reference_bwd
+from vigla.ops.swiglu import swiglu, swiglu_linear, swiglu_reference, swiglu_reference_bwd
 
 
 def rel(a, b):
@@ -109,6 +109,17 @@ def test_swiglu_layer_state_dict_is_timms_glumlp():
     torch.testing.assert_close(mlp(x), ref(x), rtol=1e-6, atol=1e-6)
 
 
+def test_swiglu_linear_is_the_composition_and_checks_the_weight():
+    u = torch.randn(3, 7, 2 * 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    y = swiglu_linear(u, w)
+    ref = F.linear(F.silu(u[..., :6]) * u[..., 6:], w)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(swiglu_linear, (u, w))
+    with pytest.raises(ValueError, match=r"weight must be \[C, I\] with 2I = 12"):
+        swiglu_linear(u, w.t())
+
+
 INTERPRETER_SCRIPT = r"""
 import json, torch
 from vigla.ops.locality_mix.triton_kernels import locality_mix_fwd_triton, locality_mix_bwd_triton
@@ -133,8 +144,10 @@ for shape in [(3, 17, 2 * 44), (5, 2 * 1024)]:
     u = torch.randn(*shape[:-1], shape[-1] + 8, dtype=torch.float64)[..., 4:4 + shape[-1]]
     ref = swiglu_reference(u)
     dy = torch.randn_like(ref)
-    got = [swiglu_fwd_triton(u.float()), swiglu_bwd_triton(dy.float(), u.float())]
-    out[f"swiglu{shape}"] = [rel(a, b) for a, b in zip(got, [ref, swiglu_reference_bwd(dy, u)])]
+    got = [swiglu_fwd_triton(u.float()), swiglu_bwd_triton(dy.float(), u.float()),
+           *swiglu_bwd_triton(dy.float(), u.float(), recompute=True)]
+    refs = [ref, swiglu_reference_bwd(dy, u), swiglu_reference_bwd(dy, u), ref]
+    out[f"swiglu{shape}"] = [rel(a, b) for a, b in zip(got, refs)]
 print(json.dumps(out))
 """
 
@@ -182,6 +195,29 @@ def test_swiglu_kernel_on_gpu(shape, dtype):
     assert y.dtype == dtype and rel(y, ref) < TOL[dtype]
     (du,) = torch.autograd.grad(y, u, dy.to(dtype))
     assert rel(du, swiglu_reference_bwd(dy, u64)) < 2 * TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_swiglu_linear_on_gpu(amp):
+    """The Triton path (gating output recomputed in the backward) against float64; under bf16
+    autocast with an fp32 weight, as in the model."""
+    u64 = torch.randn(4, 196, 2 * 512, dtype=torch.float64, device="cuda")
+    w64 = torch.randn(192, 512, dtype=torch.float64, device="cuda") / 512 ** 0.5
+    x64 = [u64.requires_grad_(), w64.requires_grad_()]
+    ref = F.linear(swiglu_reference(x64[0]), x64[1])
+    dy = torch.randn_like(ref)
+    gref = torch.autograd.grad(ref, x64, dy)
+    u = u64.detach().to(torch.bfloat16 if amp else torch.float32).requires_grad_()
+    w = w64.detach().float().requires_grad_()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        y = swiglu_linear(u, w, backend="triton")
+    tol = 1e-2 if amp else 1e-5
+    assert y.dtype == u.dtype and rel(y, ref) < tol
+    du, dw = torch.autograd.grad(y, [u, w], dy.to(y.dtype))
+    assert du.dtype == u.dtype and dw.dtype == torch.float32
+    assert rel(du, gref[0]) < 2 * tol and rel(dw, gref[1]) < 2 * tol
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..ops import bigla
+from ..ops import bigla_gated
 from ..ops.locality_mix import locality_mix
 from .norm import RmsNorm
 
@@ -26,7 +26,8 @@ class BiGLAMixer(nn.Module):
 
     * ``q, k, v = split(x_c W_qkv)``; direction-wise log decays
       ``log_gf, log_gb = split(logsigmoid((x_c W_1) W_2 + b_2) / gate_logit_normalizer)``;
-    * ``o = bigla(q, k, v, log_gf, log_gb)`` (mean of the forward and backward scans, readout
+    * ``o = bigla(q, k, v, log_gf, log_gb)`` (:func:`vigla.ops.bigla_gated`, which forms the log
+      decays from the logits inside the kernels; mean of the forward and backward scans, readout
       scale ``(K/h) ** -0.5``);
     * ``G = sigmoid(x_c W_g + b_g)``; ``y = G * RMSNorm(o) + (1 - G) * RMSNorm(x_c)`` per head
       (each RMSNorm has one ``d_v``-sized weight shared by the heads);
@@ -112,13 +113,12 @@ class BiGLAMixer(nn.Module):
         bias = F.pad(self.mix_gate.bias, (weight.shape[0] - C, 0))
         q, k, v, z, gate = F.linear(x_c, weight, bias).split(
             [K, K, C, self.decay_down.out_features, C], dim=-1)
-        # Log decays in at least float32: they are summed over up to N tokens inside the scan.
-        z = self.decay_up(z)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))
-        log_g = F.logsigmoid(z) / self.gate_logit_normalizer
-        log_gf, log_gb = log_g.unflatten(-1, (2, h, self.head_k)).unbind(dim=2)
-        o = bigla(q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k)),
-                  v.unflatten(-1, (h, self.head_v)), log_gf, log_gb)  # [B, N, h, d_v]
+        # Gate logits; the op forms the log decays logsigmoid(z) / normalizer in float32 (inside
+        # the kernels on the GPU: they are summed over up to N tokens in the scan).
+        zf, zb = self.decay_up(z).unflatten(-1, (2, h, self.head_k)).unbind(dim=2)
+        o = bigla_gated(q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k)),
+                        v.unflatten(-1, (h, self.head_v)), zf, zb,
+                        self.gate_logit_normalizer)  # [B, N, h, d_v]
         y = locality_mix(o, x_c, gate, self.norm_out.weight, self.norm_local.weight,
                          self.norm_out.eps, act=self.out_act)
         return self.proj(y)

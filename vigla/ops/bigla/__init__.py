@@ -1,6 +1,7 @@
 """BiGLA: bidirectional gated linear attention (spec §2.1), with interchangeable backends.
 
-``bigla(q, k, v, log_gf, log_gb)`` is the one public entry point. Backends:
+``bigla(q, k, v, log_gf, log_gb)`` is the public entry point; ``bigla_gated`` is the same with
+the log decays ``logsigmoid(z) / normalizer`` formed from gate logits inside the op. Backends:
 
 * ``naive``: the token-by-token recurrence; any dtype (float64 too). Ground truth.
 * ``chunked``: chunk-parallel PyTorch; any device, autograd. The CPU default.
@@ -21,29 +22,38 @@ from . import op
 from .chunked import bigla_chunked, bigla_chunked_bwd
 from .naive import bigla_naive
 from .fla import HAS_FLA, bigla_fla
-from .op import bigla_macs
+from .op import bigla_macs, log_decays
 
-__all__ = ["bigla", "bigla_naive", "bigla_chunked", "bigla_chunked_bwd", "bigla_macs",
+__all__ = ["bigla", "bigla_gated", "log_decays", "bigla_naive", "bigla_chunked", "bigla_chunked_bwd", "bigla_macs",
            "available_backends"]
 
 
-def _bigla_op(q, k, v, log_gf, log_gb, scale):
+def _bigla_op(q, k, v, gf, gb, scale, gate_normalizer=None):
     if op.HAS_TRITON and q.is_cuda and not torch.compiler.is_compiling():
         # eager mode on CUDA: the same kernels without the custom op's dispatch cost
-        return op.BiGLAFunction.apply(q, k, v, log_gf, log_gb, scale)
-    return torch.ops.vigla.bigla_fwd(q, k, v, log_gf, log_gb, scale)
+        return op.BiGLAFunction.apply(q, k, v, gf, gb, scale, gate_normalizer)
+    return torch.ops.vigla.bigla_fwd(q, k, v, gf, gb, scale, gate_normalizer)
 
 
-def _bigla_triton(q, k, v, log_gf, log_gb, scale):
+def _bigla_triton(q, k, v, gf, gb, scale, gate_normalizer=None):
     if not (op.HAS_TRITON and q.is_cuda):
         raise RuntimeError(f"bigla: backend 'triton' needs CUDA tensors and Triton (got device {q.device}, "
                            f"Triton {'found' if op.HAS_TRITON else 'not installed'})")
-    return _bigla_op(q, k, v, log_gf, log_gb, scale)
+    return _bigla_op(q, k, v, gf, gb, scale, gate_normalizer)
+
+
+def _log_decays_first(fn: Callable) -> Callable:
+    """A backend that takes log decays, given gate logits: ``logsigmoid`` in autograd first."""
+    def run(q, k, v, gf, gb, scale, gate_normalizer=None):
+        if gate_normalizer is not None:
+            gf, gb = log_decays(gf, gate_normalizer), log_decays(gb, gate_normalizer)
+        return fn(q, k, v, gf, gb, scale)
+    return run
 
 
 _BACKENDS: dict[str, Callable] = {
-    "naive": bigla_naive, "chunked": bigla_chunked, "op": _bigla_op, "triton": _bigla_triton,
-    "fla": bigla_fla,
+    "naive": _log_decays_first(bigla_naive), "chunked": _log_decays_first(bigla_chunked),
+    "op": _bigla_op, "triton": _bigla_triton, "fla": _log_decays_first(bigla_fla),
 }
 
 
@@ -97,6 +107,21 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
     return "op" if op.supports(q.shape[-1], v.shape[-1]) else "chunked"
 
 
+def _run(q, k, v, gf, gb, scale, backend, gate_normalizer):
+    _check(q, k, v, gf, gb)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "auto":
+        backend = _auto_backend(q, v)
+    try:
+        fn = _BACKENDS[backend]
+    except KeyError:
+        raise ValueError(
+            f"bigla: unknown backend {backend!r}; available here: {available_backends(q.device)}"
+        ) from None
+    return fn(q, k, v, gf, gb, float(scale), gate_normalizer)
+
+
 def bigla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -121,15 +146,35 @@ def bigla(
         ``S^f_t = diag(exp(log_gf_t)) S^f_{t-1} + k_t v_t^T`` and
         ``S^b_t = diag(exp(log_gb_t)) S^b_{t+1} + k_t v_t^T``; both scans include token t itself.
     """
-    _check(q, k, v, log_gf, log_gb)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if backend == "auto":
-        backend = _auto_backend(q, v)
-    try:
-        fn = _BACKENDS[backend]
-    except KeyError:
-        raise ValueError(
-            f"bigla: unknown backend {backend!r}; available here: {available_backends(q.device)}"
-        ) from None
-    return fn(q, k, v, log_gf, log_gb, float(scale))
+    return _run(q, k, v, log_gf, log_gb, scale, backend, None)
+
+
+def bigla_gated(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    zf: torch.Tensor,
+    zb: torch.Tensor,
+    gate_normalizer: float,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`bigla` with log decays ``logsigmoid(z) / gate_normalizer`` of gate logits (ViG's gates).
+
+    The Triton kernels form the log decays in fp32 inside the kernel from ``zf``, ``zb`` in their
+    own dtype (e.g. the bf16 output of a projection under autocast) and return the logits'
+    gradients: no fp32 ``[B, T, H, K]`` gate tensor is written, read back or kept for the
+    backward. The other backends compute :func:`log_decays` first (same function).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+        zf, zb: ``[B, T, H, K]`` gate logits of the forward and the backward scan.
+        gate_normalizer: ``> 0``; divides ``logsigmoid(z)``.
+        scale, backend: as in :func:`bigla`.
+
+    Returns:
+        ``[B, T, H, V]`` in ``q.dtype``.
+    """
+    if not (isinstance(gate_normalizer, (int, float)) and gate_normalizer > 0):
+        raise ValueError(f"bigla_gated: gate_normalizer must be a number > 0, got {gate_normalizer!r}")
+    return _run(q, k, v, zf, zb, scale, backend, float(gate_normalizer))

@@ -8,6 +8,7 @@ lets ``torch.compile`` trace a whole model without a graph break and lets
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from .chunked import bigla_chunked, bigla_chunked_bwd
@@ -23,44 +24,62 @@ def bigla_macs(q_shape, v_shape) -> int:
     return 2 * 2 * B * T * H * K * v_shape[-1]
 
 
+def log_decays(z: torch.Tensor, gate_normalizer: float) -> torch.Tensor:
+    """``logsigmoid(z) / gate_normalizer`` in at least float32: what the fused kernels form from
+    gate logits inside the kernel (``[B, T, H, K]`` in, same shape out)."""
+    return F.logsigmoid(z.to(torch.promote_types(z.dtype, torch.float32))) / gate_normalizer
+
+
 @torch.library.custom_op("vigla::bigla_fwd", mutates_args=())
 def bigla_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gf: torch.Tensor, log_gb: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
+    scale: float, gate_normalizer: float | None = None,
 ) -> torch.Tensor:
-    """``[B, T, H, V]`` BiGLA output (see :func:`vigla.ops.bigla.bigla`)."""
+    """``[B, T, H, V]`` BiGLA output (see :func:`vigla.ops.bigla.bigla`); ``gf``, ``gb``: log decays,
+    or with ``gate_normalizer`` gate logits (see :func:`vigla.ops.bigla.bigla_gated`)."""
     with torch.no_grad():
-        return bigla_chunked(q, k, v, log_gf, log_gb, scale).contiguous()
+        if gate_normalizer is not None:
+            gf, gb = log_decays(gf, gate_normalizer), log_decays(gb, gate_normalizer)
+        return bigla_chunked(q, k, v, gf, gb, scale).contiguous()
 
 
 @bigla_fwd.register_fake
-def _(q, k, v, log_gf, log_gb, scale):
+def _(q, k, v, gf, gb, scale, gate_normalizer=None):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
 @torch.library.custom_op("vigla::bigla_bwd", mutates_args=())
 def bigla_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gf: torch.Tensor,
-    log_gb: torch.Tensor, scale: float,
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor,
+    gb: torch.Tensor, scale: float, gate_normalizer: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv, dlog_gf, dlog_gb)`` of ``<do, bigla_fwd(...)>`` (reference path)."""
-    return tuple(g.contiguous() for g in bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale))
+    """Gradients ``(dq, dk, dv, dgf, dgb)`` of ``<do, bigla_fwd(...)>`` (reference path)."""
+    if gate_normalizer is None:
+        return tuple(g.contiguous() for g in bigla_chunked_bwd(q, k, v, gf, gb, do, scale))
+    log_gf, log_gb = log_decays(gf, gate_normalizer), log_decays(gb, gate_normalizer)
+    dq, dk, dv, dlf, dlb = bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale)
+    # d logsigmoid(z) / dz = sigmoid(-z)
+    dzf, dzb = ((d * torch.sigmoid(-z.to(d.dtype)) / gate_normalizer).to(z.dtype)
+                for d, z in ((dlf, gf), (dlb, gb)))
+    return tuple(g.contiguous() for g in (dq, dk, dv, dzf, dzb))
 
 
 @bigla_bwd.register_fake
-def _(do, q, k, v, log_gf, log_gb, scale):
-    return tuple(torch.empty_like(t) for t in (q, k, v, log_gf, log_gb))
+def _(do, q, k, v, gf, gb, scale, gate_normalizer=None):
+    return tuple(torch.empty_like(t) for t in (q, k, v, gf, gb))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_gf, log_gb, scale = inputs
-    ctx.save_for_backward(q, k, v, log_gf, log_gb)
+    q, k, v, gf, gb, scale, gate_normalizer = inputs
+    ctx.save_for_backward(q, k, v, gf, gb)
     ctx.scale = scale
+    ctx.gate_normalizer = gate_normalizer
 
 
 def _backward(ctx, do):
-    grads = torch.ops.vigla.bigla_bwd(do.contiguous(), *ctx.saved_tensors, ctx.scale)
-    return (*grads, None)
+    grads = torch.ops.vigla.bigla_bwd(do.contiguous(), *ctx.saved_tensors, ctx.scale,
+                                      ctx.gate_normalizer)
+    return (*grads, None, None)
 
 
 bigla_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -89,9 +108,12 @@ def _register_triton() -> bool:
         from .triton_kernels import bigla_bwd_triton, bigla_fwd_triton
     except ImportError:
         return False
-    bigla_fwd.register_kernel("cuda")(bigla_fwd_triton)
+    bigla_fwd.register_kernel("cuda")(
+        lambda q, k, v, gf, gb, scale, gate_normalizer=None: bigla_fwd_triton(
+            q, k, v, gf, gb, scale, gate_normalizer=gate_normalizer))
     bigla_bwd.register_kernel("cuda")(
-        lambda do, q, k, v, log_gf, log_gb, scale: bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale))
+        lambda do, q, k, v, gf, gb, scale, gate_normalizer=None: bigla_bwd_triton(
+            q, k, v, gf, gb, do, scale, gate_normalizer=gate_normalizer))
     return True
 
 
@@ -103,15 +125,18 @@ class BiGLAFunction(torch.autograd.Function):
     custom op costs tens of microseconds more per call; ``torch.compile`` traces the custom op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_gf, log_gb, scale):
+    def forward(ctx, q, k, v, gf, gb, scale, gate_normalizer=None):
         from .triton_kernels import bigla_fwd_triton
 
-        ctx.save_for_backward(q, k, v, log_gf, log_gb)
+        ctx.save_for_backward(q, k, v, gf, gb)
         ctx.scale = scale
-        return bigla_fwd_triton(q, k, v, log_gf, log_gb, scale)
+        ctx.gate_normalizer = gate_normalizer
+        return bigla_fwd_triton(q, k, v, gf, gb, scale, gate_normalizer=gate_normalizer)
 
     @staticmethod
     def backward(ctx, do):
         from .triton_kernels import bigla_bwd_triton
 
-        return (*bigla_bwd_triton(*ctx.saved_tensors, do, ctx.scale), None)
+        grads = bigla_bwd_triton(*ctx.saved_tensors, do, ctx.scale,
+                                 gate_normalizer=ctx.gate_normalizer)
+        return (*grads, None, None)

@@ -51,6 +51,21 @@ def _store_rows(ptr, rows, cols, stride, T, x):
 
 
 @triton.jit
+def _load_gate(ptr, rows, cols, stride, T, gnorm, GATED: tl.constexpr):
+    """``[BT, len(cols)]`` fp32 log decays: the stored values, or (``GATED``) ``logsigmoid(z) / gnorm``
+    of stored logits ``z``; zero past ``T`` either way."""
+    x = _load_rows(ptr, rows, cols, stride, T)
+    if GATED:
+        # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)), with log1p(t) = t * log(u) / (u - 1), u = 1 + t
+        # (accurate where 1 + t rounds, i.e. for strong positive logits)
+        t = tl.exp(-tl.abs(x))
+        u = 1.0 + t
+        log1p = tl.where(u == 1.0, t, t * tl.log(u) / tl.where(u == 1.0, 1.0, u - 1.0))
+        x = tl.where(rows[:, None] < T, (tl.minimum(x, 0.0) - log1p) / gnorm, 0.0)
+    return x
+
+
+@triton.jit
 def _dot(a, b, TF32: tl.constexpr):
     """fp32 operands and accumulation; ``TF32``: tensor-core tf32 products (half-precision inputs)."""
     if TF32:
@@ -132,9 +147,9 @@ def _fold(state, u_ptr, d_ptr, first, count, step, ck, cv, V: tl.constexpr, K: t
 
 # ----------------------------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=["T", "H", "L", "NSEG"])
-def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
+def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG, gnorm,
                     sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                    TF32: tl.constexpr):
+                    TF32: tl.constexpr, GATED: tl.constexpr):
     """Per segment: its contribution to the forward state at its end (``uf``) and to the backward
     state at its start (``ub``), and its total log decays (``df``, ``db``)."""
     i_v = tl.program_id(0).to(tl.int64)
@@ -158,8 +173,8 @@ def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
         rows = start + n * BT + ot
         b_k = _load_rows(k + off_q, rows, ck, sqt, T)
         b_v = _load_rows(v + off_x, rows, cv, svt, T)
-        g_f = _load_rows(gf + off_g, rows, ck, sgt, T)
-        g_b = _load_rows(gb + off_g, rows, ck, sgt, T)
+        g_f = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
+        g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
         b = tl.cumsum(g_f, axis=0)
         last = tl.sum(g_f, axis=0)
         s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
@@ -176,9 +191,9 @@ def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG,
 
 
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
-def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
+def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG, gnorm,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                TF32: tl.constexpr):
+                TF32: tl.constexpr, GATED: tl.constexpr):
     i_v = tl.program_id(0).to(tl.int64)  # int64: offsets can pass 2**31 elements
     i_s = tl.program_id(1).to(tl.int64)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -205,7 +220,7 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
         b_q = _load_rows(q + off_q, rows, ck, sqt, T)
         b_k = _load_rows(k + off_q, rows, ck, sqt, T)
         b_v = _load_rows(v + off_x, rows, cv, svt, T)
-        b_g = _load_rows(gb + off_g, rows, ck, sgt, T)
+        b_g = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
         c = tl.cumsum(b_g, axis=0) - b_g  # exclusive: decay from the chunk start to j is exp(c_j)
         tot = tl.sum(b_g, axis=0)
         out = _dot(_scores(b_q, b_k, -c, BT, True, TF32), b_v, TF32)
@@ -222,7 +237,7 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
         b_q = _load_rows(q + off_q, rows, ck, sqt, T)
         b_k = _load_rows(k + off_q, rows, ck, sqt, T)
         b_v = _load_rows(v + off_x, rows, cv, svt, T)
-        b_g = _load_rows(gf + off_g, rows, ck, sgt, T)
+        b_g = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
         b = tl.cumsum(b_g, axis=0)  # inclusive: decay from j to i is exp(b_i - b_j)
         last = tl.sum(b_g, axis=0)
         out = _dot(_scores(b_q, b_k, b, BT, False, TF32), b_v, TF32)
@@ -234,9 +249,9 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG,
 
 # ----------------------------------------------------------------------------------- backward
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
-def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
+def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG, gnorm,
                          sqb, sqt, sqh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                         TF32: tl.constexpr):
+                         TF32: tl.constexpr, GATED: tl.constexpr):
     """Per segment: its queries' contribution to the gradient of the forward state before it
     (``wf``) and of the backward state after it (``wb``)."""
     i_v = tl.program_id(0).to(tl.int64)
@@ -260,8 +275,8 @@ def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
         rows = start + n * BT + ot
         b_q = _load_rows(q + off_q, rows, ck, sqt, T)
         b_do = _load_rows(do + off_v, rows, cv, H * V, T) * half_scale
-        g_f = _load_rows(gf + off_g, rows, ck, sgt, T)
-        g_b = _load_rows(gb + off_g, rows, ck, sgt, T)
+        g_f = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
+        g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
         b = tl.cumsum(g_f, axis=0) + acc_f[None, :]
         g_fwd += _dot(tl.trans(b_q * tl.exp(b)), b_do, TF32)
         acc_f += tl.sum(g_f, axis=0)
@@ -275,9 +290,9 @@ def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG,
 
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
 def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
-                uf, ub, df, db, wf, wb, T, H, scale, L, NSEG,
+                uf, ub, df, db, wf, wb, T, H, scale, L, NSEG, gnorm,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                TF32: tl.constexpr):
+                TF32: tl.constexpr, GATED: tl.constexpr):
     """dq, dk, dgf, dgb: fp32 ``[NV, B, T, H, K]`` partials (summed over value blocks by the
     caller); dv: fp32 ``[B, T, H, V]``; tot_wf, tot_wb: fp32 ``[NV, B*H, NSEG, K]`` per-segment
     totals of the gate-gradient terms (the carries between segments)."""
@@ -314,8 +329,8 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
         b_k = _load_rows(k + off_q, rows, ck, sqt, T)
         b_v = _load_rows(v + off_x, rows, cv, svt, T)
         b_do = _load_rows(do + off_v, rows, cv, sv, T) * half_scale
-        g_f = _load_rows(gf + off_g, rows, ck, sgt, T)
-        g_b = _load_rows(gb + off_g, rows, ck, sgt, T)
+        g_f = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
+        g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
         b = tl.cumsum(g_f, axis=0)
         last = tl.sum(g_f, axis=0)
         c = tl.cumsum(g_b, axis=0) - g_b
@@ -355,8 +370,8 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
         b_k = _load_rows(k + off_q, rows, ck, sqt, T)
         b_v = _load_rows(v + off_x, rows, cv, svt, T)
         b_do = _load_rows(do + off_v, rows, cv, sv, T) * half_scale
-        g_f = _load_rows(gf + off_g, rows, ck, sgt, T)
-        g_b = _load_rows(gb + off_g, rows, ck, sgt, T)
+        g_f = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
+        g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
         b = tl.cumsum(g_f, axis=0)
         last = tl.sum(g_f, axis=0)
         c = tl.cumsum(g_b, axis=0) - g_b
@@ -402,9 +417,11 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
     tl.store(tot_wb + off_tot + ck, carry_b)
 
 
-@triton.jit(do_not_specialize=["T", "H", "L", "NSEG"])
-def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, T, H, L, NSEG, K: tl.constexpr, BT: tl.constexpr):
-    """Adds the other segments' totals: dgf += sum of later segments, dgb += sum of earlier ones."""
+@triton.jit(do_not_specialize=["T", "H", "L", "NSEG", "gnorm"])
+def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, gf, gb, T, H, L, NSEG, gnorm, sgb, sgt, sgh,
+                       K: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
+    """Adds the other segments' totals: dgf += sum of later segments, dgb += sum of earlier ones;
+    ``GATED``: then the chain rule through ``logsigmoid(z) / gnorm``, ``dz = dg * sigmoid(-z) / gnorm``."""
     i_v = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -421,11 +438,17 @@ def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, T, H, L, NSEG, K: tl.constexpr,
     for m in range(0, i_s):
         earlier += tl.load(tot_wb + base + m * K + ck)
     off = i_v * BH * T * K + (i_b * T * H + i_h) * K
+    off_g = i_b * sgb + i_h * sgh
     start = i_s * L
     for n in range(0, tl.cdiv(tl.minimum(T - start, L), BT)):
         rows = start + n * BT + ot
-        _store_rows(dgf + off, rows, ck, H * K, T, _load_rows(dgf + off, rows, ck, H * K, T) + later[None, :])
-        _store_rows(dgb + off, rows, ck, H * K, T, _load_rows(dgb + off, rows, ck, H * K, T) + earlier[None, :])
+        d_f = _load_rows(dgf + off, rows, ck, H * K, T) + later[None, :]
+        d_b = _load_rows(dgb + off, rows, ck, H * K, T) + earlier[None, :]
+        if GATED:
+            d_f *= 1.0 / (1.0 + tl.exp(_load_rows(gf + off_g, rows, ck, sgt, T))) / gnorm
+            d_b *= 1.0 / (1.0 + tl.exp(_load_rows(gb + off_g, rows, ck, sgt, T))) / gnorm
+        _store_rows(dgf + off, rows, ck, H * K, T, d_f)
+        _store_rows(dgb + off, rows, ck, H * K, T, d_b)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -456,12 +479,15 @@ def _plan(q: torch.Tensor, V: int, segments: int | None = None):
     return BV, NV, nseg, seg_chunks * BT
 
 
-def _common(q, backward: bool):
+def _common(q, backward: bool, gate_normalizer: float | None):
     # register budgets read off ptxas -v for sm_90: 4 warps keep the forward spill-free up to
     # d_k = 32, the backward needs 8
     # fp32 inputs keep exact fp32 products; bf16/fp16 inputs multiply in tf32 (10-bit mantissa,
     # finer than the inputs themselves)
-    return dict(TF32=q.dtype != torch.float32,
+    if gate_normalizer is not None and not gate_normalizer > 0:
+        raise ValueError(f"bigla: gate_normalizer must be > 0, got {gate_normalizer}")
+    return dict(TF32=q.dtype != torch.float32, GATED=gate_normalizer is not None,
+                gnorm=float(gate_normalizer or 1.0),
                 num_warps=8 if backward or q.shape[-1] > 32 else 4)
 
 
@@ -487,57 +513,69 @@ def _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts):
     df, db = (torch.empty(B * H, nseg, K, **f32) for _ in range(2))
     if nseg > 1:
         _summary_kernel[(NV, nseg, B * H)](k, v, log_gf, log_gb, uf, ub, df, db, T, H, L, nseg,
-                                          *k.stride()[:3], *v.stride()[:3], *log_gf.stride()[:3],
-                                          K=K, V=V, BT=BT, BV=BV, **opts)
+                                          opts["gnorm"], *k.stride()[:3], *v.stride()[:3],
+                                          *log_gf.stride()[:3], K=K, V=V, BT=BT, BV=BV,
+                                          **_launch(opts))
     return uf, ub, df, db
 
 
-def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None = None) -> torch.Tensor:
+def _launch(opts):
+    return {k: v for k, v in opts.items() if k != "gnorm"}
+
+
+def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None = None,
+                     gate_normalizer: float | None = None) -> torch.Tensor:
     """``[B, T, H, V]`` contiguous output in ``q.dtype``; inputs ``[B, T, H, K|V]``, read in place
     when their last stride is 1 (column slices of a fused projection included).
 
     ``segments``: how many pieces the sequence is cut into (default: enough to fill the GPU).
+    ``gate_normalizer``: the gate inputs are logits ``z`` (any float dtype) and the log decays are
+    ``logsigmoid(z) / gate_normalizer``, formed in fp32 inside the kernels.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     _check_dims(K, V)
     q, k, v, log_gf, log_gb = _strided(q, k, v, log_gf, log_gb)
     BV, NV, nseg, L = _plan(q, V, segments)
-    opts = _common(q, backward=False)
+    opts = _common(q, backward=False, gate_normalizer=gate_normalizer)
     uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     _fwd_kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, uf, ub, df, db, T, H, scale, L, nseg,
-                                   *q.stride()[:3], *v.stride()[:3], *log_gf.stride()[:3],
-                                   K=K, V=V, BT=BT, BV=BV, **opts)
+                                   opts["gnorm"], *q.stride()[:3], *v.stride()[:3],
+                                   *log_gf.stride()[:3], K=K, V=V, BT=BT, BV=BV, **_launch(opts))
     return o
 
 
-def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | None = None):
-    """``(dq, dk, dv, dlog_gf, dlog_gb)`` in the dtypes of the corresponding inputs."""
+def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | None = None,
+                     gate_normalizer: float | None = None):
+    """``(dq, dk, dv, dlog_gf, dlog_gb)`` in the dtypes of the corresponding inputs (with
+    ``gate_normalizer``: the gradients of the gate logits)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     _check_dims(K, V)
     q, k, v, log_gf, log_gb = _strided(q, k, v, log_gf, log_gb)
     do = do.contiguous()
     BV, NV, nseg, L = _plan(q, V, segments)
-    opts = _common(q, backward=True)
+    opts = _common(q, backward=True, gate_normalizer=gate_normalizer)
     uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     f32 = dict(dtype=torch.float32, device=q.device)
     wf, wb = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2))
     grid = (NV, nseg, B * H)
+    gnorm, launch = opts["gnorm"], _launch(opts)
     if nseg > 1:
-        _grad_summary_kernel[grid](q, do, log_gf, log_gb, wf, wb, T, H, scale, L, nseg,
+        _grad_summary_kernel[grid](q, do, log_gf, log_gb, wf, wb, T, H, scale, L, nseg, gnorm,
                                    *q.stride()[:3], *log_gf.stride()[:3],
-                                   K=K, V=V, BT=BT, BV=BV, **opts)
+                                   K=K, V=V, BT=BT, BV=BV, **launch)
     dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, **f32) for _ in range(4))
     dv = torch.empty(B, T, H, V, **f32)
     tot_wf, tot_wb = (torch.empty(NV, B * H, nseg, K, **f32) for _ in range(2))
     _bwd_kernel[grid](q, k, v, log_gf, log_gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
-                      uf, ub, df, db, wf, wb, T, H, scale, L, nseg,
+                      uf, ub, df, db, wf, wb, T, H, scale, L, nseg, gnorm,
                       *q.stride()[:3], *v.stride()[:3], *log_gf.stride()[:3],
-                      K=K, V=V, BT=BT, BV=BV, **opts)
-    if nseg > 1:
-        _gate_carry_kernel[grid](dgf, dgb, tot_wf, tot_wb, T, H, L, nseg, K=K, BT=BT, num_warps=2)
+                      K=K, V=V, BT=BT, BV=BV, **launch)
+    if nseg > 1 or launch["GATED"]:  # the carries between segments; the logits' chain rule
+        _gate_carry_kernel[grid](dgf, dgb, tot_wf, tot_wb, log_gf, log_gb, T, H, L, nseg, gnorm,
+                                 *log_gf.stride()[:3], K=K, BT=BT, GATED=launch["GATED"], num_warps=2)
     sums = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, dgf, dgb)]
     return (sums[0].to(q.dtype), sums[1].to(k.dtype), dv.to(v.dtype), sums[2].to(log_gf.dtype),
             sums[3].to(log_gb.dtype))

@@ -1,6 +1,6 @@
 """SwiGLU's gating ``SiLU(a) * b`` (``[a | b] = u``) fused: one read of ``u`` and one write of
 ``y`` forward, one read of ``u`` and ``dy`` and one write of ``du`` backward (the activation is
-recomputed, not stored)."""
+recomputed, not stored; optionally the output too, for :func:`vigla.ops.swiglu.swiglu_linear`)."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +22,7 @@ def _fwd_kernel(u, y, N, I, su, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(dy, u, du, N, I, su, BLOCK: tl.constexpr):
+def _bwd_kernel(dy, u, du, y, N, I, su, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
     row = idx // I
@@ -34,6 +34,8 @@ def _bwd_kernel(dy, u, du, N, I, su, BLOCK: tl.constexpr):
     out = du + row * 2 * I + col
     tl.store(out, (g * b * s * (1 + a * (1 - s))).to(du.dtype.element_ty), mask=mask)
     tl.store(out + I, (g * a * s).to(du.dtype.element_ty), mask=mask)
+    if STORE_Y:  # the forward's output, recomputed (for the next layer's weight gradient)
+        tl.store(y + idx, (a * s * b).to(y.dtype.element_ty), mask=mask)
 
 
 def _rows(u: torch.Tensor) -> torch.Tensor:
@@ -50,11 +52,14 @@ def swiglu_fwd_triton(u: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def swiglu_bwd_triton(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def swiglu_bwd_triton(dy: torch.Tensor, u: torch.Tensor, recompute: bool = False):
+    """``du`` (``u``'s shape) of ``<dy, swiglu(u)>``; ``recompute``: ``(du, swiglu(u))`` from the
+    same pass over ``u``."""
     u2 = _rows(u)
     I = u.shape[-1] // 2
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    y = torch.empty(*u.shape[:-1], I, dtype=u.dtype, device=u.device) if recompute else du
     n = u2.shape[0] * I
-    _bwd_kernel[(triton.cdiv(n, BLOCK),)](dy.contiguous(), u2, du, n, I, u2.stride(0), BLOCK=BLOCK,
-                                          num_warps=4)
-    return du
+    _bwd_kernel[(triton.cdiv(n, BLOCK),)](dy.contiguous(), u2, du, y, n, I, u2.stride(0), BLOCK=BLOCK,
+                                          STORE_Y=recompute, num_warps=4)
+    return (du, y) if recompute else du
