@@ -4,13 +4,13 @@
 #   1. test_gpu         the GPU test suite (`pytest -m gpu`: kernels vs float64 on random shapes,
 #                       gated and plain BiGLA, fused ops, fused model vs reference ops,
 #                       torch.compile, CUDA graphs, vigla bench on CUDA)
-#   2. tune_bigla       BiGLA launch settings (warps, stages, segments) timed and checked
+#   2. bench_bigla      the BiGLA operator at ViG-T/S layer shapes: Triton vs fla-core's chunk_gla
+#                       on [x; flip(x)] (needs the fla-core wheel in .whl/; autotunes from cold)
 #   3. gpu_eager_train  vigla bench: ViG-T vs DeiT-T at 224/512/1024/2048, inference (batch
 #                       128/128/32/8), batch-1 latency, training steps (AdamW), bf16 autocast
 #   4. gpu_cuda_graph   the same inference as CUDA-graph replays (no CPU launch overhead)
-#   5. gpu_ckpt_1024    training at 1024: ViG-T with activation checkpointing vs DeiT-T without
-# The wider sweep (every model, torch.compile) is benchmarks/gpu_bench.sh; the operator benchmark
-# against fla-core is benchmarks/bench_bigla.py (benchmarks/gpu_kernel.sh).
+# The wider sweep (every model, torch.compile, checkpointing, the op profile) is
+# benchmarks/gpu_bench.sh; benchmarks/tune_bigla.py times the kernels' launch settings.
 # Usage: OUT=dir bash benchmarks/gpu_all.sh      (optional wheels, e.g. fla-core, from .whl/)
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
@@ -32,14 +32,13 @@ plot_results(json.load(open(sys.argv[1])), Path(sys.argv[2]))'
 
 step 170 test_gpu python3 -m pytest tests -m gpu -q -p no:cacheprovider -n 16 --timeout 150 \
   -W ignore::DeprecationWarning -p no:benchmark -rfE
-step 150 tune_bigla python3 benchmarks/tune_bigla.py --out "$OUT"
+step 170 bench_bigla python3 benchmarks/bench_bigla.py --out "$OUT" --backends triton fla \
+  --shapes "ViG-T @224" "ViG-T @512" "ViG-T @1024" "ViG-T @2048" "ViG-S @224"
 step 120 gpu_eager_train "${BENCH[@]}" --name gpu_eager_train "${PAIR[@]}" \
   --img-size 224 512 1024 2048 --train
 step 60 gpu_cuda_graph "${BENCH[@]}" --name gpu_cuda_graph "${PAIR[@]}" \
   --img-size 224 512 1024 2048 --cuda-graph
-step 40 gpu_ckpt_1024 "${BENCH[@]}" --name gpu_ckpt_1024 "${PAIR[@]}" --no-latency \
-  --img-size 1024 --train --grad-checkpointing vig_tiny
-for name in gpu_eager_train gpu_cuda_graph gpu_ckpt_1024; do
+for name in gpu_eager_train gpu_cuda_graph; do
   if [ -f "$OUT/$name.json" ] && [ ! -f "$OUT/$name.png" ]; then python3 -c "$PLOT" "$OUT/$name.json" "$OUT/$name.png"; fi
 done
 ls -l "$OUT"

@@ -42,8 +42,8 @@ def with_launch(warps, stages):
     """Make the launchers use these settings (restored by the caller)."""
     base = tk._common
 
-    def common(q, backward, gate_normalizer):
-        return base(q, backward, gate_normalizer) | dict(num_warps=warps, num_stages=stages)
+    def common(q, backward, gate_normalizer, nseg):
+        return base(q, backward, gate_normalizer, nseg) | dict(num_warps=warps, num_stages=stages)
     tk._common = common
     return base
 

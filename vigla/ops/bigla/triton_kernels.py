@@ -26,6 +26,7 @@ an exact ``[BT, BT, K]`` path in which every exponent is <= 0. Across chunks and
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -464,31 +465,43 @@ def _sm_count(index: int) -> int:
 
 
 def _plan(q: torch.Tensor, V: int, segments: int | None = None):
-    """Value block, number of segments and segment length (tokens) for a call."""
+    """Value block, number of segments and segment length (tokens) for a call.
+
+    Default segments (timed on an H200 by benchmarks/tune_bigla.py, tune_bigla.json): none while
+    the batch*head programs alone give >= 2 per multiprocessor (a summary pass costs more than
+    it saves); else enough for ~8 programs per multiprocessor, at most ``sqrt(2 * chunks)`` (so
+    that folding the other segments' summaries, sequential in the segment count, stays shorter
+    than the segment's own walk) and with >= 4 chunks per segment.
+    """
     B, T, H, K = q.shape
     BV = min(V, 64)
     NV = triton.cdiv(V, BV)
     n_chunks = triton.cdiv(T, BT)
     if segments is None:
         sms = _sm_count(q.device.index) if q.is_cuda else 1
-        want = triton.cdiv(4 * sms, B * H * NV)  # about four programs per multiprocessor
-        segments = min(want, n_chunks // 4)  # keep >= 4 chunks per segment
+        programs = B * H * NV
+        segments = 1
+        if programs < 2 * sms:
+            segments = min(triton.cdiv(8 * sms, programs), math.isqrt(2 * n_chunks), n_chunks // 4)
     nseg = max(1, min(segments, n_chunks))
     seg_chunks = triton.cdiv(n_chunks, nseg)
     nseg = triton.cdiv(n_chunks, seg_chunks)
     return BV, NV, nseg, seg_chunks * BT
 
 
-def _common(q, backward: bool, gate_normalizer: float | None):
-    # register budgets read off ptxas -v for sm_90: 4 warps keep the forward spill-free up to
-    # d_k = 32, the backward needs 8
+def _common(q, backward: bool, gate_normalizer: float | None, nseg: int):
     # fp32 inputs keep exact fp32 products; bf16/fp16 inputs multiply in tf32 (10-bit mantissa,
     # finer than the inputs themselves)
     if gate_normalizer is not None and not gate_normalizer > 0:
         raise ValueError(f"bigla: gate_normalizer must be > 0, got {gate_normalizer}")
+    # warps timed at d_k = 32 on an H200 (tune_bigla.json): 4 for both passes, 2 for the forward
+    # of long, many-segment sequences; d_k > 32 keeps 8 (register pressure; ptxas -v for sm_90)
+    if q.shape[-1] > 32:
+        warps = 8
+    else:
+        warps = 2 if not backward and nseg >= 16 else 4
     return dict(TF32=q.dtype != torch.float32, GATED=gate_normalizer is not None,
-                gnorm=float(gate_normalizer or 1.0),
-                num_warps=8 if backward or q.shape[-1] > 32 else 4)
+                gnorm=float(gate_normalizer or 1.0), num_warps=warps)
 
 
 def _strided(q, k, v, log_gf, log_gb):
@@ -537,7 +550,7 @@ def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None
     _check_dims(K, V)
     q, k, v, log_gf, log_gb = _strided(q, k, v, log_gf, log_gb)
     BV, NV, nseg, L = _plan(q, V, segments)
-    opts = _common(q, backward=False, gate_normalizer=gate_normalizer)
+    opts = _common(q, backward=False, gate_normalizer=gate_normalizer, nseg=nseg)
     uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     _fwd_kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, uf, ub, df, db, T, H, scale, L, nseg,
@@ -556,7 +569,7 @@ def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | 
     q, k, v, log_gf, log_gb = _strided(q, k, v, log_gf, log_gb)
     do = do.contiguous()
     BV, NV, nseg, L = _plan(q, V, segments)
-    opts = _common(q, backward=True, gate_normalizer=gate_normalizer)
+    opts = _common(q, backward=True, gate_normalizer=gate_normalizer, nseg=nseg)
     uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     f32 = dict(dtype=torch.float32, device=q.device)
     wf, wb = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2))
