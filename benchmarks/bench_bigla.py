@@ -84,6 +84,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--backends", nargs="+", default=["triton", "fla", "chunked"])
     ap.add_argument("--shapes", nargs="*", default=None, help="names of the shapes to run (default: all)")
+    ap.add_argument("--name", default="bench_bigla", help="stem of the JSON file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_bigla needs a CUDA GPU", file=sys.stderr)
@@ -104,7 +105,7 @@ def main() -> int:
         complete=False, rows=[],
     )
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_bigla.json")
+    path = os.path.join(args.out, f"{args.name}.json")
 
     def ratio(a, b):
         return None if a is None or b is None else a / b

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # `vigla bench` on one GPU, in one call (fits ~9 minutes on one H200; each run has its own time cap):
-#   1. gpu_eager_train   ViG-T/S/B, ViG-H-T, Castling-DeiT-T, DeiT-T/S/B at 224/512/1024/2048:
-#                        inference (batch 128/128/32/8), latency at batch 1, training steps
-#                        (AdamW, bf16 autocast); ratios against DeiT-T            (cap 260 s)
-#   2. gpu_vig_s_vs_deit_b_224   ViG-S vs DeiT-B at 224, inference and training    (cap 50 s)
-#   3. gpu_compile       torch.compile inference and training, ViG-T vs DeiT-T at 224 and 1024
-#                                                                                  (cap 170 s)
-#   4. gpu_ckpt_1024     training at 1024: ViG-T with activation checkpointing vs DeiT-T without
-#                                                                                  (cap 40 s)
-#   5. profile_vig       torch.profiler op table of ViG-T at 224 (inference and training)
+#   1. gpu_eager_train_all_models   ViG-T/S/B, ViG-H-T, Castling-DeiT-T, DeiT-T/S/B at
+#                        224/512/1024/2048: inference (batch 128/128/32/8), latency at batch 1,
+#                        training steps (AdamW, bf16 autocast); ratios against DeiT-T (cap 260 s)
+#   2. gpu_compile       torch.compile inference and training, ViG-T vs DeiT-T at 224 and 1024
+#                                                                                  (cap 190 s)
+#   3. bench_bigla_triton  the BiGLA operator alone at every shape of bench_bigla.py (Triton only:
+#                        fla-core's cold autotuning does not fit this call)         (cap 50 s)
+#   4. profile_vig       torch.profiler op table of ViG-T at 224 (inference and training)
+# Separately (benchmarks/gpu_all.sh and by hand): ViG-T vs DeiT-T with CUDA graphs, ViG-S vs
+# DeiT-B, ViG-T with activation checkpointing (`--grad-checkpointing vig_tiny`).
 # Anchors protocol: bf16 autocast, 3 warm-ups, median of 10 CUDA-event-timed calls. Models that are
 # not registered (yet) are skipped with a warning. Each run writes NAME.json and NAME.csv after every
 # row (so a run stopped by its cap keeps its rows), NAME.png and NAME.log.
@@ -39,14 +40,12 @@ bench() {  # bench CAP_SECONDS NAME ARGS...
   fi
 }
 
-bench 260 gpu_eager_train --models $ALL --baseline deit_tiny_patch16_224 \
+bench 260 gpu_eager_train_all_models --models $ALL --baseline deit_tiny_patch16_224 \
   --img-size 224 512 1024 2048 --train
-bench 50 gpu_vig_s_vs_deit_b_224 --models vig_small deit_base_patch16_224 \
-  --baseline deit_base_patch16_224 --img-size 224 --train
-bench 170 gpu_compile --models vig_tiny deit_tiny_patch16_224 --baseline deit_tiny_patch16_224 \
+bench 190 gpu_compile --models vig_tiny deit_tiny_patch16_224 --baseline deit_tiny_patch16_224 \
   --img-size 224 1024 --compile --no-latency --train
-bench 40 gpu_ckpt_1024 --models vig_tiny deit_tiny_patch16_224 --baseline deit_tiny_patch16_224 \
-  --img-size 1024 --no-latency --train --grad-checkpointing vig_tiny
+timeout -k 10 50 python3 benchmarks/bench_bigla.py --out "$OUT_DIR" --name bench_bigla_triton --backends triton \
+  2>&1 | tee "$OUT_DIR/bench_bigla_triton.log" | tail -n 12
 timeout -k 10 45 python3 benchmarks/profile_vig.py --models vig_tiny --img-size 224 --iters 2 \
   --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/profile_vig.log" | tail -n 30
 ls -l "$OUT_DIR"
