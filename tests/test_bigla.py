@@ -228,3 +228,43 @@ def test_gated_custom_op_opcheck():
     q, k, v, _, _ = make_inputs(2, 10, 3, 4, 6, dtype=torch.float32, requires_grad=True)
     zf, zb = (z.detach().float().requires_grad_() for z in _logits(2, 10, 3, 4))
     torch.library.opcheck(torch.ops.vigla.bigla_fwd.default, (q, k, v, zf, zb, 0.5, 16.0))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_chunked_factored_and_exact_intra_chunk_paths_agree(monkeypatch, dtype, tol):
+    """The factored intra-chunk products (decay range < FACTOR_RANGE) against the exact
+    [C, C, K] form, at decays just under the range limit (-0.9 per token: 28.8 over a 32-token
+    chunk), forward and hand-written backward, against the float64 recurrence."""
+    from vigla.ops.bigla import chunked
+
+    q, k, v, _, _ = make_inputs(2, 100, 2, 8, 6)
+    gf = -0.9 * torch.rand(2, 100, 2, 8, dtype=torch.float64) ** 0.01  # ~-0.9 per token
+    gb = F.logsigmoid(torch.randn(2, 100, 2, 8, dtype=torch.float64))
+    x = [t.to(dtype) for t in (q, k, v, gf, gb)]
+    ref = bigla_naive(q, k, v, gf, gb, 8 ** -0.5)
+    do = torch.randn_like(ref)
+    xs = [t.detach().clone().requires_grad_() for t in (q, k, v, gf, gb)]
+    gref = torch.autograd.grad(bigla_naive(*xs, 8 ** -0.5), xs, do)
+    results = []
+    steep_counts = []
+    factors = chunked._factors
+
+    def spy(b):
+        out = factors(b)
+        steep_counts.append((out[2][0].numel(), b.shape[:-2].numel()))
+        return out
+
+    monkeypatch.setattr(chunked, "_factors", spy)
+    for limit in (chunked.FACTOR_RANGE, 0.0):  # 0: every chunk takes the exact form
+        monkeypatch.setattr(chunked, "FACTOR_RANGE", limit)
+        out = bigla_chunked(*x, 8 ** -0.5)
+        grads = bigla_chunked_bwd(*x, do.to(dtype), 8 ** -0.5)
+        assert rel_err(out, ref) < tol
+        for a, b in zip(grads, gref):
+            assert rel_err(a, b) < tol
+        results.append([out, *grads])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < tol
+    (some, total), *_ = steep_counts
+    assert 0 < some < total  # the default limit mixes factored and exact chunks in one call
+    assert all(n == total for n, total in steep_counts[len(steep_counts) // 2:])

@@ -4,8 +4,11 @@ Within a chunk of ``C`` tokens the output is a masked matrix product; between ch
 ``[K, V]`` state is carried. Every exponent that is evaluated is <= 0, so the result is exact
 and finite for any finite log decays (-20 per token included) and any sequence length:
 
-* intra-chunk scores use ``exp(b_i - b_j)`` for ``j <= i`` only (``b``: in-chunk cumulative
-  log decay), formed per key channel instead of the unstable ``q*exp(b)`` / ``k*exp(-b)`` split;
+* intra-chunk scores ``sum_c q_ic k_jc exp(b_ic - b_jc)`` (``j <= i``; ``b``: in-chunk cumulative
+  log decay) are matrix products of ``q*exp(b - b_0)`` and ``k*exp(b_0 - b)`` (``b_0``: the chunk's
+  first token, so one factor is <= 1 and the other <= exp(range)) in every chunk whose decay range
+  is below ``FACTOR_RANGE``; steeper chunks take the exact ``[C, C, K]`` form with every exponent
+  <= 0 (never the unstable ``q*exp(b)`` / ``k*exp(-b)`` split);
 * the carried state enters as ``(q_i * exp(b_i)) S`` and a chunk's keys as
   ``k_j * exp(b_last - b_j)``.
 
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK = 32
+FACTOR_RANGE = 30.0  # exp(30) ~ 1e13: the factored intra-chunk path stays far from fp32 limits
 
 
 def _chunks(q, k, v, g, chunk):
@@ -36,6 +40,21 @@ def _intra_decay(b, chunk):
     return torch.where(causal[..., None], diff, diff.new_tensor(float("-inf"))).exp()
 
 
+def _factors(b):
+    """``(exp(b - b_0), exp(b_0 - b), steep)`` per chunk (``b``: ``[..., n, C, K]``).
+
+    ``b`` decreases within a chunk, so the first factor is <= 1 and the second <= exp(range): their
+    product ``exp(b_i - b_j)`` (j <= i) is formed without overflow or underflow while the chunk's
+    decay range ``b_0 - b_last`` stays below ``FACTOR_RANGE``, and the intra-chunk products become
+    matrix products instead of ``[C, C, K]`` tensors. ``steep``: the indices of the chunks past that
+    range (their second factor is clamped; the callers recompute them in the exact form).
+    """
+    first = b[..., :1, :]
+    rise = first - b
+    steep = (rise[..., -1, :].amax(-1) >= FACTOR_RANGE).nonzero(as_tuple=True)
+    return (-rise).exp(), rise.clamp(max=FACTOR_RANGE).exp(), steep
+
+
 def _states_before(chunk_decay, local):
     """Scan ``S_{n+1} = D_n * S_n + U_n`` from ``S_0 = 0``; returns ``[S_0 .. S_{N-1}]`` stacked."""
     state = torch.zeros_like(local[..., 0, :, :])
@@ -44,6 +63,16 @@ def _states_before(chunk_decay, local):
         before.append(state)
         state = chunk_decay[..., i, :, :] * state + local[..., i, :, :]
     return torch.stack(before, dim=-3)
+
+
+def _intra_scores(q, k, b, chunk):
+    """``[..., n, C, C]``: ``sum_c q_ic k_jc exp(b_ic - b_jc)`` for ``j <= i``, else 0."""
+    down, up, steep = _factors(b)
+    scores = ((q * down) @ (k * up).transpose(-1, -2)).tril()
+    if steep[0].numel():  # steep decays: the exact form, every exponent <= 0
+        exact = (q[steep].unsqueeze(-2) * k[steep].unsqueeze(-3) * _intra_decay(b[steep], chunk)).sum(-1)
+        scores = scores.index_put(steep, exact)
+    return scores
 
 
 def _causal_gla(q, k, v, g, scale: float, chunk: int):
@@ -55,7 +84,7 @@ def _causal_gla(q, k, v, g, scale: float, chunk: int):
     q, k, v, g = _chunks(q, k, v, g, chunk)
     b = g.cumsum(-2)  # in-chunk inclusive cumulative log decay, <= 0
     b_last = b[..., -1:, :]
-    scores = (q.unsqueeze(-2) * k.unsqueeze(-3) * _intra_decay(b, chunk)).sum(-1)  # [..., n, C, C]
+    scores = _intra_scores(q, k, b, chunk)  # [..., n, C, C]
     local = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # [..., n, K, V]
     before = _states_before(b_last.transpose(-1, -2).exp(), local)
     out = scores @ v + (q * b.exp()) @ before
@@ -69,8 +98,7 @@ def _causal_gla_bwd(q, k, v, g, do, scale: float, chunk: int):
     do = do.reshape(v.shape) * scale
     b = g.cumsum(-2)
     b_last = b[..., -1:, :]
-    decay = _intra_decay(b, chunk)
-    scores = (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)
+    scores = _intra_scores(q, k, b, chunk)
     q_dec, k_dec = q * b.exp(), k * (b_last - b).exp()
     chunk_decay = b_last.transpose(-1, -2).exp()  # [..., n, K, 1]
     before = _states_before(chunk_decay, k_dec.transpose(-1, -2) @ v)
@@ -85,10 +113,16 @@ def _causal_gla_bwd(q, k, v, g, do, scale: float, chunk: int):
     d_after = torch.stack(d_after[::-1], dim=-3)  # [..., n, K, V]
 
     d_scores = (do @ v.transpose(-1, -2)).tril()  # [..., n, C, C]
-    t = d_scores.unsqueeze(-1) * decay  # [..., n, C(i), C(j), K]
-    dq = (t * k.unsqueeze(-3)).sum(-2) + (do @ before.transpose(-1, -2)) * b.exp()
+    down, up, steep = _factors(b)
+    dq_intra = (d_scores @ (k * up)) * down
+    dk_intra = (d_scores.transpose(-1, -2) @ (q * down)) * up
+    if steep[0].numel():  # steep decays: the exact [M, C(i), C(j), K] form for those chunks
+        t = d_scores[steep].unsqueeze(-1) * _intra_decay(b[steep], chunk)
+        dq_intra = dq_intra.index_put(steep, (t * k[steep].unsqueeze(-3)).sum(-2))
+        dk_intra = dk_intra.index_put(steep, (t * q[steep].unsqueeze(-2)).sum(-3))
+    dq = dq_intra + (do @ before.transpose(-1, -2)) * b.exp()
     dk_inter = (v @ d_after.transpose(-1, -2)) * (b_last - b).exp()
-    dk = (t * q.unsqueeze(-2)).sum(-3) + dk_inter
+    dk = dk_intra + dk_inter
     dv = scores.transpose(-1, -2) @ do + k_dec @ d_after
     # log-decay gradient: d b_i = q_i dq_i - k_i dk_i, plus the chunk-end terms on b_last
     db = q * dq - k * dk
