@@ -8,8 +8,9 @@ Shapes: ViG-T layers (H=3, d_k=32, d_v=64) at T = 196/1024/4096/16384 with the a
 sizes, a ViG-S layer, and the four ViG-H-T stages at 224². The model's path: ``bigla_gated`` with
 bf16 q, k, v and bf16 gate logits (log decays ``logsigmoid(z) / 16``: inside the kernels for
 Triton; a separate op before ``chunk_gla`` for fla, as in the official code), forward and
-forward+backward, median of ``triton.testing.do_bench``. The byte floor is the time to read
-q, k, v and both gate logits once and write o once at the copy bandwidth measured in the same run.
+forward+backward, median of ``triton.testing.do_bench``; by default the inputs are laid out as the
+model passes them (``--layout model``: column slices of one projection). The byte floor is the time to
+read q, k, v and both gate logits once and write o once at the copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -49,19 +50,29 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
-def make_inputs(B, T, H, K, V, dtype=torch.bfloat16, grad=False):
+def make_inputs(B, T, H, K, V, layout="model", dtype=torch.bfloat16, grad=False):
+    """``(q, k, v, zf, zb)`` bf16, ``[B, T, H, D]``, with gate logits (log decays ``logsigmoid(z)/16``).
+
+    ``layout="model"``: as BiGLAMixer passes them, q/k/v column slices of one projection output
+    ``[B, T, 2HK + HV + r + HV]`` (r = 16, the decay rank) and the logits the two halves of one
+    ``[B, T, 2HK]`` output; ``"contiguous"``: five separate tensors.
+    """
     def r(*s):
         return torch.randn(*s, device="cuda", dtype=dtype, requires_grad=grad)
 
-    # gate logits as the model makes them (log decays logsigmoid(z) / 16 formed inside the op)
-    return r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(B, T, H, K), r(B, T, H, K)
+    if layout == "contiguous":
+        return r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(B, T, H, K), r(B, T, H, K)
+    proj = r(B, T, 2 * H * K + H * V + 16 + H * V)
+    q, k, v = proj[..., :2 * H * K + H * V].split([H * K, H * K, H * V], -1)
+    zf, zb = r(B, T, 2 * H * K).unflatten(-1, (2, H, K)).unbind(2)
+    return q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)), zf, zb
 
 
-def time_backend(backend, shape, train: bool):
+def time_backend(backend, shape, train: bool, layout: str):
     from triton.testing import do_bench
 
     _, B, T, H, K, V = shape
-    x = make_inputs(B, T, H, K, V, grad=train)
+    x = make_inputs(B, T, H, K, V, layout, grad=train)
     if train:
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
 
@@ -85,6 +96,8 @@ def main() -> int:
     ap.add_argument("--backends", nargs="+", default=["triton", "fla", "chunked"])
     ap.add_argument("--shapes", nargs="*", default=None, help="names of the shapes to run (default: all)")
     ap.add_argument("--name", default="bench_bigla", help="stem of the JSON file")
+    ap.add_argument("--layout", choices=["model", "contiguous"], default="model",
+                    help="inputs as the model passes them (strided column slices) or as separate tensors")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_bigla needs a CUDA GPU", file=sys.stderr)
@@ -101,7 +114,8 @@ def main() -> int:
         benchmark="bigla operator", device=torch.cuda.get_device_name(), commit=git_info()["commit"],
         command=" ".join([os.path.basename(sys.executable)] + sys.argv), versions=versions,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", timing="triton.testing.do_bench median",
+        copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", layout=args.layout,
+        timing="triton.testing.do_bench median",
         complete=False, rows=[],
     )
     os.makedirs(args.out, exist_ok=True)
@@ -119,8 +133,8 @@ def main() -> int:
         row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T,
                    floor_ms=nbytes / bw * 1e3)
         for backend in backends:
-            row[f"{backend}_fwd_ms"] = time_backend(backend, shape, train=False)
-            row[f"{backend}_fwdbwd_ms"] = time_backend(backend, shape, train=True)
+            row[f"{backend}_fwd_ms"] = time_backend(backend, shape, train=False, layout=args.layout)
+            row[f"{backend}_fwdbwd_ms"] = time_backend(backend, shape, train=True, layout=args.layout)
         row["fla_over_triton_fwd"] = ratio(row.get("fla_fwd_ms"), row.get("triton_fwd_ms"))
         row["fla_over_triton_fwdbwd"] = ratio(row.get("fla_fwdbwd_ms"), row.get("triton_fwdbwd_ms"))
         row["chunked_over_triton_fwd"] = ratio(row.get("chunked_fwd_ms"), row.get("triton_fwd_ms"))

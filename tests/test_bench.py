@@ -360,6 +360,16 @@ def test_grad_checkpointing_applies_to_the_named_models_only(tmp_path, monkeypat
     assert enabled == [(32, True), (64, True)]  # no names: every model
 
 
+def test_compile_mode_is_passed_on(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)
+    rc = _run(ONE + ["--img-size", "32", "--compile", "--compile-mode", "reduce-overhead",
+                     "--no-latency", "--iters", "1", "--out", str(tmp_path)])
+    assert rc == 0 and seen == [{"dynamic": False, "mode": "reduce-overhead"}]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["settings"]["compile_mode"] == "reduce-overhead"
+
+
 def test_baseline_is_added_to_the_run(tmp_path):
     rc = _run(["--models", "bench_test_vit_wide", "--baseline", "bench_test_vit", "--device", "cpu",
                "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--iters", "1",
@@ -413,6 +423,7 @@ def test_flops_only_counts_without_running(tmp_path, monkeypatch, capsys):
     (["--models", "bench_test_vit", "--train", "--grad-checkpointing", "vig_tiny"],
      "vig_tiny not among the benchmarked models"),
     (["--models", "bench_test_vit", "--cuda-graph"], "--cuda-graph needs --device cuda"),
+    (["--models", "bench_test_vit", "--compile-mode", "max-autotune"], "needs --compile"),
 ])
 def test_bad_arguments_give_a_clear_error(argv, message, capsys, tmp_path):
     assert _run(argv + ["--device", "cpu", "--out", str(tmp_path)]) == 2

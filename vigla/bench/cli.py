@@ -48,7 +48,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                         help="autocast dtype; default: bf16 on cuda, none on cpu" + _NO_DEFAULT)
     parser.add_argument("--compile", action="store_true",
-                        help="wrap each model in torch.compile (default mode, static shapes)")
+                        help="wrap each model in torch.compile (static shapes)")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                        default="default",
+                        help="with --compile: torch.compile's mode ('reduce-overhead' adds CUDA graphs)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time inference as replays of one CUDA graph per model and size "
                              "(takes the CPU's launch overhead out; CUDA only; the training steps "
@@ -142,6 +145,8 @@ def _resolve(args) -> dict:
     models = _check_models(list(dict.fromkeys([baseline] + args.models)), args.skip_missing)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError("--cuda-graph needs --device cuda")
+    if args.compile_mode != "default" and not args.compile:
+        raise UsageError(f"--compile-mode {args.compile_mode} needs --compile")
     checkpointed = _checkpointed(args.grad_checkpointing, models, args.train)
     return {
         "device": device,
@@ -151,6 +156,7 @@ def _resolve(args) -> dict:
         "batch_sizes": batches,
         "amp": args.amp or ("bf16" if device.type == "cuda" else "none"),
         "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
         "channels_last": args.channels_last,
         "cuda_graph": args.cuda_graph,
         "grad_checkpointing": checkpointed,
@@ -228,7 +234,10 @@ def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ValueError(f"{name} has no set_grad_checkpointing (needed by --grad-checkpointing)")
             model.set_grad_checkpointing(True)
-        return {"status": "ok", "model": torch.compile(model, dynamic=False) if s["compile"] else model}
+        if s["compile"]:
+            mode = {} if s["compile_mode"] == "default" else {"mode": s["compile_mode"]}
+            model = torch.compile(model, dynamic=False, **mode)
+        return {"status": "ok", "model": model}
 
     built = guarded(build, device)
     model = built.pop("model", None)
@@ -322,6 +331,7 @@ def main(args) -> int:
     header = f"\nratios: model / {s['baseline']} at the same size"
     if not s["flops_only"]:
         header += (f" | {result['environment']['device']} | amp {s['amp']} | compile {s['compile']}"
+                   f"{' (' + s['compile_mode'] + ')' if s['compile'] and s['compile_mode'] != 'default' else ''}"
                    f"{' | cuda graph' if s['cuda_graph'] else ''}"
                    f"{' | checkpointing ' + ','.join(s['grad_checkpointing']) if s['grad_checkpointing'] else ''}"
                    f" | memory: {result['settings']['memory']}")
