@@ -217,6 +217,14 @@ def test_gated_takes_low_precision_logits_and_returns_their_dtype():
     assert gf.dtype == gb.dtype == torch.bfloat16
 
 
+def test_gated_bad_input_names_the_logits():
+    q, k, v, zf, zb = make_inputs(1, 5, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"bigla_gated: zb must have q's shape"):
+        bigla_gated(q, k, v, zf, zb[:, :, :1], 16.0)
+    with pytest.raises(TypeError, match=r"bigla_gated: zf must be a floating-point tensor"):
+        bigla_gated(q, k, v, zf.long(), zb, 16.0)
+
+
 @pytest.mark.parametrize("normalizer", [0.0, -1.0, None, "16"])
 def test_gated_rejects_a_bad_normalizer(normalizer):
     q, k, v, zf, zb = make_inputs(1, 5, 1, 4, 4)

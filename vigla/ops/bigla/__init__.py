@@ -72,29 +72,30 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return names
 
 
-def _check(q, k, v, log_gf, log_gb):
-    tensors = dict(q=q, k=k, v=v, log_gf=log_gf, log_gb=log_gb)
+def _check(op, q, k, v, gf, gb, gates=("log_gf", "log_gb")):
+    """Clear errors for bad inputs of ``op`` (the gates named as the caller calls them)."""
+    tensors = dict(zip(("q", "k", "v", *gates), (q, k, v, gf, gb)))
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"bigla: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"bigla: {name} must be 4-D [B, T, H, D], got shape {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be 4-D [B, T, H, D], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
-            raise TypeError(f"bigla: {name} must be a floating-point tensor, got {t.dtype}")
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"bigla: {name} is on {t.device} but q is on {q.device}")
-    for name in ("k", "log_gf", "log_gb"):
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    for name in ("k", *gates):
         if tensors[name].shape != q.shape:
             raise ValueError(
-                f"bigla: {name} must have q's shape {tuple(q.shape)} [B, T, H, K], "
+                f"{op}: {name} must have q's shape {tuple(q.shape)} [B, T, H, K], "
                 f"got {tuple(tensors[name].shape)}"
             )
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(
-            f"bigla: v must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])}, got {tuple(v.shape)}"
+            f"{op}: v must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])}, got {tuple(v.shape)}"
         )
     if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise TypeError(f"bigla: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
@@ -108,7 +109,6 @@ def _auto_backend(q: torch.Tensor, v: torch.Tensor) -> str:
 
 
 def _run(q, k, v, gf, gb, scale, backend, gate_normalizer):
-    _check(q, k, v, gf, gb)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
@@ -146,6 +146,7 @@ def bigla(
         ``S^f_t = diag(exp(log_gf_t)) S^f_{t-1} + k_t v_t^T`` and
         ``S^b_t = diag(exp(log_gb_t)) S^b_{t+1} + k_t v_t^T``; both scans include token t itself.
     """
+    _check("bigla", q, k, v, log_gf, log_gb)
     return _run(q, k, v, log_gf, log_gb, scale, backend, None)
 
 
@@ -175,6 +176,7 @@ def bigla_gated(
     Returns:
         ``[B, T, H, V]`` in ``q.dtype``.
     """
+    _check("bigla_gated", q, k, v, zf, zb, gates=("zf", "zb"))
     if not (isinstance(gate_normalizer, (int, float)) and gate_normalizer > 0):
         raise ValueError(f"bigla_gated: gate_normalizer must be a number > 0, got {gate_normalizer!r}")
     return _run(q, k, v, zf, zb, scale, backend, float(gate_normalizer))
