@@ -36,10 +36,6 @@ def ratio(result, model, base, size, path) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def latency_ratio(result, model, base, size) -> str:
-    return ratio(result, model, base, size, ("latency", "median_ms"))
-
-
 def pair_table(runs: list[tuple[str, dict | None]], model: str, base: str) -> list[str]:
     """One line per (label, metric): model / base at each size, from the named runs."""
     metrics = [("inference img/s", ("infer", "img_per_s")), ("inference peak memory", ("infer", "peak_mib")),

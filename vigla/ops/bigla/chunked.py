@@ -65,9 +65,10 @@ def _states_before(chunk_decay, local):
     return torch.stack(before, dim=-3)
 
 
-def _intra_scores(q, k, b, chunk):
-    """``[..., n, C, C]``: ``sum_c q_ic k_jc exp(b_ic - b_jc)`` for ``j <= i``, else 0."""
-    down, up, steep = _factors(b)
+def _intra_scores(q, k, b, factors, chunk):
+    """``[..., n, C, C]``: ``sum_c q_ic k_jc exp(b_ic - b_jc)`` for ``j <= i``, else 0
+    (``factors``: :func:`_factors` of ``b``)."""
+    down, up, steep = factors
     scores = ((q * down) @ (k * up).transpose(-1, -2)).tril()
     if steep[0].numel():  # steep decays: the exact form, every exponent <= 0
         exact = (q[steep].unsqueeze(-2) * k[steep].unsqueeze(-3) * _intra_decay(b[steep], chunk)).sum(-1)
@@ -84,7 +85,7 @@ def _causal_gla(q, k, v, g, scale: float, chunk: int):
     q, k, v, g = _chunks(q, k, v, g, chunk)
     b = g.cumsum(-2)  # in-chunk inclusive cumulative log decay, <= 0
     b_last = b[..., -1:, :]
-    scores = _intra_scores(q, k, b, chunk)  # [..., n, C, C]
+    scores = _intra_scores(q, k, b, _factors(b), chunk)  # [..., n, C, C]
     local = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # [..., n, K, V]
     before = _states_before(b_last.transpose(-1, -2).exp(), local)
     out = scores @ v + (q * b.exp()) @ before
@@ -98,7 +99,8 @@ def _causal_gla_bwd(q, k, v, g, do, scale: float, chunk: int):
     do = do.reshape(v.shape) * scale
     b = g.cumsum(-2)
     b_last = b[..., -1:, :]
-    scores = _intra_scores(q, k, b, chunk)
+    factors = _factors(b)
+    scores = _intra_scores(q, k, b, factors, chunk)
     q_dec, k_dec = q * b.exp(), k * (b_last - b).exp()
     chunk_decay = b_last.transpose(-1, -2).exp()  # [..., n, K, 1]
     before = _states_before(chunk_decay, k_dec.transpose(-1, -2) @ v)
@@ -113,7 +115,7 @@ def _causal_gla_bwd(q, k, v, g, do, scale: float, chunk: int):
     d_after = torch.stack(d_after[::-1], dim=-3)  # [..., n, K, V]
 
     d_scores = (do @ v.transpose(-1, -2)).tril()  # [..., n, C, C]
-    down, up, steep = _factors(b)
+    down, up, steep = factors
     dq_intra = (d_scores @ (k * up)) * down
     dk_intra = (d_scores.transpose(-1, -2) @ (q * down)) * up
     if steep[0].numel():  # steep decays: the exact [M, C(i), C(j), K] form for those chunks
