@@ -46,3 +46,26 @@ def resolve(backend: str, t: torch.Tensor, op: str) -> str:
     if backend not in ("triton", "reference"):
         raise ValueError(f"{op}: unknown backend {backend!r}; use 'auto', 'triton' or 'reference'")
     return backend
+
+
+def eager_function(name: str, forward, backward, num_tensors: int) -> type[torch.autograd.Function]:
+    """A plain ``autograd.Function`` around fused kernels, for eager mode (a custom op costs tens
+    of microseconds more per call; ``torch.compile`` traces the custom op instead).
+
+    ``forward(*args)`` computes the output; the first ``num_tensors`` args are saved, the rest are
+    non-tensor constants; ``backward(dy, *saved, *constants)`` returns the saved tensors' gradients
+    (one tensor or a tuple), the constants get ``None``.
+    """
+    def fwd(ctx, *args):
+        ctx.save_for_backward(*args[:num_tensors])
+        ctx.constants = args[num_tensors:]
+        return forward(*args)
+
+    def bwd(ctx, dy):
+        grads = backward(dy, *ctx.saved_tensors, *ctx.constants)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        return (*grads, *(None,) * len(ctx.constants))
+
+    doc = f"``{forward.__name__}`` / ``{backward.__name__}`` as an eager ``autograd.Function``."
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(fwd), "backward": staticmethod(bwd), "__doc__": doc})

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from ..dispatch import eager_function
 from .chunked import bigla_chunked, bigla_chunked_bwd
 
 
@@ -102,41 +103,25 @@ def supports(K: int, V: int) -> bool:
     return K in (16, 32, 64, 128) and V in (16, 32, 64, 128, 256)
 
 
-def _register_triton() -> bool:
-    """Give the ops their CUDA implementation: the fused Triton kernels (if Triton imports)."""
+def _register_triton():
+    """Give the ops their CUDA implementation, the fused Triton kernels (if Triton imports), and
+    return the same kernels as an eager ``autograd.Function`` (``None`` without Triton)."""
     try:
         from .triton_kernels import bigla_bwd_triton, bigla_fwd_triton
     except ImportError:
-        return False
-    bigla_fwd.register_kernel("cuda")(
-        lambda q, k, v, gf, gb, scale, gate_normalizer=None: bigla_fwd_triton(
-            q, k, v, gf, gb, scale, gate_normalizer=gate_normalizer))
-    bigla_bwd.register_kernel("cuda")(
-        lambda do, q, k, v, gf, gb, scale, gate_normalizer=None: bigla_bwd_triton(
-            q, k, v, gf, gb, do, scale, gate_normalizer=gate_normalizer))
-    return True
+        return None
 
-
-HAS_TRITON = _register_triton()
-
-
-class BiGLAFunction(torch.autograd.Function):
-    """The Triton kernels as a plain ``autograd.Function`` (CUDA): what eager mode calls, since a
-    custom op costs tens of microseconds more per call; ``torch.compile`` traces the custom op."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, gf, gb, scale, gate_normalizer=None):
-        from .triton_kernels import bigla_fwd_triton
-
-        ctx.save_for_backward(q, k, v, gf, gb)
-        ctx.scale = scale
-        ctx.gate_normalizer = gate_normalizer
+    def fwd_cuda(q, k, v, gf, gb, scale, gate_normalizer=None):
         return bigla_fwd_triton(q, k, v, gf, gb, scale, gate_normalizer=gate_normalizer)
 
-    @staticmethod
-    def backward(ctx, do):
-        from .triton_kernels import bigla_bwd_triton
+    def bwd_cuda(do, q, k, v, gf, gb, scale, gate_normalizer=None):
+        return bigla_bwd_triton(q, k, v, gf, gb, do, scale, gate_normalizer=gate_normalizer)
 
-        grads = bigla_bwd_triton(*ctx.saved_tensors, do, ctx.scale,
-                                 gate_normalizer=ctx.gate_normalizer)
-        return (*grads, None, None)
+    bigla_fwd.register_kernel("cuda")(fwd_cuda)
+    bigla_bwd.register_kernel("cuda")(bwd_cuda)
+    return eager_function("BiGLAFunction", fwd_cuda, bwd_cuda, num_tensors=5)
+
+
+# what eager mode calls on CUDA: the kernels without the custom op's dispatch cost
+BiGLAFunction = _register_triton()
+HAS_TRITON = BiGLAFunction is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import HAS_TRITON, resolve
+from ..dispatch import HAS_TRITON, eager_function, resolve
 from .reference import locality_mix_reference, locality_mix_reference_bwd
 
 __all__ = ["locality_mix", "locality_mix_reference", "locality_mix_reference_bwd"]
@@ -57,18 +57,8 @@ if HAS_TRITON:  # the CUDA implementations
     _mix_op.register_kernel("cuda")(locality_mix_fwd_triton)
     _mix_bwd_op.register_kernel("cuda")(locality_mix_bwd_triton)
 
-    class _MixFunction(torch.autograd.Function):
-        """The same kernels without the custom op's dispatch cost, for eager mode."""
-
-        @staticmethod
-        def forward(ctx, o, x, z, w_o, w_l, eps, act):
-            ctx.save_for_backward(o, x, z, w_o, w_l)
-            ctx.eps, ctx.act = eps, act
-            return locality_mix_fwd_triton(o, x, z, w_o, w_l, eps, act)
-
-        @staticmethod
-        def backward(ctx, dy):
-            return (*locality_mix_bwd_triton(dy, *ctx.saved_tensors, ctx.eps, ctx.act), None, None)
+    _MixFunction = eager_function("_MixFunction", locality_mix_fwd_triton, locality_mix_bwd_triton,
+                                  num_tensors=5)
 
 
 def locality_mix(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor,

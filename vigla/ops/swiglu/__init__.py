@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import HAS_TRITON, resolve
+from ..dispatch import HAS_TRITON, eager_function, resolve
 from .reference import swiglu_reference, swiglu_reference_bwd
 
 __all__ = ["swiglu", "swiglu_linear", "swiglu_reference", "swiglu_reference_bwd"]
@@ -50,17 +50,8 @@ if HAS_TRITON:  # the CUDA implementations
     _swiglu_op.register_kernel("cuda")(swiglu_fwd_triton)
     _swiglu_bwd_op.register_kernel("cuda")(swiglu_bwd_triton)
 
-    class _SwiGLUFunction(torch.autograd.Function):
-        """The same kernels without the custom op's dispatch cost, for eager mode."""
-
-        @staticmethod
-        def forward(ctx, u):
-            ctx.save_for_backward(u)
-            return swiglu_fwd_triton(u)
-
-        @staticmethod
-        def backward(ctx, dy):
-            return swiglu_bwd_triton(dy, ctx.saved_tensors[0])
+    _SwiGLUFunction = eager_function("_SwiGLUFunction", swiglu_fwd_triton, swiglu_bwd_triton,
+                                     num_tensors=1)
 
 
     class _SwiGLULinearFunction(torch.autograd.Function):
