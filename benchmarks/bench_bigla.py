@@ -19,11 +19,12 @@ import datetime
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vigla.bench.report import git_info  # noqa: E402
+from vigla.bench.report import git_info, write_json  # noqa: E402
 from vigla.ops.bigla import available_backends, bigla_gated  # noqa: E402
 
 GATE_NORMALIZER = 16.0  # ViG's
@@ -119,7 +120,7 @@ def main() -> int:
         complete=False, rows=[],
     )
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{args.name}.json")
+    path = Path(args.out) / f"{args.name}.json"
 
     def ratio(a, b):
         return None if a is None or b is None else a / b
@@ -141,13 +142,9 @@ def main() -> int:
         row["triton_fwd_over_floor"] = ratio(row.get("triton_fwd_ms"), row["floor_ms"])
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(path + ".tmp", "w") as f:  # after every row: a run cut short keeps its rows
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(result, path)  # after every row: a run cut short keeps its rows
     result["complete"] = True
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(result, path)
 
     def fmt(x, spec=".3f"):
         return "-" if x is None else format(x, spec)

@@ -19,11 +19,12 @@ import itertools
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vigla.bench.report import git_info  # noqa: E402
+from vigla.bench.report import git_info, write_json  # noqa: E402
 from vigla.ops.bigla import triton_kernels as tk  # noqa: E402
 
 SHAPES = [("ViG-T @224", 128, 196), ("ViG-T @512", 48, 1024), ("ViG-T @1024", 12, 4096),
@@ -65,7 +66,7 @@ def main() -> int:
                   commit=git_info()["commit"], command=" ".join(["python3"] + sys.argv),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   heads=dict(H=H, K=K, V=V), timing="triton.testing.do_bench median, ms", rows=[])
-    path = os.path.join(args.out, "tune_bigla.json")
+    path = Path(args.out) / "tune_bigla.json"
     os.makedirs(args.out, exist_ok=True)
     scale = K ** -0.5
     for name, B, T in SHAPES:
@@ -97,9 +98,7 @@ def main() -> int:
                     print(f"{name} {kind} w{warps} s{stages}: {exc}"[:300], flush=True)
                 finally:
                     tk._common = base
-                with open(path + ".tmp", "w") as f:
-                    json.dump(result, f, indent=1)
-                os.replace(path + ".tmp", path)
+                write_json(result, path)
     best = {}
     for r in result["rows"]:
         if "ms" in r:
@@ -107,9 +106,7 @@ def main() -> int:
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
     result["best"] = list(best.values())
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(result, path)
     print("\nbest per shape and kernel:")
     for r in best.values():
         print(f"  {r['shape']:12} {r['kernel']}: {r['ms']:.3f} ms  warps {r['num_warps']} stages "
