@@ -20,7 +20,7 @@ states (states only, ``[K, BV]`` each), and a last light kernel adds the gate-gr
 Intra-chunk scores ``sum_c q_ic k_jc exp(x_ic - x_jc)`` go through tensor cores, factored around
 the chunk's per-channel maximum of ``x`` so that one factor is <= 1 and the other <= exp(range);
 a chunk whose in-chunk decay range exceeds 30 (e.g. log decays of -20 per token) takes
-an exact ``[BT, BT, K]`` path in which every exponent is <= 0. Across chunks and segments only
+an exact path, one token at a time, in which every exponent is <= 0. Across chunks and segments only
 ``exp(<= 0)`` factors appear. So every finite log decay gives the exact result.
 """
 from __future__ import annotations
@@ -83,11 +83,24 @@ def _triangle(BT: tl.constexpr, UPPER: tl.constexpr):
 
 
 @triton.jit
-def _decay3(x, BT: tl.constexpr, UPPER: tl.constexpr):
-    """``[BT(i), BT(j), K]``: ``exp(x_i - x_j)`` on the triangle, 0 elsewhere (exponents <= 0)."""
-    keep = _triangle(BT, UPPER)
-    diff = x[:, None, :] - x[None, :, :]
-    return tl.exp(tl.where(keep[:, :, None], diff, float("-inf")))
+def _row(t, i, BT: tl.constexpr):
+    """Row ``i`` of a ``[BT, N]`` tile, as ``[N]``."""
+    return tl.sum(tl.where((tl.arange(0, BT) == i)[:, None], t, 0.0), axis=0)
+
+
+@triton.jit
+def _col(t, j, BT: tl.constexpr):
+    """Column ``j`` of a ``[BT, BT]`` tile, as ``[BT]``."""
+    return tl.sum(tl.where((tl.arange(0, BT) == j)[None, :], t, 0.0), axis=1)
+
+
+@triton.jit
+def _decay_to(x, x_j, j, BT: tl.constexpr, UPPER: tl.constexpr):
+    """``[BT(i), K]``: ``exp(x_i - x_j)`` for the rows ``i`` that token ``j`` reaches (``i <= j`` when
+    ``UPPER``, else ``i >= j``), 0 for the others; every kept exponent is <= 0."""
+    o = tl.arange(0, BT)
+    keep = o <= j if UPPER else o >= j
+    return tl.exp(tl.where(keep[:, None], x - x_j[None, :], float("-inf")))
 
 
 @triton.jit
@@ -98,6 +111,8 @@ def _is_safe(x):
     return hi, rng < 30.0  # exp(30) keeps every factor far inside the fp32/bf16 range
 
 
+# The exact paths below (chunks with an in-chunk decay range >= 30) walk the chunk one token at a
+# time on [BT, K] tiles: a [BT, BT, K] tensor would set the register budget of the whole kernel.
 @triton.jit
 def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
     """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle."""
@@ -106,7 +121,11 @@ def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
         s = _dot(a * tl.exp(x - hi[None, :]), tl.trans(b * tl.exp(hi[None, :] - x)), TF32)
         s = tl.where(_triangle(BT, UPPER), s, 0.0)
     else:
-        s = tl.sum(a[:, None, :] * b[None, :, :] * _decay3(x, BT, UPPER), axis=2)
+        s = tl.zeros([BT, BT], dtype=tl.float32)
+        for j in range(0, BT):
+            e = _decay_to(x, _row(x, j, BT), j, BT, UPPER)
+            col = tl.sum(a * _row(b, j, BT)[None, :] * e, axis=1)
+            s = tl.where((tl.arange(0, BT) == j)[None, :], col[:, None], s)
     return s
 
 
@@ -117,7 +136,10 @@ def _mix_rows(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr
     if safe:
         r = _dot(w, y * tl.exp(hi[None, :] - x), TF32) * tl.exp(x - hi[None, :])
     else:
-        r = tl.sum(w[:, :, None] * y[None, :, :] * _decay3(x, BT, UPPER), axis=1)
+        r = tl.zeros_like(x)
+        for j in range(0, BT):
+            e = _decay_to(x, _row(x, j, BT), j, BT, UPPER)
+            r += _col(w, j, BT)[:, None] * _row(y, j, BT)[None, :] * e
     return r
 
 
@@ -128,7 +150,12 @@ def _mix_cols(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr
     if safe:
         r = _dot(tl.trans(w), y * tl.exp(x - hi[None, :]), TF32) * tl.exp(hi[None, :] - x)
     else:
-        r = tl.sum(w[:, :, None] * y[:, None, :] * _decay3(x, BT, UPPER), axis=0)
+        r = tl.zeros_like(x)
+        o = tl.arange(0, BT)
+        for i in range(0, BT):
+            keep = o >= i if UPPER else o <= i  # the tokens j that token i reaches
+            e = tl.exp(tl.where(keep[:, None], _row(x, i, BT)[None, :] - x, float("-inf")))
+            r += _row(w, i, BT)[:, None] * _row(y, i, BT)[None, :] * e
     return r
 
 
@@ -290,13 +317,15 @@ def _grad_summary_kernel(q, do, gf, gb, wf, wb, T, H, scale, L, NSEG, gnorm,
 
 
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
-def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
+def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, pq, pk, pv, dgf, dgb, tot_wf, tot_wb,
                 uf, ub, df, db, wf, wb, T, H, scale, L, NSEG, gnorm,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 TF32: tl.constexpr, GATED: tl.constexpr):
-    """dq, dk, dgf, dgb: fp32 ``[NV, B, T, H, K]`` partials (summed over value blocks by the
-    caller); dv: fp32 ``[B, T, H, V]``; tot_wf, tot_wb: fp32 ``[NV, B*H, NSEG, K]`` per-segment
-    totals of the gate-gradient terms (the carries between segments)."""
+    """dq, dk: ``[NV, B, T, H, K]`` per value block (summed by the caller when NV > 1); dv:
+    ``[B, T, H, V]``; pq, pk, pv: fp32 scratch of their shapes (the right-to-left pass's partials,
+    kept in fp32 because the gate gradients are differences of their products); dgf, dgb: fp32 ``[NV, B, T, H, K]`` in-segment prefix sums of the gate-gradient
+    terms (exclusive for dgf, inclusive for dgb: _gate_carry_kernel finishes them); tot_wf, tot_wb:
+    fp32 ``[NV, B*H, NSEG, K]`` per-segment totals of those terms."""
     i_v = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -353,9 +382,9 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
         dq_b += _dot(b_do, tl.trans(s_b), TF32) * tl.exp(tot[None, :] - c)
         s_b = s_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
 
-        _store_rows(dq + off_part, rows, ck, sk, T, dq_b)
-        _store_rows(dk + off_part, rows, ck, sk, T, dk_f)
-        _store_rows(dv + off_v, rows, cv, sv, T, dv_f)
+        _store_rows(pq + off_part, rows, ck, sk, T, dq_b)
+        _store_rows(pk + off_part, rows, ck, sk, T, dk_f)
+        _store_rows(pv + off_v, rows, cv, sv, T, dv_f)
     tl.debug_barrier()
 
     # left to right: S^f (for dq^f) and dS^b (for dk^b, dv^b); totals and gate gradients
@@ -393,9 +422,9 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
         dv_b += _dot(b_k * tl.exp(c), ds_b, TF32)
         ds_b = ds_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, TF32)
 
-        dq_b = _load_rows(dq + off_part, rows, ck, sk, T)
-        dk_f = _load_rows(dk + off_part, rows, ck, sk, T)
-        dv_f = _load_rows(dv + off_v, rows, cv, sv, T)
+        dq_b = _load_rows(pq + off_part, rows, ck, sk, T)
+        dk_f = _load_rows(pk + off_part, rows, ck, sk, T)
+        dv_f = _load_rows(pv + off_v, rows, cv, sv, T)
         # log-decay gradients (within the segment): dgb_t = sum_{r<=t} w^b_r, dgf_t = sum_{r>=t} w^f_r
         w_b = b_q * dq_b - b_k * dk_b
         w_f = b_q * dq_f - b_k * dk_f
@@ -408,21 +437,18 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
         _store_rows(dv + off_v, rows, cv, sv, T, dv_f + dv_b)
         _store_rows(dgb + off_part, rows, ck, sk, T, cw_b)
         _store_rows(dgf + off_part, rows, ck, sk, T, cw_f - w_f)  # prefix sum before t
-    tl.debug_barrier()
-    for n in range(0, n_chunks):  # dgf_t = segment total - prefix before t
-        rows = start + n * BT + ot
-        before = _load_rows(dgf + off_part, rows, ck, sk, T)
-        _store_rows(dgf + off_part, rows, ck, sk, T, carry_f[None, :] - before)
     off_tot = ((i_v * BH + i_bh) * NSEG + i_s) * K
     tl.store(tot_wf + off_tot + ck, carry_f)
     tl.store(tot_wb + off_tot + ck, carry_b)
 
 
 @triton.jit(do_not_specialize=["T", "H", "L", "NSEG", "gnorm"])
-def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, gf, gb, T, H, L, NSEG, gnorm, sgb, sgt, sgh,
-                       K: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
-    """Adds the other segments' totals: dgf += sum of later segments, dgb += sum of earlier ones;
-    ``GATED``: then the chain rule through ``logsigmoid(z) / gnorm``, ``dz = dg * sigmoid(-z) / gnorm``."""
+def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, gf, gb, out_f, out_b, T, H, L, NSEG, gnorm,
+                       sgb, sgt, sgh, K: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr):
+    """The log-decay gradients from _bwd_kernel's in-segment prefix sums and the segments' totals:
+    ``out_f = (this and later segments' totals) - dgf``, ``out_b = dgb + earlier segments' totals``;
+    ``GATED``: then the chain rule through ``logsigmoid(z) / gnorm``, ``dz = dg * sigmoid(-z) / gnorm``.
+    ``out_f, out_b``: ``[NV, B, T, H, K]`` like dgf, dgb (the same tensors, or the gates' dtype)."""
     i_v = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -433,7 +459,7 @@ def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, gf, gb, T, H, L, NSEG, gnorm, s
     ot = tl.arange(0, BT)
     base = (i_v * BH + i_bh) * NSEG * K
     later = tl.zeros([K], dtype=tl.float32)
-    for m in range(i_s + 1, NSEG):
+    for m in range(i_s, NSEG):
         later += tl.load(tot_wf + base + m * K + ck)
     earlier = tl.zeros([K], dtype=tl.float32)
     for m in range(0, i_s):
@@ -443,13 +469,13 @@ def _gate_carry_kernel(dgf, dgb, tot_wf, tot_wb, gf, gb, T, H, L, NSEG, gnorm, s
     start = i_s * L
     for n in range(0, tl.cdiv(tl.minimum(T - start, L), BT)):
         rows = start + n * BT + ot
-        d_f = _load_rows(dgf + off, rows, ck, H * K, T) + later[None, :]
+        d_f = later[None, :] - _load_rows(dgf + off, rows, ck, H * K, T)
         d_b = _load_rows(dgb + off, rows, ck, H * K, T) + earlier[None, :]
         if GATED:
             d_f *= 1.0 / (1.0 + tl.exp(_load_rows(gf + off_g, rows, ck, sgt, T))) / gnorm
             d_b *= 1.0 / (1.0 + tl.exp(_load_rows(gb + off_g, rows, ck, sgt, T))) / gnorm
-        _store_rows(dgf + off, rows, ck, H * K, T, d_f)
-        _store_rows(dgb + off, rows, ck, H * K, T, d_b)
+        _store_rows(out_f + off, rows, ck, H * K, T, d_f)
+        _store_rows(out_b + off, rows, ck, H * K, T, d_b)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -579,16 +605,22 @@ def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | 
         _grad_summary_kernel[grid](q, do, log_gf, log_gb, wf, wb, T, H, scale, L, nseg, gnorm,
                                    *q.stride()[:3], *log_gf.stride()[:3],
                                    K=K, V=V, BT=BT, BV=BV, **launch)
-    dq, dk, dgf, dgb = (torch.empty(NV, B, T, H, K, **f32) for _ in range(4))
-    dv = torch.empty(B, T, H, V, **f32)
+    # fp32 partials; the outputs in the inputs' dtypes (dq, dk: with one value block), so that no
+    # cast kernels follow; fp32 outputs are their own partials
+    pq, pk, dgf, dgb = (torch.empty(NV, B, T, H, K, **f32) for _ in range(4))
+    pv = torch.empty(B, T, H, V, **f32)
+    dq, dk = (p if NV > 1 or p.dtype == t.dtype else torch.empty_like(p, dtype=t.dtype) for p, t in ((pq, q), (pk, k)))
+    dv = pv if v.dtype == torch.float32 else torch.empty_like(pv, dtype=v.dtype)
     tot_wf, tot_wb = (torch.empty(NV, B * H, nseg, K, **f32) for _ in range(2))
-    _bwd_kernel[grid](q, k, v, log_gf, log_gb, do, dq, dk, dv, dgf, dgb, tot_wf, tot_wb,
+    _bwd_kernel[grid](q, k, v, log_gf, log_gb, do, dq, dk, dv, pq, pk, pv, dgf, dgb, tot_wf, tot_wb,
                       uf, ub, df, db, wf, wb, T, H, scale, L, nseg, gnorm,
                       *q.stride()[:3], *v.stride()[:3], *log_gf.stride()[:3],
                       K=K, V=V, BT=BT, BV=BV, **launch)
-    if nseg > 1 or launch["GATED"]:  # the carries between segments; the logits' chain rule
-        _gate_carry_kernel[grid](dgf, dgb, tot_wf, tot_wb, log_gf, log_gb, T, H, L, nseg, gnorm,
-                                 *log_gf.stride()[:3], K=K, BT=BT, GATED=launch["GATED"], num_warps=2)
-    sums = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, dgf, dgb)]
+    out_f, out_b = dgf, dgb
+    if NV == 1:
+        out_f, out_b = (torch.empty(1, B, T, H, K, dtype=g.dtype, device=g.device) for g in (log_gf, log_gb))
+    _gate_carry_kernel[grid](dgf, dgb, tot_wf, tot_wb, log_gf, log_gb, out_f, out_b, T, H, L, nseg, gnorm,
+                             *log_gf.stride()[:3], K=K, BT=BT, GATED=launch["GATED"], num_warps=2)
+    sums = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, out_f, out_b)]
     return (sums[0].to(q.dtype), sums[1].to(k.dtype), dv.to(v.dtype), sums[2].to(log_gf.dtype),
             sums[3].to(log_gb.dtype))
