@@ -43,8 +43,8 @@ def with_launch(warps, stages):
     """Make the launchers use these settings (restored by the caller)."""
     base = tk._common
 
-    def common(q, backward, gate_normalizer, nseg):
-        return base(q, backward, gate_normalizer, nseg) | dict(num_warps=warps, num_stages=stages)
+    def common(q, gate_normalizer):
+        return base(q, gate_normalizer) | dict(num_warps=warps, num_stages=stages)
     tk._common = common
     return base
 
@@ -72,14 +72,14 @@ def main() -> int:
     for name, B, T in SHAPES:
         x = inputs(B, T)
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-        _, _, nseg, _ = tk._plan(x[0], V)
         n_chunks = -(-T // tk.BT)
-        segs = sorted({max(1, min(n_chunks, s)) for s in (1, nseg // 2, nseg, 2 * nseg, 4 * nseg)})
         fwd = lambda s: tk.bigla_fwd_triton(*x, scale, segments=s, gate_normalizer=NORM)  # noqa: E731
         bwd = lambda s: tk.bigla_bwd_triton(*x, do, scale, segments=s, gate_normalizer=NORM)  # noqa: E731
-        ref_o, ref_g = fwd(nseg), bwd(nseg)
-        for kind, warps_list, fn, ref in (("fwd", args.fwd_warps, fwd, [ref_o]),
-                                          ("bwd", args.bwd_warps, bwd, list(ref_g))):
+        for kind, warps_list, fn in (("fwd", args.fwd_warps, fwd), ("bwd", args.bwd_warps, bwd)):
+            nseg = tk._plan(x[0], V, backward=kind == "bwd")[2]
+            segs = sorted({max(1, min(n_chunks, s)) for s in (1, nseg // 2, nseg, 2 * nseg, 4 * nseg)})
+            ref = fn(nseg)
+            ref = list(ref) if isinstance(ref, tuple) else [ref]
             for warps, stages in itertools.product(warps_list, args.stages):
                 base = with_launch(warps, stages)
                 try:

@@ -490,14 +490,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _plan(q: torch.Tensor, V: int, segments: int | None = None):
+def _plan(q: torch.Tensor, V: int, segments: int | None = None, backward: bool = False):
     """Value block, number of segments and segment length (tokens) for a call.
 
-    Default segments (timed on an H200 by benchmarks/tune_bigla.py, tune_bigla.json): none while
-    the batch*head programs alone give >= 2 per multiprocessor (a summary pass costs more than
-    it saves); else enough for ~8 programs per multiprocessor, at most ``sqrt(2 * chunks)`` (so
-    that folding the other segments' summaries, sequential in the segment count, stays shorter
-    than the segment's own walk) and with >= 4 chunks per segment.
+    Default segments (timed on an H200 by benchmarks/tune_bigla.py, tune_bigla.json at 6a185bf):
+    none while the batch*head programs alone give >= 2 per multiprocessor (a summary pass costs
+    more than it saves); else enough for ~8 programs per multiprocessor, with >= 4 chunks per
+    segment, and bounded because every program folds the other segments' summaries one after
+    the other: the forward at ``max(8, sqrt(chunks / 2))`` segments, the backward (more work per
+    chunk) at ``min(sqrt(2 * chunks), 24)``. Measured at ViG-T shapes: T = 4096 forward 11
+    segments 0.23 ms vs 22 0.26 ms, backward 22 segments 0.79 ms vs 11 0.90 ms; T = 16384
+    backward 22 segments 1.00 ms vs 45 1.31 ms.
     """
     B, T, H, K = q.shape
     BV = min(V, 64)
@@ -508,24 +511,22 @@ def _plan(q: torch.Tensor, V: int, segments: int | None = None):
         programs = B * H * NV
         segments = 1
         if programs < 2 * sms:
-            segments = min(triton.cdiv(8 * sms, programs), math.isqrt(2 * n_chunks), n_chunks // 4)
+            bound = min(math.isqrt(2 * n_chunks), 24) if backward else max(8, math.isqrt(n_chunks // 2))
+            segments = min(triton.cdiv(8 * sms, programs), bound, n_chunks // 4)
     nseg = max(1, min(segments, n_chunks))
     seg_chunks = triton.cdiv(n_chunks, nseg)
     nseg = triton.cdiv(n_chunks, seg_chunks)
     return BV, NV, nseg, seg_chunks * BT
 
 
-def _common(q, backward: bool, gate_normalizer: float | None, nseg: int):
+def _common(q, gate_normalizer: float | None):
     # fp32 inputs keep exact fp32 products; bf16/fp16 inputs multiply in tf32 (10-bit mantissa,
     # finer than the inputs themselves)
     if gate_normalizer is not None and not gate_normalizer > 0:
         raise ValueError(f"bigla: gate_normalizer must be > 0, got {gate_normalizer}")
-    # warps timed at d_k = 32 on an H200 (tune_bigla.json): 4 for both passes, 2 for the forward
-    # of long, many-segment sequences; d_k > 32 keeps 8 (register pressure; ptxas -v for sm_90)
-    if q.shape[-1] > 32:
-        warps = 8
-    else:
-        warps = 2 if not backward and nseg >= 16 else 4
+    # warps timed at d_k = 32 on an H200 (tune_bigla.json): 4 for both passes at every length;
+    # d_k > 32 keeps 8 (register pressure; ptxas -v for sm_90)
+    warps = 8 if q.shape[-1] > 32 else 4
     return dict(TF32=q.dtype != torch.float32, GATED=gate_normalizer is not None,
                 gnorm=float(gate_normalizer or 1.0), num_warps=warps)
 
@@ -576,7 +577,7 @@ def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None
     _check_dims(K, V)
     q, k, v, log_gf, log_gb = _strided(q, k, v, log_gf, log_gb)
     BV, NV, nseg, L = _plan(q, V, segments)
-    opts = _common(q, backward=False, gate_normalizer=gate_normalizer, nseg=nseg)
+    opts = _common(q, gate_normalizer)
     uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     _fwd_kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, uf, ub, df, db, T, H, scale, L, nseg,
@@ -594,8 +595,8 @@ def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | 
     _check_dims(K, V)
     q, k, v, log_gf, log_gb = _strided(q, k, v, log_gf, log_gb)
     do = do.contiguous()
-    BV, NV, nseg, L = _plan(q, V, segments)
-    opts = _common(q, backward=True, gate_normalizer=gate_normalizer, nseg=nseg)
+    BV, NV, nseg, L = _plan(q, V, segments, backward=True)
+    opts = _common(q, gate_normalizer)
     uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     f32 = dict(dtype=torch.float32, device=q.device)
     wf, wb = (torch.empty(B * H, nseg, K, V, **f32) for _ in range(2))
