@@ -91,9 +91,7 @@ def kernel_table(fla: dict | None, triton: dict | None) -> list[str]:
 def main() -> int:
     results = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
     eager, graph = load(results, "gpu_eager_train"), load(results, "gpu_cuda_graph")
-    compiled = [load(results, "gpu_compile"), load(results, "gpu_compile_1024")]
-    compiled = {"git": (compiled[1] or compiled[0] or {}).get("git", {}),
-                "rows": [r for c in compiled if c for r in c["rows"]]}
+    compiled = load(results, "gpu_compile_all_models")
     print("### ViG-T ÷ DeiT-T\n")
     print("\n".join(pair_table([("eager", eager), ("CUDA graphs", graph), ("torch.compile", compiled),
                                 ("ViG-T with checkpointing", load(results, "gpu_ckpt_1024"))],
@@ -102,10 +100,11 @@ def main() -> int:
     print("\n".join(pair_table([("eager", load(results, "gpu_vig_s_vs_deit_b_224")),
                                 ("CUDA graphs", load(results, "gpu_vig_s_vs_deit_b_224_cuda_graph"))],
                                "vig_small", "deit_base_patch16_224")))
-    every = load(results, "gpu_eager_train_all_models")
-    if every:
-        print(f"\n### Every model, eager (commit `{every['git']['commit']}`)\n")
-        print("\n".join(models_table(every, "deit_tiny_patch16_224")))
+    for name, label in (("gpu_eager_train_all_models", "eager"), ("gpu_compile_all_models", "torch.compile")):
+        every = load(results, name)
+        if every:
+            print(f"\n### Every model, {label} (`{name}.json`, commit `{every['git']['commit']}`)\n")
+            print("\n".join(models_table(every, "deit_tiny_patch16_224")))
     print("\n### The BiGLA operator\n")
     print("\n".join(kernel_table(load(results, "bench_bigla"), load(results, "bench_bigla_triton"))))
     return 0
