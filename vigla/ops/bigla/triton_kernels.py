@@ -586,6 +586,12 @@ def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None
     return o
 
 
+def _output(partial: torch.Tensor, dtype: torch.dtype, summed: bool) -> torch.Tensor:
+    """Where a kernel writes a gradient: its fp32 partial buffer itself when the gradient is fp32 or
+    still to be summed over value blocks, else a buffer in ``dtype`` (so no cast kernel follows)."""
+    return partial if summed or dtype == torch.float32 else torch.empty_like(partial, dtype=dtype)
+
+
 def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | None = None,
                      gate_normalizer: float | None = None):
     """``(dq, dk, dv, dlog_gf, dlog_gb)`` in the dtypes of the corresponding inputs (with
@@ -606,20 +612,16 @@ def bigla_bwd_triton(q, k, v, log_gf, log_gb, do, scale: float, segments: int | 
         _grad_summary_kernel[grid](q, do, log_gf, log_gb, wf, wb, T, H, scale, L, nseg, gnorm,
                                    *q.stride()[:3], *log_gf.stride()[:3],
                                    K=K, V=V, BT=BT, BV=BV, **launch)
-    # fp32 partials; the outputs in the inputs' dtypes (dq, dk: with one value block), so that no
-    # cast kernels follow; fp32 outputs are their own partials
     pq, pk, dgf, dgb = (torch.empty(NV, B, T, H, K, **f32) for _ in range(4))
     pv = torch.empty(B, T, H, V, **f32)
-    dq, dk = (p if NV > 1 or p.dtype == t.dtype else torch.empty_like(p, dtype=t.dtype) for p, t in ((pq, q), (pk, k)))
-    dv = pv if v.dtype == torch.float32 else torch.empty_like(pv, dtype=v.dtype)
+    summed = NV > 1  # dq, dk and the gate gradients: one slice per value block, added up below
+    dq, dk, dv = _output(pq, q.dtype, summed), _output(pk, k.dtype, summed), _output(pv, v.dtype, False)
     tot_wf, tot_wb = (torch.empty(NV, B * H, nseg, K, **f32) for _ in range(2))
     _bwd_kernel[grid](q, k, v, log_gf, log_gb, do, dq, dk, dv, pq, pk, pv, dgf, dgb, tot_wf, tot_wb,
                       uf, ub, df, db, wf, wb, T, H, scale, L, nseg, gnorm,
                       *q.stride()[:3], *v.stride()[:3], *log_gf.stride()[:3],
                       K=K, V=V, BT=BT, BV=BV, **launch)
-    out_f, out_b = dgf, dgb
-    if NV == 1:
-        out_f, out_b = (torch.empty(1, B, T, H, K, dtype=g.dtype, device=g.device) for g in (log_gf, log_gb))
+    out_f, out_b = _output(dgf, log_gf.dtype, summed), _output(dgb, log_gb.dtype, summed)
     _gate_carry_kernel[grid](dgf, dgb, tot_wf, tot_wb, log_gf, log_gb, out_f, out_b, T, H, L, nseg, gnorm,
                              *log_gf.stride()[:3], K=K, BT=BT, GATED=launch["GATED"], num_warps=2)
     sums = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, out_f, out_b)]
