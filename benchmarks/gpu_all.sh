@@ -4,14 +4,15 @@
 #   1. test_gpu         the GPU test suite (`pytest -m gpu`: kernels vs float64 on random shapes,
 #                       gated and plain BiGLA, fused ops, fused model vs reference ops,
 #                       torch.compile, CUDA graphs, vigla bench on CUDA)
-#   2. bench_bigla      the BiGLA operator at ViG-T/S layer shapes: Triton vs fla-core's chunk_gla
-#                       on [x; flip(x)] (needs the fla-core wheel in .whl/; autotunes from cold)
+#   2. bench_bigla_triton  the BiGLA operator at every bench_bigla.py shape, Triton only (the
+#                       comparison with fla-core, whose cold autotuning takes minutes, is
+#                       benchmarks/gpu_fla.sh, a call of its own)
 #   3. gpu_eager_train  vigla bench: ViG-T vs DeiT-T at 224/512/1024/2048, inference (batch
 #                       128/128/32/8), batch-1 latency, training steps (AdamW), bf16 autocast
 #   4. gpu_cuda_graph   the same inference as CUDA-graph replays (no CPU launch overhead)
 # The wider sweep (every model, torch.compile, checkpointing, the op profile) is
 # benchmarks/gpu_bench.sh; benchmarks/tune_bigla.py times the kernels' launch settings.
-# Usage: OUT=dir bash benchmarks/gpu_all.sh      (optional wheels, e.g. fla-core, from .whl/)
+# Usage: OUT=dir bash benchmarks/gpu_all.sh
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -32,8 +33,7 @@ plot_results(json.load(open(sys.argv[1])), Path(sys.argv[2]))'
 
 step 170 test_gpu python3 -m pytest tests -m gpu -q -p no:cacheprovider -n 16 --timeout 150 \
   -W ignore::DeprecationWarning -p no:benchmark -rfE
-step 170 bench_bigla python3 benchmarks/bench_bigla.py --out "$OUT" --backends triton fla \
-  --shapes "ViG-T @224" "ViG-T @512" "ViG-T @1024" "ViG-T @2048" "ViG-S @224"
+step 60 bench_bigla_triton python3 benchmarks/bench_bigla.py --out "$OUT" --name bench_bigla_triton --backends triton
 step 120 gpu_eager_train "${BENCH[@]}" --name gpu_eager_train "${PAIR[@]}" \
   --img-size 224 512 1024 2048 --train
 step 60 gpu_cuda_graph "${BENCH[@]}" --name gpu_cuda_graph "${PAIR[@]}" \
