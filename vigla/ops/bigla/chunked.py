@@ -134,6 +134,13 @@ def _causal_gla_bwd(q, k, v, g, do, scale: float, chunk: int):
     return tuple(x.reshape(s) for x, s in zip((dq, dk, dv, dg), shapes))
 
 
+def _even_chunk(T: int, chunk: int) -> int:
+    """The chunk length that covers ``T`` tokens in as many chunks as ``chunk`` needs, with the least
+    padding (e.g. T = 196, chunk = 32: 7 chunks of 28, none padded; T = 16: one chunk of 16)."""
+    n = -(-T // chunk)
+    return -(-T // n)
+
+
 def _prepare(tensors_and_flips, work, pad):
     """``[B, T, H, D]`` inputs -> ``[2, B, H, T+pad, D]``: index 0 as is, index 1 time-reversed."""
     def heads_first(x, flip):
@@ -152,12 +159,14 @@ def bigla_chunked(q, k, v, log_gf, log_gb, scale: float, chunk: int = DEFAULT_CH
 
     Args:
         q, k, log_gf, log_gb: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
-        chunk: tokens per chunk (the result does not depend on it beyond rounding).
+        chunk: at most this many tokens per chunk; the sequence is cut into evenly long chunks
+            (the result does not depend on it beyond rounding).
 
     Returns:
         ``[B, T, H, V]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs).
     """
     T = q.shape[1]
+    chunk = _even_chunk(T, chunk)
     pad = (-T) % chunk
     qs, ks, vs, gs = _prepare([(q, q), (k, k), (v, v), (log_gf, log_gb)], _work_dtype(q), pad)
     o = _causal_gla(qs, ks, vs, gs, scale, chunk)[..., :T, :]  # [2, B, H, T, V]
@@ -171,6 +180,7 @@ def bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale: float, chunk: int = DE
     Shapes and dtypes follow the inputs; ``do`` is ``[B, T, H, V]``.
     """
     T = q.shape[1]
+    chunk = _even_chunk(T, chunk)
     pad = (-T) % chunk
     qs, ks, vs, gs, dos = _prepare([(q, q), (k, k), (v, v), (log_gf, log_gb), (do, do)],
                                    _work_dtype(q), pad)
