@@ -1,6 +1,6 @@
 """Time the default run (`vigla train` with no settings: ViG-T on Fashion-MNIST) on this machine's CPU.
 
-    python benchmarks/cpu_default_train.py        # about 10 minutes on 2 cores
+    python benchmarks/cpu_default_train.py        # about 2 minutes on 2 cores
 
 Runs ``python -m vigla train --out <tmp>`` (``--out`` only places the files) and writes
 ``benchmarks/results/cpu_default_train.json`` (wall time, test accuracy, per-epoch metrics, resolved config,
