@@ -1,4 +1,4 @@
-"""Launch settings of the BiGLA kernels: warps, pipeline stages and sequence segments, timed.
+"""Launch settings of the BiGLA kernels: chunk length, warps, pipeline stages and sequence segments, timed.
 
 Run on a GPU; writes ``tune_bigla.json``:
 
@@ -6,8 +6,8 @@ Run on a GPU; writes ``tune_bigla.json``:
 
 For ViG-T layer shapes (bf16 q, k, v, bf16 gate logits strided as the model passes them), the
 forward (summary + forward kernels) and the backward (summaries, gradient kernels, gate carries)
-are timed with ``triton.testing.do_bench`` for every (num_warps, num_stages) pair and for segment
-counts around the default plan. Each setting's output is checked against the default setting's
+are timed with ``triton.testing.do_bench`` for every (chunk length, num_warps, num_stages) and for
+segment counts around the default plan. Each setting's output is checked against the default setting's
 (relative error recorded), so a faster setting is also a correct one. The library's defaults are
 not changed by this script: it reports which settings win.
 """
@@ -61,6 +61,8 @@ def main() -> int:
     ap.add_argument("--fwd-warps", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--bwd-warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[tk.BT],
+                    help="tokens per chunk to try (the kernels take any power of two >= 16)")
     args = ap.parse_args()
     result = dict(benchmark="bigla launch settings", device=torch.cuda.get_device_name(),
                   commit=git_info()["commit"], command=" ".join(["python3"] + sys.argv),
@@ -72,32 +74,32 @@ def main() -> int:
     for name, B, T in SHAPES:
         x = inputs(B, T)
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
-        n_chunks = -(-T // tk.BT)
         fwd = lambda s: tk.bigla_fwd_triton(*x, scale, segments=s, gate_normalizer=NORM)  # noqa: E731
         bwd = lambda s: tk.bigla_bwd_triton(*x, do, scale, segments=s, gate_normalizer=NORM)  # noqa: E731
         for kind, warps_list, fn in (("fwd", args.fwd_warps, fwd), ("bwd", args.bwd_warps, bwd)):
-            nseg = tk._plan(x[0], V, backward=kind == "bwd")[2]
-            segs = sorted({max(1, min(n_chunks, s)) for s in (1, nseg // 2, nseg, 2 * nseg, 4 * nseg)})
-            ref = fn(nseg)
+            ref = fn(None)  # the library's defaults
             ref = list(ref) if isinstance(ref, tuple) else [ref]
-            for warps, stages in itertools.product(warps_list, args.stages):
-                base = with_launch(warps, stages)
+            for chunk, warps, stages in itertools.product(args.chunks, warps_list, args.stages):
+                base, default_chunk = with_launch(warps, stages), tk.BT
+                tk.BT = chunk  # the launchers read the module's chunk length at each call
                 try:
-                    for s in segs:
+                    nseg = tk._plan(x[0], V, backward=kind == "bwd")[2]
+                    n_chunks = -(-T // chunk)
+                    for s in sorted({max(1, min(n_chunks, s)) for s in (1, nseg // 2, nseg, 2 * nseg, 4 * nseg)}):
                         out = fn(s)
                         out = list(out) if isinstance(out, tuple) else [out]
                         ms = do_bench(lambda: fn(s), warmup=10, rep=50, return_mode="median")
-                        row = dict(shape=name, B=B, T=T, kernel=kind, num_warps=warps,
+                        row = dict(shape=name, B=B, T=T, kernel=kind, chunk=chunk, num_warps=warps,
                                    num_stages=stages, segments=s, default_segments=nseg, ms=ms,
                                    max_rel_err=max(rel(a, b) for a, b in zip(out, ref)))
                         result["rows"].append(row)
                         print(json.dumps(row), flush=True)
                 except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory: record it)
-                    result["rows"].append(dict(shape=name, kernel=kind, num_warps=warps,
+                    result["rows"].append(dict(shape=name, kernel=kind, chunk=chunk, num_warps=warps,
                                                num_stages=stages, error=f"{type(exc).__name__}: {exc}"[:300]))
-                    print(f"{name} {kind} w{warps} s{stages}: {exc}"[:300], flush=True)
+                    print(f"{name} {kind} c{chunk} w{warps} s{stages}: {exc}"[:300], flush=True)
                 finally:
-                    tk._common = base
+                    tk._common, tk.BT = base, default_chunk
                 write_json(result, path)
     best = {}
     for r in result["rows"]:
@@ -109,7 +111,7 @@ def main() -> int:
     write_json(result, path)
     print("\nbest per shape and kernel:")
     for r in best.values():
-        print(f"  {r['shape']:12} {r['kernel']}: {r['ms']:.3f} ms  warps {r['num_warps']} stages "
+        print(f"  {r['shape']:12} {r['kernel']}: {r['ms']:.3f} ms  chunk {r['chunk']} warps {r['num_warps']} stages "
               f"{r['num_stages']} segments {r['segments']} (default {r['default_segments']}), "
               f"err {r['max_rel_err']:.1e}")
     return 0

@@ -20,9 +20,11 @@ pytest.importorskip("triton", reason="Triton is not installed: the fused kernel 
 
 INTERPRETER_SCRIPT = r"""
 import json, sys, torch, torch.nn.functional as F
+from vigla.ops.bigla import triton_kernels
 from vigla.ops.bigla.triton_kernels import bigla_fwd_triton, bigla_bwd_triton
 from vigla.ops.bigla import bigla_naive
 torch.manual_seed(int(sys.argv[1]))
+triton_kernels.BT = int(sys.argv[3])  # tokens per chunk
 res = []
 def gate(shape, kind):
     z = F.logsigmoid(torch.randn(shape, dtype=torch.float64) * 3)
@@ -83,14 +85,27 @@ def test_triton_kernel_in_interpreter_on_cpu():
               (1, 150, 1, 32, 128, "strong", 2, False, 1.0, f32),
               (2, 90, 2, 32, 64, "normal", 3, True, 16.0, "bfloat16"),
               (1, 70, 1, 16, 128, "mixed", None, False, None, "bfloat16")]
+    _run_interpreter(shapes, chunk=16)
+
+
+def _run_interpreter(shapes, chunk):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, "0", json.dumps(shapes)],
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, "0", json.dumps(shapes), str(chunk)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     for shape, errs in zip(shapes, errors):
-        tol = 1e-5 if shape[-1] == f32 else 1e-2
-        assert max(errs) < tol, f"{shape}: relative errors (o, dq, dk, dv, dgf, dgb) = {errs}"
+        tol = 1e-5 if shape[-1] == "float32" else 1e-2
+        assert max(errs) < tol, f"chunk {chunk}, {shape}: relative errors (o, dq, dk, dv, dgf, dgb) = {errs}"
+
+
+def test_triton_kernel_other_chunk_length_in_interpreter_on_cpu():
+    """The kernels take any power-of-two chunk length >= 16 (benchmarks/tune_bigla.py --chunks
+    times them): 32-token chunks on the factored and exact paths, several segments, gate logits."""
+    shapes = [(1, 200, 1, 32, 64, "mixed", 3, True, None, "float32"),
+              (2, 70, 2, 16, 128, "normal", 2, False, None, "float32"),
+              (1, 150, 1, 32, 64, "weak", 3, True, 16.0, "float32")]
+    _run_interpreter(shapes, chunk=32)
 
 
 class _CudaLike:
