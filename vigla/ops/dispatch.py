@@ -69,3 +69,13 @@ def eager_function(name: str, forward, backward, num_tensors: int) -> type[torch
     doc = f"``{forward.__name__}`` / ``{backward.__name__}`` as an eager ``autograd.Function``."
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(fwd), "backward": staticmethod(bwd), "__doc__": doc})
+
+
+def register_cuda(name: str, fwd_op, bwd_op, forward, backward,
+                  num_tensors: int) -> type[torch.autograd.Function]:
+    """Make ``forward`` / ``backward`` (the fused kernels' launchers) the CUDA implementations of
+    the custom ops ``fwd_op`` / ``bwd_op``, and return them as the eager ``autograd.Function``
+    :func:`eager_function` builds (same arguments)."""
+    fwd_op.register_kernel("cuda")(forward)
+    bwd_op.register_kernel("cuda")(backward)
+    return eager_function(name, forward, backward, num_tensors)

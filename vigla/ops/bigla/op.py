@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ..dispatch import eager_function
+from ..dispatch import register_cuda
 from .chunked import bigla_chunked, bigla_chunked_bwd
 
 
@@ -117,9 +117,7 @@ def _register_triton():
     def bwd_cuda(do, q, k, v, gf, gb, scale, gate_normalizer=None):
         return bigla_bwd_triton(q, k, v, gf, gb, do, scale, gate_normalizer=gate_normalizer)
 
-    bigla_fwd.register_kernel("cuda")(fwd_cuda)
-    bigla_bwd.register_kernel("cuda")(bwd_cuda)
-    return eager_function("BiGLAFunction", fwd_cuda, bwd_cuda, num_tensors=5)
+    return register_cuda("BiGLAFunction", bigla_fwd, bigla_bwd, fwd_cuda, bwd_cuda, num_tensors=5)
 
 
 # what eager mode calls on CUDA: the kernels without the custom op's dispatch cost

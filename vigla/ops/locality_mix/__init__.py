@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import HAS_TRITON, eager_function, resolve
+from ..dispatch import HAS_TRITON, register_cuda, resolve
 from .reference import locality_mix_reference, locality_mix_reference_bwd
 
 __all__ = ["locality_mix", "locality_mix_reference", "locality_mix_reference_bwd"]
@@ -54,11 +54,8 @@ _mix_op.register_autograd(_backward, setup_context=_setup)
 if HAS_TRITON:  # the CUDA implementations
     from .triton_kernels import locality_mix_bwd_triton, locality_mix_fwd_triton
 
-    _mix_op.register_kernel("cuda")(locality_mix_fwd_triton)
-    _mix_bwd_op.register_kernel("cuda")(locality_mix_bwd_triton)
-
-    _MixFunction = eager_function("_MixFunction", locality_mix_fwd_triton, locality_mix_bwd_triton,
-                                  num_tensors=5)
+    _MixFunction = register_cuda("_MixFunction", _mix_op, _mix_bwd_op, locality_mix_fwd_triton,
+                                 locality_mix_bwd_triton, num_tensors=5)
 
 
 def locality_mix(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor,

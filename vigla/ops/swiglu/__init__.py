@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import HAS_TRITON, eager_function, resolve
+from ..dispatch import HAS_TRITON, register_cuda, resolve
 from .reference import swiglu_reference, swiglu_reference_bwd
 
 __all__ = ["swiglu", "swiglu_linear", "swiglu_reference", "swiglu_reference_bwd"]
@@ -47,11 +47,8 @@ _swiglu_op.register_autograd(_backward, setup_context=_setup)
 if HAS_TRITON:  # the CUDA implementations
     from .triton_kernels import swiglu_bwd_triton, swiglu_fwd_triton
 
-    _swiglu_op.register_kernel("cuda")(swiglu_fwd_triton)
-    _swiglu_bwd_op.register_kernel("cuda")(swiglu_bwd_triton)
-
-    _SwiGLUFunction = eager_function("_SwiGLUFunction", swiglu_fwd_triton, swiglu_bwd_triton,
-                                     num_tensors=1)
+    _SwiGLUFunction = register_cuda("_SwiGLUFunction", _swiglu_op, _swiglu_bwd_op, swiglu_fwd_triton,
+                                    swiglu_bwd_triton, num_tensors=1)
 
 
     class _SwiGLULinearFunction(torch.autograd.Function):
