@@ -28,8 +28,6 @@ step() {  # step CAP_SECONDS NAME COMMAND...
 }
 BENCH=(python3 -m vigla bench --device cuda --amp bf16 --warmup 3 --iters 10 --out "$OUT")
 PAIR=(--models vig_tiny deit_tiny_patch16_224 --baseline deit_tiny_patch16_224)
-PLOT='import json, sys; from pathlib import Path; from vigla.bench.plot import plot_results
-plot_results(json.load(open(sys.argv[1])), Path(sys.argv[2]))'
 
 step 170 test_gpu python3 -m pytest tests -m gpu -q -p no:cacheprovider -n 16 --timeout 150 \
   -W ignore::DeprecationWarning -p no:benchmark -rfE
@@ -39,6 +37,6 @@ step 120 gpu_eager_train "${BENCH[@]}" --name gpu_eager_train "${PAIR[@]}" \
 step 60 gpu_cuda_graph "${BENCH[@]}" --name gpu_cuda_graph "${PAIR[@]}" \
   --img-size 224 512 1024 2048 --cuda-graph
 for name in gpu_eager_train gpu_cuda_graph; do
-  if [ -f "$OUT/$name.json" ] && [ ! -f "$OUT/$name.png" ]; then python3 -c "$PLOT" "$OUT/$name.json" "$OUT/$name.png"; fi
+  plot_if_missing "$OUT/$name.json"
 done
 ls -l "$OUT"

@@ -29,8 +29,7 @@ case "$1" in
     shift 2
     python3 -m vigla bench "${COMMON[@]}" --warmup 3 --iters 10 --models "${ALL[@]}" \
       --baseline deit_tiny_patch16_224 --img-size "$@" --out "$OUT" --name "$name" 2>&1 | tee "$OUT/$name.log" | tail -n 45
-    python3 -c 'import json, sys; from pathlib import Path; from vigla.bench.plot import plot_results
-plot_results(json.load(open(sys.argv[1])), Path(sys.argv[2]))' "$OUT/$name.json" "$OUT/$name.png"
+    plot_if_missing "$OUT/$name.json"
     ;;
   *) echo "usage: gpu_compile_sweep.sh warm | measure NAME SIZE..." >&2; exit 2 ;;
 esac

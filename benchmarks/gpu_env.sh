@@ -9,3 +9,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export VIGLA_COMMIT=${VIGLA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, timm, triton; print('torch', torch.__version__, '| timm', timm.__version__, '| triton', triton.__version__)"
+
+plot_if_missing() {  # plot_if_missing NAME.json: NAME.png from the JSON, when the run (cut by a cap) left none
+  local png="${1%.json}.png"
+  if [ -f "$1" ] && [ ! -f "$png" ]; then
+    python3 -c 'import json, sys; from pathlib import Path; from vigla.bench.plot import plot_results
+plot_results(json.load(open(sys.argv[1])), Path(sys.argv[2]))' "$1" "$png"
+  fi
+}
