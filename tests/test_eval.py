@@ -7,7 +7,7 @@ import torch
 
 from test_data import write_fake_fmnist, write_folder
 from vigla import cli
-from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform, scan_image_folder
+from vigla.data import BatchPrep, TransformedDataset, collate, eval_transform, scan_image_folder
 from vigla.engine.checkpoint import save_weights
 
 MEAN = STD = (0.5, 0.5, 0.5)

@@ -32,7 +32,7 @@ from vigla.data import (BatchPrep, DataError, ResumableDistributedSampler, Shard
 
 from . import distributed as dist_utils
 from .checkpoint import (capture_rng, load_into, load_state, load_weights, read_meta, restore_rng, save_state,
-                         save_weights, unwrap, write_text)
+                         save_weights, write_text)
 from .config import TrainConfig, config_to_yaml
 from .errors import CheckpointError, NonFiniteLossError, OutOfMemory, UserError
 from .evaluate import autocast, evaluate
