@@ -46,8 +46,11 @@ def compiled_kernels():
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="ViG-T @1024", choices=[s[0] for s in SHAPES])
-    ap.add_argument("--out", default=None, help="write probe_bigla.json here")
+    ap.add_argument("--chunk", type=int, default=tk.BT, help="tokens per chunk (a power of two >= 16)")
+    ap.add_argument("--out", default=None, help="write the JSON here")
+    ap.add_argument("--name", default="probe_bigla", help="stem of the JSON file")
     args = ap.parse_args()
+    tk.BT = args.chunk  # the launchers read the module's chunk length at each call
     _, B, T = next(s for s in SHAPES if s[0] == args.shape)
     x = inputs(B, T)
     do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
@@ -56,12 +59,12 @@ def main() -> int:
         tk.bigla_bwd_triton(*x, do, K ** -0.5, gate_normalizer=NORM)
     torch.cuda.synchronize()
     _, _, nseg, seg_len = tk._plan(x[0], V)
-    result = dict(shape=args.shape, B=B, T=T, H=H, K=K, V=V, segments=nseg, segment_tokens=seg_len,
+    result = dict(shape=args.shape, chunk=tk.BT, B=B, T=T, H=H, K=K, V=V, segments=nseg, segment_tokens=seg_len,
                   device=torch.cuda.get_device_name(), commit=git_info()["commit"],
                   command=" ".join(["python3"] + sys.argv), kernels=compiled_kernels())
     print(json.dumps(result, indent=1))
     if args.out:
-        write_json(result, Path(args.out) / "probe_bigla.json")
+        write_json(result, Path(args.out) / f"{args.name}.json")
     return 0
 
 

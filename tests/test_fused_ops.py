@@ -21,7 +21,7 @@ import vigla  # noqa: F401
 from vigla.layers import RmsNorm, SwiGLU
 from vigla.ops.dispatch import reference_ops, resolve
 from vigla.ops.locality_mix import locality_mix, locality_mix_reference, locality_mix_reference_bwd
-from vigla.ops.swiglu import swiglu, swiglu_linear, swiglu_reference, swiglu_reference_bwd
+from vigla.ops.swiglu import swiglu, swiglu_mlp, swiglu_reference, swiglu_reference_bwd
 
 
 def rel(a, b):
@@ -109,15 +109,18 @@ def test_swiglu_layer_state_dict_is_timms_glumlp():
     torch.testing.assert_close(mlp(x), ref(x), rtol=1e-6, atol=1e-6)
 
 
-def test_swiglu_linear_is_the_composition_and_checks_the_weight():
-    u = torch.randn(3, 7, 2 * 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    y = swiglu_linear(u, w)
-    ref = F.linear(F.silu(u[..., :6]) * u[..., 6:], w)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(swiglu_linear, (u, w))
-    with pytest.raises(ValueError, match=r"weight must be \[C, I\] with 2I = 12"):
-        swiglu_linear(u, w.t())
+def test_swiglu_mlp_is_the_composition_and_checks_the_weights():
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    u = F.linear(x, w1)
+    ref = F.linear(F.silu(u[..., :6]) * u[..., 6:], w2)
+    torch.testing.assert_close(swiglu_mlp(x, w1, w2), ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(swiglu_mlp, (x, w1, w2))
+    with pytest.raises(ValueError, match=r"want w1 \[2I, C\] with C = 5"):
+        swiglu_mlp(x, w1.t(), w2)
+    with pytest.raises(ValueError, match=r"got w1 \(12, 5\), w2 \(4, 5\)"):
+        swiglu_mlp(x, w1, w2[:, :5])
 
 
 INTERPRETER_SCRIPT = r"""
@@ -148,6 +151,15 @@ for shape in [(3, 17, 2 * 44), (5, 2 * 1024)]:
            *swiglu_bwd_triton(dy.float(), u.float(), recompute=True)]
     refs = [ref, swiglu_reference_bwd(dy, u), swiglu_reference_bwd(dy, u), ref]
     out[f"swiglu{shape}"] = [rel(a, b) for a, b in zip(got, refs)]
+# the MLP Function (fc1 recomputed in its backward) around those kernels, fp32 leaves
+from vigla.ops.swiglu import _SwiGLUMLPFunction
+x64, w1_64, w2_64 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 9, 24), (64, 24), (16, 32)))
+ref = torch.nn.functional.linear(swiglu_reference(torch.nn.functional.linear(x64, w1_64)), w2_64)
+dy = torch.randn_like(ref)
+gref = torch.autograd.grad(ref, (x64, w1_64, w2_64), dy)
+leaves = [t.detach().float().requires_grad_() for t in (x64, w1_64, w2_64)]
+y = _SwiGLUMLPFunction.apply(*leaves)
+out["swiglu_mlp"] = [rel(a, b) for a, b in zip([y, *torch.autograd.grad(y, leaves, dy.float())], [ref, *gref])]
 print(json.dumps(out))
 """
 
@@ -199,25 +211,25 @@ def test_swiglu_kernel_on_gpu(shape, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp", [False, True])
-def test_swiglu_linear_on_gpu(amp):
-    """The Triton path (gating output recomputed in the backward) against float64; under bf16
-    autocast with an fp32 weight, as in the model."""
-    u64 = torch.randn(4, 196, 2 * 512, dtype=torch.float64, device="cuda")
-    w64 = torch.randn(192, 512, dtype=torch.float64, device="cuda") / 512 ** 0.5
-    x64 = [u64.requires_grad_(), w64.requires_grad_()]
-    ref = F.linear(swiglu_reference(x64[0]), x64[1])
+def test_swiglu_mlp_on_gpu(amp):
+    """The Triton path (fc1 and the gating recomputed in the backward) against float64; under bf16
+    autocast with fp32 input and weights, as in the model."""
+    x64 = torch.randn(4, 196, 192, dtype=torch.float64, device="cuda")
+    w1_64 = torch.randn(1024, 192, dtype=torch.float64, device="cuda") / 192 ** 0.5
+    w2_64 = torch.randn(192, 512, dtype=torch.float64, device="cuda") / 512 ** 0.5
+    leaves64 = [t.requires_grad_() for t in (x64, w1_64, w2_64)]
+    ref = F.linear(swiglu_reference(F.linear(x64, w1_64)), w2_64)
     dy = torch.randn_like(ref)
-    gref = torch.autograd.grad(ref, x64, dy)
-    u = u64.detach().to(torch.bfloat16 if amp else torch.float32).requires_grad_()
-    w = w64.detach().float().requires_grad_()
+    gref = torch.autograd.grad(ref, leaves64, dy)
+    leaves = [t.detach().float().requires_grad_() for t in leaves64]
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        y = swiglu_linear(u, w, backend="triton")
+        y = swiglu_mlp(*leaves, backend="triton")
     tol = 1e-2 if amp else 1e-5
-    assert y.dtype == u.dtype and rel(y, ref) < tol
-    du, dw = torch.autograd.grad(y, [u, w], dy.to(y.dtype))
-    assert du.dtype == u.dtype and dw.dtype == torch.float32
-    assert rel(du, gref[0]) < 2 * tol and rel(dw, gref[1]) < 2 * tol
+    assert y.dtype == (torch.bfloat16 if amp else torch.float32) and rel(y, ref) < tol
+    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    for g, g64 in zip(grads, gref):
+        assert g.dtype == torch.float32 and rel(g, g64) < 2 * tol
 
 
 @pytest.mark.gpu

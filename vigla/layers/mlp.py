@@ -4,16 +4,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.swiglu import swiglu_linear
+from ..ops.swiglu import swiglu_mlp
 
 __all__ = ["SwiGLU"]
 
 
 class SwiGLU(nn.Module):
     """``fc2(SiLU(a) * b)`` with ``[a | b] = fc1(x)``, no biases (the official ViG MLP; the same
-    state dict as timm's ``GluMlp(gate_last=False)``). The gating and ``fc2`` are one op
-    (:func:`vigla.ops.swiglu.swiglu_linear`: fused gating, its output recomputed in the backward
-    rather than stored). ``[..., dim]`` -> ``[..., dim]``."""
+    state dict as timm's ``GluMlp(gate_last=False)``). The whole MLP is one op
+    (:func:`vigla.ops.swiglu.swiglu_mlp`: fused gating; in training only the input is kept, fc1's
+    output and the gating output are recomputed in the backward). ``[..., dim]`` -> ``[..., dim]``."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -21,4 +21,4 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu_linear(self.fc1(x), self.fc2.weight)
+        return swiglu_mlp(x, self.fc1.weight, self.fc2.weight)

@@ -114,9 +114,8 @@ def _is_safe(x):
 # The exact paths below (chunks with an in-chunk decay range >= 30) walk the chunk one token at a
 # time on [BT, K] tiles: a [BT, BT, K] tensor would set the register budget of the whole kernel.
 @triton.jit
-def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
-    """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle."""
-    hi, safe = _is_safe(x)
+def _scores(a, b, x, hi, safe, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+    """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle (``hi, safe = _is_safe(x)``)."""
     if safe:
         s = _dot(a * tl.exp(x - hi[None, :]), tl.trans(b * tl.exp(hi[None, :] - x)), TF32)
         s = tl.where(_triangle(BT, UPPER), s, 0.0)
@@ -130,9 +129,8 @@ def _scores(a, b, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
 
 
 @triton.jit
-def _mix_rows(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+def _mix_rows(w, y, x, hi, safe, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
     """``[BT, K]``: ``r_i = sum_j w_ij y_j exp(x_i - x_j)`` (``w`` zero off the triangle)."""
-    hi, safe = _is_safe(x)
     if safe:
         r = _dot(w, y * tl.exp(hi[None, :] - x), TF32) * tl.exp(x - hi[None, :])
     else:
@@ -144,9 +142,8 @@ def _mix_rows(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr
 
 
 @triton.jit
-def _mix_cols(w, y, x, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+def _mix_cols(w, y, x, hi, safe, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
     """``[BT, K]``: ``r_j = sum_i w_ij y_i exp(x_i - x_j)`` (``w`` zero off the triangle)."""
-    hi, safe = _is_safe(x)
     if safe:
         r = _dot(tl.trans(w), y * tl.exp(x - hi[None, :]), TF32) * tl.exp(hi[None, :] - x)
     else:
@@ -251,7 +248,8 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG, gnorm,
         b_g = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
         c = tl.cumsum(b_g, axis=0) - b_g  # exclusive: decay from the chunk start to j is exp(c_j)
         tot = tl.sum(b_g, axis=0)
-        out = _dot(_scores(b_q, b_k, -c, BT, True, TF32), b_v, TF32)
+        hi, safe = _is_safe(-c)
+        out = _dot(_scores(b_q, b_k, -c, hi, safe, BT, True, TF32), b_v, TF32)
         out += _dot(b_q * tl.exp(tot[None, :] - c), state, TF32)
         state = state * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
         _store_rows(o + off_v, rows, cv, sv, T, out * half_scale)
@@ -268,7 +266,8 @@ def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG, gnorm,
         b_g = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
         b = tl.cumsum(b_g, axis=0)  # inclusive: decay from j to i is exp(b_i - b_j)
         last = tl.sum(b_g, axis=0)
-        out = _dot(_scores(b_q, b_k, b, BT, False, TF32), b_v, TF32)
+        hi, safe = _is_safe(b)
+        out = _dot(_scores(b_q, b_k, b, hi, safe, BT, False, TF32), b_v, TF32)
         out += _dot(b_q * tl.exp(b), state, TF32)
         state = state * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
         prev = _load_rows(o + off_v, rows, cv, sv, T)
@@ -366,19 +365,21 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, pq, pk, pv, dgf, dgb, tot_wf, t
         c = tl.cumsum(g_b, axis=0) - g_b
         tot = tl.sum(g_b, axis=0)
         d_scores = _dot(b_do, tl.trans(b_v), TF32)  # [BT(i), BT(j)]: do_i . v_j
+        hi_f, safe_f = _is_safe(b)  # once per chunk and direction, shared by the helpers below
+        hi_b, safe_b = _is_safe(-c)
 
         # forward scan: dk^f, dv^f (within the chunk, and through dS^f)
         tri_f = _triangle(BT, False)
         k_dec = tl.exp(last[None, :] - b)
-        dk_f = _mix_cols(tl.where(tri_f, d_scores, 0.0), b_q, b, BT, False, TF32)
+        dk_f = _mix_cols(tl.where(tri_f, d_scores, 0.0), b_q, b, hi_f, safe_f, BT, False, TF32)
         dk_f += _dot(b_v, tl.trans(ds_f), TF32) * k_dec
-        dv_f = _dot(tl.trans(_scores(b_q, b_k, b, BT, False, TF32)), b_do, TF32)
+        dv_f = _dot(tl.trans(_scores(b_q, b_k, b, hi_f, safe_f, BT, False, TF32)), b_do, TF32)
         dv_f += _dot(b_k * k_dec, ds_f, TF32)
         ds_f = ds_f * tl.exp(last)[:, None] + _dot(tl.trans(b_q * tl.exp(b)), b_do, TF32)
 
         # backward scan: dq^b (within the chunk, and through S^b)
         tri_b = _triangle(BT, True)
-        dq_b = _mix_rows(tl.where(tri_b, d_scores, 0.0), b_k, -c, BT, True, TF32)
+        dq_b = _mix_rows(tl.where(tri_b, d_scores, 0.0), b_k, -c, hi_b, safe_b, BT, True, TF32)
         dq_b += _dot(b_do, tl.trans(s_b), TF32) * tl.exp(tot[None, :] - c)
         s_b = s_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
 
@@ -407,18 +408,20 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, pq, pk, pv, dgf, dgb, tot_wf, t
         c = tl.cumsum(g_b, axis=0) - g_b
         tot = tl.sum(g_b, axis=0)
         d_scores = _dot(b_do, tl.trans(b_v), TF32)
+        hi_f, safe_f = _is_safe(b)
+        hi_b, safe_b = _is_safe(-c)
 
         # forward scan: dq^f
         tri_f = _triangle(BT, False)
-        dq_f = _mix_rows(tl.where(tri_f, d_scores, 0.0), b_k, b, BT, False, TF32)
+        dq_f = _mix_rows(tl.where(tri_f, d_scores, 0.0), b_k, b, hi_f, safe_f, BT, False, TF32)
         dq_f += _dot(b_do, tl.trans(s_f), TF32) * tl.exp(b)
         s_f = s_f * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
 
         # backward scan: dk^b, dv^b
         tri_b = _triangle(BT, True)
-        dk_b = _mix_cols(tl.where(tri_b, d_scores, 0.0), b_q, -c, BT, True, TF32)
+        dk_b = _mix_cols(tl.where(tri_b, d_scores, 0.0), b_q, -c, hi_b, safe_b, BT, True, TF32)
         dk_b += _dot(b_v, tl.trans(ds_b), TF32) * tl.exp(c)
-        dv_b = _dot(tl.trans(_scores(b_q, b_k, -c, BT, True, TF32)), b_do, TF32)
+        dv_b = _dot(tl.trans(_scores(b_q, b_k, -c, hi_b, safe_b, BT, True, TF32)), b_do, TF32)
         dv_b += _dot(b_k * tl.exp(c), ds_b, TF32)
         ds_b = ds_b * tl.exp(tot)[:, None] + _dot(tl.trans(b_q * tl.exp(tot[None, :] - c)), b_do, TF32)
 

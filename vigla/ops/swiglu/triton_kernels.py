@@ -1,6 +1,6 @@
 """SwiGLU's gating ``SiLU(a) * b`` (``[a | b] = u``) fused: one read of ``u`` and one write of
 ``y`` forward, one read of ``u`` and ``dy`` and one write of ``du`` backward (the activation is
-recomputed, not stored; optionally the output too, for :func:`vigla.ops.swiglu.swiglu_linear`)."""
+recomputed, not stored; optionally the output too, for :func:`vigla.ops.swiglu.swiglu_mlp`)."""
 from __future__ import annotations
 
 import torch
