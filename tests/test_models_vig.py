@@ -311,7 +311,14 @@ def test_reset_classifier(name):
 
 
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
-def test_grad_checkpointing(name):
+def test_grad_checkpointing(name, monkeypatch):
+    """Checkpointed blocks run twice (forward, then again in the backward) but BiGLA's forward
+    only once (its output is kept); outputs and gradients equal the plain run's."""
+    from vigla.ops.bigla import op as bigla_op
+
+    bigla_calls = []
+    chunked = bigla_op.bigla_chunked
+    monkeypatch.setattr(bigla_op, "bigla_chunked", lambda *a: bigla_calls.append(1) or chunked(*a))
     torch.manual_seed(0)
     model = small(name).train()
     x = torch.randn(2, 3, 32, 32)
@@ -328,9 +335,12 @@ def test_grad_checkpointing(name):
     first.register_forward_pre_hook(lambda *_: calls.append(1))
     ref_out, ref_grads = run()
     assert len(calls) == 1
+    n_bigla = len(bigla_calls)
+    assert n_bigla == len(model.blocks if name == "vig_tiny" else [b for s in model.stages for b in s.blocks])
     model.set_grad_checkpointing(True)
     out, grads = run()
     assert len(calls) == 3  # one forward + one recomputation in backward
+    assert len(bigla_calls) == 2 * n_bigla  # this run's forward only
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -26,6 +26,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm, SwiGLU
+from ..ops.recompute import recompute
 
 __all__ = ["ViG", "ViGBlock", "checkpoint_filter_fn", "to_official_state_dict"]
 
@@ -71,12 +72,16 @@ def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> list[float]:
 
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, hw: tuple[int, int],
                grad_checkpointing: bool) -> torch.Tensor:
-    """Apply ``blocks`` in order, each under activation checkpointing if asked."""
+    """Apply ``blocks`` in order; with ``grad_checkpointing`` (and gradients on) each block keeps
+    only its input and its BiGLA output for the backward and recomputes the rest
+    (:func:`vigla.ops.recompute.recompute`; under ``torch.compile``, timm's ``checkpoint``)."""
     for blk in blocks:
-        if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        if not (grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()):
+            x = blk(x, hw)
+        elif torch.compiler.is_compiling():
             x = checkpoint(blk, x, hw)
         else:
-            x = blk(x, hw)
+            x = recompute(partial(blk, hw=hw), x, blk.parameters())
     return x
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..dispatch import use_kernels
+from ..recompute import record_output, replayed_output
 from . import op
 from .chunked import bigla_chunked, bigla_chunked_bwd
 from .naive import bigla_naive
@@ -29,10 +30,18 @@ __all__ = ["bigla", "bigla_gated", "log_decays", "bigla_naive", "bigla_chunked",
 
 
 def _bigla_op(q, k, v, gf, gb, scale, gate_normalizer=None):
-    if op.HAS_TRITON and q.is_cuda and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return torch.ops.vigla.bigla_fwd(q, k, v, gf, gb, scale, gate_normalizer)
+    kept = replayed_output()  # inside vigla.ops.recompute's backward: the stored output
+    if kept is not None:
+        return op.KeptOutputFunction.apply(kept, q, k, v, gf, gb, scale, gate_normalizer)
+    if op.HAS_TRITON and q.is_cuda:
         # eager mode on CUDA: the same kernels without the custom op's dispatch cost
-        return op.BiGLAFunction.apply(q, k, v, gf, gb, scale, gate_normalizer)
-    return torch.ops.vigla.bigla_fwd(q, k, v, gf, gb, scale, gate_normalizer)
+        o = op.BiGLAFunction.apply(q, k, v, gf, gb, scale, gate_normalizer)
+    else:
+        o = torch.ops.vigla.bigla_fwd(q, k, v, gf, gb, scale, gate_normalizer)
+    record_output(o)
+    return o
 
 
 def _bigla_triton(q, k, v, gf, gb, scale, gate_normalizer=None):

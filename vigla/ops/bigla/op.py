@@ -86,6 +86,21 @@ def _backward(ctx, do):
 bigla_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class KeptOutputFunction(torch.autograd.Function):
+    """BiGLA whose output is already known (``kept``, stored by :func:`vigla.ops.recompute.recompute`):
+    the forward returns it, the backward is the op's (``vigla::bigla_bwd``)."""
+
+    @staticmethod
+    def forward(ctx, kept, q, k, v, gf, gb, scale, gate_normalizer):
+        ctx.save_for_backward(q, k, v, gf, gb)
+        ctx.scale, ctx.gate_normalizer = scale, gate_normalizer
+        return kept.view_as(kept)
+
+    @staticmethod
+    def backward(ctx, do):
+        return None, *_backward(ctx, do)
+
+
 @register_flop_formula(torch.ops.vigla.bigla_fwd)
 def _fwd_flops(q_shape, k_shape, v_shape, gf_shape, gb_shape, scale, *args, out_shape=None, **kwargs):
     return 2 * bigla_macs(q_shape, v_shape)

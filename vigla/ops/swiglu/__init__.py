@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import HAS_TRITON, register_cuda, resolve
+from ..recompute import replaying
 from .reference import swiglu_reference, swiglu_reference_bwd
 
 __all__ = ["swiglu", "swiglu_mlp", "swiglu_reference", "swiglu_reference_bwd"]
@@ -61,16 +62,19 @@ if HAS_TRITON:  # the CUDA implementations
         def forward(ctx, x, w1, w2):
             dtype = _compute_dtype(x)  # what autocast would multiply in
             x_c, w1_c, w2_c = x.to(dtype), w1.to(dtype), w2.to(dtype)
-            ctx.save_for_backward(x_c, w1_c, w2_c)
+            u = F.linear(x_c, w1_c)
+            # within a recompute replay (vigla.ops.recompute) nothing outlives the block's
+            # backward: keep u rather than run fc1 a third time
+            ctx.save_for_backward(x_c, w1_c, w2_c, *((u,) if replaying() else ()))
             ctx.dtypes = (x.dtype, w1.dtype, w2.dtype)
-            return F.linear(swiglu_fwd_triton(F.linear(x_c, w1_c)), w2_c)
+            return F.linear(swiglu_fwd_triton(u), w2_c)
 
         @staticmethod
         def backward(ctx, dy):
-            x_c, w1_c, w2_c = ctx.saved_tensors
+            x_c, w1_c, w2_c, *kept = ctx.saved_tensors
             x_dtype, w1_dtype, w2_dtype = ctx.dtypes
             dy = dy.to(x_c.dtype)
-            u = F.linear(x_c, w1_c)  # fc1 again
+            u = kept[0] if kept else F.linear(x_c, w1_c)  # fc1 again
             du, h = swiglu_bwd_triton(dy @ w2_c, u, recompute=True)
             dx = dw1 = dw2 = None
             if ctx.needs_input_grad[0]:
