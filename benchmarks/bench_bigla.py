@@ -60,8 +60,8 @@ def make_inputs(B, T, H, K, V, layout="model", dtype=torch.bfloat16, grad=False)
     ``[B, T, 2HK + HV + r + HV]`` (r = 16, the decay rank) and the logits the two halves of one
     ``[B, T, 2HK]`` output; ``"contiguous"``: five separate tensors.
     """
-    def r(*s):
-        return torch.randn(*s, device="cuda", dtype=dtype, requires_grad=grad)
+    def r(*s):  # drawn on the CPU: a failed CUDA-graph capture leaves the CUDA generator unusable
+        return torch.randn(*s, dtype=dtype).cuda().requires_grad_(grad)
 
     if layout == "contiguous":
         return r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(B, T, H, K), r(B, T, H, K)
@@ -77,7 +77,7 @@ def time_backend(backend, shape, train: bool, layout: str, timing: str = "do_ben
     _, B, T, H, K, V = shape
     x = make_inputs(B, T, H, K, V, layout, grad=train)
     if train:
-        do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+        do = torch.randn(B, T, H, V, dtype=torch.bfloat16).cuda()
 
         def fn():
             out = bigla_gated(*x, GATE_NORMALIZER, backend=backend)
@@ -96,7 +96,7 @@ def time_backend(backend, shape, train: bool, layout: str, timing: str = "do_ben
     except RuntimeError as exc:  # a backend whose calls cannot be captured in a CUDA graph
         if timing != "cudagraph":
             raise
-        print(f"{backend} {shape[0]}: no CUDA-graph timing ({str(exc).splitlines()[0][:200]})", flush=True)
+        print(f"{backend} {shape[0]}: no CUDA-graph timing ({type(exc).__name__}: {exc})", flush=True)
         torch.cuda.synchronize()
         return None
 
