@@ -9,8 +9,8 @@ sizes, a ViG-S layer, and the four ViG-H-T stages at 224². The model's path: ``
 bf16 q, k, v and bf16 gate logits (log decays ``logsigmoid(z) / 16``: inside the kernels for
 Triton; a separate op before ``chunk_gla`` for fla, as in the official code), forward and
 forward+backward, median of ``triton.testing.do_bench`` (``--timing cudagraph``: of
-``do_bench_cudagraph``, replays of a captured CUDA graph, so that calls whose GPU work is shorter
-than their Python and launch time, T = 196, measure the kernels and not the host); by default the inputs are laid out as the
+``do_bench_cudagraph``, replays of a captured CUDA graph, which leave the host's launch time
+out; forward only, the autograd backward does not capture); by default the inputs are laid out as the
 model passes them (``--layout model``: column slices of one projection). The byte floor is the time to
 read q, k, v and both gate logits once and write o once at the copy bandwidth measured in the same run.
 """
@@ -75,6 +75,8 @@ def time_backend(backend, shape, train: bool, layout: str, timing: str = "do_ben
     from triton.testing import do_bench, do_bench_cudagraph
 
     _, B, T, H, K, V = shape
+    if train and timing == "cudagraph":
+        return None  # torch.autograd.grad inside a stream capture invalidates the capture
     x = make_inputs(B, T, H, K, V, layout, grad=train)
     if train:
         do = torch.randn(B, T, H, V, dtype=torch.bfloat16).cuda()

@@ -107,24 +107,25 @@ def test_bigla_output_is_kept_not_recomputed(monkeypatch):
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
 def test_grad_checkpointing_on_gpu_matches(name):
     """CUDA, fused kernels, bf16 autocast, drop path on: checkpointed training gives the plain
-    run's loss and gradients (same kernels, same draws) and less peak memory."""
+    run's loss and gradients (same kernels, same draws) and keeps far less for the backward
+    (memory held between the forward and the backward)."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, drop_path_rate=0.1).cuda().train()
     x = torch.randn(8, 3, 224, 224, device="cuda")
 
     def run():
         model.zero_grad(set_to_none=True)
-        torch.cuda.reset_peak_memory_stats()
         torch.manual_seed(1)
+        before = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), torch.arange(8, device="cuda") % 10)
+        kept = torch.cuda.memory_allocated() - before
         loss.backward()
-        peak = torch.cuda.max_memory_allocated()
-        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]), peak
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]), kept
 
-    loss_ref, g_ref, peak_ref = run()
+    loss_ref, g_ref, kept_ref = run()
     model.set_grad_checkpointing(True)
-    loss, g, peak = run()
+    loss, g, kept = run()
     assert loss == pytest.approx(loss_ref, rel=1e-6)
     assert rel(g, g_ref) < 1e-2
-    assert peak < 0.8 * peak_ref
+    assert kept < 0.6 * kept_ref, f"kept for the backward: {kept / 2**20:.0f} MiB vs {kept_ref / 2**20:.0f} MiB"

@@ -35,7 +35,6 @@ import triton.language as tl
 from .op import supports
 
 BT = 16  # tokens per chunk
-FWD_TWO_PASS = False  # A/B switch while the interleaved forward is timed against the two-pass one
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -216,92 +215,8 @@ def _summary_kernel(k, v, gf, gb, uf, ub, df, db, T, H, L, NSEG, gnorm,
         tl.store(db + (i_bh * NSEG + i_s) * K + ck, acc_b)
 
 
-@triton.jit
-def _fwd_chunk_b(q, k, v, gb, off_q, off_x, off_g, rows, ck, cv, sqt, svt, sgt, T, gnorm, state,
-                 BT: tl.constexpr, TF32: tl.constexpr, GATED: tl.constexpr):
-    """The backward scan over one chunk: ``(o^b rows [BT, BV], state entering the chunk to the left)``."""
-    b_q = _load_rows(q + off_q, rows, ck, sqt, T)
-    b_k = _load_rows(k + off_q, rows, ck, sqt, T)
-    b_v = _load_rows(v + off_x, rows, cv, svt, T)
-    b_g = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
-    c = tl.cumsum(b_g, axis=0) - b_g  # exclusive: decay from the chunk start to j is exp(c_j)
-    tot = tl.sum(b_g, axis=0)
-    hi, safe = _is_safe(-c)
-    out = _dot(_scores(b_q, b_k, -c, hi, safe, BT, True, TF32), b_v, TF32)
-    out += _dot(b_q * tl.exp(tot[None, :] - c), state, TF32)
-    state = state * tl.exp(tot)[:, None] + _dot(tl.trans(b_k * tl.exp(c)), b_v, TF32)
-    return out, state
-
-
-@triton.jit
-def _fwd_chunk_f(q, k, v, gf, off_q, off_x, off_g, rows, ck, cv, sqt, svt, sgt, T, gnorm, state,
-                 BT: tl.constexpr, TF32: tl.constexpr, GATED: tl.constexpr):
-    """The forward scan over one chunk: ``(o^f rows [BT, BV], state leaving the chunk to the right)``."""
-    b_q = _load_rows(q + off_q, rows, ck, sqt, T)
-    b_k = _load_rows(k + off_q, rows, ck, sqt, T)
-    b_v = _load_rows(v + off_x, rows, cv, svt, T)
-    b_g = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
-    b = tl.cumsum(b_g, axis=0)  # inclusive: decay from j to i is exp(b_i - b_j)
-    last = tl.sum(b_g, axis=0)
-    hi, safe = _is_safe(b)
-    out = _dot(_scores(b_q, b_k, b, hi, safe, BT, False, TF32), b_v, TF32)
-    out += _dot(b_q * tl.exp(b), state, TF32)
-    state = state * tl.exp(last)[:, None] + _dot(tl.trans(b_k * tl.exp(last[None, :] - b)), b_v, TF32)
-    return out, state
-
-
 @triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
 def _fwd_kernel(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG, gnorm,
-                sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                TF32: tl.constexpr, GATED: tl.constexpr):
-    """Both scans in one walk: step ``i`` takes chunk ``i`` for the forward scan and chunk
-    ``n - 1 - i`` for the backward scan, two independent dependency chains whose latencies
-    overlap. A chunk's first visit stores its rows, the second adds to them (the middle chunk of
-    an odd count: both at once)."""
-    i_v = tl.program_id(0).to(tl.int64)  # int64: offsets can pass 2**31 elements
-    i_s = tl.program_id(1).to(tl.int64)
-    i_bh = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    off_v = (i_b * T * H + i_h) * V  # contiguous [B, T, H, V] buffers
-    off_q = i_b * sqb + i_h * sqh  # the (possibly strided) inputs
-    off_x = i_b * svb + i_h * svh
-    off_g = i_b * sgb + i_h * sgh
-    sv = H * V
-    ck = tl.arange(0, K)
-    cv = i_v * BV + tl.arange(0, BV)
-    ot = tl.arange(0, BT)
-    start = i_s * L
-    n_chunks = tl.cdiv(tl.minimum(T - start, L), BT)
-    half_scale = 0.5 * scale
-    off_sum = i_bh * NSEG
-    # entering states: the segments to the right (backward scan) and to the left (forward scan)
-    s_b = tl.zeros([K, BV], dtype=tl.float32)
-    s_b = _fold(s_b, ub + off_sum * K * V, db + off_sum * K, NSEG - 1, NSEG - 1 - i_s, -1, ck, cv, V, K)
-    s_f = tl.zeros([K, BV], dtype=tl.float32)
-    s_f = _fold(s_f, uf + off_sum * K * V, df + off_sum * K, 0, i_s, 1, ck, cv, V, K)
-    for i in range(0, n_chunks):
-        rows_f = start + i * BT + ot
-        rows_b = start + (n_chunks - 1 - i) * BT + ot
-        out_b, s_b = _fwd_chunk_b(q, k, v, gb, off_q, off_x, off_g, rows_b, ck, cv, sqt, svt, sgt, T,
-                                  gnorm, s_b, BT, TF32, GATED)
-        out_f, s_f = _fwd_chunk_f(q, k, v, gf, off_q, off_x, off_g, rows_f, ck, cv, sqt, svt, sgt, T,
-                                  gnorm, s_f, BT, TF32, GATED)
-        if 2 * i + 1 == n_chunks:  # the middle chunk
-            _store_rows(o + off_v, rows_f, cv, sv, T, (out_f + out_b) * half_scale)
-        elif 2 * i + 1 < n_chunks:  # first visits
-            _store_rows(o + off_v, rows_b, cv, sv, T, out_b * half_scale)
-            _store_rows(o + off_v, rows_f, cv, sv, T, out_f * half_scale)
-        else:  # second visits: the other scan stored these rows at an earlier step
-            tl.debug_barrier()
-            prev = _load_rows(o + off_v, rows_b, cv, sv, T)
-            _store_rows(o + off_v, rows_b, cv, sv, T, prev + out_b * half_scale)
-            prev = _load_rows(o + off_v, rows_f, cv, sv, T)
-            _store_rows(o + off_v, rows_f, cv, sv, T, prev + out_f * half_scale)
-
-
-@triton.jit(do_not_specialize=["T", "H", "scale", "L", "NSEG"])
-def _fwd_kernel_two_pass(q, k, v, gf, gb, o, uf, ub, df, db, T, H, scale, L, NSEG, gnorm,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 TF32: tl.constexpr, GATED: tl.constexpr):
     i_v = tl.program_id(0).to(tl.int64)  # int64: offsets can pass 2**31 elements
@@ -668,8 +583,7 @@ def bigla_fwd_triton(q, k, v, log_gf, log_gb, scale: float, segments: int | None
     opts = _common(q, gate_normalizer)
     uf, ub, df, db = _summaries(k, v, log_gf, log_gb, BV, NV, nseg, L, opts)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    kernel = _fwd_kernel_two_pass if FWD_TWO_PASS else _fwd_kernel
-    kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, uf, ub, df, db, T, H, scale, L, nseg,
+    _fwd_kernel[(NV, nseg, B * H)](q, k, v, log_gf, log_gb, o, uf, ub, df, db, T, H, scale, L, nseg,
                                    opts["gnorm"], *q.stride()[:3], *v.stride()[:3],
                                    *log_gf.stride()[:3], K=K, V=V, BT=BT, BV=BV, **_launch(opts))
     return o
