@@ -146,6 +146,36 @@ def test_mixer_bf16_autocast():
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
+def test_mixer_inference_weight_cache():
+    """Without autograd the fused in-projection weight is built once per compute dtype and rebuilt
+    when a parameter changes; outputs equal the uncached (autograd) path's exactly."""
+    torch.manual_seed(0)
+    m = BiGLAMixer(32, num_heads=2)
+    x = torch.randn(2, 16, 32)
+
+    def fresh():
+        with torch.enable_grad():
+            return m(x, (4, 4)).detach()
+
+    with torch.no_grad():
+        out = m(x, (4, 4))
+        cache = m._in_proj_cache
+        torch.testing.assert_close(m(x, (4, 4)), out, rtol=0, atol=0)
+        assert m._in_proj_cache is cache  # reused
+        torch.testing.assert_close(out, fresh(), rtol=0, atol=0)
+        m.mix_gate.bias.add_(0.5)  # an in-place update (as an optimizer step makes)
+        out2 = m(x, (4, 4))
+        assert m._in_proj_cache is not cache
+        torch.testing.assert_close(out2, fresh(), rtol=0, atol=0)
+        assert not torch.equal(out2, out)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf16 = m(x, (4, 4))
+            assert m._in_proj_cache[1].dtype == torch.bfloat16
+            with torch.enable_grad():
+                ref_bf16 = m(x, (4, 4)).detach()
+        torch.testing.assert_close(out_bf16, ref_bf16, rtol=0, atol=0)
+
+
 def test_mixer_bad_grid():
     m = BiGLAMixer(16, num_heads=2)
     with pytest.raises(ValueError, match="12 tokens do not form the given 3x3 grid"):

@@ -83,6 +83,7 @@ class BiGLAMixer(nn.Module):
         self.norm_local = RmsNorm(self.head_v, eps=norm_eps)
         self.out_act = out_act
         self.proj = nn.Linear(dim, dim, bias=False)
+        self._in_proj_cache = None  # (key, weight, bias): see _in_proj
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -93,6 +94,29 @@ class BiGLAMixer(nn.Module):
                 nn.init.zeros_(layer.bias)
         self.norm_out.reset_parameters()
         self.norm_local.reset_parameters()
+
+    def _in_proj(self, x_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One GEMM for everything that reads ``x_c``: q, k, v, the decay projection's input and the
+        mix gate's logits. Weight ``[2K + C + r + C, C]`` and bias (zero but for the mix gate's)
+        concatenated from the separate parameters (the official layout). Without autograd
+        (inference) they are cached in the compute dtype until a source parameter changes (in
+        place, or replaced): no concatenation or cast kernels per call."""
+        parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._concat(parts)
+        device = x_c.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_c.dtype
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in parts))
+        if self._in_proj_cache is None or self._in_proj_cache[0] != key:
+            weight, bias = self._concat(parts)
+            self._in_proj_cache = (key, weight.to(dtype), bias.to(dtype))
+        return self._in_proj_cache[1:]
+
+    @staticmethod
+    def _concat(parts):
+        w_qkv, w_down, w_gate, b_gate = parts
+        weight = torch.cat([w_qkv, w_down, w_gate])
+        return weight, F.pad(b_gate, (weight.shape[0] - b_gate.shape[0], 0))
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """``x``: ``[B, N, C]`` tokens of an ``H x W`` grid in row-major order (``N = H * W``).
@@ -107,10 +131,7 @@ class BiGLAMixer(nn.Module):
         x_c = self.conv_act(x_c).permute(0, 2, 3, 1).reshape(B, N, C)
 
         h, K = self.num_heads, self.key_dim
-        # One GEMM for everything that reads x_c: q, k, v, the decay projection's input and the
-        # mix gate's logits (the weights stay separate parameters, in the official layout).
-        weight = torch.cat([self.qkv.weight, self.decay_down.weight, self.mix_gate.weight])
-        bias = F.pad(self.mix_gate.bias, (weight.shape[0] - C, 0))
+        weight, bias = self._in_proj(x_c)
         q, k, v, z, gate = F.linear(x_c, weight, bias).split(
             [K, K, C, self.decay_down.out_features, C], dim=-1)
         # Gate logits; the op forms the log decays logsigmoid(z) / normalizer in float32 (inside
