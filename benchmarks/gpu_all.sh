@@ -23,7 +23,8 @@ step() {  # step CAP_SECONDS NAME COMMAND...
   local cap=$1 name=$2
   shift 2
   echo "=== $name (cap ${cap}s): $*"
-  timeout -k 10 "$cap" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 25
+  echo "# commit $VIGLA_COMMIT | $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) | $*" > "$OUT/$name.log"
+  timeout -k 10 "$cap" "$@" 2>&1 | tee -a "$OUT/$name.log" | tail -n 25
   local rc=$?
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "gpu_all: $name hit its ${cap}s cap"; fi
 }

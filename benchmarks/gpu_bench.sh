@@ -7,8 +7,8 @@
 #                        fla-core's cold autotuning does not fit this call)         (cap 50 s)
 #   3. profile_vig       torch.profiler op table of ViG-T at 224 (inference and training)
 # Separately: torch.compile of every model (benchmarks/gpu_compile_sweep.sh, a call of its own);
-# benchmarks/gpu_all.sh and by hand: ViG-T vs DeiT-T with CUDA graphs, ViG-S vs
-# DeiT-B, ViG-T with activation checkpointing (`--grad-checkpointing vig_tiny`).
+# benchmarks/gpu_all.sh: ViG-T vs DeiT-T with CUDA graphs and ViG-T with gradient checkpointing;
+# by hand: ViG-S vs DeiT-B.
 # Anchors protocol: bf16 autocast, 3 warm-ups, median of 10 CUDA-event-timed calls. Models that are
 # not registered (yet) are skipped with a warning. Each run writes NAME.json and NAME.csv after every
 # row (so a run stopped by its cap keeps its rows), NAME.png and NAME.log.

@@ -137,6 +137,23 @@ def test_tiny_run_writes_everything(fmnist, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_grad_checkpointing_trains_to_the_same_weights(fmnist, tmp_path):
+    """--grad-checkpointing (ViG: blocks replayed in the backward, BiGLA's output kept) changes
+    memory, not the run: same weights as without it (deterministic mode, drop path on)."""
+    weights = []
+    for ckpt in (False, True):
+        flags = tiny_flags(fmnist, tmp_path / str(ckpt), model="vig_tiny", epochs=1, train_subset=16,
+                           val_subset=8, test_subset=8, deterministic=True, drop_path=0.1, ema=False,
+                           grad_checkpointing=ckpt)
+        trainer = Trainer(resolve_config(flags))
+        assert trainer.core.grad_checkpointing is ckpt
+        assert trainer.run() == 0
+        weights.append(load_weights(str(tmp_path / str(ckpt) / "last.safetensors")))
+    a, b = weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 @pytest.mark.parametrize("stop_at", [9, 6])  # mid-epoch 2, and exactly at the epoch boundary
 def test_stop_and_resume_gives_the_same_weights(fmnist, tmp_path, stop_at):
     flags = tiny_flags(fmnist, tmp_path / "a", deterministic=True, ema=True, ema_warmup=True, mixup=0.8,

@@ -206,6 +206,8 @@ class Trainer:
         self.prep_eval = BatchPrep(mean, std, self.device)
 
         model.to(self.device)
+        if cfg.grad_checkpointing:
+            _enable_grad_checkpointing(model, cfg.model)
         self.core = model
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
         if d.enabled:
@@ -566,3 +568,9 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
+
+def _enable_grad_checkpointing(model: torch.nn.Module, name: str) -> None:
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as e:
+        raise UserError(f"--grad-checkpointing: model {name} does not support gradient checkpointing ({e})") from None
