@@ -219,6 +219,26 @@ def test_ddp_two_processes_gloo(fmnist, tmp_path):
     assert proc.stdout.count("test top-1") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
+def test_ddp_with_grad_checkpointing_matches_without(fmnist, tmp_path):
+    """DistributedDataParallel over ViG blocks replayed in the backward (vigla.ops.recompute): the
+    reducer gets every gradient once, and the run ends with the weights of the same run without
+    checkpointing (deterministic mode, 2 processes, gloo)."""
+    weights = []
+    for ckpt in (False, True):
+        out = tmp_path / f"ddp-{ckpt}"
+        flags = tiny_flags(fmnist, out, model="vig_tiny", epochs=1, train_subset=32, batch_size=8, val_subset=8,
+                           test_subset=8, deterministic=True, drop_path=0.1, grad_checkpointing=ckpt)
+        proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "vigla", "train", *argv_of(flags)], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert load_state(str(out / "last.state.pt"))["global_step"] == 2
+        weights.append(load_weights(str(out / "last.safetensors")))
+    a, b = weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_missing_and_mismatched_data_exit_cleanly(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
