@@ -80,6 +80,12 @@ def main() -> int:
         print("profile_vig needs a CUDA GPU", file=sys.stderr)
         return 2
     results = []
+    out = dict(benchmark="ViG op profile", device=torch.cuda.get_device_name(), commit=git_info()["commit"],
+               command=" ".join(["python3"] + sys.argv), torch=torch.__version__,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               amp="bf16", results=results)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "profile_vig.json")
     for name in args.models:
         model = timm.create_model(name, num_classes=1000).cuda()
         for img in args.img_size:
@@ -102,16 +108,10 @@ def main() -> int:
                     for row in r["top"][:12]:
                         print(f"  {row['self_cuda_ms']:8.3f} ms {100 * row['share']:5.1f}% "
                               f"x{row['calls']:<5.0f} {row['op'][:90]}")
+            with open(path, "w") as f:  # after every (model, size): a run cut short keeps its rows
+                json.dump(out, f, indent=1)
         del model
         torch.cuda.empty_cache()
-    out = dict(benchmark="ViG op profile", device=torch.cuda.get_device_name(), commit=git_info()["commit"],
-               command=" ".join(["python3"] + sys.argv), torch=torch.__version__,
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               amp="bf16", results=results)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "profile_vig.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
     print(f"wrote {path}")
     return 0
 
