@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..engine.modeling import create_model, enable_grad_checkpointing
 from . import report
 from .flops import count_model_flops
 from .measure import (MemoryMeter, free_memory, guarded, measure_inference, measure_train,
@@ -186,11 +187,7 @@ def _checkpointed(names: list[str] | None, models: list[str], train: bool) -> li
 def build_model(name: str, img_size: int) -> torch.nn.Module:
     """``timm.create_model(name, img_size=img_size)``, or without ``img_size`` for models that do
     not take it, on the current default device."""
-    import timm
-    try:
-        return timm.create_model(name, img_size=img_size)
-    except TypeError:
-        return timm.create_model(name)
+    return create_model(name, img_size=img_size)
 
 
 def model_stats(name: str, img_size: int) -> dict:
@@ -231,9 +228,7 @@ def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
         if s["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
         if checkpointing:
-            if not hasattr(model, "set_grad_checkpointing"):
-                raise ValueError(f"{name} has no set_grad_checkpointing (needed by --grad-checkpointing)")
-            model.set_grad_checkpointing(True)
+            enable_grad_checkpointing(model, name)
         if s["compile"]:
             mode = {} if s["compile_mode"] == "default" else {"mode": s["compile_mode"]}
             model = torch.compile(model, dynamic=False, **mode)

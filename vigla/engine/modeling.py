@@ -33,6 +33,15 @@ def create_model(name: str, **kwargs) -> torch.nn.Module:
         return timm.create_model(name, **{k: v for k, v in kwargs.items() if k != "img_size"})
 
 
+def enable_grad_checkpointing(model: torch.nn.Module, name: str) -> None:
+    """``model.set_grad_checkpointing(True)``, or a :class:`UserError` naming ``name`` when the model
+    has no such switch (or refuses it)."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as e:
+        raise UserError(f"--grad-checkpointing: model {name} does not support gradient checkpointing ({e})") from None
+
+
 def set_input_size(model: torch.nn.Module, img_size: int) -> None:
     """Let ``model`` run at ``img_size`` when it needs telling (timm ViTs resample their position embedding)."""
     if hasattr(model, "set_input_size"):

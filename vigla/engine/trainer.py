@@ -37,7 +37,7 @@ from .config import TrainConfig, config_to_yaml
 from .errors import CheckpointError, NonFiniteLossError, OutOfMemory, UserError
 from .evaluate import autocast, evaluate
 from .metrics import MetricsLog, plot_curves
-from .modeling import create_model, model_args
+from .modeling import create_model, enable_grad_checkpointing, model_args
 
 LAST, BEST = "last", "best"
 
@@ -207,7 +207,7 @@ class Trainer:
 
         model.to(self.device)
         if cfg.grad_checkpointing:
-            _enable_grad_checkpointing(model, cfg.model)
+            enable_grad_checkpointing(model, cfg.model)
         self.core = model
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
         if d.enabled:
@@ -567,10 +567,3 @@ def _git_commit() -> str | None:
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _enable_grad_checkpointing(model: torch.nn.Module, name: str) -> None:
-    try:
-        model.set_grad_checkpointing(True)
-    except (AttributeError, AssertionError, NotImplementedError) as e:
-        raise UserError(f"--grad-checkpointing: model {name} does not support gradient checkpointing ({e})") from None

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..ops import bigla_gated
+from ..ops.dispatch import compute_dtype
 from ..ops.locality_mix import locality_mix
 from .norm import RmsNorm
 
@@ -104,8 +105,7 @@ class BiGLAMixer(nn.Module):
         parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._concat(parts)
-        device = x_c.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_c.dtype
+        dtype = compute_dtype(x_c)
         key = (dtype, tuple((p.data_ptr(), p._version) for p in parts))
         if self._in_proj_cache is None or self._in_proj_cache[0] != key:
             weight, bias = self._concat(parts)

@@ -36,6 +36,12 @@ def use_kernels(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.is_cuda and not _FORCE_REFERENCE
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype products with ``t`` run in: autocast's for ``t``'s device when it is on, else ``t``'s."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def resolve(backend: str, t: torch.Tensor, op: str) -> str:
     """``"auto"`` -> ``"triton"`` or ``"reference"``; checks an explicit choice."""
     if backend == "auto":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import HAS_TRITON, register_cuda, resolve
+from ..dispatch import HAS_TRITON, compute_dtype, register_cuda, resolve
 from ..recompute import replaying
 from .reference import swiglu_reference, swiglu_reference_bwd
 
@@ -60,7 +60,7 @@ if HAS_TRITON:  # the CUDA implementations
 
         @staticmethod
         def forward(ctx, x, w1, w2):
-            dtype = _compute_dtype(x)  # what autocast would multiply in
+            dtype = compute_dtype(x)  # what autocast would multiply in
             x_c, w1_c, w2_c = x.to(dtype), w1.to(dtype), w2.to(dtype)
             u = F.linear(x_c, w1_c)
             # within a recompute replay (vigla.ops.recompute) nothing outlives the block's
@@ -84,12 +84,6 @@ if HAS_TRITON:  # the CUDA implementations
             if ctx.needs_input_grad[2]:
                 dw2 = _weight_grad(dy, h).to(w2_dtype)
             return dx, dw1, dw2
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
