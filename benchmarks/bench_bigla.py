@@ -1,18 +1,25 @@
-"""BiGLA operator benchmark: fused Triton kernel vs fla's bidirectional path vs chunked PyTorch.
+"""BiGLA operator benchmark: vigla's chunk-parallel Triton kernels against fla's bidirectional path.
 
-Run on a GPU (one run per table; ratios are taken within the run):
+Run on a GPU (one run per table; every ratio is taken within the run):
 
     python benchmarks/bench_bigla.py --out benchmarks/results
+    python benchmarks/bench_bigla.py --configs chunk=32 chunk=64,warps_chunk=8   # tuning
+    python benchmarks/bench_bigla.py --profile-once "ViG-T @512"                 # one call, for ncu
 
 Shapes: ViG-T layers (H=3, d_k=32, d_v=64) at T = 196/1024/4096/16384 with the anchors' batch
 sizes, a ViG-S layer, and the four ViG-H-T stages at 224². The model's path: ``bigla_gated`` with
-bf16 q, k, v and bf16 gate logits (log decays ``logsigmoid(z) / 16``: inside the kernels for
-Triton; a separate op before ``chunk_gla`` for fla, as in the official code), forward and
-forward+backward, median of ``triton.testing.do_bench`` (``--timing cudagraph``: of
-``do_bench_cudagraph``, replays of a captured CUDA graph, which leave the host's launch time
-out; forward only, the autograd backward does not capture); by default the inputs are laid out as the
-model passes them (``--layout model``: column slices of one projection). The byte floor is the time to
-read q, k, v and both gate logits once and write o once at the copy bandwidth measured in the same run.
+bf16 q, k, v as column slices of one projection and bf16 gate logits (log decays
+``logsigmoid(z) / 16``: inside the kernels for vigla; a separate op before ``chunk_gla`` for fla, as
+in the official code). Timings, each a median of CUDA-event-timed whole calls:
+
+* ``do_bench``: ``triton.testing.do_bench``, which includes the host's time to launch a call;
+* ``graph``: ``triton.testing.do_bench_cudagraph``, replays of a captured CUDA graph (the host left
+  out). vigla's forward+backward is captured as the two launchers the autograd Function calls;
+  fla's backward runs through autograd, which does not capture, so fla has no graph fwd+bwd.
+
+Byte floors: the time to read every input once and write every output once at the copy bandwidth
+measured in the same run (forward: q, k, v, two gates, o; backward: those inputs and do, then dq,
+dk, dv and two gate gradients).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vigla.bench.report import git_info, write_json  # noqa: E402
-from vigla.ops.bigla import available_backends, bigla_gated  # noqa: E402
+from vigla.ops.bigla import HAS_FLA, bigla_fla, bigla_gated, log_decays  # noqa: E402
 
 GATE_NORMALIZER = 16.0  # ViG's
 SHAPES = [  # name, B, T, H, K, V
@@ -53,124 +60,195 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
-def make_inputs(B, T, H, K, V, layout="model", dtype=torch.bfloat16, grad=False):
-    """``(q, k, v, zf, zb)`` bf16, ``[B, T, H, D]``, with gate logits (log decays ``logsigmoid(z)/16``).
-
-    ``layout="model"``: as BiGLAMixer passes them, q/k/v column slices of one projection output
-    ``[B, T, 2HK + HV + r + HV]`` (r = 16, the decay rank) and the logits the two halves of one
-    ``[B, T, 2HK]`` output; ``"contiguous"``: five separate tensors.
-    """
+def make_inputs(B, T, H, K, V, dtype=torch.bfloat16, grad=False):
+    """``(q, k, v, zf, zb)`` laid out as BiGLAMixer passes them: q, k, v column slices of one
+    projection output ``[B, T, 2HK + HV + 16 + HV]``, the logits the halves of one ``[B, T, 2HK]``."""
     def r(*s):  # drawn on the CPU: a failed CUDA-graph capture leaves the CUDA generator unusable
         return torch.randn(*s, dtype=dtype).cuda().requires_grad_(grad)
 
-    if layout == "contiguous":
-        return r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), r(B, T, H, K), r(B, T, H, K)
     proj = r(B, T, 2 * H * K + H * V + 16 + H * V)
     q, k, v = proj[..., :2 * H * K + H * V].split([H * K, H * K, H * V], -1)
     zf, zb = r(B, T, 2 * H * K).unflatten(-1, (2, H, K)).unbind(2)
     return q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)), zf, zb
 
 
-def time_backend(backend, shape, train: bool, layout: str, timing: str = "do_bench"):
+def parse_config(text: str):
+    """``"chunk=32,warps_chunk=8"`` -> BiGLAConfig (``"default"``: the automatic plan)."""
+    from vigla.ops.bigla.triton_kernels import BiGLAConfig
+
+    if text == "default":
+        return BiGLAConfig()
+    fields = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        fields[key] = value if key == "state_dtype" else int(value)
+    return BiGLAConfig(**fields)
+
+
+def _calls(impl: str, x, do, config):
+    """``(forward, forward_and_backward)`` callables for one implementation."""
+    from vigla.ops.bigla.triton_kernels import bigla_bwd_triton, bigla_fwd_triton
+
+    scale = x[0].shape[-1] ** -0.5
+    if impl == "vigla":  # the public op: what the model calls
+        def fwd():
+            with torch.no_grad():
+                bigla_gated(*x, GATE_NORMALIZER)
+
+        def fwdbwd():
+            torch.autograd.grad(bigla_gated(*x, GATE_NORMALIZER), x, do)
+    elif impl == "kernels":  # the launchers themselves, with a launch configuration
+        plain = [t.detach() for t in x]
+
+        def fwd():
+            bigla_fwd_triton(*plain, scale, GATE_NORMALIZER, config=config)
+
+        def fwdbwd():
+            bigla_fwd_triton(*plain, scale, GATE_NORMALIZER, config=config)
+            bigla_bwd_triton(*plain, do, scale, GATE_NORMALIZER, config=config)
+    else:  # fla on [x; flip(x)], log decays formed first
+        def run():
+            return bigla_fla(*x[:3], log_decays(x[3], GATE_NORMALIZER), log_decays(x[4], GATE_NORMALIZER), scale)
+
+        def fwd():
+            with torch.no_grad():
+                run()
+
+        def fwdbwd():
+            torch.autograd.grad(run(), x, do)
+    return fwd, fwdbwd
+
+
+def _time(fn, graph: bool):
     from triton.testing import do_bench, do_bench_cudagraph
 
-    _, B, T, H, K, V = shape
-    if train and timing == "cudagraph":
-        return None  # torch.autograd.grad inside a stream capture invalidates the capture
-    x = make_inputs(B, T, H, K, V, layout, grad=train)
-    if train:
-        do = torch.randn(B, T, H, V, dtype=torch.bfloat16).cuda()
-
-        def fn():
-            out = bigla_gated(*x, GATE_NORMALIZER, backend=backend)
-            torch.autograd.grad(out, x, do)
-    else:
-        def fn():
-            with torch.no_grad():
-                bigla_gated(*x, GATE_NORMALIZER, backend=backend)
     try:
-        if timing == "cudagraph":
+        if graph:
             return do_bench_cudagraph(fn, rep=100, return_mode="median")
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
-    except RuntimeError as exc:  # a backend whose calls cannot be captured in a CUDA graph
-        if timing != "cudagraph":
+    except RuntimeError as exc:  # a call that cannot be captured in a CUDA graph
+        if not graph:
             raise
-        print(f"{backend} {shape[0]}: no CUDA-graph timing ({type(exc).__name__}: {exc})", flush=True)
+        print(f"no CUDA-graph timing ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
         torch.cuda.synchronize()
         return None
+
+
+def measure(shape, impls, configs) -> dict:
+    name, B, T, H, K, V = shape
+    x = make_inputs(B, T, H, K, V, grad=True)
+    do = torch.randn(B, T, H, V, dtype=torch.bfloat16).cuda()
+    row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T)
+    for impl in impls:
+        for label, cfg in (configs if impl == "kernels" else [(impl, None)]):
+            fwd, fwdbwd = _calls(impl, x, do, cfg)
+            row[f"{label}_fwd_ms"] = _time(fwd, graph=False)
+            row[f"{label}_fwdbwd_ms"] = _time(fwdbwd, graph=False)
+            row[f"{label}_fwd_graph_ms"] = _time(fwd, graph=True)
+            if impl != "fla":
+                row[f"{label}_fwdbwd_graph_ms"] = _time(fwdbwd, graph=True)
+    return row
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def add_ratios(row: dict, bw: float) -> None:
+    B, T, H, K, V = (row[k] for k in "BTHKV")
+    row["floor_fwd_ms"] = 2 * B * T * H * (4 * K + 2 * V) / bw * 1e3  # bf16 in and out
+    row["floor_fwdbwd_ms"] = row["floor_fwd_ms"] + 2 * B * T * H * (8 * K + 3 * V) / bw * 1e3
+    for mode in ("fwd", "fwdbwd"):
+        row[f"fla_over_vigla_{mode}"] = _ratio(row.get(f"fla_{mode}_ms"), row.get(f"vigla_{mode}_ms"))
+        row[f"vigla_{mode}_over_floor"] = _ratio(row.get(f"vigla_{mode}_ms"), row[f"floor_{mode}_ms"])
+        row[f"vigla_{mode}_graph_over_floor"] = _ratio(row.get(f"vigla_{mode}_graph_ms"), row[f"floor_{mode}_ms"])
+    row["fla_graph_over_vigla_graph_fwd"] = _ratio(row.get("fla_fwd_graph_ms"), row.get("vigla_fwd_graph_ms"))
+
+
+def profile_once(name: str) -> int:
+    """One forward and one backward at shape ``name`` after a warm-up (for ``ncu``)."""
+    shape = next(s for s in SHAPES if s[0] == name)
+    x = make_inputs(*shape[1:], grad=True)
+    do = torch.randn(*shape[1:4], shape[5], dtype=torch.bfloat16).cuda()
+    for _ in range(2):
+        torch.autograd.grad(bigla_gated(*x, GATE_NORMALIZER), x, do)
+    torch.cuda.synchronize()
+    return 0
+
+
+def print_table(result: dict) -> None:
+    def fmt(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    print(f"\n{result['device']}  copy {result['copy_bandwidth_TBps']:.2f} TB/s  commit {result['commit']}")
+    print(f"{'shape':16} {'fwd':>7} {'graph':>7} {'fla':>7} {'x':>5} {'f+b':>7} {'graph':>7} {'fla':>7} "
+          f"{'x':>5} {'fwd/fl':>6} {'f+b/fl':>6}")
+    for r in result["rows"]:
+        print(f"{r['name']:16} {fmt(r.get('vigla_fwd_ms')):>7} {fmt(r.get('vigla_fwd_graph_ms')):>7} "
+              f"{fmt(r.get('fla_fwd_ms')):>7} {fmt(r.get('fla_over_vigla_fwd'), '.1f'):>5} "
+              f"{fmt(r.get('vigla_fwdbwd_ms')):>7} {fmt(r.get('vigla_fwdbwd_graph_ms')):>7} "
+              f"{fmt(r.get('fla_fwdbwd_ms')):>7} {fmt(r.get('fla_over_vigla_fwdbwd'), '.1f'):>5} "
+              f"{fmt(r.get('vigla_fwd_graph_over_floor'), '.1f'):>6} "
+              f"{fmt(r.get('vigla_fwdbwd_graph_over_floor'), '.1f'):>6}")
+        tuned = [k[:-len("_fwd_graph_ms")] for k in r if k.startswith("cfg:") and k.endswith("_fwd_graph_ms")]
+        for label in tuned:
+            print(f"  {label[4:]:30} fwd graph {fmt(r.get(label + '_fwd_graph_ms'))}  "
+                  f"f+b graph {fmt(r.get(label + '_fwdbwd_graph_ms'))}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--backends", nargs="+", default=["triton", "fla", "chunked"])
+    ap.add_argument("--impls", nargs="+", default=["vigla", "fla"], choices=["vigla", "fla"],
+                    help="vigla's op, fla-core's chunk_gla on [x; flip(x)] (when installed)")
+    ap.add_argument("--configs", nargs="*", default=[],
+                    help="launch configurations of the kernels to time beside the default, e.g. "
+                         "chunk=32 or chunk=64,warps_chunk=8,segments=4,state_dtype=fp32")
     ap.add_argument("--shapes", nargs="*", default=None, help="names of the shapes to run (default: all)")
     ap.add_argument("--name", default="bench_bigla", help="stem of the JSON file")
-    ap.add_argument("--timing", choices=["do_bench", "cudagraph"], default="do_bench",
-                    help="do_bench (host launch time included) or replays of a captured CUDA graph")
-    ap.add_argument("--layout", choices=["model", "contiguous"], default="model",
-                    help="inputs as the model passes them (strided column slices) or as separate tensors")
+    ap.add_argument("--profile-once", metavar="SHAPE", help="run one forward+backward at SHAPE and exit")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_bigla needs a CUDA GPU", file=sys.stderr)
         return 2
-    backends = [b for b in args.backends if b in available_backends("cuda")]
-    bw = copy_bandwidth()
+    if args.profile_once:
+        return profile_once(args.profile_once)
+    impls = [i for i in args.impls if i != "fla" or HAS_FLA]
+    configs = [(f"cfg:{c}", parse_config(c)) for c in args.configs]
+    if configs:
+        impls.append("kernels")
     versions = dict(torch=torch.__version__)
     for mod in ("triton", "fla"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:
             versions[mod] = None
+    bw = copy_bandwidth()
     result = dict(
         benchmark="bigla operator", device=torch.cuda.get_device_name(), commit=git_info()["commit"],
         command=" ".join([os.path.basename(sys.executable)] + sys.argv), versions=versions,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", layout=args.layout,
-        timing=f"triton.testing.{'do_bench_cudagraph' if args.timing == 'cudagraph' else 'do_bench'} median",
+        copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", layout="model (strided column slices)",
+        timing="CUDA events, median; *_ms: triton.testing.do_bench (host launch included); "
+               "*_graph_ms: triton.testing.do_bench_cudagraph",
         complete=False, rows=[],
     )
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
-
-    def ratio(a, b):
-        return None if a is None or b is None else a / b
-
-    rows = result["rows"]
     for shape in SHAPES:
-        name, B, T, H, K, V = shape
-        if args.shapes and name not in args.shapes:
+        if args.shapes and shape[0] not in args.shapes:
             continue
-        nbytes = 2 * B * T * H * (4 * K + 2 * V)  # bf16: q, k, gf, gb, v read; o written
-        row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T,
-                   floor_ms=nbytes / bw * 1e3)
-        for backend in backends:
-            row[f"{backend}_fwd_ms"] = time_backend(backend, shape, False, args.layout, args.timing)
-            row[f"{backend}_fwdbwd_ms"] = time_backend(backend, shape, True, args.layout, args.timing)
-        row["fla_over_triton_fwd"] = ratio(row.get("fla_fwd_ms"), row.get("triton_fwd_ms"))
-        row["fla_over_triton_fwdbwd"] = ratio(row.get("fla_fwdbwd_ms"), row.get("triton_fwdbwd_ms"))
-        row["chunked_over_triton_fwd"] = ratio(row.get("chunked_fwd_ms"), row.get("triton_fwd_ms"))
-        row["triton_fwd_over_floor"] = ratio(row.get("triton_fwd_ms"), row["floor_ms"])
-        rows.append(row)
+        row = measure(shape, impls, configs)
+        add_ratios(row, bw)
+        result["rows"].append(row)
         print(json.dumps(row), flush=True)
         write_json(result, path)  # after every row: a run cut short keeps its rows
     result["complete"] = True
     write_json(result, path)
-
-    def fmt(x, spec=".3f"):
-        return "-" if x is None else format(x, spec)
-
-    print(f"\n{result['device']}  copy {bw / 1e12:.2f} TB/s  commit {result['commit']}")
-    print(f"{'shape':18} {'tri fwd':>8} {'fla fwd':>8} {'x':>6} {'tri f+b':>8} {'fla f+b':>8} {'x':>6} "
-          f"{'floor':>7} {'/floor':>7}")
-    for r in rows:
-        print(f"{r['name']:18} {fmt(r.get('triton_fwd_ms'))} {fmt(r.get('fla_fwd_ms')):>8} "
-              f"{fmt(r['fla_over_triton_fwd'], '.1f'):>6} {fmt(r.get('triton_fwdbwd_ms')):>8} "
-              f"{fmt(r.get('fla_fwdbwd_ms')):>8} {fmt(r['fla_over_triton_fwdbwd'], '.1f'):>6} "
-              f"{fmt(r['floor_ms']):>7} {fmt(r['triton_fwd_over_floor'], '.1f'):>7}")
+    print_table(result)
     print(f"wrote {path}")
     return 0
 

@@ -53,7 +53,7 @@ def test_chunked_forward_and_grads_float64(shape):
     B, T, H, K, V = shape
     x = make_inputs(*shape, requires_grad=True)
     ref = bigla_naive(*x, K ** -0.5)
-    out = bigla(*x, backend="chunked")
+    out = bigla_chunked(*x, K ** -0.5)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     if T > 200:  # naive backward through 1000 steps is slow; forward above is the check there
         return
@@ -74,7 +74,7 @@ def test_chunk_size_does_not_change_result(chunk):
 
 
 def test_op_path_forward_backward_against_naive():
-    """``backend="auto"`` (the custom op; chunked forward + hand-written backward on CPU)."""
+    """The public op (chunked forward + hand-written backward on CPU)."""
     x = make_inputs(2, 45, 3, 8, 12, requires_grad=True)
     ref = bigla_naive(*x, 8 ** -0.5)
     out = bigla(*x)
@@ -86,9 +86,10 @@ def test_op_path_forward_backward_against_naive():
 
 def test_gradcheck_chunked_and_op():
     x = make_inputs(1, 6, 2, 3, 2, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: bigla(*t, backend="chunked"), x)
-    assert torch.autograd.gradcheck(lambda *t: bigla(*t, backend="op"), x)
-    assert torch.autograd.gradcheck(lambda *t: bigla(*t, backend="naive"), x)
+    assert torch.autograd.gradcheck(lambda *t: bigla_chunked(*t, 0.5), x)
+    assert torch.autograd.gradcheck(lambda *t: bigla(*t), x)
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.vigla.bigla_fwd(*t, 0.5), x)
+    assert torch.autograd.gradcheck(lambda *t: bigla_naive(*t, 0.5), x)
 
 
 def test_extreme_gates_stay_exact():
@@ -101,7 +102,7 @@ def test_extreme_gates_stay_exact():
     for gf, gb in [(strong, strong), (weak, weak), (mixed, strong), (weak, mixed)]:
         gf = gf.clone().requires_grad_()
         ref = bigla_naive(q, k, v, gf, gb, 0.5)
-        out = bigla(q, k, v, gf, gb, 0.5, backend="auto")
+        out = bigla(q, k, v, gf, gb, 0.5)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
         g = torch.autograd.grad(out.sum(), gf)[0]
@@ -151,9 +152,15 @@ def test_bad_input_errors(bad, match):
         bigla(*bad(x))
 
 
-def test_unknown_backend_names_the_available_ones():
-    with pytest.raises(ValueError, match="available here"):
-        bigla(*make_inputs(1, 3, 1, 2, 2), backend="cuda-magic")
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf")])
+def test_log_decays_outside_their_range_are_refused(bad):
+    """``bigla`` takes log decays <= 0: a positive or non-finite value is an error, not an output of
+    1e12 (gate logits belong in ``bigla_gated``)."""
+    q, k, v, gf, gb = make_inputs(1, 5, 1, 4, 4)
+    gb = gb.clone()
+    gb[0, 2, 0, 1] = bad
+    with pytest.raises(ValueError, match=r"bigla: log_gb must hold finite log decays <= 0"):
+        bigla(q, k, v, gf, gb)
 
 
 def test_custom_op_opcheck_and_flop_formula():
@@ -187,13 +194,16 @@ def _logits(B, T, H, K, shift=0.0, requires_grad=True):
             for _ in range(2)]
 
 
-@pytest.mark.parametrize("backend", ["naive", "chunked", "op"])
+@pytest.mark.parametrize("via", ["function", "custom op"])
 @pytest.mark.parametrize("shift, normalizer", [(0.0, 16.0), (10.0, 16.0), (-8.0, 1.0)])
-def test_gated_equals_bigla_of_the_log_decays(backend, shift, normalizer):
+def test_gated_equals_bigla_of_the_log_decays(via, shift, normalizer):
     q, k, v, _, _ = make_inputs(2, 40, 2, 8, 6, requires_grad=True)
     zf, zb = _logits(2, 40, 2, 8, shift)
     x = [q, k, v, zf, zb]
-    out = bigla_gated(*x, normalizer, backend=backend)
+    if via == "function":
+        out = bigla_gated(*x, normalizer)
+    else:
+        out = torch.ops.vigla.bigla_fwd(*x, 8 ** -0.5, normalizer)
     ref = bigla_naive(q, k, v, F.logsigmoid(zf) / normalizer, F.logsigmoid(zb) / normalizer, 8 ** -0.5)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     do = torch.randn_like(ref)
@@ -204,7 +214,7 @@ def test_gated_equals_bigla_of_the_log_decays(backend, shift, normalizer):
 def test_gated_gradcheck_of_the_op():
     q, k, v, _, _ = make_inputs(1, 6, 2, 3, 2, requires_grad=True)
     x = [q, k, v, *_logits(1, 6, 2, 3)]
-    assert torch.autograd.gradcheck(lambda *t: bigla_gated(*t, 4.0, backend="op"), x)
+    assert torch.autograd.gradcheck(lambda *t: bigla_gated(*t, 4.0), x)
 
 
 def test_gated_takes_low_precision_logits_and_returns_their_dtype():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import vigla  # noqa: F401
 from vigla.layers import RmsNorm, SwiGLU
-from vigla.ops.dispatch import reference_ops, resolve
+from vigla.ops.dispatch import reference_ops, use_kernels
 from vigla.ops.locality_mix import locality_mix, locality_mix_reference, locality_mix_reference_bwd
 from vigla.ops.swiglu import swiglu, swiglu_mlp, swiglu_reference, swiglu_reference_bwd
 
@@ -78,15 +78,17 @@ def test_swiglu_reference_backward_is_the_gradient():
         swiglu(torch.randn(2, 5))
 
 
-def test_dispatch_auto_and_reference_ops():
+def test_dispatch_takes_the_reference_on_cpu_and_inside_reference_ops(monkeypatch):
+    from vigla.ops import dispatch
+
     cpu = torch.zeros(1)
-    assert resolve("auto", cpu, "op") == "reference"
+    assert not use_kernels(cpu)
+    monkeypatch.setattr(dispatch, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # as if on a GPU
+    assert use_kernels(cpu)
     with reference_ops():
-        assert resolve("auto", cpu, "op") == "reference"
-    with pytest.raises(RuntimeError, match="needs CUDA"):
-        resolve("triton", cpu, "op")
-    with pytest.raises(ValueError, match="unknown backend"):
-        resolve("fast", cpu, "op")
+        assert not use_kernels(cpu)
+    assert use_kernels(cpu)
 
 
 def test_rmsnorm_layer_matches_timm_and_keeps_half_precision():
@@ -152,13 +154,13 @@ for shape in [(3, 17, 2 * 44), (5, 2 * 1024)]:
     refs = [ref, swiglu_reference_bwd(dy, u), swiglu_reference_bwd(dy, u), ref]
     out[f"swiglu{shape}"] = [rel(a, b) for a, b in zip(got, refs)]
 # the MLP Function (fc1 recomputed in its backward) around those kernels, fp32 leaves
-from vigla.ops.swiglu import _SwiGLUMLPFunction
+from vigla.ops.swiglu.op import SwiGLUMLPFunction
 x64, w1_64, w2_64 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 9, 24), (64, 24), (16, 32)))
 ref = torch.nn.functional.linear(swiglu_reference(torch.nn.functional.linear(x64, w1_64)), w2_64)
 dy = torch.randn_like(ref)
 gref = torch.autograd.grad(ref, (x64, w1_64, w2_64), dy)
 leaves = [t.detach().float().requires_grad_() for t in (x64, w1_64, w2_64)]
-y = _SwiGLUMLPFunction.apply(*leaves)
+y = SwiGLUMLPFunction.apply(*leaves)
 out["swiglu_mlp"] = [rel(a, b) for a, b in zip([y, *torch.autograd.grad(y, leaves, dy.float())], [ref, *gref])]
 print(json.dumps(out))
 """
@@ -188,7 +190,7 @@ def test_locality_mix_kernel_on_gpu(shape, dtype):
     dy = torch.randn_like(ref)
     gref = locality_mix_reference_bwd(dy, *x64, 1e-6, act)
     x = [t.to(dtype).requires_grad_() for t in x64[:3]] + [t.float().requires_grad_() for t in x64[3:]]
-    y = locality_mix(*x, act=act, backend="triton")
+    y = locality_mix(*x, act=act)
     assert y.dtype == dtype and rel(y, ref) < TOL[dtype]
     grads = torch.autograd.grad(y, x, dy.to(dtype))
     for name, a, b in zip(["do", "dx", "dz", "dw_o", "dw_l"], grads, gref):
@@ -203,7 +205,7 @@ def test_swiglu_kernel_on_gpu(shape, dtype):
     ref = swiglu_reference(u64)
     dy = torch.randn_like(ref)
     u = u64.to(dtype).requires_grad_()
-    y = swiglu(u, backend="triton")
+    y = swiglu(u)
     assert y.dtype == dtype and rel(y, ref) < TOL[dtype]
     (du,) = torch.autograd.grad(y, u, dy.to(dtype))
     assert rel(du, swiglu_reference_bwd(dy, u64)) < 2 * TOL[dtype]
@@ -224,7 +226,7 @@ def test_swiglu_mlp_on_gpu(amp):
     leaves = [t.detach().float().requires_grad_() for t in leaves64]
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        y = swiglu_mlp(*leaves, backend="triton")
+        y = swiglu_mlp(*leaves)
     tol = 1e-2 if amp else 1e-5
     assert y.dtype == (torch.bfloat16 if amp else torch.float32) and rel(y, ref) < tol
     grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))

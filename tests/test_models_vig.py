@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import vigla  # noqa: F401  (registers the models)
 from vigla.layers import BiGLAMixer
-from vigla.ops import bigla
+from vigla.ops.bigla import bigla_naive
 
 KEYS_DIR = Path(__file__).resolve().parent / "data" / "vig_official_keys"  # copy of shared/spec/official_keys
 PLAIN = ["vig_tiny", "vig_small", "vig_base"]
@@ -101,8 +101,7 @@ def reference_mixer(m: BiGLAMixer, x: torch.Tensor, hw, conv_act: bool, out_act:
     z = (xc @ m.decay_down.weight.T) @ m.decay_up.weight.T + m.decay_up.bias  # step 4
     log_f, log_b = F.logsigmoid(z[..., :K]) / 16, F.logsigmoid(z[..., K:]) / 16
     heads = lambda t: t.reshape(B, N, h, -1)  # noqa: E731
-    o = bigla(heads(q), heads(k), heads(v), heads(log_f), heads(log_b),
-              scale=(K // h) ** -0.5, backend="naive")  # step 5
+    o = bigla_naive(heads(q), heads(k), heads(v), heads(log_f), heads(log_b), (K // h) ** -0.5)  # step 5
     g = torch.sigmoid(xc @ m.mix_gate.weight.T + m.mix_gate.bias)  # step 7
     y = heads(g) * _rms(o, m.norm_out.weight) + (1 - heads(g)) * _rms(heads(xc), m.norm_local.weight)
     y = y.reshape(B, N, C)  # step 8

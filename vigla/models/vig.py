@@ -23,7 +23,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm, SwiGLU
 from ..ops.recompute import recompute
@@ -74,14 +73,12 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, hw: tuple[int, int]
                grad_checkpointing: bool) -> torch.Tensor:
     """Apply ``blocks`` in order; with ``grad_checkpointing`` (and gradients on) each block keeps
     only its input and its BiGLA output for the backward and recomputes the rest
-    (:func:`vigla.ops.recompute.recompute`; under ``torch.compile``, timm's ``checkpoint``)."""
+    (:func:`vigla.ops.recompute.recompute`, eager and compiled alike)."""
     for blk in blocks:
-        if not (grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()):
-            x = blk(x, hw)
-        elif torch.compiler.is_compiling():
-            x = checkpoint(blk, x, hw)
+        if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = recompute(partial(blk, hw=hw), x)
         else:
-            x = recompute(partial(blk, hw=hw), x, blk.parameters())
+            x = blk(x, hw)
     return x
 
 

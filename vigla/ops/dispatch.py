@@ -1,13 +1,24 @@
-"""Which implementation an op's ``backend="auto"`` takes.
+"""Where every fused op chooses between its Triton kernels and its PyTorch reference.
 
-Every fused op has a plain PyTorch reference beside its Triton kernels. ``auto`` takes the kernels
-for CUDA tensors when Triton is installed and the reference everywhere else; inside
-``reference_ops()`` it takes the reference on every device (to check a model's fused paths
-against the plain maths, or to debug).
+Each op (``bigla``, ``locality_mix``, ``swiglu``, ``add_norm``, ``dwconv``) is built the same way:
+
+* a public function: checks its inputs, then calls the op;
+* a reference in plain PyTorch (any device; ``reference.py`` or ``chunked.py``);
+* Triton kernels and their launchers (``triton_kernels.py``);
+* one ``torch.autograd.Function``: the eager path (it calls the launchers directly, which costs
+  less per call than going through the dispatcher);
+* one custom op (``torch.library.triton_op`` when Triton is installed): what ``torch.compile``
+  traces (Inductor then launches the kernels from its own code) and what a dispatch mode sees
+  (the FLOP counter, selective activation checkpointing).
+
+The implementation behind both the Function and the custom op is chosen here: the kernels for
+CUDA tensors when Triton is installed, the reference otherwise, and the reference on every device
+inside :func:`reference_ops` (to check a model's fused paths against the plain maths).
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
@@ -17,12 +28,16 @@ try:
     HAS_TRITON = True
 except ImportError:  # optional: every op has a PyTorch path
     HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "via_dispatcher", "fused_op", "wrap", "direct",
+           "compute_dtype"]
+
 _FORCE_REFERENCE = False
 
 
 @contextlib.contextmanager
 def reference_ops():
-    """Within this block every ``backend="auto"`` op runs its PyTorch reference."""
+    """Within this block every fused op runs its PyTorch reference, on every device."""
     global _FORCE_REFERENCE
     previous, _FORCE_REFERENCE = _FORCE_REFERENCE, True
     try:
@@ -32,56 +47,46 @@ def reference_ops():
 
 
 def use_kernels(t: torch.Tensor) -> bool:
-    """Whether ``backend="auto"`` runs the Triton kernels for an input like ``t``."""
+    """Whether an op runs its Triton kernels for an input like ``t``."""
     return HAS_TRITON and t.is_cuda and not _FORCE_REFERENCE
+
+
+def via_dispatcher() -> bool:
+    """Whether an op must go through its custom op rather than its eager Function: while
+    ``torch.compile`` or ``torch.export`` traces, or a dispatch mode is active (e.g.
+    ``FlopCounterMode``, selective activation checkpointing), which must see the op."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def fused_op(name: str, fake: Callable) -> Callable:
+    """Decorator: the custom op ``name`` (``"vigla::..."``) implemented by the decorated function.
+
+    With Triton, a ``torch.library.triton_op``: the function launches its kernels through
+    :func:`wrap`, so that ``torch.compile`` sees them. Without Triton, a plain custom op. Either
+    way ``fake`` gives the output shapes without computing.
+    """
+    def decorate(fn: Callable):
+        if HAS_TRITON:
+            op = torch.library.triton_op(name, fn, mutates_args=())
+        else:
+            op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return decorate
+
+
+def direct(kernel):
+    """How the eager Functions launch a Triton kernel: as it is (``kernel[grid](...)``)."""
+    return kernel
+
+
+if HAS_TRITON:
+    from torch.library import wrap_triton as wrap  # how the custom ops launch their kernels
+else:
+    wrap = direct
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype products with ``t`` run in: autocast's for ``t``'s device when it is on, else ``t``'s."""
     device = t.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
-
-
-def resolve(backend: str, t: torch.Tensor, op: str) -> str:
-    """``"auto"`` -> ``"triton"`` or ``"reference"``; checks an explicit choice."""
-    if backend == "auto":
-        return "triton" if use_kernels(t) else "reference"
-    if backend == "triton" and not (HAS_TRITON and t.is_cuda):
-        raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors and Triton (got device "
-                           f"{t.device}, Triton {'found' if HAS_TRITON else 'not installed'})")
-    if backend not in ("triton", "reference"):
-        raise ValueError(f"{op}: unknown backend {backend!r}; use 'auto', 'triton' or 'reference'")
-    return backend
-
-
-def eager_function(name: str, forward, backward, num_tensors: int) -> type[torch.autograd.Function]:
-    """A plain ``autograd.Function`` around fused kernels, for eager mode (a custom op costs tens
-    of microseconds more per call; ``torch.compile`` traces the custom op instead).
-
-    ``forward(*args)`` computes the output; the first ``num_tensors`` args are saved, the rest are
-    non-tensor constants; ``backward(dy, *saved, *constants)`` returns the saved tensors' gradients
-    (one tensor or a tuple), the constants get ``None``.
-    """
-    def fwd(ctx, *args):
-        ctx.save_for_backward(*args[:num_tensors])
-        ctx.constants = args[num_tensors:]
-        return forward(*args)
-
-    def bwd(ctx, dy):
-        grads = backward(dy, *ctx.saved_tensors, *ctx.constants)
-        grads = grads if isinstance(grads, tuple) else (grads,)
-        return (*grads, *(None,) * len(ctx.constants))
-
-    doc = f"``{forward.__name__}`` / ``{backward.__name__}`` as an eager ``autograd.Function``."
-    return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(fwd), "backward": staticmethod(bwd), "__doc__": doc})
-
-
-def register_cuda(name: str, fwd_op, bwd_op, forward, backward,
-                  num_tensors: int) -> type[torch.autograd.Function]:
-    """Make ``forward`` / ``backward`` (the fused kernels' launchers) the CUDA implementations of
-    the custom ops ``fwd_op`` / ``bwd_op``, and return them as the eager ``autograd.Function``
-    :func:`eager_function` builds (same arguments)."""
-    fwd_op.register_kernel("cuda")(forward)
-    bwd_op.register_kernel("cuda")(backward)
-    return eager_function(name, forward, backward, num_tensors)

@@ -20,7 +20,7 @@ except ImportError:  # optional dependency
 def bigla_fla(q, k, v, log_gf, log_gb, scale: float) -> torch.Tensor:
     """``[B, T, H, V]``; inputs ``[B, T, H, K|V]`` (fla's layout)."""
     if not HAS_FLA:
-        raise RuntimeError("bigla: backend 'fla' needs the fla-core package (pip install fla-core)")
+        raise RuntimeError("bigla_fla needs the fla-core package (pip install fla-core)")
     B = q.shape[0]
     both = [torch.cat([x, x.flip(1)]) for x in (q, k, v)]
     gates = torch.cat([log_gf, log_gb.flip(1)]).to(q.dtype)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import direct
+
 BLOCK_ROWS = 16  # rows per tile: 64-channel rows stay spill-free at 4 warps (ptxas -v, sm_90)
 
 
@@ -101,17 +103,17 @@ def _flat(o, x, z):
     return rows, x2, z2, h, d
 
 
-def locality_mix_fwd_triton(o, x, z, w_o, w_l, eps: float, act: bool) -> torch.Tensor:
+def locality_mix_fwd_triton(o, x, z, w_o, w_l, eps: float, act: bool, wrap=direct) -> torch.Tensor:
     rows, x2, z2, h, d = _flat(o, x, z)
     R = rows.shape[0]
     y = torch.empty(x.shape, dtype=o.dtype, device=o.device)
-    _fwd_kernel[(triton.cdiv(R, BLOCK_ROWS),)](rows, x2, z2, w_o, w_l, y, R, h, x2.stride(0),
+    wrap(_fwd_kernel)[(triton.cdiv(R, BLOCK_ROWS),)](rows, x2, z2, w_o, w_l, y, R, h, x2.stride(0),
                                                z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act,
                                                num_warps=4)
     return y
 
 
-def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool):
+def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool, wrap=direct):
     rows, x2, z2, h, d = _flat(o, x, z)
     R = rows.shape[0]
     dy = dy.contiguous()
@@ -120,6 +122,6 @@ def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool):
     dx = torch.empty(x.shape, dtype=x.dtype, device=o.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=o.device)
     dwo, dwl = (torch.empty(n, d, dtype=torch.float32, device=o.device) for _ in range(2))
-    _bwd_kernel[(n,)](dy, rows, x2, z2, w_o, w_l, do, dx, dz, dwo, dwl, R, h, x2.stride(0),
+    wrap(_bwd_kernel)[(n,)](dy, rows, x2, z2, w_o, w_l, do, dx, dz, dwo, dwl, R, h, x2.stride(0),
                       z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act, num_warps=4)
     return do, dx, dz, dwo.sum(0).to(w_o.dtype), dwl.sum(0).to(w_l.dtype)

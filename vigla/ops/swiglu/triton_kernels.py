@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import direct
+
 BLOCK = 1024
 
 
@@ -43,16 +45,16 @@ def _rows(u: torch.Tensor) -> torch.Tensor:
     return u2 if u2.stride(-1) == 1 else u2.contiguous()
 
 
-def swiglu_fwd_triton(u: torch.Tensor) -> torch.Tensor:
+def swiglu_fwd_triton(u: torch.Tensor, wrap=direct) -> torch.Tensor:
     u2 = _rows(u)
     I = u.shape[-1] // 2
     y = torch.empty(*u.shape[:-1], I, dtype=u.dtype, device=u.device)
     n = u2.shape[0] * I
-    _fwd_kernel[(triton.cdiv(n, BLOCK),)](u2, y, n, I, u2.stride(0), BLOCK=BLOCK, num_warps=4)
+    wrap(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](u2, y, n, I, u2.stride(0), BLOCK=BLOCK, num_warps=4)
     return y
 
 
-def swiglu_bwd_triton(dy: torch.Tensor, u: torch.Tensor, recompute: bool = False):
+def swiglu_bwd_triton(dy: torch.Tensor, u: torch.Tensor, recompute: bool = False, wrap=direct):
     """``du`` (``u``'s shape) of ``<dy, swiglu(u)>``; ``recompute``: ``(du, swiglu(u))`` from the
     same pass over ``u``."""
     u2 = _rows(u)
@@ -60,6 +62,6 @@ def swiglu_bwd_triton(dy: torch.Tensor, u: torch.Tensor, recompute: bool = False
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     y = torch.empty(*u.shape[:-1], I, dtype=u.dtype, device=u.device) if recompute else du
     n = u2.shape[0] * I
-    _bwd_kernel[(triton.cdiv(n, BLOCK),)](dy.contiguous(), u2, du, y, n, I, u2.stride(0), BLOCK=BLOCK,
+    wrap(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](dy.contiguous(), u2, du, y, n, I, u2.stride(0), BLOCK=BLOCK,
                                           STORE_Y=recompute, num_warps=4)
     return (du, y) if recompute else du

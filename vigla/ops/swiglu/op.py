@@ -1,0 +1,99 @@
+"""SwiGLU's gating as one op: ``SwiGLUFunction`` (eager) and ``vigla::swiglu`` (traced); and
+``SwiGLUMLPFunction``, the eager MLP that keeps only its input for the backward. Fused kernels
+for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dispatch import HAS_TRITON, compute_dtype, direct, fused_op, use_kernels, wrap
+from .reference import swiglu_reference, swiglu_reference_bwd
+
+if HAS_TRITON:
+    from .triton_kernels import swiglu_bwd_triton, swiglu_fwd_triton
+
+__all__ = ["SwiGLUFunction", "SwiGLUMLPFunction"]
+
+
+def _forward(u: torch.Tensor, launch=direct) -> torch.Tensor:
+    """``[..., 2I]`` -> ``[..., I]``."""
+    if use_kernels(u):
+        return swiglu_fwd_triton(u, wrap=launch)
+    return swiglu_reference(u).contiguous()
+
+
+def _backward(dy: torch.Tensor, u: torch.Tensor, launch=direct) -> torch.Tensor:
+    """``du`` (``[..., 2I]``) of ``<dy, swiglu(u)>``."""
+    if use_kernels(u):
+        return swiglu_bwd_triton(dy, u, wrap=launch)
+    return swiglu_reference_bwd(dy, u).contiguous()
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Eager gating: ``apply(u)``."""
+
+    @staticmethod
+    def forward(ctx, u):
+        ctx.save_for_backward(u)
+        return _forward(u)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(dy, ctx.saved_tensors[0])
+
+
+@fused_op("vigla::swiglu", lambda u: u.new_empty(*u.shape[:-1], u.shape[-1] // 2))
+def swiglu_op(u: torch.Tensor) -> torch.Tensor:
+    """The custom op: :class:`SwiGLUFunction`'s forward."""
+    return _forward(u, wrap)
+
+
+@fused_op("vigla::swiglu_bwd", lambda dy, u: u.new_empty(u.shape))
+def swiglu_bwd_op(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Its backward: ``du``."""
+    return _backward(dy, u, wrap)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _op_backward(ctx, dy):
+    return torch.ops.vigla.swiglu_bwd(dy, ctx.saved_tensors[0])
+
+
+swiglu_op.register_autograd(_op_backward, setup_context=_setup)
+
+
+def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum over rows of dy^T x``: ``[..., O]``, ``[..., I]`` -> ``[O, I]``."""
+    return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+class SwiGLUMLPFunction(torch.autograd.Function):
+    """``swiglu(x @ w1^T) @ w2^T`` keeping only ``x`` (in the compute dtype) for the backward:
+    fc1's ``[..., 2I]`` output is recomputed there by one more GEMM, and the gating output by
+    the kernel pass that forms ``du``, instead of both being stored (CUDA, with the kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2):
+        dtype = compute_dtype(x)  # what autocast would multiply in
+        x_c, w1_c, w2_c = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        ctx.save_for_backward(x_c, w1_c, w2_c)
+        ctx.dtypes = (x.dtype, w1.dtype, w2.dtype)
+        return F.linear(swiglu_fwd_triton(F.linear(x_c, w1_c)), w2_c)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_c, w1_c, w2_c = ctx.saved_tensors
+        x_dtype, w1_dtype, w2_dtype = ctx.dtypes
+        dy = dy.to(x_c.dtype)
+        du, h = swiglu_bwd_triton(dy @ w2_c, F.linear(x_c, w1_c), recompute=True)  # fc1 again
+        dx = dw1 = dw2 = None
+        if ctx.needs_input_grad[0]:
+            dx = (du @ w1_c).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw1 = _weight_grad(du, x_c).to(w1_dtype)
+        if ctx.needs_input_grad[2]:
+            dw2 = _weight_grad(dy, h).to(w2_dtype)
+        return dx, dw1, dw2
