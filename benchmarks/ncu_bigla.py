@@ -1,10 +1,12 @@
 """One BiGLA forward + backward inside the NVTX range ``bigla``, for Nsight Compute (the ``ncu`` suite).
 
-    ncu --nvtx --nvtx-include bigla/ ... python benchmarks/ncu_bigla.py --shape B T H K V
+    ncu --nvtx --nvtx-include bigla ... python benchmarks/ncu_bigla.py --shape B T H K V
 
 The model's call (``bigla_gated``: bf16 q, k, v ``[B, T, H, K|V]`` and bf16 gate logits, ViG's gate
 normalizer 16) through the public op, so whatever kernels it launches today are the ones profiled:
 ``--warmup`` calls first (compilation and autotuning stay outside the range), then one call in it.
+The range is a start/end range, not a push/pop one: those belong to one thread, and autograd runs the
+backward's kernels from a thread of its own.
 """
 from __future__ import annotations
 
@@ -41,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.warmup):
         call()
     torch.cuda.synchronize()
-    torch.cuda.nvtx.range_push("bigla")
+    bigla = torch.cuda.nvtx.range_start("bigla")
     call()
     torch.cuda.synchronize()
-    torch.cuda.nvtx.range_pop()
+    torch.cuda.nvtx.range_end(bigla)
     print(f"bigla_gated forward + backward at B={B} T={T} H={H} K={K} V={V}: profiled call done")
     return 0
 

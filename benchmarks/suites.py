@@ -177,7 +177,7 @@ def _ncu(opts: Options) -> list[Step]:
     steps = []
     for name, *shape in NCU_SHAPES:
         sections = [arg for s in NCU_SECTIONS for arg in ("--section", s)]
-        argv = ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "bigla/", *sections,
+        argv = ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "bigla", *sections,
                 "--log-file", str(opts.out / f"{name}.txt"), PY, "benchmarks/ncu_bigla.py",
                 "--shape", *map(str, shape)]
         steps.append(Step(name, argv, 250, [f"{name}.txt"]))
