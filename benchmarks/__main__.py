@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tail", type=int, default=20, help="lines of each step's log to print when it ends")
         if s.smoke:
             p.add_argument("--smoke", action="store_true",
-                           help="tiny sizes on the CPU: checks the code path (not a result for the record)")
+                           help="tiny sizes on the CPU: checks the code path (not a result for the record: "
+                                "without --out its files go to a temporary folder)")
         if s.name == "train":
             p.add_argument("--imagenette", type=Path, default=None,
                            help="Imagenette: an ImageFolder root (train/, val/) or the folder of its tar "
@@ -59,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args) -> Options:
-    return Options(out=args.out.resolve(), smoke=getattr(args, "smoke", False), extra=args.extra,
+    opts = Options(out=args.out.resolve(), smoke=getattr(args, "smoke", False), extra=args.extra,
                    imagenette=getattr(args, "imagenette", None), fmnist_dir=getattr(args, "fmnist_dir", None),
                    train_shards=getattr(args, "train_shards", 1))
+    if opts.smoke and opts.out == RESULTS.resolve():  # a smoke run is no result for the record
+        opts.out = opts.tmp / "smoke"
+    return opts
 
 
 def run_suite(args) -> int:

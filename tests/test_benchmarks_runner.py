@@ -98,6 +98,12 @@ def test_train_without_data_is_an_error(monkeypatch, capsys):
     assert "train: no data" in capsys.readouterr().err
 
 
+def test_a_smoke_run_never_writes_into_the_record(capsys):
+    assert bench_main.main(["cpu", "--smoke", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert str(RESULTS) not in printed and "vigla_benchmarks/smoke" in printed
+
+
 def test_commit_comes_from_vigla_commit_else_git(monkeypatch):
     monkeypatch.setenv("VIGLA_COMMIT", "abc1234")
     assert runner.commit() == "abc1234"
