@@ -1,8 +1,8 @@
 """Castling-DeiT-T vs DeiT-T on one GPU: speed, peak memory, the auxiliary branch's training cost, numerics.
 
-One command (about a minute on an H100):
+One command (about a minute on an H100; or ``python -m benchmarks castling``):
 
-    python benchmarks/gpu_castling.py                      # writes $OUT/gpu_castling.json (else benchmarks/results)
+    python benchmarks/gpu_castling.py         # writes benchmarks/results/castling_vs_deit_tiny.json
 
 1. Inference, ``eval()`` + ``torch.inference_mode`` + bf16 autocast, at 224/512/1024/2048 with the anchors'
    batch sizes 128/128/32/8: images/s (median of 10 CUDA-event-timed calls after 3 warm-ups) and peak memory
@@ -14,7 +14,9 @@ One command (about a minute on an H100):
    autocast against float32 (TF32 off): relative error of the output and whether it is finite.
 
 Out-of-memory rows are recorded as ``"status": "oom"`` and the run goes on. ``--device cpu --quick`` is a tiny
-smoke run of the same code (the test suite runs it).
+smoke run of the same code (the test suite runs it). The JSON is the results envelope of
+:func:`vigla.bench.report.envelope`; each row's ``part`` says which of the three it belongs to (``infer``,
+``ratio``: Castling / DeiT at one size, ``train``, ``mixer``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import timm  # noqa: E402
 
 import vigla  # noqa: E402,F401  (registers castling_deit_tiny)
 from vigla.bench.measure import MemoryMeter, free_memory, guarded, measure_inference, measure_train  # noqa: E402
-from vigla.bench.report import command_line, environment, git_info, timestamp, write_json  # noqa: E402
+from vigla.bench.report import envelope, write_json  # noqa: E402
 from vigla.layers import LinearAngularAttention  # noqa: E402
 
 DEIT, CASTLING = "deit_tiny_patch16_224", "castling_deit_tiny"
@@ -87,7 +89,8 @@ def mixer_numerics(cfg: dict, device: torch.device) -> list[dict]:
     rows = []
     for n in cfg["tokens"]:
         b = cfg["mixer_batch"][n]
-        # a shared direction makes keys align, so |Z| grows with N (the fp16 overflow regime of spec §5)
+        # a shared direction makes keys align, so the unnormalised sum Z = V/2 + Q^K^T V / pi grows with N
+        # (its squared norm leaves fp16's range near N = 3k)
         x = torch.randn(b, n, 192, device=device) + 2.0 * torch.randn(192, device=device)
         ref = mixer(x).double()
         for dtype in (torch.bfloat16, torch.float16):
@@ -139,38 +142,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results",
                         help="output folder (default: $OUT, else benchmarks/results)")
+    parser.add_argument("--name", default="castling_vs_deit_tiny", help="stem of the JSON file")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the code path")
-    parser.add_argument("--commit", default=None,
-                        help="git commit to record when the checkout has no .git (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available (use --device cpu --quick for a smoke run)")
     cfg = QUICK if args.quick else FULL
-    git = git_info()
-    if args.commit:
-        git = {"commit": args.commit, "dirty": None, "from": "--commit"}
-
+    result = envelope(device, dict(
+        what="Castling-DeiT-T vs DeiT-T", quick=args.quick, amp="bf16", warmup=cfg["warmup"], iters=cfg["iters"],
+        timing="median, CUDA events", memory="torch.cuda.max_memory_allocated after reset (weights+input+activations)"))
     infer = bench_inference(cfg, device)
     ratios, table = ratio_table(infer)
     train = bench_train(cfg, device)
     numerics = mixer_numerics(cfg, device)
-    result = dict(name="gpu_castling", timestamp=timestamp(), command=command_line(), git=git,
-                  environment=environment(device), quick=args.quick,
-                  protocol=dict(amp="bf16", warmup=cfg["warmup"], iters=cfg["iters"], timing="median, CUDA events",
-                                memory="torch.cuda.max_memory_allocated after reset (weights+input+activations)"),
-                  inference=infer, ratios=ratios, train=train, mixer_numerics=numerics)
+    for part, rows in (("infer", infer), ("ratio", ratios), ("train", train), ("mixer", numerics)):
+        result["rows"] += [dict(part=part, **r) for r in rows]
+    result["complete"] = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(result, out / "gpu_castling.json")
+    write_json(result, out / f"{args.name}.json")
     print("\nCastling-DeiT-T / DeiT-T, inference, bf16 autocast\n" + table)
     base = next((r["train"] for r in train if r["label"] == "deit"), {})
     for r in train:
         speed, mem = _ratio(r["train"], base, "img_per_s"), _ratio(r["train"], base, "peak_mib")
         print(f"train {r['label']:18s} {_fmt(r['train'])}  vs DeiT: speed "
               f"{'-' if speed is None else f'{speed:.2f}'}x, memory {'-' if mem is None else f'{mem:.2f}'}x")
-    print(f"\nwrote {out / 'gpu_castling.json'}")
+    print(f"\nwrote {out / args.name}.json")
     return 0
 
 

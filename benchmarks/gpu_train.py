@@ -1,24 +1,27 @@
 """ViG-T vs DeiT-T trained with the same recipe and budget, then evaluated at 1x, 2x and 4x the training size.
 
-One command on one GPU (under 8 minutes on an H100 with the defaults), from the repository root:
+One command on one GPU (under 8 minutes on an H100 with the defaults), from the repository root
+(``python -m benchmarks train`` runs it with the data it finds):
 
     PYTHONPATH=. python benchmarks/gpu_train.py --imagenette /data/imagenette --fmnist-dir /data/fmnist
 
-* Imagenette (ImageFolder with train/ and val/, 10 classes): decoded into memory once per run, the ViG ImageNet
-  recipe of spec section 4 (AdamW, cosine with warm-up, RandAugment, Mixup/CutMix, RandomErasing, label
-  smoothing, EMA) shortened to ``--in-epochs`` epochs at ``--in-img`` px.
+* Imagenette (ImageFolder with train/ and val/, 10 classes): decoded into memory once per run, the official
+  ViG ImageNet recipe (hustvl/ViG's configs: AdamW, cosine with warm-up, RandAugment, Mixup/CutMix,
+  RandomErasing, label smoothing, EMA) shortened to ``--in-epochs`` epochs at ``--in-img`` px.
 * Fashion-MNIST (the four .gz files in ``--fmnist-dir``): the ``fmnist-quick`` preset's light augmentation on
   55000 training images (5000 held out for validation) for ``--fm-epochs`` epochs at ``--fm-img`` px, with a
   learning rate for its larger batch; tested on all 10000 test images.
 
-Each run is ``python -m vigla train`` (log, metrics.csv, curves.png, checkpoints under ``$OUT/<data>/<model>/``),
+Each run is ``python -m vigla train`` (log, metrics.csv, curves.png, checkpoints under ``RUNS/<data>/<model>/``),
 then ``python -m vigla eval`` of its best checkpoint at 1x, 2x and 4x. Each training run gets a time slot
 (``--in-slot`` / ``--fm-slot``, shrunk in proportion when needed so that everything fits in ``--budget``); a run
 that outlives it gets SIGTERM, saves, and its best checkpoint so far is evaluated (marked "stopped").
-Results: ``$OUT/gpu_train.json`` and ``$OUT/gpu_train.md``, curves side by side in
-``$OUT/gpu_train_<data>.png``. Scale with ``--in-epochs``, ``--fm-epochs``, the image sizes and ``--budget``.
+Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`, a row per training
+run) and ``OUT/NAME.md``, curves side by side in ``OUT/NAME_<data>.png``. Scale with ``--in-epochs``,
+``--fm-epochs``, the image sizes and ``--budget``.
 
-DDP smoke test on the 2-GPU machine (about a minute; log and run folder under ``$OUT/ddp_smoke``)::
+DDP smoke test on the 2-GPU machine (about a minute; logs, run folder and ``ddp_smoke.json`` under
+``RUNS/ddp_smoke``)::
 
     PYTHONPATH=. python benchmarks/gpu_train.py --ddp-smoke --fmnist-dir /data/fmnist
 
@@ -50,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--imagenette", help="ImageFolder root with train/ and val/ (skipped when not given)")
     p.add_argument("--fmnist-dir", help="folder with the four Fashion-MNIST .gz files (skipped when not given)")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_train_out"), help="output folder ($OUT)")
+    p.add_argument("--name", default="train_compare", help="stem of the JSON, markdown and PNG files")
+    p.add_argument("--runs", default=None, help="where the training runs go (checkpoints, logs); default: OUT/runs")
     p.add_argument("--models", nargs="+", default=list(MODELS), help="(--ddp-smoke trains the first)")
     p.add_argument("--in-epochs", type=int, default=20)
     p.add_argument("--in-warmup", type=float, default=2)
@@ -102,7 +107,7 @@ def run_logged(cmd: list[str], log: Path, slot: float | None = None) -> dict:
 
 def train_and_eval(args, data: str, model: str, train_flags: list[str], eval_data: list[str], img: int,
                    slot: float) -> dict:
-    out = Path(args.out) / data / model
+    out = Path(args.runs or Path(args.out) / "runs") / data / model
     if (out / "last.state.pt").exists():
         raise SystemExit(f"{out} already holds a run: choose another --out")
     cmd = [sys.executable, "-m", "vigla", "train", "--model", model, "--out", str(out), "--device", args.device,
@@ -183,7 +188,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def ddp_smoke(args) -> int:
-    out = Path(args.out) / "ddp_smoke"
+    out = Path(args.runs or Path(args.out) / "runs") / "ddp_smoke"
     run_dir = out / "run"
     common = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vigla",
               "train", "--fmnist-dir", args.fmnist_dir, "--out", str(run_dir), "--device", args.device]
@@ -221,12 +226,11 @@ def main(argv=None) -> int:
         return ddp_smoke(args)
     import torch
 
-    from vigla.bench.report import command_line, environment, git_info, timestamp, write_json
+    from vigla.bench.report import envelope, write_json
 
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    meta = {"command": command_line(), "git": git_info(), "environment": environment(device),
-            "started": timestamp()}
-    start, rows = time.perf_counter(), []
+    meta = envelope(device, {k: v for k, v in vars(args).items() if k not in ("out", "runs", "name")})
+    start, rows = time.perf_counter(), meta["rows"]
     plans = []
     if args.imagenette:
         flags = ["--data", args.imagenette, "--in-memory", "--preset", "recipe", "--epochs", str(args.in_epochs),
@@ -251,13 +255,13 @@ def main(argv=None) -> int:
             slots_left.pop(0)
             pair.append(train_and_eval(args, data, model, flags, eval_data, img, fitted))
         rows += pair
-        plot_pair(pair, data, Path(args.out) / f"gpu_train_{data}.png")
-    meta["seconds"] = round(time.perf_counter() - start, 1)
-    result = {**meta, "runs": rows}
-    write_json(result, Path(args.out) / "gpu_train.json")
-    (Path(args.out) / "gpu_train.md").write_text(markdown(rows, meta))
+        plot_pair(pair, data, Path(args.out) / f"{args.name}_{data}.png")
+    meta["settings"]["seconds"] = round(time.perf_counter() - start, 1)
+    meta["complete"] = True
+    write_json(meta, Path(args.out) / f"{args.name}.json")
+    (Path(args.out) / f"{args.name}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
-    print(f"total {meta['seconds']:.0f}s; wrote {args.out}/gpu_train.json, gpu_train.md, gpu_train_*.png")
+    print(f"total {meta['settings']['seconds']:.0f}s; wrote {args.out}/{args.name}.json, .md, _*.png")
     return 0 if all("error" not in r and r["train"]["returncode"] in (0, 128 + signal.SIGTERM) for r in rows) else 1
 
 

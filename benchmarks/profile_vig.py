@@ -3,21 +3,21 @@
 Run on a GPU:
 
     python benchmarks/profile_vig.py --models vig_tiny vig_small vig_h_tiny --img-size 224 1024 \
-        --out benchmarks/results
+        --out benchmarks/results        # or: python -m benchmarks profile
 
 For each model and size: ``--iters`` profiled steps after warm-up, bf16 autocast, random inputs;
 ``inference`` is a no-grad forward in eval mode, ``train`` a forward + backward. The JSON holds,
 per phase, the kernels' self CUDA time per step grouped by op (top ``--top``), the share of the
-step they take, the number of launches per step, the step's wall time and its peak memory.
+step they take, the number of launches per step, the step's wall time and its peak memory; one
+row per (model, size) in the results envelope of :func:`vigla.bench.report.envelope`.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import timm  # noqa: E402
 
 import vigla  # noqa: E402,F401
-from vigla.bench.report import git_info  # noqa: E402
+from vigla.bench.report import envelope, write_json  # noqa: E402
 
 
 def _batch(img: int) -> int:
@@ -75,17 +75,16 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--name", default="profile_vig", help="stem of the JSON file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_vig needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = []
-    out = dict(benchmark="ViG op profile", device=torch.cuda.get_device_name(), commit=git_info()["commit"],
-               command=" ".join(["python3"] + sys.argv), torch=torch.__version__,
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               amp="bf16", results=results)
+    out = envelope(torch.device("cuda"), dict(what="torch.profiler op table", models=args.models,
+                                              img_sizes=args.img_size, iters=args.iters, top=args.top, amp="bf16"))
+    results = out["rows"]
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "profile_vig.json")
+    path = Path(args.out) / f"{args.name}.json"
     for name in args.models:
         model = timm.create_model(name, num_classes=1000).cuda()
         for img in args.img_size:
@@ -108,10 +107,11 @@ def main() -> int:
                     for row in r["top"][:12]:
                         print(f"  {row['self_cuda_ms']:8.3f} ms {100 * row['share']:5.1f}% "
                               f"x{row['calls']:<5.0f} {row['op'][:90]}")
-            with open(path, "w") as f:  # after every (model, size): a run cut short keeps its rows
-                json.dump(out, f, indent=1)
+            write_json(out, path)  # after every (model, size): a run cut short keeps its rows
         del model
         torch.cuda.empty_cache()
+    out["complete"] = True
+    write_json(out, path)
     print(f"wrote {path}")
     return 0
 

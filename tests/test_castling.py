@@ -494,10 +494,11 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     finally:
         sys.path.pop(0)
     assert gpu_castling.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "gpu_castling.json").read_text())
-    assert {r["model"] for r in result["inference"]} == {"deit_tiny_patch16_224", "castling_deit_tiny"}
-    assert all(r["infer"]["status"] == "ok" for r in result["inference"])
-    assert result["ratios"][0]["speed_ratio"] > 0
-    assert [r["label"] for r in result["train"]] == ["deit", "castling_aux_off", "castling_aux_on"]
-    assert all(r["finite"] and r["rel_err"] < 1e-2 for r in result["mixer_numerics"])
-    assert result["git"]["commit"] and result["command"]
+    result = json.loads((tmp_path / "castling_vs_deit_tiny.json").read_text())
+    part = {p: [r for r in result["rows"] if r["part"] == p] for p in ("infer", "ratio", "train", "mixer")}
+    assert {r["model"] for r in part["infer"]} == {"deit_tiny_patch16_224", "castling_deit_tiny"}
+    assert all(r["infer"]["status"] == "ok" for r in part["infer"])
+    assert part["ratio"][0]["speed_ratio"] > 0
+    assert [r["label"] for r in part["train"]] == ["deit", "castling_aux_off", "castling_aux_on"]
+    assert all(r["finite"] and r["rel_err"] < 1e-2 for r in part["mixer"])
+    assert result["git"]["commit"] and result["command"] and result["complete"] is True

@@ -366,11 +366,11 @@ def test_gpu_train_script_runs_on_cpu(fmnist, tmp_path):
                       "--fm-batch", "8", "--workers", "0", "--out", str(out), "--extra", "--val-subset", "16"],
                      timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.load(open(out / "gpu_train.json"))
-    assert [(r["data"], r["model"]) for r in result["runs"]] == [("imagenette", "test_vit"),
+    result = json.load(open(out / "train_compare.json"))
+    assert [(r["data"], r["model"]) for r in result["rows"]] == [("imagenette", "test_vit"),
                                                                  ("fashion-mnist", "test_vit")]
-    for r in result["runs"]:
+    for r in result["rows"]:
         assert [e["img_size"] for e in r["eval"]] == [32, 64, 128] and r["epochs_done"] == 1
     assert result["git"]["commit"] and result["command"].startswith("benchmarks/gpu_train.py")
-    assert (out / "gpu_train.md").read_text().count("| test_vit |") == 2
-    assert (out / "gpu_train_imagenette.png").is_file()
+    assert (out / "train_compare.md").read_text().count("| test_vit |") == 2
+    assert (out / "train_compare_imagenette.png").is_file()

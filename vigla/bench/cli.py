@@ -278,17 +278,7 @@ def run(s: dict, command: str, notes: list[str], on_row: Callable[[dict], None] 
         torch.backends.cudnn.benchmark = True
     settings = {k: (str(v) if k == "device" else v) for k, v in s.items()}
     settings["memory"] = memory_kind(device)
-    result = {
-        "schema": report.SCHEMA,
-        "timestamp": report.timestamp(),
-        "command": command,
-        "git": report.git_info(),
-        "environment": report.environment(device),
-        "settings": settings,
-        "notes": notes,
-        "complete": False,
-        "rows": [],
-    }
+    result = report.envelope(device, settings, notes, command)
     rows = result["rows"]
     plan = [(m, r, b) for r, b in zip(s["img_sizes"], s["batch_sizes"]) for m in s["models"]]
     for i, (model, img_size, batch) in enumerate(plan, 1):

@@ -11,7 +11,7 @@ Convention (the one the bench reports):
   :func:`vigla.ops.bigla.bigla_macs`).
 * Not counted: elementwise and reduction work (norms, activations, gating, softmax, residual adds,
   pooling, biases), as in fvcore. Our count does include the two terms the official ViG count misses
-  (spec §3): the SwiGLU down-projection and the BiGLA core.
+  (fvcore skips what runs inside custom autograd Functions): the SwiGLU down-projection and the BiGLA core.
 * Per image, inference forward, ``eval()`` mode.
 
 Counting builds the model on the meta device and runs it under ``FakeTensorMode`` with CPU-device

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SCHEMA", "RATIO_METRICS", "add_ratios", "command_line", "environment", "flatten_row",
+__all__ = ["SCHEMA", "RATIO_METRICS", "add_ratios", "command_line", "envelope", "environment", "flatten_row",
            "format_table", "git_info", "run_fields", "write_csv", "write_json"]
 
 SCHEMA = "vigla.bench/1"
+#: the keys of every result file (``vigla bench`` and every script under benchmarks/); only the rows differ
+ENVELOPE_KEYS = ("schema", "timestamp", "command", "git", "environment", "settings", "notes", "complete", "rows")
 
 # ratio name -> where the value sits in a row (all ratios are model / baseline at the same resolution)
 RATIO_METRICS = {
@@ -118,6 +120,16 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def envelope(device: torch.device, settings: dict | None = None, notes: list[str] | None = None,
+             command: str | None = None) -> dict:
+    """A new result record (:data:`ENVELOPE_KEYS`): what ran (``command``, ``git``), where
+    (``environment``), how (``settings``), free ``notes``, ``complete`` (false until the producer
+    sets it) and ``rows``, one dict per measurement, appended by the producer."""
+    return {"schema": SCHEMA, "timestamp": timestamp(), "command": command or command_line(),
+            "git": git_info(), "environment": environment(device), "settings": dict(settings or {}),
+            "notes": list(notes or []), "complete": False, "rows": []}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,308 @@
+"""The named suites of ``python -m benchmarks``: what each part runs, under which time cap, and what it writes.
+
+A suite is a set of parts; a part is a list of steps; a step is one command. A step's name is the
+stem of what it writes, ``<suite>_<what>``: ``OUT/<name>.json`` (plus ``.csv``/``.png`` for
+``vigla bench``, ``.txt`` for Nsight Compute) and its log ``OUT/logs/<name>.log``. Every part
+fits one 10-minute call on one H200 from a cold Triton cache (its steps' caps add up to less).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = "python"  # replaced by the running interpreter when a step runs
+
+ALL_MODELS = ["vig_tiny", "vig_small", "vig_base", "vig_h_tiny", "castling_deit_tiny",
+              "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+SIZES = ["224", "512", "1024", "2048"]
+VIG_T_PAIR = ["--models", "vig_tiny", "deit_tiny_patch16_224", "--baseline", "deit_tiny_patch16_224"]
+VIG_S_PAIR = ["--models", "vig_small", "deit_base_patch16_224", "--baseline", "deit_base_patch16_224"]
+VIGLA_BENCH = [PY, "-m", "vigla", "bench"]
+# the anchors' protocol: bf16 autocast, 3 untimed calls, median of 10 CUDA-event-timed calls
+GPU_BENCH = VIGLA_BENCH + ["--device", "cuda", "--amp", "bf16", "--warmup", "3", "--iters", "10"]
+# the operator at the shapes where fla-core is compared (its cold autotuning takes minutes per shape)
+FLA_SHAPES = ["ViG-T @224", "ViG-T @512", "ViG-T @1024", "ViG-T @2048", "ViG-S @224"]
+# Nsight Compute: (step name, B, T, H, d_k, d_v) of the BiGLA calls it profiles (ViG-T layers)
+NCU_SHAPES = [("ncu_vig_t_224", 128, 196, 3, 32, 64), ("ncu_vig_t_1024", 12, 4096, 3, 32, 64)]
+NCU_SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats",
+                "MemoryWorkloadAnalysis", "ComputeWorkloadAnalysis"]
+IMAGENETTE = ROOT / "shared" / "data" / "imagenette2-224"  # where the lead's checkout keeps it
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class Options:
+    """What a suite's steps depend on besides the suite and part."""
+    out: Path
+    smoke: bool = False  # tiny sizes: checks the code path, not a result for the record
+    extra: list[str] = field(default_factory=list)  # appended to the suite's main command
+    imagenette: Path | None = None
+    fmnist_dir: Path | None = None
+    train_shards: int = 1
+    tmp: Path = Path(os.environ.get("TMPDIR", "/tmp")) / "vigla_benchmarks"
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    cap: int  # seconds; the step is killed after it
+    outputs: list[str] = field(default_factory=list)  # files under --out, besides the log
+    log: Path | None = None  # default: OUT/logs/<name>.log
+    env: dict[str, str] = field(default_factory=dict)  # set for this step only
+    parallel: bool = False  # run together with the neighbouring parallel steps
+    plot: bool = False  # a `vigla bench` run: draw NAME.png from NAME.json when a cap cut it short
+
+
+@dataclass
+class Suite:
+    name: str
+    help: str
+    device: str  # "cuda" or "cpu": where its numbers mean something
+    parts: dict[str, tuple[str, Callable[[Options], list[Step]]]]
+    extra: str | None = None  # what arguments after `--` go to, when the suite takes any
+    smoke: bool = False  # has a tiny-size variant (--smoke)
+
+
+def _bench(name: str, opts: Options, args: list[str], cap: int, base: list[str] = GPU_BENCH) -> Step:
+    argv = base + args + ["--out", str(opts.out), "--name", name]
+    return Step(name, argv, cap, [f"{name}.json", f"{name}.csv", f"{name}.png"], plot=True)
+
+
+# ----------------------------------------------------------------------------------------- tests
+
+# the GPU tests (`@pytest.mark.gpu`) by part: every test file that has one is in exactly one part
+TEST_PARTS = {
+    "kernels": ("the BiGLA Triton kernels against a float64 recurrence on random shapes, gated and "
+                "plain, opcheck, torch.compile, determinism", ["tests/test_bigla_triton.py"]),
+    "ops": ("the locality-mix and SwiGLU kernels, whole models on their fused paths against "
+            "reference_ops(), gradient checkpointing", ["tests/test_fused_ops.py", "tests/test_recompute.py"]),
+    "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays", ["tests/test_bench.py"]),
+}
+
+
+def _pytest_plugins() -> list[str]:
+    """Parallel workers and a per-test timeout, when the plugins are installed."""
+    args = []
+    if importlib.util.find_spec("xdist") is not None:
+        args += ["-n", str(min(16, os.cpu_count() or 1))]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        args += ["--timeout", "300"]
+    return args
+
+
+def _tests(part: str) -> Callable[[Options], list[Step]]:
+    def steps(opts: Options) -> list[Step]:
+        argv = [PY, "-m", "pytest", *TEST_PARTS[part][1], "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
+                "-W", "ignore::DeprecationWarning", *_pytest_plugins(), *opts.extra]
+        return [Step(f"tests_{part}", argv, 560)]
+    return steps
+
+
+# ---------------------------------------------------------------------------------------- kernel
+
+def _kernel(name: str, timing: list[str]) -> Callable[[Options], list[Step]]:
+    def steps(opts: Options) -> list[Step]:
+        argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", name, "--backends", "triton",
+                *timing, *opts.extra]
+        return [Step(name, argv, 300, [f"{name}.json"])]
+    return steps
+
+
+def _fla(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "fla_bigla", "--backends",
+            "triton", "fla", "--shapes", *FLA_SHAPES, *opts.extra]
+    return [Step("fla_bigla", argv, 570, ["fla_bigla.json"])]
+
+
+# ---------------------------------------------------------------------------------------- models
+
+def _models_vig_t(opts: Options) -> list[Step]:
+    return [_bench("models_vig_t_eager", opts, VIG_T_PAIR + ["--img-size", *SIZES, "--train"], 200),
+            _bench("models_vig_t_ckpt", opts, VIG_T_PAIR + ["--img-size", "512", "1024", "2048", "--train",
+                                                            "--grad-checkpointing", "vig_tiny"], 150),
+            _bench("models_vig_t_cuda_graph", opts, VIG_T_PAIR + ["--img-size", *SIZES, "--cuda-graph"], 120)]
+
+
+def _models_vig_s(opts: Options) -> list[Step]:
+    return [_bench("models_vig_s_eager", opts, VIG_S_PAIR + ["--img-size", "224", "--train", "--no-latency"], 150),
+            _bench("models_vig_s_cuda_graph", opts, VIG_S_PAIR + ["--img-size", "224", "--cuda-graph"], 120)]
+
+
+def _models_all(opts: Options) -> list[Step]:
+    args = ["--models", *ALL_MODELS, "--baseline", "deit_tiny_patch16_224", "--img-size", *SIZES, "--train"]
+    return [_bench("models_all_eager", opts, args, 450)]
+
+
+# --------------------------------------------------------------------------------------- compile
+
+COMPILE = ["--compile", "--train", "--no-latency"]
+
+
+def _compile_warm(opts: Options) -> list[Step]:
+    """One untimed call per (model, size), a process per model: fills Inductor's and AOTAutograd's
+    caches (they live as long as the machine), so that `compile measure` measures, not compiles."""
+    warm = opts.tmp / "compile_warm"
+    steps = []
+    for model in ALL_MODELS:
+        name = f"compile_warm_{model}"
+        argv = VIGLA_BENCH + ["--device", "cuda", "--amp", "bf16", *COMPILE, "--warmup", "1", "--iters", "1",
+                              "--models", model, "--img-size", *SIZES, "--out", str(warm), "--name", name]
+        steps.append(Step(name, argv, 570, log=warm / f"{name}.log", parallel=True,
+                          env={"TORCHINDUCTOR_COMPILE_THREADS": "4"}))
+    return steps
+
+
+def _compile_measure(opts: Options) -> list[Step]:
+    args = COMPILE + ["--models", *ALL_MODELS, "--baseline", "deit_tiny_patch16_224", "--img-size", *SIZES]
+    return [_bench("compile_all_models", opts, args, 570)]
+
+
+# --------------------------------------------------------------------------------- profile, ncu
+
+def _profile(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/profile_vig.py", "--models", "vig_tiny", "vig_small", "vig_h_tiny", "--img-size",
+            "224", "1024", "--iters", "2", "--out", str(opts.out), "--name", "profile_vig"]
+    return [Step("profile_vig", argv, 400, ["profile_vig.json"])]
+
+
+def _ncu(opts: Options) -> list[Step]:
+    """Nsight Compute's sections of every kernel launched by one BiGLA forward + backward (the
+    NVTX range ``bigla`` of benchmarks/ncu_bigla.py, after warm-up calls)."""
+    steps = []
+    for name, *shape in NCU_SHAPES:
+        sections = [arg for s in NCU_SECTIONS for arg in ("--section", s)]
+        argv = ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "bigla", *sections,
+                "--log-file", str(opts.out / f"{name}.txt"), PY, "benchmarks/ncu_bigla.py",
+                "--shape", *map(str, shape)]
+        steps.append(Step(name, argv, 250, [f"{name}.txt"]))
+    return steps
+
+
+# ------------------------------------------------------------------------------- train, castling
+
+def _train(opts: Options) -> list[Step]:
+    """ViG-T vs DeiT-T, same recipe and budget (benchmarks/gpu_train.py), on Imagenette when its
+    folder (or its tar shards) is given or in shared/data, and on Fashion-MNIST when present."""
+    steps, args = [], []
+    inette, fmnist = train_data(opts)
+    if inette is not None:
+        if sorted(inette.glob("*.tar")):  # the shards: unpack val and the first --train-shards
+            dest = opts.tmp / "imagenette"
+            tars = " ".join(shlex.quote(str(inette / f"train-{i}.tar")) for i in range(1, opts.train_shards + 1))
+            script = (f"mkdir -p {shlex.quote(str(dest))} && for t in {shlex.quote(str(inette / 'val.tar'))} "
+                      f"{tars}; do tar -xf $t -C {shlex.quote(str(dest))}; done")
+            steps.append(Step("train_unpack", ["sh", "-c", script], 120, log=opts.tmp / "train_unpack.log"))
+            inette = dest
+        args += ["--imagenette", str(inette)]
+    if fmnist is not None:
+        args += ["--fmnist-dir", str(fmnist)]
+    name = "train_compare"
+    argv = [PY, "benchmarks/gpu_train.py", *args, "--out", str(opts.out), "--name", name,
+            "--runs", str(opts.tmp / "train_runs"), *opts.extra]
+    return steps + [Step(name, argv, 570, [f"{name}.json", f"{name}.md"])]
+
+
+def train_data(opts: Options) -> tuple[Path | None, Path | None]:
+    """The Imagenette folder (ImageFolder root or its tar shards) and the Fashion-MNIST folder the
+    train suite uses: the given ones, else the default places when they exist."""
+    inette = opts.imagenette or (IMAGENETTE if IMAGENETTE.is_dir() else None)
+    fmnist = opts.fmnist_dir or (FMNIST if FMNIST.is_dir() else None)
+    return (Path(inette) if inette else None), (Path(fmnist) if fmnist else None)
+
+
+def _castling(opts: Options) -> list[Step]:
+    name = "castling_vs_deit_tiny"
+    argv = [PY, "benchmarks/gpu_castling.py", "--out", str(opts.out), "--name", name]
+    return [Step(name, argv + (["--device", "cpu", "--quick"] if opts.smoke else []), 300, [f"{name}.json"])]
+
+
+# ------------------------------------------------------------------------------------- cpu, flops
+
+CPU_NOTES = ["CPU: BiGLA runs the chunked PyTorch path inside the custom op (no Triton); not representative "
+             "of GPU speed; absolute times move with the machine's load, compare the ratios",
+             "peak MiB on CPU = growth of the process's peak RSS over the RSS before the model was built "
+             "(weights, input, activations, allocator slack)"]
+
+
+def _cpu_models(opts: Options) -> list[Step]:
+    size = ["--img-size", "32", "--batch-size", "1", "--warmup", "1", "--iters", "1"] if opts.smoke else \
+        ["--img-size", "224", "--batch-size", "8", "--warmup", "2", "--iters", "5"]
+    args = VIG_T_PAIR + size + ["--device", "cpu", "--train"] + [a for n in CPU_NOTES for a in ("--note", n)]
+    return [_bench("cpu_vig_t_224", opts, args, 560, base=VIGLA_BENCH)]
+
+
+def _cpu_default_train(opts: Options) -> list[Step]:
+    name = "cpu_default_train"
+    argv = [PY, "benchmarks/cpu_default_train.py", "--out", str(opts.out), "--name", name]
+    if opts.smoke:
+        argv += ["--", "--epochs", "1", "--train-subset", "32", "--val-subset", "16", "--test-subset", "16",
+                 "--img-size", "32", "--batch-size", "8"]
+    return [Step(name, argv, 560, [f"{name}.json", f"{name}.png"])]
+
+
+def _flops(opts: Options) -> list[Step]:
+    models, sizes = (["vig_tiny", "deit_tiny_patch16_224"], ["224"]) if opts.smoke else (ALL_MODELS, SIZES)
+    args = ["--flops-only", "--models", *models, "--baseline", "deit_tiny_patch16_224", "--img-size", *sizes,
+            "--device", "cpu", "--note", "FLOP counts are exact shape arithmetic (FakeTensorMode), "
+            "independent of the machine"]
+    return [_bench("flops_all_models", opts, args, 300, base=VIGLA_BENCH)]
+
+
+SUITES = {s.name: s for s in [
+    Suite("tests", "the GPU test suite (pytest -m gpu), by part", "cuda",
+          {part: (what, _tests(part)) for part, (what, _) in TEST_PARTS.items()}, extra="pytest"),
+    Suite("kernel", "the BiGLA operator alone, Triton, at every bench_bigla.py shape", "cuda",
+          {"do_bench": ("triton.testing.do_bench: forward and forward+backward", _kernel("kernel_bigla", [])),
+           "cudagraph": ("replays of a captured CUDA graph (the host's launch time left out): forward",
+                         _kernel("kernel_bigla_cudagraph", ["--timing", "cudagraph"]))},
+          extra="benchmarks/bench_bigla.py (its launch settings, shapes, ...)"),
+    Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
+          "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",
+          {"bigla": ("ViG-T and ViG-S layer shapes, forward and forward+backward", _fla)},
+          extra="benchmarks/bench_bigla.py"),
+    Suite("models", "vigla bench on one GPU: ViG against DeiT, ratios taken in the same run", "cuda",
+          {"vig_t": ("ViG-T vs DeiT-T at 224-2048: eager with training steps, ViG-T with gradient "
+                     "checkpointing, CUDA-graph replays", _models_vig_t),
+           "vig_s": ("ViG-S vs DeiT-B at 224: eager with training steps, CUDA-graph replays", _models_vig_s),
+           "all": ("every model at 224-2048, eager, with training steps, ratios to DeiT-T", _models_all)}),
+    Suite("compile", "torch.compile (default mode, static shapes) of every model, inference and training; "
+          "run `warm`, then `measure` in a second call on the same machine", "cuda",
+          {"warm": ("compile every (model, size) once, a process per model (caches only, no result)",
+                    _compile_warm),
+           "measure": ("the recorded run, ratios to DeiT-T", _compile_measure)}),
+    Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024", "cuda",
+          {"vig": ("inference and training steps, kernels grouped by op", _profile)}),
+    Suite("ncu", "Nsight Compute sections of the BiGLA kernels at two ViG-T shapes", "cuda",
+          {"bigla": ("one forward + backward per shape, every kernel in it", _ncu)}),
+    Suite("train", "ViG-T vs DeiT-T trained with the same recipe and budget, evaluated at 1x, 2x and 4x the "
+          "training size", "cuda", {"compare": ("Imagenette and/or Fashion-MNIST", _train)},
+          extra="benchmarks/gpu_train.py"),
+    Suite("castling", "Castling-DeiT-T vs DeiT-T: speed, memory, the auxiliary branch's cost, numerics",
+          "cuda", {"vs_deit_tiny": ("inference at 224-2048, training at 224, mixer numerics", _castling)},
+          smoke=True),
+    Suite("cpu", "this CPU: ViG-T vs DeiT-T at 224 and the default run (`vigla train`) timed", "cpu",
+          {"models": ("vigla bench at 224, batch 8, with training steps", _cpu_models),
+           "default_train": ("`vigla train` with no settings, wall time and accuracy", _cpu_default_train)},
+          smoke=True),
+    Suite("flops", "parameters and MACs of every model at 224-2048 (no model is run)", "cpu",
+          {"all_models": ("vigla bench --flops-only", _flops)}, smoke=True),
+]}
+
+
+def plan(suite: str, parts: list[str], opts: Options) -> list[Step]:
+    """The steps of ``parts`` (all parts when empty) of ``suite``, in order."""
+    s = SUITES[suite]
+    return [step for part in (parts or list(s.parts)) for step in s.parts[part][1](opts)]
+
+
+def producers(out: Path) -> dict[str, str]:
+    """Step name -> the command that makes it today (``python -m benchmarks SUITE PART``)."""
+    opts = Options(out=out)
+    return {step.name: f"python -m benchmarks {s.name} {part}"
+            for s in SUITES.values() for part, (_, make) in s.parts.items() for step in make(opts)}

@@ -1,0 +1,206 @@
+"""``python -m benchmarks``: the suites' commands, the runner, the results index and the generated write-up."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import __main__ as bench_main
+from benchmarks import index, runner, summarize
+from benchmarks.suites import ROOT, SUITES, TEST_PARTS, Options, Step, plan
+from vigla.bench import cli as bench_cli
+from vigla.bench.report import ENVELOPE_KEYS
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _all_steps(tmp_path: Path) -> list[tuple[str, str, Step]]:
+    opts = Options(out=tmp_path, fmnist_dir=tmp_path, imagenette=tmp_path)
+    return [(s.name, part, step) for s in SUITES.values() for part in s.parts
+            for step in plan(s.name, [part], opts)]
+
+
+def _check_command(argv: list[str], out: Path) -> None:
+    """A step's command is runnable: its script exists and takes every option given to it."""
+    if argv[0] == "ncu":  # Nsight Compute wraps a Python command
+        argv = argv[argv.index("python"):]
+    if argv[0] in ("sh", "tar"):
+        return
+    assert argv[0] == "python", argv
+    if argv[1:4] == ["-m", "vigla", "bench"]:
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        bench_cli.add_arguments(parser)
+        args = parser.parse_args(argv[4:])
+        assert Path(args.out).is_relative_to(out) or "compile_warm" in args.out, args.out
+        return
+    if argv[1:3] == ["-m", "pytest"]:
+        files = [a for a in argv[3:] if a.startswith("tests/")]
+        assert files and all((ROOT / f).is_file() for f in files), files
+        return
+    script = ROOT / argv[1]
+    assert script.is_file(), script
+    source = script.read_text()
+    for flag in (a for a in argv[2:] if a.startswith("--")):
+        assert f'"{flag}"' in source, f"{script.name} has no option {flag}"
+
+
+def test_every_gpu_test_file_is_in_exactly_one_part():
+    gpu = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\b.*\bgpu\b)", re.M)
+    marked = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if gpu.search(p.read_text())}
+    parts = [f for _, files in TEST_PARTS.values() for f in files]
+    assert sorted(parts) == sorted(marked), "a file with GPU tests is in no part of `tests`, or in two"
+
+
+def test_every_step_is_a_valid_command_under_the_naming_rule(tmp_path):
+    steps = _all_steps(tmp_path)
+    assert {suite for suite, _, _ in steps} == set(SUITES)
+    for suite, part, step in steps:
+        _check_command(step.argv, tmp_path)
+        assert step.cap < 600, step.name  # one call on the device machine
+        if step.log is None:  # a result step: <suite>_<what>, its files and log under --out
+            assert step.name.startswith(f"{suite}_"), step.name
+            assert all(f.startswith(step.name + ".") or f.startswith(step.name + "_") for f in step.outputs)
+    names = [step.name for _, _, step in steps if step.log is None]
+    assert len(names) == len(set(names))
+    for suite in SUITES.values():  # each part fits one call
+        for part in suite.parts:
+            part_steps = plan(suite.name, [part], Options(out=tmp_path, fmnist_dir=tmp_path))
+            parallel = max((s.cap for s in part_steps if s.parallel), default=0)
+            assert parallel + sum(s.cap for s in part_steps if not s.parallel) < 600, (suite.name, part)
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_dry_run_prints_every_command(suite, tmp_path, capsys):
+    argv = [suite, "--dry-run", "--out", str(tmp_path)] + (["--fmnist-dir", str(tmp_path)] if suite == "train" else [])
+    assert bench_main.main(argv) == 0
+    printed = capsys.readouterr().out
+    for step in plan(suite, [], Options(out=tmp_path, fmnist_dir=tmp_path)):
+        assert shlex.join(step.argv) in printed, step.name
+        assert f"# {step.name}: cap {step.cap} s" in printed
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_bad_invocations_are_one_line_errors(capsys):
+    assert bench_main.main(["models", "vig_x", "--dry-run"]) == 2
+    assert "suite models has no part vig_x (parts: vig_t, vig_s, all)" in capsys.readouterr().err
+    assert bench_main.main(["models", "--dry-run", "--", "--foo"]) == 2
+    assert "takes no arguments after `--`" in capsys.readouterr().err
+
+
+def test_train_without_data_is_an_error(monkeypatch, capsys):
+    monkeypatch.setattr("benchmarks.__main__.train_data", lambda opts: (None, None))
+    assert bench_main.main(["train", "--dry-run"]) == 2
+    assert "train: no data" in capsys.readouterr().err
+
+
+def test_a_smoke_run_never_writes_into_the_record(capsys):
+    assert bench_main.main(["cpu", "--smoke", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert str(RESULTS) not in printed and "vigla_benchmarks/smoke" in printed
+
+
+def test_commit_comes_from_vigla_commit_else_git(monkeypatch):
+    monkeypatch.setenv("VIGLA_COMMIT", "abc1234")
+    assert runner.commit() == "abc1234"
+    monkeypatch.delenv("VIGLA_COMMIT")
+    sha = runner.commit()
+    assert sha is None or re.fullmatch(r"[0-9a-f]{7,40}", sha)
+
+
+def test_steps_are_capped_logged_and_tabled(tmp_path, capsys):
+    steps = [Step("ok_step", ["python", "-c", "print('hello')"], 60, ["ok_step.json"]),
+             Step("failing_step", ["python", "-c", "import sys; sys.exit(3)"], 60),
+             Step("slow_step", ["python", "-c", "import time; time.sleep(60)"], 1)]
+    (tmp_path / "ok_step.json").write_text("{}")
+    outcomes = runner.run_steps(steps, tmp_path, runner.environment(), "abc1234", tail=5)
+    assert [(o.status, o.rc) for o in outcomes[:2]] == [("ok", 0), ("failed", 3)]
+    assert outcomes[2].status == "capped" and outcomes[2].seconds < 15
+    log = (tmp_path / "logs" / "ok_step.log").read_text().splitlines()
+    assert log[0].startswith("# commit abc1234 | ") and log[2] == "# $ python -c 'print('\"'\"'hello'\"'\"')'"
+    assert "hello" in log and log[-1].startswith("# ok: exit 0")
+    lines = runner.table(outcomes, tmp_path).splitlines()
+    assert lines[1].split() == ["ok_step", "ok", "0", lines[1].split()[3], "ok_step.json"]
+    assert lines[2].split()[:3] == ["failing_step", "failed", "3"] and lines[3].split()[1] == "capped"
+
+
+def test_flops_suite_runs_for_real_at_a_tiny_size(tmp_path, capsys):
+    assert bench_main.main(["flops", "--smoke", "--out", str(tmp_path), "--tail", "0"]) == 0
+    result = json.loads((tmp_path / "flops_all_models.json").read_text())
+    assert tuple(result) == ENVELOPE_KEYS and result["complete"] is True
+    assert [(r["model"], r["img_size"]) for r in result["rows"]] == [("deit_tiny_patch16_224", 224), ("vig_tiny", 224)]
+    assert result["rows"][1]["ratios"]["gmacs"] == pytest.approx(1.168 / 1.254, abs=0.01)
+    assert (tmp_path / "flops_all_models.png").is_file()
+    header = (tmp_path / "logs" / "flops_all_models.log").read_text().splitlines()[:3]
+    assert header[0].startswith("# commit ") and "vigla bench --flops-only" in header[2]
+    last = capsys.readouterr().out.strip().splitlines()
+    assert last[-2].split()[:2] == ["step", "status"]
+    assert last[-1].split()[:3] == ["flops_all_models", "ok", "0"]
+
+
+# ------------------------------------------------------------------------------------ the record
+
+def test_committed_results_are_one_envelope_with_index_and_write_up_up_to_date():
+    for path in RESULTS.glob("*.json"):
+        result = json.loads(path.read_text())
+        assert tuple(result) == ENVELOPE_KEYS, path.name
+        assert path.stem.split("_")[0] in SUITES, path.name
+    assert not [p for p in RESULTS.rglob("*") if p.is_file() and p.parent not in (RESULTS, RESULTS / "logs")]
+    assert index.main(RESULTS, check=True) == 0, "run: python -m benchmarks index"
+    assert summarize.main(RESULTS, check=True) == 0, "run: python -m benchmarks summarize"
+
+
+def _bench_result(rows: list[tuple[str, int, float, float]], commit: str = "1234567") -> dict:
+    return {"schema": "vigla.bench/1", "timestamp": "2026-01-01T00:00:00+00:00", "command": "python -m vigla bench",
+            "git": {"commit": commit, "dirty": False}, "environment": {"device": "Test GPU"}, "settings": {},
+            "notes": [], "complete": True,
+            "rows": [{"model": m, "img_size": s, "infer": {"status": "ok", "img_per_s": ips, "peak_mib": mib},
+                      "train": {"status": "ok", "img_per_s": ips / 3, "peak_mib": 2 * mib}} for m, s, ips, mib in rows]}
+
+
+def test_summary_and_write_up_read_the_numbers_from_the_files(tmp_path):
+    rows = [(m, s, ips, mib) for s, k in zip(summarize.SIZES, (0.5, 1.0, 2.0, 4.0))
+            for m, ips, mib in (("deit_tiny_patch16_224", 100.0, 10.0), ("vig_tiny", 100.0 * k, 5.0))]
+    (tmp_path / "models_vig_t_eager.json").write_text(json.dumps(_bench_result(rows)))
+    res = summarize.Results(tmp_path)
+    table = summarize.summary(res)
+    assert table[2] == "| ViG-T ÷ DeiT-T, inference img/s, eager | 0.50 | 1.00 | 2.00 | 4.00 |"
+    assert "| ViG-T ÷ DeiT-T, training peak memory | 0.50 | 0.50 | 0.50 | 0.50 |" in table
+    assert "One Test GPU" in table[-1] and len(table) == 2 + 4 + 2  # no row for files that are missing
+    page = summarize.performance(summarize.Results(tmp_path))
+    assert "| inference img/s, eager | 0.50 | 1.00 | 2.00 | 4.00 | `models_vig_t_eager` (1234567) |" in page
+    assert "## Every model" not in page and "| `models_vig_t_eager.json` | 1234567 | Test GPU | 2026-01-01 |" in page
+    readme = f"intro\n{summarize.BEGIN}\nold table\n{summarize.END}\nrest\n"
+    new = summarize.readme_with_summary(readme, table)
+    assert new.startswith(f"intro\n{summarize.BEGIN}\n| ratio") and new.endswith(f"{summarize.END}\nrest\n")
+    assert "old table" not in new
+    with pytest.raises(ValueError, match="no summary markers"):
+        summarize.readme_with_summary("no markers", table)
+
+
+def test_index_groups_by_stem_and_names_the_problems(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "models_vig_t_eager.json").write_text(json.dumps(_bench_result([], commit="abcdef0123")))
+    (tmp_path / "models_vig_t_eager.png").write_bytes(b"png")
+    (tmp_path / "logs" / "models_vig_t_eager.log").write_text("# commit abcdef0 | GPU | torch\n# started\n# $ x\n")
+    (tmp_path / "logs" / "tests_kernels.log").write_text("# commit 7654321 | Other GPU, driver 1 | torch\n"
+                                                         "# started\n# $ python -m pytest tests\n")
+    (tmp_path / "old_layout.json").write_text(json.dumps({"commit": "x", "rows": []}))
+    text = index.render(tmp_path)
+    assert ("| `logs/models_vig_t_eager.log`, `models_vig_t_eager.json`, `models_vig_t_eager.png` | "
+            "`python -m benchmarks models vig_t` | abcdef0 | Test GPU | 2026-01-01 |") in text
+    assert "| `logs/tests_kernels.log` | `python -m benchmarks tests kernels` | 7654321 | Other GPU | - |" in text
+    assert "* **tests_kernels**: `python -m pytest tests`" in text
+    problems = text.split("## Problems")[1]
+    assert "old_layout.json is not in the results envelope" in problems
+    assert "old_layout: the name does not start with a suite" in problems
+
+
+def test_main_module_runs_as_a_command():
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and all(name in proc.stdout for name in SUITES)
