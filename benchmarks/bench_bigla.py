@@ -24,7 +24,6 @@ dk, dv and two gate gradients).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vigla.bench.report import git_info, write_json  # noqa: E402
+from vigla.bench.report import envelope, write_json  # noqa: E402
 from vigla.ops.bigla import HAS_FLA, bigla_fla, bigla_gated, log_decays  # noqa: E402
 
 GATE_NORMALIZER = 16.0  # ViG's
@@ -183,7 +182,8 @@ def print_table(result: dict) -> None:
     def fmt(x, spec=".3f"):
         return "-" if x is None else format(x, spec)
 
-    print(f"\n{result['device']}  copy {result['copy_bandwidth_TBps']:.2f} TB/s  commit {result['commit']}")
+    env, settings = result["environment"], result["settings"]
+    print(f"\n{env['device']}  copy {settings['copy_bandwidth_TBps']:.2f} TB/s  commit {result['git']['commit']}")
     print(f"{'shape':16} {'fwd':>7} {'graph':>7} {'fla':>7} {'x':>5} {'f+b':>7} {'graph':>7} {'fla':>7} "
           f"{'x':>5} {'fwd/fl':>6} {'f+b/fl':>6}")
     for r in result["rows"]:
@@ -220,22 +220,12 @@ def main() -> int:
     configs = [(f"cfg:{c}", parse_config(c)) for c in args.configs]
     if configs:
         impls.append("kernels")
-    versions = dict(torch=torch.__version__)
-    for mod in ("triton", "fla"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:
-            versions[mod] = None
     bw = copy_bandwidth()
-    result = dict(
-        benchmark="bigla operator", device=torch.cuda.get_device_name(), commit=git_info()["commit"],
-        command=" ".join([os.path.basename(sys.executable)] + sys.argv), versions=versions,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        copy_bandwidth_TBps=bw / 1e12, dtype="bfloat16", layout="model (strided column slices)",
-        timing="CUDA events, median; *_ms: triton.testing.do_bench (host launch included); "
-               "*_graph_ms: triton.testing.do_bench_cudagraph",
-        complete=False, rows=[],
-    )
+    result = envelope(torch.device("cuda"), settings=dict(
+        what="BiGLA operator", dtype="bfloat16", layout="model (q, k, v strided column slices of one projection)",
+        timing="CUDA events, median of whole calls; *_ms: triton.testing.do_bench (host launch included); "
+               "*_graph_ms: triton.testing.do_bench_cudagraph (replays of a captured graph)",
+        copy_bandwidth_TBps=bw / 1e12, impls=impls, configs=args.configs))
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
     for shape in SHAPES:

@@ -106,17 +106,26 @@ def _tests(part: str) -> Callable[[Options], list[Step]]:
 
 # ---------------------------------------------------------------------------------------- kernel
 
-def _kernel(name: str, timing: list[str]) -> Callable[[Options], list[Step]]:
-    def steps(opts: Options) -> list[Step]:
-        argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", name, "--backends", "triton",
-                *timing, *opts.extra]
-        return [Step(name, argv, 300, [f"{name}.json"])]
-    return steps
+# launch configurations timed beside the automatic plan (chunk length, warps of the per-chunk kernels)
+TUNE_CONFIGS = ["chunk=32", "chunk=32,warps_chunk=8", "chunk=64,warps_chunk=8", "chunk=16",
+                "state_dtype=fp32"]
+
+
+def _kernel(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla", "--impls", "vigla",
+            *opts.extra]
+    return [Step("kernel_bigla", argv, 300, ["kernel_bigla.json"])]
+
+
+def _kernel_tune(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla_tune", "--impls",
+            "vigla", "--configs", *TUNE_CONFIGS, *opts.extra]
+    return [Step("kernel_bigla_tune", argv, 560, ["kernel_bigla_tune.json"])]
 
 
 def _fla(opts: Options) -> list[Step]:
-    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "fla_bigla", "--backends",
-            "triton", "fla", "--shapes", *FLA_SHAPES, *opts.extra]
+    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "fla_bigla", "--impls",
+            "vigla", "fla", "--shapes", *FLA_SHAPES, *opts.extra]
     return [Step("fla_bigla", argv, 570, ["fla_bigla.json"])]
 
 
@@ -257,11 +266,11 @@ def _flops(opts: Options) -> list[Step]:
 SUITES = {s.name: s for s in [
     Suite("tests", "the GPU test suite (pytest -m gpu), by part", "cuda",
           {part: (what, _tests(part)) for part, (what, _) in TEST_PARTS.items()}, extra="pytest"),
-    Suite("kernel", "the BiGLA operator alone, Triton, at every bench_bigla.py shape", "cuda",
-          {"do_bench": ("triton.testing.do_bench: forward and forward+backward", _kernel("kernel_bigla", [])),
-           "cudagraph": ("replays of a captured CUDA graph (the host's launch time left out): forward",
-                         _kernel("kernel_bigla_cudagraph", ["--timing", "cudagraph"]))},
-          extra="benchmarks/bench_bigla.py (its launch settings, shapes, ...)"),
+    Suite("kernel", "the BiGLA operator alone, vigla's kernels at every bench_bigla.py shape (do_bench and "
+          "CUDA-graph replays)", "cuda",
+          {"bigla": ("the automatic launch plan: forward and forward+backward", _kernel),
+           "tune": ("the automatic plan beside other launch configurations", _kernel_tune)},
+          extra="benchmarks/bench_bigla.py (its launch configurations, shapes, ...)"),
     Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
           "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",
           {"bigla": ("ViG-T and ViG-S layer shapes, forward and forward+backward", _fla)},
