@@ -37,6 +37,7 @@ decays, or (``GATED``) logits ``z`` with log decays ``logsigmoid(z) / gnorm`` fo
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +58,17 @@ def supports(K: int, V: int) -> bool:
 
 # ----------------------------------------------------------------------------------- helpers
 @triton.jit
+def _load_raw(ptr, rows, cols, stride, T):
+    """``[BT, len(cols)]`` tile of ``rows`` in the tensor's dtype (zero past ``T``): half-precision
+    tiles stay half until they are used (half the registers)."""
+    mask = rows[:, None] < T
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_rows(ptr, rows, cols, stride, T):
     """``[BT, len(cols)]`` fp32 tile of ``rows`` (zero past ``T``)."""
-    mask = rows[:, None] < T
-    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return _load_raw(ptr, rows, cols, stride, T).to(tl.float32)
 
 
 @triton.jit
@@ -85,11 +93,14 @@ def _load_gate(ptr, rows, cols, stride, T, gnorm, GATED: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, TF32: tl.constexpr):
-    """fp32 operands and accumulation; ``TF32``: tensor-core tf32 products (half-precision inputs)."""
-    if TF32:
-        return tl.dot(a, b, input_precision="tf32")
-    return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, HALF_DOTS: tl.constexpr):
+    """fp32 accumulation; ``HALF_DOTS`` (half-precision inputs): bf16 operands on the tensor cores, else
+    exact fp32 products (fp32 inputs, and Triton's interpreter, whose bf16 dot is wrong)."""
+    if HALF_DOTS:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return r
 
 
 @triton.jit
@@ -132,10 +143,12 @@ def _midpoint(x):
 # The exact paths below (chunks whose decay range reaches RANGE_LIMIT) walk the chunk one token at
 # a time on [BT, K] tiles: a [BT, BT, K] tensor would set the register budget of the whole kernel.
 @triton.jit
-def _scores(a, b, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+def _scores(a, b, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
     """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle (``mid, safe = _midpoint(x)``)."""
+    a = a.to(tl.float32)
+    b = b.to(tl.float32)
     if safe:
-        s = _dot(a * tl.exp(x - mid[None, :]), tl.trans(b * tl.exp(mid[None, :] - x)), TF32)
+        s = _dot(a * tl.exp(x - mid[None, :]), tl.trans(b * tl.exp(mid[None, :] - x)), HALF_DOTS)
         s = tl.where(_triangle(BT, UPPER), s, 0.0)
     else:
         s = tl.zeros([BT, BT], dtype=tl.float32)
@@ -147,10 +160,11 @@ def _scores(a, b, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.
 
 
 @triton.jit
-def _mix_rows(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+def _mix_rows(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
     """``[BT, K]``: ``r_i = sum_j w_ij y_j exp(x_i - x_j)`` (``w`` zero off the triangle)."""
+    y = y.to(tl.float32)
     if safe:
-        r = _dot(w, y * tl.exp(mid[None, :] - x), TF32) * tl.exp(x - mid[None, :])
+        r = _dot(w, y * tl.exp(mid[None, :] - x), HALF_DOTS) * tl.exp(x - mid[None, :])
     else:
         r = tl.zeros_like(x)
         for j in range(0, BT):
@@ -160,10 +174,11 @@ def _mix_rows(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, TF32: t
 
 
 @triton.jit
-def _mix_cols(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, TF32: tl.constexpr):
+def _mix_cols(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
     """``[BT, K]``: ``r_j = sum_i w_ij y_i exp(x_i - x_j)`` (``w`` zero off the triangle)."""
+    y = y.to(tl.float32)
     if safe:
-        r = _dot(tl.trans(w), y * tl.exp(x - mid[None, :]), TF32) * tl.exp(mid[None, :] - x)
+        r = _dot(tl.trans(w), y * tl.exp(x - mid[None, :]), HALF_DOTS) * tl.exp(mid[None, :] - x)
     else:
         r = tl.zeros_like(x)
         o = tl.arange(0, BT)
@@ -192,7 +207,7 @@ def _state(h, hs, dec, w, i_bh, BH, n, NT, SEG, NSEG, ck, cv,
 def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
                  sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                 NV: tl.constexpr, GATED: tl.constexpr, TF32: tl.constexpr, SEGMENTED: tl.constexpr):
+                 NV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
     """The state entering every chunk, for chain ``w``:
 
     * 0, ``S^f``: left to right, ``U = sum_j exp(G - P_j) k_j v_j^T``;
@@ -239,7 +254,7 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
             if i_v == 0:
                 tl.store(dec + (chain * (NT + NSEG) + n) * K + ck, acc)
         rows = n * BT + ot
-        a = _load_rows(a_ptr, rows, ck, sqt, T)
+        a = _load_raw(a_ptr, rows, ck, sqt, T)
         b = _load_rows(b_ptr, rows, cv, b_st, T) * mult
         g = _load_gate(g_ptr, rows, ck, sgt, T, gnorm, GATED)
         p = tl.cumsum(g, axis=0)
@@ -247,7 +262,7 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
         x = tl.where(ltr, tot[None, :] - p, p)  # exclusive suffix (ltr) / inclusive prefix sums
         x += tl.where(ltr & grad, g, 0.0)  # chain 3: inclusive suffix
         x -= tl.where((ltr == 0) & (grad == 0), g, 0.0)  # chain 1: exclusive prefix
-        state = state * tl.exp(tot)[:, None] + _dot(tl.trans(a * tl.exp(x)), b, TF32)
+        state = state * tl.exp(tot)[:, None] + _dot(tl.trans(a.to(tl.float32) * tl.exp(x)), b, HALF_DOTS)
         acc += tot
     if SEGMENTED:
         tl.store(hs + (chain * NSEG + i_s) * K * V + ck[:, None] * V + cv[None, :], state)
@@ -283,7 +298,7 @@ def _carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV: tl.co
 def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                GATED: tl.constexpr, TF32: tl.constexpr, SEGMENTED: tl.constexpr):
+                GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
     """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block."""
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
@@ -296,22 +311,23 @@ def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half
     rows = i_t * BT + tl.arange(0, BT)
     off_q = i_b * sqb + i_h * sqh
     off_g = i_b * sgb + i_h * sgh
-    b_q = _load_rows(q + off_q, rows, ck, sqt, T)
-    b_k = _load_rows(k + off_q, rows, ck, sqt, T)
-    b_v = _load_rows(v + i_b * svb + i_h * svh, rows, cv, svt, T)
+    b_q = _load_raw(q + off_q, rows, ck, sqt, T)
+    b_k = _load_raw(k + off_q, rows, ck, sqt, T)
+    b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
+    # forward scan: intra-chunk scores on and below the diagonal, and q exp(P) S^f
     p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED), axis=0)
+    mid, safe = _midpoint(p)
+    out = _dot(_scores(b_q, b_k, p, mid, safe, BT, False, HALF_DOTS), b_v, HALF_DOTS)
+    s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    out += _dot(b_q.to(tl.float32) * tl.exp(p), s_f, HALF_DOTS)
+    # backward scan: on and above the diagonal, and q exp(G - c) S^b
     g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
     c = tl.cumsum(g_b, axis=0) - g_b
     tot_b = tl.sum(g_b, axis=0)
-    mid_f, safe_f = _midpoint(p)
-    mid_b, safe_b = _midpoint(-c)
-    scores = _scores(b_q, b_k, p, mid_f, safe_f, BT, False, TF32)
-    scores += _scores(b_q, b_k, -c, mid_b, safe_b, BT, True, TF32)
-    out = _dot(scores, b_v, TF32)
-    s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out += _dot(b_q * tl.exp(p), s_f, TF32)
+    mid, safe = _midpoint(-c)
+    out += _dot(_scores(b_q, b_k, -c, mid, safe, BT, True, HALF_DOTS), b_v, HALF_DOTS)
     s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out += _dot(b_q * tl.exp(tot_b[None, :] - c), s_b, TF32)
+    out += _dot(b_q.to(tl.float32) * tl.exp(tot_b[None, :] - c), s_b, HALF_DOTS)
     _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)
 
 
@@ -319,7 +335,7 @@ def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half
 def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm,
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                GATED: tl.constexpr, TF32: tl.constexpr, SEGMENTED: tl.constexpr):
+                GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
     """Gradients of one chunk and value block: ``dv`` (``[B, T, H, V]``) and, for this value block,
     ``dq, dk, dgf, dgb`` (``[NV, B, T, H, K]`` contiguous; the caller sums the blocks)."""
     i_v = tl.program_id(0)
@@ -335,62 +351,59 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, h, hs, dec, T, H, NT,
     off_g = i_b * sgb + i_h * sgh
     off_o = (i_b * T * H + i_h) * V
     off_k = (i_v.to(tl.int64) * BH * T + i_b * T * H + i_h) * K  # this value block's slice of dq, dk, dg
-    b_q = _load_rows(q + off_q, rows, ck, sqt, T)
-    b_k = _load_rows(k + off_q, rows, ck, sqt, T)
-    b_v = _load_rows(v + i_b * svb + i_h * svh, rows, cv, svt, T)
-    b_do = _load_rows(do + off_o, rows, cv, H * V, T) * half_scale
-    g_f = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
-    g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
-    p = tl.cumsum(g_f, axis=0)
-    tot_f = tl.sum(g_f, axis=0)
-    c = tl.cumsum(g_b, axis=0) - g_b
-    tot_b = tl.sum(g_b, axis=0)
-    mid_f, safe_f = _midpoint(p)
-    mid_b, safe_b = _midpoint(-c)
-    d_scores = _dot(b_do, tl.trans(b_v), TF32)  # [BT(i), BT(j)]: do_i . v_j
+    b_q = _load_raw(q + off_q, rows, ck, sqt, T)  # q, k, v, do stay in their dtype: products
+    b_k = _load_raw(k + off_q, rows, ck, sqt, T)  # with them convert (f32) where they happen
+    b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
+    b_do = _load_raw(do + off_o, rows, cv, H * V, T)  # times half_scale below: d = do * scale / 2
+    d_scores = _dot(b_do, tl.trans(b_v), HALF_DOTS) * half_scale  # [BT(i), BT(j)]: d_i . v_j
+
+    # forward scan: dq^f, dk^f, its share of dv, and d gf
+    p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED), axis=0)
+    tot = tl.sum(tl.where(tl.arange(0, BT)[:, None] == BT - 1, p, 0.0), axis=0)  # P_last
+    mid, safe = _midpoint(p)
+    w = tl.where(_triangle(BT, False), d_scores, 0.0)
     s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    dq_f = _mix_rows(w, b_k, p, mid, safe, BT, False, HALF_DOTS)
+    dq_f += _dot(b_do, tl.trans(s_f), HALF_DOTS) * (half_scale * tl.exp(p))
     ds_f = _state(h, hs, dec, 2, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    ds_b = _state(h, hs, dec, 3, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-
-    # dv: both scans' intra-chunk scores, and the chunk's keys into both later states
-    scores = _scores(b_q, b_k, p, mid_f, safe_f, BT, False, TF32)
-    scores += _scores(b_q, b_k, -c, mid_b, safe_b, BT, True, TF32)
-    k_f = b_k * tl.exp(tot_f[None, :] - p)
-    k_b = b_k * tl.exp(c)
-    b_dv = _dot(tl.trans(scores), b_do, TF32) + _dot(k_f, ds_f, TF32) + _dot(k_b, ds_b, TF32)
-    _store_rows(dv + off_o, rows, cv, H * V, T, b_dv)
-
-    # forward scan
-    w_f = tl.where(_triangle(BT, False), d_scores, 0.0)
-    dq_f = _mix_rows(w_f, b_k, p, mid_f, safe_f, BT, False, TF32)
-    dq_f += _dot(b_do, tl.trans(s_f), TF32) * tl.exp(p)
-    dk_inter = _dot(b_v, tl.trans(ds_f), TF32)  # [BT, K]; times exp(tot_f - p): k_f's factor
-    dk_f = _mix_cols(w_f, b_q, p, mid_f, safe_f, BT, False, TF32) + dk_inter * tl.exp(tot_f[None, :] - p)
-    # d/dP_i = q dq - k dk; the chunk total tot_f = P_last also scales S^f into the next chunk
-    # and every key's share of it
-    extra = tl.sum(k_f * dk_inter, axis=0) + tl.exp(tot_f) * tl.sum(s_f * ds_f, axis=1)
-    u = b_q * dq_f - b_k * dk_f
-    d_gf = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0) + u + extra[None, :]  # suffix sums
-
-    # backward scan
-    w_b = tl.where(_triangle(BT, True), d_scores, 0.0)
-    dq_inter = _dot(b_do, tl.trans(s_b), TF32) * tl.exp(tot_b[None, :] - c)
-    dq_b = _mix_rows(w_b, b_k, -c, mid_b, safe_b, BT, True, TF32) + dq_inter
-    dk_b = _mix_cols(w_b, b_q, -c, mid_b, safe_b, BT, True, TF32)
-    dk_b += _dot(b_v, tl.trans(ds_b), TF32) * tl.exp(c)
-    # d/dc_j = k dk - q dq; the total scales S^b into the chunk and the readouts of it
-    extra = tl.sum(b_q * dq_inter, axis=0) + tl.exp(tot_b) * tl.sum(s_b * ds_b, axis=1)
-    u = b_k * dk_b - b_q * dq_b
-    d_gb = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0) + extra[None, :]  # exclusive suffix
-
+    k_dec = b_k.to(tl.float32) * tl.exp(tot[None, :] - p)  # the chunk's keys in the state after it
+    dk_inter = _dot(b_v, tl.trans(ds_f), HALF_DOTS)
+    dk_f = _mix_cols(w, b_q, p, mid, safe, BT, False, HALF_DOTS) + dk_inter * tl.exp(tot[None, :] - p)
+    b_dv = _dot(tl.trans(_scores(b_q, b_k, p, mid, safe, BT, False, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
+    b_dv += _dot(k_dec, ds_f, HALF_DOTS)
+    # d/dP_i = q dq - k dk; the chunk total P_last also scales S^f into the next chunk and every
+    # key's share of it
+    extra = tl.sum(k_dec * dk_inter, axis=0) + tl.exp(tot) * tl.sum(s_f * ds_f, axis=1)
+    u = b_q.to(tl.float32) * dq_f - b_k.to(tl.float32) * dk_f
+    d_g = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0) + u + extra[None, :]  # suffix sums
     if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
-        d_gf *= 1.0 / (1.0 + tl.exp(_load_rows(gf + off_g, rows, ck, sgt, T))) / gnorm
-        d_gb *= 1.0 / (1.0 + tl.exp(_load_rows(gb + off_g, rows, ck, sgt, T))) / gnorm
+        d_g *= 1.0 / (1.0 + tl.exp(_load_rows(gf + off_g, rows, ck, sgt, T))) / gnorm
+    _store_rows(dgf + off_k, rows, ck, H * K, T, d_g)
+
+    # backward scan: dq^b, dk^b, its share of dv, and d gb
+    g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
+    c = tl.cumsum(g_b, axis=0) - g_b
+    tot = tl.sum(g_b, axis=0)
+    mid, safe = _midpoint(-c)
+    w = tl.where(_triangle(BT, True), d_scores, 0.0)
+    s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    dq_inter = _dot(b_do, tl.trans(s_b), HALF_DOTS) * (half_scale * tl.exp(tot[None, :] - c))
+    dq_b = _mix_rows(w, b_k, -c, mid, safe, BT, True, HALF_DOTS) + dq_inter
+    ds_b = _state(h, hs, dec, 3, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    dk_b = _mix_cols(w, b_q, -c, mid, safe, BT, True, HALF_DOTS)
+    dk_b += _dot(b_v, tl.trans(ds_b), HALF_DOTS) * tl.exp(c)
+    b_dv += _dot(tl.trans(_scores(b_q, b_k, -c, mid, safe, BT, True, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
+    b_dv += _dot(b_k.to(tl.float32) * tl.exp(c), ds_b, HALF_DOTS)
+    _store_rows(dv + off_o, rows, cv, H * V, T, b_dv)
+    # d/dc_j = k dk - q dq; the total scales S^b into the chunk and the readouts of it
+    extra = tl.sum(b_q.to(tl.float32) * dq_inter, axis=0) + tl.exp(tot) * tl.sum(s_b * ds_b, axis=1)
+    u = b_k.to(tl.float32) * dk_b - b_q.to(tl.float32) * dq_b
+    d_g = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0) + extra[None, :]  # exclusive suffix
+    if GATED:
+        d_g *= 1.0 / (1.0 + tl.exp(_load_rows(gb + off_g, rows, ck, sgt, T))) / gnorm
+    _store_rows(dgb + off_k, rows, ck, H * K, T, d_g)
     _store_rows(dq + off_k, rows, ck, H * K, T, dq_f + dq_b)
     _store_rows(dk + off_k, rows, ck, H * K, T, dk_f + dk_b)
-    _store_rows(dgf + off_k, rows, ck, H * K, T, d_gf)
-    _store_rows(dgb + off_k, rows, ck, H * K, T, d_gb)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -400,8 +413,10 @@ class BiGLAConfig:
 
     chunk: tokens per chunk (16, 32 or 64). segments: how many pieces each walk is cut into
     (1: no carry kernel). state_dtype: storage of the chunk states between the kernels,
-    ``"bf16"`` (default for bf16 inputs) or ``"fp32"`` (default otherwise). bv: value block of the per-chunk
-    kernels. warps_walk / warps_chunk: ``num_warps`` of the walk and per-chunk kernels.
+    ``"bf16"`` (default for bf16 inputs) or ``"fp32"`` (default otherwise). bv: value block of the
+    per-chunk kernels. warps_walk / warps_chunk: ``num_warps`` of the walk and per-chunk kernels.
+    regs: register cap (``maxnreg``) of the per-chunk kernels, 0 for none: a lower cap lets more
+    programs share a multiprocessor.
     """
     chunk: int | None = None
     segments: int | None = None
@@ -409,6 +424,7 @@ class BiGLAConfig:
     bv: int | None = None
     warps_walk: int | None = None
     warps_chunk: int | None = None
+    regs: int | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -428,6 +444,7 @@ class _Plan:
     nseg: int
     warps_walk: int
     warps_chunk: int
+    regs: int
     state_fp32: bool
 
 
@@ -442,7 +459,7 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     if not supports(K, V):
         raise ValueError(f"bigla: the Triton kernels take d_k in (16, 32, 64, 128) and d_v in "
                          f"(16, 32, 64, 128, 256); got d_k={K}, d_v={V}")
-    BT = config.chunk or 64
+    BT = config.chunk or (64 if bf16 and K <= 64 and V <= 128 else 32)
     if BT not in (16, 32, 64):
         raise ValueError(f"bigla: chunk must be 16, 32 or 64, got {BT}")
     if config.state_dtype not in (None, "bf16", "fp32"):
@@ -458,7 +475,7 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     big = K > 32 or BV > 64
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
                  nseg=triton.cdiv(NT, seg), warps_walk=config.warps_walk or 4,
-                 warps_chunk=config.warps_chunk or (8 if big else 4),
+                 warps_chunk=config.warps_chunk or (8 if big else 4), regs=config.regs or 0,
                  state_fp32=not bf16 or config.state_dtype == "fp32")
 
 
@@ -466,7 +483,10 @@ def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) 
     B, T, H, K = q.shape
     sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else 132
-    return plan(B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config or BiGLAConfig())
+    args = (B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config or BiGLAConfig())
+    if all(type(d) is int for d in (B, T, H)):
+        return plan(*args)
+    return plan.__wrapped__(*args)  # symbolic sizes (torch.compile with dynamic shapes): not hashable
 
 
 def _strided(q, k, v, gf, gb):
@@ -481,6 +501,14 @@ def _strided(q, k, v, gf, gb):
     if gf.stride() != gb.stride():
         gf, gb = gf.contiguous(), gb.contiguous()
     return q, k, v, gf, gb
+
+
+def _half_dots(q: torch.Tensor) -> bool:
+    return q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _cap(p: _Plan) -> dict:
+    return {"maxnreg": p.regs} if p.regs else {}
 
 
 def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, gnorm: float, half_scale: float, gated: bool,
@@ -498,7 +526,7 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, gnorm: float, half_scale:
     wrap(_walk_kernel)[(chains * p.NVW, p.nseg, BH)](
         q, k, v, v if do is None else do, gf, gb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
         half_scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
-        K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, TF32=q.dtype != torch.float32,
+        K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
         SEGMENTED=segmented, num_warps=p.warps_walk)
     if segmented:
         wrap(_carry_kernel)[(chains * p.NVW, BH)](hs, dec, p.NT, p.nseg, K=K, V=V, BV=p.BVW,
@@ -528,8 +556,8 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
     wrap(_fwd_kernel)[(p.NV, p.NT, B * H)](
         q, k, v, gf, gb, o, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm, 0.5 * scale,
         *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
-        K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, TF32=q.dtype != torch.float32,
-        SEGMENTED=p.nseg > 1, num_warps=p.warps_chunk)
+        K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
+        SEGMENTED=p.nseg > 1, num_warps=p.warps_chunk, **_cap(p))
     return o
 
 
@@ -555,8 +583,8 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
     wrap(_bwd_kernel)[(p.NV, p.NT, B * H)](
         q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
         0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
-        K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, TF32=q.dtype != torch.float32,
-        SEGMENTED=p.nseg > 1, num_warps=p.warps_chunk)
+        K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
+        SEGMENTED=p.nseg > 1, num_warps=p.warps_chunk, **_cap(p))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dgf.sum(0).to(gf.dtype),
