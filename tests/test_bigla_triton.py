@@ -100,8 +100,8 @@ def test_triton_kernel_in_interpreter_on_cpu():
         assert max(errs) < tol, f"{shape}: relative errors (o, dq, dk, dv, dgf, dgb) = {errs}"
 
 
-@pytest.mark.parametrize("B, T, segments", [(128, 196, 1), (48, 1024, 1), (12, 4096, 8), (4, 16384, 22),
-                                            (1, 40, 1), (1, 100000, 87)])
+@pytest.mark.parametrize("B, T, segments", [(128, 196, 1), (48, 1024, 4), (12, 4096, 8), (4, 16384, 16),
+                                            (1, 40, 1), (1, 100000, 40)])
 def test_launch_plan(B, T, segments):
     """The default plan at ViG-T layer shapes on a 132-multiprocessor H200 (walks cut into segments
     only when their programs would leave the GPU idle) and the plan's invariants: whole chunks per

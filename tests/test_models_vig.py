@@ -146,8 +146,9 @@ def test_mixer_bf16_autocast():
 
 
 def test_mixer_inference_weight_cache():
-    """Without autograd the fused in-projection weight is built once per compute dtype and rebuilt
-    when a parameter changes; outputs equal the uncached (autograd) path's exactly."""
+    """Without autograd the fused in-projection weight and the other projections are built once per
+    compute dtype and rebuilt when a parameter changes; outputs equal the uncached (autograd)
+    path's exactly."""
     torch.manual_seed(0)
     m = BiGLAMixer(32, num_heads=2)
     x = torch.randn(2, 16, 32)
@@ -156,23 +157,47 @@ def test_mixer_inference_weight_cache():
         with torch.enable_grad():
             return m(x, (4, 4)).detach()
 
+    def cached(slot):
+        return m._inference_weights[slot]
+
     with torch.no_grad():
         out = m(x, (4, 4))
-        cache = m._in_proj_cache
+        entry = cached("in_proj")
         torch.testing.assert_close(m(x, (4, 4)), out, rtol=0, atol=0)
-        assert m._in_proj_cache is cache  # reused
+        assert cached("in_proj") is entry  # reused
         torch.testing.assert_close(out, fresh(), rtol=0, atol=0)
         m.mix_gate.bias.add_(0.5)  # an in-place update (as an optimizer step makes)
         out2 = m(x, (4, 4))
-        assert m._in_proj_cache is not cache
+        assert cached("in_proj") is not entry
         torch.testing.assert_close(out2, fresh(), rtol=0, atol=0)
         assert not torch.equal(out2, out)
+        out_entry = cached("out")
+        m.proj.weight.mul_(2.0)
+        torch.testing.assert_close(m(x, (4, 4)), fresh(), rtol=0, atol=0)
+        assert cached("out") is not out_entry
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out_bf16 = m(x, (4, 4))
-            assert m._in_proj_cache[1].dtype == torch.bfloat16
+            assert all(t.dtype == torch.bfloat16 for t in cached("in_proj")[1] + cached("out")[1])
             with torch.enable_grad():
                 ref_bf16 = m(x, (4, 4)).detach()
         torch.testing.assert_close(out_bf16, ref_bf16, rtol=0, atol=0)
+
+
+def test_swiglu_inference_weight_cache():
+    """The MLP's weights are cast once for inference (rebuilt after an update); same outputs."""
+    from vigla.layers import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(16, 24)
+    x = torch.randn(3, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x)
+        entry = mlp._inference_weights["fc"]
+        assert entry[1][0].dtype == torch.bfloat16 and mlp(x).equal(y) and mlp._inference_weights["fc"] is entry
+        mlp.fc2.weight.zero_()
+        assert mlp(x).abs().max() == 0 and mlp._inference_weights["fc"] is not entry
+        with torch.enable_grad():
+            assert mlp(x).abs().max() == 0
 
 
 def test_mixer_bad_grid():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..ops import bigla_gated
 from ..ops.dispatch import compute_dtype
 from ..ops.locality_mix import locality_mix
+from .cast import caching, inference_weights
 from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer"]
@@ -84,7 +85,6 @@ class BiGLAMixer(nn.Module):
         self.norm_local = RmsNorm(self.head_v, eps=norm_eps)
         self.out_act = out_act
         self.proj = nn.Linear(dim, dim, bias=False)
-        self._in_proj_cache = None  # (key, weight, bias): see _in_proj
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,21 +96,20 @@ class BiGLAMixer(nn.Module):
         self.norm_out.reset_parameters()
         self.norm_local.reset_parameters()
 
-    def _in_proj(self, x_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One GEMM for everything that reads ``x_c``: q, k, v, the decay projection's input and the
-        mix gate's logits. Weight ``[2K + C + r + C, C]`` and bias (zero but for the mix gate's)
-        concatenated from the separate parameters (the official layout). Without autograd
-        (inference) they are cached in the compute dtype until a source parameter changes (in
-        place, or replaced): no concatenation or cast kernels per call."""
+    def _weights(self, x_c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(w_in, b_in, w_up, b_up, w_out)``: one in-projection for everything that reads ``x_c``
+        (q, k, v, the decay projection's input and the mix gate's logits; weight
+        ``[2K + C + r + C, C]`` and bias, zero but for the mix gate's, concatenated from the separate
+        parameters of the official layout), the decay up-projection and the output projection.
+        For inference they are cast once to the compute dtype and kept
+        (:func:`vigla.layers.cast.inference_weights`): no concatenation or cast kernels per call."""
         parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._concat(parts)
+        rest = (self.decay_up.weight, self.decay_up.bias, self.proj.weight)
+        if not caching():
+            return (*self._concat(parts), *rest)
         dtype = compute_dtype(x_c)
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in parts))
-        if self._in_proj_cache is None or self._in_proj_cache[0] != key:
-            weight, bias = self._concat(parts)
-            self._in_proj_cache = (key, weight.to(dtype), bias.to(dtype))
-        return self._in_proj_cache[1:]
+        return (*inference_weights(self, "in_proj", parts, dtype, lambda: self._concat(parts)),
+                *inference_weights(self, "out", rest, dtype))
 
     @staticmethod
     def _concat(parts):
@@ -131,15 +130,15 @@ class BiGLAMixer(nn.Module):
         x_c = self.conv_act(x_c).permute(0, 2, 3, 1).reshape(B, N, C)
 
         h, K = self.num_heads, self.key_dim
-        weight, bias = self._in_proj(x_c)
-        q, k, v, z, gate = F.linear(x_c, weight, bias).split(
+        w_in, b_in, w_up, b_up, w_out = self._weights(x_c)
+        q, k, v, z, gate = F.linear(x_c, w_in, b_in).split(
             [K, K, C, self.decay_down.out_features, C], dim=-1)
         # Gate logits; the op forms the log decays logsigmoid(z) / normalizer in float32 (inside
         # the kernels on the GPU: they are summed over up to N tokens in the scan).
-        zf, zb = self.decay_up(z).unflatten(-1, (2, h, self.head_k)).unbind(dim=2)
+        zf, zb = F.linear(z, w_up, b_up).unflatten(-1, (2, h, self.head_k)).unbind(dim=2)
         o = bigla_gated(q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k)),
                         v.unflatten(-1, (h, self.head_v)), zf, zb,
                         self.gate_logit_normalizer)  # [B, N, h, d_v]
         y = locality_mix(o, x_c, gate, self.norm_out.weight, self.norm_local.weight,
                          self.norm_out.eps, act=self.out_act)
-        return self.proj(y)
+        return F.linear(y, w_out)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops.dispatch import compute_dtype
 from ..ops.swiglu import swiglu_mlp
+from .cast import caching, inference_weights
 
 __all__ = ["SwiGLU"]
 
@@ -21,4 +23,7 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu_mlp(x, self.fc1.weight, self.fc2.weight)
+        w1, w2 = self.fc1.weight, self.fc2.weight
+        if caching():  # inference: the weights cast to the compute dtype once
+            w1, w2 = inference_weights(self, "fc", (w1, w2), compute_dtype(x))
+        return swiglu_mlp(x, w1, w2)

@@ -37,6 +37,7 @@ decays, or (``GATED``) logits ``z`` with log decays ``logsigmoid(z) / gnorm`` fo
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -94,10 +95,21 @@ def _load_gate(ptr, rows, cols, stride, T, gnorm, GATED: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, HALF_DOTS: tl.constexpr):
-    """fp32 accumulation; ``HALF_DOTS`` (half-precision inputs): bf16 operands on the tensor cores, else
-    exact fp32 products (fp32 inputs, and Triton's interpreter, whose bf16 dot is wrong)."""
-    if HALF_DOTS:
-        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    """fp32 accumulation; ``HALF_DOTS`` 1 (half-precision inputs): tf32 products on the tensor cores
+    (finer than the inputs themselves), else exact fp32 products."""
+    if HALF_DOTS == 1:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    else:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return r
+
+
+@triton.jit
+def _dot_raw(a, b, HALF_DOTS: tl.constexpr):
+    """``_dot`` of two tiles loaded as they are: half-precision inputs multiply as they are (exact
+    products, fp32 accumulation) with half the registers and shared memory of tf32."""
+    if HALF_DOTS == 1:
+        r = tl.dot(a, b)
     else:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return r
@@ -222,6 +234,7 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
     segment's total to ``hs`` (``[W, BH, NSEG, K, V]`` fp32) and the summed log decays (in the
     segment, before each chunk, ``[W, BH, NT + NSEG, K]`` fp32, totals at ``NT + s``) to ``dec``.
     """
+    gnorm, half_scale = tl.cast(gnorm, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_wv = tl.program_id(0)
     i_w = i_wv // NV
     i_v = i_wv % NV
@@ -300,6 +313,7 @@ def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
     """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block."""
+    gnorm, half_scale = tl.cast(gnorm, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2)
@@ -338,6 +352,7 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, h, hs, dec, T, H, NT,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
     """Gradients of one chunk and value block: ``dv`` (``[B, T, H, V]``) and, for this value block,
     ``dq, dk, dgf, dgb`` (``[NV, B, T, H, K]`` contiguous; the caller sums the blocks)."""
+    gnorm, half_scale = tl.cast(gnorm, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2)
@@ -355,7 +370,7 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, h, hs, dec, T, H, NT,
     b_k = _load_raw(k + off_q, rows, ck, sqt, T)  # with them convert (f32) where they happen
     b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
     b_do = _load_raw(do + off_o, rows, cv, H * V, T)  # times half_scale below: d = do * scale / 2
-    d_scores = _dot(b_do, tl.trans(b_v), HALF_DOTS) * half_scale  # [BT(i), BT(j)]: d_i . v_j
+    d_scores = _dot_raw(b_do, tl.trans(b_v), HALF_DOTS) * half_scale  # [BT(i), BT(j)]: d_i . v_j
 
     # forward scan: dq^f, dk^f, its share of dv, and d gf
     p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED), axis=0)
@@ -454,7 +469,11 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     """Launch plan for one shape (cached: the checks and choices happen once per shape).
 
     ``chains``: 2 (forward) or 4 (backward); ``sms``: multiprocessors of the device. The walks
-    are cut into segments when their ``chains * B * H`` programs would leave the GPU idle.
+    are cut into segments when their ``chains * B * H`` programs would leave the multiprocessors
+    short of work (Nsight Compute: each walk's chain of chunks is bound by latency, not bytes),
+    at most about ``sqrt(chunks)`` of them, since the carry kernel folds the segments one after
+    the other. The per-chunk kernels take 64-token chunks for bf16 heads up to 64 x 128, else 32
+    (fp32 products need twice the registers and shared memory), the backward at 8 warps.
     """
     if not supports(K, V):
         raise ValueError(f"bigla: the Triton kernels take d_k in (16, 32, 64, 128) and d_v in "
@@ -470,9 +489,9 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     programs = chains * B * H * (V // BVW)
     nseg = config.segments
     if nseg is None:
-        nseg = 1 if programs >= 2 * sms else min(triton.cdiv(4 * sms, programs), max(NT // 4, 1))
+        nseg = 1 if programs >= 8 * sms or NT < 8 else min(triton.cdiv(8 * sms, programs), math.isqrt(NT) + 1)
     seg = triton.cdiv(NT, max(1, min(nseg, NT)))
-    big = K > 32 or BV > 64
+    big = K > 32 or BV > 64 or chains == 4
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
                  nseg=triton.cdiv(NT, seg), warps_walk=config.warps_walk or 4,
                  warps_chunk=config.warps_chunk or (8 if big else 4), regs=config.regs or 0,
@@ -503,8 +522,10 @@ def _strided(q, k, v, gf, gb):
     return q, k, v, gf, gb
 
 
-def _half_dots(q: torch.Tensor) -> bool:
-    return q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
+def _half_dots(q: torch.Tensor) -> int:
+    """The kernels' ``HALF_DOTS`` (see ``_dot``): 1 for half-precision inputs, 0 for fp32 ones and in
+    Triton's interpreter (whose half-precision dot is wrong)."""
+    return int(q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def _cap(p: _Plan) -> dict:

@@ -39,6 +39,7 @@ def _normed(t, w, eps, D: tl.constexpr):
 @triton.jit
 def _fwd_kernel(o, x, z, wo, wl, y, R, H, sx, sz, eps, D: tl.constexpr, BR: tl.constexpr,
                 ACT: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # fp64 under Inductor
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, D)
     a, b, g, mask = _load_rows(o, x, z, rows, cols, R, H, sx, sz, D)
@@ -60,6 +61,7 @@ def _norm_bwd(dn, t, r, w, D: tl.constexpr):
 def _bwd_kernel(dy, o, x, z, wo, wl, do, dx, dz, dwo, dwl, R, H, sx, sz, eps, D: tl.constexpr,
                 BR: tl.constexpr, ACT: tl.constexpr):
     """``dy, do, dx, dz``: contiguous; ``dwo, dwl``: ``[programs, D]`` fp32 partial sums."""
+    eps = tl.cast(eps, tl.float32)  # fp64 under Inductor
     pid = tl.program_id(0)
     cols = tl.arange(0, D)
     w_o = tl.load(wo + cols).to(tl.float32)

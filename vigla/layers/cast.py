@@ -1,0 +1,38 @@
+"""Weights cast once for inference.
+
+Under autocast every ``F.linear`` casts its fp32 weight to the compute dtype on every call: one
+kernel launch per weight per forward, which at 224² is a large part of an eager ViG forward.
+:func:`inference_weights` keeps the cast copies on the module until a source parameter changes
+(in place, as an optimizer step does, or replaced), and is bypassed whenever autograd records
+or ``torch.compile`` traces (those cast as usual).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["inference_weights", "caching"]
+
+
+def caching() -> bool:
+    """Whether :func:`inference_weights` keeps copies now: no autograd, no tracing."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_scripting())
+
+
+def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tensor], dtype: torch.dtype,
+                      build: Callable[[], Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, ...]:
+    """``build()`` (default: ``sources``) cast to ``dtype``, cached on ``module`` under ``slot``.
+
+    The cache key is ``dtype`` and each source's storage and version counter, so an in-place update
+    or a new parameter makes the next call rebuild. Call it only when :func:`caching` is true.
+    """
+    key = (dtype, tuple((t.data_ptr(), t._version) for t in sources))
+    cache = module.__dict__.setdefault("_inference_weights", {})
+    hit = cache.get(slot)
+    if hit is None or hit[0] != key:
+        made = build() if build is not None else sources
+        hit = (key, tuple(t.to(dtype) for t in made))
+        cache[slot] = hit
+    return hit[1]
