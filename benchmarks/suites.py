@@ -82,7 +82,8 @@ TEST_PARTS = {
                 "plain, opcheck, torch.compile, determinism", ["tests/test_bigla_triton.py"]),
     "ops": ("the locality-mix and SwiGLU kernels, whole models on their fused paths against "
             "reference_ops(), gradient checkpointing", ["tests/test_fused_ops.py", "tests/test_recompute.py"]),
-    "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays", ["tests/test_bench.py"]),
+    "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel",
+               ["tests/test_bench.py", "tests/test_cuda_graph.py"]),
 }
 
 

@@ -218,27 +218,14 @@ def make_input(batch_size: int, img_size: int, device: torch.device, channels_la
 
 def cuda_graph_forward(model: torch.nn.Module, x: torch.Tensor, amp: str, warmup: int = 3
                        ) -> Callable[[], torch.Tensor]:
-    """A CUDA graph of ``model(x)`` (inference mode, ``amp`` autocast): returns its replay.
+    """A CUDA graph of ``model(x)`` (inference mode, ``amp`` autocast,
+    :class:`vigla.engine.cuda_graph.CudaGraphModel`): returns its replay."""
+    from ..engine.cuda_graph import CudaGraphModel
 
-    ``warmup`` eager calls on a side stream first (cuDNN autotuning, Triton compilation, lazy
-    state), as ``torch.cuda.graph`` requires. Autocast runs without its weight cache inside the
-    capture, so each replay re-casts the weights, as an eager call in a fresh autocast region does.
-    """
-    stream = torch.cuda.Stream(x.device)
-    stream.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(stream), torch.inference_mode(), autocast(x.device, amp):
-        for _ in range(warmup):
-            model(x)
-    torch.cuda.current_stream(x.device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), autocast(x.device, amp, cache=False), torch.cuda.graph(graph):
-        out = model(x)
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
+    graphed = CudaGraphModel(model, x.shape[0], _AMP_DTYPES.get(amp), warmup)
+    graphed.capture(tuple(x.shape[1:]))
+    graphed.static_input.copy_(x)
+    return graphed.replay
 
 
 def measure_inference(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
