@@ -316,10 +316,11 @@ def test_chunked_on_random_shapes(dtype, tol):
                 assert rel_err(a, b) < 20 * tol, (B, T, H, K, V, chunk)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_chunked_long_sequence(dtype, tol):
     """T = 20000 (715 chunks): steep then flat in the forward scan (the flat half's decays
-    accumulate after a large prefix sum), slowly decaying backward scan."""
+    accumulate after a large prefix sum), slowly decaying backward scan. (float32: a 715-step
+    state recurrence rounds like the token-by-token one, ~1e-6.)"""
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = 1, 20000, 1, 4, 4
     q, k = (torch.randn(B, T, H, K, generator=gen, dtype=torch.float64) for _ in range(2))

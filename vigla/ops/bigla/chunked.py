@@ -121,7 +121,7 @@ def _decays(g, n, C):
       * ``chunk [2, B, H, K, n, n]``: decays between chunks (:func:`_chunk_decays`);
       * ``total [2, B, H, n, K]``: ``E``.
     """
-    X = g.unflatten(-2, (n, C)).cumsum(-2, dtype=torch.float64)
+    X = g.unflatten(-2, (n, C)).cumsum(-2)
     E = X[..., -1, :]
     centre = ((X[..., 0, :] + E) * 0.5).detach()  # any value works; the middle keeps factors in range
     sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=g.device).view(2, 1, 1, 1, 1, 1)
@@ -129,8 +129,9 @@ def _decays(g, n, C):
     end, start = torch.exp(E - centre), torch.exp(centre)
     to_state = torch.stack([end[0], start[1]]).unsqueeze(-2)
     from_state = torch.stack([start[0], end[1]]).unsqueeze(-2)
+    traced = torch.compiler.is_compiling()
     return {"e": e, "to_state": to_state, "from_state": from_state, "total": E,
-            "chunk": _chunk_decays(E, n, g.device).to(g.dtype)}
+            "chunk": _chunk_decays(E, n, g.device) if traced else None}
 
 
 def _chunk_decays(total, n, device):
@@ -145,14 +146,45 @@ def _chunk_decays(total, n, device):
     return torch.where(feeds, logs, -torch.inf).exp()
 
 
-def _mix_chunks(D, U):
-    """``S[c] = sum_m diag(D[:, c, m]) U[m]``: ``D [2, B, H, K, n, n]``, ``U [2, B, H, n, K, V]``
-    -> ``[2, B, H, n, K, V]`` (one product per channel; a plain batched product, whose size checks
-    stay symbolic under ``torch.export``)."""
-    lead = D.shape[:-2]
-    U = U.transpose(-3, -2).clone(memory_format=torch.contiguous_format)  # [2, B, H, K, n, V]
-    S = torch.bmm(D.reshape(-1, *D.shape[-2:]), U.view(-1, *U.shape[-2:]))
-    return S.view(*lead, *S.shape[-2:]).transpose(-3, -2)
+def _pair(x, dtype):
+    """``[2, B, H, n, C, K]`` (scans first) -> ``[B, H, n, C, 2K]`` in ``dtype`` (the two scans side by
+    side in the channels: one product then serves both, and sums them)."""
+    B, H, n, C, K = x.shape[1:]
+    return torch.empty(B, H, n, C, 2, K, dtype=dtype, device=x.device).copy_(x.permute(1, 2, 3, 4, 0, 5)).flatten(-2)
+
+
+def _unpair(x):
+    """``[B, H, n, C, 2K]`` -> ``[2, B, H, n, C, K]`` (a view)."""
+    return x.unflatten(-1, (2, -1)).permute(4, 0, 1, 2, 3, 5)
+
+
+def _carry(U, f, reverse: bool):
+    """States between chunks: ``S[c] = sum_m D[c, m] U[m]`` (``D``: the decays between chunks) for
+    ``U [B, H, n, 2K, V]`` (forward scan in channels ``:K``, backward in ``K:``); ``reverse``: the
+    transposed map (the backward pass). Eager mode scans the chunks (O(n K V)); traced, one batched
+    product with the ``[n, n]`` decay matrix, whose shapes stay symbolic."""
+    B, H, n, K2, V = U.shape
+    if f["chunk"] is not None:
+        D = f["chunk"].to(U.dtype)
+        D = D.transpose(-1, -2) if reverse else D
+        Ux = U.unflatten(-2, (2, -1)).permute(3, 0, 1, 4, 2, 5).clone(memory_format=torch.contiguous_format)
+        S = torch.bmm(D.reshape(-1, n, n), Ux.view(-1, n, V)).view(2, B, H, K2 // 2, n, V)
+        return S.permute(1, 2, 4, 0, 3, 5).reshape(B, H, n, K2, V)
+    decay = f["total"].exp().to(U.dtype).permute(1, 2, 3, 0, 4).reshape(B, H, n, K2, 1)
+    K = K2 // 2
+    # forward scan: S[c] = decay[c-1] S[c-1] + U[c-1]; backward scan: the same from the end
+    later = [(slice(0, K), False), (slice(K, K2), True)]
+    parts = []
+    for channels, backward in later:
+        backward ^= reverse
+        order = range(n - 1, -1, -1) if backward else range(n)
+        state = U.new_zeros(B, H, K, V)
+        states = []
+        for c in order:
+            states.append(state)
+            state = torch.addcmul(U[:, :, c, channels], decay[:, :, c, channels], state)
+        parts.append(torch.stack(states[::-1] if backward else states, dim=2))
+    return torch.cat(parts, dim=-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +197,8 @@ def _setup(q, k, v, log_gf, log_gb, chunk):
     n = _num_chunks(T, C)
     T_pad = n * C
     qh, kh, vh = (_heads_first(x, T_pad, work).unflatten(2, (n, C)) for x in (q, k, v))
-    g = torch.stack([_heads_first(log_gf, T_pad, work), _heads_first(log_gb, T_pad, work, shift=1)])
+    wide = torch.float64  # cumulative sums and decay factors (the copy converts)
+    g = torch.stack([_heads_first(log_gf, T_pad, wide), _heads_first(log_gb, T_pad, wide, shift=1)])
     g = g.clamp(min=-_CLAMP[work])
     return T, n, C, qh, kh, vh, g, _decays(g, n, C)
 
@@ -180,11 +213,10 @@ def _forward(qh, kh, vh, f, causal, scale):
     o = torch.matmul(A, vh)
     # between chunks: keys decayed to the chunk's end (f) / start (b), queries from its start (f) /
     # to its end (b), both <= 1
-    q_state = (qd * (f["from_state"] * half)).to(vh.dtype)
-    k_state = (kd * f["to_state"]).to(vh.dtype)
-    U = torch.einsum("xbhncd,bhnce->xbhnde", k_state, vh)
-    S = _mix_chunks(f["chunk"], U)
-    o = o + torch.einsum("xbhncd,xbhnde->bhnce", q_state, S)
+    q_state = _pair(qd * (f["from_state"] * half), vh.dtype)  # [B, H, n, C, 2K]
+    k_state = _pair(kd * f["to_state"], vh.dtype)
+    S = _carry(torch.matmul(k_state.transpose(-1, -2), vh), f, reverse=False)  # [B, H, n, 2K, V]
+    o = o + torch.matmul(q_state, S)
     return o, {"qd": qd, "kd": kd, "A": A, "S": S, "q_state": q_state, "k_state": k_state}
 
 
@@ -226,13 +258,13 @@ def bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale: float, chunk: int = DE
     dkd = torch.matmul(d_scores.transpose(-1, -2), p["qd"])
 
     # between chunks
-    dS = torch.einsum("xbhncd,bhnce->xbhnde", p["q_state"], doh)  # d(state read by chunk c)
-    dq_state = torch.einsum("bhnce,xbhnde->xbhncd", doh, p["S"])
-    dU = _mix_chunks(f["chunk"].transpose(-1, -2), dS)  # d(state left by chunk m)
-    dk_state = torch.einsum("bhnce,xbhnde->xbhncd", vh, dU)
-    dv = dv + torch.einsum("xbhncd,xbhnde->bhnce", p["k_state"], dU)
-    dqd = dqd + dq_state * (f["from_state"] * half)
-    dkd = dkd + dk_state * f["to_state"]
+    dS = torch.matmul(p["q_state"].transpose(-1, -2), doh)  # d(state read by chunk c)
+    dq_state = torch.matmul(doh, p["S"].transpose(-1, -2))  # [B, H, n, C, 2K]
+    dU = _carry(dS, f, reverse=True)  # d(state left by chunk m)
+    dk_state = torch.matmul(vh, dU.transpose(-1, -2))
+    dv = dv + torch.matmul(p["k_state"], dU)
+    dqd = dqd + _unpair(dq_state) * (f["from_state"] * half)
+    dkd = dkd + _unpair(dk_state) * f["to_state"]
 
     # log decays: the pair (i, j) decays by exp(+-(X_i - X_j)), so dL/dX_t = +-(q_t dq_t - k_t dk_t)
     # (= qd dqd - kd dkd), and a gate moves X at and after its token within the chunk; the chunk
@@ -240,8 +272,11 @@ def bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale: float, chunk: int = DE
     # the decay of the states that pass through it
     sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=q.device).view(2, 1, 1, 1, 1, 1)
     term = (p["qd"] * dqd - p["kd"] * dkd) * sign
-    ends = torch.stack([p["k_state"][0] * dk_state[0], p["q_state"][1] * dq_state[1]]).sum(-2)
-    straddle = ends + (dU * p["S"]).sum(-1) * f["total"].exp()  # [2, B, H, n, K]
+    K = q.shape[-1]
+    ends = torch.cat([(p["k_state"] * dk_state)[..., :K], (p["q_state"] * dq_state)[..., K:]], dim=-1).sum(-2)
+    passing = (dU * p["S"]).sum(-1)  # [B, H, n, 2K]
+    scans_first = lambda x: x.unflatten(-1, (2, K)).permute(3, 0, 1, 2, 4)  # noqa: E731
+    straddle = scans_first(ends) + scans_first(passing) * f["total"].exp()  # [2, B, H, n, K]
     suffix = term.sum(-2, keepdim=True) - term.cumsum(-2) + term  # sum over t >= r in the chunk
     dg = (suffix + straddle.unsqueeze(-2)).flatten(3, 4)
     dg = dg * (g > -_CLAMP[g.dtype])  # the clamp passes no gradient
