@@ -1,177 +1,242 @@
 """Chunk-parallel BiGLA in plain PyTorch (any device), with an explicit backward.
 
-Within a chunk of ``C`` tokens the output is a masked matrix product; between chunks a
-``[K, V]`` state is carried. Every exponent that is evaluated is <= 0, so the result is exact
-and finite for any finite log decays (-20 per token included) and any sequence length:
+The CPU path of every ViG model and the form ``torch.export`` / ONNX trace: the number and the
+shapes of the tensor ops depend on the sequence length only (no data-dependent branch, no loop
+over chunks), and the result is exact for any finite log decays <= 0.
 
-* intra-chunk scores ``sum_c q_ic k_jc exp(b_ic - b_jc)`` (``j <= i``; ``b``: in-chunk cumulative
-  log decay) are matrix products of ``q*exp(b - b_0)`` and ``k*exp(b_0 - b)`` (``b_0``: the chunk's
-  first token, so one factor is <= 1 and the other <= exp(range)) in every chunk whose decay range
-  is below ``FACTOR_RANGE``; steeper chunks take the exact ``[C, C, K]`` form with every exponent
-  <= 0 (never the unstable ``q*exp(b)`` / ``k*exp(-b)`` split);
-* the carried state enters as ``(q_i * exp(b_i)) S`` and a chunk's keys as
-  ``k_j * exp(b_last - b_j)``.
+BiGLA (ViG, Liao et al., AAAI 2025, arXiv 2405.18425, Sec. 3.2) averages two gated linear
+attention scans: the forward one, ``o^f_i = sum_{j<=i} q_i^T diag(exp(F_i - F_j)) k_j v_j^T`` with
+``F`` the cumulative forward log decays, and the backward one, the same over ``j >= i`` with the
+decays ``sum_{r=i}^{j-1}`` of the backward log decays. Shifting the backward gates by one token
+turns those into ``exp(X_j - X_i)`` with ``X`` their inclusive cumulative sum, so one cumulative
+sum serves both scans, which run as one batch (a leading dimension of 2; no flipped copies).
 
-The backward direction is the forward recurrence on the time-reversed sequence; this backend
-computes both directions as one batch (it is the portable reference path, not the fast one).
-``bigla_chunked`` differentiates through ordinary ops; ``bigla_chunked_bwd`` is the same
-gradient written out by hand (it backs the custom op's CPU backward, which cannot use autograd).
+The sequence is cut into chunks of ``C`` tokens:
+
+* within a chunk, the decay of a pair is split as ``exp(X_i - c) * exp(c - X_j)`` around the
+  middle ``c`` of the chunk's range: the scores are one matrix product per chunk, shared by the
+  two scans (forward in the lower, backward in the upper triangle). The two factors are formed in
+  float64, where they stay in range: per-token log decays are clamped at ``-G`` (22 for float32
+  inputs, 40 for float64), so that ``|X - c| <= (C - 1) G / 2`` (297 for ``C = 28``, e^297 ~ 1e129,
+  far inside float64's e^709). The clamp changes nothing representable: a pair across a token
+  whose log decay is below ``-G`` has decayed by less than ``e^-G`` (float32: 3e-10);
+* between chunks, each scan carries a ``[K, V]`` state per chunk (keys decayed to the chunk's end,
+  queries from its start, all factors <= 1), mixed by the per-channel ``[n, n]`` matrix of decays
+  between chunks: one batched product instead of a sequential scan. Its sums of chunk totals are
+  float64 cumulative sums of only the terms they need (no difference of prefix sums, whose
+  rounding would swamp the small totals that follow a steep stretch).
+
+``bigla_chunked`` differentiates through ordinary ops; ``bigla_chunked_bwd`` is the same gradient
+written out (it backs the custom op's CPU backward, which cannot use autograd).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 32
-FACTOR_RANGE = 30.0  # exp(30) ~ 1e13: the factored intra-chunk path stays far from fp32 limits
+DEFAULT_CHUNK = 28  # ViG at 224^2: 196 tokens = 7 chunks, no padding
+# per-token log decays are clamped at -G: a pair across such a token decays by < e^-G
+_CLAMP = {torch.float32: 22.0, torch.float64: 40.0}
+# longest chunk per work dtype: (C - 1) * G / 2 <= 540 keeps the factors below e^540 (float64: e^709)
+_MAX_CHUNK = {torch.float32: 50, torch.float64: 28}
 
 
-def _chunks(q, k, v, g, chunk):
-    *lead, T, K = q.shape
-    n = T // chunk
-    q, k, g = (t.reshape(*lead, n, chunk, K) for t in (q, k, g))
-    return q, k, v.reshape(*lead, n, chunk, v.shape[-1]), g
-
-
-def _intra_decay(b, chunk):
-    """``[..., C, C, K]``: ``exp(b_i - b_j)`` for ``j <= i``, else 0 (never overflows)."""
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=b.device).tril()
-    diff = b.unsqueeze(-2) - b.unsqueeze(-3)
-    return torch.where(causal[..., None], diff, diff.new_tensor(float("-inf"))).exp()
-
-
-def _factors(b):
-    """``(exp(b - b_0), exp(b_0 - b), steep)`` per chunk (``b``: ``[..., n, C, K]``).
-
-    ``b`` decreases within a chunk, so the first factor is <= 1 and the second <= exp(range): their
-    product ``exp(b_i - b_j)`` (j <= i) is formed without overflow or underflow while the chunk's
-    decay range ``b_0 - b_last`` stays below ``FACTOR_RANGE``, and the intra-chunk products become
-    matrix products instead of ``[C, C, K]`` tensors. ``steep``: the indices of the chunks past that
-    range (their second factor is clamped; the callers recompute them in the exact form).
-    """
-    first = b[..., :1, :]
-    rise = first - b
-    steep = (rise[..., -1, :].amax(-1) >= FACTOR_RANGE).nonzero(as_tuple=True)
-    return (-rise).exp(), rise.clamp(max=FACTOR_RANGE).exp(), steep
-
-
-def _states_before(chunk_decay, local):
-    """Scan ``S_{n+1} = D_n * S_n + U_n`` from ``S_0 = 0``; returns ``[S_0 .. S_{N-1}]`` stacked."""
-    state = torch.zeros_like(local[..., 0, :, :])
-    before = []
-    for i in range(local.shape[-3]):
-        before.append(state)
-        state = chunk_decay[..., i, :, :] * state + local[..., i, :, :]
-    return torch.stack(before, dim=-3)
-
-
-def _intra_scores(q, k, b, factors, chunk):
-    """``[..., n, C, C]``: ``sum_c q_ic k_jc exp(b_ic - b_jc)`` for ``j <= i``, else 0
-    (``factors``: :func:`_factors` of ``b``)."""
-    down, up, steep = factors
-    scores = ((q * down) @ (k * up).transpose(-1, -2)).tril()
-    if steep[0].numel():  # steep decays: the exact form, every exponent <= 0
-        exact = (q[steep].unsqueeze(-2) * k[steep].unsqueeze(-3) * _intra_decay(b[steep], chunk)).sum(-1)
-        scores = scores.index_put(steep, exact)
-    return scores
-
-
-def _causal_gla(q, k, v, g, scale: float, chunk: int):
-    """Causal GLA on ``[..., T, K]`` / ``[..., T, V]`` tensors, ``T`` a multiple of ``chunk``.
-
-    ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``; returns ``scale * q_t^T S_t`` as ``[..., T, V]``.
-    """
-    shape = v.shape
-    q, k, v, g = _chunks(q, k, v, g, chunk)
-    b = g.cumsum(-2)  # in-chunk inclusive cumulative log decay, <= 0
-    b_last = b[..., -1:, :]
-    scores = _intra_scores(q, k, b, _factors(b), chunk)  # [..., n, C, C]
-    local = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # [..., n, K, V]
-    before = _states_before(b_last.transpose(-1, -2).exp(), local)
-    out = scores @ v + (q * b.exp()) @ before
-    return (out * scale).reshape(shape)
-
-
-def _causal_gla_bwd(q, k, v, g, do, scale: float, chunk: int):
-    """Gradients ``(dq, dk, dv, dg)`` of ``<do, _causal_gla(q, k, v, g)>``, same shapes as inputs."""
-    shapes = [t.shape for t in (q, k, v, g)]
-    q, k, v, g = _chunks(q, k, v, g, chunk)
-    do = do.reshape(v.shape) * scale
-    b = g.cumsum(-2)
-    b_last = b[..., -1:, :]
-    factors = _factors(b)
-    scores = _intra_scores(q, k, b, factors, chunk)
-    q_dec, k_dec = q * b.exp(), k * (b_last - b).exp()
-    chunk_decay = b_last.transpose(-1, -2).exp()  # [..., n, K, 1]
-    before = _states_before(chunk_decay, k_dec.transpose(-1, -2) @ v)
-
-    # gradient w.r.t. the state after each chunk, scanned backwards: dS_{n+1} feeds chunk n+1's
-    # readout and, decayed, every later state.
-    d_after = []
-    ds = torch.zeros_like(before[..., 0, :, :])
-    for i in range(q.shape[-3] - 1, -1, -1):
-        d_after.append(ds)
-        ds = q_dec[..., i, :, :].transpose(-1, -2) @ do[..., i, :, :] + chunk_decay[..., i, :, :] * ds
-    d_after = torch.stack(d_after[::-1], dim=-3)  # [..., n, K, V]
-
-    d_scores = (do @ v.transpose(-1, -2)).tril()  # [..., n, C, C]
-    down, up, steep = factors
-    dq_intra = (d_scores @ (k * up)) * down
-    dk_intra = (d_scores.transpose(-1, -2) @ (q * down)) * up
-    if steep[0].numel():  # steep decays: the exact [M, C(i), C(j), K] form for those chunks
-        t = d_scores[steep].unsqueeze(-1) * _intra_decay(b[steep], chunk)
-        dq_intra = dq_intra.index_put(steep, (t * k[steep].unsqueeze(-3)).sum(-2))
-        dk_intra = dk_intra.index_put(steep, (t * q[steep].unsqueeze(-2)).sum(-3))
-    dq = dq_intra + (do @ before.transpose(-1, -2)) * b.exp()
-    dk_inter = (v @ d_after.transpose(-1, -2)) * (b_last - b).exp()
-    dk = dk_intra + dk_inter
-    dv = scores.transpose(-1, -2) @ do + k_dec @ d_after
-    # log-decay gradient: d b_i = q_i dq_i - k_i dk_i, plus the chunk-end terms on b_last
-    db = q * dq - k * dk
-    d_chunk_decay = (d_after * before).sum(-1) * chunk_decay.squeeze(-1)  # [..., n, K]
-    db[..., -1, :] += (k * dk_inter).sum(-2) + d_chunk_decay
-    dg = db.flip(-2).cumsum(-2).flip(-2)
-    return tuple(x.reshape(s) for x, s in zip((dq, dk, dv, dg), shapes))
-
-
-def _even_chunk(T: int, chunk: int) -> int:
-    """The chunk length that covers ``T`` tokens in as many chunks as ``chunk`` needs, with the least
-    padding (e.g. T = 196, chunk = 32: 7 chunks of 28, none padded; T = 16: one chunk of 16)."""
-    n = -(-T // chunk)
-    return -(-T // n)
-
-
-def _prepare(tensors_and_flips, work, pad):
-    """``[B, T, H, D]`` inputs -> ``[2, B, H, T+pad, D]``: index 0 as is, index 1 time-reversed."""
-    def heads_first(x, flip):
-        x = x.to(work)
-        x = (x.flip(1) if flip else x).transpose(1, 2)
-        return F.pad(x, (0, 0, 0, pad)) if pad else x
-    return [torch.stack([heads_first(a, False), heads_first(b, True)]) for a, b in tensors_and_flips]
-
+# ---------------------------------------------------------------------------------------------
+# layout
 
 def _work_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _heads_first(x, T_pad, dtype, shift: int = 0):
+    """``[B, T, H, D]`` -> contiguous ``[B, H, T_pad, D]`` in ``dtype``, zero-padded; ``shift = 1``
+    moves every token one place later (token ``T - 1`` drops out if ``T_pad == T``)."""
+    x = F.pad(x.transpose(1, 2).to(dtype), (0, 0, shift, T_pad - x.shape[1]))
+    return x.narrow(2, 0, T_pad) if shift else x
+
+
+def _tokens_last(x, T, dtype, shift: int = 0):
+    """``[B, H, T_pad, D]`` -> contiguous ``[B, T, H, D]`` in ``dtype``: tokens ``shift .. T + shift - 1``
+    (zeros past the end), as a gather: no slice of the padded length, whose size checks would pin a
+    symbolic ``T`` under ``torch.export``."""
+    if shift:
+        x = F.pad(x, (0, 0, 0, shift))
+    tokens = torch.arange(shift, T + shift, device=x.device)
+    return x.transpose(1, 2).index_select(1, tokens).to(dtype)
+
+
+def _num_chunks(T, C: int):
+    """``ceil(T / C)``. Under ``torch.export`` a fresh size symbol with the same value (asserted at
+    run time): PyTorch reasons about it for every size, where it would otherwise pin the
+    expression ``(T + C - 1) // C`` to >= 2 (and then ``T`` to the traced value)."""
+    n = (T + C - 1) // C
+    if torch.compiler.is_exporting() and isinstance(n, torch.SymInt):
+        n = torch.scalar_tensor(n, dtype=torch.int64).item()
+        torch._check(n >= 1)
+        torch._check(n * C >= T)
+        torch._check(n * C < T + C)
+    return n
+
+
+def _cached(fn):
+    """``fn`` memoized per shape in eager mode; rebuilt in the graph while tracing."""
+    cached = functools.lru_cache(maxsize=32)(fn)
+
+    @functools.wraps(fn)
+    def get(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+    return get
+
+
+@_cached
+def _causal(C: int, device):
+    """``[2, 1, 1, 1, C, C]``: the forward scan's pairs (``j <= i``) and the backward one's (``j >= i``)."""
+    full = torch.ones(C, C, dtype=torch.bool, device=device)
+    return torch.stack([full.tril(), full.triu()]).view(2, 1, 1, 1, C, C)
+
+
+@_cached
+def _chunk_masks(n, device):
+    """``([n, n], [2, 1, 1, 1, n, n])``: ``c > m``, and which chunk ``m`` feeds chunk ``c``'s state
+    (forward scan: ``m < c``, backward: ``m > c``)."""
+    full = torch.ones(n, n, device=device, dtype=torch.bool)
+    return full.tril(-1), torch.stack([full.tril(-1), full.triu(1)]).view(2, 1, 1, 1, n, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the decay factors
+
+def _decays(g, n, C):
+    """Decay factors of the log decays ``g [2, B, H, n*C, K]`` (forward; backward shifted by one).
+
+    Returns a dict of (``X``: the chunk-local inclusive cumulative sum, ``c`` the middle of its
+    range, ``E`` the chunk's total, float64):
+      * ``e [2, B, H, n, C, K]``: ``exp(s (X - c))``, ``s = +1`` (f) / ``-1`` (b): query factor
+        ``e``, key factor ``1 / e`` of the products within a chunk;
+      * ``to_state [2, ..., n, 1, K]``: ``e^(E - c)`` (f) / ``e^c`` (b): turns the key factor into
+        the decay to the chunk's end (f) / from its start (b); ``from_state``, the other one, turns
+        the query factor into the decay from the chunk's start (f) / to its end (b);
+      * ``chunk [2, B, H, K, n, n]``: decays between chunks (:func:`_chunk_decays`);
+      * ``total [2, B, H, n, K]``: ``E``.
+    """
+    X = g.unflatten(-2, (n, C)).cumsum(-2)
+    E = X[..., -1, :]
+    centre = ((X[..., 0, :] + E) * 0.5).detach()  # any value works; the middle keeps factors in range
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=g.device).view(2, 1, 1, 1, 1, 1)
+    e = torch.exp((X - centre.unsqueeze(-2)) * sign)
+    end, start = torch.exp(E - centre), torch.exp(centre)
+    to_state = torch.stack([end[0], start[1]]).unsqueeze(-2)
+    from_state = torch.stack([start[0], end[1]]).unsqueeze(-2)
+    traced = torch.compiler.is_compiling()
+    return {"e": e, "to_state": to_state, "from_state": from_state, "total": E,
+            "chunk": _chunk_decays(E, n, g.device) if traced else None}
+
+
+def _chunk_decays(total, n, device):
+    """``[2, B, H, K, n, n]``: at ``[c, m]``, ``exp(sum of the chunk totals strictly between m and
+    c)`` where ``m`` feeds ``c`` (f: ``m < c``, b: ``m > c``), else 0. Each sum accumulates only its
+    own terms (a cumulative sum down a masked matrix): after a steep stretch a prefix sum is large,
+    and the small totals of later chunks would drown in its rounding."""
+    later, feeds = _chunk_masks(n, device)
+    X = torch.where(later, total.transpose(-1, -2).unsqueeze(-1), 0.0)  # [c, m]: c's total if c > m
+    Z = X.cumsum(-2) - X  # [c, m]: sum over m < m' < c
+    logs = torch.stack([Z[0], Z[1].transpose(-1, -2)])  # b: the same, transposed
+    return torch.where(feeds, logs, -torch.inf).exp()
+
+
+def _pair(x, dtype):
+    """``[2, B, H, n, C, K]`` (scans first) -> ``[B, H, n, C, 2K]`` in ``dtype`` (the two scans side by
+    side in the channels: one product then serves both, and sums them)."""
+    B, H, n, C, K = x.shape[1:]
+    return torch.empty(B, H, n, C, 2, K, dtype=dtype, device=x.device).copy_(x.permute(1, 2, 3, 4, 0, 5)).flatten(-2)
+
+
+def _unpair(x):
+    """``[B, H, n, C, 2K]`` -> ``[2, B, H, n, C, K]`` (a view)."""
+    return x.unflatten(-1, (2, -1)).permute(4, 0, 1, 2, 3, 5)
+
+
+def _carry(U, f, reverse: bool):
+    """States between chunks: ``S[c] = sum_m D[c, m] U[m]`` (``D``: the decays between chunks) for
+    ``U [B, H, n, 2K, V]`` (forward scan in channels ``:K``, backward in ``K:``); ``reverse``: the
+    transposed map (the backward pass). Eager mode scans the chunks (O(n K V)); traced, one batched
+    product with the ``[n, n]`` decay matrix, whose shapes stay symbolic."""
+    B, H, n, K2, V = U.shape
+    if f["chunk"] is not None:
+        D = f["chunk"].to(U.dtype)
+        D = D.transpose(-1, -2) if reverse else D
+        Ux = U.unflatten(-2, (2, -1)).permute(3, 0, 1, 4, 2, 5).clone(memory_format=torch.contiguous_format)
+        S = torch.bmm(D.reshape(-1, n, n), Ux.view(-1, n, V)).view(2, B, H, K2 // 2, n, V)
+        return S.permute(1, 2, 4, 0, 3, 5).reshape(B, H, n, K2, V)
+    decay = f["total"].exp().to(U.dtype).permute(1, 2, 3, 0, 4).reshape(B, H, n, K2, 1)
+    K = K2 // 2
+    # forward scan: S[c] = decay[c-1] S[c-1] + U[c-1]; backward scan: the same from the end
+    later = [(slice(0, K), False), (slice(K, K2), True)]
+    parts = []
+    for channels, backward in later:
+        backward ^= reverse
+        order = range(n - 1, -1, -1) if backward else range(n)
+        state = U.new_zeros(B, H, K, V)
+        states = []
+        for c in order:
+            states.append(state)
+            state = torch.addcmul(U[:, :, c, channels], decay[:, :, c, channels], state)
+        parts.append(torch.stack(states[::-1] if backward else states, dim=2))
+    return torch.cat(parts, dim=-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and backward
+
+def _setup(q, k, v, log_gf, log_gb, chunk):
+    """Head-first padded work tensors (``[B, H, n, C, D]``) and the decay factors (:func:`_decays`)."""
+    work = _work_dtype(q)
+    T, C = q.shape[1], min(chunk, _MAX_CHUNK[work])
+    n = _num_chunks(T, C)
+    T_pad = n * C
+    qh, kh, vh = (_heads_first(x, T_pad, work).unflatten(2, (n, C)) for x in (q, k, v))
+    wide = torch.float64  # cumulative sums and decay factors (the copy converts)
+    g = torch.stack([_heads_first(log_gf, T_pad, wide), _heads_first(log_gb, T_pad, wide, shift=1)])
+    g = g.clamp(min=-_CLAMP[work])
+    return T, n, C, qh, kh, vh, g, _decays(g, n, C)
+
+
+def _forward(qh, kh, vh, f, causal, scale):
+    """``o [B, H, n, C, V]`` and what the backward reuses."""
+    half = scale * 0.5
+    e = f["e"]
+    qd, kd = qh * e, kh / e  # [2, B, H, n, C, K], float64
+    scores = torch.matmul(qd, kd.transpose(-1, -2))  # [2, B, H, n, C, C]
+    A = torch.where(causal, scores, 0.0).sum(0, dtype=vh.dtype) * half
+    o = torch.matmul(A, vh)
+    # between chunks: keys decayed to the chunk's end (f) / start (b), queries from its start (f) /
+    # to its end (b), both <= 1
+    q_state = _pair(qd * (f["from_state"] * half), vh.dtype)  # [B, H, n, C, 2K]
+    k_state = _pair(kd * f["to_state"], vh.dtype)
+    S = _carry(torch.matmul(k_state.transpose(-1, -2), vh), f, reverse=False)  # [B, H, n, 2K, V]
+    o = o + torch.matmul(q_state, S)
+    return o, {"qd": qd, "kd": kd, "A": A, "S": S, "q_state": q_state, "k_state": k_state}
 
 
 def bigla_chunked(q, k, v, log_gf, log_gb, scale: float, chunk: int = DEFAULT_CHUNK):
     """Chunked BiGLA; same contract as :func:`vigla.ops.bigla.naive.bigla_naive`.
 
     Args:
-        q, k, log_gf, log_gb: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
-        chunk: at most this many tokens per chunk; the sequence is cut into evenly long chunks
-            (the result does not depend on it beyond rounding).
+        q, k, log_gf, log_gb: ``[B, T, H, K]``; v: ``[B, T, H, V]``; log decays finite and <= 0.
+        scale: readout scale.
+        chunk: tokens per chunk (the last one zero-padded; at most 50 for float32 work, 28 for
+            float64, where longer chunks would take the decay factors out of float64's range);
+            the result does not depend on it beyond rounding.
 
     Returns:
-        ``[B, T, H, V]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs).
+        ``[B, T, H, V]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs), the
+        decay factors within a chunk in float64.
     """
-    T = q.shape[1]
-    chunk = _even_chunk(T, chunk)
-    pad = (-T) % chunk
-    qs, ks, vs, gs = _prepare([(q, q), (k, k), (v, v), (log_gf, log_gb)], _work_dtype(q), pad)
-    o = _causal_gla(qs, ks, vs, gs, scale, chunk)[..., :T, :]  # [2, B, H, T, V]
-    o = (o[0] + o[1].flip(2)) * 0.5
-    return o.transpose(1, 2).to(q.dtype)
+    T, n, C, qh, kh, vh, g, f = _setup(q, k, v, log_gf, log_gb, chunk)
+    o, _ = _forward(qh, kh, vh, f, _causal(C, q.device), scale)
+    return _tokens_last(o.flatten(2, 3), T, q.dtype)
 
 
 def bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale: float, chunk: int = DEFAULT_CHUNK):
@@ -179,18 +244,44 @@ def bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale: float, chunk: int = DE
 
     Shapes and dtypes follow the inputs; ``do`` is ``[B, T, H, V]``.
     """
-    T = q.shape[1]
-    chunk = _even_chunk(T, chunk)
-    pad = (-T) % chunk
-    qs, ks, vs, gs, dos = _prepare([(q, q), (k, k), (v, v), (log_gf, log_gb), (do, do)],
-                                   _work_dtype(q), pad)
-    grads = _causal_gla_bwd(qs, ks, vs, gs, dos * 0.5, scale, chunk)
+    T, n, C, qh, kh, vh, g, f = _setup(q, k, v, log_gf, log_gb, chunk)
+    causal = _causal(C, q.device)
+    _, p = _forward(qh, kh, vh, f, causal, scale)
+    half = scale * 0.5
+    doh = _heads_first(do, n * C, vh.dtype).unflatten(2, (n, C))
 
-    def back(x, like):  # [2, B, H, T+pad, D] -> forward part + un-reversed backward part
-        x = x[..., :T, :].transpose(2, 3)
-        return (x[0] + x[1].flip(1)).to(like.dtype)
+    # within chunks: o = A v, A = sum over the scans of the masked scores qd kd^T (times scale/2)
+    dv = torch.matmul(p["A"].transpose(-1, -2), doh)
+    dA = torch.matmul(doh, vh.transpose(-1, -2)).to(torch.float64) * half  # [B, H, n, C, C]
+    d_scores = torch.where(causal, dA, 0.0)  # [2, B, H, n, C, C]
+    dqd = torch.matmul(d_scores, p["kd"])
+    dkd = torch.matmul(d_scores.transpose(-1, -2), p["qd"])
 
-    dq, dk, dv, dg = grads
-    dg = dg[..., :T, :].transpose(2, 3)
-    return (back(dq, q), back(dk, k), back(dv, v), dg[0].to(log_gf.dtype),
-            dg[1].flip(1).to(log_gb.dtype))
+    # between chunks
+    dS = torch.matmul(p["q_state"].transpose(-1, -2), doh)  # d(state read by chunk c)
+    dq_state = torch.matmul(doh, p["S"].transpose(-1, -2))  # [B, H, n, C, 2K]
+    dU = _carry(dS, f, reverse=True)  # d(state left by chunk m)
+    dk_state = torch.matmul(vh, dU.transpose(-1, -2))
+    dv = dv + torch.matmul(p["k_state"], dU)
+    dqd = dqd + _unpair(dq_state) * (f["from_state"] * half)
+    dkd = dkd + _unpair(dk_state) * f["to_state"]
+
+    # log decays: the pair (i, j) decays by exp(+-(X_i - X_j)), so dL/dX_t = +-(q_t dq_t - k_t dk_t)
+    # (= qd dqd - kd dkd), and a gate moves X at and after its token within the chunk; the chunk
+    # total also enters the state the chunk leaves (keys (f) / queries (b) decayed to its end) and
+    # the decay of the states that pass through it
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64, device=q.device).view(2, 1, 1, 1, 1, 1)
+    term = (p["qd"] * dqd - p["kd"] * dkd) * sign
+    K = q.shape[-1]
+    ends = torch.cat([(p["k_state"] * dk_state)[..., :K], (p["q_state"] * dq_state)[..., K:]], dim=-1).sum(-2)
+    passing = (dU * p["S"]).sum(-1)  # [B, H, n, 2K]
+    scans_first = lambda x: x.unflatten(-1, (2, K)).permute(3, 0, 1, 2, 4)  # noqa: E731
+    straddle = scans_first(ends) + scans_first(passing) * f["total"].exp()  # [2, B, H, n, K]
+    suffix = term.sum(-2, keepdim=True) - term.cumsum(-2) + term  # sum over t >= r in the chunk
+    dg = (suffix + straddle.unsqueeze(-2)).flatten(3, 4)
+    dg = dg * (g > -_CLAMP[g.dtype])  # the clamp passes no gradient
+    e = f["e"]
+    dq, dk = (dqd * e).sum(0).flatten(2, 3), (dkd / e).sum(0).flatten(2, 3)
+    return (_tokens_last(dq, T, q.dtype), _tokens_last(dk, T, k.dtype),
+            _tokens_last(dv.flatten(2, 3), T, v.dtype), _tokens_last(dg[0], T, log_gf.dtype),
+            _tokens_last(dg[1], T, log_gb.dtype, shift=1))
