@@ -36,6 +36,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import via_dispatcher
+
 DEFAULT_CHUNK = 28  # ViG at 224^2: 196 tokens = 7 chunks, no padding
 # per-token log decays are clamped at -G: a pair across such a token decays by < e^-G
 _CLAMP = {torch.float32: 22.0, torch.float64: 40.0}
@@ -81,12 +83,13 @@ def _num_chunks(T, C: int):
 
 
 def _cached(fn):
-    """``fn`` memoized per shape in eager mode; rebuilt in the graph while tracing."""
+    """``fn`` memoized per shape in eager mode; rebuilt in the graph while tracing or under a
+    dispatch mode (fake tensors must not meet the cached real ones)."""
     cached = functools.lru_cache(maxsize=32)(fn)
 
     @functools.wraps(fn)
     def get(*args):
-        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+        return fn(*args) if via_dispatcher() else cached(*args)
     return get
 
 
