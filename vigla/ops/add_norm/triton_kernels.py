@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..dispatch import direct
 
-TILE_FWD = TILE_BWD = 2048  # elements per tile (BR * BC): 16 values a thread forward, 8 backward
+TILE_FWD, TILE_BWD = 2048, 1024  # elements per tile (BR * BC): 16 values a thread forward, 4 backward
 WARPS_FWD, WARPS_BWD = 4, 8  # spill-free for C <= 4096 (ptxas, sm_90)
 MAX_C = 4096  # widest row the kernels take (one row a tile)
 

@@ -138,13 +138,12 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     BC, BT = _tile(C, TILE_BWD)
     tiles = triton.cdiv(N, BT)
     n = max(1, min(B * tiles, _programs(x.device.index) if x.is_cuda else 4))
-    g = torch.empty(B, N, C, dtype=torch.float32, device=x.device) if act else dy
-    dx = dy if act else torch.empty(B, N, C, dtype=x.dtype, device=x.device)
+    # with SiLU the kernel writes g (fp32), else dx; the other pointer is never written (never an input)
+    out = torch.empty(B, N, C, dtype=torch.float32 if act else x.dtype, device=x.device)
     dwp = (torch.empty if dy.numel() else torch.zeros)(n, 9, C, dtype=torch.float32, device=x.device)
     if dy.numel():
         wrap(_bwd_kernel)[(n, triton.cdiv(C, BC))](
-            dy, x, w, g, dx, dwp, N, hw[0], hw[1], C, x.stride(0), x.stride(1), tiles, B * tiles,
+            dy, x, w, out, out, dwp, N, hw[0], hw[1], C, x.stride(0), x.stride(1), tiles, B * tiles,
             BT=BT, BC=BC, ACT=act, num_warps=WARPS)
-    if act:  # dx: the transposed conv of g
-        dx = _conv_launch(g, w, hw, False, True, x.dtype, wrap)
+    dx = _conv_launch(out, w, hw, False, True, x.dtype, wrap) if act else out  # the transposed conv of g
     return dx, dwp.sum(0).t().reshape(weight.shape).to(weight.dtype)
