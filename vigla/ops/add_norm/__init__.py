@@ -1,0 +1,57 @@
+"""``add_norm``: a block's residual add fused with the next pre-norm (RMSNorm or LayerNorm).
+
+ViG's blocks are pre-norm (Liao et al., AAAI 2025, Sec. 3; ViG-H's LayerNorms, Sec. 3.3):
+``x + mixer(norm1(x))`` then ``x + mlp(norm2(x))``. Each residual add and the norm that follows
+it read and write the same rows; this op does both in one pass (``triton_kernels.py`` on CUDA, the
+reference elsewhere: ``reference.py``; see :mod:`vigla.ops.dispatch`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..dispatch import compute_dtype, via_dispatcher
+from .op import AddNormFunction
+from .reference import add_norm_reference, add_norm_reference_bwd
+
+__all__ = ["add_norm", "add_norm_reference", "add_norm_reference_bwd"]
+
+KINDS = ("rms", "layer")
+
+
+def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
+             bias: Optional[torch.Tensor] = None, eps: float = 1e-6, kind: str = "rms",
+             out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + delta`` and ``y = norm(s)``.
+
+    Args:
+        x: ``[..., C]`` the residual stream.
+        delta: ``[..., C]`` the branch output added to it (any float dtype), or None (just the norm).
+        weight: ``[C]``. bias: ``[C]`` for ``kind="layer"`` (or None); None for ``"rms"``.
+        eps: the norm's epsilon.
+        kind: ``"rms"`` (timm's ``RmsNorm``: ``s / sqrt(mean(s^2) + eps) * weight``) or ``"layer"``
+            (``nn.LayerNorm``).
+        out_dtype: dtype of ``y``; None: the compute dtype (autocast's for ``x``'s device when it
+            is on, else ``x.dtype``), what the next layer multiplies in.
+
+    Returns:
+        ``(s, y)``: ``s`` ``[..., C]`` in ``x.dtype`` (summed in float32, rounded once; ``x``
+        itself when ``delta`` is None), ``y`` ``[..., C]`` in ``out_dtype``, the norm of ``s`` as
+        stored, with float32 statistics. Gradients flow to ``x`` and ``delta`` (the same values,
+        ``delta``'s in its dtype), ``weight`` and ``bias``.
+    """
+    C = x.shape[-1] if x.dim() else 0
+    if kind not in KINDS:
+        raise ValueError(f"add_norm: kind must be one of {KINDS}, got {kind!r}")
+    if x.dim() < 1 or weight.shape != (C,):
+        raise ValueError(f"add_norm: expected x [..., C] and weight [C], got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if delta is not None and delta.shape != x.shape:
+        raise ValueError(f"add_norm: delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
+    if bias is not None and (kind == "rms" or bias.shape != (C,)):
+        raise ValueError(f"add_norm: bias must be None for kind='rms' and [{C}] for kind='layer', got "
+                         f"{tuple(bias.shape)} with kind={kind!r}")
+    args = (x, delta, weight, bias, float(eps), kind == "rms", out_dtype or compute_dtype(x))
+    s, y = torch.ops.vigla.add_norm(*args) if via_dispatcher() else AddNormFunction.apply(*args)
+    return (s if delta is not None else x), y

@@ -1,0 +1,111 @@
+"""The residual add and norm as one op: ``AddNormFunction`` (eager) and ``vigla::add_norm``
+(traced); the fused kernels for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`).
+
+Both return ``(s, y)`` with ``s`` empty (``[0]``) when there is no ``delta`` (the residual is then
+``x`` itself, which a custom op may not return). The backward needs only the residual ``s``
+(``x`` without ``delta``), saved instead of ``x`` and ``delta``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
+from .reference import add_norm_reference, add_norm_reference_bwd
+
+if HAS_TRITON:
+    from .triton_kernels import MAX_C, add_norm_bwd_triton, add_norm_fwd_triton
+
+__all__ = ["AddNormFunction"]
+
+
+def _kernels(x: torch.Tensor) -> bool:
+    return use_kernels(x) and x.shape[-1] <= MAX_C
+
+
+def _forward(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype, launch=direct):
+    """``(s, y)``: ``s`` ``[..., C]`` in ``x.dtype`` (``[0]`` without ``delta``), ``y`` in ``out_dtype``."""
+    if _kernels(x):
+        return add_norm_fwd_triton(x, delta, weight, bias, eps, rms, out_dtype, wrap=launch)
+    s, y = add_norm_reference(x, delta, weight, bias, eps, rms, out_dtype)
+    return (s.contiguous() if delta is not None else x.new_empty(0)), y.contiguous()
+
+
+def _backward(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype: Optional[torch.dtype],
+              launch=direct):
+    """``(dx, ddelta, dweight, dbias)``: ``ddelta`` only when ``delta_dtype`` differs from ``s.dtype``
+    and ``dbias`` only with a bias; ``[0]`` otherwise."""
+    if _kernels(s):
+        return add_norm_bwd_triton(dy, ds, s, weight, bias, eps, rms, delta_dtype, wrap=launch)
+    dx, dw, db = add_norm_reference_bwd(dy, ds, s, weight, bias, eps, rms)
+    ddelta = dx.to(delta_dtype) if delta_dtype is not None and delta_dtype != s.dtype else dx.new_empty(0)
+    return dx.contiguous(), ddelta, dw, db if db is not None else dw.new_empty(0)
+
+
+def _input_grads(dx, ddelta, dw, db, delta_dtype, has_bias: bool):
+    """The gradients of ``(x, delta, weight, bias)`` from the backward's outputs."""
+    dd = None if delta_dtype is None else (ddelta if delta_dtype != dx.dtype else dx)
+    return dx, dd, dw, db if has_bias else None
+
+
+class AddNormFunction(torch.autograd.Function):
+    """Eager add + norm: ``apply(x, delta, weight, bias, eps, rms, out_dtype)`` -> ``(s, y)``."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, bias, eps, rms, out_dtype):
+        s, y = _forward(x, delta, weight, bias, eps, rms, out_dtype)
+        ctx.save_for_backward(s if delta is not None else x, weight, bias)
+        ctx.eps, ctx.rms = eps, rms
+        ctx.delta_dtype = delta.dtype if delta is not None else None
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s, weight, bias = ctx.saved_tensors
+        ds = ds if ctx.delta_dtype is not None else None
+        grads = _backward(dy, ds, s, weight, bias, ctx.eps, ctx.rms, ctx.delta_dtype)
+        return (*_input_grads(*grads, ctx.delta_dtype, bias is not None), None, None, None)
+
+
+def _fake(x, delta, weight, bias, eps, rms, out_dtype):
+    return x.new_empty(x.shape if delta is not None else (0,)), x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _bwd_fake(dy, ds, s, weight, bias, eps, rms, delta_dtype):
+    store_dd = delta_dtype is not None and delta_dtype != s.dtype
+    return (s.new_empty(s.shape), s.new_empty(s.shape if store_dd else (0,), dtype=delta_dtype or s.dtype),
+            torch.empty_like(weight), bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0))
+
+
+@fused_op("vigla::add_norm", _fake)
+def add_norm_op(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
+                bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The custom op: :class:`AddNormFunction`'s forward."""
+    return _forward(x, delta, weight, bias, eps, rms, out_dtype, wrap)
+
+
+@fused_op("vigla::add_norm_bwd", _bwd_fake)
+def add_norm_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], eps: float, rms: bool, delta_dtype: Optional[torch.dtype]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Its backward: ``(dx, ddelta, dweight, dbias)`` (see ``_backward``)."""
+    return tuple(_backward(dy, ds, s, weight, bias, eps, rms, delta_dtype, wrap))
+
+
+def _setup(ctx, inputs, output):
+    x, delta, weight, bias, eps, rms, _ = inputs
+    ctx.save_for_backward(output[0] if delta is not None else x, weight, bias)
+    ctx.eps, ctx.rms = eps, rms
+    ctx.delta_dtype = delta.dtype if delta is not None else None
+
+
+def _op_backward(ctx, ds, dy):
+    s, weight, bias = ctx.saved_tensors
+    ds = ds if ctx.delta_dtype is not None else None
+    grads = torch.ops.vigla.add_norm_bwd(dy, ds, s, weight, bias, ctx.eps, ctx.rms, ctx.delta_dtype)
+    return (*_input_grads(*grads, ctx.delta_dtype, bias is not None), None, None, None)
+
+
+add_norm_op.register_autograd(_op_backward, setup_context=_setup)

@@ -1,0 +1,69 @@
+"""The residual add and the pre-norm of a block in plain PyTorch: the ground truth of the fused kernels.
+
+Per row of ``C`` channels (the tokens of a ViG block, Liao et al., AAAI 2025, Sec. 3):
+
+    s = x + delta                       (the new residual stream, stored in x's dtype)
+    y = norm(s) * w (+ b)               rms:   norm(s) = s / sqrt(mean(s^2) + eps)  (timm's RmsNorm)
+                                        layer: norm(s) = (s - mean(s)) / sqrt(var(s) + eps)
+
+The norm reads ``s`` as stored (rounded to x's dtype), so the fused op equals ``norm(x + delta)``
+computed in two steps. Statistics in float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _work(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def residual_sum(x: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x + delta`` summed in float32 (float64) and stored in ``x.dtype``; ``x`` when ``delta`` is None."""
+    if delta is None:
+        return x
+    f = _work(x)
+    return (x.to(f) + delta.to(f)).to(x.dtype)
+
+
+def _normalize(s: torch.Tensor, eps: float, rms: bool):
+    """``(n, r)``: the normalized rows and their reciprocal deviation ``[..., 1]``."""
+    if rms:
+        r = torch.rsqrt(s.square().mean(-1, keepdim=True) + eps)
+        return s * r, r
+    c = s - s.mean(-1, keepdim=True)
+    r = torch.rsqrt(c.square().mean(-1, keepdim=True) + eps)
+    return c * r, r
+
+
+def add_norm_reference(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
+    """``x``, ``delta``: ``[..., C]`` (``delta`` may be None); ``weight``, ``bias``: ``[C]`` (``bias``
+    None for rms). Returns ``(s, y)``: ``s`` ``[..., C]`` in ``x.dtype``, ``y`` in ``out_dtype``."""
+    s = residual_sum(x, delta)
+    f = _work(s)
+    n, _ = _normalize(s.to(f), eps, rms)
+    y = n * weight.to(f)
+    if bias is not None:
+        y = y + bias.to(f)
+    return s, y.to(out_dtype)
+
+
+def add_norm_reference_bwd(dy, ds, s, weight, bias, eps: float, rms: bool):
+    """Gradients of ``<dy, y> + <ds, s>`` (``ds`` may be None: ``s`` unused) written out, from the
+    saved residual ``s``: ``(dx, dweight, dbias)``; ``dx`` (in ``s.dtype``) is also the gradient of
+    ``delta``; ``dbias`` is None without a bias."""
+    f = _work(s)
+    n, r = _normalize(s.to(f), eps, rms)
+    g = dy.to(f)
+    dn = g * weight.to(f)
+    d = dn - n * (dn * n).mean(-1, keepdim=True)
+    if not rms:
+        d = d - dn.mean(-1, keepdim=True)
+    dx = r * d
+    if ds is not None:
+        dx = dx + ds.to(f)
+    lead = tuple(range(s.dim() - 1))
+    dbias = g.sum(lead).to(bias.dtype) if bias is not None else None
+    return dx.to(s.dtype), (g * n).sum(lead).to(weight.dtype), dbias

@@ -1,0 +1,151 @@
+"""Residual add + RMSNorm / LayerNorm fused: one pass forward (read ``x`` and ``delta``, write the
+residual ``s`` and the normalized ``y``), one pass backward (read ``s``, ``dy`` and ``ds``, write
+``dx``) with the statistics recomputed from ``s``.
+
+Rows of ``C`` channels, a tile of ``BR`` rows by ``BC = next_pow2(C)`` columns per step (masked
+beyond ``C``: ViG-H's 96/192/384/768 channels). The backward runs a fixed number of programs over
+the row tiles and writes the weight (and bias) gradients as one fp32 partial sum per program,
+summed by the caller: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import direct
+
+TILE_FWD, TILE_BWD = 2048, 1024  # elements per tile (BR * BC): 16 values a thread forward, 4 backward
+WARPS_FWD, WARPS_BWD = 4, 8  # spill-free for C <= 4096 (ptxas, sm_90)
+MAX_C = 4096  # widest row the kernels take (one row a tile)
+
+
+@triton.jit
+def _normalize(s, cmask, eps, C: tl.constexpr, RMS: tl.constexpr):
+    """``s``: ``[BR, BC]`` fp32, zero beyond ``C``. Returns ``(n, r)``: the normalized rows (zero
+    beyond ``C``) and the reciprocal deviations ``[BR]``."""
+    if RMS:
+        c = s
+    else:
+        c = tl.where(cmask[None, :], s - (tl.sum(s, axis=1) / C)[:, None], 0.0)
+    r = tl.rsqrt(tl.sum(c * c, axis=1) / C + eps)
+    return c * r[:, None], r
+
+
+@triton.jit
+def _fwd_kernel(x, delta, w, b, s, y, R, sx, sd, eps, C: tl.constexpr, BC: tl.constexpr,
+                BR: tl.constexpr, RMS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``x``, ``delta``: rows with strides ``sx``, ``sd``; ``s``, ``y``: contiguous ``[R, C]``."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes float scalars as fp64
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BC)
+    cmask = cols < C
+    mask = (rows < R)[:, None] & cmask[None, :]
+    off = rows[:, None] * C + cols[None, :]
+    v = tl.load(x + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(delta + rows[:, None] * sd + cols[None, :], mask=mask, other=0.0)
+        v = (v.to(tl.float32) + d.to(tl.float32)).to(s.dtype.element_ty)  # the stored residual
+        tl.store(s + off, v, mask=mask)
+    n, _ = _normalize(v.to(tl.float32), cmask, eps, C, RMS)
+    out = n * tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(dy, ds, s, w, dx, ddelta, dwp, dbp, R, eps, C: tl.constexpr, BC: tl.constexpr,
+                BR: tl.constexpr, RMS: tl.constexpr, HAS_DS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                STORE_DDELTA: tl.constexpr):
+    """All row tensors contiguous ``[R, C]``; ``dwp``, ``dbp``: ``[programs, C]`` fp32 partial sums.
+    ``dx = norm'(s)^T (dy * w) + ds``, also written to ``ddelta`` in its dtype (``STORE_DDELTA``)."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes float scalars as fp64
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BC)
+    cmask = cols < C
+    wt = tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BC], dtype=tl.float32)
+    acc_b = tl.zeros([BC], dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(R, BR), tl.num_programs(0)):
+        rows = (blk * BR + tl.arange(0, BR)).to(tl.int64)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        n, r = _normalize(tl.load(s + off, mask=mask, other=0.0).to(tl.float32), cmask, eps, C, RMS)
+        g = tl.load(dy + off, mask=mask, other=0.0).to(tl.float32)
+        acc_w += tl.sum(g * n, axis=0)
+        if HAS_BIAS:
+            acc_b += tl.sum(g, axis=0)
+        dn = g * wt[None, :]
+        d = dn - n * (tl.sum(dn * n, axis=1) / C)[:, None]
+        if not RMS:
+            d -= (tl.sum(dn, axis=1) / C)[:, None]
+        d = d * r[:, None]
+        if HAS_DS:
+            d += tl.load(ds + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx + off, d.to(dx.dtype.element_ty), mask=mask)
+        if STORE_DDELTA:
+            tl.store(ddelta + off, d.to(ddelta.dtype.element_ty), mask=mask)
+    tl.store(dwp + pid * C + cols, acc_w, mask=cmask)
+    if HAS_BIAS:
+        tl.store(dbp + pid * C + cols, acc_b, mask=cmask)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tile(C: int, elements: int) -> tuple[int, int]:
+    """``(BC, BR)``: columns (the next power of two) and rows of a tile of about ``elements``."""
+    bc = triton.next_power_of_2(C)
+    return bc, max(1, elements // bc)
+
+
+def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
+    """``[R, C]`` rows with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, C)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def add_norm_fwd_triton(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
+                        wrap=direct):
+    """``(s, y)``; ``s`` is empty (``[0]``) without ``delta``."""
+    C = x.shape[-1]
+    x2 = _rows(x, C)
+    d2 = _rows(delta, C) if delta is not None else x2
+    R = x2.shape[0]
+    s = torch.empty(x.shape if delta is not None else (0,), dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if R:
+        BC, BR = _tile(C, TILE_FWD)
+        wrap(_fwd_kernel)[(triton.cdiv(R, BR),)](
+            x2, d2, weight, bias if bias is not None else weight, s, y, R, x2.stride(0), d2.stride(0), eps,
+            C=C, BC=BC, BR=BR, RMS=rms, HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, num_warps=WARPS_FWD)
+    return s, y
+
+
+def add_norm_bwd_triton(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype, wrap=direct):
+    """``(dx, ddelta, dweight, dbias)``: ``dx`` in ``s.dtype``; ``ddelta`` in ``delta_dtype`` when that
+    differs from ``s.dtype`` (else empty: ``dx`` is the gradient of ``delta`` too); ``dbias`` empty
+    without a bias."""
+    C = s.shape[-1]
+    s2 = s.reshape(-1, C).contiguous()
+    R = s2.shape[0]
+    BC, BR = _tile(C, TILE_BWD)
+    n = max(1, min(triton.cdiv(R, BR), _programs(s.device.index) if s.is_cuda else 4))
+    store_dd = delta_dtype is not None and delta_dtype != s.dtype
+    dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    ddelta = torch.empty(s.shape if store_dd else (0,), dtype=delta_dtype or s.dtype, device=s.device)
+    alloc = torch.empty if R else torch.zeros  # every program writes its row of partial sums
+    dwp = alloc(n, C, dtype=torch.float32, device=s.device)
+    dbp = alloc(n if bias is not None else 0, C, dtype=torch.float32, device=s.device)
+    if R:
+        wrap(_bwd_kernel)[(n,)](
+            dy.contiguous(), ds.contiguous() if ds is not None else s2, s2, weight, dx, ddelta if store_dd else dx,
+            dwp, dbp if bias is not None else dwp, R, eps, C=C, BC=BC, BR=BR, RMS=rms, HAS_DS=ds is not None,
+            HAS_BIAS=bias is not None, STORE_DDELTA=store_dd, num_warps=WARPS_BWD)
+    db = dbp.sum(0).to(bias.dtype) if bias is not None else dbp.new_empty(0)
+    return dx, ddelta, dwp.sum(0).to(weight.dtype), db

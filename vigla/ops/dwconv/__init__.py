@@ -1,0 +1,45 @@
+"""``dwconv_silu``: ViG's local branch, a depthwise 3x3 conv (+ SiLU) on channels-last tokens.
+
+``x_c = SiLU(DWConv3x3(x))`` (Liao et al., AAAI 2025, Sec. 3.2: the 2-D gating locality injection
+reads it; the SiLU is ViG-T's ``conv_act``) in one kernel on CUDA (``triton_kernels.py``), with no
+NCHW permutes; the reference elsewhere (``reference.py``); see :mod:`vigla.ops.dispatch`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..dispatch import compute_dtype, via_dispatcher
+from .op import DWConvFunction
+from .reference import dwconv_reference, dwconv_reference_bwd
+
+__all__ = ["dwconv_silu", "dwconv_reference", "dwconv_reference_bwd"]
+
+
+def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act: bool = True,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Depthwise 3x3 conv (stride 1, zero padding 1, no bias), then SiLU if ``act``.
+
+    Args:
+        x: ``[B, H*W, C]`` tokens of an ``H x W`` grid in row-major order (any float dtype; the
+            channel stride must be 1 for the kernels to read it in place).
+        weight: ``[C, 1, 3, 3]`` (``nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).weight``).
+        hw: ``(H, W)``, each >= 1.
+        act: SiLU on the conv's output.
+        out_dtype: dtype of the result; None: the compute dtype (autocast's for ``x``'s device when
+            it is on, else ``x.dtype``), what ``nn.Conv2d`` would return.
+
+    Returns:
+        ``[B, H*W, C]`` in ``out_dtype``, accumulated in float32. Gradients flow to ``x`` (in its
+        dtype) and ``weight`` (in its dtype).
+    """
+    H, W = (int(v) for v in hw)
+    if x.dim() != 3 or H < 1 or W < 1 or x.shape[1] != H * W:
+        raise ValueError(f"dwconv_silu: expected x [B, H*W, C] with hw=(H, W) >= 1, got x {tuple(x.shape)}, "
+                         f"hw {tuple(hw)}")
+    if weight.shape != (x.shape[-1], 1, 3, 3):
+        raise ValueError(f"dwconv_silu: weight must be [C, 1, 3, 3] with C = {x.shape[-1]}, got "
+                         f"{tuple(weight.shape)}")
+    args = (x, weight, H, W, bool(act), out_dtype or compute_dtype(x))
+    return torch.ops.vigla.dwconv(*args) if via_dispatcher() else DWConvFunction.apply(*args)

@@ -1,0 +1,76 @@
+"""The depthwise conv (+ SiLU) as one op: ``DWConvFunction`` (eager) and ``vigla::dwconv`` (traced);
+the fused kernels for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`)."""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
+from .reference import dwconv_reference, dwconv_reference_bwd
+
+if HAS_TRITON:
+    from .triton_kernels import dwconv_bwd_triton, dwconv_fwd_triton
+
+__all__ = ["DWConvFunction"]
+
+
+def _forward(x, weight, H: int, W: int, act: bool, out_dtype: torch.dtype, launch=direct):
+    """``[B, H*W, C]`` in ``out_dtype`` (see :func:`vigla.ops.dwconv.dwconv_silu`)."""
+    if use_kernels(x):
+        return dwconv_fwd_triton(x, weight, (H, W), act, out_dtype, wrap=launch)
+    return dwconv_reference(x, weight, (H, W), act, out_dtype).contiguous()
+
+
+def _backward(dy, x, weight, H: int, W: int, act: bool, launch=direct):
+    """``(dx, dweight)`` in the inputs' dtypes."""
+    if use_kernels(x):
+        return dwconv_bwd_triton(dy, x, weight, (H, W), act, wrap=launch)
+    return tuple(t.contiguous() for t in dwconv_reference_bwd(dy, x, weight, (H, W), act))
+
+
+class DWConvFunction(torch.autograd.Function):
+    """Eager depthwise conv: ``apply(x, weight, H, W, act, out_dtype)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, H, W, act, out_dtype):
+        ctx.save_for_backward(x, weight)
+        ctx.H, ctx.W, ctx.act = H, W, act
+        return _forward(x, weight, H, W, act, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (*_backward(dy, *ctx.saved_tensors, ctx.H, ctx.W, ctx.act), None, None, None, None)
+
+
+def _fake(x, weight, H, W, act, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _bwd_fake(dy, x, weight, H, W, act):
+    return x.new_empty(x.shape), torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@fused_op("vigla::dwconv", _fake)
+def dwconv_op(x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: bool, out_dtype: torch.dtype
+              ) -> torch.Tensor:
+    """The custom op: :class:`DWConvFunction`'s forward."""
+    return _forward(x, weight, H, W, act, out_dtype, wrap)
+
+
+@fused_op("vigla::dwconv_bwd", _bwd_fake)
+def dwconv_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Its backward: ``(dx, dweight)``."""
+    return tuple(_backward(dy, x, weight, H, W, act, wrap))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, H, W, act, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.H, ctx.W, ctx.act = H, W, act
+
+
+def _op_backward(ctx, dy):
+    return (*torch.ops.vigla.dwconv_bwd(dy, *ctx.saved_tensors, ctx.H, ctx.W, ctx.act), None, None, None, None)
+
+
+dwconv_op.register_autograd(_op_backward, setup_context=_setup)
