@@ -14,9 +14,20 @@ import torch.nn.functional as F
 from ..ops import bigla_gated
 from ..ops.dispatch import compute_dtype
 from ..ops.locality_mix import locality_mix
+from ..ops.tracing import exporting
 from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer"]
+
+# leaves under torch.fx: the traced graph calls the ops (their checks, kernels and custom ops) as they are
+torch.fx.wrap("bigla_gated")
+torch.fx.wrap("locality_mix")
+
+
+@torch.fx.wrap
+def _check_grid(n: int, hw: tuple[int, int]) -> None:
+    if n != hw[0] * hw[1]:
+        raise ValueError(f"BiGLAMixer: {n} tokens do not form the given {hw[0]}x{hw[1]} grid")
 
 
 class BiGLAMixer(nn.Module):
@@ -103,7 +114,8 @@ class BiGLAMixer(nn.Module):
         (inference) they are cached in the compute dtype until a source parameter changes (in
         place, or replaced): no concatenation or cast kernels per call."""
         parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if (torch.jit.is_scripting() or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or exporting() or not isinstance(x_c, torch.Tensor)):  # graphs hold no cache (FX: a Proxy)
             return self._concat(parts)
         dtype = compute_dtype(x_c)
         key = (dtype, tuple((p.data_ptr(), p._version) for p in parts))
@@ -113,7 +125,8 @@ class BiGLAMixer(nn.Module):
         return self._in_proj_cache[1:]
 
     @staticmethod
-    def _concat(parts):
+    def _concat(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         w_qkv, w_down, w_gate, b_gate = parts
         weight = torch.cat([w_qkv, w_down, w_gate])
         return weight, F.pad(b_gate, (weight.shape[0] - b_gate.shape[0], 0))
@@ -123,8 +136,7 @@ class BiGLAMixer(nn.Module):
         Returns ``[B, N, C]``."""
         B, N, C = x.shape
         H, W = hw
-        if N != H * W:
-            raise ValueError(f"BiGLAMixer: {N} tokens do not form the given {H}x{W} grid")
+        _check_grid(N, hw)
         # Depthwise conv on an NCHW view of the channels-last tokens (no copy in, none out when
         # the conv keeps the channels-last memory format).
         x_c = self.dwconv(x.reshape(B, H, W, C).permute(0, 3, 1, 2))

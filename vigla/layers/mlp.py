@@ -8,6 +8,8 @@ from ..ops.swiglu import swiglu_mlp
 
 __all__ = ["SwiGLU"]
 
+torch.fx.wrap("swiglu_mlp")  # a leaf under torch.fx: the traced graph calls the op as it is
+
 
 class SwiGLU(nn.Module):
     """``fc2(SiLU(a) * b)`` with ``[a | b] = fc1(x)``, no biases (the official ViG MLP; the same

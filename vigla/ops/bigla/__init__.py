@@ -19,8 +19,10 @@ import torch
 
 from ..dispatch import use_kernels
 from ..recompute import record_output, replayed_output
+from ..tracing import exporting
 from . import op
 from .chunked import bigla_chunked, bigla_chunked_bwd
+from .export_path import bigla_gated_static, bigla_static
 from .naive import bigla_naive
 from .fla import HAS_FLA, bigla_fla
 from .op import bigla_macs, log_decays
@@ -155,6 +157,10 @@ def bigla(
         ``S^f_t = diag(exp(log_gf_t)) S^f_{t-1} + k_t v_t^T`` and
         ``S^b_t = diag(exp(log_gb_t)) S^b_{t+1} + k_t v_t^T``; both scans include token t itself.
     """
+    # torch.export / ONNX / TorchScript / torch.jit.trace: plain aten ops with static control flow
+    # instead of the custom op, whatever the backend (vigla.ops.tracing, bigla.export_path)
+    if torch.jit.is_scripting() or exporting():
+        return bigla_static(q, k, v, log_gf, log_gb, q.shape[-1] ** -0.5 if scale is None else scale)
     _check("bigla", q, k, v, log_gf, log_gb)
     return _run(q, k, v, log_gf, log_gb, scale, backend, None)
 
@@ -185,7 +191,12 @@ def bigla_gated(
     Returns:
         ``[B, T, H, V]`` in ``q.dtype``.
     """
+    # torch.export / ONNX / TorchScript / torch.jit.trace: plain aten ops with static control flow
+    # instead of the custom op, whatever the backend (vigla.ops.tracing, bigla.export_path)
+    if torch.jit.is_scripting() or exporting():
+        return bigla_gated_static(q, k, v, zf, zb, gate_normalizer,
+                                  q.shape[-1] ** -0.5 if scale is None else scale)
     _check("bigla_gated", q, k, v, zf, zb, gates=("zf", "zb"))
     if not (isinstance(gate_normalizer, (int, float)) and gate_normalizer > 0):
-        raise ValueError(f"bigla_gated: gate_normalizer must be a number > 0, got {gate_normalizer!r}")
+        raise ValueError(f"bigla_gated: gate_normalizer must be a number > 0, got {repr(gate_normalizer)}")
     return _run(q, k, v, zf, zb, scale, backend, float(gate_normalizer))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..dispatch import HAS_TRITON, compute_dtype, register_cuda, resolve
 from ..recompute import replaying
+from ..tracing import exporting
 from .reference import swiglu_reference, swiglu_reference_bwd
 
 __all__ = ["swiglu", "swiglu_mlp", "swiglu_reference", "swiglu_reference_bwd"]
@@ -101,6 +102,9 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, backend: str
     Gradients equal those of the composition. Under ``torch.compile`` the composition is traced
     (the gating as the custom op ``vigla::swiglu``).
     """
+    # torch.export / ONNX / TorchScript / torch.jit.trace: the plain formula (vigla.ops.tracing)
+    if torch.jit.is_scripting() or exporting():
+        return F.linear(swiglu_reference(F.linear(x, w1)), w2)
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[1] != x.shape[-1] or w1.shape[0] != 2 * w2.shape[1]:
         raise ValueError(f"swiglu_mlp: want w1 [2I, C] with C = {x.shape[-1]} (x's last dim) and w2 "
                          f"[C_out, I]; got w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
