@@ -399,7 +399,7 @@ def test_bad_input_errors(name):
     model = small(name)
     with pytest.raises(ValueError, match=r"expected 3 input channels .* got 1"):
         model(torch.randn(1, 1, 64, 64))
-    with pytest.raises(ValueError, match=r"4-D image batch \[B, 3, H, W\], got shape \(3, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"4-D image batch \[B, 3, H, W\], got shape \[3, 64, 64\]"):
         model(torch.randn(3, 64, 64))
     with pytest.raises(TypeError, match="floating-point"):
         model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))

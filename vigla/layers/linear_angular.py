@@ -206,7 +206,9 @@ class LinearAngularAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
         z = linear_angular_z(q, k, v, eps=self.norm_eps)
-        if not torch.jit.is_scripting():  # the training-only branch keeps Python state: not in TorchScript
+        # the training-only branch keeps Python state: eager (and torch.compile / export) only, not in
+        # TorchScript or torch.fx graphs (q is a Proxy there)
+        if not torch.jit.is_scripting() and isinstance(q, torch.Tensor):
             if self.training:
                 self._aux_reg = None
             if self.aux_active():

@@ -20,18 +20,17 @@ __all__ = ["ConvStem", "ConvDownsample", "check_image_batch"]
 @torch.fx.wrap  # a leaf under torch.fx: it runs, with real tensors, when the traced graph runs
 def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int, where: str) -> None:
     """Raise a readable error unless ``x`` is a floating ``[B, in_chans, H, W]`` batch with
-    ``H, W >= min_size``. Not scriptable (TorchScript models skip it; their convolutions still
-    reject wrong channels)."""
+    ``H, W >= min_size`` (scriptable: shapes printed as lists)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor image batch, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(
-            f"{where}: expected a 4-D image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}"
+            f"{where}: expected a 4-D image batch [B, {in_chans}, H, W], got shape {list(x.shape)}"
         )
     if x.shape[1] != in_chans:
         raise ValueError(
             f"{where}: expected {in_chans} input channels [B, {in_chans}, H, W], "
-            f"got {x.shape[1]} (shape {tuple(x.shape)})"
+            f"got {x.shape[1]} (shape {list(x.shape)})"
         )
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(
@@ -84,8 +83,7 @@ class ConvStem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_image_batch(x, self.in_chans, self.min_input_size, "ConvStem")
+        check_image_batch(x, self.in_chans, self.min_input_size, "ConvStem")
         x = self.act(self.norm1(self.conv1(x)))
         return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
 

@@ -11,8 +11,6 @@ Scriptable (``torch.jit.script``), traceable (``torch.fx``, ``torch.jit.trace``)
 (``torch.export`` with dynamic batch, height and width; ONNX) as it is: the ops switch to plain
 PyTorch formulas there (:mod:`vigla.ops.tracing`).
 """
-from __future__ import annotations
-
 import math
 from functools import partial
 from typing import List, Optional, Tuple, Union
@@ -138,8 +136,11 @@ class ViG(nn.Module):
         this one it no longer resizes the embedding per forward."""
         if img_size is None:
             return
+        grid = self.patch_embed.grid_size(to_2tuple(img_size))
+        if min(grid) < 1:
+            raise ValueError(f"img_size {img_size} is too small: the stem needs at least "
+                             f"{self.patch_embed.min_input_size} pixels a side")
         self.img_size = to_2tuple(img_size)
-        grid = self.patch_embed.grid_size(self.img_size)
         if grid != self.grid_size:
             with torch.no_grad():
                 pos_embed = resample_abs_pos_embed(

@@ -10,8 +10,6 @@ No position embedding. Stages take and return ``[B, C, H, W]`` maps (channels-fi
 channels-last memory: the blocks run on ``[B, H*W, C]`` tokens, LayerNorm normalizes channels
 either way, as in the official channels-first code).
 """
-from __future__ import annotations
-
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch

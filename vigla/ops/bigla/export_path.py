@@ -33,7 +33,7 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _directions(fwd: torch.Tensor, bwd: torch.Tensor, dtype: torch.dtype, n: int, chunk: int) -> torch.Tensor:
+def _directions(fwd: torch.Tensor, bwd: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
     """``[B, T, H, D]`` x 2 -> ``[2, B, H, n, C, D]``: ``fwd`` as is and ``bwd`` time-reversed, each
     followed by zero tokens up to ``n * C``.
 
@@ -42,10 +42,9 @@ def _directions(fwd: torch.Tensor, bwd: torch.Tensor, dtype: torch.dtype, n: int
     guards on ``T % C`` that it cannot prove."""
     T = fwd.shape[1]
     idx = torch.arange(n, device=fwd.device)[:, None] * chunk + torch.arange(chunk, device=fwd.device)
-    valid = (idx < T).to(dtype)[:, :, None, None]  # [n, C, 1, 1]
-    x = torch.stack([fwd.to(dtype)[:, idx.clamp(max=T - 1)],
-                     bwd.to(dtype)[:, (T - 1 - idx).clamp(min=0)]]) * valid  # [2, B, n, C, H, D]
-    return x.permute(0, 1, 4, 2, 3, 5)
+    valid = (idx < T).to(fwd.dtype)[:, :, None, None]  # [n, C, 1, 1]
+    x = torch.stack([fwd[:, idx.clamp(max=T - 1)], bwd[:, (T - 1 - idx).clamp(min=0)]]) * valid
+    return x.permute(0, 1, 4, 2, 3, 5)  # [2, B, n, C, H, D] -> [2, B, H, n, C, D]
 
 
 def _segment_sums(g: torch.Tensor) -> torch.Tensor:
@@ -94,9 +93,11 @@ def bigla_static(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gf: torc
     # and no empty padding, which torch.export would specialize the graph on
     n = T // chunk + 2
     dtype = _work_dtype(q)
-    o = _causal_gla(_directions(q, q, dtype, n, chunk), _directions(k, k, dtype, n, chunk),
-                    _directions(v, v, dtype, n, chunk), _directions(log_gf, log_gb, dtype, n, chunk))
-    o = o.flatten(3, 4)  # [2, B, H, n*C, V]
+    K, V = q.shape[-1], v.shape[-1]
+    qkv = [q.to(dtype), k.to(dtype), v.to(dtype)]  # both directions gathered at once
+    x = _directions(torch.cat(qkv + [log_gf.to(dtype)], -1), torch.cat(qkv + [log_gb.to(dtype)], -1), n, chunk)
+    qc, kc, vc, gc = x.split([K, K, V, K], dim=-1)
+    o = _causal_gla(qc, kc, vc, gc).flatten(3, 4)  # [2, B, H, n*C, V]
     t = torch.arange(T, device=o.device)
     o = (o[0].index_select(2, t) + o[1].index_select(2, T - 1 - t)) * (0.5 * scale)
     return o.transpose(1, 2).to(q.dtype)
