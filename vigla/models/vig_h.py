@@ -231,11 +231,12 @@ class HierViG(nn.Module):
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages after the last one in ``indices`` (and the norm / head if asked)."""
+        """Drop the stages after the last one in ``indices`` (and the norm / head if asked; the norm,
+        which fits the last stage's width only, also goes with that stage)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm:
+        if prune_norm or max_index < len(self.stages) - 1:
             self.norm = nn.Identity()
+        self.stages = self.stages[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
