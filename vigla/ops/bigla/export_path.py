@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 __all__ = ["bigla_static", "bigla_gated_static"]
 
-CHUNK = 32
+CHUNK = 16  # fastest here (ONNX Runtime, 1 CPU thread: T=196 and 1024 against 8 and 32)
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
