@@ -22,18 +22,11 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import vigla  # noqa: F401  (registers the models)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 MODELS = sorted(n for n in timm.list_models()
                 if timm.models.model_entrypoint(n).__module__.startswith("vigla."))
 SIZE = 64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and spin on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def family(name: str) -> str:

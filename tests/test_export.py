@@ -2,6 +2,7 @@
 (vigla.ops.tracing), ONNX with onnxruntime parity, and the ``vigla export`` command."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from vigla.ops import bigla, bigla_gated
 from vigla.ops.bigla.export_path import bigla_gated_static, bigla_static
 from vigla.ops.bigla.naive import bigla_naive
 
-ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if not __import__("importlib").util.find_spec(m)]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
 needs_onnx = pytest.mark.skipif(bool(ONNX_MISSING), reason=f"needs {', '.join(ONNX_MISSING)} "
                                 "(pip install 'vigla[export]')")
 
@@ -30,15 +33,6 @@ TINY = {
     "vig_h_tiny": dict(depths=(1, 1), dims=(32, 64), num_heads=(1, 2)),
     "castling_deit_tiny": dict(depth=1, embed_dim=64, num_heads=2, img_size=64),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and spin on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(a, b) -> float:

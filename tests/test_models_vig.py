@@ -1,4 +1,6 @@
-"""ViG / ViG-H models: sizes, init, the mixer against spec §1.3 in float64, and the timm surface."""
+"""ViG / ViG-H models: sizes, init, the mixer against its maths in float64 (ViG, Liao et al., AAAI 2025:
+sections "Bidirectional Gated Linear Attention" and "2D Gating Locality Injection", as the official
+code computes them), and the timm surface."""
 from __future__ import annotations
 
 import math
@@ -15,10 +17,10 @@ import vigla  # noqa: F401  (registers the models)
 from vigla.layers import BiGLAMixer
 from vigla.ops import bigla
 
-KEYS_DIR = Path(__file__).resolve().parent / "data" / "vig_official_keys"  # copy of shared/spec/official_keys
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "vig_official_keys"  # key lists of the official checkpoints
 PLAIN = ["vig_tiny", "vig_small", "vig_base"]
 HIER = ["vig_h_tiny", "vig_h_small", "vig_h_base"]
-# spec §3, in millions
+# parameters of the official configs, in millions (counted from the official code's shapes)
 SPEC_PARAMS_M = dict(vig_tiny=5.83, vig_small=22.62, vig_base=89.02,
                      vig_h_tiny=28.60, vig_h_small=50.05, vig_h_base=88.90)
 
@@ -81,7 +83,8 @@ def test_per_config_differences():
 
 
 # ------------------------------------------------------------------------------------------------
-# the mixer against a direct implementation of spec §1.3 steps 2-8
+# the mixer against a direct implementation of its maths, step by step: DWConv (2), projections (3),
+# direction-wise gates (4), BiGLA (5), locality-injection mix (7), output (8)
 
 def _rms(t, w):
     return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w

@@ -34,12 +34,9 @@ pip install 'vigla[export]' (onnx, onnxscript, onnxruntime).
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)": those helps say what happens instead
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .engine.eval_cli import _HelpFormatter  # the same help layout as vigla eval
+
     parser.formatter_class = _HelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("checkpoint", help="weights: vigla .safetensors, or any timm-loadable file with --model")
