@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": ("vigla.engine.eval_cli", "top-1/top-5 of a checkpoint, at one or several resolutions"),
     "bench": ("vigla.bench.cli", "speed, memory and FLOPs against resolution, models side by side"),
     "info": ("vigla.info", "list the registered models, the BiGLA backends and the environment"),
+    "export": ("vigla.export", "a checkpoint as ONNX, TorchScript or a torch.export program, checked against PyTorch"),
 }
 
 

@@ -13,11 +13,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..ops import bigla_gated
 from ..ops.dispatch import compute_dtype
+from ..ops.dwconv import dwconv_silu
 from ..ops.locality_mix import locality_mix
 from .cast import caching, inference_weights
 from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer"]
+
+# leaves under torch.fx: the traced graph calls the ops (their checks, kernels and custom ops) as they are
+torch.fx.wrap("bigla_gated")
+torch.fx.wrap("locality_mix")
+torch.fx.wrap("dwconv_silu")
+
+
+@torch.fx.wrap
+def _check_grid(n: int, hw: tuple[int, int]) -> None:
+    if n != hw[0] * hw[1]:
+        raise ValueError(f"BiGLAMixer: {n} tokens do not form the given {hw[0]}x{hw[1]} grid")
 
 
 class BiGLAMixer(nn.Module):
@@ -35,9 +47,10 @@ class BiGLAMixer(nn.Module):
       (each RMSNorm has one ``d_v``-sized weight shared by the heads);
     * output ``(SiLU(y) if out_act else y) W_o``.
 
-    ``W_qkv``, ``W_1`` and ``W_g`` run as one GEMM over ``x_c``; BiGLA reads q, k, v as column
-    slices of its output; the mix (both norms, the gate, the SiLU) is one fused op
-    (:func:`vigla.ops.locality_mix.locality_mix`).
+    The depthwise conv and its SiLU are one fused op on the channels-last tokens
+    (:func:`vigla.ops.dwconv.dwconv_silu`); ``W_qkv``, ``W_1`` and ``W_g`` run as one GEMM over
+    ``x_c``; BiGLA reads q, k, v as column slices of its output; the mix (both norms, the gate, the
+    SiLU) is one fused op (:func:`vigla.ops.locality_mix.locality_mix`).
 
     Args:
         dim: channels ``C`` (also the value width: the local branch needs ``V = C``).
@@ -75,8 +88,8 @@ class BiGLAMixer(nn.Module):
         self.head_v = dim // num_heads
         self.gate_logit_normalizer = gate_logit_normalizer
 
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
-        self.conv_act = nn.SiLU() if conv_act else nn.Identity()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)  # its weight
+        self.conv_act = conv_act
         self.qkv = nn.Linear(dim, 2 * key_dim + dim, bias=False)
         self.decay_down = nn.Linear(dim, gate_low_rank_dim, bias=False)
         self.decay_up = nn.Linear(gate_low_rank_dim, 2 * key_dim, bias=True)
@@ -96,7 +109,8 @@ class BiGLAMixer(nn.Module):
         self.norm_out.reset_parameters()
         self.norm_local.reset_parameters()
 
-    def _weights(self, x_c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _weights(self, x_c: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w_in, b_in, w_up, b_up, w_out)``: one in-projection for everything that reads ``x_c``
         (q, k, v, the decay projection's input and the mix gate's logits; weight
         ``[2K + C + r + C, C]`` and bias, zero but for the mix gate's, concatenated from the separate
@@ -104,15 +118,18 @@ class BiGLAMixer(nn.Module):
         For inference they are cast once to the compute dtype and kept
         (:func:`vigla.layers.cast.inference_weights`): no concatenation or cast kernels per call."""
         parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
-        rest = (self.decay_up.weight, self.decay_up.bias, self.proj.weight)
-        if not caching():
-            return (*self._concat(parts), *rest)
+        if torch.jit.is_scripting() or not caching(x_c):
+            w_in, b_in = self._concat(parts)
+            return w_in, b_in, self.decay_up.weight, self.decay_up.bias, self.proj.weight
         dtype = compute_dtype(x_c)
-        return (*inference_weights(self, "in_proj", parts, dtype, lambda: self._concat(parts)),
-                *inference_weights(self, "out", rest, dtype))
+        w_in, b_in = inference_weights(self, "in_proj", parts, dtype, lambda: self._concat(parts))
+        w_up, b_up, w_out = inference_weights(
+            self, "out", (self.decay_up.weight, self.decay_up.bias, self.proj.weight), dtype)
+        return w_in, b_in, w_up, b_up, w_out
 
     @staticmethod
-    def _concat(parts):
+    def _concat(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         w_qkv, w_down, w_gate, b_gate = parts
         weight = torch.cat([w_qkv, w_down, w_gate])
         return weight, F.pad(b_gate, (weight.shape[0] - b_gate.shape[0], 0))
@@ -120,14 +137,9 @@ class BiGLAMixer(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """``x``: ``[B, N, C]`` tokens of an ``H x W`` grid in row-major order (``N = H * W``).
         Returns ``[B, N, C]``."""
-        B, N, C = x.shape
-        H, W = hw
-        if N != H * W:
-            raise ValueError(f"BiGLAMixer: {N} tokens do not form the given {H}x{W} grid")
-        # Depthwise conv on an NCHW view of the channels-last tokens (no copy in, none out when
-        # the conv keeps the channels-last memory format).
-        x_c = self.dwconv(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
-        x_c = self.conv_act(x_c).permute(0, 2, 3, 1).reshape(B, N, C)
+        N, C = x.shape[1], x.shape[2]
+        _check_grid(N, hw)
+        x_c = dwconv_silu(x, self.dwconv.weight, hw, self.conv_act)
 
         h, K = self.num_heads, self.key_dim
         w_in, b_in, w_up, b_up, w_out = self._weights(x_c)

@@ -13,12 +13,17 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..ops.tracing import exporting
+
 __all__ = ["inference_weights", "caching"]
 
 
-def caching() -> bool:
-    """Whether :func:`inference_weights` keeps copies now: no autograd, no tracing."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_scripting())
+def caching(x) -> bool:
+    """Whether :func:`inference_weights` keeps copies for an input like ``x`` now: no autograd, and
+    no graph being recorded (``torch.compile``, export, ``torch.jit.trace``, or ``torch.fx``, whose
+    proxies are not tensors): a graph holds no cache."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or exporting()
+                or not isinstance(x, torch.Tensor))
 
 
 def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tensor], dtype: torch.dtype,

@@ -28,6 +28,10 @@ from ..ops.linear_angular import (
 
 __all__ = ["LinearAngularAttention", "DW_MODES"]
 
+# leaves under torch.fx: the traced graph calls the ops (their checks and autocast guards) as they are
+torch.fx.wrap("linear_angular_z")
+torch.fx.wrap("normalize_heads")
+
 DW_MODES = ("seq1d", "2d")
 _DEFAULT_DW_KERNEL = {"seq1d": 9, "2d": 3}
 
@@ -144,17 +148,6 @@ class LinearAngularAttention(nn.Module):
         return {key: float(val) for key, val in self._aux_stats.items()}
 
     # ---- forward -----------------------------------------------------------------------------
-    def _grid(self, hw: Optional[Tuple[int, int]], n: int, num_prefix_tokens: int) -> Tuple[int, int]:
-        if hw is None:
-            raise ValueError("LinearAngularAttention(dw_mode='2d') needs the patch grid: call it with hw=(H, W)")
-        height, width = hw
-        if height * width + num_prefix_tokens != n:
-            raise ValueError(
-                f"LinearAngularAttention: hw={tuple(hw)} and num_prefix_tokens={num_prefix_tokens} imply "
-                f"{height * width + num_prefix_tokens} tokens, but x has N={n}"
-            )
-        return height, width
-
     def dwconv(self, v: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix_tokens: int) -> torch.Tensor:
         """The local branch on V ``[B, h, N, d]`` -> ``[B, h, N, d]``.
 
@@ -164,7 +157,7 @@ class LinearAngularAttention(nn.Module):
         if self.dw_mode == "seq1d":
             return self.dconv(v)
         b, h, n, d = v.shape
-        height, width = self._grid(hw, n, num_prefix_tokens)
+        height, width = _patch_grid(hw, n, num_prefix_tokens)
         x = v.transpose(1, 2).reshape(b, n, h * d)
         patches = x[:, num_prefix_tokens:].transpose(1, 2).reshape(b, h * d, height, width)
         patches = self.dconv(patches).flatten(2).transpose(1, 2)
@@ -206,21 +199,20 @@ class LinearAngularAttention(nn.Module):
         (default: the constructor's) locate the patch grid; only ``dw_mode="2d"`` uses them.
         ``attn_mask`` / ``is_causal`` exist for timm's ``Block`` and must be unset.
         """
-        if attn_mask is not None or is_causal:
-            raise ValueError("LinearAngularAttention does not support attn_mask or is_causal")
-        if x.dim() != 3 or x.shape[-1] != self.qkv.in_features:
-            raise ValueError(f"LinearAngularAttention: expected x of shape [B, N, {self.qkv.in_features}], "
-                             f"got {tuple(x.shape)}")
+        _check_input(x, self.qkv.in_features, attn_mask, is_causal)
         npt = self.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
         hw = self.grid_size if hw is None else hw
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
         z = linear_angular_z(q, k, v, eps=self.norm_eps)
-        if self.training:
-            self._aux_reg = None
-        if self.aux_active():
-            z = z + self._run_aux(q, k, v, z)
+        # the training-only branch keeps Python state: eager (and torch.compile / export) only, not in
+        # TorchScript or torch.fx graphs (q is a Proxy there)
+        if not torch.jit.is_scripting() and isinstance(q, torch.Tensor):
+            if self.training:
+                self._aux_reg = None
+            if self.aux_active():
+                z = z + self._run_aux(q, k, v, z)
         o = normalize_heads(z, eps=self.norm_eps).to(v.dtype) + self.dwconv(v, hw, npt)
 
         x = o.transpose(1, 2).reshape(b, n, c)
@@ -229,3 +221,26 @@ class LinearAngularAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, dw_mode={self.dw_mode!r}, aux={self.aux_enabled}, "
                 f"aux_eps={self.aux_eps:g}, aux_lambda={self.aux_lambda:g}")
+
+
+# Input checks as torch.fx leaves: traced graphs run them on the real tensors (a traced module's
+# optional inputs are Proxies, whatever their default).
+@torch.fx.wrap
+def _check_input(x: torch.Tensor, dim: int, attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("LinearAngularAttention does not support attn_mask or is_causal")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"LinearAngularAttention: expected x of shape [B, N, {dim}], got {list(x.shape)}")
+
+
+@torch.fx.wrap
+def _patch_grid(hw: Optional[Tuple[int, int]], n: int, num_prefix_tokens: int) -> Tuple[int, int]:
+    if hw is None:
+        raise ValueError("LinearAngularAttention(dw_mode='2d') needs the patch grid: call it with hw=(H, W)")
+    height, width = hw
+    if height * width + num_prefix_tokens != n:
+        raise ValueError(
+            f"LinearAngularAttention: hw=({height}, {width}) and num_prefix_tokens={num_prefix_tokens} imply "
+            f"{height * width + num_prefix_tokens} tokens, but x has N={n}"
+        )
+    return height, width

@@ -10,6 +10,8 @@ from .cast import caching, inference_weights
 
 __all__ = ["SwiGLU"]
 
+torch.fx.wrap("swiglu_mlp")  # a leaf under torch.fx: the traced graph calls the op as it is
+
 
 class SwiGLU(nn.Module):
     """``fc2(SiLU(a) * b)`` with ``[a | b] = fc1(x)``, no biases (the official ViG MLP; the same
@@ -24,6 +26,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.fc1.weight, self.fc2.weight
-        if caching():  # inference: the weights cast to the compute dtype once
+        if not torch.jit.is_scripting() and caching(x):  # inference: the weights cast once
             w1, w2 = inference_weights(self, "fc", (w1, w2), compute_dtype(x))
         return swiglu_mlp(x, w1, w2)

@@ -1,19 +1,47 @@
 """Norm layers."""
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import RmsNorm as _TimmRmsNorm
+from timm.layers.fast_norm import rms_norm
 
-__all__ = ["RmsNorm"]
+from ..ops.add_norm import add_norm
+from ..ops.tracing import exporting
+
+__all__ = ["RmsNorm", "add_and_norm"]
 
 
 class RmsNorm(_TimmRmsNorm):
     """timm's ``RmsNorm`` (same parameters and state dict) computed by PyTorch's fused
     ``rms_norm``, with the weight cast to the input's dtype: under autocast a bf16 input then
     takes the fused kernel (fp32 statistics, bf16 output) instead of a chain of elementwise ops
-    with an fp32 result. ``[..., C]`` -> ``[..., C]``."""
+    with an fp32 result. ``[..., C]`` -> ``[..., C]``.
+
+    Exported or traced (:func:`vigla.ops.tracing.exporting`), the formula is written out
+    (timm's ``rms_norm``): ONNX has no ``RMSNormalization`` below opset 23, and the legacy exporter
+    no translation of ``aten::rms_norm``.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype) if self.weight is not None else None
+        if not torch.jit.is_scripting() and exporting():
+            return rms_norm(x, self.normalized_shape, weight, self.eps)
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x + delta, norm(x + delta))`` for an :class:`RmsNorm` or ``nn.LayerNorm`` over the last dim
+    of ``[..., C]``, in one pass (:func:`vigla.ops.add_norm.add_norm`; ``delta`` None: just the
+    norm). The normalized output is in ``out_dtype``, default the compute dtype (autocast's when it
+    is on)."""
+    if isinstance(norm, nn.LayerNorm):
+        return add_norm(x, delta, norm.weight, norm.bias, norm.eps, "layer", out_dtype)
+    if isinstance(norm, RmsNorm):
+        return add_norm(x, delta, norm.weight, None, norm.eps, "rms", out_dtype)
+    s = x if delta is None else x + delta
+    return s, norm(s)

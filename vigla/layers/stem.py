@@ -1,4 +1,5 @@
-"""Convolutional stems and the stage downsample of ViG / ViG-H (spec §1.2, §1.4).
+"""Convolutional stems and the stage downsample of ViG / ViG-H (ViG, Liao et al., AAAI 2025,
+section "Architecture"; the official code's "patch embed v2" and ViG-H stem).
 
 Both stems are ``conv1 -> LayerNorm -> act -> conv2 (3x3, stride 2) -> LayerNorm`` and return
 channels-last ``[B, H', W', C]`` maps: plain ViG's "patch embed v2" (conv1 9x9 stride 8, SiLU;
@@ -13,22 +14,25 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from .norm import add_and_norm
+
 __all__ = ["ConvStem", "ConvDownsample", "check_image_batch"]
 
 
+@torch.fx.wrap  # a leaf under torch.fx: it runs, with real tensors, when the traced graph runs
 def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int, where: str) -> None:
     """Raise a readable error unless ``x`` is a floating ``[B, in_chans, H, W]`` batch with
-    ``H, W >= min_size``."""
+    ``H, W >= min_size`` (scriptable: shapes printed as lists)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor image batch, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(
-            f"{where}: expected a 4-D image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}"
+            f"{where}: expected a 4-D image batch [B, {in_chans}, H, W], got shape {list(x.shape)}"
         )
     if x.shape[1] != in_chans:
         raise ValueError(
             f"{where}: expected {in_chans} input channels [B, {in_chans}, H, W], "
-            f"got {x.shape[1]} (shape {tuple(x.shape)})"
+            f"got {x.shape[1]} (shape {list(x.shape)})"
         )
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(
@@ -81,14 +85,14 @@ class ConvStem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans, self.min_input_size, type(self).__name__)
+        check_image_batch(x, self.in_chans, self.min_input_size, "ConvStem")
         x = self.act(self.norm1(self.conv1(x)))
         return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
 
 
 class ConvDownsample(nn.Module):
-    """ViG-H stage downsample ("v3"): channels-last ``[B, H, W, in_dim]`` -> conv 3x3 stride 2
-    (padding 1) -> LayerNorm -> ``[B, ceil(H/2), ceil(W/2), out_dim]``."""
+    """ViG-H stage downsample ("v3"): ``[B, in_dim, H, W]`` -> conv 3x3 stride 2 (padding 1) ->
+    LayerNorm over the channels -> ``[B, out_dim, ceil(H/2), ceil(W/2)]`` (a channels-last view)."""
 
     def __init__(self, in_dim: int, out_dim: int, norm_eps: float = 1e-5):
         super().__init__()
@@ -96,4 +100,13 @@ class ConvDownsample(nn.Module):
         self.norm = nn.LayerNorm(out_dim, eps=norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        t = self.conv(x).permute(0, 2, 3, 1)
+        if torch.jit.is_scripting():
+            return self.norm(t).permute(0, 3, 1, 2)
+        return self._norm(t).permute(0, 3, 1, 2)
+
+    @torch.jit.unused
+    def _norm(self, t: torch.Tensor) -> torch.Tensor:
+        """The fused LayerNorm (:func:`vigla.layers.norm.add_and_norm`), in at least fp32 as
+        ``nn.LayerNorm`` returns under autocast: the stage's residual stream."""
+        return add_and_norm(self.norm, t, out_dtype=torch.promote_types(t.dtype, torch.float32))[1]

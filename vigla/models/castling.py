@@ -1,11 +1,14 @@
 """Castling-ViT on DeiT: timm's VisionTransformer with its attention swapped for linear-angular attention.
 
-Spec castling.md. ``castling_deit_{tiny,small,base}`` keep DeiT-T/S/B unchanged (patch 16, 224², depth 12,
-``qkv_bias=True`` so that a DeiT checkpoint loads exactly) and replace each block's ``Attention`` by
-:class:`vigla.layers.LinearAngularAttention`: the only new weights are one depthwise conv per block
-(``blocks.{i}.attn.dconv.weight``).
+Castling-ViT: You et al., "Castling-ViT: Compressing Self-Attention via Switching Towards Linear-Angular
+Attention at Vision Transformer Inference", CVPR 2023 (arXiv 2211.10526); official attention block
+github.com/GATECH-EIC/Castling-ViT. ``castling_deit_{tiny,small,base}`` keep DeiT-T/S/B unchanged (patch 16,
+224², depth 12, ``qkv_bias=True`` so that a DeiT checkpoint loads exactly) and replace each block's
+``Attention`` by :class:`vigla.layers.LinearAngularAttention`: the only new weights are one depthwise conv
+per block (``blocks.{i}.attn.dconv.weight``).
 
-Training-only auxiliary branch (spec §2.2): on in ``train()``, dropped in ``eval()``. The model exposes the
+The paper's training-only auxiliary masked softmax branch: on in ``train()``, dropped in ``eval()`` (and
+absent from scripted, traced and exported graphs, which are inference graphs). The model exposes the
 hooks the training engine calls when present:
 
 * ``set_aux(enabled)``: the explicit master switch;
@@ -47,7 +50,7 @@ _logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AuxSchedule:
-    """Schedule of the auxiliary branch over training progress ``p ∈ [0, 1]`` (spec §2.2, [INF]).
+    """Schedule of the auxiliary branch over training progress ``p ∈ [0, 1]`` (vigla's; the paper gives none).
 
     With ``r = min(p / aux_off, 1)`` (``aux_off = None`` counts as 1):
 
@@ -142,19 +145,20 @@ class CastlingVisionTransformer(VisionTransformer):
         self._aux_switch = bool(aux)
         self._aux_progress = 0.0
         self._apply_aux()
+        self._set_grid(self.patch_embed.grid_size)
+        if dw_mode == "2d" and self.dynamic_img_size:
+            self.__class__ = _DynamicGridCastling  # see there
 
     # ---- token grid for the 2-D DWConv ---------------------------------------------------------
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's ``_pos_embed``; also hands the current patch grid to the mixers when they need it.
+    def _set_grid(self, grid: Optional[Tuple[int, int]]) -> None:
+        for mixer in self.mixers():
+            mixer.grid_size = None if grid is None else (grid[0], grid[1])
 
-        Both ``forward_features`` and ``forward_intermediates`` (hence ``features_only``) pass through here,
-        with x ``[B, H, W, C]`` under ``dynamic_img_size`` and ``[B, N, C]`` on the fixed grid otherwise.
-        """
-        if self.dw_mode == "2d":
-            grid = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
-            for mixer in self.mixers():
-                mixer.grid_size = grid
-        return super()._pos_embed(x)
+    def set_input_size(self, img_size: Optional[Tuple[int, int]] = None,
+                       patch_size: Optional[Tuple[int, int]] = None) -> None:
+        """timm's ``set_input_size`` (position embedding resampled to the new grid); the mixers get the grid."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self._set_grid(self.patch_embed.grid_size)
 
     # ---- auxiliary branch API (the engine contract) --------------------------------------------
     def mixers(self) -> List[LinearAngularAttention]:
@@ -204,6 +208,18 @@ class CastlingVisionTransformer(VisionTransformer):
         return out
 
 
+class _DynamicGridCastling(CastlingVisionTransformer):
+    """A :class:`CastlingVisionTransformer` with ``dw_mode="2d"`` and ``dynamic_img_size``, whose patch grid
+    changes with the input: ``_pos_embed`` (x ``[B, H, W, C]`` there; ``forward_features`` and
+    ``forward_intermediates`` both pass through it) hands it to the 2-D DWConvs first. The constructor
+    switches to this class: the override calls ``super()``, which TorchScript cannot compile, so only this
+    configuration is not scriptable."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        self._set_grid((x.shape[1], x.shape[2]))
+        return super()._pos_embed(x)
+
+
 # ---- evaluation helpers ----------------------------------------------------------------------------
 @contextmanager
 def _aux_forced(model: CastlingVisionTransformer) -> Iterator[None]:
@@ -230,7 +246,8 @@ def probe_aux(model: CastlingVisionTransformer, images: torch.Tensor) -> Dict[st
     """Auxiliary-branch statistics of ``model`` on one held-out batch ``images [B, 3, H, W]``, in eval mode.
 
     Returns :meth:`CastlingVisionTransformer.aux_stats` of a forward with the branch forced on (at the
-    schedule's current ε), so ``certificate_max`` is spec §2.2's ``m·max|v| / min|Z_lin|`` of the worst layer:
+    schedule's current ε), so ``certificate_max`` is the bound ``m·max|v| / min|Z_lin|`` of
+    :func:`vigla.ops.linear_angular.switch_certificate` for the worst layer:
     dropping the branch changes each head's normalised output by at most twice a layer's certificate.
     The model's mode, switch and statistics are left as they were.
     """
@@ -361,7 +378,7 @@ def _create_castling(variant: str, pretrained: bool = False, **kwargs: Any) -> C
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
         "url": "",
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (14, 14),
         "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head",

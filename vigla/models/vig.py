@@ -1,213 +1,45 @@
 """ViG: plain (isotropic) vision backbone on bidirectional gated linear attention.
 
-"ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention", Liao et al., 2024
-(arXiv 2405.18425); official code github.com/hustvl/ViG. Spec: ``shared/spec/vig.md`` §1.2-1.3, §3.
+"ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention", Liao et al., AAAI 2025
+(arXiv 2405.18425), section "Architecture"; official code github.com/hustvl/ViG.
 
 Model: conv stem (stride 16) + learned absolute position embedding (14x14 at 224, bicubically
 resized for other input sizes) -> ``depth`` x [x + BiGLAMixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))]
 -> RMSNorm -> global average pool -> Linear.
 
-Also home of what plain ViG and ViG-H share: the block, the checkpointed block loop and the
-official-checkpoint key mapping.
+Scriptable (``torch.jit.script``), traceable (``torch.fx``, ``torch.jit.trace``) and exportable
+(``torch.export`` with dynamic batch, height and width; ONNX) as it is: the ops switch to plain
+PyTorch formulas there (:mod:`vigla.ops.tracing`).
 """
-from __future__ import annotations
-
 import math
-import re
 from functools import partial
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers import BiGLAMixer, ConvStem, RmsNorm, SwiGLU
-from ..ops.recompute import recompute
-
-__all__ = ["ViG", "ViGBlock", "checkpoint_filter_fn", "to_official_state_dict"]
-
-
-def swiglu_hidden_dim(dim: int, multiple_of: int) -> int:
-    """SwiGLU width of the official code: ``8 * dim / 3`` rounded up to ``multiple_of``."""
-    return multiple_of * math.ceil((8 * dim // 3) / multiple_of)
-
-
-class ViGBlock(nn.Module):
-    """Pre-norm block: ``x + DropPath(mixer(norm1(x)))`` then ``x + DropPath(SwiGLU(norm2(x)))``.
-
-    Takes and returns ``[B, N, C]`` tokens of an ``hw = (H, W)`` grid. The SwiGLU is
-    ``fc2(SiLU(a) * b)`` with ``[a | b] = fc1(x)``, no biases.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_hidden_dim: int,
-        norm_layer: type[nn.Module],
-        drop_path: float = 0.0,
-        **mixer_kwargs,
-    ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = BiGLAMixer(dim, num_heads, **mixer_kwargs)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = SwiGLU(dim, mlp_hidden_dim)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), hw))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-
-def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> list[float]:
-    """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over the blocks."""
-    return [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
-
-
-def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, hw: tuple[int, int],
-               grad_checkpointing: bool) -> torch.Tensor:
-    """Apply ``blocks`` in order; with ``grad_checkpointing`` (and gradients on) each block keeps
-    only its input and its BiGLA output for the backward and recomputes the rest
-    (:func:`vigla.ops.recompute.recompute`, eager and compiled alike)."""
-    for blk in blocks:
-        if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            x = recompute(partial(blk, hw=hw), x)
-        else:
-            x = blk(x, hw)
-    return x
-
-
-# ------------------------------------------------------------------------------------------------
-# Official checkpoint names (hustvl/ViG) <-> vigla names
-
-# Mixer weights: official name -> vigla name.
-MIXER_KEYS = (
-    ("in_proj.0", "dwconv"),
-    ("qkv_proj", "qkv"),
-    ("gk_proj.0", "decay_down"),
-    ("gk_proj.1", "decay_up"),
-    ("g_norm", "norm_out"),
-    ("l_norm", "norm_local"),
-    ("g_proj", "mix_gate"),
-    ("o_proj", "proj"),
+from ..layers import BiGLAMixer, ConvStem, RmsNorm
+from ._vig_common import (
+    MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks, drop_path_schedule,
+    record_input_size, remap_checkpoint, swiglu_hidden_dim,
 )
 
+__all__ = ["ViG", "checkpoint_filter_fn", "to_official_state_dict"]
 
-class KeyMap:
-    """Renames state-dict keys between two naming schemes, both ways.
-
-    Built from ``(official_prefix, our_prefix[, shift])`` templates in which ``#`` stands for an
-    integer index; ``shift`` is added to every index on our side (e.g. the official stage ``i``
-    downsample is our stage ``i + 1``'s). A key matching no template keeps its name.
-    """
-
-    def __init__(self, templates: Iterable[tuple]):
-        self._to_ours, self._to_official = [], []
-        for official, ours, *shift in templates:
-            shift = shift[0] if shift else 0
-            self._to_ours.append(self._rule(official, ours, shift))
-            self._to_official.append(self._rule(ours, official, -shift))
-
-    @staticmethod
-    def _rule(src: str, dst: str, shift: int):
-        pattern = re.compile("^" + re.escape(src).replace(r"\#", r"(\d+)"))
-        head, *tails = dst.split("#")
-
-        def repl(m: re.Match) -> str:
-            return head + "".join(str(int(i) + shift) + t for i, t in zip(m.groups(), tails))
-
-        return pattern, repl
-
-    @staticmethod
-    def _apply(key: str, rules) -> str:
-        for pattern, repl in rules:
-            new, n = pattern.subn(repl, key, count=1)
-            if n:
-                return new
-        return key
-
-    def to_ours(self, key: str) -> str:
-        return self._apply(key, self._to_ours)
-
-    def to_official(self, key: str) -> str:
-        return self._apply(key, self._to_official)
-
-
-def unwrap_state_dict(checkpoint: dict) -> dict:
-    """The weights inside a training checkpoint (``model_ema`` / ``model`` / ``state_dict``
-    entry, EMA first as in timm), without DistributedDataParallel's ``module.`` prefix."""
-    for name in ("state_dict_ema", "model_ema", "model", "state_dict"):
-        inner = checkpoint.get(name)
-        if isinstance(inner, dict) and inner:
-            checkpoint = inner
-            break
-    return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
-
-
-def check_state_dict(state_dict: dict, model: nn.Module) -> None:
-    """Raise ``ValueError`` naming missing, unexpected and wrongly shaped keys, if any.
-
-    The classifier may differ in its number of classes (timm drops it when ``num_classes``
-    differs from the checkpoint's)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-        and not (k.startswith("head.") and v.shape[1:] == expected[k].shape[1:])
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-
-    def listing(label, names):
-        shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6} more)" if len(names) > 6 else "")
-        return f"\n  {len(names)} {label}: {shown}" if names else ""
-
-    raise ValueError(
-        f"checkpoint does not fit this {type(model).__name__} "
-        f"(is it for another model size or variant?):"
-        + listing("missing", missing) + listing("unexpected", unexpected)
-        + listing("with a different shape", mismatched)
-    )
-
-
-def remap_checkpoint(checkpoint: dict, model: nn.Module, keymap: KeyMap) -> dict:
-    """Official (or vigla) weights -> vigla names; drops the classifier if the model has none."""
-    out = {keymap.to_ours(k): v for k, v in unwrap_state_dict(checkpoint).items()}
-    if isinstance(getattr(model, "head", None), nn.Identity):
-        out = {k: v for k, v in out.items() if not k.startswith("head.")}
-    return out
-
-
-VIG_KEYMAP = KeyMap([
-    ("patch_embed.proj.0.", "patch_embed.conv1."),
-    ("patch_embed.proj.1.", "patch_embed.norm1."),
-    ("patch_embed.proj.3.", "patch_embed.conv2."),
-    ("patch_embed.proj.4.", "patch_embed.norm2."),
-    ("blocks.#.attn_norm.", "blocks.#.norm1."),
-    ("blocks.#.mlp_norm.", "blocks.#.norm2."),
-    ("blocks.#.mlp.gate_proj.", "blocks.#.mlp.fc1."),
-    ("blocks.#.mlp.down_proj.", "blocks.#.mlp.fc2."),
-    *((f"blocks.#.attn.{o}.", f"blocks.#.attn.{v}.") for o, v in MIXER_KEYS),
-])
-
-
-# ------------------------------------------------------------------------------------------------
+# a leaf under torch.fx: it compares the (symbolic) grid with the stored one
+torch.fx.wrap("resample_abs_pos_embed")
 
 
 class ViG(nn.Module):
     """Plain ViG.
 
     Args:
-        img_size: size the learned position embedding is laid out for (other sizes are
-            resized to on the fly).
+        img_size: size the learned position embedding is laid out for (other sizes resize it on
+            the fly; :meth:`set_input_size` lays it out anew).
         in_chans, num_classes: input channels, classes (0: no classifier).
         global_pool: ``"avg"`` (mean over tokens) or ``""`` (classifier applied per token).
         embed_dim, depth, num_heads: width ``C``, blocks, heads (``d_v = C / num_heads``).
@@ -240,8 +72,8 @@ class ViG(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = ConvStem(in_chans, embed_dim, kernel_size=9, stride=8, act_layer=nn.SiLU)
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.grid_size = self.patch_embed.grid_size(img_size)
+        self.img_size = to_2tuple(img_size)
+        self.grid_size = self.patch_embed.grid_size(self.img_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
 
         dpr = drop_path_schedule(drop_path_rate, depth)
@@ -298,16 +130,38 @@ class ViG(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Lay the position embedding out for ``img_size`` (resampled bicubically from the current
+        grid, as a checkpoint loaded at that size is). The model runs at any size either way; at
+        this one it no longer resizes the embedding per forward."""
+        if img_size is None:
+            return
+        grid = self.patch_embed.grid_size(to_2tuple(img_size))
+        if min(grid) < 1:
+            raise ValueError(f"img_size {img_size} is too small: the stem needs at least "
+                             f"{self.patch_embed.min_input_size} pixels a side")
+        self.img_size = to_2tuple(img_size)
+        if grid != self.grid_size:
+            with torch.no_grad():
+                pos_embed = resample_abs_pos_embed(
+                    self.pos_embed, new_size=grid, old_size=self.grid_size, num_prefix_tokens=0,
+                    interpolation="bicubic", antialias=False,
+                )
+            self.pos_embed = nn.Parameter(pos_embed, requires_grad=self.pos_embed.requires_grad)
+            self.grid_size = grid
+        record_input_size(self, self.img_size)
+
     # -- forward ---------------------------------------------------------------------------------
-    def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
-        if hw == self.grid_size:
-            return self.pos_embed
+    def _pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
+        """The position embedding ``[1, H*W, C]`` for an ``hw`` grid: bicubically resized (as the
+        official code does) unless it already fits; always under ``torch.export``, so that the
+        exported graph takes any size."""
         return resample_abs_pos_embed(
-            self.pos_embed, new_size=hw, old_size=self.grid_size, num_prefix_tokens=0,
-            interpolation="bicubic", antialias=False,
+            self.pos_embed, new_size=[hw[0], hw[1]], old_size=[self.grid_size[0], self.grid_size[1]],
+            num_prefix_tokens=0, interpolation="bicubic", antialias=False,
         )
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """``[B, in_chans, H, W]`` -> tokens ``[B, N, C]`` (+ position), grid ``(H/16, W/16)``."""
         x = self.patch_embed(x)
         hw = (x.shape[1], x.shape[2])
@@ -316,11 +170,16 @@ class ViG(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` -> normalized tokens ``[B, N, C]``, N = (H/16) * (W/16)."""
         x, hw = self._embed(x)
-        x = run_blocks(self.blocks, x, hw, self.grad_checkpointing)
+        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_blocks(self.blocks, x, hw)
+        else:
+            for blk in self.blocks:
+                x = blk(x, hw)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``[B, N, C]`` -> ``[B, num_classes]`` (``[B, C]`` if ``pre_logits``)."""
+        """``[B, N, C]`` -> ``[B, num_classes]`` (``[B, C]`` if ``pre_logits``); with
+        ``global_pool=""`` per token, ``[B, N, num_classes]`` (``[B, N, C]``)."""
         if self.global_pool == "avg":
             x = x.mean(dim=1)
         x = self.head_drop(x)
@@ -353,9 +212,10 @@ class ViG(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, hw = self._embed(x)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         intermediates = []
         for i, blk in enumerate(blocks):
-            x = run_blocks([blk], x, hw, self.grad_checkpointing)
+            x = checkpoint_blocks([blk], x, hw) if checkpointed else blk(x, hw)
             if i in take_indices:
                 y = self.norm(x) if norm else x
                 intermediates.append(y.unflatten(1, hw).permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
@@ -376,9 +236,17 @@ class ViG(nn.Module):
         return take_indices
 
 
-def check_global_pool(global_pool: str) -> None:
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+VIG_KEYMAP = KeyMap([
+    ("patch_embed.proj.0.", "patch_embed.conv1."),
+    ("patch_embed.proj.1.", "patch_embed.norm1."),
+    ("patch_embed.proj.3.", "patch_embed.conv2."),
+    ("patch_embed.proj.4.", "patch_embed.norm2."),
+    ("blocks.#.attn_norm.", "blocks.#.norm1."),
+    ("blocks.#.mlp_norm.", "blocks.#.norm2."),
+    ("blocks.#.mlp.gate_proj.", "blocks.#.mlp.fc1."),
+    ("blocks.#.mlp.down_proj.", "blocks.#.mlp.fc2."),
+    *((f"blocks.#.attn.{o}.", f"blocks.#.attn.{v}.") for o, v in MIXER_KEYS),
+])
 
 
 def checkpoint_filter_fn(state_dict: dict, model: ViG) -> dict:
@@ -419,7 +287,7 @@ def _create_vig(variant: str, pretrained: bool = False, **kwargs) -> ViG:
 
 def _cfg(**kwargs) -> dict:
     return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (14, 14),
         "crop_pct": 0.875, "interpolation": "bicubic",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.conv1", "classifier": "head",

@@ -1,39 +1,40 @@
 """ViG-H: hierarchical ViG (four stages, strides 4 / 8 / 16 / 32).
 
-"ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention", Liao et al., 2024
-(arXiv 2405.18425); official code github.com/hustvl/ViG (``HierViG``). Spec: ``shared/spec/vig.md``
-§1.4, §3.
+"ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention", Liao et al., AAAI 2025
+(arXiv 2405.18425), section "Architecture" (hierarchical variant); official code
+github.com/hustvl/ViG (``HierViG``).
 
 Model: conv stem (stride 4, GELU) -> 4 stages [conv 3x3/2 + LayerNorm downsample (stages 2-4),
 blocks x + BiGLAMixer(LN(x)); x + SwiGLU(LN(x))] -> LayerNorm -> global average pool -> Linear.
-No position embedding. Tensors stay channels-last ``[B, H, W, C]`` between modules (the official
-code is channels-first; LayerNorm over channels and 1x1 convs are the same maths either way).
+No position embedding. Stages take and return ``[B, C, H, W]`` maps (channels-first views of
+channels-last memory: the blocks run on ``[B, H*W, C]`` tokens, LayerNorm normalizes channels
+either way, as in the official channels-first code).
 """
-from __future__ import annotations
-
-from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem
-from .vig import (
-    MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, drop_path_schedule,
-    remap_checkpoint, run_blocks, swiglu_hidden_dim,
+from ..layers.norm import add_and_norm
+from ._vig_common import (
+    MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks, drop_path_schedule,
+    record_input_size, remap_checkpoint, swiglu_hidden_dim,
 )
 
 __all__ = ["HierViG", "ViGStage", "checkpoint_filter_fn", "to_official_state_dict"]
 
-_LayerNorm = partial(nn.LayerNorm, eps=1e-5)
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-5)
 
 
 class ViGStage(nn.Module):
-    """``[B, H, W, in_dim]`` -> (downsample, if any) -> ``depth`` ViG blocks -> ``[B, H', W', dim]``."""
+    """``[B, in_dim, H, W]`` -> (downsample, if any) -> ``depth`` ViG blocks -> ``[B, dim, H', W']``."""
 
     def __init__(
         self,
@@ -47,7 +48,7 @@ class ViGStage(nn.Module):
         super().__init__()
         self.downsample = ConvDownsample(in_dim, dim) if downsample else nn.Identity()
         self.blocks = nn.ModuleList([
-            ViGBlock(dim, num_heads, swiglu_hidden_dim(dim, 32), norm_layer=_LayerNorm,
+            ViGBlock(dim, num_heads, swiglu_hidden_dim(dim, 32), norm_layer=_layer_norm,
                      drop_path=drop_path[i])
             for i in range(depth)
         ])
@@ -55,17 +56,24 @@ class ViGStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        hw = (x.shape[1], x.shape[2])
-        x = run_blocks(self.blocks, x.flatten(1, 2), hw, self.grad_checkpointing)
-        return x.unflatten(1, hw)
+        hw = (x.shape[2], x.shape[3])
+        x = x.permute(0, 2, 3, 1).flatten(1, 2)  # [B, H*W, C] tokens
+        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_blocks(self.blocks, x, hw)
+        else:
+            for blk in self.blocks:
+                x = blk(x, hw)
+        return x.unflatten(1, hw).permute(0, 3, 1, 2)
 
 
 class HierViG(nn.Module):
     """ViG-H.
 
     Args:
+        img_size: nominal input size (recorded for timm's data config; ViG-H has no position
+            embedding and runs at any size).
         in_chans, num_classes: input channels, classes (0: no classifier).
-        global_pool: ``"avg"`` or ``""`` (classifier applied per position, channels-last output).
+        global_pool: ``"avg"`` or ``""`` (classifier applied per position, ``[B, classes, h, w]``).
         depths, dims, num_heads: per stage (``d_v = dim / heads``, 32 in every shipped config).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing to this value over all blocks.
@@ -73,6 +81,7 @@ class HierViG(nn.Module):
 
     def __init__(
         self,
+        img_size: Union[int, Tuple[int, int]] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "avg",
@@ -89,6 +98,7 @@ class HierViG(nn.Module):
                 f"{len(dims)}, {len(num_heads)}"
             )
         check_global_pool(global_pool)
+        self.img_size = to_2tuple(img_size)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = dims[-1]
@@ -104,7 +114,7 @@ class HierViG(nn.Module):
         self.feature_info = [
             dict(module=f"stages.{i}", num_chs=dims[i], reduction=4 * 2 ** i) for i in range(len(dims))
         ]
-        self.norm = _LayerNorm(dims[-1])
+        self.norm = _layer_norm(dims[-1])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
@@ -151,17 +161,39 @@ class HierViG(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Record ``img_size`` as the nominal input size (nothing in ViG-H depends on it)."""
+        if img_size is not None:
+            self.img_size = to_2tuple(img_size)
+            record_input_size(self, self.img_size)
+
     # -- forward ---------------------------------------------------------------------------------
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm over the channels of ``[B, C, h, w]`` (the fused kernel when not scripted)."""
+        if torch.jit.is_scripting() or not isinstance(self.norm, nn.LayerNorm):
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._fused_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    @torch.jit.unused
+    def _fused_norm(self, t: torch.Tensor) -> torch.Tensor:
+        return add_and_norm(self.norm, t, out_dtype=torch.promote_types(t.dtype, torch.float32))[1]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` -> normalized ``[B, C, H/32, W/32]`` (a channels-last view)."""
-        x = self.stages(self.stem(x))
-        return self.norm(x).permute(0, 3, 1, 2)
+        x = self.stages(self.stem(x).permute(0, 3, 1, 2))
+        return self._final_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``[B, C, h, w]`` -> ``[B, num_classes]`` (``[B, C]`` if ``pre_logits``)."""
-        x = x.mean(dim=(2, 3)) if self.global_pool == "avg" else x.permute(0, 2, 3, 1)
+        """``[B, C, h, w]`` -> ``[B, num_classes]`` (``[B, C]`` if ``pre_logits``); with
+        ``global_pool=""`` per position, ``[B, num_classes, h, w]`` (``[B, C, h, w]``)."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        if pre_logits:
+            return x
+        if self.global_pool == "avg":
+            return self.head(x)
+        return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -190,27 +222,28 @@ class HierViG(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         stages = self.stages[: max_index + 1] if stop_early else self.stages
-        x = self.stem(x)
+        x = self.stem(x).permute(0, 3, 1, 2)
         intermediates = []
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+                y = self._final_norm(x) if norm and i == last else x
+                intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
         if intermediates_only:
             return intermediates
         if i == last:
-            x = self.norm(x)
-        return x.permute(0, 3, 1, 2), intermediates
+            x = self._final_norm(x)
+        return x, intermediates
 
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages after the last one in ``indices`` (and the norm / head if asked)."""
+        """Drop the stages after the last one in ``indices`` (and the norm / head if asked; the norm,
+        which fits the last stage's width only, also goes with that stage)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm:
+        if prune_norm or max_index < len(self.stages) - 1:
             self.norm = nn.Identity()
+        self.stages = self.stages[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices

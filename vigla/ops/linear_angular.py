@@ -64,8 +64,14 @@ def _no_autocast(t: torch.Tensor):
 
 def normalize_heads(z: torch.Tensor, eps: float = DEFAULT_NORM_EPS) -> torch.Tensor:
     """``z / max(|z|, eps)`` over the last dim (per token, per head), in float32 or float64."""
-    with _no_autocast(z):
-        return F.normalize(z.to(_compute_dtype(z)), dim=-1, eps=eps)
+    if not torch.jit.is_scripting():  # TorchScript cannot compile the autocast guard (not a constant device)
+        with _no_autocast(z):
+            return _normalize(z, eps)
+    return _normalize(z, eps)
+
+
+def _normalize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.normalize(z.to(_compute_dtype(z)), dim=-1, eps=eps)
 
 
 def linear_angular_z(
@@ -82,17 +88,23 @@ def linear_angular_z(
         ``[B, H, N, Dv]`` in float32 (float64 for float64 inputs). Peak extra memory is O(N·D + D²)
         per head: no ``N×N`` tensor is formed.
     """
-    _check_qkv(q, k, v, "linear_angular_z")
+    if not torch.jit.is_scripting():  # TorchScript compiles neither the checks nor the autocast guard
+        _check_qkv(q, k, v, "linear_angular_z")
+        with _no_autocast(q):
+            return _linear_order_z(q, k, v, eps)
+    return _linear_order_z(q, k, v, eps)
+
+
+def _linear_order_z(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     dt = _compute_dtype(q)
-    with _no_autocast(q):
-        v = v.to(dt)
-        qh = F.normalize(q.to(dt), dim=-1, eps=eps)
-        kh = F.normalize(k.to(dt), dim=-1, eps=eps)
-        state = kh.transpose(-2, -1) @ v  # [B, H, D, Dv]
-        b, h, n, dv = v.shape
-        z = torch.baddbmm(v.reshape(b * h, n, dv), qh.reshape(b * h, n, -1), state.reshape(b * h, -1, dv),
-                          beta=0.5, alpha=1.0 / math.pi)  # one fused pass: 0.5·V + Q̂S/π
-        return z.reshape(b, h, n, dv)
+    v = v.to(dt)
+    qh = F.normalize(q.to(dt), dim=-1, eps=eps)
+    kh = F.normalize(k.to(dt), dim=-1, eps=eps)
+    state = kh.transpose(-2, -1) @ v  # [B, H, D, Dv]
+    b, h, n, dv = v.shape
+    z = torch.baddbmm(v.reshape(b * h, n, dv), qh.reshape(b * h, n, -1), state.reshape(b * h, -1, dv),
+                      beta=0.5, alpha=1.0 / math.pi)  # one fused pass: 0.5·V + Q̂S/π
+    return z.reshape(b, h, n, dv)
 
 
 def linear_angular_z_quadratic(

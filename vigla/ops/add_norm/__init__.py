@@ -1,9 +1,10 @@
 """``add_norm``: a block's residual add fused with the next pre-norm (RMSNorm or LayerNorm).
 
-ViG's blocks are pre-norm (Liao et al., AAAI 2025, Sec. 3; ViG-H's LayerNorms, Sec. 3.3):
+ViG's blocks are pre-norm (Liao et al., AAAI 2025; RMSNorm in ViG, LayerNorm in ViG-H):
 ``x + mixer(norm1(x))`` then ``x + mlp(norm2(x))``. Each residual add and the norm that follows
-it read and write the same rows; this op does both in one pass (``triton_kernels.py`` on CUDA, the
-reference elsewhere: ``reference.py``; see :mod:`vigla.ops.dispatch`).
+it read and write the same rows; this op does both in one pass on CUDA (``triton_kernels.py``);
+elsewhere PyTorch's own ``rms_norm`` / ``layer_norm`` after the add, with autograd (``reference.py``
+is the written-out form behind the custom op); see :mod:`vigla.ops.dispatch`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from typing import Optional
 
 import torch
 
-from ..dispatch import compute_dtype, via_dispatcher
+import torch.nn.functional as F
+from timm.layers.fast_norm import rms_norm
+
+from ..dispatch import compute_dtype, use_kernels, via_dispatcher
+from ..tracing import exporting
 from .op import AddNormFunction
 from .reference import add_norm_reference, add_norm_reference_bwd
 
@@ -41,6 +46,8 @@ def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tenso
         stored, with float32 statistics. Gradients flow to ``x`` and ``delta`` (the same values,
         ``delta``'s in its dtype), ``weight`` and ``bias``.
     """
+    if torch.jit.is_scripting() or exporting():
+        return _plain(x, delta, weight, bias, eps, kind, out_dtype)
     C = x.shape[-1] if x.dim() else 0
     if kind not in KINDS:
         raise ValueError(f"add_norm: kind must be one of {KINDS}, got {kind!r}")
@@ -52,6 +59,23 @@ def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tenso
     if bias is not None and (kind == "rms" or bias.shape != (C,)):
         raise ValueError(f"add_norm: bias must be None for kind='rms' and [{C}] for kind='layer', got "
                          f"{tuple(bias.shape)} with kind={kind!r}")
+    if not (use_kernels(x) or via_dispatcher()):
+        return _plain(x, delta, weight, bias, eps, kind, out_dtype)
     args = (x, delta, weight, bias, float(eps), kind == "rms", out_dtype or compute_dtype(x))
     s, y = torch.ops.vigla.add_norm(*args) if via_dispatcher() else AddNormFunction.apply(*args)
     return (s if delta is not None else x), y
+
+
+def _plain(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+           eps: float, kind: str, out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The add, then PyTorch's norm (the formula written out when exported: ONNX has no RMSNorm below
+    opset 23), with autograd."""
+    s = x if delta is None else x + delta
+    shape = (s.shape[-1],)
+    if kind == "layer":
+        y = F.layer_norm(s, shape, weight, bias, eps)
+    elif exporting():
+        y = rms_norm(s, shape, weight.to(s.dtype), eps)
+    else:
+        y = F.rms_norm(s, shape, weight.to(s.dtype), eps)
+    return s, y.to(out_dtype or compute_dtype(x))

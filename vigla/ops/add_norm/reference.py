@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def _work(t: torch.Tensor) -> torch.dtype:
@@ -43,10 +44,12 @@ def add_norm_reference(x, delta, weight, bias, eps: float, rms: bool, out_dtype:
     None for rms). Returns ``(s, y)``: ``s`` ``[..., C]`` in ``x.dtype``, ``y`` in ``out_dtype``."""
     s = residual_sum(x, delta)
     f = _work(s)
-    n, _ = _normalize(s.to(f), eps, rms)
-    y = n * weight.to(f)
-    if bias is not None:
-        y = y + bias.to(f)
+    shape = (s.shape[-1],)
+    w, b = weight.to(f), None if bias is None else bias.to(f)
+    # PyTorch's norms (the same numbers as the models' plain path), statistics in f
+    y = F.rms_norm(s.to(f), shape, w, eps) if rms else F.layer_norm(s.to(f), shape, w, b, eps)
+    if rms and b is not None:
+        y = y + b
     return s, y.to(out_dtype)
 
 

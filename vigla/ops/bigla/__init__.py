@@ -14,7 +14,9 @@ import functools
 import torch
 
 from ..dispatch import via_dispatcher
+from ..tracing import exporting
 from .chunked import bigla_chunked, bigla_chunked_bwd
+from .export_path import bigla_gated_static, bigla_static
 from .fla import HAS_FLA, bigla_fla
 from .naive import bigla_naive
 from .op import BiGLAFunction, bigla_macs, log_decays
@@ -84,6 +86,10 @@ def bigla(
         ``S^f_t = diag(exp(log_gf_t)) S^f_{t-1} + k_t v_t^T`` and
         ``S^b_t = diag(exp(log_gb_t)) S^b_{t+1} + k_t v_t^T``; both scans include token t itself.
     """
+    # torch.export / ONNX / TorchScript / torch.jit.trace: plain aten ops with static control flow
+    # instead of the custom op (vigla.ops.tracing, bigla.export_path)
+    if torch.jit.is_scripting() or exporting():
+        return bigla_static(q, k, v, log_gf, log_gb, q.shape[-1] ** -0.5 if scale is None else scale)
     _check("bigla", (q, k, v, log_gf, log_gb), ("log_gf", "log_gb"))
     if not q.is_cuda or torch.is_anomaly_enabled():
         for name, g in (("log_gf", log_gf), ("log_gb", log_gb)):
@@ -118,6 +124,9 @@ def bigla_gated(
     Returns:
         ``[B, T, H, V]`` in ``q.dtype``.
     """
+    if torch.jit.is_scripting() or exporting():  # as in bigla
+        return bigla_gated_static(q, k, v, zf, zb, gate_normalizer,
+                                  q.shape[-1] ** -0.5 if scale is None else scale)
     _check("bigla_gated", (q, k, v, zf, zb), ("zf", "zb"))
     if not (isinstance(gate_normalizer, (int, float)) and gate_normalizer > 0):
         raise ValueError(f"bigla_gated: gate_normalizer must be a number > 0, got {gate_normalizer!r}")

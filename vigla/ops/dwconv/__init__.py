@@ -1,8 +1,9 @@
 """``dwconv_silu``: ViG's local branch, a depthwise 3x3 conv (+ SiLU) on channels-last tokens.
 
-``x_c = SiLU(DWConv3x3(x))`` (Liao et al., AAAI 2025, Sec. 3.2: the 2-D gating locality injection
-reads it; the SiLU is ViG-T's ``conv_act``) in one kernel on CUDA (``triton_kernels.py``), with no
-NCHW permutes; the reference elsewhere (``reference.py``); see :mod:`vigla.ops.dispatch`.
+``x_c = SiLU(DWConv3x3(x))`` (ViG, Liao et al., AAAI 2025: the 2-D gating locality injection reads
+it; the SiLU is ViG-T's) in one kernel each way on CUDA (``triton_kernels.py``), with no NCHW
+permutes or casts; elsewhere PyTorch's convolution on an NCHW view of the tokens (``reference.py``
+is the written-out form behind the custom op); see :mod:`vigla.ops.dispatch`.
 """
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Optional
 
 import torch
 
-from ..dispatch import compute_dtype, via_dispatcher
+import torch.nn.functional as F
+
+from ..dispatch import compute_dtype, use_kernels, via_dispatcher
+from ..tracing import exporting
 from .op import DWConvFunction
 from .reference import dwconv_reference, dwconv_reference_bwd
 
@@ -34,6 +38,8 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
         ``[B, H*W, C]`` in ``out_dtype``, accumulated in float32. Gradients flow to ``x`` (in its
         dtype) and ``weight`` (in its dtype).
     """
+    if torch.jit.is_scripting() or exporting():
+        return _plain(x, weight, hw, act, out_dtype)
     H, W = (int(v) for v in hw)
     if x.dim() != 3 or H < 1 or W < 1 or x.shape[1] != H * W:
         raise ValueError(f"dwconv_silu: expected x [B, H*W, C] with hw=(H, W) >= 1, got x {tuple(x.shape)}, "
@@ -42,4 +48,19 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
         raise ValueError(f"dwconv_silu: weight must be [C, 1, 3, 3] with C = {x.shape[-1]}, got "
                          f"{tuple(weight.shape)}")
     args = (x, weight, H, W, bool(act), out_dtype or compute_dtype(x))
-    return torch.ops.vigla.dwconv(*args) if via_dispatcher() else DWConvFunction.apply(*args)
+    if via_dispatcher():
+        return torch.ops.vigla.dwconv(*args)
+    if use_kernels(x):
+        return DWConvFunction.apply(*args)
+    return _plain(x, weight, hw, act, out_dtype)
+
+
+def _plain(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act: bool,
+           out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """PyTorch's depthwise convolution on an NCHW view of the channels-last tokens (no copy in, none
+    out when the conv keeps the channels-last memory format), with autograd."""
+    B, N, C = x.shape
+    y = F.conv2d(x.reshape(B, hw[0], hw[1], C).permute(0, 3, 1, 2), weight, padding=1, groups=C)
+    y = F.silu(y) if act else y
+    y = y.permute(0, 2, 3, 1).reshape(B, N, C)
+    return y.to(out_dtype or compute_dtype(x))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import via_dispatcher
+from ..tracing import exporting
 from .op import LocalityMixFunction
 from .reference import locality_mix_reference, locality_mix_reference_bwd
 
@@ -30,6 +31,9 @@ def locality_mix(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.T
         ``[..., h*d]`` in ``o.dtype``: ``act(sigmoid(z) * rms(o) * w_o + (1 - sigmoid(z)) * rms(x) * w_l)``
         per head.
     """
+    # torch.export / ONNX / TorchScript / torch.jit.trace: the plain formula (vigla.ops.tracing)
+    if torch.jit.is_scripting() or exporting():
+        return locality_mix_reference(o, x, z, w_o, w_l, eps, act)
     if o.dim() < 2 or x.shape != z.shape or x.shape[:-1] != o.shape[:-2] \
             or x.shape[-1] != o.shape[-2] * o.shape[-1]:
         raise ValueError(f"locality_mix: expected o [..., h, d] and x, z [..., h*d] with the same "

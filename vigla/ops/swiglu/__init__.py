@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import use_kernels, via_dispatcher
+from ..tracing import exporting
 from .op import SwiGLUFunction, SwiGLUMLPFunction
 from .reference import swiglu_reference, swiglu_reference_bwd
 
@@ -32,6 +33,9 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Ten
     stored. Gradients equal those of the composition, which is what runs elsewhere and what
     ``torch.compile`` traces (with the gating as the custom op ``vigla::swiglu``).
     """
+    # torch.export / ONNX / TorchScript / torch.jit.trace: the plain formula (vigla.ops.tracing)
+    if torch.jit.is_scripting() or exporting():
+        return F.linear(swiglu_reference(F.linear(x, w1)), w2)
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[1] != x.shape[-1] or w1.shape[0] != 2 * w2.shape[1]:
         raise ValueError(f"swiglu_mlp: want w1 [2I, C] with C = {x.shape[-1]} (x's last dim) and w2 "
                          f"[C_out, I]; got w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")

@@ -1,0 +1,205 @@
+"""What plain ViG and ViG-H share: the block, its checkpointed loop, the head's pooling check, the
+timm input-size record and the official-checkpoint key mapping.
+
+ViG: Liao et al., "ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention",
+AAAI 2025 (arXiv 2405.18425); official code github.com/hustvl/ViG.
+"""
+from __future__ import annotations
+
+import math
+import re
+from functools import partial
+from typing import Iterable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+
+from ..layers import BiGLAMixer, SwiGLU
+from ..layers.norm import add_and_norm
+from ..ops.recompute import recompute
+
+try:  # timm >= 1.0.31 records the current input size in the model's traits (get_model_input_config)
+    from timm.models._input import update_model_input_size
+except ImportError:  # older timm keeps no such record
+    update_model_input_size = None
+
+__all__ = [
+    "ViGBlock", "swiglu_hidden_dim", "drop_path_schedule", "checkpoint_blocks", "check_global_pool",
+    "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "check_state_dict", "remap_checkpoint",
+]
+
+
+def swiglu_hidden_dim(dim: int, multiple_of: int) -> int:
+    """SwiGLU width of the official code: ``8 * dim / 3`` rounded up to ``multiple_of``."""
+    return multiple_of * math.ceil((8 * dim // 3) / multiple_of)
+
+
+class ViGBlock(nn.Module):
+    """Pre-norm block: ``x + DropPath(mixer(norm1(x)))`` then ``x + DropPath(SwiGLU(norm2(x)))``.
+
+    Takes and returns ``[B, N, C]`` tokens of an ``hw = (H, W)`` grid. The SwiGLU is
+    ``fc2(SiLU(a) * b)`` with ``[a | b] = fc1(x)``, no biases. The first residual add and ``norm2``
+    run as one op (:func:`vigla.layers.norm.add_and_norm`), whose output is already in the compute
+    dtype; TorchScript runs the plain composition.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden_dim: int,
+        norm_layer: type[nn.Module],
+        drop_path: float = 0.0,
+        **mixer_kwargs,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = BiGLAMixer(dim, num_heads, **mixer_kwargs)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = SwiGLU(dim, mlp_hidden_dim)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            x = x + self.drop_path1(self.attn(self.norm1(x), hw))
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self._fused(x, hw)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        _, y = add_and_norm(self.norm1, x)
+        x, y = add_and_norm(self.norm2, x, self.drop_path1(self.attn(y, hw)))
+        return x + self.drop_path2(self.mlp(y))
+
+
+def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over the blocks."""
+    return [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
+def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """Apply ``blocks`` in order with gradient checkpointing: each block keeps only its input and its
+    BiGLA output for the backward and recomputes the rest (:func:`vigla.ops.recompute.recompute`,
+    eager and compiled alike). Training only: the models call their blocks directly when scripted,
+    traced or exported."""
+    for blk in blocks:
+        x = recompute(partial(blk, hw=hw), x)
+    return x
+
+
+def check_global_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+
+
+def record_input_size(model: nn.Module, img_size: Optional[Tuple[int, int]]) -> None:
+    """Tell timm the model's nominal input size after ``set_input_size`` (``timm.models.
+    get_model_input_config`` and the data config read it), as timm's own models do."""
+    if update_model_input_size is not None:
+        update_model_input_size(model, img_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Official checkpoint names (hustvl/ViG) <-> vigla names
+
+# Mixer weights: official name -> vigla name.
+MIXER_KEYS = (
+    ("in_proj.0", "dwconv"),
+    ("qkv_proj", "qkv"),
+    ("gk_proj.0", "decay_down"),
+    ("gk_proj.1", "decay_up"),
+    ("g_norm", "norm_out"),
+    ("l_norm", "norm_local"),
+    ("g_proj", "mix_gate"),
+    ("o_proj", "proj"),
+)
+
+
+class KeyMap:
+    """Renames state-dict keys between two naming schemes, both ways.
+
+    Built from ``(official_prefix, our_prefix[, shift])`` templates in which ``#`` stands for an
+    integer index; ``shift`` is added to every index on our side (e.g. the official stage ``i``
+    downsample is our stage ``i + 1``'s). A key matching no template keeps its name.
+    """
+
+    def __init__(self, templates: Iterable[tuple]):
+        self._to_ours, self._to_official = [], []
+        for official, ours, *shift in templates:
+            shift = shift[0] if shift else 0
+            self._to_ours.append(self._rule(official, ours, shift))
+            self._to_official.append(self._rule(ours, official, -shift))
+
+    @staticmethod
+    def _rule(src: str, dst: str, shift: int):
+        pattern = re.compile("^" + re.escape(src).replace(r"\#", r"(\d+)"))
+        head, *tails = dst.split("#")
+
+        def repl(m: re.Match) -> str:
+            return head + "".join(str(int(i) + shift) + t for i, t in zip(m.groups(), tails))
+
+        return pattern, repl
+
+    @staticmethod
+    def _apply(key: str, rules) -> str:
+        for pattern, repl in rules:
+            new, n = pattern.subn(repl, key, count=1)
+            if n:
+                return new
+        return key
+
+    def to_ours(self, key: str) -> str:
+        return self._apply(key, self._to_ours)
+
+    def to_official(self, key: str) -> str:
+        return self._apply(key, self._to_official)
+
+
+def unwrap_state_dict(checkpoint: dict) -> dict:
+    """The weights inside a training checkpoint (``model_ema`` / ``model`` / ``state_dict``
+    entry, EMA first as in timm), without DistributedDataParallel's ``module.`` prefix."""
+    for name in ("state_dict_ema", "model_ema", "model", "state_dict"):
+        inner = checkpoint.get(name)
+        if isinstance(inner, dict) and inner:
+            checkpoint = inner
+            break
+    return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
+
+
+def check_state_dict(state_dict: dict, model: nn.Module) -> None:
+    """Raise ``ValueError`` naming missing, unexpected and wrongly shaped keys, if any.
+
+    The classifier may differ in its number of classes (timm drops it when ``num_classes``
+    differs from the checkpoint's)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+        and not (k.startswith("head.") and v.shape[1:] == expected[k].shape[1:])
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(label, names):
+        shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6} more)" if len(names) > 6 else "")
+        return f"\n  {len(names)} {label}: {shown}" if names else ""
+
+    raise ValueError(
+        f"checkpoint does not fit this {type(model).__name__} "
+        f"(is it for another model size or variant?):"
+        + listing("missing", missing) + listing("unexpected", unexpected)
+        + listing("with a different shape", mismatched)
+    )
+
+
+def remap_checkpoint(checkpoint: dict, model: nn.Module, keymap: KeyMap) -> dict:
+    """Official (or vigla) weights -> vigla names; drops the classifier if the model has none."""
+    out = {keymap.to_ours(k): v for k, v in unwrap_state_dict(checkpoint).items()}
+    if isinstance(getattr(model, "head", None), nn.Identity):
+        out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    return out
