@@ -121,6 +121,12 @@ class BiGLAMixer(nn.Module):
         if torch.jit.is_scripting() or not caching(x_c):
             w_in, b_in = self._concat(parts)
             return w_in, b_in, self.decay_up.weight, self.decay_up.bias, self.proj.weight
+        return self._cached_weights(x_c)
+
+    @torch.jit.unused
+    def _cached_weights(self, x_c: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
         dtype = compute_dtype(x_c)
         w_in, b_in = inference_weights(self, "in_proj", parts, dtype, lambda: self._concat(parts))
         w_up, b_up, w_out = inference_weights(

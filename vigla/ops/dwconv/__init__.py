@@ -7,7 +7,7 @@ is the written-out form behind the custom op); see :mod:`vigla.ops.dispatch`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -39,7 +39,7 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
         dtype) and ``weight`` (in its dtype).
     """
     if torch.jit.is_scripting() or exporting():
-        return _plain(x, weight, hw, act, out_dtype)
+        return _conv_tokens(x, weight, hw, act)
     H, W = (int(v) for v in hw)
     if x.dim() != 3 or H < 1 or W < 1 or x.shape[1] != H * W:
         raise ValueError(f"dwconv_silu: expected x [B, H*W, C] with hw=(H, W) >= 1, got x {tuple(x.shape)}, "
@@ -52,15 +52,14 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
         return torch.ops.vigla.dwconv(*args)
     if use_kernels(x):
         return DWConvFunction.apply(*args)
-    return _plain(x, weight, hw, act, out_dtype)
+    return _conv_tokens(x, weight, hw, act).to(args[-1])
 
 
-def _plain(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act: bool,
-           out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _conv_tokens(x: torch.Tensor, weight: torch.Tensor, hw: Tuple[int, int], act: bool) -> torch.Tensor:
     """PyTorch's depthwise convolution on an NCHW view of the channels-last tokens (no copy in, none
-    out when the conv keeps the channels-last memory format), with autograd."""
+    out when the conv keeps the channels-last memory format), with autograd; scriptable."""
     B, N, C = x.shape
     y = F.conv2d(x.reshape(B, hw[0], hw[1], C).permute(0, 3, 1, 2), weight, padding=1, groups=C)
-    y = F.silu(y) if act else y
-    y = y.permute(0, 2, 3, 1).reshape(B, N, C)
-    return y.to(out_dtype or compute_dtype(x))
+    if act:
+        y = F.silu(y)
+    return y.permute(0, 2, 3, 1).reshape(B, N, C)

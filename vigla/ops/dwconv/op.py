@@ -3,6 +3,7 @@ the fused kernels for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dis
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
 from .reference import dwconv_reference, dwconv_reference_bwd
@@ -74,3 +75,14 @@ def _op_backward(ctx, dy):
 
 
 dwconv_op.register_autograd(_op_backward, setup_context=_setup)
+
+
+@register_flop_formula(torch.ops.vigla.dwconv)
+def _fwd_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs):
+    # nine multiply-adds per output element, as for the nn.Conv2d it replaces
+    return 2 * 9 * x_shape[0] * x_shape[1] * x_shape[2]
+
+
+@register_flop_formula(torch.ops.vigla.dwconv_bwd)
+def _bwd_flops(dy_shape, *args, out_shape=None, **kwargs):
+    return 2 * 2 * 9 * dy_shape[0] * dy_shape[1] * dy_shape[2]  # dx and dweight
