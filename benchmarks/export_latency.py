@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import timm  # noqa: E402
 
 import vigla  # noqa: E402,F401
-from vigla.bench.report import command_line, environment, git_info, timestamp, write_json  # noqa: E402
+from vigla.bench.report import SCHEMA, command_line, environment, git_info, timestamp, write_json  # noqa: E402
 from vigla.engine.modeling import set_input_size  # noqa: E402
 from vigla.export import export_model, in_chans  # noqa: E402
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     import onnxruntime
 
     result = {
-        "schema": "vigla.export_latency/1", "timestamp": timestamp(), "command": command_line(),
+        "schema": SCHEMA, "timestamp": timestamp(), "command": command_line(["python", *sys.argv]),
         "git": git_info(), "environment": dict(environment(torch.device("cpu")),
                                                onnxruntime=onnxruntime.__version__),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "name", "note")},

@@ -207,6 +207,7 @@ def test_cli_onnx_legacy(checkpoint, tmp_path, capsys):
     (["--format", "exported-program", "--opset", "17"], "--opset applies to --format onnx only"),
     (["--img-size", "64", "64", "64"], "one side or H W"),
     (["--format", "torchscript", "--img-size", "4"], "cannot run at 4x4"),
+    (["--format", "exported-program", "--dynamic", "--img-size", "16"], "trace at a larger --img-size"),
 ])
 def test_cli_rejects_unsupported_combinations(checkpoint, capsys, flags, message):
     assert cli(["export", checkpoint, *flags]) == 2

@@ -64,29 +64,36 @@ def in_chans(model) -> int:
 
 
 def export_model(model, fmt: str, path: str, example, dynamic: bool = False,
-                 opset: int = DEFAULT_OPSET, legacy: bool = False) -> None:
+                 opset: int = DEFAULT_OPSET, legacy: bool = False):
     """Write ``model`` (eval mode) to ``path`` as ``fmt``, traced at ``example`` (``[B, C, H, W]``).
 
     ``dynamic``: batch, height and width stay symbolic (ONNX dims ``batch``, ``height``, ``width``;
-    ``torch.export`` ranges inferred, see :func:`dynamic_ranges`). ``legacy``: the TorchScript-based
-    ONNX exporter (one image size). TorchScript modules take any size; ``dynamic`` does not apply.
+    ``torch.export`` infers their ranges, see :func:`dynamic_ranges`). ``legacy``: the
+    TorchScript-based ONNX exporter (one image size). TorchScript modules take any size;
+    ``dynamic`` does not apply. Returns the ``torch.export`` program behind the file
+    (``exported-program``, dynamo ONNX), else None.
     """
     import torch
 
     model.eval()
     if fmt == "torchscript":
         torch.jit.save(torch.jit.script(model), path)
-    elif fmt == "exported-program":
-        torch.export.save(_torch_export(model, example, dynamic), path)
-    elif fmt == "onnx" and legacy:
+        return None
+    if fmt == "exported-program":
+        program = _torch_export(model, example, dynamic)
+        torch.export.save(program, path)
+        return program
+    if fmt == "onnx" and legacy:
         torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=["output"])
-    elif fmt == "onnx":
+        return None
+    if fmt == "onnx":
         shapes = ({0: "batch", 2: "height", 3: "width"},) if dynamic else None  # named ONNX dims
-        torch.onnx.export(model, (example,), path, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-                          input_names=["images"], output_names=["output"], external_data=False, verbose=False)
-    else:
-        raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+        onnx_program = torch.onnx.export(model, (example,), path, dynamo=True, opset_version=opset,
+                                         dynamic_shapes=shapes, input_names=["images"],
+                                         output_names=["output"], external_data=False, verbose=False)
+        return onnx_program.exported_program
+    raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
 
 
 def _torch_export(model, example, dynamic: bool):
@@ -195,18 +202,26 @@ def _check_shapes(batch: int, chans: int, hw: Tuple[int, int], dynamic: bool) ->
     return shapes
 
 
-def _size_note(model, path: str, fmt: str, dynamic: bool) -> str:
+def _size_note(model, program, fmt: str, dynamic: bool) -> str:
     """What sizes the written file takes, as far as the export says."""
     if not dynamic:
         return "fixed batch and size" if fmt != "torchscript" else "any batch and size"
-    if fmt != "exported-program":
-        return "any batch, height and width"
-    import torch
-
-    ranges = dynamic_ranges(torch.export.load(path))
-    note = ", ".join(f"{k} >= {lo}" + (f" and <= {hi}" if hi else "") for k, (lo, hi) in ranges.items())
+    ranges = dynamic_ranges(program)
+    note = ", ".join(f"{k} >= {lo}" for k, (lo, _) in ranges.items())
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     return f"any batch; {note}" + (f" (multiples of the patch size {patch[0]})" if patch else "")
+
+
+def _check_unbounded(program, hw: Tuple[int, int], name: str) -> None:
+    """A dynamic graph traced at too small a size has an upper bound (a feature map of one position
+    there, which the export specializes on): refuse it."""
+    bounded = {k: hi for k, (lo, hi) in dynamic_ranges(program).items() if hi is not None}
+    if bounded:
+        from .engine.errors import UserError
+
+        raise UserError(f"traced at {hw[0]}x{hw[1]}, the {name} graph takes sizes only up to "
+                        f"{', '.join(f'{k} {hi}' for k, hi in bounded.items())} (a feature map shrinks to "
+                        f"one position there): trace at a larger --img-size, e.g. 64 or the training size")
 
 
 def _parity(model, path: str, fmt: str, shapes) -> float:
@@ -243,16 +258,25 @@ def export_checkpoint(args: argparse.Namespace) -> int:
             raise UserError(f"{name} cannot run at {hw[0]}x{hw[1]}: {str(e).splitlines()[0]}") from None
     start = time.perf_counter()
     try:
-        export_model(model, args.format, out, example, args.dynamic, args.opset or DEFAULT_OPSET, args.legacy)
+        program = export_model(model, args.format, out, example, args.dynamic, args.opset or DEFAULT_OPSET,
+                               args.legacy)
     except Exception as e:  # noqa: BLE001  (torch.export / ONNX / TorchScript errors: one line, --debug for more)
         if args.debug:
             raise
         raise UserError(f"{args.format} export of {name} failed ({type(e).__name__}): "
                         f"{str(e).strip().splitlines()[0]} (--debug shows the traceback)") from None
+    if args.dynamic:
+        _check_unbounded(program, hw, name)
     print(f"wrote {out} ({args.format}{' legacy' if args.legacy else ''}, {name}, traced at {hw[0]}x{hw[1]}, "
           f"{os.path.getsize(out) / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.1f} s; takes "
-          f"{_size_note(model, out, args.format, args.dynamic)}")
-    worst = _parity(model, out, args.format, _check_shapes(args.batch_size, chans, hw, args.dynamic))
+          f"{_size_note(model, program, args.format, args.dynamic)}")
+    try:
+        worst = _parity(model, out, args.format, _check_shapes(args.batch_size, chans, hw, args.dynamic))
+    except Exception as e:  # noqa: BLE001  (the written file failing on a valid input: one line)
+        if args.debug:
+            raise
+        raise UserError(f"the written {args.format} fails on a random batch ({type(e).__name__}): "
+                        f"{str(e).strip().splitlines()[0]}") from None
     if worst > PARITY_RTOL:
         print(f"error: the exported {args.format} differs from PyTorch by {worst:.2e} of the output's "
               f"magnitude (more than {PARITY_RTOL:g})", file=sys.stderr)

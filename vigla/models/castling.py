@@ -8,7 +8,7 @@ github.com/GATECH-EIC/Castling-ViT. ``castling_deit_{tiny,small,base}`` keep Dei
 per block (``blocks.{i}.attn.dconv.weight``).
 
 The paper's training-only auxiliary masked softmax branch: on in ``train()``, dropped in ``eval()`` (and
-absent from scripted, traced and exported graphs, which are inference graphs). The model exposes the
+absent from TorchScript and torch.fx graphs, which keep no Python state). The model exposes the
 hooks the training engine calls when present:
 
 * ``set_aux(enabled)``: the explicit master switch;
@@ -50,7 +50,7 @@ _logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AuxSchedule:
-    """Schedule of the auxiliary branch over training progress ``p ∈ [0, 1]`` (vigla's; the paper gives none).
+    """Schedule of the auxiliary branch over training progress ``p ∈ [0, 1]`` (vigla's own design).
 
     With ``r = min(p / aux_off, 1)`` (``aux_off = None`` counts as 1):
 
