@@ -265,6 +265,13 @@ def _flops(opts: Options) -> list[Step]:
     return [_bench("flops_all_models", opts, args, 300, base=VIGLA_BENCH)]
 
 
+def _export_latency(opts: Options) -> list[Step]:
+    name = "export_latency"
+    argv = [PY, "benchmarks/export_latency.py", "--models", "vig_tiny", "deit_tiny_patch16_224",
+            "--img-size", "224", "512", "--out", str(opts.out), "--name", name]
+    return [Step(name, argv, 560, [f"{name}.json"])]
+
+
 SUITES = {s.name: s for s in [
     Suite("tests", "the GPU test suite (pytest -m gpu), by part", "cuda",
           {part: (what, _tests(part)) for part, (what, _) in TEST_PARTS.items()}, extra="pytest"),
@@ -301,6 +308,8 @@ SUITES = {s.name: s for s in [
           {"models": ("vigla bench at 224, batch 8, with training steps", _cpu_models),
            "default_train": ("`vigla train` with no settings, wall time and accuracy", _cpu_default_train)},
           smoke=True),
+    Suite("export", "this CPU: ONNX Runtime against PyTorch, the same models exported by vigla export", "cpu",
+          {"latency": ("ViG-T and DeiT-T at 224 and 512, one intra-op thread each", _export_latency)}),
     Suite("flops", "parameters and MACs of every model at 224-2048 (no model is run)", "cpu",
           {"all_models": ("vigla bench --flops-only", _flops)}, smoke=True),
 ]}

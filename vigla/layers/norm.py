@@ -14,6 +14,8 @@ from ..ops.tracing import exporting
 
 __all__ = ["RmsNorm", "add_and_norm"]
 
+torch.fx.wrap("add_norm")  # a leaf under torch.fx: its checks and kernels run as they are
+
 
 class RmsNorm(_TimmRmsNorm):
     """timm's ``RmsNorm`` (same parameters and state dict) computed by PyTorch's fused

@@ -16,8 +16,6 @@ from timm.layers import LayerNorm2d
 
 from .norm import add_and_norm
 
-torch.fx.wrap("add_and_norm")  # a leaf under torch.fx
-
 __all__ = ["ConvStem", "ConvDownsample", "check_image_batch"]
 
 

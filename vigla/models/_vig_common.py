@@ -19,8 +19,6 @@ from ..layers import BiGLAMixer, SwiGLU
 from ..layers.norm import add_and_norm
 from ..ops.recompute import recompute
 
-torch.fx.wrap("add_and_norm")  # a leaf under torch.fx (its checks and kernels run as they are)
-
 try:  # timm >= 1.0.31 records the current input size in the model's traits (get_model_input_config)
     from timm.models._input import update_model_input_size
 except ImportError:  # older timm keeps no such record

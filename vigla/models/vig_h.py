@@ -21,8 +21,6 @@ from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem
 from ..layers.norm import add_and_norm
-
-torch.fx.wrap("add_and_norm")  # a leaf under torch.fx
 from ._vig_common import (
     MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks, drop_path_schedule,
     record_input_size, remap_checkpoint, swiglu_hidden_dim,

@@ -8,7 +8,7 @@ is the written-out form behind the custom op); see :mod:`vigla.ops.dispatch`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -46,11 +46,20 @@ def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tenso
         stored, with float32 statistics. Gradients flow to ``x`` and ``delta`` (the same values,
         ``delta``'s in its dtype), ``weight`` and ``bias``.
     """
-    if torch.jit.is_scripting() or exporting():
-        return _plain(x, delta, weight, bias, eps, kind, out_dtype)
+    if torch.jit.is_scripting() or exporting():  # the plain formula (vigla.ops.tracing)
+        return _plain(x, delta, weight, bias, eps, kind == "layer", True)
+    _check(x, delta, weight, bias, kind)
+    if not (use_kernels(x) or via_dispatcher()):
+        s, y = _plain(x, delta, weight, bias, eps, kind == "layer", False)
+        return s, y.to(out_dtype or compute_dtype(x))
+    return _fused(x, delta, weight, bias, float(eps), kind == "rms", out_dtype or compute_dtype(x))
+
+
+def _check(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+           kind: str) -> None:
     C = x.shape[-1] if x.dim() else 0
     if kind not in KINDS:
-        raise ValueError(f"add_norm: kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"add_norm: kind must be one of {KINDS}, got {repr(kind)}")
     if x.dim() < 1 or weight.shape != (C,):
         raise ValueError(f"add_norm: expected x [..., C] and weight [C], got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
@@ -58,24 +67,28 @@ def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tenso
         raise ValueError(f"add_norm: delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
     if bias is not None and (kind == "rms" or bias.shape != (C,)):
         raise ValueError(f"add_norm: bias must be None for kind='rms' and [{C}] for kind='layer', got "
-                         f"{tuple(bias.shape)} with kind={kind!r}")
-    if not (use_kernels(x) or via_dispatcher()):
-        return _plain(x, delta, weight, bias, eps, kind, out_dtype)
-    args = (x, delta, weight, bias, float(eps), kind == "rms", out_dtype or compute_dtype(x))
-    s, y = torch.ops.vigla.add_norm(*args) if via_dispatcher() else AddNormFunction.apply(*args)
+                         f"{tuple(bias.shape)} with kind={repr(kind)}")
+
+
+def _fused(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
+    """The custom op (traced, or under a dispatch mode) or the eager Function."""
+    if via_dispatcher():
+        s, y = torch.ops.vigla.add_norm(x, delta, weight, bias, eps, rms, out_dtype)
+    else:
+        s, y = AddNormFunction.apply(x, delta, weight, bias, eps, rms, out_dtype)
     return (s if delta is not None else x), y
 
 
 def _plain(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-           eps: float, kind: str, out_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The add, then PyTorch's norm (the formula written out when exported: ONNX has no RMSNorm below
-    opset 23), with autograd."""
+           eps: float, layer: bool, written_out: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The add, then PyTorch's norm, with autograd; ``written_out``: the RMS formula in elementary
+    ops (ONNX has no RMSNorm below opset 23, the legacy exporter no ``aten::rms_norm``). Scriptable."""
     s = x if delta is None else x + delta
-    shape = (s.shape[-1],)
-    if kind == "layer":
+    shape = [s.shape[-1]]
+    if layer:
         y = F.layer_norm(s, shape, weight, bias, eps)
-    elif exporting():
+    elif written_out:
         y = rms_norm(s, shape, weight.to(s.dtype), eps)
     else:
         y = F.rms_norm(s, shape, weight.to(s.dtype), eps)
-    return s, y.to(out_dtype or compute_dtype(x))
+    return s, y

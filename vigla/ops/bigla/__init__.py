@@ -129,5 +129,5 @@ def bigla_gated(
                                   q.shape[-1] ** -0.5 if scale is None else scale)
     _check("bigla_gated", (q, k, v, zf, zb), ("zf", "zb"))
     if not (isinstance(gate_normalizer, (int, float)) and gate_normalizer > 0):
-        raise ValueError(f"bigla_gated: gate_normalizer must be a number > 0, got {gate_normalizer!r}")
+        raise ValueError(f"bigla_gated: gate_normalizer must be a number > 0, got {repr(gate_normalizer)}")
     return _run(q, k, v, zf, zb, scale, float(gate_normalizer))
