@@ -91,9 +91,9 @@ def bigla(
     if torch.jit.is_scripting() or exporting():
         return bigla_static(q, k, v, log_gf, log_gb, q.shape[-1] ** -0.5 if scale is None else scale)
     _check("bigla", (q, k, v, log_gf, log_gb), ("log_gf", "log_gb"))
-    if not q.is_cuda or torch.is_anomaly_enabled():
+    if not torch.compiler.is_compiling() and (not q.is_cuda or torch.is_anomaly_enabled()):
         for name, g in (("log_gf", log_gf), ("log_gb", log_gb)):
-            if not torch.compiler.is_compiling() and bool((g > 0).any() | ~torch.isfinite(g).all()):
+            if bool((g > 0).any() | ~torch.isfinite(g).all()):
                 raise ValueError(f"bigla: {name} must hold finite log decays <= 0 (decays in (0, 1]); "
                                  f"got values outside that range (pass gate logits to bigla_gated instead)")
     return _run(q, k, v, log_gf, log_gb, scale, None)
