@@ -105,6 +105,7 @@ def summary(res: Results) -> list[str]:
     """The README's one table: headline ratios at 224-2048, with the runs they come from."""
     rows = [[label] + [ratio(result, m, b, s, path) for s in SIZES]
             for label, _, result, m, b, path in headline_rows(res)]
+    rows = [r for r in rows if any(c != "-" for c in r[1:])]  # a run that did not measure it
     flops = res("flops_all_models")
     if flops:
         rows.append(["ViG-T ÷ DeiT-T, GMACs"] + [ratio(flops, "vig_tiny", DEIT_T, s, ("gmacs",)) for s in SIZES])
