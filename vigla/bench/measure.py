@@ -27,13 +27,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..engine.precision import autocast
+
 __all__ = [
     "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "guarded", "is_oom", "make_input",
     "measure_inference", "measure_train", "memory_kind", "summarize", "time_calls",
 ]
 
 MiB = 2 ** 20
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +202,6 @@ def guarded(fn: Callable[[], dict], device: torch.device) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # the measurements
-
-def autocast(device: torch.device, amp: str, cache: bool = True):
-    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"}; a no-op context for "none"."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp], cache_enabled=cache)
-
 
 def make_input(batch_size: int, img_size: int, device: torch.device, channels_last: bool,
                in_chans: int = 3) -> torch.Tensor:
