@@ -9,6 +9,12 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from vigla.engine.errors import run_command
+
+    return run_command("info", _main, args)
+
+
+def _main(args) -> int:
     import timm
     import torch
 
@@ -21,7 +27,15 @@ def main(args) -> int:
     print(f"BiGLA backends (cpu): {', '.join(available_backends('cpu'))}")
     if torch.cuda.is_available():
         print(f"BiGLA backends (cuda): {', '.join(available_backends('cuda'))}")
-    names = [n for n in timm.list_models(args.filter) if timm.get_pretrained_cfg(n, allow_unregistered=True)
-             and getattr(timm.models.get_model_entrypoint(n), "__module__", "").startswith("vigla")]
-    print("vigla models:", ", ".join(names) if names else "(none match)")
+    print("vigla models:", ", ".join(vigla_models(args.filter)) or "(none match)")
     return 0
+
+
+def vigla_models(pattern: str = "*") -> list[str]:
+    """The timm names of vigla's registered models that match ``pattern`` (a wildcard)."""
+    import timm
+    from timm.models import model_entrypoint
+
+    import vigla  # noqa: F401  (registers vigla's models with timm)
+
+    return [n for n in timm.list_models(pattern) if model_entrypoint(n).__module__.startswith("vigla.")]
