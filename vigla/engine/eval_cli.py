@@ -75,7 +75,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from .distributed import setup
     from .errors import OutOfMemory, UserError
     from .evaluate import evaluate
-    from .modeling import load_for_eval, set_input_size
+    from .modeling import check_runs_at, load_for_eval, set_input_size
     from .precision import amp_dtype
 
     device = setup(args.device).device
@@ -103,6 +103,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         else:  # fresh weights for each size, so position embeddings are resampled once from the original
             model = load_for_eval(args.checkpoint, args.model, num_classes=len(source.classes))[0].to(device)
         set_input_size(model, size, meta["model"])
+        check_runs_at(model, meta["model"], size, device, "--img-size")
         dataset = TransformedDataset(source, eval_transform(size, crop_pct=crop_pct, interpolation=interpolation,
                                                             mean=dc["mean"], std=dc["std"]), replace_unreadable=False)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=ShardSampler(len(dataset)),
@@ -118,8 +119,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             result = {"error": f"CUDA out of memory at batch size {args.batch_size}; try a smaller --batch-size"}
             torch.cuda.empty_cache()
         except RuntimeError as e:
-            raise OutOfMemory(str(e)) if "out of memory" in str(e) else UserError(
-                f"{meta['model']} cannot run at {size}px: {str(e).splitlines()[0]}") from None
+            if "out of memory" not in str(e):
+                raise
+            raise OutOfMemory(f"out of memory at batch size {args.batch_size}; try a smaller --batch-size") from None
         finally:
             bar.close()
             stop_workers(loader)
