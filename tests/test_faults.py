@@ -71,8 +71,9 @@ trainer.Trainer.train_step = step
 if fault.startswith("hang-in-save:"):  # hang-in-save:<file name>:<n>: the n-th write of that file stops half-way
     import io
     import vigla.engine.checkpoint as checkpoint
+    import vigla.engine.outputs as outputs
     _, name, nth = fault.split(":")
-    real_write, count = checkpoint.atomic_write, [0]
+    real_write, count = outputs.atomic_write, [0]
 
     def atomic_write(path, write):
         if os.path.basename(path) == name:
@@ -83,12 +84,12 @@ if fault.startswith("hang-in-save:"):  # hang-in-save:<file name>:<n>: the n-th 
                     write(buf)
                     f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
                     f.flush()
-                    touch(path)
+                    touch(os.fspath(path))
                     time.sleep(600)
                 return real_write(path, half)
         return real_write(path, write)
 
-    checkpoint.atomic_write = atomic_write
+    checkpoint.atomic_write = outputs.atomic_write = atomic_write
 
 from vigla.cli import main
 sys.argv[0] = "vigla"
@@ -579,6 +580,38 @@ def test_kill_9_at_a_random_point_and_a_second_run_on_the_same_folder(fmnist, tm
         assert cli.main(train_args(fmnist, out, epochs=1)) == 0, f"seed {seed}"
     assert leftovers(out) == [], f"seed {seed}"
     no_workers_left()
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_kill_9_while_writing_results(command, fmnist, tmp_path):
+    """kill -9 while eval writes its JSON, or while bench rewrites its JSON after the second of two rows: the
+    previous file (bench: the first row's) is whole, and the next run removes the temporary file."""
+    mark = tmp_path / "mark"
+    if command == "eval":
+        target, name, nth = tmp_path / "r.json", "r.json", 1
+        args = _command("eval", target, fmnist, tmp_path)
+    else:
+        target, name, nth = tmp_path / "b", "bench.json", 2
+        args = _command("bench", target, None, tmp_path) + ["--img-size", "32", "48"]
+    proc = _spawn(args, f"hang-in-save:{name}:{nth}", mark)
+    deadline = time.time() + 120
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert mark.exists(), _finish(proc, 5)[1][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert _group_gone(proc.pid, 10)
+    folder = tmp_path if command == "eval" else target
+    assert glob.glob(str(folder / f"{name}.tmp-*"))  # what the kill left
+    if command == "eval":
+        assert not target.exists()
+    else:
+        first = json.loads((target / "bench.json").read_text())
+        assert first["complete"] is False and len(first["rows"]) == 1
+    assert cli.main(args) == 0
+    assert leftovers(tmp_path) == []
+    if command == "bench":
+        assert json.loads((target / "bench.json").read_text())["complete"] is True
 
 
 def test_bench_refuses_a_second_run_and_cleans_up_after_a_killed_one(tmp_path, capsys):
