@@ -266,6 +266,19 @@ def _group_gone(pgid: int, timeout: float) -> bool:
     return False
 
 
+def _wait_for(mark, proc, timeout: float = 120) -> None:
+    """Until the injected fault writes ``mark`` (fails with the process's stderr if it ends first)."""
+    deadline = time.time() + timeout
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert mark.exists(), _finish(proc, 5)[1][-3000:]
+
+
+def _kill_9(proc) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
 def _finish(proc, timeout):
     try:
         return proc.communicate(timeout=timeout)
@@ -537,12 +550,8 @@ def test_kill_9_in_the_middle_of_a_save(fmnist, tmp_path):
     next start (issue 14: it stayed forever) and the run resumes from the newer, self-contained state."""
     out, mark = tmp_path / "run", tmp_path / "mark"
     proc = _spawn(train_args(fmnist, out, epochs=3), "hang-in-save:last.safetensors:2", mark)
-    deadline = time.time() + 120
-    while not mark.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert mark.exists(), _finish(proc, 5)[1][-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    _wait_for(mark, proc)
+    _kill_9(proc)
     assert glob.glob(str(out / "last.safetensors.tmp-*"))  # what the kill left
     state = assert_checkpoint_whole(out)
     assert state["global_step"] == 4 and read_meta(str(out / "last.safetensors"))["global_step"] == 2
@@ -560,16 +569,12 @@ def test_kill_9_at_a_random_point_and_a_second_run_on_the_same_folder(fmnist, tm
     out, mark = tmp_path / "run", tmp_path / "mark"
     args = train_args(fmnist, out, epochs=40, workers=1)
     proc = _spawn(args, "mark-first-step", mark)
-    deadline = time.time() + 120
-    while not mark.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert mark.exists(), _finish(proc, 5)[1][-3000:]
+    _wait_for(mark, proc)
     assert cli.main(args) == 2  # issue 14: two runs into one --out both ran and mixed their files
     error_line(capsys.readouterr().err, "train", f"--out {out} is in use by another vigla train (pid {proc.pid}",
                "wait for it to finish, or choose another --out")
     time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    _kill_9(proc)
     assert _group_gone(proc.pid, 10), f"a process outlived kill -9 (seed {seed})"
     if (out / "last.state.pt").exists():
         state = assert_checkpoint_whole(out)
@@ -594,12 +599,8 @@ def test_kill_9_while_writing_results(command, fmnist, tmp_path):
         target, name, nth = tmp_path / "b", "bench.json", 2
         args = _command("bench", target, None, tmp_path) + ["--img-size", "32", "48"]
     proc = _spawn(args, f"hang-in-save:{name}:{nth}", mark)
-    deadline = time.time() + 120
-    while not mark.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert mark.exists(), _finish(proc, 5)[1][-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    _wait_for(mark, proc)
+    _kill_9(proc)
     assert _group_gone(proc.pid, 10)
     folder = tmp_path if command == "eval" else target
     assert glob.glob(str(folder / f"{name}.tmp-*"))  # what the kill left
