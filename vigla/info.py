@@ -19,14 +19,18 @@ def _main(args) -> int:
     import torch
 
     import vigla
-    from vigla.ops.bigla import available_backends
+    from vigla.ops.bigla import HAS_FLA
+    from vigla.ops.dispatch import HAS_TRITON
 
     print(f"vigla {vigla.__version__} | torch {torch.__version__} | timm {timm.__version__} | "
           f"python {platform.python_version()}")
     print(f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
-    print(f"BiGLA backends (cpu): {', '.join(available_backends('cpu'))}")
-    if torch.cuda.is_available():
-        print(f"BiGLA backends (cuda): {', '.join(available_backends('cuda'))}")
+    if HAS_TRITON:
+        import triton
+        kernels = f"Triton {triton.__version__} kernels for CUDA tensors, the PyTorch references elsewhere"
+    else:
+        kernels = "the PyTorch references (Triton is not installed)"
+    print(f"fused ops: {kernels}; fla-core {'installed' if HAS_FLA else 'not installed'}")
     print("vigla models:", ", ".join(vigla_models(args.filter)) or "(none match)")
     return 0
 

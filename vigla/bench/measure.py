@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..engine.precision import autocast
+from ..engine.precision import amp_dtype, autocast
 
 __all__ = [
     "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "guarded", "is_oom", "make_input",
@@ -216,7 +216,7 @@ def cuda_graph_forward(model: torch.nn.Module, x: torch.Tensor, amp: str, warmup
     :class:`vigla.engine.cuda_graph.CudaGraphModel`): returns its replay."""
     from ..engine.cuda_graph import CudaGraphModel
 
-    graphed = CudaGraphModel(model, x.shape[0], _AMP_DTYPES.get(amp), warmup)
+    graphed = CudaGraphModel(model, x.shape[0], amp_dtype(amp, x.device), warmup)
     graphed.capture(tuple(x.shape[1:]))
     graphed.static_input.copy_(x)
     return graphed.replay

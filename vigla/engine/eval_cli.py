@@ -64,6 +64,21 @@ def _eval_source(data: str | None, fmnist_dir: str):
     return scan_image_folder(folder, require_all_classes=False), folder
 
 
+def check_arguments(args: argparse.Namespace):
+    """The device, once the flags fit it and the checkpoint exists (before anything is loaded)."""
+    from .distributed import setup
+    from .errors import CheckpointError, UserError
+
+    device = setup(args.device).device
+    if args.cuda_graph and device.type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device (this run is on {device.type}); drop the flag")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
+    if not os.path.exists(args.checkpoint):
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not exist")
+    return device
+
+
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.data import DataLoader
@@ -72,17 +87,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform, stop_workers
 
     from .cuda_graph import CudaGraphModel
-    from .distributed import setup
     from .errors import OutOfMemory, UserError
     from .evaluate import evaluate
     from .modeling import check_runs_at, load_for_eval, set_input_size
     from .precision import amp_dtype
 
-    device = setup(args.device).device
-    if args.cuda_graph and device.type != "cuda":
-        raise UserError(f"--cuda-graph needs a CUDA device (this run is on {device.type}); drop the flag")
-    if args.amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
+    device = check_arguments(args)
     source, data_name = _eval_source(args.data, args.fmnist_dir)
     model, meta = load_for_eval(args.checkpoint, args.model, num_classes=len(source.classes))
     trained_classes = meta.get("classes")
@@ -169,11 +179,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .errors import CheckpointError
     from .outputs import check_writable, remove_stale_temp_files, write_text
 
-    if not os.path.exists(args.checkpoint):
-        raise CheckpointError(f"checkpoint {args.checkpoint} does not exist")
+    check_arguments(args)
     out = output_path(args)
     check_writable(out)  # before minutes of evaluation, not after
     remove_stale_temp_files(os.path.dirname(os.path.abspath(out)), glob.escape(os.path.basename(out)))
