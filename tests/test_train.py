@@ -79,8 +79,12 @@ def test_help_is_readable(capsys):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
     for needle in ("--resume PATH|auto", "per 512 images", "fmnist-quick", "--strict-data", "examples:",
-                   "torchrun --nproc_per_node"):
+                   "torchrun --nproc_per_node", "--debug"):
         assert needle in text
+    # one figure for the default run, the measured one (issue 14: "about 10 min" here, "1.5 minutes" elsewhere)
+    measured = json.load(open(os.path.join(REPO, "benchmarks", "results", "cpu_default_train.json")))
+    wall = measured["rows"][0]["wall_s"]
+    assert f"Fashion-MNIST: {wall / 60:.1f} min on 2 idle CPU cores (measured)" in text
 
 
 def test_precedence_preset_yaml_flags(tmp_path):
