@@ -35,12 +35,14 @@ import pytest
 import torch
 
 from test_data import write_fake_fmnist, write_folder
-from test_eval import _one_thread, vigla_checkpoint  # noqa: F401  (_one_thread: an autouse fixture)
+from test_eval import vigla_checkpoint
 from vigla import cli
 from vigla.bench import cli as bench_cli
 from vigla.engine.checkpoint import load_state, load_weights, read_meta
 
 import vigla  # noqa: E402  (the subprocesses run the same vigla as the tests)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(vigla.__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)

@@ -1,4 +1,4 @@
-"""The ``vigla`` command: ``vigla train | eval | bench | info``.
+"""The ``vigla`` command: ``vigla train | eval | bench | info | export``.
 
 Thin by design: each subcommand lives in its own module, which provides
 ``add_arguments(parser)`` and ``main(args) -> int``; this file only parses and dispatches.
@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
-        p.add_argument("--debug", action="store_true",
-                       help="show the full traceback of an error instead of its one-line summary")
+        if "--debug" not in p._option_string_actions:  # a command may word its own
+            p.add_argument("--debug", action="store_true",
+                           help="show the full traceback of an error instead of its one-line summary")
     return parser
 
 
