@@ -313,6 +313,27 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(fmnist, tmp_pat
     assert all(torch.isfinite(v).all() for v in load_weights(str(tmp_path / "nan" / "best.safetensors")).values())
 
 
+def test_nonfinite_weights_after_a_finite_loss_are_not_saved(fmnist, tmp_path):
+    """The last step of epoch 2 has a finite loss but leaves a NaN weight (as an inf gradient can): the check
+    before the epoch's save stops the run; the checkpoint of epoch 1 stays."""
+    trainer = Trainer(resolve_config(tiny_flags(fmnist, tmp_path / "w")))
+    real_step = trainer.train_step
+
+    def step(x, y):
+        loss = real_step(x, y)
+        if trainer.global_step == 12:
+            with torch.no_grad():
+                trainer.core.head.weight[0, 0] = float("nan")
+        return loss
+
+    trainer.train_step = step
+    with pytest.raises(NonFiniteLossError, match="weights became NaN or inf by global step 12") as e:
+        trainer.run()
+    assert "the last good checkpoint is kept" in str(e.value) and "global step 6)" in str(e.value)
+    assert load_state(str(tmp_path / "w" / "last.state.pt"))["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in load_weights(str(tmp_path / "w" / "best.safetensors")).values())
+
+
 def test_train_step_does_not_read_tensors_back(fmnist, tmp_path, monkeypatch):
     """Trainer.train_step waits for nothing: no .item() / .tolist() / float() / bool() of a tensor in vigla's
     code between two read-backs (on a GPU each would stall the launch queue; see test_train_step_no_cuda_sync)."""

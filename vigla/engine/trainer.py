@@ -296,6 +296,7 @@ class Trainer:
         the config that produced them. Collective under DDP. Only finite weights get here: every step's loss
         has been read back and checked (:meth:`_read_losses`) before any save."""
         assert not self._pending, "unchecked step losses: call _read_losses() before saving"
+        self._check_weights()
         rng = dist_utils.gather(capture_rng())
         if self.is_main:
             state = {
@@ -446,6 +447,15 @@ class Trainer:
             self._window.append(value)
         return stop > 0
 
+    def _check_weights(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a weight is NaN or inf: a step with a finite loss can still
+        leave them so (an inf gradient, an overflow in the optimizer). One read-back, before each save."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.core.parameters()]).all()):
+            raise NonFiniteLossError(
+                f"the weights became NaN or inf by global step {self.global_step} (the losses were finite); "
+                f"stopped without saving them, {self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and "
+                f"resume: vigla train --resume auto --out {self.out} --lr ...")
+
     def _nonfinite_message(self, value: float, step: int) -> str:
         epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
         return (f"the training loss became {value} at epoch {epoch + 1}, step {in_epoch + 1}/{self.steps_per_epoch} "
@@ -575,6 +585,7 @@ class Trainer:
             raise OutOfMemory(self._oom_message("evaluation")) from None
 
     def _end_epoch(self) -> None:
+        self._check_weights()  # before validating and saving them
         val = self._evaluate(self.val_loader, self.core)
         ema_val = self._evaluate(self.val_loader, self.ema.module) if self.ema else None
         if val["unreadable"] and self.is_main and not self._val_warned:
