@@ -83,8 +83,8 @@ TEST_PARTS = {
     "ops": ("the locality-mix, SwiGLU, add+norm and depthwise-conv kernels, whole models on their fused "
             "paths against reference_ops(), gradient checkpointing",
             ["tests/test_fused_ops.py", "tests/test_recompute.py", "tests/test_fused_block_ops.py"]),
-    "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel",
-               ["tests/test_bench.py", "tests/test_cuda_graph.py"]),
+    "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel; a training "
+               "step without a host sync", ["tests/test_bench.py", "tests/test_cuda_graph.py", "tests/test_train.py"]),
 }
 
 

@@ -1,4 +1,5 @@
 """vigla.engine.checkpoint: atomic writes, safetensors + JSON weights, RNG capture, weights_only training state."""
+import errno
 import os
 import random
 
@@ -7,24 +8,33 @@ import pytest
 import timm
 import torch
 
-from vigla.engine.checkpoint import (atomic_write, capture_rng, check_compatible, load_into, load_state,
-                                     load_weights, read_meta, restore_rng, save_state, save_weights, unwrap,
-                                     write_text)
-from vigla.engine.errors import CheckpointError
+from vigla.engine.checkpoint import (capture_rng, check_state_dict, load_into, load_state, load_weights, read_meta,
+                                     restore_rng, save_state, save_weights, unwrap)
+from vigla.engine.errors import CheckpointError, OutputError
+from vigla.engine.outputs import atomic_write, write_text
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "f.txt")
-    atomic_write(path, lambda tmp: write_text(tmp, "old"))
+    write_text(path, "old")
 
-    def broken(tmp):
-        write_text(tmp, "half")
-        raise OSError("disk full")
+    def broken(f):
+        f.write(b"half")
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"cannot write .*f.txt: No space left on device \(ENOSPC\); the disk is"):
         atomic_write(path, broken)
     assert open(path).read() == "old"
     assert os.listdir(tmp_path) == ["f.txt"]  # no temporary file left behind
+
+    def other(f):
+        f.write(b"x")
+        raise RuntimeError("not an OSError")
+
+    with pytest.raises(RuntimeError, match="not an OSError"):  # passes through, and is cleaned up too
+        atomic_write(path, other)
+    assert os.listdir(tmp_path) == ["f.txt"] and open(path).read() == "old"
 
 
 def test_weights_round_trip_with_meta(tmp_path):
@@ -32,6 +42,10 @@ def test_weights_round_trip_with_meta(tmp_path):
     path = str(tmp_path / "w.safetensors")
     save_weights(path, model.state_dict(), {"model": "test_vit", "model_args": {"num_classes": 7}})
     assert read_meta(path)["model"] == "test_vit"
+    os.remove(tmp_path / "w.json")  # the description travels inside the weights file too
+    assert read_meta(path)["model_args"] == {"num_classes": 7}
+    # written like every other output (0666 less the umask), not 0600 as safetensors' own writer does
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
     other = timm.create_model("test_vit", num_classes=7, img_size=32)
     load_into(other, load_weights(path), "w")
     for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
@@ -46,15 +60,27 @@ def test_incompatible_weights_name_the_keys(tmp_path):
     del sd["norm.bias"]
     sd["head.weight"] = torch.zeros(3, sd["head.weight"].shape[1])
     with pytest.raises(CheckpointError) as e:
-        check_compatible(model, sd, "ckpt")
+        check_state_dict(sd, model, "ckpt")
     msg = str(e.value)
-    assert "missing keys: norm.bias" in msg and "unexpected keys: extra.weight" in msg
-    assert "head.weight (3, " in msg
+    assert msg.startswith("ckpt does not fit this VisionTransformer") and "\n" not in msg
+    assert "1 missing: norm.bias" in msg and "1 unexpected: extra.weight" in msg
+    assert "head.weight (3, 64) (model: (7, 64))" in msg
+    assert isinstance(e.value, ValueError)  # what timm's checkpoint filters raise
+    fixed = {k: v for k, v in sd.items() if k != "extra.weight"} | {"norm.bias": model.state_dict()["norm.bias"]}
+    check_state_dict(fixed, model, classifier_may_differ=True)  # only the head differs, in its class count
+    with pytest.raises(CheckpointError, match="with a different shape: head.weight"):
+        check_state_dict(fixed, model)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         (tmp_path / "bad.safetensors").write_bytes(b"garbage")
         load_weights(str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_weights(str(tmp_path / "missing.safetensors"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_rng_capture_restores_every_stream_through_a_weights_only_file(tmp_path):
@@ -79,7 +105,7 @@ def test_state_files_never_unpickle_objects(tmp_path):
     with pytest.raises(CheckpointError, match="not a vigla training-state file"):
         load_state(path)
     torch.save({"format": 99}, path)
-    with pytest.raises(CheckpointError, match="format 1 expected"):
+    with pytest.raises(CheckpointError, match="format 2 expected"):
         load_state(path)
 
 

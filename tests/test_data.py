@@ -129,6 +129,34 @@ def test_folder_empty_class_in_train_is_an_error(tmp_path):
         assert scan_image_folder(str(tmp_path), require_all_classes=False).classes == ["a", "b"]
 
 
+def test_symlink_loop_in_an_image_folder_is_an_error(tmp_path):
+    """Issue 14: ``train/a/loop -> ..`` turned 16 images into 656, class b's labelled a, without a word."""
+    write_folder(str(tmp_path / "train"), ["a", "b"], per_class=8)
+    os.symlink("..", tmp_path / "train" / "a" / "loop")
+    with pytest.raises(DataError, match=r"a/loop is the folder .*train again \(a symbolic link back up"):
+        scan_image_folder(str(tmp_path / "train"))
+    os.remove(tmp_path / "train" / "a" / "loop")
+    os.symlink(tmp_path / "train" / "b", tmp_path / "train" / "a" / "also_b")  # b's images labelled a too
+    with pytest.raises(DataError, match="remove the link"):
+        scan_image_folder(str(tmp_path / "train"))
+    os.remove(tmp_path / "train" / "a" / "also_b")
+    write_folder(str(tmp_path / "elsewhere"), ["c"], per_class=2)  # a link out of the tree is fine
+    os.symlink(tmp_path / "elsewhere" / "c", tmp_path / "train" / "b" / "more")
+    src = scan_image_folder(str(tmp_path / "train"))
+    assert len(src) == 18 and np.bincount(src.targets).tolist() == [8, 10]
+
+
+def test_evaluation_leaves_unreadable_images_out(tmp_path):
+    write_folder(str(tmp_path), ["a", "b"], per_class=2, corrupt={("a", 1), ("b", 0), ("b", 1)})
+    tf = train_transform(16, scale_min=1.0, hflip=0.0, color_jitter=0, auto_augment=None, interpolation="bilinear",
+                         mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds = TransformedDataset(scan_image_folder(str(tmp_path)), tf, replace_unreadable=False)
+    images, targets, errors = collate([ds[i] for i in range(len(ds))])
+    assert images.shape == (1, 3, 16, 16) and targets.tolist() == [0] and len(errors) == 3
+    images, targets, errors = collate([ds[i] for i in (2, 3)])  # nothing readable: an empty batch
+    assert images.shape[0] == 0 and targets.shape == (0,) and len(errors) == 2
+
+
 def test_corrupt_images_are_replaced_and_reported(tmp_path):
     write_folder(str(tmp_path), ["a", "b"], per_class=3, corrupt={("a", 1)})
     src = scan_image_folder(str(tmp_path))

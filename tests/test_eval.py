@@ -97,7 +97,7 @@ def test_eval_errors_are_clear(tmp_path, folder, capsys):
     vigla_checkpoint(ckpt)
     assert cli.main(["eval", str(ckpt), "--model", "test_vit2", "--data", folder]) == 2
     err = capsys.readouterr().err
-    assert "does not fit model" in err and "missing keys:" in err and "Traceback" not in err
+    assert "does not fit this VisionTransformer" in err and "missing:" in err and "Traceback" not in err
 
     class Evil:
         def __reduce__(self):
@@ -116,13 +116,66 @@ def test_eval_errors_are_clear(tmp_path, folder, capsys):
 
     assert cli.main(["eval", str(tmp_path / "none.pth"), "--model", "test_vit", "--data", folder]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a path that does not exist is said to be missing, not to lack a description (issue 14)
     assert cli.main(["eval", str(tmp_path / "none.pth"), "--data", folder]) == 2
-    assert "--model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--model" not in err
+    (tmp_path / "any.pth").write_bytes(b"\x00" * 64)
+    assert cli.main(["eval", str(tmp_path / "any.pth"), "--data", folder]) == 2
+    assert "name its architecture with --model" in capsys.readouterr().err
 
     other = tmp_path / "other" / "val"
     write_folder(str(other), ["x", "y", "z", "w"])
     assert cli.main(["eval", str(ckpt), "--data", str(other.parent)]) == 2
     assert "trained on classes c0, c1, c2, c3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 8, b"not a checkpoint at all\n" * 40,
+                                     b"PK\x03\x04" + bytes(500)], ids=["bytes", "text", "broken zip"])
+def test_eval_file_that_is_not_a_checkpoint_says_so(tmp_path, folder, capsys, content):
+    """Issue 14: a random file named .pth was diagnosed as "pickled Python objects" with advice to unpickle it
+    (weights_only=False): say it is not a checkpoint, and never suggest an unsafe load for an unknown file."""
+    path = tmp_path / "random.pth"
+    path.write_bytes(content)
+    assert cli.main(["eval", str(path), "--model", "test_vit", "--data", folder]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a checkpoint" in err and "weights_only" not in err
+    assert "Traceback" not in err
+
+
+def test_eval_image_size_smaller_than_the_patch_is_one_line(tmp_path, folder, capsys):
+    """Issue 14: DeiT at --img-size 8 (smaller than its 16-pixel patch) printed a raw traceback."""
+    ckpt = tmp_path / "deit.safetensors"
+    vigla_checkpoint(ckpt, model_name="deit_tiny_patch16_224", img_size=32)
+    assert cli.main(["eval", str(ckpt), "--data", folder, "--img-size", "8", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vigla eval: error: deit_tiny_patch16_224 cannot run at --img-size 8")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_eval_reports_unreadable_images_and_does_not_count_them(tmp_path, capsys):
+    """Issue 14: a corrupt validation image was silently replaced by another one, and counted: 9 images
+    where 8 were readable. It is left out, counted apart, and named on the console."""
+    write_folder(str(tmp_path / "data" / "val"), ["c0", "c1", "c2", "c3"], per_class=2, size=24,
+                 corrupt={("c2", 1)})
+    (tmp_path / "data" / "val" / "c2" / "9.png").write_bytes((tmp_path / "data" / "val" / "c0" / "0.png")
+                                                              .read_bytes())  # 9 files, 8 readable
+    ckpt = tmp_path / "w.safetensors"
+    vigla_checkpoint(ckpt)
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", str(ckpt), "--data", str(tmp_path / "data"), "--workers", "0", "--out", str(out)]) == 0
+    row = json.load(open(out))["results"][0]
+    assert (row["images"], row["unreadable"]) == (8, 1) and "c2/1.png" in row["unreadable_files"][0]
+    err = capsys.readouterr().err
+    assert "1 of the 9 images could not be read" in err and "(8 evaluated)" in err and "c2/1.png" in err
+
+
+def test_eval_shows_progress(tmp_path, folder, capsys):
+    """Issue 14: vigla eval showed nothing for 40 s; it has a progress bar per size, like training."""
+    ckpt = tmp_path / "w.safetensors"
+    vigla_checkpoint(ckpt)
+    assert cli.main(["eval", str(ckpt), "--data", folder, "--batch-size", "4", "--workers", "0"]) == 0
+    assert "eval 32px" in capsys.readouterr().err
 
 
 def test_eval_vig_tiny_at_two_sizes(tmp_path, folder):

@@ -1,4 +1,4 @@
-"""The ``vigla`` command: ``vigla train | eval | bench | info``.
+"""The ``vigla`` command: ``vigla train | eval | bench | info | export``.
 
 Thin by design: each subcommand lives in its own module, which provides
 ``add_arguments(parser)`` and ``main(args) -> int``; this file only parses and dispatches.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import multiprocessing
 import sys
 
 COMMANDS = {
@@ -26,16 +27,38 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
+        if "--debug" not in p._option_string_actions:  # a command may word its own
+            p.add_argument("--debug", action="store_true",
+                           help="show the full traceback of an error instead of its one-line summary")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line) and run the subcommand -> its exit code.
+
+    Called as the program (``argv`` None), it also ends any worker process still alive afterwards:
+    data-loader workers ignore SIGTERM (the main process owns the signal), so the ``terminate()`` that
+    multiprocessing sends at exit would leave the process waiting for them forever."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).main(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    finally:
+        if argv is None:
+            end_worker_processes()
+
+
+def end_worker_processes() -> None:
+    """Kill the daemonic ``multiprocessing`` children still alive: those multiprocessing would terminate at
+    exit, killed with a signal they cannot ignore. (The commands shut their loaders down themselves; this is
+    the last line, for a worker some path left behind.)"""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(1.0)
 
 
 if __name__ == "__main__":

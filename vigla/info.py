@@ -9,19 +9,37 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from vigla.engine.errors import run_command
+
+    return run_command("info", _main, args)
+
+
+def _main(args) -> int:
     import timm
     import torch
 
     import vigla
-    from vigla.ops.bigla import available_backends
+    from vigla.ops.bigla import HAS_FLA
+    from vigla.ops.dispatch import HAS_TRITON
 
     print(f"vigla {vigla.__version__} | torch {torch.__version__} | timm {timm.__version__} | "
           f"python {platform.python_version()}")
     print(f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
-    print(f"BiGLA backends (cpu): {', '.join(available_backends('cpu'))}")
-    if torch.cuda.is_available():
-        print(f"BiGLA backends (cuda): {', '.join(available_backends('cuda'))}")
-    names = [n for n in timm.list_models(args.filter) if timm.get_pretrained_cfg(n, allow_unregistered=True)
-             and getattr(timm.models.get_model_entrypoint(n), "__module__", "").startswith("vigla")]
-    print("vigla models:", ", ".join(names) if names else "(none match)")
+    if HAS_TRITON:
+        import triton
+        kernels = f"Triton {triton.__version__} kernels for CUDA tensors, the PyTorch references elsewhere"
+    else:
+        kernels = "the PyTorch references (Triton is not installed)"
+    print(f"fused ops: {kernels}; fla-core {'installed' if HAS_FLA else 'not installed'}")
+    print("vigla models:", ", ".join(vigla_models(args.filter)) or "(none match)")
     return 0
+
+
+def vigla_models(pattern: str = "*") -> list[str]:
+    """The timm names of vigla's registered models that match ``pattern`` (a wildcard)."""
+    import timm
+    from timm.models import model_entrypoint
+
+    import vigla  # noqa: F401  (registers vigla's models with timm)
+
+    return [n for n in timm.list_models(pattern) if model_entrypoint(n).__module__.startswith("vigla.")]

@@ -7,14 +7,16 @@ ratios to a baseline model measured in the same run. Writes ``NAME.json``, ``NAM
 """
 from __future__ import annotations
 
-import difflib
+import glob
 import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..engine.modeling import create_model, enable_grad_checkpointing
+from ..engine.errors import UserError, run_command
+from ..engine.modeling import check_model_name, create_model, enable_grad_checkpointing
+from ..engine.outputs import OutputLock, check_writable, make_folder, remove_empty_folders, remove_stale_temp_files
 from . import report
 from .flops import count_model_flops
 from .measure import (MemoryMeter, free_memory, guarded, measure_inference, measure_train,
@@ -79,33 +81,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-missing", action="store_true",
                         help="skip unregistered model names with a warning (the baseline must exist)")
     parser.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
-    parser.add_argument("--out", default="bench_out", help="output directory")
+    parser.add_argument("--out", default="runs/bench", help="output directory")
     parser.add_argument("--name", default="bench", help="stem of the output files")
     parser.add_argument("--note", action="append", default=[], metavar="TEXT",
                         help="free text stored in the JSON 'notes' (repeatable)" + _NO_DEFAULT)
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A bad argument, reported in one line."""
 
 
 def _check_models(names: list[str], skip_missing: bool) -> list[str]:
-    """The registered ``names``; an unknown one is a UsageError, or (``skip_missing``) a warning."""
-    import timm
-
-    import vigla  # noqa: F401  (registers vigla's models with timm)
+    """The registered ``names``; an unknown one is a UserError, or (``skip_missing``) a warning."""
     known = []
     for name in names:
-        if timm.is_model(name):
-            known.append(name)
+        try:
+            check_model_name(name)
+        except UserError as e:
+            if not skip_missing:
+                raise
+            print(f"vigla bench: skipping {e}", file=sys.stderr)
             continue
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        message = (f"unknown model {name!r} (not registered with timm after `import vigla`){hint} "
-                   f"`vigla info --filter '*{name.split('_')[0]}*'` lists names")
-        if not skip_missing:
-            raise UsageError(message)
-        print(f"vigla bench: skipping {message}", file=sys.stderr)
+        known.append(name)
     return known
 
 
@@ -302,15 +299,30 @@ def write_tables(result: dict, paths: dict[str, Path]) -> None:
 
 
 def main(args) -> int:
-    try:
-        s = _resolve(args)
-    except UsageError as exc:
-        print(f"vigla bench: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("bench", _main, args)
+
+
+def _main(args) -> int:
+    s = _resolve(args)
     from .plot import plot_results
 
-    paths = output_paths(Path(args.out), args.name)
-    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    paths = output_paths(out, args.name)
+    created = make_folder(out, "--out")
+    lock = None
+    try:
+        lock = OutputLock(out, f".{args.name}.lock").acquire("vigla bench", "--out")
+        remove_stale_temp_files(out, f"{glob.escape(args.name)}.*")
+        for path in paths.values():
+            check_writable(path)
+        return _bench(args, s, paths, plot_results)
+    finally:
+        if lock is not None:
+            lock.release()
+        remove_empty_folders(created)
+
+
+def _bench(args, s: dict, paths: dict[str, Path], plot_results) -> int:
     result = run(s, report.command_line(), list(args.note), on_row=lambda r: write_tables(r, paths))
     plot_results(result, paths["png"])
     header = f"\nratios: model / {s['baseline']} at the same size"

@@ -27,13 +27,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..engine.precision import amp_dtype, autocast
+
 __all__ = [
     "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "guarded", "is_oom", "make_input",
     "measure_inference", "measure_train", "memory_kind", "summarize", "time_calls",
 ]
 
 MiB = 2 ** 20
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,13 +203,6 @@ def guarded(fn: Callable[[], dict], device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the measurements
 
-def autocast(device: torch.device, amp: str, cache: bool = True):
-    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"}; a no-op context for "none"."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp], cache_enabled=cache)
-
-
 def make_input(batch_size: int, img_size: int, device: torch.device, channels_last: bool,
                in_chans: int = 3) -> torch.Tensor:
     """``[batch_size, in_chans, img_size, img_size]`` standard-normal fp32 images."""
@@ -222,7 +216,7 @@ def cuda_graph_forward(model: torch.nn.Module, x: torch.Tensor, amp: str, warmup
     :class:`vigla.engine.cuda_graph.CudaGraphModel`): returns its replay."""
     from ..engine.cuda_graph import CudaGraphModel
 
-    graphed = CudaGraphModel(model, x.shape[0], _AMP_DTYPES.get(amp), warmup)
+    graphed = CudaGraphModel(model, x.shape[0], amp_dtype(amp, x.device), warmup)
     graphed.capture(tuple(x.shape[1:]))
     graphed.static_input.copy_(x)
     return graphed.replay

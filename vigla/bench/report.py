@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..engine.outputs import git_info, write_text
+
 __all__ = ["SCHEMA", "RATIO_METRICS", "add_ratios", "command_line", "envelope", "environment", "flatten_row",
            "format_table", "git_info", "run_fields", "write_csv", "write_json"]
 
@@ -44,26 +46,12 @@ def _get(row: dict, path: tuple[str, ...]):
 # ---------------------------------------------------------------------------------------------
 # environment
 
-def _run(cmd: list[str], cwd: str | None = None) -> str | None:
+def _run(cmd: list[str]) -> str | None:
     try:
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_info() -> dict:
-    """Commit of the vigla checkout and whether tracked files differ from it. ``VIGLA_COMMIT``,
-    when set, names the commit instead (a tree copied to another machine without its history, or
-    with a stale one); outside a git repository without it: ``"unknown"``."""
-    if os.environ.get("VIGLA_COMMIT"):
-        return {"commit": os.environ["VIGLA_COMMIT"], "dirty": None}
-    here = str(Path(__file__).resolve().parent)
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=here)
-    if commit is None:
-        return {"commit": "unknown", "dirty": None}
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here)
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
 def _cpu_name() -> str:
@@ -210,15 +198,9 @@ def format_table(rows: list[dict], train: bool, latency: bool = True, timings: b
 # ---------------------------------------------------------------------------------------------
 # files
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file, so a run killed mid-write leaves the previous version."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(result: dict, path: Path) -> None:
-    _write_atomic(path, json.dumps(result, indent=2) + "\n")
+    """``result`` as indented JSON, written atomically (a run killed mid-write leaves the previous version)."""
+    write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 _MEASURE_KEYS = ("status", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "img_per_s",
@@ -254,4 +236,4 @@ def write_csv(result: dict, path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(flatten_row({}) | run))
     writer.writeheader()
     writer.writerows(records)
-    _write_atomic(path, buf.getvalue())
+    write_text(path, buf.getvalue())

@@ -1,6 +1,6 @@
 """Data: image sources (ImageFolder trees, the embedded Fashion-MNIST), resumable datasets and samplers,
 timm transforms."""
-from .dataset import ResumableDistributedSampler, ShardSampler, TransformedDataset, collate
+from .dataset import ResumableDistributedSampler, ShardSampler, TransformedDataset, collate, stop_workers
 from .errors import DataError
 from .fmnist import DEFAULT_FMNIST_DIR, FMNIST_CLASSES, load_fashion_mnist, read_idx
 from .sources import ArraySource, FolderSource, Source, load_image_folder_pair, scan_image_folder
@@ -11,5 +11,5 @@ __all__ = [
     "ArraySource", "BatchPrep", "DataError", "DataSplits", "DEFAULT_FMNIST_DIR", "FMNIST_CLASSES", "FolderSource",
     "ResumableDistributedSampler", "ShardSampler", "Source", "TransformedDataset", "collate", "eval_transform",
     "load_fashion_mnist", "load_image_folder_pair", "load_splits", "read_idx", "scan_image_folder",
-    "train_transform",
+    "stop_workers", "train_transform",
 ]

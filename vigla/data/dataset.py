@@ -2,11 +2,13 @@
 
 * :class:`TransformedDataset` applies a (timm) transform. With ``seed`` set, each sample's random
   augmentation is seeded by ``(seed, epoch, index)``, so it does not depend on worker count, batch order
-  or where a run was resumed. A sample that fails to load is replaced by the next readable one and
-  reported to the main process in the batch (third element), which counts it or stops (``--strict-data``).
+  or where a run was resumed. A sample that fails to load is reported to the main process in the batch
+  (third element), which counts it or stops (``--strict-data``); for training it is replaced by the next
+  readable one (the batch keeps its size), for evaluation it is left out (no image counts twice).
 * :class:`ResumableDistributedSampler` is a ``DistributedSampler`` whose keys carry the epoch and which can
   start part-way into an epoch (``skip`` samples of the global order already consumed).
 * :class:`ShardSampler` splits evaluation data across ranks without padding (so no image counts twice).
+* :func:`stop_workers` ends a loader's worker processes at once, on any path out of a run.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from .sources import Source
@@ -47,10 +49,13 @@ class TransformedDataset(Dataset):
 
     The transform should return a uint8 tensor ``[3, H, W]`` (timm's ``use_prefetcher=True`` transforms);
     normalisation happens on the device, batched (:class:`vigla.data.transforms.BatchPrep`).
+    With ``replace_unreadable=False`` an unreadable image gives ``(None, -1, [its error])``, which
+    :func:`collate` leaves out of the batch.
     """
 
-    def __init__(self, source: Source, transform, seed: int | None = None):
+    def __init__(self, source: Source, transform, seed: int | None = None, replace_unreadable: bool = True):
         self.source, self.transform, self.seed = source, transform, seed
+        self.replace_unreadable = replace_unreadable
 
     def __len__(self) -> int:
         return len(self.source)
@@ -58,6 +63,12 @@ class TransformedDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         errors = []
+        if not self.replace_unreadable:
+            try:
+                image = self.source.load(index)
+            except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
+                return None, -1, [f"{self.source.describe(index)}: {type(e).__name__}: {e}"]
+            return self.transform(image), int(self.source.targets[index]), errors
         for attempt in range(_MAX_REPLACEMENTS):
             j = (index + attempt) % len(self.source)
             try:
@@ -75,9 +86,37 @@ class TransformedDataset(Dataset):
 
 
 def collate(batch):
-    """-> (uint8 images ``[B, 3, H, W]``, int64 targets ``[B]``, list of load errors in this batch)."""
-    images, targets, errors = zip(*batch)
-    return torch.stack(images), torch.tensor(targets, dtype=torch.int64), [e for errs in errors for e in errs]
+    """-> (uint8 images ``[B, 3, H, W]``, int64 targets ``[B]``, list of load errors in this batch).
+
+    Samples without an image (unreadable, see :class:`TransformedDataset`) are left out: ``B`` may be smaller
+    than the batch, or 0."""
+    errors = [e for _, _, errs in batch for e in errs]
+    kept = [(image, target) for image, target, _ in batch if image is not None]
+    if not kept:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), errors
+    images, targets = zip(*kept)
+    return torch.stack(images), torch.tensor(targets, dtype=torch.int64), errors
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """End the worker processes of ``loader`` (a persistent iterator's) now, not when the garbage collector
+    gets to them: the graceful shutdown of PyTorch, then SIGKILL for a worker still alive (loader workers
+    ignore SIGTERM, see ``vigla.engine.trainer``). Without this, an exception that keeps the iterator
+    referenced from its traceback leaves the process waiting for its workers at exit."""
+    it = getattr(loader, "_iterator", None)
+    if it is None:
+        return
+    workers = list(getattr(it, "_workers", []))
+    try:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(1.0)
+        loader._iterator = None
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -105,9 +105,9 @@ def scan_image_folder(root: str, require_all_classes: bool = True) -> FolderSour
     if not classes:
         raise DataError(f"{root} has no class folders (expected {root}/<class name>/<image files>)")
     paths, targets, empty = [], [], []
+    seen = {os.path.realpath(root): root}
     for c, cls in enumerate(classes):
-        found = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, cls), followlinks=True)
-                       for f in files if f.lower().endswith(IMG_EXTENSIONS))
+        found = sorted(_list_images(os.path.join(root, cls), seen))
         if not found:
             empty.append(cls)
         paths += found
@@ -121,6 +121,22 @@ def scan_image_folder(root: str, require_all_classes: bool = True) -> FolderSour
             raise DataError(msg)
         warnings.warn(msg, stacklevel=2)
     return FolderSource(paths, targets, classes, name=root)
+
+
+def _list_images(folder: str, seen: dict[str, str]) -> list[str]:
+    """The image files under ``folder``, symbolic links followed. ``seen`` maps the real path of every folder
+    listed so far to its name; a folder reached twice (a link back up the tree, or into another class
+    folder) would count images twice or under the wrong class, and is a :class:`DataError`."""
+    found = []
+    for d, _, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            raise DataError(f"{d} is the folder {seen[real]} again (a symbolic link back up the tree or into "
+                            f"another class folder): its images would count twice or under the wrong class; "
+                            f"remove the link")
+        seen[real] = d
+        found += [os.path.join(d, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+    return found
 
 
 def load_image_folder_pair(root: str) -> tuple[FolderSource, FolderSource]:

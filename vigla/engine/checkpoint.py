@@ -5,38 +5,32 @@ On disk, in a run folder::
     last.safetensors  last.json  last.state.pt     written every epoch and when a run is stopped
     best.safetensors  best.json                    the weights (raw or EMA) with the best val top-1
 
-Every file is written to a temporary name in the same folder and moved into place with ``os.replace``,
-so a crash leaves the previous version whole. The state file holds only tensors and plain Python values
-(RNG states included), and is read with ``torch.load(weights_only=True)``: nothing is unpickled.
+Every file is written whole or not at all (:func:`vigla.engine.outputs.atomic_write`), so a crash, a kill
+or a full disk leaves the previous version in place. The JSON description is also stored inside the
+safetensors header, so weights and description cannot come from two different saves. The state file is
+self-contained (it holds the model weights too), so a run killed between two files of a save still
+resumes. It holds only tensors and plain Python values (RNG states included), and is read with
+``torch.load(weights_only=True)``: nothing is unpickled.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .errors import CheckpointError
+from .outputs import atomic_write, write_text
 
-STATE_FORMAT = 1
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)``, flush it to disk, then rename over ``path`` (same folder, so the rename is atomic)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+#: 2: the model weights are inside (``"model"``); 1 (read only): they are in last.safetensors beside it
+STATE_FORMAT = 2
+_META_KEY = "vigla"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -51,22 +45,38 @@ def meta_path(weights_path: str) -> str:
 
 
 def save_weights(path: str, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Weights as safetensors (fp32 copies on CPU) and ``meta`` (model name, args, ...) as JSON beside them."""
+    """Weights as safetensors (fp32 copies on CPU) and ``meta`` (model name, args, ...) as JSON beside them
+    and inside the safetensors header."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(meta_path(path), lambda tmp: write_text(tmp, json.dumps(meta, indent=2)))
+    text = json.dumps(meta, indent=2)
+    data = safetensors_bytes(tensors, metadata={"format": "pt", _META_KEY: text})
+    atomic_write(path, lambda f: f.write(data))
+    write_text(meta_path(path), text)
 
 
 def read_meta(weights_path: str) -> dict[str, Any] | None:
-    """The JSON written beside vigla weights, or None (e.g. an official checkpoint)."""
-    path = meta_path(weights_path)
-    if not os.path.isfile(path):
-        return None
+    """The description vigla writes with its weights (from the safetensors header, else the JSON beside the
+    file), or None (e.g. an official checkpoint)."""
+    text = None
+    if weights_path.endswith(".safetensors") and os.path.isfile(weights_path):
+        try:
+            with safe_open(weights_path, "pt") as f:
+                text = (f.metadata() or {}).get(_META_KEY)
+        except (SafetensorError, OSError):
+            pass  # load_weights names the problem
+    if text is None:
+        path = meta_path(weights_path)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise CheckpointError(f"{path}: unreadable checkpoint description ({e})") from None
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint description ({e})") from None
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{weights_path}: unreadable checkpoint description ({e})") from None
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
@@ -78,28 +88,37 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _names(keys: list[str], limit: int = 8) -> str:
-    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+def check_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, what: str = "checkpoint",
+                     classifier_may_differ: bool = False) -> None:
+    """Raise :class:`CheckpointError` (a ``ValueError`` too) naming the missing, unexpected and wrongly shaped
+    keys of ``state_dict`` against ``model``, in one line.
+
+    ``classifier_may_differ``: a classifier (``head.*``) for another number of classes is accepted (timm
+    drops it after a checkpoint filter when ``num_classes`` differs from the checkpoint's)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+        and not (classifier_may_differ and k.startswith("head.") and v.shape[1:] == expected[k].shape[1:])
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [_listing(label, names) for label, names in (("missing", missing), ("unexpected", unexpected),
+                                                         ("with a different shape", mismatched)) if names]
+    raise CheckpointError(f"{what} does not fit this {type(model).__name__} (is it for another model, size or "
+                          f"number of classes?): " + "; ".join(parts))
 
 
-def check_compatible(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """Raise :class:`CheckpointError` naming missing, unexpected and wrongly shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"missing keys: {_names(missing)}" if missing else "",
-                 f"unexpected keys: {_names(unexpected)}" if unexpected else "",
-                 f"shape mismatches (checkpoint vs model): {_names(shapes, 4)}" if shapes else ""]
-        raise CheckpointError(f"{what} does not fit model {type(model).__name__}: "
-                              + "; ".join(p for p in parts if p)
-                              + ". Is it a checkpoint of another model or number of classes?")
+def _listing(label: str, names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit]) + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+    return f"{len(names)} {label}: {shown}"
 
 
 def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    check_compatible(model, state_dict, what)
+    check_state_dict(state_dict, model, what)
     model.load_state_dict(state_dict)
 
 
@@ -130,7 +149,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------------- training state
 def save_state(path: str, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save({"format": STATE_FORMAT, **state}, tmp))
+    atomic_write(path, lambda f: torch.save({"format": STATE_FORMAT, **state}, f))
 
 
 def load_state(path: str) -> dict[str, Any]:
@@ -139,13 +158,8 @@ def load_state(path: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch.load raises pickle / runtime / zip errors)
-        raise CheckpointError(f"{path}: not a vigla training-state file ({type(e).__name__}: "
+        raise CheckpointError(f"{path}: not a vigla training-state file, or a damaged one ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
         raise CheckpointError(f"{path}: not a vigla training-state file (format {STATE_FORMAT} expected)")
     return state
-
-
-def write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)

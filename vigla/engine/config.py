@@ -99,7 +99,8 @@ class TrainConfig:
 
 
 #: Named settings. "recipe" is the ViG training recipe of spec section 4 (the field defaults).
-#: "fmnist-quick" is the default run: ViG-T on a Fashion-MNIST subset, about 10 minutes on 2 CPU cores.
+#: "fmnist-quick" is the default run: ViG-T on a Fashion-MNIST subset, 1.4 minutes on 2 idle CPU cores
+#: (82.6 s wall, benchmarks/cpu_default_train.py; benchmarks/results/cpu_default_train.json).
 PRESETS: dict[str, dict[str, Any]] = {
     "recipe": {},
     "fmnist-quick": dict(
@@ -193,26 +194,42 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def resolve_config(flags: dict[str, Any], yaml_values: dict[str, Any] | None = None,
                    saved: dict[str, Any] | None = None) -> TrainConfig:
-    """Layer the settings (see the module docstring); the preset comes from the highest layer that names it."""
-    upper = {**(saved or {}), **(yaml_values or {}), **flags}
+    """Layer the settings (see the module docstring); the preset comes from the highest layer that names it.
+
+    A warm-up that only the preset sets and that does not fit into ``--epochs`` (the recipe's 20 epochs in a
+    short run) keeps the preset's share of the run instead (20/300 of it)."""
+    layers = (("the saved config.yaml of the resumed run", saved or {}),
+              ("the --config file", yaml_values or {}), ("the flags", flags))
+    upper = {k: v for _, layer in layers for k, v in layer.items()}
     preset = upper.get("preset", "auto")
     if preset == "auto":
         preset = "fmnist-quick" if upper.get("data") is None else "recipe"
     values = {**PRESETS[preset], **upper, "preset": preset}
     for name, value in values.items():
         _check_value(name, value, "settings")
+    if "warmup_epochs" not in upper:
+        base = {**_DEFAULTS, **PRESETS[preset]}
+        epochs = values.get("epochs", base["epochs"])
+        if base["warmup_epochs"] >= epochs:
+            values["warmup_epochs"] = epochs * base["warmup_epochs"] / base["epochs"]
     cfg = TrainConfig(**values)
-    _validate(cfg)
+    where = {k: label for label, layer in layers for k in layer}
+    _validate(cfg, lambda name: where.get(name, f"the {preset} preset"))
     return cfg
 
 
-def _validate(cfg: TrainConfig) -> None:
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _validate(cfg: TrainConfig, source=lambda name: "the settings") -> None:
     positive = ("epochs", "batch_size", "img_size", "log_interval")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
-        raise UserError(f"--warmup-epochs must be in [0, --epochs={cfg.epochs}), got {cfg.warmup_epochs}")
+        raise UserError(f"--warmup-epochs must be in [0, --epochs={cfg.epochs}), got {cfg.warmup_epochs} (from "
+                        f"{source('warmup_epochs')}; --epochs {cfg.epochs} from {source('epochs')}): "
+                        f"lower --warmup-epochs or raise --epochs")
     if min(cfg.train_subset, cfg.val_subset, cfg.test_subset) < 0:
         raise UserError("--train-subset, --val-subset and --test-subset must be >= 0")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
@@ -228,4 +245,11 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 def saved_config(text: str) -> dict[str, Any]:
     values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise yaml.YAMLError(f"a mapping of setting: value expected, got {type(values).__name__}")
     return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}
+
+
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """``"--lr 0.001 -> 0.0005"`` for each saved setting that ``cfg`` changes."""
+    return [f"{_flag(k)} {v} -> {getattr(cfg, k)}" for k, v in saved.items() if getattr(cfg, k) != v]

@@ -10,18 +10,12 @@ smaller ones are padded to the captured size, larger ones run in pieces.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 
+from .precision import autocast
+
 __all__ = ["CudaGraphModel"]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 class CudaGraphModel(nn.Module):
@@ -55,13 +49,13 @@ class CudaGraphModel(nn.Module):
         self.static_input = torch.zeros(self.batch_size, *self.shape, device=device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.inference_mode(), _autocast(device, self.amp_dtype):
+        with torch.cuda.stream(stream), torch.inference_mode(), autocast(device, self.amp_dtype):
             for _ in range(self.warmup):
                 self.model(self.static_input)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # autocast's own weight cache lives only as long as one autocast region: not in a graph
-        with torch.inference_mode(), _autocast(device, self.amp_dtype, cache=False), \
+        with torch.inference_mode(), autocast(device, self.amp_dtype, cache=False), \
                 torch.cuda.graph(self.graph):
             self.static_output = self.model(self.static_input)
 

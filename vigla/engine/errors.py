@@ -1,4 +1,6 @@
 """Errors that end a run with one clear message (printed by the CLI without a traceback) and an exit code."""
+import sys
+
 from vigla.data.errors import DataError
 
 
@@ -8,12 +10,22 @@ class UserError(RuntimeError):
     exit_code = 2
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used for this model / run."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used for this model / run (a ``ValueError`` too, as timm's checkpoint
+    filters raise for weights that do not fit)."""
+
+
+class OutputError(UserError):
+    """A file or folder that cannot be written: a full disk, a read-only folder, a file in the way, or a
+    folder another run is writing."""
+
+    def __init__(self, message: str, cause: OSError | None = None):
+        super().__init__(message)
+        self.errno = cause.errno if cause is not None else None
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stopped before the bad step touched the weights."""
+    """The loss became NaN or inf; the run stopped without saving the weights that followed."""
 
     exit_code = 3
 
@@ -24,9 +36,46 @@ class OutOfMemory(RuntimeError):
     exit_code = 4
 
 
-#: what the CLI catches and prints as ``error: <message>``
+#: what the CLI catches and prints as ``vigla <command>: error: <message>``
 RUN_ERRORS = (UserError, DataError, NonFiniteLossError, OutOfMemory)
+
+#: the exit code of an error nobody anticipated (printed in one line; ``--debug`` shows the traceback)
+UNEXPECTED_EXIT = 1
 
 
 def exit_code(err: BaseException) -> int:
     return getattr(err, "exit_code", 2)
+
+
+def report(err: BaseException, command: str, note: str = "") -> int:
+    """Print ``err`` as one line on stderr (``vigla <command>: error: ...``) -> its exit code.
+
+    Errors of :data:`RUN_ERRORS` are printed as they are; any other exception as its type and first line,
+    with a pointer to ``--debug``."""
+    if isinstance(err, RUN_ERRORS):
+        text, code = str(err), exit_code(err)
+    else:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[1].startswith("Original Traceback"):  # raised in a loader worker
+            lines = [f"{lines[0]} {lines[-1]}"]
+        text = (f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__) + \
+            " (unexpected: run again with --debug for the traceback)"
+        code = UNEXPECTED_EXIT
+    print(f"vigla {command}: error{note}: {' '.join(text.split(chr(10)))}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_command(command: str, main, args, note: str = "") -> int:
+    """``main(args)`` -> its exit code; every exception ends as one line (:func:`report`), or, with
+    ``args.debug``, propagates with its traceback. Ctrl-C that escapes the command exits with 130."""
+    try:
+        return int(main(args) or 0)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"vigla {command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001  (the point: no raw traceback unless --debug)
+        if getattr(args, "debug", False):
+            raise
+        return report(e, command, note)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -63,21 +64,35 @@ def _eval_source(data: str | None, fmnist_dir: str):
     return scan_image_folder(folder, require_all_classes=False), folder
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform
-
-    from .cuda_graph import CudaGraphModel
+def check_arguments(args: argparse.Namespace):
+    """The device, once the flags fit it and the checkpoint exists (before anything is loaded)."""
     from .distributed import setup
-    from .errors import OutOfMemory, UserError
-    from .evaluate import evaluate
-    from .modeling import load_for_eval, set_input_size
+    from .errors import CheckpointError, UserError
 
     device = setup(args.device).device
     if args.cuda_graph and device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device (this run is on {device.type}); drop the flag")
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
+    if not os.path.exists(args.checkpoint):
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not exist")
+    return device
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform, stop_workers
+
+    from .cuda_graph import CudaGraphModel
+    from .errors import OutOfMemory, UserError
+    from .evaluate import evaluate
+    from .modeling import check_runs_at, load_for_eval, set_input_size
+    from .precision import amp_dtype
+
+    device = check_arguments(args)
     source, data_name = _eval_source(args.data, args.fmnist_dir)
     model, meta = load_for_eval(args.checkpoint, args.model, num_classes=len(source.classes))
     trained_classes = meta.get("classes")
@@ -87,8 +102,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     dc = meta["data_config"]
     crop_pct = args.crop_pct or dc["crop_pct"]
     interpolation = args.interpolation or dc["interpolation"]
-    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    dtype = amp_dtype(args.amp, device)
+    amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     workers = args.workers if args.workers >= 0 else (
         0 if args.data is None and device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1)))
     rows = []
@@ -97,26 +112,38 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             model = model.to(device)
         else:  # fresh weights for each size, so position embeddings are resampled once from the original
             model = load_for_eval(args.checkpoint, args.model, num_classes=len(source.classes))[0].to(device)
-        set_input_size(model, size)
+        set_input_size(model, size, meta["model"])
+        check_runs_at(model, meta["model"], size, device, "--img-size")
         dataset = TransformedDataset(source, eval_transform(size, crop_pct=crop_pct, interpolation=interpolation,
-                                                            mean=dc["mean"], std=dc["std"]))
+                                                            mean=dc["mean"], std=dc["std"]), replace_unreadable=False)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=ShardSampler(len(dataset)),
-                            num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda")
+                            num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                            persistent_workers=workers > 0)
+        bar = tqdm(total=len(loader), desc=f"eval {size}px", dynamic_ncols=True, leave=False,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
         start = time.perf_counter()
         try:
-            runner = CudaGraphModel(model, args.batch_size, amp_dtype) if args.cuda_graph else model
-            result = evaluate(runner, loader, BatchPrep(dc["mean"], dc["std"], device), amp_dtype)
+            runner = CudaGraphModel(model, args.batch_size, dtype) if args.cuda_graph else model
+            result = evaluate(runner, loader, BatchPrep(dc["mean"], dc["std"], device), dtype, progress=bar)
         except torch.OutOfMemoryError:
             result = {"error": f"CUDA out of memory at batch size {args.batch_size}; try a smaller --batch-size"}
             torch.cuda.empty_cache()
         except RuntimeError as e:
-            raise OutOfMemory(str(e)) if "out of memory" in str(e) else UserError(
-                f"{meta['model']} cannot run at {size}px: {str(e).splitlines()[0]}") from None
+            if "out of memory" not in str(e):
+                raise
+            raise OutOfMemory(f"out of memory at batch size {args.batch_size}; try a smaller --batch-size") from None
+        finally:
+            bar.close()
+            stop_workers(loader)
         if "error" not in result:
             result["img_per_s"] = result["images"] / (time.perf_counter() - start)
         rows.append({"img_size": size, **result})
         _print_row(rows[-1], header=len(rows) == 1, title=f"{args.checkpoint} ({meta['model']}) on {data_name}, "
                    f"{len(source)} images, crop_pct {crop_pct}, {interpolation}, device {device}, amp {amp}")
+        if rows[-1].get("unreadable") and len(rows) == 1:
+            print(f"warning: {result['unreadable']} of the {len(source)} images could not be read and are left out "
+                  f"({result['images']} evaluated): {'; '.join(result['unreadable_files'])}", file=sys.stderr,
+                  flush=True)
     return {"checkpoint": args.checkpoint, "model": meta["model"], "data": data_name, "images": len(source),
             "crop_pct": crop_pct, "interpolation": interpolation, "amp": amp,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "results": rows}
@@ -139,17 +166,26 @@ def _print_row(row: dict, header: bool, title: str) -> None:
               f"{row['img_per_s']:8.1f}", flush=True)
 
 
-def main(args: argparse.Namespace) -> int:
-    from .checkpoint import write_text
-    from .errors import RUN_ERRORS, exit_code
-
-    try:
-        report = evaluate_checkpoint(args)
-    except RUN_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
+def output_path(args: argparse.Namespace) -> str:
+    """``--out``, or ``eval-<data>.json`` beside the checkpoint."""
     data_tag = "fmnist" if args.data is None else os.path.basename(os.path.normpath(args.data))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval-{data_tag}.json")
+    return args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval-{data_tag}.json")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .errors import run_command
+
+    return run_command("eval", _main, args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .outputs import check_writable, remove_stale_temp_files, write_text
+
+    check_arguments(args)
+    out = output_path(args)
+    check_writable(out)  # before minutes of evaluation, not after
+    remove_stale_temp_files(os.path.dirname(os.path.abspath(out)), glob.escape(os.path.basename(out)))
+    report = evaluate_checkpoint(args)
     write_text(out, json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0

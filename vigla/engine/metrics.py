@@ -7,7 +7,7 @@ import io
 import math
 import os
 
-from .checkpoint import atomic_write, write_text
+from .outputs import atomic_write, write_text
 
 
 def _read_csv(path: str) -> list[dict]:
@@ -33,7 +33,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(path, lambda tmp: write_text(tmp, buf.getvalue()))
+    write_text(path, buf.getvalue())
 
 
 class MetricsLog:
@@ -108,6 +108,8 @@ def plot_curves(out_dir: str, title: str = "") -> str | None:
         fig.suptitle(title)
     fig.tight_layout()
     path = os.path.join(out_dir, "curves.png")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -1,14 +1,19 @@
 """The training loop: timm pieces (transforms, Mixup, optimizer, cosine scheduler, ModelEmaV3), DDP, AMP,
-atomic checkpoints every epoch and on SIGINT/SIGTERM, exact mid-epoch resume, clear errors."""
+atomic checkpoints every epoch and on SIGINT/SIGTERM, exact mid-epoch resume, clear errors.
+
+Whatever ends a run (success, a bad setting, an exception inside a step, a signal), :meth:`Trainer.close`
+shuts the loader workers down, flushes the logs, and releases the output folder (a failed run that wrote
+nothing leaves no folder behind)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import math
 import os
 import platform
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,16 +33,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vigla.data import (BatchPrep, DataError, ResumableDistributedSampler, ShardSampler, TransformedDataset, collate,
-                        eval_transform, load_splits, train_transform)
+                        eval_transform, load_splits, stop_workers, train_transform)
 
 from . import distributed as dist_utils
 from .checkpoint import (capture_rng, load_into, load_state, load_weights, read_meta, restore_rng, save_state,
-                         save_weights, write_text)
+                         save_weights)
 from .config import TrainConfig, config_to_yaml
-from .errors import CheckpointError, NonFiniteLossError, OutOfMemory, UserError
-from .evaluate import autocast, evaluate
+from .errors import CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
+from .evaluate import evaluate
 from .metrics import MetricsLog, plot_curves
-from .modeling import create_model, enable_grad_checkpointing, model_args
+from .modeling import check_runs_at, create_model, enable_grad_checkpointing, model_args
+from .outputs import OutputLock, git_info, make_folder, remove_empty_folders, remove_stale_temp_files, write_text
+from .precision import amp_dtype, autocast
 
 LAST, BEST = "last", "best"
 
@@ -103,9 +110,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume_state: str | None = None, stop_after_steps: int | None = None):
         self.cfg, self.resume_state, self.stop_after_steps = cfg, resume_state, stop_after_steps
         self.stop = StopRequest()
+        self.log, self._loaders, self._lock, self._created = None, [], None, []
         self.dist = dist_utils.setup(cfg.device)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
         _seed_everything(cfg.seed + self.dist.rank)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -118,42 +134,61 @@ class Trainer:
         self._build_optimisation()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss = [0.0, 0]  # sum of step losses and step count in the current epoch (kept on resume)
+        self._pending = []  # this epoch's step losses not read back yet (0-d device tensors, see train_step)
+        self._window = []  # the read-back step losses since the last log row
         self.best = {"top1": -1.0, "epoch": 0, "weights": None}
-        self.skipped_images = 0
-        if resume_state is not None:
-            self._load_resume(resume_state)
+        self.skipped_images, self._val_warned = 0, False
+        if self.resume_state is not None:
+            self._load_resume(self.resume_state)
         self.log = MetricsLog(self.out, resume_step=self.global_step) if self.is_main else None
 
     # ------------------------------------------------------------------------------------------- setup
     def _precision(self):
-        amp = self.cfg.amp
-        if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" else "off"
-        if amp == "fp16" and self.device.type != "cuda":
+        if self.cfg.amp == "fp16" and self.device.type != "cuda":
             raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        dtype = amp_dtype(self.cfg.amp, self.device)
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         return dtype, scaler
 
     def _prepare_out_dir(self) -> str:
+        """Rank 0 creates the output folder, locks it against a second run and removes the temporary files of
+        a save that was killed half-way. -> the folder, on every rank."""
         cfg = self.cfg
         out = None
         if self.is_main:
             if self.resume_state is not None:
                 out = cfg.out or os.path.dirname(os.path.abspath(self.resume_state))
+                self._claim(out)
             elif cfg.out is not None:
                 out = cfg.out
+                self._claim(out)
                 if os.path.isfile(os.path.join(out, f"{LAST}.state.pt")):
                     raise UserError(f"--out {out} already holds a run ({LAST}.state.pt): continue it with "
                                     f"--resume auto --out {out}, or choose another --out")
-            else:
+            else:  # runs/<model>-<data>, numbered: the first free (empty and unlocked) one
                 base = out = os.path.join("runs", run_name(cfg.model, cfg.data))
                 n = 1
-                while os.path.exists(out) and os.listdir(out):
+                while not self._claim(out, wait_free=True):
                     n += 1
                     out = f"{base}-{n}"
-            os.makedirs(out, exist_ok=True)
+            for path in remove_stale_temp_files(out):
+                print(f"removed {path}: the temporary file of a save that was killed half-way", file=sys.stderr)
         return dist_utils.broadcast(out)
+
+    def _claim(self, out: str, wait_free: bool = False) -> bool:
+        """Create and lock ``out``. ``wait_free``: False (instead of an error) when it is taken or not empty."""
+        if wait_free and os.path.isdir(out) and any(not n.startswith(".") for n in os.listdir(out)):
+            return False
+        created = make_folder(out, "--out")
+        try:
+            self._lock = OutputLock(out).acquire("vigla train")
+        except OutputError as e:
+            remove_empty_folders(created)
+            if wait_free and e.errno is None:  # another run holds it
+                return False
+            raise
+        self._created = created
+        return True
 
     def _build_data(self):
         cfg = self.cfg
@@ -173,10 +208,14 @@ class Trainer:
         self.num_classes = len(self.splits.classes)
 
     def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
-                          collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                          persistent_workers=self.workers > 0, generator=torch.Generator().manual_seed(self.cfg.seed),
-                          prefetch_factor=4 if self.workers > 0 else None, worker_init_fn=_quiet_worker)
+        """A loader whose workers :meth:`close` ends, on every way out of the run."""
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+                            collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
+                            persistent_workers=self.workers > 0,
+                            generator=torch.Generator().manual_seed(self.cfg.seed),
+                            prefetch_factor=4 if self.workers > 0 else None, worker_init_fn=_quiet_worker)
+        self._loaders.append(loader)
+        return loader
 
     def _build_model(self):
         cfg, d = self.cfg, self.dist
@@ -206,6 +245,7 @@ class Trainer:
         self.prep_eval = BatchPrep(mean, std, self.device)
 
         model.to(self.device)
+        check_runs_at(model, cfg.model, cfg.img_size, self.device, "--img-size")
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(model, cfg.model)
         self.core = model
@@ -216,7 +256,7 @@ class Trainer:
         self.model = torch.compile(model) if cfg.compile else model
 
     def _eval_loader(self, source) -> DataLoader:
-        dataset = TransformedDataset(source, self.eval_tf)
+        dataset = TransformedDataset(source, self.eval_tf, replace_unreadable=False)
         return self._loader(dataset, ShardSampler(len(dataset), self.dist.world_size, self.dist.rank),
                             self.cfg.batch_size, drop_last=False)
 
@@ -252,7 +292,11 @@ class Trainer:
                 "val": val, "vigla_version": _version()}
 
     def save_checkpoint(self, val: dict | None = None) -> None:
-        """``last.*``: weights + JSON + training state (all ranks' RNG states). Collective under DDP."""
+        """``last.*``: training state (model weights and all ranks' RNG states included), weights + JSON, and
+        the config that produced them. Collective under DDP. Only finite weights get here: every step's loss
+        has been read back and checked (:meth:`_read_losses`) before any save."""
+        assert not self._pending, "unchecked step losses: call _read_losses() before saving"
+        self._check_weights()
         rng = dist_utils.gather(capture_rng())
         if self.is_main:
             state = {
@@ -261,32 +305,61 @@ class Trainer:
                 "global_batch": self.global_batch,
                 "world_size": self.dist.world_size, "sampler_seed": self.sampler.seed, "sampler_epoch": self.epoch,
                 "epoch_loss": list(self.epoch_loss), "skipped_images": self.skipped_images,
+                "model_name": self.cfg.model, "model": self.core.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "ema": self.ema.state_dict() if self.ema else None,
                 "best": dict(self.best), "rng": rng,
             }
-            save_state(os.path.join(self.out, f"{LAST}.state.pt"), state)
-            save_weights(os.path.join(self.out, f"{LAST}.safetensors"), self.core.state_dict(),
-                         self._meta("model", val))
+            with self._saving():
+                save_state(os.path.join(self.out, f"{LAST}.state.pt"), state)
+                save_weights(os.path.join(self.out, f"{LAST}.safetensors"), self.core.state_dict(),
+                             self._meta("model", val))
+                write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
         dist_utils.barrier()
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """An :class:`OutputError` during a save, told with what was kept and how to go on."""
+        try:
+            yield
+        except OutputError as e:
+            raise OutputError(f"{e}; {self._kept()}; once it can be written, continue with: vigla train --resume "
+                              f"auto --out {self.out}") from None
+
+    def _kept(self) -> str:
+        """Which checkpoint is on disk: "the last good checkpoint is ..." or "no checkpoint ... yet"."""
+        last = os.path.join(self.out, f"{LAST}.safetensors")
+        try:
+            meta = read_meta(last) if os.path.isfile(last) else None
+        except CheckpointError:
+            meta = None
+        if meta is None or "global_step" not in meta:
+            return "no checkpoint had been saved yet"
+        return (f"the last good checkpoint is kept: {last} (after {meta['epoch']} epoch(s) and "
+                f"{meta['step_in_epoch']} step(s); global step {meta['global_step']})")
 
     def _load_resume(self, path: str) -> None:
         state = load_state(path)
         folder = os.path.dirname(path)
         weights = os.path.join(folder, f"{LAST}.safetensors")
-        meta = read_meta(weights)
-        if meta is None or meta.get("global_step") != state["global_step"]:
-            raise CheckpointError(f"{folder}: {LAST}.safetensors / .json and {LAST}.state.pt are from different "
-                                  f"steps (or missing); the run was killed while saving, resume from another copy")
+        if "model" in state:  # format 2: self-contained
+            meta = {"model": state["model_name"]}
+        else:  # format 1: the weights are last.safetensors, from the same save
+            meta = read_meta(weights)
+            if meta is None or meta.get("global_step") != state["global_step"]:
+                raise CheckpointError(f"{folder}: {LAST}.safetensors / .json and {LAST}.state.pt are from different "
+                                      f"steps (or missing); the run was killed while saving, resume from another "
+                                      f"copy")
+            state["model"] = load_weights(weights)
         if meta["model"] != self.cfg.model:
-            raise CheckpointError(f"{weights} is a {meta['model']} checkpoint, this run builds {self.cfg.model}")
+            raise CheckpointError(f"{path} is a {meta['model']} checkpoint, this run builds {self.cfg.model}")
         if state["global_batch"] != self.global_batch:
             raise CheckpointError(
                 f"{path} was trained with a global batch of {state['global_batch']} ({state['world_size']} "
                 f"process(es)); this run has {self.global_batch}. Keep the global batch (--batch-size x processes) "
                 f"to resume: the schedule and the position inside the epoch depend on it")
-        load_into(self.core, load_weights(weights), f"checkpoint {weights}")
+        load_into(self.core, state["model"], f"checkpoint {path}")
         self.optimizer.load_state_dict(state["optimizer"])
         if state["total_steps"] == self.total_steps:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -319,13 +392,16 @@ class Trainer:
             if result is not None and result["top1"] > self.best["top1"]:  # epoch: epochs done
                 self.best = {"top1": result["top1"], "epoch": self.epoch, "weights": weights}
                 if self.is_main:
-                    save_weights(os.path.join(self.out, f"{BEST}.safetensors"), module.state_dict(),
-                                 self._meta(weights, result))
+                    with self._saving():
+                        save_weights(os.path.join(self.out, f"{BEST}.safetensors"), module.state_dict(),
+                                     self._meta(weights, result))
 
     # ------------------------------------------------------------------------------------------- one step
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
-        """Forward, check the loss on every rank, backward, clip, step, schedule, EMA.
-        -> (loss averaged over ranks, stop requested)."""
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, clip, step, schedule, EMA -> the loss, a 0-d tensor on the device.
+
+        Nothing here waits for the device: the loss is read back (and checked for NaN / inf) every
+        ``--log-interval`` steps, at the end of the epoch and before any save, by :meth:`_read_losses`."""
         core = self.core
         if hasattr(core, "set_aux_progress"):
             core.set_aux_progress(self.global_step / self.total_steps)
@@ -334,13 +410,6 @@ class Trainer:
         if hasattr(core, "aux_loss"):
             loss = loss + core.aux_loss()
         loss = loss.float()
-        want_stop = bool(self.stop.signum) or (self.stop_after_steps is not None
-                                                and self.global_step + 1 >= self.stop_after_steps)
-        status = torch.stack([loss.detach(), (~torch.isfinite(loss.detach())).float(),
-                              torch.tensor(float(want_stop), device=loss.device)])
-        loss_sum, bad, stop = dist_utils.all_reduce_sum(status).tolist()
-        if bad:
-            raise NonFiniteLossError(self._nonfinite_message(loss.item()))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -358,16 +427,41 @@ class Trainer:
         self.scheduler.step_update(self.global_step)
         if self.ema is not None:
             self.ema.update(self.core, step=self.global_step)
-        return loss_sum / self.dist.world_size, bool(stop)
+        return loss.detach()
 
-    def _nonfinite_message(self, value: float) -> str:
-        last = os.path.join(self.out, f"{LAST}.safetensors")
-        meta = read_meta(last) if os.path.isfile(last) else None
-        kept = (f"the last good checkpoint is {last} (after {meta['epoch']} epoch(s) and {meta['step_in_epoch']} "
-                f"step(s); global step {meta['global_step']})" if meta else "no checkpoint had been written yet")
-        return (f"the training loss became {value} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}/"
-                f"{self.steps_per_epoch} (global step {self.global_step + 1}); stopped before that step changed the "
-                f"weights, {kept}. Try a lower --lr, --clip-grad, or --amp off")
+    def _read_losses(self) -> bool:
+        """Read the pending step losses back (averaged over ranks), in one transfer with the ranks' stop
+        requests: add them to the epoch's sum and the log window, and raise :class:`NonFiniteLossError` at
+        the first NaN / inf. -> whether any rank asks to stop (a signal)."""
+        flag = torch.tensor(float(bool(self.stop.signum)), device=self.device)
+        status = dist_utils.all_reduce_sum(torch.stack([*self._pending, flag]))
+        *losses, stop = status.tolist()
+        first = self.global_step - len(losses) + 1  # global step of losses[0]
+        self._pending = []
+        for i, value in enumerate(losses):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(self._nonfinite_message(value / self.dist.world_size, first + i))
+            value /= self.dist.world_size
+            self.epoch_loss[0] += value
+            self.epoch_loss[1] += 1
+            self._window.append(value)
+        return stop > 0
+
+    def _check_weights(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a weight is NaN or inf: a step with a finite loss can still
+        leave them so (an inf gradient, an overflow in the optimizer). One read-back, before each save."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.core.parameters()]).all()):
+            raise NonFiniteLossError(
+                f"the weights became NaN or inf by global step {self.global_step} (the losses were finite); "
+                f"stopped without saving them, {self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and "
+                f"resume: vigla train --resume auto --out {self.out} --lr ...")
+
+    def _nonfinite_message(self, value: float, step: int) -> str:
+        epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
+        return (f"the training loss became {value} at epoch {epoch + 1}, step {in_epoch + 1}/{self.steps_per_epoch} "
+                f"(global step {step}); stopped without saving the weights of that step or later, "
+                f"{self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and resume: "
+                f"vigla train --resume auto --out {self.out} --lr ...")
 
     def _oom_message(self, where: str) -> str:
         device = str(self.device)
@@ -380,6 +474,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- loop
     def run(self) -> int:
+        """Train to the end (0) or to a stop request (128 + signal); raises the errors of :mod:`.errors`.
+        Always ends with :meth:`close`."""
         self.stop.install()
         try:
             return self._run()
@@ -387,8 +483,27 @@ class Trainer:
             raise OutOfMemory(self._oom_message("training")) from None
         finally:
             self.stop.restore()
+            self.close()
+
+    def close(self) -> None:
+        """End the loader workers, flush the logs and release the output folder; removes the folder when this
+        run created it and nothing was written into it. Safe to call twice, and on a half-built trainer."""
+        failing = sys.exc_info()[0] is not None
+        for loader in self._loaders:
+            stop_workers(loader)
+        try:
             if self.log is not None:
                 self.log.close()
+                self.log = None
+        except OutputError as e:
+            if not failing:
+                raise
+            print(f"warning: {e}", file=sys.stderr)  # the error on its way out says more
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+                remove_empty_folders(self._created)
 
     def _run(self) -> int:
         cfg = self.cfg
@@ -412,35 +527,46 @@ class Trainer:
         bar = tqdm(total=spe, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not self.is_main, dynamic_ncols=True, leave=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        t0, n0, window = time.perf_counter(), self.step_in_epoch, []
-        for images, targets, errors in self.train_loader:
-            self._count_unreadable(errors)
-            x, y = self.prep_train(images), targets.to(self.device, non_blocking=True)
-            if self.mixup is not None:
-                x, y = self.mixup(x, y)
-            loss, stop = self.train_step(x, y)
-            self.step_in_epoch += 1
-            self.epoch_loss[0] += loss
-            self.epoch_loss[1] += 1
-            window.append(loss)
-            bar.update(1)
-            if self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == spe:
-                lr = self.optimizer.param_groups[0]["lr"]
-                ips = (self.step_in_epoch - n0) * self.global_batch / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{np.mean(window):.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
-                if self.log is not None:
-                    self.log.log_step({"global_step": self.global_step, "epoch": self.epoch,
-                                       "epoch_progress": self.epoch + self.step_in_epoch / spe,
-                                       "loss": float(np.mean(window)), "lr": lr})
-                window = []
-            if stop:
-                bar.close()
-                self.save_checkpoint()
-                return True
-        bar.close()
+        t0, n0 = time.perf_counter(), self.step_in_epoch
+        self._window = []
+        with bar:  # closed on every way out, so that an error message comes after the bar, not under it
+            for images, targets, errors in self.train_loader:
+                self._count_unreadable(errors)
+                x, y = self.prep_train(images), targets.to(self.device, non_blocking=True)
+                if self.mixup is not None:
+                    x, y = self.mixup(x, y)
+                self._pending.append(self.train_step(x, y))
+                self.step_in_epoch += 1
+                bar.update(1)
+                # one process reacts to a signal at once; under DDP the ranks agree at the next read-back
+                stop = (self.stop_after_steps is not None and self.global_step >= self.stop_after_steps) or \
+                    (bool(self.stop.signum) and not self.dist.enabled)
+                if self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == spe:
+                    stop = self._read_losses() or stop
+                    self._log_steps(bar, t0, n0)
+                if stop:
+                    if self._pending:
+                        self._read_losses()
+                    bar.close()
+                    self.save_checkpoint()
+                    return True
+            if self._pending:
+                self._read_losses()
         self.train_time = time.perf_counter() - t0
         self.train_ips = (self.step_in_epoch - n0) * self.global_batch / max(self.train_time, 1e-9)
         return False
+
+    def _log_steps(self, bar, t0: float, n0: int) -> None:
+        """The progress bar's numbers and a ``steps.csv`` row: the mean loss of the steps since the last row."""
+        spe = self.steps_per_epoch
+        lr = self.optimizer.param_groups[0]["lr"]
+        ips = (self.step_in_epoch - n0) * self.global_batch / max(time.perf_counter() - t0, 1e-9)
+        loss = float(np.mean(self._window)) if self._window else float("nan")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+        if self.log is not None and self._window:
+            self.log.log_step({"global_step": self.global_step, "epoch": self.epoch,
+                               "epoch_progress": self.epoch + self.step_in_epoch / spe, "loss": loss, "lr": lr})
+        self._window = []
 
     def _count_unreadable(self, errors: list[str]) -> None:
         if not errors:
@@ -459,12 +585,14 @@ class Trainer:
             raise OutOfMemory(self._oom_message("evaluation")) from None
 
     def _end_epoch(self) -> None:
+        self._check_weights()  # before validating and saving them
         val = self._evaluate(self.val_loader, self.core)
         ema_val = self._evaluate(self.val_loader, self.ema.module) if self.ema else None
-        loss_sum = dist_utils.all_reduce_sum(torch.tensor(self.epoch_loss[0] / max(self.epoch_loss[1], 1),
-                                                          dtype=torch.float64, device=self.device))
-        row = {"epoch": self.epoch, "global_step": self.global_step,
-               "lr": self.optimizer.param_groups[0]["lr"], "train_loss": loss_sum.item() / self.dist.world_size,
+        if val["unreadable"] and self.is_main and not self._val_warned:
+            _warn_unreadable(val, "validation")
+            self._val_warned = True
+        row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                "ema_val_top1": ema_val["top1"] if ema_val else float("nan"),
                "ema_val_top5": ema_val["top5"] if ema_val else float("nan"),
@@ -504,6 +632,8 @@ class Trainer:
             load_into(model, load_weights(best_path), f"checkpoint {best_path}")
         test = self._evaluate(self._eval_loader(self.splits.test), model)
         if self.is_main:
+            if test["unreadable"]:
+                _warn_unreadable(test, "test")
             split = "the Fashion-MNIST test file" if self.cfg.data is None else f"{self.cfg.data}/val"
             split = f"{test['images']} {'fixed random ' if self.cfg.test_subset else ''}images of {split}"
             results = {"test": test, "test_split": split,
@@ -519,14 +649,19 @@ class Trainer:
         return 0
 
     def _write_run_files(self) -> None:
-        write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
+        """``run.json`` (``run-resume-<step>.json`` for a resumed run) and, for a new run, ``config.yaml``; a
+        resumed run rewrites its ``config.yaml`` with each checkpoint, so that it always describes the
+        checkpoint beside it (a failed attempt with other flags leaves it as it was)."""
+        if self.resume_state is None:
+            write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
+        git = git_info()
         info = {"command": sys.argv, "world_size": self.dist.world_size, "global_batch": self.global_batch,
                 "lr_scaled": self.lr, "steps_per_epoch": self.steps_per_epoch, "workers": self.workers,
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "amp": str(self.amp_dtype), "n_params": self.n_params, "train_images": len(self.splits.train),
                 "val_images": len(self.splits.val), "test_images": len(self.splits.test),
                 "torch": torch.__version__, "timm": timm.__version__, "vigla": _version(),
-                "python": platform.python_version(), "commit": _git_commit(),
+                "python": platform.python_version(), "commit": git["commit"], "dirty": git["dirty"],
                 "resumed_from": self.resume_state, "resumed_at_step": self.global_step if self.resume_state else None}
         name = "run.json" if self.resume_state is None else f"run-resume-{self.global_step}.json"
         write_text(os.path.join(self.out, name), json.dumps(info, indent=2))
@@ -537,15 +672,23 @@ class Trainer:
               f"  data {s.name}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
               f"{self.num_classes} classes, {cfg.img_size}px\n"
               f"  {cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x {self.dist.world_size} "
-              f"= {self.global_batch}, lr {self.lr:.3g} ({cfg.lr:g} per 512), {cfg.opt}, wd {cfg.weight_decay}\n"
+              f"= {self.global_batch}, lr {self.lr:.3g} ({cfg.lr:g} per 512), warm-up {cfg.warmup_epochs:g} "
+              f"epoch(s), {cfg.opt}, wd {cfg.weight_decay}\n"
               f"  device {self.device}, amp {self.amp_dtype or 'off'}, {self.workers} loader worker(s)\n"
               f"  output {self.out}"
               + (f"\n  resuming at epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step})"
                  if self.resume_state else ""), flush=True)
 
 
+def _warn_unreadable(result: dict, split: str) -> None:
+    files = "; ".join(result["unreadable_files"])
+    print(f"warning: {result['unreadable']} unreadable {split} image(s) left out ({result['images']} evaluated): "
+          f"{files}", file=sys.stderr, flush=True)
+
+
 def _quiet_worker(worker_id: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM to the main process, which stops the run cleanly."""
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops the run cleanly (a Ctrl-C or a
+    scheduler's SIGTERM reaches the whole process group). :meth:`Trainer.close` ends them on the way out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -559,11 +702,3 @@ def _seed_everything(seed: int) -> None:
 def _version() -> str:
     from vigla import __version__
     return __version__
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None

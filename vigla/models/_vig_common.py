@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
+from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
 from ..layers.norm import add_and_norm
 from ..ops.recompute import recompute
@@ -166,35 +167,6 @@ def unwrap_state_dict(checkpoint: dict) -> dict:
             checkpoint = inner
             break
     return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
-
-
-def check_state_dict(state_dict: dict, model: nn.Module) -> None:
-    """Raise ``ValueError`` naming missing, unexpected and wrongly shaped keys, if any.
-
-    The classifier may differ in its number of classes (timm drops it when ``num_classes``
-    differs from the checkpoint's)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-        and not (k.startswith("head.") and v.shape[1:] == expected[k].shape[1:])
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-
-    def listing(label, names):
-        shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6} more)" if len(names) > 6 else "")
-        return f"\n  {len(names)} {label}: {shown}" if names else ""
-
-    raise ValueError(
-        f"checkpoint does not fit this {type(model).__name__} "
-        f"(is it for another model size or variant?):"
-        + listing("missing", missing) + listing("unexpected", unexpected)
-        + listing("with a different shape", mismatched)
-    )
 
 
 def remap_checkpoint(checkpoint: dict, model: nn.Module, keymap: KeyMap) -> dict:
