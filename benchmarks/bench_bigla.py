@@ -14,8 +14,8 @@ in the official code). Timings, each a median of CUDA-event-timed whole calls:
 
 * ``do_bench``: ``triton.testing.do_bench``, which includes the host's time to launch a call;
 * ``graph``: ``triton.testing.do_bench_cudagraph``, replays of a captured CUDA graph (the host left
-  out). vigla's forward+backward is captured as the two launchers the autograd Function calls;
-  fla's backward runs through autograd, which does not capture, so fla has no graph fwd+bwd.
+  out). A backward through autograd does not capture, so forward+backward has a graph timing only
+  for the ``--configs`` rows, which call the two launchers directly.
 
 Byte floors: the time to read every input once and write every output once at the copy bandwidth
 measured in the same run (forward: q, k, v, two gates, o; backward: those inputs and do, then dq,
