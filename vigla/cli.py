@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": ("vigla.bench.cli", "speed, memory and FLOPs against resolution, models side by side"),
     "info": ("vigla.info", "list the registered models, the BiGLA backends and the environment"),
     "export": ("vigla.export", "a checkpoint as ONNX, TorchScript or a torch.export program, checked against PyTorch"),
+    "dense": ("vigla.engine.dense_cli", "detection and segmentation: composite data set, training, box/mask mAP, mIoU"),
 }
 
 

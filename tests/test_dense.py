@@ -1,0 +1,332 @@
+"""vigla.dense: FPN backbones for torchvision's detectors, the segmentation model, the composite data set, and
+`vigla dense` training (a step, an exact resume), evaluation and errors. Tiny models and images (CPU, CI)."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vigla import cli
+from vigla.dense import BackboneFPN, backbone_with_fpn, build_detector, build_segmenter, pad_to_multiple
+from vigla.dense.backbone import feature_sizes
+from vigla.dense.config import resolve_config
+from vigla.dense.data import CocoSplit, decode_segmentation
+from vigla.dense.evaluate import segmentation_metrics
+from vigla.dense.synth import ComposeSettings, PhotoPool, imagenette_pool, write_split
+from vigla.dense.train import DenseTrainer
+from vigla.engine.checkpoint import load_weights
+
+pytest.importorskip("pycocotools")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' numpy-2 notice
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIG_H = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_heads=(1, 1, 2, 4))
+VIG = dict(depth=1, embed_dim=32, num_heads=1)
+BACKBONES = {"vig_h_tiny": VIG_H, "vig_tiny": VIG, "castling_deit_tiny": dict(depth=1, embed_dim=32, num_heads=1),
+             "resnet18": {}}
+SMALL_RCNN = dict(rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=32, rpn_pre_nms_top_n_test=32,
+                  rpn_post_nms_top_n_test=16, box_batch_size_per_image=16, box_detections_per_img=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------- backbones
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_levels_have_the_stride_shapes_for_odd_sizes(name):
+    bb = backbone_with_fpn(name, out_channels=24, **BACKBONES[name])
+    assert isinstance(bb, BackboneFPN) and bb.out_channels == 24 and bb.strides == [4, 8, 16, 32, 64]
+    x = torch.randn(2, 3, 45, 77)
+    out = bb(x)
+    assert list(out) == ["0", "1", "2", "3", "pool"]
+    # padded to 64 x 96: every trunk level exactly padded size / stride, "pool" half the last
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    assert [tuple(v.shape[-2:]) for v in out.values()] == feature_sizes(bb, 45, 77)
+    assert all(v.shape[:2] == (2, 24) and torch.isfinite(v).all() for v in out.values())
+
+
+def test_retinanet_levels_and_padding():
+    bb = backbone_with_fpn("vig_h_tiny", out_channels=16, strides=(8, 16, 32), extra_blocks="p6p7", **VIG_H)
+    out = bb(torch.randn(1, 3, 33, 100))
+    assert list(out) == ["0", "1", "2", "p6", "p7"] and bb.strides == [8, 16, 32, 64, 128]
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [(8, 16), (4, 8), (2, 4), (1, 2), (1, 1)]
+    x = torch.randn(1, 3, 33, 100)
+    padded = pad_to_multiple(x, 32)
+    assert padded.shape[-2:] == (64, 128) and torch.equal(padded[..., :33, :100], x)
+    assert padded[..., 33:, :].abs().sum() == 0 and padded[..., 100:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ["vig_h_tiny", "vig_tiny"])
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients(name):
+    torch.manual_seed(1)
+    args = dict(BACKBONES[name], drop_path_rate=0.0)  # no random stochastic depth in train()
+    plain = backbone_with_fpn(name, out_channels=16, **args)
+    ckpt = backbone_with_fpn(name, out_channels=16, grad_checkpointing=True, **args)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 50, 70)
+    grads = []
+    for bb in (plain, ckpt):
+        bb.train()
+        sum((v * v).mean() for v in bb(x).values()).backward()
+        grads.append({k: p.grad.clone() for k, p in bb.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_backbone_weights_load_from_a_vigla_checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("vig_h_tiny", num_classes=7, **VIG_H)
+    path = tmp_path / "cls.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    bb = backbone_with_fpn("vig_h_tiny", out_channels=16, weights=str(path), **VIG_H)
+    ours = bb.trunk.model.state_dict()
+    assert ours and all(torch.equal(ours[k], src.state_dict()[k]) for k in ours)
+
+
+def test_bad_backbones_are_clear_errors():
+    with pytest.raises(ValueError, match="strides must be a subset"):
+        backbone_with_fpn("vig_h_tiny", strides=(2, 4), **VIG_H)
+    with pytest.raises(ValueError, match="extra_blocks must be one of"):
+        backbone_with_fpn("vig_h_tiny", extra_blocks="p5", **VIG_H)
+    with pytest.raises(ValueError, match="forward_intermediates"):
+        backbone_with_fpn(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="takes no argument representation_size"):
+        build_detector("faster_rcnn", "vig_h_tiny", 3, detector_kwargs={"representation_size": 8}, **VIG_H)
+    with pytest.raises(ValueError, match="detector must be one of"):
+        build_detector("yolo", "vig_h_tiny", 3, **VIG_H)
+
+
+# ------------------------------------------------------------------------------------------- models
+
+def _targets(sizes, masks):
+    out = []
+    for k, (h, w) in enumerate(sizes):
+        boxes = torch.tensor([[4.0, 5.0, 30.0, 40.0], [20.0, 10.0, w - 2.0, h - 3.0]])[: 2 - k]
+        t = {"boxes": boxes, "labels": torch.tensor([1, 2])[: len(boxes)]}
+        if masks:
+            m = torch.zeros(len(boxes), h, w, dtype=torch.uint8)
+            for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+                m[i, y0:y1, x0:x1] = 1
+            t["masks"] = m
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("kind,name", [("mask_rcnn", "vig_h_tiny"), ("faster_rcnn", "vig_tiny"),
+                                       ("retinanet", "vig_h_tiny")])
+def test_torchvision_detectors_train_and_eval_with_a_vigla_backbone(kind, name):
+    extra = dict(detections_per_img=8, topk_candidates=32) if kind == "retinanet" else SMALL_RCNN
+    model = build_detector(kind, name, 3, min_size=64, max_size=96, out_channels=16, detector_kwargs=extra,
+                           **BACKBONES[name])
+    sizes = [(57, 83), (64, 64)]
+    images = [torch.rand(3, h, w) for h, w in sizes]
+    model.train()
+    losses = model(images, _targets(sizes, kind == "mask_rcnn"))
+    assert all(torch.isfinite(v) for v in losses.values())
+    if kind == "mask_rcnn":
+        assert "loss_mask" in losses
+    sum(losses.values()).backward()
+    trunk = model.backbone.trunk.model
+    assert all(p.grad is not None for p in trunk.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        outs = model(images)
+    for out, (h, w) in zip(outs, sizes):  # back at each image's own size
+        assert out["boxes"].shape[1] == 4 and len(out["boxes"]) <= 8
+        assert (out["boxes"][:, 2] <= w + 1e-3).all() and (out["boxes"][:, 3] <= h + 1e-3).all()
+        if kind == "mask_rcnn":
+            assert out["masks"].shape[1:] == (1, h, w)
+
+
+def test_segmentation_logits_at_the_input_resolution():
+    model = build_segmenter("vig_h_tiny", 5, out_channels=16, head_channels=16, **VIG_H)
+    x = torch.rand(2, 3, 45, 77)
+    y = model(x)
+    assert y.shape == (2, 5, 45, 77)
+    y.logsumexp(1).mean().backward()
+    assert model.backbone.trunk.model.stem.conv1.weight.grad is not None
+    plain = build_segmenter("vig_tiny", 3, out_channels=16, head_channels=16, **VIG)
+    assert plain(torch.rand(1, 3, 33, 40)).shape == (1, 3, 33, 40)
+
+
+def test_segmentation_metrics_by_hand():
+    conf = torch.tensor([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+    m = segmentation_metrics(conf)
+    iou0, iou1 = 5 / (5 + 1 + 2), 3 / (3 + 2 + 1)
+    assert m["iou"][2] is None and m["miou"] == pytest.approx(100 * (iou0 + iou1) / 2, abs=1e-3)
+    assert m["pixel_acc"] == pytest.approx(100 * 8 / 11, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def _pool(n=12, classes=("red", "green", "blue")):
+    """Photos made here: a class-coloured gradient with noise, 64 x 48."""
+    rng = np.random.default_rng(0)
+    arrays, labels = [], []
+    for i in range(n):
+        c = i % len(classes)
+        a = rng.integers(0, 80, (48, 64, 3)).astype(np.uint8)
+        a[..., c] = np.linspace(120, 255, 64).astype(np.uint8)[None, :]
+        arrays.append(a)
+        labels.append(c)
+    return PhotoPool([lambda a=a: Image.fromarray(a) for a in arrays], labels, list(classes), "test pool")
+
+
+SETTINGS = ComposeSettings(canvas=64, max_objects=3, min_scale=0.25, max_scale=0.6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense_data")
+    write_split(_pool(), str(root), "train", 8, SETTINGS)
+    write_split(_pool(), str(root), "val", 4, SETTINGS)
+    return str(root)
+
+
+def test_generated_boxes_masks_and_semantic_maps_agree(dataset):
+    split = CocoSplit(dataset, "train")
+    assert split.classes == ["red", "green", "blue"] and len(split) == 8
+    coco = split.coco
+    assert coco["annotations"] and "synthetic layout, real photos" in coco["info"]["description"]
+    for i, entry in enumerate(coco["images"]):
+        anns = split.anns[entry["id"]]
+        masks = [decode_segmentation(a, 64, 64).astype(bool) for a in anns]
+        semantic = np.array(Image.open(split.mask_path(i)))
+        union = np.zeros((64, 64), np.uint8)
+        for a, m in zip(anns, masks):
+            ys, xs = np.nonzero(m)
+            assert a["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            assert a["area"] == m.sum() > 0
+            assert (union[m] == 0).all()  # visible parts do not overlap
+            union[m] = a["category_id"]
+        assert np.array_equal(semantic, union)
+        t = split.target(i, masks=True)
+        assert t["boxes"].shape == (len(anns), 4) and t["masks"].shape == (len(anns), 64, 64)
+        assert torch.equal(t["masks"].bool(), torch.from_numpy(np.stack(masks)) if masks else t["masks"].bool())
+    labels = split.semantic(0)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_generator_is_deterministic(dataset, tmp_path):
+    write_split(_pool(), str(tmp_path), "val", 4, SETTINGS)
+    a = json.load(open(os.path.join(dataset, "val", "annotations.json")))
+    b = json.load(open(tmp_path / "val" / "annotations.json"))
+    assert a == b
+    for name in ("images/000003.jpg", "masks/000003.png"):
+        assert (tmp_path / "val" / name).read_bytes() == open(os.path.join(dataset, "val", name), "rb").read()
+    with pytest.raises(Exception, match="already holds a data set"):
+        write_split(_pool(), str(tmp_path), "val", 4, SETTINGS)
+
+
+def test_imagenette_pool_reads_the_tar_shards(tmp_path):
+    with tarfile.open(tmp_path / "val.tar", "w") as tar:
+        for wnid, color in (("n03445777", (255, 255, 255)), ("n01440764", (0, 90, 0))):
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), color).save(buf, format="JPEG")
+            info = tarfile.TarInfo(f"val/{wnid}/img_{wnid}.JPEG")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    pool = imagenette_pool(str(tmp_path), "val")
+    assert len(pool) == 2 and pool.labels == [0, 8]  # sorted by path: tench (0) before golf ball (8)
+    assert pool.classes[8] == "golf ball" and pool.load(1).getpixel((5, 5))[0] > 200
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def _flags(data, out, **kw):
+    flags = dict(data=data, out=str(out), task="segment", model="vig_h_tiny", model_args=json.dumps(VIG_H),
+                 fpn_channels=16, img_size=48, max_size=64, epochs=2, batch_size=4, warmup_epochs=0.5,
+                 lr=1e-3, workers=0, log_interval=1, seed=0)
+    flags.update(kw)
+    return flags
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_weights(dataset, tmp_path):
+    ref = DenseTrainer(resolve_config(_flags(dataset, tmp_path / "ref", epochs=1)))
+    assert ref.run() == 0
+    results = json.load(open(tmp_path / "ref" / "results.json"))
+    assert results["task"] == "segment" and 0 <= results["best"]["miou"] <= 100
+    stopped = DenseTrainer(resolve_config(_flags(dataset, tmp_path / "run", epochs=1)), stop_after_steps=1)
+    assert stopped.run() == 128 + 15
+    assert os.path.isfile(tmp_path / "run" / "last.state.pt")
+    rc = cli.main(["dense", "train", "--resume", "auto", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    a, b = load_weights(str(tmp_path / "ref" / "last.safetensors")), load_weights(str(tmp_path / "run" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    rows = open(tmp_path / "run" / "metrics.csv").read().splitlines()
+    assert len(rows) == 2 and "val_miou" in rows[0]
+
+
+def test_detection_run_and_eval_command(dataset, tmp_path, capsys):
+    flags = _flags(dataset, tmp_path / "det", task="detect", detector="faster_rcnn", epochs=1, warmup_epochs=0,
+                   detector_args=json.dumps(SMALL_RCNN), img_size=64, max_size=64)
+    assert DenseTrainer(resolve_config(flags)).run() == 0
+    meta = json.load(open(tmp_path / "det" / "last.json"))
+    assert meta["task"] == "detect" and meta["classes"] == ["red", "green", "blue"]
+    assert 0 <= meta["val"]["box_ap"] <= 100 and meta["val"]["images"] == 4
+    out = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert cli.main(["dense", "eval", str(tmp_path / "det" / "last.safetensors"), "--data", dataset,
+                     "--out", str(out)]) == 0
+    assert "box_ap" in capsys.readouterr().out
+    assert json.load(open(out))["box_ap"] == meta["val"]["box_ap"]
+
+
+def _one_line_error(capsys, argv, *fragments):
+    """``vigla dense ARGV`` in this process: exit code 2, one ``error:`` line naming ``fragments``."""
+    capsys.readouterr()
+    assert cli.main(["dense", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
+    _one_line_error(capsys, ["train", "--data", str(tmp_path / "nowhere")], "annotations.json not found")
+    bad = tmp_path / "bad"
+    (bad / "train").mkdir(parents=True)
+    (bad / "train" / "annotations.json").write_text("{not json")
+    _one_line_error(capsys, ["train", "--data", str(bad)], "not a readable COCO json")
+    _one_line_error(capsys, ["train", "--data", dataset, "--model", "vig_h_tinyy"], "unknown model", "vig_h_tiny")
+    _one_line_error(capsys, ["train", "--data", dataset, "--model-args", "[1]"], "--model-args must be a JSON object")
+    _one_line_error(capsys, ["train", "--data", dataset, "--epochs", "1"], "--warmup-epochs must be in [0, --epochs=1)")
+    boxes_only = tmp_path / "boxes"
+    for split in ("train", "val"):
+        os.makedirs(boxes_only / split)
+        os.symlink(os.path.join(dataset, split, "images"), boxes_only / split / "images")
+        coco = json.load(open(os.path.join(dataset, split, "annotations.json")))
+        for a in coco["annotations"]:
+            del a["segmentation"]
+        (boxes_only / split / "annotations.json").write_text(json.dumps(coco))
+    _one_line_error(capsys, ["train", "--data", str(boxes_only)], "mask_rcnn needs a segmentation")
+    _one_line_error(capsys, ["data", "--imagenette", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                    "--imagenette", "no such folder")
+    not_dense = tmp_path / "x.safetensors"
+    not_dense.write_bytes(b"junk")
+    _one_line_error(capsys, ["eval", str(not_dense), "--data", dataset], "not a `vigla dense train` checkpoint")
+    assert cli.main(["dense"]) == 2 and "choose an action" in capsys.readouterr().err
+    # as a program: the same line, no traceback
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "vigla", "dense", "train", "--data", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {bad}/train/annotations.json: not a readable COCO json "
+        f"(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"]

@@ -1,0 +1,150 @@
+"""Settings of ``vigla dense train``: one dataclass, its flags, the copy saved with each run.
+
+Precedence, lowest first: the field defaults < the saved ``config.yaml`` of the run being resumed < the flags
+given on the command line (only those typed count: the parser leaves the others out).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from vigla.engine.errors import UserError
+
+from .models import DETECTORS
+
+__all__ = ["DenseConfig", "TASKS", "add_config_arguments", "resolve_config"]
+
+TASKS = ("detect", "segment")
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class DenseConfig:
+    task: str = _opt("detect", "detect: boxes (and masks) with a torchvision detector; segment: per-pixel classes",
+                     choices=TASKS)
+    data: Optional[str] = _opt(None, "COCO-format folder: train/ and val/, each with annotations.json and images/ "
+                               "(and masks/ to segment); `vigla dense data` makes one", metavar="PATH")
+    detector: str = _opt("mask_rcnn", "torchvision detector (--task detect)", choices=DETECTORS)
+    detector_args: str = _opt("{}", "more arguments for the torchvision detector class, as JSON (e.g. "
+                              "'{\"box_batch_size_per_image\": 256}')", metavar="JSON")
+    model: str = _opt("vig_h_tiny", "backbone: a timm / vigla model name (ViG-H and CNNs by their stages, "
+                      "plain ViG / ViT through a ViTDet simple feature pyramid)")
+    model_args: str = _opt("{}", "more timm.create_model arguments for the backbone, as JSON "
+                           "(e.g. '{\"depths\": [1, 1, 3, 1]}')", metavar="JSON")
+    backbone_weights: Optional[str] = _opt(None, "initialize the backbone from this checkpoint (vigla .safetensors "
+                                           "from `vigla train`, or an official release); classifier dropped",
+                                           metavar="FILE")
+    drop_path: Optional[float] = _opt(None, "backbone stochastic depth (default: the model's own)", metavar="RATE")
+    fpn_channels: int = _opt(256, "feature pyramid width", metavar="C")
+    grad_checkpointing: bool = _opt(False, "recompute the backbone's blocks in the backward (less memory)")
+    img_size: int = _opt(384, "shorter image side in pixels (detectors: their resize; segment: the loader's)",
+                         metavar="PX")
+    max_size: int = _opt(640, "longer image side at most this", metavar="PX")
+    scale_min: float = _opt(0.8, "training scale jitter: the size is multiplied by a factor in "
+                            "[scale-min, scale-max]", metavar="F")
+    scale_max: float = _opt(1.2, "see --scale-min", metavar="F")
+    hflip: float = _opt(0.5, "horizontal flip probability in training", metavar="P")
+    epochs: int = _opt(12, "training epochs", metavar="N")
+    batch_size: int = _opt(8, "images per step", metavar="N")
+    lr: float = _opt(1e-4, "peak AdamW learning rate per 16 images: the run uses lr x batch / 16", metavar="LR")
+    min_lr: float = _opt(1e-6, "learning rate at the end of the cosine, per 16 images", metavar="LR")
+    warmup_epochs: float = _opt(1.0, "linear warm-up epochs (part of --epochs)", metavar="N")
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms and biases)", metavar="WD")
+    clip_grad: float = _opt(1.0, "clip the gradient norm to this (0: off)", metavar="NORM")
+    amp: str = _opt("auto", "autocast: bf16 on CUDA by default, off on CPU", choices=("auto", "bf16", "fp16", "off"))
+    device: str = _opt("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
+    workers: int = _opt(-1, "data loader processes (-1: none on CPU, else one per spare core, at most 8)",
+                        metavar="N")
+    train_subset: int = _opt(0, "train on this many images, a fixed random pick (0: all)", metavar="N")
+    val_subset: int = _opt(0, "validate on this many images, a fixed random pick (0: all)", metavar="N")
+    eval_batch_size: int = _opt(8, "images per evaluation batch", metavar="N")
+    strict_data: bool = _opt(False, "stop at the first unreadable image or mask instead of skipping it")
+    seed: int = _opt(0, "seed of the initialization, the sample order and the augmentation", metavar="N")
+    log_interval: int = _opt(10, "log the training loss every N steps", metavar="N")
+    out: Optional[str] = _opt(None, "run folder (default: runs/<model>-<task>-<data folder name>)", metavar="DIR")
+    resume: Optional[str] = _opt(None, "continue a stopped run: 'auto' (with --out, or the newest run of this "
+                                 "model, task and data), a run folder or its last.state.pt", metavar="RUN")
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """The :func:`~vigla.dense.backbone.backbone_with_fpn` model arguments of this run."""
+        kwargs = parse_json_object(self.model_args, "--model-args")
+        if self.drop_path is not None:
+            kwargs["drop_path_rate"] = self.drop_path
+        return kwargs
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(DenseConfig)}
+#: not saved with a run: where it is, and how this process continues it
+_NOT_SAVED = ("out", "resume", "device", "workers")
+
+
+def parse_json_object(text: str, flag: str) -> dict[str, Any]:
+    """``--model-args`` / ``--detector-args``: a JSON object of keyword arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag} must be a JSON object, e.g. '{{\"depths\": [1, 1, 3, 1]}}' ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are shown in the help but left out of the namespace (see the module)."""
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.pop("help") + f" (default: {f.default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"), **meta)
+
+
+def config_to_yaml(cfg: DenseConfig) -> str:
+    return yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SAVED},
+                          sort_keys=False)
+
+
+def saved_config(text: str) -> dict[str, Any]:
+    values = yaml.safe_load(text) or {}
+    return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}
+
+
+def resolve_config(flags: dict[str, Any], saved: Optional[dict[str, Any]] = None) -> DenseConfig:
+    """Defaults < ``saved`` < ``flags``, checked."""
+    cfg = DenseConfig(**{**(saved or {}), **{k: v for k, v in flags.items() if k in FIELDS}})
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: DenseConfig) -> None:
+    if cfg.data is None:
+        raise UserError("--data is required: a COCO-format folder (`vigla dense data` makes one)")
+    for name in ("epochs", "batch_size", "img_size", "max_size", "fpn_channels", "log_interval", "eval_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.max_size < cfg.img_size:
+        raise UserError(f"--max-size ({cfg.max_size}) must be at least --img-size ({cfg.img_size})")
+    if not 0 < cfg.scale_min <= cfg.scale_max:
+        raise UserError(f"need 0 < --scale-min <= --scale-max, got {cfg.scale_min} and {cfg.scale_max}")
+    if not 0 <= cfg.hflip <= 1:
+        raise UserError(f"--hflip is a probability in [0, 1], got {cfg.hflip}")
+    if not 0 <= cfg.warmup_epochs < cfg.epochs:
+        raise UserError(f"--warmup-epochs must be in [0, --epochs={cfg.epochs}), got {cfg.warmup_epochs}")
+    if min(cfg.train_subset, cfg.val_subset) < 0:
+        raise UserError("--train-subset and --val-subset must be >= 0")
+    if cfg.clip_grad < 0:
+        raise UserError(f"--clip-grad must be >= 0, got {cfg.clip_grad}")
+    parse_json_object(cfg.model_args, "--model-args")
+    parse_json_object(cfg.detector_args, "--detector-args")

@@ -1,0 +1,555 @@
+"""The dense training loop (``vigla dense train``): detection or segmentation on a COCO-format folder, with the
+classification engine's guarantees and pieces.
+
+* Checkpoints as ``vigla train`` writes them (:mod:`vigla.engine.checkpoint`, atomic): ``last.safetensors`` /
+  ``.json`` / ``.state.pt`` every epoch and on SIGINT / SIGTERM (:class:`vigla.engine.trainer.StopRequest`),
+  ``best.*`` at the best validation metric (box mAP, or mIoU). ``--resume`` continues from the exact step:
+  the sample order (:class:`vigla.data.ResumableDistributedSampler`), each sample's augmentation (drawn from
+  ``(seed, epoch, index)``), optimizer, schedule, gradient scaler and RNG states.
+* A NaN / inf loss stops the run before that step touches the weights; CUDA running out of memory, bad flags,
+  data or checkpoints end with one line (:mod:`vigla.engine.errors`).
+* Logs: ``config.yaml``, ``run.json``, ``steps.csv``, ``metrics.csv`` (:class:`vigla.engine.metrics.MetricsLog`),
+  ``curves.png``, ``results.json``.
+
+One process, one device (CPU or one GPU); AdamW with a cosine schedule after a linear warm-up, per step.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vigla.bench.report import git_info, write_json
+from vigla.data import DataError, ResumableDistributedSampler
+from vigla.engine.checkpoint import (capture_rng, load_into, load_state, load_weights, read_meta, restore_rng,
+                                     save_state, save_weights, write_text)
+from vigla.engine.errors import CheckpointError, NonFiniteLossError, OutOfMemory, UserError
+from vigla.engine.evaluate import autocast
+from vigla.engine.metrics import MetricsLog
+from vigla.engine.modeling import create_model
+from vigla.engine.trainer import StopRequest, _quiet_worker, _seed_everything, _version, find_resume_state, run_name
+
+from .config import DenseConfig, config_to_yaml, parse_json_object
+from .data import (IGNORE, CocoSplit, DetectionDataset, SegmentationDataset, collate_detection, collate_segmentation,
+                   require_pycocotools)
+from .evaluate import evaluate_detector, evaluate_segmenter
+from .models import build_detector, build_segmenter
+
+__all__ = ["DenseTrainer", "build_model", "main_metric", "model_meta"]
+
+LAST, BEST = "last", "best"
+
+
+def main_metric(task: str) -> str:
+    """The validation metric that picks ``best``: box AP, or mIoU."""
+    return "box_ap" if task == "detect" else "miou"
+
+
+def model_meta(cfg: DenseConfig, classes: list[str]) -> dict:
+    """What rebuilds the model of a run (:func:`build_model`), saved beside its weights."""
+    detect = cfg.task == "detect"
+    return {"task": cfg.task, "detector": cfg.detector if detect else None,
+            "detector_kwargs": parse_json_object(cfg.detector_args, "--detector-args") if detect else {},
+            "model": cfg.model,
+            "backbone_kwargs": cfg.backbone_kwargs(), "fpn_channels": cfg.fpn_channels, "classes": classes,
+            "img_size": cfg.img_size, "max_size": cfg.max_size}
+
+
+def build_model(meta: dict, train_sizes: tuple[int, ...] | None = None, weights: str | None = None) -> nn.Module:
+    """The detector / segmentation model that ``meta`` (:func:`model_meta`) describes; ``train_sizes``: the
+    detector's shorter sides to pick from in training (the evaluation size last)."""
+    _check_model_name(meta["model"])
+    kwargs = dict(meta["backbone_kwargs"], out_channels=meta["fpn_channels"], weights=weights)
+    num_classes = len(meta["classes"]) + 1
+    try:
+        if meta["task"] == "detect":
+            return build_detector(meta["detector"], meta["model"], num_classes,
+                                  min_size=train_sizes or meta["img_size"], max_size=meta["max_size"],
+                                  detector_kwargs=meta["detector_kwargs"], **kwargs)
+        return build_segmenter(meta["model"], num_classes, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build a {meta['task']} model on {meta['model']}: {_first_line(e)}") from None
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        create_model(name)  # raises the engine's UserError with the closest names
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+class _Subset(Dataset):
+    """``dataset`` restricted to ``indices``; keys ``(epoch, i)`` map to ``(epoch, indices[i])``."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        return self.dataset[(epoch, self.indices[i])]
+
+
+def _pick(n: int, subset: int, seed: int) -> list[int]:
+    if subset <= 0 or subset >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, subset, replace=False).tolist())
+
+
+class DenseTrainer:
+    """Builds a run from a :class:`DenseConfig`; :meth:`run` trains and returns an exit code.
+
+    ``stop_after_steps``: stop (and save) after that many optimizer steps in all, through the signal path
+    (the tests interrupt a run mid-epoch with it).
+    """
+
+    def __init__(self, cfg: DenseConfig, resume_state: str | None = None, stop_after_steps: int | None = None):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("vigla dense train runs in one process on one device; torchrun is not supported")
+        self.cfg, self.resume_state, self.stop_after_steps = cfg, resume_state, stop_after_steps
+        self.stop = StopRequest()
+        self.device = _device(cfg.device)
+        _seed_everything(cfg.seed)
+        self.amp_dtype, self.scaler = self._precision()
+        require_pycocotools()
+        self._build_data()
+        self.out = self._prepare_out_dir()
+        self._build_model()
+        self._build_optimisation()
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.epoch_loss = [0.0, 0]
+        self.best = {main_metric(cfg.task): -1.0, "epoch": 0}
+        self.skipped = 0
+        if resume_state is not None:
+            self._load_resume(resume_state)
+        self.log = MetricsLog(self.out, resume_step=self.global_step)
+
+    # ------------------------------------------------------------------------------------------- setup
+    def _precision(self):
+        amp = self.cfg.amp
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" else "off"
+        if amp == "fp16" and self.device.type != "cuda":
+            raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+        return dtype, (torch.amp.GradScaler("cuda") if amp == "fp16" else None)
+
+    def _prepare_out_dir(self) -> str:
+        cfg = self.cfg
+        if self.resume_state is not None:
+            out = cfg.out or os.path.dirname(os.path.abspath(self.resume_state))
+        elif cfg.out is not None:
+            out = cfg.out
+            if os.path.isfile(os.path.join(out, f"{LAST}.state.pt")):
+                raise UserError(f"--out {out} already holds a run ({LAST}.state.pt): continue it with "
+                                f"--resume auto --out {out}, or choose another --out")
+        else:
+            base = out = os.path.join("runs", run_name(f"{cfg.model}-{cfg.task}", cfg.data))
+            n = 1
+            while os.path.exists(out) and os.listdir(out):
+                n += 1
+                out = f"{base}-{n}"
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+        return out
+
+    def _build_data(self):
+        cfg = self.cfg
+        self.train_split, self.val_split = CocoSplit(cfg.data, "train"), CocoSplit(cfg.data, "val")
+        if self.train_split.classes != self.val_split.classes:
+            raise DataError(f"{cfg.data}: train/ and val/ have different categories "
+                            f"({len(self.train_split.classes)} vs {len(self.val_split.classes)})")
+        self.classes = self.train_split.classes
+        self.masks = cfg.task == "detect" and cfg.detector == "mask_rcnn"
+        if self.masks and not (self.train_split.has_masks() and self.val_split.has_masks()):
+            raise DataError(f"{cfg.data}: mask_rcnn needs a segmentation in every annotation; train boxes only "
+                            f"with --detector faster_rcnn or retinanet")
+        if cfg.workers >= 0:
+            self.workers = cfg.workers
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            self.workers = 0 if self.device.type == "cpu" else min(8, max(1, cpus - 1))
+        if cfg.task == "detect":
+            train_set = DetectionDataset(self.train_split, self.masks, cfg.hflip, seed=cfg.seed)
+            val_set = DetectionDataset(self.val_split, self.masks)
+            train_collate = eval_collate = collate_detection
+        else:
+            train_set = SegmentationDataset(self.train_split, cfg.img_size, cfg.max_size, cfg.hflip,
+                                            (cfg.scale_min, cfg.scale_max), seed=cfg.seed)
+            val_set = SegmentationDataset(self.val_split, cfg.img_size, cfg.max_size)
+            train_collate, eval_collate = collate_segmentation, partial(collate_segmentation, train=False)
+        self.train_set = _Subset(train_set, _pick(len(train_set), cfg.train_subset, cfg.seed))
+        self.val_set = _Subset(val_set, _pick(len(val_set), cfg.val_subset, cfg.seed + 1))
+        self.sampler = ResumableDistributedSampler(self.train_set, 1, 0, shuffle=True, seed=cfg.seed)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(self.train_set)} training "
+                            f"images: lower --batch-size")
+        self.train_loader = self._loader(self.train_set, self.sampler, cfg.batch_size, train_collate, True)
+        self.val_loader = self._loader(self.val_set, None, cfg.eval_batch_size, eval_collate, False)
+
+    def _loader(self, dataset, sampler, batch_size: int, collate, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.workers,
+                          collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
+                          persistent_workers=self.workers > 0, worker_init_fn=_quiet_worker,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG: exact resume
+
+    def _build_model(self):
+        cfg = self.cfg
+        self.meta = model_meta(cfg, self.classes)
+        sizes = tuple(sorted({round(cfg.img_size * f) for f in np.linspace(cfg.scale_min, cfg.scale_max, 5)}
+                             - {cfg.img_size})) + (cfg.img_size,)
+        weights = cfg.backbone_weights if self.resume_state is None else None
+        if weights is not None and not os.path.isfile(weights):
+            raise CheckpointError(f"--backbone-weights {weights} does not exist")
+        try:
+            model = build_model(self.meta, sizes if cfg.task == "detect" else None, weights)
+        except (RuntimeError, KeyError) as e:  # timm's loading of --backbone-weights
+            raise CheckpointError(f"--backbone-weights {weights} does not load into {cfg.model}: "
+                                  f"{_first_line(e)}") from None
+        if cfg.grad_checkpointing:
+            model.backbone.set_grad_checkpointing(True)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.model = model.to(self.device)
+
+    def _build_optimisation(self):
+        cfg = self.cfg
+        scale = cfg.batch_size / 16
+        self.lr = cfg.lr * scale
+        self.optimizer = create_optimizer_v2(self.model, opt="adamw", lr=self.lr, weight_decay=cfg.weight_decay)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched="cosine", num_epochs=self.total_steps - warmup, warmup_epochs=warmup,
+            warmup_lr=self.lr * 1e-3, min_lr=cfg.min_lr * scale, warmup_prefix=True, step_on_epochs=False,
+            updates_per_epoch=1)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _meta(self, weights: str, val: dict | None) -> dict:
+        return {**self.meta, "data": os.path.abspath(self.cfg.data), "weights": weights, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "val": val,
+                "vigla_version": _version()}
+
+    def save_checkpoint(self, val: dict | None = None) -> None:
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                 "batch_size": self.cfg.batch_size, "sampler_seed": self.sampler.seed,
+                 "epoch_loss": list(self.epoch_loss), "skipped": self.skipped,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "best": dict(self.best), "rng": capture_rng()}
+        save_state(os.path.join(self.out, f"{LAST}.state.pt"), state)
+        save_weights(os.path.join(self.out, f"{LAST}.safetensors"), self.model.state_dict(), self._meta("model", val))
+
+    def _load_resume(self, path: str) -> None:
+        state = load_state(path)
+        folder = os.path.dirname(path)
+        weights = os.path.join(folder, f"{LAST}.safetensors")
+        meta = read_meta(weights)
+        if meta is None or meta.get("global_step") != state["global_step"]:
+            raise CheckpointError(f"{folder}: {LAST}.safetensors / .json and {LAST}.state.pt are from different "
+                                  f"steps (or missing); the run was killed while saving, resume from another copy")
+        for key in ("task", "model", "detector", "classes"):
+            if meta.get(key) != self.meta[key]:
+                raise CheckpointError(f"{weights} was trained with {key} {meta.get(key)!r}, this run has "
+                                      f"{self.meta[key]!r}")
+        if state["steps_per_epoch"] != self.steps_per_epoch or state["batch_size"] != self.cfg.batch_size:
+            raise CheckpointError(f"{path}: the run had {state['steps_per_epoch']} steps of {state['batch_size']} "
+                                  f"images per epoch, this one {self.steps_per_epoch} of {self.cfg.batch_size}: "
+                                  f"resume with the same --batch-size and data")
+        load_into(self.model, load_weights(weights), f"checkpoint {weights}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this model ({e})") from None
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.epoch_loss, self.best, self.skipped = list(state["epoch_loss"]), dict(state["best"]), state["skipped"]
+        if self.cfg.epochs * self.steps_per_epoch != state["total_steps"]:  # more epochs: the cosine is redrawn
+            self._build_optimisation()
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.step_update(self.global_step)
+        restore_rng(state["rng"])
+
+    def _save_best(self, val: dict) -> None:
+        key = main_metric(self.cfg.task)
+        if (val.get(key) or 0.0) > self.best[key]:
+            self.best = {key: val.get(key) or 0.0, "epoch": self.epoch}
+            save_weights(os.path.join(self.out, f"{BEST}.safetensors"), self.model.state_dict(),
+                         self._meta("model", val))
+
+    # ------------------------------------------------------------------------------------------- one step
+    def _loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.cfg.task == "detect":
+            images, targets, _ = batch
+            x = [img.to(self.device, non_blocking=True).float().div_(255) for img in images]
+            t = [{k: v.to(self.device, non_blocking=True) for k, v in tgt.items()} for tgt in targets]
+            with autocast(self.device, self.amp_dtype):
+                parts = self.model(x, t)
+            loss = sum(v.float() for v in parts.values())
+            return loss, {k: v.item() for k, v in parts.items()}
+        images, labels, _, _ = batch
+        x = images.to(self.device, non_blocking=True).float().div_(255)
+        y = labels.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE, reduction="sum")
+        return loss / (y != IGNORE).sum().clamp_min(1), {}
+
+    def train_step(self, batch) -> tuple[float, dict[str, float], bool]:
+        """Forward, check the loss, backward, clip, step, schedule -> (loss, its parts, stop requested)."""
+        loss, parts = self._loss(batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self._nonfinite_message(value))
+        want_stop = bool(self.stop.signum) or (self.stop_after_steps is not None
+                                                and self.global_step + 1 >= self.stop_after_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.cfg.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            self.optimizer.step()
+        self.global_step += 1
+        self.scheduler.step_update(self.global_step)
+        return value, parts, want_stop
+
+    def _nonfinite_message(self, value: float) -> str:
+        last = os.path.join(self.out, f"{LAST}.safetensors")
+        meta = read_meta(last) if os.path.isfile(last) else None
+        kept = (f"the last good checkpoint is {last} (global step {meta['global_step']})" if meta
+                else "no checkpoint had been written yet")
+        return (f"the training loss became {value} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}/"
+                f"{self.steps_per_epoch}; stopped before that step changed the weights, {kept}. Try a lower --lr, "
+                f"--clip-grad, or --amp off")
+
+    def _oom_message(self, where: str) -> str:
+        return (f"CUDA out of memory during {where} with --batch-size {self.cfg.batch_size} at --img-size "
+                f"{self.cfg.img_size} ({self.cfg.model}). Try --batch-size {max(1, self.cfg.batch_size // 2)} or "
+                f"--grad-checkpointing")
+
+    # ------------------------------------------------------------------------------------------- loop
+    def run(self) -> int:
+        self.stop.install()
+        try:
+            return self._run()
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(self._oom_message("training")) from None
+        finally:
+            self.stop.restore()
+            self.log.close()
+
+    def _run(self) -> int:
+        self._write_run_files()
+        self._print_header()
+        while self.epoch < self.cfg.epochs:
+            if self._train_epoch():
+                return self._stopped()
+            self._end_epoch()
+            if self.stop.signum:
+                return self._stopped()
+        return self._finish()
+
+    def _train_epoch(self) -> bool:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.batch_size)
+        self.model.train()
+        bar = tqdm(total=spe, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        t0, n0, window = time.perf_counter(), self.step_in_epoch, []
+        for batch in self.train_loader:
+            if self.step_in_epoch >= spe:
+                break
+            self._count_unreadable(batch[-1], len(batch[1]) if batch[1] is not None else 0)
+            loss, parts, stop = self.train_step(batch)
+            self.step_in_epoch += 1
+            self.epoch_loss[0] += loss
+            self.epoch_loss[1] += 1
+            window.append(loss)
+            bar.update(1)
+            if self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == spe:
+                lr = self.optimizer.param_groups[0]["lr"]
+                ips = (self.step_in_epoch - n0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{np.mean(window):.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+                self.log.log_step({"global_step": self.global_step, "epoch": self.epoch,
+                                   "epoch_progress": self.epoch + self.step_in_epoch / spe,
+                                   "loss": float(np.mean(window)), "lr": lr, **parts})
+                window = []
+            if stop:
+                bar.close()
+                self.save_checkpoint()
+                return True
+        bar.close()
+        self.train_time = time.perf_counter() - t0
+        self.train_ips = (self.step_in_epoch - n0) * cfg.batch_size / max(self.train_time, 1e-9)
+        return False
+
+    def _count_unreadable(self, errors: list[str], kept: int) -> None:
+        if not errors:
+            return
+        if self.cfg.strict_data or kept == 0:
+            why = "--strict-data stops at the first bad file" if self.cfg.strict_data else "a whole batch of them"
+            raise DataError(f"unreadable sample {errors[0]} ({why})")
+        if self.skipped == 0:
+            warnings.warn(f"skipping unreadable sample(s), the batch is smaller: {errors[0]}", stacklevel=2)
+        self.skipped += len(errors)
+
+    def evaluate(self) -> dict:
+        try:
+            if self.cfg.task == "detect":
+                return evaluate_detector(self.model, self.val_loader, self.val_split, self.device, self.amp_dtype,
+                                         self.masks)
+            return evaluate_segmenter(self.model, self.val_loader, len(self.classes) + 1, self.device,
+                                      self.amp_dtype)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(self._oom_message("evaluation")) from None
+
+    def _end_epoch(self) -> None:
+        val = self.evaluate()
+        key = main_metric(self.cfg.task)
+        row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
+               **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float)) and v is not None},
+               "epoch_time_s": round(self.train_time, 2), "train_img_per_s": round(self.train_ips, 2),
+               "unreadable_samples": self.skipped}
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_loss = 0, [0.0, 0]
+        self._save_best(val)
+        self.save_checkpoint(val)
+        self.log.log_epoch(row)
+        extra = f" | mask AP {val['mask_ap']:.2f}" if val.get("mask_ap") is not None else ""
+        tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} | val {key} "
+                   f"{val.get(key) or 0.0:.2f}{extra} | {row['train_img_per_s']:.1f} img/s")
+
+    def _stopped(self) -> int:
+        signum = self.stop.signum or signal.SIGTERM
+        print(f"\nstopped at epoch {self.epoch + 1}, step {self.step_in_epoch}/{self.steps_per_epoch} (global step "
+              f"{self.global_step}); checkpoint saved in {self.out}. Resume with:\n"
+              f"  vigla dense train --resume auto --out {self.out}", file=sys.stderr, flush=True)
+        self.log.flush()
+        return 128 + int(signum)
+
+    def _finish(self) -> int:
+        best_path = os.path.join(self.out, f"{BEST}.safetensors")
+        best_val = read_meta(best_path)["val"] if os.path.isfile(best_path) else None
+        results = {"task": self.cfg.task, "detector": self.meta["detector"], "model": self.cfg.model,
+                   "best": self.best, "best_val": best_val, "epochs": self.cfg.epochs,
+                   "global_step": self.global_step, "val_split": f"{len(self.val_set)} images of "
+                   f"{self.cfg.data}/val", "out": self.out}
+        write_json(results, Path(self.out) / "results.json")
+        self.log.flush()
+        plot_dense_curves(self.out, main_metric(self.cfg.task), f"{self.cfg.model} {self.cfg.task}")
+        key = main_metric(self.cfg.task)
+        print(f"best val {key} {self.best[key]:.2f} after epoch {self.best['epoch']}\n"
+              f"wrote {self.out}/: {LAST}.safetensors, {BEST}.safetensors, metrics.csv, curves.png, results.json",
+              flush=True)
+        return 0
+
+    def _write_run_files(self) -> None:
+        write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
+        info = {"command": sys.argv, "device": torch.cuda.get_device_name(self.device)
+                if self.device.type == "cuda" else "cpu", "amp": str(self.amp_dtype), "n_params": self.n_params,
+                "lr_scaled": self.lr, "steps_per_epoch": self.steps_per_epoch, "workers": self.workers,
+                "train_images": len(self.train_set), "val_images": len(self.val_set), "classes": self.classes,
+                "torch": torch.__version__, "timm": timm.__version__, "vigla": _version(),
+                "python": platform.python_version(), "git": git_info(),
+                "resumed_from": self.resume_state, "resumed_at_step": self.global_step if self.resume_state else None}
+        name = "run.json" if self.resume_state is None else f"run-resume-{self.global_step}.json"
+        write_json(info, Path(self.out) / name)
+
+    def _print_header(self) -> None:
+        cfg = self.cfg
+        what = f"{cfg.detector} on {cfg.model}" if cfg.task == "detect" else f"semantic FPN on {cfg.model}"
+        print(f"vigla dense train: {cfg.task}, {what} ({self.n_params / 1e6:.2f}M params)\n"
+              f"  data {cfg.data}: {len(self.train_set)} train / {len(self.val_set)} val images, "
+              f"{len(self.classes)} classes, shorter side {cfg.img_size}px\n"
+              f"  {cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {self.lr:.3g} "
+              f"({cfg.lr:g} per 16), AdamW, wd {cfg.weight_decay}\n"
+              f"  device {self.device}, amp {self.amp_dtype or 'off'}, {self.workers} loader worker(s)\n"
+              f"  output {self.out}"
+              + (f"\n  resuming at epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step})"
+                 if self.resume_state else ""), flush=True)
+
+
+def resume_state_for(cfg_flags: dict) -> str:
+    """The ``last.state.pt`` that ``--resume`` names (see :func:`vigla.engine.trainer.find_resume_state`)."""
+    model, task = cfg_flags.get("model", "vig_h_tiny"), cfg_flags.get("task", "detect")
+    return find_resume_state(cfg_flags["resume"], cfg_flags.get("out"), f"{model}-{task}", cfg_flags.get("data"))
+
+
+def plot_dense_curves(out_dir: str, metric: str, title: str) -> str | None:
+    """``curves.png``: the training loss per logged step (left), the validation ``metric`` per epoch (right)."""
+    import csv
+
+    def rows(name):
+        path = os.path.join(out_dir, name)
+        return list(csv.DictReader(open(path))) if os.path.isfile(path) else []
+
+    steps, epochs = rows("steps.csv"), rows("metrics.csv")
+    if not steps and not epochs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([float(r["epoch_progress"]) for r in steps], [float(r["loss"]) for r in steps], lw=0.8)
+    ax_val.plot([int(r["epoch"]) + 1 for r in epochs], [float(r.get(f"val_{metric}") or 0) for r in epochs], "o-")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_val.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def load_dense(path: str) -> tuple[nn.Module, dict]:
+    """A dense model with the weights of ``path`` (vigla ``.safetensors`` with its ``.json``) and its meta."""
+    meta = read_meta(path) if path.endswith(".safetensors") else None
+    if meta is None or "task" not in meta:
+        raise CheckpointError(f"{path} is not a `vigla dense train` checkpoint (a .safetensors file with the "
+                              f".json written beside it)")
+    model = build_model(meta)
+    load_into(model, load_weights(path), f"checkpoint {path}")
+    return model, meta
+
