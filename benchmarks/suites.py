@@ -272,6 +272,40 @@ def _export_latency(opts: Options) -> list[Step]:
     return [Step(name, argv, 560, [f"{name}.json"])]
 
 
+# ----------------------------------------------------------------------------------------- dense
+
+DENSE_TMP = "dense"  # under Options.tmp: the composite data set and the training runs
+
+
+def _dense_highres(opts: Options) -> list[Step]:
+    """Backbone + FPN forward and forward+backward at 512-4096 (benchmarks/dense_bench.py), two steps so that a
+    slow large size cannot take the small ones' results with it."""
+    base = [PY, "benchmarks/dense_bench.py", "--baseline", "swin_tiny_patch4_window7_224", "--out", str(opts.out)]
+    if opts.smoke:
+        argv = base + ["--device", "cpu", "--amp", "none", "--img-size", "64", "--batch-size", "1", "--warmup", "1",
+                       "--iters", "1", "--name", "dense_highres_smoke"]
+        return [Step("dense_highres_smoke", argv, 300, ["dense_highres_smoke.json", "dense_highres_smoke.png"])]
+    steps = []
+    for name, sizes, batches, cap in (("dense_highres_low", ["512", "1024"], ["8", "2"], 240),
+                                      ("dense_highres_high", ["2048", "4096"], ["1", "1"], 330)):
+        argv = base + ["--img-size", *sizes, "--batch-size", *batches, "--name", name]
+        steps.append(Step(name, argv, cap, [f"{name}.json", f"{name}.png"]))
+    return steps
+
+
+def _dense_train(task: str) -> Callable[[Options], list[Step]]:
+    def steps(opts: Options) -> list[Step]:
+        name = f"dense_train_{task}"
+        inette, _ = train_data(opts)
+        tmp = opts.tmp / DENSE_TMP
+        argv = [PY, "benchmarks/dense_train.py", "--task", task, "--data",
+                str(tmp / ("composite_smoke" if opts.smoke else "composite")), "--runs", str(tmp / "runs"),
+                "--out", str(opts.out), "--name", name]
+        argv += (["--imagenette", str(inette)] if inette else []) + (["--smoke"] if opts.smoke else [])
+        return [Step(name, argv + opts.extra, 570, [f"{name}.json", f"{name}.md"])]
+    return steps
+
+
 SUITES = {s.name: s for s in [
     Suite("tests", "the GPU test suite (pytest -m gpu), by part", "cuda",
           {part: (what, _tests(part)) for part, (what, _) in TEST_PARTS.items()}, extra="pytest"),
@@ -312,6 +346,15 @@ SUITES = {s.name: s for s in [
           {"latency": ("ViG-T and DeiT-T at 224 and 512, one intra-op thread each", _export_latency)}),
     Suite("flops", "parameters and MACs of every model at 224-2048 (no model is run)", "cpu",
           {"all_models": ("vigla bench --flops-only", _flops)}, smoke=True),
+    Suite("dense", "ViG-H-T and ViG-T as detection / segmentation backbones: backbone + FPN speed and memory at "
+          "512-4096 against ConvNeXt-T, Swin-T, ResNet-50, DeiT-S; Mask R-CNN and semantic FPN trained on the "
+          "composite data set (Imagenette objects, shared/data/imagenette2-224 or --imagenette after --)", "cuda",
+          {"highres": ("forward and forward+backward img/s and peak memory, 512-1024 and 2048-4096", _dense_highres),
+           "detect": ("Mask R-CNN, ViG-H-T vs ConvNeXt-T from scratch, same budget: box / mask AP",
+                      _dense_train("detect")),
+           "segment": ("semantic FPN, ViG-H-T vs ConvNeXt-T from scratch, same budget: mIoU",
+                       _dense_train("segment"))},
+          extra="benchmarks/dense_train.py (the detect and segment parts)", smoke=True),
 ]}
 
 
