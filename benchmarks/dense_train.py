@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.extra = ["--warmup-epochs", "0", "--max-size", "64", "--detector-args",
                       '{"rpn_post_nms_top_n_train": 64, "box_batch_size_per_image": 32}', *args.extra]
     args.name = args.name or f"dense_train_{args.task}"
+    args.stamp = f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # this invocation's runs folder
     return args
 
 
@@ -86,9 +87,7 @@ def ensure_data(args) -> tuple[dict, float]:
 
 
 def train(args, model: str, slot: float) -> dict:
-    out = Path(args.runs or Path(args.out) / "runs") / args.name / model
-    if (out / "last.state.pt").exists():
-        raise SystemExit(f"{out} already holds a run: choose another --out or --runs")
+    out = Path(args.runs or Path(args.out) / "runs") / args.stamp / model
     cmd = [sys.executable, "-m", "vigla", "dense", "train", "--task", args.task, "--data", args.data, "--model", model,
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--img-size",
            str(args.img_size), "--device", args.device, "--workers", str(args.workers), "--out", str(out),
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     info, data_s = ensure_data(args)
-    meta = envelope(device, {k: v for k, v in vars(args).items() if k not in ("out", "runs", "name")},
+    meta = envelope(device, {k: v for k, v in vars(args).items() if k not in ("out", "runs", "name", "stamp")},
                     notes=["trained from scratch (no pretrained weights); the data set's layout is synthetic, its "
                            "pixels real (vigla.dense.synth)", f"data set: {info.get('description')}",
                            f"data set written in {data_s:.0f} s (0: it was there)"])

@@ -290,11 +290,12 @@ def test_detection_run_and_eval_command(dataset, tmp_path, capsys):
 
 
 def _one_line_error(capsys, argv, *fragments):
-    """``vigla dense ARGV`` in this process: exit code 2, one ``error:`` line naming ``fragments``."""
+    """``vigla dense ARGV`` in this process: exit code 2, one ``vigla dense ACTION: error:`` line naming
+    ``fragments``."""
     capsys.readouterr()
     assert cli.main(["dense", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert len(lines) == 1 and lines[0].startswith(f"vigla dense {argv[0]}: error: "), lines
     for f in fragments:
         assert f in lines[0], lines[0]
 
@@ -328,5 +329,5 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "vigla", "dense", "train", "--data", str(bad)], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {bad}/train/annotations.json: not a readable COCO json "
+        f"vigla dense train: error: {bad}/train/annotations.json: not a readable COCO json "
         f"(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"]

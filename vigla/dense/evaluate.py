@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vigla.engine.evaluate import autocast
+from vigla.engine.precision import autocast
 
 from .data import IGNORE, CocoSplit, quiet, require_pycocotools
 

@@ -38,7 +38,7 @@ from vigla.data.errors import DataError
 from .data import ANNOTATIONS, require_pycocotools
 
 __all__ = ["IMAGENETTE_CLASSES", "ComposeSettings", "PhotoPool", "compose_canvas", "imagenette_pool",
-           "make_dataset", "split_sizes", "write_split"]
+           "check_free", "make_dataset", "split_sizes", "write_split"]
 
 #: Imagenette's wnids -> class names, in label order
 IMAGENETTE_CLASSES = {
@@ -213,9 +213,8 @@ def write_split(pool: PhotoPool, out: str, split: str, count: int, settings: Com
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be one of {', '.join(_SPLIT_CODES)}, got {split!r}")
     mask_api = require_pycocotools()
+    check_free(out, [split])
     folder = Path(out) / split
-    if (folder / ANNOTATIONS).exists():
-        raise DataError(f"{folder} already holds a data set ({ANNOTATIONS}): choose another --out")
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -241,6 +240,13 @@ def write_split(pool: PhotoPool, out: str, split: str, count: int, settings: Com
     return coco
 
 
+def check_free(out: str, splits: list[str]) -> None:
+    """Raise :class:`DataError` when a split of ``out`` holds a data set already (its json)."""
+    for split in splits:
+        if (Path(out) / split / ANNOTATIONS).exists():
+            raise DataError(f"{Path(out) / split} already holds a data set ({ANNOTATIONS}): choose another --out")
+
+
 def split_sizes(train: int, val: int) -> dict[str, int]:
     if train < 1 or val < 1:
         raise ValueError(f"--train and --val must be at least 1, got {train} and {val}")
@@ -253,6 +259,7 @@ def make_dataset(pools: dict[str, PhotoPool], out: str, sizes: dict[str, int], s
     classes = {tuple(p.classes) for p in pools.values()}
     if len(classes) != 1:
         raise DataError("the photo pools of the splits have different classes")
+    check_free(out, list(sizes))
     os.makedirs(out, exist_ok=True)
     return {split: len(write_split(pools[split], out, split, n, settings, info, progress)["annotations"])
             for split, n in sizes.items()}

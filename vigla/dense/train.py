@@ -15,6 +15,8 @@ One process, one device (CPU or one GPU); AdamW with a cosine schedule after a l
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import platform
@@ -23,7 +25,6 @@ import sys
 import time
 import warnings
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import timm
@@ -35,15 +36,18 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vigla.bench.report import git_info, write_json
 from vigla.data import DataError, ResumableDistributedSampler
+from vigla.data.dataset import stop_workers
 from vigla.engine.checkpoint import (capture_rng, load_into, load_state, load_weights, read_meta, restore_rng,
-                                     save_state, save_weights, write_text)
-from vigla.engine.errors import CheckpointError, NonFiniteLossError, OutOfMemory, UserError
-from vigla.engine.evaluate import autocast
+                                     save_state, save_weights)
+from vigla.engine.errors import CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
 from vigla.engine.metrics import MetricsLog
-from vigla.engine.modeling import create_model
-from vigla.engine.trainer import StopRequest, _quiet_worker, _seed_everything, _version, find_resume_state, run_name
+from vigla.engine.modeling import check_model_name
+from vigla.engine.outputs import (OutputLock, atomic_write, git_info, make_folder, remove_empty_folders,
+                                  remove_stale_temp_files, write_text)
+from vigla.engine.precision import amp_dtype, autocast
+from vigla.engine.trainer import (StopRequest, _quiet_worker, _seed_everything, _version, _warn_unreadable,
+                                  find_resume_state, run_name)
 
 from .config import DenseConfig, config_to_yaml, parse_json_object
 from .data import (IGNORE, CocoSplit, DetectionDataset, SegmentationDataset, collate_detection, collate_segmentation,
@@ -74,7 +78,7 @@ def model_meta(cfg: DenseConfig, classes: list[str]) -> dict:
 def build_model(meta: dict, train_sizes: tuple[int, ...] | None = None, weights: str | None = None) -> nn.Module:
     """The detector / segmentation model that ``meta`` (:func:`model_meta`) describes; ``train_sizes``: the
     detector's shorter sides to pick from in training (the evaluation size last)."""
-    _check_model_name(meta["model"])
+    check_model_name(meta["model"])
     kwargs = dict(meta["backbone_kwargs"], out_channels=meta["fpn_channels"], weights=weights)
     num_classes = len(meta["classes"]) + 1
     try:
@@ -85,11 +89,6 @@ def build_model(meta: dict, train_sizes: tuple[int, ...] | None = None, weights:
         return build_segmenter(meta["model"], num_classes, **kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"cannot build a {meta['task']} model on {meta['model']}: {_first_line(e)}") from None
-
-
-def _check_model_name(name: str) -> None:
-    if not timm.is_model(name):
-        create_model(name)  # raises the engine's UserError with the closest names
 
 
 def _first_line(err: BaseException) -> str:
@@ -128,52 +127,76 @@ class DenseTrainer:
             raise UserError("vigla dense train runs in one process on one device; torchrun is not supported")
         self.cfg, self.resume_state, self.stop_after_steps = cfg, resume_state, stop_after_steps
         self.stop = StopRequest()
+        self.log, self._loaders, self._lock, self._created = None, [], None, []
         self.device = _device(cfg.device)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
         _seed_everything(cfg.seed)
+        torch.backends.cudnn.benchmark = True
         self.amp_dtype, self.scaler = self._precision()
         require_pycocotools()
-        self._build_data()
+        self._build_data()  # before the output folder: bad data leaves nothing behind
         self.out = self._prepare_out_dir()
         self._build_model()
         self._build_optimisation()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss = [0.0, 0]
+        self._pending, self._window = [], []  # step losses not read back yet / read back since the last log row
         self.best = {main_metric(cfg.task): -1.0, "epoch": 0}
-        self.skipped = 0
-        if resume_state is not None:
-            self._load_resume(resume_state)
+        self.skipped, self._val_warned = 0, False
+        if self.resume_state is not None:
+            self._load_resume(self.resume_state)
         self.log = MetricsLog(self.out, resume_step=self.global_step)
 
     # ------------------------------------------------------------------------------------------- setup
     def _precision(self):
-        amp = self.cfg.amp
-        if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" else "off"
-        if amp == "fp16" and self.device.type != "cuda":
+        if self.cfg.amp == "fp16" and self.device.type != "cuda":
             raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-        return dtype, (torch.amp.GradScaler("cuda") if amp == "fp16" else None)
+        dtype = amp_dtype(self.cfg.amp, self.device)
+        return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
 
     def _prepare_out_dir(self) -> str:
+        """Create and lock the run folder (one run per folder) and remove a killed save's temporary files."""
         cfg = self.cfg
         if self.resume_state is not None:
             out = cfg.out or os.path.dirname(os.path.abspath(self.resume_state))
+            self._claim(out)
         elif cfg.out is not None:
             out = cfg.out
+            self._claim(out)
             if os.path.isfile(os.path.join(out, f"{LAST}.state.pt")):
                 raise UserError(f"--out {out} already holds a run ({LAST}.state.pt): continue it with "
                                 f"--resume auto --out {out}, or choose another --out")
-        else:
+        else:  # runs/<model>-<task>-<data>, numbered: the first free (empty and unlocked) one
             base = out = os.path.join("runs", run_name(f"{cfg.model}-{cfg.task}", cfg.data))
             n = 1
-            while os.path.exists(out) and os.listdir(out):
+            while not self._claim(out, wait_free=True):
                 n += 1
                 out = f"{base}-{n}"
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+        for path in remove_stale_temp_files(out):
+            print(f"removed {path}: the temporary file of a save that was killed half-way", file=sys.stderr)
         return out
+
+    def _claim(self, out: str, wait_free: bool = False) -> bool:
+        """Create and lock ``out``. ``wait_free``: False (instead of an error) when it is taken or not empty."""
+        if wait_free and os.path.isdir(out) and any(not n.startswith(".") for n in os.listdir(out)):
+            return False
+        created = make_folder(out, "--out")
+        try:
+            self._lock = OutputLock(out).acquire("vigla dense train")
+        except OutputError as e:
+            remove_empty_folders(created)
+            if wait_free and e.errno is None:  # another run holds it
+                return False
+            raise
+        self._created = created
+        return True
 
     def _build_data(self):
         cfg = self.cfg
@@ -211,10 +234,13 @@ class DenseTrainer:
         self.val_loader = self._loader(self.val_set, None, cfg.eval_batch_size, eval_collate, False)
 
     def _loader(self, dataset, sampler, batch_size: int, collate, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.workers,
-                          collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                          persistent_workers=self.workers > 0, worker_init_fn=_quiet_worker,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))  # not the global RNG: exact resume
+        """A loader whose workers :meth:`close` ends; its own generator, not the global RNG (exact resume)."""
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.workers,
+                            collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
+                            persistent_workers=self.workers > 0, worker_init_fn=_quiet_worker,
+                            generator=torch.Generator().manual_seed(self.cfg.seed))
+        self._loaders.append(loader)
+        return loader
 
     def _build_model(self):
         cfg = self.cfg
@@ -247,50 +273,74 @@ class DenseTrainer:
             updates_per_epoch=1)
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def _meta(self, weights: str, val: dict | None) -> dict:
-        return {**self.meta, "data": os.path.abspath(self.cfg.data), "weights": weights, "epoch": self.epoch,
+    def _meta(self, val: dict | None) -> dict:
+        return {**self.meta, "data": os.path.abspath(self.cfg.data), "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "val": val,
                 "vigla_version": _version()}
 
     def save_checkpoint(self, val: dict | None = None) -> None:
+        """``last.*``: the training state (weights, optimizer, schedule, RNG: self-contained), the weights with
+        their description, and the config. Only finite weights get here (:meth:`_check_weights`)."""
+        assert not self._pending, "unchecked step losses: call _read_losses() before saving"
+        self._check_weights()
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                 "batch_size": self.cfg.batch_size, "sampler_seed": self.sampler.seed,
-                 "epoch_loss": list(self.epoch_loss), "skipped": self.skipped,
+                 "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss), "skipped": self.skipped,
+                 "model_meta": json.dumps(self.meta), "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None,
                  "best": dict(self.best), "rng": capture_rng()}
-        save_state(os.path.join(self.out, f"{LAST}.state.pt"), state)
-        save_weights(os.path.join(self.out, f"{LAST}.safetensors"), self.model.state_dict(), self._meta("model", val))
+        with self._saving():
+            save_state(os.path.join(self.out, f"{LAST}.state.pt"), state)
+            save_weights(os.path.join(self.out, f"{LAST}.safetensors"), self.model.state_dict(), self._meta(val))
+            write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """An :class:`OutputError` during a save, told with what was kept and how to go on."""
+        try:
+            yield
+        except OutputError as e:
+            raise OutputError(f"{e}; {self._kept()}; once it can be written, continue with: vigla dense train "
+                              f"--resume auto --out {self.out}") from None
+
+    def _kept(self) -> str:
+        last = os.path.join(self.out, f"{LAST}.safetensors")
+        try:
+            meta = read_meta(last) if os.path.isfile(last) else None
+        except CheckpointError:
+            meta = None
+        if meta is None or "global_step" not in meta:
+            return "no checkpoint had been saved yet"
+        return f"the last good checkpoint is kept: {last} (global step {meta['global_step']})"
 
     def _load_resume(self, path: str) -> None:
         state = load_state(path)
-        folder = os.path.dirname(path)
-        weights = os.path.join(folder, f"{LAST}.safetensors")
-        meta = read_meta(weights)
-        if meta is None or meta.get("global_step") != state["global_step"]:
-            raise CheckpointError(f"{folder}: {LAST}.safetensors / .json and {LAST}.state.pt are from different "
-                                  f"steps (or missing); the run was killed while saving, resume from another copy")
+        if "model_meta" not in state:
+            raise CheckpointError(f"{path} is not the state of a `vigla dense train` run")
+        meta = json.loads(state["model_meta"])
         for key in ("task", "model", "detector", "classes"):
             if meta.get(key) != self.meta[key]:
-                raise CheckpointError(f"{weights} was trained with {key} {meta.get(key)!r}, this run has "
+                raise CheckpointError(f"{path} was trained with {key} {meta.get(key)!r}, this run has "
                                       f"{self.meta[key]!r}")
-        if state["steps_per_epoch"] != self.steps_per_epoch or state["batch_size"] != self.cfg.batch_size:
+        if state["batch_size"] != self.cfg.batch_size or state["steps_per_epoch"] != self.steps_per_epoch:
             raise CheckpointError(f"{path}: the run had {state['steps_per_epoch']} steps of {state['batch_size']} "
                                   f"images per epoch, this one {self.steps_per_epoch} of {self.cfg.batch_size}: "
                                   f"resume with the same --batch-size and data")
-        load_into(self.model, load_weights(weights), f"checkpoint {weights}")
+        load_into(self.model, state["model"], f"checkpoint {path}")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: the optimizer state does not fit this model ({e})") from None
-        if self.scaler is not None and state["scaler"]:
+        if state["total_steps"] == self.total_steps:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:  # e.g. --epochs raised to extend a finished run: the cosine is re-planned
+            print(f"note: the schedule is re-planned for {self.total_steps} steps (the checkpoint's run planned "
+                  f"{state['total_steps']})", flush=True)
+        if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_loss, self.best, self.skipped = list(state["epoch_loss"]), dict(state["best"]), state["skipped"]
-        if self.cfg.epochs * self.steps_per_epoch != state["total_steps"]:  # more epochs: the cosine is redrawn
-            self._build_optimisation()
-            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.step_update(self.global_step)
         restore_rng(state["rng"])
 
@@ -298,19 +348,20 @@ class DenseTrainer:
         key = main_metric(self.cfg.task)
         if (val.get(key) or 0.0) > self.best[key]:
             self.best = {key: val.get(key) or 0.0, "epoch": self.epoch}
-            save_weights(os.path.join(self.out, f"{BEST}.safetensors"), self.model.state_dict(),
-                         self._meta("model", val))
+            with self._saving():
+                save_weights(os.path.join(self.out, f"{BEST}.safetensors"), self.model.state_dict(), self._meta(val))
 
     # ------------------------------------------------------------------------------------------- one step
-    def _loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's loss (0-d, fp32) and, for the detectors, its parts."""
         if self.cfg.task == "detect":
             images, targets, _ = batch
             x = [img.to(self.device, non_blocking=True).float().div_(255) for img in images]
             t = [{k: v.to(self.device, non_blocking=True) for k, v in tgt.items()} for tgt in targets]
             with autocast(self.device, self.amp_dtype):
                 parts = self.model(x, t)
-            loss = sum(v.float() for v in parts.values())
-            return loss, {k: v.item() for k, v in parts.items()}
+            parts = {k: v.float() for k, v in parts.items()}
+            return sum(parts.values()), parts
         images, labels, _, _ = batch
         x = images.to(self.device, non_blocking=True).float().div_(255)
         y = labels.to(self.device, non_blocking=True)
@@ -319,14 +370,12 @@ class DenseTrainer:
         loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE, reduction="sum")
         return loss / (y != IGNORE).sum().clamp_min(1), {}
 
-    def train_step(self, batch) -> tuple[float, dict[str, float], bool]:
-        """Forward, check the loss, backward, clip, step, schedule -> (loss, its parts, stop requested)."""
+    def train_step(self, batch) -> torch.Tensor:
+        """Forward, backward, clip, step, schedule -> ``[loss, *parts]``, a tensor on the device: nothing here
+        waits for the device; :meth:`_read_losses` reads the losses back (and checks them) every
+        ``--log-interval`` steps, at the end of the epoch and before any save."""
         loss, parts = self._loss(batch)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(self._nonfinite_message(value))
-        want_stop = bool(self.stop.signum) or (self.stop_after_steps is not None
-                                                and self.global_step + 1 >= self.stop_after_steps)
+        self._part_names = list(parts)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -342,16 +391,34 @@ class DenseTrainer:
             self.optimizer.step()
         self.global_step += 1
         self.scheduler.step_update(self.global_step)
-        return value, parts, want_stop
+        return torch.stack([loss.detach(), *(v.detach() for v in parts.values())])
 
-    def _nonfinite_message(self, value: float) -> str:
-        last = os.path.join(self.out, f"{LAST}.safetensors")
-        meta = read_meta(last) if os.path.isfile(last) else None
-        kept = (f"the last good checkpoint is {last} (global step {meta['global_step']})" if meta
-                else "no checkpoint had been written yet")
-        return (f"the training loss became {value} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}/"
-                f"{self.steps_per_epoch}; stopped before that step changed the weights, {kept}. Try a lower --lr, "
-                f"--clip-grad, or --amp off")
+    def _read_losses(self) -> None:
+        """Read the pending step losses back: into the epoch's sum and the log window; the first NaN / inf
+        raises :class:`NonFiniteLossError` (nothing of that step or later is saved)."""
+        rows = torch.stack(self._pending).tolist()
+        first = self.global_step - len(rows) + 1
+        self._pending = []
+        for i, row in enumerate(rows):
+            if not math.isfinite(row[0]):
+                raise NonFiniteLossError(self._nonfinite_message(row[0], first + i))
+            self.epoch_loss[0] += row[0]
+            self.epoch_loss[1] += 1
+            self._window.append(row)
+
+    def _check_weights(self) -> None:
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            raise NonFiniteLossError(
+                f"the weights became NaN or inf by global step {self.global_step} (the losses were finite); "
+                f"stopped without saving them, {self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and "
+                f"resume: vigla dense train --resume auto --out {self.out} --lr ...")
+
+    def _nonfinite_message(self, value: float, step: int) -> str:
+        epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
+        return (f"the training loss became {value} at epoch {epoch + 1}, step {in_epoch + 1}/{self.steps_per_epoch} "
+                f"(global step {step}); stopped without saving the weights of that step or later, {self._kept()}. "
+                f"Try a lower --lr, --clip-grad, or --amp off, and resume: vigla dense train --resume auto --out "
+                f"{self.out} --lr ...")
 
     def _oom_message(self, where: str) -> str:
         return (f"CUDA out of memory during {where} with --batch-size {self.cfg.batch_size} at --img-size "
@@ -360,6 +427,7 @@ class DenseTrainer:
 
     # ------------------------------------------------------------------------------------------- loop
     def run(self) -> int:
+        """Train to the end (0) or to a stop request (128 + signal); always ends with :meth:`close`."""
         self.stop.install()
         try:
             return self._run()
@@ -367,7 +435,27 @@ class DenseTrainer:
             raise OutOfMemory(self._oom_message("training")) from None
         finally:
             self.stop.restore()
-            self.log.close()
+            self.close()
+
+    def close(self) -> None:
+        """End the loader workers, flush the logs, release the run folder (removed when this run created it and
+        wrote nothing). Safe to call twice, and on a half-built trainer."""
+        failing = sys.exc_info()[0] is not None
+        for loader in self._loaders:
+            stop_workers(loader)
+        try:
+            if self.log is not None:
+                self.log.close()
+                self.log = None
+        except OutputError as e:
+            if not failing:
+                raise
+            print(f"warning: {e}", file=sys.stderr)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+                remove_empty_folders(self._created)
 
     def _run(self) -> int:
         self._write_run_files()
@@ -381,38 +469,47 @@ class DenseTrainer:
         return self._finish()
 
     def _train_epoch(self) -> bool:
+        """One epoch from ``step_in_epoch``; True when a stop was requested (the checkpoint is then saved)."""
         cfg, spe = self.cfg, self.steps_per_epoch
         self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.batch_size)
         self.model.train()
         bar = tqdm(total=spe, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        t0, n0, window = time.perf_counter(), self.step_in_epoch, []
-        for batch in self.train_loader:
-            if self.step_in_epoch >= spe:
-                break
-            self._count_unreadable(batch[-1], len(batch[1]) if batch[1] is not None else 0)
-            loss, parts, stop = self.train_step(batch)
-            self.step_in_epoch += 1
-            self.epoch_loss[0] += loss
-            self.epoch_loss[1] += 1
-            window.append(loss)
-            bar.update(1)
-            if self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == spe:
-                lr = self.optimizer.param_groups[0]["lr"]
-                ips = (self.step_in_epoch - n0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{np.mean(window):.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
-                self.log.log_step({"global_step": self.global_step, "epoch": self.epoch,
-                                   "epoch_progress": self.epoch + self.step_in_epoch / spe,
-                                   "loss": float(np.mean(window)), "lr": lr, **parts})
-                window = []
-            if stop:
-                bar.close()
-                self.save_checkpoint()
-                return True
-        bar.close()
+        t0, n0 = time.perf_counter(), self.step_in_epoch
+        self._window = []
+        with bar:  # closed on every way out, so that an error message comes after the bar
+            for batch in self.train_loader:
+                self._count_unreadable(batch[-1], len(batch[1]) if batch[1] is not None else 0)
+                self._pending.append(self.train_step(batch))
+                self.step_in_epoch += 1
+                bar.update(1)
+                stop = bool(self.stop.signum) or (self.stop_after_steps is not None
+                                                  and self.global_step >= self.stop_after_steps)
+                if stop or self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == spe:
+                    self._read_losses()
+                    self._log_steps(bar, t0, n0)
+                if stop:
+                    bar.close()
+                    self.save_checkpoint()
+                    return True
+            if self._pending:
+                self._read_losses()
         self.train_time = time.perf_counter() - t0
         self.train_ips = (self.step_in_epoch - n0) * cfg.batch_size / max(self.train_time, 1e-9)
         return False
+
+    def _log_steps(self, bar, t0: float, n0: int) -> None:
+        """The progress bar's numbers and a ``steps.csv`` row: the mean losses of the steps since the last row."""
+        if not self._window:
+            return
+        means = np.mean(self._window, axis=0).tolist()
+        lr = self.optimizer.param_groups[0]["lr"]
+        ips = (self.step_in_epoch - n0) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+        self.log.log_step({"global_step": self.global_step, "epoch": self.epoch,
+                           "epoch_progress": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+                           "loss": means[0], "lr": lr, **dict(zip(self._part_names, means[1:]))})
+        self._window = []
 
     def _count_unreadable(self, errors: list[str], kept: int) -> None:
         if not errors:
@@ -425,6 +522,7 @@ class DenseTrainer:
         self.skipped += len(errors)
 
     def evaluate(self) -> dict:
+        """The validation metrics of the current weights (:mod:`vigla.dense.evaluate`)."""
         try:
             if self.cfg.task == "detect":
                 return evaluate_detector(self.model, self.val_loader, self.val_split, self.device, self.amp_dtype,
@@ -435,11 +533,15 @@ class DenseTrainer:
             raise OutOfMemory(self._oom_message("evaluation")) from None
 
     def _end_epoch(self) -> None:
+        self._check_weights()  # before validating and saving them
         val = self.evaluate()
+        if val["unreadable"] and not self._val_warned:
+            _warn_unreadable(val, "validation")
+            self._val_warned = True
         key = main_metric(self.cfg.task)
         row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
-               **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float)) and v is not None},
+               **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
                "epoch_time_s": round(self.train_time, 2), "train_img_per_s": round(self.train_ips, 2),
                "unreadable_samples": self.skipped}
         self.epoch += 1
@@ -460,32 +562,37 @@ class DenseTrainer:
         return 128 + int(signum)
 
     def _finish(self) -> int:
+        """``results.json`` (the best validation metrics) and ``curves.png``."""
+        key = main_metric(self.cfg.task)
         best_path = os.path.join(self.out, f"{BEST}.safetensors")
         best_val = read_meta(best_path)["val"] if os.path.isfile(best_path) else None
         results = {"task": self.cfg.task, "detector": self.meta["detector"], "model": self.cfg.model,
                    "best": self.best, "best_val": best_val, "epochs": self.cfg.epochs,
-                   "global_step": self.global_step, "val_split": f"{len(self.val_set)} images of "
-                   f"{self.cfg.data}/val", "out": self.out}
-        write_json(results, Path(self.out) / "results.json")
+                   "global_step": self.global_step,
+                   "val_split": f"{len(self.val_set)} images of {self.cfg.data}/val", "out": self.out}
+        write_text(os.path.join(self.out, "results.json"), json.dumps(results, indent=2))
         self.log.flush()
-        plot_dense_curves(self.out, main_metric(self.cfg.task), f"{self.cfg.model} {self.cfg.task}")
-        key = main_metric(self.cfg.task)
+        plot_dense_curves(self.out, key, f"{self.cfg.model} {self.cfg.task}")
         print(f"best val {key} {self.best[key]:.2f} after epoch {self.best['epoch']}\n"
               f"wrote {self.out}/: {LAST}.safetensors, {BEST}.safetensors, metrics.csv, curves.png, results.json",
               flush=True)
         return 0
 
     def _write_run_files(self) -> None:
-        write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
+        """``run.json`` (``run-resume-<step>.json`` when resumed) and, for a new run, ``config.yaml`` (a resumed run
+        rewrites it with each checkpoint)."""
+        if self.resume_state is None:
+            write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
+        git = git_info()
         info = {"command": sys.argv, "device": torch.cuda.get_device_name(self.device)
                 if self.device.type == "cuda" else "cpu", "amp": str(self.amp_dtype), "n_params": self.n_params,
                 "lr_scaled": self.lr, "steps_per_epoch": self.steps_per_epoch, "workers": self.workers,
                 "train_images": len(self.train_set), "val_images": len(self.val_set), "classes": self.classes,
                 "torch": torch.__version__, "timm": timm.__version__, "vigla": _version(),
-                "python": platform.python_version(), "git": git_info(),
+                "python": platform.python_version(), "commit": git["commit"], "dirty": git["dirty"],
                 "resumed_from": self.resume_state, "resumed_at_step": self.global_step if self.resume_state else None}
         name = "run.json" if self.resume_state is None else f"run-resume-{self.global_step}.json"
-        write_json(info, Path(self.out) / name)
+        write_text(os.path.join(self.out, name), json.dumps(info, indent=2))
 
     def _print_header(self) -> None:
         cfg = self.cfg
@@ -532,8 +639,10 @@ def plot_dense_curves(out_dir: str, metric: str, title: str) -> str | None:
     fig.suptitle(title)
     fig.tight_layout()
     path = os.path.join(out_dir, "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

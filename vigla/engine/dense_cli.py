@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import RUN_ERRORS, UserError, exit_code
+from .errors import UserError, run_command
 
 EPILOG = """\
 examples:
@@ -65,28 +65,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="autocast: bf16 on CUDA by default, off on CPU")
     ev.add_argument("--workers", type=int, default=0, metavar="N", help="data loader processes")
     ev.add_argument("--out", metavar="FILE", help="also write the metrics as JSON here")
+    for p in (data, train, ev):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error instead of its one-line summary")
 
 
 def main(args: argparse.Namespace) -> int:
     actions = {"data": _data, "train": _train, "eval": _eval}
-    if getattr(args, "dense_command", None) not in actions:
+    action = getattr(args, "dense_command", None)
+    if action not in actions:
         print("vigla dense: choose an action: data, train or eval (vigla dense --help)", file=sys.stderr)
         return 2
-    try:
-        return actions[args.dense_command](args)
-    except RUN_ERRORS as e:
-        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr, flush=True)
-        return exit_code(e)
-    except KeyboardInterrupt:
-        print("aborted without saving", file=sys.stderr)
-        return 130
+    return run_command(f"dense {action}", actions[action], args)
 
 
 def _data(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vigla.bench.report import command_line
-    from vigla.dense.synth import ComposeSettings, imagenette_pool, make_dataset, split_sizes
+    from vigla.dense.synth import ComposeSettings, check_free, imagenette_pool, make_dataset, split_sizes
 
     try:
         settings = ComposeSettings(canvas=args.canvas, max_objects=args.max_objects, min_scale=args.min_scale,
@@ -95,6 +92,7 @@ def _data(args: argparse.Namespace) -> int:
         sizes = split_sizes(args.train, args.val)
     except ValueError as e:
         raise UserError(str(e)) from None
+    check_free(args.out, list(sizes))
     pools = {split: imagenette_pool(args.imagenette, split) for split in sizes}
     with tqdm(total=sum(sizes.values()), desc="canvases", mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
         counts = make_dataset(pools, args.out, sizes, settings, info={"command": command_line()},
@@ -105,6 +103,8 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import yaml
+
     from vigla.dense.config import FIELDS, resolve_config, saved_config
     from vigla.dense.train import DenseTrainer, resume_state_for
 
@@ -113,9 +113,18 @@ def _train(args: argparse.Namespace) -> int:
     if flags.get("resume"):
         state = resume_state_for(flags)
         path = os.path.join(os.path.dirname(state), "config.yaml")
-        saved = saved_config(open(path).read()) if os.path.isfile(path) else None
+        if os.path.isfile(path):
+            try:
+                saved = saved_config(open(path).read())
+            except (OSError, yaml.YAMLError) as e:
+                raise UserError(f"{path}: unreadable ({e}); repair it, or give the run's settings as flags") from None
+        print(f"resuming {state}" + (" with the settings of its config.yaml" if saved else ""), flush=True)
     cfg = resolve_config(flags, saved)
-    return DenseTrainer(cfg, resume_state=state).run()
+    try:
+        return DenseTrainer(cfg, resume_state=state).run()
+    except KeyboardInterrupt:
+        print("aborted without saving", file=sys.stderr)
+        return 130
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -129,6 +138,7 @@ def _eval(args: argparse.Namespace) -> int:
                                   collate_segmentation, require_pycocotools)
     from vigla.dense.evaluate import evaluate_detector, evaluate_segmenter
     from vigla.dense.train import load_dense
+    from vigla.engine.precision import amp_dtype
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
@@ -141,7 +151,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    amp = {"bf16": torch.bfloat16, "off": None, "auto": torch.bfloat16 if device.type == "cuda" else None}[args.amp]
+    amp = amp_dtype(args.amp, device)
     model.to(device)
     if meta["task"] == "detect":
         masks = meta["detector"] == "mask_rcnn"
