@@ -146,7 +146,7 @@ def _feature_channels(model: nn.Module) -> list[int]:
 
 
 class BackboneFPN(nn.Module):
-    """Trunk + torchvision FPN: ``[B, 3, H, W]`` (any ``H, W``) -> ``OrderedDict`` of
+    """Trunk + torchvision FPN: ``[B, 3, H, W]`` (any ``H, W``) -> ``OrderedDict`` of float32
     ``[B, out_channels, H' / s, W' / s]`` maps, keys ``"0", "1", ...`` for the trunk strides (``H', W'``:
     ``H, W`` padded to a multiple of the coarsest of them), then ``"pool"`` (stride 2x the last) or
     ``"p6", "p7"``. The interface torchvision's ``FasterRCNN``, ``MaskRCNN`` and ``RetinaNet`` take.
@@ -172,7 +172,10 @@ class BackboneFPN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         feats = self.trunk(pad_to_multiple(x, self.size_divisible))
-        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+        out = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+        # float32 maps: torchvision's detectors build their anchors in the maps' dtype, which under bf16 autocast
+        # would put box coordinates on a grid of 2 px at 256-512 px (8 bits of mantissa)
+        return OrderedDict((k, v.float()) for k, v in out.items())
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
