@@ -21,6 +21,7 @@ from vigla.dense.evaluate import segmentation_metrics
 from vigla.dense.synth import ComposeSettings, PhotoPool, imagenette_pool, write_split
 from vigla.dense.train import DenseTrainer
 from vigla.engine.checkpoint import load_weights
+from vigla.engine.errors import UserError
 from vigla.engine.outputs import OutputLock
 
 pytest.importorskip("pycocotools")
@@ -281,12 +282,15 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_weights(dataset, tmp_path):
     assert os.path.isfile(tmp_path / "run" / "last.state.pt")
     rc = cli.main(["dense", "train", "--resume", "auto", "--out", str(tmp_path / "run")])
     assert rc == 0
-    a, b = load_weights(str(tmp_path / "ref" / "last.safetensors")), load_weights(str(tmp_path / "run" / "last.safetensors"))
+    a = load_weights(str(tmp_path / "ref" / "last.safetensors"))
+    b = load_weights(str(tmp_path / "run" / "last.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
     rows = open(tmp_path / "run" / "metrics.csv").read().splitlines()
     assert len(rows) == 2 and "val_miou" in rows[0]
+    with pytest.raises(UserError, match="already holds a run"):
+        DenseTrainer(resolve_config(_flags(dataset, tmp_path / "ref", epochs=1)))
 
 
 def test_detection_run_and_eval_command(dataset, tmp_path, capsys):
