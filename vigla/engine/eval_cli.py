@@ -69,6 +69,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
     from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform
 
+    from .aux_branch import eval_switch_check
     from .cuda_graph import CudaGraphModel
     from .distributed import setup
     from .errors import OutOfMemory, UserError
@@ -114,6 +115,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                 f"{meta['model']} cannot run at {size}px: {str(e).splitlines()[0]}") from None
         if "error" not in result:
             result["img_per_s"] = result["images"] / (time.perf_counter() - start)
+        if not rows and "error" not in result:  # a Castling checkpoint saved with its auxiliary branch on
+            result.update(eval_switch_check(model, meta, loader, args, result))
         rows.append({"img_size": size, **result})
         _print_row(rows[-1], header=len(rows) == 1, title=f"{args.checkpoint} ({meta['model']}) on {data_name}, "
                    f"{len(source)} images, crop_pct {crop_pct}, {interpolation}, device {device}, amp {amp}")
