@@ -228,12 +228,13 @@ def castling_section(result: dict) -> list[str]:
                   [["img/s"] + [fmt(r["speed_ratio"], ".2f") for r in ratios],
                    ["peak memory"] + [fmt(r["memory_ratio"], ".2f") for r in ratios]])
     train = [r for r in rows if r.get("part") == "train"]
-    base = next((r["train"] for r in train if r["label"] == "deit"), {})
-    lines += [""] + table(["training at 224 (forward + backward)", "img/s", "peak MiB", "speed ÷ DeiT-T",
+    base = {r["img_size"]: r["train"] for r in train if r["label"] == "deit"}
+    lines += [""] + table(["training (forward + backward)", "size (batch)", "img/s", "peak MiB", "speed ÷ DeiT-T",
                            "memory ÷ DeiT-T"],
-                          [[r["label"], fmt(value(r, TRAIN)), fmt(value(r, TRAIN_MIB)),
-                            _over(value(r, TRAIN), base.get("img_per_s")),
-                            _over(value(r, TRAIN_MIB), base.get("peak_mib"))] for r in train])
+                          [[r["label"], f"{r['img_size']} ({r['batch_size']})", fmt(value(r, TRAIN)),
+                            fmt(value(r, TRAIN_MIB)),
+                            _over(value(r, TRAIN), base.get(r["img_size"], {}).get("img_per_s")),
+                            _over(value(r, TRAIN_MIB), base.get(r["img_size"], {}).get("peak_mib"))] for r in train])
     mixer = [r for r in rows if r.get("part") == "mixer"]
     lines += [""] + table(["mixer numerics vs float32", "tokens", "finite", "relative error"],
                           [[r["dtype"], str(r["tokens"]), str(r["finite"]), fmt(r["rel_err"], ".1e")] for r in mixer])
