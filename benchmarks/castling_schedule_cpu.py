@@ -35,8 +35,8 @@ from vigla.bench.report import envelope, write_json  # noqa: E402
 from vigla.data.fmnist import DEFAULT_FMNIST_DIR, load_fashion_mnist  # noqa: E402
 from vigla.models.castling import CastlingVisionTransformer, evaluate_aux_switch  # noqa: E402
 
-SCHEDULES = ["none", "official", "official,aux_off=0.8", "lambda=0.01,aux_off=0.8", "lambda=0.1,aux_off=0.8",
-             "lambda=1,aux_off=0.8", "lambda=0.1,aux_off=0.9"]
+SCHEDULES = ["official", "none", "official,aux_off=0.8", "lambda=0.1,aux_off=0.8", "lambda=1,aux_off=0.8",
+             "lambda=1,aux_off=0.9"]
 MODEL = dict(img_size=28, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=2, num_classes=10,
              qkv_bias=True)
 MEAN, STD = 0.286, 0.353
