@@ -69,7 +69,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
     from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform
 
-    from .aux_branch import eval_switch_check
     from .cuda_graph import CudaGraphModel
     from .distributed import setup
     from .errors import OutOfMemory, UserError
@@ -116,6 +115,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         if "error" not in result:
             result["img_per_s"] = result["images"] / (time.perf_counter() - start)
         if not rows and "error" not in result:  # a Castling checkpoint saved with its auxiliary branch on
+            from .aux_branch import eval_switch_check
             result.update(eval_switch_check(model, meta, loader, args, result))
         rows.append({"img_size": size, **result})
         _print_row(rows[-1], header=len(rows) == 1, title=f"{args.checkpoint} ({meta['model']}) on {data_name}, "
