@@ -200,6 +200,21 @@ def test_blockwise_masked_softmax_dtypes_and_input_checks():
         masked_softmax_aux(q, k[:, :, :5], v, 0.02)
 
 
+def test_blockwise_masked_softmax_traces_whole_under_torch_compile(one_thread):
+    """torch.compile (the compile suite trains Castling with the branch on) captures the autograd.Function in one
+    graph, forward and backward, with the eager results."""
+    def branch(q, k, v):
+        aux = masked_softmax_aux(q, k, v, 0.02, block_size=16)
+        return aux.sv.square().sum() + aux.row_mass.sum() + aux.density
+
+    q, k, v = (3 * torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(3))
+    eager = branch(q, k, v)
+    compiled = torch.compile(branch, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert compiled.item() == eager.item()
+    for got, want in zip(torch.autograd.grad(compiled, (q, k, v)), torch.autograd.grad(eager, (q, k, v))):
+        assert torch.equal(got, want)
+
+
 _AUX_MEMORY_SCRIPT = textwrap.dedent("""
     import json, re, sys, torch
     from vigla.ops.linear_angular import masked_softmax_aux, masked_softmax_aux_quadratic
