@@ -244,7 +244,7 @@ def imagenette_row(r: dict, result: dict) -> str:
     stopped = " (stopped)" if r.get("train", {}).get("stopped") else ""
     return (f"| {r['model']} | {r.get('epochs_done', '-')}{stopped} | {at_txt} | {after_txt} | "
             f"{_pct(end['top1_off']) if end else '-'} | {_pct(r['best']['top1'])} | {ev} | "
-            f"{result['git']['commit']}, {result['environment'].get('device', '?')} |")
+            f"{str(result['git']['commit'])[:7]}, {result['environment'].get('device', '?')} |")
 
 
 def imagenette_table(out: Path) -> str:
