@@ -650,7 +650,7 @@ def test_gpu_benchmark_imagenette_part_smoke_on_cpu(tmp_path):
 
 # ---- the schedule's presets and specs ----------------------------------------------------------------
 def test_schedule_presets_and_specs():
-    from vigla.models.castling import OFFICIAL_SCHEDULE, PAPER_SCHEDULE, parse_aux_schedule
+    from vigla.models.castling import OFFICIAL_SCHEDULE, PAPER_SCHEDULE, format_aux_schedule, parse_aux_schedule
 
     assert _small().aux_schedule == PAPER_SCHEDULE  # castling models follow the paper by default
     assert PAPER_SCHEDULE.lambda_max > 0 and PAPER_SCHEDULE.aux_off is not None and PAPER_SCHEDULE.aux_off < 1
@@ -660,6 +660,8 @@ def test_schedule_presets_and_specs():
     assert parse_aux_schedule("paper, aux_off=0.9") == AuxSchedule(PAPER_SCHEDULE.lambda_max, 0.02, None, 0.9)
     assert parse_aux_schedule("lambda=0.05,eps_end=0.04") == AuxSchedule(0.05, 0.02, 0.04, PAPER_SCHEDULE.aux_off)
     assert parse_aux_schedule("official,aux_off=none,lambda=0") == OFFICIAL_SCHEDULE
+    for schedule in (PAPER_SCHEDULE, OFFICIAL_SCHEDULE, AuxSchedule(0.123456789, 1 / 3, 0.05, 0.7)):
+        assert parse_aux_schedule(format_aux_schedule(schedule)) == schedule
     for bad, match in (("bogus", "unknown Castling schedule 'bogus'"), ("paper,lambda", "expected key=value"),
                        ("lambda", "or key=value items"),
                        ("paper,official", "preset name may only come first"), ("eps=abc", "not a number"),

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from vigla.models.castling import CastlingVisionTransformer, aux_forced, parse_aux_schedule
+from vigla.models.castling import CastlingVisionTransformer, aux_forced, format_aux_schedule, parse_aux_schedule
 
 from . import distributed as dist_utils
 from .errors import UserError
@@ -31,14 +31,6 @@ COLUMNS = ("val_top1_aux_on", "val_top1_aux_off", "val_aux_gap", "val_aux_mask_d
 
 def _is_castling_name(name: str) -> bool:
     return name.startswith("castling_")
-
-
-def format_schedule(fields: dict) -> str:
-    """An ``aux_schedule`` dict as the ``--castling-schedule`` spec that gives it back exactly."""
-    def text(value):
-        return "none" if value is None else f"{value:g}"
-    return (f"lambda={text(fields['lambda_max'])},eps={text(fields['eps'])},eps_end={text(fields['eps_end'])},"
-            f"aux_off={text(fields['aux_off'])}")
 
 
 def castling_model_args(cfg) -> dict:
@@ -60,9 +52,8 @@ def castling_model_args(cfg) -> dict:
         schedule = parse_aux_schedule("paper" if spec is None else spec)
     except ValueError as e:
         raise UserError(f"--castling-schedule {spec!r}: {e}") from None
-    fields = dataclasses.asdict(schedule)
-    cfg.castling_schedule = format_schedule(fields)
-    return {"aux_schedule": fields}
+    cfg.castling_schedule = format_aux_schedule(schedule)
+    return {"aux_schedule": dataclasses.asdict(schedule)}
 
 
 def checkpoint_record(model: torch.nn.Module) -> dict:

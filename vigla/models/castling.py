@@ -42,6 +42,7 @@ __all__ = [
     "OFFICIAL_SCHEDULE",
     "PAPER_SCHEDULE",
     "parse_aux_schedule",
+    "format_aux_schedule",
     "CastlingVisionTransformer",
     "checkpoint_filter_fn",
     "load_deit_weights",
@@ -138,6 +139,14 @@ def parse_aux_schedule(spec: str) -> AuxSchedule:
         except ValueError:
             raise ValueError(f"bad Castling schedule item {item!r}: {text!r} is not a number") from None
     return dataclasses.replace(base, **values)
+
+
+def format_aux_schedule(schedule: AuxSchedule) -> str:
+    """The spec of every field of ``schedule``, which :func:`parse_aux_schedule` reads back exactly."""
+    def text(value: Optional[float]) -> str:
+        return "none" if value is None else repr(float(value))
+    return (f"lambda={text(schedule.lambda_max)},eps={text(schedule.eps)},eps_end={text(schedule.eps_end)},"
+            f"aux_off={text(schedule.aux_off)}")
 
 
 def _mixer_class(**config: Any) -> type:
