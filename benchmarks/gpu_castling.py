@@ -19,9 +19,10 @@ and both trained on Imagenette with the same recipe.
 4. ``imagenette``: ``vigla train`` of ``--model`` on Imagenette (the recipe preset, ``--epochs`` at 224, the
    model's default schedule for Castling, i.e. the paper's) then ``vigla eval`` of its best checkpoint at 1x, 2x
    and 4x (benchmarks/gpu_train.py's ``train_and_eval``); a run that outlives ``--slot`` is stopped and marked.
-   Writes ``OUT/NAME.json`` with the per-epoch metrics, then ``OUT/NAME.md``, the table of every
-   ``castling_imagenette_*.json`` in OUT: validation top-1 with the branch on and off at the last validation
-   before the switch, at the first one after it, and at the end, beside DeiT-T's.
+   Writes ``OUT/NAME.json`` with the per-epoch metrics, then ``OUT/NAME.md``, the table of both runs'
+   JSON found in OUT (``castling_imagenette_castling``, ``castling_imagenette_deit``; the table
+   ``python -m benchmarks summarize`` puts in docs/performance.md): validation top-1 with the branch on and off
+   at the last validation before the switch, at the first one after it, and at the end, beside DeiT-T's.
 
 Out-of-memory rows are recorded as ``"status": "oom"`` and the run goes on. ``--device cpu --quick`` is a tiny
 smoke run of the same code (the test suite runs it). The JSON is the results envelope of
@@ -44,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import timm  # noqa: E402
 
+from benchmarks.summarize import CASTLING_IMAGENETTE, castling_imagenette_section  # noqa: E402
 import vigla  # noqa: E402,F401  (registers castling_deit_tiny)
 from vigla.bench.measure import MemoryMeter, free_memory, guarded, measure_inference, measure_train  # noqa: E402
 from vigla.bench.report import envelope, write_json  # noqa: E402
@@ -227,35 +229,11 @@ def imagenette(args) -> list[dict]:
     return [row]
 
 
-def _pct(value) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
-
-
-def imagenette_row(r: dict, result: dict) -> str:
-    """One markdown row of :func:`imagenette_table`."""
-    if "best" not in r:
-        return f"| {r['model']} | - | - | - | - | - | - | {r.get('error', '?')} |"
-    sw = r.get("switch", {})
-    at, after, end = sw.get("switch"), sw.get("after_switch"), sw.get("end")
-    at_txt = (f"{_pct(at['top1_on'])} / {_pct(at['top1_off'])} (epoch {at['epoch']}, density "
-              f"{at['mask_density']:.2g})" if at else "-")
-    after_txt = f"{_pct(after['top1_off'])} (epoch {after['epoch']})" if after else "-"
-    ev = " / ".join(_pct(e.get("top1")) for e in r.get("eval", [])) or "-"
-    stopped = " (stopped)" if r.get("train", {}).get("stopped") else ""
-    return (f"| {r['model']} | {r.get('epochs_done', '-')}{stopped} | {at_txt} | {after_txt} | "
-            f"{_pct(end['top1_off']) if end else '-'} | {_pct(r['best']['top1'])} | {ev} | "
-            f"{str(result['git']['commit'])[:7]}, {result['environment'].get('device', '?')} |")
-
-
 def imagenette_table(out: Path) -> str:
-    """Markdown: every ``castling_imagenette_*.json`` in ``out``, one row per training run (top-1 in %)."""
-    lines = ["| model | epochs | val top-1 branch on / off, last validation before the switch | off, first after "
-             "the switch | off, end | best val | vigla eval @1x / 2x / 4x | commit, device |",
-             "|---|---|---|---|---|---|---|---|"]
-    for path in sorted(out.glob("castling_imagenette_*.json")):
-        result = json.loads(path.read_text())
-        lines += [imagenette_row(r, result) for r in result["rows"] if r.get("part") == "imagenette"]
-    return "\n".join(lines) + "\n"
+    """Markdown: the Imagenette runs whose JSON is in ``out`` (the table of docs/performance.md)."""
+    found = [(stem, json.loads((out / f"{stem}.json").read_text())) for stem in CASTLING_IMAGENETTE
+             if (out / f"{stem}.json").exists()]
+    return "\n".join(castling_imagenette_section(found)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -241,6 +241,37 @@ def castling_section(result: dict) -> list[str]:
     return lines
 
 
+CASTLING_IMAGENETTE = ("castling_imagenette_castling", "castling_imagenette_deit")
+
+
+def castling_imagenette_section(results: list[tuple[str, dict]]) -> list[str]:
+    """Castling-DeiT-T and DeiT-T trained on Imagenette (``(stem, result)`` of benchmarks/gpu_castling.py
+    ``--parts imagenette``): the sources, then validation top-1 with the auxiliary branch on and off at the last
+    validation before the switch, at the first one after it, and at the end (off: as inference runs)."""
+    def pct(v) -> str:
+        return "-" if v is None or v != v else f"{v:.2f}"
+
+    rows = []
+    for _, result in results:
+        for r in (r for r in result["rows"] if r.get("part") == "imagenette"):
+            if "best" not in r:
+                rows.append([r["model"], "-", "-", "-", "-", "-", r.get("error", "?")])
+                continue
+            sw = r.get("switch", {})
+            at, after, end = sw.get("switch"), sw.get("after_switch"), sw.get("end")
+            stopped = " (stopped)" if r.get("train", {}).get("stopped") else ""
+            rows.append([r["model"], f"{r.get('epochs_done', '-')}{stopped}",
+                         f"{pct(at['top1_on'])} / {pct(at['top1_off'])} (epoch {at['epoch']}, density "
+                         f"{at['mask_density']:.2g})" if at else "-",
+                         f"{pct(after['top1_off'])} (epoch {after['epoch']})" if after else "-",
+                         pct(end["top1_off"]) if end else "-", pct(r["best"]["top1"]),
+                         " / ".join(pct(e.get("top1")) for e in r.get("eval", [])) or "-"])
+    return ([", ".join(source(stem, result) for stem, result in results) + ". Top-1 (%) on the validation set; "
+             "\"off\": the auxiliary branch dropped, as inference runs.", ""]
+            + table(["model", "epochs", "branch on / off, last validation before the switch",
+                     "off, first validation after it", "off, end", "best", "vigla eval @1x / 2x / 4x"], rows))
+
+
 def _over(a, b) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}"
 
@@ -331,6 +362,9 @@ def performance(res: Results) -> str:
         out += ["", "## Castling-DeiT-T ÷ DeiT-T", "",
                 f"{source('castling_vs_deit_tiny', res('castling_vs_deit_tiny'))}; see [castling.md](castling.md).",
                 ""] + castling_section(res("castling_vs_deit_tiny"))
+    inette = [(stem, res(stem)) for stem in CASTLING_IMAGENETTE if res(stem)]
+    if inette:
+        out += ["", "## Castling-DeiT-T and DeiT-T on Imagenette", ""] + castling_imagenette_section(inette)
     if res("cpu_vig_t_224") or res("cpu_default_train"):
         out += ["", "## On a CPU", ""]
         if res("cpu_vig_t_224"):

@@ -643,9 +643,10 @@ def test_gpu_benchmark_imagenette_part_smoke_on_cpu(tmp_path):
     switch = row["switch"]  # 6 steps, off after 3: on in epoch 1, off in epoch 2
     assert switch["switch"]["epoch"] == 1 and switch["after_switch"]["epoch"] == 2 and switch["end"]["epoch"] == 2
     assert switch["switch"]["top1_on"] == pytest.approx(float(row["epochs"][0]["val_top1_aux_on"]))
-    table = (out / "castling_imagenette_deit.md").read_text().splitlines()
-    assert len(table) == 4 and table[2].startswith("| castling_deit_tiny | 2 | ") and "(epoch 1, density" in table[2]
-    assert table[3].startswith("| deit_tiny_patch16_224 | 2 | - | - | ")
+    page = (out / "castling_imagenette_deit.md").read_text().splitlines()
+    assert page[0].startswith("`castling_imagenette_castling.json` (") and "`castling_imagenette_deit.json`" in page[0]
+    assert len(page) == 6 and page[4].startswith("| castling_deit_tiny | 2 | ") and "(epoch 1, density" in page[4]
+    assert page[5].startswith("| deit_tiny_patch16_224 | 2 | - | - | ")
 
 
 # ---- the schedule's presets and specs ----------------------------------------------------------------
