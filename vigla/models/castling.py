@@ -15,7 +15,12 @@ hooks the training engine calls when present:
 * ``set_aux_progress(p)``: training progress ``p ∈ [0, 1]`` drives :class:`AuxSchedule` (λ and ε ramps, and the
   ``aux_off`` point after which the branch is off);
 * ``aux_loss()``: the summed L1 regulariser of the last training forward (0-dim zero when off);
-* ``aux_stats()``: per-layer mask density, row mass, kept mass and switch certificate, plus aggregates.
+* ``aux_stats()``: per-layer mask density, row mass, kept mass and switch certificate, plus aggregates;
+* ``aux_state()``: whether the branch ran in the last training step, the progress and the schedule (what a
+  checkpoint records).
+
+The schedule defaults to :data:`PAPER_SCHEDULE` (the regulariser ramped, the branch off for the end of training,
+as the paper's abstract describes); :data:`OFFICIAL_SCHEDULE` is the released code's behaviour.
 
 Evaluation helpers: :func:`probe_aux` (the statistics on a held-out batch, in eval mode) and
 :func:`evaluate_aux_switch` (top-1 with the branch on vs off over a loader).
