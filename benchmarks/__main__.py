@@ -39,12 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--smoke", action="store_true",
                            help="tiny sizes on the CPU: checks the code path (not a result for the record: "
                                 "without --out its files go to a temporary folder)")
-        if s.name == "train":
+        if s.name in ("train", "castling"):
             p.add_argument("--imagenette", type=Path, default=None,
                            help="Imagenette: an ImageFolder root (train/, val/) or the folder of its tar "
                                 "shards (default: shared/data/imagenette2-224 when present)")
             p.add_argument("--train-shards", type=int, default=1, choices=[1, 2, 3],
                            help="with the tar shards: how many train shards to unpack")
+        if s.name == "train":
             p.add_argument("--fmnist-dir", type=Path, default=None,
                            help="Fashion-MNIST's four .gz files (default: /usr/share/datasets/fashion-mnist "
                                 "when present)")
@@ -94,6 +95,10 @@ def run_suite(args) -> int:
                   + (" (in parallel)" if step.parallel else ""))
             print(runner.shown(step.argv) + (" &" if step.parallel else ""))
         return 0
+    if suite.name == "castling" and any(p.startswith("imagenette") for p in args.parts or suite.parts) \
+            and train_data(opts)[0] is None:
+        raise runner.RunError("castling: the imagenette parts need Imagenette: give --imagenette DIR (ImageFolder "
+                              "root or its tar shards), or run only vs_deit_tiny")
     if sha is None and not opts.smoke:
         raise runner.RunError("the commit is unknown here (no usable .git): set VIGLA_COMMIT=<commit> "
                               "(git rev-parse --short HEAD in your checkout)")

@@ -203,13 +203,8 @@ def _train(opts: Options) -> list[Step]:
     steps, args = [], []
     inette, fmnist = train_data(opts)
     if inette is not None:
-        if sorted(inette.glob("*.tar")):  # the shards: unpack val and the first --train-shards
-            dest = opts.tmp / "imagenette"
-            tars = " ".join(shlex.quote(str(inette / f"train-{i}.tar")) for i in range(1, opts.train_shards + 1))
-            script = (f"mkdir -p {shlex.quote(str(dest))} && for t in {shlex.quote(str(inette / 'val.tar'))} "
-                      f"{tars}; do tar -xf $t -C {shlex.quote(str(dest))}; done")
-            steps.append(Step("train_unpack", ["sh", "-c", script], 120, log=opts.tmp / "train_unpack.log"))
-            inette = dest
+        unpack, inette = _imagenette_folder(inette, opts)
+        steps += unpack
         args += ["--imagenette", str(inette)]
     if fmnist is not None:
         args += ["--fmnist-dir", str(fmnist)]
@@ -217,6 +212,18 @@ def _train(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/gpu_train.py", *args, "--out", str(opts.out), "--name", name,
             "--runs", str(opts.tmp / "train_runs"), *opts.extra]
     return steps + [Step(name, argv, 570, [f"{name}.json", f"{name}.md"])]
+
+
+def _imagenette_folder(inette: Path, opts: Options) -> tuple[list[Step], Path]:
+    """The step that unpacks the tar shards (val and the first ``--train-shards``) into a folder, if
+    ``inette`` holds shards, and the ImageFolder root to train on."""
+    if not sorted(inette.glob("*.tar")):
+        return [], inette
+    dest = opts.tmp / "imagenette"
+    tars = " ".join(shlex.quote(str(inette / f"train-{i}.tar")) for i in range(1, opts.train_shards + 1))
+    script = (f"mkdir -p {shlex.quote(str(dest))} && for t in {shlex.quote(str(inette / 'val.tar'))} "
+              f"{tars}; do tar -xf $t -C {shlex.quote(str(dest))}; done")
+    return [Step("train_unpack", ["sh", "-c", script], 120, log=opts.tmp / "train_unpack.log")], dest
 
 
 def train_data(opts: Options) -> tuple[Path | None, Path | None]:
@@ -230,7 +237,23 @@ def train_data(opts: Options) -> tuple[Path | None, Path | None]:
 def _castling(opts: Options) -> list[Step]:
     name = "castling_vs_deit_tiny"
     argv = [PY, "benchmarks/gpu_castling.py", "--out", str(opts.out), "--name", name]
-    return [Step(name, argv + (["--device", "cpu", "--quick"] if opts.smoke else []), 300, [f"{name}.json"])]
+    return [Step(name, argv + (["--device", "cpu", "--quick"] if opts.smoke else []), 480, [f"{name}.json"])]
+
+
+def _castling_imagenette(model: str) -> Callable[[Options], list[Step]]:
+    """One Imagenette training run of ``model`` (benchmarks/gpu_castling.py --parts imagenette, the same recipe
+    for both models): ``castling_imagenette_<castling|deit>.json``, and ``.md``, the table of every such JSON in
+    the output folder. Imagenette: ``--imagenette`` or shared/data (its tar shards are unpacked first)."""
+    def steps(opts: Options) -> list[Step]:
+        name = f"castling_imagenette_{model.split('_')[0]}"
+        unpack, inette = _imagenette_folder(train_data(opts)[0] or IMAGENETTE, opts)
+        argv = [PY, "benchmarks/gpu_castling.py", "--parts", "imagenette", "--imagenette", str(inette), "--model",
+                model, "--out", str(opts.out), "--name", name, "--runs", str(opts.tmp / "castling_runs")]
+        if opts.smoke:
+            argv += ["--device", "cpu", "--epochs", "2", "--warmup-epochs", "0", "--img", "32", "--batch", "4",
+                     "--workers", "0", "--slot", "300", "--extra", "--train-subset", "8", "--val-subset", "8"]
+        return unpack + [Step(name, argv, 470, [f"{name}.json", f"{name}.md"])]
+    return steps
 
 
 # ------------------------------------------------------------------------------------- cpu, flops
@@ -335,8 +358,14 @@ SUITES = {s.name: s for s in [
     Suite("train", "ViG-T vs DeiT-T trained with the same recipe and budget, evaluated at 1x, 2x and 4x the "
           "training size", "cuda", {"compare": ("Imagenette and/or Fashion-MNIST", _train)},
           extra="benchmarks/gpu_train.py"),
-    Suite("castling", "Castling-DeiT-T vs DeiT-T: speed, memory, the auxiliary branch's cost, numerics",
-          "cuda", {"vs_deit_tiny": ("inference at 224-2048, training at 224, mixer numerics", _castling)},
+    Suite("castling", "Castling-DeiT-T vs DeiT-T: speed, memory, the auxiliary branch's cost, numerics; both "
+          "trained on Imagenette with the same recipe", "cuda",
+          {"vs_deit_tiny": ("inference at 224-2048, training at 224/512/1024 (branch off, on, on through the "
+                            "[N, N] op), mixer numerics", _castling),
+           "imagenette_castling": ("Castling-DeiT-T on Imagenette, the paper's schedule: top-1 with the branch on "
+                                   "and off at the switch, after it, at the end", _castling_imagenette(
+                                       "castling_deit_tiny")),
+           "imagenette_deit": ("DeiT-T on Imagenette, the same recipe", _castling_imagenette("deit_tiny_patch16_224"))},
           smoke=True),
     Suite("cpu", "this CPU: ViG-T vs DeiT-T at 224 and the default run (`vigla train`) timed", "cpu",
           {"models": ("vigla bench at 224, batch 8, with training steps", _cpu_models),

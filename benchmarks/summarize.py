@@ -229,16 +229,48 @@ def castling_section(result: dict) -> list[str]:
                   [["img/s"] + [fmt(r["speed_ratio"], ".2f") for r in ratios],
                    ["peak memory"] + [fmt(r["memory_ratio"], ".2f") for r in ratios]])
     train = [r for r in rows if r.get("part") == "train"]
-    base = next((r["train"] for r in train if r["label"] == "deit"), {})
-    lines += [""] + table(["training at 224 (forward + backward)", "img/s", "peak MiB", "speed ÷ DeiT-T",
+    base = {r["img_size"]: r["train"] for r in train if r["label"] == "deit"}
+    lines += [""] + table(["training (forward + backward)", "size (batch)", "img/s", "peak MiB", "speed ÷ DeiT-T",
                            "memory ÷ DeiT-T"],
-                          [[r["label"], fmt(value(r, TRAIN)), fmt(value(r, TRAIN_MIB)),
-                            _over(value(r, TRAIN), base.get("img_per_s")),
-                            _over(value(r, TRAIN_MIB), base.get("peak_mib"))] for r in train])
+                          [[r["label"], f"{r['img_size']} ({r['batch_size']})", fmt(value(r, TRAIN)),
+                            fmt(value(r, TRAIN_MIB)),
+                            _over(value(r, TRAIN), base.get(r["img_size"], {}).get("img_per_s")),
+                            _over(value(r, TRAIN_MIB), base.get(r["img_size"], {}).get("peak_mib"))] for r in train])
     mixer = [r for r in rows if r.get("part") == "mixer"]
     lines += [""] + table(["mixer numerics vs float32", "tokens", "finite", "relative error"],
                           [[r["dtype"], str(r["tokens"]), str(r["finite"]), fmt(r["rel_err"], ".1e")] for r in mixer])
     return lines
+
+
+CASTLING_IMAGENETTE = ("castling_imagenette_castling", "castling_imagenette_deit")
+
+
+def castling_imagenette_section(results: list[tuple[str, dict]]) -> list[str]:
+    """Castling-DeiT-T and DeiT-T trained on Imagenette (``(stem, result)`` of benchmarks/gpu_castling.py
+    ``--parts imagenette``): the sources, then validation top-1 with the auxiliary branch on and off at the last
+    validation before the switch, at the first one after it, and at the end (off: as inference runs)."""
+    def pct(v) -> str:
+        return "-" if v is None or v != v else f"{v:.2f}"
+
+    rows = []
+    for _, result in results:
+        for r in (r for r in result["rows"] if r.get("part") == "imagenette"):
+            if "best" not in r:
+                rows.append([r["model"], "-", "-", "-", "-", "-", r.get("error", "?")])
+                continue
+            sw = r.get("switch", {})
+            at, after, end = sw.get("switch"), sw.get("after_switch"), sw.get("end")
+            stopped = " (stopped)" if r.get("train", {}).get("stopped") else ""
+            rows.append([r["model"], f"{r.get('epochs_done', '-')}{stopped}",
+                         f"{pct(at['top1_on'])} / {pct(at['top1_off'])} (epoch {at['epoch']}, density "
+                         f"{at['mask_density']:.2g})" if at else "-",
+                         f"{pct(after['top1_off'])} (epoch {after['epoch']})" if after else "-",
+                         pct(end["top1_off"]) if end else "-", pct(r["best"]["top1"]),
+                         " / ".join(pct(e.get("top1")) for e in r.get("eval", [])) or "-"])
+    return ([", ".join(source(stem, result) for stem, result in results) + ". Top-1 (%) on the validation set; "
+             "\"off\": the auxiliary branch dropped, as inference runs.", ""]
+            + table(["model", "epochs", "branch on / off, last validation before the switch",
+                     "off, first validation after it", "off, end", "best", "vigla eval @1x / 2x / 4x"], rows))
 
 
 def _over(a, b) -> str:
@@ -331,6 +363,9 @@ def performance(res: Results) -> str:
         out += ["", "## Castling-DeiT-T ÷ DeiT-T", "",
                 f"{source('castling_vs_deit_tiny', res('castling_vs_deit_tiny'))}; see [castling.md](castling.md).",
                 ""] + castling_section(res("castling_vs_deit_tiny"))
+    inette = [(stem, res(stem)) for stem in CASTLING_IMAGENETTE if res(stem)]
+    if inette:
+        out += ["", "## Castling-DeiT-T and DeiT-T on Imagenette", ""] + castling_imagenette_section(inette)
     if res("cpu_vig_t_224") or res("cpu_default_train"):
         out += ["", "## On a CPU", ""]
         if res("cpu_vig_t_224"):

@@ -1,4 +1,5 @@
-"""Castling-ViT: linear-angular kernel, mixer, auxiliary branch, models (spec castling.md §1, §2, §5)."""
+"""Castling-ViT (You et al., CVPR 2023): linear-angular kernel, mixer, auxiliary branch and its blockwise op, models,
+the branch's schedule in vigla train, and the switch guard of vigla eval / vigla export."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import register_model
 from torch.utils.data import DataLoader, TensorDataset
 
 import vigla  # noqa: F401  (registers the models)
@@ -29,6 +31,7 @@ from vigla.ops.linear_angular import (
     linear_angular_z,
     linear_angular_z_quadratic,
     masked_softmax_aux,
+    masked_softmax_aux_quadratic,
     normalize_heads,
     switch_certificate,
 )
@@ -63,7 +66,7 @@ def test_angular_kernel_linear_part_plus_arcsin_series_float64():
         a_n = math.exp(math.lgamma(2 * n + 1) - n * math.log(4) - 2 * math.lgamma(n + 1)) / (2 * n + 1)
         series += a_n * c ** (2 * n + 1)
     torch.testing.assert_close(residual, series / math.pi, rtol=0, atol=1e-13)
-    # the spec's checkpoints: a_1 = 1/6, |R| <= 1/2 - 1/pi, reached at c = ±1, R(0.3) ~ 0.0015
+    # the series' checkpoints: a_1 = 1/6, |R| <= 1/2 - 1/pi, reached at c = ±1, R(0.3) ~ 0.0015
     ends = torch.tensor([-1 + 1e-7, 1 - 1e-7], dtype=torch.float64)
     r_ends = 1 - torch.arccos(ends) / math.pi - (0.5 + ends / math.pi)
     # arccos(1 - t) ~ sqrt(2t): the clamp at 1e-7 costs ~1.4e-4
@@ -130,7 +133,7 @@ def test_masked_softmax_branch_and_certificate_bound():
 
 
 def test_masked_softmax_gradient_flows_only_through_kept_entries():
-    q, k, v = _qkv(b=1, h=2, n=16, d=8)
+    q, k, v = _qkv(b=1, h=2, n=16, d=8, dtype=torch.float64)
     q, k = (3 * t for t in (q, k))
     qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
     masked_softmax_aux(qg, kg, v, threshold=0.05).sv.square().sum().backward()
@@ -147,6 +150,110 @@ def test_masked_softmax_gradient_flows_only_through_kept_entries():
     assert aux0.density.item() == 0 and (aux0.sv == 0).all()
     aux0.sv.sum().backward()
     assert (q0.grad == 0).all()
+
+
+@pytest.mark.parametrize("shape,block", [((2, 3, 37, 8, 5), 7), ((1, 2, 50, 16, 16), 256), ((2, 1, 33, 4, 6), 1),
+                                         ((1, 2, 64, 8, 8), 16)])
+@pytest.mark.parametrize("mask", ["partial", "empty", "full"])
+def test_blockwise_masked_softmax_matches_quadratic_float64(shape, block, mask):
+    """Outputs and gradients (through both S·V and the row mass) of the blockwise op against the [N, N]
+    reference, float64, N not a multiple of the block (and N < block, block = 1); masks partial, empty
+    (threshold above every P) and full (threshold below 0)."""
+    b, h, n, d, dv = shape
+    gen = torch.Generator().manual_seed(n * block)
+    q, k = (3.0 * torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(b, h, n, dv, generator=gen, dtype=torch.float64)
+    threshold = {"partial": 0.05, "empty": 1.0, "full": -1.0}[mask]
+    grads_out = (torch.randn(b, h, n, dv, generator=gen, dtype=torch.float64),
+                 torch.randn(b, h, n, generator=gen, dtype=torch.float64))
+    results = []
+    for fn, kw in ((masked_softmax_aux, dict(block_size=block)), (masked_softmax_aux_quadratic, {})):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        aux = fn(*leaves, threshold, **kw)
+        loss = (aux.sv * grads_out[0]).sum() + (aux.row_mass * grads_out[1]).sum()
+        results.append((aux, torch.autograd.grad(loss, leaves)))
+    (blk, blk_grads), (ref, ref_grads) = results
+    expected_density = {"empty": 0.0, "full": 1.0}.get(mask)
+    assert blk.density.item() == ref.density.item()
+    if expected_density is not None:
+        assert blk.density.item() == expected_density
+    else:
+        assert 0 < blk.density.item() < 1
+    torch.testing.assert_close(blk.sv, ref.sv, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blk.row_mass, ref.row_mass, rtol=1e-12, atol=1e-12)
+    for got, want in zip(blk_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if mask == "empty":
+        assert (blk.sv == 0).all() and all((g == 0).all() for g in blk_grads)
+
+
+def test_blockwise_masked_softmax_dtypes_and_input_checks():
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(n=40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        aux = masked_softmax_aux(3 * q, 3 * k, v, 0.02, block_size=16)
+    ref = masked_softmax_aux_quadratic((3 * q).double(), (3 * k).double(), v.double(), 0.02)
+    assert aux.sv.dtype == aux.row_mass.dtype == torch.float32  # computed in fp32 whatever the input
+    assert _rel(aux.sv, ref.sv) < 1e-5
+    with pytest.raises(ValueError, match="block_size"):
+        masked_softmax_aux(q, k, v, 0.02, block_size=0)
+    with pytest.raises(ValueError, match="same B, H, N"):
+        masked_softmax_aux(q, k[:, :, :5], v, 0.02)
+
+
+def test_blockwise_masked_softmax_traces_whole_under_torch_compile(one_thread):
+    """torch.compile (the compile suite trains Castling with the branch on) captures the autograd.Function in one
+    graph, forward and backward, with the eager results."""
+    def branch(q, k, v):
+        aux = masked_softmax_aux(q, k, v, 0.02, block_size=16)
+        return aux.sv.square().sum() + aux.row_mass.sum() + aux.density
+
+    q, k, v = (3 * torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(3))
+    eager = branch(q, k, v)
+    compiled = torch.compile(branch, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert compiled.item() == eager.item()
+    for got, want in zip(torch.autograd.grad(compiled, (q, k, v)), torch.autograd.grad(eager, (q, k, v))):
+        assert torch.equal(got, want)
+
+
+_AUX_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, re, sys, torch
+    from vigla.ops.linear_angular import masked_softmax_aux, masked_softmax_aux_quadratic
+
+    def peak_kib():  # the process's resident-set high-water mark
+        return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+    torch.set_num_threads(1)
+    fn = masked_softmax_aux if sys.argv[1] == "blockwise" else masked_softmax_aux_quadratic
+    out = {}
+    for n in (256, 1024, 4096):  # the first one only warms up
+        q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(3))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current RSS
+        before = peak_kib()
+        aux = fn(q, k, v, 0.02)
+        (aux.sv.square().sum() + aux.row_mass.sum()).backward()
+        out[n] = (peak_kib() - before) * 1024
+        del q, k, v, aux
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the RSS high-water mark from /proc")
+def test_blockwise_masked_softmax_memory_is_linear_in_tokens():
+    """Peak RSS growth of one forward + backward of the branch (fresh process, 2 heads, d = 16) at N = 1024 and
+    4096: the [N, N] reference grows ~16x (546 MiB at 4096: its fp32 maps are 128 MiB each), the blockwise op
+    ~4x (37 MiB at 4096: a few [B, H, N, 256] blocks) and stays under half of one map."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    peaks = {}
+    for impl in ("blockwise", "quadratic"):
+        res = subprocess.run([sys.executable, "-c", _AUX_MEMORY_SCRIPT, impl], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert res.returncode == 0, res.stderr
+        peaks[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+    one_map = 2 * 4096 * 4096 * 4
+    blockwise, quadratic = peaks["blockwise"], peaks["quadratic"]
+    assert quadratic["4096"] > 2 * one_map and quadratic["4096"] / quadratic["1024"] > 10, peaks
+    assert 0 < blockwise["4096"] < one_map / 2 and blockwise["4096"] / blockwise["1024"] < 6, peaks
 
 
 # ---- the mixer --------------------------------------------------------------------------------
@@ -412,8 +519,8 @@ def test_param_counts():
     assert abs(base / 87.2e6 - 1) < 0.01  # paper: 87.2M
 
 
-def test_macs_match_the_spec_count():
-    """Spec §1.4: per layer the softmax core (2·N²·C MACs) becomes 2·N·C·d, plus the k=9 conv (9·N·C)."""
+def test_macs_match_the_linear_order_count():
+    """Per layer the softmax core (2·N²·C MACs) becomes 2·N·C·d, plus the k=9 conv (9·N·C)."""
     from vigla.bench.flops import count_model_flops
 
     def macs(name):
@@ -485,20 +592,222 @@ def test_deit_warm_start(caplog, tmp_path):
         load_deit_weights(model, {k: v for k, v in ref.items() if k != "blocks.0.norm1.weight"})
 
 
-@pytest.mark.slow  # ~5 s alone, up to ~20 s on a loaded 2-core machine (five model builds)
+@pytest.mark.slow  # ~10 s alone, up to ~40 s on a loaded 2-core machine (model builds at two sizes)
 @pytest.mark.filterwarnings("ignore:LinearAngularAttention. aux_eps")  # 5 tokens at 32x32: eps < 1/N
 def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    try:
-        import gpu_castling
-    finally:
-        sys.path.pop(0)
+    gpu_castling = _gpu_castling()
     assert gpu_castling.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "castling_vs_deit_tiny.json").read_text())
     part = {p: [r for r in result["rows"] if r["part"] == p] for p in ("infer", "ratio", "train", "mixer")}
     assert {r["model"] for r in part["infer"]} == {"deit_tiny_patch16_224", "castling_deit_tiny"}
     assert all(r["infer"]["status"] == "ok" for r in part["infer"])
     assert part["ratio"][0]["speed_ratio"] > 0
-    assert [r["label"] for r in part["train"]] == ["deit", "castling_aux_off", "castling_aux_on"]
+    arms = ["deit", "castling_aux_off", "castling_aux_on", "castling_aux_on_quadratic"]
+    assert [(r["label"], r["img_size"]) for r in part["train"]] == [(a, s) for s in (32, 64) for a in arms]
+    assert all(r["train"]["status"] == "ok" for r in part["train"])
     assert all(r["finite"] and r["rel_err"] < 1e-2 for r in part["mixer"])
     assert result["git"]["commit"] and result["command"] and result["complete"] is True
+    assert gpu_castling.mixer_module.masked_softmax_aux is masked_softmax_aux  # the quadratic arm restored it
+
+
+def _gpu_castling():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import gpu_castling
+    finally:
+        sys.path.pop(0)
+    return gpu_castling
+
+
+@pytest.mark.slow  # two vigla train / vigla eval subprocesses of Castling-DeiT-T at 32 px
+def test_gpu_benchmark_imagenette_part_smoke_on_cpu(tmp_path):
+    from test_data import write_folder
+
+    for split, n in (("train", 6), ("val", 2)):
+        write_folder(str(tmp_path / "inette" / split), ["n0", "n1", "n2"], per_class=n, size=40)
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "benchmarks/gpu_castling.py", "--device", "cpu", "--parts", "imagenette", "--imagenette",
+            str(tmp_path / "inette"), "--epochs", "2", "--warmup-epochs", "0", "--img", "32", "--batch", "6",
+            "--workers", "0", "--out", str(out)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for model, extra in (("castling_deit_tiny", ["--extra", "--castling-schedule", "paper,aux_off=0.5"]),
+                         ("deit_tiny_patch16_224", [])):
+        name = f"castling_imagenette_{model.split('_')[0]}"
+        proc = subprocess.run(base + ["--model", model, "--name", name, *extra], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = json.loads((out / "castling_imagenette_castling.json").read_text())["rows"][0]
+    assert row["part"] == "imagenette" and row["epochs_done"] == 2
+    assert [e["img_size"] for e in row["eval"]] == [32, 64, 128]
+    switch = row["switch"]  # 6 steps, off after 3: on in epoch 1, off in epoch 2
+    assert switch["switch"]["epoch"] == 1 and switch["after_switch"]["epoch"] == 2 and switch["end"]["epoch"] == 2
+    assert switch["switch"]["top1_on"] == pytest.approx(float(row["epochs"][0]["val_top1_aux_on"]))
+    page = (out / "castling_imagenette_deit.md").read_text().splitlines()
+    assert page[0].startswith("`castling_imagenette_castling.json` (") and "`castling_imagenette_deit.json`" in page[0]
+    assert len(page) == 6 and page[4].startswith("| castling_deit_tiny | 2 | ") and "(epoch 1, density" in page[4]
+    assert page[5].startswith("| deit_tiny_patch16_224 | 2 | - | - | ")
+
+
+# ---- the schedule's presets and specs ----------------------------------------------------------------
+def test_schedule_presets_and_specs():
+    from vigla.models.castling import OFFICIAL_SCHEDULE, PAPER_SCHEDULE, format_aux_schedule, parse_aux_schedule
+
+    assert _small().aux_schedule == PAPER_SCHEDULE  # castling models follow the paper by default
+    assert PAPER_SCHEDULE.lambda_max > 0 and PAPER_SCHEDULE.aux_off is not None and PAPER_SCHEDULE.aux_off < 1
+    assert OFFICIAL_SCHEDULE == AuxSchedule() == parse_aux_schedule("official") == _small(
+        aux_schedule="official").aux_schedule
+    assert parse_aux_schedule("paper") == PAPER_SCHEDULE
+    assert parse_aux_schedule("paper, aux_off=0.9") == AuxSchedule(PAPER_SCHEDULE.lambda_max, 0.02, None, 0.9)
+    assert parse_aux_schedule("lambda=0.05,eps_end=0.04") == AuxSchedule(0.05, 0.02, 0.04, PAPER_SCHEDULE.aux_off)
+    assert parse_aux_schedule("official,aux_off=none,lambda=0") == OFFICIAL_SCHEDULE
+    for schedule in (PAPER_SCHEDULE, OFFICIAL_SCHEDULE, AuxSchedule(0.123456789, 1 / 3, 0.05, 0.7)):
+        assert parse_aux_schedule(format_aux_schedule(schedule)) == schedule
+    for bad, match in (("bogus", "unknown Castling schedule 'bogus'"), ("paper,lambda", "expected key=value"),
+                       ("lambda", "or key=value items"),
+                       ("paper,official", "preset name may only come first"), ("eps=abc", "not a number"),
+                       ("lambda=none", "not a number"), ("", "empty"), ("aux_off=2", "aux_off must be")):
+        with pytest.raises(ValueError, match=match):
+            parse_aux_schedule(bad)
+
+
+# ---- vigla train / eval / export with a Castling model ------------------------------------------------
+if not timm.is_model("castling_test_micro"):
+    @register_model
+    def castling_test_micro(pretrained=False, **kwargs):  # kwargs: the model's and timm's cfg plumbing
+        """One block, C 32, 2 heads; 32 px in 4 px patches: 65 tokens, so ε = 0.02 > 1/65 (the mask can empty)."""
+        own = {k: v for k, v in kwargs.items()
+               if k in ("num_classes", "img_size", "drop_path_rate", "aux", "aux_schedule", "dynamic_img_size")}
+        model = CastlingVisionTransformer(**{**dict(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                                    qkv_bias=True), **own})
+        model.pretrained_cfg = dict(first_conv="patch_embed.proj", classifier="head", input_size=(3, 32, 32))
+        return model
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    from test_data import write_fake_fmnist
+
+    return write_fake_fmnist(str(tmp_path_factory.mktemp("fmnist")), n_train=80, n_test=24)
+
+
+def _train(fmnist, out, *flags, model="castling_test_micro"):
+    from vigla import cli
+
+    argv = ["train", "--model", model, "--fmnist-dir", fmnist, "--img-size", "32", "--epochs", "3",
+            "--batch-size", "8", "--train-subset", "32", "--val-subset", "16", "--test-subset", "16", "--workers", "0",
+            "--log-interval", "2", "--lr", "2e-3", "--warmup-epochs", "0.5", "--out", str(out), *flags]
+    return cli.main(argv)
+
+
+def test_train_reports_both_modes_while_the_branch_is_on(fmnist, tmp_path, one_thread):
+    import csv
+
+    from vigla.engine.checkpoint import read_meta
+
+    # the paper's schedule, switched off after 40% of the 12 steps: on in the last steps of epoch 1 only
+    assert _train(fmnist, tmp_path / "run", "--castling-schedule", "paper,aux_off=0.4,lambda=0.5") == 0
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "castling_schedule: lambda=0.5,eps=0.02,eps_end=none,aux_off=0.4" in config  # resolved, resumable
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [float(r["aux_aux_enabled"]) for r in rows] == [1.0, 0.0, 0.0]
+    first = rows[0]
+    assert float(first["val_top1_aux_off"]) == float(first["val_top1"])
+    assert float(first["val_aux_gap"]) == pytest.approx(float(first["val_top1_aux_on"]) - float(first["val_top1"]))
+    assert 0 <= float(first["val_aux_mask_density"]) <= 1 and 0 <= float(first["val_aux_kept_mass"]) <= 1
+    assert all(math.isnan(float(r["val_top1_aux_on"])) for r in rows[1:])  # measured only while on
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    last = read_meta(str(tmp_path / "run" / "last.safetensors"))
+    assert last["castling"]["aux_on"] is False and last["castling"]["schedule"]["aux_off"] == 0.4
+    assert last["model_args"]["aux_schedule"] == dict(lambda_max=0.5, eps=0.02, eps_end=None, aux_off=0.4)
+
+
+def test_train_schedule_flag_errors(fmnist, tmp_path, capsys):
+    assert _train(fmnist, tmp_path / "a", "--castling-schedule", "paper,lambda=x") == 2
+    assert "--castling-schedule 'paper,lambda=x': bad Castling schedule item 'lambda=x'" in capsys.readouterr().err
+    assert _train(fmnist, tmp_path / "b", "--castling-schedule", "official", model="test_vit") == 2
+    err = capsys.readouterr().err
+    assert "applies to the castling_* models only, not test_vit" in err and "Traceback" not in err
+
+
+def _castling_checkpoint(path, aux_on: bool, val_aux: dict | None = None, peaky: float = 0.0):
+    """A vigla checkpoint of castling_test_micro as the trainer writes it, recorded with the branch on or off."""
+    from test_eval import MEAN, STD
+
+    from vigla.engine.checkpoint import save_weights
+
+    torch.manual_seed(0)
+    model = timm.create_model("castling_test_micro", num_classes=10)
+    if peaky:
+        _peaky(model, peaky)
+    val = {"top1": 50.0, "top5": 90.0, "loss": 1.0, "images": 16}
+    if val_aux is not None:
+        val["aux"] = val_aux
+    meta = {"model": "castling_test_micro", "model_args": {"num_classes": 10, "img_size": 32},
+            "classes": [f"c{i}" for i in range(10)], "val": val, "epoch": 1, "global_step": 4,
+            "castling": dict(model.aux_state(), aux_on=aux_on, progress=0.3),
+            "data_config": {"mean": list(MEAN), "std": list(STD), "img_size": 32, "interpolation": "bilinear",
+                            "crop_pct": 1.0}}
+    save_weights(str(path), model.state_dict(), meta)
+    return model
+
+
+def test_eval_measures_the_gap_of_a_checkpoint_saved_with_the_branch_on(tmp_path, capsys, one_thread):
+    from test_data import write_folder
+
+    from vigla import cli
+
+    classes = [f"c{i}" for i in range(10)]
+    write_folder(str(tmp_path / "data" / "val"), classes, per_class=2, size=32)
+    ckpt = tmp_path / "on.safetensors"
+    model = _castling_checkpoint(ckpt, aux_on=True, peaky=60.0)
+    assert cli.main(["eval", str(ckpt), "--data", str(tmp_path / "data"), "--img-size", "32", "64",
+                     "--out", str(tmp_path / "on.json")]) == 0
+    out = capsys.readouterr().out
+    assert "was saved while Castling's auxiliary branch was still on (training progress 0.30" in out
+    row = json.loads((tmp_path / "on.json").read_text())["results"][0]
+    aux = row["aux_switch"]
+    assert aux["measured"] and aux["top1_off"] == row["top1"] and aux["gap"] == aux["top1_on"] - aux["top1_off"]
+    assert aux["mask_density"] > 0
+    assert f"{aux['top1_on']:.2f}% with the branch on and {row['top1']:.2f}% off" in out
+    # the same numbers as the model-level helper on the same images
+    from test_eval import MEAN, STD
+
+    from vigla.data import BatchPrep, TransformedDataset, collate, eval_transform, scan_image_folder
+    ds = TransformedDataset(scan_image_folder(str(tmp_path / "data" / "val")),
+                            eval_transform(32, crop_pct=1.0, interpolation="bilinear", mean=MEAN, std=STD))
+    images, targets, _ = collate([ds[i] for i in range(len(ds))])
+    ref = evaluate_aux_switch(model, [(BatchPrep(MEAN, STD, "cpu")(images), targets)])
+    assert aux["top1_on"] == pytest.approx(ref["top1_aux_on"]) and row["top1"] == pytest.approx(ref["top1_aux_off"])
+
+    from argparse import Namespace
+
+    from vigla.engine.aux_branch import eval_switch_check
+    assert eval_switch_check(model, {}, [], Namespace(checkpoint="x.pth", amp="off"), {}) == {}  # no vigla record
+    assert capsys.readouterr().err.startswith("warning: x.pth does not record whether Castling's auxiliary branch")
+
+    off = tmp_path / "off.safetensors"
+    _castling_checkpoint(off, aux_on=False, peaky=60.0)
+    assert cli.main(["eval", str(off), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "off.json")]) == 0
+    assert "auxiliary branch" not in capsys.readouterr().out
+    assert "aux_switch" not in json.loads((tmp_path / "off.json").read_text())["results"][0]
+
+
+def test_export_notes_the_recorded_gap_or_warns(tmp_path, capsys, one_thread):
+    from vigla import cli
+
+    measured = tmp_path / "measured.safetensors"
+    _castling_checkpoint(measured, aux_on=True, val_aux=dict(top1_on=56.25, top1_off=50.0, gap=6.25,
+                                                             mask_density=0.031, kept_mass=0.2))
+    assert cli.main(["export", str(measured), "--format", "torchscript"]) == 0
+    out, err = capsys.readouterr()
+    assert "top-1 56.25% with the branch on, 50.00% off (+6.25 points)" in out and "warning" not in err
+    unmeasured = tmp_path / "unmeasured.safetensors"
+    _castling_checkpoint(unmeasured, aux_on=True)
+    assert cli.main(["export", str(unmeasured), "--format", "torchscript"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning:" in err and "was not measured" in err
+    clean = tmp_path / "clean.safetensors"
+    _castling_checkpoint(clean, aux_on=False)
+    assert cli.main(["export", str(clean), "--format", "torchscript"]) == 0
+    assert "auxiliary branch" not in "".join(capsys.readouterr())

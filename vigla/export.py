@@ -171,10 +171,12 @@ def _load(args) -> Tuple[object, str, Tuple[int, int]]:
     """The model to export (weights loaded, eval mode), its name and the traced image size."""
     from timm.models import VisionTransformer
 
+    from .engine.aux_branch import export_switch_note
     from .engine.errors import UserError
     from .engine.modeling import create_model, load_for_eval, set_input_size
 
     model, meta = load_for_eval(args.checkpoint, args.model)
+    export_switch_note(model, meta, args.checkpoint)  # a Castling checkpoint saved with its auxiliary branch on
     size = args.img_size or [meta["data_config"]["img_size"]]
     hw = (size[0], size[-1])
     if isinstance(model, VisionTransformer) and args.dynamic and not model.dynamic_img_size:

@@ -47,6 +47,12 @@ class TrainConfig:
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward (set_grad_checkpointing): "
                                     "ViG keeps only each block's input and BiGLA output, 0.4x DeiT-T's memory "
                                     "at 1024 px for ~15%% of the speed", "model")
+    castling_schedule: str | None = _opt(None, "castling_* models: the auxiliary masked-softmax branch's schedule. "
+                                         "'paper' (the default): L1 on the kept mask mass, lambda ramped to 0.1, "
+                                         "branch off for the last 20%% of training; 'official': on to the end, no "
+                                         "regulariser; 'none': no branch; or key=value overrides of 'paper' "
+                                         "(lambda, eps, eps_end, aux_off), e.g. 'paper,aux_off=0.9'. The run's "
+                                         "config.yaml records the resolved values", "model", metavar="SPEC")
     # optimisation
     epochs: int = _opt(300, "training epochs", "optimisation", metavar="N")
     batch_size: int = _opt(128, "images per device per step", "optimisation", metavar="N")

@@ -137,6 +137,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             stop_workers(loader)
         if "error" not in result:
             result["img_per_s"] = result["images"] / (time.perf_counter() - start)
+        if not rows and "error" not in result:  # a Castling checkpoint saved with its auxiliary branch on
+            from .aux_branch import eval_switch_check
+            result.update(eval_switch_check(model, meta, loader, args, result))
         rows.append({"img_size": size, **result})
         _print_row(rows[-1], header=len(rows) == 1, title=f"{args.checkpoint} ({meta['model']}) on {data_name}, "
                    f"{len(source)} images, crop_pct {crop_pct}, {interpolation}, device {device}, amp {amp}")

@@ -99,6 +99,7 @@ def plot_curves(out_dir: str, title: str = "") -> str | None:
         ax_acc.plot(x, [r["val_top1"] for r in epochs], "o-", label="model")
         if any(not math.isnan(float(r.get("ema_val_top1", "nan") or "nan")) for r in epochs):
             ax_acc.plot(x, [r.get("ema_val_top1") for r in epochs], "s--", label="EMA")
+        _plot_aux_branch(ax_acc, x, epochs)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):
@@ -113,3 +114,26 @@ def plot_curves(out_dir: str, title: str = "") -> str | None:
     finally:
         plt.close(fig)
     return path
+
+
+def _plot_aux_branch(ax, x: list, epochs: list[dict]) -> None:
+    """Castling runs (``val_top1_aux_on`` in metrics.csv): validation top-1 with the auxiliary branch on, while
+    it is on, beside the model's (off, as in inference), and the validation mask density on a second axis."""
+    def values(key):
+        out = []
+        for r in epochs:
+            try:
+                out.append(float(r.get(key)))
+            except (TypeError, ValueError):
+                out.append(math.nan)
+        return out
+
+    on = values("val_top1_aux_on")
+    if all(math.isnan(v) for v in on):
+        return
+    ax.plot(x, on, "^:", label="model, aux branch on")
+    density = ax.twinx()
+    density.plot(x, values("val_aux_mask_density"), "x--", color="tab:gray", label="aux mask density")
+    density.set_ylabel("aux mask density (validation)")
+    density.set_ylim(bottom=0)
+    density.legend(loc="center right", fontsize=8)

@@ -36,6 +36,7 @@ from vigla.data import (BatchPrep, DataError, ResumableDistributedSampler, Shard
                         eval_transform, load_splits, stop_workers, train_transform)
 
 from . import distributed as dist_utils
+from .aux_branch import castling_model_args, checkpoint_record, validate_aux_branch
 from .checkpoint import (capture_rng, load_into, load_state, load_weights, read_meta, restore_rng, save_state,
                          save_weights)
 from .config import TrainConfig, config_to_yaml
@@ -220,6 +221,7 @@ class Trainer:
     def _build_model(self):
         cfg, d = self.cfg, self.dist
         self.model_args = model_args(self.num_classes, cfg.img_size, cfg.drop_path)
+        self.model_args.update(castling_model_args(cfg))  # --castling-schedule (castling_* models only)
         model = create_model(cfg.model, **self.model_args)
         data_cfg = resolve_model_data_config(model)
         self.data_config = dict(mean=list(data_cfg["mean"]), std=list(data_cfg["std"]), img_size=cfg.img_size,
@@ -289,7 +291,7 @@ class Trainer:
         return {"model": self.cfg.model, "model_args": self.model_args, "classes": self.splits.classes,
                 "data": self.splits.name, "data_config": self.data_config, "weights": weights,
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "val": val, "vigla_version": _version()}
+                "val": val, "vigla_version": _version(), **checkpoint_record(self.core)}
 
     def save_checkpoint(self, val: dict | None = None) -> None:
         """``last.*``: training state (model weights and all ranks' RNG states included), weights + JSON, and
@@ -600,6 +602,7 @@ class Trainer:
                "unreadable_images": self.skipped_images}
         if hasattr(self.core, "aux_stats"):
             row.update({f"aux_{k}": float(v) for k, v in self.core.aux_stats().items()})
+        row.update(validate_aux_branch(self.core, self.val_loader, self.prep_eval, self.amp_dtype, val))
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss = 0, [0.0, 0]
         self._save_best(val, ema_val)

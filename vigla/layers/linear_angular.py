@@ -1,14 +1,16 @@
 """Castling-ViT token mixer: linear-angular attention + depthwise conv on V (+ a training-only branch).
 
-Spec castling.md §1.3, §2. Per head, with Q, K, V from one ``Linear(C, 3C)``:
+You et al., CVPR 2023 (the overview figure) and the official ``LinAngularAttention`` (GATECH-EIC/Castling-ViT).
+Per head, with Q, K, V from one ``Linear(C, 3C)``:
 
     Z   = 0.5·V + (1/π)·Q̂ (K̂ᵀ V)              linear order, float32, autocast off
     Z  += (1[P > ε] ⊙ P) V                     only while the auxiliary branch is active (training)
     O   = Z / |Z|  +  DWConv(V)                 normalise per token and head, then add the local branch
     out = proj(merge_heads(O))
 
-Inference (``eval()``) never builds an ``N×N`` tensor. The auxiliary branch has no parameters, so the
-parameter set, and the state dict, is the same with the branch on or off.
+Inference (``eval()``) never builds an ``N×N`` tensor, and neither does training: the auxiliary branch takes the
+keys in blocks (:func:`vigla.ops.linear_angular.masked_softmax_aux`), so its memory is linear in N, forward and
+backward. The branch has no parameters, so the parameter set, and the state dict, is the same with it on or off.
 """
 from __future__ import annotations
 
@@ -170,7 +172,8 @@ class LinearAngularAttention(nn.Module):
             warnings.warn(
                 f"LinearAngularAttention: aux_eps={self.aux_eps:g} < 1/N_keys = 1/{n_keys}: every softmax row "
                 f"keeps at least one entry, so the auxiliary branch can never empty its mask and the switch "
-                f"to inference cannot be exact (spec castling.md §2.2). Use aux_eps >= {1.0 / n_keys:.4g} "
+                f"to inference cannot be exact (a softmax row over N keys has an entry >= 1/N). "
+                f"Use aux_eps >= {1.0 / n_keys:.4g} "
                 f"(e.g. 2/N_keys) or switch the branch off for this layer.",
                 stacklevel=3,
             )

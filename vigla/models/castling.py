@@ -15,13 +15,19 @@ hooks the training engine calls when present:
 * ``set_aux_progress(p)``: training progress ``p ∈ [0, 1]`` drives :class:`AuxSchedule` (λ and ε ramps, and the
   ``aux_off`` point after which the branch is off);
 * ``aux_loss()``: the summed L1 regulariser of the last training forward (0-dim zero when off);
-* ``aux_stats()``: per-layer mask density, row mass, kept mass and switch certificate, plus aggregates.
+* ``aux_stats()``: per-layer mask density, row mass, kept mass and switch certificate, plus aggregates;
+* ``aux_state()``: whether the branch ran in the last training step, the progress and the schedule (what a
+  checkpoint records).
+
+The schedule defaults to :data:`PAPER_SCHEDULE` (the regulariser ramped, the branch off for the end of training,
+as the paper's abstract describes); :data:`OFFICIAL_SCHEDULE` is the released code's behaviour.
 
 Evaluation helpers: :func:`probe_aux` (the statistics on a held-out batch, in eval mode) and
 :func:`evaluate_aux_switch` (top-1 with the branch on vs off over a loader).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,11 +44,16 @@ from ..layers.linear_angular import LinearAngularAttention
 
 __all__ = [
     "AuxSchedule",
+    "OFFICIAL_SCHEDULE",
+    "PAPER_SCHEDULE",
+    "parse_aux_schedule",
+    "format_aux_schedule",
     "CastlingVisionTransformer",
     "checkpoint_filter_fn",
     "load_deit_weights",
     "probe_aux",
     "evaluate_aux_switch",
+    "aux_forced",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -85,6 +96,64 @@ class AuxSchedule:
         return on, self.lambda_max * ramp, eps
 
 
+#: The official code's behaviour (GATECH-EIC/Castling-ViT ``attention.py``): the branch on for the whole of
+#: training at ε = 0.02, no regulariser; ``eval()`` then drops a branch the network still relies on.
+OFFICIAL_SCHEDULE = AuxSchedule()
+
+#: vigla's default, following the paper's abstract (You et al., CVPR 2023): the softmax masks "are regularized
+#: to gradually become zeros", so that the switch to linear-angular attention alone costs nothing. λ ramps
+#: linearly to ``lambda_max`` at ``aux_off``; after it the branch is off and the network trains without it.
+#: The values come from a Fashion-MNIST sweep on CPU (benchmarks/castling_schedule_cpu.py,
+#: benchmarks/results/castling_schedule_cpu.json); docs/castling.md gives the numbers.
+PAPER_SCHEDULE = AuxSchedule(lambda_max=0.1, eps=0.02, aux_off=0.8)
+
+SCHEDULE_PRESETS = {"paper": PAPER_SCHEDULE, "official": OFFICIAL_SCHEDULE}
+_SPEC_KEYS = {"lambda": "lambda_max", "lambda_max": "lambda_max", "eps": "eps", "eps_end": "eps_end",
+              "aux_off": "aux_off"}
+
+
+def parse_aux_schedule(spec: str) -> AuxSchedule:
+    """An :class:`AuxSchedule` from a text spec: a preset name (``paper``, the default; ``official``),
+    optionally followed by ``key=value`` overrides, comma-separated; ``key=value`` items alone start from
+    ``paper``. Keys: ``lambda``, ``eps``, ``eps_end``, ``aux_off`` (``none`` for the last two: no ε ramp,
+    never switched off). Examples: ``official``, ``paper,aux_off=0.9``, ``lambda=0.05,eps_end=0.04``.
+    Raises ``ValueError`` naming the bad item."""
+    items = [item.strip() for item in str(spec).split(",") if item.strip()]
+    if not items:
+        raise ValueError("empty Castling schedule: use 'paper', 'official' or key=value items")
+    base = PAPER_SCHEDULE
+    if "=" not in items[0]:
+        name = items.pop(0).lower()
+        if name not in SCHEDULE_PRESETS:
+            raise ValueError(f"unknown Castling schedule {name!r}: the presets are {', '.join(SCHEDULE_PRESETS)} "
+                             f"(or key=value items)")
+        base = SCHEDULE_PRESETS[name]
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in _SPEC_KEYS:
+            raise ValueError(f"bad Castling schedule item {item!r}: expected key=value with key one of "
+                             f"lambda, eps, eps_end, aux_off (a preset name may only come first)")
+        text = text.strip().lower()
+        if text in ("none", "null") and key in ("eps_end", "aux_off"):
+            values[_SPEC_KEYS[key]] = None
+            continue
+        try:
+            values[_SPEC_KEYS[key]] = float(text)
+        except ValueError:
+            raise ValueError(f"bad Castling schedule item {item!r}: {text!r} is not a number") from None
+    return dataclasses.replace(base, **values)
+
+
+def format_aux_schedule(schedule: AuxSchedule) -> str:
+    """The spec of every field of ``schedule``, which :func:`parse_aux_schedule` reads back exactly."""
+    def text(value: Optional[float]) -> str:
+        return "none" if value is None else repr(float(value))
+    return (f"lambda={text(schedule.lambda_max)},eps={text(schedule.eps)},eps_end={text(schedule.eps_end)},"
+            f"aux_off={text(schedule.aux_off)}")
+
+
 def _mixer_class(**config: Any) -> type:
     """``LinearAngularAttention`` with ``config`` as constructor defaults.
 
@@ -108,8 +177,9 @@ class CastlingVisionTransformer(VisionTransformer):
             conv over the patch grid; prefix tokens pass through).
         dw_kernel_size: the conv's k (default 9 for ``seq1d``, 3 for ``2d``).
         aux: master switch of the training-only masked softmax branch.
-        aux_schedule: an :class:`AuxSchedule` or a dict of its fields (default: constant ε = 0.02, no
-            regulariser, never switched off: the official code).
+        aux_schedule: an :class:`AuxSchedule`, a dict of its fields or a spec for :func:`parse_aux_schedule`
+            (default :data:`PAPER_SCHEDULE`: λ ramped to 0.1, branch off for the last 20% of training;
+            ``"official"``: constant ε = 0.02, no regulariser, never switched off, as the official code).
         norm_eps: floor of the q, k and output L2 norms.
         **kwargs: ``VisionTransformer`` arguments (``img_size``, ``embed_dim``, ``dynamic_img_size``, ...).
     """
@@ -119,7 +189,7 @@ class CastlingVisionTransformer(VisionTransformer):
         dw_mode: str = "seq1d",
         dw_kernel_size: Optional[int] = None,
         aux: bool = True,
-        aux_schedule: Union[AuxSchedule, Dict[str, Any], None] = None,
+        aux_schedule: Union[AuxSchedule, Dict[str, Any], str, None] = None,
         norm_eps: float = 1e-6,
         **kwargs: Any,
     ) -> None:
@@ -129,7 +199,9 @@ class CastlingVisionTransformer(VisionTransformer):
             raise ValueError("dw_mode='2d' needs the full patch grid, so patch_drop_rate must be 0")
         if isinstance(aux_schedule, dict):
             aux_schedule = AuxSchedule(**aux_schedule)
-        schedule = aux_schedule or AuxSchedule()
+        elif isinstance(aux_schedule, str):
+            aux_schedule = parse_aux_schedule(aux_schedule)
+        schedule = aux_schedule or PAPER_SCHEDULE
         num_prefix_tokens = int(kwargs.get("class_token", True)) + kwargs.get("reg_tokens", 0)
         attn_layer = _mixer_class(
             dw_mode=dw_mode,
@@ -188,6 +260,12 @@ class CastlingVisionTransformer(VisionTransformer):
             total = total + mixer.aux_loss()
         return total
 
+    def aux_state(self) -> Dict[str, Any]:
+        """What a checkpoint records about the branch: ``aux_on`` (it ran in training at the current progress,
+        i.e. in the last training step), ``progress`` and the ``schedule`` (its fields)."""
+        return {"aux_on": any(m.aux_enabled for m in self.mixers()), "progress": self._aux_progress,
+                "schedule": dataclasses.asdict(self.aux_schedule)}
+
     def aux_stats(self) -> Dict[str, float]:
         """``blocks.{i}.{mask_density,row_mass,kept_mass,certificate}`` for every block whose branch ran in
         the last forward, their aggregates (``mask_density_mean``, ``row_mass_mean``, ``kept_mass_mean``,
@@ -222,7 +300,7 @@ class _DynamicGridCastling(CastlingVisionTransformer):
 
 # ---- evaluation helpers ----------------------------------------------------------------------------
 @contextmanager
-def _aux_forced(model: CastlingVisionTransformer) -> Iterator[None]:
+def aux_forced(model: CastlingVisionTransformer) -> Iterator[None]:
     """Run the auxiliary branch in every mixer whatever the mode and switch (no regulariser outside
     training); restores the mixers' flags and previous statistics on exit."""
     mixers = model.mixers()
@@ -255,7 +333,7 @@ def probe_aux(model: CastlingVisionTransformer, images: torch.Tensor) -> Dict[st
     was_training = model.training
     model.eval()
     try:
-        with _aux_forced(model):
+        with aux_forced(model):
             model(images)
             return model.aux_stats()
     finally:
@@ -270,23 +348,27 @@ def evaluate_aux_switch(
     max_batches: Optional[int] = None,
 ) -> Dict[str, float]:
     """Top-1 (%) of ``model`` over ``loader`` (``(images, targets)`` batches) with the auxiliary branch on and
-    off, both in eval mode (no dropout), plus the fraction of identical predictions and the largest switch
-    certificate seen. ``device`` defaults to the model's."""
+    off, both in eval mode (no dropout), plus the fraction of identical predictions, the largest switch
+    certificate seen, and the mean mask density and kept mass per query (averaged over layers and
+    samples). ``device`` defaults to the model's."""
     _check_castling(model, "evaluate_aux_switch")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct_on = correct_off = same = total = 0
-    certificate = 0.0
+    certificate = density = kept = 0.0
     try:
         for step, (images, targets) in enumerate(loader):
             if max_batches is not None and step >= max_batches:
                 break
             images, targets = images.to(device), targets.to(device)
             pred_off = model(images).argmax(-1)
-            with _aux_forced(model):
+            with aux_forced(model):
                 pred_on = model(images).argmax(-1)
-                certificate = max(certificate, model.aux_stats().get("certificate_max", 0.0))
+                stats = model.aux_stats()
+            certificate = max(certificate, stats.get("certificate_max", 0.0))
+            density += stats.get("mask_density_mean", 0.0) * targets.numel()
+            kept += stats.get("kept_mass_mean", 0.0) * targets.numel()
             correct_on += int((pred_on == targets).sum())
             correct_off += int((pred_off == targets).sum())
             same += int((pred_on == pred_off).sum())
@@ -301,6 +383,8 @@ def evaluate_aux_switch(
         "top1_delta": 100.0 * (correct_on - correct_off) / total,
         "prediction_agreement": same / total,
         "certificate_max": certificate,
+        "mask_density": density / total,
+        "kept_mass": kept / total,
         "samples": float(total),
     }
 

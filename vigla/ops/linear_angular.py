@@ -1,4 +1,5 @@
-"""Castling-ViT's linear-angular attention as pure tensor functions (spec castling.md §1, §2.2).
+"""Castling-ViT's linear-angular attention as pure tensor functions (You et al., CVPR 2023: the linear-angular
+attention and the auxiliary masked softmax of its overview figure; the official ``attention.py``).
 
 Layout: ``[B, H, N, D]`` (batch, heads, tokens, head dim), the layout of timm's ``Attention``.
 
@@ -14,9 +15,10 @@ input dtype; float64 inputs stay float64 (for reference checks). Outputs are in 
 
 * :func:`linear_angular_z`: Z in linear order, O(N·D²) per head. The inference path.
 * :func:`linear_angular_z_quadratic`: the same Z through the explicit ``(0.5·I + Q̂K̂ᵀ/π) V``; tests only.
-* :func:`masked_softmax_aux`: the training-only branch ``S·V``, ``S = 1[P > ε]·P``, quadratic.
+* :func:`masked_softmax_aux`: the training-only branch ``S·V``, ``S = 1[P > ε]·P``, memory linear in N
+  (keys in blocks, two passes, a recomputing backward); :func:`masked_softmax_aux_quadratic`, its reference.
 * :func:`normalize_heads`: the output normalisation ``Z / |Z|``.
-* :func:`switch_certificate`: the bound of spec §2.2 on what dropping ``S·V`` changes.
+* :func:`switch_certificate`: a bound on what dropping ``S·V`` changes (vigla's, derived below).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ __all__ = [
     "linear_angular_z",
     "linear_angular_z_quadratic",
     "masked_softmax_aux",
+    "masked_softmax_aux_quadratic",
     "normalize_heads",
     "switch_certificate",
     "AuxBranch",
@@ -137,16 +140,48 @@ class AuxBranch(NamedTuple):
     density: torch.Tensor
 
 
+#: keys per block of :func:`masked_softmax_aux`: a block's logits are ``[B, H, N, 256]`` (linear in N)
+DEFAULT_AUX_BLOCK = 256
+
+
 def masked_softmax_aux(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: float, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    threshold: float,
+    scale: float | None = None,
+    block_size: int = DEFAULT_AUX_BLOCK,
 ) -> AuxBranch:
     """The training-only masked softmax branch: ``S = 1[P > threshold]·P``, ``P = softmax(q kᵀ·scale)``.
 
-    ``q`` and ``k`` are the *unnormalised* projections; ``scale`` defaults to ``D**-0.5``. ``S`` is not
-    renormalised, and the comparison is strict (``>``), as in the official code. Gradient reaches ``P``
-    only at kept entries (the mask is a constant). Quadratic: builds three ``[B, H, N, N]`` tensors.
+    ``q`` and ``k`` are the *unnormalised* projections ``[B, H, N, D]``, ``v`` is ``[B, H, N, Dv]``;
+    ``scale`` defaults to ``D**-0.5``. ``S`` is not renormalised, and the comparison is strict (``>``), as in
+    the official code. Gradient reaches ``P`` only at kept entries (the mask is a constant).
+
+    Memory linear in N, forward and backward: no ``[N, N]`` tensor is formed. Keys are taken ``block_size``
+    at a time, twice: first each query's softmax normaliser (running max and sum, as in FlashAttention),
+    then the masked probabilities of the block times its values. The backward recomputes each block's
+    probabilities from the saved normaliser (:class:`_BlockwiseMaskedSoftmax`). Computes in float32 with
+    autocast off (float64 for float64 inputs). :func:`masked_softmax_aux_quadratic` is its reference.
     """
     _check_qkv(q, k, v, "masked_softmax_aux")
+    if block_size < 1:
+        raise ValueError(f"masked_softmax_aux: block_size must be >= 1, got {block_size}")
+    dt = _compute_dtype(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with _no_autocast(q):
+        sv, row_mass, kept = _BlockwiseMaskedSoftmax.apply(q.to(dt), k.to(dt), v.to(dt), float(threshold),
+                                                           float(scale), int(block_size))
+    b, h, n, _ = q.shape
+    return AuxBranch(sv, row_mass, kept.to(dt) / (b * h * n * k.shape[-2]))
+
+
+def masked_softmax_aux_quadratic(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: float, scale: float | None = None
+) -> AuxBranch:
+    """Reference for :func:`masked_softmax_aux`: the ``[B, H, N, N]`` probabilities formed, autograd through
+    them (three ``N×N`` tensors per call). Same arguments (no block size), result and dtype rules; tests only."""
+    _check_qkv(q, k, v, "masked_softmax_aux_quadratic")
     dt = _compute_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with _no_autocast(q):
@@ -157,8 +192,83 @@ def masked_softmax_aux(
         return AuxBranch(s @ v.to(dt), s.sum(-1), density)
 
 
+def _key_blocks(n: int, block: int):
+    return [(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+def _row_normaliser(qs: torch.Tensor, k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: per query ``[B, H, N]``, the row max ``m`` of the logits ``qs·k_j`` and ``log sum_j exp(qs·k_j - m)``,
+    keys ``block`` at a time (running max). Kept apart, not as ``m + log(...)``: ``P = exp((x - m) - log l)`` then
+    carries no rounding of a large ``|m|`` (fp32 probabilities as accurate as ``torch.softmax``'s)."""
+    m = l = None
+    for start, stop in _key_blocks(k.shape[-2], block):
+        logits = qs @ k[..., start:stop, :].transpose(-2, -1)  # [B, H, N, block]
+        block_max = logits.amax(-1)
+        new = block_max if m is None else torch.maximum(m, block_max)
+        block_sum = logits.sub_(new[..., None]).exp_().sum(-1)
+        l = block_sum if l is None else l * torch.exp(m - new) + block_sum
+        m = new
+    return m, torch.log(l)
+
+
+def _probs(qs: torch.Tensor, k_block: torch.Tensor, m: torch.Tensor, log_l: torch.Tensor) -> torch.Tensor:
+    """One key block's softmax probabilities ``P`` ``[B, H, N, block]`` from the row normaliser."""
+    return (qs @ k_block.transpose(-2, -1)).sub_(m[..., None]).sub_(log_l[..., None]).exp_()
+
+
+class _BlockwiseMaskedSoftmax(torch.autograd.Function):
+    """``(S·V, sum_j S_ij, number of kept entries)`` from ``q, k [B, H, N, D]``, ``v [B, H, N, Dv]`` (one
+    dtype), keys in blocks. Saves q, k, v, the row normaliser and the two outputs: O(N) memory; the
+    passes hold a few ``[B, H, N, block]`` tensors at a time.
+
+    Backward, with ``S = M⊙P`` (``M`` constant) and upstream grads ``dO`` (of ``S·V``) and ``dm`` (of the row
+    mass): ``dS = dO·Vᵀ + dm``, ``dV = Sᵀ·dO``, and through the softmax ``dL = S⊙dS - P⊙δ`` with
+    ``δ_i = sum_j S_ij dS_ij = dO_i·(S·V)_i + dm_i·m_i`` (known before the pass, from the outputs), then
+    ``dq = scale·dL·K``, ``dk = scale·dLᵀ·q``; each block's ``P`` is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, threshold: float, scale: float, block: int):
+        qs = q * scale
+        m, log_l = _row_normaliser(qs, k, block)
+        sv = torch.zeros_like(v)
+        row_mass = torch.zeros_like(m)
+        kept = torch.zeros((), dtype=torch.int64, device=q.device)
+        for start, stop in _key_blocks(k.shape[-2], block):
+            s = _probs(qs, k[..., start:stop, :], m, log_l)
+            s.masked_fill_(s <= threshold, 0.0)  # S = 1[P > threshold]·P, in place
+            sv.add_(s @ v[..., start:stop, :])
+            row_mass.add_(s.sum(-1))
+            kept.add_(torch.count_nonzero(s))
+        ctx.save_for_backward(q, k, v, m, log_l, sv, row_mass)
+        ctx.threshold, ctx.scale, ctx.block = threshold, scale, block
+        ctx.mark_non_differentiable(kept)
+        return sv, row_mass, kept
+
+    @staticmethod
+    def backward(ctx, d_sv, d_mass, _):
+        q, k, v, m, log_l, sv, row_mass = ctx.saved_tensors
+        scale = ctx.scale
+        qs = q * scale
+        delta = (d_sv * sv).sum(-1) + d_mass * row_mass  # [B, H, N]
+        dq = torch.zeros_like(q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        for start, stop in _key_blocks(k.shape[-2], ctx.block):
+            k_blk, v_blk = k[..., start:stop, :], v[..., start:stop, :]
+            p = _probs(qs, k_blk, m, log_l)
+            s = p * (p > ctx.threshold)
+            dv[..., start:stop, :] = s.transpose(-2, -1) @ d_sv
+            dl = (d_sv @ v_blk.transpose(-2, -1)).add_(d_mass[..., None]).mul_(s)  # S⊙dS
+            del s
+            dl.sub_(p.mul_(delta[..., None]))  # - P⊙δ
+            del p
+            dq.add_(dl @ k_blk)
+            dk[..., start:stop, :] = dl.transpose(-2, -1) @ q
+        return dq.mul_(scale), dk.mul_(scale), dv, None, None, None
+
+
 def switch_certificate(z_lin: torch.Tensor, v: torch.Tensor, row_mass: torch.Tensor) -> torch.Tensor:
-    """Spec §2.2's bound on dropping the auxiliary branch: ``max_{b,h} m·max|v| / min|Z_lin|``.
+    """A bound on dropping the auxiliary branch: ``max_{b,h} m·max|v| / min|Z_lin|``.
 
     With ``a = Z_lin`` (row i of :func:`linear_angular_z`) and ``b = (S·V)_i``, the per-token change of the
     normalised output is ``|a/|a| - (a+b)/|a+b|| <= 2|b|/|a|`` and ``|b| <= (sum_j S_ij)·max_j |v_j|``,
