@@ -486,19 +486,20 @@ def test_cli_on_gpu_with_compile(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["bench_test_vit", "vig_tiny"])
 def test_cuda_graph_replay_gives_the_eager_output(name):
+    """The replay computes the captured input (CudaGraphModel copies it into its static buffer), and a graph
+    of another input computes that input: the replay is the model, not a stale output."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = cli.build_model(name, 64).to(device).eval()
-    x = torch.randn(2, 3, 64, 64, device=device)
+    x, other = torch.randn(2, 2, 3, 64, 64, device=device)
     with torch.inference_mode(), measure.autocast(device, "bf16"):
-        eager = model(x).float()
+        eager, eager_other = model(x).float(), model(other).float()
     replay = measure.cuda_graph_forward(model, x, "bf16")
-    x.copy_(torch.randn_like(x))  # the graph reads its captured input buffer
-    with torch.inference_mode(), measure.autocast(device, "bf16"):
-        fresh = model(x).float()
-    out = replay().float()
-    torch.testing.assert_close(out, fresh, rtol=1e-2, atol=1e-2)
-    assert not torch.allclose(out, eager)
+    x.copy_(other)  # the graph holds its own copy of the input: this must not change its output
+    torch.testing.assert_close(replay().float(), eager, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(measure.cuda_graph_forward(model, other, "bf16")().float(), eager_other,
+                               rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(eager, eager_other, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.gpu

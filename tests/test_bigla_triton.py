@@ -100,17 +100,17 @@ def test_triton_kernel_in_interpreter_on_cpu():
         assert max(errs) < tol, f"{shape}: relative errors (o, dq, dk, dv, dgf, dgb) = {errs}"
 
 
-@pytest.mark.parametrize("B, T, segments", [(128, 196, 1), (48, 1024, 4), (12, 4096, 8), (4, 16384, 16),
-                                            (1, 40, 1), (1, 100000, 40)])
-def test_launch_plan(B, T, segments):
+@pytest.mark.parametrize("B, T, chunk, segments", [(128, 196, 32, 1), (48, 1024, 64, 4), (12, 4096, 64, 8),
+                                                   (4, 16384, 64, 16), (1, 40, 32, 1), (1, 100000, 64, 40)])
+def test_launch_plan(B, T, chunk, segments):
     """The default plan at ViG-T layer shapes on a 132-multiprocessor H200 (walks cut into segments
     only when their programs would leave the GPU idle) and the plan's invariants: whole chunks per
     segment, every chunk in exactly one segment, explicit choices honoured and checked."""
     from vigla.ops.bigla.triton_kernels import BiGLAConfig, plan
 
     p = plan(B, T, 3, 32, 64, True, 132, 2)
-    assert (p.BT, p.BV, p.NV, p.nseg) == (64, 64, 1, segments), p
-    assert p.NT == -(-T // 64) and (p.nseg - 1) * p.seg < p.NT <= p.nseg * p.seg
+    assert (p.BT, p.BV, p.NV, p.nseg) == (chunk, 64, 1, segments), p
+    assert p.NT == -(-T // chunk) and (p.nseg - 1) * p.seg < p.NT <= p.nseg * p.seg
     assert not p.state_fp32 and plan(B, T, 3, 32, 64, False, 132, 2).state_fp32
     for n in (1, 3, 1000):  # an explicit count, clipped to the chunks there are
         p = plan(B, T, 3, 32, 256, True, 132, 4, BiGLAConfig(chunk=32, segments=n, bv=128))
@@ -120,6 +120,18 @@ def test_launch_plan(B, T, segments):
         plan(B, T, 3, 32, 64, True, 132, 2, BiGLAConfig(chunk=48))
     with pytest.raises(ValueError, match="d_k in"):
         plan(B, T, 3, 24, 64, True, 132, 2)
+
+
+def test_default_chunk():
+    """The measured choices: 16-token forward chunks for d_k = 16 (its backward 64), 32 for short
+    sequences of wider bf16 heads, 64 beyond, and 32 for fp32 or heads above 64 x 128 whatever T."""
+    from vigla.ops.bigla.triton_kernels import default_chunk
+
+    assert [default_chunk(T, 16, 32, True, 2) for T in (49, 196, 3136)] == [16, 16, 16]
+    assert [default_chunk(T, 16, 32, True, 4) for T in (49, 196, 3136)] == [64, 64, 64]
+    assert [default_chunk(T, 32, 64, True, c) for T in (196, 256, 257, 4096) for c in (2, 4)] == [32] * 4 + [64] * 4
+    assert {default_chunk(T, K, V, bf16, c) for T in (1, 196, 4096) for c in (2, 4)
+            for K, V, bf16 in ((32, 64, False), (128, 64, True), (64, 256, True))} == {32}
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -463,6 +463,22 @@ class _Plan:
     state_fp32: bool
 
 
+def default_chunk(T: int, K: int, V: int, bf16: bool, chains: int) -> int:
+    """The chunk length (tokens) of one pass, chosen by measurement on an H200
+    (``python -m benchmarks kernel tune``, benchmarks/results/kernel_bigla_tune.json).
+
+    fp32 inputs, or bf16 heads above 64 x 128: 32 (fp32 products need twice the registers and shared
+    memory). bf16: the forward (``chains`` 2) of d_k = 16 heads takes 16-token chunks (ViG-H's stages at
+    224: 3-32% faster than 64), short sequences (T <= 256) of wider heads 32 (T = 196 pads to 224
+    instead of 256; ViG-T at 224: forward and forward+backward 13% faster, ViG-S 12% and 2%), everything
+    else 64. The backward recomputes the states from the inputs, so the two passes need not agree."""
+    if not (bf16 and K <= 64 and V <= 128):
+        return 32
+    if chains == 2 and K <= 16:
+        return 16
+    return 32 if T <= 256 and K >= 32 else 64
+
+
 @functools.lru_cache(maxsize=1024)
 def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: int,
          config: BiGLAConfig = BiGLAConfig()) -> _Plan:
@@ -472,13 +488,12 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     are cut into segments when their ``chains * B * H`` programs would leave the multiprocessors
     short of work (Nsight Compute: each walk's chain of chunks is bound by latency, not bytes),
     at most about ``sqrt(chunks)`` of them, since the carry kernel folds the segments one after
-    the other. The per-chunk kernels take 64-token chunks for bf16 heads up to 64 x 128, else 32
-    (fp32 products need twice the registers and shared memory), the backward at 8 warps.
+    the other. Chunk lengths: :func:`default_chunk`; the backward's per-chunk kernel at 8 warps.
     """
     if not supports(K, V):
         raise ValueError(f"bigla: the Triton kernels take d_k in (16, 32, 64, 128) and d_v in "
                          f"(16, 32, 64, 128, 256); got d_k={K}, d_v={V}")
-    BT = config.chunk or (64 if bf16 and K <= 64 and V <= 128 else 32)
+    BT = config.chunk or default_chunk(T, K, V, bf16, chains)
     if BT not in (16, 32, 64):
         raise ValueError(f"bigla: chunk must be 16, 32 or 64, got {BT}")
     if config.state_dtype not in (None, "bf16", "fp32"):
