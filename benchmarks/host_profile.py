@@ -1,0 +1,120 @@
+"""Where the host's time goes in an eager forward: cProfile of inference calls, beside their timing.
+
+    python benchmarks/host_profile.py --models vig_tiny deit_tiny_patch16_224 --out benchmarks/results
+
+For each model (224 px, batch ``--batch-size``, bf16 autocast, ``eval()`` + ``torch.inference_mode``):
+``synced_ms``, one forward timed to its end (CUDA synchronised); ``issue_ms``, the host's time to issue one
+forward without waiting for the device (the queue drained between calls); and the top ``--top`` Python
+functions of ``--iters`` issued forwards by own time and by cumulative time (cProfile). When ``issue_ms`` is
+close to ``synced_ms``, the forward is bound by the host: the profile says which Python frames to cut.
+Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`, a row per model).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from vigla.bench.measure import autocast  # noqa: E402
+from vigla.bench.report import envelope, write_json  # noqa: E402
+from vigla.bench.cli import build_model  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, iters: int, synced: bool) -> float:
+    """Median ms of ``fn()``: to its end (``synced``), or to its return with the device idle at the start."""
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        if synced:
+            _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
+    return sorted(times)[len(times) // 2]
+
+
+def _top(stats: pstats.Stats, key: str, n: int) -> list[dict]:
+    rows = []
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}:{func}", "calls": ncalls,
+                     "own_ms": tottime * 1e3, "cumulative_ms": cumtime * 1e3})
+    field = "own_ms" if key == "tottime" else "cumulative_ms"
+    return sorted(rows, key=lambda r: -r[field])[:n]
+
+
+def profile_model(name: str, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(name, args.img_size).eval()
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+
+    def forward():
+        with torch.inference_mode(), autocast(device, args.amp):
+            return model(x)
+
+    for _ in range(args.warmup):
+        forward()
+    synced = _timed(forward, device, args.iters, synced=True)
+    issue = _timed(forward, device, args.iters, synced=False)
+    prof = cProfile.Profile()
+    _sync(device)
+    prof.enable()
+    for _ in range(args.iters):
+        forward()
+    prof.disable()
+    _sync(device)
+    stats = pstats.Stats(prof)
+    scale = 1.0 / args.iters  # per forward
+    own = [dict(r, own_ms=r["own_ms"] * scale, cumulative_ms=r["cumulative_ms"] * scale, calls=r["calls"] / args.iters)
+           for r in _top(stats, "tottime", args.top)]
+    cum = [dict(r, own_ms=r["own_ms"] * scale, cumulative_ms=r["cumulative_ms"] * scale, calls=r["calls"] / args.iters)
+           for r in _top(stats, "cumtime", args.top)]
+    row = {"model": name, "img_size": args.img_size, "batch_size": args.batch_size, "synced_ms": synced,
+           "issue_ms": issue, "profiled_ms": stats.total_tt * 1e3 * scale, "top_own": own, "top_cumulative": cum}
+    print(f"{name}: synced {synced:.2f} ms, issue {issue:.2f} ms per forward; own time, top 12:", flush=True)
+    for r in own[:12]:
+        print(f"  {r['own_ms']:7.3f} ms {r['calls']:7.1f} calls  {r['function']}", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["vig_tiny", "deit_tiny_patch16_224"])
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--name", default="host_profile", help="stem of the JSON file")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
+    result = envelope(device, settings)
+    for name in args.models:
+        result["rows"].append(profile_model(name, args, device))
+        write_json(result, Path(args.out) / f"{args.name}.json")
+    result["complete"] = True
+    write_json(result, Path(args.out) / f"{args.name}.json")
+    print(f"wrote {Path(args.out) / args.name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
