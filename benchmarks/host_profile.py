@@ -4,7 +4,9 @@
 
 For each model (224 px, batch ``--batch-size``, bf16 autocast, ``eval()`` + ``torch.inference_mode``):
 ``synced_ms``, one forward timed to its end (CUDA synchronised); ``issue_ms``, the host's time to issue one
-forward without waiting for the device (the queue drained between calls); and the top ``--top`` Python
+forward without waiting for the device (the queue drained between calls); ``pipelined_ms``, back-to-back
+forwards (what a benchmark loop sees); each a median over ``--iters`` calls, in ``--rounds`` rounds that visit
+the models in turn (the host's figures move between rounds); then, once per model, the top ``--top`` Python
 functions of ``--iters`` issued forwards by own time and by cumulative time (cProfile). When ``issue_ms`` is
 close to ``synced_ms``, the forward is bound by the host: the profile says which Python frames to cut.
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`, a row per model).
@@ -55,7 +57,8 @@ def _top(stats: pstats.Stats, key: str, n: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r[field])[:n]
 
 
-def profile_model(name: str, args, device: torch.device) -> dict:
+def build(name: str, args, device: torch.device):
+    """The model in ``eval()`` and its forward on a random batch (inference mode, autocast)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(name, args.img_size).eval()
@@ -67,27 +70,38 @@ def profile_model(name: str, args, device: torch.device) -> dict:
 
     for _ in range(args.warmup):
         forward()
-    synced = _timed(forward, device, args.iters, synced=True)
-    issue = _timed(forward, device, args.iters, synced=False)
+    return forward
+
+
+def timings(forward, device: torch.device, iters: int) -> dict:
+    """``synced_ms``, ``issue_ms`` and ``pipelined_ms`` of one forward (see the module's docstring)."""
+    synced = _timed(forward, device, iters, synced=True)
+    issue = _timed(forward, device, iters, synced=False)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        forward()
+    _sync(device)
+    return {"synced_ms": synced, "issue_ms": issue, "pipelined_ms": (time.perf_counter() - t0) * 1e3 / iters}
+
+
+def host_profile(forward, device: torch.device, iters: int, top: int) -> dict:
+    """cProfile of ``iters`` issued forwards: the per-forward top functions by own and by cumulative time."""
     prof = cProfile.Profile()
     _sync(device)
     prof.enable()
-    for _ in range(args.iters):
+    for _ in range(iters):
         forward()
     prof.disable()
     _sync(device)
     stats = pstats.Stats(prof)
-    scale = 1.0 / args.iters  # per forward
-    own = [dict(r, own_ms=r["own_ms"] * scale, cumulative_ms=r["cumulative_ms"] * scale, calls=r["calls"] / args.iters)
-           for r in _top(stats, "tottime", args.top)]
-    cum = [dict(r, own_ms=r["own_ms"] * scale, cumulative_ms=r["cumulative_ms"] * scale, calls=r["calls"] / args.iters)
-           for r in _top(stats, "cumtime", args.top)]
-    row = {"model": name, "img_size": args.img_size, "batch_size": args.batch_size, "synced_ms": synced,
-           "issue_ms": issue, "profiled_ms": stats.total_tt * 1e3 * scale, "top_own": own, "top_cumulative": cum}
-    print(f"{name}: synced {synced:.2f} ms, issue {issue:.2f} ms per forward; own time, top 12:", flush=True)
-    for r in own[:12]:
-        print(f"  {r['own_ms']:7.3f} ms {r['calls']:7.1f} calls  {r['function']}", flush=True)
-    return row
+
+    def per_forward(rows):
+        return [dict(r, own_ms=r["own_ms"] / iters, cumulative_ms=r["cumulative_ms"] / iters,
+                     calls=r["calls"] / iters) for r in rows]
+
+    return {"profiled_ms": stats.total_tt * 1e3 / iters, "top_own": per_forward(_top(stats, "tottime", top)),
+            "top_cumulative": per_forward(_top(stats, "cumtime", top))}
 
 
 def main(argv=None) -> int:
@@ -99,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds, the models in turn")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--name", default="host_profile", help="stem of the JSON file")
@@ -107,8 +122,21 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     result = envelope(device, settings)
-    for name in args.models:
-        result["rows"].append(profile_model(name, args, device))
+    forwards = {name: build(name, args, device) for name in args.models}
+    rows = {name: {"model": name, "img_size": args.img_size, "batch_size": args.batch_size, "rounds": []}
+            for name in args.models}
+    result["rows"] = list(rows.values())
+    for r in range(args.rounds):
+        for name, forward in forwards.items():
+            t = timings(forward, device, args.iters)
+            rows[name]["rounds"].append(t)
+            print(f"round {r + 1} {name}: synced {t['synced_ms']:.2f} issue {t['issue_ms']:.2f} pipelined "
+                  f"{t['pipelined_ms']:.2f} ms per forward", flush=True)
+    for name, forward in forwards.items():
+        rows[name].update(host_profile(forward, device, args.iters, args.top))
+        print(f"{name}: own time per forward, top 10:", flush=True)
+        for f in rows[name]["top_own"][:10]:
+            print(f"  {f['own_ms']:7.3f} ms {f['calls']:7.1f} calls  {f['function']}", flush=True)
         write_json(result, Path(args.out) / f"{args.name}.json")
     result["complete"] = True
     write_json(result, Path(args.out) / f"{args.name}.json")
