@@ -182,6 +182,12 @@ def _profile(opts: Options) -> list[Step]:
     return [Step("profile_vig", argv, 400, ["profile_vig.json"])]
 
 
+def _host_profile(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/host_profile.py", "--models", "vig_tiny", "deit_tiny_patch16_224", "vig_small",
+            "--rounds", "3", "--out", str(opts.out), "--name", "host_profile"]
+    return [Step("host_profile", argv, 120, ["host_profile.json"])]
+
+
 def _ncu(opts: Options) -> list[Step]:
     """Nsight Compute's sections of every kernel launched by one BiGLA forward + backward (the
     NVTX range ``bigla`` of benchmarks/ncu_bigla.py, after warm-up calls)."""
@@ -351,8 +357,11 @@ SUITES = {s.name: s for s in [
           {"warm": ("compile every (model, size) once, a process per model (caches only, no result)",
                     _compile_warm),
            "measure": ("the recorded run, ratios to DeiT-T", _compile_measure)}),
-    Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024", "cuda",
-          {"vig": ("inference and training steps, kernels grouped by op", _profile)}),
+    Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024; the host's time in "
+          "eager forwards", "cuda",
+          {"vig": ("inference and training steps, kernels grouped by op", _profile),
+           "host": ("the host's time in an eager forward at 224: synced, issue-only and pipelined timings, "
+                    "cProfile of the Python frames", _host_profile)}),
     Suite("ncu", "Nsight Compute sections of the BiGLA kernels at two ViG-T shapes", "cuda",
           {"bigla": ("one forward + backward per shape, every kernel in it", _ncu)}),
     Suite("train", "ViG-T vs DeiT-T trained with the same recipe and budget, evaluated at 1x, 2x and 4x the "

@@ -222,6 +222,60 @@ def profile_section(result: dict, top: int = 5) -> list[str]:
 
 # ------------------------------------------------------------------------- castling, cpu, train
 
+def host_section(result: dict, top: int = 8) -> list[str]:
+    """The host's time per eager forward (benchmarks/host_profile.py): timings per round, then ViG-T's
+    Python frames with the most own time."""
+    rows = [[SHORT.get(r["model"], r["model"]), *(" / ".join(f"{t[k]:.1f}" for t in r["rounds"])
+                                                 for k in ("synced_ms", "issue_ms", "pipelined_ms"))]
+            for r in result["rows"]]
+    lines = [f"Batch {result['rows'][0]['batch_size']} at {result['rows'][0]['img_size']}, bf16 autocast, "
+             f"medians of {value(result, ('settings', 'iters'))} forwards per round, the models visited in turn "
+             f"({source('host_profile', result)}). \"issue\": the host's time to issue one forward with the "
+             "device idle; when it equals \"synced\", the forward is bound by the host.", ""]
+    lines += table(["model", "synced ms, per round", "issue ms", "pipelined ms"], rows)
+    vig = next((r for r in result["rows"] if r["model"] == "vig_tiny" and r.get("top_own")), None)
+    if vig:
+        lines += ["", f"ViG-T's Python frames by own time per forward (cProfile, {vig['profiled_ms']:.1f} ms "
+                      "profiled; the profiler's overhead included):", ""]
+        lines += table(["function", "calls", "own ms"],
+                       [[f"`{f['function']}`", f"{f['calls']:.0f}", f"{f['own_ms']:.2f}"]
+                        for f in vig["top_own"][:top]])
+    return lines
+
+
+DENSE_HIGHRES = ("dense_highres_low", "dense_highres_high")
+
+
+def dense_section(results: list[tuple[str, dict]]) -> list[str]:
+    """Backbone + FPN at 512-4096 (benchmarks/dense_bench.py): img/s and peak memory per size and model,
+    inference and training steps, ÷ the run's baseline in brackets."""
+    rows = [r for _, result in results for r in result["rows"]]
+    sizes = sorted({(r["img_size"], r["batch_size"]) for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    base = results[0][1]["settings"].get("baseline", "-")
+    at = {(r["model"], r["img_size"]): r for r in rows}
+
+    def cell(model, size, phase, key, spec):
+        r = at.get((model, size))
+        m = (r or {}).get(phase) or {}
+        if m.get("status") != "ok":
+            return m.get("status", "-").upper() if m else "-"
+        ratio_key = {"img_per_s": "img_per_s", "peak_mib": "peak_mib"}[key]
+        ratio = ((r.get("ratios") or {}).get(ratio_key if phase == "infer" else f"train_{ratio_key}"))
+        return f"{m[key]:{spec}}" + (f" ({ratio:.2f})" if ratio is not None else "")
+
+    header = ["model"] + [f"@{s} (b{b})" for s, b in sizes]
+    lines = ["Backbone + FPN (256 channels), as detectors and segmenters run them (see [dense.md](dense.md)): "
+             + ", ".join(source(stem, result) for stem, result in results) + f"; bf16 autocast, median of "
+             f"{value(results[0][1], ('settings', 'iters'))} calls, in brackets ÷ {base} in the same run.", ""]
+    for phase, key, spec, title in (("infer", "img_per_s", ",.1f", "inference img/s"),
+                                    ("train", "img_per_s", ",.1f", "training img/s (forward + backward + AdamW)"),
+                                    ("train", "peak_mib", ",.0f", "training peak MiB")):
+        lines += [f"**{title}**", ""] + table(header, [[m] + [cell(m, s, phase, key, spec) for s, _ in sizes]
+                                                        for m in models]) + [""]
+    return lines[:-1]
+
+
 def castling_section(result: dict) -> list[str]:
     rows = result["rows"]
     ratios = [r for r in rows if r.get("part") == "ratio"]
@@ -359,6 +413,8 @@ def performance(res: Results) -> str:
                 "torch.profiler, kernels' self time per step grouped by op "
                 f"({source('profile_vig', res('profile_vig'))}).",
                 ""] + profile_section(res("profile_vig"))
+    if res("host_profile"):
+        out += ["", "## The host's time in an eager forward", ""] + host_section(res("host_profile"))
     if res("castling_vs_deit_tiny"):
         out += ["", "## Castling-DeiT-T ÷ DeiT-T", "",
                 f"{source('castling_vs_deit_tiny', res('castling_vs_deit_tiny'))}; see [castling.md](castling.md).",
@@ -366,6 +422,9 @@ def performance(res: Results) -> str:
     inette = [(stem, res(stem)) for stem in CASTLING_IMAGENETTE if res(stem)]
     if inette:
         out += ["", "## Castling-DeiT-T and DeiT-T on Imagenette", ""] + castling_imagenette_section(inette)
+    dense = [(stem, res(stem)) for stem in DENSE_HIGHRES if res(stem)]
+    if dense:
+        out += ["", "## Dense backbones at high resolution", ""] + dense_section(dense)
     if res("cpu_vig_t_224") or res("cpu_default_train"):
         out += ["", "## On a CPU", ""]
         if res("cpu_vig_t_224"):
