@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds, the models in turn")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--name", default="host_profile", help="stem of the JSON file")
+    ap.add_argument("--name", default="profile_host", help="stem of the JSON file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     Path(args.out).mkdir(parents=True, exist_ok=True)

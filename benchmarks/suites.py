@@ -184,8 +184,8 @@ def _profile(opts: Options) -> list[Step]:
 
 def _host_profile(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/host_profile.py", "--models", "vig_tiny", "deit_tiny_patch16_224", "vig_small",
-            "--rounds", "3", "--out", str(opts.out), "--name", "host_profile"]
-    return [Step("host_profile", argv, 120, ["host_profile.json"])]
+            "--rounds", "3", "--out", str(opts.out), "--name", "profile_host"]
+    return [Step("profile_host", argv, 120, ["profile_host.json"])]
 
 
 def _ncu(opts: Options) -> list[Step]:

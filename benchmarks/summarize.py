@@ -230,7 +230,7 @@ def host_section(result: dict, top: int = 8) -> list[str]:
             for r in result["rows"]]
     lines = [f"Batch {result['rows'][0]['batch_size']} at {result['rows'][0]['img_size']}, bf16 autocast, "
              f"medians of {value(result, ('settings', 'iters'))} forwards per round, the models visited in turn "
-             f"({source('host_profile', result)}). \"issue\": the host's time to issue one forward with the "
+             f"({source('profile_host', result)}). \"issue\": the host's time to issue one forward with the "
              "device idle; when it equals \"synced\", the forward is bound by the host.", ""]
     lines += table(["model", "synced ms, per round", "issue ms", "pipelined ms"], rows)
     vig = next((r for r in result["rows"] if r["model"] == "vig_tiny" and r.get("top_own")), None)
@@ -413,8 +413,8 @@ def performance(res: Results) -> str:
                 "torch.profiler, kernels' self time per step grouped by op "
                 f"({source('profile_vig', res('profile_vig'))}).",
                 ""] + profile_section(res("profile_vig"))
-    if res("host_profile"):
-        out += ["", "## The host's time in an eager forward", ""] + host_section(res("host_profile"))
+    if res("profile_host"):
+        out += ["", "## The host's time in an eager forward", ""] + host_section(res("profile_host"))
     if res("castling_vs_deit_tiny"):
         out += ["", "## Castling-DeiT-T ÷ DeiT-T", "",
                 f"{source('castling_vs_deit_tiny', res('castling_vs_deit_tiny'))}; see [castling.md](castling.md).",
