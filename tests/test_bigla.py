@@ -304,6 +304,35 @@ def test_chunked_exact_for_any_decay(dtype, tol, T):
                 assert err < 10 * tol, (name, which, i, err)
 
 
+def test_chunked_decay_factors_in_float32_only_when_they_stay_in_range():
+    """Eager float32 work keeps the intra-chunk decay factors in float32 when no chunk decays by more
+    than e^-60 in total (ViG's gates), float64 past it and always while a dispatch mode or a tracer
+    watches (no data-dependent branch there); the float32 choice still matches the recurrence."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vigla.ops.bigla.chunked import _factor_dtype
+
+    gen = torch.Generator().manual_seed(7)
+    vig = F.logsigmoid(torch.randn(2, 1, 2, 56, 8, generator=gen) * 4) / 16  # ViG's log decays
+    assert _factor_dtype(vig, torch.float32, 2, 28) == torch.float32
+    assert _factor_dtype(vig.double(), torch.float64, 2, 28) == torch.float64
+    steep = vig.clone()
+    steep[1, 0, 1, 30:33] = -21.0  # one chunk of one scan: 63 below zero in total
+    assert _factor_dtype(steep, torch.float32, 2, 28) == torch.float64
+    with FlopCounterMode(display=False):
+        assert _factor_dtype(vig, torch.float32, 2, 28) == torch.float64
+    x64 = make_inputs(2, 56, 2, 8, 6)
+    x64[3], x64[4] = (F.logsigmoid(torch.randn(2, 56, 2, 8, generator=gen, dtype=torch.float64) * 4) / 16
+                      for _ in range(2))
+    xs = [t.requires_grad_() for t in x64]
+    ref = bigla_naive(*xs, 0.5)
+    do = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, xs, do)
+    assert rel_err(bigla_chunked(*[t.detach().float() for t in xs], 0.5), ref) < 1e-6
+    for a, b in zip(bigla_chunked_bwd(*[t.detach().float() for t in xs], do.float(), 0.5), g_ref):
+        assert rel_err(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_chunked_on_random_shapes(dtype, tol):
     """Fresh random shapes (B, T, H, K, V), T from 1 to 300, random chunk lengths."""
