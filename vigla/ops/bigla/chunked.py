@@ -212,6 +212,8 @@ def _setup(q, k, v, log_gf, log_gb, chunk):
     (in the factors' dtype, :func:`_factor_dtype`) and the decay factors (:func:`_decays`)."""
     work = _work_dtype(q)
     T, C = q.shape[1], min(chunk, _MAX_CHUNK[work])
+    if isinstance(T, int):  # a short sequence is one chunk of its own length, not a padded one
+        C = max(1, min(C, T))
     n = _num_chunks(T, C)
     T_pad = n * C
     qh, kh, vh = (_heads_first(x, T_pad, work).unflatten(2, (n, C)) for x in (q, k, v))
@@ -229,6 +231,8 @@ def _forward(qh, kh, vh, f, causal, scale):
     scores = torch.matmul(qd, kd.transpose(-1, -2))  # [2, B, H, n, C, C]
     A = torch.where(causal, scores, 0.0).sum(0, dtype=vh.dtype) * half
     o = torch.matmul(A, vh)
+    if isinstance(qh.shape[-3], int) and qh.shape[-3] == 1:  # one chunk: no state passes between chunks
+        return o, {"qd": qd, "kd": kd, "A": A, "S": None}
     # between chunks: keys decayed to the chunk's end (f) / start (b), queries from its start (f) /
     # to its end (b), both <= 1
     q_state = _pair(qd * (f["from_state"] * half), vh.dtype)  # [B, H, n, C, 2K]
@@ -257,6 +261,24 @@ def bigla_chunked(q, k, v, log_gf, log_gb, scale: float, chunk: int = DEFAULT_CH
     return _tokens_last(o.flatten(2, 3), T, q.dtype)
 
 
+def _between_chunks_bwd(p, f, doh, vh, dqd, dkd, dv, half: float, K: int):
+    """The gradients through the states passed between chunks, added to ``dqd``, ``dkd`` and ``dv``, and
+    ``straddle [2, B, H, n, K]``: each chunk total's share of the log-decay gradient (it enters the state
+    the chunk leaves, keys (f) / queries (b) decayed to its end, and the decay of the states that pass
+    through it)."""
+    dS = torch.matmul(p["q_state"].transpose(-1, -2), doh)  # d(state read by chunk c)
+    dq_state = torch.matmul(doh, p["S"].transpose(-1, -2))  # [B, H, n, C, 2K]
+    dU = _carry(dS, f, reverse=True)  # d(state left by chunk m)
+    dk_state = torch.matmul(vh, dU.transpose(-1, -2))
+    dv = dv + torch.matmul(p["k_state"], dU)
+    dqd = dqd + _unpair(dq_state) * (f["from_state"] * half)
+    dkd = dkd + _unpair(dk_state) * f["to_state"]
+    ends = torch.cat([(p["k_state"] * dk_state)[..., :K], (p["q_state"] * dq_state)[..., K:]], dim=-1).sum(-2)
+    passing = (dU * p["S"]).sum(-1)  # [B, H, n, 2K]
+    scans_first = lambda x: x.unflatten(-1, (2, K)).permute(3, 0, 1, 2, 4)  # noqa: E731
+    return dqd, dkd, dv, scans_first(ends) + scans_first(passing) * f["total"].exp()
+
+
 def bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale: float, chunk: int = DEFAULT_CHUNK):
     """Gradients ``(dq, dk, dv, dlog_gf, dlog_gb)`` of ``<do, bigla_chunked(...)>``, without autograd.
 
@@ -275,28 +297,18 @@ def bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale: float, chunk: int = DE
     dqd = torch.matmul(d_scores, p["kd"])
     dkd = torch.matmul(d_scores.transpose(-1, -2), p["qd"])
 
-    # between chunks
-    dS = torch.matmul(p["q_state"].transpose(-1, -2), doh)  # d(state read by chunk c)
-    dq_state = torch.matmul(doh, p["S"].transpose(-1, -2))  # [B, H, n, C, 2K]
-    dU = _carry(dS, f, reverse=True)  # d(state left by chunk m)
-    dk_state = torch.matmul(vh, dU.transpose(-1, -2))
-    dv = dv + torch.matmul(p["k_state"], dU)
-    dqd = dqd + _unpair(dq_state) * (f["from_state"] * half)
-    dkd = dkd + _unpair(dk_state) * f["to_state"]
+    straddle = None
+    if p["S"] is not None:
+        dqd, dkd, dv, straddle = _between_chunks_bwd(p, f, doh, vh, dqd, dkd, dv, half, q.shape[-1])
 
     # log decays: the pair (i, j) decays by exp(+-(X_i - X_j)), so dL/dX_t = +-(q_t dq_t - k_t dk_t)
-    # (= qd dqd - kd dkd), and a gate moves X at and after its token within the chunk; the chunk
-    # total also enters the state the chunk leaves (keys (f) / queries (b) decayed to its end) and
-    # the decay of the states that pass through it
+    # (= qd dqd - kd dkd), and a gate moves X at and after its token within the chunk
     sign = torch.tensor([1.0, -1.0], dtype=g.dtype, device=q.device).view(2, 1, 1, 1, 1, 1)
     term = (p["qd"] * dqd - p["kd"] * dkd) * sign
-    K = q.shape[-1]
-    ends = torch.cat([(p["k_state"] * dk_state)[..., :K], (p["q_state"] * dq_state)[..., K:]], dim=-1).sum(-2)
-    passing = (dU * p["S"]).sum(-1)  # [B, H, n, 2K]
-    scans_first = lambda x: x.unflatten(-1, (2, K)).permute(3, 0, 1, 2, 4)  # noqa: E731
-    straddle = scans_first(ends) + scans_first(passing) * f["total"].exp()  # [2, B, H, n, K]
-    suffix = term.sum(-2, keepdim=True) - term.cumsum(-2) + term  # sum over t >= r in the chunk
-    dg = (suffix + straddle.unsqueeze(-2)).flatten(3, 4)
+    dg = term.sum(-2, keepdim=True) - term.cumsum(-2) + term  # sum over t >= r in the chunk
+    if straddle is not None:
+        dg = dg + straddle.unsqueeze(-2)
+    dg = dg.flatten(3, 4)
     dg = dg * (g > -_CLAMP[_work_dtype(q)])  # the clamp passes no gradient
     e = f["e"]
     dq, dk = (dqd * e).sum(0).flatten(2, 3), (dkd / e).sum(0).flatten(2, 3)
