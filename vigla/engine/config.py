@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, named presets, YAML files and command-line flags.
 
-Precedence, lowest first: the field defaults (the ViG recipe of spec section 4, preset ``recipe``) <
+Precedence, lowest first: the field defaults (the ImageNet recipe of the official ViG code, hustvl/ViG's config; preset ``recipe``) <
 the chosen preset < the saved config of the run being resumed < ``--config FILE.yaml`` < explicit flags.
 Every run writes the resolved config to ``<out>/config.yaml``, which ``--config`` reads back.
 """
@@ -104,9 +104,9 @@ class TrainConfig:
                              metavar="N")
 
 
-#: Named settings. "recipe" is the ViG training recipe of spec section 4 (the field defaults).
-#: "fmnist-quick" is the default run: ViG-T on a Fashion-MNIST subset, 1.4 minutes on 2 idle CPU cores
-#: (82.6 s wall, benchmarks/cpu_default_train.py; benchmarks/results/cpu_default_train.json).
+#: Named settings. "recipe" is the official ViG code's ImageNet recipe (hustvl/ViG's config; the field defaults).
+#: "fmnist-quick" is the default run: ViG-T on a Fashion-MNIST subset, about 1.5 minutes on 2 CPU cores
+#: (benchmarks/cpu_default_train.py; its wall time in benchmarks/results/cpu_default_train.json).
 PRESETS: dict[str, dict[str, Any]] = {
     "recipe": {},
     "fmnist-quick": dict(
