@@ -19,8 +19,8 @@ The sequence is cut into chunks of ``C`` tokens:
   float64, where they stay in range: per-token log decays are clamped at ``-G`` (22 for float32
   inputs, 40 for float64), so that ``|X - c| <= (C - 1) G / 2`` (297 for ``C = 28``, e^297 ~ 1e129,
   far inside float64's e^709). The clamp changes nothing representable: a pair across a token
-  whose log decay is below ``-G`` has decayed by less than ``e^-G`` (float32: 3e-10). In eager mode,
-  float32 inputs whose chunks each decay by at most ``e^-60`` in total (ViG's gates: always, short of
+  whose log decay is below ``-G`` has decayed by less than ``e^-G`` (float32: 3e-10). On the CPU in
+  eager mode, float32 inputs whose chunks each decay by at most ``e^-60`` in total (ViG's gates: always, short of
   gate logits below about -30) keep the factors in float32 instead: ``|X - c| <= 30``, so a product of
   two stays below ``e^60``, far inside float32's ``e^88`` (one reduction decides; forward and backward 1.6-1.8x faster on a CPU);
 * between chunks, each scan carries a ``[K, V]`` state per chunk (keys decayed to the chunk's end,
@@ -200,9 +200,10 @@ def _carry(U, f, reverse: bool):
 
 def _factor_dtype(g, work, n: int, C: int):
     """The dtype of the cumulative sums and decay factors for the clamped log decays ``g [2, B, H, n*C, K]``:
-    float32 for float32 work in eager mode when every chunk's total is at least ``-_FP32_SPAN`` (one
-    reduction, read on the host), else float64 (always while tracing: no data-dependent branch)."""
-    if work == torch.float64 or via_dispatcher():
+    float32 for float32 work on the CPU in eager mode when every chunk's total is at least ``-_FP32_SPAN``
+    (one reduction, read on the host), else float64: always while tracing (no data-dependent branch) and
+    on an accelerator (no host read, e.g. inside a CUDA graph's capture)."""
+    if work == torch.float64 or g.device.type != "cpu" or via_dispatcher():
         return torch.float64
     return torch.float32 if bool(g.unflatten(-2, (n, C)).sum(-2).min() >= -_FP32_SPAN) else torch.float64
 
