@@ -20,9 +20,10 @@ The sequence is cut into chunks of ``C`` tokens:
   inputs, 40 for float64), so that ``|X - c| <= (C - 1) G / 2`` (297 for ``C = 28``, e^297 ~ 1e129,
   far inside float64's e^709). The clamp changes nothing representable: a pair across a token
   whose log decay is below ``-G`` has decayed by less than ``e^-G`` (float32: 3e-10). On the CPU in
-  eager mode, float32 inputs whose chunks each decay by at most ``e^-60`` in total (ViG's gates: always, short of
-  gate logits below about -30) keep the factors in float32 instead: ``|X - c| <= 30``, so a product of
-  two stays below ``e^60``, far inside float32's ``e^88`` (one reduction decides; forward and backward 1.6-1.8x faster on a CPU);
+  eager mode, float32 inputs whose chunks each decay by at most ``e^-60`` in total keep the factors in
+  float32 instead (ViG's ``logsigmoid(z) / 16`` unless a chunk's gate logits average below -34):
+  ``|X - c| <= 30``, so a product of two stays below ``e^60``, far inside float32's ``e^88`` (one
+  reduction decides; forward and backward 1.6-1.8x faster);
 * between chunks, each scan carries a ``[K, V]`` state per chunk (keys decayed to the chunk's end,
   queries from its start, all factors <= 1), mixed by the per-channel ``[n, n]`` matrix of decays
   between chunks: one batched product instead of a sequential scan. Its sums of chunk totals are
