@@ -23,7 +23,7 @@ The sequence is cut into chunks of ``C`` tokens:
   eager mode, float32 inputs whose chunks each decay by at most ``e^-60`` in total keep the factors in
   float32 instead (ViG's ``logsigmoid(z) / 16`` unless a chunk's gate logits average below -34):
   ``|X - c| <= 30``, so a product of two stays below ``e^60``, far inside float32's ``e^88`` (one
-  reduction decides; forward and backward 1.6-1.8x faster);
+  reduction decides);
 * between chunks, each scan carries a ``[K, V]`` state per chunk (keys decayed to the chunk's end,
   queries from its start, all factors <= 1), mixed by the per-channel ``[n, n]`` matrix of decays
   between chunks: one batched product instead of a sequential scan. Its sums of chunk totals are

@@ -464,13 +464,12 @@ class _Plan:
 
 
 def default_chunk(T: int, K: int, V: int, bf16: bool, chains: int) -> int:
-    """The chunk length (tokens) of one pass, chosen by measurement on an H200
-    (``python -m benchmarks kernel tune``, benchmarks/results/kernel_bigla_tune.json).
+    """The chunk length (tokens) of one pass, chosen by measurement (``python -m benchmarks kernel tune``;
+    its result file holds the figures).
 
     fp32 inputs, or bf16 heads above 64 x 128: 32 (fp32 products need twice the registers and shared
-    memory). bf16: the forward (``chains`` 2) of d_k = 16 heads takes 16-token chunks (ViG-H's stages at
-    224: 3-32% faster than 64), short sequences (T <= 256) of wider heads 32 (T = 196 pads to 224
-    instead of 256; ViG-T at 224: forward and forward+backward 13% faster, ViG-S 12% and 2%), everything
+    memory). bf16: 16-token chunks for the forward (``chains`` 2) of d_k = 16 heads (ViG-H's stages),
+    32 for short sequences (T <= 256) of wider heads (T = 196 pads to 224 instead of 256), everything
     else 64. The backward recomputes the states from the inputs, so the two passes need not agree."""
     if not (bf16 and K <= 64 and V <= 128):
         return 32
