@@ -155,15 +155,29 @@ def flops_section(result: dict) -> list[str]:
 def reading(res: Results) -> list[str]:
     """A few sentences on what the ViG-T figures say, every number read from the files."""
     eager, graph, comp = res("models_vig_t_eager"), res("models_vig_t_cuda_graph"), res("compile_all_models")
-    ckpt, prof = res("models_vig_t_ckpt"), res("profile_vig")
+    ckpt, launches, host = res("models_vig_t_ckpt"), res("profile_launches"), res("profile_host")
     lines = []
-    launches = next((value(e, ("inference", "kernel_launches")) for e in (prof or {}).get("rows", [])
-                     if e.get("model") == "vig_tiny" and e.get("img_size") == 224), None)
+
+    def launches_of(model):
+        return next((value(e, ("inference", "kernel_launches")) for e in (launches or {}).get("rows", [])
+                     if e.get("model") == model and e.get("img_size") == 224), None)
+
+    def issue_ms(model):
+        rows = [r for r in (host or {}).get("rows", []) if r.get("model") == model]
+        return sorted(t["issue_ms"] for t in rows[0]["rounds"])[len(rows[0]["rounds"]) // 2] if rows else None
+
+    why = []
+    if issue_ms("vig_tiny") and issue_ms(DEIT_T):
+        why.append(f"issuing one forward takes the host {issue_ms('vig_tiny'):.1f} ms against DeiT-T's "
+                   f"{issue_ms(DEIT_T):.1f} ms, `profile_host.json`")
+    if launches_of("vig_tiny") and launches_of(DEIT_T):
+        why.append(f"{launches_of('vig_tiny'):.0f} kernel launches to DeiT-T's {launches_of(DEIT_T):.0f}, "
+                   "`profile_launches.json`: fewer, but each costs more host time")
     if eager and graph:
-        lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU"
-                     + (f" ({launches:.0f} kernel launches per forward, `profile_vig.json`)" if launches else "")
-                     + f": it runs at {ratio(eager, 'vig_tiny', DEIT_T, 224, INFER)}x DeiT-T's img/s eager and at "
-                       f"{ratio(graph, 'vig_tiny', DEIT_T, 224, INFER)}x replayed as a CUDA graph.")
+        because = f" ({'; '.join(why)})" if why else ""
+        lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU{because}: it runs at "
+                     f"{ratio(eager, 'vig_tiny', DEIT_T, 224, INFER)}x DeiT-T's img/s eager and at "
+                     f"{ratio(graph, 'vig_tiny', DEIT_T, 224, INFER)}x replayed as a CUDA graph.")
     if eager:
         lines.append(f"* From 1024² the GPU work dominates and linear attention pays: ViG-T runs at "
                      f"{ratio(eager, 'vig_tiny', DEIT_T, 1024, INFER)}x DeiT-T at 1024² and "
