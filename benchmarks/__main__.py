@@ -86,6 +86,9 @@ def run_suite(args) -> int:
                               "and/or --fmnist-dir DIR")
     print(f"# benchmarks {suite.name} {' '.join(args.parts) or '(all parts)'} | commit {sha or 'unknown'} | "
           f"out {opts.out}")
+    warning = runner.stale_commit_warning()
+    if warning:
+        print(warning, flush=True)
     if args.dry_run:
         print(f"export PYTHONPATH={runner.environment()['PYTHONPATH']} PYTHONUNBUFFERED=1")
         for step in steps:

@@ -37,6 +37,23 @@ def commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
+def stale_commit_warning() -> str | None:
+    """A line for the suite's header when the results would name a commit the tree is not: no
+    ``VIGLA_COMMIT`` and tracked files that differ from it (uncommitted edits, or a copied tree whose
+    ``.git`` is older than its files, as on the device machine)."""
+    if os.environ.get("VIGLA_COMMIT"):
+        return None
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return (f"# warning: the tree differs from commit {commit()} ({len(out.stdout.splitlines())} tracked files): "
+            "the results will name that commit; set VIGLA_COMMIT to the commit this tree is")
+
+
 def wheel_install() -> Step | None:
     """The step that installs the optional wheels of .whl/ into a folder of their own (put on
     PYTHONPATH), or None when there are none."""

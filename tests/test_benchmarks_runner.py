@@ -205,3 +205,25 @@ def test_main_module_runs_as_a_command():
     import subprocess
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and all(name in proc.stdout for name in SUITES)
+
+
+def test_stale_commit_warning(monkeypatch):
+    """A tree whose tracked files differ from the commit git names (a copied tree with an older .git, as on
+    the device machine) gets a warning line unless VIGLA_COMMIT names its commit; a clean tree gets none."""
+    import subprocess
+
+    def fake_git(status: str):
+        def run(argv, **kwargs):
+            out = status if "status" in argv else "abc1234\n"
+            return subprocess.CompletedProcess(argv, 0, stdout=out, stderr="")
+        return run
+
+    monkeypatch.delenv("VIGLA_COMMIT", raising=False)
+    monkeypatch.setattr(runner.subprocess, "run", fake_git(" M vigla/a.py\n M vigla/b.py\n"))
+    warning = runner.stale_commit_warning()
+    assert warning and "abc1234" in warning and "2 tracked files" in warning and "VIGLA_COMMIT" in warning
+    monkeypatch.setattr(runner.subprocess, "run", fake_git(""))
+    assert runner.stale_commit_warning() is None
+    monkeypatch.setattr(runner.subprocess, "run", fake_git(" M vigla/a.py\n"))
+    monkeypatch.setenv("VIGLA_COMMIT", "def5678")
+    assert runner.stale_commit_warning() is None
