@@ -33,10 +33,11 @@ from .outputs import write_text
 from .precision import autocast
 from .run import BEST, LAST, TrainingRun, _seed_everything, _version, _warn_unreadable, run_name
 
+
 class Trainer(TrainingRun):
-    """Builds everything a run needs from a :class:`~vigla.engine.config.TrainConfig`; :meth:`run` trains and returns an exit code
-    (see :class:`~vigla.engine.run.TrainingRun`: this class adds the data, the model, Mixup, EMA, DDP, one
-    step and the epoch's validation).
+    """Builds everything a run needs from a :class:`~vigla.engine.config.TrainConfig`; :meth:`run` trains and
+    returns an exit code (see :class:`~vigla.engine.run.TrainingRun`: this class adds the data, the model, Mixup,
+    EMA, DDP, one step and the epoch's validation).
 
     ``stop_after_steps`` asks for a stop after that many optimizer steps in all, through the same path as
     a signal (used by the tests to interrupt a run mid-epoch deterministically).
