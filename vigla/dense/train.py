@@ -280,21 +280,7 @@ class DenseTrainer(TrainingRun):
         ``--log-interval`` steps, at the end of the epoch and before any save."""
         loss, parts = self._loss(batch)
         self._part_names = list(parts)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.cfg.clip_grad > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-            self.optimizer.step()
-        self.global_step += 1
-        self.scheduler.step_update(self.global_step)
+        self._update(loss)
         return torch.stack([loss.detach(), *(v.detach() for v in parts.values())])
 
     def _oom_message(self, where: str) -> str:

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import timm
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -260,6 +261,26 @@ class TrainingRun:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_loss, self.best = list(state["epoch_loss"]), dict(state["best"])
+        self.scheduler.step_update(self.global_step)
+
+    # ------------------------------------------------------------------------------------------- one step
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward ``loss`` (0-d, fp32; through the fp16 gradient scaler if any), clip the gradients'
+        norm to ``--clip-grad``, take the optimizer step and the schedule's. Waits for nothing."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.cfg.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
+            self.optimizer.step()
+        self.global_step += 1
         self.scheduler.step_update(self.global_step)
 
     # ------------------------------------------------------------------------------------------- losses

@@ -242,21 +242,7 @@ class Trainer(TrainingRun):
         if hasattr(core, "aux_loss"):
             loss = loss + core.aux_loss()
         loss = loss.float()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.cfg.clip_grad > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
-            self.optimizer.step()
-        self.global_step += 1
-        self.scheduler.step_update(self.global_step)
+        self._update(loss)
         if self.ema is not None:
             self.ema.update(self.core, step=self.global_step)
         return loss.detach()
