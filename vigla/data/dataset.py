@@ -101,7 +101,7 @@ def collate(batch):
 def stop_workers(loader: DataLoader) -> None:
     """End the worker processes of ``loader`` (a persistent iterator's) now, not when the garbage collector
     gets to them: the graceful shutdown of PyTorch, then SIGKILL for a worker still alive (loader workers
-    ignore SIGTERM, see ``vigla.engine.trainer``). Without this, an exception that keeps the iterator
+    ignore SIGTERM, see ``vigla.engine.run``). Without this, an exception that keeps the iterator
     referenced from its traceback leaves the process waiting for its workers at exit."""
     it = getattr(loader, "_iterator", None)
     if it is None:

@@ -2,7 +2,7 @@
 classification engine's guarantees and pieces.
 
 * Checkpoints as ``vigla train`` writes them (:mod:`vigla.engine.checkpoint`, atomic): ``last.safetensors`` /
-  ``.json`` / ``.state.pt`` every epoch and on SIGINT / SIGTERM (:class:`vigla.engine.trainer.StopRequest`),
+  ``.json`` / ``.state.pt`` every epoch and on SIGINT / SIGTERM (:class:`vigla.engine.run.StopRequest`),
   ``best.*`` at the best validation metric (box mAP, or mIoU). ``--resume`` continues from the exact step:
   the sample order (:class:`vigla.data.ResumableDistributedSampler`), each sample's augmentation (drawn from
   ``(seed, epoch, index)``), optimizer, schedule, gradient scaler and RNG states.
@@ -11,43 +11,34 @@ classification engine's guarantees and pieces.
 * Logs: ``config.yaml``, ``run.json``, ``steps.csv``, ``metrics.csv`` (:class:`vigla.engine.metrics.MetricsLog`),
   ``curves.png``, ``results.json``.
 
-One process, one device (CPU or one GPU); AdamW with a cosine schedule after a linear warm-up, per step.
+One process, one device (CPU or one GPU); AdamW with a cosine schedule after a linear warm-up, per step. The run's
+lifecycle (output folder, checkpoints, resume, loss read-back, the loop) is :class:`vigla.engine.run.TrainingRun`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import platform
-import signal
-import sys
-import time
 import warnings
 from functools import partial
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vigla.data import DataError, ResumableDistributedSampler
-from vigla.data.dataset import stop_workers
 from vigla.engine.checkpoint import (capture_rng, load_into, load_state, load_weights, read_meta, restore_rng,
-                                     save_state, save_weights)
-from vigla.engine.errors import CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
-from vigla.engine.metrics import MetricsLog
+                                     save_weights)
+from vigla.engine.errors import CheckpointError, OutOfMemory, UserError
 from vigla.engine.modeling import check_model_name
-from vigla.engine.outputs import (OutputLock, atomic_write, git_info, make_folder, remove_empty_folders,
-                                  remove_stale_temp_files, write_text)
-from vigla.engine.precision import amp_dtype, autocast
-from vigla.engine.trainer import (StopRequest, _quiet_worker, _seed_everything, _version, _warn_unreadable,
-                                  find_resume_state, run_name)
+from vigla.engine.outputs import atomic_write, write_text
+from vigla.engine.precision import autocast
+from vigla.engine.run import (BEST, LAST, TrainingRun, _seed_everything, _version, _warn_unreadable,
+                              find_resume_state, run_name)
 
 from .config import DenseConfig, config_to_yaml, parse_json_object
 from .data import (IGNORE, CocoSplit, DetectionDataset, SegmentationDataset, collate_detection, collate_segmentation,
@@ -56,8 +47,6 @@ from .evaluate import evaluate_detector, evaluate_segmenter
 from .models import build_detector, build_segmenter
 
 __all__ = ["DenseTrainer", "build_model", "main_metric", "model_meta"]
-
-LAST, BEST = "last", "best"
 
 
 def main_metric(task: str) -> str:
@@ -115,25 +104,23 @@ def _pick(n: int, subset: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, subset, replace=False).tolist())
 
 
-class DenseTrainer:
-    """Builds a run from a :class:`DenseConfig`; :meth:`run` trains and returns an exit code.
+class DenseTrainer(TrainingRun):
+    """Builds a run from a :class:`DenseConfig`; :meth:`run` trains and returns an exit code (see
+    :class:`~vigla.engine.run.TrainingRun`: this class adds the COCO data, the detector / segmenter, one step
+    and the epoch's validation).
 
     ``stop_after_steps``: stop (and save) after that many optimizer steps in all, through the signal path
     (the tests interrupt a run mid-epoch with it).
     """
 
-    def __init__(self, cfg: DenseConfig, resume_state: str | None = None, stop_after_steps: int | None = None):
+    command = "vigla dense train"
+    img_s_digits = 1
+    log_on_stop = True
+
+    def _setup_device(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("vigla dense train runs in one process on one device; torchrun is not supported")
-        self.cfg, self.resume_state, self.stop_after_steps = cfg, resume_state, stop_after_steps
-        self.stop = StopRequest()
-        self.log, self._loaders, self._lock, self._created = None, [], None, []
-        self.device = _device(cfg.device)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
+        self.device = _device(self.cfg.device)
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -145,58 +132,14 @@ class DenseTrainer:
         self.out = self._prepare_out_dir()
         self._build_model()
         self._build_optimisation()
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.epoch_loss = [0.0, 0]
-        self._pending, self._window = [], []  # step losses not read back yet / read back since the last log row
         self.best = {main_metric(cfg.task): -1.0, "epoch": 0}
-        self.skipped, self._val_warned = 0, False
-        if self.resume_state is not None:
-            self._load_resume(self.resume_state)
-        self.log = MetricsLog(self.out, resume_step=self.global_step)
+        self._start()
 
-    # ------------------------------------------------------------------------------------------- setup
-    def _precision(self):
-        if self.cfg.amp == "fp16" and self.device.type != "cuda":
-            raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
-        dtype = amp_dtype(self.cfg.amp, self.device)
-        return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
+    def _run_name(self) -> str:
+        return run_name(f"{self.cfg.model}-{self.cfg.task}", self.cfg.data)
 
-    def _prepare_out_dir(self) -> str:
-        """Create and lock the run folder (one run per folder) and remove a killed save's temporary files."""
-        cfg = self.cfg
-        if self.resume_state is not None:
-            out = cfg.out or os.path.dirname(os.path.abspath(self.resume_state))
-            self._claim(out)
-        elif cfg.out is not None:
-            out = cfg.out
-            self._claim(out)
-            if os.path.isfile(os.path.join(out, f"{LAST}.state.pt")):
-                raise UserError(f"--out {out} already holds a run ({LAST}.state.pt): continue it with "
-                                f"--resume auto --out {out}, or choose another --out")
-        else:  # runs/<model>-<task>-<data>, numbered: the first free (empty and unlocked) one
-            base = out = os.path.join("runs", run_name(f"{cfg.model}-{cfg.task}", cfg.data))
-            n = 1
-            while not self._claim(out, wait_free=True):
-                n += 1
-                out = f"{base}-{n}"
-        for path in remove_stale_temp_files(out):
-            print(f"removed {path}: the temporary file of a save that was killed half-way", file=sys.stderr)
-        return out
-
-    def _claim(self, out: str, wait_free: bool = False) -> bool:
-        """Create and lock ``out``. ``wait_free``: False (instead of an error) when it is taken or not empty."""
-        if wait_free and os.path.isdir(out) and any(not n.startswith(".") for n in os.listdir(out)):
-            return False
-        created = make_folder(out, "--out")
-        try:
-            self._lock = OutputLock(out).acquire("vigla dense train")
-        except OutputError as e:
-            remove_empty_folders(created)
-            if wait_free and e.errno is None:  # another run holds it
-                return False
-            raise
-        self._created = created
-        return True
+    def _config_yaml(self) -> str:
+        return config_to_yaml(self.cfg)
 
     def _build_data(self):
         cfg = self.cfg
@@ -226,21 +169,13 @@ class DenseTrainer:
         self.train_set = _Subset(train_set, _pick(len(train_set), cfg.train_subset, cfg.seed))
         self.val_set = _Subset(val_set, _pick(len(val_set), cfg.val_subset, cfg.seed + 1))
         self.sampler = ResumableDistributedSampler(self.train_set, 1, 0, shuffle=True, seed=cfg.seed)
+        self.global_batch = cfg.batch_size
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(self.train_set)} training "
                             f"images: lower --batch-size")
         self.train_loader = self._loader(self.train_set, self.sampler, cfg.batch_size, train_collate, True)
         self.val_loader = self._loader(self.val_set, None, cfg.eval_batch_size, eval_collate, False)
-
-    def _loader(self, dataset, sampler, batch_size: int, collate, drop_last: bool) -> DataLoader:
-        """A loader whose workers :meth:`close` ends; its own generator, not the global RNG (exact resume)."""
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                            persistent_workers=self.workers > 0, worker_init_fn=_quiet_worker,
-                            generator=torch.Generator().manual_seed(self.cfg.seed))
-        self._loaders.append(loader)
-        return loader
 
     def _build_model(self):
         cfg = self.cfg
@@ -258,7 +193,7 @@ class DenseTrainer:
         if cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.model = model.to(self.device)
+        self.core = self.model = model.to(self.device)
 
     def _build_optimisation(self):
         cfg = self.cfg
@@ -278,41 +213,18 @@ class DenseTrainer:
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "val": val,
                 "vigla_version": _version()}
 
-    def save_checkpoint(self, val: dict | None = None) -> None:
-        """``last.*``: the training state (weights, optimizer, schedule, RNG: self-contained), the weights with
-        their description, and the config. Only finite weights get here (:meth:`_check_weights`)."""
-        assert not self._pending, "unchecked step losses: call _read_losses() before saving"
-        self._check_weights()
-        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                 "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss), "skipped": self.skipped,
-                 "model_meta": json.dumps(self.meta), "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                 "best": dict(self.best), "rng": capture_rng()}
-        with self._saving():
-            save_state(os.path.join(self.out, f"{LAST}.state.pt"), state)
-            save_weights(os.path.join(self.out, f"{LAST}.safetensors"), self.model.state_dict(), self._meta(val))
-            write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
+    def _train_state(self) -> dict:
+        """The training state: weights, optimizer, schedule, RNG, and the model's description."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss), "skipped": self.skipped,
+                "model_meta": json.dumps(self.meta), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "best": dict(self.best), "rng": capture_rng()}
 
-    @contextlib.contextmanager
-    def _saving(self):
-        """An :class:`OutputError` during a save, told with what was kept and how to go on."""
-        try:
-            yield
-        except OutputError as e:
-            raise OutputError(f"{e}; {self._kept()}; once it can be written, continue with: vigla dense train "
-                              f"--resume auto --out {self.out}") from None
-
-    def _kept(self) -> str:
-        last = os.path.join(self.out, f"{LAST}.safetensors")
-        try:
-            meta = read_meta(last) if os.path.isfile(last) else None
-        except CheckpointError:
-            meta = None
-        if meta is None or "global_step" not in meta:
-            return "no checkpoint had been saved yet"
-        return f"the last good checkpoint is kept: {last} (global step {meta['global_step']})"
+    def _kept_position(self, meta: dict) -> str:
+        return f"global step {meta['global_step']}"
 
     def _load_resume(self, path: str) -> None:
         state = load_state(path)
@@ -332,16 +244,8 @@ class DenseTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: the optimizer state does not fit this model ({e})") from None
-        if state["total_steps"] == self.total_steps:
-            self.scheduler.load_state_dict(state["scheduler"])
-        else:  # e.g. --epochs raised to extend a finished run: the cosine is re-planned
-            print(f"note: the schedule is re-planned for {self.total_steps} steps (the checkpoint's run planned "
-                  f"{state['total_steps']})", flush=True)
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        self.epoch_loss, self.best, self.skipped = list(state["epoch_loss"]), dict(state["best"]), state["skipped"]
-        self.scheduler.step_update(self.global_step)
+        self._restore_schedule(state)
+        self.skipped = state["skipped"]
         restore_rng(state["rng"])
 
     def _save_best(self, val: dict) -> None:
@@ -376,49 +280,8 @@ class DenseTrainer:
         ``--log-interval`` steps, at the end of the epoch and before any save."""
         loss, parts = self._loss(batch)
         self._part_names = list(parts)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.cfg.clip_grad > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-            self.optimizer.step()
-        self.global_step += 1
-        self.scheduler.step_update(self.global_step)
+        self._update(loss)
         return torch.stack([loss.detach(), *(v.detach() for v in parts.values())])
-
-    def _read_losses(self) -> None:
-        """Read the pending step losses back: into the epoch's sum and the log window; the first NaN / inf
-        raises :class:`NonFiniteLossError` (nothing of that step or later is saved)."""
-        rows = torch.stack(self._pending).tolist()
-        first = self.global_step - len(rows) + 1
-        self._pending = []
-        for i, row in enumerate(rows):
-            if not math.isfinite(row[0]):
-                raise NonFiniteLossError(self._nonfinite_message(row[0], first + i))
-            self.epoch_loss[0] += row[0]
-            self.epoch_loss[1] += 1
-            self._window.append(row)
-
-    def _check_weights(self) -> None:
-        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
-            raise NonFiniteLossError(
-                f"the weights became NaN or inf by global step {self.global_step} (the losses were finite); "
-                f"stopped without saving them, {self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and "
-                f"resume: vigla dense train --resume auto --out {self.out} --lr ...")
-
-    def _nonfinite_message(self, value: float, step: int) -> str:
-        epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
-        return (f"the training loss became {value} at epoch {epoch + 1}, step {in_epoch + 1}/{self.steps_per_epoch} "
-                f"(global step {step}); stopped without saving the weights of that step or later, {self._kept()}. "
-                f"Try a lower --lr, --clip-grad, or --amp off, and resume: vigla dense train --resume auto --out "
-                f"{self.out} --lr ...")
 
     def _oom_message(self, where: str) -> str:
         return (f"CUDA out of memory during {where} with --batch-size {self.cfg.batch_size} at --img-size "
@@ -426,90 +289,10 @@ class DenseTrainer:
                 f"--grad-checkpointing")
 
     # ------------------------------------------------------------------------------------------- loop
-    def run(self) -> int:
-        """Train to the end (0) or to a stop request (128 + signal); always ends with :meth:`close`."""
-        self.stop.install()
-        try:
-            return self._run()
-        except torch.OutOfMemoryError:
-            raise OutOfMemory(self._oom_message("training")) from None
-        finally:
-            self.stop.restore()
-            self.close()
-
-    def close(self) -> None:
-        """End the loader workers, flush the logs, release the run folder (removed when this run created it and
-        wrote nothing). Safe to call twice, and on a half-built trainer."""
-        failing = sys.exc_info()[0] is not None
-        for loader in self._loaders:
-            stop_workers(loader)
-        try:
-            if self.log is not None:
-                self.log.close()
-                self.log = None
-        except OutputError as e:
-            if not failing:
-                raise
-            print(f"warning: {e}", file=sys.stderr)
-        finally:
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
-                remove_empty_folders(self._created)
-
-    def _run(self) -> int:
-        self._write_run_files()
-        self._print_header()
-        while self.epoch < self.cfg.epochs:
-            if self._train_epoch():
-                return self._stopped()
-            self._end_epoch()
-            if self.stop.signum:
-                return self._stopped()
-        return self._finish()
-
-    def _train_epoch(self) -> bool:
-        """One epoch from ``step_in_epoch``; True when a stop was requested (the checkpoint is then saved)."""
-        cfg, spe = self.cfg, self.steps_per_epoch
-        self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.batch_size)
-        self.model.train()
-        bar = tqdm(total=spe, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        t0, n0 = time.perf_counter(), self.step_in_epoch
-        self._window = []
-        with bar:  # closed on every way out, so that an error message comes after the bar
-            for batch in self.train_loader:
-                self._count_unreadable(batch[-1], len(batch[1]) if batch[1] is not None else 0)
-                self._pending.append(self.train_step(batch))
-                self.step_in_epoch += 1
-                bar.update(1)
-                stop = bool(self.stop.signum) or (self.stop_after_steps is not None
-                                                  and self.global_step >= self.stop_after_steps)
-                if stop or self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == spe:
-                    self._read_losses()
-                    self._log_steps(bar, t0, n0)
-                if stop:
-                    bar.close()
-                    self.save_checkpoint()
-                    return True
-            if self._pending:
-                self._read_losses()
-        self.train_time = time.perf_counter() - t0
-        self.train_ips = (self.step_in_epoch - n0) * cfg.batch_size / max(self.train_time, 1e-9)
-        return False
-
-    def _log_steps(self, bar, t0: float, n0: int) -> None:
-        """The progress bar's numbers and a ``steps.csv`` row: the mean losses of the steps since the last row."""
-        if not self._window:
-            return
-        means = np.mean(self._window, axis=0).tolist()
-        lr = self.optimizer.param_groups[0]["lr"]
-        ips = (self.step_in_epoch - n0) * self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
-        self.log.log_step({"global_step": self.global_step, "epoch": self.epoch,
-                           "epoch_progress": self.epoch + self.step_in_epoch / self.steps_per_epoch,
-                           "loss": means[0], "lr": lr, **dict(zip(self._part_names, means[1:]))})
-        self._window = []
+    def _train_on(self, batch) -> torch.Tensor:
+        """One :meth:`train_step` on a loader batch (its last item: the unreadable files) -> its losses."""
+        self._count_unreadable(batch[-1], len(batch[1]) if batch[1] is not None else 0)
+        return self.train_step(batch)
 
     def _count_unreadable(self, errors: list[str], kept: int) -> None:
         if not errors:
@@ -553,14 +336,6 @@ class DenseTrainer:
         tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} | val {key} "
                    f"{val.get(key) or 0.0:.2f}{extra} | {row['train_img_per_s']:.1f} img/s")
 
-    def _stopped(self) -> int:
-        signum = self.stop.signum or signal.SIGTERM
-        print(f"\nstopped at epoch {self.epoch + 1}, step {self.step_in_epoch}/{self.steps_per_epoch} (global step "
-              f"{self.global_step}); checkpoint saved in {self.out}. Resume with:\n"
-              f"  vigla dense train --resume auto --out {self.out}", file=sys.stderr, flush=True)
-        self.log.flush()
-        return 128 + int(signum)
-
     def _finish(self) -> int:
         """``results.json`` (the best validation metrics) and ``curves.png``."""
         key = main_metric(self.cfg.task)
@@ -578,38 +353,23 @@ class DenseTrainer:
               flush=True)
         return 0
 
-    def _write_run_files(self) -> None:
-        """``run.json`` (``run-resume-<step>.json`` when resumed) and, for a new run, ``config.yaml`` (a resumed run
-        rewrites it with each checkpoint)."""
-        if self.resume_state is None:
-            write_text(os.path.join(self.out, "config.yaml"), config_to_yaml(self.cfg))
-        git = git_info()
-        info = {"command": sys.argv, "device": torch.cuda.get_device_name(self.device)
-                if self.device.type == "cuda" else "cpu", "amp": str(self.amp_dtype), "n_params": self.n_params,
+    def _run_info(self) -> dict:
+        return {"device": self._device_name(), "amp": str(self.amp_dtype), "n_params": self.n_params,
                 "lr_scaled": self.lr, "steps_per_epoch": self.steps_per_epoch, "workers": self.workers,
-                "train_images": len(self.train_set), "val_images": len(self.val_set), "classes": self.classes,
-                "torch": torch.__version__, "timm": timm.__version__, "vigla": _version(),
-                "python": platform.python_version(), "commit": git["commit"], "dirty": git["dirty"],
-                "resumed_from": self.resume_state, "resumed_at_step": self.global_step if self.resume_state else None}
-        name = "run.json" if self.resume_state is None else f"run-resume-{self.global_step}.json"
-        write_text(os.path.join(self.out, name), json.dumps(info, indent=2))
+                "train_images": len(self.train_set), "val_images": len(self.val_set), "classes": self.classes}
 
-    def _print_header(self) -> None:
+    def _describe(self) -> list[str]:
         cfg = self.cfg
         what = f"{cfg.detector} on {cfg.model}" if cfg.task == "detect" else f"semantic FPN on {cfg.model}"
-        print(f"vigla dense train: {cfg.task}, {what} ({self.n_params / 1e6:.2f}M params)\n"
-              f"  data {cfg.data}: {len(self.train_set)} train / {len(self.val_set)} val images, "
-              f"{len(self.classes)} classes, shorter side {cfg.img_size}px\n"
-              f"  {cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {self.lr:.3g} "
-              f"({cfg.lr:g} per 16), AdamW, wd {cfg.weight_decay}\n"
-              f"  device {self.device}, amp {self.amp_dtype or 'off'}, {self.workers} loader worker(s)\n"
-              f"  output {self.out}"
-              + (f"\n  resuming at epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step})"
-                 if self.resume_state else ""), flush=True)
+        return [f"vigla dense train: {cfg.task}, {what} ({self.n_params / 1e6:.2f}M params)",
+                f"  data {cfg.data}: {len(self.train_set)} train / {len(self.val_set)} val images, "
+                f"{len(self.classes)} classes, shorter side {cfg.img_size}px",
+                f"  {cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {self.lr:.3g} "
+                f"({cfg.lr:g} per 16), AdamW, wd {cfg.weight_decay}"]
 
 
 def resume_state_for(cfg_flags: dict) -> str:
-    """The ``last.state.pt`` that ``--resume`` names (see :func:`vigla.engine.trainer.find_resume_state`)."""
+    """The ``last.state.pt`` that ``--resume`` names (see :func:`vigla.engine.run.find_resume_state`)."""
     model, task = cfg_flags.get("model", "vig_h_tiny"), cfg_flags.get("task", "detect")
     return find_resume_state(cfg_flags["resume"], cfg_flags.get("out"), f"{model}-{task}", cfg_flags.get("data"))
 

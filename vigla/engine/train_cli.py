@@ -45,7 +45,7 @@ def build_config(args: argparse.Namespace):
 
 def _build_config(args: argparse.Namespace):
     """-> (config, state file or None, the saved settings of the resumed run or None)."""
-    from .trainer import find_resume_state
+    from .run import find_resume_state
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     from_yaml = read_yaml(args.config) if getattr(args, "config", None) else {}

@@ -1,0 +1,473 @@
+"""The life of a training run, shared by ``vigla train`` (:class:`vigla.engine.trainer.Trainer`) and ``vigla dense
+train`` (:class:`vigla.dense.train.DenseTrainer`): the output folder (chosen, created, locked), atomic checkpoints
+every epoch and on SIGINT / SIGTERM (:class:`StopRequest`), exact resume, step losses read back every
+``--log-interval`` steps and checked for NaN / inf, one-line errors (:mod:`.errors`), and :meth:`TrainingRun.close`
+on every way out.
+
+Whatever ends a run (success, a bad setting, an exception inside a step, a signal), :meth:`TrainingRun.close`
+shuts the loader workers down, flushes the logs, and releases the output folder (a failed run that wrote
+nothing leaves no folder behind)."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vigla.data import stop_workers
+
+from . import distributed as dist_utils
+from .checkpoint import read_meta, save_state, save_weights
+from .errors import CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
+from .metrics import MetricsLog
+from .outputs import OutputLock, git_info, make_folder, remove_empty_folders, remove_stale_temp_files, write_text
+from .precision import amp_dtype
+
+LAST, BEST = "last", "best"
+
+
+def run_name(model: str, data: str | None) -> str:
+    return f"{model}-{'fmnist' if data is None else os.path.basename(os.path.normpath(data))}"
+
+
+def find_resume_state(resume: str, out: str | None, model: str, data: str | None) -> str:
+    """The ``last.state.pt`` that ``--resume`` names: 'auto' (the newest run of this model and data, or the
+    one in ``--out``), a run folder, or the state file itself."""
+    if resume == "auto":
+        if out is not None:
+            candidates = [os.path.join(out, f"{LAST}.state.pt")]
+        else:
+            candidates = glob.glob(os.path.join("runs", run_name(model, data) + "*", f"{LAST}.state.pt"))
+        candidates = [c for c in candidates if os.path.isfile(c)]
+        if not candidates:
+            where = out or os.path.join("runs", run_name(model, data) + "*")
+            raise UserError(f"--resume auto: no checkpoint ({LAST}.state.pt) in {where}; name the run folder "
+                            f"with --out, or start a new run without --resume")
+        return max(candidates, key=os.path.getmtime)
+    path = os.path.join(resume, f"{LAST}.state.pt") if os.path.isdir(resume) else resume
+    if not path.endswith(".state.pt") or not os.path.isfile(path):
+        raise UserError(f"--resume {resume}: expected a run folder holding {LAST}.state.pt, a .state.pt file or "
+                        f"'auto'")
+    return path
+
+
+class StopRequest:
+    """SIGINT / SIGTERM handler: the first signal asks the loop to finish its step, save and exit; a second
+    SIGINT aborts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then "
+              f"stopping (Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+
+class TrainingRun:
+    """A training run's lifecycle: :meth:`run` trains to the end (0) or to a stop request (128 + signal).
+
+    A subclass sets the class attributes below where they differ and provides:
+
+    * ``_setup_device()``: ``self.device`` (and ``is_main`` / ``world_size`` under DDP), before anything else;
+    * ``_build()``: the data, model and optimisation, ending with :meth:`_start`. It sets ``out``
+      (:meth:`_prepare_out_dir`), ``amp_dtype`` and ``scaler`` (:meth:`_precision`), ``workers``, ``sampler``
+      (:class:`vigla.data.ResumableDistributedSampler`), ``train_loader`` (:meth:`_loader`), ``steps_per_epoch``,
+      ``global_batch`` (images per optimizer step, all processes), ``core`` (the model module, unwrapped),
+      ``model`` (what the steps call), ``n_params``, ``optimizer``, ``scheduler`` (timm, stepped per update),
+      ``total_steps``, ``lr`` and ``best`` (the best validation result so far);
+    * the checkpoint: ``_train_state()`` (the ``last.state.pt`` dict; None on ranks other than 0),
+      ``_meta(val)`` (the description saved beside the weights), ``_load_resume(path)`` (ending with
+      :meth:`_restore_schedule`), ``_config_yaml()``, ``_run_name()`` (the default output folder's name);
+    * the loop: ``_train_on(batch)`` (one optimizer step on a loader batch -> its losses, a device tensor
+      ``[loss, *parts]`` or a 0-d loss, read back later by :meth:`_read_losses`), ``_end_epoch()`` (validate,
+      log, save), ``_finish()`` (the run's results) -> 0;
+    * the words: ``_oom_message(where)``, ``_run_info()`` (``run.json``'s run-specific fields), ``_describe()``
+      (the header's first lines).
+
+    ``stop_after_steps`` asks for a stop after that many optimizer steps in all, through the same path as
+    a signal (used by the tests to interrupt a run mid-epoch deterministically).
+    """
+
+    command = "vigla train"  # the CLI that the messages name; the output lock's owner
+    is_main = True  # this process writes the files (rank 0)
+    world_size = 1  # processes of the run (DDP ranks)
+    prefetch_factor = None  # batches a loader worker prepares ahead (None: the DataLoader's default)
+    img_s_digits = 0  # decimals of the progress bar's images per second
+    log_on_stop = False  # a steps.csv row for the steps before a stop request (else kept for the next row)
+    _part_names = ()  # names of the loss parts that follow the loss in a step's losses (see _train_on)
+
+    def __init__(self, cfg, resume_state: str | None = None, stop_after_steps: int | None = None):
+        self.cfg, self.resume_state, self.stop_after_steps = cfg, resume_state, stop_after_steps
+        self.stop = StopRequest()
+        self.log, self._loaders, self._lock, self._created = None, [], None, []
+        self._setup_device()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        """Step 0, or the step that ``resume_state`` saved; then the metrics log. The end of ``_build``."""
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.epoch_loss = [0.0, 0]  # sum of step losses and step count in the current epoch (kept on resume)
+        self._pending = []  # this epoch's step losses not read back yet (device tensors, see _train_on)
+        self._window = []  # the read-back step losses since the last log row
+        self.skipped, self._val_warned = 0, False  # unreadable training samples so far; validation's warned
+        if self.resume_state is not None:
+            self._load_resume(self.resume_state)
+        self.log = MetricsLog(self.out, resume_step=self.global_step) if self.is_main else None
+
+    # ------------------------------------------------------------------------------------------- setup
+    def _precision(self):
+        """-> (the autocast dtype or None, a gradient scaler for fp16 or None)."""
+        if self.cfg.amp == "fp16" and self.device.type != "cuda":
+            raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
+        dtype = amp_dtype(self.cfg.amp, self.device)
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        return dtype, scaler
+
+    def _prepare_out_dir(self) -> str:
+        """Rank 0 creates the output folder, locks it against a second run and removes the temporary files of
+        a save that was killed half-way. -> the folder, on every rank."""
+        cfg = self.cfg
+        out = None
+        if self.is_main:
+            if self.resume_state is not None:
+                out = cfg.out or os.path.dirname(os.path.abspath(self.resume_state))
+                self._claim(out)
+            elif cfg.out is not None:
+                out = cfg.out
+                self._claim(out)
+                if os.path.isfile(os.path.join(out, f"{LAST}.state.pt")):
+                    raise UserError(f"--out {out} already holds a run ({LAST}.state.pt): continue it with "
+                                    f"--resume auto --out {out}, or choose another --out")
+            else:  # runs/<run name>, numbered: the first free (empty and unlocked) one
+                base = out = os.path.join("runs", self._run_name())
+                n = 1
+                while not self._claim(out, wait_free=True):
+                    n += 1
+                    out = f"{base}-{n}"
+            for path in remove_stale_temp_files(out):
+                print(f"removed {path}: the temporary file of a save that was killed half-way", file=sys.stderr)
+        return dist_utils.broadcast(out)
+
+    def _claim(self, out: str, wait_free: bool = False) -> bool:
+        """Create and lock ``out``. ``wait_free``: False (instead of an error) when it is taken or not empty."""
+        if wait_free and os.path.isdir(out) and any(not n.startswith(".") for n in os.listdir(out)):
+            return False
+        created = make_folder(out, "--out")
+        try:
+            self._lock = OutputLock(out).acquire(self.command)
+        except OutputError as e:
+            remove_empty_folders(created)
+            if wait_free and e.errno is None:  # another run holds it
+                return False
+            raise
+        self._created = created
+        return True
+
+    def _loader(self, dataset, sampler, batch_size: int, collate, drop_last: bool) -> DataLoader:
+        """A loader whose workers :meth:`close` ends, on every way out of the run; its own generator, not the
+        global RNG (exact resume)."""
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+                            collate_fn=collate, pin_memory=self.device.type == "cuda", drop_last=drop_last,
+                            persistent_workers=self.workers > 0,
+                            generator=torch.Generator().manual_seed(self.cfg.seed),
+                            prefetch_factor=self.prefetch_factor if self.workers > 0 else None,
+                            worker_init_fn=_quiet_worker)
+        self._loaders.append(loader)
+        return loader
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, val: dict | None = None) -> None:
+        """``last.*``: the training state (:meth:`_train_state`: weights, optimizer, schedule, RNG;
+        self-contained), the weights with their description (:meth:`_meta`), and the config that produced
+        them. Collective under DDP. Only finite weights get here: every step's loss has been read back and
+        checked (:meth:`_read_losses`) before any save, and :meth:`_check_weights` checks the weights."""
+        assert not self._pending, "unchecked step losses: call _read_losses() before saving"
+        self._check_weights()
+        state = self._train_state()
+        if self.is_main:
+            with self._saving():
+                save_state(os.path.join(self.out, f"{LAST}.state.pt"), state)
+                save_weights(os.path.join(self.out, f"{LAST}.safetensors"), self.core.state_dict(),
+                             self._meta(val))
+                write_text(os.path.join(self.out, "config.yaml"), self._config_yaml())
+        dist_utils.barrier()
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """An :class:`OutputError` during a save, told with what was kept and how to go on."""
+        try:
+            yield
+        except OutputError as e:
+            raise OutputError(f"{e}; {self._kept()}; once it can be written, continue with: {self.command} "
+                              f"--resume auto --out {self.out}") from None
+
+    def _kept(self) -> str:
+        """Which checkpoint is on disk: "the last good checkpoint is ..." or "no checkpoint ... yet"."""
+        last = os.path.join(self.out, f"{LAST}.safetensors")
+        try:
+            meta = read_meta(last) if os.path.isfile(last) else None
+        except CheckpointError:
+            meta = None
+        if meta is None or "global_step" not in meta:
+            return "no checkpoint had been saved yet"
+        return f"the last good checkpoint is kept: {last} ({self._kept_position(meta)})"
+
+    def _kept_position(self, meta: dict) -> str:
+        """Where the kept checkpoint ``meta`` (:meth:`_meta`) stands in the run, for :meth:`_kept`."""
+        return (f"after {meta['epoch']} epoch(s) and {meta['step_in_epoch']} step(s); global step "
+                f"{meta['global_step']}")
+
+    def _restore_schedule(self, state: dict) -> None:
+        """The schedule, the gradient scaler and the counters of a saved training state (:meth:`_train_state`);
+        the end of ``_load_resume``, once the weights and the optimizer are in."""
+        if state["total_steps"] == self.total_steps:
+            self.scheduler.load_state_dict(state["scheduler"])
+        elif self.is_main:  # e.g. --epochs raised to extend a finished run: the cosine is re-planned
+            print(f"note: the schedule is re-planned for {self.total_steps} steps (the checkpoint's run planned "
+                  f"{state['total_steps']})", flush=True)
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.epoch_loss, self.best = list(state["epoch_loss"]), dict(state["best"])
+        self.scheduler.step_update(self.global_step)
+
+    # ------------------------------------------------------------------------------------------- one step
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward ``loss`` (0-d, fp32; through the fp16 gradient scaler if any), clip the gradients'
+        norm to ``--clip-grad``, take the optimizer step and the schedule's. Waits for nothing."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.cfg.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
+            self.optimizer.step()
+        self.global_step += 1
+        self.scheduler.step_update(self.global_step)
+
+    # ------------------------------------------------------------------------------------------- losses
+    def _read_losses(self) -> bool:
+        """Read the pending step losses back (averaged over ranks), in one transfer with the ranks' stop
+        requests: add them to the epoch's sum and the log window (rows ``[loss, *parts]``), and raise
+        :class:`NonFiniteLossError` at the first NaN / inf loss. -> whether any rank asks to stop (a signal)."""
+        steps = len(self._pending)
+        flag = torch.tensor(float(bool(self.stop.signum)), device=self.device)
+        losses = torch.stack(self._pending).reshape(steps, -1)  # (steps, 1 + parts)
+        *values, stop = dist_utils.all_reduce_sum(torch.cat([losses.flatten(), flag.reshape(1)])).tolist()
+        width = len(values) // steps
+        first = self.global_step - steps + 1  # global step of the first row
+        self._pending = []
+        for i in range(steps):
+            row = [value / self.world_size for value in values[i * width:(i + 1) * width]]
+            if not math.isfinite(row[0]):
+                raise NonFiniteLossError(self._nonfinite_message(row[0], first + i))
+            self.epoch_loss[0] += row[0]
+            self.epoch_loss[1] += 1
+            self._window.append(row)
+        return stop > 0
+
+    def _check_weights(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a weight is NaN or inf: a step with a finite loss can still
+        leave them so (an inf gradient, an overflow in the optimizer). One read-back, before each save."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.core.parameters()]).all()):
+            raise NonFiniteLossError(
+                f"the weights became NaN or inf by global step {self.global_step} (the losses were finite); "
+                f"stopped without saving them, {self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and "
+                f"resume: {self.command} --resume auto --out {self.out} --lr ...")
+
+    def _nonfinite_message(self, value: float, step: int) -> str:
+        epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
+        return (f"the training loss became {value} at epoch {epoch + 1}, step {in_epoch + 1}/{self.steps_per_epoch} "
+                f"(global step {step}); stopped without saving the weights of that step or later, "
+                f"{self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and resume: "
+                f"{self.command} --resume auto --out {self.out} --lr ...")
+
+    # ------------------------------------------------------------------------------------------- loop
+    def run(self) -> int:
+        """Train to the end (0) or to a stop request (128 + signal); raises the errors of :mod:`.errors`.
+        Always ends with :meth:`close`."""
+        self.stop.install()
+        try:
+            return self._run()
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(self._oom_message("training")) from None
+        finally:
+            self.stop.restore()
+            self.close()
+
+    def close(self) -> None:
+        """End the loader workers, flush the logs and release the output folder; removes the folder when this
+        run created it and nothing was written into it. Safe to call twice, and on a half-built trainer."""
+        failing = sys.exc_info()[0] is not None
+        for loader in self._loaders:
+            stop_workers(loader)
+        try:
+            if self.log is not None:
+                self.log.close()
+                self.log = None
+        except OutputError as e:
+            if not failing:
+                raise
+            print(f"warning: {e}", file=sys.stderr)  # the error on its way out says more
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+                remove_empty_folders(self._created)
+
+    def _run(self) -> int:
+        if self.is_main:
+            self._write_run_files()
+            self._print_header()
+        while self.epoch < self.cfg.epochs:
+            if self._train_epoch():
+                return self._stopped()
+            self._end_epoch()
+            if self.stop.signum:
+                return self._stopped()
+        return self._finish()
+
+    def _train_epoch(self) -> bool:
+        """One epoch from ``step_in_epoch``; True when a stop was requested (the checkpoint is then saved)."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.global_batch)
+        self.model.train()
+        bar = tqdm(total=spe, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not self.is_main, dynamic_ncols=True, leave=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        t0, n0 = time.perf_counter(), self.step_in_epoch
+        self._window = []
+        with bar:  # closed on every way out, so that an error message comes after the bar, not under it
+            for batch in self.train_loader:
+                self._pending.append(self._train_on(batch))
+                self.step_in_epoch += 1
+                bar.update(1)
+                # one process reacts to a signal at once; under DDP the ranks agree at the next read-back
+                stop = (self.stop_after_steps is not None and self.global_step >= self.stop_after_steps) or \
+                    (bool(self.stop.signum) and self.world_size == 1)
+                if self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == spe or \
+                        (stop and self.log_on_stop):
+                    stop = self._read_losses() or stop
+                    self._log_steps(bar, t0, n0)
+                if stop:
+                    if self._pending:
+                        self._read_losses()
+                    bar.close()
+                    self.save_checkpoint()
+                    return True
+            if self._pending:
+                self._read_losses()
+        self.train_time = time.perf_counter() - t0
+        self.train_ips = (self.step_in_epoch - n0) * self.global_batch / max(self.train_time, 1e-9)
+        return False
+
+    def _log_steps(self, bar, t0: float, n0: int) -> None:
+        """The progress bar's numbers and a ``steps.csv`` row: the mean losses (the loss, then its parts) of
+        the steps since the last row."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        ips = (self.step_in_epoch - n0) * self.global_batch / max(time.perf_counter() - t0, 1e-9)
+        means = np.mean(self._window, axis=0).tolist() if self._window else [float("nan")]
+        bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.{self.img_s_digits}f}", refresh=False)
+        if self.log is not None and self._window:
+            self.log.log_step({"global_step": self.global_step, "epoch": self.epoch,
+                               "epoch_progress": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+                               "loss": means[0], "lr": lr, **dict(zip(self._part_names, means[1:]))})
+        self._window = []
+
+    def _stopped(self) -> int:
+        signum = self.stop.signum or signal.SIGTERM
+        if self.is_main:
+            print(f"\nstopped at epoch {self.epoch + 1}, step {self.step_in_epoch}/{self.steps_per_epoch} (global step "
+                  f"{self.global_step}); checkpoint saved in {self.out}. Resume with:\n"
+                  f"  {self.command} --resume auto --out {self.out}", file=sys.stderr, flush=True)
+            self.log.flush()
+        return 128 + int(signum)
+
+    # ------------------------------------------------------------------------------------------- run files
+    def _write_run_files(self) -> None:
+        """``run.json`` (``run-resume-<step>.json`` for a resumed run) and, for a new run, ``config.yaml``; a
+        resumed run rewrites its ``config.yaml`` with each checkpoint, so that it always describes the
+        checkpoint beside it (a failed attempt with other flags leaves it as it was)."""
+        if self.resume_state is None:
+            write_text(os.path.join(self.out, "config.yaml"), self._config_yaml())
+        git = git_info()
+        info = {"command": sys.argv, **self._run_info(),
+                "torch": torch.__version__, "timm": timm.__version__, "vigla": _version(),
+                "python": platform.python_version(), "commit": git["commit"], "dirty": git["dirty"],
+                "resumed_from": self.resume_state, "resumed_at_step": self.global_step if self.resume_state else None}
+        name = "run.json" if self.resume_state is None else f"run-resume-{self.global_step}.json"
+        write_text(os.path.join(self.out, name), json.dumps(info, indent=2))
+
+    def _device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def _print_header(self) -> None:
+        lines = [*self._describe(),
+                 f"  device {self.device}, amp {self.amp_dtype or 'off'}, {self.workers} loader worker(s)",
+                 f"  output {self.out}"]
+        if self.resume_state:
+            lines.append(f"  resuming at epoch {self.epoch + 1}, step {self.step_in_epoch} (global step "
+                         f"{self.global_step})")
+        print("\n".join(lines), flush=True)
+
+
+def _warn_unreadable(result: dict, split: str) -> None:
+    files = "; ".join(result["unreadable_files"])
+    print(f"warning: {result['unreadable']} unreadable {split} image(s) left out ({result['images']} evaluated): "
+          f"{files}", file=sys.stderr, flush=True)
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops the run cleanly (a Ctrl-C or a
+    scheduler's SIGTERM reaches the whole process group). :meth:`TrainingRun.close` ends them on the way out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _version() -> str:
+    from vigla import __version__
+    return __version__
