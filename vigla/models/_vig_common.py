@@ -1,5 +1,6 @@
-"""What plain ViG and ViG-H share: the block, its checkpointed loop, the head's pooling check, the
-timm input-size record and the official-checkpoint key mapping.
+"""What plain ViG and ViG-H share: the block, its checkpointed loop, the classifier (pooling check,
+``get_classifier`` / ``reset_classifier``), the timm input-size record and the
+official-checkpoint key mapping.
 
 ViG: Liao et al., "ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention",
 AAAI 2025 (arXiv 2405.18425); official code github.com/hustvl/ViG.
@@ -27,7 +28,8 @@ except ImportError:  # older timm keeps no such record
 
 __all__ = [
     "ViGBlock", "swiglu_hidden_dim", "drop_path_schedule", "checkpoint_blocks", "check_global_pool",
-    "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "check_state_dict", "remap_checkpoint",
+    "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "check_state_dict",
+    "remap_checkpoint",
 ]
 
 
@@ -93,6 +95,22 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, hw: Tuple[in
 def check_global_pool(global_pool: str) -> None:
     if global_pool not in ("avg", ""):
         raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+
+
+class ClassifierMixin:
+    """timm's classifier accessors for a model whose ``head`` (``Linear`` or ``Identity``) takes
+    ``num_features`` channels after ``global_pool`` (``"avg"`` or ``""``), as both ViGs have."""
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            check_global_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def record_input_size(model: nn.Module, img_size: Optional[Tuple[int, int]]) -> None:

@@ -24,8 +24,8 @@ from timm.models._features import feature_take_indices
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm
 from ._vig_common import (
-    MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks, drop_path_schedule,
-    record_input_size, remap_checkpoint, swiglu_hidden_dim,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks,
+    drop_path_schedule, record_input_size, remap_checkpoint, swiglu_hidden_dim,
 )
 
 __all__ = ["ViG", "checkpoint_filter_fn", "to_official_state_dict"]
@@ -34,8 +34,8 @@ __all__ = ["ViG", "checkpoint_filter_fn", "to_official_state_dict"]
 torch.fx.wrap("resample_abs_pos_embed")
 
 
-class ViG(nn.Module):
-    """Plain ViG.
+class ViG(ClassifierMixin, nn.Module):
+    """Plain ViG (``get_classifier`` / ``reset_classifier``: :class:`ClassifierMixin`).
 
     Args:
         img_size: size the learned position embedding is laid out for (other sizes resize it on
@@ -118,17 +118,6 @@ class ViG(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            check_global_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
         """Lay the position embedding out for ``img_size`` (resampled bicubically from the current

@@ -22,8 +22,8 @@ from timm.models._features import feature_take_indices
 from ..layers import ConvDownsample, ConvStem
 from ..layers.norm import add_and_norm
 from ._vig_common import (
-    MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks, drop_path_schedule,
-    record_input_size, remap_checkpoint, swiglu_hidden_dim,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks,
+    drop_path_schedule, record_input_size, remap_checkpoint, swiglu_hidden_dim,
 )
 
 __all__ = ["HierViG", "ViGStage", "checkpoint_filter_fn", "to_official_state_dict"]
@@ -66,8 +66,8 @@ class ViGStage(nn.Module):
         return x.unflatten(1, hw).permute(0, 3, 1, 2)
 
 
-class HierViG(nn.Module):
-    """ViG-H.
+class HierViG(ClassifierMixin, nn.Module):
+    """ViG-H (``get_classifier`` / ``reset_classifier``: :class:`ClassifierMixin`).
 
     Args:
         img_size: nominal input size (recorded for timm's data config; ViG-H has no position
@@ -149,17 +149,6 @@ class HierViG(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            check_global_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
         """Record ``img_size`` as the nominal input size (nothing in ViG-H depends on it)."""
