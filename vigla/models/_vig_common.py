@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,8 +28,7 @@ except ImportError:  # older timm keeps no such record
 
 __all__ = [
     "ViGBlock", "swiglu_hidden_dim", "drop_path_schedule", "checkpoint_blocks", "check_global_pool",
-    "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "check_state_dict",
-    "remap_checkpoint",
+    "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "filter_checkpoint",
 ]
 
 
@@ -187,9 +186,20 @@ def unwrap_state_dict(checkpoint: dict) -> dict:
     return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
 
 
-def remap_checkpoint(checkpoint: dict, model: nn.Module, keymap: KeyMap) -> dict:
-    """Official (or vigla) weights -> vigla names; drops the classifier if the model has none."""
+def filter_checkpoint(
+    checkpoint: dict, model: nn.Module, keymap: KeyMap, adapt: Optional[Callable[[dict, nn.Module], dict]] = None,
+) -> dict:
+    """Official hustvl/ViG (or vigla) weights -> ``model``'s state dict.
+
+    Takes a bare state dict or a training checkpoint (:func:`unwrap_state_dict`), renames the
+    official keys (``keymap``), drops the classifier if the model has none, applies ``adapt``
+    (a model's own fix-ups, e.g. a resized position embedding) and raises ``ValueError`` if the
+    result does not fit the model (a classifier of another size excepted).
+    """
     out = {keymap.to_ours(k): v for k, v in unwrap_state_dict(checkpoint).items()}
     if isinstance(getattr(model, "head", None), nn.Identity):
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    if adapt is not None:
+        out = adapt(out, model)
+    check_state_dict(out, model, classifier_may_differ=True)
     return out

@@ -24,8 +24,8 @@ from timm.models._features import feature_take_indices
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm
 from ._vig_common import (
-    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks,
-    drop_path_schedule, record_input_size, remap_checkpoint, swiglu_hidden_dim,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, check_global_pool, checkpoint_blocks, drop_path_schedule,
+    filter_checkpoint, record_input_size, swiglu_hidden_dim,
 )
 
 __all__ = ["ViG", "checkpoint_filter_fn", "to_official_state_dict"]
@@ -238,25 +238,24 @@ VIG_KEYMAP = KeyMap([
 ])
 
 
-def checkpoint_filter_fn(state_dict: dict, model: ViG) -> dict:
-    """Official hustvl/ViG (or vigla) weights -> this model's state dict.
-
-    Accepts a bare state dict or a training checkpoint (``model`` / ``model_ema`` /
-    ``state_dict`` entry), renames the official keys, resizes ``pos_embed`` to the model's grid
-    (bicubic) and raises ``ValueError`` if the result does not fit the model.
-    """
-    out = remap_checkpoint(state_dict, model, VIG_KEYMAP)
-    pos = out.get("pos_embed")
+def _resize_pos_embed(state_dict: dict, model: ViG) -> dict:
+    """A checkpoint's square ``pos_embed`` grid resampled (bicubic) to the model's grid."""
+    pos = state_dict.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape and pos.shape[-1] == model.embed_dim:
         side = math.isqrt(pos.shape[1])
         if side * side != pos.shape[1]:
             raise ValueError(f"checkpoint pos_embed {tuple(pos.shape)} is not a square grid")
-        out["pos_embed"] = resample_abs_pos_embed(
+        state_dict["pos_embed"] = resample_abs_pos_embed(
             pos, new_size=model.grid_size, old_size=(side, side), num_prefix_tokens=0,
             interpolation="bicubic", antialias=False,
         )
-    check_state_dict(out, model, classifier_may_differ=True)
-    return out
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: dict, model: ViG) -> dict:
+    """Official hustvl/ViG (or vigla) weights -> this model's state dict (:func:`filter_checkpoint`),
+    ``pos_embed`` resized to the model's grid."""
+    return filter_checkpoint(state_dict, model, VIG_KEYMAP, adapt=_resize_pos_embed)
 
 
 def to_official_state_dict(state_dict: dict) -> dict:

@@ -22,8 +22,8 @@ from timm.models._features import feature_take_indices
 from ..layers import ConvDownsample, ConvStem
 from ..layers.norm import add_and_norm
 from ._vig_common import (
-    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks,
-    drop_path_schedule, record_input_size, remap_checkpoint, swiglu_hidden_dim,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, check_global_pool, checkpoint_blocks, drop_path_schedule,
+    filter_checkpoint, record_input_size, swiglu_hidden_dim,
 )
 
 __all__ = ["HierViG", "ViGStage", "checkpoint_filter_fn", "to_official_state_dict"]
@@ -255,15 +255,9 @@ VIG_H_KEYMAP = KeyMap([
 
 
 def checkpoint_filter_fn(state_dict: dict, model: HierViG) -> dict:
-    """Official hustvl/ViG ``HierViG`` (or vigla) weights -> this model's state dict.
-
-    Accepts a bare state dict or a training checkpoint (``model`` / ``model_ema`` /
-    ``state_dict`` entry), renames the official keys and raises ``ValueError`` if the result
-    does not fit the model.
-    """
-    out = remap_checkpoint(state_dict, model, VIG_H_KEYMAP)
-    check_state_dict(out, model, classifier_may_differ=True)
-    return out
+    """Official hustvl/ViG ``HierViG`` (or vigla) weights -> this model's state dict
+    (:func:`filter_checkpoint`)."""
+    return filter_checkpoint(state_dict, model, VIG_H_KEYMAP)
 
 
 def to_official_state_dict(state_dict: dict) -> dict:
