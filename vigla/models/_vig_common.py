@@ -1,6 +1,6 @@
 """What plain ViG and ViG-H share: the block, its checkpointed loop, the classifier (pooling check,
-``get_classifier`` / ``reset_classifier``), the timm input-size record and the
-official-checkpoint key mapping.
+``get_classifier`` / ``reset_classifier``), the timm input-size record, the official-checkpoint key
+mapping and the timm registration (default cfg, model builder).
 
 ViG: Liao et al., "ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention",
 AAAI 2025 (arXiv 2405.18425); official code github.com/hustvl/ViG.
@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
+from timm.models import build_model_with_cfg
 
 from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
@@ -29,6 +31,7 @@ except ImportError:  # older timm keeps no such record
 __all__ = [
     "ViGBlock", "swiglu_hidden_dim", "drop_path_schedule", "checkpoint_blocks", "check_global_pool",
     "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "filter_checkpoint",
+    "vig_cfg", "build_vig",
 ]
 
 
@@ -203,3 +206,33 @@ def filter_checkpoint(
         out = adapt(out, model)
     check_state_dict(out, model, classifier_may_differ=True)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# timm registration
+
+def vig_cfg(**kwargs) -> dict:
+    """A ViG pretrained cfg: ImageNet-1k at 224 (crop 0.875, bicubic), the ViG paper and code;
+    ``kwargs`` add the model's own entries (``pool_size``, ``first_conv``) or override."""
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224),
+        "crop_pct": 0.875, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "classifier": "head",
+        "paper_ids": "arXiv:2405.18425", "origin_url": "https://github.com/hustvl/ViG",
+        **kwargs,
+    }
+
+
+def build_vig(
+    model_cls: Type[nn.Module], variant: str, pretrained: bool, filter_fn: Callable[[dict, nn.Module], dict],
+    default_out_indices: Union[int, Tuple[int, ...]], **kwargs,
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for a ViG model: pretrained weights through ``filter_fn``,
+    ``features_only`` through ``forward_intermediates`` (``out_indices`` unless given:
+    ``default_out_indices``)."""
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(out_indices=kwargs.pop("out_indices", default_out_indices), feature_cls="getter"),
+        **kwargs,
+    )

@@ -17,15 +17,14 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm
 from ._vig_common import (
-    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, check_global_pool, checkpoint_blocks, drop_path_schedule,
-    filter_checkpoint, record_input_size, swiglu_hidden_dim,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks,
+    drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
 )
 
 __all__ = ["ViG", "checkpoint_filter_fn", "to_official_state_dict"]
@@ -264,24 +263,11 @@ def to_official_state_dict(state_dict: dict) -> dict:
 
 
 def _create_vig(variant: str, pretrained: bool = False, **kwargs) -> ViG:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        ViG, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_vig(ViG, variant, pretrained, checkpoint_filter_fn, default_out_indices=3, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (14, 14),
-        "crop_pct": 0.875, "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.conv1", "classifier": "head",
-        "paper_ids": "arXiv:2405.18425", "origin_url": "https://github.com/hustvl/ViG",
-        **kwargs,
-    }
+    return vig_cfg(pool_size=(14, 14), first_conv="patch_embed.conv1", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
