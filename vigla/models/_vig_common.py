@@ -1,5 +1,6 @@
-"""What plain ViG and ViG-H share: the block, its checkpointed loop, the head's pooling check, the
-timm input-size record and the official-checkpoint key mapping.
+"""What plain ViG and ViG-H share: the block, its checkpointed loop, the classifier (pooling check,
+``get_classifier`` / ``reset_classifier``), the timm input-size record, the official-checkpoint key
+mapping and the timm registration (default cfg, model builder).
 
 ViG: Liao et al., "ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention",
 AAAI 2025 (arXiv 2405.18425); official code github.com/hustvl/ViG.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
+from timm.models import build_model_with_cfg
 
 from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
@@ -27,7 +30,8 @@ except ImportError:  # older timm keeps no such record
 
 __all__ = [
     "ViGBlock", "swiglu_hidden_dim", "drop_path_schedule", "checkpoint_blocks", "check_global_pool",
-    "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "check_state_dict", "remap_checkpoint",
+    "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "filter_checkpoint",
+    "vig_cfg", "build_vig",
 ]
 
 
@@ -93,6 +97,22 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, hw: Tuple[in
 def check_global_pool(global_pool: str) -> None:
     if global_pool not in ("avg", ""):
         raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+
+
+class ClassifierMixin:
+    """timm's classifier accessors for a model whose ``head`` (``Linear`` or ``Identity``) takes
+    ``num_features`` channels after ``global_pool`` (``"avg"`` or ``""``), as both ViGs have."""
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            check_global_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def record_input_size(model: nn.Module, img_size: Optional[Tuple[int, int]]) -> None:
@@ -169,9 +189,50 @@ def unwrap_state_dict(checkpoint: dict) -> dict:
     return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
 
 
-def remap_checkpoint(checkpoint: dict, model: nn.Module, keymap: KeyMap) -> dict:
-    """Official (or vigla) weights -> vigla names; drops the classifier if the model has none."""
+def filter_checkpoint(
+    checkpoint: dict, model: nn.Module, keymap: KeyMap, adapt: Optional[Callable[[dict, nn.Module], dict]] = None,
+) -> dict:
+    """Official hustvl/ViG (or vigla) weights -> ``model``'s state dict.
+
+    Takes a bare state dict or a training checkpoint (:func:`unwrap_state_dict`), renames the
+    official keys (``keymap``), drops the classifier if the model has none, applies ``adapt``
+    (a model's own fix-ups, e.g. a resized position embedding) and raises ``ValueError`` if the
+    result does not fit the model (a classifier of another size excepted).
+    """
     out = {keymap.to_ours(k): v for k, v in unwrap_state_dict(checkpoint).items()}
     if isinstance(getattr(model, "head", None), nn.Identity):
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    if adapt is not None:
+        out = adapt(out, model)
+    check_state_dict(out, model, classifier_may_differ=True)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# timm registration
+
+def vig_cfg(**kwargs) -> dict:
+    """A ViG pretrained cfg: ImageNet-1k at 224 (crop 0.875, bicubic), the ViG paper and code;
+    ``kwargs`` add the model's own entries (``pool_size``, ``first_conv``) or override."""
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224),
+        "crop_pct": 0.875, "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "classifier": "head",
+        "paper_ids": "arXiv:2405.18425", "origin_url": "https://github.com/hustvl/ViG",
+        **kwargs,
+    }
+
+
+def build_vig(
+    model_cls: Type[nn.Module], variant: str, pretrained: bool, filter_fn: Callable[[dict, nn.Module], dict],
+    default_out_indices: Union[int, Tuple[int, ...]], **kwargs,
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for a ViG model: pretrained weights through ``filter_fn``,
+    ``features_only`` through ``forward_intermediates`` (``out_indices`` unless given:
+    ``default_out_indices``)."""
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(out_indices=kwargs.pop("out_indices", default_out_indices), feature_cls="getter"),
+        **kwargs,
+    )

@@ -17,15 +17,14 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm
 from ._vig_common import (
-    MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks, drop_path_schedule,
-    record_input_size, remap_checkpoint, swiglu_hidden_dim,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks,
+    drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
 )
 
 __all__ = ["ViG", "checkpoint_filter_fn", "to_official_state_dict"]
@@ -34,8 +33,8 @@ __all__ = ["ViG", "checkpoint_filter_fn", "to_official_state_dict"]
 torch.fx.wrap("resample_abs_pos_embed")
 
 
-class ViG(nn.Module):
-    """Plain ViG.
+class ViG(ClassifierMixin, nn.Module):
+    """Plain ViG (``get_classifier`` / ``reset_classifier``: :class:`ClassifierMixin`).
 
     Args:
         img_size: size the learned position embedding is laid out for (other sizes resize it on
@@ -118,17 +117,6 @@ class ViG(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            check_global_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
         """Lay the position embedding out for ``img_size`` (resampled bicubically from the current
@@ -249,25 +237,24 @@ VIG_KEYMAP = KeyMap([
 ])
 
 
-def checkpoint_filter_fn(state_dict: dict, model: ViG) -> dict:
-    """Official hustvl/ViG (or vigla) weights -> this model's state dict.
-
-    Accepts a bare state dict or a training checkpoint (``model`` / ``model_ema`` /
-    ``state_dict`` entry), renames the official keys, resizes ``pos_embed`` to the model's grid
-    (bicubic) and raises ``ValueError`` if the result does not fit the model.
-    """
-    out = remap_checkpoint(state_dict, model, VIG_KEYMAP)
-    pos = out.get("pos_embed")
+def _resize_pos_embed(state_dict: dict, model: ViG) -> dict:
+    """A checkpoint's square ``pos_embed`` grid resampled (bicubic) to the model's grid."""
+    pos = state_dict.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape and pos.shape[-1] == model.embed_dim:
         side = math.isqrt(pos.shape[1])
         if side * side != pos.shape[1]:
             raise ValueError(f"checkpoint pos_embed {tuple(pos.shape)} is not a square grid")
-        out["pos_embed"] = resample_abs_pos_embed(
+        state_dict["pos_embed"] = resample_abs_pos_embed(
             pos, new_size=model.grid_size, old_size=(side, side), num_prefix_tokens=0,
             interpolation="bicubic", antialias=False,
         )
-    check_state_dict(out, model, classifier_may_differ=True)
-    return out
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: dict, model: ViG) -> dict:
+    """Official hustvl/ViG (or vigla) weights -> this model's state dict (:func:`filter_checkpoint`),
+    ``pos_embed`` resized to the model's grid."""
+    return filter_checkpoint(state_dict, model, VIG_KEYMAP, adapt=_resize_pos_embed)
 
 
 def to_official_state_dict(state_dict: dict) -> dict:
@@ -276,24 +263,11 @@ def to_official_state_dict(state_dict: dict) -> dict:
 
 
 def _create_vig(variant: str, pretrained: bool = False, **kwargs) -> ViG:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        ViG, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_vig(ViG, variant, pretrained, checkpoint_filter_fn, default_out_indices=3, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (14, 14),
-        "crop_pct": 0.875, "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.conv1", "classifier": "head",
-        "paper_ids": "arXiv:2405.18425", "origin_url": "https://github.com/hustvl/ViG",
-        **kwargs,
-    }
+    return vig_cfg(pool_size=(14, 14), first_conv="patch_embed.conv1", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -14,16 +14,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem
 from ..layers.norm import add_and_norm
 from ._vig_common import (
-    MIXER_KEYS, KeyMap, ViGBlock, check_global_pool, check_state_dict, checkpoint_blocks, drop_path_schedule,
-    record_input_size, remap_checkpoint, swiglu_hidden_dim,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks,
+    drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
 )
 
 __all__ = ["HierViG", "ViGStage", "checkpoint_filter_fn", "to_official_state_dict"]
@@ -66,8 +65,8 @@ class ViGStage(nn.Module):
         return x.unflatten(1, hw).permute(0, 3, 1, 2)
 
 
-class HierViG(nn.Module):
-    """ViG-H.
+class HierViG(ClassifierMixin, nn.Module):
+    """ViG-H (``get_classifier`` / ``reset_classifier``: :class:`ClassifierMixin`).
 
     Args:
         img_size: nominal input size (recorded for timm's data config; ViG-H has no position
@@ -149,17 +148,6 @@ class HierViG(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            check_global_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
         """Record ``img_size`` as the nominal input size (nothing in ViG-H depends on it)."""
@@ -266,15 +254,9 @@ VIG_H_KEYMAP = KeyMap([
 
 
 def checkpoint_filter_fn(state_dict: dict, model: HierViG) -> dict:
-    """Official hustvl/ViG ``HierViG`` (or vigla) weights -> this model's state dict.
-
-    Accepts a bare state dict or a training checkpoint (``model`` / ``model_ema`` /
-    ``state_dict`` entry), renames the official keys and raises ``ValueError`` if the result
-    does not fit the model.
-    """
-    out = remap_checkpoint(state_dict, model, VIG_H_KEYMAP)
-    check_state_dict(out, model, classifier_may_differ=True)
-    return out
+    """Official hustvl/ViG ``HierViG`` (or vigla) weights -> this model's state dict
+    (:func:`filter_checkpoint`)."""
+    return filter_checkpoint(state_dict, model, VIG_H_KEYMAP)
 
 
 def to_official_state_dict(state_dict: dict) -> dict:
@@ -283,24 +265,11 @@ def to_official_state_dict(state_dict: dict) -> dict:
 
 
 def _create_vig_h(variant: str, pretrained: bool = False, **kwargs) -> HierViG:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        HierViG, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_vig(HierViG, variant, pretrained, checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv1", "classifier": "head",
-        "paper_ids": "arXiv:2405.18425", "origin_url": "https://github.com/hustvl/ViG",
-        **kwargs,
-    }
+    return vig_cfg(pool_size=(7, 7), first_conv="stem.conv1", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
