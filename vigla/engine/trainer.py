@@ -136,7 +136,10 @@ class Trainer(TrainingRun):
         self.global_batch = cfg.batch_size * d.world_size
         scale = self.global_batch / 512
         self.lr = cfg.lr * scale
-        self.optimizer = create_optimizer_v2(self.core, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
+        # PyTorch's fused Adam(W) on a CPU: one pass over each parameter instead of a dozen ops
+        fused = {"fused": True} if cfg.opt.lower() in ("adam", "adamw") and self.device.type == "cpu" else {}
+        self.optimizer = create_optimizer_v2(self.core, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
+                                             **fused)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         # one scheduler "epoch" per optimizer step: integer step counts; warm-up comes first, inside --epochs
