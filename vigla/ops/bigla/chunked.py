@@ -256,7 +256,7 @@ def bigla_chunked(q, k, v, log_gf, log_gb, scale: float, chunk: int = DEFAULT_CH
 
     Returns:
         ``[B, T, H, V]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs), the
-        decay factors within a chunk in float64 (float32 in eager mode when they stay in its range).
+        decay factors within a chunk in float64 (float32 on the CPU in eager mode when they stay in its range).
     """
     T, n, C, qh, kh, vh, g, f = _setup(q, k, v, log_gf, log_gb, chunk)
     o, _ = _forward(qh, kh, vh, f, _causal(C, q.device), scale)
