@@ -272,7 +272,7 @@ CPU_NOTES = ["CPU: BiGLA runs the chunked PyTorch path inside the custom op (no 
 
 def _cpu_models(opts: Options) -> list[Step]:
     size = ["--img-size", "32", "--batch-size", "1", "--warmup", "1", "--iters", "1"] if opts.smoke else \
-        ["--img-size", "224", "--batch-size", "8", "--warmup", "2", "--iters", "5"]
+        ["--img-size", "224", "--batch-size", "8", "--warmup", "3", "--iters", "15"]
     args = VIG_T_PAIR + size + ["--device", "cpu", "--train"] + [a for n in CPU_NOTES for a in ("--note", n)]
     return [_bench("cpu_vig_t_224", opts, args, 560, base=VIGLA_BENCH)]
 
