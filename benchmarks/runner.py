@@ -44,8 +44,8 @@ def stale_commit_warning() -> str | None:
     if os.environ.get("VIGLA_COMMIT"):
         return None
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                              ":(top,exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0 or not out.stdout.strip():

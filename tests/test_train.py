@@ -518,3 +518,24 @@ def test_gpu_train_script_runs_on_cpu(fmnist, tmp_path):
     assert result["git"]["commit"] and result["command"].startswith("benchmarks/gpu_train.py")
     assert (out / "train_compare.md").read_text().count("| test_vit |") == 2
     assert (out / "train_compare_imagenette.png").is_file()
+
+
+def test_git_info_dirty_ignores_the_results_being_recorded(tmp_path, monkeypatch):
+    """A benchmark writes its log and JSON under benchmarks/results (tracked) while it runs: that is the record,
+    not a change to the code, so it does not make the commit "dirty"; any other tracked change does."""
+    from vigla.engine.outputs import git_info
+
+    monkeypatch.delenv("VIGLA_COMMIT", raising=False)
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "results" / "a.json").write_text("{}\n")
+    (repo / "code.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "c"], check=True)
+    assert git_info(repo)["dirty"] is False
+    (repo / "benchmarks" / "results" / "a.json").write_text('{"rows": []}\n')
+    assert git_info(repo)["dirty"] is False
+    (repo / "code.py").write_text("x = 2\n")
+    assert git_info(repo)["dirty"] is True

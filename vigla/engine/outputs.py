@@ -241,7 +241,8 @@ def _command() -> list[str]:
 
 
 def git_info(cwd: str | os.PathLike | None = None) -> dict:
-    """``{"commit": sha, "dirty": bool | None}`` of the checkout holding vigla (or ``cwd``).
+    """``{"commit": sha, "dirty": bool | None}`` of the checkout holding vigla (or ``cwd``); ``dirty``: tracked
+    files differ from the commit, leaving aside ``benchmarks/results/`` (the record a benchmark is writing).
 
     ``VIGLA_COMMIT``, when set, names the commit (a tree copied without its history). Without it and
     without a usable repository (no git, no ``.git``, a repository without commits): ``"unknown"``."""
@@ -251,7 +252,9 @@ def git_info(cwd: str | os.PathLike | None = None) -> dict:
     commit = _git(["rev-parse", "--verify", "HEAD"], here)
     if commit is None or not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", commit):
         return {"commit": "unknown", "dirty": None}
-    status = _git(["status", "--porcelain", "--untracked-files=no"], here)
+    # tracked files that differ from the commit, the results being recorded under benchmarks/results aside
+    status = _git(["status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                   ":(top,exclude)benchmarks/results"], here)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
