@@ -214,8 +214,8 @@ def _setup(q, k, v, log_gf, log_gb, chunk):
     (in the factors' dtype, :func:`_factor_dtype`) and the decay factors (:func:`_decays`)."""
     work = _work_dtype(q)
     T, C = q.shape[1], min(chunk, _MAX_CHUNK[work])
-    if isinstance(T, int):  # a short sequence is one chunk of its own length, not a padded one
-        C = max(1, min(C, T))
+    if isinstance(T, int) and T > 0:  # as many chunks as C needs, evened out: the least padding
+        C = -(-T // -(-T // C))
     n = _num_chunks(T, C)
     T_pad = n * C
     qh, kh, vh = (_heads_first(x, T_pad, work).unflatten(2, (n, C)) for x in (q, k, v))
@@ -250,9 +250,10 @@ def bigla_chunked(q, k, v, log_gf, log_gb, scale: float, chunk: int = DEFAULT_CH
     Args:
         q, k, log_gf, log_gb: ``[B, T, H, K]``; v: ``[B, T, H, V]``; log decays finite and <= 0.
         scale: readout scale.
-        chunk: tokens per chunk (the last one zero-padded; at most 50 for float32 work, 28 for
-            float64, where longer chunks would take the decay factors out of float64's range);
-            the result does not depend on it beyond rounding.
+        chunk: the most tokens per chunk (at most 50 for float32 work, 28 for float64, where longer
+            chunks would take the decay factors out of float64's range); in eager mode the chunks it
+            takes are evened out (T = 49, chunk 28: two of 25), the last one zero-padded. The result
+            does not depend on it beyond rounding.
 
     Returns:
         ``[B, T, H, V]`` in ``q.dtype``; computed in float32 (float64 for float64 inputs), the
