@@ -20,13 +20,7 @@ FAMILY = dict(vig_tiny=vig, vig_small=vig, vig_base=vig,
               vig_h_tiny=vig_h, vig_h_small=vig_h, vig_h_base=vig_h)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and spin on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run best on one thread
 
 
 def official_shapes(name: str) -> dict:

@@ -25,7 +25,8 @@ from vigla.engine.errors import UserError
 from vigla.engine.outputs import OutputLock
 
 pytest.importorskip("pycocotools")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' numpy-2 notice
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # pycocotools' numpy-2 notice
+              pytest.mark.usefixtures("one_thread")]  # conftest.py: tiny tensors run best on one thread
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIG_H = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_heads=(1, 1, 2, 4))
@@ -34,14 +35,6 @@ BACKBONES = {"vig_h_tiny": VIG_H, "vig_tiny": VIG, "castling_deit_tiny": dict(de
              "resnet18": {}}
 SMALL_RCNN = dict(rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=32, rpn_pre_nms_top_n_test=32,
                   rpn_post_nms_top_n_test=16, box_batch_size_per_image=16, box_detections_per_img=8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------- backbones

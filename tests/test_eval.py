@@ -13,12 +13,7 @@ from vigla.engine.checkpoint import save_weights
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run best on one thread
 
 
 @pytest.fixture()

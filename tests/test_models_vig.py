@@ -25,13 +25,7 @@ SPEC_PARAMS_M = dict(vig_tiny=5.83, vig_small=22.62, vig_base=89.02,
                      vig_h_tiny=28.60, vig_h_small=50.05, vig_h_base=88.90)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and spin on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run best on one thread
 
 
 def official_param_count(name: str) -> int:

@@ -24,13 +24,7 @@ from vigla.engine.trainer import Trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (no OpenMP barrier waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run best on one thread
 
 
 ENV_1T = dict(os.environ, OMP_NUM_THREADS="1")
