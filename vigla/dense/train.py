@@ -35,7 +35,8 @@ from vigla.engine.checkpoint import (capture_rng, load_into, load_state, load_we
                                      save_weights)
 from vigla.engine.errors import CheckpointError, OutOfMemory, UserError
 from vigla.engine.modeling import check_model_name
-from vigla.engine.outputs import atomic_write, write_text
+from vigla.engine.metrics import save_curves
+from vigla.engine.outputs import write_text
 from vigla.engine.precision import autocast
 from vigla.engine.run import (BEST, LAST, TrainingRun, _seed_everything, _version, _warn_unreadable,
                               find_resume_state, run_name)
@@ -394,16 +395,7 @@ def plot_dense_curves(out_dir: str, metric: str, title: str) -> str | None:
     ax_val.plot([int(r["epoch"]) + 1 for r in epochs], [float(r.get(f"val_{metric}") or 0) for r in epochs], "o-")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     ax_val.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
-    for ax in (ax_loss, ax_val):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "curves.png")
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    return save_curves(fig, (ax_loss, ax_val), out_dir, title)
 
 
 def _device(name: str) -> torch.device:

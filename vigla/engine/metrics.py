@@ -103,14 +103,23 @@ def plot_curves(out_dir: str, title: str = "") -> str | None:
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
     for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
         ax.legend()
+    return save_curves(fig, (ax_loss, ax_acc), out_dir, title, dpi=120)
+
+
+def save_curves(fig, axes, out_dir: str, title: str = "", dpi: int = 110) -> str:
+    """``fig`` (a matplotlib figure of training curves) with ``axes`` gridded and the ``title`` above, written
+    atomically to ``out_dir/curves.png`` and closed; returns the path."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     path = os.path.join(out_dir, "curves.png")
     try:
-        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+        atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
     return path
