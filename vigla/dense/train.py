@@ -38,7 +38,7 @@ from vigla.engine.modeling import check_model_name
 from vigla.engine.metrics import save_curves
 from vigla.engine.outputs import write_text
 from vigla.engine.precision import autocast
-from vigla.engine.run import (BEST, LAST, TrainingRun, _seed_everything, _version, _warn_unreadable,
+from vigla.engine.run import (BEST, LAST, TrainingRun, seed_everything, vigla_version, warn_unreadable,
                               find_resume_state, run_name)
 
 from .config import DenseConfig, config_to_yaml, parse_json_object
@@ -125,7 +125,7 @@ class DenseTrainer(TrainingRun):
 
     def _build(self) -> None:
         cfg = self.cfg
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         torch.backends.cudnn.benchmark = True
         self.amp_dtype, self.scaler = self._precision()
         require_pycocotools()
@@ -212,7 +212,7 @@ class DenseTrainer(TrainingRun):
     def _meta(self, val: dict | None) -> dict:
         return {**self.meta, "data": os.path.abspath(self.cfg.data), "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "val": val,
-                "vigla_version": _version()}
+                "vigla_version": vigla_version()}
 
     def _train_state(self) -> dict:
         """The training state: weights, optimizer, schedule, RNG, and the model's description."""
@@ -320,7 +320,7 @@ class DenseTrainer(TrainingRun):
         self._check_weights()  # before validating and saving them
         val = self.evaluate()
         if val["unreadable"] and not self._val_warned:
-            _warn_unreadable(val, "validation")
+            warn_unreadable(val, "validation")
             self._val_warned = True
         key = main_metric(self.cfg.task)
         row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],

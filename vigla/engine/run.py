@@ -430,7 +430,7 @@ class TrainingRun:
             write_text(os.path.join(self.out, "config.yaml"), self._config_yaml())
         git = git_info()
         info = {"command": sys.argv, **self._run_info(),
-                "torch": torch.__version__, "timm": timm.__version__, "vigla": _version(),
+                "torch": torch.__version__, "timm": timm.__version__, "vigla": vigla_version(),
                 "python": platform.python_version(), "commit": git["commit"], "dirty": git["dirty"],
                 "resumed_from": self.resume_state, "resumed_at_step": self.global_step if self.resume_state else None}
         name = "run.json" if self.resume_state is None else f"run-resume-{self.global_step}.json"
@@ -449,7 +449,7 @@ class TrainingRun:
         print("\n".join(lines), flush=True)
 
 
-def _warn_unreadable(result: dict, split: str) -> None:
+def warn_unreadable(result: dict, split: str) -> None:
     files = "; ".join(result["unreadable_files"])
     print(f"warning: {result['unreadable']} unreadable {split} image(s) left out ({result['images']} evaluated): "
           f"{files}", file=sys.stderr, flush=True)
@@ -462,12 +462,12 @@ def _quiet_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _version() -> str:
+def vigla_version() -> str:
     from vigla import __version__
     return __version__

@@ -31,7 +31,7 @@ from .metrics import plot_curves
 from .modeling import check_runs_at, create_model, enable_grad_checkpointing, model_args
 from .outputs import write_text
 from .precision import autocast
-from .run import BEST, LAST, TrainingRun, _seed_everything, _version, _warn_unreadable, run_name
+from .run import BEST, LAST, TrainingRun, seed_everything, vigla_version, warn_unreadable, run_name
 
 
 class Trainer(TrainingRun):
@@ -51,7 +51,7 @@ class Trainer(TrainingRun):
 
     def _build(self) -> None:
         cfg = self.cfg
-        _seed_everything(cfg.seed + self.dist.rank)
+        seed_everything(cfg.seed + self.dist.rank)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -163,7 +163,7 @@ class Trainer(TrainingRun):
         return {"model": self.cfg.model, "model_args": self.model_args, "classes": self.splits.classes,
                 "data": self.splits.name, "data_config": self.data_config, "weights": weights,
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "val": val, "vigla_version": _version(), **checkpoint_record(self.core)}
+                "val": val, "vigla_version": vigla_version(), **checkpoint_record(self.core)}
 
     def _train_state(self) -> dict | None:
         """The training state, with the model's weights and all ranks' RNG states. Collective under DDP."""
@@ -216,7 +216,7 @@ class Trainer(TrainingRun):
         if len(rng) == self.dist.world_size:
             restore_rng(rng[self.dist.rank])
         else:
-            _seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * self.global_step)
+            seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * self.global_step)
             if self.is_main:
                 warnings.warn(f"resuming {len(rng)}-process RNG states with {self.dist.world_size} processes: "
                               f"random streams are reseeded (sample order is kept)", stacklevel=2)
@@ -290,7 +290,7 @@ class Trainer(TrainingRun):
         val = self._evaluate(self.val_loader, self.core)
         ema_val = self._evaluate(self.val_loader, self.ema.module) if self.ema else None
         if val["unreadable"] and self.is_main and not self._val_warned:
-            _warn_unreadable(val, "validation")
+            warn_unreadable(val, "validation")
             self._val_warned = True
         row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
@@ -325,7 +325,7 @@ class Trainer(TrainingRun):
         test = self._evaluate(self._eval_loader(self.splits.test), model)
         if self.is_main:
             if test["unreadable"]:
-                _warn_unreadable(test, "test")
+                warn_unreadable(test, "test")
             split = "the Fashion-MNIST test file" if self.cfg.data is None else f"{self.cfg.data}/val"
             split = f"{test['images']} {'fixed random ' if self.cfg.test_subset else ''}images of {split}"
             results = {"test": test, "test_split": split,
