@@ -6,7 +6,8 @@ For each model (224 px, batch ``--batch-size``, bf16 autocast, ``eval()`` + ``to
 ``synced_ms``, one forward timed to its end (CUDA synchronised); ``issue_ms``, the host's time to issue one
 forward without waiting for the device (the queue drained between calls); ``pipelined_ms``, back-to-back
 forwards (what a benchmark loop sees); each a median over ``--iters`` calls, in ``--rounds`` rounds that visit
-the models in turn (the host's figures move between rounds); then, once per model, the top ``--top`` Python
+the models in turn (the host's figures move between rounds); then, once per model, the kernels one forward
+launches and their summed device time (torch.profiler), and the top ``--top`` Python
 functions of ``--iters`` issued forwards by own time and by cumulative time (cProfile). When ``issue_ms`` is
 close to ``synced_ms``, the forward is bound by the host: the profile says which Python frames to cut.
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`, a row per model).
@@ -85,6 +86,23 @@ def timings(forward, device: torch.device, iters: int) -> dict:
     return {"synced_ms": synced, "issue_ms": issue, "pipelined_ms": (time.perf_counter() - t0) * 1e3 / iters}
 
 
+def kernel_counts(forward, device: torch.device, iters: int) -> dict:
+    """``kernel_launches`` and ``kernel_ms``: the device kernels one forward launches and their summed time
+    (torch.profiler; CUDA only, else empty)."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            forward()
+        _sync(device)
+    kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(getattr(ev, "self_device_time_total", 0) for ev in prof.key_averages())
+    return {"kernel_launches": len(kernels) / iters, "kernel_ms": busy_us / 1e3 / iters}
+
+
 def host_profile(forward, device: torch.device, iters: int, top: int) -> dict:
     """cProfile of ``iters`` issued forwards: the per-forward top functions by own and by cumulative time."""
     prof = cProfile.Profile()
@@ -133,7 +151,11 @@ def main(argv=None) -> int:
             print(f"round {r + 1} {name}: synced {t['synced_ms']:.2f} issue {t['issue_ms']:.2f} pipelined "
                   f"{t['pipelined_ms']:.2f} ms per forward", flush=True)
     for name, forward in forwards.items():
+        rows[name].update(kernel_counts(forward, device, 3))
         rows[name].update(host_profile(forward, device, args.iters, args.top))
+        if "kernel_launches" in rows[name]:
+            print(f"{name}: {rows[name]['kernel_launches']:.0f} kernel launches, "
+                  f"{rows[name]['kernel_ms']:.2f} ms of kernels per forward", flush=True)
         print(f"{name}: own time per forward, top 10:", flush=True)
         for f in rows[name]["top_own"][:10]:
             print(f"  {f['own_ms']:7.3f} ms {f['calls']:7.1f} calls  {f['function']}", flush=True)

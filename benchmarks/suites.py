@@ -81,8 +81,9 @@ TEST_PARTS = {
     "kernels": ("the BiGLA Triton kernels against a float64 recurrence on random shapes, gated and "
                 "plain, opcheck, torch.compile, determinism", ["tests/test_bigla_triton.py"]),
     "ops": ("the locality-mix, SwiGLU, add+norm and depthwise-conv kernels, whole models on their fused "
-            "paths against reference_ops(), gradient checkpointing",
-            ["tests/test_fused_ops.py", "tests/test_recompute.py", "tests/test_fused_block_ops.py"]),
+            "paths against reference_ops(), gradient checkpointing, the eager launcher's replays",
+            ["tests/test_fused_ops.py", "tests/test_recompute.py", "tests/test_fused_block_ops.py",
+             "tests/test_launcher.py"]),
     "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel; a training "
                "step without a host sync", ["tests/test_bench.py", "tests/test_cuda_graph.py", "tests/test_train.py"]),
 }
@@ -185,7 +186,7 @@ def _profile(opts: Options) -> list[Step]:
 def _host_profile(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/host_profile.py", "--models", "vig_tiny", "deit_tiny_patch16_224", "vig_small",
             "--rounds", "3", "--out", str(opts.out), "--name", "profile_host"]
-    return [Step("profile_host", argv, 120, ["profile_host.json"])]
+    return [Step("profile_host", argv, 180, ["profile_host.json"])]
 
 
 def _ncu(opts: Options) -> list[Step]:

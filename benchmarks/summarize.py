@@ -290,6 +290,29 @@ def dense_section(results: list[tuple[str, dict]]) -> list[str]:
     return lines[:-1]
 
 
+DENSE_TRAIN = ("dense_train_detect", "dense_train_segment")
+
+
+def dense_train_section(results: list[tuple[str, dict]]) -> list[str]:
+    """Detector / segmenter trained from scratch on the composite data set (benchmarks/dense_train.py): the
+    best validation metrics per model, epochs done in the time budget, training img/s."""
+    lines = []
+    for stem, result in results:
+        rows = result["rows"]
+        task = result["settings"].get("task", stem.rsplit("_", 1)[-1])
+        keys = [k for k in (rows[0].get("best") or {})] if rows else []
+        lines += [f"**{task}** ({source(stem, result)}; {fmt(result['settings'].get('budget'), '.0f')} s for the "
+                  f"data set and all runs, {result['settings'].get('train')} training / "
+                  f"{result['settings'].get('val')} validation canvases of {result['settings'].get('canvas')} px)", ""]
+        lines += table(["model", "params M", "epochs", "train img/s", *keys],
+                       [[r["model"], fmt(r.get("params_m"), ".1f"),
+                         f"{r.get('epochs_done')}" + (" (stopped)" if (r.get("run") or {}).get("stopped") else ""),
+                         fmt(r.get("train_img_per_s"), ".1f"),
+                         *(fmt((r.get("best") or {}).get(k), ".2f") for k in keys)]
+                        for r in rows]) + [""]
+    return lines[:-1]
+
+
 def castling_section(result: dict) -> list[str]:
     rows = result["rows"]
     ratios = [r for r in rows if r.get("part") == "ratio"]
@@ -439,6 +462,11 @@ def performance(res: Results) -> str:
     dense = [(stem, res(stem)) for stem in DENSE_HIGHRES if res(stem)]
     if dense:
         out += ["", "## Dense backbones at high resolution", ""] + dense_section(dense)
+    trained = [(stem, res(stem)) for stem in DENSE_TRAIN if res(stem)]
+    if trained:
+        out += ["", "## Detection and segmentation trained from scratch", "",
+                "ViG-H-T and ConvNeXt-T backbones, the same recipe and time budget, on the composite data set (real "
+                "Imagenette photos, synthetic layout; see [dense.md](dense.md)).", ""] + dense_train_section(trained)
     if res("cpu_vig_t_224") or res("cpu_default_train"):
         out += ["", "## On a CPU", ""]
         if res("cpu_vig_t_224"):

@@ -77,8 +77,8 @@ def test_bigla_output_is_kept_not_recomputed(monkeypatch):
     from vigla.ops.bigla import op as bigla_op
 
     calls = []
-    forward = bigla_op._forward
-    monkeypatch.setattr(bigla_op, "_forward", lambda *a: calls.append(1) or forward(*a))
+    forward = bigla_op.bigla_forward
+    monkeypatch.setattr(bigla_op, "bigla_forward", lambda *a: calls.append(1) or forward(*a))
     torch.manual_seed(0)
     B, T, H, K, V = 2, 19, 2, 4, 6
     x = torch.randn(B, T, 8, dtype=torch.float64, requires_grad=True)

@@ -6,7 +6,9 @@ Each op (``bigla``, ``locality_mix``, ``swiglu``, ``add_norm``, ``dwconv``) is b
 * a reference in plain PyTorch (any device; ``reference.py`` or ``chunked.py``);
 * Triton kernels and their launchers (``triton_kernels.py``);
 * one ``torch.autograd.Function``: the eager path (it calls the launchers directly, which costs
-  less per call than going through the dispatcher);
+  less per call than going through the dispatcher; with nothing to record, as in inference, the
+  op calls the Function's forward implementation without ``apply``: :func:`records`); kernels
+  are launched through :func:`vigla.ops.launcher.direct` (compiled kernels reused per signature);
 * one custom op (``torch.library.triton_op`` when Triton is installed): what ``torch.compile``
   traces (Inductor then launches the kernels from its own code) and what a dispatch mode sees
   (the FLOP counter, selective activation checkpointing).
@@ -29,7 +31,9 @@ try:
 except ImportError:  # optional: every op has a PyTorch path
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "via_dispatcher", "fused_op", "wrap", "direct",
+from .launcher import direct
+
+__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "via_dispatcher", "records", "fused_op", "wrap", "direct",
            "compute_dtype"]
 
 _FORCE_REFERENCE = False
@@ -75,9 +79,11 @@ def fused_op(name: str, fake: Callable) -> Callable:
     return decorate
 
 
-def direct(kernel):
-    """How the eager Functions launch a Triton kernel: as it is (``kernel[grid](...)``)."""
-    return kernel
+def records(*tensors) -> bool:
+    """Whether autograd records a call on ``tensors`` (grad mode on and one of them needs a gradient).
+    When it does not, an op calls its Function's forward directly: ``Function.apply`` would only add
+    host time (inference)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 if HAS_TRITON:

@@ -17,15 +17,16 @@ from .reference import add_norm_reference, add_norm_reference_bwd
 if HAS_TRITON:
     from .triton_kernels import MAX_C, add_norm_bwd_triton, add_norm_fwd_triton
 
-__all__ = ["AddNormFunction"]
+__all__ = ["AddNormFunction", "add_norm_forward"]
 
 
 def _kernels(x: torch.Tensor) -> bool:
     return use_kernels(x) and x.shape[-1] <= MAX_C
 
 
-def _forward(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype, launch=direct):
-    """``(s, y)``: ``s`` ``[..., C]`` in ``x.dtype`` (``[0]`` without ``delta``), ``y`` in ``out_dtype``."""
+def add_norm_forward(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype, launch=direct):
+    """``(s, y)``: ``s`` ``[..., C]`` in ``x.dtype`` (``[0]`` without ``delta``), ``y`` in ``out_dtype``.
+    Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
     if _kernels(x):
         return add_norm_fwd_triton(x, delta, weight, bias, eps, rms, out_dtype, wrap=launch)
     s, y = add_norm_reference(x, delta, weight, bias, eps, rms, out_dtype)
@@ -54,7 +55,7 @@ class AddNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps, rms, out_dtype):
-        s, y = _forward(x, delta, weight, bias, eps, rms, out_dtype)
+        s, y = add_norm_forward(x, delta, weight, bias, eps, rms, out_dtype)
         ctx.save_for_backward(s if delta is not None else x, weight, bias)
         ctx.eps, ctx.rms = eps, rms
         ctx.delta_dtype = delta.dtype if delta is not None else None
@@ -83,7 +84,7 @@ def add_norm_op(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Te
                 bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The custom op: :class:`AddNormFunction`'s forward."""
-    return _forward(x, delta, weight, bias, eps, rms, out_dtype, wrap)
+    return add_norm_forward(x, delta, weight, bias, eps, rms, out_dtype, wrap)
 
 
 @fused_op("vigla::add_norm_bwd", _bwd_fake)

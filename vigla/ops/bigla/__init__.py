@@ -13,13 +13,13 @@ import functools
 
 import torch
 
-from ..dispatch import via_dispatcher
+from ..dispatch import records, via_dispatcher
 from ..tracing import exporting
 from .chunked import bigla_chunked, bigla_chunked_bwd
 from .export_path import bigla_gated_static, bigla_static
 from .fla import HAS_FLA, bigla_fla
 from .naive import bigla_naive
-from .op import BiGLAFunction, bigla_macs, log_decays
+from .op import BiGLAFunction, bigla_macs, bigla_forward, log_decays
 
 __all__ = ["bigla", "bigla_gated", "log_decays", "bigla_naive", "bigla_chunked", "bigla_chunked_bwd",
            "bigla_macs", "bigla_fla", "HAS_FLA"]
@@ -59,7 +59,9 @@ def _run(q, k, v, gf, gb, scale, gate_normalizer):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if via_dispatcher():
         return torch.ops.vigla.bigla_fwd(q, k, v, gf, gb, scale, gate_normalizer)
-    return BiGLAFunction.apply(q, k, v, gf, gb, scale, gate_normalizer)
+    if records(q, k, v, gf, gb):
+        return BiGLAFunction.apply(q, k, v, gf, gb, scale, gate_normalizer)
+    return bigla_forward(q, k, v, gf, gb, scale, gate_normalizer)
 
 
 def bigla(

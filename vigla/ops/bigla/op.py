@@ -21,7 +21,7 @@ else:
     def supports(K: int, V: int) -> bool:
         return False
 
-__all__ = ["BiGLAFunction", "bigla_macs", "log_decays", "supports"]
+__all__ = ["BiGLAFunction", "bigla_forward", "bigla_macs", "log_decays", "supports"]
 
 
 def bigla_macs(q_shape, v_shape) -> int:
@@ -54,10 +54,11 @@ def _kernels(q: torch.Tensor, v: torch.Tensor) -> bool:
     return use_kernels(q) and supports(q.shape[-1], v.shape[-1])
 
 
-def _forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
+def bigla_forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
     """``[B, T, H, V]`` output (see :func:`vigla.ops.bigla.bigla`; ``gf``, ``gb`` are gate logits
-    when ``gate_normalizer`` is given). ``launch``: how kernels are launched (``wrap`` inside the
-    custom op)."""
+    when ``gate_normalizer`` is given), without autograd: :class:`BiGLAFunction`'s forward, and the
+    op itself when nothing needs a gradient. ``launch``: how kernels are launched (``wrap`` inside
+    the custom op)."""
     if _kernels(q, v):
         return bigla_fwd_triton(q, k, v, gf, gb, scale, gate_normalizer, wrap=launch)
     with torch.no_grad():
@@ -67,7 +68,7 @@ def _forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], la
 
 
 def _backward(do, q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
-    """``(dq, dk, dv, dgf, dgb)`` of ``<do, _forward(...)>``, in the inputs' dtypes."""
+    """``(dq, dk, dv, dgf, dgb)`` of ``<do, bigla_forward(...)>``, in the inputs' dtypes."""
     if _kernels(q, v):
         return bigla_bwd_triton(q, k, v, gf, gb, do, scale, gate_normalizer, wrap=launch)
     if gate_normalizer is None:
@@ -87,7 +88,7 @@ class BiGLAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, gf, gb, scale, gate_normalizer):
         ctx.save_for_backward(q, k, v, gf, gb)
         ctx.scale, ctx.gate_normalizer = scale, gate_normalizer
-        return _forward(q, k, v, gf, gb, scale, gate_normalizer)
+        return bigla_forward(q, k, v, gf, gb, scale, gate_normalizer)
 
     @staticmethod
     def backward(ctx, do):
@@ -106,7 +107,7 @@ def _bwd_fake(do, q, k, v, gf, gb, scale, gate_normalizer=None):
 def bigla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
               scale: float, gate_normalizer: Optional[float] = None) -> torch.Tensor:
     """The custom op: :class:`BiGLAFunction`'s forward."""
-    return _forward(q, k, v, gf, gb, scale, gate_normalizer, wrap)
+    return bigla_forward(q, k, v, gf, gb, scale, gate_normalizer, wrap)
 
 
 @fused_op("vigla::bigla_bwd", _bwd_fake)

@@ -11,11 +11,12 @@ from .reference import dwconv_reference, dwconv_reference_bwd
 if HAS_TRITON:
     from .triton_kernels import dwconv_bwd_triton, dwconv_fwd_triton
 
-__all__ = ["DWConvFunction"]
+__all__ = ["DWConvFunction", "dwconv_forward"]
 
 
-def _forward(x, weight, H: int, W: int, act: bool, out_dtype: torch.dtype, launch=direct):
-    """``[B, H*W, C]`` in ``out_dtype`` (see :func:`vigla.ops.dwconv.dwconv_silu`)."""
+def dwconv_forward(x, weight, H: int, W: int, act: bool, out_dtype: torch.dtype, launch=direct):
+    """``[B, H*W, C]`` in ``out_dtype`` (see :func:`vigla.ops.dwconv.dwconv_silu`).
+    Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
     if use_kernels(x):
         return dwconv_fwd_triton(x, weight, (H, W), act, out_dtype, wrap=launch)
     return dwconv_reference(x, weight, (H, W), act, out_dtype).contiguous()
@@ -35,7 +36,7 @@ class DWConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, H, W, act, out_dtype):
         ctx.save_for_backward(x, weight)
         ctx.H, ctx.W, ctx.act = H, W, act
-        return _forward(x, weight, H, W, act, out_dtype)
+        return dwconv_forward(x, weight, H, W, act, out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -54,7 +55,7 @@ def _bwd_fake(dy, x, weight, H, W, act):
 def dwconv_op(x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: bool, out_dtype: torch.dtype
               ) -> torch.Tensor:
     """The custom op: :class:`DWConvFunction`'s forward."""
-    return _forward(x, weight, H, W, act, out_dtype, wrap)
+    return dwconv_forward(x, weight, H, W, act, out_dtype, wrap)
 
 
 @fused_op("vigla::dwconv_bwd", _bwd_fake)

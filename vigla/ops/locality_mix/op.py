@@ -10,7 +10,7 @@ from .reference import locality_mix_reference, locality_mix_reference_bwd
 if HAS_TRITON:
     from .triton_kernels import locality_mix_bwd_triton, locality_mix_fwd_triton
 
-__all__ = ["LocalityMixFunction"]
+__all__ = ["LocalityMixFunction", "locality_mix_forward"]
 
 
 def _kernels(o: torch.Tensor) -> bool:
@@ -18,8 +18,9 @@ def _kernels(o: torch.Tensor) -> bool:
     return use_kernels(o) and not d & (d - 1) and d <= 256  # power-of-two heads
 
 
-def _forward(o, x, z, w_o, w_l, eps: float, act: bool, launch=direct):
-    """``[..., h*d]`` in ``o.dtype`` (see :func:`vigla.ops.locality_mix.locality_mix`)."""
+def locality_mix_forward(o, x, z, w_o, w_l, eps: float, act: bool, launch=direct):
+    """``[..., h*d]`` in ``o.dtype`` (see :func:`vigla.ops.locality_mix.locality_mix`).
+    Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
     if _kernels(o):
         return locality_mix_fwd_triton(o, x, z, w_o, w_l, eps, act, wrap=launch)
     return locality_mix_reference(o, x, z, w_o, w_l, eps, act)
@@ -39,7 +40,7 @@ class LocalityMixFunction(torch.autograd.Function):
     def forward(ctx, o, x, z, w_o, w_l, eps, act):
         ctx.save_for_backward(o, x, z, w_o, w_l)
         ctx.eps, ctx.act = eps, act
-        return _forward(o, x, z, w_o, w_l, eps, act)
+        return locality_mix_forward(o, x, z, w_o, w_l, eps, act)
 
     @staticmethod
     def backward(ctx, dy):
@@ -59,7 +60,7 @@ def _bwd_fake(dy, o, x, z, w_o, w_l, eps, act):
 def locality_mix_op(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor,
                     w_l: torch.Tensor, eps: float, act: bool) -> torch.Tensor:
     """The custom op: :class:`LocalityMixFunction`'s forward."""
-    return _forward(o, x, z, w_o, w_l, eps, act, wrap)
+    return locality_mix_forward(o, x, z, w_o, w_l, eps, act, wrap)
 
 
 @fused_op("vigla::locality_mix_bwd", _bwd_fake)

@@ -12,11 +12,12 @@ from .reference import swiglu_reference, swiglu_reference_bwd
 if HAS_TRITON:
     from .triton_kernels import swiglu_bwd_triton, swiglu_fwd_triton
 
-__all__ = ["SwiGLUFunction", "SwiGLUMLPFunction"]
+__all__ = ["SwiGLUFunction", "SwiGLUMLPFunction", "swiglu_forward", "swiglu_mlp_forward"]
 
 
-def _forward(u: torch.Tensor, launch=direct) -> torch.Tensor:
-    """``[..., 2I]`` -> ``[..., I]``."""
+def swiglu_forward(u: torch.Tensor, launch=direct) -> torch.Tensor:
+    """``[..., 2I]`` -> ``[..., I]``.
+    Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
     if use_kernels(u):
         return swiglu_fwd_triton(u, wrap=launch)
     return swiglu_reference(u).contiguous()
@@ -35,7 +36,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u):
         ctx.save_for_backward(u)
-        return _forward(u)
+        return swiglu_forward(u)
 
     @staticmethod
     def backward(ctx, dy):
@@ -45,7 +46,7 @@ class SwiGLUFunction(torch.autograd.Function):
 @fused_op("vigla::swiglu", lambda u: u.new_empty(*u.shape[:-1], u.shape[-1] // 2))
 def swiglu_op(u: torch.Tensor) -> torch.Tensor:
     """The custom op: :class:`SwiGLUFunction`'s forward."""
-    return _forward(u, wrap)
+    return swiglu_forward(u, wrap)
 
 
 @fused_op("vigla::swiglu_bwd", lambda dy, u: u.new_empty(u.shape))
@@ -68,6 +69,13 @@ swiglu_op.register_autograd(_op_backward, setup_context=_setup)
 def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum over rows of dy^T x``: ``[..., O]``, ``[..., I]`` -> ``[O, I]``."""
     return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+def swiglu_mlp_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``swiglu(x @ w1^T) @ w2^T`` with the kernels, in the compute dtype, without autograd (CUDA):
+    ``[..., C]`` -> ``[..., C_out]``."""
+    dtype = compute_dtype(x)  # what autocast would multiply in
+    return F.linear(swiglu_fwd_triton(F.linear(x.to(dtype), w1.to(dtype))), w2.to(dtype))
 
 
 class SwiGLUMLPFunction(torch.autograd.Function):

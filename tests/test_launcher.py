@@ -1,0 +1,97 @@
+"""The eager path's host shortcuts: compiled Triton kernels reused per argument signature
+(:mod:`vigla.ops.launcher`) and ops that skip ``autograd.Function.apply`` when nothing needs a
+gradient (:func:`vigla.ops.dispatch.records`).
+
+* CPU: the signature separates what Triton specialises on (dtype, 16-byte alignment, int values,
+  constexprs); ``records``; a model's no-grad forward (no Function) equals its grad-mode one.
+* GPU (``pytest -m gpu``): replayed launches compute what Triton's own launch computes, on aligned
+  and misaligned inputs, and a ViG-T forward under ``no_grad`` equals the recorded one bit for bit.
+"""
+import pytest
+import torch
+
+import timm
+
+import vigla  # noqa: F401
+from vigla.ops.dispatch import records
+from vigla.ops.swiglu import swiglu_reference
+
+triton = pytest.importorskip("triton", reason="the launcher wraps Triton kernels")
+from vigla.ops import launcher  # noqa: E402
+
+
+def test_signature_tells_apart_what_triton_specialises_on():
+    x = torch.zeros(64)
+    same_layout = torch.ones(64)
+    key = launcher._key((x, 64, 1.5), {"BLOCK": 32})
+    assert key == launcher._key((same_layout, 64, 1.5), {"BLOCK": 32})  # data differ: one kernel
+    assert key != launcher._key((x[1:], 64, 1.5), {"BLOCK": 32})  # 4-byte offset: not 16-aligned
+    assert key != launcher._key((x.double(), 64, 1.5), {"BLOCK": 32})  # dtype
+    assert key != launcher._key((x, 63, 1.5), {"BLOCK": 32})  # int value (divisibility by 16)
+    assert key != launcher._key((x, 64, 1.5), {"BLOCK": 64})  # constexpr
+    assert key != launcher._key((x, 64, 1.5), {"BLOCK": 32, "num_warps": 8})  # launch option
+    assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, True), {"FLAG": 1})  # i32 vs i1
+    assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, 1), {"FLAG": True})
+
+
+def test_direct_wraps_jit_functions_only():
+    from vigla.ops.swiglu.triton_kernels import _fwd_kernel
+
+    if not isinstance(_fwd_kernel, launcher.JITFunction):  # Triton's interpreter
+        assert launcher.direct(_fwd_kernel) is _fwd_kernel
+        return
+    fast = launcher.direct(_fwd_kernel)
+    assert isinstance(fast, launcher.FastKernel) and launcher.direct(_fwd_kernel) is fast
+    assert fast.names[:5] == ("u", "y", "N", "I", "su")
+    plain = object()
+    assert launcher.direct(plain) is plain
+
+
+def test_records():
+    a = torch.zeros(2)
+    w = torch.zeros(2, requires_grad=True)
+    assert not records(a, None)
+    assert records(a, w, None)
+    with torch.no_grad():
+        assert not records(a, w)
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_inference_skips_autograd_with_the_same_result(name, one_thread):
+    """Under no_grad every fused op runs its forward without autograd.Function: same numbers."""
+    model = timm.create_model(name, num_classes=7, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    recorded = model(x)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        plain = model(x)
+    assert plain.grad_fn is None
+    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replayed_launches_match_the_reference(dtype):
+    from vigla.ops.swiglu.triton_kernels import _fwd_kernel, swiglu_fwd_triton
+
+    fast = launcher.direct(_fwd_kernel)
+    before = len(fast.compiled)
+    for offset in (0, 1, 0, 1, 0):  # offset 1: a 2- or 4-byte shift, another specialisation
+        u = torch.randn(37, 2 * 96 + 1, device="cuda", dtype=dtype)[:, offset:offset + 2 * 96]
+        y = swiglu_fwd_triton(u)
+        torch.testing.assert_close(y.float(), swiglu_reference(u.double()).float(),
+                                   **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}))
+    assert len(fast.compiled) == before + 2  # one compiled kernel per signature, then replays
+
+
+@pytest.mark.gpu
+def test_model_no_grad_matches_recorded_forward_on_cuda():
+    model = timm.create_model("vig_tiny", num_classes=10).cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        recorded = model(x)
+        with torch.no_grad():
+            plain = model(x)
+            again = model(x)  # replays of the cached launches
+    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)

@@ -1,0 +1,97 @@
+"""How the eager path launches a Triton kernel: the compiled kernel cached per argument signature.
+
+``kernel[grid](*args, **meta)`` through Triton's ``JITFunction.run`` binds and specialises every
+argument, hashes the specialisation and checks the kernel's globals on each call: about 25 us of
+host time per launch, more than a small kernel takes on the GPU, and at 224² an eager ViG
+forward issues ~80 of them. :func:`direct` keeps, per kernel, the ``CompiledKernel`` that Triton
+returned for each signature and launches it directly after that (Triton's own
+``CompiledKernel[grid](*args)`` call, with the constexprs in the signature's order).
+
+The signature is what Triton specialises on: per tensor its dtype and whether its address is
+16-byte aligned, every other argument by value (ints: divisibility by 16, equality to 1 and the
+i32 / i64 choice all follow from the value), the constexprs and launch options. The device is part of the
+signature (a compiled kernel is loaded per device). A new signature, a callable grid, a launch hook (a profiler such as proton), or Triton's interpreter take Triton's own path.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["direct", "FastKernel"]
+
+MAX_SIGNATURES = 1024  # per kernel: beyond it the cache starts again (shapes that never repeat)
+
+try:
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    try:
+        from triton import knobs as _knobs  # Triton >= 3.4: where the launch hooks live
+    except ImportError:  # pragma: no cover - older Triton: no fast path
+        _knobs = None
+    _driver = triton.runtime.driver
+except ImportError:  # the package works without Triton; nothing is launched then
+    JITFunction = None
+    _knobs = None
+
+
+def _key(args: tuple, meta: dict) -> tuple:
+    """What Triton's specialisation depends on (see the module docstring); scalars other than ints carry
+    their type (``True == 1 == 1.0`` in Python, not to Triton)."""
+    return (tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                   else a if type(a) is int else (type(a), a) for a in args]),
+            tuple([(k, v if type(v) is int else (type(v), v)) for k, v in meta.items()]))
+
+
+class FastKernel:
+    """A Triton ``JITFunction`` launched as ``FastKernel(fn)[grid](*args, **meta)``, like the
+    function itself, with the compiled kernel of each signature reused (module docstring)."""
+
+    __slots__ = ("fn", "compiled", "names")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled: dict[tuple, tuple[Any, tuple[str, ...]]] = {}
+        self.names = tuple(fn.arg_names)
+
+    def __getitem__(self, grid: tuple) -> Callable[..., None]:
+        return lambda *args, **meta: self.launch(grid, args, meta)
+
+    def launch(self, grid: tuple, args: tuple, meta: dict) -> None:
+        device = _driver.active.get_current_device()
+        key = (device, *_key(args, meta))
+        hit = self.compiled.get(key)
+        if hit is None or _knobs.runtime.launch_enter_hook is not None or callable(grid):
+            self._first(key, grid, args, meta)
+            return
+        kernel, constexprs = hit
+        g = (*grid, 1, 1)
+        stream = _driver.active.get_current_stream(device)
+        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+                   *args, *[meta[name] for name in constexprs])
+
+    def _first(self, key: tuple, grid: tuple, args: tuple, meta: dict) -> None:
+        """Triton's own launch; its compiled kernel is kept when the call can be replayed directly
+        (every parameter after the positional ones given by keyword)."""
+        kernel = self.fn[grid](*args, **meta)
+        rest = self.names[len(args):]
+        if kernel is None or not hasattr(kernel, "packed_metadata") or any(n not in meta for n in rest):
+            return
+        if len(self.compiled) >= MAX_SIGNATURES:
+            self.compiled.clear()
+        self.compiled[key] = (kernel, rest)
+
+
+_FAST: dict[Any, FastKernel] = {}
+
+
+def direct(kernel):
+    """How the eager Functions launch a Triton kernel: ``direct(kernel)[grid](*args, **meta)``,
+    through :class:`FastKernel` (Triton's own path under its interpreter or an older Triton)."""
+    fast = _FAST.get(kernel)
+    if fast is None:
+        if _knobs is None or JITFunction is None or not isinstance(kernel, JITFunction):
+            return kernel
+        fast = _FAST[kernel] = FastKernel(kernel)
+    return fast
