@@ -36,6 +36,12 @@ except ImportError:  # the package works without Triton; nothing is launched the
     _knobs = None
 
 
+def _hooked() -> bool:
+    """Whether a launch hook is installed (Triton keeps them in a ``HookChain``, empty by default)."""
+    hook = _knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _key(args: tuple, meta: dict) -> tuple:
     """What Triton's specialisation depends on (see the module docstring); scalars other than ints carry
     their type (``True == 1 == 1.0`` in Python, not to Triton)."""
@@ -62,7 +68,7 @@ class FastKernel:
         device = _driver.active.get_current_device()
         key = (device, *_key(args, meta))
         hit = self.compiled.get(key)
-        if hit is None or _knobs.runtime.launch_enter_hook is not None or callable(grid):
+        if hit is None or callable(grid) or _hooked():
             self._first(key, grid, args, meta)
             return
         kernel, constexprs = hit
