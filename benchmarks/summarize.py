@@ -159,8 +159,12 @@ def reading(res: Results) -> list[str]:
     lines = []
 
     def launches_of(model):
-        return next((value(e, ("inference", "kernel_launches")) for e in (launches or {}).get("rows", [])
-                     if e.get("model") == model and e.get("img_size") == 224), None)
+        counted = [r.get("kernel_launches") for r in (host or {}).get("rows", []) if r.get("model") == model]
+        if counted and counted[0]:
+            return counted[0], "profile_host"
+        return next(((value(e, ("inference", "kernel_launches")), "profile_launches")
+                     for e in (launches or {}).get("rows", [])
+                     if e.get("model") == model and e.get("img_size") == 224), (None, None))
 
     def issue_ms(model):
         rows = [r for r in (host or {}).get("rows", []) if r.get("model") == model]
@@ -170,9 +174,10 @@ def reading(res: Results) -> list[str]:
     if issue_ms("vig_tiny") and issue_ms(DEIT_T):
         why.append(f"issuing one forward takes the host {issue_ms('vig_tiny'):.1f} ms against DeiT-T's "
                    f"{issue_ms(DEIT_T):.1f} ms, `profile_host.json`")
-    if launches_of("vig_tiny") and launches_of(DEIT_T):
-        why.append(f"{launches_of('vig_tiny'):.0f} kernel launches to DeiT-T's {launches_of(DEIT_T):.0f}, "
-                   "`profile_launches.json`: fewer, but each costs more host time")
+    (vig_n, vig_src), (deit_n, _) = launches_of("vig_tiny"), launches_of(DEIT_T)
+    if vig_n and deit_n:
+        why.append(f"{vig_n:.0f} kernel launches to DeiT-T's {deit_n:.0f}, `{vig_src}.json`: fewer, but each "
+                   "costs more host time")
     if eager and graph:
         because = f" ({'; '.join(why)})" if why else ""
         lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU{because}: it runs at "
@@ -240,13 +245,15 @@ def host_section(result: dict, top: int = 8) -> list[str]:
     """The host's time per eager forward (benchmarks/host_profile.py): timings per round, then ViG-T's
     Python frames with the most own time."""
     rows = [[SHORT.get(r["model"], r["model"]), *(" / ".join(f"{t[k]:.1f}" for t in r["rounds"])
-                                                 for k in ("synced_ms", "issue_ms", "pipelined_ms"))]
+                                                 for k in ("synced_ms", "issue_ms", "pipelined_ms")),
+             fmt(r.get("kernel_launches")), fmt(r.get("kernel_ms"), ".2f")]
             for r in result["rows"]]
     lines = [f"Batch {result['rows'][0]['batch_size']} at {result['rows'][0]['img_size']}, bf16 autocast, "
              f"medians of {value(result, ('settings', 'iters'))} forwards per round, the models visited in turn "
              f"({source('profile_host', result)}). \"issue\": the host's time to issue one forward with the "
-             "device idle; when it equals \"synced\", the forward is bound by the host.", ""]
-    lines += table(["model", "synced ms, per round", "issue ms", "pipelined ms"], rows)
+             "device idle; when it equals \"synced\", the forward is bound by the host. Kernels: the device kernels one "
+             "forward launches and their summed time (torch.profiler, its overhead included).", ""]
+    lines += table(["model", "synced ms, per round", "issue ms", "pipelined ms", "kernels", "kernel ms"], rows)
     vig = next((r for r in result["rows"] if r["model"] == "vig_tiny" and r.get("top_own")), None)
     if vig:
         lines += ["", f"ViG-T's Python frames by own time per forward (cProfile, {vig['profiled_ms']:.1f} ms "
