@@ -15,9 +15,10 @@ from PIL import Image
 from vigla import cli
 from vigla.dense import BackboneFPN, backbone_with_fpn, build_detector, build_segmenter, pad_to_multiple
 from vigla.dense.backbone import feature_sizes
-from vigla.dense.config import resolve_config
+from vigla.dense.config import cudnn_benchmark, resolve_config
 from vigla.dense.data import CocoSplit, decode_segmentation
 from vigla.dense.evaluate import segmentation_metrics
+from vigla.dense.models import paste_masks_in_image
 from vigla.dense.synth import ComposeSettings, PhotoPool, imagenette_pool, write_split
 from vigla.dense.train import DenseTrainer
 from vigla.engine.checkpoint import load_weights
@@ -120,6 +121,35 @@ def _targets(sizes, masks):
             t["masks"] = m
         out.append(t)
     return out
+
+
+def test_mask_paste_matches_torchvision():
+    """vigla's paste reads the boxes back once; the pixels must be torchvision's, boxes partly or wholly outside
+    the image, degenerate and sub-pixel ones included."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 1, 28, 28, generator=g)
+    xy = torch.rand(40, 2, generator=g) * 55 - 10  # top-left corners inside both images, or up to 10 px out
+    wh = torch.rand(40, 2, generator=g) * 90
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[:4] = torch.tensor([[10.0, 10, 10, 10], [20, 5, 20.4, 8], [30, 20, 35, 18], [-40, -20, 160, 130]])
+    # ^ empty, thin, inverted (inside the image: torchvision fails on inverted boxes that stick out), huge
+    for shape in ((64, 96), (97, 50)):
+        ours = paste_masks_in_image(masks, boxes, shape)
+        assert ours.shape == (40, 1, *shape) and ours.abs().sum() > 0
+        torch.testing.assert_close(ours, tv_paste(masks, boxes, shape), rtol=0, atol=0)
+    assert paste_masks_in_image(masks[:0], boxes[:0], (64, 96)).shape == (0, 1, 64, 96)
+
+
+def test_cudnn_benchmark_is_off_to_detect_by_default(tmp_path):
+    """The mask head's batch (the positive RoIs) changes size every step: cuDNN's per-shape search would run at
+    every step of a detector, so --cudnn-benchmark auto leaves it off there (on to segment)."""
+    base = dict(data=str(tmp_path))
+    assert not cudnn_benchmark(resolve_config(dict(base, task="detect")))
+    assert cudnn_benchmark(resolve_config(dict(base, task="segment")))
+    assert cudnn_benchmark(resolve_config(dict(base, task="detect", cudnn_benchmark="on")))
+    assert not cudnn_benchmark(resolve_config(dict(base, task="segment", cudnn_benchmark="off")))
 
 
 @pytest.mark.parametrize("kind,name", [("mask_rcnn", "vig_h_tiny"), ("faster_rcnn", "vig_tiny"),
@@ -290,6 +320,7 @@ def test_detection_run_and_eval_command(dataset, tmp_path, capsys):
     flags = _flags(dataset, tmp_path / "det", task="detect", detector="mask_rcnn", epochs=1, warmup_epochs=0,
                    detector_args=json.dumps(SMALL_RCNN), img_size=64, max_size=64)
     assert DenseTrainer(resolve_config(flags)).run() == 0
+    assert json.load(open(tmp_path / "det" / "run.json"))["cudnn_benchmark"] is False
     meta = json.load(open(tmp_path / "det" / "last.json"))
     assert meta["task"] == "detect" and meta["classes"] == ["red", "green", "blue"]
     assert 0 <= meta["val"]["box_ap"] <= 100 and 0 <= meta["val"]["mask_ap"] <= 100 and meta["val"]["images"] == 4

@@ -17,7 +17,7 @@ from vigla.engine.errors import UserError
 
 from .models import DETECTORS
 
-__all__ = ["DenseConfig", "TASKS", "add_config_arguments", "resolve_config"]
+__all__ = ["DenseConfig", "TASKS", "add_config_arguments", "cudnn_benchmark", "resolve_config"]
 
 TASKS = ("detect", "segment")
 
@@ -61,6 +61,10 @@ class DenseConfig:
     clip_grad: float = _opt(1.0, "clip the gradient norm to this (0: off)", metavar="NORM")
     amp: str = _opt("auto", "autocast: bf16 on CUDA by default, off on CPU", choices=("auto", "bf16", "fp16", "off"))
     device: str = _opt("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"))
+    cudnn_benchmark: str = _opt("auto", "cuDNN's algorithm search per new input shape (torch.backends.cudnn."
+                                "benchmark). auto: on to segment; off to detect, where the mask head's batch (the "
+                                "positive RoIs) changes size every step and every new size would be searched again",
+                                choices=("auto", "on", "off"))
     workers: int = _opt(-1, "data loader processes (-1: none on CPU, else one per spare core, at most 8)",
                         metavar="N")
     train_subset: int = _opt(0, "train on this many images, a fixed random pick (0: all)", metavar="N")
@@ -83,7 +87,16 @@ class DenseConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(DenseConfig)}
 #: not saved with a run: where it is, and how this process continues it
-_NOT_SAVED = ("out", "resume", "device", "workers")
+_NOT_SAVED = ("out", "resume", "device", "workers", "cudnn_benchmark")
+
+
+def cudnn_benchmark(cfg: DenseConfig) -> bool:
+    """Whether the run turns on ``torch.backends.cudnn.benchmark`` (``--cudnn-benchmark``). Detection is off by
+    default: Mask R-CNN's mask head convolves the positive RoIs of the batch, a number that differs from step to
+    step, and the search would run again for each new count (detectron2 leaves it off for the same reason)."""
+    if cfg.cudnn_benchmark == "auto":
+        return cfg.task != "detect"
+    return cfg.cudnn_benchmark == "on"
 
 
 def parse_json_object(text: str, flag: str) -> dict[str, Any]:

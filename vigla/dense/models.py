@@ -21,10 +21,13 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .backbone import PYRAMID_STRIDES, BackboneFPN, backbone_with_fpn
 
-__all__ = ["DETECTORS", "SemanticFPNHead", "SegmentationModel", "build_detector", "build_segmenter"]
+__all__ = ["DETECTORS", "MaskTransform", "SemanticFPNHead", "SegmentationModel", "build_detector", "build_segmenter",
+           "paste_masks_in_image"]
 
 DETECTORS = ("mask_rcnn", "faster_rcnn", "retinanet")
 
@@ -47,8 +50,8 @@ def build_detector(kind: str, backbone: Union[str, nn.Module, BackboneFPN], num_
         backbone: a model name or model (wrapped by :func:`~vigla.dense.backbone.backbone_with_fpn` with the
             levels ``kind`` needs), or a :class:`BackboneFPN` built already.
         num_classes: object classes + 1 (the background, label 0).
-        min_size, max_size: the detector's resize (shorter side; a tuple picks one at random per training
-            batch, the last one at evaluation), longer-side cap.
+        min_size, max_size: the detector's resize (shorter side; a tuple: torchvision picks one at random per
+            training image, and pads the batch to its largest; the last one at evaluation), longer-side cap.
         detector_kwargs: more arguments for the torchvision class (``box_detections_per_img``,
             ``rpn_post_nms_top_n_train``, ...).
         **backbone_kwargs: for :func:`backbone_with_fpn` (``out_channels``, ``pretrained``, ``weights``,
@@ -67,7 +70,44 @@ def build_detector(kind: str, backbone: Union[str, nn.Module, BackboneFPN], num_
                   size_divisible=bb.size_divisible, **(detector_kwargs or {}))
     cls = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN, "retinanet": RetinaNet}[kind]
     _check_kwargs(cls, detector_kwargs or {})
-    return cls(bb, num_classes=num_classes, **common)
+    model = cls(bb, num_classes=num_classes, **common)
+    if kind == "mask_rcnn":
+        t = model.transform
+        model.transform = MaskTransform(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible,
+                                        t.fixed_size, _skip_resize=t._skip_resize)
+    return model
+
+
+def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, img_shape: tuple[int, int],
+                         padding: int = 1) -> torch.Tensor:
+    """torchvision's ``paste_masks_in_image`` (the same pixels) with the boxes read back once: ``[N, 1, M, M]``
+    mask probabilities in ``[N, 4]`` boxes -> ``[N, 1, H, W]``. torchvision's reads every box's corners
+    back from the device one by one, about ten waits for the device per detected mask."""
+    masks, scale = expand_masks(masks, padding=padding)
+    im_h, im_w = img_shape
+    out = masks.new_zeros((masks.shape[0], 1, im_h, im_w))
+    for k, (x0, y0, x1, y1) in enumerate(expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()):
+        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        mask = F.interpolate(masks[k:k + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        xa, xb, ya, yb = max(x0, 0), min(x1 + 1, im_w), max(y0, 0), min(y1 + 1, im_h)
+        out[k, 0, ya:yb, xa:xb] = mask[ya - y0:yb - y0, xa - x0:xb - x0]
+    return out
+
+
+class MaskTransform(GeneralizedRCNNTransform):
+    """torchvision's ``GeneralizedRCNNTransform`` (resize, normalize, batch; boxes back to the original sizes)
+    whose ``postprocess`` pastes the masks with :func:`paste_masks_in_image`. No parameters of its own: the state
+    dict is torchvision's."""
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training:
+            return result
+        masks = [r.pop("masks", None) for r in result]
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        for r, m, size in zip(result, masks, original_image_sizes):
+            if m is not None:
+                r["masks"] = paste_masks_in_image(m, r["boxes"], size)
+        return result
 
 
 def _check_kwargs(cls: type, kwargs: dict) -> None:

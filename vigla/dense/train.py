@@ -41,7 +41,7 @@ from vigla.engine.precision import autocast
 from vigla.engine.run import (BEST, LAST, TrainingRun, seed_everything, vigla_version, warn_unreadable,
                               find_resume_state, run_name)
 
-from .config import DenseConfig, config_to_yaml, parse_json_object
+from .config import DenseConfig, config_to_yaml, cudnn_benchmark, parse_json_object
 from .data import (IGNORE, CocoSplit, DetectionDataset, SegmentationDataset, collate_detection, collate_segmentation,
                    require_pycocotools)
 from .evaluate import evaluate_detector, evaluate_segmenter
@@ -126,7 +126,7 @@ class DenseTrainer(TrainingRun):
     def _build(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.seed)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark(cfg)
         self.amp_dtype, self.scaler = self._precision()
         require_pycocotools()
         self._build_data()  # before the output folder: bad data leaves nothing behind
@@ -356,6 +356,7 @@ class DenseTrainer(TrainingRun):
 
     def _run_info(self) -> dict:
         return {"device": self._device_name(), "amp": str(self.amp_dtype), "n_params": self.n_params,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
                 "lr_scaled": self.lr, "steps_per_epoch": self.steps_per_epoch, "workers": self.workers,
                 "train_images": len(self.train_set), "val_images": len(self.val_set), "classes": self.classes}
 
