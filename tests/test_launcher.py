@@ -34,6 +34,13 @@ def test_signature_tells_apart_what_triton_specialises_on():
     assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, 1), {"FLAG": True})
 
 
+def test_grid_arithmetic_matches_tritons():
+    for n in range(1, 2100):
+        assert launcher.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 64):
+            assert launcher.cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
 def test_direct_wraps_jit_functions_only():
     from vigla.ops.swiglu.triton_kernels import _fwd_kernel
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["direct", "FastKernel"]
+__all__ = ["direct", "cdiv", "next_power_of_2", "FastKernel"]
 
 MAX_SIGNATURES = 1024  # per kernel: beyond it the cache starts again (shapes that never repeat)
 
@@ -34,6 +34,17 @@ try:
 except ImportError:  # the package works without Triton; nothing is launched then
     JITFunction = None
     _knobs = None
+
+
+def cdiv(a, b):
+    """``ceil(a / b)`` for launch grids: ``triton.cdiv`` is a constexpr function in Triton >= 3.4, whose
+    call from Python costs microseconds of argument unwrapping. Works on ``SymInt`` sizes too."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two ``>= n`` (``n >= 1``), without ``triton.next_power_of_2``'s call cost."""
+    return 1 << (n - 1).bit_length()
 
 
 def _hooked() -> bool:
@@ -89,15 +100,15 @@ class FastKernel:
         self.compiled[key] = (kernel, rest)
 
 
-_FAST: dict[Any, FastKernel] = {}
+_FAST: dict[int, FastKernel] = {}  # by id: hashing a JITFunction hashes its source's cache key
 
 
 def direct(kernel):
     """How the eager Functions launch a Triton kernel: ``direct(kernel)[grid](*args, **meta)``,
     through :class:`FastKernel` (Triton's own path under its interpreter or an older Triton)."""
-    fast = _FAST.get(kernel)
+    fast = _FAST.get(id(kernel))
     if fast is None:
         if _knobs is None or JITFunction is None or not isinstance(kernel, JITFunction):
             return kernel
-        fast = _FAST[kernel] = FastKernel(kernel)
+        fast = _FAST[id(kernel)] = FastKernel(kernel)  # kernels are module globals: never freed
     return fast

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
+from ..launcher import cdiv, next_power_of_2
 
 TILE_FWD, TILE_BWD = 2048, 1024  # elements per tile (BR * BC): 16 values a thread forward, 4 backward
 WARPS_FWD, WARPS_BWD = 4, 8  # spill-free for C <= 4096 (ptxas, sm_90)
@@ -100,7 +101,7 @@ def _programs(index: int) -> int:
 
 def _tile(C: int, elements: int) -> tuple[int, int]:
     """``(BC, BR)``: columns (the next power of two) and rows of a tile of about ``elements``."""
-    bc = triton.next_power_of_2(C)
+    bc = next_power_of_2(C)
     return bc, max(1, elements // bc)
 
 
@@ -121,7 +122,7 @@ def add_norm_fwd_triton(x, delta, weight, bias, eps: float, rms: bool, out_dtype
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if R:
         BC, BR = _tile(C, TILE_FWD)
-        wrap(_fwd_kernel)[(triton.cdiv(R, BR),)](
+        wrap(_fwd_kernel)[(cdiv(R, BR),)](
             x2, d2, weight, bias if bias is not None else weight, s, y, R, x2.stride(0), d2.stride(0), eps,
             C=C, BC=BC, BR=BR, RMS=rms, HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, num_warps=WARPS_FWD)
     return s, y
@@ -135,7 +136,7 @@ def add_norm_bwd_triton(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dt
     s2 = s.reshape(-1, C).contiguous()
     R = s2.shape[0]
     BC, BR = _tile(C, TILE_BWD)
-    n = max(1, min(triton.cdiv(R, BR), _programs(s.device.index) if s.is_cuda else 4))
+    n = max(1, min(cdiv(R, BR), _programs(s.device.index) if s.is_cuda else 4))
     store_dd = delta_dtype is not None and delta_dtype != s.dtype
     dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     ddelta = torch.empty(s.shape if store_dd else (0,), dtype=delta_dtype or s.dtype, device=s.device)

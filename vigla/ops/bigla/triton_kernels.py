@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
+from ..launcher import cdiv
 
 __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "plan", "supports"]
 
@@ -497,17 +498,17 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
         raise ValueError(f"bigla: chunk must be 16, 32 or 64, got {BT}")
     if config.state_dtype not in (None, "bf16", "fp32"):
         raise ValueError(f"bigla: state_dtype must be 'bf16' or 'fp32', got {config.state_dtype!r}")
-    NT = triton.cdiv(T, BT)
+    NT = cdiv(T, BT)
     BV = min(config.bv or 64, V)
     BVW = min(V, 64)
     programs = chains * B * H * (V // BVW)
     nseg = config.segments
     if nseg is None:
-        nseg = 1 if programs >= 8 * sms or NT < 8 else min(triton.cdiv(8 * sms, programs), math.isqrt(NT) + 1)
-    seg = triton.cdiv(NT, max(1, min(nseg, NT)))
+        nseg = 1 if programs >= 8 * sms or NT < 8 else min(cdiv(8 * sms, programs), math.isqrt(NT) + 1)
+    seg = cdiv(NT, max(1, min(nseg, NT)))
     big = K > 32 or BV > 64 or chains == 4
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
-                 nseg=triton.cdiv(NT, seg), warps_walk=config.warps_walk or 4,
+                 nseg=cdiv(NT, seg), warps_walk=config.warps_walk or 4,
                  warps_chunk=config.warps_chunk or (8 if big else 4), regs=config.regs or 0,
                  state_fp32=not bf16 or config.state_dtype == "fp32")
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
+from ..launcher import cdiv, next_power_of_2
 
 TILE_FWD, TILE_BWD = 1024, 512  # tokens x channels per tile (at 4 warps: spill-free, ptxas sm_90)
 WARPS = 4
@@ -104,7 +105,7 @@ def _programs(index: int) -> int:
 def _tile(C: int, elements: int) -> tuple[int, int]:
     """``(BC, BT)``: channels (a divisor of ``C`` when one of 64, 32 is) and tokens of a tile of
     ``elements``."""
-    bc = 64 if C % 64 == 0 else 32 if C % 32 == 0 else min(64, triton.next_power_of_2(C))
+    bc = 64 if C % 64 == 0 else 32 if C % 32 == 0 else min(64, next_power_of_2(C))
     return bc, elements // bc
 
 
@@ -118,7 +119,7 @@ def _conv_launch(x, w, hw, act: bool, flip: bool, out_dtype: torch.dtype, wrap=d
     y = torch.empty(B, N, C, dtype=out_dtype, device=x.device)
     if y.numel():
         BC, BT = _tile(C, TILE_FWD)
-        wrap(_fwd_kernel)[(triton.cdiv(N, BT), triton.cdiv(C, BC), B)](
+        wrap(_fwd_kernel)[(cdiv(N, BT), cdiv(C, BC), B)](
             x, w, y, N, hw[0], hw[1], C, x.stride(0), x.stride(1), BT=BT, BC=BC, ACT=act, FLIP=flip,
             num_warps=WARPS)
     return y
@@ -136,13 +137,13 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     B, N, C = x.shape
     w = weight.reshape(C, 9)
     BC, BT = _tile(C, TILE_BWD)
-    tiles = triton.cdiv(N, BT)
+    tiles = cdiv(N, BT)
     n = max(1, min(B * tiles, _programs(x.device.index) if x.is_cuda else 4))
     # with SiLU the kernel writes g (fp32), else dx; the other pointer is never written (never an input)
     out = torch.empty(B, N, C, dtype=torch.float32 if act else x.dtype, device=x.device)
     dwp = (torch.empty if dy.numel() else torch.zeros)(n, 9, C, dtype=torch.float32, device=x.device)
     if dy.numel():
-        wrap(_bwd_kernel)[(n, triton.cdiv(C, BC))](
+        wrap(_bwd_kernel)[(n, cdiv(C, BC))](
             dy, x, w, out, out, dwp, N, hw[0], hw[1], C, x.stride(0), x.stride(1), tiles, B * tiles,
             BT=BT, BC=BC, ACT=act, num_warps=WARPS)
     dx = _conv_launch(out, w, hw, False, True, x.dtype, wrap) if act else out  # the transposed conv of g

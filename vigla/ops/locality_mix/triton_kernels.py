@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
+from ..launcher import cdiv
 
 BLOCK_ROWS = 16  # rows per tile: 64-channel rows stay spill-free at 4 warps (ptxas -v, sm_90)
 
@@ -109,7 +110,7 @@ def locality_mix_fwd_triton(o, x, z, w_o, w_l, eps: float, act: bool, wrap=direc
     rows, x2, z2, h, d = _flat(o, x, z)
     R = rows.shape[0]
     y = torch.empty(x.shape, dtype=o.dtype, device=o.device)
-    wrap(_fwd_kernel)[(triton.cdiv(R, BLOCK_ROWS),)](rows, x2, z2, w_o, w_l, y, R, h, x2.stride(0),
+    wrap(_fwd_kernel)[(cdiv(R, BLOCK_ROWS),)](rows, x2, z2, w_o, w_l, y, R, h, x2.stride(0),
                                                z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act,
                                                num_warps=4)
     return y
@@ -119,7 +120,7 @@ def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool, wrap=d
     rows, x2, z2, h, d = _flat(o, x, z)
     R = rows.shape[0]
     dy = dy.contiguous()
-    n = min(triton.cdiv(R, BLOCK_ROWS), _programs(o.device.index) if o.is_cuda else 4)
+    n = min(cdiv(R, BLOCK_ROWS), _programs(o.device.index) if o.is_cuda else 4)
     do = torch.empty(o.shape, dtype=o.dtype, device=o.device)
     dx = torch.empty(x.shape, dtype=x.dtype, device=o.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=o.device)

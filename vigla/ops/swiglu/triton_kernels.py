@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
+from ..launcher import cdiv
 
 BLOCK = 1024
 
@@ -50,7 +51,7 @@ def swiglu_fwd_triton(u: torch.Tensor, wrap=direct) -> torch.Tensor:
     I = u.shape[-1] // 2
     y = torch.empty(*u.shape[:-1], I, dtype=u.dtype, device=u.device)
     n = u2.shape[0] * I
-    wrap(_fwd_kernel)[(triton.cdiv(n, BLOCK),)](u2, y, n, I, u2.stride(0), BLOCK=BLOCK, num_warps=4)
+    wrap(_fwd_kernel)[(cdiv(n, BLOCK),)](u2, y, n, I, u2.stride(0), BLOCK=BLOCK, num_warps=4)
     return y
 
 
@@ -62,6 +63,6 @@ def swiglu_bwd_triton(dy: torch.Tensor, u: torch.Tensor, recompute: bool = False
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     y = torch.empty(*u.shape[:-1], I, dtype=u.dtype, device=u.device) if recompute else du
     n = u2.shape[0] * I
-    wrap(_bwd_kernel)[(triton.cdiv(n, BLOCK),)](dy.contiguous(), u2, du, y, n, I, u2.stride(0), BLOCK=BLOCK,
+    wrap(_bwd_kernel)[(cdiv(n, BLOCK),)](dy.contiguous(), u2, du, y, n, I, u2.stride(0), BLOCK=BLOCK,
                                           STORE_Y=recompute, num_warps=4)
     return (du, y) if recompute else du
