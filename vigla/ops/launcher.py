@@ -9,8 +9,9 @@ returned for each signature and launches it directly after that (Triton's own
 
 The signature is what Triton specialises on: per tensor its dtype and whether its address is
 16-byte aligned, every other argument by value (ints: divisibility by 16, equality to 1 and the
-i32 / i64 choice all follow from the value), the constexprs and launch options. The device is part of the
-signature (a compiled kernel is loaded per device). A new signature, a callable grid, a launch hook (a profiler such as proton), or Triton's interpreter take Triton's own path.
+i32 / i64 choice all follow from the value), the constexprs and launch options, and the device (a
+compiled kernel is loaded per device). A new signature, a callable grid, a launch hook (a profiler
+such as proton), Triton's interpreter or a Triton without ``knobs`` take Triton's own path.
 """
 from __future__ import annotations
 
