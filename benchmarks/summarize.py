@@ -155,16 +155,12 @@ def flops_section(result: dict) -> list[str]:
 def reading(res: Results) -> list[str]:
     """A few sentences on what the ViG-T figures say, every number read from the files."""
     eager, graph, comp = res("models_vig_t_eager"), res("models_vig_t_cuda_graph"), res("compile_all_models")
-    ckpt, launches, host = res("models_vig_t_ckpt"), res("profile_launches"), res("profile_host")
+    ckpt, host = res("models_vig_t_ckpt"), res("profile_host")
     lines = []
 
     def launches_of(model):
-        counted = [r.get("kernel_launches") for r in (host or {}).get("rows", []) if r.get("model") == model]
-        if counted and counted[0]:
-            return counted[0], "profile_host"
-        return next(((value(e, ("inference", "kernel_launches")), "profile_launches")
-                     for e in (launches or {}).get("rows", [])
-                     if e.get("model") == model and e.get("img_size") == 224), (None, None))
+        return next((r.get("kernel_launches") for r in (host or {}).get("rows", []) if r.get("model") == model),
+                    None)
 
     def issue_ms(model):
         rows = [r for r in (host or {}).get("rows", []) if r.get("model") == model]
@@ -174,9 +170,9 @@ def reading(res: Results) -> list[str]:
     if issue_ms("vig_tiny") and issue_ms(DEIT_T):
         why.append(f"issuing one forward takes the host {issue_ms('vig_tiny'):.1f} ms against DeiT-T's "
                    f"{issue_ms(DEIT_T):.1f} ms, `profile_host.json`")
-    (vig_n, vig_src), (deit_n, _) = launches_of("vig_tiny"), launches_of(DEIT_T)
+    vig_n, deit_n = launches_of("vig_tiny"), launches_of(DEIT_T)
     if vig_n and deit_n:
-        why.append(f"{vig_n:.0f} kernel launches to DeiT-T's {deit_n:.0f}, `{vig_src}.json`: fewer, but each "
+        why.append(f"{vig_n:.0f} kernel launches to DeiT-T's {deit_n:.0f}, `profile_host.json`: fewer, but each "
                    "costs more host time")
     if eager and graph:
         because = f" ({'; '.join(why)})" if why else ""
