@@ -302,6 +302,55 @@ def test_forward_intermediates_plain():
         torch.testing.assert_close(pruned[0], inters[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_deferred_residual_adds_change_nothing(name, autocast, monkeypatch):
+    """run_blocks (each block's closing add inside the next block's add + norm) against the blocks called
+    one by one: the same outputs and gradients, bit for bit, in float32 and under bf16 autocast, with
+    stochastic depth on (the same random draws)."""
+    import vigla.models.vig
+    import vigla.models.vig_h
+
+    model = small(name, drop_path_rate=0.2).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def run():
+        torch.manual_seed(1)
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.float().square().sum().backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    fused, fused_grads = run()
+
+    def one_by_one(blocks, x, hw):
+        for blk in blocks:
+            x = blk(x, hw)
+        return x
+
+    for module in (vigla.models.vig, vigla.models.vig_h):
+        monkeypatch.setattr(module, "run_blocks", one_by_one)
+    plain, plain_grads = run()
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_block_hooks_still_see_every_block():
+    """A forward hook on a block sees its input and output tensors, whichever way the blocks run."""
+    model = small("vig_tiny", depth=3)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        _, inters = model.forward_intermediates(x, output_fmt="NLC")
+        seen = []
+        model.blocks[1].register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+        model.forward_features(x)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][0], inters[0], rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][1], inters[1], rtol=0, atol=0)
+
+
 def test_forward_intermediates_hier():
     model = small("vig_h_tiny")
     x = torch.randn(1, 3, 64, 64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Callable, Iterable, Optional, Tuple, Type, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ except ImportError:  # older timm keeps no such record
     update_model_input_size = None
 
 __all__ = [
-    "ViGBlock", "swiglu_hidden_dim", "drop_path_schedule", "checkpoint_blocks", "check_global_pool",
+    "ViGBlock", "swiglu_hidden_dim", "drop_path_schedule", "run_blocks", "checkpoint_blocks", "check_global_pool",
     "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "filter_checkpoint",
     "vig_cfg", "build_vig",
 ]
@@ -46,7 +46,8 @@ class ViGBlock(nn.Module):
     Takes and returns ``[B, N, C]`` tokens of an ``hw = (H, W)`` grid. The SwiGLU is
     ``fc2(SiLU(a) * b)`` with ``[a | b] = fc1(x)``, no biases. The first residual add and ``norm2``
     run as one op (:func:`vigla.layers.norm.add_and_norm`), whose output is already in the compute
-    dtype; TorchScript runs the plain composition.
+    dtype; the second add joins the next block's ``norm1`` when the blocks run through
+    :func:`run_blocks`. TorchScript runs the plain composition.
     """
 
     def __init__(
@@ -70,13 +71,43 @@ class ViGBlock(nn.Module):
         if torch.jit.is_scripting():
             x = x + self.drop_path1(self.attn(self.norm1(x), hw))
             return x + self.drop_path2(self.mlp(self.norm2(x)))
-        return self._fused(x, hw)
+        x, delta = self.forward_pair(x, None, hw)
+        return x + delta
 
     @torch.jit.unused
-    def _fused(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        _, y = add_and_norm(self.norm1, x)
+    def forward_pair(self, x: torch.Tensor, delta: Optional[torch.Tensor], hw: Tuple[int, int]
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + delta`` (``delta``: the previous block's deferred residual branch, or None),
+        returning its output as ``(r, d)``, ``r + d``, with its own closing add deferred in turn: each
+        residual add runs inside the next norm's pass (:func:`vigla.layers.norm.add_and_norm`; summed in
+        float32, rounded once to ``x``'s dtype, as the separate add would). ``[B, N, C]`` tensors."""
+        x, y = add_and_norm(self.norm1, x, delta)
         x, y = add_and_norm(self.norm2, x, self.drop_path1(self.attn(y, hw)))
-        return x + self.drop_path2(self.mlp(y))
+        return x, self.drop_path2(self.mlp(y))
+
+
+def _hooked(blocks: Sequence[nn.Module]) -> bool:
+    """Whether a forward hook (on a block, or global) would observe the blocks' calls."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks) or any(
+        blk._forward_hooks or blk._forward_pre_hooks for blk in blocks)
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """Apply ``blocks`` (:class:`ViGBlock`) in order to ``[B, N, C]`` tokens, each block's closing residual
+    add done by the next block's first add + norm (:meth:`ViGBlock.forward_pair`): one op fewer per block,
+    the same values as calling the blocks one by one. The blocks are called one by one where something
+    watches them: a forward hook (it sees each block's input and output, as always) or ``torch.fx``
+    (whose proxies are not tensors; its graph keeps a node per block, as timm's FX feature extraction
+    needs). Eager, compiled and exported alike; scripted models call the blocks."""
+    if not isinstance(x, torch.Tensor) or _hooked(blocks):
+        for blk in blocks:
+            x = blk(x, hw)
+        return x
+    delta = None
+    for blk in blocks:
+        x, delta = blk.forward_pair(x, delta, hw)
+    return x if delta is None else x + delta
 
 
 def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> list[float]:

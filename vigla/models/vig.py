@@ -23,7 +23,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm
 from ._vig_common import (
-    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, run_blocks,
     drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
 )
 
@@ -158,11 +158,13 @@ class ViG(ClassifierMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` -> normalized tokens ``[B, N, C]``, N = (H/16) * (W/16)."""
         x, hw = self._embed(x)
-        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_blocks(self.blocks, x, hw)
-        else:
+        if torch.jit.is_scripting():
             for blk in self.blocks:
                 x = blk(x, hw)
+        elif self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_blocks(self.blocks, x, hw)
+        else:
+            x = run_blocks(self.blocks, x, hw)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from ..layers import ConvDownsample, ConvStem
 from ..layers.norm import add_and_norm
 from ._vig_common import (
-    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, run_blocks,
     drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
 )
 
@@ -57,11 +57,13 @@ class ViGStage(nn.Module):
         x = self.downsample(x)
         hw = (x.shape[2], x.shape[3])
         x = x.permute(0, 2, 3, 1).flatten(1, 2)  # [B, H*W, C] tokens
-        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_blocks(self.blocks, x, hw)
-        else:
+        if torch.jit.is_scripting():
             for blk in self.blocks:
                 x = blk(x, hw)
+        elif self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_blocks(self.blocks, x, hw)
+        else:
+            x = run_blocks(self.blocks, x, hw)
         return x.unflatten(1, hw).permute(0, 3, 1, 2)
 
 
