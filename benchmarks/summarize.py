@@ -242,14 +242,14 @@ def host_section(result: dict, top: int = 8) -> list[str]:
     Python frames with the most own time."""
     rows = [[SHORT.get(r["model"], r["model"]), *(" / ".join(f"{t[k]:.1f}" for t in r["rounds"])
                                                  for k in ("synced_ms", "issue_ms", "pipelined_ms")),
-             fmt(r.get("kernel_launches")), fmt(r.get("kernel_ms"), ".2f")]
+             fmt(r.get("kernel_launches"))]
             for r in result["rows"]]
     lines = [f"Batch {result['rows'][0]['batch_size']} at {result['rows'][0]['img_size']}, bf16 autocast, "
              f"medians of {value(result, ('settings', 'iters'))} forwards per round, the models visited in turn "
              f"({source('profile_host', result)}). \"issue\": the host's time to issue one forward with the "
-             "device idle; when it equals \"synced\", the forward is bound by the host. Kernels: the device kernels one "
-             "forward launches and their summed time (torch.profiler, its overhead included).", ""]
-    lines += table(["model", "synced ms, per round", "issue ms", "pipelined ms", "kernels", "kernel ms"], rows)
+             "device idle; when it equals \"synced\", the forward is bound by the host. Launches: the device work one "
+             "forward issues (torch.profiler's device events).", ""]
+    lines += table(["model", "synced ms, per round", "issue ms", "pipelined ms", "launches"], rows)
     vig = next((r for r in result["rows"] if r["model"] == "vig_tiny" and r.get("top_own")), None)
     if vig:
         lines += ["", f"ViG-T's Python frames by own time per forward (cProfile, {vig['profiled_ms']:.1f} ms "

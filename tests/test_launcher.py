@@ -59,16 +59,16 @@ def test_launch_hooks_take_tritons_path():
     if launcher._knobs is None:
         pytest.skip("Triton without knobs: no replays")
     assert not launcher._hooked()
-    chain = launcher._knobs.runtime.launch_enter_hook
-    if not hasattr(chain, "add"):  # a Triton whose hook is a plain attribute
-        return
-    hook = lambda *args: None  # noqa: E731
-    chain.add(hook)
-    try:
-        assert launcher._hooked()
-    finally:
-        chain.remove(hook)
-    assert not launcher._hooked()
+    for chain in (launcher._knobs.runtime.launch_enter_hook, launcher._knobs.runtime.launch_exit_hook):
+        if not hasattr(chain, "add"):  # a Triton whose hook is a plain attribute
+            continue
+        hook = lambda *args: None  # noqa: E731
+        chain.add(hook)
+        try:
+            assert launcher._hooked()
+        finally:
+            chain.remove(hook)
+        assert not launcher._hooked()
 
 
 def test_records():
@@ -78,6 +78,10 @@ def test_records():
     assert records(a, w, None)
     with torch.no_grad():
         assert not records(a, w)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():  # forward-mode AD goes through Function.apply, which refuses it clearly
+        assert records(fwAD.make_dual(a, torch.ones(2)))
 
 
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])

@@ -337,6 +337,29 @@ def test_deferred_residual_adds_change_nothing(name, autocast, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_wrapped_or_hooked_blocks_run_one_by_one():
+    """A wrapper around a block (here activation checkpointing's) and backward hooks keep working: the
+    blocks are called as modules then."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = small("vig_tiny", depth=3).train()
+    x = torch.randn(1, 3, 32, 32)
+    ref = model(x)
+    grads = []
+    model.blocks[2].register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0]))
+    out = model(x)
+    out.sum().backward()
+    assert len(grads) == 1
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    calls = []
+    wrapped = checkpoint_wrapper(model.blocks[0])
+    original = wrapped.forward
+    wrapped.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    model.blocks[0] = wrapped
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    assert calls == [1]
+
+
 def test_block_hooks_still_see_every_block():
     """A forward hook on a block sees its input and output tensors, whichever way the blocks run."""
     model = small("vig_tiny", depth=3)

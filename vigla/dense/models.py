@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -96,12 +97,16 @@ def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, img_shape: tu
 
 class MaskTransform(GeneralizedRCNNTransform):
     """torchvision's ``GeneralizedRCNNTransform`` (resize, normalize, batch; boxes back to the original sizes)
-    whose ``postprocess`` pastes the masks with :func:`paste_masks_in_image`. No parameters of its own: the state
-    dict is torchvision's."""
+    whose ``postprocess`` pastes the masks with :func:`paste_masks_in_image` in eager mode (torchvision's own
+    paste when scripted or traced). No parameters of its own: the state dict is torchvision's."""
 
     def postprocess(self, result, image_shapes, original_image_sizes):
-        if self.training:
-            return result
+        if self.training or torch.jit.is_scripting() or torchvision._is_tracing():
+            return super().postprocess(result, image_shapes, original_image_sizes)  # torchvision's own paste
+        return self._postprocess_eager(result, image_shapes, original_image_sizes)
+
+    @torch.jit.unused
+    def _postprocess_eager(self, result, image_shapes, original_image_sizes):
         masks = [r.pop("masks", None) for r in result]
         result = super().postprocess(result, image_shapes, original_image_sizes)
         for r, m, size in zip(result, masks, original_image_sizes):

@@ -80,27 +80,37 @@ class ViGBlock(nn.Module):
         """The block on ``x + delta`` (``delta``: the previous block's deferred residual branch, or None),
         returning its output as ``(r, d)``, ``r + d``, with its own closing add deferred in turn: each
         residual add runs inside the next norm's pass (:func:`vigla.layers.norm.add_and_norm`; summed in
-        float32, rounded once to ``x``'s dtype, as the separate add would). ``[B, N, C]`` tensors."""
+        float32, rounded once to ``x``'s dtype, as the separate add would; in the backward, a half-precision
+        residual stream gets its gradient rounded once instead of twice). ``[B, N, C]`` tensors."""
         x, y = add_and_norm(self.norm1, x, delta)
         x, y = add_and_norm(self.norm2, x, self.drop_path1(self.attn(y, hw)))
         return x, self.drop_path2(self.mlp(y))
 
 
-def _hooked(blocks: Sequence[nn.Module]) -> bool:
-    """Whether a forward hook (on a block, or global) would observe the blocks' calls."""
-    hooks = nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks) or any(
-        blk._forward_hooks or blk._forward_pre_hooks for blk in blocks)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
+    """Whether :func:`run_blocks` may skip the blocks' ``__call__``: plain :class:`ViGBlock` modules (not
+    wrapped, e.g. by a checkpoint or FSDP wrapper, nor compiled one by one), no hook on them or global
+    (hooks see each block's input and output), and real tensors (``torch.fx``'s proxies are not: its graph
+    keeps a node per block, as timm's FX feature extraction needs)."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    module = nn.modules.module
+    if any(getattr(module, f"_global{name}", None) for name in _HOOKS):
+        return False
+    return all(type(blk) is ViGBlock and getattr(blk, "_compiled_call_impl", None) is None
+               and not any(getattr(blk, name) for name in _HOOKS) for blk in blocks)
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """Apply ``blocks`` (:class:`ViGBlock`) in order to ``[B, N, C]`` tokens, each block's closing residual
-    add done by the next block's first add + norm (:meth:`ViGBlock.forward_pair`): one op fewer per block,
-    the same values as calling the blocks one by one. The blocks are called one by one where something
-    watches them: a forward hook (it sees each block's input and output, as always) or ``torch.fx``
-    (whose proxies are not tensors; its graph keeps a node per block, as timm's FX feature extraction
-    needs). Eager, compiled and exported alike; scripted models call the blocks."""
-    if not isinstance(x, torch.Tensor) or _hooked(blocks):
+    add done by the next block's first add + norm (:meth:`ViGBlock.forward_pair`): one op fewer per block;
+    with a float32 residual stream (the models' under autocast) the same values and gradients as calling
+    the blocks one by one. Where something watches or wraps the blocks (:func:`_deferrable`), they are
+    called one by one. Eager, compiled and exported alike; scripted models call the blocks."""
+    if not _deferrable(blocks, x):
         for blk in blocks:
             x = blk(x, hw)
         return x

@@ -23,6 +23,7 @@ import contextlib
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 try:
     import triton  # noqa: F401
@@ -80,9 +81,12 @@ def fused_op(name: str, fake: Callable) -> Callable:
 
 
 def records(*tensors) -> bool:
-    """Whether autograd records a call on ``tensors`` (grad mode on and one of them needs a gradient).
-    When it does not, an op calls its Function's forward directly: ``Function.apply`` would only add
-    host time (inference)."""
+    """Whether autograd records a call on ``tensors``: grad mode on and one of them needs a gradient, or
+    forward-mode AD active (its dual tensors need no gradient, and ``Function.apply`` is what refuses
+    them). When it does not, an op calls its Function's forward directly: ``Function.apply`` would only
+    add host time (inference)."""
+    if forward_ad._current_level >= 0:
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -9,8 +9,8 @@ returned for each signature and launches it directly after that (Triton's own
 
 The signature is what Triton specialises on: per tensor its dtype and whether its address is
 16-byte aligned, every other argument by value (ints: divisibility by 16, equality to 1 and the
-i32 / i64 choice all follow from the value), the constexprs and launch options, and the device (a
-compiled kernel is loaded per device). A new signature, a callable grid, a launch hook (a profiler
+i32 / i64 choice all follow from the value), the constexprs and launch options, the device (a
+compiled kernel is loaded per device) and Triton's debug and instrumentation switches. A new signature, a callable grid, a launch hook (a profiler
 such as proton), Triton's interpreter or a Triton without ``knobs`` take Triton's own path.
 """
 from __future__ import annotations
@@ -48,10 +48,14 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _installed(hook) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooked() -> bool:
     """Whether a launch hook is installed (Triton keeps them in a ``HookChain``, empty by default)."""
-    hook = _knobs.runtime.launch_enter_hook
-    return hook is not None and bool(getattr(hook, "calls", True))
+    runtime = _knobs.runtime
+    return _installed(runtime.launch_enter_hook) or _installed(runtime.launch_exit_hook)
 
 
 def _key(args: tuple, meta: dict) -> tuple:
@@ -78,7 +82,8 @@ class FastKernel:
 
     def launch(self, grid: tuple, args: tuple, meta: dict) -> None:
         device = _driver.active.get_current_device()
-        key = (device, *_key(args, meta))
+        # Triton's debug and instrumentation switches select other compilations, as in its own cache key
+        key = (device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode, *_key(args, meta))
         hit = self.compiled.get(key)
         if hit is None or callable(grid) or _hooked():
             self._first(key, grid, args, meta)
