@@ -50,7 +50,7 @@ def _check_command(argv: list[str], out: Path) -> None:
 
 
 def test_every_gpu_test_file_is_in_exactly_one_part():
-    gpu = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\b.*\bgpu\b)", re.M)
+    gpu = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\b.*\bgpu\b)|marks=pytest\.mark\.gpu\b", re.M)
     marked = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if gpu.search(p.read_text())}
     parts = [f for _, files in TEST_PARTS.values() for f in files]
     assert sorted(parts) == sorted(marked), "a file with GPU tests is in no part of `tests`, or in two"
