@@ -7,7 +7,7 @@ Each op (``bigla``, ``locality_mix``, ``swiglu``, ``add_norm``, ``dwconv``) is b
 * Triton kernels and their launchers (``triton_kernels.py``);
 * one ``torch.autograd.Function``: the eager path (it calls the launchers directly, which costs
   less per call than going through the dispatcher; with nothing to record, as in inference, the
-  op calls the Function's forward implementation without ``apply``: :func:`records`); kernels
+  op calls the Function's forward implementation without ``apply``: :func:`run_eager`); kernels
   are launched through :func:`vigla.ops.launcher.direct` (compiled kernels reused per signature);
 * one custom op (``torch.library.triton_op`` when Triton is installed): what ``torch.compile``
   traces (Inductor then launches the kernels from its own code) and what a dispatch mode sees
@@ -34,7 +34,7 @@ except ImportError:  # optional: every op has a PyTorch path
 
 from .launcher import direct
 
-__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "via_dispatcher", "records", "fused_op", "wrap", "direct",
+__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "via_dispatcher", "run_eager", "records", "fused_op", "wrap", "direct",
            "compute_dtype"]
 
 _FORCE_REFERENCE = False
@@ -78,6 +78,14 @@ def fused_op(name: str, fake: Callable) -> Callable:
         op.register_fake(fake)
         return op
     return decorate
+
+
+def run_eager(function: type[torch.autograd.Function], forward: Callable, *args):
+    """An op's eager call: ``function.apply(*args)`` when autograd records it (:func:`records` of the tensor
+    arguments), else ``forward(*args)``, the Function's forward implementation without autograd."""
+    if records(*[a for a in args if isinstance(a, torch.Tensor)]):
+        return function.apply(*args)
+    return forward(*args)
 
 
 def records(*tensors) -> bool:

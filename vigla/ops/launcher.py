@@ -10,8 +10,9 @@ returned for each signature and launches it directly after that (Triton's own
 The signature is what Triton specialises on: per tensor its dtype and whether its address is
 16-byte aligned, every other argument by value (ints: divisibility by 16, equality to 1 and the
 i32 / i64 choice all follow from the value), the constexprs and launch options, the device (a
-compiled kernel is loaded per device) and Triton's debug and instrumentation switches. A new signature, a callable grid, a launch hook (a profiler
-such as proton), Triton's interpreter or a Triton without ``knobs`` take Triton's own path.
+compiled kernel is loaded per device) and Triton's debug and instrumentation switches. A new
+signature, a callable grid, a launch hook (a profiler such as proton), Triton's interpreter or a
+Triton without ``knobs`` take Triton's own path.
 """
 from __future__ import annotations
 
@@ -81,11 +82,14 @@ class FastKernel:
         return lambda *args, **meta: self.launch(grid, args, meta)
 
     def launch(self, grid: tuple, args: tuple, meta: dict) -> None:
+        if callable(grid) or _hooked():
+            self.fn[grid](*args, **meta)
+            return
         device = _driver.active.get_current_device()
         # Triton's debug and instrumentation switches select other compilations, as in its own cache key
         key = (device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode, *_key(args, meta))
         hit = self.compiled.get(key)
-        if hit is None or callable(grid) or _hooked():
+        if hit is None:
             self._first(key, grid, args, meta)
             return
         kernel, constexprs = hit

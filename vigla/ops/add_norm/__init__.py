@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers.fast_norm import rms_norm
 
-from ..dispatch import compute_dtype, records, use_kernels, via_dispatcher
+from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
 from .op import AddNormFunction, add_norm_forward
 from .reference import add_norm_reference, add_norm_reference_bwd
@@ -74,10 +74,8 @@ def _fused(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype
     """The custom op (traced, or under a dispatch mode) or the eager Function."""
     if via_dispatcher():
         s, y = torch.ops.vigla.add_norm(x, delta, weight, bias, eps, rms, out_dtype)
-    elif records(x, delta, weight, bias):
-        s, y = AddNormFunction.apply(x, delta, weight, bias, eps, rms, out_dtype)
     else:
-        s, y = add_norm_forward(x, delta, weight, bias, eps, rms, out_dtype)
+        s, y = run_eager(AddNormFunction, add_norm_forward, x, delta, weight, bias, eps, rms, out_dtype)
     return (s if delta is not None else x), y
 
 

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from ..dispatch import records, via_dispatcher
+from ..dispatch import run_eager, via_dispatcher
 from ..tracing import exporting
 from .chunked import bigla_chunked, bigla_chunked_bwd
 from .export_path import bigla_gated_static, bigla_static
@@ -59,9 +59,7 @@ def _run(q, k, v, gf, gb, scale, gate_normalizer):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if via_dispatcher():
         return torch.ops.vigla.bigla_fwd(q, k, v, gf, gb, scale, gate_normalizer)
-    if records(q, k, v, gf, gb):
-        return BiGLAFunction.apply(q, k, v, gf, gb, scale, gate_normalizer)
-    return bigla_forward(q, k, v, gf, gb, scale, gate_normalizer)
+    return run_eager(BiGLAFunction, bigla_forward, q, k, v, gf, gb, scale, gate_normalizer)
 
 
 def bigla(

@@ -13,7 +13,7 @@ import torch
 
 import torch.nn.functional as F
 
-from ..dispatch import compute_dtype, records, use_kernels, via_dispatcher
+from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
 from .op import DWConvFunction, dwconv_forward
 from .reference import dwconv_reference, dwconv_reference_bwd
@@ -51,7 +51,7 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
     if via_dispatcher():
         return torch.ops.vigla.dwconv(*args)
     if use_kernels(x):
-        return DWConvFunction.apply(*args) if records(x, weight) else dwconv_forward(*args)
+        return run_eager(DWConvFunction, dwconv_forward, *args)
     return _conv_tokens(x, weight, hw, act).to(args[-1])
 
 

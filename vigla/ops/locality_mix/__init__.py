@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import records, via_dispatcher
+from ..dispatch import run_eager, via_dispatcher
 from ..tracing import exporting
 from .op import LocalityMixFunction, locality_mix_forward
 from .reference import locality_mix_reference, locality_mix_reference_bwd
@@ -43,6 +43,4 @@ def locality_mix(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.T
                          f"{tuple(w_o.shape)} and {tuple(w_l.shape)}")
     if via_dispatcher():
         return torch.ops.vigla.locality_mix(o, x, z, w_o, w_l, float(eps), bool(act))
-    if records(o, x, z, w_o, w_l):
-        return LocalityMixFunction.apply(o, x, z, w_o, w_l, float(eps), bool(act))
-    return locality_mix_forward(o, x, z, w_o, w_l, float(eps), bool(act))
+    return run_eager(LocalityMixFunction, locality_mix_forward, o, x, z, w_o, w_l, float(eps), bool(act))

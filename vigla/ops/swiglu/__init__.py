@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import records, use_kernels, via_dispatcher
+from ..dispatch import run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
 from .op import SwiGLUFunction, SwiGLUMLPFunction, swiglu_forward, swiglu_mlp_forward
 from .reference import swiglu_reference, swiglu_reference_bwd
@@ -20,7 +20,7 @@ def swiglu(u: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: the last dim must be even ([..., 2I]), got shape {tuple(u.shape)}")
     if via_dispatcher():
         return torch.ops.vigla.swiglu(u)
-    return SwiGLUFunction.apply(u) if records(u) else swiglu_forward(u)
+    return run_eager(SwiGLUFunction, swiglu_forward, u)
 
 
 def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -40,5 +40,5 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Ten
         raise ValueError(f"swiglu_mlp: want w1 [2I, C] with C = {x.shape[-1]} (x's last dim) and w2 "
                          f"[C_out, I]; got w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
     if use_kernels(x) and not via_dispatcher():
-        return SwiGLUMLPFunction.apply(x, w1, w2) if records(x, w1, w2) else swiglu_mlp_forward(x, w1, w2)
+        return run_eager(SwiGLUMLPFunction, swiglu_mlp_forward, x, w1, w2)
     return F.linear(swiglu(F.linear(x, w1)), w2)
