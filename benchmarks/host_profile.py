@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vigla.bench.measure import autocast  # noqa: E402
+from vigla.bench.measure import autocast, profiled_kernels  # noqa: E402
 from vigla.bench.report import envelope, write_json  # noqa: E402
 from vigla.bench.cli import build_model  # noqa: E402
 
@@ -98,10 +98,8 @@ def kernel_counts(forward, device: torch.device, iters: int) -> dict:
         for _ in range(iters):
             forward()
         _sync(device)
-    device = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = [ev for ev in device if not ev.name.startswith(("Memcpy", "Memset"))]
-    busy_us = sum(ev.time_range.elapsed_us() for ev in kernels)  # the device rows only: an aten op's row
-    return {"kernel_launches": len(kernels) / iters, "kernel_ms": busy_us / 1e3 / iters}  # repeats its kernels
+    k = profiled_kernels(prof, iters)
+    return {"kernel_launches": k["kernel_launches"], "kernel_ms": k["kernel_ms"]}
 
 
 def host_profile(forward, device: torch.device, iters: int, top: int) -> dict:

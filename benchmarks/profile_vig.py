@@ -7,7 +7,7 @@ Run on a GPU:
 
 For each model and size: ``--iters`` profiled steps after warm-up, bf16 autocast, random inputs;
 ``inference`` is a no-grad forward in eval mode, ``train`` a forward + backward. The JSON holds,
-per phase, the kernels' self CUDA time per step grouped by op (top ``--top``), the share of the
+per phase, the kernels' CUDA time per step grouped by kernel (top ``--top``), the share of the
 step they take, the number of launches per step, the step's wall time and its peak memory; one
 row per (model, size) in the results envelope of :func:`vigla.bench.report.envelope`.
 """
@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import timm  # noqa: E402
 
 import vigla  # noqa: E402,F401
+from vigla.bench.measure import profiled_kernels  # noqa: E402
 from vigla.bench.report import envelope, write_json  # noqa: E402
 
 
@@ -54,18 +55,9 @@ def profile_phase(model, x, train: bool, iters: int, top: int) -> dict:
             step()
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / iters
-    rows = []
-    for ev in prof.key_averages():
-        cuda_us = getattr(ev, "self_device_time_total", getattr(ev, "self_cuda_time_total", 0))
-        if cuda_us > 0:
-            rows.append(dict(op=ev.key, self_cuda_ms=cuda_us / 1e3 / iters, calls=ev.count / iters))
-    rows.sort(key=lambda r: -r["self_cuda_ms"])
-    total = sum(r["self_cuda_ms"] for r in rows)
-    for r in rows:
-        r["share"] = r["self_cuda_ms"] / total if total else None
-    kernels = sum(ev.count for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
-    return dict(wall_ms=wall_ms, kernel_ms=total, kernel_launches=kernels / iters,
-                peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20, top=rows[:top])
+    k = profiled_kernels(prof, iters)
+    return dict(wall_ms=wall_ms, kernel_ms=k["kernel_ms"], kernel_launches=k["kernel_launches"],
+                peak_mib=torch.cuda.max_memory_allocated() / 2 ** 20, top=k["kernels"][:top])
 
 
 def main() -> int:

@@ -453,6 +453,7 @@ def performance(res: Results) -> str:
                 "torch.profiler, kernels' self time per step grouped by op "
                 f"({source('profile_vig', res('profile_vig'))}).",
                 ""] + profile_section(res("profile_vig"))
+        out += [""] + [f"* {note}" for note in res("profile_vig").get("notes", [])]
     if res("profile_host"):
         out += ["", "## The host's time in an eager forward", ""] + host_section(res("profile_host"))
     if res("castling_vs_deit_tiny"):

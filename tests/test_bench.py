@@ -511,3 +511,23 @@ def test_cli_on_gpu_with_cuda_graph(tmp_path):
     assert result["settings"]["cuda_graph"] is True
     row = result["rows"][0]
     assert row["infer"]["status"] == "ok" and row["latency"]["status"] == "ok"
+
+
+def test_profiled_kernels_counts_device_events_once():
+    """Kernels only (an op's own row would repeat its kernels' time), copies and fills aside, per step."""
+    from types import SimpleNamespace
+
+    from vigla.bench.measure import profiled_kernels
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, device, us):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    prof = SimpleNamespace(events=lambda: [ev("aten::mm", cpu, 900.0), ev("gemm", cuda, 300.0),
+                                           ev("gemm", cuda, 100.0), ev("_fwd_kernel", cuda, 200.0),
+                                           ev("Memcpy HtoD", cuda, 50.0), ev("Memset", cuda, 5.0)])
+    k = profiled_kernels(prof, iters=2)
+    assert k["kernel_launches"] == 1.5 and k["kernel_ms"] == pytest.approx(0.3)
+    assert [(r["op"], r["calls"]) for r in k["kernels"]] == [("gemm", 1.0), ("_fwd_kernel", 0.5)]
+    assert k["kernels"][0]["share"] == pytest.approx(2 / 3)

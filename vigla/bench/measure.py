@@ -31,7 +31,7 @@ from ..engine.precision import amp_dtype, autocast
 
 __all__ = [
     "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "guarded", "is_oom", "make_input",
-    "measure_inference", "measure_train", "memory_kind", "summarize", "time_calls",
+    "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "summarize", "time_calls",
 ]
 
 MiB = 2 ** 20
@@ -178,6 +178,24 @@ def summarize(times_ms: list[float], batch_size: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # failures
+
+def profiled_kernels(prof, iters: int) -> dict:
+    """The device kernels a ``torch.profiler`` capture of ``iters`` steps saw (copies and fills aside), per step:
+    ``kernel_launches``, ``kernel_ms`` (their summed time) and ``kernels`` (per kernel name, ``ms``, ``calls``
+    and ``share`` of the time, largest first). Only the device events count: an op's row in
+    ``key_averages()`` repeats the time of the kernels it launched."""
+    kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+               and not ev.name.startswith(("Memcpy", "Memset"))]
+    by_name: dict[str, list[float]] = {}
+    for ev in kernels:
+        by_name.setdefault(ev.name, []).append(ev.time_range.elapsed_us())
+    total_ms = sum(sum(t) for t in by_name.values()) / 1e3 / iters
+    rows = sorted(({"op": name, "self_cuda_ms": sum(t) / 1e3 / iters, "calls": len(t) / iters}
+                   for name, t in by_name.items()), key=lambda r: -r["self_cuda_ms"])
+    for r in rows:
+        r["share"] = r["self_cuda_ms"] / total_ms if total_ms else None
+    return {"kernel_launches": len(kernels) / iters, "kernel_ms": total_ms, "kernels": rows}
+
 
 def is_oom(exc: BaseException) -> bool:
     """True for out-of-memory errors, also when a library re-raises them as RuntimeError."""
