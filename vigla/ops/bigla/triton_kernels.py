@@ -19,10 +19,12 @@ Forward, two launches (three for long sequences):
    two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(G - c) S^b``.
 
 Backward: the same walk kernel computes four chains in one launch (the two states again, and the
-state gradients of both scans from ``q`` and ``do``), then ``_bwd_kernel``, one program per
-chunk, forms ``dq, dk, dv`` and both log-decay gradients. The decay gradients are chunk-local:
-a suffix (forward scan) or prefix (backward scan) sum of ``q dq - k dk`` within the chunk plus the
-chunk-total term through the inter-chunk decays; no atomics, deterministic.
+state gradients of both scans from ``q`` and ``do``), then ``_bwd_kernel``, one program per chunk,
+twice: the forward scan's ``dq, dk, dv`` shares (fp32) and ``d gf``, then the backward scan's,
+added to them, and ``d gb``. One scan per launch holds half the live tiles of a program doing both
+(which spilled registers). The decay gradients are chunk-local: a suffix (forward scan) or prefix
+(backward scan) sum of ``q dq - k dk`` within the chunk plus the chunk-total term through the
+inter-chunk decays; no atomics, deterministic.
 
 Exactness: every exponent formed outside the intra-chunk products is <= 0. Intra-chunk products
 ``sum_c a_ic b_jc exp(x_ic - x_jc)`` are factored around the chunk's per-channel midpoint of
@@ -347,12 +349,23 @@ def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half
 
 
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "gnorm", "half_scale"])
-def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm,
+def _bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT, SEG, NSEG, gnorm,
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
-    """Gradients of one chunk and value block: ``dv`` (``[B, T, H, V]``) and, for this value block,
-    ``dq, dk, dgf, dgb`` (``[NV, B, T, H, K]`` contiguous; the caller sums the blocks)."""
+                GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
+                UPPER: tl.constexpr, ACC: tl.constexpr):
+    """One scan's gradients of one chunk and value block: the forward scan's (``UPPER`` 0, gate
+    ``g = gf``) or the backward scan's (``UPPER`` 1, ``g = gb``).
+
+    Writes ``dv`` (``[B, T, H, V]``) and, for this value block, ``dq, dk, dg`` (``[NV, B, T, H, K]``
+    contiguous; the caller sums the blocks). With ``ACC`` the other scan's shares ``pq, pk, pv``
+    (same layouts, fp32) are added to ``dq, dk, dv``: the backward is two launches, one per scan,
+    each holding half the live tiles of one program doing both (no spills), and deterministic.
+
+    Notation: ``x`` is the scan's in-chunk exponent (forward: ``P``, backward: ``-c``) and ``a`` its
+    offset (forward: 0, backward: ``G``), so that a query reads the state entering the chunk with
+    ``exp(x + a)`` and a key enters the state leaving it with ``exp(G - a - x)``.
+    """
     gnorm, half_scale = tl.cast(gnorm, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
@@ -371,55 +384,47 @@ def _bwd_kernel(q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, h, hs, dec, T, H, NT,
     b_k = _load_raw(k + off_q, rows, ck, sqt, T)  # with them convert (f32) where they happen
     b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
     b_do = _load_raw(do + off_o, rows, cv, H * V, T)  # times half_scale below: d = do * scale / 2
-    d_scores = _dot_raw(b_do, tl.trans(b_v), HALF_DOTS) * half_scale  # [BT(i), BT(j)]: d_i . v_j
+    w = tl.where(_triangle(BT, UPPER), _dot_raw(b_do, tl.trans(b_v), HALF_DOTS) * half_scale, 0.0)
 
-    # forward scan: dq^f, dk^f, its share of dv, and d gf
-    p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED), axis=0)
-    tot = tl.sum(tl.where(tl.arange(0, BT)[:, None] == BT - 1, p, 0.0), axis=0)  # P_last
-    mid, safe = _midpoint(p)
-    w = tl.where(_triangle(BT, False), d_scores, 0.0)
-    s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    dq_f = _mix_rows(w, b_k, p, mid, safe, BT, False, HALF_DOTS)
-    dq_f += _dot(b_do, tl.trans(s_f), HALF_DOTS) * (half_scale * tl.exp(p))
-    ds_f = _state(h, hs, dec, 2, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    k_dec = b_k.to(tl.float32) * tl.exp(tot[None, :] - p)  # the chunk's keys in the state after it
-    dk_inter = _dot(b_v, tl.trans(ds_f), HALF_DOTS)
-    dk_f = _mix_cols(w, b_q, p, mid, safe, BT, False, HALF_DOTS) + dk_inter * tl.exp(tot[None, :] - p)
-    b_dv = _dot(tl.trans(_scores(b_q, b_k, p, mid, safe, BT, False, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
-    b_dv += _dot(k_dec, ds_f, HALF_DOTS)
-    # d/dP_i = q dq - k dk; the chunk total P_last also scales S^f into the next chunk and every
-    # key's share of it
-    extra = tl.sum(k_dec * dk_inter, axis=0) + tl.exp(tot) * tl.sum(s_f * ds_f, axis=1)
-    u = b_q.to(tl.float32) * dq_f - b_k.to(tl.float32) * dk_f
-    d_g = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0) + u + extra[None, :]  # suffix sums
+    b_g = _load_gate(g + off_g, rows, ck, sgt, T, gnorm, GATED)
+    tot = tl.sum(b_g, axis=0)
+    if UPPER:
+        x = b_g - tl.cumsum(b_g, axis=0)  # -c
+        a = tot
+    else:
+        x = tl.cumsum(b_g, axis=0)  # P
+        a = tl.zeros_like(tot)
+    mid, safe = _midpoint(x)
+    s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    dq_inter = _dot(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp(x + a[None, :]))
+    key_out = tl.exp(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
+    dk_inter = _dot(b_v, tl.trans(ds), HALF_DOTS) * key_out
+    b_dq = _mix_rows(w, b_k, x, mid, safe, BT, UPPER, HALF_DOTS) + dq_inter
+    b_dk = _mix_cols(w, b_q, x, mid, safe, BT, UPPER, HALF_DOTS) + dk_inter
+    b_dv = _dot(tl.trans(_scores(b_q, b_k, x, mid, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
+    b_dv += _dot(b_k.to(tl.float32) * key_out, ds, HALF_DOTS)
+    # d/dx_i = q dq - k dk; the chunk total G also scales the state into the next chunk (both scans)
+    # and, for the forward scan, every key's share of it, for the backward scan every query's readout
+    u = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+    d_g = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0)  # exclusive suffix sums
+    if UPPER:  # x = -c: d/dg_j = -(sum over the tokens after j)
+        extra = tl.sum(b_q.to(tl.float32) * dq_inter, axis=0)
+        d_g = -d_g
+    else:  # x = P: d/dg_j = sum over the tokens from j on
+        extra = tl.sum(b_k.to(tl.float32) * dk_inter, axis=0)
+        d_g += u
+    d_g += (extra + tl.exp(tot) * tl.sum(s * ds, axis=1))[None, :]
     if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
-        d_g *= 1.0 / (1.0 + tl.exp(_load_rows(gf + off_g, rows, ck, sgt, T))) / gnorm
-    _store_rows(dgf + off_k, rows, ck, H * K, T, d_g)
-
-    # backward scan: dq^b, dk^b, its share of dv, and d gb
-    g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
-    c = tl.cumsum(g_b, axis=0) - g_b
-    tot = tl.sum(g_b, axis=0)
-    mid, safe = _midpoint(-c)
-    w = tl.where(_triangle(BT, True), d_scores, 0.0)
-    s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    dq_inter = _dot(b_do, tl.trans(s_b), HALF_DOTS) * (half_scale * tl.exp(tot[None, :] - c))
-    dq_b = _mix_rows(w, b_k, -c, mid, safe, BT, True, HALF_DOTS) + dq_inter
-    ds_b = _state(h, hs, dec, 3, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    dk_b = _mix_cols(w, b_q, -c, mid, safe, BT, True, HALF_DOTS)
-    dk_b += _dot(b_v, tl.trans(ds_b), HALF_DOTS) * tl.exp(c)
-    b_dv += _dot(tl.trans(_scores(b_q, b_k, -c, mid, safe, BT, True, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
-    b_dv += _dot(b_k.to(tl.float32) * tl.exp(c), ds_b, HALF_DOTS)
+        d_g *= 1.0 / (1.0 + tl.exp(_load_rows(g + off_g, rows, ck, sgt, T))) / gnorm
+    _store_rows(dg + off_k, rows, ck, H * K, T, d_g)
+    if ACC:
+        b_dq += _load_rows(pq + off_k, rows, ck, H * K, T)
+        b_dk += _load_rows(pk + off_k, rows, ck, H * K, T)
+        b_dv += _load_rows(pv + off_o, rows, cv, H * V, T)
+    _store_rows(dq + off_k, rows, ck, H * K, T, b_dq)
+    _store_rows(dk + off_k, rows, ck, H * K, T, b_dk)
     _store_rows(dv + off_o, rows, cv, H * V, T, b_dv)
-    # d/dc_j = k dk - q dq; the total scales S^b into the chunk and the readouts of it
-    extra = tl.sum(b_q.to(tl.float32) * dq_inter, axis=0) + tl.exp(tot) * tl.sum(s_b * ds_b, axis=1)
-    u = b_k.to(tl.float32) * dk_b - b_q.to(tl.float32) * dq_b
-    d_g = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0) + extra[None, :]  # exclusive suffix
-    if GATED:
-        d_g *= 1.0 / (1.0 + tl.exp(_load_rows(gb + off_g, rows, ck, sgt, T))) / gnorm
-    _store_rows(dgb + off_k, rows, ck, H * K, T, d_g)
-    _store_rows(dq + off_k, rows, ck, H * K, T, dq_f + dq_b)
-    _store_rows(dk + off_k, rows, ck, H * K, T, dk_f + dk_b)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -609,20 +614,23 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
     gated = gate_normalizer is not None
     gnorm = float(gate_normalizer) if gated else 1.0
     h, hs, dec = _walks(q, k, v, do, gf, gb, p, 4, gnorm, 0.5 * scale, gated, wrap)
-    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
     part = (p.NV, B, T, H, K)
+    # the forward scan's shares (fp32), then the backward scan's added to them
+    pq, pk, pv = torch.empty(part, **f32), torch.empty(part, **f32), torch.empty(B, T, H, V, **f32)
+    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
     if p.NV == 1:  # written in the outputs' dtypes directly
         dq, dk = q.new_empty(part), k.new_empty(part)
         dgf, dgb = gf.new_empty(part), gb.new_empty(part)
     else:  # fp32 partials per value block, summed below
-        dq, dk, dgf, dgb = (torch.empty(part, dtype=torch.float32, device=q.device) for _ in range(4))
-    wrap(_bwd_kernel)[(p.NV, p.NT, B * H)](
-        q, k, v, gf, gb, do, dq, dk, dv, dgf, dgb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
-        0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
-        K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=p.nseg > 1, num_warps=p.warps_chunk, **_cap(p))
+        dq, dk, dgf, dgb = (torch.empty(part, **f32) for _ in range(4))
+    for upper, g, outs, dg in ((0, gf, (pq, pk, pv), dgf), (1, gb, (dq, dk, dv), dgb)):
+        wrap(_bwd_kernel)[(p.NV, p.NT, B * H)](
+            q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
+            0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
+            K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
+            SEGMENTED=p.nseg > 1, UPPER=upper, ACC=upper, num_warps=p.warps_chunk, **_cap(p))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dgf.sum(0).to(gf.dtype),
             dgb.sum(0).to(gb.dtype))
-
