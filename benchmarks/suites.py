@@ -110,9 +110,10 @@ def _tests(part: str) -> Callable[[Options], list[Step]]:
 
 # ---------------------------------------------------------------------------------------- kernel
 
-# launch configurations timed beside the automatic plan (chunk length, warps of the per-chunk kernels)
-TUNE_CONFIGS = ["chunk=32", "chunk=32,warps_chunk=8", "chunk=64,warps_chunk=8", "chunk=16",
-                "state_dtype=fp32"]
+# launch configurations timed beside the automatic plan (chunk length, warps and register cap of the
+# per-chunk kernels; each applies to both passes)
+TUNE_CONFIGS = ["chunk=64,regs=168", "chunk=64,warps_chunk=4", "chunk=32,warps_chunk=4", "chunk=16,warps_chunk=4",
+                "chunk=32,warps_chunk=4,regs=128", "chunk=64,warps_chunk=4,regs=168"]
 
 
 def _kernel(opts: Options) -> list[Step]:

@@ -122,16 +122,25 @@ def test_launch_plan(B, T, chunk, segments):
         plan(B, T, 3, 24, 64, True, 132, 2)
 
 
-def test_default_chunk():
-    """The measured choices: 16-token forward chunks for d_k = 16 (its backward 64), 32 for short
-    sequences of wider bf16 heads, 64 beyond, and 32 for fp32 or heads above 64 x 128 whatever T."""
-    from vigla.ops.bigla.triton_kernels import default_chunk
+def test_default_launch():
+    """The measured choices (chunk, warps, register cap) per pass: ViG-H's d_k = 16 heads and ViG-T/S's
+    d_k = 32 heads, short and long sequences; the old rules, uncapped, for shapes not measured; a
+    default cap is dropped with an explicit chunk length and kept with an explicit warp count."""
+    from vigla.ops.bigla.triton_kernels import BiGLAConfig, default_launch, plan
 
-    assert [default_chunk(T, 16, 32, True, 2) for T in (49, 196, 3136)] == [16, 16, 16]
-    assert [default_chunk(T, 16, 32, True, 4) for T in (49, 196, 3136)] == [64, 64, 64]
-    assert [default_chunk(T, 32, 64, True, c) for T in (196, 256, 257, 4096) for c in (2, 4)] == [32] * 4 + [64] * 4
-    assert {default_chunk(T, K, V, bf16, c) for T in (1, 196, 4096) for c in (2, 4)
-            for K, V, bf16 in ((32, 64, False), (128, 64, True), (64, 256, True))} == {32}
+    assert [default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136)] == [(16, 4, 0)] * 2 + [(64, 4, 168)]
+    assert [default_launch(T, 16, 32, True, 4) for T in (49, 784, 3136)] == [(32, 4, 128)] * 2 + [(64, 4, 168)]
+    assert [default_launch(T, 32, 64, True, 2) for T in (196, 256, 257)] == [(32, 4, 128)] * 2 + [(64, 4, 168)]
+    assert [default_launch(T, 32, 64, True, 4) for T in (196, 256, 257)] == [(16, 4, 0)] * 2 + [(64, 4, 0)]
+    assert default_launch(196, 64, 128, True, 2) == (32, 8, 0) and default_launch(4096, 32, 128, True, 4) == (64, 8, 0)
+    assert {default_launch(T, K, V, False, c)[0] for T in (1, 196, 4096) for c in (2, 4)
+            for K, V in ((16, 32), (32, 64), (128, 64))} == {32}
+    p = plan(128, 196, 3, 32, 64, True, 132, 2)
+    assert (p.BT, p.warps_chunk, p.regs) == (32, 4, 128)
+    p = plan(128, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(chunk=64))
+    assert (p.BT, p.regs) == (64, 0)
+    p = plan(128, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(warps_chunk=8, regs=0))
+    assert (p.BT, p.warps_chunk, p.regs) == (32, 8, 0)
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -469,19 +469,32 @@ class _Plan:
     state_fp32: bool
 
 
-def default_chunk(T: int, K: int, V: int, bf16: bool, chains: int) -> int:
-    """The chunk length (tokens) of one pass, chosen by measurement (``python -m benchmarks kernel tune``;
-    its result file holds the figures).
+def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
+    """``(chunk, warps, regs)`` of one pass's per-chunk kernel, chosen by measurement (``python -m
+    benchmarks kernel tune``; ``kernel_bigla_tune.json`` holds the figures): tokens per chunk, its
+    ``num_warps`` and register cap (0: none).
 
-    fp32 inputs, or bf16 heads above 64 x 128: 32 (fp32 products need twice the registers and shared
-    memory). bf16: 16-token chunks for the forward (``chains`` 2) of d_k = 16 heads (ViG-H's stages),
-    32 for short sequences (T <= 256) of wider heads (T = 196 pads to 224 instead of 256), everything
-    else 64. The backward recomputes the states from the inputs, so the two passes need not agree."""
+    Measured (bf16, d_k <= 32, d_v <= 64: ViG-T/S and ViG-H's stages), at 4 warps:
+
+    * forward (``chains`` 2): d_k = 16 heads 16-token chunks up to T = 1024, else 64 capped at 168
+      registers; wider heads 32-token chunks capped at 128 registers for short sequences (T <= 256:
+      196 pads to 224 instead of 256), else 64 capped at 168;
+    * backward (``chains`` 4, one scan per launch): d_k = 16 heads 32-token chunks capped at 128
+      registers up to T = 1024, else 64 capped at 168; wider heads 16-token chunks for T <= 256, else 64.
+
+    Other bf16 heads up to 64 x 128: 32-token chunks for short sequences, else 64; fp32 inputs and
+    wider heads: 32 (fp32 products need twice the registers and shared memory); 8 warps for d_k > 32
+    and for the backward. The backward recomputes the states from the inputs, so the
+    two passes need not agree."""
+    if bf16 and K <= 32 and V <= 64:
+        short = T <= (1024 if K <= 16 else 256)
+        if chains == 2:
+            return (16, 4, 0) if short and K <= 16 else (32, 4, 128) if short else (64, 4, 168)
+        return (32, 4, 128) if short and K <= 16 else (16, 4, 0) if short else (64, 4, 168 if K <= 16 else 0)
+    warps = 8 if K > 32 or chains == 4 else 4
     if not (bf16 and K <= 64 and V <= 128):
-        return 32
-    if chains == 2 and K <= 16:
-        return 16
-    return 32 if T <= 256 and K >= 32 else 64
+        return 32, warps, 0
+    return (32 if T <= 256 and K >= 32 else 64), warps, 0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -493,12 +506,15 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     are cut into segments when their ``chains * B * H`` programs would leave the multiprocessors
     short of work (Nsight Compute: each walk's chain of chunks is bound by latency, not bytes),
     at most about ``sqrt(chunks)`` of them, since the carry kernel folds the segments one after
-    the other. Chunk lengths: :func:`default_chunk`; the backward's per-chunk kernel at 8 warps.
+    the other. Chunk lengths, warps and register caps of the per-chunk kernels:
+    :func:`default_launch`, each overridden by its ``config`` field (a default register cap is
+    kept only with the default chunk length it was measured with).
     """
     if not supports(K, V):
         raise ValueError(f"bigla: the Triton kernels take d_k in (16, 32, 64, 128) and d_v in "
                          f"(16, 32, 64, 128, 256); got d_k={K}, d_v={V}")
-    BT = config.chunk or default_chunk(T, K, V, bf16, chains)
+    chunk, warps, regs = default_launch(T, K, V, bf16, chains)
+    BT = config.chunk or chunk
     if BT not in (16, 32, 64):
         raise ValueError(f"bigla: chunk must be 16, 32 or 64, got {BT}")
     if config.state_dtype not in (None, "bf16", "fp32"):
@@ -511,10 +527,13 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     if nseg is None:
         nseg = 1 if programs >= 8 * sms or NT < 8 else min(cdiv(8 * sms, programs), math.isqrt(NT) + 1)
     seg = cdiv(NT, max(1, min(nseg, NT)))
-    big = K > 32 or BV > 64 or chains == 4
+    if config.bv and BV > 64:
+        warps = 8
+    if config.regs is None and BT != chunk:
+        regs = 0
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
                  nseg=cdiv(NT, seg), warps_walk=config.warps_walk or 4,
-                 warps_chunk=config.warps_chunk or (8 if big else 4), regs=config.regs or 0,
+                 warps_chunk=config.warps_chunk or warps, regs=regs if config.regs is None else config.regs,
                  state_fp32=not bf16 or config.state_dtype == "fp32")
 
 
