@@ -1,6 +1,7 @@
-"""Where the host's time goes in an eager forward: cProfile of inference calls, beside their timing.
+"""Where the host's time goes in an eager forward (or training step): cProfile of the calls, beside their timing.
 
     python benchmarks/host_profile.py --models vig_tiny deit_tiny_patch16_224 --out benchmarks/results
+    python benchmarks/host_profile.py --train --name profile_host_train     # training steps instead
 
 For each model (224 px, batch ``--batch-size``, bf16 autocast, ``eval()`` + ``torch.inference_mode``):
 ``synced_ms``, one forward timed to its end (CUDA synchronised); ``issue_ms``, the host's time to issue one
@@ -10,6 +11,9 @@ the models in turn (the host's figures move between rounds); then, once per mode
 launches and their summed device time (torch.profiler), and the top ``--top`` Python
 functions of ``--iters`` issued forwards by own time and by cumulative time (cProfile). When ``issue_ms`` is
 close to ``synced_ms``, the forward is bound by the host: the profile says which Python frames to cut.
+With ``--train`` each call is one training step (:func:`vigla.bench.measure.train_step`: forward, cross-entropy,
+backward, fused AdamW step), ``kernel_ms`` is the device time of a step, and cProfile sees the calling thread
+only (autograd runs the backward's Python from a thread of its own).
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`, a row per model).
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vigla.bench.measure import autocast, profiled_kernels  # noqa: E402
+from vigla.bench.measure import autocast, profiled_kernels, train_step  # noqa: E402
 from vigla.bench.report import envelope, write_json  # noqa: E402
 from vigla.bench.cli import build_model  # noqa: E402
 
@@ -59,15 +63,19 @@ def _top(stats: pstats.Stats, key: str, n: int) -> list[dict]:
 
 
 def build(name: str, args, device: torch.device):
-    """The model in ``eval()`` and its forward on a random batch (inference mode, autocast)."""
+    """The model's call: a forward in ``eval()`` on a random batch (inference mode, autocast), or with
+    ``args.train`` a training step."""
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(name, args.img_size).eval()
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    if args.train:
+        forward = train_step(model, args.batch_size, args.img_size, device, amp=args.amp)
+    else:
+        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
 
-    def forward():
-        with torch.inference_mode(), autocast(device, args.amp):
-            return model(x)
+        def forward():
+            with torch.inference_mode(), autocast(device, args.amp):
+                return model(x)
 
     for _ in range(args.warmup):
         forward()
@@ -128,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--train", action="store_true", help="profile training steps instead of forwards")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds, the models in turn")
@@ -143,19 +152,20 @@ def main(argv=None) -> int:
     rows = {name: {"model": name, "img_size": args.img_size, "batch_size": args.batch_size, "rounds": []}
             for name in args.models}
     result["rows"] = list(rows.values())
+    call = "training step" if args.train else "forward"
     for r in range(args.rounds):
         for name, forward in forwards.items():
             t = timings(forward, device, args.iters)
             rows[name]["rounds"].append(t)
             print(f"round {r + 1} {name}: synced {t['synced_ms']:.2f} issue {t['issue_ms']:.2f} pipelined "
-                  f"{t['pipelined_ms']:.2f} ms per forward", flush=True)
+                  f"{t['pipelined_ms']:.2f} ms per {call}", flush=True)
     for name, forward in forwards.items():
         rows[name].update(kernel_counts(forward, device, 3))
         rows[name].update(host_profile(forward, device, args.iters, args.top))
         if "kernel_launches" in rows[name]:
             print(f"{name}: {rows[name]['kernel_launches']:.0f} kernel launches, "
-                  f"{rows[name]['kernel_ms']:.2f} ms of kernels per forward", flush=True)
-        print(f"{name}: own time per forward, top 10:", flush=True)
+                  f"{rows[name]['kernel_ms']:.2f} ms of kernels per {call}", flush=True)
+        print(f"{name}: own time per {call}, top 10:", flush=True)
         for f in rows[name]["top_own"][:10]:
             print(f"  {f['own_ms']:7.3f} ms {f['calls']:7.1f} calls  {f['function']}", flush=True)
         write_json(result, Path(args.out) / f"{args.name}.json")

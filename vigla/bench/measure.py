@@ -32,6 +32,7 @@ from ..engine.precision import amp_dtype, autocast
 __all__ = [
     "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "guarded", "is_oom", "make_input",
     "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "summarize", "time_calls",
+    "train_step",
 ]
 
 MiB = 2 ** 20
@@ -270,12 +271,11 @@ def measure_inference(model: torch.nn.Module, batch_size: int, img_size: int, de
     return result
 
 
-def measure_train(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
-                  *, amp: str, channels_last: bool, warmup: int, iters: int, optimizer: str,
-                  meter: MemoryMeter | None = None) -> dict:
-    """Training steps in ``train()`` mode on random images and labels: forward under autocast,
-    cross-entropy, backward, and (``optimizer="adamw"``) an AdamW step (fused on CUDA);
-    ``optimizer="none"``: forward + backward only, as the anchors' training figures."""
+def train_step(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
+               *, amp: str, channels_last: bool = False, optimizer: str = "adamw"):
+    """One training step as a callable, with ``model`` put in ``train()`` mode: forward under autocast on
+    random images and labels, cross-entropy, backward, and (``optimizer="adamw"``) an AdamW step (fused on
+    CUDA); ``optimizer="none"``: forward + backward only, as the anchors' training figures."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
@@ -295,7 +295,15 @@ def measure_train(model: torch.nn.Module, batch_size: int, img_size: int, device
             scaler.update()
         for p in params:
             p.grad = None
+    return step
 
+
+def measure_train(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
+                  *, amp: str, channels_last: bool, warmup: int, iters: int, optimizer: str,
+                  meter: MemoryMeter | None = None) -> dict:
+    """Training steps (:func:`train_step`) timed: their throughput, and the peak memory with ``meter``."""
+    step = train_step(model, batch_size, img_size, device, amp=amp, channels_last=channels_last,
+                      optimizer=optimizer)
     if meter is not None:
         meter.start()
     times, first_ms = time_calls(step, device, warmup, iters)
