@@ -189,6 +189,7 @@ def reading(res: Results) -> list[str]:
         lines.append(f"* With gradient checkpointing (a block keeps its input and its BiGLA output) ViG-T trains at "
                      f"1024² in {ratio(ckpt, 'vig_tiny', DEIT_T, 1024, TRAIN_MIB)}x DeiT-T's memory at "
                      f"{ratio(ckpt, 'vig_tiny', DEIT_T, 1024, TRAIN)}x its speed.")
+    lines += [f"* {note}" for note in (eager or {}).get("notes", [])]  # e.g. how the run's host differed
     return lines
 
 
