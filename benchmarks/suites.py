@@ -128,6 +128,17 @@ def _kernel_tune(opts: Options) -> list[Step]:
     return [Step("kernel_bigla_tune", argv, 560, ["kernel_bigla_tune.json"])]
 
 
+# the walk kernel's warps, the value block and the walks' segments, at the shapes where they could matter
+WALK_CONFIGS = ["warps_walk=2", "warps_walk=8", "bv=32", "segments=2", "segments=4"]
+WALK_SHAPES = ["ViG-T @224", "ViG-T @1024", "ViG-S @224", "ViG-H-T s1 @224", "ViG-H-T s3 @224"]
+
+
+def _kernel_tune_walk(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla_tune_walk", "--impls",
+            "vigla", "--configs", *WALK_CONFIGS, "--shapes", *WALK_SHAPES, *opts.extra]
+    return [Step("kernel_bigla_tune_walk", argv, 300, ["kernel_bigla_tune_walk.json"])]
+
+
 def _fla(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "fla_bigla", "--impls",
             "vigla", "fla", "--shapes", *FLA_SHAPES, *opts.extra]
@@ -350,7 +361,9 @@ SUITES = {s.name: s for s in [
     Suite("kernel", "the BiGLA operator alone, vigla's kernels at every bench_bigla.py shape (do_bench and "
           "CUDA-graph replays)", "cuda",
           {"bigla": ("the automatic launch plan: forward and forward+backward", _kernel),
-           "tune": ("the automatic plan beside other launch configurations", _kernel_tune)},
+           "tune": ("the automatic plan beside other launch configurations", _kernel_tune),
+           "tune_walk": ("the same for the walk kernel's warps, the value block and the segments",
+                         _kernel_tune_walk)},
           extra="benchmarks/bench_bigla.py (its launch configurations, shapes, ...)"),
     Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
           "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",

@@ -238,22 +238,23 @@ def profile_section(result: dict, top: int = 5) -> list[str]:
 
 # ------------------------------------------------------------------------- castling, cpu, train
 
-def host_section(result: dict, top: int = 8) -> list[str]:
-    """The host's time per eager forward (benchmarks/host_profile.py): timings per round, then ViG-T's
-    Python frames with the most own time."""
+def host_section(result: dict, top: int = 8, name: str = "profile_host") -> list[str]:
+    """The host's time per eager forward, or training step (``--train``; benchmarks/host_profile.py): timings
+    per round and the device time of one call, then ViG-T's Python frames with the most own time."""
+    call = "training step" if value(result, ("settings", "train")) else "forward"
     rows = [[SHORT.get(r["model"], r["model"]), *(" / ".join(f"{t[k]:.1f}" for t in r["rounds"])
                                                  for k in ("synced_ms", "issue_ms", "pipelined_ms")),
-             fmt(r.get("kernel_launches"))]
+             fmt(r.get("kernel_ms"), ".1f"), fmt(r.get("kernel_launches"))]
             for r in result["rows"]]
     lines = [f"Batch {result['rows'][0]['batch_size']} at {result['rows'][0]['img_size']}, bf16 autocast, "
-             f"medians of {value(result, ('settings', 'iters'))} forwards per round, the models visited in turn "
-             f"({source('profile_host', result)}). \"issue\": the host's time to issue one forward with the "
-             "device idle; when it equals \"synced\", the forward is bound by the host. Launches: the device work one "
-             "forward issues (torch.profiler's device events).", ""]
-    lines += table(["model", "synced ms, per round", "issue ms", "pipelined ms", "launches"], rows)
+             f"medians of {value(result, ('settings', 'iters'))} calls per round, the models visited in turn "
+             f"({source(name, result)}). \"issue\": the host's time to issue one {call} with the "
+             f"device idle; when it equals \"synced\", the {call} is bound by the host. Device ms and launches: "
+             f"the device work one {call} issues (torch.profiler's device events).", ""]
+    lines += table(["model", "synced ms, per round", "issue ms", "pipelined ms", "device ms", "launches"], rows)
     vig = next((r for r in result["rows"] if r["model"] == "vig_tiny" and r.get("top_own")), None)
     if vig:
-        lines += ["", f"ViG-T's Python frames by own time per forward (cProfile, {vig['profiled_ms']:.1f} ms "
+        lines += ["", f"ViG-T's Python frames by own time per {call} (cProfile, {vig['profiled_ms']:.1f} ms "
                       "profiled; the profiler's overhead included):", ""]
         lines += table(["function", "calls", "own ms"],
                        [[f"`{f['function']}`", f"{f['calls']:.0f}", f"{f['own_ms']:.2f}"]
@@ -457,6 +458,9 @@ def performance(res: Results) -> str:
         out += [""] + [f"* {note}" for note in res("profile_vig").get("notes", [])]
     if res("profile_host"):
         out += ["", "## The host's time in an eager forward", ""] + host_section(res("profile_host"))
+    if res("profile_host_train"):
+        out += ["", "## The host's time in an eager training step", ""] + host_section(
+            res("profile_host_train"), name="profile_host_train")
     if res("castling_vs_deit_tiny"):
         out += ["", "## Castling-DeiT-T ÷ DeiT-T", "",
                 f"{source('castling_vs_deit_tiny', res('castling_vs_deit_tiny'))}; see [castling.md](castling.md).",
