@@ -112,6 +112,8 @@ def summary(res: Results) -> list[str]:
     devices = sorted({value(r, ("environment", "device")) or "?" for _, _, r, *_ in headline_rows(res)})
     lines = table(["ratio (> 1: ViG's is larger)", *(f"@{s}" for s in SIZES)], rows)
     lines += ["", f"One {', '.join(devices)}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
+                  "At 224² the eager figures of both small models are bound by the device machine's host (its "
+                  "Python and launch time), whose speed moves between runs: the CUDA-graph row is the stable one. "
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
     return lines
