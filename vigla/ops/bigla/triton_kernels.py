@@ -360,7 +360,8 @@ def _bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT
     Writes ``dv`` (``[B, T, H, V]``) and, for this value block, ``dq, dk, dg`` (``[NV, B, T, H, K]``
     contiguous; the caller sums the blocks). With ``ACC`` the other scan's shares ``pq, pk, pv``
     (same layouts, fp32) are added to ``dq, dk, dv``: the backward is two launches, one per scan,
-    each holding half the live tiles of one program doing both (no spills), and deterministic.
+    each holding half the live tiles of one program doing both (which spilled registers), and
+    deterministic.
 
     Notation: ``x`` is the scan's in-chunk exponent (forward: ``P``, backward: ``-c``) and ``a`` its
     offset (forward: 0, backward: ``G``), so that a query reads the state entering the chunk with
