@@ -5,6 +5,7 @@ Run on a GPU (one run per table; every ratio is taken within the run):
     python benchmarks/bench_bigla.py --out benchmarks/results
     python benchmarks/bench_bigla.py --configs chunk=32 chunk=64,warps_chunk=8   # tuning
     python benchmarks/bench_bigla.py --profile-once "ViG-T @512"                 # one call, for ncu
+    python benchmarks/bench_bigla.py --alt ab/triton_kernels.py                   # A/B against another version
 
 Shapes: ViG-T layers (H=3, d_k=32, d_v=64) at T = 196/1024/4096/16384 with the anchors' batch
 sizes, a ViG-S layer, and the four ViG-H-T stages at 224². The model's path: ``bigla_gated`` with
@@ -16,6 +17,11 @@ in the official code). Timings, each a median of CUDA-event-timed whole calls:
 * ``graph``: ``triton.testing.do_bench_cudagraph``, replays of a captured CUDA graph (the host left
   out). A backward through autograd does not capture, so forward+backward has a graph timing only
   for the ``--configs`` rows, which call the two launchers directly.
+
+``--alt FILE``: another version of ``vigla/ops/bigla/triton_kernels.py`` (a branch's, carried as a file)
+timed in the same run, its launchers called directly with their default plans beside this version's
+(``cfg:default``), with the largest relative difference of its output and five gradients from this
+version's (``alt_rel_diff``): an A/B of a kernel change in one call, same device, same inputs.
 
 Byte floors: the time to read every input once and write every output once at the copy bandwidth
 measured in the same run (forward: q, k, v, two gates, o; backward: those inputs and do, then dq,
@@ -84,10 +90,47 @@ def parse_config(text: str):
     return BiGLAConfig(**fields)
 
 
-def _calls(impl: str, x, do, config):
-    """``(forward, forward_and_backward)`` callables for one implementation."""
+def _sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_alt(path: str):
+    """The module at ``path``, a version of ``triton_kernels.py``, imported inside ``vigla.ops.bigla`` (its
+    relative imports resolve there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vigla.ops.bigla._alt_triton_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "vigla.ops.bigla"
+    sys.modules[spec.name] = module  # Triton reads the kernels' source through their module
+    spec.loader.exec_module(module)
+    return module
+
+
+def alt_rel_diff(x, do, alt) -> float:
+    """The largest relative difference (norm of the difference over the norm) of ``alt``'s output and five
+    gradients from this version's, default plans both."""
+    from vigla.ops.bigla import triton_kernels as ours
+
+    plain, scale = [t.detach() for t in x], x[0].shape[-1] ** -0.5
+    diffs = []
+    for module in (ours, alt):
+        outs = [module.bigla_fwd_triton(*plain, scale, GATE_NORMALIZER),
+                *module.bigla_bwd_triton(*plain, do, scale, GATE_NORMALIZER)]
+        diffs.append([t.double() for t in outs])
+    return max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(diffs[1], diffs[0]))
+
+
+def _calls(impl: str, x, do, config, alt=None):
+    """``(forward, forward_and_backward)`` callables for one implementation (``"alt"``: the launchers of
+    the ``--alt`` module ``alt``)."""
     from vigla.ops.bigla.triton_kernels import bigla_bwd_triton, bigla_fwd_triton
 
+    if impl == "alt":
+        bigla_fwd_triton, bigla_bwd_triton = alt.bigla_fwd_triton, alt.bigla_bwd_triton
+        impl = "kernels"
     scale = x[0].shape[-1] ** -0.5
     if impl == "vigla":  # the public op: what the model calls
         def fwd():
@@ -136,14 +179,16 @@ def _time(fn, graph: bool):
         return None
 
 
-def measure(shape, impls, configs) -> dict:
+def measure(shape, impls, configs, alt=None) -> dict:
     name, B, T, H, K, V = shape
     x = make_inputs(B, T, H, K, V, grad=True)
     do = torch.randn(B, T, H, V, dtype=torch.bfloat16).cuda()
     row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T)
+    if alt is not None:
+        row["alt_rel_diff"] = alt_rel_diff(x, do, alt)
     for impl in impls:
         for label, cfg in (configs if impl == "kernels" else [(impl, None)]):
-            fwd, fwdbwd = _calls(impl, x, do, cfg)
+            fwd, fwdbwd = _calls(impl, x, do, cfg, alt)
             row[f"{label}_fwd_ms"] = _time(fwd, graph=False)
             row[f"{label}_fwdbwd_ms"] = _time(fwdbwd, graph=False)
             row[f"{label}_fwd_graph_ms"] = _time(fwd, graph=True)
@@ -193,10 +238,13 @@ def print_table(result: dict) -> None:
               f"{fmt(r.get('fla_fwdbwd_ms')):>7} {fmt(r.get('fla_over_vigla_fwdbwd'), '.1f'):>5} "
               f"{fmt(r.get('vigla_fwd_graph_over_floor'), '.1f'):>6} "
               f"{fmt(r.get('vigla_fwdbwd_graph_over_floor'), '.1f'):>6}")
-        tuned = [k[:-len("_fwd_graph_ms")] for k in r if k.startswith("cfg:") and k.endswith("_fwd_graph_ms")]
+        tuned = [k[:-len("_fwd_graph_ms")] for k in r if (k.startswith("cfg:") or k.startswith("alt_"))
+                 and k.endswith("_fwd_graph_ms")]
         for label in tuned:
-            print(f"  {label[4:]:30} fwd graph {fmt(r.get(label + '_fwd_graph_ms'))}  "
+            print(f"  {label.removeprefix('cfg:'):30} fwd graph {fmt(r.get(label + '_fwd_graph_ms'))}  "
                   f"f+b graph {fmt(r.get(label + '_fwdbwd_graph_ms'))}")
+        if "alt_rel_diff" in r:
+            print(f"  alt's largest relative difference from this version: {r['alt_rel_diff']:.2e}")
 
 
 def main() -> int:
@@ -208,6 +256,8 @@ def main() -> int:
                     help="launch configurations of the kernels to time beside the default, e.g. "
                          "chunk=32 or chunk=64,warps_chunk=8,segments=4,state_dtype=fp32")
     ap.add_argument("--shapes", nargs="*", default=None, help="names of the shapes to run (default: all)")
+    ap.add_argument("--alt", metavar="FILE", help="another version of vigla/ops/bigla/triton_kernels.py to time "
+                                                  "in the same run (module docstring)")
     ap.add_argument("--name", default="bench_bigla", help="stem of the JSON file")
     ap.add_argument("--profile-once", metavar="SHAPE", help="run one forward+backward at SHAPE and exit")
     args = ap.parse_args()
@@ -218,20 +268,26 @@ def main() -> int:
         return profile_once(args.profile_once)
     impls = [i for i in args.impls if i != "fla" or HAS_FLA]
     configs = [(f"cfg:{c}", parse_config(c)) for c in args.configs]
+    alt = load_alt(args.alt) if args.alt else None
+    if alt is not None and not configs:  # this version's launchers beside alt's, default plans both
+        configs = [("cfg:default", parse_config("default"))]
     if configs:
         impls.append("kernels")
+    if alt is not None:
+        impls.append("alt")
     bw = copy_bandwidth()
     result = envelope(torch.device("cuda"), settings=dict(
         what="BiGLA operator", dtype="bfloat16", layout="model (q, k, v strided column slices of one projection)",
         timing="CUDA events, median of whole calls; *_ms: triton.testing.do_bench (host launch included); "
                "*_graph_ms: triton.testing.do_bench_cudagraph (replays of a captured graph)",
-        copy_bandwidth_TBps=bw / 1e12, impls=impls, configs=args.configs))
+        copy_bandwidth_TBps=bw / 1e12, impls=impls, configs=[c for c, _ in configs],
+        alt=None if alt is None else {"file": args.alt, "sha256": _sha256(args.alt)}))
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
     for shape in SHAPES:
         if args.shapes and shape[0] not in args.shapes:
             continue
-        row = measure(shape, impls, configs)
+        row = measure(shape, impls, configs, alt)
         add_ratios(row, bw)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)

@@ -227,3 +227,39 @@ def test_stale_commit_warning(monkeypatch):
     monkeypatch.setattr(runner.subprocess, "run", fake_git(" M vigla/a.py\n"))
     monkeypatch.setenv("VIGLA_COMMIT", "def5678")
     assert runner.stale_commit_warning() is None
+
+
+ALT_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, "benchmarks")
+import bench_bigla as b
+torch.manual_seed(0)
+mk = lambda *s: torch.randn(*s)
+x = [mk(1, 20, 1, 16), mk(1, 20, 1, 16), mk(1, 20, 1, 32), -torch.rand(1, 20, 1, 16), -torch.rand(1, 20, 1, 16)]
+do = mk(1, 20, 1, 32)
+same, changed = b.load_alt(sys.argv[1]), b.load_alt(sys.argv[2])
+fwd, fwdbwd = b._calls("alt", x, do, None, changed)
+fwd(); fwdbwd()
+print(json.dumps([b.alt_rel_diff(x, do, same), b.alt_rel_diff(x, do, changed)]))
+"""
+
+
+def test_bench_bigla_alt_kernels_are_compared_with_ours(tmp_path):
+    """``bench_bigla.py --alt FILE``: another version of the kernels' module loads inside the package, its
+    launchers run, and its largest relative difference from this version is 0 for the same file and
+    catches a changed readout scale (Triton's interpreter, CPU tensors)."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton", reason="Triton is not installed: the kernels cannot run")
+    source = ROOT / "vigla" / "ops" / "bigla" / "triton_kernels.py"
+    text = source.read_text()
+    assert "_store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)" in text
+    changed = tmp_path / "changed.py"
+    changed.write_text(text.replace("out * half_scale)", "out * half_scale * 1.01)"))
+    proc = subprocess.run([sys.executable, "-c", ALT_SCRIPT, str(source), str(changed)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    same, diff = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert same == 0.0 and 0.005 < diff < 0.02, (same, diff)
