@@ -112,25 +112,16 @@ def load_alt(path: str):
 def alt_rel_diff(x, do, alt) -> float:
     """The largest relative difference (norm of the difference over the norm) of ``alt``'s output and five
     gradients from this version's, default plans both."""
-    from vigla.ops.bigla import triton_kernels as ours
-
-    plain, scale = [t.detach() for t in x], x[0].shape[-1] ** -0.5
-    diffs = []
-    for module in (ours, alt):
-        outs = [module.bigla_fwd_triton(*plain, scale, GATE_NORMALIZER),
-                *module.bigla_bwd_triton(*plain, do, scale, GATE_NORMALIZER)]
-        diffs.append([t.double() for t in outs])
-    return max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(diffs[1], diffs[0]))
+    ours, theirs = ([t.double() for t in _calls("kernels", x, do, None, kernels)[1]()] for kernels in (None, alt))
+    return max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(theirs, ours))
 
 
-def _calls(impl: str, x, do, config, alt=None):
-    """``(forward, forward_and_backward)`` callables for one implementation (``"alt"``: the launchers of
-    the ``--alt`` module ``alt``)."""
-    from vigla.ops.bigla.triton_kernels import bigla_bwd_triton, bigla_fwd_triton
-
-    if impl == "alt":
-        bigla_fwd_triton, bigla_bwd_triton = alt.bigla_fwd_triton, alt.bigla_bwd_triton
-        impl = "kernels"
+def _calls(impl: str, x, do, config, kernels=None):
+    """``(forward, forward_and_backward)`` callables for one implementation; ``"kernels"``: the launchers of
+    the module ``kernels`` (default: this version's ``triton_kernels``), whose calls return the output
+    and the five gradients."""
+    if kernels is None:
+        from vigla.ops.bigla import triton_kernels as kernels
     scale = x[0].shape[-1] ** -0.5
     if impl == "vigla":  # the public op: what the model calls
         def fwd():
@@ -143,11 +134,10 @@ def _calls(impl: str, x, do, config, alt=None):
         plain = [t.detach() for t in x]
 
         def fwd():
-            bigla_fwd_triton(*plain, scale, GATE_NORMALIZER, config=config)
+            return kernels.bigla_fwd_triton(*plain, scale, GATE_NORMALIZER, config=config)
 
         def fwdbwd():
-            bigla_fwd_triton(*plain, scale, GATE_NORMALIZER, config=config)
-            bigla_bwd_triton(*plain, do, scale, GATE_NORMALIZER, config=config)
+            return fwd(), *kernels.bigla_bwd_triton(*plain, do, scale, GATE_NORMALIZER, config=config)
     else:  # fla on [x; flip(x)], log decays formed first
         def run():
             return bigla_fla(*x[:3], log_decays(x[3], GATE_NORMALIZER), log_decays(x[4], GATE_NORMALIZER), scale)
@@ -188,7 +178,7 @@ def measure(shape, impls, configs, alt=None) -> dict:
         row["alt_rel_diff"] = alt_rel_diff(x, do, alt)
     for impl in impls:
         for label, cfg in (configs if impl == "kernels" else [(impl, None)]):
-            fwd, fwdbwd = _calls(impl, x, do, cfg, alt)
+            fwd, fwdbwd = (_calls("kernels", x, do, cfg, alt) if impl == "alt" else _calls(impl, x, do, cfg))
             row[f"{label}_fwd_ms"] = _time(fwd, graph=False)
             row[f"{label}_fwdbwd_ms"] = _time(fwdbwd, graph=False)
             row[f"{label}_fwd_graph_ms"] = _time(fwd, graph=True)

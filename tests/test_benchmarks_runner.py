@@ -239,7 +239,7 @@ mk = lambda *s: torch.randn(*s)
 x = [mk(1, 20, 1, 16), mk(1, 20, 1, 16), mk(1, 20, 1, 32), -torch.rand(1, 20, 1, 16), -torch.rand(1, 20, 1, 16)]
 do = mk(1, 20, 1, 32)
 same, changed = b.load_alt(sys.argv[1]), b.load_alt(sys.argv[2])
-fwd, fwdbwd = b._calls("alt", x, do, None, changed)
+fwd, fwdbwd = b._calls("kernels", x, do, None, changed)
 fwd(); fwdbwd()
 print(json.dumps([b.alt_rel_diff(x, do, same), b.alt_rel_diff(x, do, changed)]))
 """

@@ -353,15 +353,15 @@ def _bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
-                UPPER: tl.constexpr, ACC: tl.constexpr):
+                UPPER: tl.constexpr):
     """One scan's gradients of one chunk and value block: the forward scan's (``UPPER`` 0, gate
     ``g = gf``) or the backward scan's (``UPPER`` 1, ``g = gb``).
 
     Writes ``dv`` (``[B, T, H, V]``) and, for this value block, ``dq, dk, dg`` (``[NV, B, T, H, K]``
-    contiguous; the caller sums the blocks). With ``ACC`` the other scan's shares ``pq, pk, pv``
-    (same layouts, fp32) are added to ``dq, dk, dv``: the backward is two launches, one per scan,
-    each holding half the live tiles of one program doing both (which spilled registers), and
-    deterministic.
+    contiguous; the caller sums the blocks). The backward scan's launch adds the forward scan's shares
+    ``pq, pk, pv`` (same layouts, fp32, written by the first launch) to ``dq, dk, dv``: the backward is
+    two launches, one per scan, each holding half the live tiles of one program doing both (which
+    spilled registers), and deterministic.
 
     Notation: ``x`` is the scan's in-chunk exponent (forward: ``P``, backward: ``-c``) and ``a`` its
     offset (forward: 0, backward: ``G``), so that a query reads the state entering the chunk with
@@ -419,7 +419,7 @@ def _bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT
     if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
         d_g *= 1.0 / (1.0 + tl.exp(_load_rows(g + off_g, rows, ck, sgt, T))) / gnorm
     _store_rows(dg + off_k, rows, ck, H * K, T, d_g)
-    if ACC:
+    if UPPER:  # the second launch: add the forward scan's shares
         b_dq += _load_rows(pq + off_k, rows, ck, H * K, T)
         b_dk += _load_rows(pk + off_k, rows, ck, H * K, T)
         b_dv += _load_rows(pv + off_o, rows, cv, H * V, T)
@@ -528,7 +528,7 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     if nseg is None:
         nseg = 1 if programs >= 8 * sms or NT < 8 else min(cdiv(8 * sms, programs), math.isqrt(NT) + 1)
     seg = cdiv(NT, max(1, min(nseg, NT)))
-    if config.bv and BV > 64:
+    if BV > 64:  # an explicit value block above 64
         warps = 8
     if config.regs is None and BT != chunk:
         regs = 0
@@ -652,7 +652,7 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
             q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
             0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
             K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-            SEGMENTED=p.nseg > 1, UPPER=upper, ACC=upper, num_warps=p.warps_chunk, **_cap(p))
+            SEGMENTED=p.nseg > 1, UPPER=upper, num_warps=p.warps_chunk, **_cap(p))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dgf.sum(0).to(gf.dtype),
