@@ -271,14 +271,19 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
                 tl.store(dec + (chain * (NT + NSEG) + n) * K + ck, acc)
         rows = n * BT + ot
         a = _load_raw(a_ptr, rows, ck, sqt, T)
-        b = _load_rows(b_ptr, rows, cv, b_st, T) * mult
+        b = _load_raw(b_ptr, rows, cv, b_st, T)
         g = _load_gate(g_ptr, rows, ck, sgt, T, gnorm, GATED)
         p = tl.cumsum(g, axis=0)
         tot = tl.sum(g, axis=0)
         x = tl.where(ltr, tot[None, :] - p, p)  # exclusive suffix (ltr) / inclusive prefix sums
         x += tl.where(ltr & grad, g, 0.0)  # chain 3: inclusive suffix
         x -= tl.where((ltr == 0) & (grad == 0), g, 0.0)  # chain 1: exclusive prefix
-        state = state * tl.exp(tot)[:, None] + _dot(tl.trans(a.to(tl.float32) * tl.exp(x)), b, HALF_DOTS)
+        u = tl.trans(a.to(tl.float32) * tl.exp(x))  # [K, BT]: the chunk's keys (queries) decayed, <= |a|
+        if HALF_DOTS == 1:  # both operands in the inputs' half precision (the states are stored in it too)
+            contrib = tl.dot(u.to(b.dtype), b)
+        else:
+            contrib = _dot(u, b, HALF_DOTS)
+        state = state * tl.exp(tot)[:, None] + contrib * mult
         acc += tot
     if SEGMENTED:
         tl.store(hs + (chain * NSEG + i_s) * K * V + ck[:, None] * V + cv[None, :], state)
