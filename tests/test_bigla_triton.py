@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from vigla.ops import reference_ops
 from vigla.ops.bigla import bigla, bigla_chunked, bigla_gated, bigla_naive
+from triton_interpreter import BF16_FIX
 
 pytest.importorskip("triton", reason="Triton is not installed: the fused kernel cannot be tested")
 
-INTERPRETER_SCRIPT = r"""
+INTERPRETER_SCRIPT = BF16_FIX + r"""
 import json, sys, torch, torch.nn.functional as F
 from vigla.ops.bigla.triton_kernels import BiGLAConfig, bigla_fwd_triton, bigla_bwd_triton
 from vigla.ops.bigla import bigla_naive
@@ -76,8 +77,10 @@ def test_triton_kernel_in_interpreter_on_cpu():
     one projection), ragged last chunks, T = 1, chunks of 16, 32 and 64 tokens; gate logits turned
     into log decays inside the kernels (the normalizer field), from gates near 1 (where log1p
     matters) to -25 per token; bf16 inputs (outputs and all five gradients in bf16, states stored
-    in bf16) and fp16 inputs, whose products take the tensor-core path (``HALF_DOTS``: the
-    interpreter's fp16 dot is right, its bf16 one is not), against float64 on the same values."""
+    in bf16; the forward's and the values' gradient's products on bf16 operands) and fp16 inputs (tf32
+    products), both through the tensor-core path (``HALF_DOTS``; the interpreter with the GPU's bf16
+    arithmetic, ``triton_interpreter.BF16_FIX``), against float64 on the same values. bf16 outputs
+    round to 2^-9: the errors are ~1.7e-3 from that alone, ~3e-3 with the bf16 products."""
     f32, bf16, f16 = "float32", "bfloat16", "float16"
     shapes = [(1, 1, 1, 16, 16, "normal", None, False, None, f32, 64),
               (2, 7, 2, 16, 32, "normal", None, True, None, f32, 16),
@@ -99,7 +102,7 @@ def test_triton_kernel_in_interpreter_on_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     for shape, errs in zip(shapes, errors):
-        tol = {"float32": 1e-5, "float16": 2e-3}.get(shape[-2], 1e-2)
+        tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 6e-3}[shape[-2]]
         assert max(errs) < tol, f"{shape}: relative errors (o, dq, dk, dv, dgf, dgb) = {errs}"
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -98,9 +97,9 @@ def _load_gate(ptr, rows, cols, stride, T, gnorm, GATED: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, HALF_DOTS: tl.constexpr):
-    """fp32 accumulation; ``HALF_DOTS`` 1 (half-precision inputs): tf32 products on the tensor cores
+    """fp32 accumulation; ``HALF_DOTS`` 1 or 2 (fp16 or bf16 inputs): tf32 products on the tensor cores
     (finer than the inputs themselves), else exact fp32 products."""
-    if HALF_DOTS == 1:
+    if HALF_DOTS >= 1:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -109,12 +108,25 @@ def _dot(a, b, HALF_DOTS: tl.constexpr):
 
 @triton.jit
 def _dot_raw(a, b, HALF_DOTS: tl.constexpr):
-    """``_dot`` of two tiles loaded as they are: half-precision inputs multiply as they are (exact
-    products, fp32 accumulation) with half the registers and shared memory of tf32."""
-    if HALF_DOTS == 1:
+    """``_dot`` of two tiles as they are: two half-precision tiles of one dtype multiply as they are
+    (exact products, fp32 accumulation) with half the registers and shared memory of tf32."""
+    if HALF_DOTS >= 1 and a.dtype == b.dtype:
         r = tl.dot(a, b)
     else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        r = _dot(a, b, HALF_DOTS)
+    return r
+
+
+@triton.jit
+def _hdot(a, b, HALF_DOTS: tl.constexpr):
+    """``a @ b`` in the inputs' precision: bf16 operands for bf16 inputs (``HALF_DOTS`` 2; fp32
+    accumulation; bf16 has fp32's range, so the factored score operands, up to ``exp(30)`` times an
+    input, fit), else as ``_dot`` (fp16 lacks the range, and its inputs' 11 bits would lose 3). For the
+    products whose rounding reaches neither the gate gradients nor a difference of nearly equal terms."""
+    if HALF_DOTS == 2:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        r = _dot(a, b, HALF_DOTS)
     return r
 
 
@@ -159,11 +171,12 @@ def _midpoint(x):
 # a time on [BT, K] tiles: a [BT, BT, K] tensor would set the register budget of the whole kernel.
 @triton.jit
 def _scores(a, b, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
-    """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle (``mid, safe = _midpoint(x)``)."""
+    """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle (``mid, safe = _midpoint(x)``);
+    products as ``_hdot``'s (the forward's output and the values' gradient use them)."""
     a = a.to(tl.float32)
     b = b.to(tl.float32)
     if safe:
-        s = _dot(a * tl.exp(x - mid[None, :]), tl.trans(b * tl.exp(mid[None, :] - x)), HALF_DOTS)
+        s = _hdot(a * tl.exp(x - mid[None, :]), tl.trans(b * tl.exp(mid[None, :] - x)), HALF_DOTS)
         s = tl.where(_triangle(BT, UPPER), s, 0.0)
     else:
         s = tl.zeros([BT, BT], dtype=tl.float32)
@@ -207,13 +220,14 @@ def _mix_cols(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DO
 @triton.jit
 def _state(h, hs, dec, w, i_bh, BH, n, NT, SEG, NSEG, ck, cv,
            K: tl.constexpr, V: tl.constexpr, SEGMENTED: tl.constexpr):
-    """``[K, BV]`` fp32 state of chain ``w`` entering chunk ``n``: the stored one, plus (``SEGMENTED``)
-    the state entering its segment decayed by the in-segment decay before the chunk."""
+    """``[K, BV]`` state of chain ``w`` entering chunk ``n``: the stored one in its storage dtype, or
+    (``SEGMENTED``, fp32) plus the state entering its segment decayed by the in-segment decay before
+    the chunk."""
     chain = (w * BH + i_bh).to(tl.int64)
-    s = tl.load(h + (chain * NT + n) * K * V + ck[:, None] * V + cv[None, :]).to(tl.float32)
+    s = tl.load(h + (chain * NT + n) * K * V + ck[:, None] * V + cv[None, :])
     if SEGMENTED:
         carry = tl.load(hs + (chain * NSEG + n // SEG) * K * V + ck[:, None] * V + cv[None, :])
-        s += tl.exp(tl.load(dec + (chain * (NT + NSEG) + n) * K + ck))[:, None] * carry
+        s = s.to(tl.float32) + tl.exp(tl.load(dec + (chain * (NT + NSEG) + n) * K + ck))[:, None] * carry
     return s
 
 
@@ -279,7 +293,7 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
         x += tl.where(ltr & grad, g, 0.0)  # chain 3: inclusive suffix
         x -= tl.where((ltr == 0) & (grad == 0), g, 0.0)  # chain 1: exclusive prefix
         u = tl.trans(a.to(tl.float32) * tl.exp(x))  # [K, BT]: the chunk's keys (queries) decayed, <= |a|
-        if HALF_DOTS == 1:  # both operands in the inputs' half precision (the states are stored in it too)
+        if HALF_DOTS >= 1:  # both operands in the inputs' half precision (the states are stored in it too)
             contrib = tl.dot(u.to(b.dtype), b)
         else:
             contrib = _dot(u, b, HALF_DOTS)
@@ -339,17 +353,17 @@ def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half
     # forward scan: intra-chunk scores on and below the diagonal, and q exp(P) S^f
     p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED), axis=0)
     mid, safe = _midpoint(p)
-    out = _dot(_scores(b_q, b_k, p, mid, safe, BT, False, HALF_DOTS), b_v, HALF_DOTS)
+    out = _hdot(_scores(b_q, b_k, p, mid, safe, BT, False, HALF_DOTS), b_v, HALF_DOTS)
     s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out += _dot(b_q.to(tl.float32) * tl.exp(p), s_f, HALF_DOTS)
+    out += _hdot(b_q.to(tl.float32) * tl.exp(p), s_f, HALF_DOTS)  # decayed queries: <= |q|
     # backward scan: on and above the diagonal, and q exp(G - c) S^b
     g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
     c = tl.cumsum(g_b, axis=0) - g_b
     tot_b = tl.sum(g_b, axis=0)
     mid, safe = _midpoint(-c)
-    out += _dot(_scores(b_q, b_k, -c, mid, safe, BT, True, HALF_DOTS), b_v, HALF_DOTS)
+    out += _hdot(_scores(b_q, b_k, -c, mid, safe, BT, True, HALF_DOTS), b_v, HALF_DOTS)
     s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out += _dot(b_q.to(tl.float32) * tl.exp(tot_b[None, :] - c), s_b, HALF_DOTS)
+    out += _hdot(b_q.to(tl.float32) * tl.exp(tot_b[None, :] - c), s_b, HALF_DOTS)
     _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)
 
 
@@ -403,13 +417,14 @@ def _bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT
     mid, safe = _midpoint(x)
     s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    dq_inter = _dot(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp(x + a[None, :]))
+    # the states as stored: their products with do and v are exact (as tf32 of the same values was)
+    dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp(x + a[None, :]))
     key_out = tl.exp(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
-    dk_inter = _dot(b_v, tl.trans(ds), HALF_DOTS) * key_out
+    dk_inter = _dot_raw(b_v, tl.trans(ds), HALF_DOTS) * key_out
     b_dq = _mix_rows(w, b_k, x, mid, safe, BT, UPPER, HALF_DOTS) + dq_inter
     b_dk = _mix_cols(w, b_q, x, mid, safe, BT, UPPER, HALF_DOTS) + dk_inter
-    b_dv = _dot(tl.trans(_scores(b_q, b_k, x, mid, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
-    b_dv += _dot(b_k.to(tl.float32) * key_out, ds, HALF_DOTS)
+    b_dv = _hdot(tl.trans(_scores(b_q, b_k, x, mid, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
+    b_dv += _dot_raw((b_k.to(tl.float32) * key_out).to(b_k.dtype), ds, HALF_DOTS)  # decayed keys: <= |k|
     # d/dx_i = q dq - k dk; the chunk total G also scales the state into the next chunk (both scans)
     # and, for the forward scan, every key's share of it, for the backward scan every query's readout
     u = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
@@ -420,7 +435,7 @@ def _bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT
     else:  # x = P: d/dg_j = sum over the tokens from j on
         extra = tl.sum(b_k.to(tl.float32) * dk_inter, axis=0)
         d_g += u
-    d_g += (extra + tl.exp(tot) * tl.sum(s * ds, axis=1))[None, :]
+    d_g += (extra + tl.exp(tot) * tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1))[None, :]
     if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
         d_g *= 1.0 / (1.0 + tl.exp(_load_rows(g + off_g, rows, ck, sgt, T))) / gnorm
     _store_rows(dg + off_k, rows, ck, H * K, T, d_g)
@@ -568,12 +583,8 @@ def _strided(q, k, v, gf, gb):
 
 
 def _half_dots(q: torch.Tensor) -> int:
-    """The kernels' ``HALF_DOTS`` (see ``_dot``): 1 for half-precision inputs, 0 for fp32 ones and for bf16
-    in Triton's interpreter (whose bf16 dot is wrong; its fp16 dot is right, so the interpreter tests run
-    the half-precision products on fp16 inputs)."""
-    if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        return 0
-    return int(q.dtype != torch.float32)
+    """The kernels' ``HALF_DOTS`` (see ``_dot``, ``_hdot``): 0, 1, 2 for fp32, fp16, bf16 inputs."""
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[q.dtype]
 
 
 def _cap(p: _Plan) -> dict:
