@@ -5,7 +5,7 @@ Run on a GPU (one run per table; every ratio is taken within the run):
     python benchmarks/bench_bigla.py --out benchmarks/results
     python benchmarks/bench_bigla.py --configs chunk=32 chunk=64,warps_chunk=8   # tuning
     python benchmarks/bench_bigla.py --profile-once "ViG-T @512"                 # one call, for ncu
-    python benchmarks/bench_bigla.py --alt ab/triton_kernels.py                   # A/B against another version
+    python benchmarks/bench_bigla.py --alt ab/a.py ab/b.py                        # A/B against other versions
 
 Shapes: ViG-T layers (H=3, d_k=32, d_v=64) at T = 196/1024/4096/16384 with the anchors' batch
 sizes, a ViG-S layer, and the four ViG-H-T stages at 224². The model's path: ``bigla_gated`` with
@@ -18,10 +18,11 @@ in the official code). Timings, each a median of CUDA-event-timed whole calls:
   out). A backward through autograd does not capture, so forward+backward has a graph timing only
   for the ``--configs`` rows, which call the two launchers directly.
 
-``--alt FILE``: another version of ``vigla/ops/bigla/triton_kernels.py`` (a branch's, carried as a file)
-timed in the same run, its launchers called directly with their default plans beside this version's
-(``cfg:default``), with the largest relative difference of its output and five gradients from this
-version's (``alt_rel_diff``): an A/B of a kernel change in one call, same device, same inputs.
+``--alt FILE [FILE ...]``: other versions of ``vigla/ops/bigla/triton_kernels.py`` (branches', carried as
+files) timed in the same run, their launchers called directly with their default plans beside this
+version's (``cfg:default``), each as ``alt:<file stem>`` with the largest relative difference of its output
+and five gradients from this version's (``alt:<stem>_rel_diff``): an A/B of kernel changes in one call, same
+device, same inputs.
 
 Byte floors: the time to read every input once and write every output once at the copy bandwidth
 measured in the same run (forward: q, k, v, two gates, o; backward: those inputs and do, then dq,
@@ -98,10 +99,11 @@ def _sha256(path: str) -> str:
 
 def load_alt(path: str):
     """The module at ``path``, a version of ``triton_kernels.py``, imported inside ``vigla.ops.bigla`` (its
-    relative imports resolve there)."""
+    relative imports resolve there) under a name of its own."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("vigla.ops.bigla._alt_triton_kernels", path)
+    name = "vigla.ops.bigla._alt_" + "".join(c if c.isalnum() else "_" for c in Path(path).stem)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "vigla.ops.bigla"
     sys.modules[spec.name] = module  # Triton reads the kernels' source through their module
@@ -169,21 +171,24 @@ def _time(fn, graph: bool):
         return None
 
 
-def measure(shape, impls, configs, alt=None) -> dict:
+def measure(shape, impls, configs, alts=()) -> dict:
+    """One row: every implementation's timings at ``shape``; ``alts``: ``(label, module)`` pairs."""
     name, B, T, H, K, V = shape
     x = make_inputs(B, T, H, K, V, grad=True)
     do = torch.randn(B, T, H, V, dtype=torch.bfloat16).cuda()
     row = dict(name=name, B=B, T=T, H=H, K=K, V=V, tokens=B * T)
-    if alt is not None:
-        row["alt_rel_diff"] = alt_rel_diff(x, do, alt)
-    for impl in impls:
-        for label, cfg in (configs if impl == "kernels" else [(impl, None)]):
-            fwd, fwdbwd = (_calls("kernels", x, do, cfg, alt) if impl == "alt" else _calls(impl, x, do, cfg))
-            row[f"{label}_fwd_ms"] = _time(fwd, graph=False)
-            row[f"{label}_fwdbwd_ms"] = _time(fwdbwd, graph=False)
-            row[f"{label}_fwd_graph_ms"] = _time(fwd, graph=True)
-            if impl != "fla":
-                row[f"{label}_fwdbwd_graph_ms"] = _time(fwdbwd, graph=True)
+    for label, module in alts:
+        row[f"{label}_rel_diff"] = alt_rel_diff(x, do, module)
+    runs = [(impl, impl, None, None) for impl in impls if impl != "kernels"]
+    runs += [("kernels", label, cfg, None) for label, cfg in configs]
+    runs += [("kernels", label, None, module) for label, module in alts]
+    for impl, label, cfg, module in runs:
+        fwd, fwdbwd = _calls(impl, x, do, cfg, module)
+        row[f"{label}_fwd_ms"] = _time(fwd, graph=False)
+        row[f"{label}_fwdbwd_ms"] = _time(fwdbwd, graph=False)
+        row[f"{label}_fwd_graph_ms"] = _time(fwd, graph=True)
+        if impl == "kernels":  # autograd's backward does not capture: launchers only
+            row[f"{label}_fwdbwd_graph_ms"] = _time(fwdbwd, graph=True)
     return row
 
 
@@ -228,13 +233,13 @@ def print_table(result: dict) -> None:
               f"{fmt(r.get('fla_fwdbwd_ms')):>7} {fmt(r.get('fla_over_vigla_fwdbwd'), '.1f'):>5} "
               f"{fmt(r.get('vigla_fwd_graph_over_floor'), '.1f'):>6} "
               f"{fmt(r.get('vigla_fwdbwd_graph_over_floor'), '.1f'):>6}")
-        tuned = [k[:-len("_fwd_graph_ms")] for k in r if (k.startswith("cfg:") or k.startswith("alt_"))
+        tuned = [k[:-len("_fwd_graph_ms")] for k in r if (k.startswith("cfg:") or k.startswith("alt:"))
                  and k.endswith("_fwd_graph_ms")]
         for label in tuned:
+            diff = r.get(label + "_rel_diff")
             print(f"  {label.removeprefix('cfg:'):30} fwd graph {fmt(r.get(label + '_fwd_graph_ms'))}  "
-                  f"f+b graph {fmt(r.get(label + '_fwdbwd_graph_ms'))}")
-        if "alt_rel_diff" in r:
-            print(f"  alt's largest relative difference from this version: {r['alt_rel_diff']:.2e}")
+                  f"f+b graph {fmt(r.get(label + '_fwdbwd_graph_ms'))}"
+                  + ("" if diff is None else f"  largest relative difference from this version {diff:.2e}"))
 
 
 def main() -> int:
@@ -246,8 +251,9 @@ def main() -> int:
                     help="launch configurations of the kernels to time beside the default, e.g. "
                          "chunk=32 or chunk=64,warps_chunk=8,segments=4,state_dtype=fp32")
     ap.add_argument("--shapes", nargs="*", default=None, help="names of the shapes to run (default: all)")
-    ap.add_argument("--alt", metavar="FILE", help="another version of vigla/ops/bigla/triton_kernels.py to time "
-                                                  "in the same run (module docstring)")
+    ap.add_argument("--alt", nargs="+", default=[], metavar="FILE",
+                    help="other versions of vigla/ops/bigla/triton_kernels.py to time in the same run "
+                         "(module docstring)")
     ap.add_argument("--name", default="bench_bigla", help="stem of the JSON file")
     ap.add_argument("--profile-once", metavar="SHAPE", help="run one forward+backward at SHAPE and exit")
     args = ap.parse_args()
@@ -258,26 +264,24 @@ def main() -> int:
         return profile_once(args.profile_once)
     impls = [i for i in args.impls if i != "fla" or HAS_FLA]
     configs = [(f"cfg:{c}", parse_config(c)) for c in args.configs]
-    alt = load_alt(args.alt) if args.alt else None
-    if alt is not None and not configs:  # this version's launchers beside alt's, default plans both
+    alts = [(f"alt:{Path(f).stem}", load_alt(f)) for f in args.alt]
+    if alts and not configs:  # this version's launchers beside the others', default plans all
         configs = [("cfg:default", parse_config("default"))]
     if configs:
         impls.append("kernels")
-    if alt is not None:
-        impls.append("alt")
     bw = copy_bandwidth()
     result = envelope(torch.device("cuda"), settings=dict(
         what="BiGLA operator", dtype="bfloat16", layout="model (q, k, v strided column slices of one projection)",
         timing="CUDA events, median of whole calls; *_ms: triton.testing.do_bench (host launch included); "
                "*_graph_ms: triton.testing.do_bench_cudagraph (replays of a captured graph)",
         copy_bandwidth_TBps=bw / 1e12, impls=impls, configs=[c for c, _ in configs],
-        alt=None if alt is None else {"file": args.alt, "sha256": _sha256(args.alt)}))
+        alt=[{"label": label, "file": f, "sha256": _sha256(f)} for (label, _), f in zip(alts, args.alt)]))
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
     for shape in SHAPES:
         if args.shapes and shape[0] not in args.shapes:
             continue
-        row = measure(shape, impls, configs, alt)
+        row = measure(shape, impls, configs, alts)
         add_ratios(row, bw)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
