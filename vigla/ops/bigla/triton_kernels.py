@@ -27,10 +27,11 @@ added to them, and ``d gb``. One scan per launch holds half the live tiles of a 
 inter-chunk decays; no atomics, deterministic.
 
 Exactness: every exponent formed outside the intra-chunk products is <= 0. Intra-chunk products
-``sum_c a_ic b_jc exp(x_ic - x_jc)`` are factored around the chunk's per-channel midpoint of
-``x`` (both factors <= exp(range / 2)) when the chunk's decay range is below 60; a steeper chunk
-takes an exact path, one token at a time, in which every exponent is <= 0. So any finite log
-decay gives the exact result.
+``sum_c a_ic b_jc exp(x_ic - x_jc)`` are factored as ``(a_ic exp(x_ic)) (b_jc exp(-x_jc))``: ``x`` is
+monotone within a chunk (log decays are <= 0) and 0 at one end, so both factors lie within
+``exp(+-G)`` of the inputs, ``G`` the chunk's summed log decay, when ``-G`` is below 60 (no fp32
+or bf16 overflow or underflow); a steeper chunk takes an exact path, one token at a time, in which
+every exponent is <= 0. So any finite log decay gives the exact result.
 
 Inputs are read in place in the ``[B, T, H, D]`` layout with unit last stride (q, k, v may be
 column slices of one projection; q and k share strides, as do the two gates). Gates are log
@@ -51,7 +52,7 @@ from ..launcher import cdiv
 
 __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "plan", "supports"]
 
-RANGE_LIMIT = tl.constexpr(60.0)  # factored intra-chunk products: both factors <= exp(30)
+RANGE_LIMIT = tl.constexpr(60.0)  # factored intra-chunk products: factors within exp(+-60) of the inputs
 
 
 def supports(K: int, V: int) -> bool:
@@ -160,23 +161,21 @@ def _decay_to(x, x_j, j, BT: tl.constexpr, UPPER: tl.constexpr):
 
 
 @triton.jit
-def _midpoint(x):
-    """Per-channel midpoint of ``x`` over the chunk, and whether the factored path is safe."""
-    hi = tl.max(x, axis=0)
-    lo = tl.min(x, axis=0)
-    return 0.5 * (hi + lo), tl.max(hi - lo, axis=0) < RANGE_LIMIT
+def _factored(tot):
+    """Whether a chunk's intra-chunk products may be factored (``tot``: its summed log decays, ``[K]``)."""
+    return tl.max(-tot, axis=0) < RANGE_LIMIT
 
 
-# The exact paths below (chunks whose decay range reaches RANGE_LIMIT) walk the chunk one token at
+# The exact paths below (chunks whose summed log decay reaches -RANGE_LIMIT) walk the chunk one token at
 # a time on [BT, K] tiles: a [BT, BT, K] tensor would set the register budget of the whole kernel.
 @triton.jit
-def _scores(a, b, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
-    """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle (``mid, safe = _midpoint(x)``);
+def _scores(a, b, x, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
+    """``[BT, BT]``: ``sum_c a_ic b_jc exp(x_ic - x_jc)`` on the triangle (``safe = _factored(tot)``);
     products as ``_hdot``'s (the forward's output and the values' gradient use them)."""
     a = a.to(tl.float32)
     b = b.to(tl.float32)
     if safe:
-        s = _hdot(a * tl.exp(x - mid[None, :]), tl.trans(b * tl.exp(mid[None, :] - x)), HALF_DOTS)
+        s = _hdot(a * tl.exp(x), tl.trans(b * tl.exp(-x)), HALF_DOTS)
         s = tl.where(_triangle(BT, UPPER), s, 0.0)
     else:
         s = tl.zeros([BT, BT], dtype=tl.float32)
@@ -188,11 +187,11 @@ def _scores(a, b, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS
 
 
 @triton.jit
-def _mix_rows(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
+def _mix_rows(w, y, x, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
     """``[BT, K]``: ``r_i = sum_j w_ij y_j exp(x_i - x_j)`` (``w`` zero off the triangle)."""
     y = y.to(tl.float32)
     if safe:
-        r = _dot(w, y * tl.exp(mid[None, :] - x), HALF_DOTS) * tl.exp(x - mid[None, :])
+        r = _dot(w, y * tl.exp(-x), HALF_DOTS) * tl.exp(x)
     else:
         r = tl.zeros_like(x)
         for j in range(0, BT):
@@ -202,11 +201,11 @@ def _mix_rows(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DO
 
 
 @triton.jit
-def _mix_cols(w, y, x, mid, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
+def _mix_cols(w, y, x, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.constexpr):
     """``[BT, K]``: ``r_j = sum_i w_ij y_i exp(x_i - x_j)`` (``w`` zero off the triangle)."""
     y = y.to(tl.float32)
     if safe:
-        r = _dot(tl.trans(w), y * tl.exp(x - mid[None, :]), HALF_DOTS) * tl.exp(mid[None, :] - x)
+        r = _dot(tl.trans(w), y * tl.exp(x), HALF_DOTS) * tl.exp(-x)
     else:
         r = tl.zeros_like(x)
         o = tl.arange(0, BT)
@@ -351,17 +350,16 @@ def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half
     b_k = _load_raw(k + off_q, rows, ck, sqt, T)
     b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
     # forward scan: intra-chunk scores on and below the diagonal, and q exp(P) S^f
-    p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED), axis=0)
-    mid, safe = _midpoint(p)
-    out = _hdot(_scores(b_q, b_k, p, mid, safe, BT, False, HALF_DOTS), b_v, HALF_DOTS)
+    g_f = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
+    p = tl.cumsum(g_f, axis=0)
+    out = _hdot(_scores(b_q, b_k, p, _factored(tl.sum(g_f, axis=0)), BT, False, HALF_DOTS), b_v, HALF_DOTS)
     s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     out += _hdot(b_q.to(tl.float32) * tl.exp(p), s_f, HALF_DOTS)  # decayed queries: <= |q|
     # backward scan: on and above the diagonal, and q exp(G - c) S^b
     g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
     c = tl.cumsum(g_b, axis=0) - g_b
     tot_b = tl.sum(g_b, axis=0)
-    mid, safe = _midpoint(-c)
-    out += _hdot(_scores(b_q, b_k, -c, mid, safe, BT, True, HALF_DOTS), b_v, HALF_DOTS)
+    out += _hdot(_scores(b_q, b_k, -c, _factored(tot_b), BT, True, HALF_DOTS), b_v, HALF_DOTS)
     s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     out += _hdot(b_q.to(tl.float32) * tl.exp(tot_b[None, :] - c), s_b, HALF_DOTS)
     _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)
@@ -414,16 +412,16 @@ def _bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT
     else:
         x = tl.cumsum(b_g, axis=0)  # P
         a = tl.zeros_like(tot)
-    mid, safe = _midpoint(x)
+    safe = _factored(tot)
     s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     # the states as stored: their products with do and v are exact (as tf32 of the same values was)
     dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp(x + a[None, :]))
     key_out = tl.exp(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
     dk_inter = _dot_raw(b_v, tl.trans(ds), HALF_DOTS) * key_out
-    b_dq = _mix_rows(w, b_k, x, mid, safe, BT, UPPER, HALF_DOTS) + dq_inter
-    b_dk = _mix_cols(w, b_q, x, mid, safe, BT, UPPER, HALF_DOTS) + dk_inter
-    b_dv = _hdot(tl.trans(_scores(b_q, b_k, x, mid, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
+    b_dq = _mix_rows(w, b_k, x, safe, BT, UPPER, HALF_DOTS) + dq_inter
+    b_dk = _mix_cols(w, b_q, x, safe, BT, UPPER, HALF_DOTS) + dk_inter
+    b_dv = _hdot(tl.trans(_scores(b_q, b_k, x, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
     b_dv += _dot_raw((b_k.to(tl.float32) * key_out).to(b_k.dtype), ds, HALF_DOTS)  # decayed keys: <= |k|
     # d/dx_i = q dq - k dk; the chunk total G also scales the state into the next chunk (both scans)
     # and, for the forward scan, every key's share of it, for the backward scan every query's readout
