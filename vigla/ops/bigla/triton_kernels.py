@@ -467,6 +467,9 @@ class BiGLAConfig:
     regs: int | None = None
 
 
+_DEFAULT = BiGLAConfig()  # the automatic plan (one instance: a dataclass costs microseconds to build and hash)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -518,7 +521,7 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
 
 @functools.lru_cache(maxsize=1024)
 def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: int,
-         config: BiGLAConfig = BiGLAConfig()) -> _Plan:
+         config: BiGLAConfig = _DEFAULT) -> _Plan:
     """Launch plan for one shape (cached: the checks and choices happen once per shape).
 
     ``chains``: 2 (forward) or 4 (backward); ``sms``: multiprocessors of the device. The walks
@@ -560,7 +563,7 @@ def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) 
     B, T, H, K = q.shape
     sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else 132
-    args = (B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config or BiGLAConfig())
+    args = (B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config or _DEFAULT)
     if all(type(d) is int for d in (B, T, H)):
         return plan(*args)
     return plan.__wrapped__(*args)  # symbolic sizes (torch.compile with dynamic shapes): not hashable
