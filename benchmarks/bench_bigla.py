@@ -15,8 +15,9 @@ in the official code). Timings, each a median of CUDA-event-timed whole calls:
 
 * ``do_bench``: ``triton.testing.do_bench``, which includes the host's time to launch a call;
 * ``graph``: ``triton.testing.do_bench_cudagraph``, replays of a captured CUDA graph (the host left
-  out). A backward through autograd does not capture, so forward+backward has a graph timing only
-  for the ``--configs`` rows, which call the two launchers directly.
+  out). A backward through autograd does not capture, so vigla's forward+backward graph timing
+  replays the two launchers autograd calls (forward, then backward, default plans): the device time
+  of the op's forward and backward. fla's forward+backward has none.
 
 ``--alt FILE [FILE ...]``: other versions of ``vigla/ops/bigla/triton_kernels.py`` (branches', carried as
 files) timed in the same run, their launchers called directly with their default plans beside this
@@ -187,7 +188,9 @@ def measure(shape, impls, configs, alts=()) -> dict:
         row[f"{label}_fwd_ms"] = _time(fwd, graph=False)
         row[f"{label}_fwdbwd_ms"] = _time(fwdbwd, graph=False)
         row[f"{label}_fwd_graph_ms"] = _time(fwd, graph=True)
-        if impl == "kernels":  # autograd's backward does not capture: launchers only
+        if impl == "vigla":  # autograd's backward does not capture: the launchers it calls
+            fwdbwd = _calls("kernels", x, do, None)[1]
+        if impl != "fla":
             row[f"{label}_fwdbwd_graph_ms"] = _time(fwdbwd, graph=True)
     return row
 

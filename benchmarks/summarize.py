@@ -216,7 +216,9 @@ def kernel_section(res: Results) -> list[str]:
                    "fwd+bwd ÷ floor (graph)", "fla fwd ms", "fla fwd+bwd ms", "fla ÷ ours, fwd / fwd+bwd"], rows)
     srcs = [source(s, r) for s, r in (("kernel_bigla", ours), ("fla_bigla", fla)) if r is not None]
     return lines + ["", f"From {', '.join(srcs)}. \"graph\": replays of a captured CUDA graph (the host's launch "
-                        f"time left out); the others include it (`triton.testing.do_bench`). The floor is the time "
+                        f"time left out; forward+backward: the two launchers autograd calls, since autograd's "
+                        f"backward does not capture); the others include it (`triton.testing.do_bench`, "
+                        f"forward+backward through autograd). The floor is the time "
                         f"to read the inputs and write the outputs once at the copy bandwidth measured in the same run "
                         f"({fmt(value(ours, ('settings', 'copy_bandwidth_TBps')), '.1f')} TB/s); fla-core's times "
                         "and the ratios come from the one run that timed both (`fla_bigla.json`)."]
