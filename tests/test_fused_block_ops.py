@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from vigla.ops.add_norm import add_norm, add_norm_reference, add_norm_reference_bwd
 from vigla.ops.dwconv import dwconv_reference, dwconv_reference_bwd, dwconv_silu
+from triton_interpreter import BF16_FIX
 
 
 def rel(a, b):
@@ -139,7 +140,8 @@ def test_dwconv_dtypes_and_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------- interpreter
-INTERPRETER_SCRIPT = r"""
+# the interpreter with the GPU's bf16 rounding (for the bf16 ddelta case)
+INTERPRETER_SCRIPT = BF16_FIX + r"""
 import json, torch
 from vigla.ops.add_norm.triton_kernels import add_norm_fwd_triton, add_norm_bwd_triton
 from vigla.ops.add_norm import add_norm_reference, add_norm_reference_bwd
