@@ -27,10 +27,11 @@ added to them, and ``d gb``. One scan per launch holds half the live tiles of a 
 inter-chunk decays; no atomics, deterministic.
 
 Exactness: every exponent formed outside the intra-chunk products is <= 0. Intra-chunk products
-``sum_c a_ic b_jc exp(x_ic - x_jc)`` are factored as ``(a_ic exp(x_ic)) (b_jc exp(-x_jc))``: ``x`` is
-monotone within a chunk (log decays are <= 0) and 0 at one end, so both factors lie within
-``exp(+-G)`` of the inputs, ``G`` the chunk's summed log decay, when ``-G`` is below 60 (no fp32
-or bf16 overflow or underflow); a steeper chunk takes an exact path, one token at a time, in which
+``sum_c a_ic b_jc exp(x_ic - x_jc)`` are factored as ``(a_ic exp(x_ic)) (b_jc exp(-x_jc))``: log
+decays are <= 0, so ``x`` lies between 0 and the chunk's summed log decay ``G`` (forward: ``P``
+falls from ``g_0`` to ``G``; backward: ``-c`` rises from 0 to ``g_last - G``) and both factors
+stay within ``exp(+-G)`` of the inputs; when ``-G`` is below 60 that is inside fp32's and bf16's
+range (no overflow or underflow); a steeper chunk takes an exact path, one token at a time, in which
 every exponent is <= 0. So any finite log decay gives the exact result.
 
 Inputs are read in place in the ``[B, T, H, D]`` layout with unit last stride (q, k, v may be
@@ -121,7 +122,7 @@ def _dot_raw(a, b, HALF_DOTS: tl.constexpr):
 @triton.jit
 def _hdot(a, b, HALF_DOTS: tl.constexpr):
     """``a @ b`` in the inputs' precision: bf16 operands for bf16 inputs (``HALF_DOTS`` 2; fp32
-    accumulation; bf16 has fp32's range, so the factored score operands, up to ``exp(30)`` times an
+    accumulation; bf16 has fp32's range, so the factored score operands, up to ``exp(60)`` times an
     input, fit), else as ``_dot`` (fp16 lacks the range, and its inputs' 11 bits would lose 3). For the
     products whose rounding reaches neither the gate gradients nor a difference of nearly equal terms."""
     if HALF_DOTS == 2:
