@@ -94,6 +94,7 @@ def test_triton_kernel_in_interpreter_on_cpu():
               (1, 150, 1, 32, 128, "strong", 2, False, 1.0, f32, 32),
               (2, 90, 2, 32, 64, "normal", 3, True, 16.0, bf16, 64),
               (1, 70, 1, 16, 128, "mixed", None, False, None, bf16, 32),
+              (1, 130, 1, 32, 64, "mid", None, False, None, bf16, 64),  # bf16 factors up to e^+-48
               (2, 90, 2, 32, 64, "normal", 3, True, 16.0, f16, 32),
               (1, 100, 1, 16, 128, "mixed", 2, False, None, f16, 64)]
     env = dict(os.environ, TRITON_INTERPRET="1")
