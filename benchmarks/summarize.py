@@ -242,10 +242,11 @@ def profile_section(result: dict, top: int = 5) -> list[str]:
 
 # ------------------------------------------------------------------------- castling, cpu, train
 
-def host_section(result: dict, top: int = 8, name: str = "profile_host") -> list[str]:
+def host_section(result: dict, top: int = 8) -> list[str]:
     """The host's time per eager forward, or training step (``--train``; benchmarks/host_profile.py): timings
     per round and the device time of one call, then ViG-T's Python frames with the most own time."""
-    call = "training step" if value(result, ("settings", "train")) else "forward"
+    train = value(result, ("settings", "train"))
+    call, name = ("training step", "profile_host_train") if train else ("forward", "profile_host")
     rows = [[SHORT.get(r["model"], r["model"]), *(" / ".join(f"{t[k]:.1f}" for t in r["rounds"])
                                                  for k in ("synced_ms", "issue_ms", "pipelined_ms")),
              fmt(r.get("kernel_ms"), ".1f"), fmt(r.get("kernel_launches"))]
@@ -463,8 +464,7 @@ def performance(res: Results) -> str:
     if res("profile_host"):
         out += ["", "## The host's time in an eager forward", ""] + host_section(res("profile_host"))
     if res("profile_host_train"):
-        out += ["", "## The host's time in an eager training step", ""] + host_section(
-            res("profile_host_train"), name="profile_host_train")
+        out += ["", "## The host's time in an eager training step", ""] + host_section(res("profile_host_train"))
     if res("castling_vs_deit_tiny"):
         out += ["", "## Castling-DeiT-T ÷ DeiT-T", "",
                 f"{source('castling_vs_deit_tiny', res('castling_vs_deit_tiny'))}; see [castling.md](castling.md).",
