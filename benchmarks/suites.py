@@ -183,6 +183,11 @@ def _compile_warm(opts: Options) -> list[Step]:
     return steps
 
 
+def _compile_vig_t(opts: Options) -> list[Step]:
+    """ViG-T against DeiT-T at 224 and 512 alone, compiled within the run (the warm-up compiles): one call."""
+    return [_bench("compile_vig_t", opts, COMPILE + VIG_T_PAIR + ["--img-size", "224", "512"], 570)]
+
+
 def _compile_measure(opts: Options) -> list[Step]:
     args = COMPILE + ["--models", *ALL_MODELS, "--baseline", "deit_tiny_patch16_224", "--img-size", *SIZES]
     return [_bench("compile_all_models", opts, args, 570)]
@@ -378,7 +383,9 @@ SUITES = {s.name: s for s in [
           "run `warm`, then `measure` in a second call on the same machine", "cuda",
           {"warm": ("compile every (model, size) once, a process per model (caches only, no result)",
                     _compile_warm),
-           "measure": ("the recorded run, ratios to DeiT-T", _compile_measure)}),
+           "measure": ("the recorded run, ratios to DeiT-T", _compile_measure),
+           "vig_t": ("ViG-T vs DeiT-T at 224 and 512 only, compiling in the run itself (one call, cold "
+                     "caches)", _compile_vig_t)}),
     Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024; the host's time in "
           "eager forwards", "cuda",
           {"vig": ("inference and training steps, kernels grouped by op", _profile),

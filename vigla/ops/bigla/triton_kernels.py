@@ -293,10 +293,7 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
         x += tl.where(ltr & grad, g, 0.0)  # chain 3: inclusive suffix
         x -= tl.where((ltr == 0) & (grad == 0), g, 0.0)  # chain 1: exclusive prefix
         u = tl.trans(a.to(tl.float32) * tl.exp(x))  # [K, BT]: the chunk's keys (queries) decayed, <= |a|
-        if HALF_DOTS >= 1:  # both operands in the inputs' half precision (the states are stored in it too)
-            contrib = tl.dot(u.to(b.dtype), b)
-        else:
-            contrib = _dot(u, b, HALF_DOTS)
+        contrib = _dot_raw(u.to(b.dtype), b, HALF_DOTS)  # half inputs: both operands in their dtype
         state = state * tl.exp(tot)[:, None] + contrib * mult
         acc += tot
     if SEGMENTED:
