@@ -316,13 +316,20 @@ def _carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV: tl.co
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
     carry = tl.zeros([K, BV], dtype=tl.float32)
+    tile = ck[:, None] * V + cv[None, :]
+    step = tl.where(ltr, 1, -1)
+    s = tl.where(ltr, 0, NSEG - 1)
+    total = tl.load(hs + (chain * NSEG + s) * K * V + tile)
+    d = tl.load(dec + (chain * (NT + NSEG) + NT + s) * K + ck)
     for j in range(0, NSEG):
-        s = tl.where(ltr, j, NSEG - 1 - j)
-        ptr = hs + (chain * NSEG + s) * K * V + ck[:, None] * V + cv[None, :]
-        total = tl.load(ptr)
-        d = tl.load(dec + (chain * (NT + NSEG) + NT + s) * K + ck)
-        tl.store(ptr, carry)
+        # the next segment's total and decay are loaded before this one is folded: one memory latency
+        # per segment overlapped with the fold instead of added to it (the last step reloads its own)
+        s_next = tl.where(j + 1 < NSEG, s + step, s)
+        total_next = tl.load(hs + (chain * NSEG + s_next) * K * V + tile)
+        d_next = tl.load(dec + (chain * (NT + NSEG) + NT + s_next) * K + ck)
+        tl.store(hs + (chain * NSEG + s) * K * V + tile, carry)
         carry = carry * tl.exp(d)[:, None] + total
+        s, total, d = s_next, total_next, d_next
 
 
 # ----------------------------------------------------------------------------------- outputs
