@@ -6,7 +6,8 @@ Run on a GPU:
         --out benchmarks/results        # or: python -m benchmarks profile
 
 For each model and size: ``--iters`` profiled steps after warm-up, bf16 autocast, random inputs;
-``inference`` is a no-grad forward in eval mode, ``train`` a forward + backward. The JSON holds,
+``inference`` is a no-grad forward in eval mode, ``train`` a forward + backward; ``--compile`` profiles
+``torch.compile(model)`` instead (its warm-up steps compile). The JSON holds,
 per phase, the kernels' CUDA time per step grouped by kernel (top ``--top``), the share of the
 step they take, the number of launches per step, the step's wall time and its peak memory; one
 row per (model, size) in the results envelope of :func:`vigla.bench.report.envelope`.
@@ -68,17 +69,21 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--name", default="profile_vig", help="stem of the JSON file")
+    ap.add_argument("--compile", action="store_true",
+                    help="profile torch.compile(model) (default mode; the warm-up steps compile)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_vig needs a CUDA GPU", file=sys.stderr)
         return 2
     out = envelope(torch.device("cuda"), dict(what="torch.profiler op table", models=args.models,
-                                              img_sizes=args.img_size, iters=args.iters, top=args.top, amp="bf16"))
+                                              img_sizes=args.img_size, iters=args.iters, top=args.top, amp="bf16",
+                                              compile=args.compile))
     results = out["rows"]
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
     for name in args.models:
         model = timm.create_model(name, num_classes=1000).cuda()
+        model = torch.compile(model) if args.compile else model
         for img in args.img_size:
             B = _batch(img)
             x = torch.randn(B, 3, img, img, device="cuda")

@@ -201,6 +201,12 @@ def _profile(opts: Options) -> list[Step]:
     return [Step("profile_vig", argv, 400, ["profile_vig.json"])]
 
 
+def _profile_compiled(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/profile_vig.py", "--models", "vig_tiny", "deit_tiny_patch16_224", "--img-size", "224",
+            "--iters", "3", "--compile", "--out", str(opts.out), "--name", "profile_compiled"]
+    return [Step("profile_compiled", argv, 500, ["profile_compiled.json"])]
+
+
 def _host_profile(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/host_profile.py", "--models", "vig_tiny", "deit_tiny_patch16_224", "vig_small",
             "--rounds", "3", "--out", str(opts.out), "--name", "profile_host"]
@@ -289,8 +295,9 @@ def _castling_imagenette(model: str) -> Callable[[Options], list[Step]]:
 
 # ------------------------------------------------------------------------------------- cpu, flops
 
-CPU_NOTES = ["CPU: BiGLA runs the chunked PyTorch path inside the custom op (no Triton); not representative "
-             "of GPU speed; absolute times move with the machine's load, compare the ratios",
+CPU_NOTES = ["CPU: BiGLA runs its compiled CPU kernel (float32 recurrences, vigla/ops/bigla/cpu_kernels.c; "
+             "environment.bigla_cpu names the path that ran); not representative of GPU speed; absolute times "
+             "move with the machine's load, compare the ratios",
              "peak MiB on CPU = growth of the process's peak RSS over the RSS before the model was built "
              "(weights, input, activations, allocator slack)"]
 
@@ -389,6 +396,8 @@ SUITES = {s.name: s for s in [
     Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024; the host's time in "
           "eager forwards", "cuda",
           {"vig": ("inference and training steps, kernels grouped by op", _profile),
+           "compiled": ("ViG-T and DeiT-T at 224 under torch.compile: wall time against kernel time and launches "
+                        "per step (is the compiled model bound by the host)", _profile_compiled),
            "host": ("the host's time in an eager forward at 224: synced, issue-only and pipelined timings, "
                     "cProfile of the Python frames", _host_profile),
            "host_train": ("the same for a training step at 224 (forward, backward, fused AdamW): is it bound "

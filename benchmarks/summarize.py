@@ -486,8 +486,8 @@ def performance(res: Results) -> str:
             out += pair_section(res, [("eager", "cpu_vig_t_224")], "vig_tiny", DEIT_T, (224,))
             out += ["", f"{source('cpu_vig_t_224', res('cpu_vig_t_224'))}: batch "
                         f"{(value(res('cpu_vig_t_224'), ('settings', 'batch_sizes')) or ['?'])[0]}, "
-                        "BiGLA on its chunked "
-                        "PyTorch path (no Triton on a CPU).", ""]
+                        f"BiGLA on its "
+                        f"{value(res('cpu_vig_t_224'), ('environment', 'bigla_cpu')) or 'chunked PyTorch path'}.", ""]
         if res("cpu_default_train"):
             out += cpu_default_section(res("cpu_default_train"))
     for stem in ("train_imagenette", "train_compare"):

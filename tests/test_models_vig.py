@@ -443,8 +443,9 @@ def test_grad_checkpointing(name, monkeypatch):
     from vigla.ops.bigla import op as bigla_op
 
     bigla_calls = []
-    chunked = bigla_op.bigla_chunked
-    monkeypatch.setattr(bigla_op, "bigla_chunked", lambda *a: bigla_calls.append(1) or chunked(*a))
+    for module, name_ in ((bigla_op, "bigla_chunked"), (bigla_op.cpu_kernels, "bigla_fwd_cpu")):  # either CPU path
+        fn = getattr(module, name_)
+        monkeypatch.setattr(module, name_, lambda *a, fn=fn: bigla_calls.append(1) or fn(*a))
     torch.manual_seed(0)
     model = small(name).train()
     x = torch.randn(2, 3, 32, 32)

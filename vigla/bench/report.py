@@ -80,6 +80,7 @@ def environment(device: torch.device) -> dict:
         smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         driver = smi.splitlines()[0] if smi else None
     import vigla
+    from vigla.ops.bigla import cpu_kernels
     return {
         "device_type": device.type,
         "device": torch.cuda.get_device_name(device) if is_cuda else _cpu_name(),
@@ -95,6 +96,9 @@ def environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        # which BiGLA implementation CPU tensors take: the compiled kernel, or the chunked PyTorch path
+        "bigla_cpu": ("compiled kernel" if cpu_kernels.available() else "chunked PyTorch path")
+        if device.type == "cpu" else None,
     }
 
 

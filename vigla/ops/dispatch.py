@@ -14,8 +14,9 @@ Each op (``bigla``, ``locality_mix``, ``swiglu``, ``add_norm``, ``dwconv``) is b
   (the FLOP counter, selective activation checkpointing).
 
 The implementation behind both the Function and the custom op is chosen here: the kernels for
-CUDA tensors when Triton is installed, the reference otherwise, and the reference on every device
-inside :func:`reference_ops` (to check a model's fused paths against the plain maths).
+CUDA tensors when Triton is installed, compiled CPU kernels for CPU tensors where an op has them
+(BiGLA), the reference otherwise, and the reference on every device inside :func:`reference_ops`
+(to check a model's fused paths against the plain maths).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ except ImportError:  # optional: every op has a PyTorch path
 
 from .launcher import direct
 
-__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "via_dispatcher", "run_eager", "records", "fused_op", "wrap", "direct",
+__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "run_eager", "records", "fused_op", "wrap", "direct",
            "compute_dtype"]
 
 _FORCE_REFERENCE = False
@@ -54,6 +55,12 @@ def reference_ops():
 def use_kernels(t: torch.Tensor) -> bool:
     """Whether an op runs its Triton kernels for an input like ``t``."""
     return HAS_TRITON and t.is_cuda and not _FORCE_REFERENCE
+
+
+def use_cpu_kernels(t: torch.Tensor) -> bool:
+    """Whether an op with compiled CPU kernels runs them for an input like ``t`` (a CPU tensor, outside
+    :func:`reference_ops`); the op also checks that its kernels built."""
+    return t.device.type == "cpu" and not _FORCE_REFERENCE
 
 
 def via_dispatcher() -> bool:

@@ -1,8 +1,9 @@
 """BiGLA as one op: ``BiGLAFunction`` (eager) and the custom op ``vigla::bigla_fwd`` (traced).
 
 Both run the same implementation, chosen by :mod:`vigla.ops.dispatch`: the chunk-parallel Triton
-kernels (``triton_kernels.py``) for CUDA tensors, the chunked PyTorch reference (``chunked.py``,
-with its hand-written backward) elsewhere. The custom op carries the analytic FLOP formula for
+kernels (``triton_kernels.py``) for CUDA tensors, the compiled recurrences of ``cpu_kernels.c`` for
+CPU tensors (float32 work), the chunked PyTorch reference (``chunked.py``, with its hand-written
+backward) elsewhere: float64, without a C compiler, inside ``reference_ops()``. The custom op carries the analytic FLOP formula for
 ``torch.utils.flop_counter``.
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from . import cpu_kernels
 from .chunked import bigla_chunked, bigla_chunked_bwd
 
 if HAS_TRITON:
@@ -50,8 +52,30 @@ def log_decays(z: torch.Tensor, gate_normalizer: float) -> torch.Tensor:
     return (z.clamp(max=0) - log1p) / gate_normalizer
 
 
+def decays(g: torch.Tensor, gate_normalizer: Optional[float]) -> torch.Tensor:
+    """float64 decays ``exp(log decay)`` of log decays ``g``, or of gate logits when ``gate_normalizer`` is
+    given: ``sigmoid(z) ** (1 / gate_normalizer)``, formed as ``exp(log(sigmoid(z)) / gate_normalizer)`` in
+    float64 (``[B, T, H, K]`` in and out). What the CPU kernel multiplies its states by: float64 keeps a
+    decay near 1 exact to 1e-16 (absolute error in the log decay), and each op is vectorised."""
+    g = g.double()  # may be g itself: no in-place op before a copy
+    return g.exp() if gate_normalizer is None else torch.sigmoid(g).log_().div_(gate_normalizer).exp_()
+
+
+def _gate_grads(grads: tuple, gf: torch.Tensor, gb: torch.Tensor, gate_normalizer: Optional[float]) -> tuple:
+    """``(dq, dk, dv, dlog_gf, dlog_gb)`` -> the same with the gates' gradients in the gates' dtypes: the
+    logits' (``d logsigmoid(z) / dz = sigmoid(-z)``) when ``gate_normalizer`` is given."""
+    if gate_normalizer is None:
+        return (*grads[:3], grads[3].to(gf.dtype), grads[4].to(gb.dtype))
+    return (*grads[:3], *((d * torch.sigmoid(-z.to(d.dtype)) / gate_normalizer).to(z.dtype)
+                          for d, z in zip(grads[3:], (gf, gb))))
+
+
 def _kernels(q: torch.Tensor, v: torch.Tensor) -> bool:
     return use_kernels(q) and supports(q.shape[-1], v.shape[-1])
+
+
+def _cpu_kernels(q: torch.Tensor) -> bool:
+    return use_cpu_kernels(q) and q.dtype != torch.float64 and cpu_kernels.available()
 
 
 def bigla_forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
@@ -62,6 +86,8 @@ def bigla_forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float
     if _kernels(q, v):
         return bigla_fwd_triton(q, k, v, gf, gb, scale, gate_normalizer, wrap=launch)
     with torch.no_grad():
+        if _cpu_kernels(q):
+            return cpu_kernels.bigla_fwd_cpu(q, k, v, decays(gf, gate_normalizer), decays(gb, gate_normalizer), scale)
         if gate_normalizer is not None:
             gf, gb = log_decays(gf, gate_normalizer), log_decays(gb, gate_normalizer)
         return bigla_chunked(q, k, v, gf, gb, scale).contiguous()
@@ -71,14 +97,13 @@ def _backward(do, q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float
     """``(dq, dk, dv, dgf, dgb)`` of ``<do, bigla_forward(...)>``, in the inputs' dtypes."""
     if _kernels(q, v):
         return bigla_bwd_triton(q, k, v, gf, gb, do, scale, gate_normalizer, wrap=launch)
-    if gate_normalizer is None:
-        return tuple(g.contiguous() for g in bigla_chunked_bwd(q, k, v, gf, gb, do, scale))
-    log_gf, log_gb = log_decays(gf, gate_normalizer), log_decays(gb, gate_normalizer)
-    dq, dk, dv, dlf, dlb = bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale)
-    # d logsigmoid(z) / dz = sigmoid(-z)
-    dzf, dzb = ((d * torch.sigmoid(-z.to(d.dtype)) / gate_normalizer).to(z.dtype)
-                for d, z in ((dlf, gf), (dlb, gb)))
-    return tuple(g.contiguous() for g in (dq, dk, dv, dzf, dzb))
+    gn = gate_normalizer
+    if _cpu_kernels(q):
+        grads = cpu_kernels.bigla_bwd_cpu(q, k, v, decays(gf, gn), decays(gb, gn), do, scale)
+    else:
+        log_gf, log_gb = (gf, gb) if gn is None else (log_decays(gf, gn), log_decays(gb, gn))
+        grads = bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale)
+    return tuple(g.contiguous() for g in _gate_grads(grads, gf, gb, gn))
 
 
 class BiGLAFunction(torch.autograd.Function):

@@ -1,0 +1,147 @@
+"""BiGLA's compiled CPU kernels (``cpu_kernels.c``) against the float64 recurrence."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vigla.ops.bigla import bigla, bigla_gated, bigla_naive, cpu_kernels, log_decays
+from vigla.ops.bigla.cpu_kernels import bigla_bwd_cpu, bigla_fwd_cpu
+from vigla.ops.bigla.op import decays
+from vigla.ops.dispatch import reference_ops
+
+from test_bigla import make_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: BiGLA's CPU kernel is not built")
+
+SHAPES = [  # B, T, H, K, V
+    (1, 1, 1, 4, 4), (2, 5, 3, 8, 16), (1, 63, 2, 16, 32), (2, 196, 3, 32, 64), (3, 49, 4, 16, 8), (1, 300, 1, 64, 128),
+]
+
+
+def kernel_inputs(q, k, v, log_gf, log_gb):
+    """float32 q, k, v and float64 decays: what the kernel takes."""
+    return [q.float(), k.float(), v.float(), decays(log_gf, None), decays(log_gb, None)]
+
+
+def grads_f64(x, do, scale):
+    x = [t.detach().clone().requires_grad_() for t in x]
+    out = bigla_naive(*x, scale)
+    return out.detach(), torch.autograd.grad(out, x, do)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_gradients_against_float64(shape):
+    B, T, H, K, V = shape
+    x64 = make_inputs(*shape, gate_scale=2.0)
+    do = torch.randn(B, T, H, V, dtype=torch.float64)
+    ref, g_ref = grads_f64(x64, do, 0.3)
+    x = kernel_inputs(*x64)
+    out = bigla_fwd_cpu(*x, 0.3)
+    assert out.dtype == torch.float32 and out.shape == (B, T, H, V)
+    assert rel_err(out, ref) < 2e-6
+    for name, g, r in zip(["q", "k", "v", "log_gf", "log_gb"], bigla_bwd_cpu(*x, do.float(), 0.3), g_ref):
+        assert g.dtype == torch.float32
+        if T == 1 and name.startswith("log"):  # one token: no decay is ever applied, the gradient is 0
+            assert g.abs().max() < 1e-6
+        else:
+            assert rel_err(g, r) < 5e-6, name
+
+
+def test_public_ops_use_it_with_autograd():
+    x64 = make_inputs(2, 70, 3, 16, 32)
+    x = [t.float().requires_grad_() for t in x64]
+    out = bigla(*x)
+    do = torch.randn(out.shape)
+    with reference_ops():  # the chunked PyTorch path
+        xr = [t.detach().clone().requires_grad_() for t in x]
+        ref = bigla(*xr)
+    assert rel_err(out, ref) < 2e-6
+    for a, b in zip(torch.autograd.grad(out, x, do), torch.autograd.grad(ref, xr, do)):
+        assert rel_err(a, b) < 5e-6
+
+
+def test_strided_inputs_match_contiguous_ones_bitwise():
+    """q, k, v and the gates as column slices of one projection (what the model passes)."""
+    B, T, H, K, V = 2, 40, 3, 8, 16
+    proj = torch.randn(B, T, H, 4 * K + V)
+    q, k, zf, zb = (proj[..., i * K:(i + 1) * K] for i in range(4))
+    v = proj[..., 4 * K:]
+    lf, lb = decays(zf, 4.0), decays(zb, 4.0)
+    strided = bigla_fwd_cpu(q, k, v, lf, lb, 0.5)
+    plain = bigla_fwd_cpu(*(t.contiguous() for t in (q, k, v)), lf, lb, 0.5)
+    assert torch.equal(strided, plain)
+    do = torch.randn(B, T, H, V)
+    for a, b in zip(bigla_bwd_cpu(q, k, v, lf, lb, do, 0.5),
+                    bigla_bwd_cpu(*(t.contiguous() for t in (q, k, v)), lf, lb, do, 0.5)):
+        assert torch.equal(a, b)
+
+
+def test_gated_op_and_its_logit_gradients_against_float64():
+    B, T, H, K, V = 2, 33, 2, 8, 8
+    q, k, v, _, _ = make_inputs(B, T, H, K, V)
+    zf, zb = torch.randn(B, T, H, K, dtype=torch.float64) * 4, torch.randn(B, T, H, K, dtype=torch.float64) * 4
+    x64 = [t.requires_grad_() for t in (q, k, v, zf, zb)]
+    ref = bigla_naive(q, k, v, log_decays(zf, 16.0), log_decays(zb, 16.0), K ** -0.5)
+    x = [t.detach().float().requires_grad_() for t in x64]
+    out = bigla_gated(*x, gate_normalizer=16.0)
+    assert rel_err(out, ref) < 2e-6
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, x, do.float()), torch.autograd.grad(ref, x64, do)):
+        assert rel_err(a, b) < 5e-6
+
+
+def test_extreme_and_tiny_decays_over_a_long_sequence():
+    """-20 per token (only the diagonal survives) and -2e-8 per token over 8k tokens: a decay that rounds to 1
+    in float32 (a 1.6e-4 error if the states were multiplied by exp(-2e-8)); both stay at float32's accuracy."""
+    B, T, H, K, V = 1, 8192, 1, 4, 4
+    q, k, v, _, _ = make_inputs(B, T, H, K, V)
+    tiny = torch.full((B, T, H, K), -2e-8, dtype=torch.float64)
+    steep = torch.full((B, T, H, K), -20.0, dtype=torch.float64)
+    for gf, gb in [(tiny, tiny), (steep, tiny)]:
+        ref = bigla_naive(q, k, v, gf, gb, 0.5)
+        out = bigla_fwd_cpu(*kernel_inputs(q, k, v, gf, gb), 0.5)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < 2e-5
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    x = kernel_inputs(*make_inputs(3, 50, 5, 8, 16))
+    do = torch.randn(3, 50, 5, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (bigla_fwd_cpu(*x, 0.2), *bigla_bwd_cpu(*x, do, 0.2))
+        torch.set_num_threads(max(2, threads))
+        many = (bigla_fwd_cpu(*x, 0.2), *bigla_bwd_cpu(*x, do, 0.2))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_float32_and_return_their_dtype(dtype):
+    x64 = make_inputs(2, 60, 2, 16, 16)
+    x = [t.to(dtype).requires_grad_() for t in x64]
+    out = bigla(*x)
+    assert out.dtype == dtype
+    ref = bigla_naive(*[t.to(dtype).double() for t in x64], 16 ** -0.5)  # the same rounded inputs
+    assert rel_err(out, ref) < 1e-2
+    assert all(g.dtype == dtype for g in torch.autograd.grad(out.float().sum(), x))
+
+
+def test_without_a_compiler_it_warns_once_and_runs_the_pytorch_path(tmp_path):
+    code = ("import warnings; warnings.simplefilter('always'); import torch\n"
+            "from vigla.ops.bigla import bigla, bigla_naive\n"
+            "x = [torch.randn(1, 9, 2, 4, dtype=torch.float64) for _ in range(3)]\n"
+            "g = [-torch.rand(1, 9, 2, 4, dtype=torch.float64) for _ in range(2)]\n"
+            "ref = bigla_naive(*x, *g, 0.5)\n"
+            "out = bigla(*(t.float() for t in x + g), 0.5); out = bigla(*(t.float() for t in x + g), 0.5)\n"
+            "print('err', ((out.double() - ref).abs().max() / ref.abs().max()).item())\n")
+    env = {**os.environ, "CC": "no-such-compiler", "VIGLA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("no C compiler ('no-such-compiler') found") == 1
+    assert float(run.stdout.split()[-1]) < 1e-6
+    assert not list(tmp_path.iterdir())  # nothing was built

@@ -1,0 +1,153 @@
+"""BiGLA's CPU kernels (``cpu_kernels.c``): both scans as float32 recurrences, threads over (batch, head).
+
+The C source is compiled once per machine with the system's C compiler (``$CC``, else ``cc``; about a
+second) into ``$VIGLA_CACHE_DIR`` (default ``~/.cache/vigla``) and loaded with :mod:`ctypes`, whose calls
+release the GIL. Without a compiler, or when the build fails, :func:`available` is False (one warning
+says why) and BiGLA on the CPU runs the chunked PyTorch path (``chunked.py``) instead.
+
+float32 work for every input dtype but float64 (which keeps the chunked path, the float64 reference):
+bf16 / fp16 inputs are read as float32 and the results cast back, as the chunked path computes too.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "bigla_fwd_cpu", "bigla_bwd_cpu"]
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -march=native: built on the machine that runs it; the reassociation lets the compiler vectorise
+# the sums over V (the order of a float32 sum changes, nothing else)
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+          "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-Wl,-z,defs"]
+_PTR = ctypes.c_void_p
+_LONG = ctypes.c_long
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("VIGLA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vigla")
+    return Path(root)
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, compiler and machine, compiled unless cached (written under a
+    temporary name, then renamed: concurrent processes never load a half-written file)."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, platform.machine(), platform.node()]).encode())
+    target = _cache_dir() / f"bigla_cpu_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> Optional[ctypes.CDLL]:
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        warnings.warn(f"vigla: no C compiler ({compiler!r}) found, so BiGLA on the CPU runs its slower PyTorch "
+                      "path; install one (e.g. gcc) or set CC to use the compiled kernel", stacklevel=3)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as e:
+        lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or ["?"]
+        detail = next((line for line in lines if "error" in line), lines[0])
+        warnings.warn(f"vigla: building BiGLA's CPU kernel failed ({detail.strip()}); BiGLA on the CPU runs its "
+                      "slower PyTorch path", stacklevel=3)
+        return None
+    scalars = [_LONG] * 5 + [ctypes.POINTER(_LONG), ctypes.c_float, ctypes.c_int]
+    lib.bigla_fwd_f32.argtypes = [_PTR] * 6 + scalars
+    lib.bigla_bwd_f32.argtypes = [_PTR] * 11 + scalars
+    lib.bigla_fwd_f32.restype = lib.bigla_bwd_f32.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel can run (compiles it on the first call)."""
+    return _library() is not None
+
+
+def _operand(x: torch.Tensor) -> torch.Tensor:
+    """float32 with unit stride in the last dimension (a view when it already is)."""
+    x = x.float() if x.dtype != torch.float32 else x
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _decays(a: torch.Tensor) -> torch.Tensor:
+    if a.dtype != torch.float64 or a.stride(-1) != 1:
+        raise TypeError(f"bigla: the CPU kernel takes float64 decays with unit stride in K, got {a.dtype}")
+    return a
+
+
+def _call(fn, inputs: list[torch.Tensor], outputs: list[torch.Tensor], B, T, H, K, V, half_scale: float) -> None:
+    strides = (_LONG * 18)(*[s for x in inputs for s in x.stride()[:3]], *([0] * (18 - 3 * len(inputs))))
+    status = fn(*[x.data_ptr() for x in inputs], *[y.data_ptr() for y in outputs], B, T, H, K, V, strides,
+                half_scale, torch.get_num_threads())
+    if status:
+        raise MemoryError("bigla: the CPU kernel could not allocate its per-thread state")
+
+
+@torch.library.custom_op("vigla::bigla_cpu_fwd", mutates_args=(), device_types="cpu")
+def bigla_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, af: torch.Tensor, ab: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """BiGLA's output ``[B, T, H, V]`` in ``q.dtype`` (a custom op: opaque to the tracers, which see the
+    chunked path's aten ops or this op, never the kernel's raw pointers).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+        af, ab: ``[B, T, H, K]`` float64 decays in ``[0, 1]`` (``exp`` of the log decays) of the forward
+            and the backward scan (:func:`vigla.ops.bigla.op.decays`).
+        scale: readout scale.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    inputs = [_operand(x) for x in (q, k, v)] + [_decays(a) for a in (af, ab)]
+    o = torch.empty(B, T, H, V, dtype=torch.float32)
+    _call(_library().bigla_fwd_f32, inputs, [o], B, T, H, K, V, scale * 0.5)
+    return o.to(q.dtype)
+
+
+@torch.library.custom_op("vigla::bigla_cpu_bwd", mutates_args=(), device_types="cpu")
+def bigla_bwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, af: torch.Tensor, ab: torch.Tensor,
+                  do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dlog_gf, dlog_gb)`` of ``<do, bigla_fwd_cpu(...)>``: ``q``, ``k``, ``v``'s in
+    their dtype, the log decays' in float32; ``do`` is ``[B, T, H, V]``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    inputs = [_operand(x) for x in (q, k, v)] + [_decays(a) for a in (af, ab)] + [_operand(do)]
+    grads = [torch.empty(B, T, H, d, dtype=torch.float32) for d in (K, K, V, K, K)]
+    _call(_library().bigla_bwd_f32, inputs, grads, B, T, H, K, V, scale * 0.5)
+    return (*(g.to(x.dtype) for g, x in zip(grads, (q, k, v))), *grads[3:])
+
+
+@bigla_fwd_cpu.register_fake
+def _fwd_fake(q, k, v, af, ab, scale):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+@bigla_bwd_cpu.register_fake
+def _bwd_fake(q, k, v, af, ab, do, scale):
+    return (*(x.new_empty(x.shape) for x in (q, k, v)), *(q.new_empty(q.shape, dtype=torch.float32) for _ in range(2)))
