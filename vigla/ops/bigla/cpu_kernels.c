@@ -87,7 +87,7 @@ static void reset(float *S, double *D, long K, long V) {
 }
 
 static inline __attribute__((always_inline)) void forward_task(const job_t *J, long b, long h, float *S, double *D,
-                                                                float *co, float *acc, const long V) {
+                                                                float *co, const long V) {
     const long K = J->K;
     float *f = co, *u = co + K, *w = co + 2 * K;
     for (int scan = 0; scan < 2; scan++) {
@@ -97,6 +97,7 @@ static inline __attribute__((always_inline)) void forward_task(const job_t *J, l
             const float *vv = ROW(J->v, 2, b, t, h);
             coefficients(K, D, ROW(J->a[scan], 3 + scan, b, t, h), ROW(J->k, 1, b, t, h), 1.0f,
                          ROW(J->q, 0, b, t, h), J->c, f, u, w);
+            float acc[V]; /* a local: with V constant, kept in registers across the rows */
             for (long j = 0; j < V; j++) acc[j] = 0.0f;
             for (long i = 0; i < K; i++) {
                 float *restrict row = S + i * V;
@@ -110,8 +111,8 @@ static inline __attribute__((always_inline)) void forward_task(const job_t *J, l
 
 /* one scan's gradients for task (b, h): dq, dk, dv accumulated (assigned by scan 0), dg[scan] written */
 static inline __attribute__((always_inline)) void backward_scan(const job_t *J, int scan, long b, long h, float *S,
-                                                                 double *D, float *co, float *dqs, float *dvs,
-                                                                 double *gacc, const long V) {
+                                                                 double *D, float *co, float *dqs, double *gacc,
+                                                                 const long V) {
     const long K = J->K, T = J->T;
     float *f = co, *u = co + K, *w = co + 2 * K, *dks = co + 3 * K, *ones = co + 4 * K;
     for (long i = 0; i < K; i++) ones[i] = 1.0f;
@@ -138,6 +139,7 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
         const float *qq = ROW(J->q, 0, b, t, h), *kk = ROW(J->k, 1, b, t, h), *vv = ROW(J->v, 2, b, t, h);
         const float *dd = ROW(J->dout, 5, b, t, h);
         coefficients(K, D, a_next ? a_next : a_one, qq, J->c, kk, 1.0f, f, u, w); /* w = D k */
+        float dvs[V]; /* a local, as the forward's sums */
         for (long j = 0; j < V; j++) dvs[j] = 0.0f;
         for (long i = 0; i < K; i++) {
             float *restrict row = S + i * V;
@@ -159,18 +161,18 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
 static inline __attribute__((always_inline)) int run_tasks_v(const job_t *J, long first, long last, const long V) {
     const long K = J->K;
     int backward = J->dout != NULL;
-    float *S = malloc(sizeof(float) * (K * V + 5 * K + 2 * V + (backward ? J->T * K : 0)));
+    float *S = malloc(sizeof(float) * (K * V + 5 * K + (backward ? J->T * K : 0)));
     double *D = malloc(sizeof(double) * 3 * K);
     int failed = !S || !D;
-    float *co = S + K * V, *acc = co + 5 * K, *dvs = acc + V, *dqs = dvs + V;
+    float *co = S + K * V, *dqs = co + 5 * K;
     double *gacc = D + K;
     for (long task = first; task < last && !failed; task++) {
         long b = task / J->H, h = task % J->H;
         if (backward) {
-            backward_scan(J, 0, b, h, S, D, co, dqs, dvs, gacc, V);
-            backward_scan(J, 1, b, h, S, D, co, dqs, dvs, gacc, V);
+            backward_scan(J, 0, b, h, S, D, co, dqs, gacc, V);
+            backward_scan(J, 1, b, h, S, D, co, dqs, gacc, V);
         } else {
-            forward_task(J, b, h, S, D, co, acc, V);
+            forward_task(J, b, h, S, D, co, V);
         }
     }
     free(S);

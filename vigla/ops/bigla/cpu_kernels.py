@@ -24,7 +24,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "bigla_fwd_cpu", "bigla_bwd_cpu"]
+__all__ = ["available", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu"]
+
+MAX_V = 4096  # a token's V sums live on the threads' stacks
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -march=native: built on the machine that runs it; the reassociation lets the compiler vectorise
@@ -87,6 +89,11 @@ def _library() -> Optional[ctypes.CDLL]:
 def available() -> bool:
     """Whether the compiled CPU kernel can run (compiles it on the first call)."""
     return _library() is not None
+
+
+def supports(V: int) -> bool:
+    """Whether the kernel takes ``V`` values per head (and built: :func:`available`)."""
+    return V <= MAX_V and available()
 
 
 def _operand(x: torch.Tensor) -> torch.Tensor:

@@ -74,8 +74,8 @@ def _kernels(q: torch.Tensor, v: torch.Tensor) -> bool:
     return use_kernels(q) and supports(q.shape[-1], v.shape[-1])
 
 
-def _cpu_kernels(q: torch.Tensor) -> bool:
-    return use_cpu_kernels(q) and q.dtype != torch.float64 and cpu_kernels.available()
+def _cpu_kernels(q: torch.Tensor, v: torch.Tensor) -> bool:
+    return use_cpu_kernels(q) and q.dtype != torch.float64 and cpu_kernels.supports(v.shape[-1])
 
 
 def bigla_forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
@@ -86,7 +86,7 @@ def bigla_forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float
     if _kernels(q, v):
         return bigla_fwd_triton(q, k, v, gf, gb, scale, gate_normalizer, wrap=launch)
     with torch.no_grad():
-        if _cpu_kernels(q):
+        if _cpu_kernels(q, v):
             return cpu_kernels.bigla_fwd_cpu(q, k, v, decays(gf, gate_normalizer), decays(gb, gate_normalizer), scale)
         if gate_normalizer is not None:
             gf, gb = log_decays(gf, gate_normalizer), log_decays(gb, gate_normalizer)
@@ -98,7 +98,7 @@ def _backward(do, q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float
     if _kernels(q, v):
         return bigla_bwd_triton(q, k, v, gf, gb, do, scale, gate_normalizer, wrap=launch)
     gn = gate_normalizer
-    if _cpu_kernels(q):
+    if _cpu_kernels(q, v):
         grads = cpu_kernels.bigla_bwd_cpu(q, k, v, decays(gf, gn), decays(gb, gn), do, scale)
     else:
         log_gf, log_gb = (gf, gb) if gn is None else (log_decays(gf, gn), log_decays(gb, gn))
