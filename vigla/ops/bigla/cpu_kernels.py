@@ -1,7 +1,7 @@
 """BiGLA's CPU kernels (``cpu_kernels.c``): both scans as float32 recurrences, threads over (batch, head).
 
-The C source is compiled once per machine with the system's C compiler (``$CC``, else ``cc``; about a
-second) into ``$VIGLA_CACHE_DIR`` (default ``~/.cache/vigla``) and loaded with :mod:`ctypes`, whose calls
+The C source is compiled once per machine with the system's C compiler (``$CC``, else ``cc``; a few
+seconds) into ``$VIGLA_CACHE_DIR`` (default ``~/.cache/vigla``) and loaded with :mod:`ctypes`, whose calls
 release the GIL. Without a compiler, or when the build fails, :func:`available` is False (one warning
 says why) and BiGLA on the CPU runs the chunked PyTorch path (``chunked.py``) instead.
 
@@ -43,11 +43,22 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _cpu() -> str:
+    """The machine and its CPU's model and instruction sets (``-march=native`` code runs on that CPU only:
+    a cache shared by different machines keeps one library per CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        info = []
+    return " ".join([platform.machine(), platform.processor(), *info])
+
+
 def _build(compiler: str) -> Path:
     """The shared library for this source, compiler and machine, compiled unless cached (written under a
     temporary name, then renamed: concurrent processes never load a half-written file)."""
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, platform.machine(), platform.node()]).encode())
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, platform.node(), _cpu()]).encode())
     target = _cache_dir() / f"bigla_cpu_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -55,8 +66,8 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       text=True, timeout=120)
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
