@@ -8,7 +8,6 @@ import torch
 
 from vigla.ops.bigla import bigla, bigla_gated, bigla_naive, cpu_kernels, log_decays
 from vigla.ops.bigla.cpu_kernels import bigla_bwd_cpu, bigla_fwd_cpu
-from vigla.ops.bigla.op import decays
 from vigla.ops.dispatch import reference_ops
 
 from test_bigla import make_inputs, rel_err
@@ -20,9 +19,9 @@ SHAPES = [  # B, T, H, K, V
 ]
 
 
-def kernel_inputs(q, k, v, log_gf, log_gb):
-    """float32 q, k, v and float64 decays: what the kernel takes."""
-    return [q.float(), k.float(), v.float(), decays(log_gf, None), decays(log_gb, None)]
+def kernel_inputs(*x64):
+    """float32 copies: what the kernel computes in."""
+    return [t.float() for t in x64]
 
 
 def grads_f64(x, do, scale):
@@ -68,13 +67,12 @@ def test_strided_inputs_match_contiguous_ones_bitwise():
     proj = torch.randn(B, T, H, 4 * K + V)
     q, k, zf, zb = (proj[..., i * K:(i + 1) * K] for i in range(4))
     v = proj[..., 4 * K:]
-    lf, lb = decays(zf, 4.0), decays(zb, 4.0)
-    strided = bigla_fwd_cpu(q, k, v, lf, lb, 0.5)
-    plain = bigla_fwd_cpu(*(t.contiguous() for t in (q, k, v)), lf, lb, 0.5)
+    strided = bigla_fwd_cpu(q, k, v, zf, zb, 0.5, 4.0)
+    plain = bigla_fwd_cpu(*(t.contiguous() for t in (q, k, v, zf, zb)), 0.5, 4.0)
     assert torch.equal(strided, plain)
     do = torch.randn(B, T, H, V)
-    for a, b in zip(bigla_bwd_cpu(q, k, v, lf, lb, do, 0.5),
-                    bigla_bwd_cpu(*(t.contiguous() for t in (q, k, v)), lf, lb, do, 0.5)):
+    for a, b in zip(bigla_bwd_cpu(q, k, v, zf, zb, do, 0.5, 4.0),
+                    bigla_bwd_cpu(*(t.contiguous() for t in (q, k, v, zf, zb)), do, 0.5, 4.0)):
         assert torch.equal(a, b)
 
 
@@ -145,3 +143,22 @@ def test_without_a_compiler_it_warns_once_and_runs_the_pytorch_path(tmp_path):
     assert run.stderr.count("no C compiler ('no-such-compiler') found") == 1
     assert float(run.stdout.split()[-1]) < 1e-6
     assert not list(tmp_path.iterdir())  # nothing was built
+
+
+def test_extreme_gate_logits_against_float64():
+    """Logits from -800 to 800 (decays from exp(-50) per token to within 1e-20 of 1; the kernel forms them in
+    float64 with its own exp and log1p): output and logit gradients at float32's accuracy."""
+    B, T, H, K, V = 1, 64, 2, 8, 8
+    q, k, v, _, _ = make_inputs(B, T, H, K, V)
+    levels = torch.tensor([-800.0, -100.0, -30.0, -3.0, 0.0, 3.0, 13.0, 30.0, 100.0, 800.0], dtype=torch.float64)
+    zf, zb = (levels[torch.randint(len(levels), (B, T, H, K))] for _ in range(2))
+    x64 = [t.clone().requires_grad_() for t in (q, k, v, zf, zb)]
+    ref = bigla_naive(*x64[:3], torch.nn.functional.logsigmoid(x64[3]) / 16, torch.nn.functional.logsigmoid(x64[4]) / 16,
+                      K ** -0.5)
+    x = [t.detach().float() for t in x64]
+    out = bigla_fwd_cpu(*x, K ** -0.5, 16.0)
+    assert rel_err(out, ref) < 2e-6
+    do = torch.randn(ref.shape, dtype=torch.float64)
+    grads = bigla_bwd_cpu(*x, do.float(), K ** -0.5, 16.0)
+    for name, g, r in zip(["q", "k", "v", "zf", "zb"], grads, torch.autograd.grad(ref, x64, do)):
+        assert torch.isfinite(g).all() and rel_err(g, r) < 5e-6, name

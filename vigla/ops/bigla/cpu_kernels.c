@@ -18,27 +18,85 @@
  * dla_r = sum_{s >= r} (q_s * dq_s - k_s * dk_s) per channel (the scan's own dq and dk; float64 sums).
  *
  * Tensors are [B, T, H, D] with unit stride in D; the inputs take any (b, t, h) strides (in elements),
- * the outputs are contiguous. The decays a come in float64, formed by the caller over the whole tensor
- * (vectorised; per token they would cost more than the state updates).
+ * the outputs are contiguous. The gates are log decays, or (gnorm > 0) gate logits z with log decays
+ * logsigmoid(z) / gnorm, whose gradient the backward then returns. Decays are formed per token in float64
+ * by exp_d / log1p_d below: polynomials the compiler vectorises over K (a libm call per element would cost
+ * more than the state update).
  */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define RENORM 0x1p-20
 
 typedef struct {
-    const float *q, *k, *v, *dout;
-    const double *a[2];
+    const float *q, *k, *v, *g[2], *dout;
     float *o, *dq, *dk, *dv, *dg[2];
     long B, T, H, K, V;
-    long st[6][3]; /* (b, t, h) strides of q, k, v, a forward, a backward, do */
-    float c;
+    long st[6][3]; /* (b, t, h) strides of q, k, v, gf, gb, do */
+    float c, gnorm; /* gnorm > 0: the gates are logits */
 } job_t;
 
 #define ROW(x, i, b, t, h) ((x) + (b) * J->st[i][0] + (t) * J->st[i][1] + (h) * J->st[i][2])
 #define OUT(x, b, t, h, D) ((x) + (((b) * J->T + (t)) * J->H + (h)) * (D))
 
 static long token(const job_t *J, int scan, long s) { return scan ? J->T - 1 - s : s; }
+
+static inline double from_bits(int64_t i) {
+    double x;
+    memcpy(&x, &i, sizeof x);
+    return x;
+}
+
+/* exp(x) in float64 to a few ulp (degree-13 Taylor on |r| <= ln2 / 2, then 2^n in two factors so that
+ * results down to the subnormals come out); 0 below -745, NaN stays NaN */
+static inline double exp_d(double x) {
+    double xc = x < -746.0 ? -746.0 : (x > 709.0 ? 709.0 : x);
+    double n = __builtin_floor(xc * 1.4426950408889634 + 0.5);
+    double r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    static const double inv_fact[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                        1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                                        1.0 / 6.0, 0.5, 1.0, 1.0};
+    for (int i = 0; i < 13; i++) p = p * r + inv_fact[i];
+    int64_t ni = (int64_t)n, n1 = ni / 2;
+    return p * from_bits((n1 + 1023) << 52) * from_bits((ni - n1 + 1023) << 52);
+}
+
+/* log(1 + t) for t in [0, 1], float64: log(u) of u = 1 + t as 2 atanh((m - 1) / (m + 1)) with u = m 2^e,
+ * m in [0.71, 1.42] (series to f^23), times t / (u - 1) to undo the rounding of u */
+static inline double log1p_d(double t) {
+    double u = 1.0 + t;
+    int e = u > 1.4142135623730951;
+    double m = e ? 0.5 * u : u, f = (m - 1.0) / (m + 1.0), f2 = f * f, p = 1.0 / 23.0;
+    for (int k = 21; k >= 1; k -= 2) p = p * f2 + 1.0 / k;
+    double log_u = e * 6.93147180559945309417e-01 + 2.0 * f * p;
+    return u == 1.0 ? t : log_u * (t / (u - 1.0));
+}
+
+/* a token's log decays in float64: logsigmoid(z) / gnorm = (min(z, 0) - log1p(exp(-|z|))) / gnorm of
+ * logits, or the log decays as given */
+static inline void log_decays(const job_t *J, const float *restrict g, double *restrict la) {
+    const double inv = J->gnorm > 0 ? 1.0 / J->gnorm : 1.0;
+    for (long i = 0; i < J->K; i++) {
+        double z = g[i];
+        la[i] = J->gnorm > 0 ? ((z < 0 ? z : 0.0) - log1p_d(exp_d(-__builtin_fabs(z)))) * inv : z;
+    }
+}
+
+/* a token's decays exp(log decay), float64 */
+static inline void decays(const job_t *J, const float *restrict g, double *restrict a) {
+    log_decays(J, g, a);
+    for (long i = 0; i < J->K; i++) a[i] = exp_d(a[i]);
+}
+
+/* d(log decay) / d(gate) of a token's gates: sigmoid(-z) / gnorm for logits, else 1 */
+static inline void gate_slopes(const job_t *J, const float *restrict g, double *restrict slope) {
+    for (long i = 0; i < J->K; i++) {
+        double z = g[i], t = exp_d(-__builtin_fabs(z));
+        slope[i] = J->gnorm > 0 ? (z < 0 ? 1.0 : t) / ((1.0 + t) * J->gnorm) : 1.0;
+    }
+}
 
 /* One step of S = diag(D) U, S <- diag(a) S + x y^T, as per-channel coefficients: row i of U becomes
  * f_i U_i + u_i y. Mostly f = 1, u = x / D with D <- D a; where D a falls below RENORM, f = D a, u = x and
@@ -87,7 +145,7 @@ static void reset(float *S, double *D, long K, long V) {
 }
 
 static inline __attribute__((always_inline)) void forward_task(const job_t *J, long b, long h, float *S, double *D,
-                                                                float *co, const long V) {
+                                                                double *a, float *co, const long V) {
     const long K = J->K;
     float *f = co, *u = co + K, *w = co + 2 * K;
     for (int scan = 0; scan < 2; scan++) {
@@ -95,8 +153,8 @@ static inline __attribute__((always_inline)) void forward_task(const job_t *J, l
         for (long s = 0; s < J->T; s++) {
             long t = token(J, scan, s);
             const float *vv = ROW(J->v, 2, b, t, h);
-            coefficients(K, D, ROW(J->a[scan], 3 + scan, b, t, h), ROW(J->k, 1, b, t, h), 1.0f,
-                         ROW(J->q, 0, b, t, h), J->c, f, u, w);
+            decays(J, ROW(J->g[scan], 3 + scan, b, t, h), a);
+            coefficients(K, D, a, ROW(J->k, 1, b, t, h), 1.0f, ROW(J->q, 0, b, t, h), J->c, f, u, w);
             float acc[V]; /* a local: with V constant, kept in registers across the rows */
             for (long j = 0; j < V; j++) acc[j] = 0.0f;
             for (long i = 0; i < K; i++) {
@@ -111,8 +169,8 @@ static inline __attribute__((always_inline)) void forward_task(const job_t *J, l
 
 /* one scan's gradients for task (b, h): dq, dk, dv accumulated (assigned by scan 0), dg[scan] written */
 static inline __attribute__((always_inline)) void backward_scan(const job_t *J, int scan, long b, long h, float *S,
-                                                                 double *D, float *co, float *dqs, double *gacc,
-                                                                 const long V) {
+                                                                 double *D, double *a, float *co, float *dqs,
+                                                                 double *gacc, const long V) {
     const long K = J->K, T = J->T;
     float *f = co, *u = co + K, *w = co + 2 * K, *dks = co + 3 * K, *ones = co + 4 * K;
     for (long i = 0; i < K; i++) ones[i] = 1.0f;
@@ -120,7 +178,8 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
     for (long s = 0; s < T; s++) { /* the states again; dq_s = c S_s do_s */
         long t = token(J, scan, s);
         const float *vv = ROW(J->v, 2, b, t, h), *dd = ROW(J->dout, 5, b, t, h);
-        coefficients(K, D, ROW(J->a[scan], 3 + scan, b, t, h), ROW(J->k, 1, b, t, h), 1.0f, ones, J->c, f, u, w);
+        decays(J, ROW(J->g[scan], 3 + scan, b, t, h), a);
+        coefficients(K, D, a, ROW(J->k, 1, b, t, h), 1.0f, ones, J->c, f, u, w);
         float *dq = dqs + s * K;
         for (long i = 0; i < K; i++) {
             float *restrict row = S + i * V;
@@ -130,15 +189,16 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
         for (long i = 0; i < K; i++) out[i] = scan ? out[i] + dq[i] : dq[i];
     }
     reset(S, D, K, V); /* now R, the gradient of the state, in reverse scan order */
-    for (long i = 0; i < K; i++) gacc[i] = 0.0;
-    const double *a_next = NULL; /* the decays between this token and the one after it in scan order */
-    double *a_one = gacc + K;
-    for (long i = 0; i < K; i++) a_one[i] = 1.0;
+    double *slope = gacc + K;
+    for (long i = 0; i < K; i++) {
+        gacc[i] = 0.0;
+        a[i] = 1.0; /* the decays between this token and the one after it in scan order */
+    }
     for (long s = T - 1; s >= 0; s--) {
         long t = token(J, scan, s);
         const float *qq = ROW(J->q, 0, b, t, h), *kk = ROW(J->k, 1, b, t, h), *vv = ROW(J->v, 2, b, t, h);
-        const float *dd = ROW(J->dout, 5, b, t, h);
-        coefficients(K, D, a_next ? a_next : a_one, qq, J->c, kk, 1.0f, f, u, w); /* w = D k */
+        const float *dd = ROW(J->dout, 5, b, t, h), *g = ROW(J->g[scan], 3 + scan, b, t, h);
+        coefficients(K, D, a, qq, J->c, kk, 1.0f, f, u, w); /* w = D k */
         float dvs[V]; /* a local, as the forward's sums */
         for (long j = 0; j < V; j++) dvs[j] = 0.0f;
         for (long i = 0; i < K; i++) {
@@ -147,13 +207,14 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
         }
         float *dk = OUT(J->dk, b, t, h, K), *dv = OUT(J->dv, b, t, h, V), *dg = OUT(J->dg[scan], b, t, h, K);
         const float *dq = dqs + s * K;
+        gate_slopes(J, g, slope);
         for (long i = 0; i < K; i++) {
             dk[i] = scan ? dk[i] + dks[i] : dks[i];
             gacc[i] += (double)qq[i] * dq[i] - (double)kk[i] * dks[i];
-            dg[i] = (float)gacc[i];
+            dg[i] = (float)(gacc[i] * slope[i]);
         }
         for (long j = 0; j < V; j++) dv[j] = scan ? dv[j] + dvs[j] : dvs[j];
-        a_next = ROW(J->a[scan], 3 + scan, b, t, h);
+        decays(J, g, a); /* this token's: R on its way to the token before */
     }
 }
 
@@ -162,17 +223,17 @@ static inline __attribute__((always_inline)) int run_tasks_v(const job_t *J, lon
     const long K = J->K;
     int backward = J->dout != NULL;
     float *S = malloc(sizeof(float) * (K * V + 5 * K + (backward ? J->T * K : 0)));
-    double *D = malloc(sizeof(double) * 3 * K);
+    double *D = malloc(sizeof(double) * 4 * K);
     int failed = !S || !D;
     float *co = S + K * V, *dqs = co + 5 * K;
-    double *gacc = D + K;
+    double *a = D + K, *gacc = a + K; /* and gacc + K: the slopes */
     for (long task = first; task < last && !failed; task++) {
         long b = task / J->H, h = task % J->H;
         if (backward) {
-            backward_scan(J, 0, b, h, S, D, co, dqs, gacc, V);
-            backward_scan(J, 1, b, h, S, D, co, dqs, gacc, V);
+            backward_scan(J, 0, b, h, S, D, a, co, dqs, gacc, V);
+            backward_scan(J, 1, b, h, S, D, a, co, dqs, gacc, V);
         } else {
-            forward_task(J, b, h, S, D, co, V);
+            forward_task(J, b, h, S, D, a, co, V);
         }
     }
     free(S);
@@ -199,30 +260,34 @@ static int run_threads(const job_t *J, int nthreads) {
     return failed;
 }
 
-static void setup(job_t *J, const float *q, const float *k, const float *v, const double *af, const double *ab,
-                  long B, long T, long H, long K, long V, const long *strides, float half_scale) {
+static void setup(job_t *J, const float *q, const float *k, const float *v, const float *gf, const float *gb,
+                  long B, long T, long H, long K, long V, const long *strides, float half_scale, float gnorm) {
     memset(J, 0, sizeof(*J));
-    J->q = q; J->k = k; J->v = v; J->a[0] = af; J->a[1] = ab;
+    J->q = q; J->k = k; J->v = v; J->g[0] = gf; J->g[1] = gb;
     J->B = B; J->T = T; J->H = H; J->K = K; J->V = V;
     memcpy(J->st, strides, sizeof(J->st));
     J->c = half_scale;
+    J->gnorm = gnorm;
 }
 
-/* o [B, T, H, V]; strides: 6 x (b, t, h) for q, k, v, af, ab, (unused); returns 0 on success */
-int bigla_fwd_f32(const float *q, const float *k, const float *v, const double *af, const double *ab, float *o,
-                  long B, long T, long H, long K, long V, const long *strides, float half_scale, int nthreads) {
+/* o [B, T, H, V]; strides: 6 x (b, t, h) for q, k, v, gf, gb, (unused); returns 0 on success */
+int bigla_fwd_f32(const float *q, const float *k, const float *v, const float *gf, const float *gb, float *o,
+                  long B, long T, long H, long K, long V, const long *strides, float half_scale, float gnorm,
+                  int nthreads) {
     job_t J;
-    setup(&J, q, k, v, af, ab, B, T, H, K, V, strides, half_scale);
+    setup(&J, q, k, v, gf, gb, B, T, H, K, V, strides, half_scale, gnorm);
     J.o = o;
     return run_threads(&J, nthreads);
 }
 
-/* dq, dk, dlaf, dlab [B, T, H, K], dv [B, T, H, V]; strides: 6 x (b, t, h) for q, k, v, af, ab, do */
-int bigla_bwd_f32(const float *q, const float *k, const float *v, const double *af, const double *ab,
-                  const float *dout, float *dq, float *dk, float *dv, float *dlaf, float *dlab,
-                  long B, long T, long H, long K, long V, const long *strides, float half_scale, int nthreads) {
+/* dq, dk, dgf, dgb [B, T, H, K], dv [B, T, H, V] (dgf, dgb: of the gates as given, logits or log decays);
+ * strides: 6 x (b, t, h) for q, k, v, gf, gb, do */
+int bigla_bwd_f32(const float *q, const float *k, const float *v, const float *gf, const float *gb,
+                  const float *dout, float *dq, float *dk, float *dv, float *dgf, float *dgb,
+                  long B, long T, long H, long K, long V, const long *strides, float half_scale, float gnorm,
+                  int nthreads) {
     job_t J;
-    setup(&J, q, k, v, af, ab, B, T, H, K, V, strides, half_scale);
-    J.dout = dout; J.dq = dq; J.dk = dk; J.dv = dv; J.dg[0] = dlaf; J.dg[1] = dlab;
+    setup(&J, q, k, v, gf, gb, B, T, H, K, V, strides, half_scale, gnorm);
+    J.dout = dout; J.dq = dq; J.dk = dk; J.dv = dv; J.dg[0] = dgf; J.dg[1] = dgb;
     return run_threads(&J, nthreads);
 }

@@ -90,7 +90,7 @@ def _library() -> Optional[ctypes.CDLL]:
         warnings.warn(f"vigla: building BiGLA's CPU kernel failed ({detail.strip()}); BiGLA on the CPU runs its "
                       "slower PyTorch path", stacklevel=3)
         return None
-    scalars = [_LONG] * 5 + [ctypes.POINTER(_LONG), ctypes.c_float, ctypes.c_int]
+    scalars = [_LONG] * 5 + [ctypes.POINTER(_LONG), ctypes.c_float, ctypes.c_float, ctypes.c_int]
     lib.bigla_fwd_f32.argtypes = [_PTR] * 6 + scalars
     lib.bigla_bwd_f32.argtypes = [_PTR] * 11 + scalars
     lib.bigla_fwd_f32.restype = lib.bigla_bwd_f32.restype = ctypes.c_int
@@ -113,59 +113,55 @@ def _operand(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _decays(a: torch.Tensor) -> torch.Tensor:
-    if a.dtype != torch.float64 or a.stride(-1) != 1:
-        raise TypeError(f"bigla: the CPU kernel takes float64 decays with unit stride in K, got {a.dtype}")
-    return a
-
-
-def _call(fn, inputs: list[torch.Tensor], outputs: list[torch.Tensor], B, T, H, K, V, half_scale: float) -> None:
+def _call(fn, inputs: list[torch.Tensor], outputs: list[torch.Tensor], B, T, H, K, V, half_scale: float,
+          gate_normalizer: Optional[float]) -> None:
     strides = (_LONG * 18)(*[s for x in inputs for s in x.stride()[:3]], *([0] * (18 - 3 * len(inputs))))
     status = fn(*[x.data_ptr() for x in inputs], *[y.data_ptr() for y in outputs], B, T, H, K, V, strides,
-                half_scale, torch.get_num_threads())
+                half_scale, gate_normalizer or 0.0, torch.get_num_threads())
     if status:
         raise MemoryError("bigla: the CPU kernel could not allocate its per-thread state")
 
 
 @torch.library.custom_op("vigla::bigla_cpu_fwd", mutates_args=(), device_types="cpu")
-def bigla_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, af: torch.Tensor, ab: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+def bigla_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
+                  scale: float, gate_normalizer: Optional[float] = None) -> torch.Tensor:
     """BiGLA's output ``[B, T, H, V]`` in ``q.dtype`` (a custom op: opaque to the tracers, which see the
     chunked path's aten ops or this op, never the kernel's raw pointers).
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
-        af, ab: ``[B, T, H, K]`` float64 decays in ``[0, 1]`` (``exp`` of the log decays) of the forward
-            and the backward scan (:func:`vigla.ops.bigla.op.decays`).
+        gf, gb: ``[B, T, H, K]`` log decays (finite, <= 0) of the forward and the backward scan, or gate logits
+            when ``gate_normalizer`` is given (log decays ``logsigmoid(z) / gate_normalizer``, formed in the
+            kernel in float64).
         scale: readout scale.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    inputs = [_operand(x) for x in (q, k, v)] + [_decays(a) for a in (af, ab)]
     o = torch.empty(B, T, H, V, dtype=torch.float32)
-    _call(_library().bigla_fwd_f32, inputs, [o], B, T, H, K, V, scale * 0.5)
+    _call(_library().bigla_fwd_f32, [_operand(x) for x in (q, k, v, gf, gb)], [o], B, T, H, K, V, scale * 0.5,
+          gate_normalizer)
     return o.to(q.dtype)
 
 
 @torch.library.custom_op("vigla::bigla_cpu_bwd", mutates_args=(), device_types="cpu")
-def bigla_bwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, af: torch.Tensor, ab: torch.Tensor,
-                  do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
-    """Gradients ``(dq, dk, dv, dlog_gf, dlog_gb)`` of ``<do, bigla_fwd_cpu(...)>``: ``q``, ``k``, ``v``'s in
-    their dtype, the log decays' in float32; ``do`` is ``[B, T, H, V]``."""
+def bigla_bwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
+                  do: torch.Tensor, scale: float, gate_normalizer: Optional[float] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dgf, dgb)`` of ``<do, bigla_fwd_cpu(...)>`` in the inputs' dtypes (the gates'
+    as given: the logits' with ``gate_normalizer``); ``do`` is ``[B, T, H, V]``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    inputs = [_operand(x) for x in (q, k, v)] + [_decays(a) for a in (af, ab)] + [_operand(do)]
+    inputs = [_operand(x) for x in (q, k, v, gf, gb, do)]
     grads = [torch.empty(B, T, H, d, dtype=torch.float32) for d in (K, K, V, K, K)]
-    _call(_library().bigla_bwd_f32, inputs, grads, B, T, H, K, V, scale * 0.5)
-    return (*(g.to(x.dtype) for g, x in zip(grads, (q, k, v))), *grads[3:])
+    _call(_library().bigla_bwd_f32, inputs, grads, B, T, H, K, V, scale * 0.5, gate_normalizer)
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v, gf, gb)))
 
 
 @bigla_fwd_cpu.register_fake
-def _fwd_fake(q, k, v, af, ab, scale):
+def _fwd_fake(q, k, v, gf, gb, scale, gate_normalizer=None):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
 @bigla_bwd_cpu.register_fake
-def _bwd_fake(q, k, v, af, ab, do, scale):
-    return (*(x.new_empty(x.shape) for x in (q, k, v)), *(q.new_empty(q.shape, dtype=torch.float32) for _ in range(2)))
+def _bwd_fake(q, k, v, gf, gb, do, scale, gate_normalizer=None):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, gf, gb))

@@ -52,15 +52,6 @@ def log_decays(z: torch.Tensor, gate_normalizer: float) -> torch.Tensor:
     return (z.clamp(max=0) - log1p) / gate_normalizer
 
 
-def decays(g: torch.Tensor, gate_normalizer: Optional[float]) -> torch.Tensor:
-    """float64 decays ``exp(log decay)`` of log decays ``g``, or of gate logits when ``gate_normalizer`` is
-    given: ``sigmoid(z) ** (1 / gate_normalizer)``, formed as ``exp(log(sigmoid(z)) / gate_normalizer)`` in
-    float64 (``[B, T, H, K]`` in and out). What the CPU kernel multiplies its states by: float64 keeps a
-    decay near 1 exact to 1e-16 (absolute error in the log decay), and each op is vectorised."""
-    g = g.double()  # may be g itself: no in-place op before a copy
-    return g.exp() if gate_normalizer is None else torch.sigmoid(g).log_().div_(gate_normalizer).exp_()
-
-
 def _gate_grads(grads: tuple, gf: torch.Tensor, gb: torch.Tensor, gate_normalizer: Optional[float]) -> tuple:
     """``(dq, dk, dv, dlog_gf, dlog_gb)`` -> the same with the gates' gradients in the gates' dtypes: the
     logits' (``d logsigmoid(z) / dz = sigmoid(-z)``) when ``gate_normalizer`` is given."""
@@ -87,7 +78,7 @@ def bigla_forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float
         return bigla_fwd_triton(q, k, v, gf, gb, scale, gate_normalizer, wrap=launch)
     with torch.no_grad():
         if _cpu_kernels(q, v):
-            return cpu_kernels.bigla_fwd_cpu(q, k, v, decays(gf, gate_normalizer), decays(gb, gate_normalizer), scale)
+            return cpu_kernels.bigla_fwd_cpu(q, k, v, gf, gb, scale, gate_normalizer)
         if gate_normalizer is not None:
             gf, gb = log_decays(gf, gate_normalizer), log_decays(gb, gate_normalizer)
         return bigla_chunked(q, k, v, gf, gb, scale).contiguous()
@@ -99,11 +90,11 @@ def _backward(do, q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float
         return bigla_bwd_triton(q, k, v, gf, gb, do, scale, gate_normalizer, wrap=launch)
     gn = gate_normalizer
     if _cpu_kernels(q, v):
-        grads = cpu_kernels.bigla_bwd_cpu(q, k, v, decays(gf, gn), decays(gb, gn), do, scale)
+        grads = cpu_kernels.bigla_bwd_cpu(q, k, v, gf, gb, do, scale, gn)
     else:
         log_gf, log_gb = (gf, gb) if gn is None else (log_decays(gf, gn), log_decays(gb, gn))
-        grads = bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale)
-    return tuple(g.contiguous() for g in _gate_grads(grads, gf, gb, gn))
+        grads = _gate_grads(bigla_chunked_bwd(q, k, v, log_gf, log_gb, do, scale), gf, gb, gn)
+    return tuple(g.contiguous() for g in grads)
 
 
 class BiGLAFunction(torch.autograd.Function):
