@@ -39,6 +39,7 @@ from test_eval import vigla_checkpoint
 from vigla import cli
 from vigla.bench import cli as bench_cli
 from vigla.engine.checkpoint import load_state, load_weights, read_meta
+from vigla.ops.bigla import cpu_kernels
 
 import vigla  # noqa: E402  (the subprocesses run the same vigla as the tests)
 
@@ -541,6 +542,8 @@ def test_vigla_info_runs(capsys):
     line = next(line for line in out.splitlines() if line.startswith("vigla models:"))
     assert {"vig_tiny", "vig_h_small", "castling_deit_tiny"} <= set(line.split(": ")[1].split(", "))
     assert "deit_tiny_patch16_224" not in line  # timm's own models are not listed as vigla's
+    cpu = next(line for line in out.splitlines() if line.startswith("BiGLA on the CPU: "))
+    assert ("compiled kernel" in cpu) == cpu_kernels.available()
     assert cli.main(["info", "--filter", "vig_h*"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "vigla models: vig_h_base, vig_h_small, vig_h_tiny"
 

@@ -19,7 +19,7 @@ def _main(args) -> int:
     import torch
 
     import vigla
-    from vigla.ops.bigla import HAS_FLA
+    from vigla.ops.bigla import HAS_FLA, cpu_kernels
     from vigla.ops.dispatch import HAS_TRITON
 
     print(f"vigla {vigla.__version__} | torch {torch.__version__} | timm {timm.__version__} | "
@@ -27,10 +27,11 @@ def _main(args) -> int:
     print(f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     if HAS_TRITON:
         import triton
-        kernels = f"Triton {triton.__version__} kernels for CUDA tensors, the PyTorch references elsewhere"
+        kernels = f"Triton {triton.__version__} kernels for CUDA tensors, PyTorch references elsewhere (but BiGLA)"
     else:
         kernels = "the PyTorch references (Triton is not installed)"
     print(f"fused ops: {kernels}; fla-core {'installed' if HAS_FLA else 'not installed'}")
+    print(f"BiGLA on the CPU: {cpu_kernels.describe()}")
     print("vigla models:", ", ".join(vigla_models(args.filter)) or "(none match)")
     return 0
 

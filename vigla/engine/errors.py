@@ -1,4 +1,5 @@
 """Errors that end a run with one clear message (printed by the CLI without a traceback) and an exit code."""
+import os
 import sys
 
 from vigla.data.errors import DataError
@@ -75,6 +76,9 @@ def run_command(command: str, main, args, note: str = "") -> int:
             raise
         print(f"vigla {command}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # the reader went away (`vigla info | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as e:  # noqa: BLE001  (the point: no raw traceback unless --debug)
         if getattr(args, "debug", False):
             raise

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu"]
+__all__ = ["available", "describe", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu"]
 
 MAX_V = 4096  # a token's V sums live on the threads' stacks
 
@@ -100,6 +100,13 @@ def _library() -> Optional[ctypes.CDLL]:
 def available() -> bool:
     """Whether the compiled CPU kernel can run (compiles it on the first call)."""
     return _library() is not None
+
+
+def describe() -> str:
+    """One line for ``vigla info``: which path BiGLA takes on the CPU (builds the kernel if needed)."""
+    if not available():
+        return "the chunked PyTorch path (the compiled kernel is unavailable: see the warning above)"
+    return f"the compiled kernel ({_library()._name}; threads: torch.get_num_threads() = {torch.get_num_threads()})"
 
 
 def supports(V: int) -> bool:
