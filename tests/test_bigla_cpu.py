@@ -153,8 +153,8 @@ def test_extreme_gate_logits_against_float64():
     levels = torch.tensor([-800.0, -100.0, -30.0, -3.0, 0.0, 3.0, 13.0, 30.0, 100.0, 800.0], dtype=torch.float64)
     zf, zb = (levels[torch.randint(len(levels), (B, T, H, K))] for _ in range(2))
     x64 = [t.clone().requires_grad_() for t in (q, k, v, zf, zb)]
-    ref = bigla_naive(*x64[:3], torch.nn.functional.logsigmoid(x64[3]) / 16, torch.nn.functional.logsigmoid(x64[4]) / 16,
-                      K ** -0.5)
+    logsigmoid = torch.nn.functional.logsigmoid
+    ref = bigla_naive(*x64[:3], logsigmoid(x64[3]) / 16, logsigmoid(x64[4]) / 16, K ** -0.5)
     x = [t.detach().float() for t in x64]
     out = bigla_fwd_cpu(*x, K ** -0.5, 16.0)
     assert rel_err(out, ref) < 2e-6

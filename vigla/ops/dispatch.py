@@ -35,8 +35,8 @@ except ImportError:  # optional: every op has a PyTorch path
 
 from .launcher import direct
 
-__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "run_eager", "records", "fused_op", "wrap", "direct",
-           "compute_dtype"]
+__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "run_eager", "records",
+           "fused_op", "wrap", "direct", "compute_dtype"]
 
 _FORCE_REFERENCE = False
 

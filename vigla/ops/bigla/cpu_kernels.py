@@ -120,11 +120,13 @@ def _operand(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _call(fn, inputs: list[torch.Tensor], outputs: list[torch.Tensor], B, T, H, K, V, half_scale: float,
+def _call(fn, inputs: list[torch.Tensor], outputs: list[torch.Tensor], half_scale: float,
           gate_normalizer: Optional[float]) -> None:
+    """``fn`` on ``inputs`` (q, k, v, gf, gb[, do]: their shapes and (b, t, h) strides) into ``outputs``."""
+    B, T, H, K = inputs[0].shape
     strides = (_LONG * 18)(*[s for x in inputs for s in x.stride()[:3]], *([0] * (18 - 3 * len(inputs))))
-    status = fn(*[x.data_ptr() for x in inputs], *[y.data_ptr() for y in outputs], B, T, H, K, V, strides,
-                half_scale, gate_normalizer or 0.0, torch.get_num_threads())
+    status = fn(*[x.data_ptr() for x in inputs], *[y.data_ptr() for y in outputs], B, T, H, K, inputs[2].shape[-1],
+                strides, half_scale, gate_normalizer or 0.0, torch.get_num_threads())
     if status:
         raise MemoryError("bigla: the CPU kernel could not allocate its per-thread state")
 
@@ -142,11 +144,8 @@ def bigla_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.T
             kernel in float64).
         scale: readout scale.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    o = torch.empty(B, T, H, V, dtype=torch.float32)
-    _call(_library().bigla_fwd_f32, [_operand(x) for x in (q, k, v, gf, gb)], [o], B, T, H, K, V, scale * 0.5,
-          gate_normalizer)
+    o = torch.empty(*q.shape[:3], v.shape[-1], dtype=torch.float32)
+    _call(_library().bigla_fwd_f32, [_operand(x) for x in (q, k, v, gf, gb)], [o], scale * 0.5, gate_normalizer)
     return o.to(q.dtype)
 
 
@@ -156,11 +155,9 @@ def bigla_bwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.T
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, dgf, dgb)`` of ``<do, bigla_fwd_cpu(...)>`` in the inputs' dtypes (the gates'
     as given: the logits' with ``gate_normalizer``); ``do`` is ``[B, T, H, V]``."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
     inputs = [_operand(x) for x in (q, k, v, gf, gb, do)]
-    grads = [torch.empty(B, T, H, d, dtype=torch.float32) for d in (K, K, V, K, K)]
-    _call(_library().bigla_bwd_f32, inputs, grads, B, T, H, K, V, scale * 0.5, gate_normalizer)
+    grads = [torch.empty(x.shape, dtype=torch.float32) for x in inputs[:5]]
+    _call(_library().bigla_bwd_f32, inputs, grads, scale * 0.5, gate_normalizer)
     return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v, gf, gb)))
 
 

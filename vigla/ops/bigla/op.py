@@ -3,8 +3,8 @@
 Both run the same implementation, chosen by :mod:`vigla.ops.dispatch`: the chunk-parallel Triton
 kernels (``triton_kernels.py``) for CUDA tensors, the compiled recurrences of ``cpu_kernels.c`` for
 CPU tensors (float32 work), the chunked PyTorch reference (``chunked.py``, with its hand-written
-backward) elsewhere: float64, without a C compiler, inside ``reference_ops()``. The custom op carries the analytic FLOP formula for
-``torch.utils.flop_counter``.
+backward) elsewhere: float64, without a C compiler, inside ``reference_ops()``. The custom op
+carries the analytic FLOP formula for ``torch.utils.flop_counter``.
 """
 from __future__ import annotations
 
