@@ -42,13 +42,13 @@ def test_grid_arithmetic_matches_tritons():
 
 
 def test_direct_wraps_jit_functions_only():
-    from vigla.ops.swiglu.triton_kernels import _fwd_kernel
+    from vigla.ops.swiglu.triton_kernels import _swiglu_fwd_kernel
 
-    if not isinstance(_fwd_kernel, launcher.JITFunction):  # Triton's interpreter
-        assert launcher.direct(_fwd_kernel) is _fwd_kernel
+    if not isinstance(_swiglu_fwd_kernel, launcher.JITFunction):  # Triton's interpreter
+        assert launcher.direct(_swiglu_fwd_kernel) is _swiglu_fwd_kernel
         return
-    fast = launcher.direct(_fwd_kernel)
-    assert isinstance(fast, launcher.FastKernel) and launcher.direct(_fwd_kernel) is fast
+    fast = launcher.direct(_swiglu_fwd_kernel)
+    assert isinstance(fast, launcher.FastKernel) and launcher.direct(_swiglu_fwd_kernel) is fast
     assert fast.names[:5] == ("u", "y", "N", "I", "su")
     plain = object()
     assert launcher.direct(plain) is plain
@@ -99,9 +99,9 @@ def test_inference_skips_autograd_with_the_same_result(name, one_thread):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_replayed_launches_match_the_reference(dtype, monkeypatch):
-    from vigla.ops.swiglu.triton_kernels import _fwd_kernel, swiglu_fwd_triton
+    from vigla.ops.swiglu.triton_kernels import _swiglu_fwd_kernel, swiglu_fwd_triton
 
-    fast = launcher.direct(_fwd_kernel)
+    fast = launcher.direct(_swiglu_fwd_kernel)
     fast.compiled.clear()
     first = []
     slow = launcher.FastKernel._first

@@ -36,7 +36,7 @@ def _normalize(s, cmask, eps, C: tl.constexpr, RMS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(x, delta, w, b, s, y, R, sx, sd, eps, C: tl.constexpr, BC: tl.constexpr,
+def _add_norm_fwd_kernel(x, delta, w, b, s, y, R, sx, sd, eps, C: tl.constexpr, BC: tl.constexpr,
                 BR: tl.constexpr, RMS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``x``, ``delta``: rows with strides ``sx``, ``sd``; ``s``, ``y``: contiguous ``[R, C]``."""
     eps = tl.cast(eps, tl.float32)  # Inductor passes float scalars as fp64
@@ -58,7 +58,7 @@ def _fwd_kernel(x, delta, w, b, s, y, R, sx, sd, eps, C: tl.constexpr, BC: tl.co
 
 
 @triton.jit
-def _bwd_kernel(dy, ds, s, w, dx, ddelta, dwp, dbp, R, eps, C: tl.constexpr, BC: tl.constexpr,
+def _add_norm_bwd_kernel(dy, ds, s, w, dx, ddelta, dwp, dbp, R, eps, C: tl.constexpr, BC: tl.constexpr,
                 BR: tl.constexpr, RMS: tl.constexpr, HAS_DS: tl.constexpr, HAS_BIAS: tl.constexpr,
                 STORE_DDELTA: tl.constexpr):
     """All row tensors contiguous ``[R, C]``; ``dwp``, ``dbp``: ``[programs, C]`` fp32 partial sums.
@@ -122,7 +122,7 @@ def add_norm_fwd_triton(x, delta, weight, bias, eps: float, rms: bool, out_dtype
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if R:
         BC, BR = _tile(C, TILE_FWD)
-        wrap(_fwd_kernel)[(cdiv(R, BR),)](
+        wrap(_add_norm_fwd_kernel)[(cdiv(R, BR),)](
             x2, d2, weight, bias if bias is not None else weight, s, y, R, x2.stride(0), d2.stride(0), eps,
             C=C, BC=BC, BR=BR, RMS=rms, HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, num_warps=WARPS_FWD)
     return s, y
@@ -144,7 +144,7 @@ def add_norm_bwd_triton(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dt
     dwp = alloc(n, C, dtype=torch.float32, device=s.device)
     dbp = alloc(n if bias is not None else 0, C, dtype=torch.float32, device=s.device)
     if R:
-        wrap(_bwd_kernel)[(n,)](
+        wrap(_add_norm_bwd_kernel)[(n,)](
             dy.contiguous(), ds.contiguous() if ds is not None else s2, s2, weight, dx, ddelta if store_dd else dx,
             dwp, dbp if bias is not None else dwp, R, eps, C=C, BC=BC, BR=BR, RMS=rms, HAS_DS=ds is not None,
             HAS_BIAS=bias is not None, STORE_DDELTA=store_dd, num_warps=WARPS_BWD)

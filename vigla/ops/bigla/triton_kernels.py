@@ -7,19 +7,19 @@ from token j to i (j <= i) is ``exp(P_i - P_j)``, the backward scan's from j to 
 
 Forward, two launches (three for long sequences):
 
-1. ``_walk_kernel`` computes the ``[K, V]`` state entering every chunk, for the forward scan
+1. ``_bigla_walk_kernel`` computes the ``[K, V]`` state entering every chunk, for the forward scan
    (left to right over the chunks) and the backward scan (right to left) in one launch. The
    loop-carried work per chunk is one scaled add (``S <- exp(G) S + U``); the chunk's
    contribution ``U`` (one ``[K, BT] x [BT, V]`` product) does not depend on the state.
-2. Long sequences are cut into segments walked in parallel from a zero state; ``_carry_kernel``
+2. Long sequences are cut into segments walked in parallel from a zero state; ``_bigla_carry_kernel``
    then folds the segments' totals into the state entering each segment, which the next kernel
    adds to the chunk states (decayed by the stored in-segment decay).
-3. ``_fwd_kernel``, one program per chunk: the intra-chunk part as one ``[BT, BT]`` score matrix
+3. ``_bigla_fwd_kernel``, one program per chunk: the intra-chunk part as one ``[BT, BT]`` score matrix
    (forward decays on and below the diagonal, backward on and above) on tensor cores, plus the
    two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(G - c) S^b``.
 
 Backward: the same walk kernel computes four chains in one launch (the two states again, and the
-state gradients of both scans from ``q`` and ``do``), then ``_bwd_kernel``, one program per chunk,
+state gradients of both scans from ``q`` and ``do``), then ``_bigla_bwd_kernel``, one program per chunk,
 twice: the forward scan's ``dq, dk, dv`` shares (fp32) and ``d gf``, then the backward scan's,
 added to them, and ``d gb``. One scan per launch holds half the live tiles of a program doing both
 (which spilled registers). The decay gradients are chunk-local: a suffix (forward scan) or prefix
@@ -86,7 +86,13 @@ def _store_rows(ptr, rows, cols, stride, T, x):
 def _load_gate(ptr, rows, cols, stride, T, gnorm, GATED: tl.constexpr):
     """``[BT, len(cols)]`` fp32 log decays: the stored values, or (``GATED``) ``logsigmoid(z) / gnorm``
     of stored logits ``z``; zero past ``T`` either way."""
-    x = _load_rows(ptr, rows, cols, stride, T)
+    return _log_decays(_load_raw(ptr, rows, cols, stride, T), rows, T, gnorm, GATED)
+
+
+@triton.jit
+def _log_decays(x, rows, T, gnorm, GATED: tl.constexpr):
+    """``_load_gate`` of a tile ``x`` loaded as it is stored (``_load_raw``)."""
+    x = x.to(tl.float32)
     if GATED:
         # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)), with log1p(t) = t * log(u) / (u - 1), u = 1 + t
         # (accurate where 1 + t rounds, i.e. for strong positive logits)
@@ -233,7 +239,7 @@ def _state(h, hs, dec, w, i_bh, BH, n, NT, SEG, NSEG, ck, cv,
 
 # ----------------------------------------------------------------------------------- walks
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "gnorm", "half_scale"])
-def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
+def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
                  sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                  NV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
@@ -277,16 +283,25 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
     count = tl.minimum(NT - first, SEG)
     state = tl.zeros([K, BV], dtype=tl.float32)
     acc = tl.zeros([K], dtype=tl.float32)
+    step = tl.where(ltr, 1, -1)
+    n = tl.where(ltr, first, first + count - 1)
+    rows = n * BT + ot
+    a = _load_raw(a_ptr, rows, ck, sqt, T)
+    b = _load_raw(b_ptr, rows, cv, b_st, T)
+    z = _load_raw(g_ptr, rows, ck, sgt, T)
     for i in range(0, count):
-        n = tl.where(ltr, first + i, first + count - 1 - i)
+        # the next chunk's tiles are loaded (as stored) before this one is used: the loads' latency
+        # overlaps this chunk's work instead of adding to the loop-carried chain (the last step reloads)
+        n_next = tl.where(i + 1 < count, n + step, n)
+        rows_next = n_next * BT + ot
+        a_next = _load_raw(a_ptr, rows_next, ck, sqt, T)
+        b_next = _load_raw(b_ptr, rows_next, cv, b_st, T)
+        z_next = _load_raw(g_ptr, rows_next, ck, sgt, T)
         tl.store(h + (chain * NT + n) * K * V + ck[:, None] * V + cv[None, :], state.to(h.dtype.element_ty))
         if SEGMENTED:
             if i_v == 0:
                 tl.store(dec + (chain * (NT + NSEG) + n) * K + ck, acc)
-        rows = n * BT + ot
-        a = _load_raw(a_ptr, rows, ck, sqt, T)
-        b = _load_raw(b_ptr, rows, cv, b_st, T)
-        g = _load_gate(g_ptr, rows, ck, sgt, T, gnorm, GATED)
+        g = _log_decays(z, rows, T, gnorm, GATED)
         p = tl.cumsum(g, axis=0)
         tot = tl.sum(g, axis=0)
         x = tl.where(ltr, tot[None, :] - p, p)  # exclusive suffix (ltr) / inclusive prefix sums
@@ -296,6 +311,7 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
         contrib = _dot_raw(u.to(b.dtype), b, HALF_DOTS)  # half inputs: both operands in their dtype
         state = state * tl.exp(tot)[:, None] + contrib * mult
         acc += tot
+        n, rows, a, b, z = n_next, rows_next, a_next, b_next, z_next
     if SEGMENTED:
         tl.store(hs + (chain * NSEG + i_s) * K * V + ck[:, None] * V + cv[None, :], state)
         if i_v == 0:
@@ -303,7 +319,7 @@ def _walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, ha
 
 
 @triton.jit(do_not_specialize=["NT", "NSEG"])
-def _carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+def _bigla_carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
                   NV: tl.constexpr):
     """Replace each segment's total in ``hs`` by the state entering the segment (the totals of
     the segments before it, in the chain's direction, folded with their decays)."""
@@ -334,7 +350,7 @@ def _carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV: tl.co
 
 # ----------------------------------------------------------------------------------- outputs
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "gnorm", "half_scale"])
-def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
+def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
@@ -371,7 +387,7 @@ def _fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half
 
 
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "gnorm", "half_scale"])
-def _bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT, SEG, NSEG, gnorm,
+def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT, SEG, NSEG, gnorm,
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
@@ -609,13 +625,13 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, gnorm: float, half_scale:
     segmented = p.nseg > 1
     hs = torch.empty(chains, BH, p.nseg, K, V, **f32) if segmented else h
     dec = torch.empty(chains, BH, p.NT + p.nseg, K, **f32) if segmented else h
-    wrap(_walk_kernel)[(chains * p.NVW, p.nseg, BH)](
+    wrap(_bigla_walk_kernel)[(chains * p.NVW, p.nseg, BH)](
         q, k, v, v if do is None else do, gf, gb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
         half_scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
         SEGMENTED=segmented, num_warps=p.warps_walk)
     if segmented:
-        wrap(_carry_kernel)[(chains * p.NVW, BH)](hs, dec, p.NT, p.nseg, K=K, V=V, BV=p.BVW,
+        wrap(_bigla_carry_kernel)[(chains * p.NVW, BH)](hs, dec, p.NT, p.nseg, K=K, V=V, BV=p.BVW,
                                                   NV=p.NVW, num_warps=4)
     return h, hs, dec
 
@@ -639,7 +655,7 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
     gnorm = float(gate_normalizer) if gated else 1.0
     h, hs, dec = _walks(q, k, v, None, gf, gb, p, 2, gnorm, 0.5 * scale, gated, wrap)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    wrap(_fwd_kernel)[(p.NV, p.NT, B * H)](
+    wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
         q, k, v, gf, gb, o, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm, 0.5 * scale,
         *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
@@ -670,7 +686,7 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
     else:  # fp32 partials per value block, summed below
         dq, dk, dgf, dgb = (torch.empty(part, **f32) for _ in range(4))
     for upper, g, outs, dg in ((0, gf, (pq, pk, pv), dgf), (1, gb, (dq, dk, dv), dgb)):
-        wrap(_bwd_kernel)[(p.NV, p.NT, B * H)](
+        wrap(_bigla_bwd_kernel)[(p.NV, p.NT, B * H)](
             q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
             0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
             K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),

@@ -48,7 +48,7 @@ def _conv(ptr, w, rows, cols, mask, cmask, H, W, sn, BT: tl.constexpr, BC: tl.co
 
 
 @triton.jit
-def _fwd_kernel(x, w, y, N, H, W, C, sb, sn, BT: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr,
+def _dwconv_fwd_kernel(x, w, y, N, H, W, C, sb, sn, BT: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr,
                 FLIP: tl.constexpr):
     """Grid ``(token tiles, channel blocks, B)``; ``x``: strides ``(sb, sn, 1)``; ``y``: contiguous."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -63,7 +63,7 @@ def _fwd_kernel(x, w, y, N, H, W, C, sb, sn, BT: tl.constexpr, BC: tl.constexpr,
 
 
 @triton.jit
-def _bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, BT: tl.constexpr, BC: tl.constexpr,
+def _dwconv_bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, BT: tl.constexpr, BC: tl.constexpr,
                 ACT: tl.constexpr):
     """Grid ``(programs, channel blocks)``, each program looping over the ``TOTAL = B * TILES`` token
     tiles. ``dy``, ``g``, ``dx``: contiguous ``[B, N, C]``. ``ACT``: writes ``g = dy * SiLU'(u)`` (fp32);
@@ -119,7 +119,7 @@ def _conv_launch(x, w, hw, act: bool, flip: bool, out_dtype: torch.dtype, wrap=d
     y = torch.empty(B, N, C, dtype=out_dtype, device=x.device)
     if y.numel():
         BC, BT = _tile(C, TILE_FWD)
-        wrap(_fwd_kernel)[(cdiv(N, BT), cdiv(C, BC), B)](
+        wrap(_dwconv_fwd_kernel)[(cdiv(N, BT), cdiv(C, BC), B)](
             x, w, y, N, hw[0], hw[1], C, x.stride(0), x.stride(1), BT=BT, BC=BC, ACT=act, FLIP=flip,
             num_warps=WARPS)
     return y
@@ -143,7 +143,7 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     out = torch.empty(B, N, C, dtype=torch.float32 if act else x.dtype, device=x.device)
     dwp = (torch.empty if dy.numel() else torch.zeros)(n, 9, C, dtype=torch.float32, device=x.device)
     if dy.numel():
-        wrap(_bwd_kernel)[(n, cdiv(C, BC))](
+        wrap(_dwconv_bwd_kernel)[(n, cdiv(C, BC))](
             dy, x, w, out, out, dwp, N, hw[0], hw[1], C, x.stride(0), x.stride(1), tiles, B * tiles,
             BT=BT, BC=BC, ACT=act, num_warps=WARPS)
     dx = _conv_launch(out, w, hw, False, True, x.dtype, wrap) if act else out  # the transposed conv of g

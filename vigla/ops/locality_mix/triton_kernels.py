@@ -38,7 +38,7 @@ def _normed(t, w, eps, D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(o, x, z, wo, wl, y, R, H, sx, sz, eps, D: tl.constexpr, BR: tl.constexpr,
+def _locality_mix_fwd_kernel(o, x, z, wo, wl, y, R, H, sx, sz, eps, D: tl.constexpr, BR: tl.constexpr,
                 ACT: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp64 under Inductor
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -59,7 +59,7 @@ def _norm_bwd(dn, t, r, w, D: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(dy, o, x, z, wo, wl, do, dx, dz, dwo, dwl, R, H, sx, sz, eps, D: tl.constexpr,
+def _locality_mix_bwd_kernel(dy, o, x, z, wo, wl, do, dx, dz, dwo, dwl, R, H, sx, sz, eps, D: tl.constexpr,
                 BR: tl.constexpr, ACT: tl.constexpr):
     """``dy, do, dx, dz``: contiguous; ``dwo, dwl``: ``[programs, D]`` fp32 partial sums."""
     eps = tl.cast(eps, tl.float32)  # fp64 under Inductor
@@ -110,7 +110,7 @@ def locality_mix_fwd_triton(o, x, z, w_o, w_l, eps: float, act: bool, wrap=direc
     rows, x2, z2, h, d = _flat(o, x, z)
     R = rows.shape[0]
     y = torch.empty(x.shape, dtype=o.dtype, device=o.device)
-    wrap(_fwd_kernel)[(cdiv(R, BLOCK_ROWS),)](rows, x2, z2, w_o, w_l, y, R, h, x2.stride(0),
+    wrap(_locality_mix_fwd_kernel)[(cdiv(R, BLOCK_ROWS),)](rows, x2, z2, w_o, w_l, y, R, h, x2.stride(0),
                                                z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act,
                                                num_warps=4)
     return y
@@ -125,6 +125,6 @@ def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool, wrap=d
     dx = torch.empty(x.shape, dtype=x.dtype, device=o.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=o.device)
     dwo, dwl = (torch.empty(n, d, dtype=torch.float32, device=o.device) for _ in range(2))
-    wrap(_bwd_kernel)[(n,)](dy, rows, x2, z2, w_o, w_l, do, dx, dz, dwo, dwl, R, h, x2.stride(0),
+    wrap(_locality_mix_bwd_kernel)[(n,)](dy, rows, x2, z2, w_o, w_l, do, dx, dz, dwo, dwl, R, h, x2.stride(0),
                       z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act, num_warps=4)
     return do, dx, dz, dwo.sum(0).to(w_o.dtype), dwl.sum(0).to(w_l.dtype)

@@ -14,7 +14,7 @@ BLOCK = 1024
 
 
 @triton.jit
-def _fwd_kernel(u, y, N, I, su, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(u, y, N, I, su, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
     row = idx // I
@@ -25,7 +25,7 @@ def _fwd_kernel(u, y, N, I, su, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(dy, u, du, y, N, I, su, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+def _swiglu_bwd_kernel(dy, u, du, y, N, I, su, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
     row = idx // I
@@ -51,7 +51,7 @@ def swiglu_fwd_triton(u: torch.Tensor, wrap=direct) -> torch.Tensor:
     I = u.shape[-1] // 2
     y = torch.empty(*u.shape[:-1], I, dtype=u.dtype, device=u.device)
     n = u2.shape[0] * I
-    wrap(_fwd_kernel)[(cdiv(n, BLOCK),)](u2, y, n, I, u2.stride(0), BLOCK=BLOCK, num_warps=4)
+    wrap(_swiglu_fwd_kernel)[(cdiv(n, BLOCK),)](u2, y, n, I, u2.stride(0), BLOCK=BLOCK, num_warps=4)
     return y
 
 
@@ -63,6 +63,6 @@ def swiglu_bwd_triton(dy: torch.Tensor, u: torch.Tensor, recompute: bool = False
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     y = torch.empty(*u.shape[:-1], I, dtype=u.dtype, device=u.device) if recompute else du
     n = u2.shape[0] * I
-    wrap(_bwd_kernel)[(cdiv(n, BLOCK),)](dy.contiguous(), u2, du, y, n, I, u2.stride(0), BLOCK=BLOCK,
+    wrap(_swiglu_bwd_kernel)[(cdiv(n, BLOCK),)](dy.contiguous(), u2, du, y, n, I, u2.stride(0), BLOCK=BLOCK,
                                           STORE_Y=recompute, num_warps=4)
     return (du, y) if recompute else du
