@@ -136,7 +136,8 @@ def test_vig_block_count_has_every_linear_conv_and_bigla_mac():
 
 
 def _vig_tiny_hand_macs(img_size: int) -> tuple[int, int, int]:
-    """Spec §1 hand count of ViG-T: (total, BiGLA core, SwiGLU down-projections)."""
+    """Hand count of ViG-T (the official configuration: stem, 12 blocks of BiGLA mixer and SwiGLU, head):
+    (total, BiGLA core, SwiGLU down-projections)."""
     C, K, V, H, dk, dv, I, rank = 192, 96, 192, 3, 32, 64, 512, 16
     g1 = (img_size + 2 - 9) // 8 + 1
     g2 = (g1 + 1) // 2

@@ -23,7 +23,8 @@ def rel_err(a, b):
 
 
 def closed_form(q, k, v, gf, gb, scale):
-    """Spec §2.1 closed form, O(T^2), float64: the definition the recurrences must match."""
+    """BiGLA's closed form (ViG, Sec. 3.2: both scans' decayed sums written out), O(T^2), float64: the
+    definition the recurrences must match."""
     B, T, H, K = q.shape
     cf = gf.cumsum(1)  # prod_{r=j+1..t} a_r = exp(cf_t - cf_j)
     cb = gb.flip(1).cumsum(1).flip(1)  # prod_{r=t..j-1} b_r = exp(cb_t - cb_j)

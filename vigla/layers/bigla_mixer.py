@@ -1,10 +1,10 @@
 """The ViG token mixer: BiGLA with direction-wise gates and 2D gating locality injection.
 
-Spec §1.3 (steps 2-8) and §1.4: one module serves plain ViG and ViG-H; the per-config differences
-are constructor arguments (``conv_act``, ``out_act``). Weight names are vigla's; the official
-names map onto them in ``vigla.models.vig`` (``in_proj.0`` -> ``dwconv``, ``qkv_proj`` -> ``qkv``,
-``gk_proj.0/1`` -> ``decay_down/up``, ``g_norm`` -> ``norm_out``, ``l_norm`` -> ``norm_local``,
-``g_proj`` -> ``mix_gate``, ``o_proj`` -> ``proj``).
+ViG (Liao et al., AAAI 2025, Sec. 3.2), as the official code (hustvl/ViG) builds it: one module serves
+plain ViG and ViG-H; the per-config differences are constructor arguments (``conv_act``, ``out_act``).
+Weight names are vigla's; the official names map onto them in ``vigla.models.vig`` (``in_proj.0`` ->
+``dwconv``, ``qkv_proj`` -> ``qkv``, ``gk_proj.0/1`` -> ``decay_down/up``, ``g_norm`` -> ``norm_out``,
+``l_norm`` -> ``norm_local``, ``g_proj`` -> ``mix_gate``, ``o_proj`` -> ``proj``).
 """
 from __future__ import annotations
 
