@@ -86,13 +86,7 @@ def _store_rows(ptr, rows, cols, stride, T, x):
 def _load_gate(ptr, rows, cols, stride, T, gnorm, GATED: tl.constexpr):
     """``[BT, len(cols)]`` fp32 log decays: the stored values, or (``GATED``) ``logsigmoid(z) / gnorm``
     of stored logits ``z``; zero past ``T`` either way."""
-    return _log_decays(_load_raw(ptr, rows, cols, stride, T), rows, T, gnorm, GATED)
-
-
-@triton.jit
-def _log_decays(x, rows, T, gnorm, GATED: tl.constexpr):
-    """``_load_gate`` of a tile ``x`` loaded as it is stored (``_load_raw``)."""
-    x = x.to(tl.float32)
+    x = _load_rows(ptr, rows, cols, stride, T)
     if GATED:
         # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)), with log1p(t) = t * log(u) / (u - 1), u = 1 + t
         # (accurate where 1 + t rounds, i.e. for strong positive logits)
@@ -283,25 +277,16 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gno
     count = tl.minimum(NT - first, SEG)
     state = tl.zeros([K, BV], dtype=tl.float32)
     acc = tl.zeros([K], dtype=tl.float32)
-    step = tl.where(ltr, 1, -1)
-    n = tl.where(ltr, first, first + count - 1)
-    rows = n * BT + ot
-    a = _load_raw(a_ptr, rows, ck, sqt, T)
-    b = _load_raw(b_ptr, rows, cv, b_st, T)
-    z = _load_raw(g_ptr, rows, ck, sgt, T)
     for i in range(0, count):
-        # the next chunk's tiles are loaded (as stored) before this one is used: the loads' latency
-        # overlaps this chunk's work instead of adding to the loop-carried chain (the last step reloads)
-        n_next = tl.where(i + 1 < count, n + step, n)
-        rows_next = n_next * BT + ot
-        a_next = _load_raw(a_ptr, rows_next, ck, sqt, T)
-        b_next = _load_raw(b_ptr, rows_next, cv, b_st, T)
-        z_next = _load_raw(g_ptr, rows_next, ck, sgt, T)
+        n = tl.where(ltr, first + i, first + count - 1 - i)
         tl.store(h + (chain * NT + n) * K * V + ck[:, None] * V + cv[None, :], state.to(h.dtype.element_ty))
         if SEGMENTED:
             if i_v == 0:
                 tl.store(dec + (chain * (NT + NSEG) + n) * K + ck, acc)
-        g = _log_decays(z, rows, T, gnorm, GATED)
+        rows = n * BT + ot
+        a = _load_raw(a_ptr, rows, ck, sqt, T)
+        b = _load_raw(b_ptr, rows, cv, b_st, T)
+        g = _load_gate(g_ptr, rows, ck, sgt, T, gnorm, GATED)
         p = tl.cumsum(g, axis=0)
         tot = tl.sum(g, axis=0)
         x = tl.where(ltr, tot[None, :] - p, p)  # exclusive suffix (ltr) / inclusive prefix sums
@@ -311,7 +296,6 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gno
         contrib = _dot_raw(u.to(b.dtype), b, HALF_DOTS)  # half inputs: both operands in their dtype
         state = state * tl.exp(tot)[:, None] + contrib * mult
         acc += tot
-        n, rows, a, b, z = n_next, rows_next, a_next, b_next, z_next
     if SEGMENTED:
         tl.store(hs + (chain * NSEG + i_s) * K * V + ck[:, None] * V + cv[None, :], state)
         if i_v == 0:
