@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import timm  # noqa: E402
-
 import vigla  # noqa: E402,F401
 from vigla.bench.measure import profiled_kernels  # noqa: E402
 from vigla.bench.report import envelope, write_json  # noqa: E402
+from vigla.engine.modeling import create_model  # noqa: E402
 
 
 def _batch(img: int) -> int:
@@ -82,9 +81,10 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
     for name in args.models:
-        model = timm.create_model(name, num_classes=1000).cuda()
-        model = torch.compile(model) if args.compile else model
         for img in args.img_size:
+            # built at each size: ViTs (DeiT) take only the size they were built for
+            model = create_model(name, num_classes=1000, img_size=img).cuda()
+            model = torch.compile(model) if args.compile else model
             B = _batch(img)
             x = torch.randn(B, 3, img, img, device="cuda")
             entry = dict(model=name, img_size=img, batch_size=B)
@@ -105,8 +105,8 @@ def main() -> int:
                         print(f"  {row['self_cuda_ms']:8.3f} ms {100 * row['share']:5.1f}% "
                               f"x{row['calls']:<5.0f} {row['op'][:90]}")
             write_json(out, path)  # after every (model, size): a run cut short keeps its rows
-        del model
-        torch.cuda.empty_cache()
+            del model
+            torch.cuda.empty_cache()
     out["complete"] = True
     write_json(out, path)
     print(f"wrote {path}")
