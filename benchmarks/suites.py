@@ -80,11 +80,11 @@ def _bench(name: str, opts: Options, args: list[str], cap: int, base: list[str] 
 TEST_PARTS = {
     "kernels": ("the BiGLA Triton kernels against a float64 recurrence on random shapes, gated and "
                 "plain, opcheck, torch.compile, determinism", ["tests/test_bigla_triton.py"]),
-    "ops": ("the locality-mix, SwiGLU, add+norm and depthwise-conv kernels, whole models on their fused "
-            "paths against reference_ops(), gradient checkpointing, the eager launcher's replays, the blocks' "
-            "deferred residual adds",
+    "ops": ("the locality-mix, SwiGLU, add+norm, depthwise-conv and stem conv+norm kernels, whole models on "
+            "their fused paths against reference_ops(), gradient checkpointing, the eager launcher's replays, the "
+            "blocks' deferred residual adds",
             ["tests/test_fused_ops.py", "tests/test_recompute.py", "tests/test_fused_block_ops.py",
-             "tests/test_launcher.py", "tests/test_models_vig.py"]),
+             "tests/test_launcher.py", "tests/test_models_vig.py", "tests/test_conv_norm.py"]),
     "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel; a training "
                "step without a host sync", ["tests/test_bench.py", "tests/test_cuda_graph.py", "tests/test_train.py"]),
 }

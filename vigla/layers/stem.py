@@ -14,9 +14,12 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from ..ops.conv_norm import conv_norm_act
 from .norm import add_and_norm
 
 __all__ = ["ConvStem", "ConvDownsample", "check_image_batch"]
+
+torch.fx.wrap("conv_norm_act")  # a leaf under torch.fx: the traced graph calls the op as it is
 
 
 @torch.fx.wrap  # a leaf under torch.fx: it runs, with real tensors, when the traced graph runs
@@ -70,6 +73,10 @@ class ConvStem(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, embed_dim // 2, kernel_size, stride, padding=1)
         self.norm1 = LayerNorm2d(embed_dim // 2, eps=norm_eps)
         self.act = act_layer()
+        # the activation as conv_norm_act names it ("": one it lacks, the layers run one by one)
+        self.fused_act = {nn.SiLU: "silu", nn.GELU: "gelu"}.get(type(self.act), "")
+        if isinstance(self.act, nn.GELU) and self.act.approximate != "none":
+            self.fused_act = ""
         self.conv2 = nn.Conv2d(embed_dim // 2, embed_dim, 3, 2, padding=1)
         self.norm2 = nn.LayerNorm(embed_dim, eps=norm_eps)
 
@@ -86,8 +93,22 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.in_chans, self.min_input_size, "ConvStem")
-        x = self.act(self.norm1(self.conv1(x)))
-        return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
+        if torch.jit.is_scripting() or not self.fused_act:
+            x = self.act(self.norm1(self.conv1(x)))
+            return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
+        return self._fused(x)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layers, channels-last throughout: conv1 + LayerNorm + act as one op (one kernel on
+        CUDA, where cuDNN would first copy the 3-channel image to a padded channels-last layout), conv2 on
+        its channels-last output, and the fused LayerNorm, in at least fp32 as ``nn.LayerNorm`` returns
+        under autocast."""
+        conv, norm = self.conv1, self.norm1
+        y = conv_norm_act(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps, self.stride, 1,
+                          self.fused_act)
+        y = self.conv2(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return add_and_norm(self.norm2, y, out_dtype=torch.promote_types(y.dtype, torch.float32))[1]
 
 
 class ConvDownsample(nn.Module):

@@ -1,0 +1,174 @@
+"""``conv_norm_act``: the stems' first layer (conv -> LayerNorm over the channels -> act, channels-last out).
+
+* CPU: the reference against PyTorch's layers as the stems built them (``nn.Conv2d``, timm's
+  ``LayerNorm2d``, ``nn.SiLU`` / ``nn.GELU``), gradients by ``gradcheck`` in float64, autocast's dtypes,
+  bad input; the stems' fused path against their layers one by one (CPU and TorchScript); the Triton kernel
+  through Triton's interpreter (``TRITON_INTERPRET=1``, in a subprocess) against float64.
+* GPU (``pytest -m gpu``): the kernel against float64 at ViG-T's and ViG-H's stem shapes in fp32 / bf16 /
+  fp16 and under bf16 autocast, ``opcheck``, ``torch.compile(fullgraph=True)``, determinism.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d
+
+import vigla  # noqa: F401  (registers the models)
+from vigla.ops.conv_norm import conv_norm_act, conv_norm_reference
+from triton_interpreter import BF16_FIX
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def _inputs(B, C_in, H, W, C, k, dtype=torch.float64, device="cpu", strided=False):
+    """x (a channel slice of a wider batch when ``strided``), weight, bias, norm weight, norm bias."""
+    x = torch.randn(B, C_in + strided, H, W, dtype=dtype, device=device)[:, int(strided):]
+    w = torch.randn(C, C_in, k, k, dtype=dtype, device=device) / k
+    return (x, w, torch.randn(C, dtype=dtype, device=device), torch.rand(C, dtype=dtype, device=device) + 0.5,
+            torch.randn(C, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("act", ["none", "silu", "gelu"])
+def test_reference_is_the_layers_and_its_gradient(act):
+    x, w, b, nw, nb = _inputs(2, 3, 23, 19, 16, 9)
+    conv = nn.Conv2d(3, 16, 9, 8, 1).double()
+    norm = LayerNorm2d(16, eps=1e-5).double()
+    with torch.no_grad():
+        conv.weight.copy_(w), conv.bias.copy_(b), norm.weight.copy_(nw), norm.bias.copy_(nb)
+    layers = {"none": nn.Identity(), "silu": nn.SiLU(), "gelu": nn.GELU()}[act]
+    expect = layers(norm(conv(x))).permute(0, 2, 3, 1)
+    y = conv_norm_act(x, w, b, nw, nb, 1e-5, 8, 1, act)
+    assert y.shape == (2, 3, 2, 16) and y.dtype == torch.float64 and rel(y, expect) < 1e-14
+    leaves = [t.clone().requires_grad_() for t in (x[:, :, :12, :12], w[:, :, :3, :3], b, nw, nb)]
+    assert torch.autograd.gradcheck(lambda *a: conv_norm_act(*a, 1e-5, 2, 1, act), leaves)
+
+
+def test_dtypes_under_autocast_and_bad_input():
+    x, w, b, nw, nb = (t.float() for t in _inputs(2, 3, 16, 16, 8, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv_norm_act(x, w, b, nw, nb, 1e-5, 2, 1, "silu")
+        y32 = conv_norm_act(x, w, b, nw, nb, 1e-5, 2, 1, "silu", out_dtype=torch.float32)
+    assert y.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    assert rel(y32, conv_norm_reference(x, w, b, nw, nb, 1e-5, 2, 1, "silu", torch.float32)) < 2e-2
+    leaves = [t.requires_grad_() for t in (w, b, nw, nb)]
+    grads = torch.autograd.grad(conv_norm_act(x, *leaves, 1e-5, 2, 1, "gelu").square().sum(), leaves)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match="act must be 'none', 'silu' or 'gelu', got 'relu'"):
+        conv_norm_act(x, w, b, nw, nb, 1e-5, 2, 1, "relu")
+    with pytest.raises(ValueError, match="expected x"):
+        conv_norm_act(x[:, :2], w, b, nw, nb, 1e-5, 2, 1, "silu")
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_stems_fused_path_is_their_layers(name):
+    """ViG's and ViG-H's stems (SiLU / GELU): the fused path against the layers run one by one, eager
+    and scripted (TorchScript takes the layers)."""
+    model = timm.create_model(name).eval()
+    stem = model.patch_embed if name == "vig_tiny" else model.stem
+    assert stem.fused_act == ("silu" if name == "vig_tiny" else "gelu")
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        expect = stem.norm2(stem.conv2(stem.act(stem.norm1(stem.conv1(x)))).permute(0, 2, 3, 1))
+        y = stem(x)
+        assert y.is_contiguous() and rel(y, expect) < 1e-6
+        assert rel(torch.jit.script(stem)(x), expect) < 1e-6
+
+
+INTERPRETER_SCRIPT = BF16_FIX + r"""
+import json, torch
+from vigla.ops.conv_norm.triton_kernels import conv_norm_fwd_triton
+from vigla.ops.conv_norm import conv_norm_reference
+torch.manual_seed(0)
+rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+out = {}
+# ViG's (9x9 / 8, 96 channels: masked to 128) and ViG-H's (3x3 / 2, 48) first convs, a reduction past
+# one 32-wide block, odd image sizes, a partial last pixel tile, a strided image, both dtypes
+for B, C_in, H, W, C, k, s, act, dt in [(2, 3, 37, 30, 96, 9, 8, "silu", "float32"),
+                                         (1, 3, 11, 13, 48, 3, 2, "gelu", "float32"),
+                                         (2, 3, 20, 20, 40, 3, 2, "none", "bfloat16"),
+                                         (1, 5, 17, 17, 16, 9, 8, "silu", "bfloat16")]:
+    x = torch.randn(B, C_in + 1, H, W, dtype=torch.float64)[:, 1:]
+    w = torch.randn(C, C_in, k, k, dtype=torch.float64) / k
+    b, nw, nb = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + .5, torch.randn(C, dtype=torch.float64)
+    ref = conv_norm_reference(x, w, b, nw, nb, 1e-5, s, 1, act, torch.float64)
+    y = conv_norm_fwd_triton(x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, s, 1, act,
+                             getattr(torch, dt), torch.float32)
+    out[f"{(B, C_in, H, W, C, k, s, act)} {dt}"] = [rel(y, ref), dt]
+print(json.dumps(out))
+"""
+
+
+def test_kernel_in_interpreter_on_cpu():
+    pytest.importorskip("triton", reason="Triton is not installed: the fused kernel cannot run")
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    tol = {"float32": 1e-6, "bfloat16": 1e-2}  # bf16: the image and weights rounded, as autocast's conv
+    assert all(err < tol[dt] for err, dt in result.values()), result
+
+
+# ----------------------------------------------------------------------------------------- GPU
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+# (B, C_in, H, W, C, k, stride, act): ViG-T/S/B's stems at 224 and a ragged size, ViG-H's, a strided image
+SHAPES = [(8, 3, 224, 224, 96, 9, 8, "silu", False), (4, 3, 225, 161, 192, 9, 8, "none", True),
+          (2, 3, 224, 224, 384, 9, 8, "none", False), (4, 3, 224, 224, 48, 3, 2, "gelu", False),
+          (2, 3, 97, 131, 64, 3, 2, "gelu", True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_on_gpu(shape, dtype):
+    B, C_in, H, W, C, k, s, act, strided = shape
+    x64, *params64 = _inputs(B, C_in, H, W, C, k, device="cuda", strided=strided)
+    y64 = conv_norm_reference(x64, *params64, 1e-5, s, 1, act, torch.float64)
+    x, params = x64.to(dtype), [p.float().requires_grad_() for p in params64]
+    y = conv_norm_act(x, *params, 1e-5, s, 1, act)
+    assert y.dtype == dtype and y.shape == y64.shape and rel(y, y64) < TOL[dtype], rel(y, y64)
+    dy = torch.randn_like(y64)
+    grads = torch.autograd.grad(y, params, dy.to(dtype))
+    expect = torch.autograd.grad(conv_norm_reference(x64, *[p.requires_grad_() for p in params64], 1e-5, s, 1,
+                                                     act, torch.float64), params64, dy)
+    for g, e in zip(grads, expect):
+        assert g.dtype == torch.float32 and rel(g, e) < 4 * TOL[dtype], rel(g, e)
+
+
+@pytest.mark.gpu
+def test_under_autocast_on_gpu():
+    """The models' case: an fp32 image, fp32 parameters, bf16 autocast: bf16 out, within bf16 rounding of
+    the float64 result, gradients to the image too."""
+    x64, *params64 = _inputs(8, 3, 224, 224, 96, 9, device="cuda")
+    y64 = conv_norm_reference(x64, *params64, 1e-5, 8, 1, "silu", torch.float64)
+    x = x64.float().requires_grad_()
+    params = [p.float().requires_grad_() for p in params64]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = conv_norm_act(x, *params, 1e-5, 8, 1, "silu")
+    assert y.dtype == torch.bfloat16 and rel(y, y64) < 1e-2
+    gx, *grads = torch.autograd.grad(y.float().square().sum(), [x, *params])
+    assert gx.shape == x.shape and all(torch.isfinite(g).all() for g in [gx, *grads])
+
+
+@pytest.mark.gpu
+def test_opcheck_compile_and_determinism_on_gpu():
+    x, w, b, nw, nb = (t.float() for t in _inputs(2, 3, 40, 36, 48, 3, device="cuda"))
+    params = [t.requires_grad_() for t in (w, b, nw, nb)]
+    torch.library.opcheck(torch.ops.vigla.conv_norm.default, (x, *params, 1e-5, 2, 1, "gelu", torch.float32,
+                                                              torch.float32))
+    torch.library.opcheck(torch.ops.vigla.conv_norm.default, (x, *params, 1e-5, 2, 1, "silu", torch.bfloat16,
+                                                              torch.bfloat16))
+    fn = torch.compile(lambda *a: conv_norm_act(*a, 1e-5, 2, 1, "silu"), fullgraph=True)
+    eager = conv_norm_act(x, *params, 1e-5, 2, 1, "silu")
+    compiled = fn(x, *params)
+    assert torch.equal(compiled, eager)
+    g1 = torch.autograd.grad(compiled.square().sum(), params)
+    g2 = torch.autograd.grad(conv_norm_act(x, *params, 1e-5, 2, 1, "silu").square().sum(), params)
+    assert all(torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(g1, g2))
+    assert torch.equal(conv_norm_act(x, *params, 1e-5, 2, 1, "silu"), eager)  # same bits again

@@ -1,0 +1,122 @@
+"""The stems' first layer as one op: ``ConvNormFunction`` (eager) and ``vigla::conv_norm`` (traced); the
+fused kernel for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`). The backward runs the
+reference's (recomputed under autograd): the layer is a small share of a training step, its forward the
+larger share of an inference one."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
+from .reference import conv_norm_reference
+
+if HAS_TRITON:
+    from .triton_kernels import conv_norm_fwd_triton
+
+__all__ = ["ConvNormFunction", "conv_norm_forward"]
+
+
+def _kernels(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    return use_kernels(x) and dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def conv_norm_forward(x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
+                      dtype: torch.dtype, out_dtype: torch.dtype, launch=direct) -> torch.Tensor:
+    """``[B, H', W', C]`` in ``out_dtype`` (see :func:`vigla.ops.conv_norm.conv_norm_act`), products in
+    ``dtype``. Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
+    if _kernels(x, dtype):
+        return conv_norm_fwd_triton(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype,
+                                    out_dtype, wrap=launch)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != x.dtype):
+        return conv_norm_reference(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act,
+                                   out_dtype).contiguous()
+
+
+def _backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
+              dtype: torch.dtype, input_grad: bool):
+    """``(dx, dweight, dbias, dnorm_weight, dnorm_bias)``: the reference's gradients (``dx`` empty unless
+    ``input_grad``), in the inputs' dtypes."""
+    leaves = [t.detach().requires_grad_(i > 0 or input_grad) for i, t in enumerate((x, weight, bias, norm_weight,
+                                                                                    norm_bias))]
+    with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != x.dtype):
+        y = conv_norm_reference(*leaves, eps, stride, padding, act, dy.dtype)
+    wanted = leaves if input_grad else leaves[1:]
+    grads = torch.autograd.grad(y, wanted, dy)
+    dx = grads[0] if input_grad else x.new_empty(0)
+    return (dx, *grads[-4:])
+
+
+class ConvNormFunction(torch.autograd.Function):
+    """Eager: ``apply(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, out_dtype)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, out_dtype):
+        ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias)
+        ctx.args = (eps, stride, padding, act, dtype)
+        return conv_norm_forward(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype,
+                                 out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, *grads = _backward(dy, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[0])
+        return (dx if ctx.needs_input_grad[0] else None, *grads, None, None, None, None, None, None)
+
+
+def _out_shape(x, weight, stride: int, padding: int) -> tuple[int, int, int, int]:
+    (B, _, H, W), (C, _, kh, kw) = x.shape, weight.shape
+    return B, (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1, C
+
+
+def _fake(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, out_dtype):
+    return x.new_empty(_out_shape(x, weight, stride, padding), dtype=out_dtype)
+
+
+def _bwd_fake(dy, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, input_grad):
+    return (x.new_empty(x.shape if input_grad else (0,)),
+            *(torch.empty_like(t, memory_format=torch.contiguous_format)
+              for t in (weight, bias, norm_weight, norm_bias)))
+
+
+@fused_op("vigla::conv_norm", _fake)
+def conv_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
+                 norm_bias: torch.Tensor, eps: float, stride: int, padding: int, act: str, dtype: torch.dtype,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """The custom op: :class:`ConvNormFunction`'s forward."""
+    return conv_norm_forward(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, out_dtype,
+                             wrap)
+
+
+@fused_op("vigla::conv_norm_bwd", _bwd_fake)
+def conv_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, stride: int, padding: int,
+                     act: str, dtype: torch.dtype, input_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Its backward: ``(dx, dweight, dbias, dnorm_weight, dnorm_bias)`` (``dx`` empty unless ``input_grad``)."""
+    return _backward(dy, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, input_grad)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, _ = inputs
+    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias)
+    ctx.args = (eps, stride, padding, act, dtype)
+
+
+def _op_backward(ctx, dy):
+    dx, *grads = torch.ops.vigla.conv_norm_bwd(dy, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[0])
+    return (dx if ctx.needs_input_grad[0] else None, *grads, None, None, None, None, None, None)
+
+
+conv_norm_op.register_autograd(_op_backward, setup_context=_setup)
+
+
+@register_flop_formula(torch.ops.vigla.conv_norm)
+def _fwd_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs):
+    # the convolution's multiply-adds, as for the nn.Conv2d it replaces (the norm's are not counted)
+    B, Ho, Wo, C = out_shape
+    return 2 * B * Ho * Wo * C * weight_shape[1] * weight_shape[2] * weight_shape[3]
+
+
+@register_flop_formula(torch.ops.vigla.conv_norm_bwd)
+def _bwd_flops(dy_shape, x_shape, weight_shape, *args, out_shape=None, **kwargs):
+    B, Ho, Wo, C = dy_shape
+    return 2 * 2 * B * Ho * Wo * C * weight_shape[1] * weight_shape[2] * weight_shape[3]
