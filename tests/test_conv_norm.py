@@ -137,8 +137,8 @@ def test_kernel_on_gpu(shape, dtype):
     grads = torch.autograd.grad(y, params, dy.to(dtype))
     expect = torch.autograd.grad(conv_norm_reference(x64, *[p.requires_grad_() for p in params64], 1e-5, s, 1,
                                                      act, torch.float64), params64, dy)
-    for g, e in zip(grads, expect):
-        assert g.dtype == torch.float32 and rel(g, e) < 4 * TOL[dtype], rel(g, e)
+    for g, e in zip(grads, expect):  # the backward is PyTorch's conv's: TF32 products for fp32, by default
+        assert g.dtype == torch.float32 and rel(g, e) < max(4 * TOL[dtype], 2e-3), rel(g, e)
 
 
 @pytest.mark.gpu

@@ -25,7 +25,11 @@ def activate(y: torch.Tensor, act: str) -> torch.Tensor:
 def conv_norm_reference(x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
                         out_dtype: torch.dtype) -> torch.Tensor:
     """``x``: ``[B, C_in, H, W]``; ``weight``: ``[C, C_in, kh, kw]``; ``bias``, ``norm_weight``, ``norm_bias``:
-    ``[C]``. Returns ``[B, H', W', C]`` in ``out_dtype`` (a channels-last view, as the conv left it)."""
-    y = F.conv2d(x, weight, bias, stride, padding).permute(0, 2, 3, 1)
-    y = F.layer_norm(y, y.shape[-1:], norm_weight, norm_bias, eps)
+    ``[C]``. Returns ``[B, H', W', C]`` in ``out_dtype`` (a channels-last view, as the conv left it).
+
+    The convolution in ``x``'s dtype (the parameters cast to it; autocast's when it is on), the norm and the
+    activation in at least float32."""
+    y = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), stride, padding).permute(0, 2, 3, 1)
+    f = torch.promote_types(y.dtype, torch.float32)
+    y = F.layer_norm(y.to(f), y.shape[-1:], norm_weight.to(f), norm_bias.to(f), eps)
     return activate(y, act).to(out_dtype)
