@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 
 import vigla  # noqa: F401  (registers the models)
-from vigla.ops.conv_norm import conv_norm_act, conv_norm_reference
+from vigla.ops.conv_norm import conv_norm_act, conv_norm_reference, conv_norm_reference_bwd
 from triton_interpreter import BF16_FIX
 
 
@@ -50,6 +50,22 @@ def test_reference_is_the_layers_and_its_gradient(act):
     assert torch.autograd.gradcheck(lambda *a: conv_norm_act(*a, 1e-5, 2, 1, act), leaves)
 
 
+@pytest.mark.parametrize("act", ["none", "silu", "gelu"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_reference_backward_is_the_gradient(act, input_grad):
+    """The written-out backward (what the op's backward runs on every device) against autograd of the
+    reference, float64; ``dx`` empty when not asked for."""
+    x, w, b, nw, nb = _inputs(2, 3, 21, 17, 24, 3)
+    leaves = [t.requires_grad_() for t in (x, w, b, nw, nb)]
+    y = conv_norm_reference(*leaves, 1e-5, 2, 1, act, torch.float64)
+    dy = torch.randn_like(y)
+    expect = torch.autograd.grad(y, leaves, dy)
+    got = conv_norm_reference_bwd(dy, *(t.detach() for t in leaves), 1e-5, 2, 1, act, torch.float64, input_grad)
+    assert got[0].shape == (x.shape if input_grad else (0,))
+    for g, e in list(zip(got, expect))[0 if input_grad else 1:]:
+        assert g.dtype == torch.float64 and rel(g, e) < 1e-12, rel(g, e)
+
+
 def test_dtypes_under_autocast_and_bad_input():
     x, w, b, nw, nb = (t.float() for t in _inputs(2, 3, 16, 16, 8, 3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -64,6 +80,17 @@ def test_dtypes_under_autocast_and_bad_input():
         conv_norm_act(x, w, b, nw, nb, 1e-5, 2, 1, "relu")
     with pytest.raises(ValueError, match="expected x"):
         conv_norm_act(x[:, :2], w, b, nw, nb, 1e-5, 2, 1, "silu")
+
+
+def test_custom_op_opcheck_on_cpu():
+    """The custom op (what torch.compile and dispatch modes see): schema, fake tensors, autograd through
+    its backward op, on the CPU path."""
+    x, w, b, nw, nb = (t.float() for t in _inputs(2, 3, 12, 10, 8, 3))
+    params = [t.requires_grad_() for t in (w, b, nw, nb)]
+    torch.library.opcheck(torch.ops.vigla.conv_norm.default,
+                          (x, *params, 1e-5, 2, 1, "silu", torch.float32, torch.float32))
+    torch.library.opcheck(torch.ops.vigla.conv_norm.default,
+                          (x.requires_grad_(), *params, 1e-5, 2, 1, "gelu", torch.float32, torch.float32))
 
 
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])

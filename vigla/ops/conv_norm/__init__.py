@@ -14,9 +14,9 @@ import torch
 from ..dispatch import compute_dtype, run_eager, via_dispatcher
 from ..tracing import exporting
 from .op import ConvNormFunction, conv_norm_forward
-from .reference import ACTS, conv_norm_reference
+from .reference import ACTS, conv_norm_reference, conv_norm_reference_bwd
 
-__all__ = ["conv_norm_act", "conv_norm_reference"]
+__all__ = ["conv_norm_act", "conv_norm_reference", "conv_norm_reference_bwd"]
 
 
 def conv_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,

@@ -1,14 +1,15 @@
 """The stems' first layer as one op: ``ConvNormFunction`` (eager) and ``vigla::conv_norm`` (traced); the
-fused kernel for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`). The backward runs the
-reference's (recomputed under autograd): the layer is a small share of a training step, its forward the
-larger share of an inference one."""
+fused kernel for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`). The backward is the
+reference's written-out one on every device (it recomputes the convolution; PyTorch's convolution backward
+does the rest): the layer is a small share of a training step, its forward a larger share of an inference
+one."""
 from __future__ import annotations
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
-from .reference import conv_norm_reference
+from .reference import conv_norm_reference, conv_norm_reference_bwd
 
 if HAS_TRITON:
     from .triton_kernels import conv_norm_fwd_triton
@@ -34,16 +35,10 @@ def conv_norm_forward(x, weight, bias, norm_weight, norm_bias, eps: float, strid
 
 def _backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
               dtype: torch.dtype, input_grad: bool):
-    """``(dx, dweight, dbias, dnorm_weight, dnorm_bias)``: the reference's gradients (``dx`` empty unless
-    ``input_grad``), in the inputs' dtypes."""
-    leaves = [t.detach().requires_grad_(i > 0 or input_grad) for i, t in enumerate((x, weight, bias, norm_weight,
-                                                                                    norm_bias))]
-    with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != x.dtype):
-        y = conv_norm_reference(*leaves, eps, stride, padding, act, dy.dtype)
-    wanted = leaves if input_grad else leaves[1:]
-    grads = torch.autograd.grad(y, wanted, dy)
-    dx = grads[0] if input_grad else x.new_empty(0)
-    return (dx, *grads[-4:])
+    """``(dx, dweight, dbias, dnorm_weight, dnorm_bias)`` (``dx`` empty unless ``input_grad``), in the inputs'
+    dtypes: the reference's written-out backward on every device."""
+    return tuple(t.contiguous() for t in conv_norm_reference_bwd(dy, x, weight, bias, norm_weight, norm_bias, eps,
+                                                                 stride, padding, act, dtype, input_grad))
 
 
 class ConvNormFunction(torch.autograd.Function):

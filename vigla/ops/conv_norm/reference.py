@@ -8,6 +8,8 @@ and ``nn.LayerNorm`` would.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +35,39 @@ def conv_norm_reference(x, weight, bias, norm_weight, norm_bias, eps: float, str
     f = torch.promote_types(y.dtype, torch.float32)
     y = F.layer_norm(y.to(f), y.shape[-1:], norm_weight.to(f), norm_bias.to(f), eps)
     return activate(y, act).to(out_dtype)
+
+
+def _act_slope(z: torch.Tensor, act: str) -> torch.Tensor:
+    """``act'(z)``."""
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if act == "gelu":
+        return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return torch.ones_like(z)
+
+
+def conv_norm_reference_bwd(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int,
+                            act: str, dtype: torch.dtype, input_grad: bool):
+    """``(dx, dweight, dbias, dnorm_weight, dnorm_bias)`` of ``<dy, conv_norm_reference(...)>`` with the
+    convolution in ``dtype`` (``dx`` empty unless ``input_grad``), written out: the activation's and the
+    LayerNorm's backward in at least float32, then PyTorch's convolution backward (in ``dtype``) of
+    ``du = rstd (g - mean(g) - x_hat mean(g x_hat))``, ``g = dy act'(z) norm_weight``. Dtypes follow the inputs."""
+    xc, wc, bc = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        u = F.conv2d(xc, wc, bc, stride, padding).permute(0, 2, 3, 1)
+    f = torch.promote_types(dtype, torch.float32)
+    u = u.to(f)
+    d = u - u.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((d * d).mean(-1, keepdim=True) + eps)
+    x_hat = d * rstd
+    nw = norm_weight.to(f)
+    dz = dy.to(f) * _act_slope(x_hat * nw + norm_bias.to(f), act)
+    g = dz * nw
+    du = rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    with torch.autocast(x.device.type, enabled=False):
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            du.to(dtype).permute(0, 3, 1, 2), xc, wc, [wc.shape[0]], [stride, stride], [padding, padding], [1, 1],
+            False, [0, 0], 1, [input_grad, True, True])
+    return (dx.to(x.dtype) if input_grad else x.new_empty(0), dw.to(weight.dtype), db.to(bias.dtype),
+            (dz * x_hat).sum((0, 1, 2)).to(norm_weight.dtype), dz.sum((0, 1, 2)).to(norm_bias.dtype))

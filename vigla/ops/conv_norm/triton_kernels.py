@@ -25,7 +25,8 @@ def _conv_norm_fwd_kernel(x, w, b, nw, nb, y, P, HWO, WO, H, W, sxb, sxc, sxh, s
                           KRED: tl.constexpr, KHW: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
                           PAD: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
                           ACT: tl.constexpr, DOT: tl.constexpr):
-    """``BP`` output pixels (of ``P = B * H' * W'``), all ``C`` channels: ``y[p, :]``.
+    """``BP`` output pixels (of ``P = B * H' * W'``), all ``C`` channels: ``y[p, :]``. ``w``: the weight as
+    ``[KRED, C]`` (``KRED = C_in * kh * kw``, row ``k = (c_in * kh + i) * kw + j``), contiguous.
 
     ``DOT``: 0 fp32 operands (exact products), 1 fp16, 2 bf16 (the image and weights rounded to it, as
     autocast's convolution does; fp32 accumulation either way)."""
@@ -45,7 +46,7 @@ def _conv_norm_fwd_kernel(x, w, b, nw, nb, y, P, HWO, WO, H, W, sxb, sxc, sxh, s
         ix = ox[:, None] * STRIDE - PAD + (k % KW)[None, :]
         inside = live[:, None] & (k < KRED)[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         a = tl.load(x + img[:, None] * sxb + ci[None, :] * sxc + iy * sxh + ix * sxw, mask=inside, other=0.0)
-        wt = tl.load(w + n[None, :] * KRED + k[:, None], mask=(k < KRED)[:, None] & keep[None, :], other=0.0)
+        wt = tl.load(w + k[:, None] * C + n[None, :], mask=(k < KRED)[:, None] & keep[None, :], other=0.0)
         if DOT == 2:
             acc += tl.dot(a.to(tl.bfloat16), wt.to(tl.bfloat16))
         elif DOT == 1:
@@ -74,9 +75,10 @@ def conv_norm_fwd_triton(x, weight, bias, norm_weight, norm_bias, eps: float, st
     Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
     y = torch.empty(B, Ho, Wo, C, dtype=out_dtype, device=x.device)
     P = B * Ho * Wo
-    BP, BN = 64, max(16, triton.next_power_of_2(C))
+    BP, BN = 128, max(16, triton.next_power_of_2(C))
+    packed = weight.reshape(C, -1).t().to(dtype).contiguous()  # [C_in*kh*kw, C]: a tile's rows are contiguous
     wrap(_conv_norm_fwd_kernel)[(cdiv(P, BP),)](
-        x, weight.contiguous(), bias, norm_weight, norm_bias, y, P, Ho * Wo, Wo, H, W, *x.stride(), eps,
+        x, packed, bias, norm_weight, norm_bias, y, P, Ho * Wo, Wo, H, W, *x.stride(), eps,
         KRED=C_in * kh * kw, KHW=kh * kw, KW=kw, STRIDE=stride, PAD=padding, C=C, BN=BN, BP=BP, BK=32,
         ACT=_ACT[act], DOT={torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype],
         num_warps=4 if BN <= 64 else 8)
