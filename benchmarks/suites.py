@@ -110,6 +110,11 @@ def _tests(part: str) -> Callable[[Options], list[Step]]:
 
 # ---------------------------------------------------------------------------------------- kernel
 
+def _kernel_stem(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/bench_stem.py", "--out", str(opts.out), "--name", "kernel_stem"]
+    return [Step("kernel_stem", argv, 120, ["kernel_stem.json"])]
+
+
 # launch configurations timed beside the automatic plan (chunk length, warps and register cap of the
 # per-chunk kernels; each applies to both passes)
 TUNE_CONFIGS = ["chunk=64,regs=168", "chunk=64,warps_chunk=4", "chunk=32,warps_chunk=4", "chunk=16,warps_chunk=4",
@@ -375,7 +380,9 @@ SUITES = {s.name: s for s in [
           {"bigla": ("the automatic launch plan: forward and forward+backward", _kernel),
            "tune": ("the automatic plan beside other launch configurations", _kernel_tune),
            "tune_walk": ("the same for the walk kernel's warps, the value block and the segments",
-                         _kernel_tune_walk)},
+                         _kernel_tune_walk),
+           "stem": ("the stems' fused path (conv + LayerNorm + act in one kernel) against their layers one by one",
+                    _kernel_stem)},
           extra="benchmarks/bench_bigla.py (its launch configurations, shapes, ...)"),
     Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
           "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",
