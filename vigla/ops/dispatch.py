@@ -1,6 +1,7 @@
 """Where every fused op chooses between its Triton kernels and its PyTorch reference.
 
-Each op (``bigla``, ``locality_mix``, ``swiglu``, ``add_norm``, ``dwconv``) is built the same way:
+Each op (``bigla``, ``locality_mix``, ``swiglu``, ``add_norm``, ``dwconv``, ``conv_norm``) is built the same
+way:
 
 * a public function: checks its inputs, then calls the op;
 * a reference in plain PyTorch (any device; ``reference.py`` or ``chunked.py``);
