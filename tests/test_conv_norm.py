@@ -82,6 +82,22 @@ def test_dtypes_under_autocast_and_bad_input():
         conv_norm_act(x[:, :2], w, b, nw, nb, 1e-5, 2, 1, "silu")
 
 
+def test_eager_function_gradients_on_cpu():
+    """``ConvNormFunction`` (the eager path with the kernel: CUDA) run on the CPU's reference: its gradients
+    are autograd's of the reference, float64, with and without the image's."""
+    from vigla.ops.conv_norm.op import ConvNormFunction
+
+    x, *params = _inputs(2, 3, 19, 23, 16, 3)
+    for image_grad in (True, False):
+        leaves = [x.clone().requires_grad_(image_grad)] + [p.clone().requires_grad_() for p in params]
+        y = ConvNormFunction.apply(*leaves, 1e-5, 2, 1, "silu", torch.float64, torch.float64)
+        expect = conv_norm_reference(*leaves, 1e-5, 2, 1, "silu", torch.float64)
+        dy = torch.randn_like(y)
+        wanted = leaves if image_grad else leaves[1:]
+        for g, e in zip(torch.autograd.grad(y, wanted, dy), torch.autograd.grad(expect, wanted, dy)):
+            assert rel(g, e) < 1e-12
+
+
 def test_custom_op_opcheck_on_cpu():
     """The custom op (what torch.compile and dispatch modes see): schema, fake tensors, autograd through
     its backward op, on the CPU path."""

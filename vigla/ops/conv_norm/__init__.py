@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..dispatch import compute_dtype, run_eager, via_dispatcher
+from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
 from .op import ConvNormFunction, conv_norm_forward
 from .reference import ACTS, conv_norm_reference, conv_norm_reference_bwd
@@ -50,4 +50,7 @@ def conv_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nor
             out_dtype or dtype)
     if via_dispatcher():
         return torch.ops.vigla.conv_norm(*args)
-    return run_eager(ConvNormFunction, conv_norm_forward, *args)
+    if use_kernels(x):
+        return run_eager(ConvNormFunction, conv_norm_forward, *args)
+    # no kernel (a CPU): PyTorch's layers under autograd, whose own backward is faster than the written-out one
+    return conv_norm_forward(*args)
