@@ -7,10 +7,6 @@
 * GPU (``pytest -m gpu``): the kernel against float64 at ViG-T's and ViG-H's stem shapes in fp32 / bf16 /
   fp16 and under bf16 autocast, ``opcheck``, ``torch.compile(fullgraph=True)``, determinism.
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -20,6 +16,7 @@ from timm.layers import LayerNorm2d
 
 import vigla  # noqa: F401  (registers the models)
 from vigla.ops.conv_norm import conv_norm_act, conv_norm_reference, conv_norm_reference_bwd
+import triton_interpreter
 from triton_interpreter import BF16_FIX
 
 
@@ -150,10 +147,7 @@ print(json.dumps(out))
 
 def test_kernel_in_interpreter_on_cpu():
     pytest.importorskip("triton", reason="Triton is not installed: the fused kernel cannot run")
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = triton_interpreter.run(INTERPRETER_SCRIPT)
     tol = {"float32": 1e-6, "bfloat16": 1e-2}  # bf16: the image and weights rounded, as autocast's conv
     assert all(err < tol[dt] for err, dt in result.values()), result
 

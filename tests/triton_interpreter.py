@@ -6,7 +6,13 @@ unit in the last place where the GPU rounds to nearest even). ``BF16_FIX`` makes
 operands as the float32 values they hold (the GPU's bf16 tensor-core products: exact products, fp32
 accumulation) and its cast round to nearest even, so the kernels' bf16 paths run on the CPU with the
 GPU's arithmetic.
+
+:func:`run` runs such a script in Triton's interpreter and returns the JSON it prints last.
 """
+import json
+import os
+import subprocess
+import sys
 
 BF16_FIX = r"""
 import numpy as _np
@@ -41,3 +47,12 @@ _interp.InterpreterBuilder.cast_impl = _cast_rtne
 _interp.InterpreterBuilder.create_fp_trunc = lambda self, src, dst_type: _cast_rtne(self, src, dst_type)
 _interp.InterpreterBuilder.create_fp_to_fp = lambda self, src, dst_type, rounding: _cast_rtne(self, src, dst_type)
 """
+
+
+def run(script: str, *args: str):
+    """The JSON value on the last line ``script`` prints, run with ``args`` by a fresh Python in Triton's
+    interpreter (``TRITON_INTERPRET=1``); the script's error output when it fails."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
