@@ -77,6 +77,8 @@ def test_dtypes_under_autocast_and_bad_input():
         conv_norm_act(x, w, b, nw, nb, 1e-5, 2, 1, "relu")
     with pytest.raises(ValueError, match="expected x"):
         conv_norm_act(x[:, :2], w, b, nw, nb, 1e-5, 2, 1, "silu")
+    with pytest.raises(ValueError, match=r"must be \[C\] with C = 8"):
+        conv_norm_act(x, w, b[:4], nw, nb, 1e-5, 2, 1, "silu")
 
 
 def test_eager_function_gradients_on_cpu():

@@ -74,9 +74,8 @@ class ConvStem(nn.Module):
         self.norm1 = LayerNorm2d(embed_dim // 2, eps=norm_eps)
         self.act = act_layer()
         # the activation as conv_norm_act names it ("": one it lacks, the layers run one by one)
-        self.fused_act = {nn.SiLU: "silu", nn.GELU: "gelu"}.get(type(self.act), "")
-        if isinstance(self.act, nn.GELU) and self.act.approximate != "none":
-            self.fused_act = ""
+        exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+        self.fused_act = "silu" if isinstance(self.act, nn.SiLU) else "gelu" if exact_gelu else ""
         self.conv2 = nn.Conv2d(embed_dim // 2, embed_dim, 3, 2, padding=1)
         self.norm2 = nn.LayerNorm(embed_dim, eps=norm_eps)
 

@@ -45,6 +45,9 @@ def conv_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nor
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv_norm_act: expected x [B, C_in, H, W] and weight [C, C_in, kh, kw], got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if any(t.shape != weight.shape[:1] for t in (bias, norm_weight, norm_bias)):
+        raise ValueError(f"conv_norm_act: bias, norm_weight and norm_bias must be [C] with C = {weight.shape[0]}, got "
+                         f"{[tuple(t.shape) for t in (bias, norm_weight, norm_bias)]}")
     dtype = compute_dtype(x)
     args = (x, weight, bias, norm_weight, norm_bias, float(eps), int(stride), int(padding), act, dtype,
             out_dtype or dtype)
