@@ -508,3 +508,20 @@ def test_too_small_image():
         assert model.forward_features(torch.randn(1, 3, 7, 7)).shape == (1, 1, 192)
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("vig_tiny", global_pool="token")
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_whole_model_traces_under_torch_compile(name):
+    """torch.compile (AOTAutograd, eager backend: what Inductor receives, without its code generation) traces
+    a whole model in one graph, forward and backward, through every custom op (the stem's conv + norm,
+    BiGLA's CPU kernel, the fused block ops), and gives eager's outputs and gradients."""
+    torch.manual_seed(0)
+    model = small(name, num_classes=10, drop_path_rate=0.0).train()  # no stochastic depth: one function
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out, expect = compiled(x), model(x)
+    assert torch.allclose(out, expect, rtol=1e-5, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.square().sum(), params)
+    want = torch.autograd.grad(expect.square().sum(), params)
+    assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for g, w in zip(got, want))
