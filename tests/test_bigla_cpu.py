@@ -104,6 +104,18 @@ def test_extreme_and_tiny_decays_over_a_long_sequence():
         assert rel_err(out, ref) < 2e-5
 
 
+def test_gates_near_one_over_a_long_sequence():
+    """Logits 12 to 25 (decays within 4e-7 to 9e-13 of 1, log decays formed in float32) summed over 8k tokens in
+    both directions: the decays' products stay at float32's accuracy against float64."""
+    B, T, H, K, V = 1, 8192, 1, 4, 4
+    q, k, v, _, _ = make_inputs(B, T, H, K, V)
+    z = 12 + 13 * torch.rand(B, T, H, K, dtype=torch.float64)
+    logsigmoid = torch.nn.functional.logsigmoid
+    ref = bigla_naive(q, k, v, logsigmoid(z) / 16, logsigmoid(z.flip(1)) / 16, 0.5)
+    out = bigla_fwd_cpu(*kernel_inputs(q, k, v, z, z.flip(1)), 0.5, 16.0)
+    assert rel_err(out, ref) < 2e-5
+
+
 def test_result_does_not_depend_on_the_thread_count():
     x = kernel_inputs(*make_inputs(3, 50, 5, 8, 16))
     do = torch.randn(3, 50, 5, 16)
@@ -146,8 +158,9 @@ def test_without_a_compiler_it_warns_once_and_runs_the_pytorch_path(tmp_path):
 
 
 def test_extreme_gate_logits_against_float64():
-    """Logits from -800 to 800 (decays from exp(-50) per token to within 1e-20 of 1; the kernel forms them in
-    float64 with its own exp and log1p): output and logit gradients at float32's accuracy."""
+    """Logits from -800 to 800 (decays from exp(-50) per token to within 1e-20 of 1; the kernel forms their log
+    in float32 with its own exp and log1p, the decays in float64): output and logit gradients at float32's
+    accuracy."""
     B, T, H, K, V = 1, 64, 2, 8, 8
     q, k, v, _, _ = make_inputs(B, T, H, K, V)
     levels = torch.tensor([-800.0, -100.0, -30.0, -3.0, 0.0, 3.0, 13.0, 30.0, 100.0, 800.0], dtype=torch.float64)

@@ -19,9 +19,11 @@
  *
  * Tensors are [B, T, H, D] with unit stride in D; the inputs take any (b, t, h) strides (in elements),
  * the outputs are contiguous. The gates are log decays, or (gnorm > 0) gate logits z with log decays
- * logsigmoid(z) / gnorm, whose gradient the backward then returns. Decays are formed per token in float64
- * by exp_d / log1p_d below: polynomials the compiler vectorises over K (a libm call per element would cost
- * more than the state update).
+ * logsigmoid(z) / gnorm, whose gradient the backward then returns. Per token, the log decays are formed in
+ * float32 (exp_f, log1p_f: their relative precision is all the products need) and the decays exp(log decay)
+ * in float64 (exp_d: a decay within 1e-10 of 1 must not round to 1): polynomials the compiler vectorises over
+ * K (a libm call per element would cost more than the state update; the float64 forms of the log decays cost
+ * as much as the state update itself).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -63,24 +65,40 @@ static inline double exp_d(double x) {
     return p * from_bits((n1 + 1023) << 52) * from_bits((ni - n1 + 1023) << 52);
 }
 
-/* log(1 + t) for t in [0, 1], float64: log(u) of u = 1 + t as 2 atanh((m - 1) / (m + 1)) with u = m 2^e,
- * m in [0.71, 1.42] (series to f^23), times t / (u - 1) to undo the rounding of u */
-static inline double log1p_d(double t) {
-    double u = 1.0 + t;
-    int e = u > 1.4142135623730951;
-    double m = e ? 0.5 * u : u, f = (m - 1.0) / (m + 1.0), f2 = f * f, p = 1.0 / 23.0;
-    for (int k = 21; k >= 1; k -= 2) p = p * f2 + 1.0 / k;
-    double log_u = e * 6.93147180559945309417e-01 + 2.0 * f * p;
-    return u == 1.0 ? t : log_u * (t / (u - 1.0));
+static inline float from_bits_f(int32_t i) {
+    float x;
+    memcpy(&x, &i, sizeof x);
+    return x;
 }
 
-/* a token's log decays in float64: logsigmoid(z) / gnorm = (min(z, 0) - log1p(exp(-|z|))) / gnorm of
- * logits, or the log decays as given */
+/* exp(x) in float32 for x <= 0, to an ulp or two (degree-6 Taylor on |r| <= ln2 / 2, then 2^n); 0 below
+ * -87.3, where the result would be subnormal */
+static inline float exp_f(float x) {
+    float xc = x < -87.3f ? -87.3f : x;
+    float n = __builtin_floorf(xc * 1.44269504f + 0.5f);
+    float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.0f / 720.0f;
+    static const float inv_fact[6] = {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+    for (int i = 0; i < 6; i++) p = p * r + inv_fact[i];
+    return x < -87.3f ? 0.0f : p * from_bits_f(((int32_t)n + 127) << 23);
+}
+
+/* log(1 + t) for t in [0, 1], float32, to an ulp or two: 2 atanh(f) with f = t / (2 + t) (exact identity,
+ * no rounding of 1 + t), |f| <= 1/3, series to f^15 */
+static inline float log1p_f(float t) {
+    float f = t / (2.0f + t), f2 = f * f, p = 1.0f / 15.0f;
+    for (int k = 13; k >= 1; k -= 2) p = p * f2 + 1.0f / k;
+    return 2.0f * f * p;
+}
+
+/* a token's log decays: logsigmoid(z) / gnorm = (min(z, 0) - log1p(exp(-|z|))) / gnorm of logits, formed
+ * in float32 (their relative precision is what the decays need; the decays themselves and their products
+ * are float64 below), or the log decays as given */
 static inline void log_decays(const job_t *J, const float *restrict g, double *restrict la) {
-    const double inv = J->gnorm > 0 ? 1.0 / J->gnorm : 1.0;
+    const float inv = J->gnorm > 0 ? 1.0f / J->gnorm : 1.0f;
     for (long i = 0; i < J->K; i++) {
-        double z = g[i];
-        la[i] = J->gnorm > 0 ? ((z < 0 ? z : 0.0) - log1p_d(exp_d(-__builtin_fabs(z)))) * inv : z;
+        float z = g[i];
+        la[i] = J->gnorm > 0 ? ((z < 0 ? z : 0.0f) - log1p_f(exp_f(-__builtin_fabsf(z)))) * inv : z;
     }
 }
 
@@ -90,11 +108,12 @@ static inline void decays(const job_t *J, const float *restrict g, double *restr
     for (long i = 0; i < J->K; i++) a[i] = exp_d(a[i]);
 }
 
-/* d(log decay) / d(gate) of a token's gates: sigmoid(-z) / gnorm for logits, else 1 */
+/* d(log decay) / d(gate) of a token's gates: sigmoid(-z) / gnorm for logits (float32), else 1 */
 static inline void gate_slopes(const job_t *J, const float *restrict g, double *restrict slope) {
+    const float inv = J->gnorm > 0 ? 1.0f / J->gnorm : 1.0f;
     for (long i = 0; i < J->K; i++) {
-        double z = g[i], t = exp_d(-__builtin_fabs(z));
-        slope[i] = J->gnorm > 0 ? (z < 0 ? 1.0 : t) / ((1.0 + t) * J->gnorm) : 1.0;
+        float z = g[i], t = exp_f(-__builtin_fabsf(z));
+        slope[i] = J->gnorm > 0 ? (z < 0 ? 1.0f : t) / (1.0f + t) * inv : 1.0f;
     }
 }
 

@@ -141,7 +141,7 @@ def bigla_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.T
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
         gf, gb: ``[B, T, H, K]`` log decays (finite, <= 0) of the forward and the backward scan, or gate logits
             when ``gate_normalizer`` is given (log decays ``logsigmoid(z) / gate_normalizer``, formed in the
-            kernel in float64).
+            kernel in float32, the decays from them in float64).
         scale: readout scale.
     """
     o = torch.empty(*q.shape[:3], v.shape[-1], dtype=torch.float32)
