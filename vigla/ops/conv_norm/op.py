@@ -1,8 +1,8 @@
-"""The stems' first layer as one op: ``ConvNormFunction`` (eager) and ``vigla::conv_norm`` (traced); the
-fused kernel for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`). The backward is the
-reference's written-out one on every device (it recomputes the convolution; PyTorch's convolution backward
-does the rest): the layer is a small share of a training step, its forward a larger share of an inference
-one."""
+"""The stems' first layer as one op: ``ConvNormFunction`` (eager, CUDA) and ``vigla::conv_norm`` (traced); the
+fused kernel for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`). Their backward is the
+reference's written-out one (it recomputes the convolution; PyTorch's convolution backward does the rest): the
+layer is a small share of a training step, its forward a larger share of an inference one. Eager on a CPU, the
+public function runs the reference under autograd instead (PyTorch's own backward is faster there)."""
 from __future__ import annotations
 
 import torch
