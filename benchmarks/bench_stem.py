@@ -24,11 +24,6 @@ from vigla.engine.modeling import create_model  # noqa: E402
 STEMS = {"vig_tiny": "patch_embed", "vig_small": "patch_embed", "vig_h_tiny": "stem"}
 
 
-def layers(stem, x: torch.Tensor) -> torch.Tensor:
-    """The stem's layers one by one (what the fused path replaces), ``[B, H', W', C]``."""
-    return stem.norm2(stem.conv2(stem.act(stem.norm1(stem.conv1(x)))).permute(0, 2, 3, 1))
-
-
 def main() -> int:
     from triton.testing import do_bench_cudagraph
 
@@ -49,10 +44,10 @@ def main() -> int:
         for img in args.img_size:
             x = torch.randn(args.batch_size, 3, img, img, device="cuda")
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                ref = layers(stem, x).float()
+                ref = stem.forward_layers(x).float()
                 diff = ((stem(x).float() - ref).norm() / ref.norm()).item()
                 fused = do_bench_cudagraph(lambda: stem(x), rep=100)
-                one_by_one = do_bench_cudagraph(lambda: layers(stem, x), rep=100)
+                one_by_one = do_bench_cudagraph(lambda: stem.forward_layers(x), rep=100)
             row = dict(model=name, img_size=img, batch_size=args.batch_size, fused_ms=fused, layers_ms=one_by_one,
                        speedup=one_by_one / fused, rel_diff=diff)
             out["rows"].append(row)

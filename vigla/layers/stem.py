@@ -93,9 +93,13 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.in_chans, self.min_input_size, "ConvStem")
         if torch.jit.is_scripting() or not self.fused_act:
-            x = self.act(self.norm1(self.conv1(x)))
-            return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
+            return self.forward_layers(x)
         return self._fused(x)
+
+    def forward_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers one by one, as PyTorch runs them (what the fused path replaces; TorchScript's path)."""
+        x = self.act(self.norm1(self.conv1(x)))
+        return self.norm2(self.conv2(x).permute(0, 2, 3, 1))
 
     @torch.jit.unused
     def _fused(self, x: torch.Tensor) -> torch.Tensor:

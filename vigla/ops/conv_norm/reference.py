@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..activations import silu_slope
+
 ACTS = ("none", "silu", "gelu")  # gelu: the exact (erf) form, nn.GELU's default
 
 
@@ -40,8 +42,7 @@ def conv_norm_reference(x, weight, bias, norm_weight, norm_bias, eps: float, str
 def _act_slope(z: torch.Tensor, act: str) -> torch.Tensor:
     """``act'(z)``."""
     if act == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
+        return silu_slope(z)
     if act == "gelu":
         return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     return torch.ones_like(z)

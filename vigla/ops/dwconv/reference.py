@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..activations import silu_slope
+
 
 def _work(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -51,8 +53,7 @@ def dwconv_reference_bwd(dy, x, weight, hw: tuple[int, int], act: bool):
     img, u = _conv(x, weight, hw)
     g = _image(dy, hw, img.dtype)
     if act:
-        s = torch.sigmoid(u)
-        g = g * s * (1 + u * (1 - s))
+        g = g * silu_slope(u)
     H, W = hw
     with torch.autocast(x.device.type, enabled=False):
         dx = F.conv_transpose2d(g, weight.to(img.dtype), padding=1, groups=img.shape[1])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..activations import silu_slope
+
 
 def _work(o: torch.Tensor) -> torch.dtype:
     return torch.float64 if o.dtype == torch.float64 else torch.float32
@@ -46,8 +48,7 @@ def locality_mix_reference_bwd(dy, o, x, z, w_o, w_l, eps: float, act: bool):
     gate = torch.sigmoid(g)
     if act:
         u = nb + gate * (na - nb)
-        s = torch.sigmoid(u)
-        dy = dy * s * (1 + u * (1 - s))
+        dy = dy * silu_slope(u)
     dz = dy * (na - nb) * gate * (1 - gate)
     dna, dnb = dy * gate, dy * (1 - gate)
 
