@@ -152,8 +152,11 @@ class BiGLAMixer(nn.Module):
         q, k, v, z, gate = F.linear(x_c, w_in, b_in).split(
             [K, K, C, self.decay_down.out_features, C], dim=-1)
         # Gate logits; the op forms the log decays logsigmoid(z) / normalizer in float32 (inside
-        # the kernels on the GPU: they are summed over up to N tokens in the scan).
-        zf, zb = F.linear(z, w_up, b_up).unflatten(-1, (2, h, self.head_k)).unbind(dim=2)
+        # the kernels on the GPU: they are summed over up to N tokens in the scan). z is a column
+        # slice: as [B*N, r] rows (a view) it is one GEMM with the bias in its epilogue; a 3-D
+        # non-contiguous input would take a GEMM and a separate bias add.
+        logits = F.linear(z.flatten(0, 1), w_up, b_up)  # [B*N, 2K]
+        zf, zb = logits.view(x.shape[0], N, 2, h, self.head_k).unbind(dim=2)
         o = bigla_gated(q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k)),
                         v.unflatten(-1, (h, self.head_v)), zf, zb,
                         self.gate_logit_normalizer)  # [B, N, h, d_v]
