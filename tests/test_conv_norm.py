@@ -197,13 +197,20 @@ def test_under_autocast_on_gpu():
 
 @pytest.mark.gpu
 def test_opcheck_compile_and_determinism_on_gpu():
+    # the backward recomputes the convolution with cuDNN, whose fp32 default is TF32 with algorithms free to sum
+    # in any order: opcheck's eager and AOTAutograd runs differed by 0.6% in the weight gradient (GPU run at
+    # 72250a9); full fp32 and deterministic algorithms make the fp32 tolerances below meaningful
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        _opcheck_compile_and_determinism()
+
+
+def _opcheck_compile_and_determinism():
     x, w, b, nw, nb = (t.float() for t in _inputs(2, 3, 40, 36, 48, 3, device="cuda"))
     params = [t.requires_grad_() for t in (w, b, nw, nb)]
     torch.library.opcheck(torch.ops.vigla.conv_norm.default, (x, *params, 1e-5, 2, 1, "gelu", torch.float32,
                                                               torch.float32))
-    # bf16: the schema, fake and autograd-registration checks; opcheck's eager-vs-AOTAutograd gradient check
-    # holds bf16 results to fp32 tolerances, and cuDNN's bf16 weight gradients differ between the two runs in
-    # their last bits (0.6% apart, also under cuDNN's deterministic flags): the fp32 call above checks it
+    # bf16: the schema, fake and autograd-registration checks (opcheck's eager-vs-AOTAutograd gradient check
+    # holds results to fp32 tolerances; the fp32 call above runs it)
     torch.library.opcheck(torch.ops.vigla.conv_norm.default, (x, *params, 1e-5, 2, 1, "silu", torch.bfloat16,
                                                               torch.bfloat16),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
