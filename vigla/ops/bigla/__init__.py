@@ -48,11 +48,13 @@ def _check_shapes(op: str, gates: tuple[str, str], shapes: tuple, dtypes: tuple,
 
 
 def _check(op: str, tensors: tuple, gates: tuple[str, str]) -> None:
-    for name, t in zip(("q", "k", "v", *gates), tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not all([isinstance(t, torch.Tensor) for t in tensors]):
+        for name, t in zip(("q", "k", "v", *gates), tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     check = _check_shapes.__wrapped__ if torch.compiler.is_compiling() else _check_shapes  # Dynamo skips caches
-    check(op, gates, tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors), tuple(t.device for t in tensors))
+    check(op, gates, tuple([t.shape for t in tensors]), tuple([t.dtype for t in tensors]),
+          tuple([t.device for t in tensors]))
 
 
 def _run(q, k, v, gf, gb, scale, gate_normalizer):

@@ -526,20 +526,22 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
 
 @functools.lru_cache(maxsize=1024)
 def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: int,
-         config: BiGLAConfig = _DEFAULT) -> _Plan:
+         config: BiGLAConfig | None = None) -> _Plan:
     """Launch plan for one shape (cached: the checks and choices happen once per shape).
 
     ``chains``: 2 (forward) or 4 (backward); ``sms``: multiprocessors of the device. The walks
     are cut into segments when their ``chains * B * H`` programs would leave the multiprocessors
     short of work (Nsight Compute: each walk's chain of chunks is bound by latency, not bytes),
     at most about ``sqrt(chunks)`` of them, since the carry kernel folds the segments one after
-    the other. Chunk lengths, warps and register caps of the per-chunk kernels:
-    :func:`default_launch`, each overridden by its ``config`` field (a default register cap is
-    kept only with the default chunk length it was measured with).
+    the other; a walk left whole runs two warps per program when its programs fill every
+    multiprocessor four times over, else four. Chunk lengths, warps and register caps of the per-chunk
+    kernels: :func:`default_launch`. Each is overridden by its ``config`` field (a default register cap
+    is kept only with the default chunk length it was measured with).
     """
     if not supports(K, V):
         raise ValueError(f"bigla: the Triton kernels take d_k in (16, 32, 64, 128) and d_v in "
                          f"(16, 32, 64, 128, 256); got d_k={K}, d_v={V}")
+    config = config or _DEFAULT
     chunk, warps, regs = default_launch(T, K, V, bf16, chains)
     BT = config.chunk or chunk
     if BT not in (16, 32, 64):
@@ -554,22 +556,26 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     if nseg is None:
         nseg = 1 if programs >= 8 * sms or NT < 8 else min(cdiv(8 * sms, programs), math.isqrt(NT) + 1)
     seg = cdiv(NT, max(1, min(nseg, NT)))
+    # walks not cut into segments and at least four programs per multiprocessor: two warps each (more of
+    # them resident; measured 3-5% faster at 224 for ViG-T / ViG-S / ViG-H-T stage 3, kernel_bigla_tune_walk);
+    # segmented walks (few, long chains) keep four (two were 15% slower for ViG-T at 1024)
+    warps_walk = 2 if seg >= NT and programs >= 4 * sms else 4
     if BV > 64:  # an explicit value block above 64
         warps = 8
     if config.regs is None and BT != chunk:
         regs = 0
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
-                 nseg=cdiv(NT, seg), warps_walk=config.warps_walk or 4,
+                 nseg=cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if config.regs is None else config.regs,
                  state_fp32=not bf16 or config.state_dtype == "fp32")
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
     B, T, H, K = q.shape
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-        if q.is_cuda else 132
-    args = (B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config or _DEFAULT)
-    if all(type(d) is int for d in (B, T, H)):
+    index = q.device.index
+    sms = _sm_count(index if index is not None else torch.cuda.current_device()) if q.is_cuda else 132
+    args = (B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config)
+    if type(B) is int and type(T) is int and type(H) is int:
         return plan(*args)
     return plan.__wrapped__(*args)  # symbolic sizes (torch.compile with dynamic shapes): not hashable
 
@@ -577,6 +583,10 @@ def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) 
 def _strided(q, k, v, gf, gb):
     """The inputs as the kernels read them: unit last stride; q and k, gf and gb sharing strides
     (true of column slices of one projection); copies only where that fails."""
+    sq, sg = q.stride(), gf.stride()
+    if sq[-1] == 1 and sg[-1] == 1 and v.stride(-1) == 1 and sq == k.stride() and sg == gb.stride():
+        return q, k, v, gf, gb  # the model's layout: checked in one pass
+
     def unit(t):
         return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -588,9 +598,12 @@ def _strided(q, k, v, gf, gb):
     return q, k, v, gf, gb
 
 
+_HALF_DOTS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def _half_dots(q: torch.Tensor) -> int:
     """The kernels' ``HALF_DOTS`` (see ``_dot``, ``_hdot``): 0, 1, 2 for fp32, fp16, bf16 inputs."""
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[q.dtype]
+    return _HALF_DOTS[q.dtype]
 
 
 def _cap(p: _Plan) -> dict:
