@@ -224,6 +224,11 @@ def _host_profile_train(opts: Options) -> list[Step]:
     return [Step("profile_host_train", argv, 180, ["profile_host_train.json"])]
 
 
+def _host_ops(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/host_ops.py", "--out", str(opts.out), "--name", "profile_host_ops"]
+    return [Step("profile_host_ops", argv, 120, ["profile_host_ops.json"])]
+
+
 def _ncu(opts: Options) -> list[Step]:
     """Nsight Compute's sections of every kernel launched by one BiGLA forward + backward (the
     NVTX range ``bigla`` of benchmarks/ncu_bigla.py, after warm-up calls)."""
@@ -408,7 +413,9 @@ SUITES = {s.name: s for s in [
            "host": ("the host's time in an eager forward at 224: synced, issue-only and pipelined timings, "
                     "cProfile of the Python frames", _host_profile),
            "host_train": ("the same for a training step at 224 (forward, backward, fused AdamW): is it bound "
-                          "by the host or the device", _host_profile_train)}),
+                          "by the host or the device", _host_profile_train),
+           "host_ops": ("the host's time per call of each op of a ViG-T block beside PyTorch's ops and an empty "
+                        "Triton launch", _host_ops)}),
     Suite("ncu", "Nsight Compute sections of the BiGLA kernels at two ViG-T shapes", "cuda",
           {"bigla": ("one forward + backward per shape, every kernel in it", _ncu)}),
     Suite("train", "ViG-T vs DeiT-T trained with the same recipe and budget, evaluated at 1x, 2x and 4x the "
