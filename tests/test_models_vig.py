@@ -525,3 +525,37 @@ def test_whole_model_traces_under_torch_compile(name):
     got = torch.autograd.grad(out.square().sum(), params)
     want = torch.autograd.grad(expect.square().sum(), params)
     assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for g, w in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_inductor_modes_on_gpu(mode):
+    """``torch.compile(model, mode=...)`` with Inductor on CUDA, the modes users pick for speed (both replay CUDA
+    graphs): training steps (forward, backward) and inference under bf16 autocast give eager's outputs and
+    gradients to bf16's precision, through the Triton kernels launched from Inductor's code."""
+    torch.manual_seed(0)
+    model = small("vig_tiny", num_classes=10).cuda().train()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    compiled = torch.compile(model, mode=mode, fullgraph=True)
+
+    def step(fn):
+        with torch.autocast("cuda", torch.bfloat16):
+            out = fn(x)
+        grads = torch.autograd.grad(out.float().square().sum(), params)
+        return out.detach().float().clone(), [g.clone() for g in grads]
+
+    def close(a, b, tol):
+        return (a - b).norm() <= tol * b.norm()
+
+    want_out, want_grads = step(model)
+    for _ in range(3):  # warm-up, recording, replay
+        got_out, got_grads = step(compiled)
+    assert close(got_out, want_out, 2e-2)
+    assert all(close(g, w, 5e-2) for g, w in zip(got_grads, want_grads))
+    model.eval()
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        want = model(x).float()
+        for _ in range(3):
+            got = compiled(x).float().clone()
+    assert close(got, want, 2e-2)
