@@ -220,5 +220,7 @@ def _opcheck_compile_and_determinism():
     assert torch.equal(compiled, eager)
     g1 = torch.autograd.grad(compiled.square().sum(), params)
     g2 = torch.autograd.grad(conv_norm_act(x, *params, 1e-5, 2, 1, "silu").square().sum(), params)
-    assert all(torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(g1, g2))
+    # the same backward on both sides; cuDNN may pick another (deterministic) algorithm for the compiled
+    # graph's gradient layout, which sums in another order: fp32 rounding apart, per tensor
+    assert all((a - c).norm() <= 1e-5 * c.norm() for a, c in zip(g1, g2))
     assert torch.equal(conv_norm_act(x, *params, 1e-5, 2, 1, "silu"), eager)  # same bits again
