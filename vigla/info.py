@@ -27,7 +27,8 @@ def _main(args) -> int:
     print(f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     if HAS_TRITON:
         import triton
-        kernels = f"Triton {triton.__version__} kernels for CUDA tensors, PyTorch references elsewhere (but BiGLA)"
+        kernels = (f"Triton {triton.__version__} kernels for CUDA tensors, compiled C kernels for float32 CPU tensors "
+                   "(when a C compiler is found), PyTorch references elsewhere")
     else:
         kernels = "the PyTorch references (Triton is not installed)"
     print(f"fused ops: {kernels}; fla-core {'installed' if HAS_FLA else 'not installed'}")

@@ -16,8 +16,10 @@ way:
 
 The implementation behind both the Function and the custom op is chosen here: the kernels for
 CUDA tensors when Triton is installed, compiled CPU kernels for CPU tensors where an op has them
-(BiGLA), the reference otherwise, and the reference on every device inside :func:`reference_ops`
-(to check a model's fused paths against the plain maths).
+(BiGLA, the locality mix, SwiGLU, add + norm, the depthwise conv: ``cpu_kernels.c`` beside the op,
+built by :mod:`vigla.ops.cpu_build`; float32 work, while float64 keeps the reference), the reference
+otherwise, and the reference on every device inside :func:`reference_ops` (to check a model's fused
+paths against the plain maths).
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 ViG's blocks are pre-norm (Liao et al., AAAI 2025; RMSNorm in ViG, LayerNorm in ViG-H):
 ``x + mixer(norm1(x))`` then ``x + mlp(norm2(x))``. Each residual add and the norm that follows
-it read and write the same rows; this op does both in one pass on CUDA (``triton_kernels.py``);
-elsewhere PyTorch's own ``rms_norm`` / ``layer_norm`` after the add, with autograd (``reference.py``
-is the written-out form behind the custom op); see :mod:`vigla.ops.dispatch`.
+it read and write the same rows; this op does both in one pass on CUDA (``triton_kernels.py``) and for
+float32 CPU tensors (``cpu_kernels.c``); elsewhere PyTorch's own ``rms_norm`` / ``layer_norm`` after the
+add, with autograd (``reference.py`` is the written-out form behind the custom op); see
+:mod:`vigla.ops.dispatch`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from timm.layers.fast_norm import rms_norm
 
 from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
-from .op import AddNormFunction, add_norm_forward
+from .op import AddNormFunction, add_norm_forward, cpu_forward
 from .reference import add_norm_reference, add_norm_reference_bwd
 
 __all__ = ["add_norm", "add_norm_reference", "add_norm_reference_bwd"]
@@ -49,10 +50,11 @@ def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tenso
     if torch.jit.is_scripting() or exporting():  # the plain formula (vigla.ops.tracing)
         return _plain(x, delta, weight, bias, eps, kind == "layer", True)
     _check(x, delta, weight, bias, kind)
-    if not (use_kernels(x) or via_dispatcher()):
+    out_dtype = out_dtype or compute_dtype(x)
+    if not (use_kernels(x) or via_dispatcher() or cpu_forward(x, delta, weight, bias, out_dtype)):
         s, y = _plain(x, delta, weight, bias, eps, kind == "layer", False)
-        return s, y.to(out_dtype or compute_dtype(x))
-    return _fused(x, delta, weight, bias, float(eps), kind == "rms", out_dtype or compute_dtype(x))
+        return s, y.to(out_dtype)
+    return _fused(x, delta, weight, bias, float(eps), kind == "rms", out_dtype)
 
 
 def _check(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -1,5 +1,6 @@
 """The residual add and norm as one op: ``AddNormFunction`` (eager) and ``vigla::add_norm``
-(traced); the fused kernels for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`).
+(traced); the fused kernels for CUDA tensors, the compiled ones for float32 CPU tensors
+(``cpu_kernels.c``), the reference elsewhere (:mod:`vigla.ops.dispatch`).
 
 Both return ``(s, y)`` with ``s`` empty (``[0]``) when there is no ``delta`` (the residual is then
 ``x`` itself, which a custom op may not return). The backward needs only the residual ``s``
@@ -11,17 +12,23 @@ from typing import Optional
 
 import torch
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from . import cpu_kernels
 from .reference import add_norm_reference, add_norm_reference_bwd
 
 if HAS_TRITON:
     from .triton_kernels import MAX_C, add_norm_bwd_triton, add_norm_fwd_triton
 
-__all__ = ["AddNormFunction", "add_norm_forward"]
+__all__ = ["AddNormFunction", "add_norm_forward", "cpu_forward"]
 
 
 def _kernels(x: torch.Tensor) -> bool:
     return use_kernels(x) and x.shape[-1] <= MAX_C
+
+
+def cpu_forward(x, delta, weight, bias, out_dtype: torch.dtype) -> bool:
+    """Whether the forward runs the compiled CPU kernels: float32 CPU tensors and ``out_dtype``."""
+    return use_cpu_kernels(x) and out_dtype == torch.float32 and cpu_kernels.supports(x, delta, weight, bias)
 
 
 def add_norm_forward(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype, launch=direct):
@@ -29,6 +36,8 @@ def add_norm_forward(x, delta, weight, bias, eps: float, rms: bool, out_dtype: t
     Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
     if _kernels(x):
         return add_norm_fwd_triton(x, delta, weight, bias, eps, rms, out_dtype, wrap=launch)
+    if cpu_forward(x, delta, weight, bias, out_dtype):
+        return cpu_kernels.add_norm_fwd_cpu(x, delta, weight, bias, eps, rms)
     s, y = add_norm_reference(x, delta, weight, bias, eps, rms, out_dtype)
     return (s.contiguous() if delta is not None else x.new_empty(0)), y.contiguous()
 
@@ -39,7 +48,10 @@ def _backward(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype: Optio
     and ``dbias`` only with a bias; ``[0]`` otherwise."""
     if _kernels(s):
         return add_norm_bwd_triton(dy, ds, s, weight, bias, eps, rms, delta_dtype, wrap=launch)
-    dx, dw, db = add_norm_reference_bwd(dy, ds, s, weight, bias, eps, rms)
+    if use_cpu_kernels(s) and cpu_kernels.supports(dy, ds, s, weight, bias):
+        dx, dw, db = cpu_kernels.add_norm_bwd_cpu(dy, ds, s, weight, bias is not None, eps, rms)
+    else:
+        dx, dw, db = add_norm_reference_bwd(dy, ds, s, weight, bias, eps, rms)
     ddelta = dx.to(delta_dtype) if delta_dtype is not None and delta_dtype != s.dtype else dx.new_empty(0)
     return dx.contiguous(), ddelta, dw, db if db is not None else dw.new_empty(0)
 

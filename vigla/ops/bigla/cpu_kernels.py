@@ -1,9 +1,8 @@
 """BiGLA's CPU kernels (``cpu_kernels.c``): both scans as float32 recurrences, threads over (batch, head).
 
-The C source is compiled once per machine with the system's C compiler (``$CC``, else ``cc``; a few
-seconds) into ``$VIGLA_CACHE_DIR`` (default ``~/.cache/vigla``) and loaded with :mod:`ctypes`, whose calls
-release the GIL. Without a compiler, or when the build fails, :func:`available` is False (one warning
-says why) and BiGLA on the CPU runs the chunked PyTorch path (``chunked.py``) instead.
+The C source is compiled once per machine and loaded with :mod:`ctypes` (:mod:`vigla.ops.cpu_build`).
+Without a compiler, or when the build fails, :func:`available` is False (one warning says why) and BiGLA
+on the CPU runs the chunked PyTorch path (``chunked.py``) instead.
 
 float32 work for every input dtype but float64 (which keeps the chunked path, the float64 reference):
 bf16 / fp16 inputs are read as float32 and the results cast back, as the chunked path computes too.
@@ -11,95 +10,35 @@ bf16 / fp16 inputs are read as float32 and the results cast back, as the chunked
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..cpu_build import LONG as _LONG, PTR as _PTR, CpuLibrary
+
 __all__ = ["available", "describe", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu"]
 
 MAX_V = 4096  # a token's V sums live on the threads' stacks
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
-# -march=native: built on the machine that runs it; the reassociation lets the compiler vectorise
-# the sums over V (the order of a float32 sum changes, nothing else)
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-Wl,-z,defs"]
-_PTR = ctypes.c_void_p
-_LONG = ctypes.c_long
 
-
-def _cache_dir() -> Path:
-    root = os.environ.get("VIGLA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vigla")
-    return Path(root)
-
-
-def _cpu() -> str:
-    """The machine and its CPU's model and instruction sets (``-march=native`` code runs on that CPU only:
-    a cache shared by different machines keeps one library per CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = [line for line in f if line.startswith(("model name", "flags"))][:2]
-    except OSError:
-        info = []
-    return " ".join([platform.machine(), platform.processor(), *info])
-
-
-def _build(compiler: str) -> Path:
-    """The shared library for this source, compiler and machine, compiled unless cached (written under a
-    temporary name, then renamed: concurrent processes never load a half-written file)."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, platform.node(), _cpu()]).encode())
-    target = _cache_dir() / f"bigla_cpu_{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
-                       timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-@functools.lru_cache(maxsize=1)
-def _library() -> Optional[ctypes.CDLL]:
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        warnings.warn(f"vigla: no C compiler ({compiler!r}) found, so BiGLA on the CPU runs its slower PyTorch "
-                      "path; install one (e.g. gcc) or set CC to use the compiled kernel", stacklevel=3)
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as e:
-        lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or ["?"]
-        detail = next((line for line in lines if "error" in line), lines[0])
-        warnings.warn(f"vigla: building BiGLA's CPU kernel failed ({detail.strip()}); BiGLA on the CPU runs its "
-                      "slower PyTorch path", stacklevel=3)
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     scalars = [_LONG] * 5 + [ctypes.POINTER(_LONG), ctypes.c_float, ctypes.c_float, ctypes.c_int]
     lib.bigla_fwd_f32.argtypes = [_PTR] * 6 + scalars
     lib.bigla_bwd_f32.argtypes = [_PTR] * 11 + scalars
     lib.bigla_fwd_f32.restype = lib.bigla_bwd_f32.restype = ctypes.c_int
-    return lib
+
+
+_LIB = CpuLibrary(Path(__file__).with_name("cpu_kernels.c"), "bigla_cpu", "BiGLA", _declare)
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    return _LIB.lib
 
 
 def available() -> bool:
     """Whether the compiled CPU kernel can run (compiles it on the first call)."""
-    return _library() is not None
+    return _LIB.available()
 
 
 def describe() -> str:

@@ -1,8 +1,9 @@
 """``dwconv_silu``: ViG's local branch, a depthwise 3x3 conv (+ SiLU) on channels-last tokens.
 
 ``x_c = SiLU(DWConv3x3(x))`` (ViG, Liao et al., AAAI 2025: the 2-D gating locality injection reads
-it; the SiLU is ViG-T's) in one kernel each way on CUDA (``triton_kernels.py``), with no NCHW
-permutes or casts; elsewhere PyTorch's convolution on an NCHW view of the tokens (``reference.py``
+it; the SiLU is ViG-T's) in one kernel each way on CUDA (``triton_kernels.py``) and for float32 CPU
+tensors (``cpu_kernels.c``), with no NCHW permutes or casts; elsewhere PyTorch's convolution on an
+NCHW view of the tokens (``reference.py``
 is the written-out form behind the custom op); see :mod:`vigla.ops.dispatch`.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
-from .op import DWConvFunction, dwconv_forward
+from .op import DWConvFunction, cpu_forward, dwconv_forward
 from .reference import dwconv_reference, dwconv_reference_bwd
 
 __all__ = ["dwconv_silu", "dwconv_reference", "dwconv_reference_bwd"]
@@ -50,7 +51,7 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
     args = (x, weight, H, W, bool(act), out_dtype or compute_dtype(x))
     if via_dispatcher():
         return torch.ops.vigla.dwconv(*args)
-    if use_kernels(x):
+    if use_kernels(x) or cpu_forward(x, weight, args[-1]):
         return run_eager(DWConvFunction, dwconv_forward, *args)
     return _conv_tokens(x, weight, hw, act).to(args[-1])
 

@@ -1,17 +1,24 @@
 """The depthwise conv (+ SiLU) as one op: ``DWConvFunction`` (eager) and ``vigla::dwconv`` (traced);
-the fused kernels for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`)."""
+the fused kernels for CUDA tensors, the compiled ones for float32 CPU tensors (``cpu_kernels.c``), the
+reference elsewhere (:mod:`vigla.ops.dispatch`)."""
 from __future__ import annotations
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from . import cpu_kernels
 from .reference import dwconv_reference, dwconv_reference_bwd
 
 if HAS_TRITON:
     from .triton_kernels import dwconv_bwd_triton, dwconv_fwd_triton
 
-__all__ = ["DWConvFunction", "dwconv_forward"]
+__all__ = ["DWConvFunction", "cpu_forward", "dwconv_forward"]
+
+
+def cpu_forward(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether the forward runs the compiled CPU kernels: float32 CPU tensors and ``out_dtype``."""
+    return use_cpu_kernels(x) and out_dtype == torch.float32 and cpu_kernels.supports(x, weight)
 
 
 def dwconv_forward(x, weight, H: int, W: int, act: bool, out_dtype: torch.dtype, launch=direct):
@@ -19,6 +26,8 @@ def dwconv_forward(x, weight, H: int, W: int, act: bool, out_dtype: torch.dtype,
     Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
     if use_kernels(x):
         return dwconv_fwd_triton(x, weight, (H, W), act, out_dtype, wrap=launch)
+    if cpu_forward(x, weight, out_dtype):
+        return cpu_kernels.dwconv_fwd_cpu(x, weight, H, W, act)
     return dwconv_reference(x, weight, (H, W), act, out_dtype).contiguous()
 
 
@@ -26,6 +35,8 @@ def _backward(dy, x, weight, H: int, W: int, act: bool, launch=direct):
     """``(dx, dweight)`` in the inputs' dtypes."""
     if use_kernels(x):
         return dwconv_bwd_triton(dy, x, weight, (H, W), act, wrap=launch)
+    if use_cpu_kernels(x) and cpu_kernels.supports(dy, x, weight):
+        return cpu_kernels.dwconv_bwd_cpu(dy, x, weight, H, W, act)
     return tuple(t.contiguous() for t in dwconv_reference_bwd(dy, x, weight, (H, W), act))
 
 

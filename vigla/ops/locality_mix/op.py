@@ -1,10 +1,12 @@
 """The locality mix as one op: ``LocalityMixFunction`` (eager) and ``vigla::locality_mix`` (traced);
-the fused kernel for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`)."""
+the fused kernel for CUDA tensors, the compiled ones for float32 CPU tensors (``cpu_kernels.c``), the
+reference elsewhere (:mod:`vigla.ops.dispatch`)."""
 from __future__ import annotations
 
 import torch
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from . import cpu_kernels
 from .reference import locality_mix_reference, locality_mix_reference_bwd
 
 if HAS_TRITON:
@@ -18,11 +20,17 @@ def _kernels(o: torch.Tensor) -> bool:
     return use_kernels(o) and not d & (d - 1) and d <= 256  # power-of-two heads
 
 
+def _cpu_kernels(*tensors: torch.Tensor) -> bool:
+    return use_cpu_kernels(tensors[0]) and cpu_kernels.supports(*tensors)
+
+
 def locality_mix_forward(o, x, z, w_o, w_l, eps: float, act: bool, launch=direct):
     """``[..., h*d]`` in ``o.dtype`` (see :func:`vigla.ops.locality_mix.locality_mix`).
     Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
     if _kernels(o):
         return locality_mix_fwd_triton(o, x, z, w_o, w_l, eps, act, wrap=launch)
+    if _cpu_kernels(o, x, z, w_o, w_l):
+        return cpu_kernels.locality_mix_fwd_cpu(o, x, z, w_o, w_l, eps, act)
     return locality_mix_reference(o, x, z, w_o, w_l, eps, act)
 
 
@@ -30,6 +38,8 @@ def _backward(dy, o, x, z, w_o, w_l, eps: float, act: bool, launch=direct):
     """``(do, dx, dz, dw_o, dw_l)`` in the inputs' dtypes."""
     if _kernels(o):
         return locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps, act, wrap=launch)
+    if _cpu_kernels(o, x, z, w_o, w_l, dy):
+        return cpu_kernels.locality_mix_bwd_cpu(dy, o, x, z, w_o, w_l, eps, act)
     return tuple(t.contiguous() for t in locality_mix_reference_bwd(dy, o, x, z, w_o, w_l, eps, act))
 
 

@@ -1,12 +1,14 @@
 """SwiGLU's gating as one op: ``SwiGLUFunction`` (eager) and ``vigla::swiglu`` (traced); and
 ``SwiGLUMLPFunction``, the eager MLP that keeps only its input for the backward. Fused kernels
-for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`)."""
+for CUDA tensors, compiled ones for float32 CPU tensors (``cpu_kernels.c``), the reference
+elsewhere (:mod:`vigla.ops.dispatch`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import HAS_TRITON, compute_dtype, direct, fused_op, use_kernels, wrap
+from ..dispatch import HAS_TRITON, compute_dtype, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from . import cpu_kernels
 from .reference import swiglu_reference, swiglu_reference_bwd
 
 if HAS_TRITON:
@@ -20,6 +22,8 @@ def swiglu_forward(u: torch.Tensor, launch=direct) -> torch.Tensor:
     Without autograd: the Function's forward, and the op itself when nothing needs a gradient."""
     if use_kernels(u):
         return swiglu_fwd_triton(u, wrap=launch)
+    if use_cpu_kernels(u) and cpu_kernels.supports(u):
+        return cpu_kernels.swiglu_fwd_cpu(u)
     return swiglu_reference(u).contiguous()
 
 
@@ -27,6 +31,8 @@ def _backward(dy: torch.Tensor, u: torch.Tensor, launch=direct) -> torch.Tensor:
     """``du`` (``[..., 2I]``) of ``<dy, swiglu(u)>``."""
     if use_kernels(u):
         return swiglu_bwd_triton(dy, u, wrap=launch)
+    if use_cpu_kernels(u) and cpu_kernels.supports(dy, u):
+        return cpu_kernels.swiglu_bwd_cpu(dy, u)
     return swiglu_reference_bwd(dy, u).contiguous()
 
 

@@ -1,0 +1,42 @@
+/* Elementwise float32 maths shared by the CPU kernels of the locality mix, SwiGLU and the depthwise conv:
+ * inline functions the compiler vectorises inside a loop (a libm call per element would not be).
+ *
+ * exp_f: exp(x) to an ulp or two (degree-6 Taylor on |r| <= ln2 / 2, then 2^n), x clamped to
+ * [-87.3, 88] (about 1e-38 and 1.7e38 at the ends: sigmoid and SiLU keep float32's
+ * absolute precision there). sigmoid_f, silu_slope_f (SiLU'(u) = s (1 + u (1 - s))) build on it.
+ */
+#ifndef VIGLA_CPU_MATH_H
+#define VIGLA_CPU_MATH_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float vigla_from_bits_f(int32_t i) {
+    float x;
+    memcpy(&x, &i, sizeof x);
+    return x;
+}
+
+static inline float exp_f(float x) {
+    float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_floorf(xc * 1.44269504f + 0.5f);
+    float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * vigla_from_bits_f(((int32_t)n + 127) << 23);
+}
+
+static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+
+static inline float silu_slope_f(float u) {
+    float s = sigmoid_f(u);
+    return s * (1.0f + u * (1.0f - s));
+}
+
+#endif
