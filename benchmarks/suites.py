@@ -305,8 +305,9 @@ def _castling_imagenette(model: str) -> Callable[[Options], list[Step]]:
 
 # ------------------------------------------------------------------------------------- cpu, flops
 
-CPU_NOTES = ["CPU: BiGLA runs its compiled CPU kernel (float32 recurrences, vigla/ops/bigla/cpu_kernels.c; "
-             "environment.bigla_cpu names the path that ran); not representative of GPU speed; absolute times "
+CPU_NOTES = ["CPU: the fused ops run their compiled float32 CPU kernels (vigla/ops/*/cpu_kernels.c; BiGLA's "
+             "recurrences, the locality mix, SwiGLU, add + norm, the depthwise conv; environment.bigla_cpu names "
+             "BiGLA's path); not representative of GPU speed; absolute times "
              "move with the machine's load, compare the ratios",
              "peak MiB on CPU = growth of the process's peak RSS over the RSS before the model was built "
              "(weights, input, activations, allocator slack)"]
