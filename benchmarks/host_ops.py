@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vigla.bench.report import envelope, write_json  # noqa: E402
@@ -68,9 +70,6 @@ def calls(device: torch.device) -> list[tuple[str, int, object]]:
 
 def null_launches(device: torch.device) -> list[tuple[str, int, object]]:
     """An empty Triton kernel of 16 arguments (6 tensors, 10 ints), launched both ways."""
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _null_kernel(a, b, c, d, e, f, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, K: tl.constexpr, V: tl.constexpr):
         pass
