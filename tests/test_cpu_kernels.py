@@ -202,7 +202,9 @@ def test_float64_runs_the_references(monkeypatch):
 
 
 def test_without_a_compiler_one_warning_and_the_references_run(tmp_path):
+    """No C compiler: one warning for every op (BiGLA's included), nothing built, each op on its PyTorch path."""
     code = ("import warnings; warnings.simplefilter('always'); import torch\n"
+            "from vigla.ops.bigla import bigla, bigla_naive\n"
             "from vigla.ops.locality_mix import locality_mix, locality_mix_reference\n"
             "from vigla.ops.swiglu import swiglu, swiglu_reference\n"
             "from vigla.ops.add_norm import add_norm\n"
@@ -214,6 +216,9 @@ def test_without_a_compiler_one_warning_and_the_references_run(tmp_path):
             "        (swiglu(*f(x)).double() - swiglu_reference(x)),\n"
             "        (add_norm(*f(x, x, w.repeat(3)))[1].double() - add_norm(x, x, w.repeat(3))[1]),\n"
             "        (dwconv_silu(*f(x, cw), (1, 5)).double() - dwconv_reference(x, cw, (1, 5), True, torch.float64))]\n"
+            "q = [torch.randn(1, 9, 2, 4, dtype=torch.float64) for _ in range(3)]\n"
+            "g = [-torch.rand(1, 9, 2, 4, dtype=torch.float64) for _ in range(2)]\n"
+            "errs.append(bigla(*f(*q, *g), 0.5).double() - bigla_naive(*q, *g, 0.5))\n"
             "print('err', max(e.abs().max().item() for e in errs))\n")
     env = {**os.environ, "CC": "no-such-compiler", "VIGLA_CACHE_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

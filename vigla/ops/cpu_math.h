@@ -1,9 +1,10 @@
-/* Elementwise float32 maths shared by the CPU kernels of the locality mix, SwiGLU and the depthwise conv:
+/* Elementwise float32 maths shared by the CPU kernels (BiGLA, the locality mix, SwiGLU, the depthwise conv):
  * inline functions the compiler vectorises inside a loop (a libm call per element would not be).
  *
- * exp_f: exp(x) to an ulp or two (degree-6 Taylor on |r| <= ln2 / 2, then 2^n), x clamped to
- * [-87.3, 88] (about 1e-38 and 1.7e38 at the ends: sigmoid and SiLU keep float32's
- * absolute precision there). sigmoid_f, silu_slope_f (SiLU'(u) = s (1 + u (1 - s))) build on it.
+ * exp_f: exp(x) to an ulp or two (degree-6 Taylor on |r| <= ln2 / 2, then 2^n); 0 below -87.3, where the
+ * result would be subnormal, and x clamped to 88 above (1.7e38: sigmoid and SiLU keep float32's absolute
+ * precision there). sigmoid_f, silu_slope_f (SiLU'(u) = s (1 + u (1 - s))) build on it; BiGLA's kernel uses
+ * exp_f for its gates.
  */
 #ifndef VIGLA_CPU_MATH_H
 #define VIGLA_CPU_MATH_H
@@ -29,7 +30,7 @@ static inline float exp_f(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    return p * vigla_from_bits_f(((int32_t)n + 127) << 23);
+    return x < -87.3f ? 0.0f : p * vigla_from_bits_f(((int32_t)n + 127) << 23);
 }
 
 static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }

@@ -29,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_math.h" /* exp_f */
+
 #define RENORM 0x1p-20
 
 typedef struct {
@@ -63,24 +65,6 @@ static inline double exp_d(double x) {
     for (int i = 0; i < 13; i++) p = p * r + inv_fact[i];
     int64_t ni = (int64_t)n, n1 = ni / 2;
     return p * from_bits((n1 + 1023) << 52) * from_bits((ni - n1 + 1023) << 52);
-}
-
-static inline float from_bits_f(int32_t i) {
-    float x;
-    memcpy(&x, &i, sizeof x);
-    return x;
-}
-
-/* exp(x) in float32 for x <= 0, to an ulp or two (degree-6 Taylor on |r| <= ln2 / 2, then 2^n); 0 below
- * -87.3, where the result would be subnormal */
-static inline float exp_f(float x) {
-    float xc = x < -87.3f ? -87.3f : x;
-    float n = __builtin_floorf(xc * 1.44269504f + 0.5f);
-    float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
-    float p = 1.0f / 720.0f;
-    static const float inv_fact[6] = {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
-    for (int i = 0; i < 6; i++) p = p * r + inv_fact[i];
-    return x < -87.3f ? 0.0f : p * from_bits_f(((int32_t)n + 127) << 23);
 }
 
 /* log(1 + t) for t in [0, 1], float32, to an ulp or two: 2 atanh(f) with f = t / (2 + t) (exact identity,
