@@ -65,6 +65,20 @@ def commit(result: dict) -> str:
     return str(value(result, ("git", "commit")) or "unknown")[:7]
 
 
+def interleaved_line(result: dict) -> list[str]:
+    """The CPU pair timed in turn (benchmarks/cpu_interleaved.py): the median of its rounds' ratios."""
+    rounds = [r for r in result["rows"] if r.get("round") != "median"]
+    median = next((r for r in result["rows"] if r.get("round") == "median"), None)
+    if not median:
+        return []
+    spread = ", ".join(f"{min(r[k] for r in rounds):.2f}-{max(r[k] for r in rounds):.2f}"
+                       for k in ("infer_ratio", "train_ratio"))
+    return [f"The same pair timed in turn, {len(rounds)} rounds ({source('cpu_vig_t_interleaved', result)}): "
+            f"ViG-T / DeiT-T throughput {median['infer_ratio']:.2f} in inference and {median['train_ratio']:.2f} in "
+            f"training (medians of the rounds' ratios; rounds {spread}). Single runs of the table above move "
+            "between 0.7 and 1.2 on this shared 2-core machine: read this line for the ratio.", ""]
+
+
 def source(stem: str, result: dict) -> str:
     return f"`{stem}.json` ({commit(result)}, {value(result, ('environment', 'device')) or 'unknown device'})"
 
@@ -490,6 +504,8 @@ def performance(res: Results) -> str:
                         f"{(value(res('cpu_vig_t_224'), ('settings', 'batch_sizes')) or ['?'])[0]}, "
                         f"BiGLA on its "
                         f"{value(res('cpu_vig_t_224'), ('environment', 'bigla_cpu')) or 'chunked PyTorch path'}.", ""]
+        if res("cpu_vig_t_interleaved"):
+            out += interleaved_line(res("cpu_vig_t_interleaved"))
         if res("cpu_default_train"):
             out += cpu_default_section(res("cpu_default_train"))
     for stem in ("train_imagenette", "train_compare"):
