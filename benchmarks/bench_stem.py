@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import vigla  # noqa: E402,F401
-from vigla.bench.report import envelope, write_json  # noqa: E402
+from vigla.bench.report import envelope, save_complete  # noqa: E402
 from vigla.engine.modeling import create_model  # noqa: E402
 
 STEMS = {"vig_tiny": "patch_embed", "vig_small": "patch_embed", "vig_h_tiny": "stem"}
@@ -53,11 +52,7 @@ def main() -> int:
             out["rows"].append(row)
             print(f"{name} @{img} b{args.batch_size}: fused {fused:.3f} ms, layers {one_by_one:.3f} ms "
                   f"(x{one_by_one / fused:.1f}), relative difference {diff:.1e}", flush=True)
-    out["complete"] = True
-    path = Path(args.out) / f"{args.name}.json"
-    os.makedirs(args.out, exist_ok=True)
-    write_json(out, path)
-    print(f"wrote {path}")
+    print(f"wrote {save_complete(out, args.out, args.name)}")
     return 0
 
 

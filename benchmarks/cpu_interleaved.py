@@ -19,14 +19,13 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vigla.bench.cli import build_model  # noqa: E402
 from vigla.bench.measure import train_step  # noqa: E402
-from vigla.bench.report import envelope, write_json  # noqa: E402
+from vigla.bench.report import envelope, save_complete  # noqa: E402
 
 MODELS = ("vig_tiny", "deit_tiny_patch16_224")
 
@@ -80,13 +79,9 @@ def main(argv=None) -> int:
     summary = {"round": "median", **{key: statistics.median(row[key] for row in result["rows"])
                                      for key in ("infer_ratio", "train_ratio")}}
     result["rows"].append(summary)
-    result["complete"] = True
     print(f"median over {args.rounds} rounds: inference {summary['infer_ratio']:.3f}, training "
           f"{summary['train_ratio']:.3f}")
-    path = Path(args.out) / f"{args.name}.json"
-    os.makedirs(args.out, exist_ok=True)
-    write_json(result, path)
-    print(f"wrote {path}")
+    print(f"wrote {save_complete(result, args.out, args.name)}")
     return 0
 
 

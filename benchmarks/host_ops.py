@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vigla.bench.report import envelope, write_json  # noqa: E402
+from vigla.bench.report import envelope, save_complete  # noqa: E402
 from vigla.ops import bigla_gated  # noqa: E402
 from vigla.ops.add_norm import add_norm  # noqa: E402
 from vigla.ops.dwconv import dwconv_silu  # noqa: E402
@@ -114,11 +113,7 @@ def main(argv=None) -> int:
             us = host_us(call, device, args.calls, args.rounds)
             result["rows"].append({"call": name, "launches": launches, "host_us": us})
             print(f"{name:45s} {us:8.2f} us  ({launches} launches)", flush=True)
-    result["complete"] = True
-    path = Path(args.out) / f"{args.name}.json"
-    os.makedirs(args.out, exist_ok=True)
-    write_json(result, path)
-    print(f"wrote {path}")
+    print(f"wrote {save_complete(result, args.out, args.name)}")
     return 0
 
 

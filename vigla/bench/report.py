@@ -17,7 +17,7 @@ import torch
 from ..engine.outputs import git_info, write_text
 
 __all__ = ["SCHEMA", "RATIO_METRICS", "add_ratios", "command_line", "envelope", "environment", "flatten_row",
-           "format_table", "git_info", "run_fields", "write_csv", "write_json"]
+           "format_table", "git_info", "run_fields", "save_complete", "write_csv", "write_json"]
 
 SCHEMA = "vigla.bench/1"
 #: the keys of every result file (``vigla bench`` and every script under benchmarks/); only the rows differ
@@ -205,6 +205,15 @@ def format_table(rows: list[dict], train: bool, latency: bool = True, timings: b
 def write_json(result: dict, path: Path) -> None:
     """``result`` as indented JSON, written atomically (a run killed mid-write leaves the previous version)."""
     write_text(path, json.dumps(result, indent=2) + "\n")
+
+
+def save_complete(result: dict, out: str | Path, name: str) -> Path:
+    """Mark ``result`` complete and write it to ``out/name.json`` (``out`` created); the path written."""
+    result["complete"] = True
+    path = Path(out) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(result, path)
+    return path
 
 
 _MEASURE_KEYS = ("status", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "img_per_s",
