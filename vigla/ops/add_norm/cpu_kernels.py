@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..cpu_build import LONG, PTR, CpuLibrary, ptr, threads
+from ..cpu_build import LONG, PTR, CpuLibrary, ptr, rows, threads
 
 __all__ = ["supports", "add_norm_fwd_cpu", "add_norm_bwd_cpu"]
 
@@ -30,20 +30,14 @@ def supports(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or t.dtype == torch.float32 for t in tensors) and _LIB.available()
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``[..., C]`` -> ``[R, C]`` with unit stride within a row (a view when it can be)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 @torch.library.custom_op("vigla::add_norm_cpu_fwd", mutates_args=(), device_types="cpu")
 def add_norm_fwd_cpu(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
                      bias: Optional[torch.Tensor], eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, y)`` for float32 ``x``, ``delta`` ``[..., C]`` (``delta`` may be None), ``weight``, ``bias`` ``[C]``
     (``bias`` may be None): ``s = x + delta`` (``[0]`` without ``delta``) and ``y = norm(s) * weight (+ bias)``,
     both contiguous ``[..., C]``."""
-    x2 = _rows(x)
-    d2 = _rows(delta) if delta is not None else None
+    x2 = rows(x)
+    d2 = rows(delta) if delta is not None else None
     s = torch.empty(x.shape) if delta is not None else x.new_empty(0)
     y, weight = torch.empty(x.shape), weight.contiguous()  # named: alive during the call
     bias = bias.contiguous() if bias is not None else None
@@ -58,7 +52,7 @@ def add_norm_bwd_cpu(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tens
                      has_bias: bool, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)`` of ``<dy, y> + <ds, s>`` from the residual ``s`` ``[..., C]`` (``dy``, ``ds``:
     ``[..., C]``, ``ds`` may be None); ``dbias`` ``[C]`` with ``has_bias``, else ``[0]``."""
-    s2 = _rows(s).contiguous()
+    s2 = rows(s).contiguous()
     R, C = s2.shape
     dy, ds, weight = dy.contiguous(), ds.contiguous() if ds is not None else None, weight.contiguous()
     dx, dw = torch.empty(s.shape), torch.empty(C)

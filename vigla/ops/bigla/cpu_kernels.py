@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..cpu_build import LONG as _LONG, PTR as _PTR, CpuLibrary
+from ..cpu_build import LONG as _LONG, PTR as _PTR, CpuLibrary, unit_stride
 
 __all__ = ["available", "describe", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu"]
 
@@ -55,8 +55,7 @@ def supports(V: int) -> bool:
 
 def _operand(x: torch.Tensor) -> torch.Tensor:
     """float32 with unit stride in the last dimension (a view when it already is)."""
-    x = x.float() if x.dtype != torch.float32 else x
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return unit_stride(x.float() if x.dtype != torch.float32 else x)
 
 
 def _call(fn, inputs: list[torch.Tensor], outputs: list[torch.Tensor], half_scale: float,

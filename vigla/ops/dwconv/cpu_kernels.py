@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpu_build import LONG, PTR, CpuLibrary, threads
+from ..cpu_build import LONG, PTR, CpuLibrary, threads, unit_stride
 
 __all__ = ["supports", "dwconv_fwd_cpu", "dwconv_bwd_cpu"]
 
@@ -33,16 +33,11 @@ def _taps(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[B, N, C]`` with unit channel stride (a view when it already has it)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @torch.library.custom_op("vigla::dwconv_cpu_fwd", mutates_args=(), device_types="cpu")
 def dwconv_fwd_cpu(x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: bool) -> torch.Tensor:
     """``x``: ``[B, H*W, C]`` float32 tokens; ``weight``: ``[C, 1, 3, 3]``. Returns ``act(DWConv3x3(x))``
     ``[B, H*W, C]``, contiguous."""
-    x = _tokens(x)
+    x = unit_stride(x)
     B, _, C = x.shape
     y, taps, zero = torch.empty(x.shape), _taps(weight), torch.zeros(C)  # named: alive during the call
     _LIB.lib.dwconv_fwd_f32(x.data_ptr(), taps.data_ptr(), zero.data_ptr(), y.data_ptr(), B, H, W, C, x.stride(0),
@@ -55,7 +50,7 @@ def dwconv_bwd_cpu(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: i
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dweight)`` of ``<dy, dwconv_fwd_cpu(x, weight, H, W, act)>`` (``dy``: ``[B, H*W, C]``), contiguous,
     in the shapes of ``x`` and ``weight``."""
-    x, dy = _tokens(x), dy.contiguous()
+    x, dy = unit_stride(x), dy.contiguous()
     B, _, C = x.shape
     dx, dw9 = torch.empty(x.shape), torch.empty(9, C)
     g = torch.empty(x.shape if act else (0,))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpu_build import LONG, PTR, CpuLibrary, threads
+from ..cpu_build import LONG, PTR, CpuLibrary, rows, threads
 
 __all__ = ["supports", "locality_mix_fwd_cpu", "locality_mix_bwd_cpu"]
 
@@ -35,10 +35,7 @@ def _flat(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor):
     """``(o2, x2, z2, h, d)``: ``o`` as contiguous ``[T, h*d]``, ``x``, ``z`` as ``[T, h*d]`` with unit stride
     within a token (views when they can be)."""
     h, d = o.shape[-2:]
-    o2 = o.reshape(-1, h * d).contiguous()
-    x2, z2 = (t.reshape(-1, h * d) for t in (x, z))
-    x2, z2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, z2))
-    return o2, x2, z2, h, d
+    return o.reshape(-1, h * d).contiguous(), rows(x), rows(z), h, d
 
 
 @torch.library.custom_op("vigla::locality_mix_cpu_fwd", mutates_args=(), device_types="cpu")
@@ -68,8 +65,8 @@ def locality_mix_bwd_cpu(dy: torch.Tensor, o: torch.Tensor, x: torch.Tensor, z: 
     dw_o, dw_l = torch.empty(d), torch.empty(d)
     part = torch.empty(-(-T // BLOCK), 2, d)
     status = _LIB.lib.locality_mix_bwd_f32(
-        dy.data_ptr(), o2.data_ptr(), x2.data_ptr(), z2.data_ptr(), w_o.data_ptr(), w_l.data_ptr(), do.data_ptr(), dx.data_ptr(), dz.data_ptr(), dw_o.data_ptr(), dw_l.data_ptr(),
-        part.data_ptr(), T, h, d, x2.stride(0), z2.stride(0), eps, act, threads())
+        dy.data_ptr(), o2.data_ptr(), x2.data_ptr(), z2.data_ptr(), w_o.data_ptr(), w_l.data_ptr(), do.data_ptr(),
+        dx.data_ptr(), dz.data_ptr(), dw_o.data_ptr(), dw_l.data_ptr(), part.data_ptr(), T, h, d, x2.stride(0), z2.stride(0), eps, act, threads())
     if status:
         raise MemoryError("locality_mix: the CPU kernel could not allocate its per-thread rows")
     return do, dx, dz, dw_o, dw_l

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpu_build import LONG, PTR, CpuLibrary, threads
+from ..cpu_build import LONG, PTR, CpuLibrary, rows, threads
 
 __all__ = ["supports", "swiglu_fwd_cpu", "swiglu_bwd_cpu"]
 
@@ -27,16 +27,10 @@ def supports(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 for t in tensors) and _LIB.available()
 
 
-def _rows(u: torch.Tensor) -> torch.Tensor:
-    """``[..., 2I]`` -> ``[R, 2I]`` with unit stride within a row (a view when it can be)."""
-    u2 = u.reshape(-1, u.shape[-1])
-    return u2 if u2.stride(-1) == 1 else u2.contiguous()
-
-
 @torch.library.custom_op("vigla::swiglu_cpu_fwd", mutates_args=(), device_types="cpu")
 def swiglu_fwd_cpu(u: torch.Tensor) -> torch.Tensor:
     """``u``: ``[..., 2I]`` float32 -> ``[..., I]`` = ``SiLU(a) * b``, contiguous."""
-    u2, I = _rows(u), u.shape[-1] // 2
+    u2, I = rows(u), u.shape[-1] // 2
     y = torch.empty(*u.shape[:-1], I, dtype=u.dtype)
     _LIB.lib.swiglu_fwd_f32(u2.data_ptr(), y.data_ptr(), u2.shape[0], I, u2.stride(0), threads())
     return y
@@ -45,7 +39,7 @@ def swiglu_fwd_cpu(u: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("vigla::swiglu_cpu_bwd", mutates_args=(), device_types="cpu")
 def swiglu_bwd_cpu(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``du`` (``[..., 2I]``, contiguous) of ``<dy, SiLU(a) * b>``; ``dy``: ``[..., I]``."""
-    u2, I = _rows(u), u.shape[-1] // 2
+    u2, I = rows(u), u.shape[-1] // 2
     dy = dy.contiguous()
     du = torch.empty(u.shape, dtype=u.dtype)
     _LIB.lib.swiglu_bwd_f32(dy.data_ptr(), u2.data_ptr(), du.data_ptr(), u2.shape[0], I, u2.stride(0), threads())
