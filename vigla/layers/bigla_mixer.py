@@ -12,9 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..ops import bigla_gated
-from ..ops.dispatch import compute_dtype
+from ..ops.bigla.op import bigla_forward
+from ..ops.dispatch import compute_dtype, eager_inference
 from ..ops.dwconv import dwconv_silu
+from ..ops.dwconv.op import dwconv_forward
 from ..ops.locality_mix import locality_mix
+from ..ops.locality_mix.op import locality_mix_forward
 from .cast import caching, inference_weights
 from .norm import RmsNorm
 
@@ -145,6 +148,8 @@ class BiGLAMixer(nn.Module):
         Returns ``[B, N, C]``."""
         N, C = x.shape[1], x.shape[2]
         _check_grid(N, hw)
+        if not torch.jit.is_scripting() and eager_inference(x):
+            return self.forward_inference(x, hw, compute_dtype(x))
         x_c = dwconv_silu(x, self.dwconv.weight, hw, self.conv_act)
 
         h, K = self.num_heads, self.key_dim
@@ -163,3 +168,21 @@ class BiGLAMixer(nn.Module):
         y = locality_mix(o, x_c, gate, self.norm_out.weight, self.norm_local.weight,
                          self.norm_out.eps, act=self.out_act)
         return F.linear(y, w_out)
+
+    @torch.jit.unused
+    def forward_inference(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference` (the grid already checked),
+        products in ``dtype``: the ops' forward implementations called directly, the projections as
+        GEMMs on ``[B*N, .]`` views. ``[B, N, C]`` -> ``[B, N, C]``."""
+        B, N, C = x.shape
+        h, K, dk, dv = self.num_heads, self.key_dim, self.head_k, self.head_v
+        x_c = dwconv_forward(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
+        w_in, b_in, w_up, b_up, w_out = self._cached_weights(x_c)
+        q, k, v, z, gate = F.linear(x_c.reshape(B * N, C), w_in, b_in).split(
+            [K, K, C, self.decay_down.out_features, C], dim=-1)
+        zf, zb = F.linear(z, w_up, b_up).view(B, N, 2, h, dk).unbind(dim=2)
+        o = bigla_forward(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
+                          float(self.gate_logit_normalizer))
+        y = locality_mix_forward(o, x_c, gate.view(B, N, C), self.norm_out.weight, self.norm_local.weight,
+                                 float(self.norm_out.eps), bool(self.out_act))
+        return F.linear(y.reshape(B * N, C), w_out).view(B, N, C)

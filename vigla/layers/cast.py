@@ -33,7 +33,7 @@ def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tens
     The cache key is ``dtype`` and each source's storage and version counter, so an in-place update
     or a new parameter makes the next call rebuild. Call it only when :func:`caching` is true.
     """
-    key = (dtype, tuple((t.data_ptr(), t._version) for t in sources))
+    key = (dtype, *[(t.data_ptr(), t._version) for t in sources])
     cache = module.__dict__.setdefault("_inference_weights", {})
     hit = cache.get(slot)
     if hit is None or hit[0] != key:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..ops.dispatch import compute_dtype
+from ..ops.dispatch import compute_dtype, eager_inference
 from ..ops.swiglu import swiglu_mlp
+from ..ops.swiglu.op import swiglu_forward
 from .cast import caching, inference_weights
 
 __all__ = ["SwiGLU"]
@@ -25,7 +27,18 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and eager_inference(x):
+            return self.forward_inference(x, compute_dtype(x))
         w1, w2 = self.fc1.weight, self.fc2.weight
-        if not torch.jit.is_scripting() and caching(x):  # inference: the weights cast once
+        if not torch.jit.is_scripting() and caching(x):  # no autograd (e.g. a dispatch mode): the weights cast once
             w1, w2 = inference_weights(self, "fc", (w1, w2), compute_dtype(x))
         return swiglu_mlp(x, w1, w2)
+
+    @torch.jit.unused
+    def forward_inference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference`, products in ``dtype``: the
+        weights cast once, both GEMMs on ``[rows, C]`` views and the gating's forward implementation
+        called directly."""
+        w1, w2 = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        return F.linear(swiglu_forward(F.linear(rows, w1)), w2).view(*x.shape[:-1], w2.shape[0])

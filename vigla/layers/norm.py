@@ -10,9 +10,10 @@ from timm.layers import RmsNorm as _TimmRmsNorm
 from timm.layers.fast_norm import rms_norm
 
 from ..ops.add_norm import add_norm
+from ..ops.add_norm.op import add_norm_forward
 from ..ops.tracing import exporting
 
-__all__ = ["RmsNorm", "add_and_norm"]
+__all__ = ["RmsNorm", "add_and_norm", "add_and_norm_inference"]
 
 torch.fx.wrap("add_norm")  # a leaf under torch.fx: its checks and kernels run as they are
 
@@ -47,3 +48,26 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]
         return add_norm(x, delta, norm.weight, None, norm.eps, "rms", out_dtype)
     s = x if delta is None else x + delta
     return s, norm(s)
+
+
+def _fused_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]:
+    """``(weight, bias, rms)`` of a norm :func:`add_and_norm` fuses (an affine ``nn.LayerNorm`` or an
+    :class:`RmsNorm` with a weight), else None."""
+    if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+        return norm.weight, norm.bias, False
+    if isinstance(norm, RmsNorm) and norm.weight is not None:
+        return norm.weight, None, True
+    return None
+
+
+@torch.jit.unused
+def add_and_norm_inference(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor],
+                           out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_and_norm` under :func:`vigla.ops.dispatch.eager_inference`: the op's forward
+    implementation called directly (the shapes are the block's own), ``[..., C]`` tensors."""
+    fused = _fused_norm(norm)
+    if fused is None:
+        s = x if delta is None else x + delta
+        return s, norm(s)
+    s, y = add_norm_forward(x, delta, fused[0], fused[1], float(norm.eps), fused[2], out_dtype)
+    return (x if delta is None else s), y

@@ -20,7 +20,8 @@ from timm.models import build_model_with_cfg
 
 from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
-from ..layers.norm import add_and_norm
+from ..layers.norm import add_and_norm, add_and_norm_inference
+from ..ops.dispatch import compute_dtype, eager_inference
 from ..ops.recompute import recompute
 
 try:  # timm >= 1.0.31 records the current input size in the model's traits (get_model_input_config)
@@ -82,9 +83,23 @@ class ViGBlock(nn.Module):
         residual add runs inside the next norm's pass (:func:`vigla.layers.norm.add_and_norm`; summed in
         float32, rounded once to ``x``'s dtype, as the separate add would; in the backward, a half-precision
         residual stream gets its gradient rounded once instead of twice). ``[B, N, C]`` tensors."""
+        if eager_inference(x):
+            return self.forward_pair_inference(x, delta, hw)
         x, y = add_and_norm(self.norm1, x, delta)
         x, y = add_and_norm(self.norm2, x, self.drop_path1(self.attn(y, hw)))
         return x, self.drop_path2(self.mlp(y))
+
+    @torch.jit.unused
+    def forward_pair_inference(self, x: torch.Tensor, delta: Optional[torch.Tensor], hw: Tuple[int, int]
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_pair` under :func:`vigla.ops.dispatch.eager_inference`: the layers' inference
+        paths (each op's forward implementation called directly), the compute dtype found once."""
+        dtype = compute_dtype(x)
+        x, y = add_and_norm_inference(self.norm1, x, delta, dtype)
+        a = self.attn.forward_inference(y, hw, dtype)
+        x, y = add_and_norm_inference(self.norm2, x, self.drop_path1(a) if self.training else a, dtype)
+        m = self.mlp.forward_inference(y, dtype)
+        return x, (self.drop_path2(m) if self.training else m)
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

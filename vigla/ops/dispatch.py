@@ -37,9 +37,10 @@ except ImportError:  # optional: every op has a PyTorch path
     HAS_TRITON = False
 
 from .launcher import direct
+from .tracing import exporting
 
-__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "run_eager", "records",
-           "fused_op", "wrap", "direct", "compute_dtype"]
+__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "eager_inference",
+           "run_eager", "records", "fused_op", "wrap", "direct", "compute_dtype"]
 
 _FORCE_REFERENCE = False
 
@@ -71,6 +72,17 @@ def via_dispatcher() -> bool:
     ``torch.compile`` or ``torch.export`` traces, or a dispatch mode is active (e.g.
     ``FlopCounterMode``, selective activation checkpointing), which must see the op."""
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+@torch.jit.unused
+def eager_inference(x):  # unannotated: TorchScript reads the signature of this stub
+    """Whether a layer may call its ops' forward implementations (``*_forward`` in each op's ``op.py``)
+    directly for an input like ``x``: eager inference (grad mode off, no forward-mode AD), nothing tracing
+    or watching the ops (``torch.compile``, ``torch.export``, ``torch.jit.trace``, a dispatch mode), a real
+    tensor. Inside a model the ops' input checks hold by construction, so a block then costs its launches
+    and little Python: the layers check this once per block, not each op once per call."""
+    return (not torch.is_grad_enabled() and forward_ad._current_level < 0 and isinstance(x, torch.Tensor)
+            and not via_dispatcher() and not exporting())
 
 
 def fused_op(name: str, fake: Callable) -> Callable:

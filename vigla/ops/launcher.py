@@ -37,6 +37,11 @@ except ImportError:  # the package works without Triton; nothing is launched the
     JITFunction = None
     _knobs = None
 
+try:  # what torch.cuda.current_device() returns, without its lazy-init check (tensors are on the device by then)
+    from torch._C import _cuda_getDevice as _torch_device
+except ImportError:  # a CPU-only build of PyTorch: Triton's own query
+    _torch_device = None
+
 
 def cdiv(a, b):
     """``ceil(a / b)`` for launch grids: ``triton.cdiv`` is a constexpr function in Triton >= 3.4, whose
@@ -59,12 +64,18 @@ def _hooked() -> bool:
     return _installed(runtime.launch_enter_hook) or _installed(runtime.launch_exit_hook)
 
 
-def _key(args: tuple, meta: dict) -> tuple:
+def _key(args: tuple, meta: dict, _tensor=torch.Tensor, _int=int) -> tuple:
     """What Triton's specialisation depends on (see the module docstring); scalars other than ints carry
     their type (``True == 1 == 1.0`` in Python, not to Triton)."""
-    return (tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                   else a if type(a) is int else (type(a), a) for a in args]),
-            tuple([(k, v if type(v) is int else (type(v), v)) for k, v in meta.items()]))
+    return (tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, _tensor)
+                   else a if a.__class__ is _int else (a.__class__, a) for a in args]),
+            tuple([(k, v if v.__class__ is _int else (v.__class__, v)) for k, v in meta.items()]))
+
+
+def _current_device() -> int:
+    if _torch_device is not None and _driver.active.get_current_device is torch.cuda.current_device:
+        return _torch_device()
+    return _driver.active.get_current_device()
 
 
 class FastKernel:
@@ -85,7 +96,7 @@ class FastKernel:
         if callable(grid) or _hooked():
             self.fn[grid](*args, **meta)
             return
-        device = _driver.active.get_current_device()
+        device = _current_device()
         # Triton's debug and instrumentation switches select other compilations, as in its own cache key
         key = (device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode, *_key(args, meta))
         hit = self.compiled.get(key)
