@@ -164,6 +164,17 @@ def _models_vig_s(opts: Options) -> list[Step]:
             _bench("models_vig_s_cuda_graph", opts, VIG_S_PAIR + ["--img-size", "224", "--cuda-graph"], 120)]
 
 
+def _models_interleaved(opts: Options) -> list[Step]:
+    """Eager ViG against DeiT at 224 timed in turn, round after round (the host's speed drifts between calls)."""
+    steps = []
+    for name, pair in (("models_vig_t_interleaved", ["vig_tiny", "deit_tiny_patch16_224"]),
+                       ("models_vig_s_interleaved", ["vig_small", "deit_base_patch16_224"])):
+        argv = [PY, "benchmarks/interleaved.py", "--device", "cuda", "--models", *pair, "--out", str(opts.out),
+                "--name", name, *opts.extra]
+        steps.append(Step(name, argv, 150, [f"{name}.json"]))
+    return steps
+
+
 def _models_all(opts: Options) -> list[Step]:
     args = ["--models", *ALL_MODELS, "--baseline", "deit_tiny_patch16_224", "--img-size", *SIZES, "--train"]
     return [_bench("models_all_eager", opts, args, 450)]
@@ -321,7 +332,8 @@ def _cpu_models(opts: Options) -> list[Step]:
 
 
 def _cpu_interleaved(opts: Options) -> list[Step]:
-    argv = [PY, "benchmarks/cpu_interleaved.py", "--out", str(opts.out), "--name", "cpu_vig_t_interleaved"]
+    argv = [PY, "benchmarks/interleaved.py", "--device", "cpu", "--out", str(opts.out), "--name",
+            "cpu_vig_t_interleaved"]
     if opts.smoke:
         argv += ["--rounds", "1", "--calls", "1", "--steps", "1", "--batch-size", "1"]
     return [Step("cpu_vig_t_interleaved", argv, 400, ["cpu_vig_t_interleaved.json"])]
@@ -405,6 +417,8 @@ SUITES = {s.name: s for s in [
           {"vig_t": ("ViG-T vs DeiT-T at 224-2048: eager with training steps, ViG-T with gradient "
                      "checkpointing, CUDA-graph replays", _models_vig_t),
            "vig_s": ("ViG-S vs DeiT-B at 224: eager with training steps, CUDA-graph replays", _models_vig_s),
+           "interleaved": ("ViG-T vs DeiT-T and ViG-S vs DeiT-B at 224, eager, timed in turn round after round: "
+                           "inference, training steps, batch-1 latency", _models_interleaved),
            "all": ("every model at 224-2048, eager, with training steps, ratios to DeiT-T", _models_all)}),
     Suite("compile", "torch.compile (default mode, static shapes) of every model, inference and training; "
           "run `warm`, then `measure` in a second call on the same machine", "cuda",

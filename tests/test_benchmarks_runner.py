@@ -87,7 +87,7 @@ def test_dry_run_prints_every_command(suite, tmp_path, capsys):
 
 def test_bad_invocations_are_one_line_errors(capsys):
     assert bench_main.main(["models", "vig_x", "--dry-run"]) == 2
-    assert "suite models has no part vig_x (parts: vig_t, vig_s, all)" in capsys.readouterr().err
+    assert "suite models has no part vig_x (parts: vig_t, vig_s, interleaved, all)" in capsys.readouterr().err
     assert bench_main.main(["models", "--dry-run", "--", "--foo"]) == 2
     assert "takes no arguments after `--`" in capsys.readouterr().err
 
