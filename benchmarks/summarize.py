@@ -65,18 +65,33 @@ def commit(result: dict) -> str:
     return str(value(result, ("git", "commit")) or "unknown")[:7]
 
 
-def interleaved_line(result: dict) -> list[str]:
-    """The CPU pair timed in turn (benchmarks/cpu_interleaved.py): the median of its rounds' ratios."""
+INTERLEAVED = {"models_vig_t_interleaved": ("ViG-T", "DeiT-T"), "models_vig_s_interleaved": ("ViG-S", "DeiT-B"),
+               "cpu_vig_t_interleaved": ("ViG-T", "DeiT-T")}
+RATIO_WORDS = (("infer_ratio", "throughput {} in inference"), ("train_ratio", "{} in training"),
+               ("latency_ratio", "batch-1 latency {}x"))
+
+
+def interleaved_median(result: dict | None) -> dict | None:
+    return next((r for r in (result or {}).get("rows", []) if r.get("round") == "median"), None)
+
+
+def interleaved_line(stem: str, result: dict, note: str) -> list[str]:
+    """A pair timed in turn (benchmarks/interleaved.py): the medians of its rounds' ratios, with their spread."""
     rounds = [r for r in result["rows"] if r.get("round") != "median"]
-    median = next((r for r in result["rows"] if r.get("round") == "median"), None)
+    median = interleaved_median(result)
     if not median:
         return []
-    spread = ", ".join(f"{min(r[k] for r in rounds):.2f}-{max(r[k] for r in rounds):.2f}"
-                       for k in ("infer_ratio", "train_ratio"))
-    return [f"The same pair timed in turn, {len(rounds)} rounds ({source('cpu_vig_t_interleaved', result)}): "
-            f"ViG-T / DeiT-T throughput {median['infer_ratio']:.2f} in inference and {median['train_ratio']:.2f} in "
-            f"training (medians of the rounds' ratios; rounds {spread}). Single runs of the table above move "
-            "between 0.7 and 1.2 on this shared 2-core machine: read this line for the ratio.", ""]
+    keys = [(k, words) for k, words in RATIO_WORDS if k in median]
+    spread = ", ".join(f"{min(r[k] for r in rounds):.2f}-{max(r[k] for r in rounds):.2f}" for k, _ in keys)
+    a, b = INTERLEAVED[stem]
+    return [f"{a} and {b} timed in turn, {len(rounds)} rounds ({source(stem, result)}): {a} / {b} "
+            + ", ".join(words.format(f"{median[k]:.2f}") for k, words in keys)
+            + f" (medians of the rounds' ratios; rounds {spread}). {note}"]
+
+
+GPU_INTERLEAVED_NOTE = ("An eager forward at 224 is bound by the device machine's host, whose speed moves between "
+                        "calls and within one (the table's eager row comes from one window per model): read this "
+                        "line for the eager ratio.")
 
 
 def source(stem: str, result: dict) -> str:
@@ -121,6 +136,13 @@ def summary(res: Results) -> list[str]:
     rows = [[label] + [ratio(result, m, b, s, path) for s in SIZES]
             for label, _, result, m, b, path in headline_rows(res)]
     rows = [r for r in rows if any(c != "-" for c in r[1:])]  # a run that did not measure it
+    for stem in ("models_vig_t_interleaved", "models_vig_s_interleaved"):
+        median = interleaved_median(res(stem))
+        for key, what in (("infer_ratio", "inference img/s"), ("train_ratio", "training img/s")):
+            if median and key in median:
+                a, b = INTERLEAVED[stem]
+                rows.append([f"{a} ÷ {b}, {what}, eager, timed in turn", f"{median[key]:.2f}",
+                             *["-"] * (len(SIZES) - 1)])
     flops = res("flops_all_models")
     if flops:
         rows.append(["ViG-T ÷ DeiT-T, GMACs"] + [ratio(flops, "vig_tiny", DEIT_T, s, ("gmacs",)) for s in SIZES])
@@ -128,7 +150,8 @@ def summary(res: Results) -> list[str]:
     lines = table(["ratio (> 1: ViG's is larger)", *(f"@{s}" for s in SIZES)], rows)
     lines += ["", f"One {', '.join(devices)}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
                   "At 224² the eager figures of both small models are bound by the device machine's host (its "
-                  "Python and launch time), whose speed moves between runs: the CUDA-graph row is the stable one. "
+                  "Python and launch time), whose speed moves between runs: the CUDA-graph row is the stable one, and "
+                  "the rows \"timed in turn\" take the eager ratio from many alternating windows. "
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
     return lines
@@ -451,10 +474,16 @@ def performance(res: Results) -> str:
     if any(res(s) for _, s in runs_t):
         out += ["", "## ViG-T ÷ DeiT-T", ""] + pair_section(res, runs_t, "vig_tiny", DEIT_T)
         out += [""] + reading(res) if reading(res) else []
+    if res("models_vig_t_interleaved"):
+        out += [""] + interleaved_line("models_vig_t_interleaved", res("models_vig_t_interleaved"),
+                                       GPU_INTERLEAVED_NOTE)
     runs_s = [("eager", "models_vig_s_eager"), ("CUDA graphs", "models_vig_s_cuda_graph"),
               ("torch.compile", "compile_all_models")]
     if res("models_vig_s_eager"):
         out += ["", "## ViG-S ÷ DeiT-B at 224", ""] + pair_section(res, runs_s, "vig_small", DEIT_B, (224,))
+    if res("models_vig_s_interleaved"):
+        out += [""] + interleaved_line("models_vig_s_interleaved", res("models_vig_s_interleaved"),
+                                       GPU_INTERLEAVED_NOTE)
     for stem, label in (("models_all_eager", "eager"), ("compile_all_models", "torch.compile")):
         result = res(stem)
         if result:
@@ -505,7 +534,9 @@ def performance(res: Results) -> str:
                         f"BiGLA on its "
                         f"{value(res('cpu_vig_t_224'), ('environment', 'bigla_cpu')) or 'chunked PyTorch path'}.", ""]
         if res("cpu_vig_t_interleaved"):
-            out += interleaved_line(res("cpu_vig_t_interleaved"))
+            out += interleaved_line("cpu_vig_t_interleaved", res("cpu_vig_t_interleaved"),
+                                    "Single runs of the table above move between 0.7 and 1.2 on this shared 2-core "
+                                    "machine: read this line for the ratio.") + [""]
         if res("cpu_default_train"):
             out += cpu_default_section(res("cpu_default_train"))
     for stem in ("train_imagenette", "train_compare"):

@@ -399,6 +399,20 @@ def test_wrapped_or_hooked_blocks_run_one_by_one():
     assert calls == [1]
 
 
+def test_hooks_on_a_blocks_layers_fire_in_inference():
+    """The blocks' inference path (grad mode off) skips the mixer's and the MLP's ``__call__`` only when nothing
+    watches them: a forward hook on either still sees its call, with the same output."""
+    model = small("vig_tiny", depth=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        seen = []
+        for layer in (model.blocks[1].attn, model.blocks[1].mlp):
+            layer.register_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__))
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    assert seen == ["BiGLAMixer", "SwiGLU"]
+
+
 def test_block_hooks_still_see_every_block():
     """A forward hook on a block sees its input and output tensors, whichever way the blocks run."""
     model = small("vig_tiny", depth=3)

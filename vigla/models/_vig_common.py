@@ -96,13 +96,25 @@ class ViGBlock(nn.Module):
         paths (each op's forward implementation called directly), the compute dtype found once."""
         dtype = compute_dtype(x)
         x, y = add_and_norm_inference(self.norm1, x, delta, dtype)
-        a = self.attn.forward_inference(y, hw, dtype)
+        a = self.attn.forward_inference(y, hw, dtype) if _plain_call(self.attn, BiGLAMixer) else self.attn(y, hw)
         x, y = add_and_norm_inference(self.norm2, x, self.drop_path1(a) if self.training else a, dtype)
-        m = self.mlp.forward_inference(y, dtype)
+        m = self.mlp.forward_inference(y, dtype) if _plain_call(self.mlp, SwiGLU) else self.mlp(y)
         return x, (self.drop_path2(m) if self.training else m)
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _global_hooks() -> bool:
+    module = nn.modules.module
+    return any(getattr(module, f"_global{name}", None) for name in _HOOKS)
+
+
+def _plain_call(module: nn.Module, cls: type) -> bool:
+    """Whether calling ``module`` may skip its ``__call__``: a plain ``cls`` (not replaced, wrapped or compiled on
+    its own) with no hook on it or global (hooks see its input and output)."""
+    return (type(module) is cls and getattr(module, "_compiled_call_impl", None) is None
+            and not any(getattr(module, name) for name in _HOOKS) and not _global_hooks())
 
 
 def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
@@ -110,13 +122,7 @@ def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
     wrapped, e.g. by a checkpoint or FSDP wrapper, nor compiled one by one), no hook on them or global
     (hooks see each block's input and output), and real tensors (``torch.fx``'s proxies are not: its graph
     keeps a node per block, as timm's FX feature extraction needs)."""
-    if not isinstance(x, torch.Tensor):
-        return False
-    module = nn.modules.module
-    if any(getattr(module, f"_global{name}", None) for name in _HOOKS):
-        return False
-    return all(type(blk) is ViGBlock and getattr(blk, "_compiled_call_impl", None) is None
-               and not any(getattr(blk, name) for name in _HOOKS) for blk in blocks)
+    return isinstance(x, torch.Tensor) and all(_plain_call(blk, ViGBlock) for blk in blocks)
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:

@@ -10,6 +10,10 @@ way:
   less per call than going through the dispatcher; with nothing to record, as in inference, the
   op calls the Function's forward implementation without ``apply``: :func:`run_eager`); kernels
   are launched through :func:`vigla.ops.launcher.direct` (compiled kernels reused per signature);
+* that forward implementation (``*_forward`` in ``op.py``) is also what a model's layers call in eager
+  inference, once per block a check says nothing records or traces (:func:`eager_inference`): the
+  public function's checks hold by construction inside a model, and each skipped frame is host time
+  an eager forward at 224² waits on;
 * one custom op (``torch.library.triton_op`` when Triton is installed): what ``torch.compile``
   traces (Inductor then launches the kernels from its own code) and what a dispatch mode sees
   (the FLOP counter, selective activation checkpointing).
