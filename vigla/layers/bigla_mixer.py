@@ -18,7 +18,7 @@ from ..ops.dwconv import dwconv_silu
 from ..ops.dwconv.op import dwconv_forward
 from ..ops.locality_mix import locality_mix
 from ..ops.locality_mix.op import locality_mix_forward
-from .cast import caching, inference_weights
+from .cast import caching, inference_weights, transposed
 from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer"]
@@ -127,14 +127,16 @@ class BiGLAMixer(nn.Module):
         return self._cached_weights(x_c)
 
     @torch.jit.unused
-    def _cached_weights(self, x_c: torch.Tensor
+    def _cached_weights(self, x_c: torch.Tensor, transpose: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_weights` cast once; ``transpose``: the matrices as ``[in, out]`` views (for ``torch.mm``)."""
         parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
         dtype = compute_dtype(x_c)
-        w_in, b_in = inference_weights(self, "in_proj", parts, dtype, lambda: self._concat(parts))
-        w_up, b_up, w_out = inference_weights(
-            self, "out", (self.decay_up.weight, self.decay_up.bias, self.proj.weight), dtype)
-        return w_in, b_in, w_up, b_up, w_out
+        w_in = inference_weights(self, "in_proj", parts, dtype, lambda: self._concat(parts))
+        out = inference_weights(self, "out", (self.decay_up.weight, self.decay_up.bias, self.proj.weight), dtype)
+        if transpose:
+            w_in, out = transposed(self, "in_proj", w_in), transposed(self, "out", out)
+        return (*w_in, *out)
 
     @staticmethod
     def _concat(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -177,12 +179,12 @@ class BiGLAMixer(nn.Module):
         B, N, C = x.shape
         h, K, dk, dv = self.num_heads, self.key_dim, self.head_k, self.head_v
         x_c = dwconv_forward(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
-        w_in, b_in, w_up, b_up, w_out = self._cached_weights(x_c)
-        q, k, v, z, gate = F.linear(x_c.reshape(B * N, C), w_in, b_in).split(
+        w_in, b_in, w_up, b_up, w_out = self._cached_weights(x_c, transpose=True)  # w: [in, out] views
+        q, k, v, z, gate = torch.addmm(b_in, x_c.reshape(B * N, C), w_in).split(
             [K, K, C, self.decay_down.out_features, C], dim=-1)
-        zf, zb = F.linear(z, w_up, b_up).view(B, N, 2, h, dk).unbind(dim=2)
+        zf, zb = torch.addmm(b_up, z, w_up).view(B, N, 2, h, dk).unbind(dim=2)
         o = bigla_forward(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
                           float(self.gate_logit_normalizer))
         y = locality_mix_forward(o, x_c, gate.view(B, N, C), self.norm_out.weight, self.norm_local.weight,
                                  float(self.norm_out.eps), bool(self.out_act))
-        return F.linear(y.reshape(B * N, C), w_out).view(B, N, C)
+        return torch.mm(y.reshape(B * N, C), w_out).view(B, N, C)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "caching"]
+__all__ = ["inference_weights", "caching", "transposed"]
 
 
 def caching(x) -> bool:
@@ -39,5 +39,17 @@ def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tens
     if hit is None or hit[0] != key:
         made = build() if build is not None else sources
         hit = (key, tuple(t.to(dtype) for t in made))
+        cache[slot] = hit
+    return hit[1]
+
+
+def transposed(module: nn.Module, slot: str, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``weights`` (a tuple :func:`inference_weights` returned for ``slot``) with each matrix as its ``.t()``
+    view, kept on ``module`` until that tuple is rebuilt: the GEMMs ``x @ w^T`` of an inference path
+    (``torch.mm`` / ``torch.addmm``) without a transpose op per call. Vectors (biases) are returned as they are."""
+    cache = module.__dict__.setdefault("_transposed_weights", {})
+    hit = cache.get(slot)
+    if hit is None or hit[0] is not weights:
+        hit = (weights, tuple(w.t() if w.dim() == 2 else w for w in weights))
         cache[slot] = hit
     return hit[1]

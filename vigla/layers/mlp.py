@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.dispatch import compute_dtype, eager_inference
 from ..ops.swiglu import swiglu_mlp
 from ..ops.swiglu.op import swiglu_forward
-from .cast import caching, inference_weights
+from .cast import caching, inference_weights, transposed
 
 __all__ = ["SwiGLU"]
 
@@ -39,6 +38,6 @@ class SwiGLU(nn.Module):
         """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference`, products in ``dtype``: the
         weights cast once, both GEMMs on ``[rows, C]`` views and the gating's forward implementation
         called directly."""
-        w1, w2 = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
+        w1, w2 = transposed(self, "fc", inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype))
         rows = x.reshape(-1, x.shape[-1])
-        return F.linear(swiglu_forward(F.linear(rows, w1)), w2).view(*x.shape[:-1], w2.shape[0])
+        return torch.mm(swiglu_forward(torch.mm(rows, w1)), w2).view(*x.shape[:-1], w2.shape[1])
