@@ -42,12 +42,11 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]
     of ``[..., C]``, in one pass (:func:`vigla.ops.add_norm.add_norm`; ``delta`` None: just the
     norm). The normalized output is in ``out_dtype``, default the compute dtype (autocast's when it
     is on)."""
-    if isinstance(norm, nn.LayerNorm):
-        return add_norm(x, delta, norm.weight, norm.bias, norm.eps, "layer", out_dtype)
-    if isinstance(norm, RmsNorm):
-        return add_norm(x, delta, norm.weight, None, norm.eps, "rms", out_dtype)
-    s = x if delta is None else x + delta
-    return s, norm(s)
+    fused = _fused_norm(norm)
+    if fused is None:
+        s = x if delta is None else x + delta
+        return s, norm(s)
+    return add_norm(x, delta, fused[0], fused[1], norm.eps, "rms" if fused[2] else "layer", out_dtype)
 
 
 def _fused_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]:

@@ -73,6 +73,7 @@ def _key(args: tuple, meta: dict, _tensor=torch.Tensor, _int=int) -> tuple:
 
 
 def _current_device() -> int:
+    """The current CUDA device, as Triton's driver would say (PyTorch's own call when the driver defers to it)."""
     if _torch_device is not None and _driver.active.get_current_device is torch.cuda.current_device:
         return _torch_device()
     return _driver.active.get_current_device()
