@@ -87,6 +87,21 @@ def test_add_norm_dtypes():
     assert y.dtype == torch.float32
 
 
+def test_add_and_norm_layer_fuses_affine_norms_only():
+    """vigla.layers.norm.add_and_norm on a norm layer: an affine LayerNorm through the fused op, one without
+    weights as the add then the norm (the same values), with grad mode on and off (the blocks' inference path)."""
+    from vigla.layers.norm import add_and_norm, add_and_norm_inference
+
+    x, d = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    for norm in (torch.nn.LayerNorm(8, dtype=torch.float64), torch.nn.LayerNorm(8, elementwise_affine=False)):
+        with torch.no_grad():
+            torch.nn.init.normal_(norm.weight) if norm.weight is not None else None
+        want = F.layer_norm(x + d, (8,), norm.weight, norm.bias, norm.eps)
+        for s, y in (add_and_norm(norm, x, d), add_and_norm_inference(norm, x, d, torch.float64)):
+            torch.testing.assert_close(s, x + d, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+
+
 def test_add_norm_rejects_bad_inputs():
     x, d, w, b = _norm_inputs((2, 8), rms=False)
     with pytest.raises(ValueError, match="kind must be one of"):
