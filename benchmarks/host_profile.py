@@ -29,27 +29,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vigla.bench.measure import autocast, profiled_kernels, train_step  # noqa: E402
+from vigla.bench.measure import autocast, profiled_kernels, synchronize, train_step  # noqa: E402
 from vigla.bench.report import envelope, write_json  # noqa: E402
 from vigla.bench.cli import build_model  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timed(fn, device: torch.device, iters: int, synced: bool) -> float:
     """Median ms of ``fn()``: to its end (``synced``), or to its return with the device idle at the start."""
     times = []
     for _ in range(iters):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
         if synced:
-            _sync(device)
+            synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    _sync(device)
+    synchronize(device)
     return sorted(times)[len(times) // 2]
 
 
@@ -86,11 +81,11 @@ def timings(forward, device: torch.device, iters: int) -> dict:
     """``synced_ms``, ``issue_ms`` and ``pipelined_ms`` of one forward (see the module's docstring)."""
     synced = _timed(forward, device, iters, synced=True)
     issue = _timed(forward, device, iters, synced=False)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         forward()
-    _sync(device)
+    synchronize(device)
     return {"synced_ms": synced, "issue_ms": issue, "pipelined_ms": (time.perf_counter() - t0) * 1e3 / iters}
 
 
@@ -101,11 +96,11 @@ def kernel_counts(forward, device: torch.device, iters: int) -> dict:
         return {}
     from torch.profiler import ProfilerActivity, profile
 
-    _sync(device)
+    synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             forward()
-        _sync(device)
+        synchronize(device)
     k = profiled_kernels(prof, iters)
     return {"kernel_launches": k["kernel_launches"], "kernel_ms": k["kernel_ms"]}
 
@@ -113,12 +108,12 @@ def kernel_counts(forward, device: torch.device, iters: int) -> dict:
 def host_profile(forward, device: torch.device, iters: int, top: int) -> dict:
     """cProfile of ``iters`` issued forwards: the per-forward top functions by own and by cumulative time."""
     prof = cProfile.Profile()
-    _sync(device)
+    synchronize(device)
     prof.enable()
     for _ in range(iters):
         forward()
     prof.disable()
-    _sync(device)
+    synchronize(device)
     stats = pstats.Stats(prof)
 
     def per_forward(rows):

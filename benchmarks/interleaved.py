@@ -30,24 +30,19 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vigla.bench.cli import build_model  # noqa: E402
-from vigla.bench.measure import autocast, train_step  # noqa: E402
+from vigla.bench.measure import autocast, synchronize, train_step  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
 
 RATIOS = ("infer_ratio", "train_ratio", "latency_ratio")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def pipelined_ms(fn, calls: int, device: torch.device) -> float:
     """Milliseconds per call of ``calls`` calls issued back to back, the device idle at the start."""
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t0) * 1e3 / calls
 
 

@@ -31,8 +31,8 @@ from ..engine.precision import amp_dtype, autocast
 
 __all__ = [
     "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "guarded", "is_oom", "make_input",
-    "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "summarize", "time_calls",
-    "train_step",
+    "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "summarize", "synchronize",
+    "time_calls", "train_step",
 ]
 
 MiB = 2 ** 20
@@ -44,6 +44,12 @@ MiB = 2 ** 20
 def _malloc_trim() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def free_memory(device: torch.device) -> None:

@@ -124,14 +124,14 @@ class BiGLAMixer(nn.Module):
         if torch.jit.is_scripting() or not caching(x_c):
             w_in, b_in = self._concat(parts)
             return w_in, b_in, self.decay_up.weight, self.decay_up.bias, self.proj.weight
-        return self._cached_weights(x_c)
+        return self._cached_weights(compute_dtype(x_c))
 
     @torch.jit.unused
-    def _cached_weights(self, x_c: torch.Tensor, transpose: bool = False
+    def _cached_weights(self, dtype: torch.dtype, transpose: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_weights` cast once; ``transpose``: the matrices as ``[in, out]`` views (for ``torch.mm``)."""
+        """:meth:`_weights` cast to ``dtype`` once; ``transpose``: the matrices as ``[in, out]`` views (for
+        ``torch.mm``)."""
         parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
-        dtype = compute_dtype(x_c)
         w_in = inference_weights(self, "in_proj", parts, dtype, lambda: self._concat(parts))
         out = inference_weights(self, "out", (self.decay_up.weight, self.decay_up.bias, self.proj.weight), dtype)
         if transpose:
@@ -179,7 +179,7 @@ class BiGLAMixer(nn.Module):
         B, N, C = x.shape
         h, K, dk, dv = self.num_heads, self.key_dim, self.head_k, self.head_v
         x_c = dwconv_forward(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
-        w_in, b_in, w_up, b_up, w_out = self._cached_weights(x_c, transpose=True)  # w: [in, out] views
+        w_in, b_in, w_up, b_up, w_out = self._cached_weights(dtype, transpose=True)  # w: [in, out] views
         q, k, v, z, gate = torch.addmm(b_in, x_c.reshape(B * N, C), w_in).split(
             [K, K, C, self.decay_down.out_features, C], dim=-1)
         zf, zb = torch.addmm(b_up, z, w_up).view(B, N, 2, h, dk).unbind(dim=2)
