@@ -25,6 +25,10 @@ version's (``cfg:default``), each as ``alt:<file stem>`` with the largest relati
 and five gradients from this version's (``alt:<stem>_rel_diff``): an A/B of kernel changes in one call, same
 device, same inputs.
 
+Where the time goes (``vigla`` rows): ``vigla_kernel_ms``, each kernel's device time per call of the default
+plan (``torch.profiler``), forward and forward+backward; ``settings.compiled_kernels``, the registers and spilled
+registers of every BiGLA kernel the run compiled.
+
 Byte floors: the time to read every input once and write every output once at the copy bandwidth
 measured in the same run (forward: q, k, v, two gates, o; backward: those inputs and do, then dq,
 dk, dv and two gate gradients).
@@ -192,7 +196,48 @@ def measure(shape, impls, configs, alts=()) -> dict:
             fwdbwd = _calls("kernels", x, do, None)[1]
         if impl != "fla":
             row[f"{label}_fwdbwd_graph_ms"] = _time(fwdbwd, graph=True)
+    if "vigla" in impls:
+        row["vigla_kernel_ms"] = kernel_times(x, do)
     return row
+
+
+def kernel_times(x, do, calls: int = 5) -> dict:
+    """Device time per call of each kernel the default plan launches (ms, ``torch.profiler``'s CUDA events,
+    mean of ``calls``), forward and forward+backward: where the op's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for mode, fn in zip(("fwd", "fwdbwd"), _calls("kernels", x, do, None)):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        times: dict[str, float] = {}
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                times[event.name] = times.get(event.name, 0.0) + event.device_time / calls / 1e3
+        out[mode] = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def compiled_kernels() -> list[dict]:
+    """Registers and spilled registers of every BiGLA kernel compiled in this run (Triton's metadata), per
+    chunk length, scan (backward) and ``num_warps``: the launcher's cache of compiled kernels."""
+    from vigla.ops.launcher import _FAST
+
+    rows = []
+    for fast in _FAST.values():
+        if not fast.fn.__name__.startswith("_bigla"):
+            continue
+        for key, (kernel, _) in fast.compiled.items():
+            meta = dict(key[-1])
+            rows.append(dict(kernel=fast.fn.__name__, K=meta.get("K"), V=meta.get("V"), BT=meta.get("BT"),
+                             UPPER=meta.get("UPPER"), num_warps=kernel.metadata.num_warps,
+                             registers=kernel.n_regs, spills=kernel.n_spills))
+    unique = {tuple(r.items()): r for r in rows}
+    return sorted(unique.values(), key=lambda r: (r["kernel"], r["K"], r["BT"], r["UPPER"] or 0))
 
 
 def _ratio(a, b):
@@ -289,6 +334,8 @@ def main() -> int:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         write_json(result, path)  # after every row: a run cut short keeps its rows
+    if "vigla" in impls:
+        result["settings"]["compiled_kernels"] = compiled_kernels()
     result["complete"] = True
     write_json(result, path)
     print_table(result)

@@ -259,7 +259,35 @@ def kernel_section(res: Results) -> list[str]:
                         f"forward+backward through autograd). The floor is the time "
                         f"to read the inputs and write the outputs once at the copy bandwidth measured in the same run "
                         f"({fmt(value(ours, ('settings', 'copy_bandwidth_TBps')), '.1f')} TB/s); fla-core's times "
-                        "and the ratios come from the one run that timed both (`fla_bigla.json`)."]
+                        "and the ratios come from the one run that timed both (`fla_bigla.json`)."] + kernel_split(ours)
+
+
+KERNEL_PARTS = [("walk", "_bigla_walk_kernel"), ("carry", "_bigla_carry_kernel"),
+                ("per-chunk forward", "_bigla_fwd_kernel"), ("per-chunk backward", "_bigla_bwd_kernel")]
+
+
+def kernel_split(result: dict) -> list[str]:
+    """Where the operator's forward+backward device time goes, kernel by kernel (``vigla_kernel_ms``), and the
+    registers and spills of the kernels the run compiled."""
+    rows = []
+    for r in result["rows"]:
+        split = (r.get("vigla_kernel_ms") or {}).get("fwdbwd")
+        if not split:
+            continue
+        total = sum(split.values())
+        rows.append([f"{r['name']}", fmt(total, ".3f")]
+                    + [f"{fmt(split.get(k), '.3f')} ({100 * split.get(k, 0.0) / total:.0f}%)" if k in split else "-"
+                       for _, k in KERNEL_PARTS])
+    if not rows:
+        return []
+    spills = [f"{c['kernel']} d_k={c['K']} chunk {c['BT']}"
+              + ("" if c.get("UPPER") is None else f" scan {c['UPPER']}") + f": {c['registers']} / {c['spills']}"
+              for c in value(result, ("settings", "compiled_kernels")) or [] if c.get("spills")]
+    lines = ["", "Forward+backward device time per call by kernel (ms, `torch.profiler`, default plans):", ""]
+    lines += table(["shape", "total"] + [name for name, _ in KERNEL_PARTS], rows)
+    if spills:
+        lines += ["", "Kernels that spill registers (registers / spilled): " + "; ".join(spills) + "."]
+    return lines
 
 
 def profile_section(result: dict, top: int = 5) -> list[str]:

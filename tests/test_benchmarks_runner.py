@@ -183,6 +183,23 @@ def test_summary_and_write_up_read_the_numbers_from_the_files(tmp_path):
         summarize.readme_with_summary("no markers", table)
 
 
+def test_kernel_split_reads_each_kernels_share_and_the_spills():
+    """The operator section's split: each kernel's forward+backward time and share per shape, "-" for a kernel a
+    shape does not launch, and only the compiled kernels that spill named."""
+    result = {"settings": {"compiled_kernels": [
+                  {"kernel": "_bigla_bwd_kernel", "K": 32, "BT": 64, "UPPER": 1, "registers": 255, "spills": 110},
+                  {"kernel": "_bigla_fwd_kernel", "K": 32, "BT": 32, "UPPER": None, "registers": 128, "spills": 0}]},
+              "rows": [{"name": "ViG-T @224", "vigla_kernel_ms": {"fwdbwd": {
+                  "_bigla_bwd_kernel": 0.6, "_bigla_walk_kernel": 0.3, "_bigla_fwd_kernel": 0.1}}},
+                       {"name": "no split"}]}
+    lines = summarize.kernel_split(result)
+    assert "| ViG-T @224 | 1.000 | 0.300 (30%) | - | 0.100 (10%) | 0.600 (60%) |" in lines
+    assert not any("no split" in line for line in lines)
+    assert lines[-1] == ("Kernels that spill registers (registers / spilled): _bigla_bwd_kernel d_k=32 chunk 64 "
+                         "scan 1: 255 / 110.")
+    assert summarize.kernel_split({"rows": [{"name": "x"}]}) == []
+
+
 def test_index_groups_by_stem_and_names_the_problems(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "models_vig_t_eager.json").write_text(json.dumps(_bench_result([], commit="abcdef0123")))
