@@ -142,6 +142,57 @@ static inline __attribute__((always_inline)) float advance(float *restrict row, 
     return dot;
 }
 
+/* The same pass over all K rows for V = 64 (ViG's heads), with the 64 sums of `acc` in four 16-lane vector
+ * registers (GCC vector extensions; two or four narrower registers each where the machine has no 512-bit ones).
+ * `advance`'s `acc` lives in memory: each row's update waited for the previous row's store to be forwarded, a
+ * chain of loads and stores as long as K that set the time of a token. Row i becomes f_i row_i + u_i y; where
+ * given, acc = sum_i w_i row_i (written, not added to) and dots[i] = <row_i, z>. */
+typedef float vec16 __attribute__((vector_size(64)));
+
+static inline vec16 load16(const float *p) {
+    vec16 x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void store16(float *p, vec16 x) { memcpy(p, &x, sizeof x); }
+
+static inline float hsum16(vec16 x) {
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += x[j];
+    return s;
+}
+
+static inline __attribute__((always_inline)) void advance_rows64(float *restrict S, long K, const float *f,
+                                                                 const float *u, const float *w,
+                                                                 const float *restrict y, const float *restrict z,
+                                                                 float *restrict acc, float *restrict dots) {
+    const vec16 y0 = load16(y), y1 = load16(y + 16), y2 = load16(y + 32), y3 = load16(y + 48);
+    vec16 z0 = {0}, z1 = {0}, z2 = {0}, z3 = {0};
+    if (z) {
+        z0 = load16(z); z1 = load16(z + 16); z2 = load16(z + 32); z3 = load16(z + 48);
+    }
+    vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (long i = 0; i < K; i++) {
+        float *row = S + i * 64;
+        const float fi = f[i], ui = u[i];
+        vec16 r0 = load16(row), r1 = load16(row + 16), r2 = load16(row + 32), r3 = load16(row + 48);
+        if (fi != 1.0f) {
+            r0 *= fi; r1 *= fi; r2 *= fi; r3 *= fi;
+        }
+        r0 += ui * y0; r1 += ui * y1; r2 += ui * y2; r3 += ui * y3;
+        store16(row, r0); store16(row + 16, r1); store16(row + 32, r2); store16(row + 48, r3);
+        if (acc) {
+            const float wi = w[i];
+            a0 += wi * r0; a1 += wi * r1; a2 += wi * r2; a3 += wi * r3;
+        }
+        if (z) dots[i] = hsum16(r0 * z0 + r1 * z1 + r2 * z2 + r3 * z3);
+    }
+    if (acc) {
+        store16(acc, a0); store16(acc + 16, a1); store16(acc + 32, a2); store16(acc + 48, a3);
+    }
+}
+
 static void reset(float *S, double *D, long K, long V) {
     memset(S, 0, sizeof(float) * K * V);
     for (long i = 0; i < K; i++) D[i] = 1.0;
@@ -158,11 +209,12 @@ static inline __attribute__((always_inline)) void forward_task(const job_t *J, l
             const float *vv = ROW(J->v, 2, b, t, h);
             decays(J, ROW(J->g[scan], 3 + scan, b, t, h), a);
             coefficients(K, D, a, ROW(J->k, 1, b, t, h), 1.0f, ROW(J->q, 0, b, t, h), J->c, f, u, w);
-            float acc[V]; /* a local: with V constant, kept in registers across the rows */
-            for (long j = 0; j < V; j++) acc[j] = 0.0f;
-            for (long i = 0; i < K; i++) {
-                float *restrict row = S + i * V;
-                advance(row, V, f[i], u[i], vv, NULL, w[i], acc);
+            float acc[V];
+            if (V == 64) {
+                advance_rows64(S, K, f, u, w, vv, NULL, acc, NULL);
+            } else {
+                for (long j = 0; j < V; j++) acc[j] = 0.0f;
+                for (long i = 0; i < K; i++) advance(S + i * V, V, f[i], u[i], vv, NULL, w[i], acc);
             }
             float *out = OUT(J->o, b, t, h, V);
             for (long j = 0; j < V; j++) out[j] = scan ? out[j] + acc[j] : acc[j];
@@ -184,9 +236,11 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
         decays(J, ROW(J->g[scan], 3 + scan, b, t, h), a);
         coefficients(K, D, a, ROW(J->k, 1, b, t, h), 1.0f, ones, J->c, f, u, w);
         float *dq = dqs + s * K;
-        for (long i = 0; i < K; i++) {
-            float *restrict row = S + i * V;
-            dq[i] = w[i] * advance(row, V, f[i], u[i], vv, dd, 0.0f, NULL);
+        if (V == 64) {
+            advance_rows64(S, K, f, u, NULL, vv, dd, NULL, dq);
+            for (long i = 0; i < K; i++) dq[i] *= w[i];
+        } else {
+            for (long i = 0; i < K; i++) dq[i] = w[i] * advance(S + i * V, V, f[i], u[i], vv, dd, 0.0f, NULL);
         }
         float *out = OUT(J->dq, b, t, h, K);
         for (long i = 0; i < K; i++) out[i] = scan ? out[i] + dq[i] : dq[i];
@@ -202,11 +256,13 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
         const float *qq = ROW(J->q, 0, b, t, h), *kk = ROW(J->k, 1, b, t, h), *vv = ROW(J->v, 2, b, t, h);
         const float *dd = ROW(J->dout, 5, b, t, h), *g = ROW(J->g[scan], 3 + scan, b, t, h);
         coefficients(K, D, a, qq, J->c, kk, 1.0f, f, u, w); /* w = D k */
-        float dvs[V]; /* a local, as the forward's sums */
-        for (long j = 0; j < V; j++) dvs[j] = 0.0f;
-        for (long i = 0; i < K; i++) {
-            float *restrict row = S + i * V;
-            dks[i] = (float)D[i] * advance(row, V, f[i], u[i], dd, vv, w[i], dvs);
+        float dvs[V];
+        if (V == 64) {
+            advance_rows64(S, K, f, u, w, dd, vv, dvs, dks);
+            for (long i = 0; i < K; i++) dks[i] *= (float)D[i];
+        } else {
+            for (long j = 0; j < V; j++) dvs[j] = 0.0f;
+            for (long i = 0; i < K; i++) dks[i] = (float)D[i] * advance(S + i * V, V, f[i], u[i], dd, vv, w[i], dvs);
         }
         float *dk = OUT(J->dk, b, t, h, K), *dv = OUT(J->dv, b, t, h, V), *dg = OUT(J->dg[scan], b, t, h, K);
         const float *dq = dqs + s * K;
