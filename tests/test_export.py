@@ -106,6 +106,10 @@ def test_torch_compile_keeps_the_custom_op(monkeypatch):
     def is_exporting_before_2_14():  # True inside whatever Dynamo traces, False in eager
         return torch.compiler.is_compiling()
 
+    # Dynamo keeps the functions it folds (torch.compiler.is_exporting among them) in a table built once per
+    # process, at its first trace: build it now, with the real function, so that the stand-in below is not
+    # what the rest of the process gets (later compiles would then fail on the real one).
+    torch.compile(lambda t: t + int(torch.compiler.is_exporting()), backend="eager", fullgraph=True)(torch.zeros(1))
     monkeypatch.setattr(torch.compiler, "is_exporting", is_exporting_before_2_14)
     graphs = []
 
