@@ -12,7 +12,8 @@
  * costs two fused multiply-adds per element (update, readout). Where D would fall below 2^-20 it is
  * folded into its row (U <- D U, D = 1), so the rows stay within 2^20 of the terms they sum.
  *
- * Backward, per scan: dq_s = c S_s do_s (c = scale/2, a pass in scan order, recomputing S), then in
+ * Backward, per scan: dq_s = c S_s do_s (c = scale/2, a pass in scan order, recomputing S and keeping each
+ * token's decays for the next pass, [T, K] float64 per thread), then in
  * reverse scan order R_s = c q_s do_s^T + diag(a_{s+1}) R_{s+1} (the gradient of S_s, kept the same
  * way), dk_s = R_s v_s, dv_s = R_s^T k_s, and the log decays' gradient
  * dla_r = sum_{s >= r} (q_s * dq_s - k_s * dk_s) per channel (the scan's own dq and dk; float64 sums).
@@ -225,7 +226,7 @@ static inline __attribute__((always_inline)) void forward_task(const job_t *J, l
 /* one scan's gradients for task (b, h): dq, dk, dv accumulated (assigned by scan 0), dg[scan] written */
 static inline __attribute__((always_inline)) void backward_scan(const job_t *J, int scan, long b, long h, float *S,
                                                                  double *D, double *a, float *co, float *dqs,
-                                                                 double *gacc, const long V) {
+                                                                 double *gacc, double *decs, const long V) {
     const long K = J->K, T = J->T;
     float *f = co, *u = co + K, *w = co + 2 * K, *dks = co + 3 * K, *ones = co + 4 * K;
     for (long i = 0; i < K; i++) ones[i] = 1.0f;
@@ -233,8 +234,9 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
     for (long s = 0; s < T; s++) { /* the states again; dq_s = c S_s do_s */
         long t = token(J, scan, s);
         const float *vv = ROW(J->v, 2, b, t, h), *dd = ROW(J->dout, 5, b, t, h);
-        decays(J, ROW(J->g[scan], 3 + scan, b, t, h), a);
-        coefficients(K, D, a, ROW(J->k, 1, b, t, h), 1.0f, ones, J->c, f, u, w);
+        double *as = decs + s * K; /* kept for the reverse pass */
+        decays(J, ROW(J->g[scan], 3 + scan, b, t, h), as);
+        coefficients(K, D, as, ROW(J->k, 1, b, t, h), 1.0f, ones, J->c, f, u, w);
         float *dq = dqs + s * K;
         if (V == 64) {
             advance_rows64(S, K, f, u, NULL, vv, dd, NULL, dq);
@@ -249,13 +251,14 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
     double *slope = gacc + K;
     for (long i = 0; i < K; i++) {
         gacc[i] = 0.0;
-        a[i] = 1.0; /* the decays between this token and the one after it in scan order */
+        a[i] = 1.0;
     }
+    const double *an = a; /* the decays between this token and the one after it in scan order */
     for (long s = T - 1; s >= 0; s--) {
         long t = token(J, scan, s);
         const float *qq = ROW(J->q, 0, b, t, h), *kk = ROW(J->k, 1, b, t, h), *vv = ROW(J->v, 2, b, t, h);
         const float *dd = ROW(J->dout, 5, b, t, h), *g = ROW(J->g[scan], 3 + scan, b, t, h);
-        coefficients(K, D, a, qq, J->c, kk, 1.0f, f, u, w); /* w = D k */
+        coefficients(K, D, an, qq, J->c, kk, 1.0f, f, u, w); /* w = D k */
         float dvs[V];
         if (V == 64) {
             advance_rows64(S, K, f, u, w, dd, vv, dvs, dks);
@@ -273,7 +276,7 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
             dg[i] = (float)(gacc[i] * slope[i]);
         }
         for (long j = 0; j < V; j++) dv[j] = scan ? dv[j] + dvs[j] : dvs[j];
-        decays(J, g, a); /* this token's: R on its way to the token before */
+        an = decs + s * K; /* this token's: R on its way to the token before */
     }
 }
 
@@ -282,15 +285,16 @@ static inline __attribute__((always_inline)) int run_tasks_v(const job_t *J, lon
     const long K = J->K;
     int backward = J->dout != NULL;
     float *S = malloc(sizeof(float) * (K * V + 5 * K + (backward ? J->T * K : 0)));
-    double *D = malloc(sizeof(double) * 4 * K);
+    double *D = malloc(sizeof(double) * (4 * K + (backward ? J->T * K : 0)));
     int failed = !S || !D;
     float *co = S + K * V, *dqs = co + 5 * K;
-    double *a = D + K, *gacc = a + K; /* and gacc + K: the slopes */
+    double *a = D + K, *gacc = a + K; /* and gacc + K: the slopes; then the backward's decays, [T, K] */
+    double *decs = gacc + 2 * K;
     for (long task = first; task < last && !failed; task++) {
         long b = task / J->H, h = task % J->H;
         if (backward) {
-            backward_scan(J, 0, b, h, S, D, a, co, dqs, gacc, V);
-            backward_scan(J, 1, b, h, S, D, a, co, dqs, gacc, V);
+            backward_scan(J, 0, b, h, S, D, a, co, dqs, gacc, decs, V);
+            backward_scan(J, 1, b, h, S, D, a, co, dqs, gacc, decs, V);
         } else {
             forward_task(J, b, h, S, D, a, co, V);
         }
