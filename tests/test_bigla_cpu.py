@@ -96,15 +96,17 @@ def test_extreme_and_tiny_decays_over_a_long_sequence(V):
     q, k, v, _, _ = make_inputs(B, T, H, K, V)
     tiny = torch.full((B, T, H, K), -2e-8, dtype=torch.float64)
     steep = torch.full((B, T, H, K), -20.0, dtype=torch.float64)
-    do = torch.randn(B, T, H, V, dtype=torch.float64)
     for gf, gb in [(tiny, tiny), (steep, tiny)]:
-        ref, g_ref = grads_f64([q, k, v, gf, gb], do, 0.5)
-        x = kernel_inputs(q, k, v, gf, gb)
-        out = bigla_fwd_cpu(*x, 0.5)
+        ref = bigla_naive(q, k, v, gf, gb, 0.5)
+        out = bigla_fwd_cpu(*kernel_inputs(q, k, v, gf, gb), 0.5)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 2e-5
-        # q, k, v's gradients (the gates' are sums over 8k tokens of nearly cancelling terms: ill-conditioned)
-        for a, b in zip(bigla_bwd_cpu(*x, do.float(), 0.5)[:3], g_ref[:3]):
+        # q, k, v's gradients over the first 1k tokens (the float64 reference's autograd is slow; the gates'
+        # gradients are sums of nearly cancelling terms there: ill-conditioned)
+        x64 = [t[:, :1024] for t in (q, k, v, gf, gb)]
+        do = torch.randn(B, 1024, H, V, dtype=torch.float64)
+        _, g_ref = grads_f64(x64, do, 0.5)
+        for a, b in zip(bigla_bwd_cpu(*kernel_inputs(*x64), do.float(), 0.5)[:3], g_ref[:3]):
             assert rel_err(a, b) < 1e-4
 
 
