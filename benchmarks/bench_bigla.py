@@ -223,8 +223,9 @@ def kernel_times(x, do, calls: int = 5) -> dict:
 
 
 def compiled_kernels() -> list[dict]:
-    """Registers and spilled registers of every BiGLA kernel compiled in this run (Triton's metadata), per
-    chunk length, scan (backward) and ``num_warps``: the launcher's cache of compiled kernels."""
+    """Registers and spilled registers of every BiGLA kernel compiled in this run (Triton's metadata, None where
+    a Triton version lacks a field), per chunk length, scan (backward) and ``num_warps``: the launcher's cache of
+    compiled kernels."""
     from vigla.ops.launcher import _FAST
 
     rows = []
@@ -234,8 +235,8 @@ def compiled_kernels() -> list[dict]:
         for key, (kernel, _) in fast.compiled.items():
             meta = dict(key[-1])
             rows.append(dict(kernel=fast.fn.__name__, K=meta.get("K"), V=meta.get("V"), BT=meta.get("BT"),
-                             UPPER=meta.get("UPPER"), num_warps=kernel.metadata.num_warps,
-                             registers=kernel.n_regs, spills=kernel.n_spills))
+                             UPPER=meta.get("UPPER"), num_warps=getattr(kernel.metadata, "num_warps", None),
+                             registers=getattr(kernel, "n_regs", None), spills=getattr(kernel, "n_spills", None)))
     unique = {tuple(r.items()): r for r in rows}
     return sorted(unique.values(), key=lambda r: (r["kernel"], r["K"], r["BT"], r["UPPER"] or 0))
 

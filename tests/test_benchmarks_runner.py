@@ -200,6 +200,33 @@ def test_kernel_split_reads_each_kernels_share_and_the_spills():
     assert summarize.kernel_split({"rows": [{"name": "x"}]}) == []
 
 
+def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
+    """``bench_bigla.compiled_kernels``: one row per BiGLA kernel and launch signature in the launcher's cache (the
+    constexprs read from the key's last part), duplicates merged, other kernels left out, None for a field a
+    Triton version lacks."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_bigla
+    from vigla.ops import launcher
+
+    def fast(name, entries):
+        return SimpleNamespace(fn=SimpleNamespace(__name__=name), compiled=entries)
+
+    def kernel(regs, spills, warps=4):
+        return SimpleNamespace(n_regs=regs, n_spills=spills, metadata=SimpleNamespace(num_warps=warps))
+
+    meta = (("K", 32), ("V", 64), ("BT", 64), ("UPPER", 1))
+    monkeypatch.setattr(launcher, "_FAST", {
+        1: fast("_bigla_bwd_kernel", {(0, "a", meta): (kernel(255, 110), ()), (1, "b", meta): (kernel(255, 110), ())}),
+        2: fast("_swiglu_fwd_kernel", {(0, (("BT", 64),)): (kernel(64, 0), ())}),
+        3: fast("_bigla_walk_kernel", {(0, (("K", 16), ("V", 32), ("BT", 32))): (SimpleNamespace(metadata=None), ())}),
+    })
+    rows = bench_bigla.compiled_kernels()
+    assert rows == [
+        dict(kernel="_bigla_bwd_kernel", K=32, V=64, BT=64, UPPER=1, num_warps=4, registers=255, spills=110),
+        dict(kernel="_bigla_walk_kernel", K=16, V=32, BT=32, UPPER=None, num_warps=None, registers=None, spills=None)]
+
+
 def test_index_groups_by_stem_and_names_the_problems(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "models_vig_t_eager.json").write_text(json.dumps(_bench_result([], commit="abcdef0123")))
