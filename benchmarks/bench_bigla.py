@@ -203,8 +203,11 @@ def measure(shape, impls, configs, alts=()) -> dict:
 
 def kernel_times(x, do, calls: int = 5) -> dict:
     """Device time per call of each kernel the default plan launches (ms, ``torch.profiler``'s CUDA events,
-    mean of ``calls``), forward and forward+backward: where the op's time goes."""
+    mean of ``calls``, largest first: :func:`vigla.bench.measure.profiled_kernels`), forward and
+    forward+backward: where the op's time goes."""
     from torch.profiler import ProfilerActivity, profile
+
+    from vigla.bench.measure import profiled_kernels
 
     out = {}
     for mode, fn in zip(("fwd", "fwdbwd"), _calls("kernels", x, do, None)):
@@ -214,11 +217,7 @@ def kernel_times(x, do, calls: int = 5) -> dict:
             for _ in range(calls):
                 fn()
             torch.cuda.synchronize()
-        times: dict[str, float] = {}
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                times[event.name] = times.get(event.name, 0.0) + event.device_time / calls / 1e3
-        out[mode] = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+        out[mode] = {k["op"]: k["self_cuda_ms"] for k in profiled_kernels(prof, calls)["kernels"]}
     return out
 
 
