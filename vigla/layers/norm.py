@@ -44,9 +44,14 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]
     is on)."""
     fused = _fused_norm(norm)
     if fused is None:
-        s = x if delta is None else x + delta
-        return s, norm(s)
+        return _unfused(norm, x, delta)
     return add_norm(x, delta, fused[0], fused[1], norm.eps, "rms" if fused[2] else "layer", out_dtype)
+
+
+def _unfused(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The add and the norm one after the other (a norm :func:`add_and_norm` does not fuse)."""
+    s = x if delta is None else x + delta
+    return s, norm(s)
 
 
 def _fused_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]:
@@ -66,7 +71,6 @@ def add_and_norm_inference(norm: nn.Module, x: torch.Tensor, delta: Optional[tor
     implementation called directly (the shapes are the block's own), ``[..., C]`` tensors."""
     fused = _fused_norm(norm)
     if fused is None:
-        s = x if delta is None else x + delta
-        return s, norm(s)
+        return _unfused(norm, x, delta)
     s, y = add_norm_forward(x, delta, fused[0], fused[1], float(norm.eps), fused[2], out_dtype)
     return (x if delta is None else s), y
