@@ -18,7 +18,7 @@ from ..ops.dwconv import dwconv_silu
 from ..ops.dwconv.op import dwconv_forward
 from ..ops.locality_mix import locality_mix
 from ..ops.locality_mix.op import locality_mix_forward
-from .cast import caching, inference_weights, transposed
+from .cast import caching, gemm, gemm_weights, inference_weights
 from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer"]
@@ -127,15 +127,15 @@ class BiGLAMixer(nn.Module):
         return self._cached_weights(compute_dtype(x_c))
 
     @torch.jit.unused
-    def _cached_weights(self, dtype: torch.dtype, transpose: bool = False
+    def _cached_weights(self, dtype: torch.dtype, rows: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_weights` cast to ``dtype`` once; ``transpose``: the matrices as ``[in, out]`` views (for
-        ``torch.mm``)."""
+        """:meth:`_weights` cast to ``dtype`` once; with ``rows`` (the GEMMs' row count) the matrices
+        prepared for :func:`vigla.layers.cast.gemm`."""
         parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
         w_in = inference_weights(self, "in_proj", parts, dtype, lambda: self._concat(parts))
         out = inference_weights(self, "out", (self.decay_up.weight, self.decay_up.bias, self.proj.weight), dtype)
-        if transpose:
-            w_in, out = transposed(self, "in_proj", w_in), transposed(self, "out", out)
+        if rows is not None:
+            w_in, out = gemm_weights(self, "in_proj", w_in, rows), gemm_weights(self, "out", out, rows)
         return (*w_in, *out)
 
     @staticmethod
@@ -179,12 +179,12 @@ class BiGLAMixer(nn.Module):
         B, N, C = x.shape
         h, K, dk, dv = self.num_heads, self.key_dim, self.head_k, self.head_v
         x_c = dwconv_forward(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
-        w_in, b_in, w_up, b_up, w_out = self._cached_weights(dtype, transpose=True)  # w: [in, out] views
-        q, k, v, z, gate = torch.addmm(b_in, x_c.reshape(B * N, C), w_in).split(
+        w_in, b_in, w_up, b_up, w_out = self._cached_weights(dtype, rows=B * N)
+        q, k, v, z, gate = gemm(x_c.reshape(B * N, C), w_in, b_in).split(
             [K, K, C, self.decay_down.out_features, C], dim=-1)
-        zf, zb = torch.addmm(b_up, z, w_up).view(B, N, 2, h, dk).unbind(dim=2)
+        zf, zb = gemm(z, w_up, b_up).view(B, N, 2, h, dk).unbind(dim=2)
         o = bigla_forward(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
                           float(self.gate_logit_normalizer))
         y = locality_mix_forward(o, x_c, gate.view(B, N, C), self.norm_out.weight, self.norm_local.weight,
                                  float(self.norm_out.eps), bool(self.out_act))
-        return torch.mm(y.reshape(B * N, C), w_out).view(B, N, C)
+        return gemm(y.reshape(B * N, C), w_out).view(B, N, C)

@@ -7,7 +7,7 @@ import torch.nn as nn
 from ..ops.dispatch import compute_dtype, eager_inference
 from ..ops.swiglu import swiglu_mlp
 from ..ops.swiglu.op import swiglu_forward
-from .cast import caching, inference_weights, transposed
+from .cast import caching, gemm, gemm_weights, inference_weights
 
 __all__ = ["SwiGLU"]
 
@@ -36,8 +36,9 @@ class SwiGLU(nn.Module):
     @torch.jit.unused
     def forward_inference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference`, products in ``dtype``: the
-        weights cast once, both GEMMs on ``[rows, C]`` views and the gating's forward implementation
-        called directly."""
-        w1, w2 = transposed(self, "fc", inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype))
+        weights cast and prepared once (:func:`vigla.layers.cast.gemm_weights`), both GEMMs on ``[rows, C]``
+        views and the gating's forward implementation called directly."""
         rows = x.reshape(-1, x.shape[-1])
-        return torch.mm(swiglu_forward(torch.mm(rows, w1)), w2).view(*x.shape[:-1], w2.shape[1])
+        w1, w2 = gemm_weights(self, "fc", inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype),
+                              rows.shape[0])
+        return gemm(swiglu_forward(gemm(rows, w1)), w2).view(*x.shape[:-1], self.fc2.out_features)

@@ -1,0 +1,78 @@
+"""The inference paths' prepared weights (vigla.layers.cast): GEMMs against float64, the cache's life,
+and models that hold a cache still copy and pickle."""
+import copy
+import io
+
+import pytest
+import timm
+import torch
+
+import vigla  # noqa: F401  (registers the models)
+from vigla.layers.cast import _PREPARED, _onednn, gemm, gemm_weights, inference_weights
+
+
+def _reference(x, w, b=None):
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_matches_float64(dtype, bias):
+    """Prepared matrices (packed for oneDNN in float32 on the CPU, the transposed view otherwise) give
+    ``x @ W^T + b`` on fresh inputs, also for a column slice of a wider tensor as ``x``."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    w = torch.randn(48, 40, dtype=dtype)
+    b = torch.randn(48, dtype=dtype) if bias else None
+    prepared = gemm_weights(module, "fc", (w,) if b is None else (w, b), rows=7)
+    assert prepared[0].is_mkldnn == (dtype == torch.float32 and _onednn())
+    wide = torch.randn(7, 64, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for x in (torch.randn(7, 40, dtype=dtype), torch.randn(300, 40, dtype=dtype), wide[:, 10:50]):
+        out = gemm(x, prepared[0], None if b is None else prepared[1])
+        assert out.shape == (x.shape[0], 48) and out.dtype == dtype
+        torch.testing.assert_close(out.double(), _reference(x, w, b), **tol)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # what torch.backends.mkldnn.flags says on a CPU
+def test_gemm_weights_cache_life():
+    """Kept while the cast tuple is the same object, rebuilt with it; oneDNN switched off gives views."""
+    module = torch.nn.Linear(8, 6)
+    cast = inference_weights(module, "fc", (module.weight, module.bias), torch.float32)
+    first = gemm_weights(module, "fc", cast, rows=4)
+    assert gemm_weights(module, "fc", cast, rows=4) is first
+    assert first[1] is cast[1]  # vectors as they are
+    with torch.no_grad():
+        module.weight.mul_(2)  # an in-place update: a new cast tuple, so new prepared weights
+    recast = inference_weights(module, "fc", (module.weight, module.bias), torch.float32)
+    again = gemm_weights(module, "fc", recast, rows=4)
+    assert again is not first
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(gemm(x, again[0], again[1]).double(), _reference(x, module.weight, module.bias),
+                               rtol=1e-5, atol=1e-5)
+    with torch.backends.mkldnn.flags(enabled=False):
+        plain = gemm_weights(torch.nn.Module(), "fc", recast, rows=4)
+    assert not plain[0].is_mkldnn and plain[0].equal(module.weight.t())
+
+
+def test_model_with_prepared_weights_copies_pickles_and_scripts():
+    """After an inference call (which packs the weights on the CPU) a ViG still deep-copies, saves and
+    scripts; the copy, the reloaded and the scripted model give the same logits, the copy with its own
+    cache."""
+    torch.manual_seed(0)
+    model = timm.create_model("vig_tiny", num_classes=5, depth=2, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        twin = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other in (twin, loaded):
+            torch.testing.assert_close(other(x), ref, rtol=0, atol=0)
+        scripted = torch.jit.script(model)  # the recording path's ops (MKL's GEMMs): float32 rounding apart
+        torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-6)
+    assert set(_PREPARED[twin.blocks[0].attn]) == {"in_proj", "out"}
+    assert _PREPARED[twin.blocks[0].attn]["in_proj"] is not _PREPARED[model.blocks[0].attn]["in_proj"]
