@@ -178,7 +178,9 @@ def test_features_only_getter_and_fx(name):
         if fx_out.dim() == 3:
             fx_out = fx_out[:, fx_out.shape[1] - out.shape[2] * out.shape[3]:]  # without the class token
             fx_out = fx_out.transpose(1, 2).reshape(out.shape)
-        assert_close(fx_out, out, rtol=0)
+        # the traced graph runs the recording path (PyTorch's GEMMs), the getter the inference path
+        # (on the CPU oneDNN's GEMMs on packed weights): float32 rounding apart
+        assert_close(fx_out, out, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -222,7 +224,7 @@ def test_fx_forward_backward_and_scripted(name):
     x = images(2)
     with torch.no_grad():
         out = model(x)
-        assert torch.equal(traced(x), out)  # the ops are leaves: the same kernels run
+        assert_close(traced(x), out, rtol=1e-5)  # the ops are leaves; GEMMs as in test_features_only_getter_and_fx
         assert_close(torch.jit.script(traced)(x), out, rtol=1e-4)
     # timm's FX training graph (torchvision's feature extractor, both modes traced)
     train_nodes, _ = get_graph_node_names(model)
