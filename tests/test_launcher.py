@@ -85,7 +85,8 @@ def test_records():
 
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
 def test_inference_skips_autograd_with_the_same_result(name, one_thread):
-    """Under no_grad every fused op runs its forward without autograd.Function: same numbers."""
+    """Under no_grad every fused op runs its forward without autograd.Function: the same numbers up to
+    float32 rounding (the inference path's projections run oneDNN's GEMMs on packed weights on the CPU)."""
     model = timm.create_model(name, num_classes=7, img_size=32).eval()
     x = torch.randn(2, 3, 32, 32)
     recorded = model(x)
@@ -93,7 +94,7 @@ def test_inference_skips_autograd_with_the_same_result(name, one_thread):
     with torch.no_grad():
         plain = model(x)
     assert plain.grad_fn is None
-    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(plain, recorded.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
