@@ -133,6 +133,16 @@ def _kernel_tune(opts: Options) -> list[Step]:
     return [Step("kernel_bigla_tune", argv, 560, ["kernel_bigla_tune.json"])]
 
 
+# fewer warps per per-chunk program (more programs resident per multiprocessor), at every shape
+WARPS_CONFIGS = ["chunk=16,warps_chunk=1", "chunk=16,warps_chunk=2", "chunk=32,warps_chunk=2", "chunk=64,warps_chunk=2"]
+
+
+def _kernel_tune_warps(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla_tune_warps",
+            "--impls", "vigla", "--configs", *WARPS_CONFIGS, *opts.extra]
+    return [Step("kernel_bigla_tune_warps", argv, 560, ["kernel_bigla_tune_warps.json"])]
+
+
 # the walk kernel's warps, the value block and the walks' segments, at the shapes where they could matter
 WALK_CONFIGS = ["warps_walk=2", "warps_walk=8", "bv=32", "segments=2", "segments=4"]
 WALK_SHAPES = ["ViG-T @224", "ViG-T @1024", "ViG-S @224", "ViG-H-T s1 @224", "ViG-H-T s3 @224"]
@@ -406,6 +416,7 @@ SUITES = {s.name: s for s in [
            "tune": ("the automatic plan beside other launch configurations", _kernel_tune),
            "tune_walk": ("the same for the walk kernel's warps, the value block and the segments",
                          _kernel_tune_walk),
+           "tune_warps": ("the same for one and two warps per per-chunk program", _kernel_tune_warps),
            "stem": ("the stems' fused path (conv + LayerNorm + act in one kernel) against their layers one by one",
                     _kernel_stem)},
           extra="benchmarks/bench_bigla.py (its launch configurations, shapes, ...)"),

@@ -129,8 +129,9 @@ def test_default_launch():
     default cap is dropped with an explicit chunk length and kept with an explicit warp count."""
     from vigla.ops.bigla.triton_kernels import BiGLAConfig, default_launch, plan
 
-    assert [default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136)] == [(16, 4, 0)] * 2 + [(64, 4, 168)]
-    assert [default_launch(T, 16, 32, True, 4) for T in (49, 784, 3136)] == [(32, 4, 128)] * 2 + [(64, 4, 168)]
+    assert {default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136, 16384)} == {(16, 1, 0)}
+    assert [default_launch(T, 16, 32, True, 4) for T in (49, 3136, 4096, 4097, 16384)] == [(16, 2, 0)] * 3 + [
+        (64, 4, 168)] * 2
     assert [default_launch(T, 32, 64, True, 2) for T in (196, 256, 257)] == [(32, 4, 128)] * 2 + [(64, 4, 168)]
     assert [default_launch(T, 32, 64, True, 4) for T in (196, 256, 257)] == [(16, 4, 0)] * 2 + [(64, 4, 0)]
     assert default_launch(196, 64, 128, True, 2) == (32, 8, 0) and default_launch(4096, 32, 128, True, 4) == (64, 8, 0)
@@ -142,6 +143,8 @@ def test_default_launch():
     assert (p.BT, p.regs) == (64, 0)
     p = plan(128, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(warps_chunk=8, regs=0))
     assert (p.BT, p.warps_chunk, p.regs) == (32, 8, 0)
+    p = plan(128, 3136, 3, 16, 32, True, 132, 2)
+    assert (p.BT, p.warps_chunk, p.regs) == (16, 1, 0)
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -498,26 +498,32 @@ class _Plan:
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
     """``(chunk, warps, regs)`` of one pass's per-chunk kernel, chosen by measurement (``python -m
-    benchmarks kernel tune``; ``kernel_bigla_tune.json`` holds the figures): tokens per chunk, its
-    ``num_warps`` and register cap (0: none).
+    benchmarks kernel tune`` and ``tune_warps``; ``kernel_bigla_tune.json`` and ``kernel_bigla_tune_warps.json``
+    hold the figures):
+    tokens per chunk, its ``num_warps`` and register cap (0: none).
 
-    Measured (bf16, d_k <= 32, d_v <= 64: ViG-T/S and ViG-H's stages), at 4 warps:
+    Measured (bf16, d_v <= 64: ViG-T/S and ViG-H's stages):
 
-    * forward (``chains`` 2): d_k = 16 heads 16-token chunks up to T = 1024, else 64 capped at 168
-      registers; wider heads 32-token chunks capped at 128 registers for short sequences (T <= 256:
-      196 pads to 224 instead of 256), else 64 capped at 168;
-    * backward (``chains`` 4, one scan per launch): d_k = 16 heads 32-token chunks capped at 128
-      registers up to T = 1024, else 64 capped at 168; wider heads 16-token chunks for T <= 256, else 64.
+    * d_k = 16 heads (ViG-H): 16-token chunks; the forward at one warp (T = 49 to 16384), the backward at
+      two up to T = 4096 (T = 49 to 3136: 12-18% off forward+backward against 4 warps), beyond it 64-token
+      chunks at 4 warps capped at 168 registers (5% faster at T = 16384);
+    * d_k = 32, forward (``chains`` 2): 32-token chunks capped at 128 registers for short sequences
+      (T <= 256: 196 pads to 224 instead of 256), else 64 capped at 168; backward (``chains`` 4, one scan
+      per launch): 16-token chunks for T <= 256, else 64; 4 warps.
 
     Other bf16 heads up to 64 x 128: 32-token chunks for short sequences, else 64; fp32 inputs and
     wider heads: 32 (fp32 products need twice the registers and shared memory); 8 warps for d_k > 32
     and for the backward. The backward recomputes the states from the inputs, so the
     two passes need not agree."""
-    if bf16 and K <= 32 and V <= 64:
-        short = T <= (1024 if K <= 16 else 256)
+    if bf16 and K <= 16 and V <= 64:
         if chains == 2:
-            return (16, 4, 0) if short and K <= 16 else (32, 4, 128) if short else (64, 4, 168)
-        return (32, 4, 128) if short and K <= 16 else (16, 4, 0) if short else (64, 4, 168 if K <= 16 else 0)
+            return 16, 1, 0
+        return (16, 2, 0) if T <= 4096 else (64, 4, 168)
+    if bf16 and K <= 32 and V <= 64:
+        short = T <= 256
+        if chains == 2:
+            return (32, 4, 128) if short else (64, 4, 168)
+        return (16, 4, 0) if short else (64, 4, 0)
     warps = 8 if K > 32 or chains == 4 else 4
     if not (bf16 and K <= 64 and V <= 128):
         return 32, warps, 0
