@@ -78,9 +78,9 @@ def _prepare(w: torch.Tensor, rows: int) -> torch.Tensor:
 def gemm_weights(module: nn.Module, slot: str, weights: tuple[torch.Tensor, ...], rows: int
                  ) -> tuple[torch.Tensor, ...]:
     """``weights`` (a tuple :func:`inference_weights` returned for ``slot``) prepared for :func:`gemm`, kept
-    on ``module`` until that tuple is rebuilt: each matrix ``[out, in]`` as its ``[in, out]`` view, or on
-    the CPU in float32 packed for oneDNN; vectors (biases) as they are. ``rows``: the GEMMs' row count
-    (a hint for the packing; any count works later)."""
+    for ``module`` until that tuple is rebuilt (in a weak table beside it, not on it): each matrix
+    ``[out, in]`` as its ``[in, out]`` view, or on the CPU in float32 packed for oneDNN; vectors (biases) as
+    they are. ``rows``: the GEMMs' row count (a hint for the packing; any count works later)."""
     cache = _PREPARED.get(module)
     if cache is None:
         cache = _PREPARED[module] = {}

@@ -497,10 +497,9 @@ class _Plan:
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
-    """``(chunk, warps, regs)`` of one pass's per-chunk kernel, chosen by measurement (``python -m
-    benchmarks kernel tune`` and ``tune_warps``; ``kernel_bigla_tune.json`` and ``kernel_bigla_tune_warps.json``
-    hold the figures):
-    tokens per chunk, its ``num_warps`` and register cap (0: none).
+    """``(chunk, warps, regs)`` of one pass's per-chunk kernel: tokens per chunk, its ``num_warps`` and
+    register cap (0: none), chosen by measurement (``python -m benchmarks kernel tune`` and ``tune_warps``;
+    ``kernel_bigla_tune.json`` and ``kernel_bigla_tune_warps*.json`` hold the figures).
 
     Measured (bf16, d_v <= 64: ViG-T/S and ViG-H's stages):
 
