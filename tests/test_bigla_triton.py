@@ -144,7 +144,8 @@ def test_default_launch():
     p = plan(128, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(warps_chunk=8, regs=0))
     assert (p.BT, p.warps_chunk, p.regs) == (32, 8, 0)
     p = plan(128, 3136, 3, 16, 32, True, 132, 2)
-    assert (p.BT, p.warps_chunk, p.regs) == (16, 1, 0)
+    assert (p.BT, p.warps_chunk, p.regs, p.warps_walk) == (16, 1, 0, 1)
+    assert plan(128, 3136, 3, 16, 32, True, 132, 2, BiGLAConfig(warps_walk=4)).warps_walk == 4
 
 
 # ----------------------------------------------------------------------------------------- GPU

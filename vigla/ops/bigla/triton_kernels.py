@@ -565,6 +565,8 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     # them resident; measured 3-5% faster at 224 for ViG-T / ViG-S / ViG-H-T stage 3, kernel_bigla_tune_walk);
     # segmented walks (few, long chains) keep four (two were 15% slower for ViG-T at 1024)
     warps_walk = 2 if seg >= NT and programs >= 4 * sms else 4
+    if bf16 and K <= 16 and V <= 64:  # ViG-H's heads: one warp per walk (3-7% off forward+backward at every
+        warps_walk = 1  # ViG-H-T stage, T = 196 to 16384; kernel_bigla_tune_walk_h.json)
     if BV > 64:  # an explicit value block above 64
         warps = 8
     if config.regs is None and BT != chunk:
