@@ -144,8 +144,9 @@ def _kernel_tune_warps(opts: Options) -> list[Step]:
 
 
 # the walk kernel's warps, the value block and the walks' segments, at the shapes where they could matter
-WALK_CONFIGS = ["warps_walk=2", "warps_walk=8", "bv=32", "segments=2", "segments=4"]
-WALK_SHAPES = ["ViG-T @224", "ViG-T @1024", "ViG-S @224", "ViG-H-T s1 @224", "ViG-H-T s3 @224"]
+WALK_CONFIGS = ["warps_walk=1", "warps_walk=2", "warps_walk=8", "bv=32", "segments=2", "segments=4"]
+WALK_SHAPES = ["ViG-T @224", "ViG-T @1024", "ViG-S @224", "ViG-H-T s1 @224", "ViG-H-T s1 @512", "ViG-H-T s2 @224",
+               "ViG-H-T s3 @224"]
 
 
 def _kernel_tune_walk(opts: Options) -> list[Step]:
