@@ -69,7 +69,9 @@ def _onednn() -> bool:
 def _prepare(w: torch.Tensor, rows: int) -> torch.Tensor:
     """One ``[out, in]`` matrix as :func:`gemm` takes it: on the CPU in float32, packed once in oneDNN's
     blocked layout (its GEMM ran ViG-T's projections ~15% faster than ``torch.addmm`` on the ``x @ w^T``
-    view on a 2-core AMD EPYC: no per-call reordering of the weight); else the ``[in, out]`` view."""
+    view on a 2-core AMD EPYC: no per-call reordering of the weight), at the cost of one more copy of the
+    weight; ``torch.backends.mkldnn.flags(enabled=False)`` around the first call keeps the plain path. Else
+    the ``[in, out]`` view."""
     if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.enabled and _onednn():
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
     return w.t()
