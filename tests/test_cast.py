@@ -1,5 +1,5 @@
 """The inference paths' prepared weights (vigla.layers.cast): GEMMs against float64, the cache's life,
-and models that hold a cache still copy and pickle."""
+and models that hold a cache still copy, pickle and script."""
 import copy
 import io
 
