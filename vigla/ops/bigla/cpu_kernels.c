@@ -194,6 +194,24 @@ static inline __attribute__((always_inline)) void advance_rows64(float *restrict
     }
 }
 
+/* One pass over all K rows (row i becomes f_i row_i + u_i y): where given, acc = sum_i w_i row_i and
+ * dots[i] = <row_i, z>; V = 64 (ViG's heads) through advance_rows64's registers, other V row by row. */
+static inline __attribute__((always_inline)) void advance_rows(float *restrict S, long K, long V, const float *f,
+                                                               const float *u, const float *w,
+                                                               const float *restrict y, const float *restrict z,
+                                                               float *restrict acc, float *restrict dots) {
+    if (V == 64) {
+        advance_rows64(S, K, f, u, w, y, z, acc, dots);
+        return;
+    }
+    if (acc)
+        for (long j = 0; j < V; j++) acc[j] = 0.0f;
+    for (long i = 0; i < K; i++) {
+        float dot = advance(S + i * V, V, f[i], u[i], y, z, acc ? w[i] : 0.0f, acc);
+        if (dots) dots[i] = dot;
+    }
+}
+
 static void reset(float *S, double *D, long K, long V) {
     memset(S, 0, sizeof(float) * K * V);
     for (long i = 0; i < K; i++) D[i] = 1.0;
@@ -211,12 +229,7 @@ static inline __attribute__((always_inline)) void forward_task(const job_t *J, l
             decays(J, ROW(J->g[scan], 3 + scan, b, t, h), a);
             coefficients(K, D, a, ROW(J->k, 1, b, t, h), 1.0f, ROW(J->q, 0, b, t, h), J->c, f, u, w);
             float acc[V];
-            if (V == 64) {
-                advance_rows64(S, K, f, u, w, vv, NULL, acc, NULL);
-            } else {
-                for (long j = 0; j < V; j++) acc[j] = 0.0f;
-                for (long i = 0; i < K; i++) advance(S + i * V, V, f[i], u[i], vv, NULL, w[i], acc);
-            }
+            advance_rows(S, K, V, f, u, w, vv, NULL, acc, NULL);
             float *out = OUT(J->o, b, t, h, V);
             for (long j = 0; j < V; j++) out[j] = scan ? out[j] + acc[j] : acc[j];
         }
@@ -238,12 +251,8 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
         decays(J, ROW(J->g[scan], 3 + scan, b, t, h), as);
         coefficients(K, D, as, ROW(J->k, 1, b, t, h), 1.0f, ones, J->c, f, u, w);
         float *dq = dqs + s * K;
-        if (V == 64) {
-            advance_rows64(S, K, f, u, NULL, vv, dd, NULL, dq);
-            for (long i = 0; i < K; i++) dq[i] *= w[i];
-        } else {
-            for (long i = 0; i < K; i++) dq[i] = w[i] * advance(S + i * V, V, f[i], u[i], vv, dd, 0.0f, NULL);
-        }
+        advance_rows(S, K, V, f, u, NULL, vv, dd, NULL, dq);
+        for (long i = 0; i < K; i++) dq[i] *= w[i];
         float *out = OUT(J->dq, b, t, h, K);
         for (long i = 0; i < K; i++) out[i] = scan ? out[i] + dq[i] : dq[i];
     }
@@ -260,13 +269,8 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
         const float *dd = ROW(J->dout, 5, b, t, h), *g = ROW(J->g[scan], 3 + scan, b, t, h);
         coefficients(K, D, an, qq, J->c, kk, 1.0f, f, u, w); /* w = D k */
         float dvs[V];
-        if (V == 64) {
-            advance_rows64(S, K, f, u, w, dd, vv, dvs, dks);
-            for (long i = 0; i < K; i++) dks[i] *= (float)D[i];
-        } else {
-            for (long j = 0; j < V; j++) dvs[j] = 0.0f;
-            for (long i = 0; i < K; i++) dks[i] = (float)D[i] * advance(S + i * V, V, f[i], u[i], dd, vv, w[i], dvs);
-        }
+        advance_rows(S, K, V, f, u, w, dd, vv, dvs, dks);
+        for (long i = 0; i < K; i++) dks[i] *= (float)D[i];
         float *dk = OUT(J->dk, b, t, h, K), *dv = OUT(J->dv, b, t, h, V), *dg = OUT(J->dg[scan], b, t, h, K);
         const float *dq = dqs + s * K;
         gate_slopes(J, g, slope);
