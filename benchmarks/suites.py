@@ -155,6 +155,18 @@ def _kernel_tune_walk(opts: Options) -> list[Step]:
     return [Step("kernel_bigla_tune_walk", argv, 300, ["kernel_bigla_tune_walk.json"])]
 
 
+# the backward per-chunk kernel's register cap (the forward's unchanged), at the short sequences where its
+# programs are many and small
+REGS_CONFIGS = ["bwd_regs=0", "bwd_regs=128", "bwd_regs=96", "bwd_regs=80", "bwd_regs=64"]
+REGS_SHAPES = ["ViG-T @224", "ViG-S @224", "ViG-H-T s1 @224", "ViG-H-T s2 @224", "ViG-H-T s3 @224", "ViG-H-T s4 @224"]
+
+
+def _kernel_tune_regs(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla_tune_regs", "--impls",
+            "vigla", "--configs", *REGS_CONFIGS, "--shapes", *REGS_SHAPES, *opts.extra]
+    return [Step("kernel_bigla_tune_regs", argv, 300, ["kernel_bigla_tune_regs.json"])]
+
+
 def _fla(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "fla_bigla", "--impls",
             "vigla", "fla", "--shapes", *FLA_SHAPES, *opts.extra]
@@ -418,6 +430,7 @@ SUITES = {s.name: s for s in [
            "tune_walk": ("the same for the walk kernel's warps, the value block and the segments",
                          _kernel_tune_walk),
            "tune_warps": ("the same for one and two warps per per-chunk program", _kernel_tune_warps),
+           "tune_regs": ("the same for the backward per-chunk kernel's register cap", _kernel_tune_regs),
            "stem": ("the stems' fused path (conv + LayerNorm + act in one kernel) against their layers one by one",
                     _kernel_stem)},
           extra="benchmarks/bench_bigla.py (its launch configurations, shapes, ...)"),

@@ -461,7 +461,7 @@ class BiGLAConfig:
     ``"bf16"`` (default for bf16 inputs) or ``"fp32"`` (default otherwise). bv: value block of the
     per-chunk kernels. warps_walk / warps_chunk: ``num_warps`` of the walk and per-chunk kernels.
     regs: register cap (``maxnreg``) of the per-chunk kernels, 0 for none: a lower cap lets more
-    programs share a multiprocessor.
+    programs share a multiprocessor. bwd_regs: the backward's per-chunk kernel's own cap (default: ``regs``).
     """
     chunk: int | None = None
     segments: int | None = None
@@ -470,6 +470,7 @@ class BiGLAConfig:
     warps_walk: int | None = None
     warps_chunk: int | None = None
     regs: int | None = None
+    bwd_regs: int | None = None
 
 
 _DEFAULT = BiGLAConfig()  # the automatic plan (one instance: a dataclass costs microseconds to build and hash)
@@ -508,7 +509,8 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
       chunks at 4 warps capped at 168 registers (5% faster at T = 16384);
     * d_k = 32, forward (``chains`` 2): 32-token chunks capped at 128 registers for short sequences
       (T <= 256: 196 pads to 224 instead of 256), else 64 capped at 168; backward (``chains`` 4, one scan
-      per launch): 16-token chunks for T <= 256, else 64; 4 warps.
+      per launch): 16-token chunks capped at 80 registers for T <= 256 (more programs resident: 5% off
+      forward+backward for ViG-T and ViG-S at 224, ``kernel_bigla_tune_regs.json``), else 64; 4 warps.
 
     Other bf16 heads up to 64 x 128: 32-token chunks for short sequences, else 64; fp32 inputs and
     wider heads: 32 (fp32 products need twice the registers and shared memory); 8 warps for d_k > 32
@@ -522,7 +524,7 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
         short = T <= 256
         if chains == 2:
             return (32, 4, 128) if short else (64, 4, 168)
-        return (16, 4, 0) if short else (64, 4, 0)
+        return (16, 4, 80) if short else (64, 4, 0)
     warps = 8 if K > 32 or chains == 4 else 4
     if not (bf16 and K <= 64 and V <= 128):
         return 32, warps, 0
@@ -570,11 +572,12 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
         warps_walk = 1  # ViG-H-T stage, T = 196 to 16384; kernel_bigla_tune_walk_h.json)
     if BV > 64:  # an explicit value block above 64
         warps = 8
-    if config.regs is None and BT != chunk:
+    cap = config.bwd_regs if chains == 4 and config.bwd_regs is not None else config.regs
+    if cap is None and BT != chunk:
         regs = 0
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
                  nseg=cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
-                 warps_chunk=config.warps_chunk or warps, regs=regs if config.regs is None else config.regs,
+                 warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
                  state_fp32=not bf16 or config.state_dtype == "fp32")
 
 
