@@ -130,7 +130,7 @@ def test_default_launch():
     from vigla.ops.bigla.triton_kernels import BiGLAConfig, default_launch, plan
 
     assert {default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136, 16384)} == {(16, 1, 0)}
-    assert [default_launch(T, 16, 32, True, 4) for T in (49, 3136, 4096, 4097, 16384)] == [(16, 2, 0)] * 3 + [
+    assert [default_launch(T, 16, 32, True, 4) for T in (49, 3136, 4096, 4097, 16384)] == [(16, 2, 80)] * 3 + [
         (64, 4, 168)] * 2
     assert [default_launch(T, 32, 64, True, 2) for T in (196, 256, 257)] == [(32, 4, 128)] * 2 + [(64, 4, 168)]
     assert [default_launch(T, 32, 64, True, 4) for T in (196, 256, 257)] == [(16, 4, 80)] * 2 + [(64, 4, 0)]

@@ -505,8 +505,9 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
     Measured (bf16, d_v <= 64: ViG-T/S and ViG-H's stages):
 
     * d_k = 16 heads (ViG-H): 16-token chunks; the forward at one warp (T = 49 to 16384), the backward at
-      two up to T = 4096 (T = 49 to 3136: 12-18% off forward+backward against 4 warps), beyond it 64-token
-      chunks at 4 warps capped at 168 registers (5% faster at T = 16384);
+      two up to T = 4096 (T = 49 to 3136: 12-18% off forward+backward against 4 warps) capped at 80
+      registers (another 5-6%, ``kernel_bigla_tune_regs.json``), beyond it 64-token chunks at 4 warps
+      capped at 168 registers (5% faster at T = 16384);
     * d_k = 32, forward (``chains`` 2): 32-token chunks capped at 128 registers for short sequences
       (T <= 256: 196 pads to 224 instead of 256), else 64 capped at 168; backward (``chains`` 4, one scan
       per launch): 16-token chunks capped at 80 registers for T <= 256 (more programs resident: 5% off
@@ -519,7 +520,7 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
     if bf16 and K <= 16 and V <= 64:
         if chains == 2:
             return 16, 1, 0
-        return (16, 2, 0) if T <= 4096 else (64, 4, 168)
+        return (16, 2, 80) if T <= 4096 else (64, 4, 168)
     if bf16 and K <= 32 and V <= 64:
         short = T <= 256
         if chains == 2:
