@@ -4,7 +4,8 @@
  * backward one S_t = diag(a_t) S_{t+1} + k_t v_t^T (a_t = exp(log decay), per key channel),
  * o_t = scale/2 * q_t^T (S^f_t + S^b_t). Written in scan order s (t = s forward, T-1-s backward) both
  * are S_s = diag(a_s) S_{s-1} + k_s v_s^T: one routine serves both, walking the tokens in either order
- * (no flipped copies). The [K, V] state stays in the L1 cache, vectorised over V.
+ * (no flipped copies). The [K, V] state stays in the L1 cache, vectorised over V; each pass over its rows
+ * serves two consecutive tokens.
  *
  * The state is kept as S = diag(D) U: a float64 scale D per key channel carries the decays (D <- D a), the
  * float32 rows U only add k_s v_s^T / D. So a decay within an ulp of 1 is not lost (a float32 state
@@ -143,11 +144,17 @@ static inline __attribute__((always_inline)) float advance(float *restrict row, 
     return dot;
 }
 
-/* The same pass over all K rows for V = 64 (ViG's heads), with the 64 sums of `acc` in four 16-lane vector
- * registers (GCC vector extensions; two or four narrower registers each where the machine has no 512-bit ones).
- * `advance`'s `acc` lives in memory: each row's update waited for the previous row's store to be forwarded, a
- * chain of loads and stores as long as K that set the time of a token. Row i becomes f_i row_i + u_i y; where
- * given, acc = sum_i w_i row_i (written, not added to) and dots[i] = <row_i, z>. */
+/* One token's pass over the state's rows: row i becomes f_i row_i + u_i y; where given, acc = sum_i w_i row_i
+ * (written, not added to) and dots[i] = <row_i, z>. */
+typedef struct {
+    const float *f, *u, *w, *y, *z;
+    float *acc, *dots;
+} step_t;
+
+/* The passes of n (1 or 2) consecutive tokens over all K rows, for V = 64 (ViG's heads): each row is loaded and
+ * stored once for all n (the row loop was bound by the L1 loads and stores of the state: two tokens per pass
+ * took 15% off the forward), the 64 sums of each `acc` in four 16-lane vector registers (GCC vector extensions;
+ * two or four narrower registers each where the machine has no 512-bit ones). Bitwise the same as n passes. */
 typedef float vec16 __attribute__((vector_size(64)));
 
 static inline vec16 load16(const float *p) {
@@ -164,52 +171,63 @@ static inline float hsum16(vec16 x) {
     return s;
 }
 
-static inline __attribute__((always_inline)) void advance_rows64(float *restrict S, long K, const float *f,
-                                                                 const float *u, const float *w,
-                                                                 const float *restrict y, const float *restrict z,
-                                                                 float *restrict acc, float *restrict dots) {
-    const vec16 y0 = load16(y), y1 = load16(y + 16), y2 = load16(y + 32), y3 = load16(y + 48);
-    vec16 z0 = {0}, z1 = {0}, z2 = {0}, z3 = {0};
-    if (z) {
-        z0 = load16(z); z1 = load16(z + 16); z2 = load16(z + 32); z3 = load16(z + 48);
-    }
-    vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+static inline __attribute__((always_inline)) void advance_rows64(float *restrict S, long K, const step_t *P,
+                                                                 const int n) {
+    vec16 y[2][4], z[2][4], a[2][4];
+    for (int p = 0; p < n; p++)
+        for (int c = 0; c < 4; c++) {
+            y[p][c] = load16(P[p].y + 16 * c);
+            z[p][c] = P[p].z ? load16(P[p].z + 16 * c) : (vec16){0};
+            a[p][c] = (vec16){0};
+        }
     for (long i = 0; i < K; i++) {
         float *row = S + i * 64;
-        const float fi = f[i], ui = u[i];
-        vec16 r0 = load16(row), r1 = load16(row + 16), r2 = load16(row + 32), r3 = load16(row + 48);
-        if (fi != 1.0f) {
-            r0 *= fi; r1 *= fi; r2 *= fi; r3 *= fi;
+        vec16 r[4];
+        for (int c = 0; c < 4; c++) r[c] = load16(row + 16 * c);
+        for (int p = 0; p < n; p++) {
+            const float fi = P[p].f[i], ui = P[p].u[i];
+            if (fi != 1.0f)
+                for (int c = 0; c < 4; c++) r[c] *= fi;
+            for (int c = 0; c < 4; c++) r[c] += ui * y[p][c];
+            if (P[p].acc) {
+                const float wi = P[p].w[i];
+                for (int c = 0; c < 4; c++) a[p][c] += wi * r[c];
+            }
+            if (P[p].z) P[p].dots[i] = hsum16(r[0] * z[p][0] + r[1] * z[p][1] + r[2] * z[p][2] + r[3] * z[p][3]);
         }
-        r0 += ui * y0; r1 += ui * y1; r2 += ui * y2; r3 += ui * y3;
-        store16(row, r0); store16(row + 16, r1); store16(row + 32, r2); store16(row + 48, r3);
-        if (acc) {
-            const float wi = w[i];
-            a0 += wi * r0; a1 += wi * r1; a2 += wi * r2; a3 += wi * r3;
-        }
-        if (z) dots[i] = hsum16(r0 * z0 + r1 * z1 + r2 * z2 + r3 * z3);
+        for (int c = 0; c < 4; c++) store16(row + 16 * c, r[c]);
     }
-    if (acc) {
-        store16(acc, a0); store16(acc + 16, a1); store16(acc + 32, a2); store16(acc + 48, a3);
+    for (int p = 0; p < n; p++)
+        if (P[p].acc)
+            for (int c = 0; c < 4; c++) store16(P[p].acc + 16 * c, a[p][c]);
+}
+
+/* The passes of n consecutive tokens over all K rows: V = 64 through advance_rows64's registers, other V
+ * token by token, row by row. */
+static inline __attribute__((always_inline)) void advance_rows(float *restrict S, long K, long V, const step_t *P,
+                                                               const int n) {
+    if (V == 64) {
+        advance_rows64(S, K, P, n);
+        return;
+    }
+    for (int p = 0; p < n; p++) {
+        if (P[p].acc)
+            for (long j = 0; j < V; j++) P[p].acc[j] = 0.0f;
+        for (long i = 0; i < K; i++) {
+            float dot = advance(S + i * V, V, P[p].f[i], P[p].u[i], P[p].y, P[p].z, P[p].acc ? P[p].w[i] : 0.0f,
+                                P[p].acc);
+            if (P[p].dots) P[p].dots[i] = dot;
+        }
     }
 }
 
-/* One pass over all K rows (row i becomes f_i row_i + u_i y): where given, acc = sum_i w_i row_i and
- * dots[i] = <row_i, z>; V = 64 (ViG's heads) through advance_rows64's registers, other V row by row. */
-static inline __attribute__((always_inline)) void advance_rows(float *restrict S, long K, long V, const float *f,
-                                                               const float *u, const float *w,
-                                                               const float *restrict y, const float *restrict z,
-                                                               float *restrict acc, float *restrict dots) {
-    if (V == 64) {
-        advance_rows64(S, K, f, u, w, y, z, acc, dots);
-        return;
-    }
-    if (acc)
-        for (long j = 0; j < V; j++) acc[j] = 0.0f;
-    for (long i = 0; i < K; i++) {
-        float dot = advance(S + i * V, V, f[i], u[i], y, z, acc ? w[i] : 0.0f, acc);
-        if (dots) dots[i] = dot;
-    }
+/* advance_rows for n = 2 or 1 (a constant in each branch: the loops over the tokens unroll) */
+static inline __attribute__((always_inline)) void advance_steps(float *restrict S, long K, long V, const step_t *P,
+                                                                int n) {
+    if (n == 2)
+        advance_rows(S, K, V, P, 2);
+    else
+        advance_rows(S, K, V, P, 1);
 }
 
 static void reset(float *S, double *D, long K, long V) {
@@ -217,81 +235,134 @@ static void reset(float *S, double *D, long K, long V) {
     for (long i = 0; i < K; i++) D[i] = 1.0;
 }
 
-static inline __attribute__((always_inline)) void forward_task(const job_t *J, long b, long h, float *S, double *D,
-                                                                double *a, float *co, const long V) {
+/* Tokens s .. s + n - 1 of one forward scan: their coefficients (D carried from one to the next), one pass
+ * over the rows, the outputs (assigned by scan 0, added to by scan 1) */
+static inline __attribute__((always_inline)) void forward_steps(const job_t *J, int scan, long b, long h, long s,
+                                                                 float *S, double *D, double *a, float *co,
+                                                                 const long V, const int n) {
     const long K = J->K;
-    float *f = co, *u = co + K, *w = co + 2 * K;
-    for (int scan = 0; scan < 2; scan++) {
-        reset(S, D, K, V);
-        for (long s = 0; s < J->T; s++) {
-            long t = token(J, scan, s);
-            const float *vv = ROW(J->v, 2, b, t, h);
-            decays(J, ROW(J->g[scan], 3 + scan, b, t, h), a);
-            coefficients(K, D, a, ROW(J->k, 1, b, t, h), 1.0f, ROW(J->q, 0, b, t, h), J->c, f, u, w);
-            float acc[V];
-            advance_rows(S, K, V, f, u, w, vv, NULL, acc, NULL);
-            float *out = OUT(J->o, b, t, h, V);
-            for (long j = 0; j < V; j++) out[j] = scan ? out[j] + acc[j] : acc[j];
-        }
+    long t[2];
+    float acc[2][V];
+    step_t P[2];
+    for (int p = 0; p < n; p++) {
+        t[p] = token(J, scan, s + p);
+        float *f = co + 3 * K * p; /* f, u, w */
+        decays(J, ROW(J->g[scan], 3 + scan, b, t[p], h), a);
+        coefficients(K, D, a, ROW(J->k, 1, b, t[p], h), 1.0f, ROW(J->q, 0, b, t[p], h), J->c, f, f + K, f + 2 * K);
+        P[p] = (step_t){f, f + K, f + 2 * K, ROW(J->v, 2, b, t[p], h), NULL, acc[p], NULL};
+    }
+    advance_rows(S, K, V, P, n);
+    for (int p = 0; p < n; p++) {
+        float *out = OUT(J->o, b, t[p], h, V);
+        for (long j = 0; j < V; j++) out[j] = scan ? out[j] + acc[p][j] : acc[p][j];
     }
 }
 
-/* one scan's gradients for task (b, h): dq, dk, dv accumulated (assigned by scan 0), dg[scan] written */
+static inline __attribute__((always_inline)) void forward_task(const job_t *J, long b, long h, float *S, double *D,
+                                                                double *a, float *co, const long V) {
+    for (int scan = 0; scan < 2; scan++) {
+        reset(S, D, J->K, V);
+        long s = 0;
+        for (; s + 1 < J->T; s += 2) forward_steps(J, scan, b, h, s, S, D, a, co, V, 2);
+        if (s < J->T) forward_steps(J, scan, b, h, s, S, D, a, co, V, 1);
+    }
+}
+
+/* The backward's first pass over tokens s .. s + n - 1 of a scan: the states again, dq_s = c S_s do_s
+ * (accumulated into dq, assigned by scan 0, and kept in dqs), each token's decays kept in decs for the
+ * reverse pass */
+static inline __attribute__((always_inline)) void dq_steps(const job_t *J, int scan, long b, long h, long s, float *S,
+                                                            double *D, float *co, const float *ones, float *dqs,
+                                                            double *decs, const long V, const int n) {
+    const long K = J->K;
+    long t[2];
+    step_t P[2];
+    for (int p = 0; p < n; p++) {
+        t[p] = token(J, scan, s + p);
+        float *f = co + 3 * K * p; /* f, u, w = c D */
+        double *as = decs + (s + p) * K;
+        decays(J, ROW(J->g[scan], 3 + scan, b, t[p], h), as);
+        coefficients(K, D, as, ROW(J->k, 1, b, t[p], h), 1.0f, ones, J->c, f, f + K, f + 2 * K);
+        P[p] = (step_t){f, f + K, NULL, ROW(J->v, 2, b, t[p], h), ROW(J->dout, 5, b, t[p], h), NULL,
+                        dqs + (s + p) * K};
+    }
+    advance_rows(S, K, V, P, n);
+    for (int p = 0; p < n; p++) {
+        float *dq = dqs + (s + p) * K, *out = OUT(J->dq, b, t[p], h, K);
+        const float *w = co + 3 * K * p + 2 * K;
+        for (long i = 0; i < K; i++) dq[i] *= w[i];
+        for (long i = 0; i < K; i++) out[i] = scan ? out[i] + dq[i] : dq[i];
+    }
+}
+
+/* The reverse pass over tokens s, s - 1, ..., s - n + 1 of a scan: R_s = c q_s do_s^T + diag(a_{s+1}) R_{s+1}
+ * (kept as diag(D) U like the state), dk_s = R_s v_s, dv_s = R_s^T k_s, the log decays' gradient
+ * (gacc: its running sum) and the gates'; dk, dv accumulated (assigned by scan 0), dg[scan] written */
+static inline __attribute__((always_inline)) void dkv_steps(const job_t *J, int scan, long b, long h, long s, float *S,
+                                                             double *D, const double *ones, float *co, float *dks,
+                                                             const float *dqs, double *gacc, double *slope,
+                                                             const double *decs, const long V, const int n) {
+    const long K = J->K;
+    long t[2];
+    float dvs[2][V];
+    step_t P[2];
+    for (int p = 0; p < n; p++) {
+        long sp = s - p;
+        t[p] = token(J, scan, sp);
+        float *f = co + 4 * K * p; /* f, u, w = D k, and D itself */
+        const double *an = sp + 1 < J->T ? decs + (sp + 1) * K : ones; /* the decays between sp and sp + 1 */
+        coefficients(K, D, an, ROW(J->q, 0, b, t[p], h), J->c, ROW(J->k, 1, b, t[p], h), 1.0f, f, f + K, f + 2 * K);
+        for (long i = 0; i < K; i++) f[3 * K + i] = (float)D[i];
+        P[p] = (step_t){f, f + K, f + 2 * K, ROW(J->dout, 5, b, t[p], h), ROW(J->v, 2, b, t[p], h), dvs[p],
+                        dks + K * p};
+    }
+    advance_rows(S, K, V, P, n);
+    for (int p = 0; p < n; p++) {
+        long sp = s - p;
+        const float *qq = ROW(J->q, 0, b, t[p], h), *kk = ROW(J->k, 1, b, t[p], h), *Dp = co + 4 * K * p + 3 * K;
+        const float *dq = dqs + sp * K, *dkp = dks + K * p;
+        float *dk = OUT(J->dk, b, t[p], h, K), *dv = OUT(J->dv, b, t[p], h, V), *dg = OUT(J->dg[scan], b, t[p], h, K);
+        gate_slopes(J, ROW(J->g[scan], 3 + scan, b, t[p], h), slope);
+        for (long i = 0; i < K; i++) {
+            float dki = dkp[i] * Dp[i];
+            dk[i] = scan ? dk[i] + dki : dki;
+            gacc[i] += (double)qq[i] * dq[i] - (double)kk[i] * dki;
+            dg[i] = (float)(gacc[i] * slope[i]);
+        }
+        for (long j = 0; j < V; j++) dv[j] = scan ? dv[j] + dvs[p][j] : dvs[p][j];
+    }
+}
+
+/* one scan's gradients for task (b, h) */
 static inline __attribute__((always_inline)) void backward_scan(const job_t *J, int scan, long b, long h, float *S,
                                                                  double *D, double *a, float *co, float *dqs,
                                                                  double *gacc, double *decs, const long V) {
     const long K = J->K, T = J->T;
-    float *f = co, *u = co + K, *w = co + 2 * K, *dks = co + 3 * K, *ones = co + 4 * K;
+    float *dks = co + 8 * K, *ones = dks + 2 * K;
+    double *slope = gacc + K;
     for (long i = 0; i < K; i++) ones[i] = 1.0f;
     reset(S, D, K, V);
-    for (long s = 0; s < T; s++) { /* the states again; dq_s = c S_s do_s */
-        long t = token(J, scan, s);
-        const float *vv = ROW(J->v, 2, b, t, h), *dd = ROW(J->dout, 5, b, t, h);
-        double *as = decs + s * K; /* kept for the reverse pass */
-        decays(J, ROW(J->g[scan], 3 + scan, b, t, h), as);
-        coefficients(K, D, as, ROW(J->k, 1, b, t, h), 1.0f, ones, J->c, f, u, w);
-        float *dq = dqs + s * K;
-        advance_rows(S, K, V, f, u, NULL, vv, dd, NULL, dq);
-        for (long i = 0; i < K; i++) dq[i] *= w[i];
-        float *out = OUT(J->dq, b, t, h, K);
-        for (long i = 0; i < K; i++) out[i] = scan ? out[i] + dq[i] : dq[i];
-    }
+    long s = 0;
+    for (; s + 1 < T; s += 2) dq_steps(J, scan, b, h, s, S, D, co, ones, dqs, decs, V, 2);
+    if (s < T) dq_steps(J, scan, b, h, s, S, D, co, ones, dqs, decs, V, 1);
     reset(S, D, K, V); /* now R, the gradient of the state, in reverse scan order */
-    double *slope = gacc + K;
     for (long i = 0; i < K; i++) {
         gacc[i] = 0.0;
         a[i] = 1.0;
     }
-    const double *an = a; /* the decays between this token and the one after it in scan order */
-    for (long s = T - 1; s >= 0; s--) {
-        long t = token(J, scan, s);
-        const float *qq = ROW(J->q, 0, b, t, h), *kk = ROW(J->k, 1, b, t, h), *vv = ROW(J->v, 2, b, t, h);
-        const float *dd = ROW(J->dout, 5, b, t, h), *g = ROW(J->g[scan], 3 + scan, b, t, h);
-        coefficients(K, D, an, qq, J->c, kk, 1.0f, f, u, w); /* w = D k */
-        float dvs[V];
-        advance_rows(S, K, V, f, u, w, dd, vv, dvs, dks);
-        for (long i = 0; i < K; i++) dks[i] *= (float)D[i];
-        float *dk = OUT(J->dk, b, t, h, K), *dv = OUT(J->dv, b, t, h, V), *dg = OUT(J->dg[scan], b, t, h, K);
-        const float *dq = dqs + s * K;
-        gate_slopes(J, g, slope);
-        for (long i = 0; i < K; i++) {
-            dk[i] = scan ? dk[i] + dks[i] : dks[i];
-            gacc[i] += (double)qq[i] * dq[i] - (double)kk[i] * dks[i];
-            dg[i] = (float)(gacc[i] * slope[i]);
-        }
-        for (long j = 0; j < V; j++) dv[j] = scan ? dv[j] + dvs[j] : dvs[j];
-        an = decs + s * K; /* this token's: R on its way to the token before */
-    }
+    for (s = T - 1; s >= 1; s -= 2) dkv_steps(J, scan, b, h, s, S, D, a, co, dks, dqs, gacc, slope, decs, V, 2);
+    if (s == 0) dkv_steps(J, scan, b, h, s, S, D, a, co, dks, dqs, gacc, slope, decs, V, 1);
 }
 
 /* the (batch, head) tasks [first, last) of one thread, for V values per head; 0 on success */
 static inline __attribute__((always_inline)) int run_tasks_v(const job_t *J, long first, long last, const long V) {
     const long K = J->K;
     int backward = J->dout != NULL;
-    float *S = malloc(sizeof(float) * (K * V + 5 * K + (backward ? J->T * K : 0)));
+    /* S: the state (K V), then co: two tokens' coefficients (8 K), dks (2 K), ones (K), dqs (T K) */
+    float *S = malloc(sizeof(float) * (K * V + 11 * K + (backward ? J->T * K : 0)));
     double *D = malloc(sizeof(double) * (4 * K + (backward ? J->T * K : 0)));
     int failed = !S || !D;
-    float *co = S + K * V, *dqs = co + 5 * K;
+    float *co = S + K * V, *dqs = co + 11 * K;
     double *a = D + K, *gacc = a + K; /* and gacc + K: the slopes; then the backward's decays, [T, K] */
     double *decs = gacc + 2 * K;
     for (long task = first; task < last && !failed; task++) {
