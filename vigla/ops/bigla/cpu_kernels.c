@@ -153,7 +153,8 @@ typedef struct {
 
 /* The passes of n (1 or 2) consecutive tokens over all K rows, for V = 64 (ViG's heads): each row is loaded and
  * stored once for all n (the row loop was bound by the L1 loads and stores of the state: two tokens per pass
- * took 15% off the forward), the 64 sums of each `acc` in four 16-lane vector registers (GCC vector extensions;
+ * took 4-15% off the forward in A/Bs, the backward's passes unchanged); n is a constant at each call, so the
+ * loops over the tokens unroll. The 64 sums of each `acc` stay in four 16-lane vector registers (GCC vector extensions;
  * two or four narrower registers each where the machine has no 512-bit ones). Bitwise the same as n passes. */
 typedef float vec16 __attribute__((vector_size(64)));
 
@@ -219,15 +220,6 @@ static inline __attribute__((always_inline)) void advance_rows(float *restrict S
             if (P[p].dots) P[p].dots[i] = dot;
         }
     }
-}
-
-/* advance_rows for n = 2 or 1 (a constant in each branch: the loops over the tokens unroll) */
-static inline __attribute__((always_inline)) void advance_steps(float *restrict S, long K, long V, const step_t *P,
-                                                                int n) {
-    if (n == 2)
-        advance_rows(S, K, V, P, 2);
-    else
-        advance_rows(S, K, V, P, 1);
 }
 
 static void reset(float *S, double *D, long K, long V) {
