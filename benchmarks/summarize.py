@@ -150,7 +150,8 @@ def summary(res: Results) -> list[str]:
     lines = table(["ratio (> 1: ViG's is larger)", *(f"@{s}" for s in SIZES)], rows)
     lines += ["", f"One {', '.join(devices)}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
                   "At 224² the eager figures of both small models are bound by the device machine's host (its "
-                  "Python and launch time), whose speed moves between runs: the CUDA-graph row is the stable one, and "
+                  "Python and launch time), whose speed moves between runs, and so are the compiled ones (Inductor's "
+                  "code still launches each kernel from Python): the CUDA-graph row is the stable one, and "
                   "the rows \"timed in turn\" take the eager ratio from many alternating windows. "
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
