@@ -121,56 +121,36 @@ TUNE_CONFIGS = ["chunk=64,regs=168", "chunk=64,warps_chunk=4", "chunk=32,warps_c
                 "chunk=32,warps_chunk=4,regs=128", "chunk=64,warps_chunk=4,regs=168"]
 
 
-def _kernel(opts: Options) -> list[Step]:
-    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla", "--impls", "vigla",
-            *opts.extra]
-    return [Step("kernel_bigla", argv, 300, ["kernel_bigla.json"])]
+def _bench_bigla(name: str, args: list[str], cap: int, impls: tuple[str, ...] = ("vigla",)):
+    """A part that runs ``benchmarks/bench_bigla.py`` once with ``args`` (plus the caller's after ``--``),
+    writing ``<name>.json``."""
+    def steps(opts: Options) -> list[Step]:
+        argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", name, "--impls", *impls, *args,
+                *opts.extra]
+        return [Step(name, argv, cap, [f"{name}.json"])]
+    return steps
 
 
-def _kernel_tune(opts: Options) -> list[Step]:
-    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla_tune", "--impls",
-            "vigla", "--configs", *TUNE_CONFIGS, *opts.extra]
-    return [Step("kernel_bigla_tune", argv, 560, ["kernel_bigla_tune.json"])]
-
+_kernel = _bench_bigla("kernel_bigla", [], 300)
+_kernel_tune = _bench_bigla("kernel_bigla_tune", ["--configs", *TUNE_CONFIGS], 560)
 
 # fewer warps per per-chunk program (more programs resident per multiprocessor), at every shape
 WARPS_CONFIGS = ["chunk=16,warps_chunk=1", "chunk=16,warps_chunk=2", "chunk=32,warps_chunk=2", "chunk=64,warps_chunk=2"]
-
-
-def _kernel_tune_warps(opts: Options) -> list[Step]:
-    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla_tune_warps",
-            "--impls", "vigla", "--configs", *WARPS_CONFIGS, *opts.extra]
-    return [Step("kernel_bigla_tune_warps", argv, 560, ["kernel_bigla_tune_warps.json"])]
-
+_kernel_tune_warps = _bench_bigla("kernel_bigla_tune_warps", ["--configs", *WARPS_CONFIGS], 560)
 
 # the walk kernel's warps, the value block and the walks' segments, at the shapes where they could matter
 WALK_CONFIGS = ["warps_walk=1", "warps_walk=2", "warps_walk=8", "bv=32", "segments=2", "segments=4"]
 WALK_SHAPES = ["ViG-T @224", "ViG-T @1024", "ViG-S @224", "ViG-H-T s1 @224", "ViG-H-T s1 @512", "ViG-H-T s2 @224",
                "ViG-H-T s3 @224"]
-
-
-def _kernel_tune_walk(opts: Options) -> list[Step]:
-    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla_tune_walk", "--impls",
-            "vigla", "--configs", *WALK_CONFIGS, "--shapes", *WALK_SHAPES, *opts.extra]
-    return [Step("kernel_bigla_tune_walk", argv, 300, ["kernel_bigla_tune_walk.json"])]
-
+_kernel_tune_walk = _bench_bigla("kernel_bigla_tune_walk", ["--configs", *WALK_CONFIGS, "--shapes", *WALK_SHAPES], 300)
 
 # the backward per-chunk kernel's register cap (the forward's unchanged), at the short sequences where its
 # programs are many and small
 REGS_CONFIGS = ["bwd_regs=0", "bwd_regs=128", "bwd_regs=96", "bwd_regs=80", "bwd_regs=64"]
 REGS_SHAPES = ["ViG-T @224", "ViG-S @224", "ViG-H-T s1 @224", "ViG-H-T s2 @224", "ViG-H-T s3 @224", "ViG-H-T s4 @224"]
+_kernel_tune_regs = _bench_bigla("kernel_bigla_tune_regs", ["--configs", *REGS_CONFIGS, "--shapes", *REGS_SHAPES], 300)
 
-
-def _kernel_tune_regs(opts: Options) -> list[Step]:
-    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "kernel_bigla_tune_regs", "--impls",
-            "vigla", "--configs", *REGS_CONFIGS, "--shapes", *REGS_SHAPES, *opts.extra]
-    return [Step("kernel_bigla_tune_regs", argv, 300, ["kernel_bigla_tune_regs.json"])]
-
-
-def _fla(opts: Options) -> list[Step]:
-    argv = [PY, "benchmarks/bench_bigla.py", "--out", str(opts.out), "--name", "fla_bigla", "--impls",
-            "vigla", "fla", "--shapes", *FLA_SHAPES, *opts.extra]
-    return [Step("fla_bigla", argv, 570, ["fla_bigla.json"])]
+_fla = _bench_bigla("fla_bigla", ["--shapes", *FLA_SHAPES], 570, impls=("vigla", "fla"))
 
 
 # ---------------------------------------------------------------------------------------- models
