@@ -159,12 +159,14 @@ def _models_vig_t(opts: Options) -> list[Step]:
     return [_bench("models_vig_t_eager", opts, VIG_T_PAIR + ["--img-size", *SIZES, "--train"], 200),
             _bench("models_vig_t_ckpt", opts, VIG_T_PAIR + ["--img-size", "512", "1024", "2048", "--train",
                                                             "--grad-checkpointing", "vig_tiny"], 150),
-            _bench("models_vig_t_cuda_graph", opts, VIG_T_PAIR + ["--img-size", *SIZES, "--cuda-graph"], 120)]
+            _bench("models_vig_t_cuda_graph", opts, VIG_T_PAIR + ["--img-size", *SIZES, "--cuda-graph", "--train"],
+                   240)]
 
 
 def _models_vig_s(opts: Options) -> list[Step]:
     return [_bench("models_vig_s_eager", opts, VIG_S_PAIR + ["--img-size", "224", "--train", "--no-latency"], 150),
-            _bench("models_vig_s_cuda_graph", opts, VIG_S_PAIR + ["--img-size", "224", "--cuda-graph"], 120)]
+            _bench("models_vig_s_cuda_graph", opts, VIG_S_PAIR + ["--img-size", "224", "--cuda-graph", "--train"],
+                   150)]
 
 
 def _models_interleaved(opts: Options) -> list[Step]:

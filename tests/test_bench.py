@@ -505,13 +505,16 @@ def test_cuda_graph_replay_gives_the_eager_output(name):
 
 @pytest.mark.gpu
 def test_cli_on_gpu_with_cuda_graph(tmp_path):
-    rc = _run(["--models", "bench_test_vit", "--device", "cuda", "--img-size", "32", "--cuda-graph",
+    rc = _run(["--models", "bench_test_vit", "--device", "cuda", "--img-size", "32", "--cuda-graph", "--train",
                "--batch-size", "4", "--warmup", "2", "--iters", "3", "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["settings"]["cuda_graph"] is True
     row = result["rows"][0]
     assert row["infer"]["status"] == "ok" and row["latency"]["status"] == "ok"
+    assert row["train"]["status"] == "ok" and row["train"]["first_call_ms"] > row["train"]["median_ms"]
+    assert _run(["--models", "bench_test_vit", "--device", "cuda", "--cuda-graph", "--train", "--amp", "fp16",
+                 "--out", str(tmp_path / "fp16")]) == 2
 
 
 def test_profiled_kernels_counts_device_events_once():

@@ -1,10 +1,11 @@
-"""vigla.engine.cuda_graph.CudaGraphModel and ``vigla eval --cuda-graph``."""
+"""vigla.engine.cuda_graph: CudaGraphModel, ``vigla eval --cuda-graph`` and CudaGraphTrainStep."""
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import vigla  # noqa: F401
-from vigla.engine.cuda_graph import CudaGraphModel
+from vigla.engine.cuda_graph import CudaGraphModel, CudaGraphTrainStep
 
 
 def test_cuda_graph_model_refuses_a_cpu_model():
@@ -37,3 +38,68 @@ def test_cuda_graph_model_equals_eager_with_padding_and_pieces(name):
         torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="captured for"):
         graphed(torch.randn(2, 3, 112, 112, device="cuda"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optimizer": "adamw"}, r"needs AdamW\(..., capturable=True\)"),
+    ({"amp_dtype": torch.float16}, "fp16 needs a GradScaler"),
+    ({"warmup": 0}, "needs warmup >= 1"),
+    ({}, "needs the model on a CUDA device"),
+])
+def test_cuda_graph_train_step_refuses_what_it_cannot_capture(kwargs, message):
+    model = torch.nn.Linear(2, 2)
+    opt = kwargs.pop("optimizer", None)
+    opt = torch.optim.AdamW(model.parameters()) if opt else None
+    with pytest.raises(ValueError, match=message):
+        CudaGraphTrainStep(model, opt, F.cross_entropy, **kwargs)
+
+
+def _train_pair(name: str, lr):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, img_size=64).cuda()
+    twin = timm.create_model(name, num_classes=10, img_size=64).cuda()
+    twin.load_state_dict(model.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr, fused=True, capturable=c) for m, c in ((model, True), (twin, False))]
+    return model, twin, opts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vig_tiny", "deit_tiny_patch16_224"])
+def test_cuda_graph_train_step_equals_eager_steps(name):
+    """Replayed steps train as eager ones: the same losses step after step and the same weights at the end
+    (full precision; the first call's warm-up steps repeated on the eager twin)."""
+    model, twin, (opt, twin_opt) = _train_pair(name, 1e-3)
+    step = CudaGraphTrainStep(model, opt, F.cross_entropy, warmup=2)
+    batches = [(torch.randn(4, 3, 64, 64, device="cuda"), torch.randint(0, 10, (4,), device="cuda"))
+               for _ in range(4)]
+    twin.train()
+
+    def eager(x, y):
+        twin_opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(twin(x).float(), y)
+        loss.backward()
+        twin_opt.step()
+        return loss.detach()
+
+    for i, (x, y) in enumerate(batches):
+        for _ in range(2 if i == 0 else 0):
+            eager(x, y)
+        torch.testing.assert_close(step(x, y), eager(x, y), rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        assert p.grad is not None
+    losses = [step(*batches[0]).item() for _ in range(3)]
+    assert losses[2] < losses[0]  # it keeps training: the replay is not a stale result
+
+
+@pytest.mark.gpu
+def test_cuda_graph_train_step_refuses_a_changed_batch_or_learning_rate():
+    model, _, (opt, _) = _train_pair("vig_tiny", 1e-3)
+    step = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype=torch.bfloat16)
+    x, y = torch.randn(4, 3, 64, 64, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
+    assert torch.isfinite(step(x, y))
+    with pytest.raises(ValueError, match="captured for inputs"):
+        step(x[:3], y[:3])
+    opt.param_groups[0]["lr"] = 1e-4
+    with pytest.raises(ValueError, match="a learning rate changed"):
+        step(x, y)

@@ -56,9 +56,9 @@ def add_arguments(parser) -> None:
                         default="default",
                         help="with --compile: torch.compile's mode ('reduce-overhead' adds CUDA graphs)")
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="time inference as replays of one CUDA graph per model and size "
-                             "(takes the CPU's launch overhead out; CUDA only; the training steps "
-                             "stay eager)")
+                        help="time inference and training steps as replays of one CUDA graph per "
+                             "model and size (takes the CPU's launch overhead out; CUDA only; training "
+                             "in bf16 or full precision)")
     parser.add_argument("--grad-checkpointing", nargs="*", default=None, metavar="NAME",
                         help="with --train: activation checkpointing (set_grad_checkpointing) for "
                              "the named models, or for every model when no name follows"
@@ -143,6 +143,9 @@ def _resolve(args) -> dict:
     models = _check_models(list(dict.fromkeys([baseline] + args.models)), args.skip_missing)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError("--cuda-graph needs --device cuda")
+    if args.cuda_graph and args.train and args.amp == "fp16":
+        raise UsageError("--cuda-graph --train needs --amp bf16 or none (fp16's loss scaling checks on the host "
+                         "at every step)")
     if args.compile_mode != "default" and not args.compile:
         raise UsageError(f"--compile-mode {args.compile_mode} needs --compile")
     checkpointed = _checkpointed(args.grad_checkpointing, models, args.train)
@@ -244,8 +247,8 @@ def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
                                                         device, cuda_graph=s["cuda_graph"], **common),
                               device)
                       if s["latency"] else None)
-    row["train"] = (guarded(lambda: measure_train(model, batch_size, img_size, device,
-                                                  optimizer=s["optimizer"], meter=meter, **common),
+    row["train"] = (guarded(lambda: measure_train(model, batch_size, img_size, device, optimizer=s["optimizer"],
+                                                  meter=meter, cuda_graph=s["cuda_graph"], **common),
                             device)
                     if s["train"] else None)
     if s["compile"]:

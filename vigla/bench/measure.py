@@ -278,18 +278,24 @@ def measure_inference(model: torch.nn.Module, batch_size: int, img_size: int, de
 
 
 def train_step(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
-               *, amp: str, channels_last: bool = False, optimizer: str = "adamw"):
+               *, amp: str, channels_last: bool = False, optimizer: str = "adamw", cuda_graph: bool = False):
     """One training step as a callable, with ``model`` put in ``train()`` mode: forward under autocast on
     random images and labels, cross-entropy, backward, and (``optimizer="adamw"``) an AdamW step (fused on
-    CUDA); ``optimizer="none"``: forward + backward only, as the anchors' training figures."""
+    CUDA); ``optimizer="none"``: forward + backward only, as the anchors' training figures. ``cuda_graph``
+    (CUDA, bf16 or full precision): the step replayed from one captured graph
+    (:class:`vigla.engine.cuda_graph.CudaGraphTrainStep`, captured at the first call)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda")
+    opt = (torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda", capturable=cuda_graph)
            if optimizer == "adamw" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     num_classes = getattr(model, "num_classes", None) or 1000
     x = make_input(batch_size, img_size, device, channels_last)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
+    if cuda_graph:
+        from ..engine.cuda_graph import CudaGraphTrainStep
+        graphed = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype(amp, device))
+        return lambda: graphed(x, y)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def step():
         with autocast(device, amp):
@@ -306,10 +312,11 @@ def train_step(model: torch.nn.Module, batch_size: int, img_size: int, device: t
 
 def measure_train(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
                   *, amp: str, channels_last: bool, warmup: int, iters: int, optimizer: str,
-                  meter: MemoryMeter | None = None) -> dict:
-    """Training steps (:func:`train_step`) timed: their throughput, and the peak memory with ``meter``."""
+                  meter: MemoryMeter | None = None, cuda_graph: bool = False) -> dict:
+    """Training steps (:func:`train_step`) timed: their throughput, and the peak memory with ``meter``.
+    ``cuda_graph``: replays of one captured step (``first_call_ms`` then holds the warm-up and capture)."""
     step = train_step(model, batch_size, img_size, device, amp=amp, channels_last=channels_last,
-                      optimizer=optimizer)
+                      optimizer=optimizer, cuda_graph=cuda_graph)
     if meter is not None:
         meter.start()
     times, first_ms = time_calls(step, device, warmup, iters)

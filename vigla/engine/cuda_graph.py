@@ -1,21 +1,32 @@
-"""Inference replayed from a CUDA graph: the forward's kernels launched by the GPU itself.
+"""Inference and training replayed from CUDA graphs: the kernels launched by the GPU itself.
 
-At small inputs (224² and below) an eager forward is bound by the host's launch rate, not by the GPU;
-replaying a captured graph removes the host from the path. ``CudaGraphModel(model, batch_size)``
-captures ``model`` at one batch size and image size (at its first call) and then takes any batch:
-smaller ones are padded to the captured size, larger ones run in pieces.
+At small inputs (224² and below) an eager forward, and still more an eager training step, is bound by
+the host's launch rate, not by the GPU; replaying a captured graph removes the host from the path.
+
+* ``CudaGraphModel(model, batch_size)`` captures ``model``'s inference forward at one batch size and
+  image size (at its first call) and then takes any batch: smaller ones are padded to the captured size,
+  larger ones run in pieces.
+* ``CudaGraphTrainStep(model, optimizer, loss_fn)`` captures a whole training step (forward, loss,
+  backward, optimizer step), PyTorch's whole-network capture, for one batch shape.
 
     graphed = CudaGraphModel(model.cuda(), batch_size=128, amp_dtype=torch.bfloat16)
     logits = graphed(images)  # [B, 3, 224, 224] -> [B, num_classes]; captured at the first call
+
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), fused=True,
+                            capturable=True)
+    step = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype=torch.bfloat16)
+    loss = step(images, labels)  # one optimizer step; [] loss on the device
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .precision import autocast
 
-__all__ = ["CudaGraphModel"]
+__all__ = ["CudaGraphModel", "CudaGraphTrainStep"]
 
 
 class CudaGraphModel(nn.Module):
@@ -78,3 +89,96 @@ class CudaGraphModel(nn.Module):
                 self.static_input[n:].zero_()
             outputs.append(self.replay()[:n].clone())
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _lrs(optimizer: torch.optim.Optimizer | None) -> list:
+    """The param groups' learning rates as Python numbers (a tensor lr is read by the graph itself)."""
+    if optimizer is None:
+        return []
+    return [None if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
+
+
+class CudaGraphTrainStep:
+    """One training step of ``model`` captured as a CUDA graph and replayed at every call.
+
+    Each call ``step(x, y)`` (``x``: ``[B, ...]`` inputs, ``y``: targets, both of the captured shapes)
+    copies the batch into the graph's inputs and replays: forward under autocast, ``loss_fn(out.float(),
+    y)``, backward, ``optimizer.step()`` (none with ``optimizer=None``); it returns the loss (a ``[]`` tensor on the device: reading it
+    waits for the step). The parameters' ``.grad`` hold the step's gradients afterwards.
+
+    Args:
+        model: on a CUDA device, in train mode (put there); no hooks that need the host.
+        optimizer: over ``model``'s parameters (``None``: forward and backward only), built with ``capturable=True`` where it has the option
+            (Adam, AdamW: its state then lives on the device). The learning rate is read at capture: for
+            a schedule give a tensor ``lr`` and update it in place (``group["lr"].fill_(value)``).
+        loss_fn: ``(logits, targets) -> [] loss``.
+        amp_dtype: autocast dtype (``None``: full precision; bf16 rather than fp16, whose loss scaling
+            needs the host at every step).
+        warmup: eager steps before the capture, on the first call's batch (lazy initialisation:
+            kernels, cuBLAS, the optimizer's state), as PyTorch's whole-network capture does. The first
+            call therefore trains ``warmup + 1`` steps on its batch.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 amp_dtype: torch.dtype | None = None, warmup: int = 3):
+        if optimizer is not None and "capturable" in optimizer.defaults and not all(
+                g.get("capturable") for g in optimizer.param_groups):
+            raise ValueError(f"CudaGraphTrainStep needs {type(optimizer).__name__}(..., capturable=True): "
+                             "its step must run on the device")
+        if amp_dtype == torch.float16:
+            raise ValueError("CudaGraphTrainStep: fp16 needs a GradScaler, which checks its scale on the host "
+                             "at every step; use bf16")
+        if warmup < 1:
+            raise ValueError(f"CudaGraphTrainStep needs warmup >= 1 (lazy state must exist before the capture), "
+                             f"got {warmup}")
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CudaGraphTrainStep needs the model on a CUDA device, it is on {device}")
+        self.model, self.optimizer, self.loss_fn = model.train(), optimizer, loss_fn
+        self.amp_dtype, self.warmup, self.device = amp_dtype, warmup, device
+        self.graph = self.static_x = self.static_y = self.static_loss = self.lrs = None
+
+    def _step(self) -> torch.Tensor:
+        with autocast(self.device, self.amp_dtype, cache=False):
+            out = self.model(self.static_x)
+        loss = self.loss_fn(out.float(), self.static_y)
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        return loss.detach()
+
+    def _clear_grads(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    def capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Take ``x`` and ``y``'s shapes, run ``warmup`` eager steps on them and capture one step."""
+        self.static_x, self.static_y = x.detach().clone(), y.detach().clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self._clear_grads()
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._clear_grads()  # the captured backward writes the gradients afresh
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self._step()
+        self.lrs = _lrs(self.optimizer)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            self.capture(x, y)
+        elif x.shape != self.static_x.shape or y.shape != self.static_y.shape:
+            raise ValueError(f"CudaGraphTrainStep was captured for inputs {list(self.static_x.shape)} and targets "
+                             f"{list(self.static_y.shape)}, got {list(x.shape)} and {list(y.shape)}: pad or drop "
+                             "the odd batch, or make another one")
+        if _lrs(self.optimizer) != self.lrs:
+            raise ValueError("CudaGraphTrainStep: a learning rate changed after the capture, which the graph "
+                             "does not see; give the optimizer a tensor lr and update it in place")
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        self.graph.replay()
+        return self.static_loss.clone()

@@ -63,17 +63,49 @@ def _dwconv_fwd_kernel(x, w, y, N, H, W, C, sb, sn, BT: tl.constexpr, BC: tl.con
 
 
 @triton.jit
+def _taps(ptr, rows, cols, mask, H, W, sn):
+    """The nine shifted ``[BT, BC]`` fp32 tiles of :func:`_tap`, each loaded once."""
+    return (_tap(ptr, rows, cols, mask, H, W, sn, 0), _tap(ptr, rows, cols, mask, H, W, sn, 1),
+            _tap(ptr, rows, cols, mask, H, W, sn, 2), _tap(ptr, rows, cols, mask, H, W, sn, 3),
+            _tap(ptr, rows, cols, mask, H, W, sn, 4), _tap(ptr, rows, cols, mask, H, W, sn, 5),
+            _tap(ptr, rows, cols, mask, H, W, sn, 6), _tap(ptr, rows, cols, mask, H, W, sn, 7),
+            _tap(ptr, rows, cols, mask, H, W, sn, 8))
+
+
+@triton.jit
+def _weights(w, cols, cmask):
+    """The nine ``[BC]`` fp32 weight vectors ``w[cols, k]``."""
+    return (tl.load(w + cols * 9 + 0, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 1, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 3, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 4, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 5, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 6, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 7, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 8, mask=cmask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _store_dw(dwp, k: tl.constexpr, acc, cols, cmask, C):
+    tl.store(dwp + k * C + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
 def _dwconv_bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, BT: tl.constexpr, BC: tl.constexpr,
                 ACT: tl.constexpr):
     """Grid ``(programs, channel blocks)``, each program looping over the ``TOTAL = B * TILES`` token
     tiles. ``dy``, ``g``, ``dx``: contiguous ``[B, N, C]``. ``ACT``: writes ``g = dy * SiLU'(u)`` (fp32);
     else writes ``dx``, the transposed conv of ``dy``. Either way adds ``sum g * tap_k(x)`` to the
-    program's partial weight gradient ``dwp[program, k, c]``."""
+    program's partial weight gradient ``dwp[program, k, c]``. Each tile's nine taps of ``x`` are loaded
+    once (for ``u`` and the weight gradient), the weights once per program, and the products
+    ``g * tap_k`` summed over tokens elementwise, reduced over the tile's rows once at the end."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = cols < C
-    taps = tl.arange(0, 16)
-    acc = tl.zeros([16, BC], dtype=tl.float32)  # rows 0..8: the taps
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = _weights(w, cols, cmask)
+    a0 = tl.zeros([BT, BC], dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7, a8 = a0, a0, a0, a0, a0, a0, a0, a0
     for t in range(pid, TOTAL, tl.num_programs(0)):
         img = t // TILES
         rows = (t - img * TILES) * BT + tl.arange(0, BT)
@@ -82,19 +114,35 @@ def _dwconv_bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, B
         mask = (rows < N)[:, None] & cmask[None, :]
         off = rows[:, None] * C + cols[None, :]
         gg = tl.load(dy + b * N * C + off, mask=mask, other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = _taps(xb, rows, cols, mask, H, W, sn)
         if ACT:
-            u = _conv(xb, w, rows, cols, mask, cmask, H, W, sn, BT, BC, False)
+            u = (w0[None, :] * x0 + w1[None, :] * x1 + w2[None, :] * x2 + w3[None, :] * x3 + w4[None, :] * x4
+                 + w5[None, :] * x5 + w6[None, :] * x6 + w7[None, :] * x7 + w8[None, :] * x8)
             s = tl.sigmoid(u)
             gg = gg * s * (1 + u * (1 - s))
             tl.store(g + b * N * C + off, gg, mask=mask)
         else:
             dxt = _conv(dy + b * N * C, w, rows, cols, mask, cmask, H, W, C, BT, BC, True)
             tl.store(dx + b * N * C + off, dxt.to(dx.dtype.element_ty), mask=mask)
-        for k in tl.static_range(9):
-            part = tl.sum(gg * _tap(xb, rows, cols, mask, H, W, sn, k), axis=0)
-            acc += tl.where(taps[:, None] == k, part[None, :], 0.0)
-    tl.store(dwp + pid * 9 * C + taps[:, None] * C + cols[None, :], acc,
-             mask=(taps < 9)[:, None] & cmask[None, :])
+        a0 += gg * x0
+        a1 += gg * x1
+        a2 += gg * x2
+        a3 += gg * x3
+        a4 += gg * x4
+        a5 += gg * x5
+        a6 += gg * x6
+        a7 += gg * x7
+        a8 += gg * x8
+    base = dwp + pid * 9 * C
+    _store_dw(base, 0, a0, cols, cmask, C)
+    _store_dw(base, 1, a1, cols, cmask, C)
+    _store_dw(base, 2, a2, cols, cmask, C)
+    _store_dw(base, 3, a3, cols, cmask, C)
+    _store_dw(base, 4, a4, cols, cmask, C)
+    _store_dw(base, 5, a5, cols, cmask, C)
+    _store_dw(base, 6, a6, cols, cmask, C)
+    _store_dw(base, 7, a7, cols, cmask, C)
+    _store_dw(base, 8, a8, cols, cmask, C)
 
 
 @functools.lru_cache(maxsize=None)
