@@ -67,7 +67,10 @@ def _train_pair(name: str, lr):
 @pytest.mark.parametrize("name", ["vig_tiny", "deit_tiny_patch16_224"])
 def test_cuda_graph_train_step_equals_eager_steps(name):
     """Replayed steps train as eager ones: the same losses step after step and the same weights at the end
-    (full precision; the first call's warm-up steps repeated on the eager twin)."""
+    (full precision; the first call's warm-up steps repeated on the eager twin). ViG's kernels are
+    deterministic: its weights agree to float32 rounding. DeiT's fused attention backward is not, and AdamW
+    turns that noise in near-zero gradients into updates of up to the learning rate: its weights agree to a
+    few steps' worth of it."""
     model, twin, (opt, twin_opt) = _train_pair(name, 1e-3)
     step = CudaGraphTrainStep(model, opt, F.cross_entropy, warmup=2)
     batches = [(torch.randn(4, 3, 64, 64, device="cuda"), torch.randint(0, 10, (4,), device="cuda"))
@@ -85,8 +88,9 @@ def test_cuda_graph_train_step_equals_eager_steps(name):
         for _ in range(2 if i == 0 else 0):
             eager(x, y)
         torch.testing.assert_close(step(x, y), eager(x, y), rtol=1e-4, atol=1e-5)
+    atol = 1e-5 if name == "vig_tiny" else 5 * 1e-3
     for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=atol)
         assert p.grad is not None
     losses = [step(*batches[0]).item() for _ in range(3)]
     assert losses[2] < losses[0]  # it keeps training: the replay is not a stale result
