@@ -127,6 +127,8 @@ INTERPRETER_SCRIPT = BF16_FIX + r"""
 import json, torch
 from vigla.ops.conv_norm.triton_kernels import conv_norm_fwd_triton
 from vigla.ops.conv_norm import conv_norm_reference
+from vigla.ops.conv_norm.op import _kernels_backward
+from vigla.ops.conv_norm.reference import conv_norm_reference_bwd
 torch.manual_seed(0)
 rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
 out = {}
@@ -143,6 +145,14 @@ for B, C_in, H, W, C, k, s, act, dt in [(2, 3, 37, 30, 96, 9, 8, "silu", "float3
     y = conv_norm_fwd_triton(x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, s, 1, act,
                              getattr(torch, dt), torch.float32)
     out[f"{(B, C_in, H, W, C, k, s, act)} {dt}"] = [rel(y, ref), dt]
+    # the GPU's backward (the add + norm kernels around the recomputed conv) against the float64 one
+    if dt == "float32":
+        dy = torch.randn_like(ref)
+        expect = conv_norm_reference_bwd(dy, x, w, b, nw, nb, 1e-5, s, 1, act, torch.float64, True)
+        got = _kernels_backward(dy.float(), x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, s, 1,
+                                act, torch.float32, True)
+        for i, (g, e) in enumerate(zip(got, expect)):
+            out[f"{(B, C_in, H, W, C, k, s, act)} grad {i}"] = [rel(g, e), dt]
 print(json.dumps(out))
 """
 

@@ -58,27 +58,29 @@ def _add_norm_fwd_kernel(x, delta, w, b, s, y, R, sx, sd, eps, C: tl.constexpr, 
 
 
 @triton.jit
-def _add_norm_bwd_kernel(dy, ds, s, w, dx, ddelta, dwp, dbp, R, eps, C: tl.constexpr, BC: tl.constexpr,
+def _add_norm_bwd_kernel(dy, ds, s, w, dx, ddelta, parts, R, eps, C: tl.constexpr, BC: tl.constexpr,
                 BR: tl.constexpr, RMS: tl.constexpr, HAS_DS: tl.constexpr, HAS_BIAS: tl.constexpr,
                 STORE_DDELTA: tl.constexpr):
-    """All row tensors contiguous ``[R, C]``; ``dwp``, ``dbp``: ``[programs, C]`` fp32 partial sums.
+    """All row tensors contiguous ``[R, C]``; ``parts``: fp32 partial sums, ``[programs, C]`` of the weight's
+    gradient then (``HAS_BIAS``) as many of the bias's, summed over each program's rows elementwise and
+    reduced over the tile's rows once at the end.
     ``dx = norm'(s)^T (dy * w) + ds``, also written to ``ddelta`` in its dtype (``STORE_DDELTA``)."""
     eps = tl.cast(eps, tl.float32)  # Inductor passes float scalars as fp64
     pid = tl.program_id(0)
     cols = tl.arange(0, BC)
     cmask = cols < C
     wt = tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc_w = tl.zeros([BC], dtype=tl.float32)
-    acc_b = tl.zeros([BC], dtype=tl.float32)
+    acc_w = tl.zeros([BR, BC], dtype=tl.float32)
+    acc_b = tl.zeros([BR, BC], dtype=tl.float32)
     for blk in range(pid, tl.cdiv(R, BR), tl.num_programs(0)):
         rows = (blk * BR + tl.arange(0, BR)).to(tl.int64)
         mask = (rows < R)[:, None] & cmask[None, :]
         off = rows[:, None] * C + cols[None, :]
         n, r = _normalize(tl.load(s + off, mask=mask, other=0.0).to(tl.float32), cmask, eps, C, RMS)
         g = tl.load(dy + off, mask=mask, other=0.0).to(tl.float32)
-        acc_w += tl.sum(g * n, axis=0)
+        acc_w += g * n
         if HAS_BIAS:
-            acc_b += tl.sum(g, axis=0)
+            acc_b += g
         dn = g * wt[None, :]
         d = dn - n * (tl.sum(dn * n, axis=1) / C)[:, None]
         if not RMS:
@@ -89,9 +91,9 @@ def _add_norm_bwd_kernel(dy, ds, s, w, dx, ddelta, dwp, dbp, R, eps, C: tl.const
         tl.store(dx + off, d.to(dx.dtype.element_ty), mask=mask)
         if STORE_DDELTA:
             tl.store(ddelta + off, d.to(ddelta.dtype.element_ty), mask=mask)
-    tl.store(dwp + pid * C + cols, acc_w, mask=cmask)
+    tl.store(parts + pid * C + cols, tl.sum(acc_w, axis=0), mask=cmask)
     if HAS_BIAS:
-        tl.store(dbp + pid * C + cols, acc_b, mask=cmask)
+        tl.store(parts + (tl.num_programs(0) + pid) * C + cols, tl.sum(acc_b, axis=0), mask=cmask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,13 +142,13 @@ def add_norm_bwd_triton(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dt
     store_dd = delta_dtype is not None and delta_dtype != s.dtype
     dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     ddelta = torch.empty(s.shape if store_dd else (0,), dtype=delta_dtype or s.dtype, device=s.device)
-    alloc = torch.empty if R else torch.zeros  # every program writes its row of partial sums
-    dwp = alloc(n, C, dtype=torch.float32, device=s.device)
-    dbp = alloc(n if bias is not None else 0, C, dtype=torch.float32, device=s.device)
+    alloc = torch.empty if R else torch.zeros  # every program writes its row(s) of partial sums
+    parts = alloc(2 if bias is not None else 1, n, C, dtype=torch.float32, device=s.device)
     if R:
         wrap(_add_norm_bwd_kernel)[(n,)](
             dy.contiguous(), ds.contiguous() if ds is not None else s2, s2, weight, dx, ddelta if store_dd else dx,
-            dwp, dbp if bias is not None else dwp, R, eps, C=C, BC=BC, BR=BR, RMS=rms, HAS_DS=ds is not None,
+            parts, R, eps, C=C, BC=BC, BR=BR, RMS=rms, HAS_DS=ds is not None,
             HAS_BIAS=bias is not None, STORE_DDELTA=store_dd, num_warps=WARPS_BWD)
-    db = dbp.sum(0).to(bias.dtype) if bias is not None else dbp.new_empty(0)
-    return dx, ddelta, dwp.sum(0).to(weight.dtype), db
+    sums = parts.sum(1)  # one reduction for both
+    db = sums[1].to(bias.dtype) if bias is not None else sums.new_empty(0)
+    return dx, ddelta, sums[0].to(weight.dtype), db

@@ -1,17 +1,20 @@
 """The stems' first layer as one op: ``ConvNormFunction`` (eager, CUDA) and ``vigla::conv_norm`` (traced); the
-fused kernel for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`). Their backward is the
-reference's written-out one (it recomputes the convolution; PyTorch's convolution backward does the rest): the
-layer is a small share of a training step, its forward a larger share of an inference one. Eager on a CPU, the
-public function runs the reference under autograd instead (PyTorch's own backward is faster there)."""
+fused kernel for CUDA tensors, the reference elsewhere (:mod:`vigla.ops.dispatch`). The backward recomputes the
+convolution and leaves its gradients to PyTorch's convolution backward; on the GPU the LayerNorm's forward and
+backward between them run as the add + norm kernels (:mod:`vigla.ops.add_norm`), elsewhere as the reference's
+written-out maths. Eager on a CPU, the public function runs the reference under autograd instead (PyTorch's own
+backward is faster there)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
 from .reference import conv_norm_reference, conv_norm_reference_bwd
 
 if HAS_TRITON:
+    from ..add_norm.triton_kernels import MAX_C, add_norm_bwd_triton, add_norm_fwd_triton
     from .triton_kernels import conv_norm_fwd_triton
 
 __all__ = ["ConvNormFunction", "conv_norm_forward"]
@@ -34,11 +37,39 @@ def conv_norm_forward(x, weight, bias, norm_weight, norm_bias, eps: float, strid
 
 
 def _backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
-              dtype: torch.dtype, input_grad: bool):
+              dtype: torch.dtype, input_grad: bool, launch=direct):
     """``(dx, dweight, dbias, dnorm_weight, dnorm_bias)`` (``dx`` empty unless ``input_grad``), in the inputs'
-    dtypes: the reference's written-out backward on every device."""
-    return tuple(t.contiguous() for t in conv_norm_reference_bwd(dy, x, weight, bias, norm_weight, norm_bias, eps,
-                                                                 stride, padding, act, dtype, input_grad))
+    dtypes: :func:`_kernels_backward` on the GPU, the reference's written-out backward elsewhere."""
+    if _kernels(x, dtype) and weight.shape[0] <= MAX_C:
+        grads = _kernels_backward(dy, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype,
+                                  input_grad, launch)
+    else:
+        grads = conv_norm_reference_bwd(dy, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype,
+                                        input_grad)
+    return tuple(t.contiguous() for t in grads)
+
+
+def _kernels_backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
+                      dtype: torch.dtype, input_grad: bool, launch=direct):
+    """:func:`conv_norm_reference_bwd`'s maths with fewer passes: ``x`` copied once to channels-last in ``dtype``
+    (cuDNN's recomputed convolution and its backward then read it as it is, where an NCHW image costs each a
+    layout conversion), the LayerNorm's output ``z`` and its backward as the add + norm kernels
+    (``[B, H', W', C]`` rows in, float32 math), ``act``'s backward as PyTorch's fused one."""
+    f = torch.promote_types(dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        xc, wc = x.to(dtype, memory_format=torch.channels_last), weight.to(dtype)
+        u = F.conv2d(xc, wc, bias.to(dtype), stride, padding).permute(0, 2, 3, 1)
+        _, z = add_norm_fwd_triton(u, None, norm_weight, norm_bias, eps, False, f, wrap=launch)
+        dz = dy.to(f)
+        if act == "silu":
+            dz = torch.ops.aten.silu_backward(dz, z)
+        elif act == "gelu":
+            dz = torch.ops.aten.gelu_backward(dz, z)
+        du, _, dnw, dnb = add_norm_bwd_triton(dz, None, u, norm_weight, norm_bias, eps, False, None, wrap=launch)
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            du.permute(0, 3, 1, 2), xc, wc, [wc.shape[0]], [stride, stride], [padding, padding], [1, 1], False,
+            [0, 0], 1, [input_grad, True, True])
+    return (dx.to(x.dtype) if input_grad else x.new_empty(0), dw.to(weight.dtype), db.to(bias.dtype), dnw, dnb)
 
 
 class ConvNormFunction(torch.autograd.Function):
@@ -87,7 +118,7 @@ def conv_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
                      act: str, dtype: torch.dtype, input_grad: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Its backward: ``(dx, dweight, dbias, dnorm_weight, dnorm_bias)`` (``dx`` empty unless ``input_grad``)."""
-    return _backward(dy, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, input_grad)
+    return _backward(dy, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, input_grad, wrap)
 
 
 def _setup(ctx, inputs, output):

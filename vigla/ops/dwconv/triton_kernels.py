@@ -5,7 +5,7 @@ channels; each of the 9 taps reads the tile's neighbours (masked at the image ed
 L1/L2. Forward: one kernel. Backward: with SiLU, one kernel forms ``g = dy * SiLU'(u)`` (the conv
 recomputed) and the weight gradient, then the forward kernel with the taps flipped gives
 ``dx`` (the transposed conv of ``g``); without SiLU one kernel does both from ``dy``. The weight
-gradient is one fp32 partial sum ``[9, C]`` per program (a fixed number of programs looping over
+gradient is one fp32 partial sum ``[C, 9]`` per program (a fixed number of programs looping over
 the tiles), summed by the caller: deterministic, no atomics.
 """
 from __future__ import annotations
@@ -87,8 +87,8 @@ def _weights(w, cols, cmask):
 
 
 @triton.jit
-def _store_dw(dwp, k: tl.constexpr, acc, cols, cmask, C):
-    tl.store(dwp + k * C + cols, tl.sum(acc, axis=0), mask=cmask)
+def _store_dw(dwp, k: tl.constexpr, acc, cols, cmask):
+    tl.store(dwp + cols * 9 + k, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _dwconv_bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, B
     """Grid ``(programs, channel blocks)``, each program looping over the ``TOTAL = B * TILES`` token
     tiles. ``dy``, ``g``, ``dx``: contiguous ``[B, N, C]``. ``ACT``: writes ``g = dy * SiLU'(u)`` (fp32);
     else writes ``dx``, the transposed conv of ``dy``. Either way adds ``sum g * tap_k(x)`` to the
-    program's partial weight gradient ``dwp[program, k, c]``. Each tile's nine taps of ``x`` are loaded
+    program's partial weight gradient ``dwp[program, c, k]``. Each tile's nine taps of ``x`` are loaded
     once (for ``u`` and the weight gradient), the weights once per program, and the products
     ``g * tap_k`` summed over tokens elementwise, reduced over the tile's rows once at the end."""
     pid = tl.program_id(0)
@@ -134,15 +134,15 @@ def _dwconv_bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, B
         a7 += gg * x7
         a8 += gg * x8
     base = dwp + pid * 9 * C
-    _store_dw(base, 0, a0, cols, cmask, C)
-    _store_dw(base, 1, a1, cols, cmask, C)
-    _store_dw(base, 2, a2, cols, cmask, C)
-    _store_dw(base, 3, a3, cols, cmask, C)
-    _store_dw(base, 4, a4, cols, cmask, C)
-    _store_dw(base, 5, a5, cols, cmask, C)
-    _store_dw(base, 6, a6, cols, cmask, C)
-    _store_dw(base, 7, a7, cols, cmask, C)
-    _store_dw(base, 8, a8, cols, cmask, C)
+    _store_dw(base, 0, a0, cols, cmask)
+    _store_dw(base, 1, a1, cols, cmask)
+    _store_dw(base, 2, a2, cols, cmask)
+    _store_dw(base, 3, a3, cols, cmask)
+    _store_dw(base, 4, a4, cols, cmask)
+    _store_dw(base, 5, a5, cols, cmask)
+    _store_dw(base, 6, a6, cols, cmask)
+    _store_dw(base, 7, a7, cols, cmask)
+    _store_dw(base, 8, a8, cols, cmask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,10 +189,10 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     n = max(1, min(B * tiles, _programs(x.device.index) if x.is_cuda else 4))
     # with SiLU the kernel writes g (fp32), else dx; the other pointer is never written (never an input)
     out = torch.empty(B, N, C, dtype=torch.float32 if act else x.dtype, device=x.device)
-    dwp = (torch.empty if dy.numel() else torch.zeros)(n, 9, C, dtype=torch.float32, device=x.device)
+    dwp = (torch.empty if dy.numel() else torch.zeros)(n, C, 9, dtype=torch.float32, device=x.device)
     if dy.numel():
         wrap(_dwconv_bwd_kernel)[(n, cdiv(C, BC))](
             dy, x, w, out, out, dwp, N, hw[0], hw[1], C, x.stride(0), x.stride(1), tiles, B * tiles,
             BT=BT, BC=BC, ACT=act, num_warps=WARPS)
     dx = _conv_launch(out, w, hw, False, True, x.dtype, wrap) if act else out  # the transposed conv of g
-    return dx, dwp.sum(0).t().reshape(weight.shape).to(weight.dtype)
+    return dx, dwp.sum(0).view(weight.shape).to(weight.dtype)

@@ -59,16 +59,18 @@ def _norm_bwd(dn, t, r, w, D: tl.constexpr):
 
 
 @triton.jit
-def _locality_mix_bwd_kernel(dy, o, x, z, wo, wl, do, dx, dz, dwo, dwl, R, H, sx, sz, eps, D: tl.constexpr,
+def _locality_mix_bwd_kernel(dy, o, x, z, wo, wl, do, dx, dz, parts, R, H, sx, sz, eps, D: tl.constexpr,
                 BR: tl.constexpr, ACT: tl.constexpr):
-    """``dy, do, dx, dz``: contiguous; ``dwo, dwl``: ``[programs, D]`` fp32 partial sums."""
+    """``dy, do, dx, dz``: contiguous; ``parts``: fp32 partial sums, ``[programs, D]`` of ``w_o``'s gradient
+    then as many of ``w_l``'s (summed elementwise over each program's rows, reduced over the tile's rows
+    once at the end)."""
     eps = tl.cast(eps, tl.float32)  # fp64 under Inductor
     pid = tl.program_id(0)
     cols = tl.arange(0, D)
     w_o = tl.load(wo + cols).to(tl.float32)
     w_l = tl.load(wl + cols).to(tl.float32)
-    acc_o = tl.zeros([D], dtype=tl.float32)
-    acc_l = tl.zeros([D], dtype=tl.float32)
+    acc_o = tl.zeros([BR, D], dtype=tl.float32)
+    acc_l = tl.zeros([BR, D], dtype=tl.float32)
     for blk in range(pid, tl.cdiv(R, BR), tl.num_programs(0)):
         rows = (blk * BR + tl.arange(0, BR)).to(tl.int64)
         a, b, g, mask = _load_rows(o, x, z, rows, cols, R, H, sx, sz, D)
@@ -83,13 +85,13 @@ def _locality_mix_bwd_kernel(dy, o, x, z, wo, wl, do, dx, dz, dwo, dwl, R, H, sx
             du = du * s * (1 + u * (1 - s))
         dna = du * gate
         dnb = du - dna
-        acc_o += tl.sum(dna * a * ra[:, None], axis=0)
-        acc_l += tl.sum(dnb * b * rb[:, None], axis=0)
+        acc_o += dna * a * ra[:, None]
+        acc_l += dnb * b * rb[:, None]
         tl.store(dz + off, (du * (na - nb) * gate * (1 - gate)).to(dz.dtype.element_ty), mask=mask)
         tl.store(do + off, _norm_bwd(dna, a, ra, w_o, D).to(do.dtype.element_ty), mask=mask)
         tl.store(dx + off, _norm_bwd(dnb, b, rb, w_l, D).to(dx.dtype.element_ty), mask=mask)
-    tl.store(dwo + pid * D + cols, acc_o)
-    tl.store(dwl + pid * D + cols, acc_l)
+    tl.store(parts + pid * D + cols, tl.sum(acc_o, axis=0))
+    tl.store(parts + (tl.num_programs(0) + pid) * D + cols, tl.sum(acc_l, axis=0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +126,8 @@ def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool, wrap=d
     do = torch.empty(o.shape, dtype=o.dtype, device=o.device)
     dx = torch.empty(x.shape, dtype=x.dtype, device=o.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=o.device)
-    dwo, dwl = (torch.empty(n, d, dtype=torch.float32, device=o.device) for _ in range(2))
-    wrap(_locality_mix_bwd_kernel)[(n,)](dy, rows, x2, z2, w_o, w_l, do, dx, dz, dwo, dwl, R, h, x2.stride(0),
+    parts = torch.empty(2, n, d, dtype=torch.float32, device=o.device)
+    wrap(_locality_mix_bwd_kernel)[(n,)](dy, rows, x2, z2, w_o, w_l, do, dx, dz, parts, R, h, x2.stride(0),
                       z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act, num_warps=4)
-    return do, dx, dz, dwo.sum(0).to(w_o.dtype), dwl.sum(0).to(w_l.dtype)
+    sums = parts.sum(1)  # one reduction for both
+    return do, dx, dz, sums[0].to(w_o.dtype), sums[1].to(w_l.dtype)
