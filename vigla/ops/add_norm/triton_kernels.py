@@ -149,6 +149,6 @@ def add_norm_bwd_triton(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dt
             dy.contiguous(), ds.contiguous() if ds is not None else s2, s2, weight, dx, ddelta if store_dd else dx,
             parts, R, eps, C=C, BC=BC, BR=BR, RMS=rms, HAS_DS=ds is not None,
             HAS_BIAS=bias is not None, STORE_DDELTA=store_dd, num_warps=WARPS_BWD)
-    sums = parts.sum(1)  # one reduction for both
-    db = sums[1].to(bias.dtype) if bias is not None else sums.new_empty(0)
-    return dx, ddelta, sums[0].to(weight.dtype), db
+    # one sum each: a custom op's outputs may not alias one another (views of one [2, C] sum would)
+    db = parts[1].sum(0).to(bias.dtype) if bias is not None else parts.new_empty(0)
+    return dx, ddelta, parts[0].sum(0).to(weight.dtype), db

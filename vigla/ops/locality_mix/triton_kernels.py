@@ -129,5 +129,5 @@ def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool, wrap=d
     parts = torch.empty(2, n, d, dtype=torch.float32, device=o.device)
     wrap(_locality_mix_bwd_kernel)[(n,)](dy, rows, x2, z2, w_o, w_l, do, dx, dz, parts, R, h, x2.stride(0),
                       z2.stride(0), eps, D=d, BR=BLOCK_ROWS, ACT=act, num_warps=4)
-    sums = parts.sum(1)  # one reduction for both
-    return do, dx, dz, sums[0].to(w_o.dtype), sums[1].to(w_l.dtype)
+    # one sum each: a custom op's outputs may not alias one another (views of one [2, D] sum would)
+    return do, dx, dz, parts[0].sum(0).to(w_o.dtype), parts[1].sum(0).to(w_l.dtype)
