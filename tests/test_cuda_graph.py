@@ -40,6 +40,53 @@ def test_cuda_graph_model_equals_eager_with_padding_and_pieces(name):
         graphed(torch.randn(2, 3, 112, 112, device="cuda"))
 
 
+def test_cuda_graph_model_captures_again_after_an_in_place_change(monkeypatch):
+    """The decision alone, on a CPU: a call replays while the weights are untouched and captures again
+    after an in-place change (the GPU test below checks the logits)."""
+    model = torch.nn.Linear(3, 2)
+    graphed = CudaGraphModel.__new__(CudaGraphModel)
+    torch.nn.Module.__init__(graphed)
+    graphed.model, graphed.batch_size = model, 4
+    graphed.shape = graphed.graph = graphed.versions = None
+    captures = []
+
+    def capture(shape):
+        captures.append(shape)
+        graphed.shape, graphed.graph, graphed.versions = shape, object(), graphed._versions()
+        graphed.static_input = torch.zeros(4, *shape)
+
+    monkeypatch.setattr(graphed, "capture", capture)
+    monkeypatch.setattr(graphed, "replay", lambda: model(graphed.static_input))
+    x = torch.randn(4, 3)
+    graphed(x), graphed(x)
+    assert len(captures) == 1
+    with torch.no_grad():
+        model.weight.add_(1)
+    graphed(x)
+    assert len(captures) == 2
+    with pytest.raises(ValueError, match="captured for"):
+        graphed(torch.randn(4, 5))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_model_follows_a_weight_change():
+    """ViG's inference path reads weights cast once; after an in-place change the next call captures again
+    and gives the changed model's logits (a replay alone would read the stale casts)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vig_tiny", num_classes=10).cuda().eval()
+    graphed = CudaGraphModel(model, batch_size=2, amp_dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    before = graphed(x).float()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.proj.weight.mul_(-1)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(x).float()
+    got = graphed(x).float()
+    assert not torch.allclose(eager, before, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"optimizer": "adamw"}, r"needs AdamW\(..., capturable=True\)"),
     ({"amp_dtype": torch.float16}, "fp16 needs a GradScaler"),

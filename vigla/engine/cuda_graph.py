@@ -40,7 +40,9 @@ class CudaGraphModel(nn.Module):
 
     The graph is captured at the first call, for that call's image shape ``[C, H, W]``; calls take
     ``[B, C, H, W]`` of that shape and return the model's output for those ``B`` images (a fresh
-    tensor, not the graph's buffer).
+    tensor, not the graph's buffer). A replay reads the weights where they lie, but ViG's inference path
+    reads copies cast once (:mod:`vigla.layers.cast`), which a replay does not renew: a call after any
+    parameter or buffer changed in place (an optimizer step, ``load_state_dict``) captures again.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, amp_dtype: torch.dtype | None = None,
@@ -51,7 +53,11 @@ class CudaGraphModel(nn.Module):
             raise ValueError(f"CudaGraphModel needs the model on a CUDA device, it is on {device}")
         self.model = model.eval()
         self.batch_size, self.amp_dtype, self.warmup = batch_size, amp_dtype, warmup
-        self.shape = self.graph = self.static_input = self.static_output = None
+        self.shape = self.graph = self.static_input = self.static_output = self.versions = None
+
+    def _versions(self) -> tuple[int, ...]:
+        """The version counters of the model's parameters and buffers (bumped by every in-place change)."""
+        return tuple(t._version for t in (*self.model.parameters(), *self.model.buffers()))
 
     def capture(self, shape: tuple[int, ...]) -> None:
         """Capture the graph for ``[batch_size, *shape]`` inputs."""
@@ -69,6 +75,7 @@ class CudaGraphModel(nn.Module):
         with torch.inference_mode(), autocast(device, self.amp_dtype, cache=False), \
                 torch.cuda.graph(self.graph):
             self.static_output = self.model(self.static_input)
+        self.versions = self._versions()
 
     def replay(self) -> torch.Tensor:
         """Run the graph on what :attr:`static_input` holds; returns the graph's output buffer."""
@@ -76,7 +83,7 @@ class CudaGraphModel(nn.Module):
         return self.static_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
+        if self.graph is None or (tuple(x.shape[1:]) == self.shape and self._versions() != self.versions):
             self.capture(tuple(x.shape[1:]))
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"CudaGraphModel was captured for [B, {', '.join(map(str, self.shape))}] inputs, "
