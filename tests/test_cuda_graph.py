@@ -106,7 +106,8 @@ def _train_pair(name: str, lr):
     model = timm.create_model(name, num_classes=10, img_size=64).cuda()
     twin = timm.create_model(name, num_classes=10, img_size=64).cuda()
     twin.load_state_dict(model.state_dict())
-    opts = [torch.optim.AdamW(m.parameters(), lr=lr, fused=True, capturable=c) for m, c in ((model, True), (twin, False))]
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr, fused=True, capturable=c)
+            for m, c in ((model, True), (twin, False))]
     return model, twin, opts
 
 

@@ -110,14 +110,16 @@ class CudaGraphTrainStep:
 
     Each call ``step(x, y)`` (``x``: ``[B, ...]`` inputs, ``y``: targets, both of the captured shapes)
     copies the batch into the graph's inputs and replays: forward under autocast, ``loss_fn(out.float(),
-    y)``, backward, ``optimizer.step()`` (none with ``optimizer=None``); it returns the loss (a ``[]`` tensor on the device: reading it
-    waits for the step). The parameters' ``.grad`` hold the step's gradients afterwards.
+    y)``, backward, ``optimizer.step()`` (none with ``optimizer=None``); it returns the loss (a ``[]``
+    tensor on the device: reading it waits for the step). The parameters' ``.grad`` hold the step's
+    gradients afterwards.
 
     Args:
         model: on a CUDA device, in train mode (put there); no hooks that need the host.
-        optimizer: over ``model``'s parameters (``None``: forward and backward only), built with ``capturable=True`` where it has the option
-            (Adam, AdamW: its state then lives on the device). The learning rate is read at capture: for
-            a schedule give a tensor ``lr`` and update it in place (``group["lr"].fill_(value)``).
+        optimizer: over ``model``'s parameters (``None``: forward and backward only), built with
+            ``capturable=True`` where it has the option (Adam, AdamW: its state then lives on the device).
+            The learning rate is read at capture: for a schedule give a tensor ``lr`` and update it in
+            place (``group["lr"].fill_(value)``).
         loss_fn: ``(logits, targets) -> [] loss``.
         amp_dtype: autocast dtype (``None``: full precision; bf16 rather than fp16, whose loss scaling
             needs the host at every step).
