@@ -174,8 +174,12 @@ for R, C, rms, hasd, hasb in [(37, 96, False, True, True), (20, 192, True, True,
     dy, ds = torch.randn_like(y), (torch.randn_like(y) if hasd else None)
     dx, dw, db = add_norm_reference_bwd(dy, ds, s, w, b, 1e-6, rms)
     s2, y2 = add_norm_fwd_triton(f(x), f(d), f(w), f(b), 1e-6, rms, torch.float32)
-    gx, _, gw, gb = add_norm_bwd_triton(f(dy), f(ds), f(s), f(w), f(b), 1e-6, rms, torch.float32 if hasd else None)
+    grads = add_norm_bwd_triton(f(dy), f(ds), f(s), f(w), f(b), 1e-6, rms, torch.float32 if hasd else None)
+    gx, _, gw, gb = grads
     errs = [rel(y2, y), rel(gx, dx), rel(gw, dw)] + ([rel(s2, s)] if hasd else []) + ([rel(gb, db)] if hasb else [])
+    # a custom op's outputs may not share memory: 1.0 (a failure) when two of the gradients do
+    storages = [t.untyped_storage().data_ptr() for t in grads if t.numel()]
+    errs.append(float(len(set(storages)) != len(storages)))
     out[f"add_norm{(R, C, rms, hasd, hasb)}"] = errs
 # ddelta in its own dtype (bf16) when it differs from x's: within bf16 rounding of dx
 _, dd, _, _ = add_norm_bwd_triton(dy.float(), ds, s.float(), w.float(), None, 1e-6, True, torch.bfloat16)

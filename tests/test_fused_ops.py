@@ -142,6 +142,9 @@ for B, N, h, d, act in [(2, 37, 3, 64, True), (1, 70, 4, 32, False)]:
     f = [t.float() for t in (o, x, z, *w)]
     got = [locality_mix_fwd_triton(*f, 1e-6, act), *locality_mix_bwd_triton(dy.float(), *f, 1e-6, act)]
     out[f"mix{(B, N, h, d, act)}"] = [rel(a, b) for a, b in zip(got, [ref, *gref])]
+    # a custom op's outputs may not share memory: 1.0 (a failure) when two of the gradients do
+    storages = [t.untyped_storage().data_ptr() for t in got[1:]]
+    out[f"mix{(B, N, h, d, act)} distinct outputs"] = [float(len(set(storages)) != len(storages))]
 for shape in [(3, 17, 2 * 44), (5, 2 * 1024)]:
     u = torch.randn(*shape[:-1], shape[-1] + 8, dtype=torch.float64)[..., 4:4 + shape[-1]]
     ref = swiglu_reference(u)
