@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
-from .reference import conv_norm_reference, conv_norm_reference_bwd
+from .reference import conv_grads, conv_norm_reference, conv_norm_reference_bwd
 
 if HAS_TRITON:
     from ..add_norm.triton_kernels import MAX_C, add_norm_bwd_triton, add_norm_fwd_triton
@@ -66,10 +66,7 @@ def _kernels_backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, s
         elif act == "gelu":
             dz = torch.ops.aten.gelu_backward(dz, z)
         du, _, dnw, dnb = add_norm_bwd_triton(dz, None, u, norm_weight, norm_bias, eps, False, None, wrap=launch)
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            du.permute(0, 3, 1, 2), xc, wc, [wc.shape[0]], [stride, stride], [padding, padding], [1, 1], False,
-            [0, 0], 1, [input_grad, True, True])
-    return (dx.to(x.dtype) if input_grad else x.new_empty(0), dw.to(weight.dtype), db.to(bias.dtype), dnw, dnb)
+    return (*conv_grads(du, x, xc, weight, wc, bias, stride, padding, input_grad), dnw, dnb)
 
 
 class ConvNormFunction(torch.autograd.Function):

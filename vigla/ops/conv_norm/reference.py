@@ -66,9 +66,16 @@ def conv_norm_reference_bwd(dy, x, weight, bias, norm_weight, norm_bias, eps: fl
     dz = dy.to(f) * _act_slope(x_hat * nw + norm_bias.to(f), act)
     g = dz * nw
     du = rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    return (*conv_grads(du.to(dtype), x, xc, weight, wc, bias, stride, padding, input_grad),
+            (dz * x_hat).sum((0, 1, 2)).to(norm_weight.dtype), dz.sum((0, 1, 2)).to(norm_bias.dtype))
+
+
+def conv_grads(du, x, xc, weight, wc, bias, stride: int, padding: int, input_grad: bool):
+    """``(dx, dweight, dbias)`` in ``x``'s, ``weight``'s and ``bias``'s dtypes (``dx`` empty unless
+    ``input_grad``): PyTorch's convolution backward of ``du`` (``[B, H', W', C]``) with ``xc``, ``wc`` the
+    input and weight as the forward's convolution took them."""
     with torch.autocast(x.device.type, enabled=False):
         dx, dw, db = torch.ops.aten.convolution_backward(
-            du.to(dtype).permute(0, 3, 1, 2), xc, wc, [wc.shape[0]], [stride, stride], [padding, padding], [1, 1],
-            False, [0, 0], 1, [input_grad, True, True])
-    return (dx.to(x.dtype) if input_grad else x.new_empty(0), dw.to(weight.dtype), db.to(bias.dtype),
-            (dz * x_hat).sum((0, 1, 2)).to(norm_weight.dtype), dz.sum((0, 1, 2)).to(norm_bias.dtype))
+            du.permute(0, 3, 1, 2), xc, wc, [wc.shape[0]], [stride, stride], [padding, padding], [1, 1], False,
+            [0, 0], 1, [input_grad, True, True])
+    return dx.to(x.dtype) if input_grad else x.new_empty(0), dw.to(weight.dtype), db.to(bias.dtype)
