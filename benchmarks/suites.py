@@ -278,6 +278,15 @@ def _train(opts: Options) -> list[Step]:
     return steps + [Step(name, argv, 570, [f"{name}.json", f"{name}.md"])]
 
 
+def _train_cuda_graph(opts: Options) -> list[Step]:
+    """``vigla train`` eager against ``--cuda-graph`` (benchmarks/train_throughput.py) on Fashion-MNIST."""
+    _, fmnist = train_data(opts)
+    name = "train_cuda_graph"
+    argv = [PY, "benchmarks/train_throughput.py", "--fmnist-dir", str(fmnist or FMNIST), "--out", str(opts.out),
+            "--name", name, *opts.extra]
+    return [Step(name, argv, 400, [f"{name}.json"])]
+
+
 def _imagenette_folder(inette: Path, opts: Options) -> tuple[list[Step], Path]:
     """The step that unpacks the tar shards (val and the first ``--train-shards``) into a folder, if
     ``inette`` holds shards, and the ImageFolder root to train on."""
@@ -449,7 +458,10 @@ SUITES = {s.name: s for s in [
     Suite("ncu", "Nsight Compute sections of the BiGLA kernels at two ViG-T shapes", "cuda",
           {"bigla": ("one forward + backward per shape, every kernel in it", _ncu)}),
     Suite("train", "ViG-T vs DeiT-T trained with the same recipe and budget, evaluated at 1x, 2x and 4x the "
-          "training size", "cuda", {"compare": ("Imagenette and/or Fashion-MNIST", _train)},
+          "training size; `vigla train` eager against --cuda-graph", "cuda",
+          {"compare": ("Imagenette and/or Fashion-MNIST", _train),
+           "cuda_graph": ("`vigla train` eager against --cuda-graph: the loop's img/s, ViG-T and DeiT-T on "
+                          "Fashion-MNIST at 224", _train_cuda_graph)},
           extra="benchmarks/gpu_train.py"),
     Suite("castling", "Castling-DeiT-T vs DeiT-T: speed, memory, the auxiliary branch's cost, numerics; both "
           "trained on Imagenette with the same recipe", "cuda",

@@ -101,57 +101,92 @@ def test_cuda_graph_train_step_refuses_what_it_cannot_capture(kwargs, message):
         CudaGraphTrainStep(model, opt, F.cross_entropy, **kwargs)
 
 
-def _train_pair(name: str, lr):
+def _train_pair(name: str, lr, img_size: int = 64):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10, img_size=64).cuda()
-    twin = timm.create_model(name, num_classes=10, img_size=64).cuda()
+    model = timm.create_model(name, num_classes=10, img_size=img_size).cuda()
+    twin = timm.create_model(name, num_classes=10, img_size=img_size).cuda()
     twin.load_state_dict(model.state_dict())
     opts = [torch.optim.AdamW(m.parameters(), lr=lr, fused=True, capturable=c)
             for m, c in ((model, True), (twin, False))]
     return model, twin, opts
 
 
+def _eager_step(model, opt, x, y, clip_grad=0.0):
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    opt.step()
+    return loss.detach()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["vig_tiny", "deit_tiny_patch16_224"])
 def test_cuda_graph_train_step_equals_eager_steps(name):
-    """Replayed steps train as eager ones: the same losses step after step and the same weights at the end
-    (full precision; the first call's warm-up steps repeated on the eager twin). ViG's kernels are
-    deterministic: its weights agree to float32 rounding. DeiT's fused attention backward is not, and AdamW
-    turns that noise in near-zero gradients into updates of up to the learning rate: its weights agree to a
-    few steps' worth of it."""
+    """Replayed steps train as eager ones, with a learning rate that changes at every step (a scheduler's
+    floats) and the gradient norm clipped: the same losses step after step and the same weights at the end
+    (full precision; two eager calls, then the capture). ViG's kernels are deterministic: its weights agree
+    to float32 rounding. DeiT's fused attention backward is not, and AdamW turns that noise in near-zero
+    gradients into updates of up to the learning rate: its weights agree to a few steps' worth of it."""
     model, twin, (opt, twin_opt) = _train_pair(name, 1e-3)
-    step = CudaGraphTrainStep(model, opt, F.cross_entropy, warmup=2)
+    step = CudaGraphTrainStep(model, opt, F.cross_entropy, warmup=2, clip_grad=1.0)
     batches = [(torch.randn(4, 3, 64, 64, device="cuda"), torch.randint(0, 10, (4,), device="cuda"))
-               for _ in range(4)]
+               for _ in range(6)]
     twin.train()
-
-    def eager(x, y):
-        twin_opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(twin(x).float(), y)
-        loss.backward()
-        twin_opt.step()
-        return loss.detach()
-
     for i, (x, y) in enumerate(batches):
-        for _ in range(2 if i == 0 else 0):
-            eager(x, y)
-        torch.testing.assert_close(step(x, y), eager(x, y), rtol=1e-4, atol=1e-5)
+        lr = 1e-3 * (1 + i) / 6  # a warm-up: a graph that kept the first lr would fall behind
+        opt.param_groups[0]["lr"] = twin_opt.param_groups[0]["lr"] = lr
+        torch.testing.assert_close(step(x, y), _eager_step(twin, twin_opt, x, y, 1.0), rtol=1e-4, atol=1e-5)
     atol = 1e-5 if name == "vig_tiny" else 5 * 1e-3
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=atol)
         assert p.grad is not None
+    assert isinstance(opt.param_groups[0]["lr"], float)  # the schedule's value is left as it was set
     losses = [step(*batches[0]).item() for _ in range(3)]
     assert losses[2] < losses[0]  # it keeps training: the replay is not a stale result
 
 
 @pytest.mark.gpu
-def test_cuda_graph_train_step_refuses_a_changed_batch_or_learning_rate():
+def test_inference_after_replayed_steps_reads_the_new_weights():
+    """ViG's inference path keeps weight casts keyed on the parameters' version counters, which a replayed
+    optimizer step does not move on the host: each call moves them, so an evaluation after replayed steps
+    gives the trained model's logits, not those of the weights cached before."""
+    model, twin, (opt, twin_opt) = _train_pair("vig_tiny", 1e-2)
+    step = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype=torch.bfloat16, warmup=1)
+    x, y = torch.randn(4, 3, 64, 64, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
+
+    def infer(m):
+        m.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x).float()
+        m.train()
+        return out
+
+    before = infer(model)  # fills the cache with the untrained weights' casts
+    for _ in range(4):  # one eager step, the capture, replays
+        step(x, y)
+    twin.load_state_dict(model.state_dict())
+    after = infer(model)
+    assert not torch.allclose(after, before, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(after, infer(twin), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_train_step_refuses_a_changed_batch_or_a_fixed_learning_rate():
     model, _, (opt, _) = _train_pair("vig_tiny", 1e-3)
     step = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype=torch.bfloat16)
     x, y = torch.randn(4, 3, 64, 64, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
     assert torch.isfinite(step(x, y))
     with pytest.raises(ValueError, match="captured for inputs"):
         step(x[:3], y[:3])
-    opt.param_groups[0]["lr"] = 1e-4
-    with pytest.raises(ValueError, match="a learning rate changed"):
+    opt.param_groups[0]["lr"] = torch.tensor(1e-4, device="cuda")
+    with pytest.raises(ValueError, match="replaced by a tensor"):
+        step(x, y)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # no tensor lr: read at capture
+    step = CudaGraphTrainStep(model, sgd, F.cross_entropy, amp_dtype=torch.bfloat16, warmup=1)
+    for _ in range(3):
+        assert torch.isfinite(step(x, y))
+    sgd.param_groups[0]["lr"] = 1e-4
+    with pytest.raises(ValueError, match="SGD reads its learning rate when the step is captured"):
         step(x, y)

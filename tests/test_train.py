@@ -249,6 +249,53 @@ def test_missing_and_mismatched_data_exit_cleanly(tmp_path, capsys):
     assert "class folders differ" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"compile": True}, "--cuda-graph and --compile: pick one"),
+    ({"amp": "fp16"}, "--cuda-graph needs --amp bf16 or off"),
+    ({"opt": "sgd"}, "--cuda-graph needs --opt adamw or adam"),
+    ({"device": "cpu"}, "--cuda-graph needs a CUDA device, this run is on cpu: drop the flag"),
+])
+def test_cuda_graph_settings_it_cannot_replay_are_one_line_errors(fmnist, tmp_path, capsys, flags, message):
+    out = tmp_path / "o"
+    argv = argv_of({**tiny_flags(fmnist, out, cuda_graph=True, device="cpu"), **flags})
+    assert cli.main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vigla train: error:") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _cuda_graph_flags(fmnist, out, **kw):
+    """ViG-T (deterministic kernels) at 64 px, full precision, a learning rate large enough that a
+    schedule the replays did not follow would show in the weights."""
+    return tiny_flags(fmnist, out, model="vig_tiny", img_size=64, device="cuda", amp="off", ema=True,
+                      lr=0.5, warmup_epochs=0.5, clip_grad=1.0, val_subset=8, test_subset=8, **kw)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_follows_the_eager_run(fmnist, tmp_path):
+    """``--cuda-graph`` (three eager steps, then replays) trains as the eager loop does: the warm-up and
+    cosine learning rates, clipping, EMA; the same losses and weights after 12 steps (AdamW's fused and
+    foreach steps differ in rounding only). A run resumed with ``--cuda-graph`` from an eager run's
+    mid-epoch checkpoint ends where the eager run ends."""
+    assert Trainer(resolve_config(_cuda_graph_flags(fmnist, tmp_path / "eager"))).run() == 0
+    graphed = Trainer(resolve_config(_cuda_graph_flags(fmnist, tmp_path / "graph", cuda_graph=True)))
+    assert graphed.run() == 0 and graphed.graph_step.graph is not None
+    stopped = Trainer(resolve_config(_cuda_graph_flags(fmnist, tmp_path / "resumed")), stop_after_steps=8)
+    assert stopped.run() == 128 + signal.SIGTERM
+    resumed = Trainer(resolve_config(_cuda_graph_flags(fmnist, tmp_path / "resumed", cuda_graph=True)),
+                      resume_state=str(tmp_path / "resumed" / "last.state.pt"))
+    assert resumed.run() == 0
+    eager = load_weights(str(tmp_path / "eager" / "last.safetensors"))
+    for run in ("graph", "resumed"):
+        weights = load_weights(str(tmp_path / run / "last.safetensors"))
+        for k in eager:
+            torch.testing.assert_close(weights[k], eager[k], rtol=1e-3, atol=1e-4, msg=f"{run}: {k}")
+        rows = [list(csv.DictReader(open(tmp_path / d / "steps.csv"))) for d in ("eager", run)]
+        assert [r["global_step"] for r in rows[1]] == [r["global_step"] for r in rows[0]]
+        assert [float(r["loss"]) for r in rows[1]] == pytest.approx([float(r["loss"]) for r in rows[0]], rel=1e-3)
+        assert [float(r["lr"]) for r in rows[1]] == pytest.approx([float(r["lr"]) for r in rows[0]], rel=1e-6)
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_corrupt_images_skipped_or_fatal(tmp_path, capsys, strict):
     write_folder(str(tmp_path / "d" / "train"), ["a", "b"], per_class=4, corrupt={("b", 2)})

@@ -283,7 +283,7 @@ def train_step(model: torch.nn.Module, batch_size: int, img_size: int, device: t
     random images and labels, cross-entropy, backward, and (``optimizer="adamw"``) an AdamW step (fused on
     CUDA); ``optimizer="none"``: forward + backward only, as the anchors' training figures. ``cuda_graph``
     (CUDA, bf16 or full precision): the step replayed from one captured graph
-    (:class:`vigla.engine.cuda_graph.CudaGraphTrainStep`, captured at the first call)."""
+    (:class:`vigla.engine.cuda_graph.CudaGraphTrainStep`, captured at the third call)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda", capturable=cuda_graph)
@@ -293,7 +293,8 @@ def train_step(model: torch.nn.Module, batch_size: int, img_size: int, device: t
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     if cuda_graph:
         from ..engine.cuda_graph import CudaGraphTrainStep
-        graphed = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype(amp, device))
+        # two eager steps, then the capture: inside the timer's warm-up calls (it makes at least 3)
+        graphed = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype(amp, device), warmup=2)
         return lambda: graphed(x, y)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 

@@ -44,6 +44,10 @@ class TrainConfig:
     drop_path: float | None = _opt(None, "stochastic depth rate (default: the model's own)", "model",
                                    metavar="RATE")
     compile: bool = _opt(False, "torch.compile the model", "model")
+    cuda_graph: bool = _opt(False, "replay each training step (forward, backward, clipping, AdamW) from a CUDA "
+                            "graph captured at the 4th step: the host's per-kernel launch cost gone, which "
+                            "bounds small images. One CUDA device, bf16 or full precision, --opt adam/adamw, "
+                            "not with --compile", "model")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward (set_grad_checkpointing): "
                                     "ViG keeps only each block's input and BiGLA output, 0.4x DeiT-T's memory "
                                     "at 1024 px for ~15%% of the speed", "model")
@@ -240,8 +244,24 @@ def _validate(cfg: TrainConfig, source=lambda name: "the settings") -> None:
         raise UserError("--train-subset, --val-subset and --test-subset must be >= 0")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"Mixup/CutMix mix pairs within a batch: --batch-size must be even, got {cfg.batch_size}")
+    if cfg.cuda_graph:
+        _validate_cuda_graph(cfg)
     if not 0 < cfg.crop_pct <= 1:
         raise UserError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+
+
+def _validate_cuda_graph(cfg: TrainConfig) -> None:
+    """What ``--cuda-graph`` cannot replay, known from the settings alone (the device and the process
+    count are checked when the run starts)."""
+    if cfg.compile:
+        raise UserError("--cuda-graph and --compile: pick one (torch.compile's mode 'reduce-overhead' is its own "
+                        "CUDA-graph path)")
+    if cfg.amp == "fp16":
+        raise UserError("--cuda-graph needs --amp bf16 or off: fp16's loss scaling checks its scale on the host "
+                        "at every step")
+    if cfg.opt.lower() not in ("adam", "adamw"):
+        raise UserError(f"--cuda-graph needs --opt adamw or adam (their step runs on the device with a "
+                        f"scheduled learning rate), got {cfg.opt}")
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

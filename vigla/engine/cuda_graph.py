@@ -12,10 +12,12 @@ the host's launch rate, not by the GPU; replaying a captured graph removes the h
     graphed = CudaGraphModel(model.cuda(), batch_size=128, amp_dtype=torch.bfloat16)
     logits = graphed(images)  # [B, 3, 224, 224] -> [B, num_classes]; captured at the first call
 
-    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), fused=True,
-                            capturable=True)
-    step = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=True)
+    step = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype=torch.bfloat16, clip_grad=5.0)
     loss = step(images, labels)  # one optimizer step; [] loss on the device
+    opt.param_groups[0]["lr"] = 5e-4  # a scheduler's change: the next replay reads it
+
+``vigla train --cuda-graph`` trains with it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import increment_version
 
 from .precision import autocast
 
@@ -98,39 +101,39 @@ class CudaGraphModel(nn.Module):
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
-def _lrs(optimizer: torch.optim.Optimizer | None) -> list:
-    """The param groups' learning rates as Python numbers (a tensor lr is read by the graph itself)."""
-    if optimizer is None:
-        return []
-    return [None if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
-
-
 class CudaGraphTrainStep:
     """One training step of ``model`` captured as a CUDA graph and replayed at every call.
 
-    Each call ``step(x, y)`` (``x``: ``[B, ...]`` inputs, ``y``: targets, both of the captured shapes)
-    copies the batch into the graph's inputs and replays: forward under autocast, ``loss_fn(out.float(),
-    y)``, backward, ``optimizer.step()`` (none with ``optimizer=None``); it returns the loss (a ``[]``
-    tensor on the device: reading it waits for the step). The parameters' ``.grad`` hold the step's
-    gradients afterwards.
+    Each call ``step(x, y)`` (``x``: ``[B, ...]`` inputs, ``y``: targets, both of the first call's
+    shapes) is one training step on that batch: forward under autocast, ``loss_fn(out.float(), y)``,
+    backward, the gradients' global norm clipped to ``clip_grad`` (if > 0), ``optimizer.step()`` (none
+    with ``optimizer=None``). It returns the loss (a ``[]`` tensor on the device: reading it waits for
+    the step). The first ``warmup`` calls run eagerly on a side stream (lazy state: kernels, cuBLAS, the
+    optimizer's moments); the next one captures the step and every later one replays it: the batch is
+    copied into the graph's inputs and the GPU runs the whole step without the host. The parameters'
+    ``.grad`` hold the last step's gradients.
 
     Args:
         model: on a CUDA device, in train mode (put there); no hooks that need the host.
         optimizer: over ``model``'s parameters (``None``: forward and backward only), built with
             ``capturable=True`` where it has the option (Adam, AdamW: its state then lives on the device).
-            The learning rate is read at capture: for a schedule give a tensor ``lr`` and update it in
-            place (``group["lr"].fill_(value)``).
+            A learning rate that is a Python number may change between calls (a scheduler's): every step
+            reads it from a device tensor that the call refreshes. Other hyperparameters are read at
+            capture.
         loss_fn: ``(logits, targets) -> [] loss``.
         amp_dtype: autocast dtype (``None``: full precision; bf16 rather than fp16, whose loss scaling
             needs the host at every step).
-        warmup: eager steps before the capture, on the first call's batch (lazy initialisation:
-            kernels, cuBLAS, the optimizer's state), as PyTorch's whole-network capture does. The first
-            call therefore trains ``warmup + 1`` steps on its batch.
+        warmup: eager calls before the capture (each one step on its own batch).
+        clip_grad: clip the gradients' global L2 norm to this before the optimizer step (0: off).
+
+    The replayed optimizer step changes the parameters without the autograd version counters the host
+    sees; each call bumps them, so that caches keyed on them (ViG's inference weight casts,
+    :class:`CudaGraphModel`) see the new weights.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 amp_dtype: torch.dtype | None = None, warmup: int = 3):
+                 amp_dtype: torch.dtype | None = None, warmup: int = 3, clip_grad: float = 0.0):
         if optimizer is not None and "capturable" in optimizer.defaults and not all(
                 g.get("capturable") for g in optimizer.param_groups):
             raise ValueError(f"CudaGraphTrainStep needs {type(optimizer).__name__}(..., capturable=True): "
@@ -145,49 +148,96 @@ class CudaGraphTrainStep:
         if device.type != "cuda":
             raise ValueError(f"CudaGraphTrainStep needs the model on a CUDA device, it is on {device}")
         self.model, self.optimizer, self.loss_fn = model.train(), optimizer, loss_fn
-        self.amp_dtype, self.warmup, self.device = amp_dtype, warmup, device
-        self.graph = self.static_x = self.static_y = self.static_loss = self.lrs = None
+        self.amp_dtype, self.warmup, self.clip_grad, self.device = amp_dtype, warmup, clip_grad, device
+        self.calls = 0
+        self.graph = self.static_x = self.static_y = self.static_loss = None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.written = [*model.parameters(), *model.buffers()]  # what a step may change in place
+        groups = optimizer.param_groups if optimizer is not None else []
+        # Adam-family optimizers take a tensor lr when capturable; others read a number at capture
+        mirror = optimizer is not None and "capturable" in optimizer.defaults
+        # per param group: None for a tensor lr, else [the device tensor the steps read (None: the number
+        # is read at capture), the number it holds]
+        self.lrs = [None if isinstance(g["lr"], torch.Tensor) else
+                    [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) if mirror else None,
+                     float(g["lr"])]
+                    for g in groups]
+
+    def _refresh_lrs(self) -> None:
+        """Copy each float learning rate that changed since the last call into its device tensor."""
+        for group, slot in zip(self.optimizer.param_groups if self.optimizer is not None else [], self.lrs):
+            if slot is None:
+                continue
+            value = group["lr"]
+            if isinstance(value, torch.Tensor):
+                raise ValueError("CudaGraphTrainStep: a param group's float learning rate was replaced by a "
+                                 "tensor after the first call; set floats, or give a tensor lr from the start "
+                                 "and update it in place")
+            if value == slot[1]:
+                continue
+            if slot[0] is None:
+                raise ValueError(f"CudaGraphTrainStep: {type(self.optimizer).__name__} reads its learning rate "
+                                 "when the step is captured, so it cannot change; use Adam(W) with "
+                                 "capturable=True for a schedule")
+            slot[0].fill_(value)
+            slot[1] = value
 
     def _step(self) -> torch.Tensor:
         with autocast(self.device, self.amp_dtype, cache=False):
             out = self.model(self.static_x)
         loss = self.loss_fn(out.float(), self.static_y)
         loss.backward()
+        if self.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.params, self.clip_grad, foreach=True)
         if self.optimizer is not None:
-            self.optimizer.step()
+            groups = self.optimizer.param_groups
+            floats = [g["lr"] for g in groups]
+            for group, slot in zip(groups, self.lrs):  # the step reads the device tensors
+                if slot is not None and slot[0] is not None:
+                    group["lr"] = slot[0]
+            try:
+                self.optimizer.step()
+            finally:
+                for group, value in zip(groups, floats):
+                    group["lr"] = value
         return loss.detach()
 
     def _clear_grads(self) -> None:
         for p in self.model.parameters():
             p.grad = None
 
-    def capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Take ``x`` and ``y``'s shapes, run ``warmup`` eager steps on them and capture one step."""
-        self.static_x, self.static_y = x.detach().clone(), y.detach().clone()
+    def _eager(self) -> torch.Tensor:
+        """One step on a side stream (what PyTorch's whole-network capture does before capturing)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self._clear_grads()
-                self._step()
+            self._clear_grads()
+            loss = self._step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        return loss
+
+    def capture(self) -> None:
+        """Capture one step on what :attr:`static_x` and :attr:`static_y` hold (nothing runs yet)."""
         self._clear_grads()  # the captured backward writes the gradients afresh
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_loss = self._step()
-        self.lrs = _lrs(self.optimizer)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
-            self.capture(x, y)
+        if self.static_x is None:
+            self.static_x, self.static_y = x.detach().clone(), y.detach().clone()
         elif x.shape != self.static_x.shape or y.shape != self.static_y.shape:
             raise ValueError(f"CudaGraphTrainStep was captured for inputs {list(self.static_x.shape)} and targets "
                              f"{list(self.static_y.shape)}, got {list(x.shape)} and {list(y.shape)}: pad or drop "
                              "the odd batch, or make another one")
-        if _lrs(self.optimizer) != self.lrs:
-            raise ValueError("CudaGraphTrainStep: a learning rate changed after the capture, which the graph "
-                             "does not see; give the optimizer a tensor lr and update it in place")
+        self._refresh_lrs()
         self.static_x.copy_(x)
         self.static_y.copy_(y)
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self._eager().clone()
+        if self.graph is None:
+            self.capture()
         self.graph.replay()
+        increment_version(self.written)
         return self.static_loss.clone()

@@ -280,6 +280,10 @@ class TrainingRun:
             if self.cfg.clip_grad > 0:
                 nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
             self.optimizer.step()
+        self._advance()
+
+    def _advance(self) -> None:
+        """Count the optimizer step taken and set the next one's learning rate."""
         self.global_step += 1
         self.scheduler.step_update(self.global_step)
 

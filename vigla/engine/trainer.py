@@ -25,6 +25,7 @@ from . import distributed as dist_utils
 from .aux_branch import castling_model_args, checkpoint_record, validate_aux_branch
 from .checkpoint import capture_rng, load_into, load_state, load_weights, read_meta, restore_rng, save_weights
 from .config import config_to_yaml
+from .cuda_graph import CudaGraphTrainStep
 from .errors import CheckpointError, OutOfMemory, UserError
 from .evaluate import evaluate
 from .metrics import plot_curves
@@ -57,12 +58,27 @@ class Trainer(TrainingRun):
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = not cfg.deterministic
         self.amp_dtype, self.scaler = self._precision()
+        if cfg.cuda_graph:
+            self._check_cuda_graph()
         self.out = self._prepare_out_dir()
         self._build_data()
         self._build_model()
         self._build_optimisation()
         self.best = {"top1": -1.0, "epoch": 0, "weights": None}
         self._start()
+
+    def _check_cuda_graph(self) -> None:
+        """``--cuda-graph``'s needs that the settings alone do not show (:mod:`.config` checks the rest)."""
+        cfg = self.cfg
+        if self.device.type != "cuda":
+            raise UserError(f"--cuda-graph needs a CUDA device, this run is on {self.device.type}: drop the flag")
+        if self.dist.enabled:
+            raise UserError("--cuda-graph trains on one GPU: DDP's gradient hooks run on the host; drop the flag "
+                            "under torchrun")
+        if cfg.model.startswith("castling_") and (cfg.castling_schedule or "").strip().lower() != "none":
+            raise UserError(f"--cuda-graph: {cfg.model}'s auxiliary branch follows --castling-schedule on the "
+                            f"host at every step, which a replayed step cannot; add --castling-schedule none or "
+                            f"drop --cuda-graph")
 
     def _run_name(self) -> str:
         return run_name(self.cfg.model, self.cfg.data)
@@ -138,6 +154,8 @@ class Trainer(TrainingRun):
         self.lr = cfg.lr * scale
         # PyTorch's fused Adam(W) on a CPU: one pass over each parameter instead of a dozen ops
         fused = {"fused": True} if cfg.opt.lower() in ("adam", "adamw") and self.device.type == "cpu" else {}
+        if cfg.cuda_graph:  # the step on the device, the scheduled lr read from a device tensor
+            fused = {"fused": True, "capturable": True}
         self.optimizer = create_optimizer_v2(self.core, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              **fused)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -157,6 +175,10 @@ class Trainer(TrainingRun):
             self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
+        self.graph_step = None
+        if cfg.cuda_graph:
+            self.graph_step = CudaGraphTrainStep(self.core, self.optimizer, self.criterion, self.amp_dtype,
+                                                 clip_grad=cfg.clip_grad)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _meta(self, val: dict | None, weights: str = "model") -> dict:
@@ -204,7 +226,7 @@ class Trainer(TrainingRun):
                 f"process(es)); this run has {self.global_batch}. Keep the global batch (--batch-size x processes) "
                 f"to resume: the schedule and the position inside the epoch depend on it")
         load_into(self.core, state["model"], f"checkpoint {path}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(state["optimizer"])
         if self.ema is not None:
             if state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -220,6 +242,21 @@ class Trainer(TrainingRun):
             if self.is_main:
                 warnings.warn(f"resuming {len(rng)}-process RNG states with {self.dist.world_size} processes: "
                               f"random streams are reseeded (sample order is kept)", stacklevel=2)
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """The optimizer's saved state, stepped the way this run built it: a saved run's ``fused`` /
+        ``capturable`` / ``foreach`` flags (e.g. one trained without ``--cuda-graph``) would otherwise
+        replace this run's, and its step counts go where this run's steps read them."""
+        keys = ("fused", "capturable", "foreach")
+        built = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, flags in zip(self.optimizer.param_groups, built):
+            group.update(flags)
+            on_device = bool(group.get("capturable") or group.get("fused"))
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
 
     def _save_best(self, val: dict, ema_val: dict | None) -> None:
         for weights, result, module in (("model", val, self.core),
@@ -238,14 +275,18 @@ class Trainer(TrainingRun):
         Nothing here waits for the device: the loss is read back (and checked for NaN / inf) every
         ``--log-interval`` steps, at the end of the epoch and before any save, by :meth:`_read_losses`."""
         core = self.core
-        if hasattr(core, "set_aux_progress"):
-            core.set_aux_progress(self.global_step / self.total_steps)
-        with autocast(self.device, self.amp_dtype):
-            loss = self.criterion(self.model(images), targets)
-        if hasattr(core, "aux_loss"):
-            loss = loss + core.aux_loss()
-        loss = loss.float()
-        self._update(loss)
+        if self.graph_step is not None:  # --cuda-graph: forward to optimizer step in one replay
+            loss = self.graph_step(images, targets)
+            self._advance()
+        else:
+            if hasattr(core, "set_aux_progress"):
+                core.set_aux_progress(self.global_step / self.total_steps)
+            with autocast(self.device, self.amp_dtype):
+                loss = self.criterion(self.model(images), targets)
+            if hasattr(core, "aux_loss"):
+                loss = loss + core.aux_loss()
+            loss = loss.float()
+            self._update(loss)
         if self.ema is not None:
             self.ema.update(self.core, step=self.global_step)
         return loss.detach()
@@ -353,5 +394,6 @@ class Trainer(TrainingRun):
                 f"{self.num_classes} classes, {cfg.img_size}px",
                 f"  {cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x "
                 f"{self.dist.world_size} = {self.global_batch}, lr {self.lr:.3g} ({cfg.lr:g} per 512), warm-up "
-                f"{cfg.warmup_epochs:g} epoch(s), {cfg.opt}, wd {cfg.weight_decay}"]
+                f"{cfg.warmup_epochs:g} epoch(s), {cfg.opt}, wd {cfg.weight_decay}"
+                + (", steps replayed from a CUDA graph" if cfg.cuda_graph else "")]
 
