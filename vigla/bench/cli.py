@@ -146,9 +146,6 @@ def _resolve(args) -> dict:
     if args.cuda_graph and args.train and args.amp == "fp16":
         raise UsageError("--cuda-graph --train needs --amp bf16 or none (fp16's loss scaling checks on the host "
                          "at every step)")
-    if args.cuda_graph and args.train and args.warmup < 3:
-        raise UsageError(f"--cuda-graph --train needs --warmup >= 3 (two eager steps, then the capture, come "
-                         f"before the timed replays), got {args.warmup}")
     if args.compile_mode != "default" and not args.compile:
         raise UsageError(f"--compile-mode {args.compile_mode} needs --compile")
     checkpointed = _checkpointed(args.grad_checkpointing, models, args.train)

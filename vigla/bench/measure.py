@@ -278,12 +278,13 @@ def measure_inference(model: torch.nn.Module, batch_size: int, img_size: int, de
 
 
 def train_step(model: torch.nn.Module, batch_size: int, img_size: int, device: torch.device,
-               *, amp: str, channels_last: bool = False, optimizer: str = "adamw", cuda_graph: bool = False):
+               *, amp: str, channels_last: bool = False, optimizer: str = "adamw", cuda_graph: bool = False,
+               graph_warmup: int = 2):
     """One training step as a callable, with ``model`` put in ``train()`` mode: forward under autocast on
     random images and labels, cross-entropy, backward, and (``optimizer="adamw"``) an AdamW step (fused on
     CUDA); ``optimizer="none"``: forward + backward only, as the anchors' training figures. ``cuda_graph``
     (CUDA, bf16 or full precision): the step replayed from one captured graph
-    (:class:`vigla.engine.cuda_graph.CudaGraphTrainStep`, captured at the third call)."""
+    (:class:`vigla.engine.cuda_graph.CudaGraphTrainStep`: ``graph_warmup`` eager calls, then the capture)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW(params, lr=1e-6, fused=device.type == "cuda", capturable=cuda_graph)
@@ -293,8 +294,7 @@ def train_step(model: torch.nn.Module, batch_size: int, img_size: int, device: t
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     if cuda_graph:
         from ..engine.cuda_graph import CudaGraphTrainStep
-        # two eager steps, then the capture: inside the timer's warm-up calls (it makes at least 3)
-        graphed = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype(amp, device), warmup=2)
+        graphed = CudaGraphTrainStep(model, opt, F.cross_entropy, amp_dtype(amp, device), warmup=graph_warmup)
         return lambda: graphed(x, y)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
@@ -316,8 +316,10 @@ def measure_train(model: torch.nn.Module, batch_size: int, img_size: int, device
                   meter: MemoryMeter | None = None, cuda_graph: bool = False) -> dict:
     """Training steps (:func:`train_step`) timed: their throughput, and the peak memory with ``meter``.
     ``cuda_graph``: replays of one captured step (``first_call_ms`` then holds the warm-up and capture)."""
+    # the eager steps and the capture inside the untimed calls (with warmup >= 3; else the first timed call
+    # captures)
     step = train_step(model, batch_size, img_size, device, amp=amp, channels_last=channels_last,
-                      optimizer=optimizer, cuda_graph=cuda_graph)
+                      optimizer=optimizer, cuda_graph=cuda_graph, graph_warmup=max(1, min(2, warmup - 1)))
     if meter is not None:
         meter.start()
     times, first_ms = time_calls(step, device, warmup, iters)

@@ -63,7 +63,9 @@ class CudaGraphModel(nn.Module):
         return tuple(t._version for t in (*self.model.parameters(), *self.model.buffers()))
 
     def capture(self, shape: tuple[int, ...]) -> None:
-        """Capture the graph for ``[batch_size, *shape]`` inputs."""
+        """Capture the graph for ``[batch_size, *shape]`` inputs. Other threads keep their CUDA calls
+        (``capture_error_mode="thread_local"``): a data loader's pin-memory thread allocates pinned
+        memory while this one captures."""
         device = next(self.model.parameters()).device
         self.shape = tuple(shape)
         self.static_input = torch.zeros(self.batch_size, *self.shape, device=device)
@@ -76,7 +78,7 @@ class CudaGraphModel(nn.Module):
         self.graph = torch.cuda.CUDAGraph()
         # autocast's own weight cache lives only as long as one autocast region: not in a graph
         with torch.inference_mode(), autocast(device, self.amp_dtype, cache=False), \
-                torch.cuda.graph(self.graph):
+                torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_output = self.model(self.static_input)
         self.versions = self._versions()
 
@@ -217,10 +219,11 @@ class CudaGraphTrainStep:
         return loss
 
     def capture(self) -> None:
-        """Capture one step on what :attr:`static_x` and :attr:`static_y` hold (nothing runs yet)."""
+        """Capture one step on what :attr:`static_x` and :attr:`static_y` hold (nothing runs yet; other
+        threads, e.g. a data loader's pin-memory thread, keep their CUDA calls)."""
         self._clear_grads()  # the captured backward writes the gradients afresh
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_loss = self._step()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
