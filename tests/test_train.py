@@ -264,6 +264,26 @@ def test_cuda_graph_settings_it_cannot_replay_are_one_line_errors(fmnist, tmp_pa
     assert not out.exists()
 
 
+def test_a_resumed_optimizer_steps_the_way_this_run_built_it():
+    """An optimizer state saved by a run stepped otherwise (a --cuda-graph run's capturable AdamW, say) loads
+    with this run's fused / capturable / foreach flags, its step counts where this run's steps read them."""
+    from types import SimpleNamespace
+    model = nn.Linear(4, 3)
+    saved_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(torch.randn(2, 4)).sum().backward()
+    saved_opt.step()
+    saved = saved_opt.state_dict()
+    for group in saved["param_groups"]:
+        group.update(capturable=True, fused=None, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    Trainer._load_optimizer(SimpleNamespace(optimizer=opt), saved)
+    group = opt.param_groups[0]
+    assert (group["fused"], group["capturable"], group["foreach"]) == (True, False, None)
+    assert all(opt.state[p]["step"].item() == 1 for p in model.parameters())
+    opt.step()
+    assert all(opt.state[p]["step"].item() == 2 for p in model.parameters())
+
+
 def _cuda_graph_flags(fmnist, out, **kw):
     """ViG-T (deterministic kernels) at 64 px, full precision, a learning rate large enough that a
     schedule the replays did not follow would show in the weights."""
