@@ -85,9 +85,10 @@ TEST_PARTS = {
             "blocks' deferred residual adds",
             ["tests/test_fused_ops.py", "tests/test_recompute.py", "tests/test_fused_block_ops.py",
              "tests/test_launcher.py", "tests/test_models_vig.py", "tests/test_conv_norm.py"]),
-    "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel and "
-               "CudaGraphTrainStep against eager; a training step without a host sync",
-               ["tests/test_bench.py", "tests/test_cuda_graph.py", "tests/test_train.py"]),
+    "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel, "
+               "CudaGraphTrainStep, vigla train and vigla eval --cuda-graph against eager; a training step "
+               "without a host sync",
+               ["tests/test_bench.py", "tests/test_cuda_graph.py", "tests/test_train.py", "tests/test_eval.py"]),
 }
 
 

@@ -180,3 +180,21 @@ def test_eval_vig_tiny_at_two_sizes(tmp_path, folder):
     assert cli.main(["eval", str(ckpt), "--data", folder, "--img-size", "32", "64", "--out", str(out)]) == 0
     rows = json.load(open(out))["results"]
     assert [r["images"] for r in rows] == [20, 20] and all(0 <= r["top1"] <= 100 for r in rows)
+
+
+@pytest.mark.gpu
+def test_eval_cuda_graph_with_loader_workers_equals_eager(tmp_path, folder):
+    """``vigla eval --cuda-graph`` with loader processes (whose pin-memory thread allocates while the forward
+    is captured) reports what the eager forward does, the last batch padded (20 images, batches of 6)."""
+    ckpt = tmp_path / "w.safetensors"
+    vigla_checkpoint(ckpt, model_name="vig_tiny", img_size=64)
+    reports = []
+    for flags in ([], ["--cuda-graph"]):
+        out = tmp_path / f"r{len(reports)}.json"
+        assert cli.main(["eval", str(ckpt), "--data", folder, "--img-size", "64", "--batch-size", "6",
+                         "--device", "cuda", "--workers", "2", "--out", str(out), *flags]) == 0
+        report = json.load(open(out))
+        assert report["images"] == 20
+        reports.append(report["results"][0])
+    eager, graphed = reports
+    assert graphed["top1"] == pytest.approx(eager["top1"]) and graphed["loss"] == pytest.approx(eager["loss"], rel=1e-2)
