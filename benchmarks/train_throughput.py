@@ -36,7 +36,8 @@ def train(model: str, mode: str, args, runs: str) -> dict:
     argv = [sys.executable, "-m", "vigla", "train", "--fmnist-dir", args.fmnist_dir, "--model", model,
             "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--epochs", "2",
             "--warmup-epochs", "0.5", "--train-subset", str(args.train_subset), "--val-subset", "512",
-            "--test-subset", str(args.test_subset), "--log-interval", "50", "--out", out, *MODES[mode]]
+            "--test-subset", str(args.test_subset), "--log-interval", "50", "--out", out, *MODES[mode],
+            *(["--workers", str(args.workers)] if args.workers is not None else [])]
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--train-subset", type=int, default=25600, help="images per epoch")
     ap.add_argument("--test-subset", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=None, help="loader processes (default: vigla train's)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="train_cuda_graph")
     args = ap.parse_args(argv)

@@ -245,3 +245,22 @@ def test_isolated_rng_restores_on_error():
             torch.rand(5)
             raise ValueError
     assert torch.equal(torch.rand(2), expected)
+
+
+def test_a_samples_seeding_stays_on_the_cpu(monkeypatch):
+    """Seeding a sample's augmentation touches the CPU generator only: ``torch.manual_seed`` would also queue
+    a CUDA seeding in a process without CUDA (a loader worker, a CPU machine), formatting the stack each time."""
+    import traceback
+
+    from vigla.data.dataset import isolated_rng
+
+    def no_stack(*args, **kwargs):
+        raise AssertionError("the stack was formatted")
+
+    monkeypatch.setattr(traceback, "format_stack", no_stack)
+    before = torch.rand(3)
+    with isolated_rng(7):
+        a = torch.rand(3)
+    with isolated_rng(7):
+        b = torch.rand(3)
+    assert torch.equal(a, b) and not torch.equal(a, before)
