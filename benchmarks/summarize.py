@@ -467,17 +467,18 @@ def _evals(r: dict) -> list[dict]:
     return e.get("results", []) if isinstance(e, dict) else e
 
 
-def train_loop_section(result: dict) -> list[str]:
-    """``benchmarks/train_throughput.py``: the whole loop's img/s per model and mode."""
-    st = result["settings"]
-    lines = [f"{source('train_cuda_graph', result)}: `vigla train` on Fashion-MNIST resized to "
-             f"{st['img_size']} px, batch {st['batch_size']}, bf16; img/s of the second epoch "
-             f"(metrics.csv; data loading, the step, the schedule and the loss read-backs included).", ""]
-    rows = [[f"`{r['model']}`", r["mode"].replace("_", " "), fmt(r["img_per_s"]),
-             fmt(r.get("graph_speedup"), ".2f") if r.get("graph_speedup") else "-", fmt(r["test_top1"], ".1f")]
-            for r in result["rows"]]
-    lines += table(["model", "loop", "img/s", "÷ eager", "test top-1 %"], rows)
-    notes = [f"* {note}" for note in result.get("notes", [])]
+def train_loop_section(results: list[tuple[str, dict]]) -> list[str]:
+    """``benchmarks/train_throughput.py``: the whole loop's img/s per model, mode and loader processes."""
+    st = results[0][1]["settings"]
+    lines = [f"`vigla train` on Fashion-MNIST resized to {st['img_size']} px, batch {st['batch_size']}, bf16; img/s of "
+             "the second epoch (metrics.csv; data loading, the step, the schedule and the loss read-backs included); "
+             + "; ".join(source(stem, result) for stem, result in results) + ".", ""]
+    rows = [[f"`{r['model']}`", r["mode"].replace("_", " "), str(result["settings"].get("workers") or "8 (the default then)"),
+             fmt(r["img_per_s"]), fmt(r.get("graph_speedup"), ".2f") if r.get("graph_speedup") else "-",
+             fmt(r["test_top1"], ".1f")]
+            for _, result in results for r in result["rows"]]
+    lines += table(["model", "loop", "loader processes", "img/s", "÷ eager", "test top-1 %"], rows)
+    notes = [f"* {note}" for _, result in results for note in result.get("notes", [])]
     return lines + ([""] + notes if notes else [])
 
 
@@ -529,9 +530,9 @@ def performance(res: Results) -> str:
     if res("models_vig_s_interleaved"):
         out += [""] + interleaved_line("models_vig_s_interleaved", res("models_vig_s_interleaved"),
                                        GPU_INTERLEAVED_NOTE)
-    if res("train_cuda_graph"):
-        out += ["", "## The training loop: `vigla train` eager and `--cuda-graph`", ""] + \
-            train_loop_section(res("train_cuda_graph"))
+    loops = [(stem, res(stem)) for stem in ("train_cuda_graph", "train_cuda_graph_workers15") if res(stem)]
+    if loops:
+        out += ["", "## The training loop: `vigla train` eager and `--cuda-graph`", ""] + train_loop_section(loops)
     for stem, label in (("models_all_eager", "eager"), ("compile_all_models", "torch.compile")):
         result = res(stem)
         if result:

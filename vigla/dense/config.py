@@ -65,7 +65,7 @@ class DenseConfig:
                                 "benchmark). auto: on to segment; off to detect, where the mask head's batch (the "
                                 "positive RoIs) changes size every step and every new size would be searched again",
                                 choices=("auto", "on", "off"))
-    workers: int = _opt(-1, "data loader processes (-1: none on CPU, else one per spare core, at most 8)",
+    workers: int = _opt(-1, "data loader processes (-1: none on CPU, else one per spare core, at most 16)",
                         metavar="N")
     train_subset: int = _opt(0, "train on this many images, a fixed random pick (0: all)", metavar="N")
     val_subset: int = _opt(0, "validate on this many images, a fixed random pick (0: all)", metavar="N")

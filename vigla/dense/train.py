@@ -30,7 +30,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from vigla.data import DataError, ResumableDistributedSampler
+from vigla.data import DataError, ResumableDistributedSampler, default_workers
 from vigla.engine.checkpoint import (capture_rng, load_into, load_state, load_weights, read_meta, restore_rng,
                                      save_weights)
 from vigla.engine.errors import CheckpointError, OutOfMemory, UserError
@@ -156,8 +156,7 @@ class DenseTrainer(TrainingRun):
         if cfg.workers >= 0:
             self.workers = cfg.workers
         else:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            self.workers = 0 if self.device.type == "cpu" else min(8, max(1, cpus - 1))
+            self.workers = 0 if self.device.type == "cpu" else default_workers()
         if cfg.task == "detect":
             train_set = DetectionDataset(self.train_split, self.masks, cfg.hflip, seed=cfg.seed)
             val_set = DetectionDataset(self.val_split, self.masks)

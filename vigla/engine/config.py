@@ -36,7 +36,7 @@ class TrainConfig:
                             "split is the Fashion-MNIST test file, or val/", "data", metavar="N")
     in_memory: bool = _opt(False, "decode the image folder into memory once, before training", "data")
     workers: int = _opt(-1, "data loader processes per device (-1: none for in-memory data on CPU, "
-                        "else one per spare core, at most 8)", "data", metavar="N")
+                        "else one per spare core, at most 16)", "data", metavar="N")
     strict_data: bool = _opt(False, "stop at the first unreadable image instead of skipping it", "data")
     # model
     model: str = _opt("vig_tiny", "timm model name (vigla's models are registered on import)", "model")

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay the forward as a CUDA graph captured at --batch-size (the last, "
                              "smaller batch is padded): no per-kernel launch cost at small images")
     parser.add_argument("--workers", type=int, default=-1, metavar="N",
-                        help="data loader processes (-1: one per spare core, at most 8; 0 on CPU for Fashion-MNIST)")
+                        help="data loader processes (-1: one per spare core, at most 16; 0 on CPU for Fashion-MNIST)")
     parser.add_argument("--out", metavar="FILE.json", help="where to write the results "
                         "(default: eval-<data>.json beside the checkpoint)")
 
@@ -84,7 +84,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from vigla.data import BatchPrep, ShardSampler, TransformedDataset, collate, eval_transform, stop_workers
+    from vigla.data import (BatchPrep, ShardSampler, TransformedDataset, collate, default_workers, eval_transform,
+                            stop_workers)
 
     from .cuda_graph import CudaGraphModel
     from .errors import OutOfMemory, UserError
@@ -105,7 +106,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     dtype = amp_dtype(args.amp, device)
     amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     workers = args.workers if args.workers >= 0 else (
-        0 if args.data is None and device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1)))
+        0 if args.data is None and device.type == "cpu" else default_workers())
     rows = []
     for size in args.img_size or [dc["img_size"]]:
         if not rows:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vigla.data import (BatchPrep, DataError, ResumableDistributedSampler, ShardSampler, TransformedDataset, collate,
-                        eval_transform, load_splits, train_transform)
+                        default_workers, eval_transform, load_splits, train_transform)
 
 from . import distributed as dist_utils
 from .aux_branch import castling_model_args, checkpoint_record, validate_aux_branch
@@ -100,7 +100,7 @@ class Trainer(TrainingRun):
         elif in_memory and self.device.type == "cpu":
             self.workers = 0
         else:
-            self.workers = min(8, max(1, cpus // local_procs - 1))
+            self.workers = default_workers(local_procs)
         self.num_classes = len(self.splits.classes)
 
     def _build_model(self):
