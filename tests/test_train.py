@@ -253,6 +253,7 @@ def test_missing_and_mismatched_data_exit_cleanly(tmp_path, capsys):
     ({"compile": True}, "--cuda-graph and --compile: pick one"),
     ({"amp": "fp16"}, "--cuda-graph needs --amp bf16 or off"),
     ({"opt": "sgd"}, "--cuda-graph needs --opt adamw or adam"),
+    ({"grad_checkpointing": True}, "--cuda-graph and --grad-checkpointing: pick one"),
     ({"device": "cpu"}, "--cuda-graph needs a CUDA device, this run is on cpu: drop the flag"),
 ])
 def test_cuda_graph_settings_it_cannot_replay_are_one_line_errors(fmnist, tmp_path, capsys, flags, message):

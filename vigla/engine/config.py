@@ -47,7 +47,7 @@ class TrainConfig:
     cuda_graph: bool = _opt(False, "replay each training step (forward, backward, clipping, AdamW) from a CUDA "
                             "graph captured at the 4th step: the host's per-kernel launch cost gone, which "
                             "bounds small images. One CUDA device, bf16 or full precision, --opt adam/adamw, "
-                            "not with --compile", "model")
+                            "not with --compile or --grad-checkpointing", "model")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward (set_grad_checkpointing): "
                                     "ViG keeps only each block's input and BiGLA output, 0.4x DeiT-T's memory "
                                     "at 1024 px for ~15%% of the speed", "model")
@@ -259,6 +259,9 @@ def _validate_cuda_graph(cfg: TrainConfig) -> None:
     if cfg.amp == "fp16":
         raise UserError("--cuda-graph needs --amp bf16 or off: fp16's loss scaling checks its scale on the host "
                         "at every step")
+    if cfg.grad_checkpointing:
+        raise UserError("--cuda-graph and --grad-checkpointing: pick one (replaying the recomputed blocks, which "
+                        "save and restore the CUDA RNG state, is not supported yet)")
     if cfg.opt.lower() not in ("adam", "adamw"):
         raise UserError(f"--cuda-graph needs --opt adamw or adam (their step runs on the device with a "
                         f"scheduled learning rate), got {cfg.opt}")
