@@ -130,7 +130,9 @@ class CudaGraphTrainStep:
 
     The replayed optimizer step changes the parameters without the autograd version counters the host
     sees; each call bumps them, so that caches keyed on them (ViG's inference weight casts,
-    :class:`CudaGraphModel`) see the new weights.
+    :class:`CudaGraphModel`) see the new weights. The graph reads and writes the tensors that exist at
+    its capture: load a model's weights in place at any time, but an optimizer's state (its
+    ``load_state_dict`` makes new tensors) before the capture.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
