@@ -76,3 +76,31 @@ def test_model_with_prepared_weights_copies_pickles_and_scripts():
         torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-6)
     assert set(_PREPARED[twin.blocks[0].attn]) == {"in_proj", "out"}
     assert _PREPARED[twin.blocks[0].attn]["in_proj"] is not _PREPARED[model.blocks[0].attn]["in_proj"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_inference_after_optimizer_steps_reads_the_new_weights(fused):
+    """PyTorch's fused AdamW updates parameters without moving their version counters, on which the
+    inference casts are keyed: vigla's optimizer step post-hook moves them, so an evaluation between
+    training steps gives the trained model's logits, not those of the weights cached before."""
+    torch.manual_seed(0)
+    model = timm.create_model("vig_tiny", num_classes=5, img_size=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    x = torch.randn(2, 3, 32, 32)
+
+    def infer(m):
+        m.eval()
+        with torch.no_grad():
+            out = m(x)
+        m.train()
+        return out
+
+    before = infer(model)  # fills the cache
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    twin = copy.deepcopy(model)  # no cache: casts the weights as they are now
+    after = infer(model)
+    assert not torch.allclose(after, before, atol=1e-4)
+    torch.testing.assert_close(after, infer(twin), rtol=0, atol=0)

@@ -7,6 +7,12 @@ kernel launch per weight per forward, which at 224² is a large part of an eager
 or ``torch.compile`` traces (those cast as usual). The inference paths' GEMMs take them through
 :func:`gemm_weights` (each matrix prepared once: transposed, or packed for oneDNN on the CPU) and
 :func:`gemm`.
+
+A change is seen through each parameter's version counter, which every in-place PyTorch op moves, but
+not the fused optimizers (``Adam(W)(fused=True)`` update their parameters without it): so importing
+vigla installs a global optimizer step post-hook (:func:`_bump_versions`) that moves the counters of the
+parameters an optimizer step has just updated. Without it an evaluation after fused steps reads the
+casts of the weights before them.
 """
 from __future__ import annotations
 
@@ -16,10 +22,20 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops.tracing import exporting
 
 __all__ = ["inference_weights", "caching", "gemm_weights", "gemm"]
+
+
+def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer step: move the version counters of its parameters (each changed in place)."""
+    increment_version([p for group in optimizer.param_groups for p in group["params"]])
+
+
+register_optimizer_step_post_hook(_bump_versions)
 
 
 def caching(x) -> bool:
