@@ -31,7 +31,11 @@ __all__ = ["inference_weights", "caching", "gemm_weights", "gemm"]
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """After any optimizer step: move the version counters of its parameters (each changed in place)."""
+    """After any optimizer step: move the version counters of its parameters (each changed in place).
+    Not while ``torch.compile`` traces a step (its in-place updates are written back by ``copy_``, which
+    moves them)."""
+    if torch.compiler.is_compiling():
+        return
     increment_version([p for group in optimizer.param_groups for p in group["params"]])
 
 
