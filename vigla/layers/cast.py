@@ -12,7 +12,9 @@ A change is seen through each parameter's version counter, which every in-place 
 not the fused optimizers (``Adam(W)(fused=True)`` update their parameters without it): so importing
 vigla installs a global optimizer step post-hook (:func:`_bump_versions`) that moves the counters of the
 parameters an optimizer step has just updated. Without it an evaluation after fused steps reads the
-casts of the weights before them.
+casts of the weights before them. A change written through ``param.data`` is not seen either (``.data``
+has a counter of its own): write under ``torch.no_grad()`` instead, or move the counters with
+``torch.autograd.graph.increment_version(list(model.parameters()))``.
 """
 from __future__ import annotations
 
