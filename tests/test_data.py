@@ -264,3 +264,12 @@ def test_a_samples_seeding_stays_on_the_cpu(monkeypatch):
     with isolated_rng(7):
         b = torch.rand(3)
     assert torch.equal(a, b) and not torch.equal(a, before)
+
+
+def test_default_loader_processes(monkeypatch):
+    """One loader process per spare core, split among the processes of one machine, at least one, at most 16."""
+    from vigla.data import default_workers
+
+    for cores, processes, expected in ((2, 1, 1), (16, 1, 15), (64, 1, 16), (16, 8, 1), (128, 8, 15)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_workers(processes) == expected, (cores, processes)
