@@ -145,6 +145,12 @@ def summary(res: Results) -> list[str]:
                 a, b = INTERLEAVED[stem]
                 rows.append([f"{a} ÷ {b}, {what}, eager, timed in turn", f"{median[key]:.2f}",
                              *["-"] * (len(SIZES) - 1)])
+    loop = res("train_cuda_graph_workers15")
+    if loop:  # the whole vigla train loop (data loading included), both models replayed from CUDA graphs
+        ips = {r["model"]: r["img_per_s"] for r in loop["rows"] if r["mode"] == "cuda_graph"}
+        if "vig_tiny" in ips and DEIT_T in ips:
+            rows.append(["ViG-T ÷ DeiT-T, `vigla train --cuda-graph` img/s, data loading included", f"{ips['vig_tiny'] / ips[DEIT_T]:.2f}",
+                         *["-"] * (len(SIZES) - 1)])
     flops = res("flops_all_models")
     if flops:
         rows.append(["ViG-T ÷ DeiT-T, GMACs"] + [ratio(flops, "vig_tiny", DEIT_T, s, ("gmacs",)) for s in SIZES])
