@@ -1,7 +1,7 @@
 """Data: image sources (ImageFolder trees, the embedded Fashion-MNIST), resumable datasets and samplers,
 timm transforms."""
-from .dataset import (ResumableDistributedSampler, ShardSampler, TransformedDataset, collate, default_workers,
-                      stop_workers)
+from .dataset import (ResumableDistributedSampler, ShardSampler, TransformedDataset, available_cpus, collate,
+                      default_workers, stop_workers)
 from .errors import DataError
 from .fmnist import DEFAULT_FMNIST_DIR, FMNIST_CLASSES, load_fashion_mnist, read_idx
 from .sources import ArraySource, FolderSource, Source, load_image_folder_pair, scan_image_folder
@@ -9,7 +9,7 @@ from .splits import DataSplits, load_splits
 from .transforms import BatchPrep, eval_transform, train_transform
 
 __all__ = [
-    "default_workers",
+    "available_cpus", "default_workers",
     "ArraySource", "BatchPrep", "DataError", "DataSplits", "DEFAULT_FMNIST_DIR", "FMNIST_CLASSES", "FolderSource",
     "ResumableDistributedSampler", "ShardSampler", "Source", "TransformedDataset", "collate", "eval_transform",
     "load_fashion_mnist", "load_image_folder_pair", "load_splits", "read_idx", "scan_image_folder",

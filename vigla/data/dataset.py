@@ -29,11 +29,15 @@ _MAX_REPLACEMENTS = 16
 MAX_DEFAULT_WORKERS = 16
 
 
+def available_cpus() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(processes: int = 1) -> int:
     """Loader processes for each of ``processes`` processes on this machine: one per spare core, at most
     :data:`MAX_DEFAULT_WORKERS`, at least one."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(MAX_DEFAULT_WORKERS, max(1, cpus // processes - 1))
+    return min(MAX_DEFAULT_WORKERS, max(1, available_cpus() // processes - 1))
 
 
 @contextmanager

@@ -18,11 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vigla.data import (BatchPrep, DataError, ResumableDistributedSampler, ShardSampler, TransformedDataset, collate,
-                        default_workers, eval_transform, load_splits, train_transform)
+from vigla.data import (BatchPrep, DataError, ResumableDistributedSampler, ShardSampler, TransformedDataset,
+                        available_cpus, collate, default_workers, eval_transform, load_splits, train_transform)
 
 from . import distributed as dist_utils
-from .aux_branch import castling_model_args, checkpoint_record, validate_aux_branch
+from .aux_branch import NO_BRANCH, castling_model_args, checkpoint_record, validate_aux_branch
 from .checkpoint import capture_rng, load_into, load_state, load_weights, read_meta, restore_rng, save_weights
 from .config import config_to_yaml
 from .cuda_graph import CudaGraphTrainStep
@@ -75,7 +75,7 @@ class Trainer(TrainingRun):
         if self.dist.enabled:
             raise UserError("--cuda-graph trains on one GPU: DDP's gradient hooks run on the host; drop the flag "
                             "under torchrun")
-        if cfg.model.startswith("castling_") and (cfg.castling_schedule or "").strip().lower() != "none":
+        if cfg.model.startswith("castling_") and (cfg.castling_schedule or "").strip().lower() != NO_BRANCH:
             raise UserError(f"--cuda-graph: {cfg.model}'s auxiliary branch follows --castling-schedule on the "
                             f"host at every step, which a replayed step cannot; add --castling-schedule none or "
                             f"drop --cuda-graph")
@@ -88,7 +88,7 @@ class Trainer(TrainingRun):
 
     def _build_data(self):
         cfg = self.cfg
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = available_cpus()
         local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.splits = load_splits(cfg.data, fmnist_dir=cfg.fmnist_dir, train_subset=cfg.train_subset,
                                   val_subset=cfg.val_subset, test_subset=cfg.test_subset, seed=cfg.seed,
