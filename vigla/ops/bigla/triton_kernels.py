@@ -231,43 +231,6 @@ def _state(h, hs, dec, w, i_bh, BH, n, NT, SEG, NSEG, ck, cv,
     return s
 
 
-@triton.jit
-def _summed_state(a_ptr, b_ptr, g, n0, count, step, a_st, b_st, sgt, T, gnorm, mult, ck, cv,
-                  K: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, GATED: tl.constexpr,
-                  HALF_DOTS: tl.constexpr, CHAIN: tl.constexpr):
-    """``[K, BV]`` state of the walk kernel's chain ``CHAIN`` entering a chunk, summed here from the
-    ``count`` chunks ``n0, n0 + step, ...``, nearest first (``step`` -1: the chunks before it, 1: after
-    it): ``sum_m exp(d_m) U_m``, ``d_m`` the summed log decays of the chunks between, ``U_m`` the
-    chunk's contribution as in :func:`_bigla_walk_kernel` (``a``, ``b``: k and v, or q and do for the
-    gradient chains, times ``mult``). Every exponent is <= 0 and the chunks are independent (no chain
-    of latencies, unlike the walk). bf16 inputs: rounded to bf16, as the walks store them."""
-    ot = tl.arange(0, BT)
-    state = tl.zeros([K, BV], dtype=tl.float32)
-    d = tl.zeros([K], dtype=tl.float32)
-    for i in range(0, count):
-        rows = (n0 + i * step) * BT + ot
-        a = _load_raw(a_ptr, rows, ck, a_st, T)
-        b = _load_raw(b_ptr, rows, cv, b_st, T)
-        gt = _load_gate(g, rows, ck, sgt, T, gnorm, GATED)
-        p = tl.cumsum(gt, axis=0)
-        tot = tl.sum(gt, axis=0)
-        if CHAIN == 0:  # forward state: exclusive suffix sums
-            x = tot[None, :] - p
-        elif CHAIN == 1:  # backward state: exclusive prefix sums
-            x = p - gt
-        elif CHAIN == 2:  # forward state's gradient: inclusive prefix sums
-            x = p
-        else:  # backward state's gradient: inclusive suffix sums
-            x = tot[None, :] - p + gt
-        u = tl.trans(a.to(tl.float32) * tl.exp(x + d[None, :]))  # [K, BT], <= |a|
-        state += _dot_raw(u.to(b.dtype), b, HALF_DOTS)
-        d += tot
-    state *= mult
-    if HALF_DOTS == 2:
-        state = state.to(tl.bfloat16)
-    return state
-
-
 # ----------------------------------------------------------------------------------- walks
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "gnorm", "half_scale"])
 def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
@@ -374,12 +337,8 @@ def _bigla_carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV:
 def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
-                RECOMPUTE: tl.constexpr):
-    """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block. The two scans' intra-chunk
-    scores are summed into one ``[BT, BT]`` matrix (one product with the values). The states entering
-    the chunk: the walks' (``h``), or (``RECOMPUTE``, short sequences: no walk launched) summed here
-    from the other chunks (:func:`_summed_state`)."""
+                GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
+    """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block."""
     gnorm, half_scale = tl.cast(gnorm, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
@@ -394,29 +353,19 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm
     off_g = i_b * sgb + i_h * sgh
     b_q = _load_raw(q + off_q, rows, ck, sqt, T)
     b_k = _load_raw(k + off_q, rows, ck, sqt, T)
-    off_v = i_b * svb + i_h * svh
-    b_v = _load_raw(v + off_v, rows, cv, svt, T)
+    b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
     # forward scan: intra-chunk scores on and below the diagonal, and q exp(P) S^f
     g_f = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
     p = tl.cumsum(g_f, axis=0)
-    s = _scores(b_q, b_k, p, _factored(tl.sum(g_f, axis=0)), BT, False, HALF_DOTS)
-    if RECOMPUTE:
-        s_f = _summed_state(k + off_q, v + off_v, gf + off_g, i_t - 1, i_t, -1, sqt, svt, sgt, T, gnorm,
-                            1.0, ck, cv, K, BV, BT, GATED, HALF_DOTS, 0)
-    else:
-        s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out = _hdot(b_q.to(tl.float32) * tl.exp(p), s_f, HALF_DOTS)  # decayed queries: <= |q|
+    out = _hdot(_scores(b_q, b_k, p, _factored(tl.sum(g_f, axis=0)), BT, False, HALF_DOTS), b_v, HALF_DOTS)
+    s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    out += _hdot(b_q.to(tl.float32) * tl.exp(p), s_f, HALF_DOTS)  # decayed queries: <= |q|
     # backward scan: on and above the diagonal, and q exp(G - c) S^b
     g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
     c = tl.cumsum(g_b, axis=0) - g_b
     tot_b = tl.sum(g_b, axis=0)
-    s += _scores(b_q, b_k, -c, _factored(tot_b), BT, True, HALF_DOTS)
-    out += _hdot(s, b_v, HALF_DOTS)
-    if RECOMPUTE:
-        s_b = _summed_state(k + off_q, v + off_v, gb + off_g, i_t + 1, NT - 1 - i_t, 1, sqt, svt, sgt, T,
-                            gnorm, 1.0, ck, cv, K, BV, BT, GATED, HALF_DOTS, 1)
-    else:
-        s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    out += _hdot(_scores(b_q, b_k, -c, _factored(tot_b), BT, True, HALF_DOTS), b_v, HALF_DOTS)
+    s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     out += _hdot(b_q.to(tl.float32) * tl.exp(tot_b[None, :] - c), s_b, HALF_DOTS)
     _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)
 
@@ -426,7 +375,7 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
-                UPPER: tl.constexpr, RECOMPUTE: tl.constexpr):
+                UPPER: tl.constexpr):
     """One scan's gradients of one chunk and value block: the forward scan's (``UPPER`` 0, gate
     ``g = gf``) or the backward scan's (``UPPER`` 1, ``g = gb``).
 
@@ -469,17 +418,8 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
         x = tl.cumsum(b_g, axis=0)  # P
         a = tl.zeros_like(tot)
     safe = _factored(tot)
-    if RECOMPUTE:  # the scan's state from the chunks before (forward scan) or after it, its gradient
-        before, after = i_t - 1, i_t + 1  # from the others
-        s = _summed_state(k + off_q, v + i_b * svb + i_h * svh, g + off_g, after if UPPER else before,
-                          NT - 1 - i_t if UPPER else i_t, 1 if UPPER else -1, sqt, svt, sgt, T, gnorm, 1.0,
-                          ck, cv, K, BV, BT, GATED, HALF_DOTS, UPPER)
-        ds = _summed_state(q + off_q, do + off_o, g + off_g, before if UPPER else after,
-                           i_t if UPPER else NT - 1 - i_t, -1 if UPPER else 1, sqt, H * V, sgt, T, gnorm,
-                           half_scale, ck, cv, K, BV, BT, GATED, HALF_DOTS, 2 + UPPER)
-    else:
-        s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-        ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+    ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     # the states as stored: their products with do and v are exact (as tf32 of the same values was)
     dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp(x + a[None, :]))
     key_out = tl.exp(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
@@ -522,8 +462,6 @@ class BiGLAConfig:
     per-chunk kernels. warps_walk / warps_chunk: ``num_warps`` of the walk and per-chunk kernels.
     regs: register cap (``maxnreg``) of the per-chunk kernels, 0 for none: a lower cap lets more
     programs share a multiprocessor. bwd_regs: the backward's per-chunk kernel's own cap (default: ``regs``).
-    recompute: no walks, each chunk's program summing the states it reads from the other chunks (the
-    forward in one launch, the backward in two; for short sequences; 0 or 1).
     """
     chunk: int | None = None
     segments: int | None = None
@@ -533,7 +471,6 @@ class BiGLAConfig:
     warps_chunk: int | None = None
     regs: int | None = None
     bwd_regs: int | None = None
-    recompute: int | None = None
 
 
 _DEFAULT = BiGLAConfig()  # the automatic plan (one instance: a dataclass costs microseconds to build and hash)
@@ -558,7 +495,6 @@ class _Plan:
     warps_chunk: int
     regs: int
     state_fp32: bool
-    recompute: bool
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -640,11 +576,10 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     cap = config.bwd_regs if chains == 4 and config.bwd_regs is not None else config.regs
     if cap is None and BT != chunk:
         regs = 0
-    recompute = bool(config.recompute)
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
-                 nseg=1 if recompute else cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
+                 nseg=cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
-                 state_fp32=not bf16 or config.state_dtype == "fp32", recompute=recompute)
+                 state_fp32=not bf16 or config.state_dtype == "fp32")
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
@@ -727,16 +662,13 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
     p = _plan_for(q, V, 2, config)
     gated = gate_normalizer is not None
     gnorm = float(gate_normalizer) if gated else 1.0
-    if p.recompute:  # no walk: the per-chunk kernel sums the states itself (h, hs, dec unread)
-        h = hs = dec = q
-    else:
-        h, hs, dec = _walks(q, k, v, None, gf, gb, p, 2, gnorm, 0.5 * scale, gated, wrap)
+    h, hs, dec = _walks(q, k, v, None, gf, gb, p, 2, gnorm, 0.5 * scale, gated, wrap)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
         q, k, v, gf, gb, o, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm, 0.5 * scale,
         *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=p.nseg > 1, RECOMPUTE=p.recompute, num_warps=p.warps_chunk, **_cap(p))
+        SEGMENTED=p.nseg > 1, num_warps=p.warps_chunk, **_cap(p))
     return o
 
 
@@ -751,10 +683,7 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
     p = _plan_for(q, V, 4, config)
     gated = gate_normalizer is not None
     gnorm = float(gate_normalizer) if gated else 1.0
-    if p.recompute:  # no walk: the per-chunk kernels sum the states themselves (h, hs, dec unread)
-        h = hs = dec = q
-    else:
-        h, hs, dec = _walks(q, k, v, do, gf, gb, p, 4, gnorm, 0.5 * scale, gated, wrap)
+    h, hs, dec = _walks(q, k, v, do, gf, gb, p, 4, gnorm, 0.5 * scale, gated, wrap)
     f32 = dict(dtype=torch.float32, device=q.device)
     part = (p.NV, B, T, H, K)
     # the forward scan's shares (fp32), then the backward scan's added to them
@@ -770,7 +699,7 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
             q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
             0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
             K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-            SEGMENTED=p.nseg > 1, UPPER=upper, RECOMPUTE=p.recompute, num_warps=p.warps_chunk, **_cap(p))
+            SEGMENTED=p.nseg > 1, UPPER=upper, num_warps=p.warps_chunk, **_cap(p))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dgf.sum(0).to(gf.dtype),
