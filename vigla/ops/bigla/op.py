@@ -40,9 +40,9 @@ def log_decays(z: torch.Tensor, gate_normalizer: float) -> torch.Tensor:
     """``logsigmoid(z) / gate_normalizer`` in at least float32: what the fused kernels form from
     gate logits inside the kernel (``[B, T, H, K]`` in, same shape out).
 
-    As the kernels do: ``min(z, 0) - log1p(t)``, ``t = exp(-|z|)``, with ``log1p(t) = t log(u) / (u - 1)``,
+    Computed as ``min(z, 0) - log1p(t)``, ``t = exp(-|z|)``, with ``log1p(t) = t log(u) / (u - 1)``,
     ``u = 1 + t`` (exact to an ulp, and vectorised on a CPU, where PyTorch's ``logsigmoid`` and
-    ``log1p`` are not)."""
+    ``log1p`` are not; the Triton kernels use a short series for the same ``log1p``, to a few ulp)."""
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     t = torch.exp(-z.abs())
     u = 1 + t

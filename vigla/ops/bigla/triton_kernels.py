@@ -36,7 +36,8 @@ every exponent is <= 0. So any finite log decay gives the exact result.
 
 Inputs are read in place in the ``[B, T, H, D]`` layout with unit last stride (q, k, v may be
 column slices of one projection; q and k share strides, as do the two gates). Gates are log
-decays, or (``GATED``) logits ``z`` with log decays ``logsigmoid(z) / gnorm`` formed inside.
+decays, or (``GATED``) logits ``z`` with log decays ``logsigmoid(z) / gate_normalizer`` formed inside
+(the kernels take the normalizer's reciprocal, ``ginv``).
 """
 from __future__ import annotations
 
@@ -83,18 +84,38 @@ def _store_rows(ptr, rows, cols, stride, T, x):
 
 
 @triton.jit
-def _load_gate(ptr, rows, cols, stride, T, gnorm, GATED: tl.constexpr):
-    """``[BT, len(cols)]`` fp32 log decays: the stored values, or (``GATED``) ``logsigmoid(z) / gnorm``
-    of stored logits ``z``; zero past ``T`` either way."""
+def _log1p_unit(t):
+    """``log1p(t)`` for ``t`` in [0, 1] to a few ulp in a dozen instructions (the accurate ``log`` it
+    replaces took ~40 with its division): ``2 atanh(s) = 2 (s + s^3/3 + ... + s^13/13)`` with
+    ``s = t / (2 + t) <= 1/3`` (the next term is below 2e-8 relative), the quotient through the
+    hardware's reciprocal square root of ``(2 + t)^2``, which lies in [4, 9]."""
+    w = 2.0 + t
+    s = t * tl.rsqrt(w * w)
+    s2 = s * s
+    p = s2 * (1.0 / 13.0) + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    return (2.0 * s) * (p * s2 + 1.0)
+
+
+@triton.jit
+def _load_gate(ptr, rows, cols, stride, T, ginv, GATED: tl.constexpr):
+    """``[BT, len(cols)]`` fp32 log decays: the stored values, or (``GATED``) ``logsigmoid(z) * ginv``
+    of stored logits ``z`` (``ginv``: the reciprocal of the gate normalizer); zero past ``T`` either way."""
     x = _load_rows(ptr, rows, cols, stride, T)
-    if GATED:
-        # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|)), with log1p(t) = t * log(u) / (u - 1), u = 1 + t
-        # (accurate where 1 + t rounds, i.e. for strong positive logits)
-        t = tl.exp(-tl.abs(x))
-        u = 1.0 + t
-        log1p = tl.where(u == 1.0, t, t * tl.log(u) / tl.where(u == 1.0, 1.0, u - 1.0))
-        x = tl.where(rows[:, None] < T, (tl.minimum(x, 0.0) - log1p) / gnorm, 0.0)
+    if GATED:  # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|))
+        x = tl.where(rows[:, None] < T, (tl.minimum(x, 0.0) - _log1p_unit(tl.exp(-tl.abs(x)))) * ginv, 0.0)
     return x
+
+
+@triton.jit
+def _sigmoid_neg(z):
+    """``sigmoid(-z) = d logsigmoid(z) / dz``, without overflow: ``exp(-|z|)`` or 1 over ``1 + exp(-|z|)``."""
+    t = tl.exp(-tl.abs(z))
+    w = 1.0 + t
+    return tl.where(z > 0, t, 1.0) * tl.rsqrt(w * w)
 
 
 @triton.jit
@@ -232,8 +253,8 @@ def _state(h, hs, dec, w, i_bh, BH, n, NT, SEG, NSEG, ck, cv,
 
 
 # ----------------------------------------------------------------------------------- walks
-@triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "gnorm", "half_scale"])
-def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
+@triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])
+def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, ginv, half_scale,
                  sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                  NV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
@@ -251,7 +272,7 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gno
     segment's total to ``hs`` (``[W, BH, NSEG, K, V]`` fp32) and the summed log decays (in the
     segment, before each chunk, ``[W, BH, NT + NSEG, K]`` fp32, totals at ``NT + s``) to ``dec``.
     """
-    gnorm, half_scale = tl.cast(gnorm, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
+    ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_wv = tl.program_id(0)
     i_w = i_wv // NV
     i_v = i_wv % NV
@@ -275,6 +296,11 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gno
     chain = (i_w * BH + i_bh).to(tl.int64)
     first = i_s * SEG
     count = tl.minimum(NT - first, SEG)
+    # the chain's exponents from P, g and G: exclusive suffix sums G - P (0), exclusive prefix sums
+    # P - g (1), inclusive prefix sums P (2), inclusive suffix sums G - P + g (3)
+    c_p = tl.where(ltr, -1.0, 1.0)
+    c_g = tl.where(i_w == 1, -1.0, tl.where(i_w == 3, 1.0, 0.0))
+    c_t = tl.where(ltr, 1.0, 0.0)
     state = tl.zeros([K, BV], dtype=tl.float32)
     acc = tl.zeros([K], dtype=tl.float32)
     for i in range(0, count):
@@ -286,12 +312,10 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gno
         rows = n * BT + ot
         a = _load_raw(a_ptr, rows, ck, sqt, T)
         b = _load_raw(b_ptr, rows, cv, b_st, T)
-        g = _load_gate(g_ptr, rows, ck, sgt, T, gnorm, GATED)
+        g = _load_gate(g_ptr, rows, ck, sgt, T, ginv, GATED)
         p = tl.cumsum(g, axis=0)
         tot = tl.sum(g, axis=0)
-        x = tl.where(ltr, tot[None, :] - p, p)  # exclusive suffix (ltr) / inclusive prefix sums
-        x += tl.where(ltr & grad, g, 0.0)  # chain 3: inclusive suffix
-        x -= tl.where((ltr == 0) & (grad == 0), g, 0.0)  # chain 1: exclusive prefix
+        x = c_p * p + (c_g * g + c_t * tot[None, :])
         u = tl.trans(a.to(tl.float32) * tl.exp(x))  # [K, BT]: the chunk's keys (queries) decayed, <= |a|
         contrib = _dot_raw(u.to(b.dtype), b, HALF_DOTS)  # half inputs: both operands in their dtype
         state = state * tl.exp(tot)[:, None] + contrib * mult
@@ -333,13 +357,13 @@ def _bigla_carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV:
 
 
 # ----------------------------------------------------------------------------------- outputs
-@triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "gnorm", "half_scale"])
-def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm, half_scale,
+@triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])
+def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, ginv, half_scale,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
     """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block."""
-    gnorm, half_scale = tl.cast(gnorm, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
+    ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2)
@@ -355,13 +379,13 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm
     b_k = _load_raw(k + off_q, rows, ck, sqt, T)
     b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
     # forward scan: intra-chunk scores on and below the diagonal, and q exp(P) S^f
-    g_f = _load_gate(gf + off_g, rows, ck, sgt, T, gnorm, GATED)
+    g_f = _load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED)
     p = tl.cumsum(g_f, axis=0)
     out = _hdot(_scores(b_q, b_k, p, _factored(tl.sum(g_f, axis=0)), BT, False, HALF_DOTS), b_v, HALF_DOTS)
     s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     out += _hdot(b_q.to(tl.float32) * tl.exp(p), s_f, HALF_DOTS)  # decayed queries: <= |q|
     # backward scan: on and above the diagonal, and q exp(G - c) S^b
-    g_b = _load_gate(gb + off_g, rows, ck, sgt, T, gnorm, GATED)
+    g_b = _load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED)
     c = tl.cumsum(g_b, axis=0) - g_b
     tot_b = tl.sum(g_b, axis=0)
     out += _hdot(_scores(b_q, b_k, -c, _factored(tot_b), BT, True, HALF_DOTS), b_v, HALF_DOTS)
@@ -370,8 +394,8 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, gnorm
     _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)
 
 
-@triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "gnorm", "half_scale"])
-def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT, SEG, NSEG, gnorm,
+@triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])
+def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT, SEG, NSEG, ginv,
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
@@ -389,7 +413,7 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
     offset (forward: 0, backward: ``G``), so that a query reads the state entering the chunk with
     ``exp(x + a)`` and a key enters the state leaving it with ``exp(G - a - x)``.
     """
-    gnorm, half_scale = tl.cast(gnorm, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
+    ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2)
@@ -409,7 +433,7 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
     b_do = _load_raw(do + off_o, rows, cv, H * V, T)  # times half_scale below: d = do * scale / 2
     w = tl.where(_triangle(BT, UPPER), _dot_raw(b_do, tl.trans(b_v), HALF_DOTS) * half_scale, 0.0)
 
-    b_g = _load_gate(g + off_g, rows, ck, sgt, T, gnorm, GATED)
+    b_g = _load_gate(g + off_g, rows, ck, sgt, T, ginv, GATED)
     tot = tl.sum(b_g, axis=0)
     if UPPER:
         x = b_g - tl.cumsum(b_g, axis=0)  # -c
@@ -440,7 +464,7 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
         d_g += u
     d_g += (extra + tl.exp(tot) * tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1))[None, :]
     if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
-        d_g *= 1.0 / (1.0 + tl.exp(_load_rows(g + off_g, rows, ck, sgt, T))) / gnorm
+        d_g *= _sigmoid_neg(_load_rows(g + off_g, rows, ck, sgt, T)) * ginv
     _store_rows(dg + off_k, rows, ck, H * K, T, d_g)
     if UPPER:  # the second launch: add the forward scan's shares
         b_dq += _load_rows(pq + off_k, rows, ck, H * K, T)
@@ -622,7 +646,7 @@ def _cap(p: _Plan) -> dict:
     return {"maxnreg": p.regs} if p.regs else {}
 
 
-def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, gnorm: float, half_scale: float, gated: bool,
+def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: float, gated: bool,
            wrap):
     """Launch the walk (and carry) kernels; returns ``(h, hs, dec)`` for the per-chunk kernels."""
     B, T, H, K = q.shape
@@ -635,7 +659,7 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, gnorm: float, half_scale:
     hs = torch.empty(chains, BH, p.nseg, K, V, **f32) if segmented else h
     dec = torch.empty(chains, BH, p.NT + p.nseg, K, **f32) if segmented else h
     wrap(_bigla_walk_kernel)[(chains * p.NVW, p.nseg, BH)](
-        q, k, v, v if do is None else do, gf, gb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
+        q, k, v, v if do is None else do, gf, gb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv,
         half_scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
         SEGMENTED=segmented, num_warps=p.warps_walk)
@@ -661,11 +685,11 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
     q, k, v, gf, gb = _strided(q, k, v, gf, gb)
     p = _plan_for(q, V, 2, config)
     gated = gate_normalizer is not None
-    gnorm = float(gate_normalizer) if gated else 1.0
-    h, hs, dec = _walks(q, k, v, None, gf, gb, p, 2, gnorm, 0.5 * scale, gated, wrap)
+    ginv = 1.0 / float(gate_normalizer) if gated else 1.0
+    h, hs, dec = _walks(q, k, v, None, gf, gb, p, 2, ginv, 0.5 * scale, gated, wrap)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
-        q, k, v, gf, gb, o, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm, 0.5 * scale,
+        q, k, v, gf, gb, o, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv, 0.5 * scale,
         *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
         SEGMENTED=p.nseg > 1, num_warps=p.warps_chunk, **_cap(p))
@@ -682,8 +706,8 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
     do = do.to(q.dtype).contiguous()
     p = _plan_for(q, V, 4, config)
     gated = gate_normalizer is not None
-    gnorm = float(gate_normalizer) if gated else 1.0
-    h, hs, dec = _walks(q, k, v, do, gf, gb, p, 4, gnorm, 0.5 * scale, gated, wrap)
+    ginv = 1.0 / float(gate_normalizer) if gated else 1.0
+    h, hs, dec = _walks(q, k, v, do, gf, gb, p, 4, ginv, 0.5 * scale, gated, wrap)
     f32 = dict(dtype=torch.float32, device=q.device)
     part = (p.NV, B, T, H, K)
     # the forward scan's shares (fp32), then the backward scan's added to them
@@ -696,7 +720,7 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
         dq, dk, dgf, dgb = (torch.empty(part, **f32) for _ in range(4))
     for upper, g, outs, dg in ((0, gf, (pq, pk, pv), dgf), (1, gb, (dq, dk, dv), dgb)):
         wrap(_bigla_bwd_kernel)[(p.NV, p.NT, B * H)](
-            q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, T, H, p.NT, p.seg, p.nseg, gnorm,
+            q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv,
             0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
             K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
             SEGMENTED=p.nseg > 1, UPPER=upper, num_warps=p.warps_chunk, **_cap(p))
