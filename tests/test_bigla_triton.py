@@ -129,7 +129,7 @@ def test_default_launch():
     default cap is dropped with an explicit chunk length and kept with an explicit warp count."""
     from vigla.ops.bigla.triton_kernels import BiGLAConfig, default_launch, plan
 
-    assert {default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136, 16384)} == {(16, 1, 0)}
+    assert {default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136, 16384)} == {(16, 1, 128)}
     assert [default_launch(T, 16, 32, True, 4) for T in (49, 3136, 4096, 4097, 16384)] == [(16, 2, 80)] * 3 + [
         (64, 4, 168)] * 2
     assert [default_launch(T, 32, 64, True, 2) for T in (196, 256, 257)] == [(32, 4, 128)] * 2 + [(64, 4, 168)]
@@ -144,7 +144,7 @@ def test_default_launch():
     p = plan(128, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(warps_chunk=8, regs=0))
     assert (p.BT, p.warps_chunk, p.regs) == (32, 8, 0)
     p = plan(128, 3136, 3, 16, 32, True, 132, 2)
-    assert (p.BT, p.warps_chunk, p.regs, p.warps_walk) == (16, 1, 0, 1)
+    assert (p.BT, p.warps_chunk, p.regs, p.warps_walk) == (16, 1, 128, 1)
     assert plan(128, 3136, 3, 16, 32, True, 132, 2, BiGLAConfig(warps_walk=4)).warps_walk == 4
     assert plan(128, 196, 3, 32, 64, True, 132, 4).regs == 80
     assert [plan(128, 196, 3, 32, 64, True, 132, c, BiGLAConfig(regs=96, bwd_regs=0)).regs for c in (2, 4)] == [96, 0]

@@ -528,7 +528,9 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
 
     Measured (bf16, d_v <= 64: ViG-T/S and ViG-H's stages):
 
-    * d_k = 16 heads (ViG-H): 16-token chunks; the forward at one warp (T = 49 to 16384), the backward at
+    * d_k = 16 heads (ViG-H): 16-token chunks; the forward at one warp (T = 49 to 16384) capped at 128
+      registers (uncapped, ptxas gave its variant for segmented walks 168 and it ran 9-17% slower at ViG-H-T's
+      stage 1, ``kernel_bigla_h_regs_ab.json``), the backward at
       two up to T = 4096 (T = 49 to 3136: 12-18% off forward+backward against 4 warps) capped at 80
       registers (another 5-6%, ``kernel_bigla_tune_regs.json``), beyond it 64-token chunks at 4 warps
       capped at 168 registers (5% faster at T = 16384);
@@ -543,7 +545,7 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
     two passes need not agree."""
     if bf16 and K <= 16 and V <= 64:
         if chains == 2:
-            return 16, 1, 0
+            return 16, 1, 128
         return (16, 2, 80) if T <= 4096 else (64, 4, 168)
     if bf16 and K <= 32 and V <= 64:
         short = T <= 256
