@@ -1,0 +1,149 @@
+"""Static SASS of the BiGLA kernels, compiled for Hopper (sm_90) on any machine, no GPU needed.
+
+    python benchmarks/sass_bigla.py --out benchmarks/results             # the default plans' kernels
+    python benchmarks/sass_bigla.py --alt ab/old.py --lines 12           # another version beside this one
+
+Triton's NVIDIA wheel carries ptxas, nvdisasm and cuobjdump: each kernel the default launch plan picks at
+a ViG-T layer (d_k = 32, d_v = 64; T = 196 and 4096) and a ViG-H-T stage-1 layer (d_k = 16, d_v = 32;
+T = 3136) is compiled as the launcher would specialise it for the model's layout (bf16 tensors, 16-byte
+aligned pointers and strides), with the plan's chunk length, warps and register cap. Per kernel: registers
+and stack (spills) from the cubin, the SASS instruction count, its opcode histogram and the instructions
+of each source line of the kernel's body (nvdisasm's line table): where the instructions go, the thing
+that bounds these kernels (Nsight Compute: ``ncu_vig_t_*.txt``). Counts are static: a loop's body counts
+once and code the inputs never reach (the exact path for steep decays) counts too, so compare versions
+line by line, not totals against timings.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from vigla.bench.report import envelope, save_complete  # noqa: E402
+
+# (label, T, d_k, d_v): the layers whose kernels are compiled
+LAYERS = [("ViG-T @224", 196, 32, 64), ("ViG-T @1024", 4096, 32, 64), ("ViG-H-T s1 @224", 3136, 16, 32)]
+B, H = 128, 3  # batch and heads of the launch plan (segments depend on them)
+STRIDES = {"sqb", "sqt", "sqh", "svb", "svt", "svh", "sgb", "sgt", "sgh"}  # multiples of 16 in ViG's layout
+FLOATS = {"ginv", "gnorm", "half_scale"}
+FP32_PTRS = {"hs", "dec", "pq", "pk", "pv"}
+PTR_NAMES = {"q", "k", "v", "do", "gf", "gb", "g", "h", "o", "dq", "dk", "dv", "dg"} | FP32_PTRS
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int):
+    """``fn`` compiled for sm_90 with ``constexprs``; tensors bf16 (fp32 where the launchers pass fp32)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in constexprs else "*fp32" if n in FP32_PTRS else "*bf16"
+           if n in PTR_NAMES else "fp32" if n in FLOATS else "i32" for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or n in STRIDES}
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+
+def analyse(kernel, source: list[str], top: int) -> dict:
+    """Registers, stack, instruction count, opcode histogram and the ``top`` source lines by instructions."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        text = subprocess.run([_tool("nvdisasm"), "-gi", "-c", f.name], capture_output=True, text=True).stdout
+    res = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    ops, lines, line = collections.Counter(), collections.Counter(), None
+    for row in text.splitlines():
+        if row.lstrip().startswith("//## File"):
+            line = int(re.findall(r"line (\d+)", row)[-1])  # the kernel body's line (outermost)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", row)
+        if m:
+            ops[m.group(1)] += 1
+            lines[line] += 1
+    return dict(registers=res.get("REG"), stack_bytes=res.get("STACK"), instructions=sum(ops.values()),
+                ops=dict(ops.most_common(12)),
+                lines=[dict(line=n, instructions=c, source=source[n - 1].strip()[:100] if n else None)
+                       for n, c in lines.most_common(top)])
+
+
+def kernels_of(mod, T: int, K: int, V: int):
+    """``(name, fn, constexprs, warps, maxnreg)`` of each kernel the default plans launch for one layer."""
+    out = []
+    for chains in (2, 4):
+        p = mod.plan(B, T, H, K, V, True, 132, chains)
+        seg = p.nseg > 1
+        common = dict(K=K, V=V, BT=p.BT, GATED=True, HALF_DOTS=2, SEGMENTED=seg)
+        walk = dict(common, BV=p.BVW, NV=p.NVW)
+        out.append((f"walk ({chains} chains)", mod._bigla_walk_kernel, walk, p.warps_walk, 0))
+        if chains == 2:
+            out.append(("forward per-chunk", mod._bigla_fwd_kernel, dict(common, BV=p.BV), p.warps_chunk, p.regs))
+        else:
+            for upper in (0, 1):
+                out.append((f"backward per-chunk (scan {upper})", mod._bigla_bwd_kernel,
+                            dict(common, BV=p.BV, UPPER=upper), p.warps_chunk, p.regs))
+    return out
+
+
+def load_version(path: str | None):
+    if path is None:
+        from vigla.ops.bigla import triton_kernels
+
+        return triton_kernels, Path(triton_kernels.__file__)
+    sys.path.insert(0, os.path.dirname(__file__))
+    from bench_bigla import load_alt
+
+    return load_alt(path), Path(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--name", default="sass_bigla", help="stem of the JSON file")
+    ap.add_argument("--alt", default=None, metavar="FILE",
+                    help="another version of vigla/ops/bigla/triton_kernels.py, analysed beside this one")
+    ap.add_argument("--lines", type=int, default=8, help="source lines kept per kernel, most instructions first")
+    args = ap.parse_args()
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("sass_bigla needs Triton (its NVIDIA backend carries ptxas and nvdisasm)", file=sys.stderr)
+        return 2
+    import torch
+
+    result = envelope(torch.device("cpu"), settings=dict(
+        what="BiGLA kernels' static SASS (sm_90), default launch plans", batch=B, heads=H, alt=args.alt,
+        counts="static: loop bodies once, unreached code included"))
+    versions = [("this", None)] + ([("alt", args.alt)] if args.alt else [])
+    for label, path in versions:
+        mod, file = load_version(path)
+        source = file.read_text().splitlines()
+        for layer, T, K, V in LAYERS:
+            for name, fn, consts, warps, regs in kernels_of(mod, T, K, V):
+                row = dict(version=label, layer=layer, kernel=name, chunk=consts["BT"], warps=warps,
+                           maxnreg=regs, **analyse(compile_kernel(fn, consts, warps, regs), source, args.lines))
+                result["rows"].append(row)
+                print(f"{label:4} {layer:16} {name:28} chunk {consts['BT']:2}  regs {row['registers']:3}  "
+                      f"stack {row['stack_bytes']:3}  instructions {row['instructions']}", flush=True)
+    path = save_complete(result, args.out, args.name)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
