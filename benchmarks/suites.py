@@ -379,6 +379,12 @@ def _export_latency(opts: Options) -> list[Step]:
     return [Step(name, argv, 560, [f"{name}.json"])]
 
 
+def _sass_bigla(opts: Options) -> list[Step]:
+    name = "sass_bigla"
+    argv = [PY, "benchmarks/sass_bigla.py", "--out", str(opts.out), "--name", name, *opts.extra]
+    return [Step(name, argv, 300, [f"{name}.json"])]
+
+
 # ----------------------------------------------------------------------------------------- dense
 
 DENSE_TMP = "dense"  # under Options.tmp: the composite data set and the training runs
@@ -481,6 +487,10 @@ SUITES = {s.name: s for s in [
           smoke=True),
     Suite("export", "this CPU: ONNX Runtime against PyTorch, the same models exported by vigla export", "cpu",
           {"latency": ("ViG-T and DeiT-T at 224 and 512, one intra-op thread each", _export_latency)}),
+    Suite("sass", "the BiGLA kernels' static SASS for sm_90, compiled on this machine (no GPU): registers, "
+          "spills, instructions per source line", "cpu",
+          {"bigla": ("the default plans' kernels at ViG-T and ViG-H-T layers", _sass_bigla)},
+          extra="benchmarks/sass_bigla.py (--alt FILE, --lines N)"),
     Suite("flops", "parameters and MACs of every model at 224-2048 (no model is run)", "cpu",
           {"all_models": ("vigla bench --flops-only", _flops)}, smoke=True),
     Suite("dense", "ViG-H-T and ViG-T as detection / segmentation backbones: backbone + FPN speed and memory at "
