@@ -103,12 +103,15 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+ALT_PREFIX = "vigla.ops.bigla._alt_"  # the modules of --alt versions
+
+
 def load_alt(path: str):
     """The module at ``path``, a version of ``triton_kernels.py``, imported inside ``vigla.ops.bigla`` (its
     relative imports resolve there) under a name of its own."""
     import importlib.util
 
-    name = "vigla.ops.bigla._alt_" + "".join(c if c.isalnum() else "_" for c in Path(path).stem)
+    name = ALT_PREFIX + "".join(c if c.isalnum() else "_" for c in Path(path).stem)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "vigla.ops.bigla"
@@ -223,14 +226,15 @@ def kernel_times(x, do, calls: int = 5) -> dict:
 
 
 def compiled_kernels() -> list[dict]:
-    """Registers and spilled registers of every BiGLA kernel compiled in this run (Triton's metadata, None where
-    a Triton version lacks a field), per chunk length, scan (backward) and ``num_warps``: the launcher's cache of
-    compiled kernels."""
+    """Registers and spilled registers of every BiGLA kernel of this version compiled in this run (Triton's
+    metadata, None where a Triton version lacks a field; ``--alt`` versions' kernels left out), per chunk length,
+    scan (backward) and ``num_warps``: the launcher's cache of compiled kernels."""
     from vigla.ops.launcher import _FAST
 
     rows = []
     for fast in _FAST.values():
-        if not fast.fn.__name__.startswith("_bigla"):
+        module = getattr(getattr(fast.fn, "fn", None), "__module__", "")
+        if not fast.fn.__name__.startswith("_bigla") or module.startswith(ALT_PREFIX):  # --alt versions' own
             continue
         for key, (kernel, _) in fast.compiled.items():
             meta = dict(key[-1])

@@ -202,8 +202,8 @@ def test_kernel_split_reads_each_kernels_share_and_the_spills():
 
 def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
     """``bench_bigla.compiled_kernels``: one row per BiGLA kernel and launch signature in the launcher's cache (the
-    constexprs read from the key's last part), duplicates merged, other kernels left out, None for a field a
-    Triton version lacks."""
+    constexprs read from the key's last part), duplicates merged, other kernels and the ``--alt`` versions' left
+    out, None for a field a Triton version lacks."""
     from types import SimpleNamespace
 
     from benchmarks import bench_bigla
@@ -220,6 +220,8 @@ def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
         1: fast("_bigla_bwd_kernel", {(0, "a", meta): (kernel(255, 110), ()), (1, "b", meta): (kernel(255, 110), ())}),
         2: fast("_swiglu_fwd_kernel", {(0, (("BT", 64),)): (kernel(64, 0), ())}),
         3: fast("_bigla_walk_kernel", {(0, (("K", 16), ("V", 32), ("BT", 32))): (SimpleNamespace(metadata=None), ())}),
+        4: SimpleNamespace(fn=SimpleNamespace(__name__="_bigla_bwd_kernel", fn=SimpleNamespace(
+            __module__=bench_bigla.ALT_PREFIX + "old")), compiled={(0, "c", meta): (kernel(200, 7), ())}),
     })
     rows = bench_bigla.compiled_kernels()
     assert rows == [
