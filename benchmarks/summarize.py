@@ -268,7 +268,8 @@ def kernel_section(res: Results) -> list[str]:
                         f"forward+backward through autograd). The floor is the time "
                         f"to read the inputs and write the outputs once at the copy bandwidth measured in the same run "
                         f"({fmt(value(ours, ('settings', 'copy_bandwidth_TBps')), '.1f')} TB/s); fla-core's times "
-                        "and the ratios come from the one run that timed both (`fla_bigla.json`)."] + kernel_split(ours)
+                        "and the ratios come from the one run that timed both (`fla_bigla.json`)."] \
+        + [f"* {note}" for note in ours.get("notes", [])] + kernel_split(ours)
 
 
 KERNEL_PARTS = [("walk", "_bigla_walk_kernel"), ("carry", "_bigla_carry_kernel"),
