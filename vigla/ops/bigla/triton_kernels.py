@@ -85,8 +85,8 @@ def _store_rows(ptr, rows, cols, stride, T, x):
 
 @triton.jit
 def _log1p_unit(t):
-    """``log1p(t)`` for ``t`` in [0, 1] to a few ulp in a dozen instructions (the accurate ``log`` it
-    replaces took ~40 with its division): ``2 atanh(s) = 2 (s + s^3/3 + ... + s^13/13)`` with
+    """``log1p(t)`` for ``t`` in [0, 1] to a few ulp in a dozen instructions (libdevice's accurate ``log``
+    and a division take ~40): ``2 atanh(s) = 2 (s + s^3/3 + ... + s^13/13)`` with
     ``s = t / (2 + t) <= 1/3`` (the next term is below 2e-8 relative), the quotient through the
     hardware's reciprocal square root of ``(2 + t)^2``, which lies in [4, 9]."""
     w = 2.0 + t
