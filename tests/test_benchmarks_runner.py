@@ -309,3 +309,21 @@ def test_bench_bigla_alt_kernels_are_compared_with_ours(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     same, diff = json.loads(proc.stdout.strip().splitlines()[-1])
     assert same == 0.0 and 0.005 < diff < 0.02, (same, diff)
+
+
+def test_sass_bigla_attributes_a_kernels_instructions_to_its_source_lines():
+    """``benchmarks/sass_bigla.py`` on this machine (no GPU): the walk kernel of ViG-T's default forward plan
+    compiled for sm_90, its registers and instructions read from the cubin, and its instructions placed on the
+    kernel's own source lines (the gate formation among them)."""
+    pytest.importorskip("triton", reason="Triton is not installed: nothing to compile")
+    from benchmarks import sass_bigla
+
+    if not Path(sass_bigla._tool("nvdisasm")).exists():
+        pytest.skip("this Triton carries no nvdisasm (its NVIDIA backend's tools)")
+    mod, path = sass_bigla.load_version(None)
+    name, fn, consts, warps, regs = sass_bigla.kernels_of(mod, 196, 32, 64)[0]
+    assert name == "walk (2 chains)" and consts["BT"] == 32
+    row = sass_bigla.analyse(sass_bigla.compile_kernel(fn, consts, warps, regs), path.read_text().splitlines(), 50)
+    assert 0 < row["registers"] <= 255 and row["instructions"] > 200
+    assert sum(line["instructions"] for line in row["lines"]) <= row["instructions"]
+    assert any("_load_gate(" in (line["source"] or "") for line in row["lines"])
