@@ -11,7 +11,8 @@ and stack (spills) from the cubin, the SASS instruction count, its opcode histog
 of each source line of the kernel's body (nvdisasm's line table): where the instructions go, the thing
 that bounds these kernels (Nsight Compute: ``ncu_vig_t_*.txt``). Counts are static: a loop's body counts
 once and code the inputs never reach (the exact path for steep decays) counts too, so compare versions
-line by line, not totals against timings.
+line by line, not totals against timings. Written against Triton 3.8's compiler API (``ASTSource`` with
+``attrs``); the code it reads may differ in detail from what another Triton version generates.
 """
 from __future__ import annotations
 
