@@ -319,7 +319,7 @@ def test_sass_bigla_attributes_a_kernels_instructions_to_its_source_lines():
     from benchmarks import sass_bigla
 
     if not Path(sass_bigla._tool("nvdisasm")).exists():
-        pytest.skip("this Triton carries no nvdisasm (its NVIDIA backend's tools)")
+        pytest.skip(reason="this Triton carries no nvdisasm (its NVIDIA backend's tools): nothing to disassemble")
     mod, path = sass_bigla.load_version(None)
     name, fn, consts, warps, regs = sass_bigla.kernels_of(mod, 196, 32, 64)[0]
     assert name == "walk (2 chains)" and consts["BT"] == 32
