@@ -26,11 +26,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.bench_bigla import SHAPES, load_alt  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
 
-# (label, T, d_k, d_v): the layers whose kernels are compiled
-LAYERS = [("ViG-T @224", 196, 32, 64), ("ViG-T @1024", 4096, 32, 64), ("ViG-H-T s1 @224", 3136, 16, 32)]
-B, H = 128, 3  # batch and heads of the launch plan (segments depend on them)
+# the bench_bigla.py shapes (name, B, T, H, d_k, d_v) whose kernels are compiled
+LAYERS = [s for s in SHAPES if s[0] in ("ViG-T @224", "ViG-T @1024", "ViG-H-T s1 @224")]
 STRIDES = {"sqb", "sqt", "sqh", "svb", "svt", "svh", "sgb", "sgt", "sgh"}  # multiples of 16 in ViG's layout
 FLOATS = {"ginv", "gnorm", "half_scale"}
 FP32_PTRS = {"hs", "dec", "pq", "pk", "pv"}
@@ -83,7 +83,7 @@ def analyse(kernel, source: list[str], top: int) -> dict:
                        for n, c in lines.most_common(top)])
 
 
-def kernels_of(mod, T: int, K: int, V: int):
+def kernels_of(mod, B: int, T: int, H: int, K: int, V: int):
     """``(name, fn, constexprs, warps, maxnreg)`` of each kernel the default plans launch for one layer."""
     out = []
     for chains in (2, 4):
@@ -106,9 +106,6 @@ def load_version(path: str | None):
         from vigla.ops.bigla import triton_kernels
 
         return triton_kernels, Path(triton_kernels.__file__)
-    sys.path.insert(0, os.path.dirname(__file__))
-    from bench_bigla import load_alt
-
     return load_alt(path), Path(path)
 
 
@@ -128,14 +125,14 @@ def main() -> int:
     import torch
 
     result = envelope(torch.device("cpu"), settings=dict(
-        what="BiGLA kernels' static SASS (sm_90), default launch plans", batch=B, heads=H, alt=args.alt,
+        what="BiGLA kernels' static SASS (sm_90), default launch plans", alt=args.alt,
         counts="static: loop bodies once, unreached code included"))
     versions = [("this", None)] + ([("alt", args.alt)] if args.alt else [])
     for label, path in versions:
         mod, file = load_version(path)
         source = file.read_text().splitlines()
-        for layer, T, K, V in LAYERS:
-            for name, fn, consts, warps, regs in kernels_of(mod, T, K, V):
+        for layer, B, T, H, K, V in LAYERS:
+            for name, fn, consts, warps, regs in kernels_of(mod, B, T, H, K, V):
                 row = dict(version=label, layer=layer, kernel=name, chunk=consts["BT"], warps=warps,
                            maxnreg=regs, **analyse(compile_kernel(fn, consts, warps, regs), source, args.lines))
                 result["rows"].append(row)
