@@ -117,6 +117,11 @@ def _kernel_stem(opts: Options) -> list[Step]:
     return [Step("kernel_stem", argv, 120, ["kernel_stem.json"])]
 
 
+def _kernel_ops(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/bench_ops.py", "--out", str(opts.out), "--name", "kernel_ops", *opts.extra]
+    return [Step("kernel_ops", argv, 300, ["kernel_ops.json"])]
+
+
 # launch configurations timed beside the automatic plan (chunk length, warps and register cap of the
 # per-chunk kernels; each applies to both passes)
 TUNE_CONFIGS = ["chunk=64,regs=168", "chunk=64,warps_chunk=4", "chunk=32,warps_chunk=4", "chunk=16,warps_chunk=4",
@@ -431,7 +436,9 @@ SUITES = {s.name: s for s in [
            "tune_warps": ("the same for one and two warps per per-chunk program", _kernel_tune_warps),
            "tune_regs": ("the same for the backward per-chunk kernel's register cap", _kernel_tune_regs),
            "stem": ("the stems' fused path (conv + LayerNorm + act in one kernel) against their layers one by one",
-                    _kernel_stem)},
+                    _kernel_stem),
+           "ops": ("the block ops (depthwise conv + SiLU forward and backward, add + norm, locality mix) against "
+                   "their byte floors at ViG-T and ViG-H-T shapes", _kernel_ops)},
           extra="benchmarks/bench_bigla.py (its launch configurations, shapes, ...)"),
     Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
           "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",

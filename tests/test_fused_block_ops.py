@@ -184,8 +184,10 @@ for R, C, rms, hasd, hasb in [(37, 96, False, True, True), (20, 192, True, True,
 # ddelta in its own dtype (bf16) when it differs from x's: within bf16 rounding of dx
 _, dd, _, _ = add_norm_bwd_triton(dy.float(), ds, s.float(), w.float(), None, 1e-6, True, torch.bfloat16)
 bf16 = {"add_norm_ddelta": [rel(dd, dx) if dd.dtype == torch.bfloat16 else 1.0]}
-# B, H, W, C, act: a 1x1 image, odd sizes, C not a multiple of 32 (masked channels), strided x
-for B, H, W, C, act in [(2, 5, 7, 64, True), (1, 1, 1, 32, False), (1, 3, 20, 40, True), (2, 9, 4, 96, False)]:
+# B, H, W, C, act: a 1x1 image, odd sizes, C not a multiple of 32 (masked channels), strided x, rows in
+# several bands, columns in several blocks (the forward's tiles are 2048 // 64 = 32 columns wide)
+for B, H, W, C, act in [(2, 5, 7, 64, True), (1, 1, 1, 32, False), (1, 3, 20, 40, True), (2, 9, 4, 96, False),
+                        (1, 11, 70, 64, True)]:
     x = torch.randn(B, H * W, C + 3, dtype=torch.float64)[..., :C]
     w = torch.randn(C, 1, 3, 3, dtype=torch.float64)
     ref = dwconv_reference(x, w, (H, W), act, torch.float64)
@@ -253,8 +255,9 @@ def test_add_norm_under_autocast_on_gpu():
         assert rel(a, e) < 2e-2
 
 
+# ViG-T/S/B and ViG-H stages; several column blocks with a partial one (130 columns), odd channels, 1 x 1
 CONV_SHAPES = [(8, 14, 14, 192, True), (4, 56, 56, 96, False), (4, 28, 28, 192, False), (2, 7, 7, 768, False),
-               (4, 32, 32, 384, True), (2, 5, 9, 40, True), (3, 1, 1, 64, True)]
+               (4, 32, 32, 384, True), (2, 37, 130, 64, True), (2, 5, 9, 40, True), (3, 1, 1, 64, True)]
 
 
 @pytest.mark.gpu

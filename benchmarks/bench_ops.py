@@ -1,0 +1,138 @@
+"""ViG's block ops on one GPU against their byte floors: the depthwise conv + SiLU (forward, forward +
+backward), add + RMSNorm and the locality mix, at the shapes of ViG-T's and ViG-H-T's blocks, in one run.
+
+    python benchmarks/bench_ops.py --out benchmarks/results                  # or: python -m benchmarks kernel ops
+    python benchmarks/bench_ops.py --alt-dwconv ab/old.py                    # another dwconv version beside
+
+Byte floor: every input read once and every output written once (bf16 activations, fp32 weight gradient
+ignored) at the device-to-device copy bandwidth measured in the same run. Timing: CUDA-graph replays
+(``triton.testing.do_bench_cudagraph``), median ms of a whole call. ``--alt-dwconv FILE``: a version of
+``vigla/ops/dwconv/triton_kernels.py`` timed beside this one, with the largest relative difference of its
+output and gradients from this version's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.bench_bigla import copy_bandwidth  # noqa: E402
+from vigla.bench.report import envelope, save_complete  # noqa: E402
+
+SHAPES = [  # name, B, H, W, C
+    ("ViG-T @224", 128, 14, 14, 192),
+    ("ViG-T @512", 128, 32, 32, 192),
+    ("ViG-T @1024", 32, 64, 64, 192),
+    ("ViG-T @2048", 8, 128, 128, 192),
+    ("ViG-S @224", 128, 14, 14, 384),
+    ("ViG-H-T s1 @224", 128, 56, 56, 64),
+    ("ViG-H-T s2 @224", 128, 28, 28, 128),
+    ("ViG-T @224 batch 1", 1, 14, 14, 192),
+]
+
+
+def load_dwconv(path: str):
+    """The module at ``path``, a version of the dwconv kernels, imported inside ``vigla.ops.dwconv``."""
+    spec = importlib.util.spec_from_file_location("vigla.ops.dwconv._bench_alt", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "vigla.ops.dwconv"
+    sys.modules[spec.name] = module  # Triton reads the kernels' source through their module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def dwconv_calls(mod, x, w, hw, dy):
+    """``(forward, forward + backward)`` through a kernels module's launchers (SiLU on, bf16 out)."""
+    def fwd():
+        return mod.dwconv_fwd_triton(x, w, hw, True, torch.bfloat16)
+
+    def fwdbwd():
+        return fwd(), *mod.dwconv_bwd_triton(dy, x, w, hw, True)
+    return fwd, fwdbwd
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def measure(shape, bw: float, alt) -> dict:
+    from vigla.ops.add_norm import add_norm
+    from vigla.ops.dwconv import triton_kernels as dw
+    from vigla.ops.locality_mix import locality_mix
+
+    name, B, H, W, C = shape
+    N, e = H * W, 2  # bf16
+    act = B * N * C * e  # bytes of one [B, N, C] bf16 activation
+    x = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16)
+    dy, d = torch.randn_like(x), torch.randn_like(x)
+    w = torch.randn(C, 1, 3, 3, device="cuda") * 0.3
+    row = dict(shape=name, B=B, H=H, W=W, C=C)
+    floors = dict(dwconv_fwd=2 * act, dwconv_fwdbwd=2 * act + 3 * act, add_norm_fwd=4 * act, locality_mix_fwd=4 * act)
+    versions = [("", dw)] + ([("alt_", alt)] if alt is not None else [])
+    for label, mod in versions:
+        fwd, fwdbwd = dwconv_calls(mod, x, w, (H, W), dy)
+        row[f"{label}dwconv_fwd_ms"] = _bench(fwd)
+        row[f"{label}dwconv_fwdbwd_ms"] = _bench(fwdbwd)
+    if alt is not None:
+        ours, theirs = (dwconv_calls(m, x, w, (H, W), dy)[1]() for m in (dw, alt))
+        row["alt_dwconv_rel_diff"] = max(_rel(a, b) for a, b in zip(ours, theirs))
+    nw = torch.rand(C, device="cuda") + 0.5
+    row["add_norm_fwd_ms"] = _bench(lambda: add_norm(x, d, nw, None, 1e-6, "rms", torch.bfloat16))
+    z = torch.randn_like(x)
+    o = torch.randn(B, N, 3, C // 3, device="cuda", dtype=torch.bfloat16) if C % 3 == 0 else None
+    if o is not None:
+        row["locality_mix_fwd_ms"] = _bench(lambda: locality_mix(o, x, z, nw[: C // 3], nw[: C // 3], 1e-6))
+    for op, nbytes in floors.items():
+        floor_ms = nbytes / bw * 1e3
+        row[f"floor_{op}_ms"] = floor_ms
+        for label, _ in versions if op.startswith("dwconv") else [("", None)]:
+            t = row.get(f"{label}{op}_ms")
+            if t is not None:
+                row[f"{label}{op}_over_floor"] = t / floor_ms
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--alt-dwconv", default=None, metavar="FILE", help="another dwconv kernels file, timed beside")
+    ap.add_argument("--shapes", nargs="+", default=None, help="names from SHAPES (default: all)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--name", default="kernel_ops")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_ops needs a CUDA GPU", file=sys.stderr)
+        return 2
+    alt = load_dwconv(args.alt_dwconv) if args.alt_dwconv else None
+    bw = copy_bandwidth()
+    out = envelope(torch.device("cuda"), dict(
+        what="block ops against their byte floors", dtype="bfloat16", timing="do_bench_cudagraph, median ms",
+        copy_bandwidth_TBps=bw / 1e12, alt_dwconv=args.alt_dwconv and Path(args.alt_dwconv).name))
+    shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
+    print(f"{'shape':20s} {'dwconv fwd':>22s} {'dwconv f+b':>22s} {'add+norm':>14s} {'loc. mix':>14s}")
+    for shape in shapes:
+        row = measure(shape, bw, alt)
+        out["rows"].append(row)
+
+        def cell(op, label=""):
+            t, r = row.get(f"{label}{op}_ms"), row.get(f"{label}{op}_over_floor")
+            return "-" if t is None else f"{t:.3f} ({r:.1f}x)"
+        alt_note = f"  alt: {cell('dwconv_fwd', 'alt_')} / {cell('dwconv_fwdbwd', 'alt_')}" if alt else ""
+        print(f"{row['shape']:20s} {cell('dwconv_fwd'):>22s} {cell('dwconv_fwdbwd'):>22s} "
+              f"{cell('add_norm_fwd'):>14s} {cell('locality_mix_fwd'):>14s}{alt_note}", flush=True)
+    print(f"wrote {save_complete(out, args.out, args.name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
