@@ -22,9 +22,10 @@ import triton.language as tl
 from ..dispatch import direct
 from ..launcher import cdiv, next_power_of_2
 
-TILE_FWD, TILE_BWD = 2048, 512  # columns x channels per tile (the backward holds ~23 tiles: spill-free)
+TILE_FWD, TILE_BWD = 1024, 512  # columns x channels per tile (the backward holds ~23 tiles)
 WARPS = 4
-PROGRAMS_PER_SM, MIN_BAND = 8, 4  # bands as short as keep this many programs per SM busy, >= MIN_BAND rows
+PROGRAMS_FWD, PROGRAMS_BWD = 4, 8  # programs per SM the bands (and the backward's image groups) aim at
+MIN_BAND = 2  # rows: each band also reads the two rows around it
 
 
 @triton.jit
@@ -112,8 +113,11 @@ def _dwconv_bwd_kernel(dy, x, w, g, dwp, H, W, C, sb, sn, RB, NCB, B, BW: tl.con
         b = tl.cast(img, tl.int64)
         xb = x + b * sb
         mid, low = zero, zero
-        l1, c1, r1 = zero, zero, zero  # input row ir - 1 (shifted left, centre, right)
-        l2, c2, r2 = zero, zero, zero  # input row ir - 2
+        # the last two input rows (shifted left, centre, right), each its own zero tile: Triton carries a name
+        # through the loop only if the body binds it to another object than it entered with, and the body's
+        # `l2 = l1` would bind l2 to the very tile it entered with if the two started as one object
+        l1, c1, r1 = _zeros(BW, BC), _zeros(BW, BC), _zeros(BW, BC)  # input row ir - 1
+        l2, c2, r2 = _zeros(BW, BC), _zeros(BW, BC), _zeros(BW, BC)  # input row ir - 2
         for ir in range(top - 1, last + 1):
             valid = (ir >= 0) & (ir < H)
             xl = _shifted(xb, ir, cols - 1, ch, left & valid, W, sn)
@@ -155,6 +159,11 @@ def _dwconv_bwd_kernel(dy, x, w, g, dwp, H, W, C, sb, sn, RB, NCB, B, BW: tl.con
 
 
 @triton.jit
+def _zeros(BW: tl.constexpr, BC: tl.constexpr):
+    return tl.zeros([BW, BC], dtype=tl.float32)
+
+
+@triton.jit
 def _store_dw(ptr, k: tl.constexpr, acc, cmask):
     tl.store(ptr + k, tl.sum(acc, axis=0), mask=cmask)
 
@@ -164,19 +173,19 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _plan(B, H: int, W: int, C, x: torch.Tensor, tile: int) -> tuple[int, int, int, int, int]:
+def _plan(B, H: int, W: int, C, x: torch.Tensor, tile: int, per_sm: int) -> tuple[int, int, int, int, int]:
     """:func:`_sweep` for ``x``'s device (one "multiprocessor" under Triton's CPU interpreter)."""
     sms = _sms(x.device.index) if x.is_cuda else 1
     if type(B) is int and type(C) is int:
-        return _sweep(B, H, W, C, sms, tile)
-    return _sweep.__wrapped__(B, H, W, C, sms, tile)  # symbolic sizes (torch.compile, dynamic): not hashable
+        return _sweep(B, H, W, C, sms, tile, per_sm)
+    return _sweep.__wrapped__(B, H, W, C, sms, tile, per_sm)  # symbolic sizes (torch.compile, dynamic): not hashable
 
 
 @functools.lru_cache(maxsize=1024)
-def _sweep(B: int, H: int, W: int, C: int, sms: int, tile: int) -> tuple[int, int, int, int, int]:
+def _sweep(B: int, H: int, W: int, C: int, sms: int, tile: int, per_sm: int) -> tuple[int, int, int, int, int]:
     """``(BC, BW, column blocks, rows per band, warps)``: a ``[BW, BC]`` tile of up to ``tile`` elements, ``BC``
     a divisor of ``C`` when one of 64, 32, 16 is (the widest that still leaves 16 columns, or ``W``'s), fewer
-    warps for small tiles; bands as tall as keep ``PROGRAMS_PER_SM`` programs per SM busy over ``B``
+    warps for small tiles; bands as tall as keep ``per_sm`` programs per SM busy over ``B``
     images, at least ``MIN_BAND`` rows (each band reads two halo rows)."""
     cols = min(next_power_of_2(W), 16)
     bc = next((c for c in (64, 32, 16) if C % c == 0 and tile // c >= cols), None)
@@ -184,7 +193,7 @@ def _sweep(B: int, H: int, W: int, C: int, sms: int, tile: int) -> tuple[int, in
     bw = min(next_power_of_2(W), max(1, tile // bc))
     ncb = cdiv(W, bw)
     per_band = B * ncb * cdiv(C, bc)
-    bands = max(1, min(cdiv(H, MIN_BAND), cdiv(PROGRAMS_PER_SM * sms, per_band)))
+    bands = max(1, min(cdiv(H, MIN_BAND), cdiv(per_sm * sms, per_band)))
     warps = max(1, min(WARPS, bw * bc // 256))
     return bc, bw, ncb, cdiv(H, bands), warps
 
@@ -199,7 +208,7 @@ def _conv_launch(x, w, hw, act: bool, flip: bool, out_dtype: torch.dtype, wrap=d
     y = torch.empty(B, N, C, dtype=out_dtype, device=x.device)
     if y.numel():
         H, W = hw
-        BC, BW, ncb, rb, warps = _plan(B, H, W, C, x, TILE_FWD)
+        BC, BW, ncb, rb, warps = _plan(B, H, W, C, x, TILE_FWD, PROGRAMS_FWD)
         wrap(_dwconv_fwd_kernel)[(cdiv(H, rb) * ncb, cdiv(C, BC), B)](
             x, w, y, H, W, C, x.stride(0), x.stride(1), rb, ncb, BW=BW, BC=BC, ACT=act, FLIP=flip,
             num_warps=warps)
@@ -218,9 +227,9 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     B, N, C = x.shape
     H, W = hw
     w = weight.reshape(C, 9)
-    BC, BW, ncb, rb, warps = _plan(1, H, W, C, x, TILE_BWD)
+    BC, BW, ncb, rb, warps = _plan(1, H, W, C, x, TILE_BWD, PROGRAMS_BWD)
     grid0, nch = cdiv(H, rb) * ncb, cdiv(C, BC)
-    groups = max(1, min(B, cdiv(PROGRAMS_PER_SM * (_sms(x.device.index) if x.is_cuda else 1), grid0 * nch)))
+    groups = max(1, min(B, cdiv(PROGRAMS_BWD * (_sms(x.device.index) if x.is_cuda else 1), grid0 * nch)))
     g = torch.empty(B, N, C, dtype=torch.float32, device=x.device) if act else dy
     # every program writes its [C, 9] partial sums (all of them when there is any token)
     dwp = (torch.empty if dy.numel() else torch.zeros)(groups * grid0, nch * BC, 9, dtype=torch.float32,
