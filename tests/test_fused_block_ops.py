@@ -185,7 +185,7 @@ for R, C, rms, hasd, hasb in [(37, 96, False, True, True), (20, 192, True, True,
 _, dd, _, _ = add_norm_bwd_triton(dy.float(), ds, s.float(), w.float(), None, 1e-6, True, torch.bfloat16)
 bf16 = {"add_norm_ddelta": [rel(dd, dx) if dd.dtype == torch.bfloat16 else 1.0]}
 # B, H, W, C, act: a 1x1 image, odd sizes, C not a multiple of 32 (masked channels), strided x, rows in
-# several bands, columns in several blocks (the forward's tiles are 2048 // 64 = 32 columns wide)
+# several bands, columns in several blocks (the forward's tiles are 1024 // 64 = 16 columns wide)
 for B, H, W, C, act in [(2, 5, 7, 64, True), (1, 1, 1, 32, False), (1, 3, 20, 40, True), (2, 9, 4, 96, False),
                         (1, 11, 70, 64, True)]:
     x = torch.randn(B, H * W, C + 3, dtype=torch.float64)[..., :C]

@@ -1,15 +1,18 @@
 """Depthwise 3x3 conv (padding 1) + optional SiLU on channels-last tokens, fused.
 
-Both kernels sweep image rows: a program owns a band of rows, ``BW`` columns and ``BC`` channels of one
-image (the backward: of a group of images) and walks the band top to bottom. Each input row is read once,
-as three horizontally shifted ``[BW, BC]`` tiles (the shifted two mostly from L1), and reaches the three
-output rows around it through the three rows of taps; a band also reads the row above and below it. Per
-element that is three loads and nine fused multiply-adds, no per-tap index arithmetic.
+Forward: a program owns a band of image rows, ``BW`` columns and ``BC`` channels of one image and sweeps the
+band top to bottom. Each input row is read once, as three horizontally shifted ``[BW, BC]`` tiles (the
+shifted two mostly from L1), and reaches the three output rows around it through the three rows of taps;
+a band also reads the row above and the row below it. Per element: three loads and nine fused
+multiply-adds, no per-tap index arithmetic.
 
-Forward: one kernel. Backward: one kernel forms ``g = dy * SiLU'(u)`` (``u``, the conv, recomputed; ``g = dy``
-without SiLU) and the weight gradient, then the forward kernel with the taps flipped gives ``dx`` (the
-transposed conv of ``g``). The weight gradient is one fp32 partial sum ``[C, 9]`` per program, summed by
-the caller: deterministic, no atomics.
+Backward: a tile is ``BT`` consecutive tokens by ``BC`` channels, each of the 9 taps read from its
+neighbours (masked at the image edges). With SiLU one kernel forms ``g = dy * SiLU'(u)`` (the conv
+recomputed) and the weight gradient, then the forward kernel with the taps flipped gives ``dx`` (the
+transposed conv of ``g``); without SiLU one kernel does both from ``dy``. The weight gradient is one fp32
+partial sum ``[C, 9]`` per program (a fixed number of programs looping over the tiles), summed by the
+caller: deterministic, no atomics. (A row-sweeping backward holding the last three input rows and the nine
+weight-gradient sums spilled and ran slower than this one on an H200.)
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ import triton.language as tl
 from ..dispatch import direct
 from ..launcher import cdiv, next_power_of_2
 
-TILE_FWD, TILE_BWD = 1024, 512  # columns x channels per tile (the backward holds ~23 tiles)
+TILE_FWD = 1024  # the forward's tile: columns x channels
+TILE_BWD = 512  # the backward's tile: tokens x channels (at 4 warps: spill-free, ptxas sm_90)
 WARPS = 4
-PROGRAMS_FWD, PROGRAMS_BWD = 4, 8  # programs per SM the bands (and the backward's image groups) aim at
-MIN_BAND = 2  # rows: each band also reads the two rows around it
+PROGRAMS_PER_SM = 4  # the forward's bands are as tall as keep this many programs per SM busy
+MIN_BAND = 2  # but at least this many rows: each band also reads the row above and the row below it
 
 
 @triton.jit
@@ -86,86 +90,110 @@ def _dwconv_fwd_kernel(x, w, y, H, W, C, sb, sn, RB, NCB, BW: tl.constexpr, BC: 
 
 
 @triton.jit
-def _dwconv_bwd_kernel(dy, x, w, g, dwp, H, W, C, sb, sn, RB, NCB, B, BW: tl.constexpr, BC: tl.constexpr,
-                       ACT: tl.constexpr):
-    """Grid ``(bands * NCB, channel blocks, image groups)``: the program of group ``i`` sweeps its band in the
-    images ``i, i + groups, ...``. With ``ACT`` writes ``g = dy * SiLU'(u)`` (contiguous ``[B, H*W, C]``, fp32;
-    without, ``g`` is ``dy`` and nothing is written); adds ``sum g_r * x_{r + di}(c + dj)`` over its rows to its partial weight
-    gradient ``dwp[program, c, 3 (di + 1) + dj + 1]``. ``x``: strides ``(sb, sn, 1)``; ``dy`` contiguous.
-    Holds the last three input rows (nine shifted tiles) and nine accumulators."""
+def _tap(ptr, rows, cols, mask, H, W, sn, K: tl.constexpr):
+    """The ``[BT, BC]`` fp32 tile of one image (``ptr``: its first token) shifted by tap ``K``
+    (``(K // 3 - 1, K % 3 - 1)``), zero outside; 32-bit offsets within the image."""
+    DI: tl.constexpr = K // 3 - 1
+    DJ: tl.constexpr = K % 3 - 1
+    hh = rows // W + DI
+    ww = rows % W + DJ
+    ok = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    nb = rows + DI * W + DJ
+    return tl.load(ptr + nb[:, None] * sn + cols[None, :], mask=mask & ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv(ptr, w, rows, cols, mask, cmask, H, W, sn, BT: tl.constexpr, BC: tl.constexpr,
+          FLIP: tl.constexpr):
+    """``sum_k w[c, k] * tap_k`` (``w[c, 8 - k]`` with ``FLIP``: the transposed conv)."""
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for k in tl.static_range(9):
+        wk = tl.load(w + cols * 9 + (8 - k if FLIP else k), mask=cmask, other=0.0).to(tl.float32)
+        acc += wk[None, :] * _tap(ptr, rows, cols, mask, H, W, sn, k)
+    return acc
+
+
+@triton.jit
+def _taps(ptr, rows, cols, mask, H, W, sn):
+    """The nine shifted ``[BT, BC]`` fp32 tiles of :func:`_tap`, each loaded once."""
+    return (_tap(ptr, rows, cols, mask, H, W, sn, 0), _tap(ptr, rows, cols, mask, H, W, sn, 1),
+            _tap(ptr, rows, cols, mask, H, W, sn, 2), _tap(ptr, rows, cols, mask, H, W, sn, 3),
+            _tap(ptr, rows, cols, mask, H, W, sn, 4), _tap(ptr, rows, cols, mask, H, W, sn, 5),
+            _tap(ptr, rows, cols, mask, H, W, sn, 6), _tap(ptr, rows, cols, mask, H, W, sn, 7),
+            _tap(ptr, rows, cols, mask, H, W, sn, 8))
+
+
+@triton.jit
+def _weights(w, cols, cmask):
+    """The nine ``[BC]`` fp32 weight vectors ``w[cols, k]``."""
+    return (tl.load(w + cols * 9 + 0, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 1, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 2, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 3, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 4, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 5, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 6, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 7, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(w + cols * 9 + 8, mask=cmask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _store_dw(dwp, k: tl.constexpr, acc, cols, cmask):
+    tl.store(dwp + cols * 9 + k, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _dwconv_bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, BT: tl.constexpr, BC: tl.constexpr,
+                ACT: tl.constexpr):
+    """Grid ``(programs, channel blocks)``, each program looping over the ``TOTAL = B * TILES`` token
+    tiles. ``dy``, ``g``, ``dx``: contiguous ``[B, N, C]``. ``ACT``: writes ``g = dy * SiLU'(u)`` (fp32);
+    else writes ``dx``, the transposed conv of ``dy``. Either way adds ``sum g * tap_k(x)`` to the
+    program's partial weight gradient ``dwp[program, c, k]``. Each tile's nine taps of ``x`` are loaded
+    once (for ``u`` and the weight gradient), the weights once per program, and the products
+    ``g * tap_k`` summed over tokens elementwise, reduced over the tile's rows once at the end."""
     pid = tl.program_id(0)
-    band = pid // NCB
-    cols = (pid % NCB) * BW + tl.arange(0, BW)
-    ch = tl.program_id(1) * BC + tl.arange(0, BC)
-    cmask = ch < C
-    inside = (cols < W)[:, None] & cmask[None, :]
-    left = inside & (cols >= 1)[:, None]
-    right = inside & (cols + 1 < W)[:, None]
-    w0, w1, w2 = _wrow(w, ch, cmask, 0, False)
-    w3, w4, w5 = _wrow(w, ch, cmask, 1, False)
-    w6, w7, w8 = _wrow(w, ch, cmask, 2, False)
-    top = band * RB
-    last = tl.minimum(top + RB, H)
-    tile = cols[:, None] * C + ch[None, :]
-    zero = tl.zeros([BW, BC], dtype=tl.float32)
-    a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
-    for img in range(tl.program_id(2), B, tl.num_programs(2)):
-        b = tl.cast(img, tl.int64)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cols < C
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = _weights(w, cols, cmask)
+    a0 = tl.zeros([BT, BC], dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7, a8 = a0, a0, a0, a0, a0, a0, a0, a0
+    for t in range(pid, TOTAL, tl.num_programs(0)):
+        img = t // TILES
+        rows = (t - img * TILES) * BT + tl.arange(0, BT)
+        b = img.to(tl.int64)
         xb = x + b * sb
-        mid, low = zero, zero
-        # the last two input rows (shifted left, centre, right), each its own zero tile: Triton carries a name
-        # through the loop only if the body binds it to another object than it entered with, and the body's
-        # `l2 = l1` would bind l2 to the very tile it entered with if the two started as one object
-        l1, c1, r1 = _zeros(BW, BC), _zeros(BW, BC), _zeros(BW, BC)  # input row ir - 1
-        l2, c2, r2 = _zeros(BW, BC), _zeros(BW, BC), _zeros(BW, BC)  # input row ir - 2
-        for ir in range(top - 1, last + 1):
-            valid = (ir >= 0) & (ir < H)
-            xl = _shifted(xb, ir, cols - 1, ch, left & valid, W, sn)
-            xc = _shifted(xb, ir, cols, ch, inside & valid, W, sn)
-            xr = _shifted(xb, ir, cols + 1, ch, right & valid, W, sn)
-            u = mid + (w6 * xl + w7 * xc + w8 * xr)  # output row ir - 1
-            mid = low + (w3 * xl + w4 * xc + w5 * xr)
-            low = w0 * xl + w1 * xc + w2 * xr
-            ro = ir - 1
-            keep = inside & (ro >= top) & (ro < last)
-            off = b * H * W * C + ro * W * C + tile
-            gg = tl.load(dy + off, mask=keep, other=0.0).to(tl.float32)
-            if ACT:
-                sg = tl.sigmoid(u)
-                gg = gg * sg * (1 + u * (1 - sg))
-                tl.store(g + off, gg, mask=keep)
-            a0 += gg * l2
-            a1 += gg * c2
-            a2 += gg * r2
-            a3 += gg * l1
-            a4 += gg * c1
-            a5 += gg * r1
-            a6 += gg * xl
-            a7 += gg * xc
-            a8 += gg * xr
-            l2, c2, r2 = l1, c1, r1
-            l1, c1, r1 = xl, xc, xr
-    base = dwp + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * tl.num_programs(1) * BC * 9
-    base += ch * 9
-    _store_dw(base, 0, a0, cmask)
-    _store_dw(base, 1, a1, cmask)
-    _store_dw(base, 2, a2, cmask)
-    _store_dw(base, 3, a3, cmask)
-    _store_dw(base, 4, a4, cmask)
-    _store_dw(base, 5, a5, cmask)
-    _store_dw(base, 6, a6, cmask)
-    _store_dw(base, 7, a7, cmask)
-    _store_dw(base, 8, a8, cmask)
-
-
-@triton.jit
-def _zeros(BW: tl.constexpr, BC: tl.constexpr):
-    return tl.zeros([BW, BC], dtype=tl.float32)
-
-
-@triton.jit
-def _store_dw(ptr, k: tl.constexpr, acc, cmask):
-    tl.store(ptr + k, tl.sum(acc, axis=0), mask=cmask)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        gg = tl.load(dy + b * N * C + off, mask=mask, other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = _taps(xb, rows, cols, mask, H, W, sn)
+        if ACT:
+            u = (w0[None, :] * x0 + w1[None, :] * x1 + w2[None, :] * x2 + w3[None, :] * x3 + w4[None, :] * x4
+                 + w5[None, :] * x5 + w6[None, :] * x6 + w7[None, :] * x7 + w8[None, :] * x8)
+            s = tl.sigmoid(u)
+            gg = gg * s * (1 + u * (1 - s))
+            tl.store(g + b * N * C + off, gg, mask=mask)
+        else:
+            dxt = _conv(dy + b * N * C, w, rows, cols, mask, cmask, H, W, C, BT, BC, True)
+            tl.store(dx + b * N * C + off, dxt.to(dx.dtype.element_ty), mask=mask)
+        a0 += gg * x0
+        a1 += gg * x1
+        a2 += gg * x2
+        a3 += gg * x3
+        a4 += gg * x4
+        a5 += gg * x5
+        a6 += gg * x6
+        a7 += gg * x7
+        a8 += gg * x8
+    base = dwp + pid * 9 * C
+    _store_dw(base, 0, a0, cols, cmask)
+    _store_dw(base, 1, a1, cols, cmask)
+    _store_dw(base, 2, a2, cols, cmask)
+    _store_dw(base, 3, a3, cols, cmask)
+    _store_dw(base, 4, a4, cols, cmask)
+    _store_dw(base, 5, a5, cols, cmask)
+    _store_dw(base, 6, a6, cols, cmask)
+    _store_dw(base, 7, a7, cols, cmask)
+    _store_dw(base, 8, a8, cols, cmask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,27 +201,40 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _plan(B, H: int, W: int, C, x: torch.Tensor, tile: int, per_sm: int) -> tuple[int, int, int, int, int]:
+def _programs(index: int) -> int:
+    """The backward's programs: four per multiprocessor, each looping over token tiles."""
+    return 4 * _sms(index)
+
+
+def _tile(C: int, elements: int) -> tuple[int, int]:
+    """The backward's ``(BC, BT)``: channels (a divisor of ``C`` when one of 64, 32 is) and tokens of a tile
+    of ``elements``."""
+    bc = 64 if C % 64 == 0 else 32 if C % 32 == 0 else min(64, next_power_of_2(C))
+    return bc, elements // bc
+
+
+def _plan(B, H: int, W: int, C, x: torch.Tensor) -> tuple[int, int, int, int, int]:
     """:func:`_sweep` for ``x``'s device (one "multiprocessor" under Triton's CPU interpreter)."""
     sms = _sms(x.device.index) if x.is_cuda else 1
     if type(B) is int and type(C) is int:
-        return _sweep(B, H, W, C, sms, tile, per_sm)
-    return _sweep.__wrapped__(B, H, W, C, sms, tile, per_sm)  # symbolic sizes (torch.compile, dynamic): not hashable
+        return _sweep(B, H, W, C, sms)
+    return _sweep.__wrapped__(B, H, W, C, sms)  # symbolic sizes (torch.compile, dynamic): not hashable
 
 
 @functools.lru_cache(maxsize=1024)
-def _sweep(B: int, H: int, W: int, C: int, sms: int, tile: int, per_sm: int) -> tuple[int, int, int, int, int]:
-    """``(BC, BW, column blocks, rows per band, warps)``: a ``[BW, BC]`` tile of up to ``tile`` elements, ``BC``
+def _sweep(B: int, H: int, W: int, C: int, sms: int) -> tuple[int, int, int, int, int]:
+    """The forward's ``(BC, BW, column blocks, rows per band, warps)``: a ``[BW, BC]`` tile of up to
+    ``TILE_FWD`` elements, ``BC``
     a divisor of ``C`` when one of 64, 32, 16 is (the widest that still leaves 16 columns, or ``W``'s), fewer
-    warps for small tiles; bands as tall as keep ``per_sm`` programs per SM busy over ``B``
+    warps for small tiles; bands as tall as keep ``PROGRAMS_PER_SM`` programs per SM busy over ``B``
     images, at least ``MIN_BAND`` rows (each band reads two halo rows)."""
     cols = min(next_power_of_2(W), 16)
-    bc = next((c for c in (64, 32, 16) if C % c == 0 and tile // c >= cols), None)
+    bc = next((c for c in (64, 32, 16) if C % c == 0 and TILE_FWD // c >= cols), None)
     bc = bc or next((c for c in (16, 32, 64) if C % c == 0), min(64, next_power_of_2(C)))
-    bw = min(next_power_of_2(W), max(1, tile // bc))
+    bw = min(next_power_of_2(W), max(1, TILE_FWD // bc))
     ncb = cdiv(W, bw)
     per_band = B * ncb * cdiv(C, bc)
-    bands = max(1, min(cdiv(H, MIN_BAND), cdiv(per_sm * sms, per_band)))
+    bands = max(1, min(cdiv(H, MIN_BAND), cdiv(PROGRAMS_PER_SM * sms, per_band)))
     warps = max(1, min(WARPS, bw * bc // 256))
     return bc, bw, ncb, cdiv(H, bands), warps
 
@@ -208,7 +249,7 @@ def _conv_launch(x, w, hw, act: bool, flip: bool, out_dtype: torch.dtype, wrap=d
     y = torch.empty(B, N, C, dtype=out_dtype, device=x.device)
     if y.numel():
         H, W = hw
-        BC, BW, ncb, rb, warps = _plan(B, H, W, C, x, TILE_FWD, PROGRAMS_FWD)
+        BC, BW, ncb, rb, warps = _plan(B, H, W, C, x)
         wrap(_dwconv_fwd_kernel)[(cdiv(H, rb) * ncb, cdiv(C, BC), B)](
             x, w, y, H, W, C, x.stride(0), x.stride(1), rb, ncb, BW=BW, BC=BC, ACT=act, FLIP=flip,
             num_warps=warps)
@@ -225,18 +266,16 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     x = _tokens(x)
     dy = dy.contiguous()
     B, N, C = x.shape
-    H, W = hw
     w = weight.reshape(C, 9)
-    BC, BW, ncb, rb, warps = _plan(1, H, W, C, x, TILE_BWD, PROGRAMS_BWD)
-    grid0, nch = cdiv(H, rb) * ncb, cdiv(C, BC)
-    groups = max(1, min(B, cdiv(PROGRAMS_BWD * (_sms(x.device.index) if x.is_cuda else 1), grid0 * nch)))
-    g = torch.empty(B, N, C, dtype=torch.float32, device=x.device) if act else dy
-    # every program writes its [C, 9] partial sums (all of them when there is any token)
-    dwp = (torch.empty if dy.numel() else torch.zeros)(groups * grid0, nch * BC, 9, dtype=torch.float32,
-                                                        device=x.device)
-    if dy.numel():  # without SiLU the kernel's g pointer (never written then) is dwp's, not an input's
-        wrap(_dwconv_bwd_kernel)[(grid0, nch, groups)](
-            dy, x, w, g if act else dwp, dwp, H, W, C, x.stride(0), x.stride(1), rb, ncb, B, BW=BW, BC=BC, ACT=act,
-            num_warps=warps)
-    dx = _conv_launch(g, w, hw, False, True, x.dtype, wrap)  # the transposed conv of g
-    return dx, dwp[:, :C].sum(0).view(weight.shape).to(weight.dtype)
+    BC, BT = _tile(C, TILE_BWD)
+    tiles = cdiv(N, BT)
+    n = max(1, min(B * tiles, _programs(x.device.index) if x.is_cuda else 4))
+    # with SiLU the kernel writes g (fp32), else dx; the other pointer is never written (never an input)
+    out = torch.empty(B, N, C, dtype=torch.float32 if act else x.dtype, device=x.device)
+    dwp = (torch.empty if dy.numel() else torch.zeros)(n, C, 9, dtype=torch.float32, device=x.device)
+    if dy.numel():
+        wrap(_dwconv_bwd_kernel)[(n, cdiv(C, BC))](
+            dy, x, w, out, out, dwp, N, hw[0], hw[1], C, x.stride(0), x.stride(1), tiles, B * tiles,
+            BT=BT, BC=BC, ACT=act, num_warps=WARPS)
+    dx = _conv_launch(out, w, hw, False, True, x.dtype, wrap) if act else out  # the transposed conv of g
+    return dx, dwp.sum(0).view(weight.shape).to(weight.dtype)
