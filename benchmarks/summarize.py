@@ -272,6 +272,25 @@ def kernel_section(res: Results) -> list[str]:
         + [f"* {note}" for note in ours.get("notes", [])] + kernel_split(ours)
 
 
+def ops_section(result: dict) -> list[str]:
+    """The block ops' times and their ratio to the byte floor (``kernel_ops.json``), with the ``--alt-dwconv``
+    version's dwconv beside when the run had one."""
+    alt = value(result, ("settings", "alt_dwconv"))
+
+    def cell(r, op, label=""):
+        t, f = r.get(f"{label}{op}_ms"), r.get(f"{label}{op}_over_floor")
+        return "-" if t is None else f"{fmt(t, '.3f')} ({fmt(f, '.1f')}x)"
+    rows = [[f"{r['shape']} (B={r['B']}, {r['H']}x{r['W']}, C={r['C']})", cell(r, "dwconv_fwd"), cell(r, "dwconv_fwdbwd")]
+            + ([cell(r, "dwconv_fwd", "alt_"), cell(r, "dwconv_fwdbwd", "alt_")] if alt else [])
+            + [cell(r, "add_norm_fwd"), cell(r, "locality_mix_fwd")] for r in result["rows"]]
+    header = ["shape", "dwconv + SiLU fwd", "dwconv fwd+bwd"] + (["alt fwd", "alt fwd+bwd"] if alt else []) \
+        + ["add + RMSNorm fwd", "locality mix fwd"]
+    return table(header, rows) + ["", f"ms per call (CUDA-graph replays) and, in brackets, ÷ the byte floor at the copy "
+                                      f"bandwidth of the same run ({fmt(value(result, ('settings', 'copy_bandwidth_TBps')), '.1f')} "
+                                      f"TB/s); bf16; {source('kernel_ops', result)}."] \
+        + [f"* {note}" for note in result.get("notes", [])]
+
+
 KERNEL_PARTS = [("walk", "_bigla_walk_kernel"), ("carry", "_bigla_carry_kernel"),
                 ("per-chunk forward", "_bigla_fwd_kernel"), ("per-chunk backward", "_bigla_bwd_kernel")]
 
@@ -556,6 +575,10 @@ def performance(res: Results) -> str:
                 "The model's call (`bigla_gated`: bf16 q, k, v as column slices of one projection, bf16 gate "
                 "logits) at ViG layer shapes, `benchmarks/bench_bigla.py`; fla-core's `chunk_gla` runs on "
                 "`[x; flip(x)]`, as the official code trains.", ""] + kernel_section(res)
+    if res("kernel_ops"):
+        out += ["", "## The block ops", "",
+                "The depthwise conv + SiLU, add + RMSNorm and locality mix of ViG's blocks at layer shapes, "
+                "`benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
     if res("profile_vig"):
         out += ["", "## Where the GPU time goes", "",
                 "torch.profiler, kernels' self time per step grouped by op "
