@@ -103,6 +103,12 @@ def measure(shape, bw: float, alt) -> dict:
     return row
 
 
+def _cell(row: dict, op: str, label: str = "") -> str:
+    """``ms (ratio to the floor)`` of one op in a row, ``-`` when it was not timed."""
+    t, r = row.get(f"{label}{op}_ms"), row.get(f"{label}{op}_over_floor")
+    return "-" if t is None else f"{t:.3f} ({r:.1f}x)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alt-dwconv", default=None, metavar="FILE", help="another dwconv kernels file, timed beside")
@@ -123,13 +129,9 @@ def main() -> int:
     for shape in shapes:
         row = measure(shape, bw, alt)
         out["rows"].append(row)
-
-        def cell(op, label=""):
-            t, r = row.get(f"{label}{op}_ms"), row.get(f"{label}{op}_over_floor")
-            return "-" if t is None else f"{t:.3f} ({r:.1f}x)"
-        alt_note = f"  alt: {cell('dwconv_fwd', 'alt_')} / {cell('dwconv_fwdbwd', 'alt_')}" if alt else ""
-        print(f"{row['shape']:20s} {cell('dwconv_fwd'):>22s} {cell('dwconv_fwdbwd'):>22s} "
-              f"{cell('add_norm_fwd'):>14s} {cell('locality_mix_fwd'):>14s}{alt_note}", flush=True)
+        alt_note = f"  alt: {_cell(row, 'dwconv_fwd', 'alt_')} / {_cell(row, 'dwconv_fwdbwd', 'alt_')}" if alt else ""
+        print(f"{row['shape']:20s} {_cell(row, 'dwconv_fwd'):>22s} {_cell(row, 'dwconv_fwdbwd'):>22s} "
+              f"{_cell(row, 'add_norm_fwd'):>14s} {_cell(row, 'locality_mix_fwd'):>14s}{alt_note}", flush=True)
     print(f"wrote {save_complete(out, args.out, args.name)}")
     return 0
 
