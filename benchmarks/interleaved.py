@@ -16,8 +16,7 @@ result is the median of the rounds' ratios, with every round's figures. Batch ``
 ``--amp`` autocast (bf16 by default on CUDA, none on the CPU), eval-mode ``torch.inference_mode`` forwards.
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`: a row per round, then
 a row ``{"round": "median", ...}``; ``infer_ratio`` and ``train_ratio`` are the first model's throughput over
-the second's, ``latency_ratio`` the first model's batch-1 latency over the second's). ``--keep-freed-memory``: the
-host allocator as ``vigla train`` sets it (:mod:`vigla.engine.allocator`), recorded as ``settings.allocator``.
+the second's, ``latency_ratio`` the first model's batch-1 latency over the second's).
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vigla.bench.cli import build_model  # noqa: E402
 from vigla.bench.measure import autocast, synchronize, train_step  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
-from vigla.engine.allocator import keep_freed_memory  # noqa: E402
 
 RATIOS = ("infer_ratio", "train_ratio", "latency_ratio")
 
@@ -66,12 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=int, default=None, help="batch-1 forwards per model and round (0 CPU, 10 CUDA)")
     ap.add_argument("--batch-size", type=int, default=None, help="8 on the CPU, 128 on CUDA")
     ap.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="none on the CPU, bf16 on CUDA")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="glibc's allocator as `vigla train` sets it (vigla.engine.allocator.keep_freed_memory)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="cpu_vig_t_interleaved")
     args = ap.parse_args(argv)
-    kept = args.keep_freed_memory and keep_freed_memory()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         print("interleaved: --device cuda needs a CUDA GPU", file=sys.stderr)
@@ -99,8 +94,7 @@ def main(argv=None) -> int:
             train[name]()
     result = envelope(device, dict(models=list(args.models), batch_size=batch, img_size=224, amp=amp,
                                    rounds=args.rounds, calls=calls, steps=steps, latency=latency,
-                                   threads=torch.get_num_threads(),
-                                   allocator="freed memory kept, as vigla train" if kept else "the C library's default"))
+                                   threads=torch.get_num_threads()))
     first, second = args.models
     for r in range(args.rounds):
         row = {"round": r}

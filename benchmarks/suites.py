@@ -352,16 +352,12 @@ def _cpu_models(opts: Options) -> list[Step]:
     return [_bench("cpu_vig_t_224", opts, args, 560, base=VIGLA_BENCH)]
 
 
-def _cpu_interleaved(kept: bool):
-    name = "cpu_vig_t_interleaved" + ("_kept" if kept else "")
-
-    def steps(opts: Options) -> list[Step]:
-        argv = [PY, "benchmarks/interleaved.py", "--device", "cpu", "--out", str(opts.out), "--name", name]
-        argv += ["--keep-freed-memory"] if kept else []
-        if opts.smoke:
-            argv += ["--rounds", "1", "--calls", "1", "--steps", "1", "--batch-size", "1"]
-        return [Step(name, argv, 400, [f"{name}.json"])]
-    return steps
+def _cpu_interleaved(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/interleaved.py", "--device", "cpu", "--out", str(opts.out), "--name",
+            "cpu_vig_t_interleaved"]
+    if opts.smoke:
+        argv += ["--rounds", "1", "--calls", "1", "--steps", "1", "--batch-size", "1"]
+    return [Step("cpu_vig_t_interleaved", argv, 400, ["cpu_vig_t_interleaved.json"])]
 
 
 def _cpu_default_train(opts: Options) -> list[Step]:
@@ -493,9 +489,7 @@ SUITES = {s.name: s for s in [
     Suite("cpu", "this CPU: ViG-T vs DeiT-T at 224 and the default run (`vigla train`) timed", "cpu",
           {"models": ("vigla bench at 224, batch 8, with training steps", _cpu_models),
            "interleaved": ("ViG-T and DeiT-T timed in turn, round after round (ratios of times seconds apart)",
-                           _cpu_interleaved(False)),
-           "interleaved_kept": ("the same with the host allocator keeping freed memory, as `vigla train` runs",
-                                _cpu_interleaved(True)),
+                           _cpu_interleaved),
            "default_train": ("`vigla train` with no settings, wall time and accuracy", _cpu_default_train)},
           smoke=True),
     Suite("export", "this CPU: ONNX Runtime against PyTorch, the same models exported by vigla export", "cpu",
