@@ -603,24 +603,3 @@ def test_git_info_dirty_ignores_the_results_being_recorded(tmp_path, monkeypatch
     assert git_info(repo)["dirty"] is False
     (repo / "code.py").write_text("x = 2\n")
     assert git_info(repo)["dirty"] is True
-
-
-# ------------------------------------------------------------------------------------------- allocator
-ALLOCATOR_SCRIPT = """
-import json
-from vigla.engine.allocator import keep_freed_memory
-print(json.dumps(keep_freed_memory()))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-@pytest.mark.parametrize("env,expect", [({}, True), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, False),
-                                        ({"MALLOC_MMAP_THRESHOLD_": "131072"}, False)])
-def test_keep_freed_memory_sets_glibc_thresholds_unless_the_user_did(env, expect):
-    """``vigla train`` / ``eval`` raise glibc's thresholds at start (mallopt accepts both), and leave them to the
-    user's ``MALLOC_*_THRESHOLD_`` variables when either is set (in a subprocess: the settings are per process)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", ALLOCATOR_SCRIPT], env={**clean, **env}, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) is expect

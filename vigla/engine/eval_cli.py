@@ -183,10 +183,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .allocator import keep_freed_memory
     from .outputs import check_writable, remove_stale_temp_files, write_text
-
-    keep_freed_memory()
 
     check_arguments(args)
     out = output_path(args)

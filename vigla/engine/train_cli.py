@@ -74,9 +74,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .allocator import keep_freed_memory
-
-    keep_freed_memory()
     cfg, state, saved = _build_config(args)
     if state is not None and os.environ.get("RANK", "0") == "0":
         if saved is None:
