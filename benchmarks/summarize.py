@@ -616,6 +616,8 @@ def performance(res: Results) -> str:
             out += interleaved_line("cpu_vig_t_interleaved", res("cpu_vig_t_interleaved"),
                                     "Single runs of the table above move between 0.7 and 1.2 on this shared 2-core "
                                     "machine: read this line for the ratio.") + [""]
+            out += [f"* {note}" for note in res("cpu_vig_t_interleaved").get("notes", [])]
+            out += [""] if out[-1] else []
         if res("cpu_default_train"):
             out += cpu_default_section(res("cpu_default_train"))
     for stem in ("train_imagenette", "train_compare"):
