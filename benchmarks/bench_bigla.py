@@ -106,15 +106,15 @@ def _sha256(path: str) -> str:
 ALT_PREFIX = "vigla.ops.bigla._alt_"  # the modules of --alt versions
 
 
-def load_alt(path: str):
-    """The module at ``path``, a version of ``triton_kernels.py``, imported inside ``vigla.ops.bigla`` (its
-    relative imports resolve there) under a name of its own."""
+def load_alt(path: str, package: str = "vigla.ops.bigla"):
+    """The module at ``path``, a version of ``package``'s ``triton_kernels.py``, imported inside ``package`` (its
+    relative imports resolve there) under a name of its own (``<package>._alt_<file stem>``)."""
     import importlib.util
 
-    name = ALT_PREFIX + "".join(c if c.isalnum() else "_" for c in Path(path).stem)
+    name = f"{package}._alt_" + "".join(c if c.isalnum() else "_" for c in Path(path).stem)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = "vigla.ops.bigla"
+    module.__package__ = package
     sys.modules[spec.name] = module  # Triton reads the kernels' source through their module
     spec.loader.exec_module(module)
     return module

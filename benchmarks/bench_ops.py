@@ -13,7 +13,6 @@ output and gradients from this version's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.bench_bigla import copy_bandwidth  # noqa: E402
+from benchmarks.bench_bigla import copy_bandwidth, load_alt  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
 
 SHAPES = [  # name, B, H, W, C
@@ -34,16 +33,6 @@ SHAPES = [  # name, B, H, W, C
     ("ViG-H-T s2 @224", 128, 28, 28, 128),
     ("ViG-T @224 batch 1", 1, 14, 14, 192),
 ]
-
-
-def load_dwconv(path: str):
-    """The module at ``path``, a version of the dwconv kernels, imported inside ``vigla.ops.dwconv``."""
-    spec = importlib.util.spec_from_file_location("vigla.ops.dwconv._bench_alt", path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "vigla.ops.dwconv"
-    sys.modules[spec.name] = module  # Triton reads the kernels' source through their module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _bench(fn) -> float:
@@ -119,7 +108,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_ops needs a CUDA GPU", file=sys.stderr)
         return 2
-    alt = load_dwconv(args.alt_dwconv) if args.alt_dwconv else None
+    alt = load_alt(args.alt_dwconv, "vigla.ops.dwconv") if args.alt_dwconv else None
     bw = copy_bandwidth()
     out = envelope(torch.device("cuda"), dict(
         what="block ops against their byte floors", dtype="bfloat16", timing="do_bench_cudagraph, median ms",

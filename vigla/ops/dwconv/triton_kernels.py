@@ -224,10 +224,9 @@ def _plan(B, H: int, W: int, C, x: torch.Tensor) -> tuple[int, int, int, int, in
 @functools.lru_cache(maxsize=1024)
 def _sweep(B: int, H: int, W: int, C: int, sms: int) -> tuple[int, int, int, int, int]:
     """The forward's ``(BC, BW, column blocks, rows per band, warps)``: a ``[BW, BC]`` tile of up to
-    ``TILE_FWD`` elements, ``BC``
-    a divisor of ``C`` when one of 64, 32, 16 is (the widest that still leaves 16 columns, or ``W``'s), fewer
-    warps for small tiles; bands as tall as keep ``PROGRAMS_PER_SM`` programs per SM busy over ``B``
-    images, at least ``MIN_BAND`` rows (each band reads two halo rows)."""
+    ``TILE_FWD`` elements, ``BC`` a divisor of ``C`` when one of 64, 32, 16 is (the widest that still leaves
+    16 columns, or ``W``'s), fewer warps for small tiles; bands as tall as keep ``PROGRAMS_PER_SM`` programs
+    per SM busy over ``B`` images, at least ``MIN_BAND`` rows."""
     cols = min(next_power_of_2(W), 16)
     bc = next((c for c in (64, 32, 16) if C % c == 0 and TILE_FWD // c >= cols), None)
     bc = bc or next((c for c in (16, 32, 64) if C % c == 0), min(64, next_power_of_2(C)))
