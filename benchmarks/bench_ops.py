@@ -1,5 +1,6 @@
 """ViG's block ops on one GPU against their byte floors: the depthwise conv + SiLU (forward, forward +
-backward), add + RMSNorm and the locality mix, at the shapes of ViG-T's and ViG-H-T's blocks, in one run.
+backward), add + RMSNorm, the locality mix and the MLP's fc1 + SwiGLU gating (one kernel, and cuBLAS's
+GEMM then the gating kernel beside it), at the shapes of ViG-T's and ViG-H-T's blocks, in one run.
 
     python benchmarks/bench_ops.py --out benchmarks/results                  # or: python -m benchmarks kernel ops
     python benchmarks/bench_ops.py --alt-dwconv ab/old.py                    # another dwconv version beside
@@ -23,15 +24,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_bigla import copy_bandwidth, load_alt  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
 
-SHAPES = [  # name, B, H, W, C
-    ("ViG-T @224", 128, 14, 14, 192),
-    ("ViG-T @512", 128, 32, 32, 192),
-    ("ViG-T @1024", 32, 64, 64, 192),
-    ("ViG-T @2048", 8, 128, 128, 192),
-    ("ViG-S @224", 128, 14, 14, 384),
-    ("ViG-H-T s1 @224", 128, 56, 56, 64),
-    ("ViG-H-T s2 @224", 128, 28, 28, 128),
-    ("ViG-T @224 batch 1", 1, 14, 14, 192),
+SHAPES = [  # name, B, H, W, C, SwiGLU hidden width I
+    ("ViG-T @224", 128, 14, 14, 192, 512),
+    ("ViG-T @512", 128, 32, 32, 192, 512),
+    ("ViG-T @1024", 32, 64, 64, 192, 512),
+    ("ViG-T @2048", 8, 128, 128, 192, 512),
+    ("ViG-S @224", 128, 14, 14, 384, 1024),
+    ("ViG-H-T s1 @224", 128, 56, 56, 64, 192),
+    ("ViG-H-T s2 @224", 128, 28, 28, 128, 352),
+    ("ViG-T @224 batch 1", 1, 14, 14, 192, 512),
 ]
 
 
@@ -51,6 +52,13 @@ def dwconv_calls(mod, x, w, hw, dy):
     return fwd, fwdbwd
 
 
+def fc1_calls(x, w1):
+    """``(fused, unfused)`` fc1 + gating on ``[rows, C]`` bf16: one kernel, and cuBLAS then the gating kernel."""
+    from vigla.ops.swiglu.triton_kernels import fc1_swiglu_triton, swiglu_fwd_triton
+
+    return (lambda: fc1_swiglu_triton(x, w1)), (lambda: swiglu_fwd_triton(torch.mm(x, w1.t())))
+
+
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -60,14 +68,15 @@ def measure(shape, bw: float, alt) -> dict:
     from vigla.ops.dwconv import triton_kernels as dw
     from vigla.ops.locality_mix import locality_mix
 
-    name, B, H, W, C = shape
+    name, B, H, W, C, I = shape
     N, e = H * W, 2  # bf16
     act = B * N * C * e  # bytes of one [B, N, C] bf16 activation
     x = torch.randn(B, N, C, device="cuda", dtype=torch.bfloat16)
     dy, d = torch.randn_like(x), torch.randn_like(x)
     w = torch.randn(C, 1, 3, 3, device="cuda") * 0.3
     row = dict(shape=name, B=B, H=H, W=W, C=C)
-    floors = dict(dwconv_fwd=2 * act, dwconv_fwdbwd=2 * act + 3 * act, add_norm_fwd=4 * act, locality_mix_fwd=4 * act)
+    floors = dict(dwconv_fwd=2 * act, dwconv_fwdbwd=2 * act + 3 * act, add_norm_fwd=4 * act, locality_mix_fwd=4 * act,
+                  fc1_swiglu_fwd=act + act * I // C, fc1_then_gate_fwd=act + act * I // C)
     versions = [("", dw)] + ([("alt_", alt)] if alt is not None else [])
     for label, mod in versions:
         fwd, fwdbwd = dwconv_calls(mod, x, w, (H, W), dy)
@@ -82,6 +91,10 @@ def measure(shape, bw: float, alt) -> dict:
     o = torch.randn(B, N, 3, C // 3, device="cuda", dtype=torch.bfloat16) if C % 3 == 0 else None
     if o is not None:
         row["locality_mix_fwd_ms"] = _bench(lambda: locality_mix(o, x, z, nw[: C // 3], nw[: C // 3], 1e-6))
+    w1 = torch.randn(2 * I, C, device="cuda", dtype=torch.bfloat16) / C ** 0.5
+    fused, unfused = fc1_calls(x.view(B * N, C), w1)
+    row["fc1_swiglu_fwd_ms"], row["fc1_then_gate_fwd_ms"] = _bench(fused), _bench(unfused)
+    row["fc1_swiglu_rel_diff"] = _rel(fused(), unfused())
     for op, nbytes in floors.items():
         floor_ms = nbytes / bw * 1e3
         row[f"floor_{op}_ms"] = floor_ms
@@ -114,13 +127,15 @@ def main() -> int:
         what="block ops against their byte floors", dtype="bfloat16", timing="do_bench_cudagraph, median ms",
         copy_bandwidth_TBps=bw / 1e12, alt_dwconv=args.alt_dwconv and Path(args.alt_dwconv).name))
     shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
-    print(f"{'shape':20s} {'dwconv fwd':>22s} {'dwconv f+b':>22s} {'add+norm':>14s} {'loc. mix':>14s}")
+    print(f"{'shape':20s} {'dwconv fwd':>22s} {'dwconv f+b':>22s} {'add+norm':>14s} {'loc. mix':>14s} "
+          f"{'fc1+gate':>14s} {'fc1, gate':>14s}")
     for shape in shapes:
         row = measure(shape, bw, alt)
         out["rows"].append(row)
         alt_note = f"  alt: {_cell(row, 'dwconv_fwd', 'alt_')} / {_cell(row, 'dwconv_fwdbwd', 'alt_')}" if alt else ""
         print(f"{row['shape']:20s} {_cell(row, 'dwconv_fwd'):>22s} {_cell(row, 'dwconv_fwdbwd'):>22s} "
-              f"{_cell(row, 'add_norm_fwd'):>14s} {_cell(row, 'locality_mix_fwd'):>14s}{alt_note}", flush=True)
+              f"{_cell(row, 'add_norm_fwd'):>14s} {_cell(row, 'locality_mix_fwd'):>14s} "
+              f"{_cell(row, 'fc1_swiglu_fwd'):>14s} {_cell(row, 'fc1_then_gate_fwd'):>14s}{alt_note}", flush=True)
     print(f"wrote {save_complete(out, args.out, args.name)}")
     return 0
 

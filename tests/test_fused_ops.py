@@ -19,6 +19,7 @@ from vigla.ops.dispatch import reference_ops, use_kernels
 from vigla.ops.locality_mix import locality_mix, locality_mix_reference, locality_mix_reference_bwd
 from vigla.ops.swiglu import swiglu, swiglu_mlp, swiglu_reference, swiglu_reference_bwd
 import triton_interpreter
+from triton_interpreter import BF16_FIX
 
 
 def rel(a, b):
@@ -172,6 +173,32 @@ def test_fused_kernels_in_interpreter_on_cpu():
         assert max(errs) < 1e-5, f"{case}: relative errors {errs}"
 
 
+FC1_SCRIPT = BF16_FIX + r"""
+import json, torch
+from vigla.ops.swiglu.triton_kernels import fc1_swiglu_triton
+from vigla.ops.swiglu import swiglu_reference
+torch.manual_seed(0)
+out = {}
+# partial row, column and inner-dim tiles (37 rows, I = 88, C = 96), and two row blocks (130 rows)
+for M, C, I, dtype in [(37, 96, 88, torch.bfloat16), (130, 64, 64, torch.float16)]:
+    x = torch.randn(M, C + 3, dtype=torch.float64)[:, :C].to(dtype)  # a strided row view
+    w = (torch.randn(2 * I, C, dtype=torch.float64) / C ** 0.5).to(dtype)
+    ref = swiglu_reference(x.double() @ w.double().t())
+    y = fc1_swiglu_triton(x, w)
+    out[f"{(M, C, I, str(dtype))}"] = [list(y.shape) == [M, I] and y.dtype == dtype,
+                                       ((y.double() - ref).norm() / ref.norm()).item()]
+print(json.dumps(out))
+"""
+
+
+def test_fc1_swiglu_kernel_in_interpreter_on_cpu():
+    """fc1 with the gating in its epilogue (half precision, the GPU's rounding) against float64 on the same
+    values: within one rounding of the output."""
+    pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run")
+    for case, (shape_ok, err) in triton_interpreter.run(FC1_SCRIPT).items():
+        assert shape_ok and err < (8e-3 if "bfloat16" in case else 1e-3), f"{case}: relative error {err:.2e}"
+
+
 # ----------------------------------------------------------------------------------------- GPU
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
@@ -208,6 +235,22 @@ def test_swiglu_kernel_on_gpu(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(128 * 196, 192, 512), (66, 128, 352), (5, 96, 88)])
+def test_fc1_swiglu_kernel_on_gpu(shape, dtype):
+    """fc1 + gating in one kernel (ViG-T's MLP, ViG-H-T's stage-2 width, partial tiles) against float64 on
+    the same half-precision values."""
+    from vigla.ops.swiglu.triton_kernels import fc1_swiglu_triton
+
+    M, C, I = shape
+    x = torch.randn(M, C, device="cuda").to(dtype)
+    w1 = (torch.randn(2 * I, C, device="cuda") / C ** 0.5).to(dtype)
+    y = fc1_swiglu_triton(x, w1)
+    assert y.shape == (M, I) and y.dtype == dtype
+    assert rel(y, swiglu_reference(x.double() @ w1.double().t())) < TOL[dtype]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("amp", [False, True])
 def test_swiglu_mlp_on_gpu(amp):
     """The Triton path (fc1 and the gating recomputed in the backward) against float64; under bf16
@@ -236,6 +279,15 @@ def test_fused_ops_opcheck():
     torch.library.opcheck(torch.ops.vigla.locality_mix.default, (o, x, z, w_o, w_l, 1e-6, True))
     u = torch.randn(3, 5, 64, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.vigla.swiglu.default, (u,))
+    x = torch.randn(3, 5, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(96, 64, device="cuda") / 8).to(torch.bfloat16).requires_grad_()
+    torch.library.opcheck(torch.ops.vigla.fc1_swiglu.default, (x, w1))
+    # a dispatch mode sees the custom op: the FLOP counter counts fc1's GEMM through its formula
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        swiglu_mlp(x.float(), w1.float(), torch.randn(64, 48, device="cuda"))
+    assert counter.get_total_flops() == 2 * 15 * 64 * 96 + 2 * 15 * 48 * 64
 
 
 @pytest.mark.gpu

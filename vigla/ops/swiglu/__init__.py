@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import run_eager, use_kernels, via_dispatcher
+from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
-from .op import SwiGLUFunction, SwiGLUMLPFunction, swiglu_forward, swiglu_mlp_forward
+from .op import SwiGLUFunction, SwiGLUMLPFunction, fc1_fused, swiglu_forward, swiglu_mlp_forward
 from .reference import swiglu_reference, swiglu_reference_bwd
 
 __all__ = ["swiglu", "swiglu_mlp", "swiglu_reference", "swiglu_reference_bwd"]
@@ -41,4 +41,7 @@ def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Ten
                          f"[C_out, I]; got w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
     if use_kernels(x) and not via_dispatcher():
         return run_eager(SwiGLUMLPFunction, swiglu_mlp_forward, x, w1, w2)
+    dtype = compute_dtype(x)
+    if via_dispatcher() and fc1_fused(x, dtype):  # autocast does not reach a custom op: cast as fc1 would
+        return F.linear(torch.ops.vigla.fc1_swiglu(x.to(dtype), w1.to(dtype)), w2)
     return F.linear(swiglu(F.linear(x, w1)), w2)

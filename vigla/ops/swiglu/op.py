@@ -1,20 +1,40 @@
 """SwiGLU's gating as one op: ``SwiGLUFunction`` (eager) and ``vigla::swiglu`` (traced); and
 ``SwiGLUMLPFunction``, the eager MLP that keeps only its input for the backward. Fused kernels
-for CUDA tensors, compiled ones for float32 CPU tensors (``cpu_kernels.c``), the reference
-elsewhere (:mod:`vigla.ops.dispatch`)."""
+for CUDA tensors (in half precision fc1 and the gating as one kernel: :func:`fc1_fused`), compiled
+ones for float32 CPU tensors (``cpu_kernels.c``), the reference elsewhere (:mod:`vigla.ops.dispatch`)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from ..dispatch import HAS_TRITON, compute_dtype, direct, fused_op, use_cpu_kernels, use_kernels, wrap
 from . import cpu_kernels
 from .reference import swiglu_reference, swiglu_reference_bwd
 
 if HAS_TRITON:
-    from .triton_kernels import swiglu_bwd_triton, swiglu_fwd_triton
+    from .triton_kernels import fc1_swiglu_triton, swiglu_bwd_triton, swiglu_fwd_triton
 
-__all__ = ["SwiGLUFunction", "SwiGLUMLPFunction", "swiglu_forward", "swiglu_mlp_forward"]
+__all__ = ["SwiGLUFunction", "SwiGLUMLPFunction", "swiglu_forward", "swiglu_mlp_forward", "fc1_fused",
+           "fc1_swiglu_forward"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def fc1_fused(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether fc1 and the gating run as one kernel for an input like ``x`` multiplied in ``dtype``: the CUDA
+    kernels in half precision (float32 keeps cuBLAS, which follows PyTorch's TF32 switches)."""
+    return dtype in _HALF and use_kernels(x)
+
+
+def fc1_swiglu_forward(x: torch.Tensor, w1: torch.Tensor, launch=direct) -> torch.Tensor:
+    """``swiglu(x @ w1^T)``: ``[..., C]``, ``[2I, C]`` (both in the compute dtype) -> ``[..., I]``; one
+    kernel where :func:`fc1_fused`, else fc1's GEMM and the gating."""
+    if fc1_fused(x, x.dtype):
+        return fc1_swiglu_triton(x, w1, wrap=launch)
+    return swiglu_forward(F.linear(x, w1), launch)
 
 
 def swiglu_forward(u: torch.Tensor, launch=direct) -> torch.Tensor:
@@ -72,6 +92,31 @@ def _op_backward(ctx, dy):
 swiglu_op.register_autograd(_op_backward, setup_context=_setup)
 
 
+@fused_op("vigla::fc1_swiglu", lambda x, w1: x.new_empty(*x.shape[:-1], w1.shape[0] // 2))
+def fc1_swiglu_op(x: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """fc1 and the gating as one custom op (what ``torch.compile`` traces where :func:`fc1_fused`); its
+    backward keeps ``x`` and ``w1`` and recomputes fc1's output, as :class:`SwiGLUMLPFunction` does."""
+    return fc1_swiglu_forward(x, w1, wrap)
+
+
+def _fc1_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _fc1_backward(ctx, dy):
+    x, w1 = ctx.saved_tensors
+    du = torch.ops.vigla.swiglu_bwd(dy, F.linear(x, w1))
+    return du @ w1, _weight_grad(du, x)
+
+
+fc1_swiglu_op.register_autograd(_fc1_backward, setup_context=_fc1_setup)
+
+
+@register_flop_formula(torch.ops.vigla.fc1_swiglu)
+def _fc1_flops(x_shape, w1_shape, *args, out_shape=None, **kwargs):
+    return 2 * math.prod(x_shape[:-1]) * w1_shape[0] * w1_shape[1]  # fc1's GEMM, as F.linear counts it
+
+
 def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum over rows of dy^T x``: ``[..., O]``, ``[..., I]`` -> ``[O, I]``."""
     return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
@@ -81,7 +126,7 @@ def swiglu_mlp_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> t
     """``swiglu(x @ w1^T) @ w2^T`` with the kernels, in the compute dtype, without autograd (CUDA):
     ``[..., C]`` -> ``[..., C_out]``."""
     dtype = compute_dtype(x)  # what autocast would multiply in
-    return F.linear(swiglu_fwd_triton(F.linear(x.to(dtype), w1.to(dtype))), w2.to(dtype))
+    return F.linear(fc1_swiglu_forward(x.to(dtype), w1.to(dtype)), w2.to(dtype))
 
 
 class SwiGLUMLPFunction(torch.autograd.Function):
@@ -95,7 +140,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         x_c, w1_c, w2_c = x.to(dtype), w1.to(dtype), w2.to(dtype)
         ctx.save_for_backward(x_c, w1_c, w2_c)
         ctx.dtypes = (x.dtype, w1.dtype, w2.dtype)
-        return F.linear(swiglu_fwd_triton(F.linear(x_c, w1_c)), w2_c)
+        return F.linear(fc1_swiglu_forward(x_c, w1_c), w2_c)
 
     @staticmethod
     def backward(ctx, dy):
