@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import vigla  # noqa: F401  (registers the models)
 from vigla.layers import BiGLAMixer
+from vigla.layers.cast import gemm
 from vigla.ops.bigla import bigla_naive
 
 KEYS_DIR = Path(__file__).resolve().parent / "data" / "vig_official_keys"  # key lists of the official checkpoints
@@ -139,6 +140,26 @@ def test_mixer_bf16_autocast():
             out = m(x, (4, 5))
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_mixer_folded_in_projection_is_the_low_rank_pair():
+    """The GPU's inference in-projection (decay projection folded in, :meth:`BiGLAMixer._folded_weights`) gives
+    q, k, v, the decay logits ``(x W_1) W_2 + b_2`` and the mix gate's logits of the separate projections."""
+    torch.manual_seed(0)
+    m = BiGLAMixer(24, num_heads=2).double()
+    with torch.no_grad():
+        for p in (m.decay_up.bias, m.mix_gate.bias):
+            p.normal_()
+    x = torch.randn(7, 24, dtype=torch.float64)
+    with torch.no_grad():
+        w_in, b_in, w_out = m._folded_weights(torch.float64, rows=7)
+        K, C = m.key_dim, m.dim
+        q, k, v, logits, gate = gemm(x, w_in, b_in).split([K, K, C, 2 * K, C], dim=-1)
+        qkv = x @ m.qkv.weight.T
+        expect = [qkv[:, :K], qkv[:, K:2 * K], qkv[:, 2 * K:], m.decay_up(m.decay_down(x)), m.mix_gate(x)]
+    for got, want in zip([q, k, v, logits, gate], expect):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gemm(x, w_out), x @ m.proj.weight.T, rtol=1e-12, atol=1e-12)
 
 
 def test_mixer_inference_weight_cache():

@@ -138,6 +138,24 @@ class BiGLAMixer(nn.Module):
             w_in, out = gemm_weights(self, "in_proj", w_in, rows), gemm_weights(self, "out", out, rows)
         return (*w_in, *out)
 
+    @torch.jit.unused
+    def _folded_weights(self, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w_in, b_in, w_out)`` for :func:`vigla.layers.cast.gemm`, cast to ``dtype`` once, with the low-rank
+        decay projection folded into the in-projection: the rows ``W_2 W_1`` (``[2K, C]``, multiplied in float32)
+        and the bias ``b_2`` give the decay logits ``(x_c W_1) W_2 + b_2`` in the same GEMM as q, k, v and the mix
+        gate's logits (weight ``[2K + C + 2K + C, C]``). Equal up to the rounding of the product."""
+        parts = (self.qkv.weight, self.decay_down.weight, self.decay_up.weight, self.decay_up.bias,
+                 self.mix_gate.weight, self.mix_gate.bias, self.proj.weight)
+
+        def build():
+            w_qkv, w_down, w_up, b_up, w_gate, b_gate, w_out = parts
+            f32 = torch.promote_types(w_up.dtype, torch.float32)
+            weight = torch.cat([w_qkv, (w_up.to(f32) @ w_down.to(f32)).to(w_qkv.dtype), w_gate])
+            bias = torch.cat([b_up.new_zeros(w_qkv.shape[0]), b_up, b_gate])
+            return weight, bias, w_out
+
+        return gemm_weights(self, "folded", inference_weights(self, "folded", parts, dtype, build), rows)
+
     @staticmethod
     def _concat(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,14 +193,20 @@ class BiGLAMixer(nn.Module):
     def forward_inference(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference` (the grid already checked),
         products in ``dtype``: the ops' forward implementations called directly, the projections as
-        GEMMs on ``[B*N, .]`` views. ``[B, N, C]`` -> ``[B, N, C]``."""
+        GEMMs on ``[B*N, .]`` views (on CUDA the decay projection inside the in-projection:
+        :meth:`_folded_weights`). ``[B, N, C]`` -> ``[B, N, C]``."""
         B, N, C = x.shape
         h, K, dk, dv = self.num_heads, self.key_dim, self.head_k, self.head_v
         x_c = dwconv_forward(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
-        w_in, b_in, w_up, b_up, w_out = self._cached_weights(dtype, rows=B * N)
-        q, k, v, z, gate = gemm(x_c.reshape(B * N, C), w_in, b_in).split(
-            [K, K, C, self.decay_down.out_features, C], dim=-1)
-        zf, zb = gemm(z, w_up, b_up).view(B, N, 2, h, dk).unbind(dim=2)
+        if x_c.is_cuda:  # the decay projection folded into the in-projection: one GEMM launch instead of two
+            w_in, b_in, w_out = self._folded_weights(dtype, rows=B * N)
+            q, k, v, logits, gate = gemm(x_c.reshape(B * N, C), w_in, b_in).split([K, K, C, 2 * K, C], dim=-1)
+        else:  # the CPU's GEMMs are bound by arithmetic: the low-rank pair costs less there
+            w_in, b_in, w_up, b_up, w_out = self._cached_weights(dtype, rows=B * N)
+            q, k, v, z, gate = gemm(x_c.reshape(B * N, C), w_in, b_in).split(
+                [K, K, C, self.decay_down.out_features, C], dim=-1)
+            logits = gemm(z, w_up, b_up)
+        zf, zb = logits.view(B, N, 2, h, dk).unbind(dim=2)
         o = bigla_forward(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
                           float(self.gate_logit_normalizer))
         y = locality_mix_forward(o, x_c, gate.view(B, N, C), self.norm_out.weight, self.norm_local.weight,
