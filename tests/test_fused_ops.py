@@ -321,6 +321,31 @@ def test_fused_model_matches_reference_ops(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_bf16_residual_stream_of_gpu_inference_is_as_accurate(name):
+    """Eager inference on the GPU keeps the residual stream in bf16 under bf16 autocast (run_blocks): its logits
+    are as close to the float64 model's (the references, every activation in float64) as those of the
+    recording path, whose stream is float32."""
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).cuda().eval()
+    with torch.no_grad():  # weights of a trained model's scale: the blocks' branches move the stream
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4)
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad(), reference_ops():
+        ref = copy.deepcopy(model).double()(x.double())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast = model(x)
+        recorded = model(x.clone().requires_grad_())
+    e_fast, e_rec = rel(fast, ref), rel(recorded, ref)
+    assert e_fast < 3e-2 and e_fast < 1.5 * e_rec + 2e-3, f"bf16 stream {e_fast:.2e}, float32 stream {e_rec:.2e}"
+
+
+@pytest.mark.gpu
 def test_vig_block_compiles_without_graph_breaks():
     """The custom ops (BiGLA, locality mix, SwiGLU) let torch.compile trace a whole ViG block."""
     torch.manual_seed(0)
