@@ -96,6 +96,57 @@ def _add_norm_bwd_kernel(dy, ds, s, w, dx, ddelta, parts, R, eps, C: tl.constexp
         tl.store(parts + (tl.num_programs(0) + pid) * C + cols, tl.sum(acc_b, axis=0), mask=cmask)
 
 
+@triton.jit
+def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr, BC: tl.constexpr,
+                            BR: tl.constexpr, BK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``s = x + h @ wl^T`` and ``y = norm(s)``: ``h`` rows ``[R, K]`` (stride ``sh``), ``wl`` ``[C, K]``
+    contiguous, ``x``, ``s``, ``y`` contiguous ``[R, C]``. A program owns ``BR`` whole rows: the product on
+    tensor cores (fp32 accumulators), then the add and the norm of :func:`_add_norm_fwd_kernel` on it."""
+    eps = tl.cast(eps, tl.float32)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BC)
+    ks = tl.arange(0, BK)
+    rmask, cmask = rows < R, cols < C
+    hp = h + rows[:, None] * sh + ks[None, :]
+    wp = wl + cols[None, :] * K + ks[:, None]  # [BK, BC] of wl^T
+    acc = tl.zeros((BR, BC), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + ks) < K
+        ht = tl.load(hp + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(wp + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(ht, wt, acc)
+    mask = rmask[:, None] & cmask[None, :]
+    off = rows[:, None] * C + cols[None, :]
+    v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)  # the residual
+    tl.store(s + off, v, mask=mask)
+    n, _ = _normalize(v.to(tl.float32), cmask, eps, C, RMS)
+    out = n * tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
+
+
+LINEAR_ROWS, LINEAR_BK, LINEAR_WARPS, LINEAR_STAGES = 64, 64, 4, 2
+
+
+def linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
+                               wrap=direct):
+    """``(s, y)``: ``s = x + h @ wl^T`` (``[..., C]`` in ``x.dtype``) and ``y = norm(s)`` (in ``out_dtype``) in one
+    kernel. ``h``: ``[..., K]`` and ``wl``: ``[C, K]`` in one half-precision dtype; ``x``: ``[..., C]``."""
+    C, K = wl.shape
+    h2 = _rows(h, K)
+    x2 = x.reshape(-1, C).contiguous()
+    R = h2.shape[0]
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if R:
+        wrap(_linear_add_norm_kernel)[(cdiv(R, LINEAR_ROWS),)](
+            h2, wl.contiguous(), x2, weight, bias if bias is not None else weight, s, y, R, K, h2.stride(0), eps,
+            C=C, BC=next_power_of_2(C), BR=LINEAR_ROWS, BK=LINEAR_BK, RMS=rms, HAS_BIAS=bias is not None,
+            num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES)
+    return s, y
+
+
 @functools.lru_cache(maxsize=None)
 def _programs(index: int) -> int:
     return 4 * torch.cuda.get_device_properties(index).multi_processor_count
