@@ -207,6 +207,36 @@ def test_block_kernels_in_interpreter_on_cpu():
               for case, errs in result[kind].items()}
     assert max(errors.values()) < 1, f"relative errors / tolerance: {errors}"
 
+
+LINEAR_SCRIPT = BF16_FIX + r"""
+import json, torch
+from vigla.ops.add_norm.triton_kernels import linear_add_norm_fwd_triton
+from vigla.ops.add_norm import add_norm_reference
+torch.manual_seed(0)
+rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+out = {}
+# rows, K, C, rms, residual dtype: a partial row tile, K and C not powers of two, LayerNorm with a bias
+for R, K, C, rms, xdt in [(37, 96, 96, True, torch.bfloat16), (70, 160, 48, False, torch.float32)]:
+    h = torch.randn(R, K + 5)[:, :K].to(torch.bfloat16)  # a strided row view
+    wl = (torch.randn(C, K) / K ** 0.5).to(torch.bfloat16)
+    x = (2 * torch.randn(R, C)).to(xdt)
+    w, b = torch.rand(C) + 0.5, (None if rms else torch.randn(C))
+    s, y = linear_add_norm_fwd_triton(h, wl, x, w, b, 1e-6, rms, torch.bfloat16)
+    s64, y64 = add_norm_reference(x.double(), h.double() @ wl.double().t(), w.double(),
+                                  None if b is None else b.double(), 1e-6, rms, torch.float64)
+    out[str((R, K, C, rms, str(xdt)))] = [s.dtype == xdt and y.dtype == torch.bfloat16, rel(s, s64), rel(y, y64)]
+print(json.dumps(out))
+"""
+
+
+def test_linear_add_norm_kernel_in_interpreter_on_cpu():
+    """A projection, the residual add and the norm in one kernel (GPU inference), against float64 on the same
+    half-precision values: within one rounding of the residual's dtype and of the bf16 output."""
+    pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run")
+    for case, (dtypes_ok, err_s, err_y) in triton_interpreter.run(LINEAR_SCRIPT).items():
+        tol_s = 8e-3 if "bfloat16" in case else 1e-6
+        assert dtypes_ok and err_s < tol_s and err_y < 8e-3, f"{case}: {err_s:.2e} {err_y:.2e}"
+
 # ----------------------------------------------------------------------------------------- GPU
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 # ViG-T/S/B blocks (rms, 192/384/768), ViG-H stages and downsamples (layer, 96..1024; 48 and 64:
@@ -253,6 +283,27 @@ def test_add_norm_under_autocast_on_gpu():
     assert gd.dtype == torch.bfloat16 and gx.dtype == torch.float32
     for a, e in [(gx, dx64), (gd, dx64), (gw, dw64), (gb, db64)]:
         assert rel(a, e) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R, K, C, rms", [(128 * 196, 192, 192, True), (128 * 196, 512, 192, True),
+                                          (4 * 3136, 192, 64, False), (300, 352, 128, False), (5, 96, 96, True)])
+def test_linear_add_norm_kernel_on_gpu(R, K, C, rms, xdt):
+    """ViG-T's output projection and fc2 with the next norm, ViG-H-T's stage-1/2 fc2 with LayerNorm, partial
+    tiles; a float32 or bf16 residual stream: against float64 on the same values."""
+    from vigla.ops.add_norm.op import linear_add_norm_forward, linear_fused
+
+    h = torch.randn(R, K, device="cuda").bfloat16()
+    wl = (torch.randn(C, K, device="cuda") / K ** 0.5).bfloat16()
+    x = (2 * torch.randn(R, C, device="cuda")).to(xdt)
+    w, b = torch.rand(C, device="cuda") + 0.5, (None if rms else torch.randn(C, device="cuda"))
+    assert linear_fused(x, h, wl)
+    s, y = linear_add_norm_forward(h, wl, x, w, b, 1e-6, rms, torch.bfloat16)
+    s64, y64 = add_norm_reference(x.double(), h.double() @ wl.double().t(), w.double(),
+                                  None if b is None else b.double(), 1e-6, rms, torch.float64)
+    assert s.dtype == xdt and y.dtype == torch.bfloat16
+    assert rel(s, s64) < TOL[xdt] and rel(y, y64) < TOL[torch.bfloat16]
 
 
 # ViG-T/S/B and ViG-H stages; several column blocks with a partial one (130 columns), odd channels, 1 x 1

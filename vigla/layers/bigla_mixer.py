@@ -18,7 +18,7 @@ from ..ops.dwconv import dwconv_silu
 from ..ops.dwconv.op import dwconv_forward
 from ..ops.locality_mix import locality_mix
 from ..ops.locality_mix.op import locality_mix_forward
-from .cast import caching, gemm, gemm_weights, inference_weights
+from .cast import Projection, caching, gemm, gemm_weights, inference_weights
 from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer"]
@@ -190,11 +190,14 @@ class BiGLAMixer(nn.Module):
         return F.linear(y, w_out)
 
     @torch.jit.unused
-    def forward_inference(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    def forward_inference(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype,
+                          defer_projection: bool = False) -> torch.Tensor | Projection:
         """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference` (the grid already checked),
         products in ``dtype``: the ops' forward implementations called directly, the projections as
         GEMMs on ``[B*N, .]`` views (on CUDA the decay projection inside the in-projection:
-        :meth:`_folded_weights`). ``[B, N, C]`` -> ``[B, N, C]``."""
+        :meth:`_folded_weights`). ``[B, N, C]`` -> ``[B, N, C]``; with ``defer_projection`` the output
+        projection is returned not yet computed (:class:`vigla.layers.cast.Projection`), for the block's
+        add + norm to run it."""
         B, N, C = x.shape
         h, K, dk, dv = self.num_heads, self.key_dim, self.head_k, self.head_v
         x_c = dwconv_forward(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
@@ -211,4 +214,5 @@ class BiGLAMixer(nn.Module):
                           float(self.gate_logit_normalizer))
         y = locality_mix_forward(o, x_c, gate.view(B, N, C), self.norm_out.weight, self.norm_local.weight,
                                  float(self.norm_out.eps), bool(self.out_act))
-        return gemm(y.reshape(B * N, C), w_out).view(B, N, C)
+        out = Projection(y.reshape(B * N, C), w_out, (B, N, C))
+        return out if defer_projection else out.dense()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "caching", "gemm_weights", "gemm"]
+__all__ = ["inference_weights", "caching", "gemm_weights", "gemm", "Projection", "dense"]
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -121,3 +121,21 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+
+
+class Projection(NamedTuple):
+    """``rows @ W^T`` not computed yet: an inference path's output projection, left for the op that takes it
+    next (the residual add + norm) to run inside its own kernel. ``rows``: ``[R, K]``; ``w``: the matrix as
+    :func:`gemm_weights` prepared it; ``shape``: the product's shape (``R`` rows of ``W``'s outputs)."""
+    rows: torch.Tensor
+    w: torch.Tensor
+    shape: tuple
+
+    def dense(self) -> torch.Tensor:
+        """The product, ``shape``."""
+        return gemm(self.rows, self.w).view(self.shape)
+
+
+def dense(t):
+    """``t`` itself, or the product of a :class:`Projection`."""
+    return t.dense() if isinstance(t, Projection) else t

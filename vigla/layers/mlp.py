@@ -7,7 +7,7 @@ import torch.nn as nn
 from ..ops.dispatch import compute_dtype, eager_inference
 from ..ops.swiglu import swiglu_mlp
 from ..ops.swiglu.op import fc1_fused, fc1_swiglu_forward, swiglu_forward
-from .cast import caching, gemm, gemm_weights, inference_weights
+from .cast import Projection, caching, gemm, gemm_weights, inference_weights
 
 __all__ = ["SwiGLU"]
 
@@ -34,13 +34,16 @@ class SwiGLU(nn.Module):
         return swiglu_mlp(x, w1, w2)
 
     @torch.jit.unused
-    def forward_inference(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward_inference(self, x: torch.Tensor, dtype: torch.dtype,
+                          defer_projection: bool = False) -> torch.Tensor | Projection:
         """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference`, products in ``dtype``: the
         weights cast and prepared once (:func:`vigla.layers.cast.gemm_weights`), both GEMMs on ``[rows, C]``
         views (fc1 and the gating one kernel where :func:`vigla.ops.swiglu.op.fc1_fused`), the ops' forward
-        implementations called directly."""
+        implementations called directly; with ``defer_projection`` fc2 is returned not yet computed
+        (:class:`vigla.layers.cast.Projection`), for the next add + norm to run it."""
         rows = x.reshape(-1, x.shape[-1])
         weights = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
         w1, w2 = gemm_weights(self, "fc", weights, rows.shape[0])
         h = fc1_swiglu_forward(rows.to(dtype), weights[0]) if fc1_fused(rows, dtype) else swiglu_forward(gemm(rows, w1))
-        return gemm(h, w2).view(*x.shape[:-1], self.fc2.out_features)
+        out = Projection(h, w2, (*x.shape[:-1], self.fc2.out_features))
+        return out if defer_projection else out.dense()

@@ -10,8 +10,9 @@ from timm.layers import RmsNorm as _TimmRmsNorm
 from timm.layers.fast_norm import rms_norm
 
 from ..ops.add_norm import add_norm
-from ..ops.add_norm.op import add_norm_forward
+from ..ops.add_norm.op import add_norm_forward, linear_add_norm_forward, linear_fused
 from ..ops.tracing import exporting
+from .cast import Projection
 
 __all__ = ["RmsNorm", "add_and_norm", "add_and_norm_inference"]
 
@@ -68,8 +69,16 @@ def _fused_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.
 def add_and_norm_inference(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor],
                            out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`add_and_norm` under :func:`vigla.ops.dispatch.eager_inference`: the op's forward
-    implementation called directly (the shapes are the block's own), ``[..., C]`` tensors."""
+    implementation called directly (the shapes are the block's own), ``[..., C]`` tensors. ``delta`` may be a
+    :class:`vigla.layers.cast.Projection`, the previous layer's output projection not yet computed: on CUDA
+    in half precision it runs in the same kernel as the add and the norm."""
     fused = _fused_norm(norm)
+    if isinstance(delta, Projection):
+        wl = None if delta.w.is_mkldnn else delta.w.t()  # gemm_weights' [in, out] view of the [out, in] weight
+        if fused is not None and wl is not None and linear_fused(x, delta.rows, wl):
+            return linear_add_norm_forward(delta.rows, wl, x, fused[0], fused[1], float(norm.eps), fused[2],
+                                           out_dtype)
+        delta = delta.dense()
     if fused is None:
         return _unfused(norm, x, delta)
     s, y = add_norm_forward(x, delta, fused[0], fused[1], float(norm.eps), fused[2], out_dtype)

@@ -20,6 +20,7 @@ from timm.models import build_model_with_cfg
 
 from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
+from ..layers.cast import dense
 from ..layers.norm import add_and_norm, add_and_norm_inference
 from ..ops.dispatch import compute_dtype, eager_inference
 from ..ops.recompute import recompute
@@ -73,7 +74,7 @@ class ViGBlock(nn.Module):
             x = x + self.drop_path1(self.attn(self.norm1(x), hw))
             return x + self.drop_path2(self.mlp(self.norm2(x)))
         x, delta = self.forward_pair(x, None, hw)
-        return x + delta
+        return x + dense(delta)
 
     @torch.jit.unused
     def forward_pair(self, x: torch.Tensor, delta: Optional[torch.Tensor], hw: Tuple[int, int]
@@ -93,13 +94,22 @@ class ViGBlock(nn.Module):
     def forward_pair_inference(self, x: torch.Tensor, delta: Optional[torch.Tensor], hw: Tuple[int, int]
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward_pair` under :func:`vigla.ops.dispatch.eager_inference`: the layers' inference
-        paths (each op's forward implementation called directly), the compute dtype found once."""
+        paths (each op's forward implementation called directly), the compute dtype found once. In eval
+        mode each branch's output projection is left to the add + norm after it
+        (:class:`vigla.layers.cast.Projection`; ``delta`` may be one, and so may the returned ``d``)."""
         dtype = compute_dtype(x)
+        defer = not self.training  # drop path needs the branch's output
         x, y = add_and_norm_inference(self.norm1, x, delta, dtype)
-        a = self.attn.forward_inference(y, hw, dtype) if _plain_call(self.attn, BiGLAMixer) else self.attn(y, hw)
-        x, y = add_and_norm_inference(self.norm2, x, self.drop_path1(a) if self.training else a, dtype)
-        m = self.mlp.forward_inference(y, dtype) if _plain_call(self.mlp, SwiGLU) else self.mlp(y)
-        return x, (self.drop_path2(m) if self.training else m)
+        if _plain_call(self.attn, BiGLAMixer):
+            a = self.attn.forward_inference(y, hw, dtype, defer_projection=defer)
+        else:
+            a = self.attn(y, hw)
+        x, y = add_and_norm_inference(self.norm2, x, a if defer else self.drop_path1(a), dtype)
+        if _plain_call(self.mlp, SwiGLU):
+            m = self.mlp.forward_inference(y, dtype, defer_projection=defer)
+        else:
+            m = self.mlp(y)
+        return x, (m if defer else self.drop_path2(m))
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -145,7 +155,7 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int]
     delta = None
     for blk in blocks:
         x, delta = blk.forward_pair(x, delta, hw)
-    return x if delta is None else x + delta
+    return x if delta is None else x + dense(delta)
 
 
 def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> list[float]:

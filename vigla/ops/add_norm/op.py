@@ -17,9 +17,10 @@ from . import cpu_kernels
 from .reference import add_norm_reference, add_norm_reference_bwd
 
 if HAS_TRITON:
-    from .triton_kernels import MAX_C, add_norm_bwd_triton, add_norm_fwd_triton
+    from .triton_kernels import (LINEAR_MAX_C, MAX_C, add_norm_bwd_triton, add_norm_fwd_triton,
+                                 linear_add_norm_fwd_triton)
 
-__all__ = ["AddNormFunction", "add_norm_forward", "cpu_forward"]
+__all__ = ["AddNormFunction", "add_norm_forward", "cpu_forward", "linear_fused", "linear_add_norm_forward"]
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -40,6 +41,21 @@ def add_norm_forward(x, delta, weight, bias, eps: float, rms: bool, out_dtype: t
         return cpu_kernels.add_norm_fwd_cpu(x, delta, weight, bias, eps, rms)
     s, y = add_norm_reference(x, delta, weight, bias, eps, rms, out_dtype)
     return (s.contiguous() if delta is not None else x.new_empty(0)), y.contiguous()
+
+
+def linear_fused(x: torch.Tensor, h: torch.Tensor, wl: torch.Tensor) -> bool:
+    """Whether :func:`linear_add_norm_forward` runs one kernel for these: CUDA with the kernels, ``h`` and ``wl``
+    (``[C, K]``) in one half-precision dtype, ``C`` at most ``LINEAR_MAX_C``."""
+    return (use_kernels(x) and h.dtype in (torch.float16, torch.bfloat16) and wl.dtype == h.dtype
+            and x.shape[-1] <= LINEAR_MAX_C)
+
+
+def linear_add_norm_forward(h, wl, x, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
+    """``(s, y)``: ``s = x + h @ wl^T``, ``y = norm(s)`` (``h``: ``[..., K]``, ``wl``: ``[C, K]``, ``x``: ``[..., C]``),
+    without autograd: one kernel where :func:`linear_fused`, else the product then :func:`add_norm_forward`."""
+    if linear_fused(x, h, wl):
+        return linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps, rms, out_dtype)
+    return add_norm_forward(x, (h @ wl.t()).view(x.shape), weight, bias, eps, rms, out_dtype)
 
 
 def _backward(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype: Optional[torch.dtype],

@@ -127,6 +127,7 @@ def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr
 
 
 LINEAR_ROWS, LINEAR_BK, LINEAR_WARPS, LINEAR_STAGES = 64, 64, 4, 2
+LINEAR_MAX_C = 256  # widest row of the projection + add + norm kernel (its [rows, C] fp32 product in registers)
 
 
 def linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
