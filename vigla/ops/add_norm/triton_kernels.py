@@ -126,8 +126,11 @@ def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr
     tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
 
 
+# projection + add + norm: 64-row tiles, chosen on an H200 over 24 tilings at ViG-T's shapes (224² to 2048²). Against
+# cuBLAS's GEMM then the add + norm kernel it took 9-11% less time for the mixer's output projection (K = C = 192)
+# and 9% more for fc2 (K = 512): the kernels take K and C up to 256 (the product's [rows, C] fp32 tile in registers)
 LINEAR_ROWS, LINEAR_BK, LINEAR_WARPS, LINEAR_STAGES = 64, 64, 4, 2
-LINEAR_MAX_C = 256  # widest row of the projection + add + norm kernel (its [rows, C] fp32 product in registers)
+LINEAR_MAX_C = LINEAR_MAX_K = 256
 
 
 def linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
