@@ -578,8 +578,8 @@ def performance(res: Results) -> str:
                 "`[x; flip(x)]`, as the official code trains.", ""] + kernel_section(res)
     if res("kernel_ops"):
         out += ["", "## The block ops", "",
-                "The depthwise conv + SiLU, add + RMSNorm and locality mix of ViG's blocks at layer shapes, "
-                "`benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
+                "The depthwise conv + SiLU, add + RMSNorm, locality mix and fc1 + SwiGLU gating of ViG's blocks at "
+                "layer shapes, `benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
     if res("profile_vig"):
         out += ["", "## Where the GPU time goes", "",
                 "torch.profiler, kernels' self time per step grouped by op "
