@@ -80,9 +80,10 @@ def _bench(name: str, opts: Options, args: list[str], cap: int, base: list[str] 
 TEST_PARTS = {
     "kernels": ("the BiGLA Triton kernels against a float64 recurrence on random shapes, gated and "
                 "plain, opcheck, torch.compile, determinism", ["tests/test_bigla_triton.py"]),
-    "ops": ("the locality-mix, SwiGLU, add+norm, depthwise-conv and stem conv+norm kernels, whole models on "
-            "their fused paths against reference_ops(), gradient checkpointing, the eager launcher's replays, the "
-            "blocks' deferred residual adds",
+    "ops": ("the locality-mix, SwiGLU (and fc1 + SwiGLU), add+norm (and projection + add + norm), depthwise-conv "
+            "and stem conv+norm kernels, whole models on their fused paths against reference_ops(), the bf16 "
+            "inference stream, gradient checkpointing, the eager launcher's replays, the blocks' deferred residual "
+            "adds",
             ["tests/test_fused_ops.py", "tests/test_recompute.py", "tests/test_fused_block_ops.py",
              "tests/test_launcher.py", "tests/test_models_vig.py", "tests/test_conv_norm.py"]),
     "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel, "
@@ -444,8 +445,8 @@ SUITES = {s.name: s for s in [
            "tune_regs": ("the same for the backward per-chunk kernel's register cap", _kernel_tune_regs),
            "stem": ("the stems' fused path (conv + LayerNorm + act in one kernel) against their layers one by one",
                     _kernel_stem),
-           "ops": ("the block ops (depthwise conv + SiLU forward and backward, add + norm, locality mix) against "
-                   "their byte floors at ViG-T and ViG-H-T shapes", _kernel_ops)},
+           "ops": ("the block ops (depthwise conv + SiLU forward and backward, add + norm, locality mix, fc1 + "
+                   "SwiGLU) against their byte floors at ViG-T and ViG-H-T shapes", _kernel_ops)},
           extra="benchmarks/bench_bigla.py (its launch configurations, shapes, ...)"),
     Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
           "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",
