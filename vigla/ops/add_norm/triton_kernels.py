@@ -36,6 +36,17 @@ def _normalize(s, cmask, eps, C: tl.constexpr, RMS: tl.constexpr):
 
 
 @triton.jit
+def _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C: tl.constexpr, RMS: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """Store ``norm(v) * w (+ b)`` at ``y + off``: ``v`` the residual rows ``[BR, BC]`` (zero beyond ``C``)."""
+    n, _ = _normalize(v.to(tl.float32), cmask, eps, C, RMS)
+    out = n * tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        out += tl.load(b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_norm_fwd_kernel(x, delta, w, b, s, y, R, sx, sd, eps, C: tl.constexpr, BC: tl.constexpr,
                 BR: tl.constexpr, RMS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``x``, ``delta``: rows with strides ``sx``, ``sd``; ``s``, ``y``: contiguous ``[R, C]``."""
@@ -50,11 +61,7 @@ def _add_norm_fwd_kernel(x, delta, w, b, s, y, R, sx, sd, eps, C: tl.constexpr, 
         d = tl.load(delta + rows[:, None] * sd + cols[None, :], mask=mask, other=0.0)
         v = (v.to(tl.float32) + d.to(tl.float32)).to(s.dtype.element_ty)  # the stored residual
         tl.store(s + off, v, mask=mask)
-    n, _ = _normalize(v.to(tl.float32), cmask, eps, C, RMS)
-    out = n * tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        out += tl.load(b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
+    _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C, RMS, HAS_BIAS)
 
 
 @triton.jit
@@ -119,11 +126,7 @@ def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr
     off = rows[:, None] * C + cols[None, :]
     v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)  # the residual
     tl.store(s + off, v, mask=mask)
-    n, _ = _normalize(v.to(tl.float32), cmask, eps, C, RMS)
-    out = n * tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        out += tl.load(b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
+    _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C, RMS, HAS_BIAS)
 
 
 # projection + add + norm: 64-row tiles, chosen on an H200 over 24 tilings at ViG-T's shapes (224² to 2048²). Against
