@@ -88,8 +88,9 @@ def fc1_swiglu_triton(x: torch.Tensor, w1: torch.Tensor, wrap=direct) -> torch.T
     I = w1.shape[0] // 2
     y = torch.empty(*x.shape[:-1], I, dtype=x.dtype, device=x.device)
     cfg = FC1_WIDE if C >= 384 else FC1_NARROW
-    grid = (cdiv(M, cfg["BM"]) * cdiv(I, cfg["BN"]),)
-    wrap(_fc1_swiglu_kernel)[grid](rows, w1, y, M, C, I, rows.stride(0), **cfg)
+    if M:
+        grid = (cdiv(M, cfg["BM"]) * cdiv(I, cfg["BN"]),)
+        wrap(_fc1_swiglu_kernel)[grid](rows, w1, y, M, C, I, rows.stride(0), **cfg)
     return y
 
 
