@@ -1,4 +1,4 @@
-"""Plain ViG as the official code composes it, against vigla's, on one GPU in one run: "vigla ÷ official design".
+"""ViG and ViG-H as the official code composes them, against vigla's, on one GPU in one run (vigla ÷ official).
 
     python benchmarks/official_design.py --img-size 224 512 --out benchmarks/results
     python -m benchmarks fla official      # the same through the runner (installs the fla-core wheel of .whl/)
@@ -6,12 +6,16 @@
 The official block (hustvl/ViG, models/vig.py, the training path): fla's RMSNorm with the residual add fused
 (``prenorm``), the depthwise conv as ``nn.Conv2d`` on NCHW then SiLU, q/k/v, the low-rank decay projection and
 the mix gate as separate ``nn.Linear`` layers, ``logsigmoid / 16`` as its own op, BiGLA as fla's causal
-``chunk_gla`` on ``[x; flip(x)]`` (what the official code trains with: its merged inference kernel is Triton
-2.x code that modern Triton does not run), fla RMSNorms on the output and the local branch, the mix, SiLU,
-the output projection, and fla's ``swiglu_linear`` MLP. :class:`OfficialViG` runs that composition on the
-parameters of a vigla ViG model (shared, not copied): the same weights, so the two agree to bf16 rounding
-(checked here on every run). Without fla (the CPU) each fla call is its PyTorch formula, which the CPU tests
-use to check the composition against vigla's model in float64.
+``chunk_gla`` on ``[x; flip(x)]`` (the official code trains with fla's ``fused_chunk_gla``, which fla now
+serves as ``chunk_gla``; its merged inference kernel is Triton 2.x code that modern Triton does not run), fla
+RMSNorms on the output and the local branch, the mix, SiLU, the output projection, and fla's ``swiglu_linear``
+MLP. ViG-H's (models/vig_h.py, channel-first): LayerNorm2d (permute, LayerNorm, permute) around every block
+branch, the stem and the downsamples, 1x1 convolutions for the projections (but a Linear for the output
+projection), ``chunk_gla`` in stages 1-2 and ``fused_recurrent_gla`` in stages 3-4 on ``[x; flip(x)]``, fla's
+``swiglu`` between fc1 and fc2. :class:`OfficialViG` and :class:`OfficialHierViG` run those compositions on the
+parameters of a vigla model (shared, not copied): the same weights, so each pair agrees to bf16 rounding
+(checked here on every run). Without fla (the CPU) each fla call is its PyTorch formula, which the CPU tests use
+to check the compositions against vigla's models in float64.
 
 Timing: eager inference (``inference_mode``, bf16 autocast) and eager training steps (forward, backward,
 no optimizer) of both models, alternated window by window (``--rounds``), medians of CUDA-event-timed calls;
@@ -35,8 +39,10 @@ from vigla.bench.report import envelope, save_complete  # noqa: E402
 from vigla.ops.bigla import HAS_FLA, bigla_fla, bigla_naive  # noqa: E402
 
 if HAS_FLA:
+    from fla.modules.activations import swiglu as fla_swiglu
     from fla.modules.activations import swiglu_linear
     from fla.modules.layernorm import rms_norm as fla_rms_norm
+    from fla.ops.gla import fused_recurrent_gla
 
 
 def _fla(x: torch.Tensor) -> bool:
@@ -56,11 +62,33 @@ def swiglu_down(a, b, w):
     return swiglu_linear(a, b, w, None) if _fla(a) else F.linear(F.silu(a) * b, w)
 
 
-def bigla(q, k, v, log_gf, log_gb, scale):
-    """``[B, T, H, V]``: fla's ``chunk_gla`` on ``[x; flip(x)]`` on CUDA, the recurrence elsewhere."""
-    if _fla(q):
+def swiglu(a, b):
+    """fla's ``swiglu(a, b)``: ``SiLU(a) * b``."""
+    return fla_swiglu(a, b) if _fla(a) else F.silu(a) * b
+
+
+def bigla(q, k, v, log_gf, log_gb, scale, recurrent: bool = False):
+    """``[B, T, H, V]``: on CUDA fla's ``chunk_gla`` (``fused_recurrent_gla`` if ``recurrent``) on ``[x; flip(x)]``,
+    the directions averaged; the recurrence elsewhere."""
+    if not _fla(q):
+        return bigla_naive(q, k, v, log_gf, log_gb, scale)
+    if not recurrent:
         return bigla_fla(q, k, v, log_gf, log_gb, scale)
-    return bigla_naive(q, k, v, log_gf, log_gb, scale)
+    B = q.shape[0]
+    both = [torch.cat([x, x.flip(1)]) for x in (q, k, v)]
+    o, _ = fused_recurrent_gla(*both, torch.cat([log_gf, log_gb.flip(1)]).to(q.dtype), scale=scale)
+    return (o[:B] + o[B:].flip(1)) * 0.5
+
+
+def layer_norm_2d(x, norm):
+    """The official ``LayerNorm2d``: LayerNorm over the channels of ``[B, C, H, W]`` by two permutes."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
+                        norm.eps).permute(0, 3, 1, 2)
+
+
+def conv1x1(x, layer):
+    """The official ``Linear2d``: a Linear's weight as a 1x1 convolution over ``[B, C, H, W]``."""
+    return F.conv2d(x, layer.weight[:, :, None, None], layer.bias)
 
 
 class OfficialViG(nn.Module):
@@ -103,6 +131,52 @@ class OfficialViG(nn.Module):
         return model.forward_head(model.norm(hidden + residual))
 
 
+class OfficialHierViG(nn.Module):
+    """A vigla ViG-H model (``vig_h_tiny`` / ``_small`` / ``_base``) run as the official code composes it,
+    channel-first (module docstring); its parameters are the model's own."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def mixer(m, x: torch.Tensor, recurrent: bool) -> torch.Tensor:
+        B, C, H, W = x.shape
+        N, h, dk, dv, K = H * W, m.num_heads, m.head_k, m.head_v, m.key_dim
+        xs = F.conv2d(x, m.dwconv.weight.to(x.dtype), padding=1, groups=C)
+        if m.conv_act:
+            xs = F.silu(xs)
+        q, k, v = conv1x1(xs, m.qkv).flatten(2).split([K, K, C], dim=1)
+        gf, gb = (F.logsigmoid(g) / m.gate_logit_normalizer
+                  for g in conv1x1(conv1x1(xs, m.decay_down), m.decay_up).flatten(2).chunk(2, dim=1))
+        heads = lambda t, d: t.reshape(B, h, d, N).permute(0, 3, 1, 2)  # noqa: E731  'b (h d) n -> b n h d'
+        o = bigla(heads(q, dk), heads(k, dk), heads(v, dv), heads(gf, dk), heads(gb, dk), dk ** -0.5, recurrent)
+        g = heads(torch.sigmoid(conv1x1(xs, m.mix_gate)).flatten(2), dv)
+        o_n, _ = rms_norm(o, m.norm_out.weight, m.norm_out.eps)
+        l_n, _ = rms_norm(heads(xs.flatten(2), dv), m.norm_local.weight, m.norm_local.eps)
+        y = (o_n * g + l_n * (1 - g)).reshape(B, N, C)
+        o = m.proj(F.silu(y) if m.out_act else y)
+        return o.permute(0, 2, 1).reshape(B, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> logits, as the wrapped model's ``forward``."""
+        model, stem = self.model, self.model.stem
+        x = layer_norm_2d(stem.conv2(stem.act(layer_norm_2d(stem.conv1(x), stem.norm1))), stem.norm2)
+        for i, stage in enumerate(model.stages):
+            if not isinstance(stage.downsample, nn.Identity):
+                x = layer_norm_2d(stage.downsample.conv(x), stage.downsample.norm)
+            for blk in stage.blocks:
+                x = x + self.mixer(blk.attn, layer_norm_2d(x, blk.norm1), recurrent=i >= 2)
+                u = conv1x1(layer_norm_2d(x, blk.norm2), blk.mlp.fc1)
+                x = x + conv1x1(swiglu(*u.chunk(2, dim=1)), blk.mlp.fc2)
+        return model.head(layer_norm_2d(x, model.norm).mean((2, 3)))
+
+
+def official_design(model: nn.Module) -> nn.Module:
+    """The official composition of a vigla ViG (:class:`OfficialViG`) or ViG-H (:class:`OfficialHierViG`)."""
+    return OfficialHierViG(model) if hasattr(model, "stages") else OfficialViG(model)
+
+
 def _time(fn, device, warmup: int, iters: int, batch: int) -> float:
     times, _ = time_calls(fn, device, warmup, iters)
     return summarize(times, batch)["median_ms"]
@@ -114,7 +188,7 @@ def measure(name: str, img: int, batch: int, rounds: int, iters: int) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(0)
     ours = create_model(name, img_size=img).to(device)
-    official = OfficialViG(ours)
+    official = official_design(ours)
     x = make_input(batch, img, device, channels_last=False)
     labels = torch.randint(0, 1000, (batch,), device=device)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -154,8 +228,8 @@ def measure(name: str, img: int, batch: int, rounds: int, iters: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["vig_tiny"],
-                    help="plain ViG models (vig_tiny, vig_small, vig_base)")
+    ap.add_argument("--models", nargs="+", default=["vig_tiny", "vig_h_tiny"],
+                    help="ViG / ViG-H models (vig_tiny, vig_small, vig_base, vig_h_tiny, ...)")
     ap.add_argument("--img-size", nargs="+", type=int, default=[224, 512])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5, help="alternating windows per phase")

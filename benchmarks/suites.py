@@ -451,8 +451,9 @@ SUITES = {s.name: s for s in [
     Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
           "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",
           {"bigla": ("ViG-T and ViG-S layer shapes, forward and forward+backward", _fla),
-           "official": ("ViG-T against the official code's composition on fla's kernels (chunk_gla on [x; flip(x)], "
-                        "fused RMSNorm, swiglu_linear), eager inference and training at 224 and 512",
+           "official": ("ViG-T and ViG-H-T against the official code's compositions on fla's kernels (chunk_gla / "
+                        "fused_recurrent_gla on [x; flip(x)], fused RMSNorm, swiglu), eager inference and training "
+                        "at 224 and 512",
                         _fla_official)},
           extra="benchmarks/bench_bigla.py, benchmarks/official_design.py"),
     Suite("models", "vigla bench on one GPU: ViG against DeiT, ratios taken in the same run", "cuda",

@@ -329,23 +329,25 @@ def test_sass_bigla_attributes_a_kernels_instructions_to_its_source_lines():
     assert any("_load_gate(" in (line["source"] or "") for line in row["lines"])
 
 
-@pytest.mark.parametrize("name", ["vig_tiny", "vig_small"])
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_small", "vig_h_tiny"])
 def test_official_design_is_vigla_model_in_float64(name):
-    """benchmarks/official_design.py's official composition (separate projections, prenorm residual, flipped
-    directions' recurrence, SwiGLU then down-projection) on a vigla model's own parameters gives the model's
-    logits in float64: the speed comparison compares the same network."""
+    """benchmarks/official_design.py's official compositions (separate projections, prenorm residual or
+    channel-first LayerNorm2d, flipped directions' recurrence, SwiGLU then down-projection) on a vigla model's
+    own parameters give the model's logits in float64: the speed comparison compares the same network."""
     import timm
     import torch
 
-    from benchmarks.official_design import OfficialViG
+    from benchmarks.official_design import official_design
 
     torch.manual_seed(0)
-    model = timm.create_model(name, depth=2, img_size=64, num_classes=10).double().eval()
+    small = (dict(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8)) if name.startswith("vig_h")
+             else dict(depth=2))
+    model = timm.create_model(name, img_size=64, num_classes=10, **small).double().eval()
     with torch.no_grad():  # non-trivial biases and norm weights: a swapped parameter shows
         for p in model.parameters():
             if p.dim() == 1:
                 p.normal_(1.0, 0.3)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
-        want, got = model(x), OfficialViG(model)(x)
+        want, got = model(x), official_design(model)(x)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
