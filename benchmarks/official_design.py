@@ -3,9 +3,9 @@
     python benchmarks/official_design.py --img-size 224 512 --out benchmarks/results
     python -m benchmarks fla official      # the same through the runner (installs the fla-core wheel of .whl/)
 
-The official block (hustvl/ViG, models/vig.py, the training path): fla's RMSNorm with the residual add fused
-(``prenorm``), the depthwise conv as ``nn.Conv2d`` on NCHW then SiLU, q/k/v, the low-rank decay projection and
-the mix gate as separate ``nn.Linear`` layers, ``logsigmoid / 16`` as its own op, BiGLA as fla's causal
+The official block (hustvl/ViG, models/vig.py, the training path): fla's RMSNorm (the second one with the
+mixer's residual add fused, ``prenorm``), the depthwise conv as ``nn.Conv2d`` on NCHW then SiLU, q/k/v, the
+low-rank decay projection and the mix gate as separate ``nn.Linear`` layers, ``logsigmoid / 16`` as its own op, BiGLA as fla's causal
 ``chunk_gla`` on ``[x; flip(x)]`` (the official code trains with fla's ``fused_chunk_gla``, which fla now
 serves as ``chunk_gla``; its merged inference kernel is Triton 2.x code that modern Triton does not run), fla
 RMSNorms on the output and the local branch, the mix, SiLU, the output projection, and fla's ``swiglu_linear``
@@ -102,7 +102,7 @@ class OfficialViG(nn.Module):
     def mixer(self, m, a: torch.Tensor, hw) -> torch.Tensor:
         B, N, C = a.shape
         x_c = F.conv2d(a.transpose(1, 2).reshape(B, C, *hw), m.dwconv.weight.to(a.dtype), padding=1, groups=C)
-        x_c = x_c.flatten(2).transpose(1, 2)
+        x_c = x_c.flatten(2).transpose(1, 2).contiguous()  # as the official code copies it
         if m.conv_act:
             x_c = F.silu(x_c)
         h, dk, dv = m.num_heads, m.head_k, m.head_v
@@ -121,14 +121,13 @@ class OfficialViG(nn.Module):
         """``[B, 3, H, W]`` -> logits, as the wrapped model's ``forward``."""
         model = self.model
         hidden, hw = model._embed(x)
-        residual = None
-        for blk in model.blocks:
-            a, residual = rms_norm(hidden, blk.norm1.weight, blk.norm1.eps, residual)
-            hidden = self.mixer(blk.attn, a, hw)
+        for blk in model.blocks:  # the official GLABlock: the second norm fuses the first residual add
+            residual = hidden
+            hidden = self.mixer(blk.attn, rms_norm(hidden, blk.norm1.weight, blk.norm1.eps)[0], hw)
             a, residual = rms_norm(hidden, blk.norm2.weight, blk.norm2.eps, residual)
             u = F.linear(a, blk.mlp.fc1.weight)
-            hidden = swiglu_down(*u.chunk(2, dim=-1), blk.mlp.fc2.weight)
-        return model.forward_head(model.norm(hidden + residual))
+            hidden = residual + swiglu_down(*u.chunk(2, dim=-1), blk.mlp.fc2.weight)
+        return model.forward_head(rms_norm(hidden, model.norm.weight, model.norm.eps)[0])
 
 
 class OfficialHierViG(nn.Module):
