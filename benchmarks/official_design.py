@@ -4,18 +4,19 @@
     python -m benchmarks fla official      # the same through the runner (installs the fla-core wheel of .whl/)
 
 The official block (hustvl/ViG, models/vig.py, the training path): fla's RMSNorm (the second one with the
-mixer's residual add fused, ``prenorm``), the depthwise conv as ``nn.Conv2d`` on NCHW then SiLU, q/k/v, the
-low-rank decay projection and the mix gate as separate ``nn.Linear`` layers, ``logsigmoid / 16`` as its own op, BiGLA as fla's causal
-``chunk_gla`` on ``[x; flip(x)]`` (the official code trains with fla's ``fused_chunk_gla``, which fla now
-serves as ``chunk_gla``; its merged inference kernel is Triton 2.x code that modern Triton does not run), fla
-RMSNorms on the output and the local branch, the mix, SiLU, the output projection, and fla's ``swiglu_linear``
-MLP. ViG-H's (models/vig_h.py, channel-first): LayerNorm2d (permute, LayerNorm, permute) around every block
-branch, the stem and the downsamples, 1x1 convolutions for the projections (but a Linear for the output
-projection), ``chunk_gla`` in stages 1-2 and ``fused_recurrent_gla`` in stages 3-4 on ``[x; flip(x)]``, fla's
-``swiglu`` between fc1 and fc2. :class:`OfficialViG` and :class:`OfficialHierViG` run those compositions on the
-parameters of a vigla model (shared, not copied): the same weights, so each pair agrees to bf16 rounding
-(checked here on every run). Without fla (the CPU) each fla call is its PyTorch formula, which the CPU tests use
-to check the compositions against vigla's models in float64.
+mixer's residual add fused, ``prenorm``), the depthwise conv as ``nn.Conv2d`` on NCHW then SiLU, q/k/v, the low-
+rank decay projection and the mix gate as separate ``nn.Linear`` layers, ``logsigmoid / 16`` as its own op,
+BiGLA as fla's causal ``chunk_gla`` on ``[x; flip(x)]`` (the official code trains with fla's
+``fused_chunk_gla``, which fla now serves as ``chunk_gla``; its merged inference kernel is Triton 2.x code that
+modern Triton does not run), fla RMSNorms on the output and the local branch, the mix, SiLU, the output
+projection, and fla's ``swiglu_linear`` MLP. ViG-H's (models/vig_h.py, channel-first): LayerNorm2d (permute,
+LayerNorm, permute) around every block branch, the stem and the downsamples, 1x1 convolutions for the
+projections (but a Linear for the output projection), ``chunk_gla`` in stages 1-2 and ``fused_recurrent_gla`` in
+stages 3-4 on ``[x; flip(x)]``, fla's ``swiglu`` between fc1 and fc2. :class:`OfficialViG` and
+:class:`OfficialHierViG` run those compositions on the parameters of a vigla model (shared, not copied): the
+same weights, so each pair agrees to bf16 rounding (checked here on every run). Without fla (the CPU) each fla
+call is its PyTorch formula, which the CPU tests use to check the compositions against vigla's models in
+float64.
 
 Timing: eager inference (``inference_mode``, bf16 autocast) and eager training steps (forward, backward,
 no optimizer) of both models, alternated window by window (``--rounds``), medians of CUDA-event-timed calls;
