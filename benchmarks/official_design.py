@@ -4,8 +4,8 @@
     python -m benchmarks fla official      # the same through the runner (installs the fla-core wheel of .whl/)
 
 The official block (hustvl/ViG, models/vig.py, the training path): fla's RMSNorm (the second one with the
-mixer's residual add fused, ``prenorm``), the depthwise conv as ``nn.Conv2d`` on NCHW then SiLU, q/k/v, the low-
-rank decay projection and the mix gate as separate ``nn.Linear`` layers, ``logsigmoid / 16`` as its own op,
+mixer's residual add fused, ``prenorm``), the depthwise conv as ``nn.Conv2d`` on NCHW then SiLU, q/k/v, the
+low-rank decay projection and the mix gate as separate ``nn.Linear`` layers, ``logsigmoid / 16`` as its own op,
 BiGLA as fla's causal ``chunk_gla`` on ``[x; flip(x)]`` (the official code trains with fla's
 ``fused_chunk_gla``, which fla now serves as ``chunk_gla``; its merged inference kernel is Triton 2.x code that
 modern Triton does not run), fla RMSNorms on the output and the local branch, the mix, SiLU, the output
