@@ -43,7 +43,6 @@ if HAS_FLA:
     from fla.modules.activations import swiglu as fla_swiglu
     from fla.modules.activations import swiglu_linear
     from fla.modules.layernorm import rms_norm as fla_rms_norm
-    from fla.ops.gla import fused_recurrent_gla
 
 
 def _fla(x: torch.Tensor) -> bool:
@@ -73,12 +72,7 @@ def bigla(q, k, v, log_gf, log_gb, scale, recurrent: bool = False):
     the directions averaged; the recurrence elsewhere."""
     if not _fla(q):
         return bigla_naive(q, k, v, log_gf, log_gb, scale)
-    if not recurrent:
-        return bigla_fla(q, k, v, log_gf, log_gb, scale)
-    B = q.shape[0]
-    both = [torch.cat([x, x.flip(1)]) for x in (q, k, v)]
-    o, _ = fused_recurrent_gla(*both, torch.cat([log_gf, log_gb.flip(1)]).to(q.dtype), scale=scale)
-    return (o[:B] + o[B:].flip(1)) * 0.5
+    return bigla_fla(q, k, v, log_gf, log_gb, scale, recurrent)
 
 
 def layer_norm_2d(x, norm):

@@ -10,7 +10,7 @@ from timm.layers import RmsNorm as _TimmRmsNorm
 from timm.layers.fast_norm import rms_norm
 
 from ..ops.add_norm import add_norm
-from ..ops.add_norm.op import add_norm_forward, linear_add_norm_forward, linear_fused
+from ..ops.add_norm.op import add_norm_forward, linear_add_norm_forward
 from ..ops.tracing import exporting
 from .cast import Projection
 
@@ -74,10 +74,9 @@ def add_and_norm_inference(norm: nn.Module, x: torch.Tensor, delta: Optional[tor
     in half precision it runs in the same kernel as the add and the norm."""
     fused = _fused_norm(norm)
     if isinstance(delta, Projection):
-        wl = None if delta.w.is_mkldnn else delta.w.t()  # gemm_weights' [in, out] view of the [out, in] weight
-        if fused is not None and wl is not None and linear_fused(x, delta.rows, wl):
-            return linear_add_norm_forward(delta.rows, wl, x, fused[0], fused[1], float(norm.eps), fused[2],
-                                           out_dtype)
+        if fused is not None and not delta.w.is_mkldnn:  # delta.w: gemm_weights' [in, out] view of [out, in]
+            return linear_add_norm_forward(delta.rows, delta.w.t(), x, fused[0], fused[1], float(norm.eps),
+                                           fused[2], out_dtype)
         delta = delta.dense()
     if fused is None:
         return _unfused(norm, x, delta)
