@@ -28,6 +28,8 @@ import argparse
 import os
 import statistics
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import vigla  # noqa: E402,F401
 from vigla.bench.measure import make_input, summarize, time_calls  # noqa: E402
-from vigla.bench.report import envelope, save_complete  # noqa: E402
+from vigla.bench.report import envelope, save_complete, write_json  # noqa: E402
 from vigla.ops.bigla import HAS_FLA, bigla_fla, bigla_naive  # noqa: E402
 
 if HAS_FLA:
@@ -240,12 +242,15 @@ def main() -> int:
           f"{'official':>9s} {'x':>5s} {'logits diff':>11s}")
     for name in args.models:
         for img in args.img_size:
+            start = time.perf_counter()
             r = measure(name, img, args.batch_size, args.rounds, args.iters)
+            r["seconds"] = round(time.perf_counter() - start, 1)
             out["rows"].append(r)
+            write_json(out, Path(args.out) / f"{args.name}.json")  # incomplete until the last row
             print(f"{name:10s} {img:5d} {r['inference_vigla_ms']:12.2f} {r['inference_official_ms']:9.2f} "
                   f"{r['inference_official_over_vigla']:5.2f} {r['train_vigla_ms']:12.2f} "
                   f"{r['train_official_ms']:9.2f} {r['train_official_over_vigla']:5.2f} "
-                  f"{r['logits_rel_diff_bf16']:11.1e}", flush=True)
+                  f"{r['logits_rel_diff_bf16']:11.1e}  ({r['seconds']:.0f} s)", flush=True)
     print(f"wrote {save_complete(out, args.out, args.name)}")
     return 0
 

@@ -161,11 +161,13 @@ _kernel_tune_regs = _bench_bigla("kernel_bigla_tune_regs", ["--configs", *REGS_C
 _fla = _bench_bigla("fla_bigla", ["--shapes", *FLA_SHAPES], 570, impls=("vigla", "fla"))
 
 
-def _fla_official(opts: Options) -> list[Step]:
-    """ViG-T as vigla runs it against the official composition on fla's kernels (benchmarks/official_design.py)."""
-    name = "fla_official_design"
-    argv = [PY, "benchmarks/official_design.py", "--out", str(opts.out), "--name", name, *opts.extra]
-    return [Step(name, argv, 560, [f"{name}.json"])]
+def _official(name: str, model: str):
+    """One model as vigla runs it against the official composition on fla's kernels (benchmarks/official_design.py)."""
+    def steps(opts: Options) -> list[Step]:
+        argv = [PY, "benchmarks/official_design.py", "--models", model, "--out", str(opts.out), "--name", name,
+                *opts.extra]
+        return [Step(name, argv, 560, [f"{name}.json"])]
+    return steps
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -451,10 +453,11 @@ SUITES = {s.name: s for s in [
     Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
           "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",
           {"bigla": ("ViG-T and ViG-S layer shapes, forward and forward+backward", _fla),
-           "official": ("ViG-T and ViG-H-T against the official code's compositions on fla's kernels (chunk_gla / "
-                        "fused_recurrent_gla on [x; flip(x)], fused RMSNorm, swiglu), eager inference and training "
-                        "at 224 and 512",
-                        _fla_official)},
+           "official": ("ViG-T against the official code's composition on fla's kernels (chunk_gla on [x; flip(x)], "
+                        "fused RMSNorm, swiglu), eager inference and training at 224 and 512",
+                        _official("fla_official_design", "vig_tiny")),
+           "official_h": ("the same for ViG-H-T (channel-first, chunk_gla in stages 1-2, fused_recurrent_gla in "
+                          "3-4)", _official("fla_official_design_h", "vig_h_tiny"))},
           extra="benchmarks/bench_bigla.py, benchmarks/official_design.py"),
     Suite("models", "vigla bench on one GPU: ViG against DeiT, ratios taken in the same run", "cuda",
           {"vig_t": ("ViG-T vs DeiT-T at 224-2048: eager with training steps, ViG-T with gradient "
