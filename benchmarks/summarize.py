@@ -133,6 +133,24 @@ def headline_rows(res: Results) -> list[tuple[str, str, dict, str, str, tuple[st
     return [(label, stem, res(stem), m, b, path) for label, stem, m, b, path in pairs if res(stem) is not None]
 
 
+OFFICIAL = {"fla_official_design": "ViG-T", "fla_official_design_h": "ViG-H-T"}
+
+
+def official_rows(res: Results) -> list[list[str]]:
+    """vigla's model against the official code's composition of it on fla's kernels (benchmarks/official_design.py),
+    eager, timed in alternating windows: one row per file and phase, a cell per size measured."""
+    rows = []
+    for stem, name in OFFICIAL.items():
+        result = res(stem)
+        if not result:
+            continue
+        for phase, what in (("inference", "inference img/s"), ("train", "training img/s")):
+            cells = {r["img_size"]: r.get(f"{phase}_official_over_vigla") for r in result["rows"]}
+            rows.append([f"{name} as vigla runs it ÷ as the official code does (fla), {what}, eager"]
+                        + [fmt(cells.get(s), ".2f") for s in SIZES])
+    return rows
+
+
 def summary(res: Results) -> list[str]:
     """The README's one table: headline ratios at 224-2048, with the runs they come from."""
     rows = [[label] + [ratio(result, m, b, s, path) for s in SIZES]
@@ -145,6 +163,7 @@ def summary(res: Results) -> list[str]:
                 a, b = INTERLEAVED[stem]
                 rows.append([f"{a} ÷ {b}, {what}, eager, timed in turn", f"{median[key]:.2f}",
                              *["-"] * (len(SIZES) - 1)])
+    rows += official_rows(res)
     loop = res("train_cuda_graph_workers15")
     if loop:  # the whole vigla train loop (data loading included), both models replayed from CUDA graphs
         ips = {r["model"]: r["img_per_s"] for r in loop["rows"] if r["mode"] == "cuda_graph"}
