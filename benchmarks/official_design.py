@@ -187,6 +187,8 @@ def measure(name: str, img: int, batch: int, rounds: int, iters: int) -> dict:
     official = official_design(ours)
     x = make_input(batch, img, device, channels_last=False)
     labels = torch.randint(0, 1000, (batch,), device=device)
+    print(f"  {name} @{img}: first calls (fla compiles and autotunes its kernels) ({time.strftime('%H:%M:%S')})",
+          flush=True)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         ours.eval()
         a, b = ours(x).float(), official(x).float()
@@ -211,7 +213,8 @@ def measure(name: str, img: int, batch: int, rounds: int, iters: int) -> dict:
     for phase, make, mode in (("inference", infer, ours.eval), ("train", train, ours.train)):
         mode()
         ratios, t_ours, t_off = [], [], []
-        for _ in range(rounds):
+        for i in range(rounds):
+            print(f"  {name} @{img} {phase}: window {i + 1}/{rounds} ({time.strftime('%H:%M:%S')})", flush=True)
             t_ours.append(_time(make(ours), device, 3, iters, batch))
             t_off.append(_time(make(official), device, 3, iters, batch))
             ratios.append(t_off[-1] / t_ours[-1])
