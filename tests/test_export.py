@@ -216,7 +216,7 @@ def test_cli_onnx_legacy(checkpoint, tmp_path, capsys):
 def test_cli_rejects_unsupported_combinations(checkpoint, capsys, flags, message):
     assert cli(["export", checkpoint, *flags]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert err.startswith("vigla export: error: ") and message in err and len(err.splitlines()) == 1
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):

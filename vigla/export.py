@@ -280,7 +280,7 @@ def export_checkpoint(args: argparse.Namespace) -> int:
         raise UserError(f"the written {args.format} fails on a random batch ({type(e).__name__}): "
                         f"{str(e).strip().splitlines()[0]}") from None
     if worst > PARITY_RTOL:
-        print(f"error: the exported {args.format} differs from PyTorch by {worst:.2e} of the output's "
+        print(f"vigla export: error: the exported {args.format} differs from PyTorch by {worst:.2e} of the output's "
               f"magnitude (more than {PARITY_RTOL:g})", file=sys.stderr)
         return 1
     return 0
@@ -291,7 +291,7 @@ def main(args: argparse.Namespace) -> int:
 
     problem = _fail_early(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"vigla export: error: {problem}", file=sys.stderr)
         return 2
     try:
         with warnings.catch_warnings():
@@ -299,5 +299,5 @@ def main(args: argparse.Namespace) -> int:
                 warnings.simplefilter("ignore")
             return export_checkpoint(args)
     except RUN_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"vigla export: error: {e}", file=sys.stderr)
         return exit_code(e)
