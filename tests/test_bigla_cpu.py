@@ -150,7 +150,7 @@ def test_half_inputs_compute_in_float32_and_return_their_dtype(dtype):
 
 def test_extreme_gate_logits_against_float64():
     """Logits from -800 to 800 (decays from exp(-50) per token to within 1e-20 of 1; the kernel forms their log
-    in float32 with its own exp and log1p, the decays in float64): output and logit gradients at float32's
+    in float32 with its own exp and log1p and sums them in float64): output and logit gradients at float32's
     accuracy."""
     B, T, H, K, V = 1, 64, 2, 8, 8
     q, k, v, _, _ = make_inputs(B, T, H, K, V)
