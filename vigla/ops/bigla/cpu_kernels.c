@@ -59,8 +59,8 @@ static inline float log1p_f(float t) {
 }
 
 /* a token's log decays: logsigmoid(z) / gnorm = (min(z, 0) - log1p(exp(-|z|))) / gnorm of logits, formed
- * in float32 (their relative precision is what the decays need; the decays themselves and their products
- * are float64 below), or the log decays as given */
+ * in float32 (their relative precision is what the decays need; their sums are float64 below), or the log
+ * decays as given */
 static inline void log_decays(const job_t *J, const float *restrict g, double *restrict la) {
     const float inv = J->gnorm > 0 ? 1.0f / J->gnorm : 1.0f;
     for (long i = 0; i < J->K; i++) {
