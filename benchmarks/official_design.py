@@ -1,7 +1,8 @@
 """ViG and ViG-H as the official code composes them, against vigla's, on one GPU in one run (vigla ÷ official).
 
     python benchmarks/official_design.py --img-size 224 512 --out benchmarks/results
-    python -m benchmarks fla official      # the same through the runner (installs the fla-core wheel of .whl/)
+    python -m benchmarks fla official       # ViG-T through the runner (installs the fla-core wheel of .whl/)
+    python -m benchmarks fla official_h     # ViG-H-T (fla autotunes its kernels for every stage: minutes)
 
 The official block (hustvl/ViG, models/vig.py, the training path): fla's RMSNorm (the second one with the
 mixer's residual add fused, ``prenorm``), the depthwise conv as ``nn.Conv2d`` on NCHW then SiLU, q/k/v, the
@@ -20,7 +21,8 @@ float64.
 
 Timing: eager inference (``inference_mode``, bf16 autocast) and eager training steps (forward, backward,
 no optimizer) of both models, alternated window by window (``--rounds``), medians of CUDA-event-timed calls;
-the ratio is taken per round and its median reported.
+the ratio is taken per round and its median reported. The JSON is rewritten after every (model, size) row
+(``complete`` once all are measured), and a line per window shows progress.
 """
 from __future__ import annotations
 
