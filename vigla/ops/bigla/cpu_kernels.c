@@ -69,7 +69,6 @@ static inline void log_decays(const job_t *J, const float *restrict g, double *r
     }
 }
 
-
 /* d(log decay) / d(gate) of a token's gates: sigmoid(-z) / gnorm for logits (float32), else 1 */
 static inline void gate_slopes(const job_t *J, const float *restrict g, double *restrict slope) {
     const float inv = J->gnorm > 0 ? 1.0f / J->gnorm : 1.0f;
@@ -91,7 +90,7 @@ static void coefficients(long K, double *restrict L, const double *restrict la, 
         double l = L[i] + la[i];
         int fold = l < LOG_RENORM;
         float lh = (float)l;
-        float d = exp_f(lh) * (1.0f + (float)(l - (double)lh));
+        float d = lh < -87.3f ? 0.0f : exp_f(lh) * (1.0f + (float)(l - (double)lh)); /* 0 also for l = -inf */
         f[i] = fold ? d : 1.0f;
         float dn = fold ? 1.0f : d;
         u[i] = xs * x[i] / dn;
