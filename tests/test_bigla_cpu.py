@@ -166,3 +166,25 @@ def test_extreme_gate_logits_against_float64():
     grads = bigla_bwd_cpu(*x, do.float(), K ** -0.5, 16.0)
     for name, g, r in zip(["q", "k", "v", "zf", "zb"], grads, torch.autograd.grad(ref, x64, do)):
         assert torch.isfinite(g).all() and rel_err(g, r) < 5e-6, name
+
+
+def test_infinite_negative_gate_logits_cut_the_scan():
+    """A gate logit of -inf is a decay of exactly 0: the scan restarts there, as with a finite but very steep
+    logit (-1e4: its decay also rounds to 0 in float64); finite outputs and q, k, v gradients, equal to those."""
+    B, T, H, K, V = 1, 40, 2, 8, 16
+    q, k, v, zf, zb = make_inputs(B, T, H, K, V)
+    cut_f, cut_b = zf.clone(), zb.clone()
+    for z, (t, h, c) in ((zf, (7, 0, 3)), (zb, (25, 1, 0)), (zf, (31, 1, 5))):
+        z[0, t, h, c] = -float("inf")
+    for z, src in ((cut_f, zf), (cut_b, zb)):
+        z[torch.isinf(src)] = -1e4
+    out = bigla_fwd_cpu(*kernel_inputs(q, k, v, zf, zb), 0.5, 16.0)
+    ref = bigla_fwd_cpu(*kernel_inputs(q, k, v, cut_f, cut_b), 0.5, 16.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    do = torch.randn(B, T, H, V)
+    grads = bigla_bwd_cpu(*kernel_inputs(q, k, v, zf, zb), do, 0.5, 16.0)
+    grads_cut = bigla_bwd_cpu(*kernel_inputs(q, k, v, cut_f, cut_b), do, 0.5, 16.0)
+    for name, g, r in zip("qkv", grads[:3], grads_cut[:3]):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, r, rtol=0, atol=0, msg=name)
