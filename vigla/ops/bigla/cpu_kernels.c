@@ -210,7 +210,7 @@ static void reset(float *S, double *L, long K, long V) {
 /* Tokens s .. s + n - 1 of one forward scan: their coefficients (L carried from one to the next), one pass
  * over the rows, the outputs (assigned by scan 0, added to by scan 1) */
 static inline __attribute__((always_inline)) void forward_steps(const job_t *J, int scan, long b, long h, long s,
-                                                                 float *S, double *L, double *a, float *co,
+                                                                 float *S, double *L, double *la, float *co,
                                                                  const long V, const int n) {
     const long K = J->K;
     long t[2];
@@ -219,8 +219,8 @@ static inline __attribute__((always_inline)) void forward_steps(const job_t *J, 
     for (int p = 0; p < n; p++) {
         t[p] = token(J, scan, s + p);
         float *f = co + 3 * K * p; /* f, u, w */
-        log_decays(J, ROW(J->g[scan], 3 + scan, b, t[p], h), a);
-        coefficients(K, L, a, ROW(J->k, 1, b, t[p], h), 1.0f, ROW(J->q, 0, b, t[p], h), J->c, f, f + K, f + 2 * K,
+        log_decays(J, ROW(J->g[scan], 3 + scan, b, t[p], h), la);
+        coefficients(K, L, la, ROW(J->k, 1, b, t[p], h), 1.0f, ROW(J->q, 0, b, t[p], h), J->c, f, f + K, f + 2 * K,
                      NULL);
         P[p] = (step_t){f, f + K, f + 2 * K, ROW(J->v, 2, b, t[p], h), NULL, acc[p], NULL};
     }
@@ -232,12 +232,12 @@ static inline __attribute__((always_inline)) void forward_steps(const job_t *J, 
 }
 
 static inline __attribute__((always_inline)) void forward_task(const job_t *J, long b, long h, float *S, double *L,
-                                                                double *a, float *co, const long V) {
+                                                                double *la, float *co, const long V) {
     for (int scan = 0; scan < 2; scan++) {
         reset(S, L, J->K, V);
         long s = 0;
-        for (; s + 1 < J->T; s += 2) forward_steps(J, scan, b, h, s, S, L, a, co, V, 2);
-        if (s < J->T) forward_steps(J, scan, b, h, s, S, L, a, co, V, 1);
+        for (; s + 1 < J->T; s += 2) forward_steps(J, scan, b, h, s, S, L, la, co, V, 2);
+        if (s < J->T) forward_steps(J, scan, b, h, s, S, L, la, co, V, 1);
     }
 }
 
@@ -308,7 +308,7 @@ static inline __attribute__((always_inline)) void dkv_steps(const job_t *J, int 
 
 /* one scan's gradients for task (b, h) */
 static inline __attribute__((always_inline)) void backward_scan(const job_t *J, int scan, long b, long h, float *S,
-                                                                 double *L, double *a, float *co, float *dqs,
+                                                                 double *L, double *la, float *co, float *dqs,
                                                                  double *gacc, double *decs, const long V) {
     const long K = J->K, T = J->T;
     float *dks = co + 8 * K, *ones = dks + 2 * K;
@@ -321,10 +321,10 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
     reset(S, L, K, V); /* now R, the gradient of the state, in reverse scan order */
     for (long i = 0; i < K; i++) {
         gacc[i] = 0.0;
-        a[i] = 0.0; /* no decay after the last token */
+        la[i] = 0.0; /* no decay after the last token */
     }
-    for (s = T - 1; s >= 1; s -= 2) dkv_steps(J, scan, b, h, s, S, L, a, co, dks, dqs, gacc, slope, decs, V, 2);
-    if (s == 0) dkv_steps(J, scan, b, h, s, S, L, a, co, dks, dqs, gacc, slope, decs, V, 1);
+    for (s = T - 1; s >= 1; s -= 2) dkv_steps(J, scan, b, h, s, S, L, la, co, dks, dqs, gacc, slope, decs, V, 2);
+    if (s == 0) dkv_steps(J, scan, b, h, s, S, L, la, co, dks, dqs, gacc, slope, decs, V, 1);
 }
 
 /* the (batch, head) tasks [first, last) of one thread, for V values per head; 0 on success */
@@ -336,15 +336,16 @@ static inline __attribute__((always_inline)) int run_tasks_v(const job_t *J, lon
     double *L = malloc(sizeof(double) * (4 * K + (backward ? J->T * K : 0)));
     int failed = !S || !L;
     float *co = S + K * V, *dqs = co + 11 * K;
-    double *a = L + K, *gacc = a + K; /* a: log decays; gacc + K: the slopes; then the backward's log decays, [T, K] */
+    double *la = L + K, *gacc = la + K; /* la: a token's log decays; gacc + K: the slopes; then the backward's
+                                         * log decays, [T, K] */
     double *decs = gacc + 2 * K;
     for (long task = first; task < last && !failed; task++) {
         long b = task / J->H, h = task % J->H;
         if (backward) {
-            backward_scan(J, 0, b, h, S, L, a, co, dqs, gacc, decs, V);
-            backward_scan(J, 1, b, h, S, L, a, co, dqs, gacc, decs, V);
+            backward_scan(J, 0, b, h, S, L, la, co, dqs, gacc, decs, V);
+            backward_scan(J, 1, b, h, S, L, la, co, dqs, gacc, decs, V);
         } else {
-            forward_task(J, b, h, S, L, a, co, V);
+            forward_task(J, b, h, S, L, la, co, V);
         }
     }
     free(S);
