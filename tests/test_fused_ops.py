@@ -323,9 +323,9 @@ def test_fused_model_matches_reference_ops(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
 def test_bf16_residual_stream_of_gpu_inference_is_as_accurate(name):
-    """Eager inference on the GPU keeps the residual stream in bf16 under bf16 autocast (run_blocks): its logits
-    are as close to the float64 model's (the references, every activation in float64) as those of the
-    recording path, whose stream is float32."""
+    """Inference on the GPU, eager and compiled (Inductor), keeps the residual stream in bf16 under bf16 autocast
+    (run_blocks): its logits are as close to the float64 model's (the references, every activation in float64)
+    as those of the recording path, whose stream is float32."""
     import copy
 
     torch.manual_seed(0)
@@ -340,9 +340,11 @@ def test_bf16_residual_stream_of_gpu_inference_is_as_accurate(name):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.no_grad():
             fast = model(x)
+            compiled = torch.compile(model, fullgraph=True)(x)
         recorded = model(x.clone().requires_grad_())
-    e_fast, e_rec = rel(fast, ref), rel(recorded, ref)
+    e_fast, e_compiled, e_rec = rel(fast, ref), rel(compiled, ref), rel(recorded, ref)
     assert e_fast < 1.5 * e_rec + 2e-3, f"bf16 stream {e_fast:.2e}, float32 stream {e_rec:.2e}"
+    assert e_compiled < 1.5 * e_rec + 2e-3, f"compiled {e_compiled:.2e}, float32 stream {e_rec:.2e}"
 
 
 @pytest.mark.gpu

@@ -600,6 +600,44 @@ def test_whole_model_traces_under_torch_compile(name):
     assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for g, w in zip(got, want))
 
 
+def _compiled_ops(model, x) -> tuple[torch.Tensor, list[str]]:
+    """``model(x)`` compiled whole with a backend that records the calls in Dynamo's graph: (output, op names)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    return torch.compile(model, backend=backend, fullgraph=True)(x), seen
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_compiled_inference_takes_the_inference_path(name, monkeypatch):
+    """Compiled inference (grad mode off) calls the inference path's ops as custom ops (vigla.ops.inference.TRACED:
+    each output projection inside the next add + norm, ``vigla::linear_add_norm``) and gives eager inference's
+    logits; with autograd recording it traces the recording path's ops. That path is the GPU's (``_graph_device``):
+    lifted here to run it on the CPU, where it is checked to be off by default."""
+    import vigla.ops.inference as inference
+
+    torch.manual_seed(0)
+    model = small(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expect = model(x)
+        _, default_ops = _compiled_ops(model, x)
+        monkeypatch.setattr(inference, "_graph_device", lambda t: True)
+        torch._dynamo.reset()
+        got, ops = _compiled_ops(model, x)
+    assert not any("linear_add_norm" in op for op in default_ops)
+    n_blocks = sum(1 for m in model.modules() if type(m).__name__ == "ViGBlock")
+    n_runs = len(model.stages) if hasattr(model, "stages") else 1  # a stage's last fc2 is added after its blocks
+    assert sum("linear_add_norm" in op for op in ops) == 2 * n_blocks - n_runs
+    assert torch.allclose(got, expect, rtol=1e-4, atol=1e-5), (got - expect).abs().max()
+    torch._dynamo.reset()
+    _, recording = _compiled_ops(model, x.requires_grad_())
+    assert not any("linear_add_norm" in op for op in recording)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
 def test_inductor_modes_on_gpu(mode):

@@ -12,12 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..ops import bigla_gated
-from ..ops.bigla.op import bigla_forward
-from ..ops.dispatch import compute_dtype, eager_inference
+from ..ops.dispatch import compute_dtype
 from ..ops.dwconv import dwconv_silu
-from ..ops.dwconv.op import dwconv_forward
+from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.locality_mix import locality_mix
-from ..ops.locality_mix.op import locality_mix_forward
 from .cast import Projection, caching, gemm, gemm_weights, inference_weights
 from .norm import RmsNorm
 
@@ -168,8 +166,10 @@ class BiGLAMixer(nn.Module):
         Returns ``[B, N, C]``."""
         N, C = x.shape[1], x.shape[2]
         _check_grid(N, hw)
-        if not torch.jit.is_scripting() and eager_inference(x):
-            return self.forward_inference(x, hw, compute_dtype(x))
+        if not torch.jit.is_scripting():
+            ops = inference_ops(x)
+            if ops is not None:
+                return self.forward_inference(x, hw, compute_dtype(x), ops)
         x_c = dwconv_silu(x, self.dwconv.weight, hw, self.conv_act)
 
         h, K = self.num_heads, self.key_dim
@@ -191,16 +191,16 @@ class BiGLAMixer(nn.Module):
 
     @torch.jit.unused
     def forward_inference(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype,
-                          defer_projection: bool = False) -> torch.Tensor | Projection:
-        """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference` (the grid already checked),
-        products in ``dtype``: the ops' forward implementations called directly, the projections as
+                          ops: InferenceOps = EAGER, defer_projection: bool = False) -> torch.Tensor | Projection:
+        """:meth:`forward` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``; the
+        grid already checked), products in ``dtype``: the ops called without autograd, the projections as
         GEMMs on ``[B*N, .]`` views (on CUDA the decay projection inside the in-projection:
         :meth:`_folded_weights`). ``[B, N, C]`` -> ``[B, N, C]``; with ``defer_projection`` the output
         projection is returned not yet computed (:class:`vigla.layers.cast.Projection`), for the block's
         add + norm to run it."""
         B, N, C = x.shape
         h, K, dk, dv = self.num_heads, self.key_dim, self.head_k, self.head_v
-        x_c = dwconv_forward(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
+        x_c = ops.dwconv(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
         if x_c.is_cuda:  # the decay projection folded into the in-projection: one GEMM launch instead of two
             w_in, b_in, w_out = self._folded_weights(dtype, rows=B * N)
             q, k, v, logits, gate = gemm(x_c.reshape(B * N, C), w_in, b_in).split([K, K, C, 2 * K, C], dim=-1)
@@ -210,9 +210,9 @@ class BiGLAMixer(nn.Module):
                 [K, K, C, self.decay_down.out_features, C], dim=-1)
             logits = gemm(z, w_up, b_up)
         zf, zb = logits.view(B, N, 2, h, dk).unbind(dim=2)
-        o = bigla_forward(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
-                          float(self.gate_logit_normalizer))
-        y = locality_mix_forward(o, x_c, gate.view(B, N, C), self.norm_out.weight, self.norm_local.weight,
-                                 float(self.norm_out.eps), bool(self.out_act))
+        o = ops.bigla(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
+                      float(self.gate_logit_normalizer))
+        y = ops.locality_mix(o, x_c, gate.view(B, N, C), self.norm_out.weight, self.norm_local.weight,
+                             float(self.norm_out.eps), bool(self.out_act))
         out = Projection(y.reshape(B * N, C), w_out, (B, N, C))
         return out if defer_projection else out.dense()

@@ -4,9 +4,10 @@ Under autocast every ``F.linear`` casts its fp32 weight to the compute dtype on 
 kernel launch per weight per forward, which at 224² is a large part of an eager ViG forward.
 :func:`inference_weights` keeps the cast copies on the module until a source parameter changes
 (in place, as an optimizer step does, or replaced), and is bypassed whenever autograd records
-or ``torch.compile`` traces (those cast as usual). The inference paths' GEMMs take them through
-:func:`gemm_weights` (each matrix prepared once: transposed, or packed for oneDNN on the CPU) and
-:func:`gemm`.
+(which casts as usual). The inference paths' GEMMs take them through :func:`gemm_weights` (each matrix
+prepared once: transposed, or packed for oneDNN on the CPU) and :func:`gemm`. While ``torch.compile``
+traces an inference path, both build their results in the graph on every call instead (a graph holds no
+cache): the casts and the concatenations become kernels Inductor fuses.
 
 A change is seen through each parameter's version counter, which every in-place PyTorch op moves, but
 not the fused optimizers (``Adam(W)(fused=True)`` update their parameters without it): so importing
@@ -57,8 +58,11 @@ def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tens
     """``build()`` (default: ``sources``) cast to ``dtype``, cached on ``module`` under ``slot``.
 
     The cache key is ``dtype`` and each source's storage and version counter, so an in-place update
-    or a new parameter makes the next call rebuild. Call it only when :func:`caching` is true.
+    or a new parameter makes the next call rebuild. Call it only when :func:`caching` is true, or while
+    ``torch.compile`` traces inference (the casts then in the graph, nothing kept).
     """
+    if torch.compiler.is_compiling():
+        return tuple(t.to(dtype) for t in (build() if build is not None else sources))
     key = (dtype, *[(t.data_ptr(), t._version) for t in sources])
     cache = module.__dict__.setdefault("_inference_weights", {})
     hit = cache.get(slot)
@@ -105,6 +109,8 @@ def gemm_weights(module: nn.Module, slot: str, weights: tuple[torch.Tensor, ...]
     for ``module`` until that tuple is rebuilt (in a weak table beside it, not on it): each matrix
     ``[out, in]`` as its ``[in, out]`` view, or on the CPU in float32 packed for oneDNN; vectors (biases) as
     they are. ``rows``: the GEMMs' row count (a hint for the packing; any count works later)."""
+    if torch.compiler.is_compiling():  # a graph: no cache, no oneDNN packing (compiled inference runs on CUDA)
+        return tuple(w.t() if w.dim() == 2 else w for w in weights)
     cache = _PREPARED.get(module)
     if cache is None:
         cache = _PREPARED[module] = {}

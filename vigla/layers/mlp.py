@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.dispatch import compute_dtype, eager_inference
+from ..ops.dispatch import compute_dtype
+from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.swiglu import swiglu_mlp
-from ..ops.swiglu.op import fc1_fused, fc1_swiglu_forward, swiglu_forward
+from ..ops.swiglu.op import fc1_fused
 from .cast import Projection, caching, gemm, gemm_weights, inference_weights
 
 __all__ = ["SwiGLU"]
@@ -26,24 +27,27 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and eager_inference(x):
-            return self.forward_inference(x, compute_dtype(x))
+        if not torch.jit.is_scripting():
+            ops = inference_ops(x)
+            if ops is not None:
+                return self.forward_inference(x, compute_dtype(x), ops)
         w1, w2 = self.fc1.weight, self.fc2.weight
         if not torch.jit.is_scripting() and caching(x):  # no autograd (e.g. a dispatch mode): the weights cast once
             w1, w2 = inference_weights(self, "fc", (w1, w2), compute_dtype(x))
         return swiglu_mlp(x, w1, w2)
 
     @torch.jit.unused
-    def forward_inference(self, x: torch.Tensor, dtype: torch.dtype,
+    def forward_inference(self, x: torch.Tensor, dtype: torch.dtype, ops: InferenceOps = EAGER,
                           defer_projection: bool = False) -> torch.Tensor | Projection:
-        """:meth:`forward` under :func:`vigla.ops.dispatch.eager_inference`, products in ``dtype``: the
-        weights cast and prepared once (:func:`vigla.layers.cast.gemm_weights`), both GEMMs on ``[rows, C]``
-        views (fc1 and the gating one kernel where :func:`vigla.ops.swiglu.op.fc1_fused`), the ops' forward
-        implementations called directly; with ``defer_projection`` fc2 is returned not yet computed
-        (:class:`vigla.layers.cast.Projection`), for the next add + norm to run it."""
+        """:meth:`forward` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``),
+        products in ``dtype``: the weights cast and prepared once in eager mode
+        (:func:`vigla.layers.cast.gemm_weights`), both GEMMs on ``[rows, C]`` views (fc1 and the gating one
+        kernel where :func:`vigla.ops.swiglu.op.fc1_fused`), the ops called without autograd; with
+        ``defer_projection`` fc2 is returned not yet computed (:class:`vigla.layers.cast.Projection`), for the
+        next add + norm to run it."""
         rows = x.reshape(-1, x.shape[-1])
         weights = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
         w1, w2 = gemm_weights(self, "fc", weights, rows.shape[0])
-        h = fc1_swiglu_forward(rows.to(dtype), weights[0]) if fc1_fused(rows, dtype) else swiglu_forward(gemm(rows, w1))
+        h = ops.fc1_swiglu(rows.to(dtype), weights[0]) if fc1_fused(rows, dtype) else ops.swiglu(gemm(rows, w1))
         out = Projection(h, w2, (*x.shape[:-1], self.fc2.out_features))
         return out if defer_projection else out.dense()

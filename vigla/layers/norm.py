@@ -10,7 +10,7 @@ from timm.layers import RmsNorm as _TimmRmsNorm
 from timm.layers.fast_norm import rms_norm
 
 from ..ops.add_norm import add_norm
-from ..ops.add_norm.op import add_norm_forward, linear_add_norm_forward
+from ..ops.inference import EAGER, InferenceOps
 from ..ops.tracing import exporting
 from .cast import Projection
 
@@ -67,18 +67,19 @@ def _fused_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.
 
 @torch.jit.unused
 def add_and_norm_inference(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor],
-                           out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`add_and_norm` under :func:`vigla.ops.dispatch.eager_inference`: the op's forward
-    implementation called directly (the shapes are the block's own), ``[..., C]`` tensors. ``delta`` may be a
-    :class:`vigla.layers.cast.Projection`, the previous layer's output projection not yet computed: on CUDA
-    in half precision it runs in the same kernel as the add and the norm."""
+                           out_dtype: torch.dtype, ops: InferenceOps = EAGER) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_and_norm` on an inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``): the
+    op's forward implementation called directly in eager mode, its custom op when compiled (the shapes are the
+    block's own), ``[..., C]`` tensors. ``delta`` may be a :class:`vigla.layers.cast.Projection`, the previous
+    layer's output projection not yet computed: on CUDA in half precision it runs in the same kernel as the add
+    and the norm."""
     fused = _fused_norm(norm)
     if isinstance(delta, Projection):
         if fused is not None and not delta.w.is_mkldnn:  # delta.w: gemm_weights' [in, out] view of [out, in]
-            return linear_add_norm_forward(delta.rows, delta.w.t(), x, fused[0], fused[1], float(norm.eps),
-                                           fused[2], out_dtype)
+            return ops.linear_add_norm(delta.rows, delta.w.t(), x, fused[0], fused[1], float(norm.eps),
+                                       fused[2], out_dtype)
         delta = delta.dense()
     if fused is None:
         return _unfused(norm, x, delta)
-    s, y = add_norm_forward(x, delta, fused[0], fused[1], float(norm.eps), fused[2], out_dtype)
+    s, y = ops.add_norm(x, delta, fused[0], fused[1], float(norm.eps), fused[2], out_dtype)
     return (x if delta is None else s), y

@@ -22,7 +22,8 @@ from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
 from ..layers.cast import dense
 from ..layers.norm import add_and_norm, add_and_norm_inference
-from ..ops.dispatch import compute_dtype, eager_inference
+from ..ops.dispatch import compute_dtype
+from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.recompute import recompute
 
 try:  # timm >= 1.0.31 records the current input size in the model's traits (get_model_input_config)
@@ -84,29 +85,30 @@ class ViGBlock(nn.Module):
         residual add runs inside the next norm's pass (:func:`vigla.layers.norm.add_and_norm`; summed in
         float32, rounded once to ``x``'s dtype, as the separate add would; in the backward, a half-precision
         residual stream gets its gradient rounded once instead of twice). ``[B, N, C]`` tensors."""
-        if eager_inference(x):
-            return self.forward_pair_inference(x, delta, hw)
+        ops = inference_ops(x)
+        if ops is not None:
+            return self.forward_pair_inference(x, delta, hw, ops)
         x, y = add_and_norm(self.norm1, x, delta)
         x, y = add_and_norm(self.norm2, x, self.drop_path1(self.attn(y, hw)))
         return x, self.drop_path2(self.mlp(y))
 
     @torch.jit.unused
-    def forward_pair_inference(self, x: torch.Tensor, delta: Optional[torch.Tensor], hw: Tuple[int, int]
-                               ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward_pair` under :func:`vigla.ops.dispatch.eager_inference`: the layers' inference
-        paths (each op's forward implementation called directly), the compute dtype found once. In eval
-        mode each branch's output projection is left to the add + norm after it
-        (:class:`vigla.layers.cast.Projection`; ``delta`` may be one, and so may the returned ``d``)."""
+    def forward_pair_inference(self, x: torch.Tensor, delta: Optional[torch.Tensor], hw: Tuple[int, int],
+                               ops: InferenceOps = EAGER) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_pair` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``:
+        each op's forward implementation called directly in eager mode, its custom op when compiled), the
+        compute dtype found once. In eval mode each branch's output projection is left to the add + norm
+        after it (:class:`vigla.layers.cast.Projection`; ``delta`` may be one, and so may the returned ``d``)."""
         dtype = compute_dtype(x)
         defer = not self.training  # drop path needs the branch's output
-        x, y = add_and_norm_inference(self.norm1, x, delta, dtype)
+        x, y = add_and_norm_inference(self.norm1, x, delta, dtype, ops)
         if _plain_call(self.attn, BiGLAMixer):
-            a = self.attn.forward_inference(y, hw, dtype, defer_projection=defer)
+            a = self.attn.forward_inference(y, hw, dtype, ops, defer_projection=defer)
         else:
             a = self.attn(y, hw)
-        x, y = add_and_norm_inference(self.norm2, x, a if defer else self.drop_path1(a), dtype)
+        x, y = add_and_norm_inference(self.norm2, x, a if defer else self.drop_path1(a), dtype, ops)
         if _plain_call(self.mlp, SwiGLU):
-            m = self.mlp.forward_inference(y, dtype, defer_projection=defer)
+            m = self.mlp.forward_inference(y, dtype, ops, defer_projection=defer)
         else:
             m = self.mlp(y)
         return x, (m if defer else self.drop_path2(m))
@@ -142,15 +144,16 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int]
     the blocks one by one. Where something watches or wraps the blocks (:func:`_deferrable`), they are
     called one by one. Eager, compiled and exported alike; scripted models call the blocks.
 
-    In eager inference on a GPU the residual stream is kept in the compute dtype (bf16 under bf16
-    autocast): each add + norm reads and writes it at half the bytes, and still sums in float32 and rounds
-    once. The GPU tests hold the logits' distance to the float64 model's within 1.5x the float32 stream's
-    (ViG-T and ViG-H-T); training, compiled graphs and the CPU keep a float32 stream."""
+    In inference on a GPU, eager or compiled (:func:`vigla.ops.inference.inference_ops`), the residual
+    stream is kept in the compute dtype (bf16 under bf16 autocast): each add + norm reads and writes it at
+    half the bytes, and still sums in float32 and rounds once. The GPU tests hold the logits' distance to
+    the float64 model's within 1.5x the float32 stream's (ViG-T and ViG-H-T, eager and compiled); training
+    and the CPU keep a float32 stream."""
     if not _deferrable(blocks, x):
         for blk in blocks:
             x = blk(x, hw)
         return x
-    if x.is_cuda and eager_inference(x):  # GPU inference: the residual stream in the compute dtype (see above)
+    if x.is_cuda and inference_ops(x) is not None:  # GPU inference: the residual stream in the compute dtype
         x = x.to(compute_dtype(x))
     delta = None
     for blk in blocks:

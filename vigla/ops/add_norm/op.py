@@ -20,7 +20,8 @@ if HAS_TRITON:
     from .triton_kernels import (LINEAR_MAX_C, LINEAR_MAX_K, MAX_C, add_norm_bwd_triton, add_norm_fwd_triton,
                                  linear_add_norm_fwd_triton)
 
-__all__ = ["AddNormFunction", "add_norm_forward", "cpu_forward", "linear_fused", "linear_add_norm_forward"]
+__all__ = ["AddNormFunction", "add_norm_forward", "cpu_forward", "linear_fused", "linear_add_norm_forward",
+           "linear_add_norm_op"]
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -51,12 +52,12 @@ def linear_fused(x: torch.Tensor, h: torch.Tensor, wl: torch.Tensor) -> bool:
             and wl.shape[0] <= LINEAR_MAX_C and wl.shape[1] <= LINEAR_MAX_K)
 
 
-def linear_add_norm_forward(h, wl, x, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
+def linear_add_norm_forward(h, wl, x, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype, launch=direct):
     """``(s, y)``: ``s = x + h @ wl^T``, ``y = norm(s)`` (``h``: ``[..., K]``, ``wl``: ``[C, K]``, ``x``: ``[..., C]``),
     without autograd: one kernel where :func:`linear_fused`, else the product then :func:`add_norm_forward`."""
     if linear_fused(x, h, wl):
-        return linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps, rms, out_dtype)
-    return add_norm_forward(x, (h @ wl.t()).view(x.shape), weight, bias, eps, rms, out_dtype)
+        return linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps, rms, out_dtype, wrap=launch)
+    return add_norm_forward(x, (h @ wl.t()).view(x.shape), weight, bias, eps, rms, out_dtype, launch)
 
 
 def _backward(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype: Optional[torch.dtype],
@@ -139,3 +140,16 @@ def _op_backward(ctx, ds, dy):
 
 
 add_norm_op.register_autograd(_op_backward, setup_context=_setup)
+
+
+def _linear_fake(h, wl, x, weight, bias, eps, rms, out_dtype):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
+
+
+@fused_op("vigla::linear_add_norm", _linear_fake)
+def linear_add_norm_op(h: torch.Tensor, wl: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_add_norm_forward` as a custom op, for inference only (no autograd formula): what a compiled
+    model's inference path calls (:mod:`vigla.ops.inference`)."""
+    return linear_add_norm_forward(h, wl, x, weight, bias, eps, rms, out_dtype, wrap)
