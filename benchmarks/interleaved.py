@@ -3,6 +3,7 @@
     python benchmarks/interleaved.py --device cpu --out benchmarks/results --name cpu_vig_t_interleaved
     python benchmarks/interleaved.py --device cuda --out benchmarks/results --name models_vig_t_interleaved
     python benchmarks/interleaved.py --device cuda --models vig_small deit_base_patch16_224 --name models_vig_s_interleaved
+    python benchmarks/interleaved.py --device cuda --compile --name compile_vig_t_interleaved
 
 ``vigla bench`` times one model, then the next. Where the figure depends on the host (a shared 2-core CPU; an
 eager forward on the GPU, which waits on Python and kernel launches) the host's speed moves between those
@@ -16,7 +17,9 @@ result is the median of the rounds' ratios, with every round's figures. Batch ``
 ``--amp`` autocast (bf16 by default on CUDA, none on the CPU), eval-mode ``torch.inference_mode`` forwards.
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`: a row per round, then
 a row ``{"round": "median", ...}``; ``infer_ratio`` and ``train_ratio`` are the first model's throughput over
-the second's, ``latency_ratio`` the first model's batch-1 latency over the second's).
+the second's, ``latency_ratio`` the first model's batch-1 latency over the second's). With ``--compile`` each
+model is ``torch.compile``d (default mode, static shapes) before the warm-up, which compiles its inference,
+training and batch-1 graphs; every timed call then runs compiled code.
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=int, default=None, help="batch-1 forwards per model and round (0 CPU, 10 CUDA)")
     ap.add_argument("--batch-size", type=int, default=None, help="8 on the CPU, 128 on CUDA")
     ap.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="none on the CPU, bf16 on CUDA")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model (default mode, static shapes)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="cpu_vig_t_interleaved")
     args = ap.parse_args(argv)
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     models = {name: build_model(name, 224).to(device) for name in args.models}
+    if args.compile:
+        models = {name: torch.compile(model, dynamic=False) for name, model in models.items()}
     x, x1 = torch.randn(batch, 3, 224, 224, device=device), torch.randn(1, 3, 224, 224, device=device)
 
     def infer(model, inp):
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
             train[name]()
     result = envelope(device, dict(models=list(args.models), batch_size=batch, img_size=224, amp=amp,
                                    rounds=args.rounds, calls=calls, steps=steps, latency=latency,
-                                   threads=torch.get_num_threads()))
+                                   threads=torch.get_num_threads(), compile=args.compile))
     first, second = args.models
     for r in range(args.rounds):
         row = {"round": r}

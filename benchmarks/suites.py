@@ -226,6 +226,13 @@ def _compile_vig_t(opts: Options) -> list[Step]:
     return [_bench("compile_vig_t", opts, COMPILE + VIG_T_PAIR + ["--img-size", "224", "512"], 570)]
 
 
+def _compile_interleaved(opts: Options) -> list[Step]:
+    """Compiled ViG-T against compiled DeiT-T at 224 timed in turn, round after round (inference, training, batch 1)."""
+    argv = [PY, "benchmarks/interleaved.py", "--device", "cuda", "--compile", "--out", str(opts.out), "--name",
+            "compile_vig_t_interleaved", *opts.extra]
+    return [Step("compile_vig_t_interleaved", argv, 540, ["compile_vig_t_interleaved.json"])]
+
+
 def _compile_measure(opts: Options) -> list[Step]:
     args = COMPILE + ["--models", *ALL_MODELS, "--baseline", "deit_tiny_patch16_224", "--img-size", *SIZES]
     return [_bench("compile_all_models", opts, args, 570)]
@@ -472,7 +479,9 @@ SUITES = {s.name: s for s in [
                     _compile_warm),
            "measure": ("the recorded run, ratios to DeiT-T", _compile_measure),
            "vig_t": ("ViG-T vs DeiT-T at 224 and 512 only, compiling in the run itself (one call, cold "
-                     "caches)", _compile_vig_t)}),
+                     "caches)", _compile_vig_t),
+           "interleaved": ("ViG-T vs DeiT-T at 224, both compiled, timed in turn round after round: inference, "
+                           "training steps, batch-1 latency", _compile_interleaved)}),
     Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024; the host's time in "
           "eager forwards", "cuda",
           {"vig": ("inference and training steps, kernels grouped by op", _profile),
