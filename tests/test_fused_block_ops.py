@@ -115,6 +115,25 @@ def test_add_norm_rejects_bad_inputs():
 
 
 # --------------------------------------------------------------------------------------- dwconv
+
+def test_dwconv_launch_plan_takes_symbolic_grid_sizes():
+    """A model compiled at one image size and called at another is traced again with the grid's height and width
+    symbolic (batch and channels static): the forward's launch plan must not hash them into its cache (it raised
+    ``unhashable type: non-nested SymInt`` under Inductor), and gives the plan of the concrete sizes."""
+    pytest.importorskip("triton")
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from vigla.ops.dwconv.triton_kernels import _plan, _sweep
+
+    plans = []
+
+    def trace(x):
+        _, H, W, _ = x.shape
+        plans.append(_plan(2, H, W, 192, x))
+        return x + 1
+
+    make_fx(trace, tracing_mode="symbolic")(torch.empty(2, 14, 10, 192))
+    assert plans == [_sweep(2, 14, 10, 192, 1)]
+
 def _conv_inputs(B, H, W, C, dtype=torch.float64, device="cpu"):
     """x (a channel slice of a wider tensor: strided tokens) and the weight."""
     x = torch.randn(B, H * W, C + 8, dtype=dtype, device=device)[..., 4:C + 4]

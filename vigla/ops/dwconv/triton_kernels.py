@@ -216,7 +216,7 @@ def _tile(C: int, elements: int) -> tuple[int, int]:
 def _plan(B, H: int, W: int, C, x: torch.Tensor) -> tuple[int, int, int, int, int]:
     """:func:`_sweep` for ``x``'s device (one "multiprocessor" under Triton's CPU interpreter)."""
     sms = _sms(x.device.index) if x.is_cuda else 1
-    if type(B) is int and type(C) is int:
+    if all(type(n) is int for n in (B, H, W, C)):  # H and W too: a compiled model seen at two sizes traces them
         return _sweep(B, H, W, C, sms)
     return _sweep.__wrapped__(B, H, W, C, sms)  # symbolic sizes (torch.compile, dynamic): not hashable
 
