@@ -365,6 +365,22 @@ def test_block_ops_are_deterministic_on_gpu():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rms", [True, False])
+def test_linear_add_norm_custom_op_on_cpu(rms):
+    """``vigla::linear_add_norm`` (what compiled inference calls): opcheck's fake, schema and tracing checks, and on
+    the CPU (the product, then add + norm) the float64 composition ``s = x + h wl^T``, ``y = norm(s)``."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    h, wl, x = torch.randn(2, 7, 24, **f64), torch.randn(16, 24, **f64), torch.randn(2, 7, 16, **f64)
+    w, b = torch.rand(16, **f64) + 0.5, None if rms else torch.randn(16, **f64)
+    args = (h, wl, x, w, b, 1e-6, rms, torch.float64)
+    torch.library.opcheck(torch.ops.vigla.linear_add_norm.default, args)
+    s, y = torch.ops.vigla.linear_add_norm(*args)
+    want = x + h @ wl.t()
+    norm = F.rms_norm(want, (16,), w, 1e-6) if rms else F.layer_norm(want, (16,), w, b, 1e-6)
+    assert torch.allclose(s, want, rtol=1e-12, atol=1e-12) and torch.allclose(y, norm, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.gpu
 def test_block_ops_opcheck():
     x, d, w, b = (t.float().requires_grad_() for t in _norm_inputs((2, 10, 96), rms=False, device="cuda"))
@@ -373,6 +389,11 @@ def test_block_ops_opcheck():
     xc, wc = (t.float().requires_grad_() for t in _conv_inputs(2, 4, 5, 64, device="cuda"))
     torch.library.opcheck(torch.ops.vigla.dwconv.default, (xc, wc, 4, 5, True, torch.float32))
     torch.library.opcheck(torch.ops.vigla.dwconv.default, (xc, wc, 4, 5, False, torch.bfloat16))
+    h = torch.randn(2, 10, 64, device="cuda", dtype=torch.bfloat16)
+    wl = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16)
+    xb = x.detach().to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.vigla.linear_add_norm.default,  # the fused kernel (inference only: no grads)
+                          (h, wl, xb, w.detach(), b.detach(), 1e-5, False, torch.bfloat16))
 
 
 @pytest.mark.gpu
