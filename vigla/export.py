@@ -287,17 +287,15 @@ def export_checkpoint(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .engine.errors import RUN_ERRORS, exit_code
+    from .engine.errors import RUN_ERRORS, UserError, report
 
     problem = _fail_early(args)
     if problem:
-        print(f"vigla export: error: {problem}", file=sys.stderr)
-        return 2
+        return report(UserError(problem), "export")
     try:
         with warnings.catch_warnings():
             if not args.debug:  # TorchScript deprecation and tracer warnings: not the user's to act on
                 warnings.simplefilter("ignore")
             return export_checkpoint(args)
     except RUN_ERRORS as e:
-        print(f"vigla export: error: {e}", file=sys.stderr)
-        return exit_code(e)
+        return report(e, "export")
