@@ -126,3 +126,27 @@ def test_model_no_grad_matches_recorded_forward_on_cuda():
             again = model(x)  # replays of the cached launches
     torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
+
+
+def test_planned_takes_symbolic_sizes_past_the_cache():
+    """``planned``: a cached launch plan called with a symbolic size (torch.compile with dynamic shapes) runs
+    uncached with the concrete answer, and leaves the cache as it was; hashable sizes go through the cache."""
+    import functools
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from vigla.ops.launcher import planned
+
+    @functools.lru_cache(maxsize=None)
+    def plan(rows: int, cols: int) -> int:
+        return rows * 100 + cols
+
+    got = []
+
+    def trace(x):
+        got.append(planned(plan, x.shape[0], 7))
+        return x + 1
+
+    make_fx(trace, tracing_mode="symbolic")(torch.empty(5, 3))
+    assert got == [507] and plan.cache_info().currsize == 0
+    assert planned(plan, 5, 7) == 507 and plan.cache_info().currsize == 1

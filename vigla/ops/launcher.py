@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["direct", "cdiv", "next_power_of_2", "FastKernel"]
+__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "FastKernel"]
 
 MAX_SIGNATURES = 1024  # per kernel: beyond it the cache starts again (shapes that never repeat)
 
@@ -47,6 +47,16 @@ def cdiv(a, b):
     """``ceil(a / b)`` for launch grids: ``triton.cdiv`` is a constexpr function in Triton >= 3.4, whose
     call from Python costs microseconds of argument unwrapping. Works on ``SymInt`` sizes too."""
     return (a + b - 1) // b
+
+
+def planned(plan: Callable, *args):
+    """``plan(*args)`` for a launch plan cached with ``functools.lru_cache``: through the cache, or where an
+    argument cannot be hashed (a symbolic size: ``torch.compile`` tracing with dynamic shapes, e.g. a compiled
+    model called at a second image size) the uncached function. Nothing is checked on the cached path."""
+    try:
+        return plan(*args)
+    except TypeError:  # "unhashable type: non-nested SymInt" (an error of the plan itself is raised again below)
+        return plan.__wrapped__(*args)
 
 
 def next_power_of_2(n: int) -> int:

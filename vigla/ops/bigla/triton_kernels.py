@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv
+from ..launcher import cdiv, planned
 
 __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "plan", "supports"]
 
@@ -612,10 +612,7 @@ def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) 
     B, T, H, K = q.shape
     index = q.device.index
     sms = _sm_count(index if index is not None else torch.cuda.current_device()) if q.is_cuda else 132
-    args = (B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config)
-    if type(B) is int and type(T) is int and type(H) is int:
-        return plan(*args)
-    return plan.__wrapped__(*args)  # symbolic sizes (torch.compile with dynamic shapes): not hashable
+    return planned(plan, B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config)
 
 
 def _strided(q, k, v, gf, gb):

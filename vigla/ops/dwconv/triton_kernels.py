@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv, next_power_of_2
+from ..launcher import cdiv, next_power_of_2, planned
 
 TILE_FWD = 1024  # the forward's tile: columns x channels
 TILE_BWD = 512  # the backward's tile: tokens x channels (at 4 warps: spill-free, ptxas sm_90)
@@ -215,10 +215,7 @@ def _tile(C: int, elements: int) -> tuple[int, int]:
 
 def _plan(B, H: int, W: int, C, x: torch.Tensor) -> tuple[int, int, int, int, int]:
     """:func:`_sweep` for ``x``'s device (one "multiprocessor" under Triton's CPU interpreter)."""
-    sms = _sms(x.device.index) if x.is_cuda else 1
-    if all(type(n) is int for n in (B, H, W, C)):  # H and W too: a compiled model seen at two sizes traces them
-        return _sweep(B, H, W, C, sms)
-    return _sweep.__wrapped__(B, H, W, C, sms)  # symbolic sizes (torch.compile, dynamic): not hashable
+    return planned(_sweep, B, H, W, C, _sms(x.device.index) if x.is_cuda else 1)
 
 
 @functools.lru_cache(maxsize=1024)
