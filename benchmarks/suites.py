@@ -161,11 +161,12 @@ _kernel_tune_regs = _bench_bigla("kernel_bigla_tune_regs", ["--configs", *REGS_C
 _fla = _bench_bigla("fla_bigla", ["--shapes", *FLA_SHAPES], 570, impls=("vigla", "fla"))
 
 
-def _official(name: str, model: str):
-    """One model as vigla runs it against the official composition on fla's kernels (benchmarks/official_design.py)."""
+def _official(name: str, model: str, *defaults: str):
+    """One model as vigla runs it against the official composition on fla's kernels (benchmarks/official_design.py);
+    ``defaults``: its arguments before the user's (which override them)."""
     def steps(opts: Options) -> list[Step]:
         argv = [PY, "benchmarks/official_design.py", "--models", model, "--out", str(opts.out), "--name", name,
-                *opts.extra]
+                *defaults, *opts.extra]
         return [Step(name, argv, 560, [f"{name}.json"])]
     return steps
 
@@ -464,7 +465,10 @@ SUITES = {s.name: s for s in [
                         "fused RMSNorm, swiglu), eager inference and training at 224 and 512",
                         _official("fla_official_design", "vig_tiny")),
            "official_h": ("the same for ViG-H-T (channel-first, chunk_gla in stages 1-2, fused_recurrent_gla in "
-                          "3-4)", _official("fla_official_design_h", "vig_h_tiny"))},
+                          "3-4), inference at 224 (fla's cold autotuning took 4.8 minutes of one call for the "
+                          "forward alone; `-- --phases inference train` adds training)",
+                          _official("fla_official_design_h", "vig_h_tiny", "--img-size", "224", "--phases",
+                                    "inference"))},
           extra="benchmarks/bench_bigla.py, benchmarks/official_design.py"),
     Suite("models", "vigla bench on one GPU: ViG against DeiT, ratios taken in the same run", "cuda",
           {"vig_t": ("ViG-T vs DeiT-T at 224-2048: eager with training steps, ViG-T with gradient "
