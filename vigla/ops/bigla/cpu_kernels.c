@@ -333,6 +333,7 @@ static inline __attribute__((always_inline)) void dkv_steps(const job_t *J, int 
         const float *dq = dqs + sp * K, *dkp = dks + K * p;
         float *dk = OUT(J->dk, b, t[p], h, K), *dv = OUT(J->dv, b, t[p], h, V), *dg = OUT(J->dg[scan], b, t[p], h, K);
         gate_slopes(J, ROW(J->g[scan], 3 + scan, b, t[p], h), slope);
+#pragma omp simd /* the outputs alias none of the inputs: vectorised (GCC kept it scalar, ~8% of the backward) */
         for (long i = 0; i < K; i++) {
             float dki = dkp[i] * Dp[i];
             dk[i] = scan ? dk[i] + dki : dki;
