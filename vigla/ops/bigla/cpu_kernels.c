@@ -217,8 +217,8 @@ static inline __attribute__((always_inline)) void advance_rows64(float *restrict
     }
 }
 
-/* The passes of n consecutive tokens over all K rows: V = 64 through advance_rows64's registers, other V
- * token by token, row by row. */
+/* The passes of n consecutive tokens over all K rows: V = 64 through advance_rows64's registers (in column blocks
+ * of NB vectors), other V token by token, row by row. */
 static inline __attribute__((always_inline)) void advance_rows(float *restrict S, long K, long V, const step_t *P,
                                                                const int n, const int NB) {
     if (V == 64) {
