@@ -115,7 +115,6 @@ def test_add_norm_rejects_bad_inputs():
 
 
 # --------------------------------------------------------------------------------------- dwconv
-
 def test_dwconv_launch_plan_takes_symbolic_grid_sizes():
     """A model compiled at one image size and called at another is traced again with the grid's height and width
     symbolic (batch and channels static): the forward's launch plan must not hash them into its cache (it raised
@@ -133,6 +132,7 @@ def test_dwconv_launch_plan_takes_symbolic_grid_sizes():
 
     make_fx(trace, tracing_mode="symbolic")(torch.empty(2, 14, 10, 192))
     assert plans == [_sweep(2, 14, 10, 192, 1)]
+
 
 def _conv_inputs(B, H, W, C, dtype=torch.float64, device="cpu"):
     """x (a channel slice of a wider tensor: strided tokens) and the weight."""
