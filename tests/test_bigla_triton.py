@@ -102,7 +102,7 @@ def test_triton_kernel_in_interpreter_on_cpu():
 
 
 GATE_SCRIPT = r"""
-import json, torch, triton, triton.language as tl
+import json, math, torch, triton, triton.language as tl
 from vigla.ops.bigla.triton_kernels import _load_gate, _sigmoid_neg
 
 @triton.jit
@@ -117,21 +117,26 @@ z = torch.cat([torch.linspace(-100, 100, 2 ** 15), torch.randn(2 ** 15) * 4,
 la, slope = torch.empty_like(z), torch.empty_like(z)
 gates[(z.numel() // 1024,)](z, la, slope, 1 / 16)
 zd = z.double()
-rel = lambda a, b: ((a.double() - b).abs() / b.abs().clamp_min(2 ** -126)).max().item()  # float32 normals
-print(json.dumps([rel(la, torch.nn.functional.logsigmoid(zd) / 16), rel(slope, torch.sigmoid(-zd))]))
+# relative error (float32 normals) over its bound: a few ulp, plus what exp2 turns the error of its argument
+# -|z| log2(e) into (log2(e) and the product each rounded to float32: up to |z| 2^-24 each, relative, after exp2)
+bound = 4e-7 + 1.2e-7 * zd.abs()
+rel = lambda a, b: ((a.double() - b).abs() / b.abs().clamp_min(2 ** -126) / bound).max().item()
+log2e = 1 / math.log(2)  # the kernels' log decays are in base 2
+print(json.dumps([rel(la, torch.nn.functional.logsigmoid(zd) / 16 * log2e), rel(slope, torch.sigmoid(-zd))]))
 """
 
 
 def test_gate_forms_in_interpreter_on_cpu():
-    """The kernels' log decays ``logsigmoid(z) / 16`` (``_load_gate``: the series for ``log1p``) and the logits'
+    """The kernels' base-2 log decays ``logsigmoid(z) / 16`` (``_load_gate``: the series for ``log1p``) and the logits'
     gradient factor ``sigmoid(-z)`` (``_sigmoid_neg``) against float64, elementwise relative error, over logits
     from -100 to 100, 1e-30 to 100 in magnitude either way and random ones: a few float32 ulp wherever the
     value is a float32 normal, including the weak gates (large positive ``z``) where ``1 + exp(-z)`` rounds to
     1 (below 2^-126 the error is measured against 2^-126: subnormal results keep fewer bits, as they did with
-    the accurate ``log``). The interpreter's reciprocal square root is exact, the GPU's within 2^-22.9: one ulp
-    more there."""
-    la_err, slope_err = triton_interpreter.run(GATE_SCRIPT)
-    assert la_err < 4e-7 and slope_err < 4e-7, (la_err, slope_err)
+    the accurate ``log``), plus what ``exp2(-|z| log2(e))`` loses to its rounded argument (up to ``|z|`` 1.2e-7
+    relative, as ``tl.exp`` did on the GPU). The interpreter's reciprocal square root and ``exp2`` are exact, the GPU's
+    within 2^-22.9 and 2 ulp: an ulp or two more there."""
+    la_err, slope_err = triton_interpreter.run(GATE_SCRIPT)  # errors over their bounds
+    assert la_err < 1 and slope_err < 1, (la_err, slope_err)
 
 
 @pytest.mark.parametrize("B, T, chunk, segments", [(128, 196, 32, 1), (48, 1024, 64, 4), (12, 4096, 64, 8),

@@ -16,7 +16,8 @@ Forward, two launches (three for long sequences):
    adds to the chunk states (decayed by the stored in-segment decay).
 3. ``_bigla_fwd_kernel``, one program per chunk: the intra-chunk part as one ``[BT, BT]`` score matrix
    (forward decays on and below the diagonal, backward on and above) on tensor cores, plus the
-   two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(G - c) S^b``.
+   two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(R) S^b`` (``R = G - c``: inclusive suffix
+   sums, so that the backward decay from j to i is also ``exp(R_i - R_j)``), accumulated by the products.
 
 Backward: the same walk kernel computes four chains in one launch (the two states again, and the
 state gradients of both scans from ``q`` and ``do``), then ``_bigla_bwd_kernel``, one program per chunk,
@@ -33,6 +34,11 @@ falls from ``g_0`` to ``G``; backward: ``-c`` rises from 0 to ``g_last - G``) an
 stay within ``exp(+-G)`` of the inputs; when ``-G`` is below 60 that is inside fp32's and bf16's
 range (no overflow or underflow); a steeper chunk takes an exact path, one token at a time, in which
 every exponent is <= 0. So any finite log decay gives the exact result.
+
+Base 2: the kernels hold log decays times ``log2(e)`` (formed as the gates are read) and take every
+exponential as ``exp2``, one hardware instruction (``tl.exp`` of fp32 costs five: the scaling and the
+subnormal range around ``ex2``); ``exp2`` flushes results below 2^-126 to zero, terms under fp32's
+smallest normal relative to the unit diagonal term that every product has.
 
 Inputs are read in place in the ``[B, T, H, D]`` layout with unit last stride (q, k, v may be
 column slices of one projection; q and k share strides, as do the two gates). Gates are log
@@ -54,7 +60,9 @@ from ..launcher import cdiv, planned
 
 __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "plan", "supports"]
 
-RANGE_LIMIT = tl.constexpr(60.0)  # factored intra-chunk products: factors within exp(+-60) of the inputs
+LOG2E = tl.constexpr(1.4426950408889634)
+# factored intra-chunk products: factors within exp(+-60) of the inputs (60 in base-2 units)
+RANGE_LIMIT = tl.constexpr(60.0 * 1.4426950408889634)
 
 
 def supports(K: int, V: int) -> bool:
@@ -102,18 +110,22 @@ def _log1p_unit(t):
 
 @triton.jit
 def _load_gate(ptr, rows, cols, stride, T, ginv, GATED: tl.constexpr):
-    """``[BT, len(cols)]`` fp32 log decays: the stored values, or (``GATED``) ``logsigmoid(z) * ginv``
-    of stored logits ``z`` (``ginv``: the reciprocal of the gate normalizer); zero past ``T`` either way."""
+    """``[BT, len(cols)]`` fp32 log decays in base 2 (times ``log2(e)``): of the stored values, or (``GATED``)
+    of ``logsigmoid(z) * ginv`` of stored logits ``z`` (``ginv``: the reciprocal of the gate normalizer);
+    zero past ``T`` either way."""
     x = _load_rows(ptr, rows, cols, stride, T)
     if GATED:  # logsigmoid(z) = min(z, 0) - log1p(exp(-|z|))
-        x = tl.where(rows[:, None] < T, (tl.minimum(x, 0.0) - _log1p_unit(tl.exp(-tl.abs(x)))) * ginv, 0.0)
+        x = (tl.minimum(x, 0.0) - _log1p_unit(tl.exp2(-tl.abs(x) * LOG2E))) * (ginv * LOG2E)
+        x = tl.where(rows[:, None] < T, x, 0.0)
+    else:
+        x = x * LOG2E
     return x
 
 
 @triton.jit
 def _sigmoid_neg(z):
     """``sigmoid(-z) = d logsigmoid(z) / dz``, without overflow: ``exp(-|z|)`` or 1 over ``1 + exp(-|z|)``."""
-    t = tl.exp(-tl.abs(z))
+    t = tl.exp2(-tl.abs(z) * LOG2E)
     w = 1.0 + t
     return tl.where(z > 0, t, 1.0) * tl.rsqrt(w * w)
 
@@ -154,6 +166,18 @@ def _hdot(a, b, HALF_DOTS: tl.constexpr):
 
 
 @triton.jit
+def _hdot_acc(a, b, acc, HALF_DOTS: tl.constexpr):
+    """``acc + _hdot(a, b)``, the sum accumulated by the product itself."""
+    if HALF_DOTS == 2:
+        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif HALF_DOTS == 1:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    else:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return r
+
+
+@triton.jit
 def _triangle(BT: tl.constexpr, UPPER: tl.constexpr):
     o = tl.arange(0, BT)
     if UPPER:
@@ -179,12 +203,12 @@ def _decay_to(x, x_j, j, BT: tl.constexpr, UPPER: tl.constexpr):
     ``UPPER``, else ``i >= j``), 0 for the others; every kept exponent is <= 0."""
     o = tl.arange(0, BT)
     keep = o <= j if UPPER else o >= j
-    return tl.exp(tl.where(keep[:, None], x - x_j[None, :], float("-inf")))
+    return tl.exp2(tl.where(keep[:, None], x - x_j[None, :], float("-inf")))
 
 
 @triton.jit
 def _factored(tot):
-    """Whether a chunk's intra-chunk products may be factored (``tot``: its summed log decays, ``[K]``)."""
+    """Whether a chunk's intra-chunk products may be factored (``tot``: its summed log decays, base 2, ``[K]``)."""
     return tl.max(-tot, axis=0) < RANGE_LIMIT
 
 
@@ -197,7 +221,7 @@ def _scores(a, b, x, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: tl.
     a = a.to(tl.float32)
     b = b.to(tl.float32)
     if safe:
-        s = _hdot(a * tl.exp(x), tl.trans(b * tl.exp(-x)), HALF_DOTS)
+        s = _hdot(a * tl.exp2(x), tl.trans(b * tl.exp2(-x)), HALF_DOTS)
         s = tl.where(_triangle(BT, UPPER), s, 0.0)
     else:
         s = tl.zeros([BT, BT], dtype=tl.float32)
@@ -213,7 +237,7 @@ def _mix_rows(w, y, x, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: t
     """``[BT, K]``: ``r_i = sum_j w_ij y_j exp(x_i - x_j)`` (``w`` zero off the triangle)."""
     y = y.to(tl.float32)
     if safe:
-        r = _dot(w, y * tl.exp(-x), HALF_DOTS) * tl.exp(x)
+        r = _dot(w, y * tl.exp2(-x), HALF_DOTS) * tl.exp2(x)
     else:
         r = tl.zeros_like(x)
         for j in range(0, BT):
@@ -227,13 +251,13 @@ def _mix_cols(w, y, x, safe, BT: tl.constexpr, UPPER: tl.constexpr, HALF_DOTS: t
     """``[BT, K]``: ``r_j = sum_i w_ij y_i exp(x_i - x_j)`` (``w`` zero off the triangle)."""
     y = y.to(tl.float32)
     if safe:
-        r = _dot(tl.trans(w), y * tl.exp(x), HALF_DOTS) * tl.exp(-x)
+        r = _dot(tl.trans(w), y * tl.exp2(x), HALF_DOTS) * tl.exp2(-x)
     else:
         r = tl.zeros_like(x)
         o = tl.arange(0, BT)
         for i in range(0, BT):
             keep = o >= i if UPPER else o <= i  # the tokens j that token i reaches
-            e = tl.exp(tl.where(keep[:, None], _row(x, i, BT)[None, :] - x, float("-inf")))
+            e = tl.exp2(tl.where(keep[:, None], _row(x, i, BT)[None, :] - x, float("-inf")))
             r += _row(w, i, BT)[:, None] * _row(y, i, BT)[None, :] * e
     return r
 
@@ -248,7 +272,7 @@ def _state(h, hs, dec, w, i_bh, BH, n, NT, SEG, NSEG, ck, cv,
     s = tl.load(h + (chain * NT + n) * K * V + ck[:, None] * V + cv[None, :])
     if SEGMENTED:
         carry = tl.load(hs + (chain * NSEG + n // SEG) * K * V + ck[:, None] * V + cv[None, :])
-        s = s.to(tl.float32) + tl.exp(tl.load(dec + (chain * (NT + NSEG) + n) * K + ck))[:, None] * carry
+        s = s.to(tl.float32) + tl.exp2(tl.load(dec + (chain * (NT + NSEG) + n) * K + ck))[:, None] * carry
     return s
 
 
@@ -269,7 +293,7 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gin
 
     each ``S <- exp(G) S + U`` per chunk. ``h``: ``[W, BH, NT, K, V]`` in its own dtype; with
     ``SEGMENTED`` the walk starts from zero at every segment of ``SEG`` chunks, and writes the
-    segment's total to ``hs`` (``[W, BH, NSEG, K, V]`` fp32) and the summed log decays (in the
+    segment's total to ``hs`` (``[W, BH, NSEG, K, V]`` fp32) and the summed base-2 log decays (in the
     segment, before each chunk, ``[W, BH, NT + NSEG, K]`` fp32, totals at ``NT + s``) to ``dec``.
     """
     ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
@@ -316,9 +340,9 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gin
         p = tl.cumsum(g, axis=0)
         tot = tl.sum(g, axis=0)
         x = c_p * p + (c_g * g + c_t * tot[None, :])
-        u = tl.trans(a.to(tl.float32) * tl.exp(x))  # [K, BT]: the chunk's keys (queries) decayed, <= |a|
+        u = tl.trans(a.to(tl.float32) * tl.exp2(x))  # [K, BT]: the chunk's keys (queries) decayed, <= |a|
         contrib = _dot_raw(u.to(b.dtype), b, HALF_DOTS)  # half inputs: both operands in their dtype
-        state = state * tl.exp(tot)[:, None] + contrib * mult
+        state = state * tl.exp2(tot)[:, None] + contrib * mult
         acc += tot
     if SEGMENTED:
         tl.store(hs + (chain * NSEG + i_s) * K * V + ck[:, None] * V + cv[None, :], state)
@@ -352,7 +376,7 @@ def _bigla_carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV:
         total_next = tl.load(hs + (chain * NSEG + s_next) * K * V + tile)
         d_next = tl.load(dec + (chain * (NT + NSEG) + NT + s_next) * K + ck)
         tl.store(hs + (chain * NSEG + s) * K * V + tile, carry)
-        carry = carry * tl.exp(d)[:, None] + total
+        carry = carry * tl.exp2(d)[:, None] + total
         s, total, d = s_next, total_next, d_next
 
 
@@ -379,18 +403,19 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, ginv,
     b_k = _load_raw(k + off_q, rows, ck, sqt, T)
     b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
     # forward scan: intra-chunk scores on and below the diagonal, and q exp(P) S^f
-    g_f = _load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED)
-    p = tl.cumsum(g_f, axis=0)
-    out = _hdot(_scores(b_q, b_k, p, _factored(tl.sum(g_f, axis=0)), BT, False, HALF_DOTS), b_v, HALF_DOTS)
+    # the scans' exponents: inclusive prefix sums P (forward) and inclusive suffix sums R = G - c
+    # (backward: exp(c_j - c_i) = exp(R_i - R_j)), both <= 0, each factored product's range their minimum
+    p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), axis=0)
+    r = tl.cumsum(_load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED), axis=0, reverse=True)
+    # both scans' intra-chunk scores in one matrix (forward on and below the diagonal, backward on and above)
+    a = _scores(b_q, b_k, p, -tl.min(p) < RANGE_LIMIT, BT, False, HALF_DOTS)
+    a += _scores(b_q, b_k, r, -tl.min(r) < RANGE_LIMIT, BT, True, HALF_DOTS)
+    out = _hdot(a, b_v, HALF_DOTS)
+    # the states entering the chunk, read by q exp(P) and q exp(R): decayed queries, <= |q|
     s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out += _hdot(b_q.to(tl.float32) * tl.exp(p), s_f, HALF_DOTS)  # decayed queries: <= |q|
-    # backward scan: on and above the diagonal, and q exp(G - c) S^b
-    g_b = _load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED)
-    c = tl.cumsum(g_b, axis=0) - g_b
-    tot_b = tl.sum(g_b, axis=0)
-    out += _hdot(_scores(b_q, b_k, -c, _factored(tot_b), BT, True, HALF_DOTS), b_v, HALF_DOTS)
+    out = _hdot_acc(b_q.to(tl.float32) * tl.exp2(p), s_f, out, HALF_DOTS)
     s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out += _hdot(b_q.to(tl.float32) * tl.exp(tot_b[None, :] - c), s_b, HALF_DOTS)
+    out = _hdot_acc(b_q.to(tl.float32) * tl.exp2(r), s_b, out, HALF_DOTS)
     _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)
 
 
@@ -445,8 +470,8 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
     s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     # the states as stored: their products with do and v are exact (as tf32 of the same values was)
-    dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp(x + a[None, :]))
-    key_out = tl.exp(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
+    dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp2(x + a[None, :]))
+    key_out = tl.exp2(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
     dk_inter = _dot_raw(b_v, tl.trans(ds), HALF_DOTS) * key_out
     b_dq = _mix_rows(w, b_k, x, safe, BT, UPPER, HALF_DOTS) + dq_inter
     b_dk = _mix_cols(w, b_q, x, safe, BT, UPPER, HALF_DOTS) + dk_inter
@@ -462,7 +487,7 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
     else:  # x = P: d/dg_j = sum over the tokens from j on
         extra = tl.sum(b_k.to(tl.float32) * dk_inter, axis=0)
         d_g += u
-    d_g += (extra + tl.exp(tot) * tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1))[None, :]
+    d_g += (extra + tl.exp2(tot) * tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1))[None, :]
     if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
         d_g *= _sigmoid_neg(_load_rows(g + off_g, rows, ck, sgt, T)) * ginv
     _store_rows(dg + off_k, rows, ck, H * K, T, d_g)
