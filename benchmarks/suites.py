@@ -283,6 +283,22 @@ def _ncu(opts: Options) -> list[Step]:
     return steps
 
 
+def _ncu_source(opts: Options) -> list[Step]:
+    """The source view (SASS, executed counts and stall samples) of the same kernels, summarised per kernel
+    by benchmarks/ncu_source.py."""
+    steps = []
+    for name, *shape in NCU_SHAPES:
+        stem = name.replace("ncu_", "ncu_source_")
+        report = opts.out / f"{stem}_report"
+        argv = ["ncu", "--clock-control", "none", "--nvtx", "--nvtx-include", "bigla", "--set", "full",
+                "--import-source", "yes", "-f", "-o", str(report), PY, "benchmarks/ncu_bigla.py",
+                "--shape", *map(str, shape)]
+        steps.append(Step(f"{stem}_report", argv, 230, [f"{stem}_report.ncu-rep"]))
+        steps.append(Step(stem, [PY, "benchmarks/ncu_source.py", "--report", f"{report}.ncu-rep", "--out",
+                                 str(opts.out), "--name", stem], 40, [f"{stem}.json"]))
+    return steps
+
+
 # ------------------------------------------------------------------------------- train, castling
 
 def _train(opts: Options) -> list[Step]:
@@ -498,7 +514,9 @@ SUITES = {s.name: s for s in [
            "host_ops": ("the host's time per call of each op of a ViG-T block beside PyTorch's ops and an empty "
                         "Triton launch", _host_ops)}),
     Suite("ncu", "Nsight Compute sections of the BiGLA kernels at two ViG-T shapes", "cuda",
-          {"bigla": ("one forward + backward per shape, every kernel in it", _ncu)}),
+          {"bigla": ("one forward + backward per shape, every kernel in it", _ncu),
+           "source": ("the same kernels' SASS: instructions per warp, opcode mix by executed instructions "
+                      "and by stall samples, the hottest instructions", _ncu_source)}),
     Suite("train", "ViG-T vs DeiT-T trained with the same recipe and budget, evaluated at 1x, 2x and 4x the "
           "training size; `vigla train` eager against --cuda-graph", "cuda",
           {"compare": ("Imagenette and/or Fashion-MNIST", _train),

@@ -351,3 +351,42 @@ def test_official_design_is_vigla_model_in_float64(name):
     with torch.no_grad():
         want, got = model(x), official_design(model)(x)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+# Nsight Compute's source page as `ncu --import R --page source --csv --print-source sass` prints it (columns
+# cut to those read): a kernel name row, a header, an instruction per row; a second launch after it
+NCU_SOURCE_CSV = '''"Kernel Name","_bigla_walk_kernel",
+"Address","Source","Warp Stall Sampling (All Samples)","# Samples","Instructions Executed"
+"0x7f00","      LDC R1, c[0x0][0x28]","4","4","8"
+"0x7f10","      MUFU.EX2 R9, R2","1","1","24"
+"0x7f20","@!P0  FMUL R9, R9, R9","10","10","16"
+"0x7f30","      FMUL.FTZ R3, R3, 1.4426950216293334961","0","0","24"
+"0x7f40","      EXIT","1","1","8"
+"Kernel Name","_bigla_fwd_kernel",
+"Address","Source","Warp Stall Sampling (All Samples)","# Samples","Instructions Executed"
+"0x8f00","      LDC R1, c[0x0][0x28]","2","2","1,024"
+"0x8f10","      EXIT","0","0","1,024"
+'''
+
+
+def test_ncu_source_summary_counts_per_warp_and_by_opcode():
+    from benchmarks.ncu_source import opcode, parse, summarize
+
+    launches = parse(NCU_SOURCE_CSV)
+    assert [name for name, _ in launches] == ["_bigla_walk_kernel", "_bigla_fwd_kernel"]
+    assert opcode("@!P0  FMUL R9, R9, R9") == "FMUL" and opcode("FMUL.FTZ R3, R3, 2") == "FMUL"
+    walk = summarize(*launches[0], top=3)
+    assert walk["warps"] == 8 and walk["instructions_executed"] == 80 and walk["instructions_per_warp"] == 10
+    assert walk["opcodes_executed_pct"] == {"FMUL": 50.0, "MUFU": 30.0, "LDC": 10.0}  # the top 3 of 4
+    assert walk["opcodes_stalled_pct"]["FMUL"] == 62.5 and walk["stall_samples"] == 16
+    assert walk["hottest"][0] == {"sass": "@!P0  FMUL R9, R9, R9", "stall_samples": 10, "executed_per_warp": 2.0}
+    fwd = summarize(*launches[1])
+    assert fwd["warps"] == 1024 and fwd["instructions_per_warp"] == 2  # thousands separators read
+
+
+def test_ncu_source_without_a_report_is_a_one_line_error(tmp_path, capsys):
+    from benchmarks.ncu_source import main
+
+    assert main(["--report", str(tmp_path / "none.ncu-rep"), "--out", str(tmp_path), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no report at" in err and not list(tmp_path.iterdir())
