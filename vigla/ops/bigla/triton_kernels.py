@@ -62,7 +62,7 @@ __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "plan", "suppo
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # factored intra-chunk products: factors within exp(+-60) of the inputs (60 in base-2 units)
-RANGE_LIMIT = tl.constexpr(60.0 * 1.4426950408889634)
+RANGE_LIMIT = tl.constexpr(60.0 * LOG2E.value)
 
 
 def supports(K: int, V: int) -> bool:
@@ -131,13 +131,13 @@ def _sigmoid_neg(z):
 
 
 @triton.jit
-def _dot(a, b, HALF_DOTS: tl.constexpr):
-    """fp32 accumulation; ``HALF_DOTS`` 1 or 2 (fp16 or bf16 inputs): tf32 products on the tensor cores
-    (finer than the inputs themselves), else exact fp32 products."""
+def _dot(a, b, HALF_DOTS: tl.constexpr, acc=None):
+    """fp32 accumulation (into ``acc`` when given); ``HALF_DOTS`` 1 or 2 (fp16 or bf16 inputs): tf32 products
+    on the tensor cores (finer than the inputs themselves), else exact fp32 products."""
     if HALF_DOTS >= 1:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return r
 
 
@@ -153,27 +153,16 @@ def _dot_raw(a, b, HALF_DOTS: tl.constexpr):
 
 
 @triton.jit
-def _hdot(a, b, HALF_DOTS: tl.constexpr):
+def _hdot(a, b, HALF_DOTS: tl.constexpr, acc=None):
     """``a @ b`` in the inputs' precision: bf16 operands for bf16 inputs (``HALF_DOTS`` 2; fp32
     accumulation; bf16 has fp32's range, so the factored score operands, up to ``exp(60)`` times an
     input, fit), else as ``_dot`` (fp16 lacks the range, and its inputs' 11 bits would lose 3). For the
-    products whose rounding reaches neither the gate gradients nor a difference of nearly equal terms."""
-    if HALF_DOTS == 2:
-        r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        r = _dot(a, b, HALF_DOTS)
-    return r
-
-
-@triton.jit
-def _hdot_acc(a, b, acc, HALF_DOTS: tl.constexpr):
-    """``acc + _hdot(a, b)``, the sum accumulated by the product itself."""
+    products whose rounding reaches neither the gate gradients nor a difference of nearly equal terms.
+    With ``acc``: accumulated into it by the product itself."""
     if HALF_DOTS == 2:
         r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    elif HALF_DOTS == 1:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        r = _dot(a, b, HALF_DOTS, acc)
     return r
 
 
@@ -402,7 +391,6 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, ginv,
     b_q = _load_raw(q + off_q, rows, ck, sqt, T)
     b_k = _load_raw(k + off_q, rows, ck, sqt, T)
     b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
-    # forward scan: intra-chunk scores on and below the diagonal, and q exp(P) S^f
     # the scans' exponents: inclusive prefix sums P (forward) and inclusive suffix sums R = G - c
     # (backward: exp(c_j - c_i) = exp(R_i - R_j)), both <= 0, each factored product's range their minimum
     p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), axis=0)
@@ -413,9 +401,9 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, ginv,
     out = _hdot(a, b_v, HALF_DOTS)
     # the states entering the chunk, read by q exp(P) and q exp(R): decayed queries, <= |q|
     s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out = _hdot_acc(b_q.to(tl.float32) * tl.exp2(p), s_f, out, HALF_DOTS)
+    out = _hdot(b_q.to(tl.float32) * tl.exp2(p), s_f, HALF_DOTS, out)
     s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    out = _hdot_acc(b_q.to(tl.float32) * tl.exp2(r), s_b, out, HALF_DOTS)
+    out = _hdot(b_q.to(tl.float32) * tl.exp2(r), s_b, HALF_DOTS, out)
     _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)
 
 
