@@ -132,27 +132,33 @@ from vigla.ops.conv_norm.reference import conv_norm_reference_bwd
 torch.manual_seed(0)
 rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
 out = {}
-# ViG's (9x9 / 8, 96 channels: masked to 128) and ViG-H's (3x3 / 2, 48) first convs, a reduction past
-# one 32-wide block, odd image sizes, a partial last pixel tile, a strided image, both dtypes
-for B, C_in, H, W, C, k, s, act, dt in [(2, 3, 37, 30, 96, 9, 8, "silu", "float32"),
-                                         (1, 3, 11, 13, 48, 3, 2, "gelu", "float32"),
-                                         (2, 3, 20, 20, 40, 3, 2, "none", "bfloat16"),
-                                         (1, 5, 17, 17, 16, 9, 8, "silu", "bfloat16")]:
+# ViG's (9x9 / 8, 96 channels: masked to 128; the 8x8 block of taps as row runs, the other 17 gathered) and
+# ViG-H's (3x3 / 2, 48: every tap gathered) first convs, a reduction past one 32-wide block, odd image sizes, a
+# partial last pixel tile, a strided image, both dtypes; blocks of taps in non-square windows, at a padding of 2
+# and as the whole window (4x4 / 4, nothing gathered)
+for B, C_in, H, W, C, kh, kw, s, pad, act, dt in [(2, 3, 37, 30, 96, 9, 9, 8, 1, "silu", "float32"),
+                                                  (1, 3, 11, 13, 48, 3, 3, 2, 1, "gelu", "float32"),
+                                                  (2, 3, 20, 20, 40, 3, 3, 2, 1, "none", "bfloat16"),
+                                                  (1, 5, 17, 17, 16, 9, 9, 8, 1, "silu", "bfloat16"),
+                                                  (1, 2, 19, 21, 16, 7, 6, 4, 1, "none", "float32"),
+                                                  (1, 2, 20, 23, 16, 6, 7, 4, 2, "gelu", "float32"),
+                                                  (2, 2, 16, 20, 16, 4, 4, 4, 0, "none", "float32")]:
     x = torch.randn(B, C_in + 1, H, W, dtype=torch.float64)[:, 1:]
-    w = torch.randn(C, C_in, k, k, dtype=torch.float64) / k
+    w = torch.randn(C, C_in, kh, kw, dtype=torch.float64) / kh
     b, nw, nb = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + .5, torch.randn(C, dtype=torch.float64)
-    ref = conv_norm_reference(x, w, b, nw, nb, 1e-5, s, 1, act, torch.float64)
-    y = conv_norm_fwd_triton(x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, s, 1, act,
+    ref = conv_norm_reference(x, w, b, nw, nb, 1e-5, s, pad, act, torch.float64)
+    y = conv_norm_fwd_triton(x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, s, pad, act,
                              getattr(torch, dt), torch.float32)
-    out[f"{(B, C_in, H, W, C, k, s, act)} {dt}"] = [rel(y, ref), dt]
+    key = (B, C_in, H, W, C, kh, kw, s, pad, act)
+    out[f"{key} {dt}"] = [rel(y, ref), dt]
     # the GPU's backward (the add + norm kernels around the recomputed conv) against the float64 one
     if dt == "float32":
         dy = torch.randn_like(ref)
-        expect = conv_norm_reference_bwd(dy, x, w, b, nw, nb, 1e-5, s, 1, act, torch.float64, True)
-        got = _kernels_backward(dy.float(), x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, s, 1,
+        expect = conv_norm_reference_bwd(dy, x, w, b, nw, nb, 1e-5, s, pad, act, torch.float64, True)
+        got = _kernels_backward(dy.float(), x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, s, pad,
                                 act, torch.float32, True)
         for i, (g, e) in enumerate(zip(got, expect)):
-            out[f"{(B, C_in, H, W, C, k, s, act)} grad {i}"] = [rel(g, e), dt]
+            out[f"{key} grad {i}"] = [rel(g, e), dt]
 print(json.dumps(out))
 """
 
