@@ -117,6 +117,12 @@ def _block(kh: int, kw: int, stride: int, padding: int) -> bool:
     return stride >= 4 and stride & (stride - 1) == 0 and padding + stride <= min(kh, kw)
 
 
+def _tiles(bn: int) -> tuple[int, int, int]:
+    """``(BP, warps, stages)`` for ``bn`` (padded) output channels: the pipeline's shared memory per stage (an
+    fp32 ``[BP, 64]`` image tile and a ``[64, bn]`` weight tile) small enough for two programs per SM."""
+    return (128, 4, 3) if bn <= 64 else (128, 8, 2) if bn <= 256 else (64, 8, 2)
+
+
 def conv_norm_fwd_triton(x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
                          dtype: torch.dtype, out_dtype: torch.dtype, wrap=direct) -> torch.Tensor:
     """``[B, H', W', C]`` contiguous in ``out_dtype`` (see :func:`vigla.ops.conv_norm.conv_norm_act`); the
@@ -126,11 +132,12 @@ def conv_norm_fwd_triton(x, weight, bias, norm_weight, norm_bias, eps: float, st
     Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
     y = torch.empty(B, Ho, Wo, C, dtype=out_dtype, device=x.device)
     P = B * Ho * Wo
-    BP, BN = 128, max(16, triton.next_power_of_2(C))
+    BN = max(16, triton.next_power_of_2(C))
+    BP, warps, stages = _tiles(BN)
     packed = weight.reshape(C, -1).t().to(dtype).contiguous()  # [C_in*kh*kw, C]: a tile's rows are contiguous
     wrap(_conv_norm_fwd_kernel)[(cdiv(P, BP),)](
         x, packed, bias, norm_weight, norm_bias, y, P, Ho * Wo, Wo, H, W, *x.stride(), eps,
         C_IN=C_in, KH=kh, KW=kw, S=stride, PAD=padding, BLOCK=_block(kh, kw, stride, padding), C=C, BN=BN, BP=BP, BK=32,
         ACT=_ACT[act], DOT={torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype],
-        num_warps=4 if BN <= 64 else 8)
+        num_warps=warps, num_stages=stages)
     return y
