@@ -118,9 +118,11 @@ def _block(kh: int, kw: int, stride: int, padding: int) -> bool:
 
 
 def _tiles(bn: int) -> tuple[int, int, int]:
-    """``(BP, warps, stages)`` for ``bn`` (padded) output channels: the pipeline's shared memory per stage (an
-    fp32 ``[BP, 64]`` image tile and a ``[64, bn]`` weight tile) small enough for two programs per SM."""
-    return (128, 4, 3) if bn <= 64 else (128, 8, 2) if bn <= 256 else (64, 8, 2)
+    """``(BP, warps, stages)`` for ``bn`` (padded) output channels: with the taps in blocks, pipeline stages
+    (each an fp32 ``[BP, 64]`` image tile and a ``[64, bn]`` weight tile) that leave room for two programs per
+    SM. Timed on an H200 (``benchmarks/bench_stem.py --alt``): ViG-T's 96 channels 0.36 ms at 512 against
+    0.47 at (128, 8, 2) and 0.71 before the blocks; ViG-S's 192: (64, 4, 2) 0.49 ms against 0.73 at 3 stages."""
+    return (128, 4, 3) if bn <= 64 else (64, 4, 3) if bn <= 128 else (64, 4, 2) if bn <= 256 else (64, 8, 2)
 
 
 def conv_norm_fwd_triton(x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
