@@ -153,18 +153,26 @@ def official_rows(res: Results) -> list[list[str]]:
     return rows
 
 
+EAGER_IN_TURN = {"models_vig_t_eager": "models_vig_t_interleaved", "models_vig_s_eager": "models_vig_s_interleaved"}
+
+
+def in_turn(res: Results, stem: str, path: tuple[str, ...]) -> float | None:
+    """An eager throughput ratio at 224 from the pair timed in turn (the median over its rounds), where one was:
+    a single window per model is bound by the device machine's host and moves between runs."""
+    key = {INFER: "infer_ratio", TRAIN: "train_ratio"}.get(path)
+    median = interleaved_median(res(EAGER_IN_TURN[stem])) if stem in EAGER_IN_TURN and key else None
+    return median[key] if median and key in median else None
+
+
 def summary(res: Results) -> list[str]:
     """The README's one table: headline ratios at 224-2048, with the runs they come from."""
-    rows = [[label] + [ratio(result, m, b, s, path) for s in SIZES]
-            for label, _, result, m, b, path in headline_rows(res)]
+    def cell(stem, result, m, b, size, path):
+        turn = in_turn(res, stem, path) if size == 224 else None
+        return ratio(result, m, b, size, path) if turn is None else f"{turn:.2f} ⁱ"
+
+    rows = [[label] + [cell(stem, result, m, b, s, path) for s in SIZES]
+            for label, stem, result, m, b, path in headline_rows(res)]
     rows = [r for r in rows if any(c != "-" for c in r[1:])]  # a run that did not measure it
-    for stem in ("models_vig_t_interleaved", "models_vig_s_interleaved"):
-        median = interleaved_median(res(stem))
-        for key, what in (("infer_ratio", "inference img/s"), ("train_ratio", "training img/s")):
-            if median and key in median:
-                a, b = INTERLEAVED[stem]
-                rows.append([f"{a} ÷ {b}, {what}, eager, timed in turn", f"{median[key]:.2f}",
-                             *["-"] * (len(SIZES) - 1)])
     rows += official_rows(res)
     loop = res("train_cuda_graph_workers15")
     if loop:  # the whole vigla train loop (data loading included), both models replayed from CUDA graphs
@@ -180,8 +188,8 @@ def summary(res: Results) -> list[str]:
     lines += ["", f"One {', '.join(devices)}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
                   "At 224² the eager figures of both small models are bound by the device machine's host (its "
                   "Python and launch time), whose speed moves between runs, and so are the compiled ones (Inductor's "
-                  "code still launches each kernel from Python): the CUDA-graph row is the stable one, and "
-                  "the rows \"timed in turn\" take the eager ratio from many alternating windows. "
+                  "code still launches each kernel from Python): the CUDA-graph row is the stable one, and the "
+                  "eager cells marked ⁱ are the median of many windows timed in turn (`benchmarks/interleaved.py`). "
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
     return lines
@@ -246,8 +254,10 @@ def reading(res: Results) -> list[str]:
                    "costs more host time")
     if eager and graph:
         because = f" ({'; '.join(why)})" if why else ""
-        lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU{because}: it runs at "
-                     f"{ratio(eager, 'vig_tiny', DEIT_T, 224, INFER)}x DeiT-T's img/s eager and at "
+        turn = in_turn(res, "models_vig_t_eager", INFER)
+        eager_224 = (f"{turn:.2f}x DeiT-T's img/s eager (timed in turn)" if turn is not None else
+                     f"{ratio(eager, 'vig_tiny', DEIT_T, 224, INFER)}x DeiT-T's img/s eager")
+        lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU{because}: it runs at {eager_224} and at "
                      f"{ratio(graph, 'vig_tiny', DEIT_T, 224, INFER)}x replayed as a CUDA graph.")
     if eager:
         lines.append(f"* From 1024² the GPU work dominates and linear attention pays: ViG-T runs at "

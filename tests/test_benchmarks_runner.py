@@ -183,6 +183,24 @@ def test_summary_and_write_up_read_the_numbers_from_the_files(tmp_path):
         summarize.readme_with_summary("no markers", table)
 
 
+def test_eager_cells_at_224_come_from_the_pair_timed_in_turn(tmp_path):
+    """A single eager window at 224 is host-bound: where the pair was timed in turn, its median is the cell
+    (marked), in the summary and in the write-up's sentence; the other sizes stay the one run's."""
+    rows = [(m, s, ips, 10.0) for s in summarize.SIZES
+            for m, ips in (("deit_tiny_patch16_224", 100.0), ("vig_tiny", 140.0))]
+    (tmp_path / "models_vig_t_eager.json").write_text(json.dumps(_bench_result(rows)))
+    (tmp_path / "models_vig_t_cuda_graph.json").write_text(json.dumps(_bench_result(rows)))
+    turns = {**_bench_result([]), "rows": [{"round": 0, "infer_ratio": 0.7, "train_ratio": 0.4},
+                                           {"round": "median", "infer_ratio": 0.75, "train_ratio": 0.45}]}
+    (tmp_path / "models_vig_t_interleaved.json").write_text(json.dumps(turns))
+    table = summarize.summary(summarize.Results(tmp_path))
+    assert "| ViG-T ÷ DeiT-T, inference img/s, eager | 0.75 ⁱ | 1.40 | 1.40 | 1.40 |" in table
+    assert "| ViG-T ÷ DeiT-T, training img/s, eager | 0.45 ⁱ | 1.40 | 1.40 | 1.40 |" in table
+    assert "| ViG-T ÷ DeiT-T, inference img/s, CUDA graphs | 1.40 | 1.40 | 1.40 | 1.40 |" in table
+    page = summarize.performance(summarize.Results(tmp_path))
+    assert "0.75x DeiT-T's img/s eager (timed in turn) and at 1.40x replayed" in page
+
+
 def test_kernel_split_reads_each_kernels_share_and_the_spills():
     """The operator section's split: each kernel's forward+backward time and share per shape, "-" for a kernel a
     shape does not launch, and only the compiled kernels that spill named."""
