@@ -323,6 +323,22 @@ def ops_section(result: dict) -> list[str]:
         + [f"* {note}" for note in result.get("notes", [])]
 
 
+def stem_section(result: dict) -> list[str]:
+    """The stems (``kernel_stem.json``): the fused path against the layers one by one, the first op against its byte
+    floor, and the ``--alt`` versions of its kernel beside."""
+    alts = value(result, ("settings", "alt")) or []
+    alts = [alts] if isinstance(alts, str) else alts
+    labels = [a.rsplit(".", 1)[0] for a in alts]
+    rows = [[f"{r['model']} @{r['img_size']}", fmt(r.get("fused_ms"), ".3f"), fmt(r.get("layers_ms"), ".3f"),
+             fmt(r.get("conv1_ms"), ".3f") + (f" ({fmt(r.get('conv1_over_floor'), '.1f')}x)" if "conv1_ms" in r else "")]
+            + [fmt(r.get(f"alt:{label}_conv1_ms"), ".3f") for label in labels] for r in result["rows"]]
+    return table(["model", "stem, fused", "stem, layers one by one", "first op (÷ floor)", *labels], rows) \
+        + ["", f"ms per call (CUDA-graph replays), batch {value(result, ('settings', 'batch_size'))}, bf16 autocast; the "
+               "first op is conv1 + LayerNorm + activation (`conv_norm_act`), its floor the fp32 image read and the "
+               f"bf16 output written once at the copy bandwidth of the same run; {source('kernel_stem', result)}."] \
+        + [f"* {note}" for note in result.get("notes", [])]
+
+
 KERNEL_PARTS = [("walk", "_bigla_walk_kernel"), ("carry", "_bigla_carry_kernel"),
                 ("per-chunk forward", "_bigla_fwd_kernel"), ("per-chunk backward", "_bigla_bwd_kernel")]
 
@@ -611,6 +627,9 @@ def performance(res: Results) -> str:
         out += ["", "## The block ops", "",
                 "The depthwise conv + SiLU, add + RMSNorm, locality mix and fc1 + SwiGLU gating of ViG's blocks at "
                 "layer shapes, `benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
+    if res("kernel_stem"):
+        out += ["", "## The stems", "",
+                "ViG's and ViG-H's convolutional stems, `benchmarks/bench_stem.py`.", ""] + stem_section(res("kernel_stem"))
     if res("profile_vig"):
         out += ["", "## Where the GPU time goes", "",
                 "torch.profiler, kernels' self time per step grouped by op "
