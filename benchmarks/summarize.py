@@ -257,7 +257,8 @@ def reading(res: Results) -> list[str]:
         turn = in_turn(res, "models_vig_t_eager", INFER)
         eager_224 = (f"{turn:.2f}x DeiT-T's img/s eager (timed in turn)" if turn is not None else
                      f"{ratio(eager, 'vig_tiny', DEIT_T, 224, INFER)}x DeiT-T's img/s eager")
-        lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU{because}: it runs at {eager_224} and at "
+        lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU{because}: it runs at {eager_224} "
+                     f"and at "
                      f"{ratio(graph, 'vig_tiny', DEIT_T, 224, INFER)}x replayed as a CUDA graph.")
     if eager:
         lines.append(f"* From 1024² the GPU work dominates and linear attention pays: ViG-T runs at "
@@ -329,12 +330,13 @@ def stem_section(result: dict) -> list[str]:
     alts = value(result, ("settings", "alt")) or []
     alts = [alts] if isinstance(alts, str) else alts
     labels = [a.rsplit(".", 1)[0] for a in alts]
-    rows = [[f"{r['model']} @{r['img_size']}", fmt(r.get("fused_ms"), ".3f"), fmt(r.get("layers_ms"), ".3f"),
-             fmt(r.get("conv1_ms"), ".3f") + (f" ({fmt(r.get('conv1_over_floor'), '.1f')}x)" if "conv1_ms" in r else "")]
+    def first(r):
+        return "-" if "conv1_ms" not in r else f"{fmt(r['conv1_ms'], '.3f')} ({fmt(r.get('conv1_over_floor'), '.1f')}x)"
+    rows = [[f"{r['model']} @{r['img_size']}", fmt(r.get("fused_ms"), ".3f"), fmt(r.get("layers_ms"), ".3f"), first(r)]
             + [fmt(r.get(f"alt:{label}_conv1_ms"), ".3f") for label in labels] for r in result["rows"]]
     return table(["model", "stem, fused", "stem, layers one by one", "first op (÷ floor)", *labels], rows) \
-        + ["", f"ms per call (CUDA-graph replays), batch {value(result, ('settings', 'batch_size'))}, bf16 autocast; the "
-               "first op is conv1 + LayerNorm + activation (`conv_norm_act`), its floor the fp32 image read and the "
+        + ["", f"ms per call (CUDA-graph replays), batch {value(result, ('settings', 'batch_size'))}, bf16 autocast; "
+               "the first op is conv1 + LayerNorm + activation (`conv_norm_act`), its floor the fp32 image read and the "
                f"bf16 output written once at the copy bandwidth of the same run; {source('kernel_stem', result)}."] \
         + [f"* {note}" for note in result.get("notes", [])]
 
@@ -629,7 +631,8 @@ def performance(res: Results) -> str:
                 "layer shapes, `benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
     if res("kernel_stem"):
         out += ["", "## The stems", "",
-                "ViG's and ViG-H's convolutional stems, `benchmarks/bench_stem.py`.", ""] + stem_section(res("kernel_stem"))
+                "ViG's and ViG-H's convolutional stems, `benchmarks/bench_stem.py`.", ""]
+        out += stem_section(res("kernel_stem"))
     if res("profile_vig"):
         out += ["", "## Where the GPU time goes", "",
                 "torch.profiler, kernels' self time per step grouped by op "
