@@ -227,6 +227,13 @@ def _compile_vig_t(opts: Options) -> list[Step]:
     return [_bench("compile_vig_t", opts, COMPILE + VIG_T_PAIR + ["--img-size", "224", "512"], 570)]
 
 
+def _compile_reduce_overhead(opts: Options) -> list[Step]:
+    """ViG-T against DeiT-T at 224 and 512, both under ``torch.compile(mode="reduce-overhead")`` (Inductor's code
+    replayed from CUDA graphs: the compiled models without the host's launch time), compiling in the run."""
+    args = ["--compile-mode", "reduce-overhead"] + COMPILE + VIG_T_PAIR + ["--img-size", "224", "512"]
+    return [_bench("compile_vig_t_reduce_overhead", opts, args, 570)]
+
+
 def _compile_interleaved(opts: Options) -> list[Step]:
     """Compiled ViG-T against compiled DeiT-T at 224 timed in turn, round after round (inference, training, batch 1)."""
     argv = [PY, "benchmarks/interleaved.py", "--device", "cuda", "--compile", "--out", str(opts.out), "--name",
@@ -500,6 +507,8 @@ SUITES = {s.name: s for s in [
            "measure": ("the recorded run, ratios to DeiT-T", _compile_measure),
            "vig_t": ("ViG-T vs DeiT-T at 224 and 512 only, compiling in the run itself (one call, cold "
                      "caches)", _compile_vig_t),
+           "reduce_overhead": ("ViG-T vs DeiT-T at 224 and 512, both compiled with mode='reduce-overhead' (CUDA "
+                               "graphs inside), compiling in the run itself (one call)", _compile_reduce_overhead),
            "interleaved": ("ViG-T vs DeiT-T at 224, both compiled, timed in turn round after round: inference, "
                            "training steps, batch-1 latency", _compile_interleaved)}),
     Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024; the host's time in "
