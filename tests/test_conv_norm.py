@@ -159,6 +159,14 @@ for B, C_in, H, W, C, kh, kw, s, pad, act, dt in [(2, 3, 37, 30, 96, 9, 9, 8, 1,
                                 act, torch.float32, True)
         for i, (g, e) in enumerate(zip(got, expect)):
             out[f"{key} grad {i}"] = [rel(g, e), dt]
+# a channels-last image (unit channel stride, not unit column stride) through the block path
+x = torch.randn(2, 3, 35, 29, dtype=torch.float64).to(memory_format=torch.channels_last)
+w = torch.randn(24, 3, 9, 9, dtype=torch.float64) / 9
+b, nw, nb = torch.randn(24, dtype=torch.float64), torch.rand(24, dtype=torch.float64) + .5, torch.randn(24, dtype=torch.float64)
+ref = conv_norm_reference(x, w, b, nw, nb, 1e-5, 8, 1, "silu", torch.float64)
+y = conv_norm_fwd_triton(x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, 8, 1, "silu", torch.float32,
+                         torch.float32)
+out["channels-last image"] = [rel(y, ref), "float32"]
 print(json.dumps(out))
 """
 
