@@ -157,14 +157,13 @@ def official_rows(res: Results) -> list[list[str]]:
     return rows
 
 
-EAGER_IN_TURN = {"models_vig_t_eager": "models_vig_t_interleaved", "models_vig_s_eager": "models_vig_s_interleaved"}
-
-
 def in_turn(res: Results, stem: str, path: tuple[str, ...]) -> float | None:
-    """An eager throughput ratio at 224 from the pair timed in turn (the median over its rounds), where one was:
-    a single window per model is bound by the device machine's host and moves between runs."""
+    """An eager throughput ratio at 224 from the pair timed in turn (``<pair>_interleaved``, the median over its
+    rounds) where one was for ``<pair>_eager``: a single window per model is bound by the device machine's host
+    and moves between runs."""
     key = {INFER: "infer_ratio", TRAIN: "train_ratio"}.get(path)
-    median = interleaved_median(res(EAGER_IN_TURN[stem])) if stem in EAGER_IN_TURN and key else None
+    pair = stem.removesuffix("_eager")
+    median = interleaved_median(res(f"{pair}_interleaved")) if key and pair != stem else None
     return median[key] if median and key in median else None
 
 
@@ -262,8 +261,7 @@ def reading(res: Results) -> list[str]:
         eager_224 = (f"{turn:.2f}x DeiT-T's img/s eager (timed in turn)" if turn is not None else
                      f"{ratio(eager, 'vig_tiny', DEIT_T, 224, INFER)}x DeiT-T's img/s eager")
         lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU{because}: it runs at {eager_224} "
-                     f"and at "
-                     f"{ratio(graph, 'vig_tiny', DEIT_T, 224, INFER)}x replayed as a CUDA graph.")
+                     f"and at {ratio(graph, 'vig_tiny', DEIT_T, 224, INFER)}x replayed as a CUDA graph.")
     if eager:
         lines.append(f"* From 1024² the GPU work dominates and linear attention pays: ViG-T runs at "
                      f"{ratio(eager, 'vig_tiny', DEIT_T, 1024, INFER)}x DeiT-T at 1024² and "
@@ -331,9 +329,7 @@ def ops_section(result: dict) -> list[str]:
 def stem_section(result: dict) -> list[str]:
     """The stems (``kernel_stem.json``): the fused path against the layers one by one, the first op against its byte
     floor, and the ``--alt`` versions of its kernel beside."""
-    alts = value(result, ("settings", "alt")) or []
-    alts = [alts] if isinstance(alts, str) else alts
-    labels = [a.rsplit(".", 1)[0] for a in alts]
+    labels = [Path(a).stem for a in value(result, ("settings", "alt")) or []]
     def first(r):
         return "-" if "conv1_ms" not in r else f"{fmt(r['conv1_ms'], '.3f')} ({fmt(r.get('conv1_over_floor'), '.1f')}x)"
     rows = [[f"{r['model']} @{r['img_size']}", fmt(r.get("fused_ms"), ".3f"), fmt(r.get("layers_ms"), ".3f"), first(r)]
