@@ -1,6 +1,7 @@
 """ViG's block ops on one GPU against their byte floors: the depthwise conv + SiLU (forward, forward +
-backward), add + RMSNorm, the locality mix and the MLP's fc1 + SwiGLU gating (one kernel, and cuBLAS's
-GEMM then the gating kernel beside it), at the shapes of ViG-T's and ViG-H-T's blocks, in one run.
+backward), add + RMSNorm, the locality mix and the MLP's fc1 + SwiGLU gating (one kernel as the op picks
+it, the per-tile kernel, and cuBLAS's GEMM then the gating kernel beside it), at the shapes of ViG-T's and
+ViG-H-T's blocks, in one run.
 
     python benchmarks/bench_ops.py --out benchmarks/results                  # or: python -m benchmarks kernel ops
     python benchmarks/bench_ops.py --alt-dwconv ab/old.py                    # another dwconv version beside
@@ -53,10 +54,14 @@ def dwconv_calls(mod, x, w, hw, dy):
 
 
 def fc1_calls(x, w1):
-    """``(fused, unfused)`` fc1 + gating on ``[rows, C]`` bf16: one kernel, and cuBLAS then the gating kernel."""
-    from vigla.ops.swiglu.triton_kernels import fc1_swiglu_triton, swiglu_fwd_triton
+    """``(fused, per_tile, unfused)`` fc1 + gating on ``[rows, C]`` bf16: one kernel as the op picks it, the
+    per-tile kernel (one program per output tile, the op's choice before the persistent TMA kernel), and
+    cuBLAS then the gating kernel."""
+    from vigla.ops.swiglu.triton_kernels import fc1_swiglu_tiles, fc1_swiglu_triton, swiglu_fwd_triton
 
-    return (lambda: fc1_swiglu_triton(x, w1)), (lambda: swiglu_fwd_triton(torch.mm(x, w1.t())))
+    y = x.new_empty(x.shape[0], w1.shape[0] // 2)
+    return (lambda: fc1_swiglu_triton(x, w1)), (lambda: fc1_swiglu_tiles(x, w1, y) or y), \
+        (lambda: swiglu_fwd_triton(torch.mm(x, w1.t())))
 
 
 def _rel(a, b) -> float:
@@ -76,7 +81,8 @@ def measure(shape, bw: float, alt) -> dict:
     w = torch.randn(C, 1, 3, 3, device="cuda") * 0.3
     row = dict(shape=name, B=B, H=H, W=W, C=C)
     floors = dict(dwconv_fwd=2 * act, dwconv_fwdbwd=2 * act + 3 * act, add_norm_fwd=4 * act, locality_mix_fwd=4 * act,
-                  fc1_swiglu_fwd=act + act * I // C, fc1_then_gate_fwd=act + act * I // C)
+                  fc1_swiglu_fwd=act + act * I // C, fc1_tiles_fwd=act + act * I // C,
+                  fc1_then_gate_fwd=act + act * I // C)
     versions = [("", dw)] + ([("alt_", alt)] if alt is not None else [])
     for label, mod in versions:
         fwd, fwdbwd = dwconv_calls(mod, x, w, (H, W), dy)
@@ -92,9 +98,11 @@ def measure(shape, bw: float, alt) -> dict:
     if o is not None:
         row["locality_mix_fwd_ms"] = _bench(lambda: locality_mix(o, x, z, nw[: C // 3], nw[: C // 3], 1e-6))
     w1 = torch.randn(2 * I, C, device="cuda", dtype=torch.bfloat16) / C ** 0.5
-    fused, unfused = fc1_calls(x.view(B * N, C), w1)
-    row["fc1_swiglu_fwd_ms"], row["fc1_then_gate_fwd_ms"] = _bench(fused), _bench(unfused)
+    fused, tiles, unfused = fc1_calls(x.view(B * N, C), w1)
+    row["fc1_swiglu_fwd_ms"], row["fc1_tiles_fwd_ms"] = _bench(fused), _bench(tiles)
+    row["fc1_then_gate_fwd_ms"] = _bench(unfused)
     row["fc1_swiglu_rel_diff"] = _rel(fused(), unfused())
+    row["fc1_tiles_rel_diff"] = _rel(tiles(), fused())
     for op, nbytes in floors.items():
         floor_ms = nbytes / bw * 1e3
         row[f"floor_{op}_ms"] = floor_ms
@@ -128,14 +136,15 @@ def main() -> int:
         copy_bandwidth_TBps=bw / 1e12, alt_dwconv=args.alt_dwconv and Path(args.alt_dwconv).name))
     shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
     print(f"{'shape':20s} {'dwconv fwd':>22s} {'dwconv f+b':>22s} {'add+norm':>14s} {'loc. mix':>14s} "
-          f"{'fc1+gate':>14s} {'fc1, gate':>14s}")
+          f"{'fc1+gate':>14s} {'per tile':>14s} {'fc1, gate':>14s}")
     for shape in shapes:
         row = measure(shape, bw, alt)
         out["rows"].append(row)
         alt_note = f"  alt: {_cell(row, 'dwconv_fwd', 'alt_')} / {_cell(row, 'dwconv_fwdbwd', 'alt_')}" if alt else ""
         print(f"{row['shape']:20s} {_cell(row, 'dwconv_fwd'):>22s} {_cell(row, 'dwconv_fwdbwd'):>22s} "
               f"{_cell(row, 'add_norm_fwd'):>14s} {_cell(row, 'locality_mix_fwd'):>14s} "
-              f"{_cell(row, 'fc1_swiglu_fwd'):>14s} {_cell(row, 'fc1_then_gate_fwd'):>14s}{alt_note}", flush=True)
+              f"{_cell(row, 'fc1_swiglu_fwd'):>14s} {_cell(row, 'fc1_tiles_fwd'):>14s} "
+              f"{_cell(row, 'fc1_then_gate_fwd'):>14s}{alt_note}", flush=True)
     print(f"wrote {save_complete(out, args.out, args.name)}")
     return 0
 

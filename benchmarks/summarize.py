@@ -314,12 +314,14 @@ def ops_section(result: dict) -> list[str]:
     def cell(r, op, label=""):
         t, f = r.get(f"{label}{op}_ms"), r.get(f"{label}{op}_over_floor")
         return "-" if t is None else f"{fmt(t, '.3f')} ({fmt(f, '.1f')}x)"
+    tiles = any("fc1_tiles_fwd_ms" in r for r in result["rows"])  # the per-tile fc1 kernel timed beside
     rows = [[f"{r['shape']} (B={r['B']}, {r['H']}x{r['W']}, C={r['C']})", cell(r, "dwconv_fwd"), cell(r, "dwconv_fwdbwd")]
             + ([cell(r, "dwconv_fwd", "alt_"), cell(r, "dwconv_fwdbwd", "alt_")] if alt else [])
-            + [cell(r, "add_norm_fwd"), cell(r, "locality_mix_fwd"), cell(r, "fc1_swiglu_fwd"),
-               cell(r, "fc1_then_gate_fwd")] for r in result["rows"]]
+            + [cell(r, "add_norm_fwd"), cell(r, "locality_mix_fwd"), cell(r, "fc1_swiglu_fwd")]
+            + ([cell(r, "fc1_tiles_fwd")] if tiles else []) + [cell(r, "fc1_then_gate_fwd")] for r in result["rows"]]
     header = ["shape", "dwconv + SiLU fwd", "dwconv fwd+bwd"] + (["alt fwd", "alt fwd+bwd"] if alt else []) \
-        + ["add + RMSNorm fwd", "locality mix fwd", "fc1 + SwiGLU (one kernel)", "fc1 (cuBLAS), then SwiGLU"]
+        + ["add + RMSNorm fwd", "locality mix fwd", "fc1 + SwiGLU (one kernel)"] \
+        + (["the same, one program per tile"] if tiles else []) + ["fc1 (cuBLAS), then SwiGLU"]
     return table(header, rows) + ["", f"ms per call (CUDA-graph replays) and, in brackets, ÷ the byte floor at the copy "
                                       f"bandwidth of the same run ({fmt(value(result, ('settings', 'copy_bandwidth_TBps')), '.1f')} "
                                       f"TB/s); bf16; {source('kernel_ops', result)}."] \

@@ -175,25 +175,34 @@ def test_fused_kernels_in_interpreter_on_cpu():
 
 FC1_SCRIPT = BF16_FIX + r"""
 import json, torch
-from vigla.ops.swiglu.triton_kernels import fc1_swiglu_triton
+from vigla.ops.swiglu.triton_kernels import fc1_swiglu_tma, fc1_swiglu_triton
 from vigla.ops.swiglu import swiglu_reference
 torch.manual_seed(0)
 out = {}
-# partial row, column and inner-dim tiles (37 rows, I = 88, C = 96), and two row blocks (130 rows)
-for M, C, I, dtype in [(37, 96, 88, torch.bfloat16), (130, 64, 64, torch.float16)]:
-    x = torch.randn(M, C + 3, dtype=torch.float64)[:, :C].to(dtype)  # a strided row view
+# the per-tile kernel: partial row, column and inner-dim tiles (37 rows, I = 88, C = 96), two row blocks
+# (130 rows); the persistent TMA kernel on 3 programs (several tiles each): a single 64-wide inner step
+# (256 x 64 tiles), a partial inner step and partial tiles (128 x 128, flattened loops), C = 384 (not
+# flattened), rows of x 16-byte aligned but not contiguous
+cases = [(37, 96, 88, torch.bfloat16, False), (130, 64, 64, torch.float16, False),
+         (300, 64, 88, torch.float16, True), (200, 96, 136, torch.bfloat16, True), (130, 384, 64, torch.float16, True)]
+for M, C, I, dtype, tma in cases:
+    x = torch.randn(M, C + (8 if tma else 3), dtype=torch.float64)[:, :C].to(dtype)  # a strided row view
     w = (torch.randn(2 * I, C, dtype=torch.float64) / C ** 0.5).to(dtype)
     ref = swiglu_reference(x.double() @ w.double().t())
-    y = fc1_swiglu_triton(x, w)
-    out[f"{(M, C, I, str(dtype))}"] = [list(y.shape) == [M, I] and y.dtype == dtype,
-                                       ((y.double() - ref).norm() / ref.norm()).item()]
+    if tma:
+        y = torch.full((M, I), float("nan"), dtype=dtype)
+        fc1_swiglu_tma(x, w, y, programs=3)
+    else:
+        y = fc1_swiglu_triton(x, w)
+    out[f"{(M, C, I, str(dtype), tma)}"] = [list(y.shape) == [M, I] and y.dtype == dtype,
+                                            ((y.double() - ref).norm() / ref.norm()).item()]
 print(json.dumps(out))
 """
 
 
 def test_fc1_swiglu_kernel_in_interpreter_on_cpu():
-    """fc1 with the gating in its epilogue (half precision, the GPU's rounding) against float64 on the same
-    values: within one rounding of the output."""
+    """fc1 with the gating in its epilogue (half precision, the GPU's rounding), both kernels, against float64
+    on the same values: within one rounding of the output (every element written: NaN would show)."""
     pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run")
     for case, (shape_ok, err) in triton_interpreter.run(FC1_SCRIPT).items():
         assert shape_ok and err < (8e-3 if "bfloat16" in case else 1e-3), f"{case}: relative error {err:.2e}"
@@ -236,14 +245,16 @@ def test_swiglu_kernel_on_gpu(shape, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(128 * 196, 192, 512), (66, 128, 352), (5, 96, 88)])
+@pytest.mark.parametrize("shape", [(128 * 196, 192, 512), (20001, 128, 352), (40000, 64, 192), (17000, 384, 1024),
+                                   (66, 128, 352), (5, 96, 88)])
 def test_fc1_swiglu_kernel_on_gpu(shape, dtype):
-    """fc1 + gating in one kernel (ViG-T's MLP, ViG-H-T's stage-2 width, partial tiles) against float64 on
-    the same half-precision values."""
+    """fc1 + gating in one kernel against float64 on the same half-precision values: the persistent TMA kernel
+    (ViG-T's MLP at batch 128; partial row and column tiles; a single inner step, C = 64; C >= 384, loops not
+    flattened) and the per-tile one (fewer tiles than multiprocessors, partial tiles); x a view of strided rows."""
     from vigla.ops.swiglu.triton_kernels import fc1_swiglu_triton
 
     M, C, I = shape
-    x = torch.randn(M, C, device="cuda").to(dtype)
+    x = torch.randn(M, C + 8, device="cuda").to(dtype)[:, :C]
     w1 = (torch.randn(2 * I, C, device="cuda") / C ** 0.5).to(dtype)
     y = fc1_swiglu_triton(x, w1)
     assert y.shape == (M, I) and y.dtype == dtype

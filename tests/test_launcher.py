@@ -3,7 +3,7 @@
 gradient (:func:`vigla.ops.dispatch.records`).
 
 * CPU: the signature separates what Triton specialises on (dtype, 16-byte alignment, int values,
-  constexprs); ``records``; a model's no-grad forward (no Function) equals its grad-mode one.
+  constexprs, TMA descriptors' dtype and block); ``records``; a model's no-grad forward (no Function) equals its grad-mode one.
 * GPU (``pytest -m gpu``): replayed launches compute what Triton's own launch computes, on aligned
   and misaligned inputs, and a ViG-T forward under ``no_grad`` equals the recorded one bit for bit.
 """
@@ -32,6 +32,17 @@ def test_signature_tells_apart_what_triton_specialises_on():
     assert key != launcher._key((x, 64, 1.5), {"BLOCK": 32, "num_warps": 8})  # launch option
     assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, True), {"FLAG": 1})  # i32 vs i1
     assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, 1), {"FLAG": True})
+
+
+def test_signature_of_tma_descriptors_is_their_dtype_and_block():
+    """Host-side TMA descriptors (the persistent fc1 kernel's arguments) are keyed by what Triton specialises
+    them on; their base, shape and strides go to every launch."""
+    TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    a, b = torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(128, 32, dtype=torch.bfloat16)
+    key = launcher._key((TensorDescriptor.from_tensor(a, [16, 32]),), {})
+    assert key == launcher._key((TensorDescriptor.from_tensor(b, [16, 32]),), {})  # other tensor and shape
+    assert key != launcher._key((TensorDescriptor.from_tensor(b, [32, 32]),), {})  # block
+    assert key != launcher._key((TensorDescriptor.from_tensor(a.half(), [16, 32]),), {})  # dtype
 
 
 def test_grid_arithmetic_matches_tritons():

@@ -8,11 +8,11 @@ returned for each signature and launches it directly after that (Triton's own
 ``CompiledKernel[grid](*args)`` call, with the constexprs in the signature's order).
 
 The signature is what Triton specialises on: per tensor its dtype and whether its address is
-16-byte aligned, every other argument by value (ints: divisibility by 16, equality to 1 and the
-i32 / i64 choice all follow from the value), the constexprs and launch options, the device (a
-compiled kernel is loaded per device) and Triton's debug and instrumentation switches. A new
-signature, a callable grid, a launch hook (a profiler such as proton), Triton's interpreter or a
-Triton without ``knobs`` take Triton's own path.
+16-byte aligned, per host-side TMA descriptor its dtype and block, every other argument by value
+(ints: divisibility by 16, equality to 1 and the i32 / i64 choice all follow from the value), the
+constexprs and launch options, the device (a compiled kernel is loaded per device) and Triton's debug
+and instrumentation switches. A new signature, a callable grid, a launch hook (a profiler such as
+proton), Triton's interpreter or a Triton without ``knobs`` take Triton's own path.
 """
 from __future__ import annotations
 
@@ -74,11 +74,19 @@ def _hooked() -> bool:
     return _installed(runtime.launch_enter_hook) or _installed(runtime.launch_exit_hook)
 
 
+def _other_key(a) -> tuple:
+    """Key of an argument that is neither a tensor nor an int: a host-side TMA descriptor by its dtype and
+    block (what Triton specialises it on; base, shape and strides are passed at each launch), a scalar
+    with its type (``True == 1 == 1.0`` in Python, not to Triton)."""
+    if a.__class__.__name__ == "TensorDescriptor":
+        return a.__class__, a.base.dtype, tuple(a.block_shape), getattr(a, "padding", None)
+    return a.__class__, a
+
+
 def _key(args: tuple, meta: dict, _tensor=torch.Tensor, _int=int) -> tuple:
-    """What Triton's specialisation depends on (see the module docstring); scalars other than ints carry
-    their type (``True == 1 == 1.0`` in Python, not to Triton)."""
+    """What Triton's specialisation depends on (see the module docstring)."""
     return (tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, _tensor)
-                   else a if a.__class__ is _int else (a.__class__, a) for a in args]),
+                   else a if a.__class__ is _int else _other_key(a) for a in args]),
             tuple([(k, v if v.__class__ is _int else (v.__class__, v)) for k, v in meta.items()]))
 
 
