@@ -5,7 +5,8 @@ gradient (:func:`vigla.ops.dispatch.records`).
 * CPU: the signature separates what Triton specialises on (dtype, 16-byte alignment, int values,
   constexprs, TMA descriptors' dtype and block); ``records``; a model's no-grad forward (no Function) equals its grad-mode one.
 * GPU (``pytest -m gpu``): replayed launches compute what Triton's own launch computes, on aligned
-  and misaligned inputs, and a ViG-T forward under ``no_grad`` equals the recorded one bit for bit.
+  and misaligned inputs, and a ViG-T forward under ``no_grad`` equals the recorded one to bf16 rounding
+  (its replays bit for bit).
 """
 import pytest
 import torch
@@ -128,6 +129,9 @@ def test_replayed_launches_match_the_reference(dtype, monkeypatch):
 
 @pytest.mark.gpu
 def test_model_no_grad_matches_recorded_forward_on_cuda():
+    """Under bf16 autocast the no-grad forward takes the inference path (a bf16 residual stream, each output
+    projection inside the next add + norm's kernel): the recorded forward's logits to bf16 rounding, and its
+    replays of the cached launches bit for bit."""
     model = timm.create_model("vig_tiny", num_classes=10).cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.autocast("cuda", torch.bfloat16):
@@ -135,7 +139,8 @@ def test_model_no_grad_matches_recorded_forward_on_cuda():
         with torch.no_grad():
             plain = model(x)
             again = model(x)  # replays of the cached launches
-    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+    err = ((plain.double() - recorded.double()).norm() / recorded.double().norm()).item()
+    assert plain.dtype == recorded.dtype and err < 1e-2, err
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
 
 
