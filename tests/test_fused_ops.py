@@ -248,17 +248,24 @@ def test_swiglu_kernel_on_gpu(shape, dtype):
 @pytest.mark.parametrize("shape", [(128 * 196, 192, 512), (20001, 128, 352), (40000, 64, 192), (17000, 384, 1024),
                                    (66, 128, 352), (5, 96, 88)])
 def test_fc1_swiglu_kernel_on_gpu(shape, dtype):
-    """fc1 + gating in one kernel against float64 on the same half-precision values: the persistent TMA kernel
+    """fc1 + gating in one kernel against float64 on the same half-precision values, as the op routes it and,
+    where there are at least as many tiles as multiprocessors on a GPU with TMA, the persistent kernel itself
     (ViG-T's MLP at batch 128; partial row and column tiles; a single inner step, C = 64; C >= 384, loops not
-    flattened) and the per-tile one (fewer tiles than multiprocessors, partial tiles); x a view of strided rows."""
-    from vigla.ops.swiglu.triton_kernels import fc1_swiglu_triton
+    flattened); the per-tile one with fewer tiles than multiprocessors; x a view of strided rows."""
+    from vigla.ops.swiglu import triton_kernels as K
 
     M, C, I = shape
     x = torch.randn(M, C + 8, device="cuda").to(dtype)[:, :C]
     w1 = (torch.randn(2 * I, C, device="cuda") / C ** 0.5).to(dtype)
-    y = fc1_swiglu_triton(x, w1)
-    assert y.shape == (M, I) and y.dtype == dtype
-    assert rel(y, swiglu_reference(x.double() @ w1.double().t())) < TOL[dtype]
+    ref = swiglu_reference(x.double() @ w1.double().t())
+    y = K.fc1_swiglu_triton(x, w1)
+    assert y.shape == (M, I) and y.dtype == dtype and rel(y, ref) < TOL[dtype]
+    tma, sms = K._has_tma(x.device.index)
+    BM, BN = K._tma_tiles(C)[:2]
+    if tma and -(-M // BM) * -(-I // BN) >= sms:
+        y = torch.full((M, I), float("nan"), device="cuda", dtype=dtype)
+        K.fc1_swiglu_tma(x, w1, y, sms)
+        assert rel(y, ref) < TOL[dtype]
 
 
 @pytest.mark.gpu

@@ -148,12 +148,21 @@ def _tma_fits(x: torch.Tensor, w1: torch.Tensor) -> bool:
             and not I2 % 16)
 
 
+# Eager calls with less work than this (rows x hidden width) take the per-tile kernel unless a CUDA graph is
+# being captured: a launch of the persistent kernel costs the host ~11 us more (Triton encodes its three TMA
+# descriptors at every launch; 23 against 12 us on the H200's host), more than it saves on the device below
+# ~2^24.5 (it saves ~19% of the per-tile kernel's ~2.8 us per 2^20), and at 224² an eager ViG-T is bound by
+# the host (benchmarks/results/kernel_fc1_tiles_ab.json).
+TMA_MIN_WORK = 1 << 25
+
+
 def fc1_swiglu_triton(x: torch.Tensor, w1: torch.Tensor, wrap=direct) -> torch.Tensor:
     """``swiglu(x @ w1^T)`` in one kernel: ``x``: ``[..., C]``, ``w1``: ``[2I, C]``, both fp16 or both bf16 ->
     ``[..., I]`` in their dtype. The products are accumulated in float32 and gated before the one rounding
-    (the unfused path rounds fc1's output first). On Hopper and newer, with at least as many output tiles
-    as multiprocessors, the persistent TMA kernel (:func:`fc1_swiglu_tma`), in eager calls (``wrap`` the
-    direct launcher; ``torch.compile`` traces the other); else one program per tile (:func:`fc1_swiglu_tiles`)."""
+    (the unfused path rounds fc1's output first). The persistent TMA kernel (:func:`fc1_swiglu_tma`) on
+    Hopper and newer, for eager calls (``wrap`` the direct launcher; ``torch.compile`` traces the other) with
+    at least as many output tiles as multiprocessors and :data:`TMA_MIN_WORK` or under CUDA-graph capture;
+    else one program per tile (:func:`fc1_swiglu_tiles`)."""
     rows = _rows(x)
     w1 = w1.contiguous()
     M, C = rows.shape
@@ -161,10 +170,10 @@ def fc1_swiglu_triton(x: torch.Tensor, w1: torch.Tensor, wrap=direct) -> torch.T
     y = torch.empty(*x.shape[:-1], I, dtype=x.dtype, device=x.device)
     if not M:
         return y
-    tma, sms = _has_tma(x.device.index) if x.is_cuda and wrap is direct else (False, 0)
-    if tma and _tma_fits(rows, w1):
+    if wrap is direct and x.is_cuda and (M * I >= TMA_MIN_WORK or torch.cuda.is_current_stream_capturing()):
+        tma, sms = _has_tma(x.device.index)
         BM, BN = _tma_tiles(C)[:2]
-        if cdiv(M, BM) * cdiv(I, BN) >= sms:
+        if tma and cdiv(M, BM) * cdiv(I, BN) >= sms and _tma_fits(rows, w1):
             fc1_swiglu_tma(rows, w1, y.view(M, I), sms, wrap)
             return y
     fc1_swiglu_tiles(rows, w1, y, wrap)
