@@ -122,10 +122,10 @@ def _fc1_swiglu_tma_kernel(x_desc, w_desc, y_desc, M, I, C, BM: tl.constexpr, BN
         y_desc.store([out_m * BM, out_n * BN], h.to(y_desc.dtype))
 
 
-# persistent kernel: (BM, BN, BK, warps, stages, FLATTEN) by the inner dim C, from an A/B of 16 tilings on an
-# H200 (benchmarks/results/kernel_fc1_ab.json): 128 x 128 tiles (two fp32 accumulators) at 8 warps, the loops
-# flattened but at C >= 384 (ViG-S/B: 3-9% faster unflattened); a single 64-wide inner step (ViG-H-T stage 1,
-# C = 64) takes 256 x 64 tiles.
+# persistent kernel: (BM, BN, BK, warps, stages, FLATTEN) by the inner dim C, from A/Bs of tilings on an H200
+# (benchmarks/results/kernel_fc1_tiles_ab.json): 128 x 128 tiles (two fp32 accumulators) at 8 warps, the
+# loops flattened but at C >= 384 (unflattened 3% faster at ViG-S, 11% at ViG-B); a single 64-wide inner step
+# (ViG-H-T stage 1, C = 64) takes 256 x 64 tiles.
 def _tma_tiles(C: int) -> tuple[int, int, int, int, int, bool]:
     if C <= 64:
         return 256, 64, 64, 8, 3, True
