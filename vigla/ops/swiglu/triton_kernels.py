@@ -107,7 +107,8 @@ def _fc1_swiglu_tma_kernel(x_desc, w_desc, y_desc, M, I, C, BM: tl.constexpr, BN
     the linear half, whose columns fall past ``I`` and are clipped by the store."""
     m_tiles = tl.cdiv(M, BM)
     n_tiles = tl.cdiv(I, BN)
-    out = tl.program_id(0) - PROGRAMS  # the tile being stored: the loop's tile, one step behind under FLATTEN
+    out = tl.program_id(0) - PROGRAMS  # the stored tile, counted apart from the loop's index (the same tile: the
+    # pipeliner issues the loop's next loads ahead of this epilogue under FLATTEN)
     for t in tl.range(tl.program_id(0), m_tiles * n_tiles, PROGRAMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_of(t, m_tiles, n_tiles, GROUP)
         acc_a = tl.zeros((BM, BN), dtype=tl.float32)
