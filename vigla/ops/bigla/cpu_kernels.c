@@ -153,16 +153,20 @@ typedef struct {
  * AVX-512, else 8): a 64-byte vector type on a machine without 512-bit registers is lowered through the stack piece
  * by piece (perf on a 2-core AVX2 EPYC: the loop bound by those stores and reloads; 8-lane vectors took ViG-T's
  * layer from 15.3 to 3.8 ms forward, 27.7 to 8.9 ms backward). The rows are walked in column blocks of NB
- * vectors, a pass over all K rows per block: the forward takes blocks of 4 (with 8-lane vectors its two tokens'
- * sums and the row then stay in 16 registers instead of spilling: a quarter off its time on that EPYC; with
- * 16 lanes that is the whole row), the backward whole rows (its dot products summed once per row: blocks were
- * 5% slower there). Bitwise the same as n passes. */
+ * vectors, a pass over all K rows per block: the forward takes blocks of FWD_NB (16 lanes: the whole row, which
+ * its two tokens' sums and values and the row then hold in 20 of the 32 registers; 8 lanes: blocks of 2, 10
+ * of the 16 registers: blocks of 4 spilled, and took 7% more time than 2 on a 2-core AVX2 EPYC, whole rows
+ * a quarter more), the backward whole rows (its dot products summed once per row: blocks of 4 were 20%
+ * slower there). Which of a step's outputs a call forms (ACC: acc; DOTS: dots) is a constant at each call,
+ * so that the row loop tests neither (8% off the backward, 3% off the forward on that EPYC). Bitwise the
+ * same as n passes. */
 #if defined(__AVX512F__)
 #define LANES 16
 #else
 #define LANES 8
 #endif
 #define NC (64 / LANES) /* native vectors per 64-value row */
+#define FWD_NB (LANES == 16 ? NC : 2) /* the forward's column block, in vectors */
 typedef float vecf __attribute__((vector_size(4 * LANES)));
 
 static inline vecf loadv(const float *p) {
@@ -180,14 +184,15 @@ static inline float hsumv(vecf x) {
 }
 
 static inline __attribute__((always_inline)) void advance_rows64(float *restrict S, long K, const step_t *P,
-                                                                 const int n, const int NB) {
+                                                                 const int n, const int NB, const int ACC,
+                                                                 const int DOTS) {
     for (int blk = 0; blk < NC / NB; blk++) {
         const long c0 = blk * NB * LANES; /* this block's first column */
         vecf y[2][NC], z[2][NC], a[2][NC]; /* NB of NC used: NB is a constant at every call */
         for (int p = 0; p < n; p++)
             for (int c = 0; c < NB; c++) {
                 y[p][c] = loadv(P[p].y + c0 + LANES * c);
-                z[p][c] = P[p].z ? loadv(P[p].z + c0 + LANES * c) : (vecf){0};
+                z[p][c] = DOTS ? loadv(P[p].z + c0 + LANES * c) : (vecf){0};
                 a[p][c] = (vecf){0};
             }
         for (long i = 0; i < K; i++) {
@@ -199,11 +204,11 @@ static inline __attribute__((always_inline)) void advance_rows64(float *restrict
                 if (fi != 1.0f)
                     for (int c = 0; c < NB; c++) r[c] *= fi;
                 for (int c = 0; c < NB; c++) r[c] += ui * y[p][c];
-                if (P[p].acc) {
+                if (ACC) {
                     const float wi = P[p].w[i];
                     for (int c = 0; c < NB; c++) a[p][c] += wi * r[c];
                 }
-                if (P[p].z) {
+                if (DOTS) {
                     vecf d = r[0] * z[p][0];
                     for (int c = 1; c < NB; c++) d += r[c] * z[p][c];
                     P[p].dots[i] = (blk ? P[p].dots[i] : 0.0f) + hsumv(d);
@@ -212,17 +217,19 @@ static inline __attribute__((always_inline)) void advance_rows64(float *restrict
             for (int c = 0; c < NB; c++) storev(row + LANES * c, r[c]);
         }
         for (int p = 0; p < n; p++)
-            if (P[p].acc)
+            if (ACC)
                 for (int c = 0; c < NB; c++) storev(P[p].acc + c0 + LANES * c, a[p][c]);
     }
 }
 
 /* The passes of n consecutive tokens over all K rows: V = 64 through advance_rows64's registers (in column blocks
- * of NB vectors), other V token by token, row by row. */
+ * of NB vectors; ACC, DOTS: whether the steps have acc and dots, constants at each call), other V token by
+ * token, row by row. */
 static inline __attribute__((always_inline)) void advance_rows(float *restrict S, long K, long V, const step_t *P,
-                                                               const int n, const int NB) {
+                                                               const int n, const int NB, const int ACC,
+                                                               const int DOTS) {
     if (V == 64) {
-        advance_rows64(S, K, P, n, NB);
+        advance_rows64(S, K, P, n, NB, ACC, DOTS);
         return;
     }
     for (int p = 0; p < n; p++) {
@@ -259,7 +266,7 @@ static inline __attribute__((always_inline)) void forward_steps(const job_t *J, 
                      NULL);
         P[p] = (step_t){f, f + K, f + 2 * K, ROW(J->v, 2, b, t[p], h), NULL, acc[p], NULL};
     }
-    advance_rows(S, K, V, P, n, 4);
+    advance_rows(S, K, V, P, n, FWD_NB, 1, 0);
     for (int p = 0; p < n; p++) {
         float *out = OUT(J->o, b, t[p], h, V);
         for (long j = 0; j < V; j++) out[j] = scan ? out[j] + acc[p][j] : acc[p][j];
@@ -295,7 +302,7 @@ static inline __attribute__((always_inline)) void dq_steps(const job_t *J, int s
         P[p] = (step_t){f, f + K, NULL, ROW(J->v, 2, b, t[p], h), ROW(J->dout, 5, b, t[p], h), NULL,
                         dqs + (s + p) * K};
     }
-    advance_rows(S, K, V, P, n, NC);
+    advance_rows(S, K, V, P, n, NC, 0, 1);
     for (int p = 0; p < n; p++) {
         float *dq = dqs + (s + p) * K, *out = OUT(J->dq, b, t[p], h, K);
         const float *w = co + 3 * K * p + 2 * K;
@@ -326,7 +333,7 @@ static inline __attribute__((always_inline)) void dkv_steps(const job_t *J, int 
         P[p] = (step_t){f, f + K, f + 2 * K, ROW(J->dout, 5, b, t[p], h), ROW(J->v, 2, b, t[p], h), dvs[p],
                         dks + K * p};
     }
-    advance_rows(S, K, V, P, n, NC);
+    advance_rows(S, K, V, P, n, NC, 1, 1);
     for (int p = 0; p < n; p++) {
         long sp = s - p;
         const float *qq = ROW(J->q, 0, b, t[p], h), *kk = ROW(J->k, 1, b, t[p], h), *Dp = co + 4 * K * p + 3 * K;
