@@ -80,9 +80,9 @@ def measure(shape, bw: float, alt) -> dict:
     dy, d = torch.randn_like(x), torch.randn_like(x)
     w = torch.randn(C, 1, 3, 3, device="cuda") * 0.3
     row = dict(shape=name, B=B, H=H, W=W, C=C)
+    fc1 = act + act * I // C  # x in, the gated [B, N, I] out
     floors = dict(dwconv_fwd=2 * act, dwconv_fwdbwd=2 * act + 3 * act, add_norm_fwd=4 * act, locality_mix_fwd=4 * act,
-                  fc1_swiglu_fwd=act + act * I // C, fc1_tiles_fwd=act + act * I // C,
-                  fc1_then_gate_fwd=act + act * I // C)
+                  fc1_swiglu_fwd=fc1, fc1_tiles_fwd=fc1, fc1_then_gate_fwd=fc1)
     versions = [("", dw)] + ([("alt_", alt)] if alt is not None else [])
     for label, mod in versions:
         fwd, fwdbwd = dwconv_calls(mod, x, w, (H, W), dy)

@@ -261,8 +261,7 @@ def test_fc1_swiglu_kernel_on_gpu(shape, dtype):
     y = K.fc1_swiglu_triton(x, w1)
     assert y.shape == (M, I) and y.dtype == dtype and rel(y, ref) < TOL[dtype]
     tma, sms = K._has_tma(x.device.index)
-    BM, BN = K._tma_tiles(C)[:2]
-    if tma and -(-M // BM) * -(-I // BN) >= sms:
+    if tma and K._fills_device(M, C, I, sms):
         y = torch.full((M, I), float("nan"), device="cuda", dtype=dtype)
         K.fc1_swiglu_tma(x, w1, y, sms)
         assert rel(y, ref) < TOL[dtype]

@@ -3,7 +3,8 @@
 gradient (:func:`vigla.ops.dispatch.records`).
 
 * CPU: the signature separates what Triton specialises on (dtype, 16-byte alignment, int values,
-  constexprs, TMA descriptors' dtype and block); ``records``; a model's no-grad forward (no Function) equals its grad-mode one.
+  constexprs, TMA descriptors' dtype and block); ``records``; a model's no-grad forward (no Function)
+  equals its grad-mode one.
 * GPU (``pytest -m gpu``): replayed launches compute what Triton's own launch computes, on aligned
   and misaligned inputs, and a ViG-T forward under ``no_grad`` equals the recorded one to bf16 rounding
   (its replays bit for bit).

@@ -133,6 +133,13 @@ def _tma_tiles(C: int) -> tuple[int, int, int, int, int, bool]:
     return 128, 128, 64, 8, 3, C < 384
 
 
+def _fills_device(M: int, C: int, I: int, sms: int) -> bool:
+    """Whether the persistent kernel's output tiles for ``[M, C] x [C, 2I]`` are at least ``sms``, one per
+    multiprocessor (fewer: the per-tile kernel's smaller tiles spread the work wider)."""
+    BM, BN = _tma_tiles(C)[:2]
+    return cdiv(M, BM) * cdiv(I, BN) >= sms
+
+
 @functools.lru_cache(maxsize=None)
 def _has_tma(index: int) -> tuple[bool, int]:
     """``(TMA, multiprocessors)`` of CUDA device ``index``: Hopper (sm_90) or newer, with a Triton that has
@@ -173,8 +180,7 @@ def fc1_swiglu_triton(x: torch.Tensor, w1: torch.Tensor, wrap=direct) -> torch.T
         return y
     if wrap is direct and x.is_cuda and (M * I >= TMA_MIN_WORK or torch.cuda.is_current_stream_capturing()):
         tma, sms = _has_tma(x.device.index)
-        BM, BN = _tma_tiles(C)[:2]
-        if tma and cdiv(M, BM) * cdiv(I, BN) >= sms and _tma_fits(rows, w1):
+        if tma and _fills_device(M, C, I, sms) and _tma_fits(rows, w1):
             fc1_swiglu_tma(rows, w1, y.view(M, I), sms, wrap)
             return y
     fc1_swiglu_tiles(rows, w1, y, wrap)
