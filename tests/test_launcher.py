@@ -131,17 +131,18 @@ def test_replayed_launches_match_the_reference(dtype, monkeypatch):
 @pytest.mark.gpu
 def test_model_no_grad_matches_recorded_forward_on_cuda():
     """Under bf16 autocast the no-grad forward takes the inference path (a bf16 residual stream, each output
-    projection inside the next add + norm's kernel): the recorded forward's logits to bf16 rounding, and its
-    replays of the cached launches bit for bit."""
+    projection inside the next add + norm's kernel): the recorded forward's logits and features (in float32,
+    as the recording path's final norm returns them) to bf16 rounding, and its replays bit for bit."""
     model = timm.create_model("vig_tiny", num_classes=10).cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.autocast("cuda", torch.bfloat16):
-        recorded = model(x)
+        recorded, features = model(x), model.forward_features(x)
         with torch.no_grad():
-            plain = model(x)
+            plain, plain_features = model(x), model.forward_features(x)
             again = model(x)  # replays of the cached launches
-    err = ((plain.double() - recorded.double()).norm() / recorded.double().norm()).item()
-    assert plain.dtype == recorded.dtype and err < 1e-2, err
+    for a, b in ((plain, recorded), (plain_features, features)):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert a.dtype == b.dtype and err < 1e-2, (a.dtype, b.dtype, err)
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
 
 
