@@ -89,7 +89,8 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int):
     for chains in (2, 4):
         p = mod.plan(B, T, H, K, V, True, 132, chains)
         seg = p.nseg > 1
-        common = dict(K=K, V=V, BT=p.BT, GATED=True, HALF_DOTS=2, SEGMENTED=seg)
+        gated = 2 if hasattr(mod, "_gated") else True  # gate logits, bf16 on a GPU (versions before _gated: a bool)
+        common = dict(K=K, V=V, BT=p.BT, GATED=gated, HALF_DOTS=2, SEGMENTED=seg)
         walk = dict(common, BV=p.BVW, NV=p.NVW)
         out.append((f"walk ({chains} chains)", mod._bigla_walk_kernel, walk, p.warps_walk, 0))
         if chains == 2:
