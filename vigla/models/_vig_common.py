@@ -137,7 +137,8 @@ def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
     return isinstance(x, torch.Tensor) and all(_plain_call(blk, ViGBlock) for blk in blocks)
 
 
-def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int],
+               norm: Optional[nn.Module] = None) -> torch.Tensor:
     """Apply ``blocks`` (:class:`ViGBlock`) in order to ``[B, N, C]`` tokens, each block's closing residual
     add done by the next block's first add + norm (:meth:`ViGBlock.forward_pair`): one op fewer per block;
     with a float32 residual stream (the models' under autocast) the same values and gradients as calling
@@ -148,17 +149,25 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int]
     stream is kept in the compute dtype (bf16 under bf16 autocast): each add + norm reads and writes it at
     half the bytes, and still sums in float32 and rounds once. The GPU tests hold the logits' distance to
     the float64 model's within 1.5x the float32 stream's (ViG-T and ViG-H-T, eager and compiled); training
-    and the CPU keep a float32 stream."""
+    and the CPU keep a float32 stream.
+
+    With ``norm``: ``norm`` of the output, in ``x``'s dtype whatever the stream's (on the GPU inference path
+    the last residual add, and the last output projection, inside the norm's kernel)."""
     if not _deferrable(blocks, x):
         for blk in blocks:
             x = blk(x, hw)
-        return x
-    if x.is_cuda and inference_ops(x) is not None:  # GPU inference: the residual stream in the compute dtype
+        return x if norm is None else norm(x)
+    dtype = x.dtype
+    ops = inference_ops(x) if x.is_cuda else None
+    if ops is not None:  # GPU inference: the residual stream in the compute dtype
         x = x.to(compute_dtype(x))
     delta = None
     for blk in blocks:
         x, delta = blk.forward_pair(x, delta, hw)
-    return x if delta is None else x + dense(delta)
+    if norm is not None and ops is not None:
+        return add_and_norm_inference(norm, x, delta, dtype, ops)[1]
+    x = x if delta is None else x + dense(delta)
+    return x if norm is None else norm(x)
 
 
 def drop_path_schedule(drop_path_rate: float, num_blocks: int) -> list[float]:

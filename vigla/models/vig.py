@@ -22,7 +22,6 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm
-from ..layers.norm import add_and_norm
 from ._vig_common import (
     MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, run_blocks,
     drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
@@ -165,10 +164,7 @@ class ViG(ClassifierMixin, nn.Module):
         elif self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_blocks(self.blocks, x, hw)
         else:
-            dtype = x.dtype
-            x = run_blocks(self.blocks, x, hw)
-            if x.dtype != dtype:  # GPU inference ran the residual stream in the compute dtype: the
-                return add_and_norm(self.norm, x, out_dtype=dtype)[1]  # output in the recording path's dtype
+            return run_blocks(self.blocks, x, hw, self.norm)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
