@@ -1,7 +1,8 @@
 """ViG's block ops on one GPU against their byte floors: the depthwise conv + SiLU (forward, forward +
-backward), add + RMSNorm, the locality mix and the MLP's fc1 + SwiGLU gating (one kernel as the op picks
-it, the per-tile kernel, and cuBLAS's GEMM then the gating kernel beside it), at the shapes of ViG-T's and
-ViG-H-T's blocks, in one run.
+backward), add + RMSNorm, the locality mix, the MLP's fc1 + SwiGLU gating (one kernel as the op picks
+it, the per-tile kernel, and cuBLAS's GEMM then the gating kernel beside it) and the inference path's BiGLA +
+locality mix (BiGLA's output kernel forming the mix, and BiGLA then the mix kernel), at the shapes of ViG-T's
+and ViG-H-T's blocks, in one run.
 
     python benchmarks/bench_ops.py --out benchmarks/results                  # or: python -m benchmarks kernel ops
     python benchmarks/bench_ops.py --alt-dwconv ab/old.py                    # another dwconv version beside
@@ -64,6 +65,29 @@ def fc1_calls(x, w1):
         (lambda: swiglu_fwd_triton(torch.mm(x, w1.t())))
 
 
+def bigla_mix_calls(x, nw, B: int, N: int, C: int, V: int):
+    """``(fused, unfused, floor bytes)`` of the inference path's BiGLA + locality mix on the block's layout (q, k, v,
+    both gates' logits and the mix gate column slices of one bf16 projection, ``d_k = d_v / 2``, ``x`` the local
+    branch): BiGLA's output kernel forming the mix, and BiGLA then the mix kernel."""
+    from vigla.ops.bigla.op import bigla_forward, bigla_mix_forward
+    from vigla.ops.locality_mix.op import locality_mix_forward
+
+    H, K = C // V, V // 2
+    proj = torch.randn(B, N, 4 * H * K + 2 * C, device="cuda", dtype=torch.bfloat16)
+    q, k, v, zf, zb, z = proj.split([H * K, H * K, C, H * K, H * K, C], -1)
+    q, k, zf, zb = (t.unflatten(-1, (H, K)) for t in (q, k, zf, zb))
+    v = v.unflatten(-1, (H, V))
+    w = nw[:V]
+    args = (q, k, v, zf, zb, K ** -0.5, 16.0)
+
+    def fused():
+        return bigla_mix_forward(*args, x, z, w, w, 1e-6, True)
+
+    def unfused():
+        return locality_mix_forward(bigla_forward(*args), x, z, w, w, 1e-6, True)
+    return fused, unfused, proj.numel() * 2 + 2 * x.numel() * 2  # the projection and x read, y written
+
+
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -97,6 +121,10 @@ def measure(shape, bw: float, alt) -> dict:
     o = torch.randn(B, N, 3, C // 3, device="cuda", dtype=torch.bfloat16) if C % 3 == 0 else None
     if o is not None:
         row["locality_mix_fwd_ms"] = _bench(lambda: locality_mix(o, x, z, nw[: C // 3], nw[: C // 3], 1e-6))
+    mix_fused, mix_unfused, mix_bytes = bigla_mix_calls(x, nw, B, N, C, 32 if name.startswith("ViG-H") else 64)
+    floors.update(bigla_mix_fwd=mix_bytes, bigla_then_mix_fwd=mix_bytes)
+    row["bigla_mix_fwd_ms"], row["bigla_then_mix_fwd_ms"] = _bench(mix_fused), _bench(mix_unfused)
+    row["bigla_mix_rel_diff"] = _rel(mix_fused(), mix_unfused())
     w1 = torch.randn(2 * I, C, device="cuda", dtype=torch.bfloat16) / C ** 0.5
     fused, tiles, unfused = fc1_calls(x.view(B * N, C), w1)
     row["fc1_swiglu_fwd_ms"], row["fc1_tiles_fwd_ms"] = _bench(fused), _bench(tiles)
@@ -136,7 +164,7 @@ def main() -> int:
         copy_bandwidth_TBps=bw / 1e12, alt_dwconv=args.alt_dwconv and Path(args.alt_dwconv).name))
     shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
     print(f"{'shape':20s} {'dwconv fwd':>22s} {'dwconv f+b':>22s} {'add+norm':>14s} {'loc. mix':>14s} "
-          f"{'fc1+gate':>14s} {'per tile':>14s} {'fc1, gate':>14s}")
+          f"{'fc1+gate':>14s} {'per tile':>14s} {'fc1, gate':>14s} {'bigla+mix':>14s} {'bigla, mix':>14s}")
     for shape in shapes:
         row = measure(shape, bw, alt)
         out["rows"].append(row)
@@ -144,7 +172,8 @@ def main() -> int:
         print(f"{row['shape']:20s} {_cell(row, 'dwconv_fwd'):>22s} {_cell(row, 'dwconv_fwdbwd'):>22s} "
               f"{_cell(row, 'add_norm_fwd'):>14s} {_cell(row, 'locality_mix_fwd'):>14s} "
               f"{_cell(row, 'fc1_swiglu_fwd'):>14s} {_cell(row, 'fc1_tiles_fwd'):>14s} "
-              f"{_cell(row, 'fc1_then_gate_fwd'):>14s}{alt_note}", flush=True)
+              f"{_cell(row, 'fc1_then_gate_fwd'):>14s} {_cell(row, 'bigla_mix_fwd'):>14s} "
+              f"{_cell(row, 'bigla_then_mix_fwd'):>14s}{alt_note}", flush=True)
     print(f"wrote {save_complete(out, args.out, args.name)}")
     return 0
 

@@ -31,10 +31,11 @@ from vigla.bench.report import envelope, save_complete  # noqa: E402
 
 # the bench_bigla.py shapes (name, B, T, H, d_k, d_v) whose kernels are compiled
 LAYERS = [s for s in SHAPES if s[0] in ("ViG-T @224", "ViG-T @1024", "ViG-H-T s1 @224")]
-STRIDES = {"sqb", "sqt", "sqh", "svb", "svt", "svh", "sgb", "sgt", "sgh"}  # multiples of 16 in ViG's layout
-FLOATS = {"ginv", "gnorm", "half_scale"}
-FP32_PTRS = {"hs", "dec", "pq", "pk", "pv"}
-PTR_NAMES = {"q", "k", "v", "do", "gf", "gb", "g", "h", "o", "dq", "dk", "dv", "dg"} | FP32_PTRS
+# multiples of 16 in ViG's layout
+STRIDES = {"sqb", "sqt", "sqh", "svb", "svt", "svh", "sgb", "sgt", "sgh", "sxb", "sxt", "szb", "szt"}
+FLOATS = {"ginv", "gnorm", "half_scale", "eps"}
+FP32_PTRS = {"hs", "dec", "pq", "pk", "pv", "w_o", "w_l"}
+PTR_NAMES = {"q", "k", "v", "do", "gf", "gb", "g", "h", "o", "dq", "dk", "dv", "dg", "x", "z"} | FP32_PTRS
 
 
 def _tool(name: str) -> str:
@@ -94,7 +95,12 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int):
         walk = dict(common, BV=p.BVW, NV=p.NVW)
         out.append((f"walk ({chains} chains)", mod._bigla_walk_kernel, walk, p.warps_walk, 0))
         if chains == 2:
-            out.append(("forward per-chunk", mod._bigla_fwd_kernel, dict(common, BV=p.BV), p.warps_chunk, p.regs))
+            fwd = dict(common, BV=p.BV)
+            if "MIX" in mod._bigla_fwd_kernel.arg_names:  # the training path's output, the inference path's mix
+                out.append(("forward + mix", mod._bigla_fwd_kernel, dict(fwd, MIX=True, ACT=True), p.warps_chunk,
+                            p.regs))
+                fwd.update(MIX=False, ACT=False)
+            out.append(("forward per-chunk", mod._bigla_fwd_kernel, fwd, p.warps_chunk, p.regs))
         else:
             for upper in (0, 1):
                 out.append((f"backward per-chunk (scan {upper})", mod._bigla_bwd_kernel,

@@ -108,7 +108,7 @@ from vigla.ops.bigla.triton_kernels import _load_gate, _sigmoid_neg
 @triton.jit
 def gates(z, la, slope, ginv):
     rows, cols = tl.program_id(0) * 64 + tl.arange(0, 64), tl.arange(0, 16)
-    tl.store(la + rows[:, None] * 16 + cols[None, :], _load_gate(z, rows, cols, 16, 1 << 30, ginv, True))
+    tl.store(la + rows[:, None] * 16 + cols[None, :], _load_gate(z, rows, cols, 16, 1 << 30, ginv, 1))
     x = tl.load(z + rows[:, None] * 16 + cols[None, :])
     tl.store(slope + rows[:, None] * 16 + cols[None, :], _sigmoid_neg(x))
 
@@ -137,6 +137,46 @@ def test_gate_forms_in_interpreter_on_cpu():
     within 2^-22.9 and 2 ulp: an ulp or two more there."""
     la_err, slope_err = triton_interpreter.run(GATE_SCRIPT)  # errors over their bounds
     assert la_err < 1 and slope_err < 1, (la_err, slope_err)
+
+
+MIX_SCRIPT = BF16_FIX + r"""
+import json, sys, torch, torch.nn.functional as F
+from vigla.ops.bigla.triton_kernels import BiGLAConfig, bigla_fwd_triton
+from vigla.ops.bigla import bigla_naive
+from vigla.ops.locality_mix.reference import locality_mix_reference
+torch.manual_seed(0)
+res = []
+for B, T, H, K, V, dtype, act, chunk, segments in json.loads(sys.argv[1]):
+    dt = getattr(torch, dtype)
+    C = H * V
+    proj = torch.randn(B, T, H * (2 * K + V) + 2 * H * K + C + 5, dtype=torch.float64).to(dt)  # one projection
+    q, k, v, zf, zb, z = proj.split([H * K, H * K, H * V, H * K, H * K, C + 5], -1)
+    q, k, zf, zb = (t.unflatten(-1, (H, K)) for t in (q, k, zf, zb))
+    v, z = v.unflatten(-1, (H, V)), z[..., 3:3 + C]  # the mix gate's logits: a column slice
+    x = torch.randn(B, T, C, dtype=torch.float64).to(dt)  # the local branch
+    w_o, w_l = torch.rand(V) + 0.5, torch.rand(V) + 0.5
+    y = bigla_fwd_triton(q, k, v, zf, zb, K ** -0.5, 16.0, BiGLAConfig(chunk=chunk, segments=segments),
+                         mix=(x, z, w_o, w_l, 1e-6, act))
+    d = lambda t: t.double()
+    o = bigla_naive(d(q), d(k), d(v), F.logsigmoid(d(zf)) / 16, F.logsigmoid(d(zb)) / 16, K ** -0.5)
+    ref = locality_mix_reference(o, d(x), d(z), d(w_o), d(w_l), 1e-6, act)
+    res.append([str(y.dtype), list(y.shape), ((y.double().flatten(2) - ref).norm() / ref.norm()).item()])
+print(json.dumps(res))
+"""
+
+
+def test_bigla_mix_in_interpreter_on_cpu():
+    """BiGLA's output kernel forming ViG's locality mix (the inference path's ``vigla::bigla_mix``): gate logits,
+    the mix gate a column slice of a wider projection, SiLU on and off, d_v = 64 and 32, several chunks and
+    segments, a ragged last chunk, float32 and bf16; against float64 BiGLA followed by the float64 mix on the same
+    values."""
+    f32, bf16 = "float32", "bfloat16"
+    shapes = [(2, 70, 3, 32, 64, f32, True, 32, 1), (1, 130, 2, 16, 32, f32, False, 16, 3),
+              (2, 90, 2, 32, 64, bf16, True, 64, 2)]
+    for shape, (dtype, out_shape, err) in zip(shapes, triton_interpreter.run(MIX_SCRIPT, json.dumps(shapes))):
+        B, T, H, K, V = shape[:5]
+        assert dtype == f"torch.{shape[5]}" and out_shape == [B, T, H, V], (shape, dtype, out_shape)
+        assert err < {f32: 1e-5, bf16: 6e-3}[shape[5]], f"{shape}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("B, T, chunk, segments", [(128, 196, 32, 1), (48, 1024, 64, 4), (12, 4096, 64, 8),
@@ -315,6 +355,40 @@ def test_triton_gated_matches_float64_reference(case):
         denom = b.norm() if name in ("dq", "dk", "dv") else max(b.norm(), (x64[0] * gref[0]).norm() / norm)
         err = ((a.double() - b).norm() / denom.clamp_min(1e-6)).item()
         assert err < TOL[dtype] * (1 if name in ("dq", "dk", "dv") else 2), f"{name} rel err {err:.2e}"
+
+
+MIX_CASES = [(2, 196, 3, 32, 64, torch.bfloat16, True), (2, 3136, 1, 16, 32, torch.bfloat16, False),
+             (1, 4096, 2, 32, 64, torch.float16, True), (1, 300, 2, 32, 64, torch.float32, False),
+             (3, 65, 2, 16, 16, torch.bfloat16, True), (2, 1, 2, 32, 64, torch.bfloat16, True),
+             (1, 200, 2, 64, 128, torch.bfloat16, True)]  # d_v = 128: BiGLA, then the mix kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MIX_CASES, ids=lambda c: "B{}T{}H{}K{}V{}-{}-act{}".format(
+    *c[:5], str(c[5]).split(".")[-1], int(c[6])))
+def test_bigla_mix_matches_float64_reference(case):
+    """``vigla::bigla_mix`` (the inference path: BiGLA's output kernel forming the locality mix, or the two ops
+    for d_v > 64) against float64 BiGLA then the float64 mix on the same values; q, k, v, the gate logits and the
+    mix gate column slices of one projection, as in the model; ``torch.library.opcheck`` of the op."""
+    from vigla.ops.locality_mix.reference import locality_mix_reference
+
+    B, T, H, K, V, dtype, act = case
+    C = H * V
+    proj = torch.randn(B, T, 4 * H * K + H * V + C + 8, device="cuda", dtype=torch.float64).to(dtype)
+    q, k, zf, zb, v, z = proj.split([H * K] * 4 + [H * V, C + 8], -1)
+    q, k, zf, zb = (t.unflatten(-1, (H, K)) for t in (q, k, zf, zb))
+    v, z = v.unflatten(-1, (H, V)), z[..., 5:5 + C]
+    x = torch.randn(B, T, C, device="cuda", dtype=dtype)
+    w_o, w_l = torch.rand(V, device="cuda") + 0.5, torch.rand(V, device="cuda") + 0.5
+    args = (q, k, v, zf, zb, K ** -0.5, 16.0, x, z, w_o, w_l, 1e-6, act)
+    y = torch.ops.vigla.bigla_mix(*args)
+    d = [t.double() for t in (q, k, v, zf, zb, x, z, w_o, w_l)]
+    o = _reference(d[:3] + [F.logsigmoid(g) / 16 for g in d[3:5]], K ** -0.5)
+    ref = locality_mix_reference(o, d[5], d[6], d[7], d[8], 1e-6, act)
+    assert y.dtype == dtype and y.shape == (B, T, C) and torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[dtype], f"rel err {rel_err(y, ref):.2e}"
+    if T <= 300:
+        torch.library.opcheck(torch.ops.vigla.bigla_mix.default, args)
 
 
 @pytest.mark.gpu

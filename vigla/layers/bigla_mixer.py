@@ -193,9 +193,9 @@ class BiGLAMixer(nn.Module):
     def forward_inference(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype,
                           ops: InferenceOps = EAGER, defer_projection: bool = False) -> torch.Tensor | Projection:
         """:meth:`forward` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``; the
-        grid already checked), products in ``dtype``: the ops called without autograd, the projections as
-        GEMMs on ``[B*N, .]`` views (on CUDA the decay projection inside the in-projection:
-        :meth:`_folded_weights`). ``[B, N, C]`` -> ``[B, N, C]``; with ``defer_projection`` the output
+        grid already checked), products in ``dtype``: the ops called without autograd (BiGLA and the locality mix
+        as one, :func:`vigla.ops.bigla.op.bigla_mix_forward`), the projections as GEMMs on ``[B*N, .]`` views
+        (on CUDA the decay projection inside the in-projection: :meth:`_folded_weights`). ``[B, N, C]`` -> ``[B, N, C]``; with ``defer_projection`` the output
         projection is returned not yet computed (:class:`vigla.layers.cast.Projection`), for the block's
         add + norm to run it."""
         B, N, C = x.shape
@@ -210,9 +210,8 @@ class BiGLAMixer(nn.Module):
                 [K, K, C, self.decay_down.out_features, C], dim=-1)
             logits = gemm(z, w_up, b_up)
         zf, zb = logits.view(B, N, 2, h, dk).unbind(dim=2)
-        o = ops.bigla(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
-                      float(self.gate_logit_normalizer))
-        y = ops.locality_mix(o, x_c, gate.view(B, N, C), self.norm_out.weight, self.norm_local.weight,
-                             float(self.norm_out.eps), bool(self.out_act))
+        y = ops.bigla_mix(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
+                          float(self.gate_logit_normalizer), x_c, gate.view(B, N, C), self.norm_out.weight,
+                          self.norm_local.weight, float(self.norm_out.eps), bool(self.out_act))
         out = Projection(y.reshape(B * N, C), w_out, (B, N, C))
         return out if defer_projection else out.dense()

@@ -14,16 +14,19 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from ..locality_mix.op import locality_mix_forward
 from . import cpu_kernels
 from .chunked import bigla_chunked, bigla_chunked_bwd
 
 if HAS_TRITON:
-    from .triton_kernels import bigla_bwd_triton, bigla_fwd_triton, supports
+    from .triton_kernels import bigla_bwd_triton, bigla_fwd_triton, mixes, supports
 else:
     def supports(K: int, V: int) -> bool:
         return False
 
-__all__ = ["BiGLAFunction", "bigla_forward", "bigla_macs", "log_decays", "supports"]
+    mixes = supports
+
+__all__ = ["BiGLAFunction", "bigla_forward", "bigla_mix_forward", "bigla_macs", "log_decays", "supports"]
 
 
 def bigla_macs(q_shape, v_shape) -> int:
@@ -84,6 +87,21 @@ def bigla_forward(q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float
         return bigla_chunked(q, k, v, gf, gb, scale).contiguous()
 
 
+def bigla_mix_forward(q, k, v, zf, zb, scale: float, gate_normalizer: float, x, z, w_o, w_l, eps: float, act: bool,
+                      launch=direct):
+    """ViG's locality mix of BiGLA's output, ``locality_mix(bigla_gated(q, k, v, zf, zb), x, z, ...)``
+    (:func:`vigla.ops.locality_mix.locality_mix`'s arguments after the first), without autograd: the inference
+    path's op. ``[B, T, H * V]`` in ``q.dtype``. On CUDA (heads up to ``d_v = 64``) BiGLA's output kernel forms
+    the mix from its float32 output tile: BiGLA's output is never written (the unfused path rounds it to
+    ``q.dtype`` before the mix); elsewhere the two ops one after the other."""
+    if _kernels(q, v) and mixes(q.shape[-1], v.shape[-1]):
+        y = bigla_fwd_triton(q, k, v, zf, zb, scale, gate_normalizer, wrap=launch,
+                             mix=(x, z, w_o, w_l, eps, act))
+        return y.view(x.shape)
+    return locality_mix_forward(bigla_forward(q, k, v, zf, zb, scale, gate_normalizer, launch), x, z, w_o, w_l,
+                                eps, act, launch)
+
+
 def _backward(do, q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
     """``(dq, dk, dv, dgf, dgb)`` of ``<do, bigla_forward(...)>``, in the inputs' dtypes."""
     if _kernels(q, v):
@@ -134,6 +152,14 @@ def bigla_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return tuple(_backward(do.contiguous(), q, k, v, gf, gb, scale, gate_normalizer, wrap))
 
 
+@fused_op("vigla::bigla_mix", lambda q, k, v, zf, zb, scale, gn, x, *args: x.new_empty(x.shape, dtype=q.dtype))
+def bigla_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zf: torch.Tensor, zb: torch.Tensor, scale: float,
+              gate_normalizer: float, x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor, w_l: torch.Tensor,
+              eps: float, act: bool) -> torch.Tensor:
+    """The inference path's custom op: :func:`bigla_mix_forward` (no autograd)."""
+    return bigla_mix_forward(q, k, v, zf, zb, scale, gate_normalizer, x, z, w_o, w_l, eps, act, wrap)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, gf, gb, scale, gate_normalizer = inputs
     ctx.save_for_backward(q, k, v, gf, gb)
@@ -151,6 +177,11 @@ bigla_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 @register_flop_formula(torch.ops.vigla.bigla_fwd)
 def _fwd_flops(q_shape, k_shape, v_shape, gf_shape, gb_shape, scale, *args, out_shape=None, **kwargs):
     return 2 * bigla_macs(q_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.vigla.bigla_mix)
+def _mix_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
+    return 2 * bigla_macs(q_shape, v_shape)  # BiGLA's; the mix is elementwise (as locality_mix, uncounted)
 
 
 @register_flop_formula(torch.ops.vigla.bigla_bwd)

@@ -18,6 +18,8 @@ Forward, two launches (three for long sequences):
    (forward decays on and below the diagonal, backward on and above) on tensor cores, plus the
    two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(R) S^b`` (``R = G - c``: inclusive suffix
    sums, so that the backward decay from j to i is also ``exp(R_i - R_j)``), accumulated by the products.
+   On the inference path (``MIX``) it also forms ViG's locality mix from that fp32 tile (one program holds a
+   head's values): BiGLA's output is never written.
 
 Backward: the same walk kernel computes four chains in one launch (the two states again, and the
 state gradients of both scans from ``q`` and ``do``), then ``_bigla_bwd_kernel``, one program per chunk,
@@ -58,8 +60,9 @@ from triton.language.extra import libdevice
 
 from ..dispatch import direct
 from ..launcher import cdiv, planned
+from ..locality_mix.triton_kernels import _normed
 
-__all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "plan", "supports"]
+__all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "mixes", "plan", "supports"]
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # factored intra-chunk products: factors within exp(+-60) of the inputs (60 in base-2 units)
@@ -378,12 +381,16 @@ def _bigla_carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV:
 
 
 # ----------------------------------------------------------------------------------- outputs
-@triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])
+@triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale", "eps"])
 def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, ginv, half_scale,
-                sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
+                sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
-    """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block."""
+                GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr, MIX: tl.constexpr,
+                ACT: tl.constexpr):
+    """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block. With ``MIX`` (one value block, ``BV = V``)
+    ViG's locality mix of the chunk's output instead, written to ``o``: per token and head
+    ``act(G * RMSNorm(o; w_o) + (1 - G) * RMSNorm(x; w_l))``, ``G = sigmoid(z)`` (``act``: SiLU with ``ACT``);
+    ``x``, ``z``: ``[B, T, H * V]`` with strides ``(sxb, sxt, 1)``, ``(szb, szt, 1)``."""
     ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
@@ -412,7 +419,26 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, ginv,
     out = _hdot(b_q.to(tl.float32) * tl.exp2(p), s_f, HALF_DOTS, out)
     s_b = _state(h, hs, dec, 1, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
     out = _hdot(b_q.to(tl.float32) * tl.exp2(r), s_b, HALF_DOTS, out)
-    _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out * half_scale)
+    out = out * half_scale
+    if MIX:
+        out = _mix(out, x + i_b * sxb + i_h * V, z + i_b * szb + i_h * V, w_o, w_l, eps, rows, cv, sxt, szt, T,
+                   V, ACT)
+    _store_rows(o + (i_b * T * H + i_h) * V, rows, cv, H * V, T, out)
+
+
+@triton.jit
+def _mix(a, x, z, w_o, w_l, eps, rows, cols, sxt, szt, T, V: tl.constexpr, ACT: tl.constexpr):
+    """The locality mix of one head's ``[BT, V]`` fp32 output ``a`` (``x``, ``z``: the head's first channel of
+    the chunk's image)."""
+    eps = tl.cast(eps, tl.float32)  # fp64 under Inductor
+    b = _load_rows(x, rows, cols, sxt, T)
+    g = _load_rows(z, rows, cols, szt, T)
+    na, _ = _normed(a, tl.load(w_o + cols).to(tl.float32), eps, V)
+    nb, _ = _normed(b, tl.load(w_l + cols).to(tl.float32), eps, V)
+    u = nb + tl.sigmoid(g) * (na - nb)
+    if ACT:
+        u = u * tl.sigmoid(u)
+    return u
 
 
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])
@@ -698,7 +724,7 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: 
 
 
 def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | None = None,
-                     config: BiGLAConfig | None = None, wrap=direct) -> torch.Tensor:
+                     config: BiGLAConfig | None = None, wrap=direct, mix: tuple | None = None) -> torch.Tensor:
     """``[B, T, H, V]`` contiguous output in ``q.dtype``.
 
     Args:
@@ -707,6 +733,9 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
             Read in place when their last stride is 1.
         config: launch choices (:class:`BiGLAConfig`), default :func:`plan`'s.
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``, else the kernels themselves.
+        mix: ``(x, z, w_o, w_l, eps, act)``: the output is ViG's locality mix of BiGLA's
+            (:func:`vigla.ops.locality_mix.locality_mix`; ``x``, ``z``: ``[B, T, H * V]`` with unit last stride),
+            formed by the output kernel from its fp32 tile (:func:`mixes` says where it applies).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -716,12 +745,24 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
     ginv = 1.0 / float(gate_normalizer) if gated else 1.0
     h, hs, dec = _walks(q, k, v, None, gf, gb, p, 2, ginv, 0.5 * scale, gated, wrap)
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    if mix is None:
+        x, z, w_o, w_l, eps, act = o, o, o, o, 0.0, False
+    else:
+        x, z, w_o, w_l, eps, act = mix
+        if p.NV != 1:
+            raise ValueError(f"bigla: the locality mix needs one value block per head (d_v <= 64), got d_v={V}")
     wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
         q, k, v, gf, gb, o, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv, 0.5 * scale,
-        *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
+        *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3], x, z, w_o, w_l, eps, *x.stride()[:2], *z.stride()[:2],
         K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=p.nseg > 1, num_warps=p.warps_chunk, **_cap(p))
+        SEGMENTED=p.nseg > 1, MIX=mix is not None, ACT=act, num_warps=p.warps_chunk, **_cap(p))
     return o
+
+
+def mixes(K: int, V: int) -> bool:
+    """Whether :func:`bigla_fwd_triton` forms the locality mix for heads of ``d_k = K``, ``d_v = V`` (a head's
+    values in one program: the default value block, 64)."""
+    return supports(K, V) and V <= 64
 
 
 def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float | None = None,
