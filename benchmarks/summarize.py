@@ -315,13 +315,16 @@ def ops_section(result: dict) -> list[str]:
         t, f = r.get(f"{label}{op}_ms"), r.get(f"{label}{op}_over_floor")
         return "-" if t is None else f"{fmt(t, '.3f')} ({fmt(f, '.1f')}x)"
     tiles = any("fc1_tiles_fwd_ms" in r for r in result["rows"])  # the per-tile fc1 kernel timed beside
+    mix = any("bigla_mix_fwd_ms" in r for r in result["rows"])  # the inference path's BiGLA + locality mix
     rows = [[f"{r['shape']} (B={r['B']}, {r['H']}x{r['W']}, C={r['C']})", cell(r, "dwconv_fwd"), cell(r, "dwconv_fwdbwd")]
             + ([cell(r, "dwconv_fwd", "alt_"), cell(r, "dwconv_fwdbwd", "alt_")] if alt else [])
             + [cell(r, "add_norm_fwd"), cell(r, "locality_mix_fwd"), cell(r, "fc1_swiglu_fwd")]
-            + ([cell(r, "fc1_tiles_fwd")] if tiles else []) + [cell(r, "fc1_then_gate_fwd")] for r in result["rows"]]
+            + ([cell(r, "fc1_tiles_fwd")] if tiles else []) + [cell(r, "fc1_then_gate_fwd")]
+            + ([cell(r, "bigla_mix_fwd"), cell(r, "bigla_then_mix_fwd")] if mix else []) for r in result["rows"]]
     header = ["shape", "dwconv + SiLU fwd", "dwconv fwd+bwd"] + (["alt fwd", "alt fwd+bwd"] if alt else []) \
         + ["add + RMSNorm fwd", "locality mix fwd", "fc1 + SwiGLU (one kernel)"] \
-        + (["the same, one program per tile"] if tiles else []) + ["fc1 (cuBLAS), then SwiGLU"]
+        + (["the same, one program per tile"] if tiles else []) + ["fc1 (cuBLAS), then SwiGLU"] \
+        + (["BiGLA + locality mix (one op)", "BiGLA, then the mix"] if mix else [])
     return table(header, rows) + ["", f"ms per call (CUDA-graph replays) and, in brackets, ÷ the byte floor at the copy "
                                       f"bandwidth of the same run ({fmt(value(result, ('settings', 'copy_bandwidth_TBps')), '.1f')} "
                                       f"TB/s); bf16; {source('kernel_ops', result)}."] \
@@ -629,8 +632,8 @@ def performance(res: Results) -> str:
                 "`[x; flip(x)]`, as the official code trains.", ""] + kernel_section(res)
     if res("kernel_ops"):
         out += ["", "## The block ops", "",
-                "The depthwise conv + SiLU, add + RMSNorm, locality mix and fc1 + SwiGLU gating of ViG's blocks at "
-                "layer shapes, `benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
+                "The depthwise conv + SiLU, add + RMSNorm, locality mix, fc1 + SwiGLU gating and the inference "
+                "path's BiGLA + locality mix of ViG's blocks at layer shapes, `benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
     if res("kernel_stem"):
         out += ["", "## The stems", "",
                 "ViG's and ViG-H's convolutional stems, `benchmarks/bench_stem.py`.", ""]
