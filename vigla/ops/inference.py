@@ -8,7 +8,8 @@ arguments and kernels (:data:`TRACED`): Inductor launches them from its generate
 graph gets the inference path's fusions, which the recording path (each op with its backward) does not
 have: the residual stream in the compute dtype, the decay projection folded into the in-projection, each
 output projection inside the next add + norm's kernel (``vigla::linear_add_norm``), BiGLA's output kernel
-forming the locality mix (``vigla::bigla_mix``), fc1 and the gating as one kernel. :func:`inference_ops` picks one of the two, or None (the recording path).
+forming the locality mix (``vigla::bigla_mix``), fc1 and the gating as one kernel. :func:`inference_ops` picks
+one of the two, or None (the recording path).
 """
 from __future__ import annotations
 

@@ -734,8 +734,8 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
         config: launch choices (:class:`BiGLAConfig`), default :func:`plan`'s.
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``, else the kernels themselves.
         mix: ``(x, z, w_o, w_l, eps, act)``: the output is ViG's locality mix of BiGLA's
-            (:func:`vigla.ops.locality_mix.locality_mix`; ``x``, ``z``: ``[B, T, H * V]`` with unit last stride),
-            formed by the output kernel from its fp32 tile (:func:`mixes` says where it applies).
+            (:func:`vigla.ops.locality_mix.locality_mix`; ``x``, ``z``: ``[B, T, H * V]``, read in place when their
+            last stride is 1), formed by the output kernel from its fp32 tile (:func:`mixes` says where it applies).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -749,6 +749,9 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
         x, z, w_o, w_l, eps, act = o, o, o, o, 0.0, False
     else:
         x, z, w_o, w_l, eps, act = mix
+        x, z = (t.reshape(B, T, H * V) for t in (x, z))
+        x, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, z))
+        w_o, w_l = w_o.contiguous(), w_l.contiguous()
         if p.NV != 1:
             raise ValueError(f"bigla: the locality mix needs one value block per head (d_v <= 64), got d_v={V}")
     wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
