@@ -60,7 +60,7 @@ from triton.language.extra import libdevice
 
 from ..dispatch import direct
 from ..launcher import cdiv, planned
-from ..locality_mix.triton_kernels import _normed
+from ..locality_mix.triton_kernels import mixed
 
 __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "mixes", "plan", "supports"]
 
@@ -431,14 +431,8 @@ def _mix(a, x, z, w_o, w_l, eps, rows, cols, sxt, szt, T, V: tl.constexpr, ACT: 
     """The locality mix of one head's ``[BT, V]`` fp32 output ``a`` (``x``, ``z``: the head's first channel of
     the chunk's image)."""
     eps = tl.cast(eps, tl.float32)  # fp64 under Inductor
-    b = _load_rows(x, rows, cols, sxt, T)
-    g = _load_rows(z, rows, cols, szt, T)
-    na, _ = _normed(a, tl.load(w_o + cols).to(tl.float32), eps, V)
-    nb, _ = _normed(b, tl.load(w_l + cols).to(tl.float32), eps, V)
-    u = nb + tl.sigmoid(g) * (na - nb)
-    if ACT:
-        u = u * tl.sigmoid(u)
-    return u
+    return mixed(a, _load_rows(x, rows, cols, sxt, T), _load_rows(z, rows, cols, szt, T),
+                 tl.load(w_o + cols).to(tl.float32), tl.load(w_l + cols).to(tl.float32), eps, V, ACT)
 
 
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])

@@ -38,17 +38,25 @@ def _normed(t, w, eps, D: tl.constexpr):
 
 
 @triton.jit
+def mixed(a, b, g, w_o, w_l, eps, D: tl.constexpr, ACT: tl.constexpr):
+    """``act(G * RMSNorm(a; w_o) + (1 - G) * RMSNorm(b; w_l))``, ``G = sigmoid(g)``, of ``[rows, D]`` fp32 tiles
+    (``w_o``, ``w_l``: ``[D]`` fp32; ``act``: SiLU with ``ACT``); also BiGLA's output kernel's epilogue."""
+    na, _ = _normed(a, w_o, eps, D)
+    nb, _ = _normed(b, w_l, eps, D)
+    u = nb + tl.sigmoid(g) * (na - nb)
+    if ACT:
+        u = u * tl.sigmoid(u)
+    return u
+
+
+@triton.jit
 def _locality_mix_fwd_kernel(o, x, z, wo, wl, y, R, H, sx, sz, eps, D: tl.constexpr, BR: tl.constexpr,
                 ACT: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp64 under Inductor
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, D)
     a, b, g, mask = _load_rows(o, x, z, rows, cols, R, H, sx, sz, D)
-    na, _ = _normed(a, tl.load(wo + cols).to(tl.float32), eps, D)
-    nb, _ = _normed(b, tl.load(wl + cols).to(tl.float32), eps, D)
-    u = nb + tl.sigmoid(g) * (na - nb)
-    if ACT:
-        u = u * tl.sigmoid(u)
+    u = mixed(a, b, g, tl.load(wo + cols).to(tl.float32), tl.load(wl + cols).to(tl.float32), eps, D, ACT)
     tl.store(y + rows[:, None] * D + cols[None, :], u.to(y.dtype.element_ty), mask=mask)
 
 
