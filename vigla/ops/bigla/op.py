@@ -94,7 +94,7 @@ def bigla_mix_forward(q, k, v, zf, zb, scale: float, gate_normalizer: float, x, 
     path's op. ``[B, T, H * V]`` in ``q.dtype``. On CUDA (heads up to ``d_v = 64``) BiGLA's output kernel forms
     the mix from its float32 output tile: BiGLA's output is never written (the unfused path rounds it to
     ``q.dtype`` before the mix); elsewhere the two ops one after the other."""
-    if _kernels(q, v) and mixes(q.shape[-1], v.shape[-1]):
+    if use_kernels(q) and mixes(q.shape[-1], v.shape[-1]):
         y = bigla_fwd_triton(q, k, v, zf, zb, scale, gate_normalizer, wrap=launch,
                              mix=(x, z, w_o, w_l, eps, act))
         return y.view(x.shape)

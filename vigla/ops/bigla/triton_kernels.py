@@ -656,17 +656,18 @@ def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) 
     return planned(plan, B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config)
 
 
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit last stride (a copy only where it has another)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _strided(q, k, v, gf, gb):
     """The inputs as the kernels read them: unit last stride; q and k, gf and gb sharing strides
     (true of column slices of one projection); copies only where that fails."""
     sq, sg = q.stride(), gf.stride()
     if sq[-1] == 1 and sg[-1] == 1 and v.stride(-1) == 1 and sq == k.stride() and sg == gb.stride():
         return q, k, v, gf, gb  # the model's layout: checked in one pass
-
-    def unit(t):
-        return t if t.stride(-1) == 1 else t.contiguous()
-
-    q, k, v, gf, gb = (unit(t) for t in (q, k, v, gf, gb))
+    q, k, v, gf, gb = (_unit(t) for t in (q, k, v, gf, gb))
     if q.stride() != k.stride():
         q, k = q.contiguous(), k.contiguous()
     if gf.stride() != gb.stride():
@@ -743,8 +744,7 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
         x, z, w_o, w_l, eps, act = o, o, o, o, 0.0, False
     else:
         x, z, w_o, w_l, eps, act = mix
-        x, z = (t.reshape(B, T, H * V) for t in (x, z))
-        x, z = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, z))
+        x, z = (_unit(t.reshape(B, T, H * V)) for t in (x, z))
         w_o, w_l = w_o.contiguous(), w_l.contiguous()
         if p.NV != 1:
             raise ValueError(f"bigla: the locality mix needs one value block per head (d_v <= 64), got d_v={V}")
