@@ -1,8 +1,9 @@
 """ViG's block ops on one GPU against their byte floors: the depthwise conv + SiLU (forward, forward +
 backward), add + RMSNorm, the locality mix, the MLP's fc1 + SwiGLU gating (one kernel as the op picks
-it, the per-tile kernel, and cuBLAS's GEMM then the gating kernel beside it) and the inference path's BiGLA +
-locality mix (BiGLA's output kernel forming the mix, and BiGLA then the mix kernel), at the shapes of ViG-T's
-and ViG-H-T's blocks, in one run.
+it, the per-tile kernel, and cuBLAS's GEMM then the gating kernel beside it), the inference path's BiGLA +
+locality mix (BiGLA's output kernel forming the mix, and BiGLA then the mix kernel) and its MLP + the next add +
+RMSNorm (one kernel where the op takes it, and fc1 + SwiGLU, fc2, add + norm), at the shapes of ViG-T's and
+ViG-H-T's blocks, in one run.
 
     python benchmarks/bench_ops.py --out benchmarks/results                  # or: python -m benchmarks kernel ops
     python benchmarks/bench_ops.py --alt-dwconv ab/old.py                    # another dwconv version beside
@@ -88,6 +89,21 @@ def bigla_mix_calls(x, nw, B: int, N: int, C: int, V: int):
     return fused, unfused, proj.numel() * 2 + 2 * x.numel() * 2  # the projection and x read, y written
 
 
+def mlp_calls(x, r, w1, w2, nw):
+    """``(op, unfused)`` of the inference path's SwiGLU MLP + the next residual add + RMSNorm on ``[rows, C]`` bf16:
+    the op as it routes (one kernel where :func:`vigla.ops.add_norm.op.mlp_fused`), and the kernels it replaced
+    (fc1 + SwiGLU, then fc2's GEMM and the add + norm)."""
+    from vigla.ops.add_norm.op import linear_add_norm_forward, mlp_add_norm_forward
+    from vigla.ops.swiglu.op import fc1_swiglu_forward
+
+    def op():
+        return mlp_add_norm_forward(x, w1, w2, r, nw, None, 1e-6, True, torch.bfloat16)
+
+    def unfused():
+        return linear_add_norm_forward(fc1_swiglu_forward(x, w1), w2, r, nw, None, 1e-6, True, torch.bfloat16)
+    return op, unfused
+
+
 def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -131,6 +147,11 @@ def measure(shape, bw: float, alt) -> dict:
     row["fc1_then_gate_fwd_ms"] = _bench(unfused)
     row["fc1_swiglu_rel_diff"] = _rel(fused(), unfused())
     row["fc1_tiles_rel_diff"] = _rel(tiles(), fused())
+    w2 = torch.randn(C, I, device="cuda", dtype=torch.bfloat16) / I ** 0.5
+    mlp, mlp_unfused = mlp_calls(x.view(B * N, C), d.view(B * N, C), w1, w2, nw)
+    floors.update(mlp_add_norm_fwd=4 * act, mlp_then_add_norm_fwd=4 * act)  # x, r in; s, y out (weights aside)
+    row["mlp_add_norm_fwd_ms"], row["mlp_then_add_norm_fwd_ms"] = _bench(mlp), _bench(mlp_unfused)
+    row["mlp_add_norm_rel_diff"] = _rel(mlp()[1], mlp_unfused()[1])
     for op, nbytes in floors.items():
         floor_ms = nbytes / bw * 1e3
         row[f"floor_{op}_ms"] = floor_ms
@@ -164,7 +185,8 @@ def main() -> int:
         copy_bandwidth_TBps=bw / 1e12, alt_dwconv=args.alt_dwconv and Path(args.alt_dwconv).name))
     shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
     print(f"{'shape':20s} {'dwconv fwd':>22s} {'dwconv f+b':>22s} {'add+norm':>14s} {'loc. mix':>14s} "
-          f"{'fc1+gate':>14s} {'per tile':>14s} {'fc1, gate':>14s} {'bigla+mix':>14s} {'bigla, mix':>14s}")
+          f"{'fc1+gate':>14s} {'per tile':>14s} {'fc1, gate':>14s} {'bigla+mix':>14s} {'bigla, mix':>14s} "
+          f"{'mlp+norm':>14s} {'mlp, norm':>14s}")
     for shape in shapes:
         row = measure(shape, bw, alt)
         out["rows"].append(row)
@@ -173,7 +195,8 @@ def main() -> int:
               f"{_cell(row, 'add_norm_fwd'):>14s} {_cell(row, 'locality_mix_fwd'):>14s} "
               f"{_cell(row, 'fc1_swiglu_fwd'):>14s} {_cell(row, 'fc1_tiles_fwd'):>14s} "
               f"{_cell(row, 'fc1_then_gate_fwd'):>14s} {_cell(row, 'bigla_mix_fwd'):>14s} "
-              f"{_cell(row, 'bigla_then_mix_fwd'):>14s}{alt_note}", flush=True)
+              f"{_cell(row, 'bigla_then_mix_fwd'):>14s} {_cell(row, 'mlp_add_norm_fwd'):>14s} "
+              f"{_cell(row, 'mlp_then_add_norm_fwd'):>14s}{alt_note}", flush=True)
     print(f"wrote {save_complete(out, args.out, args.name)}")
     return 0
 

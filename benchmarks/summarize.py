@@ -316,15 +316,18 @@ def ops_section(result: dict) -> list[str]:
         return "-" if t is None else f"{fmt(t, '.3f')} ({fmt(f, '.1f')}x)"
     tiles = any("fc1_tiles_fwd_ms" in r for r in result["rows"])  # the per-tile fc1 kernel timed beside
     mix = any("bigla_mix_fwd_ms" in r for r in result["rows"])  # the inference path's BiGLA + locality mix
+    mlp = any("mlp_add_norm_fwd_ms" in r for r in result["rows"])  # its MLP + the next add + norm
     rows = [[f"{r['shape']} (B={r['B']}, {r['H']}x{r['W']}, C={r['C']})", cell(r, "dwconv_fwd"), cell(r, "dwconv_fwdbwd")]
             + ([cell(r, "dwconv_fwd", "alt_"), cell(r, "dwconv_fwdbwd", "alt_")] if alt else [])
             + [cell(r, "add_norm_fwd"), cell(r, "locality_mix_fwd"), cell(r, "fc1_swiglu_fwd")]
             + ([cell(r, "fc1_tiles_fwd")] if tiles else []) + [cell(r, "fc1_then_gate_fwd")]
-            + ([cell(r, "bigla_mix_fwd"), cell(r, "bigla_then_mix_fwd")] if mix else []) for r in result["rows"]]
+            + ([cell(r, "bigla_mix_fwd"), cell(r, "bigla_then_mix_fwd")] if mix else [])
+            + ([cell(r, "mlp_add_norm_fwd"), cell(r, "mlp_then_add_norm_fwd")] if mlp else []) for r in result["rows"]]
     header = ["shape", "dwconv + SiLU fwd", "dwconv fwd+bwd"] + (["alt fwd", "alt fwd+bwd"] if alt else []) \
         + ["add + RMSNorm fwd", "locality mix fwd", "fc1 + SwiGLU (one kernel)"] \
         + (["the same, one program per tile"] if tiles else []) + ["fc1 (cuBLAS), then SwiGLU"] \
-        + (["BiGLA + locality mix (one op)", "BiGLA, then the mix"] if mix else [])
+        + (["BiGLA + locality mix (one op)", "BiGLA, then the mix"] if mix else []) \
+        + (["MLP + add + RMSNorm (the op)", "fc1 + SwiGLU, fc2, add + RMSNorm"] if mlp else [])
     return table(header, rows) + ["", f"ms per call (CUDA-graph replays) and, in brackets, ÷ the byte floor at the copy "
                                       f"bandwidth of the same run ({fmt(value(result, ('settings', 'copy_bandwidth_TBps')), '.1f')} "
                                       f"TB/s); bf16; {source('kernel_ops', result)}."] \

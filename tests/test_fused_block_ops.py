@@ -256,6 +256,58 @@ def test_linear_add_norm_kernel_in_interpreter_on_cpu():
         tol_s = 8e-3 if "bfloat16" in case else 1e-6
         assert dtypes_ok and err_s < tol_s and err_y < 8e-3, f"{case}: {err_s:.2e} {err_y:.2e}"
 
+MLP_SCRIPT = BF16_FIX + r"""
+import json, torch
+from vigla.ops.add_norm.triton_kernels import mlp_add_norm_fwd_triton
+from vigla.ops.add_norm.reference import mlp_add_norm_reference
+torch.manual_seed(0)
+rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+out = {}
+# rows, C, I, rms, residual dtype: ViG-T's MLP (three 64-wide inner tiles), ViG-H-T stage 1's (C = 96: a partial
+# one; LayerNorm with a bias), a partial row tile, hidden widths not a multiple of the 64-unit step
+for R, C, I, rms, xdt in [(150, 192, 200, True, torch.bfloat16), (37, 96, 256, False, torch.float32),
+                          (20, 64, 72, True, torch.float32)]:
+    x = torch.randn(R, C + 8)[:, :C].to(torch.bfloat16)  # a strided row view
+    w1 = (torch.randn(2 * I, C) / C ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(C, I) / I ** 0.5).to(torch.bfloat16)
+    r = (2 * torch.randn(R, C)).to(xdt)
+    w, b = torch.rand(C) + 0.5, (None if rms else torch.randn(C))
+    s, y = mlp_add_norm_fwd_triton(x, w1, w2, r, w, b, 1e-6, rms, torch.bfloat16)
+    s64, y64 = mlp_add_norm_reference(x.double(), w1.double(), w2.double(), r.double(), w.double(),
+                                      None if b is None else b.double(), 1e-6, rms, torch.float64)
+    out[str((R, C, I, rms, str(xdt)))] = [s.dtype == xdt and y.dtype == torch.bfloat16, rel(s, s64), rel(y, y64)]
+print(json.dumps(out))
+"""
+
+
+def test_mlp_add_norm_kernel_in_interpreter_on_cpu():
+    """ViG's SwiGLU MLP, the residual add and the norm in one kernel (GPU inference), against float64 on the same
+    half-precision values: within one bf16 rounding of the gated hidden (the kernel multiplies it into fc2 in
+    bf16, as the unfused path does), of the residual's dtype and of the bf16 output."""
+    pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run")
+    for case, (dtypes_ok, err_s, err_y) in triton_interpreter.run(MLP_SCRIPT).items():
+        tol_s = 8e-3 if "bfloat16" in case else 2e-3
+        assert dtypes_ok and err_s < tol_s and err_y < 8e-3, f"{case}: {err_s:.2e} {err_y:.2e}"
+
+
+@pytest.mark.parametrize("rms", [True, False])
+def test_mlp_add_norm_custom_op_on_cpu(rms):
+    """``vigla::mlp_add_norm`` (what compiled inference calls): opcheck's fake, schema and tracing checks, and on
+    the CPU (fc1 + SwiGLU, fc2, then add + norm) the float64 reference."""
+    from vigla.ops.add_norm.reference import mlp_add_norm_reference
+
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    x, r = torch.randn(2, 7, 16, **f64), torch.randn(2, 7, 16, **f64)
+    w1, w2 = torch.randn(40, 16, **f64), torch.randn(16, 20, **f64)
+    w, b = torch.rand(16, **f64) + 0.5, None if rms else torch.randn(16, **f64)
+    args = (x, w1, w2, r, w, b, 1e-6, rms, torch.float64)
+    torch.library.opcheck(torch.ops.vigla.mlp_add_norm.default, args)
+    s, y = torch.ops.vigla.mlp_add_norm(*args)
+    s64, y64 = mlp_add_norm_reference(*args)
+    assert torch.allclose(s, s64, rtol=1e-12, atol=1e-12) and torch.allclose(y, y64, rtol=1e-10, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------------------- GPU
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 # ViG-T/S/B blocks (rms, 192/384/768), ViG-H stages and downsamples (layer, 96..1024; 48 and 64:
@@ -329,6 +381,33 @@ def test_linear_add_norm_kernel_on_gpu(R, K, C, rms, xdt):
     assert rel(s, s64) < TOL[xdt] and rel(y, y64) < TOL[torch.bfloat16]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R, C, I, rms, xdt", [
+    (128 * 1024, 192, 512, True, "half"), (128 * 196, 192, 512, True, "half"), (64 * 3136, 96, 256, False, "half"),
+    (200 * 196 + 5, 192, 520, True, "fp32"), (196, 192, 512, True, "half"), (128 * 196, 384, 1024, True, "half")])
+def test_mlp_add_norm_kernel_on_gpu(R, C, I, rms, xdt, dtype):
+    """ViG-T's MLP with the next RMSNorm at 512² and 224² (batch 128), ViG-H-T stage 1's with LayerNorm, a partial
+    row tile with a float32 residual and a hidden width off the 64-unit step; batch 1 and ViG-S's C = 384 take
+    the three kernels (:func:`mlp_fused`): against float64 on the same values."""
+    from vigla.ops.add_norm.op import mlp_add_norm_forward, mlp_fused
+    from vigla.ops.add_norm.reference import mlp_add_norm_reference
+
+    x = torch.randn(R, C, device="cuda").to(dtype)
+    w1 = (torch.randn(2 * I, C, device="cuda") / C ** 0.5).to(dtype)
+    w2 = (torch.randn(C, I, device="cuda") / I ** 0.5).to(dtype)
+    r = (2 * torch.randn(R, C, device="cuda")).to(dtype if xdt == "half" else torch.float32)
+    w, b = torch.rand(C, device="cuda") + 0.5, (None if rms else torch.randn(C, device="cuda"))
+    tiles = -(-R // 128)
+    assert mlp_fused(x, w1, w2) == (C <= 192 and tiles >= torch.cuda.get_device_properties(0).multi_processor_count)
+    s, y = mlp_add_norm_forward(x, w1, w2, r, w, b, 1e-6, rms, dtype)
+    s64, y64 = mlp_add_norm_reference(x.double(), w1.double(), w2.double(), r.double(), w.double(),
+                                      None if b is None else b.double(), 1e-6, rms, torch.float64)
+    assert s.dtype == r.dtype and y.dtype == dtype
+    # the gated hidden is rounded to the weights' dtype before fc2 (as in the unfused path): that dtype's tolerance
+    assert rel(s, s64) < TOL[dtype] and rel(y, y64) < TOL[dtype], (rel(s, s64), rel(y, y64))
+
+
 # ViG-T/S/B and ViG-H stages; several column blocks with a partial one (130 columns), odd channels, 1 x 1
 CONV_SHAPES = [(8, 14, 14, 192, True), (4, 56, 56, 96, False), (4, 28, 28, 192, False), (2, 7, 7, 768, False),
                (4, 32, 32, 384, True), (2, 37, 130, 64, True), (2, 5, 9, 40, True), (3, 1, 1, 64, True)]
@@ -389,11 +468,16 @@ def test_block_ops_opcheck():
     xc, wc = (t.float().requires_grad_() for t in _conv_inputs(2, 4, 5, 64, device="cuda"))
     torch.library.opcheck(torch.ops.vigla.dwconv.default, (xc, wc, 4, 5, True, torch.float32))
     torch.library.opcheck(torch.ops.vigla.dwconv.default, (xc, wc, 4, 5, False, torch.bfloat16))
-    h = torch.randn(2, 10, 64, device="cuda", dtype=torch.bfloat16)
-    wl = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(2, 10, 64, **bf16)
+    wl = torch.randn(96, 64, **bf16)
     xb = x.detach().to(torch.bfloat16)
     torch.library.opcheck(torch.ops.vigla.linear_add_norm.default,  # the fused kernel (inference only: no grads)
                           (h, wl, xb, w.detach(), b.detach(), 1e-5, False, torch.bfloat16))
+    rows = torch.randn(128 * 132, 96, device="cuda", dtype=torch.bfloat16)  # enough rows for the fused MLP
+    w1, w2 = torch.randn(512, 96, **bf16) / 10, torch.randn(96, 256, **bf16) / 16
+    args = (rows, w1, w2, torch.randn_like(rows), w.detach(), b.detach(), 1e-5, False, torch.bfloat16)
+    torch.library.opcheck(torch.ops.vigla.mlp_add_norm.default, args)
 
 
 @pytest.mark.gpu

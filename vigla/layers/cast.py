@@ -30,7 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "caching", "gemm_weights", "gemm", "Projection", "dense"]
+__all__ = ["inference_weights", "caching", "gemm_weights", "gemm", "Projection", "MlpProjection", "dense"]
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -142,6 +142,22 @@ class Projection(NamedTuple):
         return gemm(self.rows, self.w).view(self.shape)
 
 
+class MlpProjection(NamedTuple):
+    """A SwiGLU MLP's output ``swiglu(rows @ W1^T) @ W2^T`` not computed yet: an inference path's MLP, left for
+    the residual add + norm after it to run whole inside its own kernel. ``rows``: ``[R, C]``; ``w1``: ``[2I, C]``
+    and ``w2``: ``[C, I]``, the weights cast to ``rows``' dtype; ``shape``: the output's shape (``R`` rows of
+    ``C``); ``ops``: the inference path's ops (:class:`vigla.ops.inference.InferenceOps`), for :meth:`dense`."""
+    rows: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    shape: tuple
+    ops: object
+
+    def dense(self) -> torch.Tensor:
+        """The output, ``shape``: fc1 and the gating, then fc2."""
+        return torch.mm(self.ops.fc1_swiglu(self.rows, self.w1), self.w2.t()).view(self.shape)
+
+
 def dense(t):
-    """``t`` itself, or the product of a :class:`Projection`."""
-    return t.dense() if isinstance(t, Projection) else t
+    """``t`` itself, or the product of a :class:`Projection` or :class:`MlpProjection`."""
+    return t.dense() if isinstance(t, (Projection, MlpProjection)) else t

@@ -7,8 +7,9 @@ import torch.nn as nn
 from ..ops.dispatch import compute_dtype
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.swiglu import swiglu_mlp
+from ..ops.add_norm.op import mlp_fused
 from ..ops.swiglu.op import fc1_fused
-from .cast import Projection, caching, gemm, gemm_weights, inference_weights
+from .cast import MlpProjection, Projection, caching, gemm, gemm_weights, inference_weights
 
 __all__ = ["SwiGLU"]
 
@@ -38,16 +39,20 @@ class SwiGLU(nn.Module):
 
     @torch.jit.unused
     def forward_inference(self, x: torch.Tensor, dtype: torch.dtype, ops: InferenceOps = EAGER,
-                          defer_projection: bool = False) -> torch.Tensor | Projection:
+                          defer_projection: bool = False) -> torch.Tensor | Projection | MlpProjection:
         """:meth:`forward` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``),
         products in ``dtype``: the weights cast and prepared once in eager mode
         (:func:`vigla.layers.cast.gemm_weights`), both GEMMs on ``[rows, C]`` views (fc1 and the gating one
-        kernel where :func:`vigla.ops.swiglu.op.fc1_fused`), the ops called without autograd; with
-        ``defer_projection`` fc2 is returned not yet computed (:class:`vigla.layers.cast.Projection`), for the
-        next add + norm to run it."""
+        kernel where :func:`vigla.ops.swiglu.op.fc1_fused`), the ops called without autograd. With
+        ``defer_projection`` the output is returned not yet computed, for the next add + norm to run: the whole
+        MLP (:class:`vigla.layers.cast.MlpProjection`) where :func:`vigla.ops.add_norm.op.mlp_fused`, else fc2
+        (:class:`vigla.layers.cast.Projection`). ``[..., C]`` -> ``[..., C]``."""
         rows = x.reshape(-1, x.shape[-1])
         weights = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
+        shape = (*x.shape[:-1], self.fc2.out_features)
+        if defer_projection and mlp_fused(rows.to(dtype), *weights):
+            return MlpProjection(rows.to(dtype), weights[0], weights[1], shape, ops)
         w1, w2 = gemm_weights(self, "fc", weights, rows.shape[0])
         h = ops.fc1_swiglu(rows.to(dtype), weights[0]) if fc1_fused(rows, dtype) else ops.swiglu(gemm(rows, w1))
-        out = Projection(h, w2, (*x.shape[:-1], self.fc2.out_features))
+        out = Projection(h, w2, shape)
         return out if defer_projection else out.dense()

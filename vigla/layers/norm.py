@@ -12,7 +12,7 @@ from timm.layers.fast_norm import rms_norm
 from ..ops.add_norm import add_norm
 from ..ops.inference import EAGER, InferenceOps
 from ..ops.tracing import exporting
-from .cast import Projection
+from .cast import MlpProjection, Projection, dense
 
 __all__ = ["RmsNorm", "add_and_norm", "add_and_norm_inference"]
 
@@ -71,14 +71,17 @@ def add_and_norm_inference(norm: nn.Module, x: torch.Tensor, delta: Optional[tor
     """:func:`add_and_norm` on an inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``): the
     op's forward implementation called directly in eager mode, its custom op when compiled (the shapes are the
     block's own), ``[..., C]`` tensors. ``delta`` may be a :class:`vigla.layers.cast.Projection`, the previous
-    layer's output projection not yet computed: on CUDA in half precision it runs in the same kernel as the add
-    and the norm."""
+    layer's output projection not yet computed, or a :class:`vigla.layers.cast.MlpProjection`, the previous MLP
+    not yet computed: on CUDA in half precision they run in the same kernel as the add and the norm."""
     fused = _fused_norm(norm)
-    if isinstance(delta, Projection):
-        if fused is not None and not delta.w.is_mkldnn:  # delta.w: gemm_weights' [in, out] view of [out, in]
-            return ops.linear_add_norm(delta.rows, delta.w.t(), x, fused[0], fused[1], float(norm.eps),
-                                       fused[2], out_dtype)
-        delta = delta.dense()
+    if fused is not None and isinstance(delta, MlpProjection):
+        return ops.mlp_add_norm(delta.rows, delta.w1, delta.w2, x, fused[0], fused[1], float(norm.eps), fused[2],
+                                out_dtype)
+    if fused is not None and isinstance(delta, Projection) and not delta.w.is_mkldnn:
+        # delta.w: gemm_weights' [in, out] view of [out, in]
+        return ops.linear_add_norm(delta.rows, delta.w.t(), x, fused[0], fused[1], float(norm.eps), fused[2],
+                                   out_dtype)
+    delta = dense(delta)
     if fused is None:
         return _unfused(norm, x, delta)
     s, y = ops.add_norm(x, delta, fused[0], fused[1], float(norm.eps), fused[2], out_dtype)

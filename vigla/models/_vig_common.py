@@ -98,7 +98,8 @@ class ViGBlock(nn.Module):
         """:meth:`forward_pair` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``:
         each op's forward implementation called directly in eager mode, its custom op when compiled), the
         compute dtype found once. In eval mode each branch's output projection is left to the add + norm
-        after it (:class:`vigla.layers.cast.Projection`; ``delta`` may be one, and so may the returned ``d``)."""
+        after it (:class:`vigla.layers.cast.Projection`, or the whole MLP: :class:`vigla.layers.cast.MlpProjection`;
+        ``delta`` may be one, and so may the returned ``d``)."""
         dtype = compute_dtype(x)
         defer = not self.training  # drop path needs the branch's output
         x, y = add_and_norm_inference(self.norm1, x, delta, dtype, ops)

@@ -8,7 +8,8 @@ arguments and kernels (:data:`TRACED`): Inductor launches them from its generate
 graph gets the inference path's fusions, which the recording path (each op with its backward) does not
 have: the residual stream in the compute dtype, the decay projection folded into the in-projection, each
 output projection inside the next add + norm's kernel (``vigla::linear_add_norm``), BiGLA's output kernel
-forming the locality mix (``vigla::bigla_mix``), fc1 and the gating as one kernel. :func:`inference_ops` picks
+forming the locality mix (``vigla::bigla_mix``), fc1 and the gating as one kernel, and on a GPU with enough rows
+the whole MLP inside the next add + norm's kernel (``vigla::mlp_add_norm``). :func:`inference_ops` picks
 one of the two, or None (the recording path).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from .add_norm.op import add_norm_forward, linear_add_norm_forward
+from .add_norm.op import add_norm_forward, linear_add_norm_forward, mlp_add_norm_forward
 from .bigla.op import bigla_mix_forward
 from .dispatch import eager_inference
 from .dwconv.op import dwconv_forward
@@ -32,16 +33,18 @@ class InferenceOps(NamedTuple):
     """One callable per op, each taking the arguments of the op's forward implementation (``launch`` aside)."""
     add_norm: Callable  # (x, delta, weight, bias, eps, rms, out_dtype) -> (s, y)
     linear_add_norm: Callable  # (h, wl, x, weight, bias, eps, rms, out_dtype) -> (s, y)
+    mlp_add_norm: Callable  # (x, w1, w2, r, weight, bias, eps, rms, out_dtype) -> (s, y)
     dwconv: Callable  # (x, weight, H, W, act, out_dtype) -> x_c
     bigla_mix: Callable  # (q, k, v, zf, zb, scale, gate_normalizer, x, z, w_o, w_l, eps, act) -> y
     fc1_swiglu: Callable  # (x, w1) -> h
     swiglu: Callable  # (u) -> h
 
 
-EAGER = InferenceOps(add_norm_forward, linear_add_norm_forward, dwconv_forward, bigla_mix_forward,
-                     fc1_swiglu_forward, swiglu_forward)
-TRACED = InferenceOps(torch.ops.vigla.add_norm, torch.ops.vigla.linear_add_norm, torch.ops.vigla.dwconv,
-                      torch.ops.vigla.bigla_mix, torch.ops.vigla.fc1_swiglu, torch.ops.vigla.swiglu)
+EAGER = InferenceOps(add_norm_forward, linear_add_norm_forward, mlp_add_norm_forward, dwconv_forward,
+                     bigla_mix_forward, fc1_swiglu_forward, swiglu_forward)
+TRACED = InferenceOps(torch.ops.vigla.add_norm, torch.ops.vigla.linear_add_norm, torch.ops.vigla.mlp_add_norm,
+                      torch.ops.vigla.dwconv, torch.ops.vigla.bigla_mix, torch.ops.vigla.fc1_swiglu,
+                      torch.ops.vigla.swiglu)
 
 
 def _graph_device(x: torch.Tensor) -> bool:

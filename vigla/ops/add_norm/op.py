@@ -14,14 +14,16 @@ import torch
 
 from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
 from . import cpu_kernels
+from ..swiglu.op import fc1_swiglu_forward
 from .reference import add_norm_reference, add_norm_reference_bwd
 
 if HAS_TRITON:
-    from .triton_kernels import (LINEAR_MAX_C, LINEAR_MAX_K, MAX_C, add_norm_bwd_triton, add_norm_fwd_triton,
-                                 linear_add_norm_fwd_triton)
+    from .triton_kernels import (LINEAR_MAX_C, LINEAR_MAX_K, MAX_C, MLP_MAX_C, add_norm_bwd_triton,
+                                 add_norm_fwd_triton, linear_add_norm_fwd_triton, mlp_add_norm_fwd_triton,
+                                 mlp_fills_device)
 
 __all__ = ["AddNormFunction", "add_norm_forward", "cpu_forward", "linear_fused", "linear_add_norm_forward",
-           "linear_add_norm_op"]
+           "linear_add_norm_op", "mlp_fused", "mlp_add_norm_forward", "mlp_add_norm_op"]
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -58,6 +60,27 @@ def linear_add_norm_forward(h, wl, x, weight, bias, eps: float, rms: bool, out_d
     if linear_fused(x, h, wl):
         return linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps, rms, out_dtype, wrap=launch)
     return add_norm_forward(x, (h @ wl.t()).view(x.shape), weight, bias, eps, rms, out_dtype, launch)
+
+
+def mlp_fused(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether :func:`mlp_add_norm_forward` runs one kernel: CUDA with the kernels, ``x`` (``[..., C]``), ``w1``
+    (``[2I, C]``) and ``w2`` (``[C, I]``) in one half-precision dtype, ``C`` at most 192, and at least one
+    128-row tile per multiprocessor (fewer rows, e.g. batch 1: fc1 + SwiGLU, fc2 and the add + norm as three
+    kernels spread the work wider)."""
+    return (use_kernels(x) and x.dtype in (torch.float16, torch.bfloat16) and w1.dtype == w2.dtype == x.dtype
+            and w2.shape[0] <= MLP_MAX_C and mlp_fills_device(x.numel() // max(x.shape[-1], 1), x.device.index))
+
+
+def mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
+                         launch=direct):
+    """``(s, y)``: ``s = r + swiglu(x @ w1^T) @ w2^T``, ``y = norm(s)`` (``x``: ``[..., C]``, ``w1``: ``[2I, C]``,
+    ``w2``: ``[C, I]``, ``r``: ``[..., C]``; ``s`` in ``r.dtype``, ``y`` in ``out_dtype``), without autograd: a
+    SwiGLU MLP (ViG's, fc1's halves SiLU-gate then linear) and the residual add + norm after it, one kernel
+    where :func:`mlp_fused`, else fc1 + SwiGLU then :func:`linear_add_norm_forward`."""
+    if mlp_fused(x, w1, w2):
+        return mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps, rms, out_dtype, wrap=launch)
+    return linear_add_norm_forward(fc1_swiglu_forward(x, w1, launch), w2, r, weight, bias, eps, rms, out_dtype,
+                                   launch)
 
 
 def _backward(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype: Optional[torch.dtype],
@@ -153,3 +176,16 @@ def linear_add_norm_op(h: torch.Tensor, wl: torch.Tensor, x: torch.Tensor, weigh
     """:func:`linear_add_norm_forward` as a custom op, for inference only (no autograd formula): what a compiled
     model's inference path calls (:mod:`vigla.ops.inference`)."""
     return linear_add_norm_forward(h, wl, x, weight, bias, eps, rms, out_dtype, wrap)
+
+
+def _mlp_fake(x, w1, w2, r, weight, bias, eps, rms, out_dtype):
+    return r.new_empty(r.shape), r.new_empty(r.shape, dtype=out_dtype)
+
+
+@fused_op("vigla::mlp_add_norm", _mlp_fake)
+def mlp_add_norm_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mlp_add_norm_forward` as a custom op, for inference only (no autograd formula): what a compiled
+    model's inference path calls (:mod:`vigla.ops.inference`)."""
+    return mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps, rms, out_dtype, wrap)

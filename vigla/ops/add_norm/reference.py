@@ -53,6 +53,14 @@ def add_norm_reference(x, delta, weight, bias, eps: float, rms: bool, out_dtype:
     return s, y.to(out_dtype)
 
 
+def mlp_add_norm_reference(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
+    """A SwiGLU MLP, then :func:`add_norm_reference` with its output as ``delta``: ``s = r + (silu(a) * b) @ w2^T``
+    with ``[a, b] = x @ w1^T`` (fc1's halves), ``y = norm(s)``; products in ``x``'s dtype. ``x``: ``[..., C]``,
+    ``w1``: ``[2I, C]``, ``w2``: ``[C, I]``, ``r``: ``[..., C]``; returns ``(s, y)`` as :func:`add_norm_reference`."""
+    a, b = (x @ w1.t()).chunk(2, dim=-1)
+    return add_norm_reference(r, (F.silu(a) * b) @ w2.t(), weight, bias, eps, rms, out_dtype)
+
+
 def add_norm_reference_bwd(dy, ds, s, weight, bias, eps: float, rms: bool):
     """Gradients of ``<dy, y> + <ds, s>`` (``ds`` may be None: ``s`` unused) written out, from the
     saved residual ``s``: ``(dx, dweight, dbias)``; ``dx`` (in ``s.dtype``) is also the gradient of

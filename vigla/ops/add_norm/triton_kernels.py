@@ -154,9 +154,106 @@ def linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps: float, rms: bool, ou
     return s, y
 
 
+@triton.jit
+def _x_tile(x, rows, rmask, sx, k0: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """Columns ``k0 .. k0 + BK`` of the rows ``rows`` of ``x`` (row stride ``sx``), zero past ``C``: ``[BR, BK]``."""
+    ks = k0 + tl.arange(0, BK)
+    return tl.load(x + rows[:, None] * sx + ks[None, :], mask=rmask[:, None] & (ks[None, :] < C), other=0.0)
+
+
+@triton.jit
+def _fc1_step(xt, w1, j, I, k0: tl.constexpr, ga, gb, C: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+    """``(ga, gb)`` plus ``xt @ w1[n, k0:k0 + BK]^T`` for the hidden units ``n = j .. j + BH`` of fc1's two halves
+    (rows ``n`` and ``I + n`` of ``w1``, ``[2I, C]``); units past ``I`` read zeros."""
+    hs = j + tl.arange(0, BH)
+    ks = k0 + tl.arange(0, BK)
+    p = w1 + hs[None, :].to(tl.int64) * C + ks[:, None]  # [BK, BH] of w1^T
+    m = (hs[None, :] < I) & (ks[:, None] < C)
+    ga = tl.dot(xt, tl.load(p, mask=m, other=0.0), ga)
+    gb = tl.dot(xt, tl.load(p + I * C, mask=m, other=0.0), gb)
+    return ga, gb
+
+
+@triton.jit
+def _mlp_add_norm_kernel(x, w1, w2, r, w, b, s, y, R, I, sx, eps, C: tl.constexpr, BC: tl.constexpr,
+                         BR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, RMS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr):
+    """``s = r + swiglu(x @ w1^T) @ w2^T`` and ``y = norm(s)``: ``x`` rows ``[R, C]`` (stride ``sx``), ``w1``
+    ``[2I, C]`` and ``w2`` ``[C, I]`` contiguous, ``r``, ``s``, ``y`` contiguous ``[R, C]``, ``C <= 3 BK``. A
+    program owns ``BR`` whole rows: their ``x`` stays in registers while the hidden units are walked ``BH`` at a
+    time (fc1's two halves on tensor cores, the gating in fp32, the gated ``[BR, BH]`` rounded to ``x``'s dtype
+    and multiplied into the ``[BR, C]`` fp32 accumulator of fc2), so the ``[R, I]`` hidden never goes to memory;
+    then the add and the norm of :func:`_add_norm_fwd_kernel`."""
+    eps = tl.cast(eps, tl.float32)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rmask = rows < R
+    cols = tl.arange(0, BC)
+    cmask = cols < C
+    x0 = _x_tile(x, rows, rmask, sx, 0, C, BK)
+    if C > BK:
+        x1 = _x_tile(x, rows, rmask, sx, BK, C, BK)
+    if C > 2 * BK:
+        x2 = _x_tile(x, rows, rmask, sx, 2 * BK, C, BK)
+    acc = tl.zeros((BR, BC), dtype=tl.float32)
+    for j in range(0, I, BH):
+        ga = tl.zeros((BR, BH), dtype=tl.float32)
+        gb = tl.zeros((BR, BH), dtype=tl.float32)
+        ga, gb = _fc1_step(x0, w1, j, I, 0, ga, gb, C, BH, BK)
+        if C > BK:
+            ga, gb = _fc1_step(x1, w1, j, I, BK, ga, gb, C, BH, BK)
+        if C > 2 * BK:
+            ga, gb = _fc1_step(x2, w1, j, I, 2 * BK, ga, gb, C, BH, BK)
+        h = (ga * tl.sigmoid(ga) * gb).to(x.dtype.element_ty)
+        hs = j + tl.arange(0, BH)
+        w2t = tl.load(w2 + cols[None, :] * I + hs[:, None], mask=(hs[:, None] < I) & cmask[None, :], other=0.0)
+        acc = tl.dot(h, w2t, acc)
+    mask = rmask[:, None] & cmask[None, :]
+    off = rows[:, None] * C + cols[None, :]
+    v = (tl.load(r + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)  # the residual
+    tl.store(s + off, v, mask=mask)
+    _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C, RMS, HAS_BIAS)
+
+
+# SwiGLU MLP + add + norm: 128-row tiles, 64 hidden units a step, 8 warps, 2 stages, chosen on an H200 over 16
+# tilings at ViG-T's MLP (C = 192, I = 512; benchmarks/results/kernel_mlp_add_norm_ab.json): 14% less time than
+# fc1 + SwiGLU, cuBLAS's fc2 and the add + norm kernel at 512² (B = 128), 3% less at 224². Wider rows (C = 256)
+# overflow shared memory at 2 stages; below one row tile per multiprocessor (e.g. batch 1) the three kernels
+# spread the work wider.
+MLP_ROWS, MLP_BH, MLP_BK, MLP_WARPS, MLP_STAGES = 128, 64, 64, 8, 2
+MLP_MAX_C = 3 * MLP_BK
+
+
+def mlp_fills_device(R: int, index: int) -> bool:
+    """Whether ``R`` rows make at least one row tile per multiprocessor of CUDA device ``index``."""
+    return cdiv(R, MLP_ROWS) >= _multiprocessors(index)
+
+
+def mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
+                            wrap=direct):
+    """``(s, y)``: ``s = r + swiglu(x @ w1^T) @ w2^T`` (``[..., C]`` in ``r.dtype``) and ``y = norm(s)`` (in
+    ``out_dtype``) in one kernel. ``x``: ``[..., C]``, ``w1``: ``[2I, C]``, ``w2``: ``[C, I]``, all three in one
+    half-precision dtype, ``C <= MLP_MAX_C``; ``r``: ``[..., C]``."""
+    C, I = w2.shape
+    x2 = _rows(x, C)
+    r2 = r.reshape(-1, C).contiguous()
+    R = x2.shape[0]
+    s = torch.empty(r.shape, dtype=r.dtype, device=r.device)
+    y = torch.empty(r.shape, dtype=out_dtype, device=r.device)
+    if R:
+        wrap(_mlp_add_norm_kernel)[(cdiv(R, MLP_ROWS),)](
+            x2, w1.contiguous(), w2.contiguous(), r2, weight, bias if bias is not None else weight, s, y, R, I,
+            x2.stride(0), eps, C=C, BC=next_power_of_2(C), BR=MLP_ROWS, BH=MLP_BH, BK=MLP_BK, RMS=rms,
+            HAS_BIAS=bias is not None, num_warps=MLP_WARPS, num_stages=MLP_STAGES)
+    return s, y
+
+
 @functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _programs(index: int) -> int:
-    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _multiprocessors(index)
 
 
 def _tile(C: int, elements: int) -> tuple[int, int]:
