@@ -636,7 +636,8 @@ def performance(res: Results) -> str:
     if res("kernel_ops"):
         out += ["", "## The block ops", "",
                 "The depthwise conv + SiLU, add + RMSNorm, locality mix, fc1 + SwiGLU gating and the inference "
-                "path's BiGLA + locality mix of ViG's blocks at layer shapes, `benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
+                "path's BiGLA + locality mix and MLP + add + RMSNorm of ViG's blocks at layer shapes, "
+                "`benchmarks/bench_ops.py`.", ""] + ops_section(res("kernel_ops"))
     if res("kernel_stem"):
         out += ["", "## The stems", "",
                 "ViG's and ViG-H's convolutional stems, `benchmarks/bench_stem.py`.", ""]
