@@ -104,6 +104,18 @@ def _add_norm_bwd_kernel(dy, ds, s, w, dx, ddelta, parts, R, eps, C: tl.constexp
 
 
 @triton.jit
+def _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C: tl.constexpr, RMS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """A product's epilogue: ``s = x + acc`` (``acc`` the fp32 ``[BR, BC]`` tile of rows ``rows``, zero past ``C``;
+    ``x``, ``s``, ``y`` contiguous ``[R, C]``) stored in ``s``'s dtype, and ``y = norm(s)`` as stored."""
+    mask = rmask[:, None] & cmask[None, :]
+    off = rows[:, None] * C + cols[None, :]
+    v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)  # the residual
+    tl.store(s + off, v, mask=mask)
+    _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C, RMS, HAS_BIAS)
+
+
+@triton.jit
 def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr, BC: tl.constexpr,
                             BR: tl.constexpr, BK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``s = x + h @ wl^T`` and ``y = norm(s)``: ``h`` rows ``[R, K]`` (stride ``sh``), ``wl`` ``[C, K]``
@@ -122,11 +134,7 @@ def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr
         ht = tl.load(hp + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
         wt = tl.load(wp + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(ht, wt, acc)
-    mask = rmask[:, None] & cmask[None, :]
-    off = rows[:, None] * C + cols[None, :]
-    v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)  # the residual
-    tl.store(s + off, v, mask=mask)
-    _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C, RMS, HAS_BIAS)
+    _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C, RMS, HAS_BIAS)
 
 
 # projection + add + norm: 64-row tiles, chosen on an H200 over 24 tilings at ViG-T's shapes (224² to 2048²). Against
@@ -142,10 +150,8 @@ def linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps: float, rms: bool, ou
     kernel. ``h``: ``[..., K]`` and ``wl``: ``[C, K]`` in one half-precision dtype; ``x``: ``[..., C]``."""
     C, K = wl.shape
     h2 = _rows(h, K)
-    x2 = x.reshape(-1, C).contiguous()
+    x2, s, y = _residual_and_outputs(x, C, out_dtype)
     R = h2.shape[0]
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if R:
         wrap(_linear_add_norm_kernel)[(cdiv(R, LINEAR_ROWS),)](
             h2, wl.contiguous(), x2, weight, bias if bias is not None else weight, s, y, R, K, h2.stride(0), eps,
@@ -207,11 +213,7 @@ def _mlp_add_norm_kernel(x, w1, w2, r, w, b, s, y, R, I, sx, eps, C: tl.constexp
         hs = j + tl.arange(0, BH)
         w2t = tl.load(w2 + cols[None, :] * I + hs[:, None], mask=(hs[:, None] < I) & cmask[None, :], other=0.0)
         acc = tl.dot(h, w2t, acc)
-    mask = rmask[:, None] & cmask[None, :]
-    off = rows[:, None] * C + cols[None, :]
-    v = (tl.load(r + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)  # the residual
-    tl.store(s + off, v, mask=mask)
-    _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C, RMS, HAS_BIAS)
+    _add_and_norm(acc, r, w, b, s, y, rows, rmask, cols, cmask, eps, C, RMS, HAS_BIAS)
 
 
 # SwiGLU MLP + add + norm: 128-row tiles, 64 hidden units a step, 8 warps, 2 stages, chosen on an H200 over 16
@@ -235,10 +237,8 @@ def mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps: float, rms: bool, o
     half-precision dtype, ``C <= MLP_MAX_C``; ``r``: ``[..., C]``."""
     C, I = w2.shape
     x2 = _rows(x, C)
-    r2 = r.reshape(-1, C).contiguous()
+    r2, s, y = _residual_and_outputs(r, C, out_dtype)
     R = x2.shape[0]
-    s = torch.empty(r.shape, dtype=r.dtype, device=r.device)
-    y = torch.empty(r.shape, dtype=out_dtype, device=r.device)
     if R:
         wrap(_mlp_add_norm_kernel)[(cdiv(R, MLP_ROWS),)](
             x2, w1.contiguous(), w2.contiguous(), r2, weight, bias if bias is not None else weight, s, y, R, I,
@@ -260,6 +260,14 @@ def _tile(C: int, elements: int) -> tuple[int, int]:
     """``(BC, BR)``: columns (the next power of two) and rows of a tile of about ``elements``."""
     bc = next_power_of_2(C)
     return bc, max(1, elements // bc)
+
+
+def _residual_and_outputs(x: torch.Tensor, C: int, out_dtype: torch.dtype
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x2, s, y)`` of a product + add + norm: the residual ``x`` as contiguous ``[R, C]`` rows, ``s`` (``x``'s
+    dtype) and ``y`` (``out_dtype``) empty in ``x``'s shape."""
+    return (x.reshape(-1, C).contiguous(), torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(x.shape, dtype=out_dtype, device=x.device))
 
 
 def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
