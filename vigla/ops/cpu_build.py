@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["CpuLibrary", "FLAGS", "LONG", "PTR", "compiler", "ptr", "rows", "threads", "unit_stride"]
+__all__ = ["CpuLibrary", "FLAGS", "LONG", "PTR", "compiler", "ptr", "threads"]
 
 PTR, LONG = ctypes.c_void_p, ctypes.c_long
 _HEADER = Path(__file__).with_name("cpu_math.h")  # the elementwise maths the kernels share
@@ -126,16 +126,6 @@ class CpuLibrary:
 def ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     """``t``'s data pointer (None for None: a NULL pointer)."""
     return None if t is None else t.data_ptr()
-
-
-def unit_stride(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with unit stride in its last dimension, as the kernels read it (a view when it already has it)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def rows(t: torch.Tensor) -> torch.Tensor:
-    """``[..., C]`` -> ``[R, C]`` with unit stride within a row (a view when it can be)."""
-    return unit_stride(t.reshape(-1, t.shape[-1]))
 
 
 def threads() -> int:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "FastKernel"]
+__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "unit_stride", "rows", "FastKernel"]
 
 MAX_SIGNATURES = 1024  # per kernel: beyond it the cache starts again (shapes that never repeat)
 
@@ -62,6 +62,17 @@ def planned(plan: Callable, *args):
 def next_power_of_2(n: int) -> int:
     """The least power of two ``>= n`` (``n >= 1``), without ``triton.next_power_of_2``'s call cost."""
     return 1 << (n - 1).bit_length()
+
+
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride in its last dimension, as the kernels (Triton and CPU) read it (a view when it
+    already has it)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` -> ``[R, C]`` with unit stride within a row (a view when it can be)."""
+    return unit_stride(t.reshape(-1, t.shape[-1]))
 
 
 def _installed(hook) -> bool:

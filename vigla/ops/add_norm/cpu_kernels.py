@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from ..cpu_build import LONG, PTR, CpuLibrary, ptr, rows, threads
+from ..cpu_build import LONG, PTR, CpuLibrary, ptr, threads
+from ..launcher import rows
 
 __all__ = ["supports", "add_norm_fwd_cpu", "add_norm_bwd_cpu"]
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv, next_power_of_2
+from ..launcher import cdiv, next_power_of_2, unit_stride
 
 TILE_FWD, TILE_BWD = 2048, 1024  # elements per tile (BR * BC): 16 values a thread forward, 4 backward
 WARPS_FWD, WARPS_BWD = 4, 8  # spill-free for C <= 4096 (ptxas, sm_90)
@@ -272,8 +272,7 @@ def _residual_and_outputs(x: torch.Tensor, C: int, out_dtype: torch.dtype
 
 def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
     """``[R, C]`` rows with unit column stride (a view when possible)."""
-    t2 = t.reshape(-1, C)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    return unit_stride(t.reshape(-1, C))
 
 
 def add_norm_fwd_triton(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,

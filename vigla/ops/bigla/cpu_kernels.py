@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from ..cpu_build import LONG as _LONG, PTR as _PTR, CpuLibrary, unit_stride
+from ..cpu_build import LONG as _LONG, PTR as _PTR, CpuLibrary
+from ..launcher import unit_stride
 
 __all__ = ["available", "describe", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu"]
 

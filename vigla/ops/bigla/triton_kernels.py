@@ -59,7 +59,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..dispatch import direct
-from ..launcher import cdiv, planned
+from ..launcher import cdiv, planned, unit_stride
 from ..locality_mix.triton_kernels import mixed
 
 __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "mixes", "plan", "supports"]
@@ -656,18 +656,13 @@ def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) 
     return planned(plan, B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config)
 
 
-def _unit(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with unit last stride (a copy only where it has another)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _strided(q, k, v, gf, gb):
     """The inputs as the kernels read them: unit last stride; q and k, gf and gb sharing strides
     (true of column slices of one projection); copies only where that fails."""
     sq, sg = q.stride(), gf.stride()
     if sq[-1] == 1 and sg[-1] == 1 and v.stride(-1) == 1 and sq == k.stride() and sg == gb.stride():
         return q, k, v, gf, gb  # the model's layout: checked in one pass
-    q, k, v, gf, gb = (_unit(t) for t in (q, k, v, gf, gb))
+    q, k, v, gf, gb = (unit_stride(t) for t in (q, k, v, gf, gb))
     if q.stride() != k.stride():
         q, k = q.contiguous(), k.contiguous()
     if gf.stride() != gb.stride():
@@ -744,7 +739,7 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
         x, z, w_o, w_l, eps, act = o, o, o, o, 0.0, False
     else:
         x, z, w_o, w_l, eps, act = mix
-        x, z = (_unit(t.reshape(B, T, H * V)) for t in (x, z))
+        x, z = (unit_stride(t.reshape(B, T, H * V)) for t in (x, z))
         w_o, w_l = w_o.contiguous(), w_l.contiguous()
         if p.NV != 1:
             raise ValueError(f"bigla: the locality mix needs one value block per head (d_v <= 64), got d_v={V}")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..cpu_build import LONG, PTR, CpuLibrary, threads, unit_stride
+from ..cpu_build import LONG, PTR, CpuLibrary, threads
+from ..launcher import unit_stride
 
 __all__ = ["supports", "dwconv_fwd_cpu", "dwconv_bwd_cpu"]
 

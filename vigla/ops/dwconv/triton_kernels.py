@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv, next_power_of_2, planned
+from ..launcher import cdiv, next_power_of_2, planned, unit_stride
 
 TILE_FWD = 1024  # the forward's tile: columns x channels
 TILE_BWD = 512  # the backward's tile: tokens x channels (at 4 warps: spill-free, ptxas sm_90)
@@ -243,11 +243,6 @@ def _sweep(B: int, H: int, W: int, C: int, sms: int) -> tuple[int, int, int, int
     return bc, bw, ncb, cdiv(H, bands), warps
 
 
-def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with unit channel stride (a view when it has one)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _conv_launch(x, w, hw, act: bool, flip: bool, out_dtype: torch.dtype, wrap=direct) -> torch.Tensor:
     B, N, C = x.shape
     y = torch.empty(B, N, C, dtype=out_dtype, device=x.device)
@@ -262,12 +257,12 @@ def _conv_launch(x, w, hw, act: bool, flip: bool, out_dtype: torch.dtype, wrap=d
 
 def dwconv_fwd_triton(x, weight, hw: tuple[int, int], act: bool, out_dtype: torch.dtype, wrap=direct):
     """``[B, H*W, C]`` in ``out_dtype``."""
-    return _conv_launch(_tokens(x), weight.reshape(-1, 9), hw, act, False, out_dtype, wrap)
+    return _conv_launch(unit_stride(x), weight.reshape(-1, 9), hw, act, False, out_dtype, wrap)
 
 
 def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct):
     """``(dx, dweight)`` in ``x``'s and ``weight``'s dtypes."""
-    x = _tokens(x)
+    x = unit_stride(x)
     dy = dy.contiguous()
     B, N, C = x.shape
     w = weight.reshape(C, 9)

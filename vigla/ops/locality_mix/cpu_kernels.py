@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..cpu_build import LONG, PTR, CpuLibrary, rows, threads
+from ..cpu_build import LONG, PTR, CpuLibrary, threads
+from ..launcher import rows
 
 __all__ = ["supports", "locality_mix_fwd_cpu", "locality_mix_bwd_cpu"]
 

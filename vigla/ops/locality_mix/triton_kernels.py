@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv
+from ..launcher import cdiv, unit_stride
 
 BLOCK_ROWS = 16  # rows per tile: 64-channel rows stay spill-free at 4 warps (ptxas -v, sm_90)
 
@@ -112,7 +112,7 @@ def _flat(o, x, z):
     h, d = o.shape[-2:]
     rows = o.reshape(-1, d).contiguous()
     x2, z2 = (t.reshape(-1, h * d) for t in (x, z))
-    x2, z2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, z2))
+    x2, z2 = (unit_stride(t) for t in (x2, z2))
     return rows, x2, z2, h, d
 
 

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
     TensorDescriptor = None
 
 from ..dispatch import direct
-from ..launcher import cdiv
+from ..launcher import cdiv, rows as _rows
 
 BLOCK = 1024
 
@@ -208,11 +208,6 @@ def fc1_swiglu_tma(x: torch.Tensor, w1: torch.Tensor, y: torch.Tensor, programs:
         TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w1, [BN, BK]),
         TensorDescriptor.from_tensor(y, [BM, BN]), M, I, C, BM=BM, BN=BN, BK=BK, GROUP=8, PROGRAMS=programs,
         FLATTEN=flatten, num_warps=warps, num_stages=stages)
-
-
-def _rows(u: torch.Tensor) -> torch.Tensor:
-    u2 = u.reshape(-1, u.shape[-1])
-    return u2 if u2.stride(-1) == 1 else u2.contiguous()
 
 
 def swiglu_fwd_triton(u: torch.Tensor, wrap=direct) -> torch.Tensor:
