@@ -216,11 +216,12 @@ def _mlp_add_norm_kernel(x, w1, w2, r, w, b, s, y, R, I, sx, eps, C: tl.constexp
     _add_and_norm(acc, r, w, b, s, y, rows, rmask, cols, cmask, eps, C, RMS, HAS_BIAS)
 
 
-# SwiGLU MLP + add + norm: 128-row tiles, 64 hidden units a step, 8 warps, 2 stages, chosen on an H200 over 16
-# tilings at ViG-T's MLP (C = 192, I = 512; benchmarks/results/kernel_mlp_add_norm_ab.json): 14% less time than
-# fc1 + SwiGLU, cuBLAS's fc2 and the add + norm kernel at 512² (B = 128), 3% less at 224². Wider rows (C = 256)
-# overflow shared memory at 2 stages; below one row tile per multiprocessor (e.g. batch 1) the three kernels
-# spread the work wider.
+# SwiGLU MLP + add + norm: 128-row tiles, 64 hidden units a step, 8 warps, 2 stages, chosen on an H200 over the
+# tilings and variants in benchmarks/results/kernel_mlp_add_norm_ab.json at ViG-T's MLP (C = 192, I = 512): 14% less
+# time than fc1 + SwiGLU, cuBLAS's fc2 and the add + norm kernel at 512² (batch 128), within 3% at 224² (196 row
+# tiles on 132 multiprocessors). Rows up to three 64-wide tiles (C <= 192): ViG-S's C = 384 would need a
+# [128, 512] fp32 accumulator, beyond the registers. Below one row tile per multiprocessor (e.g. batch 1) the three
+# kernels spread the work wider.
 MLP_ROWS, MLP_BH, MLP_BK, MLP_WARPS, MLP_STAGES = 128, 64, 64, 8, 2
 MLP_MAX_C = 3 * MLP_BK
 
