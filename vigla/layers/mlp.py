@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops.add_norm.op import mlp_fused
 from ..ops.dispatch import compute_dtype
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.swiglu import swiglu_mlp
-from ..ops.add_norm.op import mlp_fused
 from ..ops.swiglu.op import fc1_fused
 from .cast import MlpProjection, Projection, caching, gemm, gemm_weights, inference_weights
 
@@ -50,8 +50,8 @@ class SwiGLU(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         weights = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
         shape = (*x.shape[:-1], self.fc2.out_features)
-        if defer_projection and mlp_fused(rows.to(dtype), *weights):
-            return MlpProjection(rows.to(dtype), weights[0], weights[1], shape, ops)
+        if defer_projection and mlp_fused(rows, *weights):  # rows in dtype already (the previous norm's output)
+            return MlpProjection(rows, weights[0], weights[1], shape, ops)
         w1, w2 = gemm_weights(self, "fc", weights, rows.shape[0])
         h = ops.fc1_swiglu(rows.to(dtype), weights[0]) if fc1_fused(rows, dtype) else ops.swiglu(gemm(rows, w1))
         out = Projection(h, w2, shape)
