@@ -5,6 +5,10 @@
 Both return ``(s, y)`` with ``s`` empty (``[0]``) when there is no ``delta`` (the residual is then
 ``x`` itself, which a custom op may not return). The backward needs only the residual ``s``
 (``x`` without ``delta``), saved instead of ``x`` and ``delta``.
+
+For the inference path only (no autograd formula), the add + norm with the layer before it in the same kernel
+on CUDA: ``vigla::linear_add_norm`` (an output projection, ``delta = h @ wl^T``) and ``vigla::mlp_add_norm``
+(a whole SwiGLU MLP, ``delta = swiglu(x @ w1^T) @ w2^T``); elsewhere the layer, then the add + norm.
 """
 from __future__ import annotations
 
