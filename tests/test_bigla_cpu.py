@@ -189,3 +189,30 @@ def test_infinite_negative_gate_logits_cut_the_scan():
     for name, g, r in zip("qkv", grads[:3], grads_cut[:3]):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g, r, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 3, 32, 64), (1, 5, 2, 16, 24), (3, 1, 1, 8, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", [True, False])
+def test_bigla_with_the_locality_mix_in_one_pass(shape, act):
+    """The inference path's BiGLA + locality mix on the CPU (``bigla_mix_forward``: the kernel mixes each token's
+    output once both scans have passed it): the two kernels one after the other to float32's rounding (the
+    compiler may order the norms' sums differently in the two), and the float64 BiGLA then the float64 mix within
+    float32's error; the mix's gate a column slice of a wider tensor, as in the mixer."""
+    from vigla.ops.bigla.op import bigla_forward, bigla_mix_forward
+    from vigla.ops.locality_mix import locality_mix_reference
+    from vigla.ops.locality_mix.op import locality_mix_forward
+
+    B, T, H, K, V = shape
+    q, k, v, _, _ = make_inputs(B, T, H, K, V)
+    zf, zb = torch.randn(B, T, H, K, dtype=torch.float64) * 3, torch.randn(B, T, H, K, dtype=torch.float64) * 3
+    x = 2 * torch.randn(B, T, H * V, dtype=torch.float64)
+    z = torch.randn(B, T, 2 * H * V + 3, dtype=torch.float64)[..., 3:3 + H * V]
+    w_o, w_l = torch.rand(V, dtype=torch.float64) + 0.5, torch.randn(V, dtype=torch.float64)
+    args32 = [t.float() for t in (q, k, v, zf, zb)]
+    mix32 = [t.float() for t in (x, z, w_o, w_l)]
+    y = bigla_mix_forward(*args32, K ** -0.5, 16.0, *mix32, 1e-6, act)
+    two = locality_mix_forward(bigla_forward(*args32, K ** -0.5, 16.0), *mix32, 1e-6, act)
+    assert y.shape == (B, T, H * V) and y.dtype == torch.float32 and rel_err(y, two) < 1e-6
+    o64 = bigla_naive(q, k, v, log_decays(zf, 16.0), log_decays(zb, 16.0), K ** -0.5)
+    assert rel_err(y, locality_mix_reference(o64, x, z, w_o, w_l, 1e-6, act)) < 1e-5

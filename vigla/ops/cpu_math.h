@@ -40,4 +40,25 @@ static inline float silu_slope_f(float u) {
     return s * (1.0f + u * (1.0f - s));
 }
 
+/* 1 / sqrt(mean(t^2) + eps) over D floats */
+static inline float rrms_f(const float *t, long D, float eps) {
+    float ss = 0.0f;
+    for (long i = 0; i < D; i++) ss += t[i] * t[i];
+    return 1.0f / __builtin_sqrtf(ss / (float)D + eps);
+}
+
+/* ViG's locality mix of one (token, head) row of D channels: y = act(G * RMSNorm(a; w_o) + (1 - G) *
+ * RMSNorm(b; w_l)), G = sigmoid(g) (a: BiGLA's output, b: the local branch, g: the gate logits). y may be a
+ * (each element is read before it is written) */
+static inline void mix_row_f(const float *a, const float *b, const float *g, const float *w_o, const float *w_l,
+                             float *y, long D, float eps, int act) {
+    float ra = rrms_f(a, D, eps), rb = rrms_f(b, D, eps);
+#pragma omp simd
+    for (long i = 0; i < D; i++) {
+        float nb = b[i] * rb * w_l[i];
+        float u = nb + sigmoid_f(g[i]) * (a[i] * ra * w_o[i] - nb);
+        y[i] = act ? u * sigmoid_f(u) : u;
+    }
+}
+
 #endif

@@ -19,6 +19,9 @@
  * way), dk_s = R_s v_s, dv_s = R_s^T k_s, and the log decays' gradient
  * dla_r = sum_{s >= r} (q_s * dq_s - k_s * dk_s) per channel (the scan's own dq and dk; float64 sums).
  *
+ * Inference (bigla_fwd_f32 given x): the second scan applies ViG's locality mix to each token's output as soon as
+ * it is whole (cpu_math.h: mix_row_f), in place, while the row is in the cache: BiGLA + the mix as one pass.
+ *
  * Tensors are [B, T, H, D] with unit stride in D; the inputs take any (b, t, h) strides (in elements),
  * the outputs are contiguous. The gates are log decays, or (gnorm > 0) gate logits z with log decays
  * logsigmoid(z) / gnorm, whose gradient the backward then returns. Per token, the log decays are formed in
@@ -41,8 +44,11 @@ typedef struct {
     const float *q, *k, *v, *g[2], *dout;
     float *o, *dq, *dk, *dv, *dg[2];
     long B, T, H, K, V;
-    long st[6][3]; /* (b, t, h) strides of q, k, v, gf, gb, do */
+    long st[8][3]; /* (b, t, h) strides of q, k, v, gf, gb, do, and the mix's x, z */
     float c, gnorm; /* gnorm > 0: the gates are logits */
+    const float *mx, *mz, *w_o, *w_l; /* the locality mix of the output (mx != NULL): x, z [B, T, H * V] */
+    float eps;
+    int act;
 } job_t;
 
 #define ROW(x, i, b, t, h) ((x) + (b) * J->st[i][0] + (t) * J->st[i][1] + (h) * J->st[i][2])
@@ -63,6 +69,11 @@ static inline void prefetch_step(const job_t *J, int scan, long b, long h, long 
                             ROW(J->v, 2, b, t, h), J->dout ? ROW(J->dout, 5, b, t, h) : NULL};
     for (int r = 0; r < 5 && rows[r]; r++)
         for (long i = 0; i < (r < 3 ? J->K : J->V); i += 16) __builtin_prefetch(rows[r] + i);
+    if (scan && J->mx) /* the locality mix's rows, read when the second scan finishes the token */
+        for (long i = 0; i < J->V; i += 16) {
+            __builtin_prefetch(ROW(J->mx, 6, b, t, h) + i);
+            __builtin_prefetch(ROW(J->mz, 7, b, t, h) + i);
+        }
 }
 
 /* log(1 + t) for t in [0, 1], float32, to an ulp or two: 2 atanh(f) with f = t / (2 + t) (exact identity,
@@ -287,6 +298,9 @@ static inline __attribute__((always_inline)) void forward_steps(const job_t *J, 
     for (int p = 0; p < n; p++) {
         float *out = OUT(J->o, b, t[p], h, V);
         for (long j = 0; j < V; j++) out[j] = scan ? out[j] + acc[p][j] : acc[p][j];
+        if (scan && J->mx) /* the token's output is whole: the locality mix in place, while the row is in cache */
+            mix_row_f(out, ROW(J->mx, 6, b, t[p], h), ROW(J->mz, 7, b, t[p], h), J->w_o, J->w_l, out, V, J->eps,
+                      J->act);
     }
 }
 
@@ -444,13 +458,17 @@ static void setup(job_t *J, const float *q, const float *k, const float *v, cons
     J->gnorm = gnorm;
 }
 
-/* o [B, T, H, V]; strides: 6 x (b, t, h) for q, k, v, gf, gb, (unused); returns 0 on success */
+/* o [B, T, H, V]; strides: 8 x (b, t, h) for q, k, v, gf, gb, (unused), x, z; with x != NULL, o is ViG's locality
+ * mix of BiGLA's output with x and z ([B, T, H * V] as (b, t, h) strides, unit stride within a head), w_o, w_l
+ * ([V]), eps and act (SiLU); returns 0 on success */
 int bigla_fwd_f32(const float *q, const float *k, const float *v, const float *gf, const float *gb, float *o,
                   long B, long T, long H, long K, long V, const long *strides, float half_scale, float gnorm,
-                  int nthreads) {
+                  int nthreads, const float *x, const float *z, const float *w_o, const float *w_l, float eps,
+                  int act) {
     job_t J;
     setup(&J, q, k, v, gf, gb, B, T, H, K, V, strides, half_scale, gnorm);
     J.o = o;
+    J.mx = x; J.mz = z; J.w_o = w_o; J.w_l = w_l; J.eps = eps; J.act = act;
     return run_threads(&J, nthreads);
 }
 

@@ -93,11 +93,14 @@ def bigla_mix_forward(q, k, v, zf, zb, scale: float, gate_normalizer: float, x, 
     (:func:`vigla.ops.locality_mix.locality_mix`'s arguments after the first), without autograd: the inference
     path's op. ``[B, T, H * V]`` in ``q.dtype``. On CUDA (heads up to ``d_v = 64``) BiGLA's output kernel forms
     the mix from its float32 output tile: BiGLA's output is never written (the unfused path rounds it to
-    ``q.dtype`` before the mix); elsewhere the two ops one after the other."""
+    ``q.dtype`` before the mix). On the CPU, float32, BiGLA's compiled kernel mixes each token's output as soon as
+    it is whole (the mix kernel's formula). Elsewhere the two ops one after the other."""
     if use_kernels(q) and mixes(q.shape[-1], v.shape[-1]):
         y = bigla_fwd_triton(q, k, v, zf, zb, scale, gate_normalizer, wrap=launch,
                              mix=(x, z, w_o, w_l, eps, act))
         return y.view(x.shape)
+    if _cpu_kernels(q, v) and all(t.dtype == torch.float32 for t in (q, x, z, w_o, w_l)):
+        return cpu_kernels.bigla_mix_fwd_cpu(q, k, v, zf, zb, x, z, w_o, w_l, scale, gate_normalizer, eps, act)
     return locality_mix_forward(bigla_forward(q, k, v, zf, zb, scale, gate_normalizer, launch), x, z, w_o, w_l,
                                 eps, act, launch)
 

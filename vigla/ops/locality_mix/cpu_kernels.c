@@ -7,34 +7,18 @@
  * The weight gradients are summed per block of BLOCK tokens into part [blocks, 2, D] (scratch from the
  * caller), then over the blocks in order: the same sums for any thread count.
  */
-#include <math.h>
-
 #include "cpu_math.h"
 
 #define BLOCK 32
-
-static inline float rrms(const float *t, long D, float eps) {
-    float ss = 0.0f;
-    for (long i = 0; i < D; i++) ss += t[i] * t[i];
-    return 1.0f / sqrtf(ss / (float)D + eps);
-}
 
 void locality_mix_fwd_f32(const float *o, const float *x, const float *z, const float *w_o, const float *w_l,
                           float *y, long T, long Hd, long D, long sx, long sz, float eps, int act, int nthreads) {
     const long C = Hd * D;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long t = 0; t < T; t++) {
-        for (long h = 0; h < Hd; h++) {
-            const float *a = o + t * C + h * D, *b = x + t * sx + h * D, *g = z + t * sz + h * D;
-            float *yr = y + t * C + h * D;
-            float ra = rrms(a, D, eps), rb = rrms(b, D, eps);
-#pragma omp simd
-            for (long i = 0; i < D; i++) {
-                float nb = b[i] * rb * w_l[i];
-                float u = nb + sigmoid_f(g[i]) * (a[i] * ra * w_o[i] - nb);
-                yr[i] = act ? u * sigmoid_f(u) : u;
-            }
-        }
+        for (long h = 0; h < Hd; h++)
+            mix_row_f(o + t * C + h * D, x + t * sx + h * D, z + t * sz + h * D, w_o, w_l, y + t * C + h * D, D,
+                      eps, act);
     }
 }
 
@@ -43,7 +27,7 @@ void locality_mix_fwd_f32(const float *o, const float *x, const float *z, const 
 static inline void row_bwd(const float *du_in, const float *a, const float *b, const float *g, const float *w_o,
                            const float *w_l, float *da, float *db, float *dg, float *acc_o, float *acc_l,
                            float *dna, float *dnb, long D, float eps, int act) {
-    float ra = rrms(a, D, eps), rb = rrms(b, D, eps);
+    float ra = rrms_f(a, D, eps), rb = rrms_f(b, D, eps);
     float sa = 0.0f, sb = 0.0f; /* sum(dn * w * t) per norm */
 #pragma omp simd reduction(+ : sa, sb)
     for (long i = 0; i < D; i++) {
