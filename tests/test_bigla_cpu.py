@@ -216,3 +216,5 @@ def test_bigla_with_the_locality_mix_in_one_pass(shape, act):
     assert y.shape == (B, T, H * V) and y.dtype == torch.float32 and rel_err(y, two) < 1e-6
     o64 = bigla_naive(q, k, v, log_decays(zf, 16.0), log_decays(zb, 16.0), K ** -0.5)
     assert rel_err(y, locality_mix_reference(o64, x, z, w_o, w_l, 1e-6, act)) < 1e-5
+    torch.library.opcheck(torch.ops.vigla.bigla_mix_cpu_fwd.default,  # its fake and schema
+                          (*args32, *mix32, K ** -0.5, 16.0, 1e-6, act))

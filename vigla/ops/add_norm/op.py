@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
-from . import cpu_kernels
 from ..swiglu.op import fc1_swiglu_forward
+from . import cpu_kernels
 from .reference import add_norm_reference, add_norm_reference_bwd
 
 if HAS_TRITON:
