@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv, next_power_of_2, unit_stride
+from ..launcher import cdiv, next_power_of_2, rows as _rows
 
 TILE_FWD, TILE_BWD = 2048, 1024  # elements per tile (BR * BC): 16 values a thread forward, 4 backward
 WARPS_FWD, WARPS_BWD = 4, 8  # spill-free for C <= 4096 (ptxas, sm_90)
@@ -149,7 +149,7 @@ def linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps: float, rms: bool, ou
     """``(s, y)``: ``s = x + h @ wl^T`` (``[..., C]`` in ``x.dtype``) and ``y = norm(s)`` (in ``out_dtype``) in one
     kernel. ``h``: ``[..., K]`` and ``wl``: ``[C, K]`` in one half-precision dtype; ``x``: ``[..., C]``."""
     C, K = wl.shape
-    h2 = _rows(h, K)
+    h2 = _rows(h)
     x2, s, y = _residual_and_outputs(x, C, out_dtype)
     R = h2.shape[0]
     if R:
@@ -237,7 +237,7 @@ def mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps: float, rms: bool, o
     ``out_dtype``) in one kernel. ``x``: ``[..., C]``, ``w1``: ``[2I, C]``, ``w2``: ``[C, I]``, all three in one
     half-precision dtype, ``C <= MLP_MAX_C``; ``r``: ``[..., C]``."""
     C, I = w2.shape
-    x2 = _rows(x, C)
+    x2 = _rows(x)
     r2, s, y = _residual_and_outputs(r, C, out_dtype)
     R = x2.shape[0]
     if R:
@@ -271,17 +271,12 @@ def _residual_and_outputs(x: torch.Tensor, C: int, out_dtype: torch.dtype
             torch.empty(x.shape, dtype=out_dtype, device=x.device))
 
 
-def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
-    """``[R, C]`` rows with unit column stride (a view when possible)."""
-    return unit_stride(t.reshape(-1, C))
-
-
 def add_norm_fwd_triton(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
                         wrap=direct):
     """``(s, y)``; ``s`` is empty (``[0]``) without ``delta``."""
     C = x.shape[-1]
-    x2 = _rows(x, C)
-    d2 = _rows(delta, C) if delta is not None else x2
+    x2 = _rows(x)
+    d2 = _rows(delta) if delta is not None else x2
     R = x2.shape[0]
     s = torch.empty(x.shape if delta is not None else (0,), dtype=x.dtype, device=x.device)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
