@@ -337,13 +337,41 @@ def test_fused_model_matches_reference_ops(name):
     assert rel(out_f, out_r) < 3e-2
 
 
+def test_folded_mlp_path_gives_the_models_logits(monkeypatch):
+    """The GPU inference path's split of norm2 (the output projection, the residual add and each row's reciprocal
+    RMS in one op; norm2's weight folded into fc1 and the RMS applied to fc1's output inside the MLP's op), taken
+    here on the CPU through the ops' reference paths: the same logits as the model's (float32; norm weights away
+    from one, so that a weight left out or applied twice would show), in every block."""
+    import vigla.layers.mlp as mlp_layer
+    import vigla.models._vig_common as common
+
+    torch.manual_seed(0)
+    model = timm.create_model("vig_tiny", num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    taken = []
+    folded = common.ViGBlock._folded_mlp
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # plain weights: projections deferrable
+        expect = model(x)
+        monkeypatch.setattr(mlp_layer, "mlp_fused", lambda *a: True)
+        monkeypatch.setattr(common, "linear_fused", lambda *a: True)
+        monkeypatch.setattr(common.ViGBlock, "_folded_mlp", lambda *a: taken.append(1) or folded(*a))
+        got = model(x)
+    assert len(taken) == len(model.blocks)
+    assert torch.allclose(got, expect, rtol=1e-5, atol=1e-6), (got - expect).abs().max()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
 def test_bf16_residual_stream_of_gpu_inference_is_as_accurate(name, monkeypatch):
     """Inference on the GPU, eager and compiled (Inductor), keeps the residual stream in bf16 under bf16 autocast
     (run_blocks): its logits are as close to the float64 model's (the references, every activation in float64)
     as those of the recording path, whose stream is float32. The whole MLP runs inside the next add + norm's
-    kernel wherever it may (``vigla::mlp_add_norm``; taken here at any batch, counted in eager)."""
+    kernel wherever it may (``vigla::mlp_add_norm``; taken here at any batch, counted in eager), in ViG-T with
+    norm2 split around it (its weight inside fc1, each row's reciprocal RMS from the projection's kernel)."""
     import copy
 
     import vigla.ops.add_norm.op as add_norm_op

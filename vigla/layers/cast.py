@@ -143,19 +143,26 @@ class Projection(NamedTuple):
 
 
 class MlpProjection(NamedTuple):
-    """A SwiGLU MLP's output ``swiglu(rows @ W1^T) @ W2^T`` not computed yet: an inference path's MLP, left for
-    the residual add + norm after it to run whole inside its own kernel. ``rows``: ``[R, C]``; ``w1``: ``[2I, C]``
-    and ``w2``: ``[C, I]``, the weights cast to ``rows``' dtype; ``shape``: the output's shape (``R`` rows of
-    ``C``); ``ops``: the inference path's ops (:class:`vigla.ops.inference.InferenceOps`), for :meth:`dense`."""
+    """A SwiGLU MLP's output ``swiglu(diag(row_scale) rows @ W1^T) @ W2^T`` not computed yet: an inference path's
+    MLP, left for the residual add + norm after it to run whole inside its own kernel. ``rows``: ``[R, C]``;
+    ``w1``: ``[2I, C]`` and ``w2``: ``[C, I]``, the weights cast to ``rows``' dtype; ``shape``: the output's shape
+    (``R`` rows of ``C``); ``ops``: the inference path's ops (:class:`vigla.ops.inference.InferenceOps`), for
+    :meth:`dense`; ``row_scale``: ``[R]`` float32 or None: the reciprocal RMS of an RMSNorm whose weight ``w1``
+    holds (``rows`` its input)."""
     rows: torch.Tensor
     w1: torch.Tensor
     w2: torch.Tensor
     shape: tuple
     ops: object
+    row_scale: torch.Tensor | None = None
 
     def dense(self) -> torch.Tensor:
         """The output, ``shape``: fc1 and the gating, then fc2."""
-        return torch.mm(self.ops.fc1_swiglu(self.rows, self.w1), self.w2.t()).view(self.shape)
+        rows = self.rows
+        if self.row_scale is not None:
+            f = torch.promote_types(rows.dtype, torch.float32)
+            rows = (rows.to(f) * self.row_scale.reshape(-1, 1).to(f)).to(rows.dtype)
+        return torch.mm(self.ops.fc1_swiglu(rows, self.w1), self.w2.t()).view(self.shape)
 
 
 def dense(t):

@@ -56,3 +56,18 @@ class SwiGLU(nn.Module):
         h = ops.fc1_swiglu(rows.to(dtype), weights[0]) if fc1_fused(rows, dtype) else ops.swiglu(gemm(rows, w1))
         out = Projection(h, w2, shape)
         return out if defer_projection else out.dense()
+
+    @torch.jit.unused
+    def folded_weights(self, x: torch.Tensor, norm_weight: torch.Tensor, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(w1, w2)`` in ``dtype`` with an RMSNorm's ``norm_weight`` (``[C]``) folded into fc1 (``W1 diag(w)``,
+        multiplied in float32, cast once), where the whole MLP on ``[..., C]`` inputs like ``x`` runs in one kernel
+        with the add + norm after it (:func:`vigla.ops.add_norm.op.mlp_fused`), else None: the MLP then takes the
+        norm's input and its reciprocal RMS (:class:`vigla.layers.cast.MlpProjection`'s ``row_scale``)."""
+        def build():
+            f32 = torch.promote_types(self.fc1.weight.dtype, torch.float32)
+            return self.fc1.weight.to(f32) * norm_weight.to(f32), self.fc2.weight
+
+        sources = (self.fc1.weight, self.fc2.weight, norm_weight)
+        weights = inference_weights(self, "fc_folded", sources, dtype, build)
+        return weights if mlp_fused(x.reshape(-1, x.shape[-1]), *weights) else None

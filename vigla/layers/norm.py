@@ -14,7 +14,7 @@ from ..ops.inference import EAGER, InferenceOps
 from ..ops.tracing import exporting
 from .cast import MlpProjection, Projection, dense
 
-__all__ = ["RmsNorm", "add_and_norm", "add_and_norm_inference"]
+__all__ = ["RmsNorm", "add_and_norm", "add_and_norm_inference", "fused_norm"]
 
 torch.fx.wrap("add_norm")  # a leaf under torch.fx: its checks and kernels run as they are
 
@@ -43,7 +43,7 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]
     of ``[..., C]``, in one pass (:func:`vigla.ops.add_norm.add_norm`; ``delta`` None: just the
     norm). The normalized output is in ``out_dtype``, default the compute dtype (autocast's when it
     is on)."""
-    fused = _fused_norm(norm)
+    fused = fused_norm(norm)
     if fused is None:
         return _unfused(norm, x, delta)
     return add_norm(x, delta, fused[0], fused[1], norm.eps, "rms" if fused[2] else "layer", out_dtype)
@@ -55,7 +55,7 @@ def _unfused(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]) ->
     return s, norm(s)
 
 
-def _fused_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]:
+def fused_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]:
     """``(weight, bias, rms)`` of a norm :func:`add_and_norm` fuses (an affine ``nn.LayerNorm`` or an
     :class:`RmsNorm` with a weight), else None."""
     if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
@@ -72,11 +72,12 @@ def add_and_norm_inference(norm: nn.Module, x: torch.Tensor, delta: Optional[tor
     op's forward implementation called directly in eager mode, its custom op when compiled (the shapes are the
     block's own), ``[..., C]`` tensors. ``delta`` may be a :class:`vigla.layers.cast.Projection`, the previous
     layer's output projection not yet computed, or a :class:`vigla.layers.cast.MlpProjection`, the previous MLP
-    not yet computed: on CUDA in half precision they run in the same kernel as the add and the norm."""
-    fused = _fused_norm(norm)
+    not yet computed: on CUDA in half precision they run in the same kernel as the add and the norm. The norm's
+    output ``y`` is in ``out_dtype``."""
+    fused = fused_norm(norm)
     if fused is not None and isinstance(delta, MlpProjection):
         return ops.mlp_add_norm(delta.rows, delta.w1, delta.w2, x, fused[0], fused[1], float(norm.eps), fused[2],
-                                out_dtype)
+                                out_dtype, delta.row_scale)
     if fused is not None and isinstance(delta, Projection) and not delta.w.is_mkldnn:
         # delta.w: gemm_weights' [in, out] view of [out, in]
         return ops.linear_add_norm(delta.rows, delta.w.t(), x, fused[0], fused[1], float(norm.eps), fused[2],

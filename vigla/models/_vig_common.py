@@ -20,8 +20,9 @@ from timm.models import build_model_with_cfg
 
 from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
-from ..layers.cast import dense
-from ..layers.norm import add_and_norm, add_and_norm_inference
+from ..layers.cast import MlpProjection, Projection, dense
+from ..layers.norm import add_and_norm, add_and_norm_inference, fused_norm
+from ..ops.add_norm.op import linear_fused
 from ..ops.dispatch import compute_dtype
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.recompute import recompute
@@ -98,8 +99,9 @@ class ViGBlock(nn.Module):
         """:meth:`forward_pair` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``:
         each op's forward implementation called directly in eager mode, its custom op when compiled), the
         compute dtype found once. In eval mode each branch's output projection is left to the add + norm
-        after it (:class:`vigla.layers.cast.Projection`, or the whole MLP: :class:`vigla.layers.cast.MlpProjection`;
-        ``delta`` may be one, and so may the returned ``d``)."""
+        after it (:class:`vigla.layers.cast.Projection`, or the whole MLP: :class:`vigla.layers.cast.MlpProjection`,
+        with norm2's weight inside fc1 where :meth:`_folded_mlp`; ``delta`` may be one, and so may the returned
+        ``d``)."""
         dtype = compute_dtype(x)
         defer = not self.training  # drop path needs the branch's output
         x, y = add_and_norm_inference(self.norm1, x, delta, dtype, ops)
@@ -107,12 +109,28 @@ class ViGBlock(nn.Module):
             a = self.attn.forward_inference(y, hw, dtype, ops, defer_projection=defer)
         else:
             a = self.attn(y, hw)
+        folded = self._folded_mlp(x, a, dtype) if defer else None
+        if folded is not None:  # norm2 split: the add and each row's reciprocal RMS here, its weight inside fc1
+            x, rstd = ops.linear_add_norm(a.rows, a.w.t(), x, None, None, float(self.norm2.eps), True, x.dtype)
+            return x, MlpProjection(x.reshape(-1, x.shape[-1]), *folded, x.shape, ops, rstd.reshape(-1))
         x, y = add_and_norm_inference(self.norm2, x, a if defer else self.drop_path1(a), dtype, ops)
         if _plain_call(self.mlp, SwiGLU):
             m = self.mlp.forward_inference(y, dtype, ops, defer_projection=defer)
         else:
             m = self.mlp(y)
         return x, (m if defer else self.drop_path2(m))
+
+    def _folded_mlp(self, x: torch.Tensor, a, dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(w1, w2)`` with norm2's weight folded into fc1 (:meth:`vigla.layers.mlp.SwiGLU.folded_weights`) where
+        the block's second half can run as two kernels on the GPU: the output projection ``a`` (a
+        :class:`vigla.layers.cast.Projection`), the residual add and norm2's statistic in one, norm2's weight,
+        the whole MLP and the next add + norm in the other (an RMSNorm with a weight, a plain :class:`SwiGLU`
+        whose MLP :func:`vigla.ops.add_norm.op.mlp_fused` takes); else None. ``x``: the residual stream."""
+        norm = fused_norm(self.norm2)
+        if (norm is None or not norm[2] or not isinstance(a, Projection) or a.w.is_mkldnn
+                or not _plain_call(self.mlp, SwiGLU) or not linear_fused(x, a.rows, a.w.t())):
+            return None
+        return self.mlp.folded_weights(x, norm[0], dtype)
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

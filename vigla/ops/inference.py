@@ -33,7 +33,7 @@ class InferenceOps(NamedTuple):
     """One callable per op, each taking the arguments of the op's forward implementation (``launch`` aside)."""
     add_norm: Callable  # (x, delta, weight, bias, eps, rms, out_dtype) -> (s, y)
     linear_add_norm: Callable  # (h, wl, x, weight, bias, eps, rms, out_dtype) -> (s, y)
-    mlp_add_norm: Callable  # (x, w1, w2, r, weight, bias, eps, rms, out_dtype) -> (s, y)
+    mlp_add_norm: Callable  # (x, w1, w2, r, weight, bias, eps, rms, out_dtype, row_scale) -> (s, y)
     dwconv: Callable  # (x, weight, H, W, act, out_dtype) -> x_c
     bigla_mix: Callable  # (q, k, v, zf, zb, scale, gate_normalizer, x, z, w_o, w_l, eps, act) -> y
     fc1_swiglu: Callable  # (x, w1) -> h

@@ -8,7 +8,10 @@ Both return ``(s, y)`` with ``s`` empty (``[0]``) when there is no ``delta`` (th
 
 For the inference path only (no autograd formula), the add + norm with the layer before it in the same kernel
 on CUDA: ``vigla::linear_add_norm`` (an output projection, ``delta = h @ wl^T``) and ``vigla::mlp_add_norm``
-(a whole SwiGLU MLP, ``delta = swiglu(x @ w1^T) @ w2^T``); elsewhere the layer, then the add + norm.
+(a whole SwiGLU MLP, ``delta = swiglu(x @ w1^T) @ w2^T``); elsewhere the layer, then the add + norm. Between
+the two, an RMSNorm can be split: ``linear_add_norm`` without a weight forms only each row's reciprocal RMS,
+and ``mlp_add_norm`` takes the un-normalized rows with that ``row_scale`` and the norm's weight folded into
+fc1 (the normalized rows never go to memory).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
 from ..swiglu.op import fc1_swiglu_forward
 from . import cpu_kernels
-from .reference import add_norm_reference, add_norm_reference_bwd
+from .reference import add_norm_reference, add_norm_reference_bwd, residual_sum
 
 if HAS_TRITON:
     from .triton_kernels import (LINEAR_MAX_C, LINEAR_MAX_K, MAX_C, MLP_MAX_C, add_norm_bwd_triton,
@@ -60,10 +63,18 @@ def linear_fused(x: torch.Tensor, h: torch.Tensor, wl: torch.Tensor) -> bool:
 
 def linear_add_norm_forward(h, wl, x, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype, launch=direct):
     """``(s, y)``: ``s = x + h @ wl^T``, ``y = norm(s)`` (``h``: ``[..., K]``, ``wl``: ``[C, K]``, ``x``: ``[..., C]``),
-    without autograd: one kernel where :func:`linear_fused`, else the product then :func:`add_norm_forward`."""
+    without autograd: one kernel where :func:`linear_fused`, else the product then :func:`add_norm_forward`. Without
+    a ``weight`` (RMSNorm only, its weight folded into the product after it: :func:`mlp_add_norm_forward`'s
+    ``row_scale``), ``y`` is ``[...]`` in float32, the rows' reciprocal RMS ``rsqrt(mean(s^2) + eps)``."""
+    if weight is None and not rms:
+        raise ValueError("linear_add_norm: without a weight only RMSNorm's statistic is formed; pass rms=True")
     if linear_fused(x, h, wl):
         return linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps, rms, out_dtype, wrap=launch)
-    return add_norm_forward(x, (h @ wl.t()).view(x.shape), weight, bias, eps, rms, out_dtype, launch)
+    delta = (h @ wl.t()).view(x.shape)
+    if weight is None:
+        s = residual_sum(x, delta).contiguous()
+        return s, torch.rsqrt(s.float().square().mean(-1) + eps)  # float32, as the kernel's
+    return add_norm_forward(x, delta, weight, bias, eps, rms, out_dtype, launch)
 
 
 def mlp_fused(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -76,13 +87,18 @@ def mlp_fused(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
 
 
 def mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
-                         launch=direct):
-    """``(s, y)``: ``s = r + swiglu(x @ w1^T) @ w2^T``, ``y = norm(s)`` (``x``: ``[..., C]``, ``w1``: ``[2I, C]``,
-    ``w2``: ``[C, I]``, ``r``: ``[..., C]``; ``s`` in ``r.dtype``, ``y`` in ``out_dtype``), without autograd: a
-    SwiGLU MLP (ViG's, fc1's halves SiLU-gate then linear) and the residual add + norm after it, one kernel
-    where :func:`mlp_fused`, else fc1 + SwiGLU then :func:`linear_add_norm_forward`."""
+                         row_scale: Optional[torch.Tensor] = None, launch=direct):
+    """``(s, y)``: ``s = r + swiglu(diag(row_scale) x @ w1^T) @ w2^T``, ``y = norm(s)`` (``x``: ``[..., C]``, ``w1``:
+    ``[2I, C]``, ``w2``: ``[C, I]``, ``r``: ``[..., C]``, ``row_scale``: ``[...]`` float32 or None; ``s`` in
+    ``r.dtype``, ``y`` in ``out_dtype``), without autograd: a SwiGLU MLP (ViG's, fc1's halves SiLU-gate then
+    linear) and the residual add + norm after it, one kernel where :func:`mlp_fused`, else fc1 + SwiGLU then
+    :func:`linear_add_norm_forward`. With ``row_scale`` the MLP's input is an RMSNorm's output whose weight ``w1``
+    holds: ``x`` its input, ``row_scale`` the reciprocal RMS (:func:`linear_add_norm_forward` without a weight)."""
     if mlp_fused(x, w1, w2):
-        return mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps, rms, out_dtype, wrap=launch)
+        return mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps, rms, out_dtype, row_scale, wrap=launch)
+    if row_scale is not None:
+        f = torch.promote_types(x.dtype, torch.float32)
+        x = (x.to(f) * row_scale.unsqueeze(-1).to(f)).to(x.dtype)
     return linear_add_norm_forward(fc1_swiglu_forward(x, w1, launch), w2, r, weight, bias, eps, rms, out_dtype,
                                    launch)
 
@@ -170,11 +186,13 @@ add_norm_op.register_autograd(_op_backward, setup_context=_setup)
 
 
 def _linear_fake(h, wl, x, weight, bias, eps, rms, out_dtype):
+    if weight is None:
+        return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
 
 
 @fused_op("vigla::linear_add_norm", _linear_fake)
-def linear_add_norm_op(h: torch.Tensor, wl: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def linear_add_norm_op(h: torch.Tensor, wl: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_add_norm_forward` as a custom op, for inference only (no autograd formula): what a compiled
@@ -182,14 +200,14 @@ def linear_add_norm_op(h: torch.Tensor, wl: torch.Tensor, x: torch.Tensor, weigh
     return linear_add_norm_forward(h, wl, x, weight, bias, eps, rms, out_dtype, wrap)
 
 
-def _mlp_fake(x, w1, w2, r, weight, bias, eps, rms, out_dtype):
+def _mlp_fake(x, w1, w2, r, weight, bias, eps, rms, out_dtype, row_scale=None):
     return r.new_empty(r.shape), r.new_empty(r.shape, dtype=out_dtype)
 
 
 @fused_op("vigla::mlp_add_norm", _mlp_fake)
 def mlp_add_norm_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
-                    bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    bias: Optional[torch.Tensor], eps: float, rms: bool, out_dtype: torch.dtype,
+                    row_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mlp_add_norm_forward` as a custom op, for inference only (no autograd formula): what a compiled
     model's inference path calls (:mod:`vigla.ops.inference`)."""
-    return mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps, rms, out_dtype, wrap)
+    return mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps, rms, out_dtype, row_scale, wrap)

@@ -53,11 +53,16 @@ def add_norm_reference(x, delta, weight, bias, eps: float, rms: bool, out_dtype:
     return s, y.to(out_dtype)
 
 
-def mlp_add_norm_reference(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
+def mlp_add_norm_reference(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
+                           row_scale=None):
     """A SwiGLU MLP, then :func:`add_norm_reference` with its output as ``delta``: ``s = r + (silu(a) * b) @ w2^T``
-    with ``[a, b] = x @ w1^T`` (fc1's halves), ``y = norm(s)``; products in ``x``'s dtype. ``x``: ``[..., C]``,
-    ``w1``: ``[2I, C]``, ``w2``: ``[C, I]``, ``r``: ``[..., C]``; returns ``(s, y)`` as :func:`add_norm_reference`."""
-    a, b = (x @ w1.t()).chunk(2, dim=-1)
+    with ``[a, b] = diag(row_scale) x @ w1^T`` (fc1's halves; ``row_scale`` ``[...]`` or None), ``y = norm(s)``;
+    products in ``x``'s dtype. ``x``: ``[..., C]``, ``w1``: ``[2I, C]``, ``w2``: ``[C, I]``, ``r``: ``[..., C]``;
+    returns ``(s, y)`` as :func:`add_norm_reference`."""
+    u = x @ w1.t()
+    if row_scale is not None:
+        u = u * row_scale.unsqueeze(-1).to(u.dtype)
+    a, b = u.chunk(2, dim=-1)
     return add_norm_reference(r, (F.silu(a) * b) @ w2.t(), weight, bias, eps, rms, out_dtype)
 
 

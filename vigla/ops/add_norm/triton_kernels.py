@@ -117,10 +117,12 @@ def _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C: tl.const
 
 @triton.jit
 def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr, BC: tl.constexpr,
-                            BR: tl.constexpr, BK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                            BR: tl.constexpr, BK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            AFFINE: tl.constexpr):
     """``s = x + h @ wl^T`` and ``y = norm(s)``: ``h`` rows ``[R, K]`` (stride ``sh``), ``wl`` ``[C, K]``
     contiguous, ``x``, ``s``, ``y`` contiguous ``[R, C]``. A program owns ``BR`` whole rows: the product on
-    tensor cores (fp32 accumulators), then the add and the norm of :func:`_add_norm_fwd_kernel` on it."""
+    tensor cores (fp32 accumulators), then the add and the norm of :func:`_add_norm_fwd_kernel` on it. Not
+    ``AFFINE`` (RMSNorm whose weight the next product holds): ``y`` ``[R]`` fp32, the rows' reciprocal RMS."""
     eps = tl.cast(eps, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BC)
@@ -134,7 +136,15 @@ def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr
         ht = tl.load(hp + k0, mask=rmask[:, None] & kmask[None, :], other=0.0)
         wt = tl.load(wp + k0, mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(ht, wt, acc)
-    _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C, RMS, HAS_BIAS)
+    if AFFINE:
+        _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C, RMS, HAS_BIAS)
+    else:
+        mask = rmask[:, None] & cmask[None, :]
+        off = rows[:, None] * C + cols[None, :]
+        v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)
+        tl.store(s + off, v, mask=mask)
+        _, rstd = _normalize(v.to(tl.float32), cmask, eps, C, True)
+        tl.store(y + rows, rstd, mask=rmask)
 
 
 # projection + add + norm: 64-row tiles, chosen on an H200 over 24 tilings at ViG-T's shapes (224² to 2048²). Against
@@ -147,16 +157,18 @@ LINEAR_MAX_C = LINEAR_MAX_K = 256
 def linear_add_norm_fwd_triton(h, wl, x, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
                                wrap=direct):
     """``(s, y)``: ``s = x + h @ wl^T`` (``[..., C]`` in ``x.dtype``) and ``y = norm(s)`` (in ``out_dtype``) in one
-    kernel. ``h``: ``[..., K]`` and ``wl``: ``[C, K]`` in one half-precision dtype; ``x``: ``[..., C]``."""
+    kernel. ``h``: ``[..., K]`` and ``wl``: ``[C, K]`` in one half-precision dtype; ``x``: ``[..., C]``. Without a
+    ``weight`` (RMSNorm only: its weight folded into the product after it), ``y`` is ``[...]`` in float32, the
+    rows' reciprocal RMS ``rsqrt(mean(s^2) + eps)``."""
     C, K = wl.shape
     h2 = _rows(h)
-    x2, s, y = _residual_and_outputs(x, C, out_dtype)
+    x2, s, y = _residual_and_outputs(x, C, out_dtype if weight is not None else None)
     R = h2.shape[0]
     if R:
         wrap(_linear_add_norm_kernel)[(cdiv(R, LINEAR_ROWS),)](
-            h2, wl.contiguous(), x2, weight, bias if bias is not None else weight, s, y, R, K, h2.stride(0), eps,
-            C=C, BC=next_power_of_2(C), BR=LINEAR_ROWS, BK=LINEAR_BK, RMS=rms, HAS_BIAS=bias is not None,
-            num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES)
+            h2, wl.contiguous(), x2, _or(weight, y), _or(bias, y), s, y, R, K, h2.stride(0), eps, C=C,
+            BC=next_power_of_2(C), BR=LINEAR_ROWS, BK=LINEAR_BK, RMS=rms, HAS_BIAS=bias is not None,
+            AFFINE=weight is not None, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES)
     return s, y
 
 
@@ -181,15 +193,16 @@ def _fc1_step(xt, w1, j, I, k0: tl.constexpr, ga, gb, C: tl.constexpr, BH: tl.co
 
 
 @triton.jit
-def _mlp_add_norm_kernel(x, w1, w2, r, w, b, s, y, R, I, sx, eps, C: tl.constexpr, BC: tl.constexpr,
+def _mlp_add_norm_kernel(x, w1, w2, r, w, b, s, y, rs, R, I, sx, eps, C: tl.constexpr, BC: tl.constexpr,
                          BR: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, RMS: tl.constexpr,
-                         HAS_BIAS: tl.constexpr):
-    """``s = r + swiglu(x @ w1^T) @ w2^T`` and ``y = norm(s)``: ``x`` rows ``[R, C]`` (stride ``sx``), ``w1``
-    ``[2I, C]`` and ``w2`` ``[C, I]`` contiguous, ``r``, ``s``, ``y`` contiguous ``[R, C]``, ``C <= 3 BK``. A
-    program owns ``BR`` whole rows: their ``x`` stays in registers while the hidden units are walked ``BH`` at a
-    time (fc1's two halves on tensor cores, the gating in fp32, the gated ``[BR, BH]`` rounded to ``x``'s dtype
-    and multiplied into the ``[BR, C]`` fp32 accumulator of fc2), so the ``[R, I]`` hidden never goes to memory;
-    then the add and the norm of :func:`_add_norm_fwd_kernel`."""
+                         HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """``s = r + swiglu(diag(rs) x @ w1^T) @ w2^T`` and ``y = norm(s)``: ``x`` rows ``[R, C]`` (stride ``sx``),
+    ``w1`` ``[2I, C]`` and ``w2`` ``[C, I]`` contiguous, ``r``, ``s``, ``y`` contiguous ``[R, C]``, ``C <= 3 BK``;
+    ``rs`` ``[R]`` fp32 (``ROW_SCALE``, else ones). A program owns ``BR`` whole rows: their ``x`` stays in registers
+    while the hidden units are walked ``BH`` at a time (fc1's two halves on tensor cores, scaled by ``rs`` and gated
+    in fp32, the gated ``[BR, BH]`` rounded to ``x``'s dtype and multiplied into the ``[BR, C]`` fp32 accumulator of
+    fc2), so the ``[R, I]`` hidden never goes to memory; then the add and the norm of
+    :func:`_add_norm_fwd_kernel`."""
     eps = tl.cast(eps, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rmask = rows < R
@@ -200,6 +213,8 @@ def _mlp_add_norm_kernel(x, w1, w2, r, w, b, s, y, R, I, sx, eps, C: tl.constexp
         x1 = _x_tile(x, rows, rmask, sx, BK, C, BK)
     if C > 2 * BK:
         x2 = _x_tile(x, rows, rmask, sx, 2 * BK, C, BK)
+    if ROW_SCALE:
+        scale = tl.load(rs + rows, mask=rmask, other=0.0)[:, None]
     acc = tl.zeros((BR, BC), dtype=tl.float32)
     for j in range(0, I, BH):
         ga = tl.zeros((BR, BH), dtype=tl.float32)
@@ -209,6 +224,8 @@ def _mlp_add_norm_kernel(x, w1, w2, r, w, b, s, y, R, I, sx, eps, C: tl.constexp
             ga, gb = _fc1_step(x1, w1, j, I, BK, ga, gb, C, BH, BK)
         if C > 2 * BK:
             ga, gb = _fc1_step(x2, w1, j, I, 2 * BK, ga, gb, C, BH, BK)
+        if ROW_SCALE:
+            ga, gb = ga * scale, gb * scale
         h = (ga * tl.sigmoid(ga) * gb).to(x.dtype.element_ty)
         hs = j + tl.arange(0, BH)
         w2t = tl.load(w2 + cols[None, :] * I + hs[:, None], mask=(hs[:, None] < I) & cmask[None, :], other=0.0)
@@ -232,19 +249,21 @@ def mlp_fills_device(R: int, index: int) -> bool:
 
 
 def mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
-                            wrap=direct):
-    """``(s, y)``: ``s = r + swiglu(x @ w1^T) @ w2^T`` (``[..., C]`` in ``r.dtype``) and ``y = norm(s)`` (in
-    ``out_dtype``) in one kernel. ``x``: ``[..., C]``, ``w1``: ``[2I, C]``, ``w2``: ``[C, I]``, all three in one
-    half-precision dtype, ``C <= MLP_MAX_C``; ``r``: ``[..., C]``."""
+                            row_scale=None, wrap=direct):
+    """``(s, y)``: ``s = r + swiglu(diag(row_scale) x @ w1^T) @ w2^T`` (``[..., C]`` in ``r.dtype``) and ``y =
+    norm(s)`` (in ``out_dtype``) in one kernel. ``x``: ``[..., C]``, ``w1``: ``[2I, C]``, ``w2``: ``[C, I]``, all
+    three in one half-precision dtype, ``C <= MLP_MAX_C``; ``r``: ``[..., C]``; ``row_scale``: ``[...]`` float32 or
+    None (ones)."""
     C, I = w2.shape
     x2 = _rows(x)
     r2, s, y = _residual_and_outputs(r, C, out_dtype)
     R = x2.shape[0]
     if R:
         wrap(_mlp_add_norm_kernel)[(cdiv(R, MLP_ROWS),)](
-            x2, w1.contiguous(), w2.contiguous(), r2, weight, bias if bias is not None else weight, s, y, R, I,
-            x2.stride(0), eps, C=C, BC=next_power_of_2(C), BR=MLP_ROWS, BH=MLP_BH, BK=MLP_BK, RMS=rms,
-            HAS_BIAS=bias is not None, num_warps=MLP_WARPS, num_stages=MLP_STAGES)
+            x2, w1.contiguous(), w2.contiguous(), r2, weight, _or(bias, weight), s, y,
+            _or(None if row_scale is None else row_scale.reshape(-1).contiguous(), weight), R, I, x2.stride(0), eps,
+            C=C, BC=next_power_of_2(C), BR=MLP_ROWS, BH=MLP_BH, BK=MLP_BK, RMS=rms, HAS_BIAS=bias is not None,
+            ROW_SCALE=row_scale is not None, num_warps=MLP_WARPS, num_stages=MLP_STAGES)
     return s, y
 
 
@@ -263,12 +282,18 @@ def _tile(C: int, elements: int) -> tuple[int, int]:
     return bc, max(1, elements // bc)
 
 
-def _residual_and_outputs(x: torch.Tensor, C: int, out_dtype: torch.dtype
+def _residual_and_outputs(x: torch.Tensor, C: int, out_dtype: torch.dtype | None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x2, s, y)`` of a product + add + norm: the residual ``x`` as contiguous ``[R, C]`` rows, ``s`` (``x``'s
-    dtype) and ``y`` (``out_dtype``) empty in ``x``'s shape."""
-    return (x.reshape(-1, C).contiguous(), torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty(x.shape, dtype=out_dtype, device=x.device))
+    dtype) and ``y`` (``out_dtype``) empty in ``x``'s shape; ``out_dtype`` None: ``y`` one float32 per row."""
+    y = (torch.empty(x.shape, dtype=out_dtype, device=x.device) if out_dtype is not None
+         else torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
+    return x.reshape(-1, C).contiguous(), torch.empty(x.shape, dtype=x.dtype, device=x.device), y
+
+
+def _or(t: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a kernel pointer argument it never reads, ``other``."""
+    return t if t is not None else other
 
 
 def add_norm_fwd_triton(x, delta, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
