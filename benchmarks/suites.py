@@ -227,6 +227,12 @@ def _compile_vig_t(opts: Options) -> list[Step]:
     return [_bench("compile_vig_t", opts, COMPILE + VIG_T_PAIR + ["--img-size", "224", "512"], 570)]
 
 
+def _compile_inference(opts: Options) -> list[Step]:
+    """ViG-T against DeiT-T at 224 and 512, inference alone (no training step to compile), compiled within the run."""
+    args = ["--compile", "--no-latency"] + VIG_T_PAIR + ["--img-size", "224", "512"]
+    return [_bench("compile_vig_t_inference", opts, args, 400)]
+
+
 def _compile_reduce_overhead(opts: Options) -> list[Step]:
     """ViG-T against DeiT-T at 224 and 512, both under ``torch.compile(mode="reduce-overhead")`` (Inductor's code
     replayed from CUDA graphs: the compiled models without the host's launch time), compiling in the run."""
@@ -507,6 +513,7 @@ SUITES = {s.name: s for s in [
            "measure": ("the recorded run, ratios to DeiT-T", _compile_measure),
            "vig_t": ("ViG-T vs DeiT-T at 224 and 512 only, compiling in the run itself (one call, cold "
                      "caches)", _compile_vig_t),
+           "inference": ("the same, inference alone (a third of the compile time)", _compile_inference),
            "reduce_overhead": ("ViG-T vs DeiT-T at 224 and 512, both compiled with mode='reduce-overhead' (CUDA "
                                "graphs inside), compiling in the run itself (one call)", _compile_reduce_overhead),
            "interleaved": ("ViG-T vs DeiT-T at 224, both compiled, timed in turn round after round: inference, "
