@@ -308,7 +308,7 @@ def add_norm_fwd_triton(x, delta, weight, bias, eps: float, rms: bool, out_dtype
     if R:
         BC, BR = _tile(C, TILE_FWD)
         wrap(_add_norm_fwd_kernel)[(cdiv(R, BR),)](
-            x2, d2, weight, bias if bias is not None else weight, s, y, R, x2.stride(0), d2.stride(0), eps,
+            x2, d2, weight, _or(bias, weight), s, y, R, x2.stride(0), d2.stride(0), eps,
             C=C, BC=BC, BR=BR, RMS=rms, HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, num_warps=WARPS_FWD)
     return s, y
 
