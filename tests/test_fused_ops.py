@@ -341,7 +341,8 @@ def test_folded_mlp_path_gives_the_models_logits(monkeypatch):
     """The GPU inference path's split of norm2 (the output projection, the residual add and each row's reciprocal
     RMS in one op; norm2's weight folded into fc1 and the RMS applied to fc1's output inside the MLP's op), taken
     here on the CPU through the ops' reference paths: the same logits as the model's (float32; norm weights away
-    from one, so that a weight left out or applied twice would show), in every block."""
+    from one, so that a weight left out or applied twice would show), in every block; where the MLP is not fused,
+    no folded copy of fc1 is built."""
     import vigla.layers.mlp as mlp_layer
     import vigla.models._vig_common as common
 
@@ -355,12 +356,14 @@ def test_folded_mlp_path_gives_the_models_logits(monkeypatch):
     taken = []
     folded = common.ViGBlock._folded_mlp
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # plain weights: projections deferrable
-        expect = model(x)
-        monkeypatch.setattr(mlp_layer, "mlp_fused", lambda *a: True)
         monkeypatch.setattr(common, "linear_fused", lambda *a: True)
+        expect = model(x)
+        kept = lambda: [("fc_folded" in blk.mlp.__dict__.get("_inference_weights", {})) for blk in model.blocks]
+        assert not any(kept())  # the MLP not fused (mlp_fused: CUDA only): no folded copy of fc1 built or kept
+        monkeypatch.setattr(mlp_layer, "mlp_fused", lambda *a: True)
         monkeypatch.setattr(common.ViGBlock, "_folded_mlp", lambda *a: taken.append(1) or folded(*a))
         got = model(x)
-    assert len(taken) == len(model.blocks)
+    assert len(taken) == len(model.blocks) and all(kept())
     assert torch.allclose(got, expect, rtol=1e-5, atol=1e-6), (got - expect).abs().max()
 
 
