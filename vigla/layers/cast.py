@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
 __all__ = ["inference_weights", "caching", "gemm_weights", "gemm", "Projection", "MlpProjection", "dense"]
@@ -158,10 +159,7 @@ class MlpProjection(NamedTuple):
 
     def dense(self) -> torch.Tensor:
         """The output, ``shape``: fc1 and the gating, then fc2."""
-        rows = self.rows
-        if self.row_scale is not None:
-            f = torch.promote_types(rows.dtype, torch.float32)
-            rows = (rows.to(f) * self.row_scale.reshape(-1, 1).to(f)).to(rows.dtype)
+        rows = self.rows if self.row_scale is None else scale_rows(self.rows, self.row_scale)
         return torch.mm(self.ops.fc1_swiglu(rows, self.w1), self.w2.t()).view(self.shape)
 
 

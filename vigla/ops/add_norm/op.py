@@ -30,7 +30,7 @@ if HAS_TRITON:
                                  mlp_fills_device)
 
 __all__ = ["AddNormFunction", "add_norm_forward", "cpu_forward", "linear_fused", "linear_add_norm_forward",
-           "linear_add_norm_op", "mlp_fused", "mlp_add_norm_forward", "mlp_add_norm_op"]
+           "linear_add_norm_op", "mlp_fused", "mlp_add_norm_forward", "mlp_add_norm_op", "scale_rows"]
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -86,6 +86,13 @@ def mlp_fused(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
             and w2.shape[0] <= MLP_MAX_C and mlp_fills_device(x.numel() // max(x.shape[-1], 1), x.device.index))
 
 
+def scale_rows(x: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """``diag(row_scale) x`` in ``x``'s dtype (multiplied in float32 or wider): ``x`` ``[..., C]``, ``row_scale``
+    ``[...]`` (or its rows flattened). The unfused form of :func:`mlp_add_norm_forward`'s ``row_scale``."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(f) * row_scale.reshape(*x.shape[:-1], 1).to(f)).to(x.dtype)
+
+
 def mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
                          row_scale: Optional[torch.Tensor] = None, launch=direct):
     """``(s, y)``: ``s = r + swiglu(diag(row_scale) x @ w1^T) @ w2^T``, ``y = norm(s)`` (``x``: ``[..., C]``, ``w1``:
@@ -97,8 +104,7 @@ def mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_
     if mlp_fused(x, w1, w2):
         return mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps, rms, out_dtype, row_scale, wrap=launch)
     if row_scale is not None:
-        f = torch.promote_types(x.dtype, torch.float32)
-        x = (x.to(f) * row_scale.unsqueeze(-1).to(f)).to(x.dtype)
+        x = scale_rows(x, row_scale)
     return linear_add_norm_forward(fc1_swiglu_forward(x, w1, launch), w2, r, weight, bias, eps, rms, out_dtype,
                                    launch)
 

@@ -104,14 +104,22 @@ def _add_norm_bwd_kernel(dy, ds, s, w, dx, ddelta, parts, R, eps, C: tl.constexp
 
 
 @triton.jit
-def _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C: tl.constexpr, RMS: tl.constexpr,
-                  HAS_BIAS: tl.constexpr):
-    """A product's epilogue: ``s = x + acc`` (``acc`` the fp32 ``[BR, BC]`` tile of rows ``rows``, zero past ``C``;
-    ``x``, ``s``, ``y`` contiguous ``[R, C]``) stored in ``s``'s dtype, and ``y = norm(s)`` as stored."""
+def _add_residual(acc, x, s, rows, rmask, cols, cmask, C: tl.constexpr):
+    """A product's residual add: ``s = x + acc`` (``acc`` the fp32 ``[BR, BC]`` tile of rows ``rows``, zero past
+    ``C``; ``x``, ``s`` contiguous ``[R, C]``) stored in ``s``'s dtype. Returns ``(v, off, mask)``: the stored tile
+    and its offsets and mask."""
     mask = rmask[:, None] & cmask[None, :]
     off = rows[:, None] * C + cols[None, :]
-    v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)  # the residual
+    v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)
     tl.store(s + off, v, mask=mask)
+    return v, off, mask
+
+
+@triton.jit
+def _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C: tl.constexpr, RMS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """A product's epilogue: :func:`_add_residual`, then ``y = norm(s)`` as stored (``y`` contiguous ``[R, C]``)."""
+    v, off, mask = _add_residual(acc, x, s, rows, rmask, cols, cmask, C)
     _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C, RMS, HAS_BIAS)
 
 
@@ -139,10 +147,7 @@ def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr
     if AFFINE:
         _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C, RMS, HAS_BIAS)
     else:
-        mask = rmask[:, None] & cmask[None, :]
-        off = rows[:, None] * C + cols[None, :]
-        v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)
-        tl.store(s + off, v, mask=mask)
+        v, _, _ = _add_residual(acc, x, s, rows, rmask, cols, cmask, C)
         _, rstd = _normalize(v.to(tl.float32), cmask, eps, C, True)
         tl.store(y + rows, rstd, mask=rmask)
 
@@ -261,7 +266,7 @@ def mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps: float, rms: bool, o
     if R:
         wrap(_mlp_add_norm_kernel)[(cdiv(R, MLP_ROWS),)](
             x2, w1.contiguous(), w2.contiguous(), r2, weight, _or(bias, weight), s, y,
-            _or(None if row_scale is None else row_scale.reshape(-1).contiguous(), weight), R, I, x2.stride(0), eps,
+            row_scale.reshape(-1).contiguous() if row_scale is not None else weight, R, I, x2.stride(0), eps,
             C=C, BC=next_power_of_2(C), BR=MLP_ROWS, BH=MLP_BH, BK=MLP_BK, RMS=rms, HAS_BIAS=bias is not None,
             ROW_SCALE=row_scale is not None, num_warps=MLP_WARPS, num_stages=MLP_STAGES)
     return s, y
