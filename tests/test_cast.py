@@ -8,7 +8,7 @@ import timm
 import torch
 
 import vigla  # noqa: F401  (registers the models)
-from vigla.layers.cast import _PREPARED, _onednn, gemm, gemm_weights, inference_weights
+from vigla.layers.cast import _PREPARED, _onednn, gemm, gemm_weights, inference_weights, memoized
 
 
 def _reference(x, w, b=None):
@@ -104,3 +104,55 @@ def test_inference_after_optimizer_steps_reads_the_new_weights(fused):
     after = infer(model)
     assert not torch.allclose(after, before, atol=1e-4)
     torch.testing.assert_close(after, infer(twin), rtol=0, atol=0)
+
+
+def test_memoized_record_life():
+    """A record is reused while its key and the module's parameters stay; rebuilt after an in-place update, a new
+    storage (``.data``), a replaced parameter or submodule, or another key; built anew on each traced call."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    builds = []
+
+    def record(key=("bf16",)):
+        return memoized(module, key, lambda: builds.append(1) or len(builds))
+
+    assert record() == 1 and record() == 1  # reused
+    assert record(("fp16",)) == 2 and record(("fp16",)) == 2  # another key: rebuilt
+    with torch.no_grad():
+        module[1].bias.add_(1)  # in place: the version counter moves
+    assert record(("fp16",)) == 3 and record(("fp16",)) == 3
+    module[0].weight.data = torch.randn(4, 4)  # a new storage, same version
+    assert record(("fp16",)) == 4
+    module[0].bias = torch.nn.Parameter(torch.zeros(4))  # a replaced parameter
+    assert record(("fp16",)) == 5
+    module[1] = torch.nn.LayerNorm(4)  # a replaced submodule
+    assert record(("fp16",)) == 6 and record(("fp16",)) == 6
+    twin = copy.deepcopy(module)  # copies start without a record
+    assert memoized(twin, ("fp16",), lambda: "twin") == "twin"
+    assert torch.compile(lambda: record(("fp16",)), backend="eager", fullgraph=False)() == 7  # traced: built
+
+
+def test_eager_inference_sees_replaced_weights():
+    """A ViG's eager inference path (its blocks' memoized records) follows a replaced submodule, a replaced
+    parameter and an in-place update: its logits equal the recording path's after each."""
+    torch.manual_seed(0)
+    model = timm.create_model("vig_tiny", num_classes=5, depth=2, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def check():
+        with torch.no_grad():
+            eager = model(x)
+        with torch.enable_grad():
+            recorded = model(x).detach()
+        torch.testing.assert_close(eager, recorded, rtol=1e-4, atol=1e-5)
+        return eager
+
+    first = check()
+    model.blocks[0].mlp.fc2 = torch.nn.Linear(*model.blocks[0].mlp.fc2.weight.shape[::-1], bias=False)
+    second = check()
+    model.blocks[1].attn.proj.weight = torch.nn.Parameter(torch.randn_like(model.blocks[1].attn.proj.weight))
+    third = check()
+    with torch.no_grad():
+        model.blocks[1].norm2.weight.mul_(3)
+    fourth = check()
+    assert not any(torch.allclose(a, b) for a, b in ((first, second), (second, third), (third, fourth)))

@@ -8,6 +8,8 @@ Weight names are vigla's; the official names map onto them in ``vigla.models.vig
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,10 +18,10 @@ from ..ops.dispatch import compute_dtype
 from ..ops.dwconv import dwconv_silu
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.locality_mix import locality_mix
-from .cast import Projection, caching, gemm, gemm_weights, inference_weights
+from .cast import Projection, caching, gemm, gemm_weights, inference_weights, memoized
 from .norm import RmsNorm
 
-__all__ = ["BiGLAMixer"]
+__all__ = ["BiGLAMixer", "MixerInference"]
 
 # leaves under torch.fx: the traced graph calls the ops (their checks, kernels and custom ops) as they are
 torch.fx.wrap("bigla_gated")
@@ -190,28 +192,66 @@ class BiGLAMixer(nn.Module):
         return F.linear(y, w_out)
 
     @torch.jit.unused
+    def inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "MixerInference":
+        """What :meth:`forward_inference` reads for inputs like ``x`` (``[B, N, C]``) with products in ``dtype``,
+        built once and kept (:func:`vigla.layers.cast.memoized`) while the parameters stay as they are."""
+        rows = x.shape[0] * x.shape[1]
+        return memoized(self, (dtype, x.is_cuda), lambda: self._inference_params(dtype, x.is_cuda, rows))
+
+    @torch.jit.unused
+    def _inference_params(self, dtype: torch.dtype, cuda: bool, rows: int) -> "MixerInference":
+        if cuda:  # the decay projection folded into the in-projection: one GEMM launch instead of two
+            w_in, b_in, w_out = self._folded_weights(dtype, rows)
+            w_up = b_up = None
+        else:  # the CPU's GEMMs are bound by arithmetic: the low-rank pair costs less there
+            w_in, b_in, w_up, b_up, w_out = self._cached_weights(dtype, rows)
+        return MixerInference(self.dwconv.weight, w_in, b_in, w_up, b_up, w_out, self.norm_out.weight,
+                              self.norm_local.weight, float(self.norm_out.eps), float(self.gate_logit_normalizer),
+                              self.decay_down.out_features)
+
+    @torch.jit.unused
     def forward_inference(self, x: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype,
-                          ops: InferenceOps = EAGER, defer_projection: bool = False) -> torch.Tensor | Projection:
+                          ops: InferenceOps = EAGER, defer_projection: bool = False,
+                          params: "MixerInference | None" = None) -> torch.Tensor | Projection:
         """:meth:`forward` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``; the
         grid already checked), products in ``dtype``: the ops called without autograd (BiGLA and the locality mix
         as one, :func:`vigla.ops.bigla.op.bigla_mix_forward`), the projections as GEMMs on ``[B*N, .]`` views
-        (on CUDA the decay projection inside the in-projection: :meth:`_folded_weights`). ``[B, N, C]`` -> ``[B, N, C]``; with ``defer_projection`` the output
-        projection is returned not yet computed (:class:`vigla.layers.cast.Projection`), for the block's
-        add + norm to run it."""
+        (on CUDA the decay projection inside the in-projection: :meth:`_folded_weights`), the weights from
+        ``params`` (default :meth:`inference_params`). ``[B, N, C]`` -> ``[B, N, C]``; with ``defer_projection``
+        the output projection is returned not yet computed (:class:`vigla.layers.cast.Projection`), for the
+        block's add + norm to run it."""
         B, N, C = x.shape
         h, K, dk, dv = self.num_heads, self.key_dim, self.head_k, self.head_v
-        x_c = ops.dwconv(x, self.dwconv.weight, hw[0], hw[1], self.conv_act, dtype)
-        if x_c.is_cuda:  # the decay projection folded into the in-projection: one GEMM launch instead of two
-            w_in, b_in, w_out = self._folded_weights(dtype, rows=B * N)
-            q, k, v, logits, gate = gemm(x_c.reshape(B * N, C), w_in, b_in).split([K, K, C, 2 * K, C], dim=-1)
-        else:  # the CPU's GEMMs are bound by arithmetic: the low-rank pair costs less there
-            w_in, b_in, w_up, b_up, w_out = self._cached_weights(dtype, rows=B * N)
-            q, k, v, z, gate = gemm(x_c.reshape(B * N, C), w_in, b_in).split(
-                [K, K, C, self.decay_down.out_features, C], dim=-1)
-            logits = gemm(z, w_up, b_up)
+        p = params if params is not None else self.inference_params(x, dtype)
+        x_c = ops.dwconv(x, p.conv, hw[0], hw[1], self.conv_act, dtype)
+        if p.w_up is None:
+            q, k, v, logits, gate = gemm(x_c.reshape(B * N, C), p.w_in, p.b_in).split([K, K, C, 2 * K, C], dim=-1)
+        else:
+            q, k, v, z, gate = gemm(x_c.reshape(B * N, C), p.w_in, p.b_in).split(
+                [K, K, C, p.rank, C], dim=-1)
+            logits = gemm(z, p.w_up, p.b_up)
         zf, zb = logits.view(B, N, 2, h, dk).unbind(dim=2)
         y = ops.bigla_mix(q.view(B, N, h, dk), k.view(B, N, h, dk), v.view(B, N, h, dv), zf, zb, dk ** -0.5,
-                          float(self.gate_logit_normalizer), x_c, gate.view(B, N, C), self.norm_out.weight,
-                          self.norm_local.weight, float(self.norm_out.eps), bool(self.out_act))
-        out = Projection(y.reshape(B * N, C), w_out, (B, N, C))
+                          p.normalizer, x_c, gate.view(B, N, C), p.norm_out, p.norm_local, p.eps,
+                          bool(self.out_act))
+        out = Projection(y.reshape(B * N, C), p.w_out, (B, N, C))
         return out if defer_projection else out.dense()
+
+
+class MixerInference(NamedTuple):
+    """What :meth:`BiGLAMixer.forward_inference` reads, prepared once for a compute dtype and device: the
+    depthwise conv's weight ``[C, 1, 3, 3]``; the in-projection ``w_in``, ``b_in`` (on CUDA with the decay
+    projection folded in, ``w_up`` and ``b_up`` then None), the output projection ``w_out``, as
+    :func:`vigla.layers.cast.gemm` takes them; the two per-head RMSNorm weights ``[d_v]``, their eps and the gate
+    logits' normalizer; the decay projection's rank ``r``."""
+    conv: torch.Tensor
+    w_in: torch.Tensor
+    b_in: torch.Tensor
+    w_up: Optional[torch.Tensor]
+    b_up: Optional[torch.Tensor]
+    w_out: torch.Tensor
+    norm_out: torch.Tensor
+    norm_local: torch.Tensor
+    eps: float
+    normalizer: float
+    rank: int

@@ -5,9 +5,12 @@ kernel launch per weight per forward, which at 224² is a large part of an eager
 :func:`inference_weights` keeps the cast copies on the module until a source parameter changes
 (in place, as an optimizer step does, or replaced), and is bypassed whenever autograd records
 (which casts as usual). The inference paths' GEMMs take them through :func:`gemm_weights` (each matrix
-prepared once: transposed, or packed for oneDNN on the CPU) and :func:`gemm`. While ``torch.compile``
-traces an inference path, both build their results in the graph on every call instead (a graph holds no
-cache): the casts and the concatenations become kernels Inductor fuses.
+prepared once: transposed, or packed for oneDNN on the CPU) and :func:`gemm`. A layer keeps what its eager
+inference path reads (those weights, its norms' parameters, its choices of kernels) in one
+:func:`memoized` record, so that a call checks one key instead of building each piece: at 224² an eager
+ViG forward is bound by the host's time. While ``torch.compile`` traces an inference path, all of them
+build their results in the graph on every call instead (a graph holds no cache): the casts and the
+concatenations become kernels Inductor fuses.
 
 A change is seen through each parameter's version counter, which every in-place PyTorch op moves, but
 not the fused optimizers (``Adam(W)(fused=True)`` update their parameters without it): so importing
@@ -15,7 +18,8 @@ vigla installs a global optimizer step post-hook (:func:`_bump_versions`) that m
 parameters an optimizer step has just updated. Without it an evaluation after fused steps reads the
 casts of the weights before them. A change written through ``param.data`` is not seen either (``.data``
 has a counter of its own): write under ``torch.no_grad()`` instead, or move the counters with
-``torch.autograd.graph.increment_version(list(model.parameters()))``.
+``torch.autograd.graph.increment_version(list(model.parameters()))``. A parameter or submodule assigned
+anew is seen through PyTorch's global registration hooks (:func:`_restructured`).
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "caching", "gemm_weights", "gemm", "Projection", "MlpProjection", "dense"]
+__all__ = ["inference_weights", "caching", "memoized", "gemm_weights", "gemm", "Projection", "MlpProjection",
+           "dense"]
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -44,6 +49,19 @@ def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_bump_versions)
+
+_GENERATION = [0]  # moves whenever any module anywhere registers a parameter, buffer or submodule
+
+
+def _restructured(module, name, value) -> None:
+    """Global registration hook (returns None: the value is kept): a parameter, buffer or submodule assigned
+    anywhere invalidates every :func:`memoized` record (they hold the parameters they were built from)."""
+    _GENERATION[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_restructured)
+nn.modules.module.register_module_buffer_registration_hook(_restructured)
+nn.modules.module.register_module_module_registration_hook(_restructured)
 
 
 def caching(x) -> bool:
@@ -72,6 +90,39 @@ def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tens
         hit = (key, tuple(t.to(dtype) for t in made))
         cache[slot] = hit
     return hit[1]
+
+
+class _Memo(NamedTuple):
+    generation: int
+    key: tuple
+    params: tuple  # the module's parameters (recursively) when the value was built
+    state: tuple  # their storage and version counter then
+    value: object
+
+
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state(params: tuple) -> tuple:
+    return tuple([(p.data_ptr(), p._version) for p in params])
+
+
+def memoized(module: nn.Module, key: tuple, build: Callable[[], object]):
+    """``build()``, kept for ``module`` (beside it, in a weak table: copies and pickles start without it) while
+    ``key`` is the same and none of the module's parameters (its own and its submodules') has been updated in
+    place, moved (new storage) or replaced, nor a submodule: a record of what an eager inference path reads
+    (cast weights, choices of kernels), checked at the cost of one storage and version lookup per parameter.
+    One record per module. While ``torch.compile`` traces, ``build()`` every call (in the graph)."""
+    if torch.compiler.is_compiling():
+        return build()
+    memo = _MEMOS.get(module)
+    if memo is not None and memo.generation == _GENERATION[0] and memo.key == key and memo.state == _state(
+            memo.params):
+        return memo.value
+    generation, params = _GENERATION[0], tuple(module.parameters())
+    value = build()
+    _MEMOS[module] = _Memo(generation, key, params, _state(params), value)
+    return value
 
 
 # gemm_weights' cache, beside its modules rather than on them: oneDNN's packed weights have no storage, so a

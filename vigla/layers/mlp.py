@@ -1,6 +1,8 @@
 """MLPs."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -9,9 +11,9 @@ from ..ops.dispatch import compute_dtype
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.swiglu import swiglu_mlp
 from ..ops.swiglu.op import fc1_fused
-from .cast import MlpProjection, Projection, caching, gemm, gemm_weights, inference_weights
+from .cast import MlpProjection, Projection, caching, gemm, gemm_weights, inference_weights, memoized
 
-__all__ = ["SwiGLU"]
+__all__ = ["SwiGLU", "MlpInference"]
 
 torch.fx.wrap("swiglu_mlp")  # a leaf under torch.fx: the traced graph calls the op as it is
 
@@ -38,23 +40,35 @@ class SwiGLU(nn.Module):
         return swiglu_mlp(x, w1, w2)
 
     @torch.jit.unused
+    def inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "MlpInference":
+        """What :meth:`forward_inference` reads for inputs like ``x`` (``[..., C]``) with products in ``dtype``,
+        built once and kept (:func:`vigla.layers.cast.memoized`) while the parameters stay as they are."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        return memoized(self, (dtype,), lambda: self._inference_params(dtype, rows))
+
+    @torch.jit.unused
+    def _inference_params(self, dtype: torch.dtype, rows: int) -> "MlpInference":
+        weights = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
+        return MlpInference(*weights, *gemm_weights(self, "fc", weights, rows))
+
+    @torch.jit.unused
     def forward_inference(self, x: torch.Tensor, dtype: torch.dtype, ops: InferenceOps = EAGER,
-                          defer_projection: bool = False) -> torch.Tensor | Projection | MlpProjection:
+                          defer_projection: bool = False, params: "MlpInference | None" = None
+                          ) -> torch.Tensor | Projection | MlpProjection:
         """:meth:`forward` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``),
-        products in ``dtype``: the weights cast and prepared once in eager mode
-        (:func:`vigla.layers.cast.gemm_weights`), both GEMMs on ``[rows, C]`` views (fc1 and the gating one
-        kernel where :func:`vigla.ops.swiglu.op.fc1_fused`), the ops called without autograd. With
-        ``defer_projection`` the output is returned not yet computed, for the next add + norm to run: the whole
-        MLP (:class:`vigla.layers.cast.MlpProjection`) where :func:`vigla.ops.add_norm.op.mlp_fused`, else fc2
+        products in ``dtype``: the weights from ``params`` (default :meth:`inference_params`: cast and prepared
+        once in eager mode), both GEMMs on ``[rows, C]`` views (fc1 and the gating one kernel where
+        :func:`vigla.ops.swiglu.op.fc1_fused`), the ops called without autograd. With ``defer_projection`` the
+        output is returned not yet computed, for the next add + norm to run: the whole MLP
+        (:class:`vigla.layers.cast.MlpProjection`) where :func:`vigla.ops.add_norm.op.mlp_fused`, else fc2
         (:class:`vigla.layers.cast.Projection`). ``[..., C]`` -> ``[..., C]``."""
         rows = x.reshape(-1, x.shape[-1])
-        weights = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
-        shape = (*x.shape[:-1], self.fc2.out_features)
-        if defer_projection and mlp_fused(rows, *weights):  # rows in dtype already (the previous norm's output)
-            return MlpProjection(rows, weights[0], weights[1], shape, ops)
-        w1, w2 = gemm_weights(self, "fc", weights, rows.shape[0])
-        h = ops.fc1_swiglu(rows.to(dtype), weights[0]) if fc1_fused(rows, dtype) else ops.swiglu(gemm(rows, w1))
-        out = Projection(h, w2, shape)
+        p = params if params is not None else self.inference_params(x, dtype)
+        shape = (*x.shape[:-1], p.w2.shape[0])
+        if defer_projection and mlp_fused(rows, p.w1, p.w2):  # rows in dtype already (the previous norm's output)
+            return MlpProjection(rows, p.w1, p.w2, shape, ops)
+        h = ops.fc1_swiglu(rows.to(dtype), p.w1) if fc1_fused(rows, dtype) else ops.swiglu(gemm(rows, p.w1_gemm))
+        out = Projection(h, p.w2_gemm, shape)
         return out if defer_projection else out.dense()
 
     @torch.jit.unused
@@ -72,3 +86,12 @@ class SwiGLU(nn.Module):
         if not mlp_fused(x.reshape(-1, x.shape[-1]), *plain):  # e.g. batch 1: no folded copy kept
             return None
         return inference_weights(self, "fc_folded", (self.fc1.weight, self.fc2.weight, norm_weight), dtype, build)
+
+
+class MlpInference(NamedTuple):
+    """What :meth:`SwiGLU.forward_inference` reads, prepared once for a compute dtype: ``w1`` ``[2I, C]`` and ``w2``
+    ``[C, I]`` cast to it, and the same as :func:`vigla.layers.cast.gemm` takes them."""
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w1_gemm: torch.Tensor
+    w2_gemm: torch.Tensor

@@ -1,7 +1,7 @@
 """Norm layers."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ from ..ops.inference import EAGER, InferenceOps
 from ..ops.tracing import exporting
 from .cast import MlpProjection, Projection, dense
 
-__all__ = ["RmsNorm", "add_and_norm", "add_and_norm_inference", "fused_norm"]
+__all__ = ["RmsNorm", "NormParams", "add_and_norm", "add_and_norm_inference", "fused_norm"]
 
 torch.fx.wrap("add_norm")  # a leaf under torch.fx: its checks and kernels run as they are
 
@@ -46,7 +46,7 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]
     fused = fused_norm(norm)
     if fused is None:
         return _unfused(norm, x, delta)
-    return add_norm(x, delta, fused[0], fused[1], norm.eps, "rms" if fused[2] else "layer", out_dtype)
+    return add_norm(x, delta, fused.weight, fused.bias, norm.eps, "rms" if fused.rms else "layer", out_dtype)
 
 
 def _unfused(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -55,35 +55,44 @@ def _unfused(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor]) ->
     return s, norm(s)
 
 
-def fused_norm(norm: nn.Module) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]:
-    """``(weight, bias, rms)`` of a norm :func:`add_and_norm` fuses (an affine ``nn.LayerNorm`` or an
+class NormParams(NamedTuple):
+    """A norm :func:`add_and_norm` fuses, as its op takes it: ``weight`` ``[C]``, ``bias`` ``[C]`` or None, ``eps``,
+    and ``rms`` (RMSNorm, else LayerNorm)."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    eps: float
+    rms: bool
+
+
+def fused_norm(norm: nn.Module) -> Optional[NormParams]:
+    """The :class:`NormParams` of a norm :func:`add_and_norm` fuses (an affine ``nn.LayerNorm`` or an
     :class:`RmsNorm` with a weight), else None."""
     if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
-        return norm.weight, norm.bias, False
+        return NormParams(norm.weight, norm.bias, float(norm.eps), False)
     if isinstance(norm, RmsNorm) and norm.weight is not None:
-        return norm.weight, None, True
+        return NormParams(norm.weight, None, float(norm.eps), True)
     return None
 
 
 @torch.jit.unused
-def add_and_norm_inference(norm: nn.Module, x: torch.Tensor, delta: Optional[torch.Tensor],
+def add_and_norm_inference(norm: Union[nn.Module, NormParams], x: torch.Tensor, delta: Optional[torch.Tensor],
                            out_dtype: torch.dtype, ops: InferenceOps = EAGER) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`add_and_norm` on an inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``): the
     op's forward implementation called directly in eager mode, its custom op when compiled (the shapes are the
-    block's own), ``[..., C]`` tensors. ``delta`` may be a :class:`vigla.layers.cast.Projection`, the previous
-    layer's output projection not yet computed, or a :class:`vigla.layers.cast.MlpProjection`, the previous MLP
-    not yet computed: on CUDA in half precision they run in the same kernel as the add and the norm. The norm's
-    output ``y`` is in ``out_dtype``."""
-    fused = fused_norm(norm)
+    block's own), ``[..., C]`` tensors. ``norm``: the norm module, or its :class:`NormParams` found before.
+    ``delta`` may be a :class:`vigla.layers.cast.Projection`, the previous layer's output projection not yet
+    computed, or a :class:`vigla.layers.cast.MlpProjection`, the previous MLP not yet computed: on CUDA in half
+    precision they run in the same kernel as the add and the norm. The norm's output ``y`` is in ``out_dtype``."""
+    fused = norm if isinstance(norm, NormParams) else fused_norm(norm)
     if fused is not None and isinstance(delta, MlpProjection):
-        return ops.mlp_add_norm(delta.rows, delta.w1, delta.w2, x, fused[0], fused[1], float(norm.eps), fused[2],
+        return ops.mlp_add_norm(delta.rows, delta.w1, delta.w2, x, fused.weight, fused.bias, fused.eps, fused.rms,
                                 out_dtype, delta.row_scale)
     if fused is not None and isinstance(delta, Projection) and not delta.w.is_mkldnn:
         # delta.w: gemm_weights' [in, out] view of [out, in]
-        return ops.linear_add_norm(delta.rows, delta.w.t(), x, fused[0], fused[1], float(norm.eps), fused[2],
+        return ops.linear_add_norm(delta.rows, delta.w.t(), x, fused.weight, fused.bias, fused.eps, fused.rms,
                                    out_dtype)
     delta = dense(delta)
     if fused is None:
         return _unfused(norm, x, delta)
-    s, y = ops.add_norm(x, delta, fused[0], fused[1], float(norm.eps), fused[2], out_dtype)
+    s, y = ops.add_norm(x, delta, fused.weight, fused.bias, fused.eps, fused.rms, out_dtype)
     return (x if delta is None else s), y

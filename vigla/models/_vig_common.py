@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Callable, Iterable, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -20,10 +20,12 @@ from timm.models import build_model_with_cfg
 
 from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
-from ..layers.cast import MlpProjection, Projection, dense
-from ..layers.norm import add_and_norm, add_and_norm_inference, fused_norm
+from ..layers.bigla_mixer import MixerInference
+from ..layers.cast import MlpProjection, Projection, dense, memoized
+from ..layers.mlp import MlpInference
+from ..layers.norm import NormParams, add_and_norm, add_and_norm_inference, fused_norm
 from ..ops.add_norm.op import linear_fused
-from ..ops.dispatch import compute_dtype
+from ..ops.dispatch import compute_dtype, use_kernels
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.recompute import recompute
 
@@ -98,54 +100,88 @@ class ViGBlock(nn.Module):
                                ops: InferenceOps = EAGER) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward_pair` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``:
         each op's forward implementation called directly in eager mode, its custom op when compiled), the
-        compute dtype found once. In eval mode each branch's output projection is left to the add + norm
-        after it (:class:`vigla.layers.cast.Projection`, or the whole MLP: :class:`vigla.layers.cast.MlpProjection`,
-        with norm2's weight inside fc1 where :meth:`_folded_mlp`; ``delta`` may be one, and so may the returned
-        ``d``)."""
+        compute dtype found once, the weights and choices from :meth:`inference_params`. In eval mode each
+        branch's output projection is left to the add + norm after it (:class:`vigla.layers.cast.Projection`,
+        or the whole MLP: :class:`vigla.layers.cast.MlpProjection`, with norm2's weight inside fc1 where
+        :class:`BlockInference` has ``folded``; ``delta`` may be one, and so may the returned ``d``)."""
         dtype = compute_dtype(x)
         defer = not self.training  # drop path needs the branch's output
-        x, y = add_and_norm_inference(self.norm1, x, delta, dtype, ops)
-        if _plain_call(self.attn, BiGLAMixer):
-            a = self.attn.forward_inference(y, hw, dtype, ops, defer_projection=defer)
+        p = self.inference_params(x, dtype)
+        x, y = add_and_norm_inference(p.norm1, x, delta, dtype, ops)
+        if p.attn is not None and _plain_call(self.attn):
+            a = self.attn.forward_inference(y, hw, dtype, ops, defer, p.attn)
         else:
             a = self.attn(y, hw)
-        folded = self._folded_mlp(x, a, dtype) if defer else None
-        if folded is not None:  # norm2 split: the add and each row's reciprocal RMS here, its weight inside fc1
-            x, rstd = ops.linear_add_norm(a.rows, a.w.t(), x, None, None, float(self.norm2.eps), True, x.dtype)
-            return x, MlpProjection(x.reshape(-1, x.shape[-1]), *folded, x.shape, ops, rstd.reshape(-1))
-        x, y = add_and_norm_inference(self.norm2, x, a if defer else self.drop_path1(a), dtype, ops)
-        if _plain_call(self.mlp, SwiGLU):
-            m = self.mlp.forward_inference(y, dtype, ops, defer_projection=defer)
+        if defer and p.folded is not None and isinstance(a, Projection) and _plain_call(self.mlp):
+            # norm2 split: the add and each row's reciprocal RMS here, its weight inside fc1
+            x, rstd = ops.linear_add_norm(a.rows, a.w.t(), x, None, None, p.norm2.eps, True, x.dtype)
+            return x, MlpProjection(x.reshape(-1, x.shape[-1]), *p.folded, x.shape, ops, rstd.reshape(-1))
+        x, y = add_and_norm_inference(p.norm2, x, a if defer else self.drop_path1(a), dtype, ops)
+        if p.mlp is not None and _plain_call(self.mlp):
+            m = self.mlp.forward_inference(y, dtype, ops, defer, p.mlp)
         else:
             m = self.mlp(y)
         return x, (m if defer else self.drop_path2(m))
 
-    def _folded_mlp(self, x: torch.Tensor, a, dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    @torch.jit.unused
+    def inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "BlockInference":
+        """What :meth:`forward_pair_inference` reads for a residual stream like ``x`` (``[B, N, C]``) with products
+        in ``dtype``, built once and kept (:func:`vigla.layers.cast.memoized`) while the parameters stay as they
+        are: a call then checks one record instead of casting and choosing piece by piece (at 224² an eager
+        forward is bound by the host's time)."""
+        key = (dtype, x.dtype, x.is_cuda, use_kernels(x), x.shape[0] * x.shape[1])
+        return memoized(self, key, lambda: self._inference_params(x, dtype))
+
+    @torch.jit.unused
+    def _inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "BlockInference":
+        attn = self.attn.inference_params(x, dtype) if type(self.attn) is BiGLAMixer else None
+        mlp = self.mlp.inference_params(x, dtype) if type(self.mlp) is SwiGLU else None
+        norm1, norm2 = fused_norm(self.norm1), fused_norm(self.norm2)
+        return BlockInference(norm1 or self.norm1, norm2 or self.norm2, attn, mlp,
+                              self._folded_mlp(x, dtype, norm2, attn, mlp))
+
+    def _folded_mlp(self, x: torch.Tensor, dtype: torch.dtype, norm2: Optional[NormParams],
+                    attn: Optional[MixerInference], mlp: Optional[MlpInference]
+                    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``(w1, w2)`` with norm2's weight folded into fc1 (:meth:`vigla.layers.mlp.SwiGLU.folded_weights`) where
-        the block's second half can run as two kernels on the GPU: the output projection ``a`` (a
-        :class:`vigla.layers.cast.Projection`), the residual add and norm2's statistic in one, norm2's weight,
-        the whole MLP and the next add + norm in the other (an RMSNorm with a weight, a plain :class:`SwiGLU`
-        whose MLP :func:`vigla.ops.add_norm.op.mlp_fused` takes); else None. ``x``: the residual stream."""
-        norm = fused_norm(self.norm2)
-        if (norm is None or not norm[2] or not isinstance(a, Projection) or a.w.is_mkldnn
-                or not _plain_call(self.mlp, SwiGLU) or not linear_fused(x, a.rows, a.w.t())):
+        the block's second half can run as two kernels on the GPU: the mixer's output projection, the residual
+        add and norm2's statistic in one, norm2's weight, the whole MLP and the next add + norm in the other (an
+        RMSNorm with a weight, a :class:`BiGLAMixer` whose projection :func:`vigla.ops.add_norm.op.linear_fused`
+        takes, a :class:`SwiGLU` whose MLP :func:`vigla.ops.add_norm.op.mlp_fused` takes); else None. ``x``: the
+        residual stream."""
+        if norm2 is None or not norm2.rms or attn is None or mlp is None or attn.w_out.is_mkldnn:
             return None
-        return self.mlp.folded_weights(x, norm[0], dtype)
+        w_out = attn.w_out.t()  # [C, C]; the mixer's output rows, in dtype as this weight
+        if not linear_fused(x, w_out, w_out):
+            return None
+        return self.mlp.folded_weights(x, norm2.weight, dtype)
+
+
+class BlockInference(NamedTuple):
+    """What :meth:`ViGBlock.forward_pair_inference` reads: each norm's :class:`vigla.layers.norm.NormParams` (or the
+    module, when not fused), the mixer's :class:`vigla.layers.bigla_mixer.MixerInference` and the MLP's
+    :class:`vigla.layers.mlp.MlpInference` (None for modules of another type), and ``folded``: fc1 with norm2's
+    weight folded in and fc2 (:meth:`ViGBlock._folded_mlp`), or None."""
+    norm1: object
+    norm2: object
+    attn: Optional[MixerInference]
+    mlp: Optional[MlpInference]
+    folded: Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _global_hooks() -> bool:
-    module = nn.modules.module
-    return any(getattr(module, f"_global{name}", None) for name in _HOOKS)
+# the global hook dicts: module-level, changed in place by nn.modules.module.register_module_*_hook
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, f"_global{name}", {}) for name in _HOOKS)
 
 
-def _plain_call(module: nn.Module, cls: type) -> bool:
-    """Whether calling ``module`` may skip its ``__call__``: a plain ``cls`` (not replaced, wrapped or compiled on
-    its own) with no hook on it or global (hooks see its input and output)."""
-    return (type(module) is cls and getattr(module, "_compiled_call_impl", None) is None
-            and not any(getattr(module, name) for name in _HOOKS) and not _global_hooks())
+def _plain_call(module: nn.Module) -> bool:
+    """Whether calling ``module`` may skip its ``__call__`` (the caller has checked its type): not compiled on its
+    own, no hook on it or global (hooks see its input and output)."""
+    d = module.__dict__
+    return (d.get("_compiled_call_impl") is None and not (d.get("_forward_hooks") or d.get("_forward_pre_hooks")
+            or d.get("_backward_hooks") or d.get("_backward_pre_hooks")) and not any(_GLOBAL_HOOKS))
 
 
 def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
@@ -153,7 +189,7 @@ def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
     wrapped, e.g. by a checkpoint or FSDP wrapper, nor compiled one by one), no hook on them or global
     (hooks see each block's input and output), and real tensors (``torch.fx``'s proxies are not: its graph
     keeps a node per block, as timm's FX feature extraction needs)."""
-    return isinstance(x, torch.Tensor) and all(_plain_call(blk, ViGBlock) for blk in blocks)
+    return isinstance(x, torch.Tensor) and all(type(blk) is ViGBlock and _plain_call(blk) for blk in blocks)
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int],

@@ -94,11 +94,16 @@ def _other_key(a) -> tuple:
     return a.__class__, a
 
 
-def _key(args: tuple, meta: dict, _tensor=torch.Tensor, _int=int) -> tuple:
-    """What Triton's specialisation depends on (see the module docstring)."""
-    return (tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, _tensor)
-                   else a if a.__class__ is _int else _other_key(a) for a in args]),
-            tuple([(k, v if v.__class__ is _int else (v.__class__, v)) for k, v in meta.items()]))
+_SCALARS = frozenset((int, float, bool))
+
+
+def _key(args: tuple, meta: dict, _tensor=torch.Tensor, _scalars=_SCALARS, _type=type) -> tuple:
+    """What Triton's specialisation depends on (see the module docstring): each argument's type, the value of
+    each scalar, each tensor's dtype and alignment, the keywords with their values' types (``True == 1``)."""
+    return (tuple(map(_type, args)),
+            tuple([a if a.__class__ in _scalars else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _tensor)
+                   else _other_key(a) for a in args]),
+            tuple(meta.items()), tuple(map(_type, meta.values())))
 
 
 def _current_device() -> int:
