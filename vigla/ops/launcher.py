@@ -106,11 +106,12 @@ def _key(args: tuple, meta: dict, _tensor=torch.Tensor, _scalars=_SCALARS, _type
             tuple(meta.items()), tuple(map(_type, meta.values())))
 
 
-def _current_device() -> int:
-    """The current CUDA device, as Triton's driver would say (PyTorch's own call when the driver defers to it)."""
-    if _torch_device is not None and _driver.active.get_current_device is torch.cuda.current_device:
+def _device_of(active) -> int:
+    """The current CUDA device, as Triton's ``active`` driver would say (PyTorch's own call when the driver defers
+    to it)."""
+    if _torch_device is not None and active.get_current_device is torch.cuda.current_device:
         return _torch_device()
-    return _driver.active.get_current_device()
+    return active.get_current_device()
 
 
 class FastKernel:
@@ -121,7 +122,7 @@ class FastKernel:
 
     def __init__(self, fn):
         self.fn = fn
-        self.compiled: dict[tuple, tuple[Any, tuple[str, ...]]] = {}
+        self.compiled: dict[tuple, tuple] = {}  # key -> (run, function, packed metadata, constexpr names)
         self.names = tuple(fn.arg_names)
 
     def __getitem__(self, grid: tuple) -> Callable[..., None]:
@@ -131,18 +132,18 @@ class FastKernel:
         if callable(grid) or _hooked():
             self.fn[grid](*args, **meta)
             return
-        device = _current_device()
+        active = _driver.active
+        device = _device_of(active)
         # Triton's debug and instrumentation switches select other compilations, as in its own cache key
-        key = (device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode, *_key(args, meta))
+        key = (device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode, _key(args, meta))
         hit = self.compiled.get(key)
         if hit is None:
             self._first(key, grid, args, meta)
             return
-        kernel, constexprs = hit
+        run, function, metadata, constexprs = hit
         g = (*grid, 1, 1)
-        stream = _driver.active.get_current_stream(device)
-        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
-                   *args, *[meta[name] for name in constexprs])
+        run(g[0], g[1], g[2], active.get_current_stream(device), function, metadata, None, None, None, *args,
+            *[meta[name] for name in constexprs])
 
     def _first(self, key: tuple, grid: tuple, args: tuple, meta: dict) -> None:
         """Triton's own launch; its compiled kernel is kept when the call can be replayed directly
@@ -153,7 +154,7 @@ class FastKernel:
             return
         if len(self.compiled) >= MAX_SIGNATURES:
             self.compiled.clear()
-        self.compiled[key] = (kernel, rest)
+        self.compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata, rest)
 
 
 _FAST: dict[int, FastKernel] = {}  # by id: hashing a JITFunction hashes its source's cache key
