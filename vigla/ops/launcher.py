@@ -16,6 +16,7 @@ proton), Triton's interpreter or a Triton without ``knobs`` take Triton's own pa
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -94,16 +95,46 @@ def _other_key(a) -> tuple:
     return a.__class__, a
 
 
-_SCALARS = frozenset((int, float, bool))
+_VALUES = frozenset((int, float, bool, type(None)))  # arguments keyed by value (with their type: True == 1)
+_data_ptr = torch.Tensor.data_ptr
+_dtype = operator.attrgetter("dtype")
+_misalignment = (15).__and__  # an address's offset from 16 bytes (Triton specialises on it being 0)
+_LAYOUTS: dict[tuple, Any] = {}  # argument types -> (tensor getter, value getter, index), or None
 
 
-def _key(args: tuple, meta: dict, _tensor=torch.Tensor, _scalars=_SCALARS, _type=type) -> tuple:
-    """What Triton's specialisation depends on (see the module docstring): each argument's type, the value of
-    each scalar, each tensor's dtype and alignment, the keywords with their values' types (``True == 1``)."""
-    return (tuple(map(_type, args)),
-            tuple([a if a.__class__ in _scalars else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _tensor)
-                   else _other_key(a) for a in args]),
-            tuple(meta.items()), tuple(map(_type, meta.values())))
+def _getter(positions: list[int]) -> Callable[[tuple], tuple]:
+    """The arguments at ``positions`` as a tuple, in C (``operator.itemgetter``)."""
+    if len(positions) == 1:
+        return lambda args, i=positions[0]: (args[i],)
+    return operator.itemgetter(*positions) if positions else (lambda args: ())
+
+
+def _layout(types: tuple):
+    """How to key arguments of these ``types``: ``(tensors, values, index)``, or None where one is neither a tensor
+    nor a plain value (e.g. a TMA descriptor: :func:`_other_key`)."""
+    layout = _LAYOUTS.get(types, _LAYOUTS)
+    if layout is _LAYOUTS:
+        if len(_LAYOUTS) >= MAX_SIGNATURES:
+            _LAYOUTS.clear()
+        tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
+        values = [i for i, t in enumerate(types) if t in _VALUES]
+        plain = len(tensors) + len(values) == len(types)
+        layout = _LAYOUTS[types] = (_getter(tensors), _getter(values), len(_LAYOUTS)) if plain else None
+    return layout
+
+
+def _key(args: tuple, meta: dict) -> tuple:
+    """What Triton's specialisation depends on (see the module docstring): the arguments' types, each plain value,
+    each tensor's dtype and offset from 16-byte alignment, the keywords with their values' types. Mostly in C: the
+    positions of the tensors and values are found once per tuple of argument types (:func:`_layout`)."""
+    types = tuple(map(type, args))
+    layout = _layout(types)
+    if layout is None:
+        return (types, tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else _other_key(a)
+                              for a in args]), *meta.items(), *map(type, meta.values()))
+    tensors = layout[0](args)
+    return (layout[2], layout[1](args), *map(_dtype, tensors), *map(_misalignment, map(_data_ptr, tensors)),
+            *meta.items(), *map(type, meta.values()))
 
 
 def _device_of(active) -> int:
