@@ -34,6 +34,19 @@ def test_signature_tells_apart_what_triton_specialises_on():
     assert key != launcher._key((x, 64, 1.5), {"BLOCK": 32, "num_warps": 8})  # launch option
     assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, True), {"FLAG": 1})  # i32 vs i1
     assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, 1), {"FLAG": True})
+    assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, 1.0), {"FLAG": 1})  # i32 vs fp32
+    assert launcher._key((x, None), {}) != launcher._key((x, 0), {})  # a constexpr None
+
+
+def test_signature_tells_apart_argument_layouts(monkeypatch):
+    """The same values at other positions make another key, also after the layout table starts again (a layout's
+    number is never reused)."""
+    x = torch.zeros(64)
+    monkeypatch.setattr(launcher, "_LAYOUTS", {})
+    first = launcher._key((x, 1, 2), {})
+    assert first != launcher._key((1, x, 2), {}) and first == launcher._key((x, 1, 2), {})
+    launcher._LAYOUTS.clear()
+    assert launcher._key((1, 2, x), {}) != first
 
 
 def test_signature_of_tma_descriptors_is_their_dtype_and_block():

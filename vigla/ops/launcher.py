@@ -16,6 +16,7 @@ proton), Triton's interpreter or a Triton without ``knobs`` take Triton's own pa
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Any, Callable
 
@@ -100,6 +101,7 @@ _data_ptr = torch.Tensor.data_ptr
 _dtype = operator.attrgetter("dtype")
 _misalignment = (15).__and__  # an address's offset from 16 bytes (Triton specialises on it being 0)
 _LAYOUTS: dict[tuple, Any] = {}  # argument types -> (tensor getter, value getter, index), or None
+_INDEX = itertools.count()  # each layout's own number, never reused (keys made before a clear stay apart)
 
 
 def _getter(positions: list[int]) -> Callable[[tuple], tuple]:
@@ -119,7 +121,7 @@ def _layout(types: tuple):
         tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
         values = [i for i, t in enumerate(types) if t in _VALUES]
         plain = len(tensors) + len(values) == len(types)
-        layout = _LAYOUTS[types] = (_getter(tensors), _getter(values), len(_LAYOUTS)) if plain else None
+        layout = _LAYOUTS[types] = (_getter(tensors), _getter(values), next(_INDEX)) if plain else None
     return layout
 
 
