@@ -180,8 +180,7 @@ def _plain_call(module: nn.Module) -> bool:
     """Whether calling ``module`` may skip its ``__call__`` (the caller has checked its type): not compiled on its
     own, no hook on it or global (hooks see its input and output)."""
     d = module.__dict__
-    return (d.get("_compiled_call_impl") is None and not (d.get("_forward_hooks") or d.get("_forward_pre_hooks")
-            or d.get("_backward_hooks") or d.get("_backward_pre_hooks")) and not any(_GLOBAL_HOOKS))
+    return d.get("_compiled_call_impl") is None and not any(map(d.get, _HOOKS)) and not any(_GLOBAL_HOOKS)
 
 
 def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
