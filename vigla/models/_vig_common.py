@@ -35,7 +35,7 @@ except ImportError:  # older timm keeps no such record
     update_model_input_size = None
 
 __all__ = [
-    "ViGBlock", "swiglu_hidden_dim", "drop_path_schedule", "run_blocks", "checkpoint_blocks", "check_global_pool",
+    "ViGBlock", "BlockInference", "swiglu_hidden_dim", "drop_path_schedule", "run_blocks", "checkpoint_blocks", "check_global_pool",
     "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "filter_checkpoint",
     "vig_cfg", "build_vig",
 ]
