@@ -82,8 +82,8 @@ class SwiGLU(nn.Module):
             f32 = torch.promote_types(self.fc1.weight.dtype, torch.float32)
             return self.fc1.weight.to(f32) * norm_weight.to(f32), self.fc2.weight
 
-        plain = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
-        if not mlp_fused(x.reshape(-1, x.shape[-1]), *plain):  # e.g. batch 1: no folded copy kept
+        plain = self.inference_params(x, dtype)
+        if not mlp_fused(x.reshape(-1, x.shape[-1]), plain.w1, plain.w2):  # e.g. batch 1: no folded copy kept
             return None
         return inference_weights(self, "fc_folded", (self.fc1.weight, self.fc2.weight, norm_weight), dtype, build)
 

@@ -22,7 +22,7 @@ import torch
 from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
 from ..swiglu.op import fc1_swiglu_forward
 from . import cpu_kernels
-from .reference import add_norm_reference, add_norm_reference_bwd, residual_sum
+from .reference import add_norm_reference, add_norm_reference_bwd, residual_sum, rms_rstd
 
 if HAS_TRITON:
     from .triton_kernels import (LINEAR_MAX_C, LINEAR_MAX_K, MAX_C, MLP_MAX_C, add_norm_bwd_triton,
@@ -73,7 +73,7 @@ def linear_add_norm_forward(h, wl, x, weight, bias, eps: float, rms: bool, out_d
     delta = (h @ wl.t()).view(x.shape)
     if weight is None:
         s = residual_sum(x, delta).contiguous()
-        return s, torch.rsqrt(s.float().square().mean(-1) + eps)  # float32, as the kernel's
+        return s, rms_rstd(s.float(), eps).squeeze(-1)  # float32, as the kernel's
     return add_norm_forward(x, delta, weight, bias, eps, rms, out_dtype, launch)
 
 

@@ -29,10 +29,15 @@ def residual_sum(x: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor
     return (x.to(f) + delta.to(f)).to(x.dtype)
 
 
+def rms_rstd(s: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row's reciprocal RMS ``rsqrt(mean(s^2) + eps)``, ``[..., 1]`` in ``s``'s dtype."""
+    return torch.rsqrt(s.square().mean(-1, keepdim=True) + eps)
+
+
 def _normalize(s: torch.Tensor, eps: float, rms: bool):
     """``(n, r)``: the normalized rows and their reciprocal deviation ``[..., 1]``."""
     if rms:
-        r = torch.rsqrt(s.square().mean(-1, keepdim=True) + eps)
+        r = rms_rstd(s, eps)
         return s * r, r
     c = s - s.mean(-1, keepdim=True)
     r = torch.rsqrt(c.square().mean(-1, keepdim=True) + eps)
