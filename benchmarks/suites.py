@@ -106,7 +106,7 @@ def _pytest_plugins() -> list[str]:
 def _tests(part: str) -> Callable[[Options], list[Step]]:
     def steps(opts: Options) -> list[Step]:
         argv = [PY, "-m", "pytest", *TEST_PARTS[part][1], "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
-                "-W", "ignore::DeprecationWarning", *_pytest_plugins(), *opts.extra]
+                "-W", "ignore::DeprecationWarning", "--durations=15", *_pytest_plugins(), *opts.extra]
         return [Step(f"tests_{part}", argv, 560)]
     return steps
 
