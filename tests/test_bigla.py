@@ -1,4 +1,5 @@
 """BiGLA operator: every backend against the float64 naive recurrence."""
+import contextlib
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 from vigla.ops.bigla import (bigla, bigla_chunked, bigla_chunked_bwd, bigla_gated, bigla_macs, bigla_naive,
                              log_decays)
+from vigla.ops.dispatch import reference_ops
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float64, gate_scale=1.0, gate_shift=0.0, requires_grad=False):
@@ -236,11 +238,46 @@ def test_gated_bad_input_names_the_logits():
         bigla_gated(q, k, v, zf.long(), zb, 16.0)
 
 
-@pytest.mark.parametrize("normalizer", [0.0, -1.0, None, "16"])
+@pytest.mark.parametrize("normalizer", [0.0, -1.0, None, "16", True, float("nan"), float("inf"), 1e-40, 1e-50])
 def test_gated_rejects_a_bad_normalizer(normalizer):
+    """Tiny normalizers included: float32 would hold 1e-50 as 0 and 1 / 1e-40 as inf (the CPU kernel then read
+    the logits as log decays)."""
     q, k, v, zf, zb = make_inputs(1, 5, 1, 4, 4)
-    with pytest.raises(ValueError, match="gate_normalizer must be a number > 0"):
+    with pytest.raises(ValueError, match=r"gate_normalizer must be a number in \[1.18e-38, 3.4e\+38\]"):
         bigla_gated(q, k, v, zf, zb, normalizer)
+
+
+def test_gated_takes_numpy_and_extreme_normalizers():
+    """Any real number in float32's normal range, numpy's included, against the float64 recurrence."""
+    np = pytest.importorskip("numpy")
+    q, k, v, zf, zb = make_inputs(1, 9, 2, 4, 4, dtype=torch.float32)
+    for normalizer in (np.float32(2.0), 2e-38, 1e30):
+        out = bigla_gated(q, k, v, zf, zb, normalizer)
+        g = float(normalizer)
+        ref = bigla_naive(q.double(), k.double(), v.double(), log_decays(zf.double(), g), log_decays(zb.double(), g),
+                          0.5)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 3, 4), (2, 0, 2, 3, 4), (2, 5, 0, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reference", [False, True])
+def test_empty_inputs(shape, dtype, reference):
+    """No batch, tokens or heads: an empty output and empty gradients, on every path."""
+    B, T, H, K, V = shape
+    inputs = [t.requires_grad_() for t in make_inputs(B, T, H, K, V, dtype=dtype)]
+    with reference_ops() if reference else contextlib.nullcontext():
+        out = bigla(*inputs)
+        grads = torch.autograd.grad(out.sum(), inputs)
+    assert out.shape == (B, T, H, V) and out.dtype == dtype
+    assert [g.shape for g in grads] == [t.shape for t in inputs]
+
+
+@pytest.mark.parametrize("K, V", [(0, 4), (4, 0)])
+def test_zero_width_heads_are_refused(K, V):
+    q, k, v, gf, gb = make_inputs(1, 5, 2, K, V)
+    with pytest.raises(ValueError, match="heads need d_k >= 1 and d_v >= 1"):
+        bigla(q, k, v, gf, gb)
 
 
 def test_gated_custom_op_opcheck():

@@ -105,7 +105,8 @@ def _linear_order_z(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: floa
     kh = F.normalize(k.to(dt), dim=-1, eps=eps)
     state = kh.transpose(-2, -1) @ v  # [B, H, D, Dv]
     b, h, n, dv = v.shape
-    z = torch.baddbmm(v.reshape(b * h, n, dv), qh.reshape(b * h, n, -1), state.reshape(b * h, -1, dv),
+    d = qh.shape[-1]
+    z = torch.baddbmm(v.reshape(b * h, n, dv), qh.reshape(b * h, n, d), state.reshape(b * h, d, dv),
                       beta=0.5, alpha=1.0 / math.pi)  # one fused pass: 0.5·V + Q̂S/π
     return z.reshape(b, h, n, dv)
 
@@ -173,7 +174,7 @@ def masked_softmax_aux(
         sv, row_mass, kept = _BlockwiseMaskedSoftmax.apply(q.to(dt), k.to(dt), v.to(dt), float(threshold),
                                                            float(scale), int(block_size))
     b, h, n, _ = q.shape
-    return AuxBranch(sv, row_mass, kept.to(dt) / (b * h * n * k.shape[-2]))
+    return AuxBranch(sv, row_mass, kept.to(dt) / max(1, b * h * n * k.shape[-2]))  # the density (0 when empty)
 
 
 def masked_softmax_aux_quadratic(
@@ -188,7 +189,7 @@ def masked_softmax_aux_quadratic(
         p = torch.softmax((q.to(dt) * scale) @ k.to(dt).transpose(-2, -1), dim=-1)
         keep = p > threshold
         s = p * keep
-        density = torch.count_nonzero(keep).to(dt) / keep.numel()
+        density = torch.count_nonzero(keep).to(dt) / max(1, keep.numel())
         return AuxBranch(s @ v.to(dt), s.sum(-1), density)
 
 
@@ -200,13 +201,13 @@ def _row_normaliser(qs: torch.Tensor, k: torch.Tensor, block: int) -> tuple[torc
     """Pass 1: per query ``[B, H, N]``, the row max ``m`` of the logits ``qs·k_j`` and ``log sum_j exp(qs·k_j - m)``,
     keys ``block`` at a time (running max). Kept apart, not as ``m + log(...)``: ``P = exp((x - m) - log l)`` then
     carries no rounding of a large ``|m|`` (fp32 probabilities as accurate as ``torch.softmax``'s)."""
-    m = l = None
+    m = l = qs.new_empty(qs.shape[:-1])  # no keys (N = 0): no rows either
     for start, stop in _key_blocks(k.shape[-2], block):
         logits = qs @ k[..., start:stop, :].transpose(-2, -1)  # [B, H, N, block]
         block_max = logits.amax(-1)
-        new = block_max if m is None else torch.maximum(m, block_max)
+        new = block_max if start == 0 else torch.maximum(m, block_max)
         block_sum = logits.sub_(new[..., None]).exp_().sum(-1)
-        l = block_sum if l is None else l * torch.exp(m - new) + block_sum
+        l = block_sum if start == 0 else l * torch.exp(m - new) + block_sum
         m = new
     return m, torch.log(l)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers.fast_norm import rms_norm
 
+from ..checks import channels, floating
 from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
 from .op import AddNormFunction, add_norm_forward, cpu_forward
@@ -59,12 +60,14 @@ def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tenso
 
 def _check(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
            kind: str) -> None:
+    floating("add_norm", x=x, delta=delta, weight=weight, bias=bias)
     C = x.shape[-1] if x.dim() else 0
     if kind not in KINDS:
         raise ValueError(f"add_norm: kind must be one of {KINDS}, got {repr(kind)}")
     if x.dim() < 1 or weight.shape != (C,):
         raise ValueError(f"add_norm: expected x [..., C] and weight [C], got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
+    channels("add_norm", "x", x)
     if delta is not None and delta.shape != x.shape:
         raise ValueError(f"add_norm: delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
     if bias is not None and (kind == "rms" or bias.shape != (C,)):
@@ -85,7 +88,7 @@ def _plain(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
            eps: float, layer: bool, written_out: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The add, then PyTorch's norm, with autograd; ``written_out``: the RMS formula in elementary
     ops (ONNX has no RMSNorm below opset 23, the legacy exporter no ``aten::rms_norm``). Scriptable."""
-    s = x if delta is None else x + delta
+    s = x if delta is None else (x + delta).to(x.dtype)  # in x's dtype, rounded once (delta's may differ)
     shape = [s.shape[-1]]
     if layer:
         y = F.layer_norm(s, shape, weight, bias, eps)

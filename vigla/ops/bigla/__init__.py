@@ -10,6 +10,7 @@ fused Triton kernels on CUDA tensors and the chunked PyTorch reference elsewhere
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 
@@ -23,6 +24,8 @@ from .op import BiGLAFunction, bigla_macs, bigla_forward, log_decays
 
 __all__ = ["bigla", "bigla_gated", "log_decays", "bigla_naive", "bigla_chunked", "bigla_chunked_bwd",
            "bigla_macs", "bigla_fla", "HAS_FLA"]
+
+_FP32_TINY, _FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 @functools.lru_cache(maxsize=256)
@@ -43,6 +46,8 @@ def _check_shapes(op: str, gates: tuple[str, str], shapes: tuple, dtypes: tuple,
     if shapes[2][:3] != shapes[0][:3]:
         raise ValueError(f"{op}: v must be [B, T, H, V] with B, T, H = {tuple(shapes[0][:3])}, "
                          f"got {tuple(shapes[2])}")
+    if shapes[0][-1] < 1 or shapes[2][-1] < 1:
+        raise ValueError(f"{op}: heads need d_k >= 1 and d_v >= 1, got q {tuple(shapes[0])}, v {tuple(shapes[2])}")
     if not dtypes[0] == dtypes[1] == dtypes[2]:
         raise TypeError(f"{op}: q, k, v must share a dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}")
 
@@ -120,7 +125,7 @@ def bigla_gated(
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
         zf, zb: ``[B, T, H, K]`` gate logits of the forward and the backward scan.
-        gate_normalizer: ``> 0``; divides ``logsigmoid(z)``.
+        gate_normalizer: ``> 0`` (within float32's normal range); divides ``logsigmoid(z)``.
         scale: as in :func:`bigla`.
 
     Returns:
@@ -130,6 +135,15 @@ def bigla_gated(
         return bigla_gated_static(q, k, v, zf, zb, gate_normalizer,
                                   q.shape[-1] ** -0.5 if scale is None else scale)
     _check("bigla_gated", (q, k, v, zf, zb), ("zf", "zb"))
-    if not (isinstance(gate_normalizer, (int, float)) and gate_normalizer > 0):
-        raise ValueError(f"bigla_gated: gate_normalizer must be a number > 0, got {repr(gate_normalizer)}")
+    _check_normalizer(gate_normalizer)
     return _run(q, k, v, zf, zb, scale, float(gate_normalizer))
+
+
+@torch.jit.unused
+def _check_normalizer(gate_normalizer) -> None:  # unannotated: TorchScript reads the signature of this stub
+    """A real number within float32's normal range: the kernels take its reciprocal in float32 (1e-50 would be
+    held as 0, 1 / 1e-40 as inf)."""
+    if not (isinstance(gate_normalizer, numbers.Real) and not isinstance(gate_normalizer, bool)
+            and _FP32_TINY <= gate_normalizer <= _FP32_MAX):
+        raise ValueError(f"bigla_gated: gate_normalizer must be a number in [{_FP32_TINY:.3g}, {_FP32_MAX:.3g}] "
+                         f"(float32's normal range: the kernels divide by it in float32), got {repr(gate_normalizer)}")

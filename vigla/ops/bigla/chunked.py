@@ -192,7 +192,7 @@ def _carry(U, f, reverse: bool):
         for c in order:
             states.append(state)
             state = torch.addcmul(U[:, :, c, channels], decay[:, :, c, channels], state)
-        parts.append(torch.stack(states[::-1] if backward else states, dim=2))
+        parts.append(torch.stack(states[::-1] if backward else states, dim=2) if n else U[:, :, :, channels])
     return torch.cat(parts, dim=-2)
 
 
@@ -206,6 +206,8 @@ def _factor_dtype(g, work, n: int, C: int):
     on an accelerator (no host read, e.g. inside a CUDA graph's capture)."""
     if work == torch.float64 or g.device.type != "cpu" or via_dispatcher():
         return torch.float64
+    if g.numel() == 0:  # no tokens (or no batch, heads, channels): nothing to reduce
+        return torch.float32
     return torch.float32 if bool(g.unflatten(-2, (n, C)).sum(-2).min() >= -_FP32_SPAN) else torch.float64
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import floating
 from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
 from .op import ConvNormFunction, conv_norm_forward
@@ -40,6 +41,7 @@ def conv_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nor
     if torch.jit.is_scripting() or exporting():
         return conv_norm_reference(x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act,
                                    x.dtype if out_dtype is None else out_dtype)
+    floating("conv_norm_act", x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias)
     if act not in ACTS:
         raise ValueError(f"conv_norm_act: act must be 'none', 'silu' or 'gelu', got '{act}'")
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:

@@ -14,6 +14,7 @@ import torch
 
 import torch.nn.functional as F
 
+from ..checks import channels, floating
 from ..dispatch import compute_dtype, run_eager, use_kernels, via_dispatcher
 from ..tracing import exporting
 from .op import DWConvFunction, cpu_forward, dwconv_forward
@@ -41,19 +42,25 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
     """
     if torch.jit.is_scripting() or exporting():
         return _conv_tokens(x, weight, hw, act)
-    H, W = (int(v) for v in hw)
+    floating("dwconv_silu", x=x, weight=weight)
+    H, W = int(hw[0]), int(hw[1])
+    if len(hw) != 2 or H != hw[0] or W != hw[1]:
+        raise ValueError(f"dwconv_silu: hw must be two whole numbers (H, W), got {tuple(hw)}")
     if x.dim() != 3 or H < 1 or W < 1 or x.shape[1] != H * W:
         raise ValueError(f"dwconv_silu: expected x [B, H*W, C] with hw=(H, W) >= 1, got x {tuple(x.shape)}, "
                          f"hw {tuple(hw)}")
     if weight.shape != (x.shape[-1], 1, 3, 3):
         raise ValueError(f"dwconv_silu: weight must be [C, 1, 3, 3] with C = {x.shape[-1]}, got "
                          f"{tuple(weight.shape)}")
-    args = (x, weight, H, W, bool(act), out_dtype or compute_dtype(x))
+    channels("dwconv_silu", "x", x)
+    dtype = compute_dtype(x)
+    args = (x, weight, H, W, bool(act), out_dtype or dtype)
     if via_dispatcher():
         return torch.ops.vigla.dwconv(*args)
     if use_kernels(x) or cpu_forward(x, weight, args[-1]):
         return run_eager(DWConvFunction, dwconv_forward, *args)
-    return _conv_tokens(x, weight, hw, act).to(args[-1])
+    # PyTorch's conv wants one dtype: both in the compute dtype (what autocast casts them to when it is on)
+    return _conv_tokens(x.to(dtype), weight.to(dtype), (H, W), act).to(args[-1])
 
 
 def _conv_tokens(x: torch.Tensor, weight: torch.Tensor, hw: Tuple[int, int], act: bool) -> torch.Tensor:

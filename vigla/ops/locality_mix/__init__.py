@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import floating
 from ..dispatch import run_eager, via_dispatcher
 from ..tracing import exporting
 from .op import LocalityMixFunction, locality_mix_forward
@@ -34,7 +35,10 @@ def locality_mix(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.T
     # torch.export / ONNX / TorchScript / torch.jit.trace: the plain formula (vigla.ops.tracing)
     if torch.jit.is_scripting() or exporting():
         return locality_mix_reference(o, x, z, w_o, w_l, eps, act)
-    if o.dim() < 2 or x.shape != z.shape or x.shape[:-1] != o.shape[:-2] \
+    floating("locality_mix", o=o, x=x, z=z, w_o=w_o, w_l=w_l)
+    if o.dim() < 2 or o.shape[-1] < 1 or o.shape[-2] < 1:
+        raise ValueError(f"locality_mix: o must be [..., h, d] with h, d >= 1, got {tuple(o.shape)}")
+    if x.shape != z.shape or x.shape[:-1] != o.shape[:-2] \
             or x.shape[-1] != o.shape[-2] * o.shape[-1]:
         raise ValueError(f"locality_mix: expected o [..., h, d] and x, z [..., h*d] with the same "
                          f"leading dims, got o {tuple(o.shape)}, x {tuple(x.shape)}, z {tuple(z.shape)}")

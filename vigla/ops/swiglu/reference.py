@@ -16,10 +16,12 @@ def swiglu_reference_bwd(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     f = torch.float64 if u.dtype == torch.float64 else torch.float32
     a, b = (t.to(f) for t in u.chunk(2, dim=-1))
     dy = dy.to(f)
-    du = torch.empty(u.shape, dtype=f, device=u.device)
-    da, db = du.chunk(2, dim=-1)  # written in place: no concatenation, fewer temporaries (the CPU's path)
     s = torch.sigmoid(a)
     silu = a * s
+    if torch.is_grad_enabled():  # a backward that records (create_graph): out-of-place ops autograd can follow
+        return torch.cat([dy * b * torch.addcmul(s, silu, 1 - s), dy * silu], dim=-1).to(u.dtype)
+    du = torch.empty(u.shape, dtype=f, device=u.device)
+    da, db = du.chunk(2, dim=-1)  # written in place: no concatenation, fewer temporaries (the CPU's path)
     torch.mul(dy, silu, out=db)
     torch.mul(dy, b, out=da).mul_(torch.addcmul(s, silu, 1 - s))  # silu'(a) = s (1 + a (1 - s)) = s + silu (1 - s)
     return du.to(u.dtype)
