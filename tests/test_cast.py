@@ -156,3 +156,20 @@ def test_eager_inference_sees_replaced_weights():
         model.blocks[1].norm2.weight.mul_(3)
     fourth = check()
     assert not any(torch.allclose(a, b) for a, b in ((first, second), (second, third), (third, fourth)))
+
+
+@pytest.mark.parametrize("name, kwargs", [("vig_tiny", dict(depth=2)), ("vig_h_tiny", {})])
+def test_eager_inference_follows_functional_call(name, kwargs):
+    """Parameters swapped in by ``torch.func.functional_call`` (no registration hook runs) are the ones used, not
+    the records built from the module's own, and the module's own are used again after."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=64, **kwargs).eval()
+    other = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        own = model(x)  # builds the records
+        swapped = torch.func.functional_call(model, dict(other.named_parameters()), (x,))
+        torch.testing.assert_close(swapped, other(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), own, rtol=0, atol=0)

@@ -95,16 +95,24 @@ def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tens
 class _Memo(NamedTuple):
     generation: int
     key: tuple
-    params: tuple  # the module's parameters (recursively) when the value was built
-    state: tuple  # their storage and version counter then
+    slots: tuple  # where the module's parameters (recursively) live: (the owner's parameter dict, name) pairs
+    state: tuple  # what held them when the value was built: each one's identity, storage and version counter
     value: object
 
 
 _MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _state(params: tuple) -> tuple:
-    return tuple([(p.data_ptr(), p._version) for p in params])
+def _slots(module: nn.Module) -> tuple:
+    return tuple([(m._parameters, name) for m in module.modules() for name, p in m._parameters.items()
+                  if p is not None])
+
+
+def _state(slots: tuple) -> tuple:
+    """Each slot's tensor now, by identity, storage and version: read from the parameter dicts themselves, so
+    that tensors swapped in without the registration hooks (``torch.func.functional_call``) are seen."""
+    return tuple([None if p is None else (id(p), p.data_ptr(), p._version)
+                  for p in [d.get(name) for d, name in slots]])
 
 
 def memoized(module: nn.Module, key: tuple, build: Callable[[], object]):
@@ -117,11 +125,11 @@ def memoized(module: nn.Module, key: tuple, build: Callable[[], object]):
         return build()
     memo = _MEMOS.get(module)
     if memo is not None and memo.generation == _GENERATION[0] and memo.key == key and memo.state == _state(
-            memo.params):
+            memo.slots):
         return memo.value
-    generation, params = _GENERATION[0], tuple(module.parameters())
+    generation, slots = _GENERATION[0], _slots(module)
     value = build()
-    _MEMOS[module] = _Memo(generation, key, params, _state(params), value)
+    _MEMOS[module] = _Memo(generation, key, slots, _state(slots), value)
     return value
 
 
