@@ -97,6 +97,26 @@ def test_grad_checkpointing_same_output(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights(name, dtype):
+    """``model.to(dtype)`` without autocast, as timm's models run: eval and a training step in that dtype, the
+    output within the dtype's rounding of the float64 model's (nn.LayerNorm keeps the input's dtype then)."""
+    model = create(name)
+    x = images(2)
+    with torch.no_grad():
+        ref = create(name).double()(x.double())
+    half = model.to(dtype)
+    with torch.no_grad():
+        out = half(x.to(dtype))
+    assert out.dtype == dtype
+    assert_close(out.double(), ref, rtol=5e-2 if dtype == torch.bfloat16 else 1e-2)  # a half residual stream
+    half.train()
+    half(x.to(dtype)).float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype and bool(p.grad.isfinite().all())
+               for p in half.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_backward_reaches_every_parameter(name):
     model = create(name, num_classes=42).train()
     out = model(images(2))

@@ -14,7 +14,7 @@ from ..ops.inference import EAGER, InferenceOps
 from ..ops.tracing import exporting
 from .cast import MlpProjection, Projection, dense
 
-__all__ = ["RmsNorm", "NormParams", "add_and_norm", "add_and_norm_inference", "fused_norm"]
+__all__ = ["RmsNorm", "NormParams", "add_and_norm", "add_and_norm_inference", "fused_norm", "layer_norm_dtype"]
 
 torch.fx.wrap("add_norm")  # a leaf under torch.fx: its checks and kernels run as they are
 
@@ -96,3 +96,11 @@ def add_and_norm_inference(norm: Union[nn.Module, NormParams], x: torch.Tensor, 
         return _unfused(norm, x, delta)
     s, y = ops.add_norm(x, delta, fused.weight, fused.bias, fused.eps, fused.rms, out_dtype)
     return (x if delta is None else s), y
+
+
+def layer_norm_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.LayerNorm`` returns for ``t``: at least float32 under autocast (which runs it in float32),
+    ``t``'s own otherwise (e.g. a model cast to bf16 with ``model.bfloat16()``)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.promote_types(t.dtype, torch.float32)
+    return t.dtype

@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 
 from ..ops.conv_norm import conv_norm_act
-from .norm import add_and_norm
+from .norm import add_and_norm, layer_norm_dtype
 
 __all__ = ["ConvStem", "ConvDownsample", "check_image_batch"]
 
@@ -111,7 +111,7 @@ class ConvStem(nn.Module):
         y = conv_norm_act(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps, self.stride, 1,
                           self.fused_act)
         y = self.conv2(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return add_and_norm(self.norm2, y, out_dtype=torch.promote_types(y.dtype, torch.float32))[1]
+        return add_and_norm(self.norm2, y, out_dtype=layer_norm_dtype(y))[1]
 
 
 class ConvDownsample(nn.Module):
@@ -133,4 +133,4 @@ class ConvDownsample(nn.Module):
     def _norm(self, t: torch.Tensor) -> torch.Tensor:
         """The fused LayerNorm (:func:`vigla.layers.norm.add_and_norm`), in at least fp32 as
         ``nn.LayerNorm`` returns under autocast: the stage's residual stream."""
-        return add_and_norm(self.norm, t, out_dtype=torch.promote_types(t.dtype, torch.float32))[1]
+        return add_and_norm(self.norm, t, out_dtype=layer_norm_dtype(t))[1]

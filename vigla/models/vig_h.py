@@ -19,7 +19,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem
-from ..layers.norm import add_and_norm
+from ..layers.norm import add_and_norm, layer_norm_dtype
 from ._vig_common import (
     MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, run_blocks,
     drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
@@ -166,7 +166,7 @@ class HierViG(ClassifierMixin, nn.Module):
 
     @torch.jit.unused
     def _fused_norm(self, t: torch.Tensor) -> torch.Tensor:
-        return add_and_norm(self.norm, t, out_dtype=torch.promote_types(t.dtype, torch.float32))[1]
+        return add_and_norm(self.norm, t, out_dtype=layer_norm_dtype(t))[1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` -> normalized ``[B, C, H/32, W/32]`` (a channels-last view)."""
