@@ -6,6 +6,7 @@ import io
 import pytest
 import timm
 import torch
+import torch.nn.utils.prune
 
 import vigla  # noqa: F401  (registers the models)
 from vigla.layers.cast import _PREPARED, _onednn, gemm, gemm_weights, inference_weights, memoized
@@ -173,3 +174,78 @@ def test_eager_inference_follows_functional_call(name, kwargs):
         swapped = torch.func.functional_call(model, dict(other.named_parameters()), (x,))
         torch.testing.assert_close(swapped, other(x), rtol=0, atol=0)
         torch.testing.assert_close(model(x), own, rtol=0, atol=0)
+
+
+def _perturbed(name, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=64, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+class _Adapter(torch.nn.Module):
+    """A LoRA-like wrapper: the layer plus a learned weight delta (what PEFT puts in a Linear's place)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.delta = torch.nn.Parameter(torch.randn_like(base.weight) * 0.01)
+
+    def forward(self, x):
+        return self.base(x) + torch.nn.functional.linear(x, self.delta)
+
+
+@pytest.mark.parametrize("name, kwargs", [("vig_tiny", dict(depth=2)), ("vig_h_tiny", dict(depths=(1, 1, 1, 1)))])
+def test_blocks_call_their_layers_when_watched(name, kwargs):
+    """A forward hook on any block layer (Linear, conv, norm) fires, in eval and in training, and the output is
+    the fused paths' (the layers then run as modules, BiGLAMixer.forward_layers)."""
+    model, x = _perturbed(name, **kwargs), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+    fired = set()
+    layers = {n: m for n, m in model.named_modules() if ".blocks." in f".{n}" and
+              isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, vigla.layers.RmsNorm))}
+    for n, m in layers.items():
+        m.register_forward_hook(lambda module, args, out, n=n: fired.add(n))
+    with torch.no_grad():
+        watched = model(x)
+    assert fired == set(layers)
+    torch.testing.assert_close(watched, plain, rtol=1e-5, atol=1e-5)
+    fired.clear()
+    model.train()(x).sum().backward()
+    assert fired == set(layers)
+
+
+def test_replaced_layers_are_used():
+    """A layer replaced by a wrapper (a LoRA-like adapter) is what runs, in eval and with gradients to it; pruning
+    (a pre-hook recomputing the weight) trains step after step; dynamic quantization runs."""
+    model, x = _perturbed("vig_tiny", depth=2), torch.randn(2, 3, 64, 64)
+    adapted, merged = copy.deepcopy(model), copy.deepcopy(model)
+    adapted.blocks[0].attn.qkv = _Adapter(adapted.blocks[0].attn.qkv)
+    adapted.blocks[1].mlp.fc2 = _Adapter(adapted.blocks[1].mlp.fc2)
+    with torch.no_grad():
+        merged.blocks[0].attn.qkv.weight.add_(adapted.blocks[0].attn.qkv.delta)
+        merged.blocks[1].mlp.fc2.weight.add_(adapted.blocks[1].mlp.fc2.delta)
+        torch.testing.assert_close(adapted(x), merged(x), rtol=1e-5, atol=1e-5)
+        assert (adapted(x) - model(x)).abs().max() > 1e-3
+    adapted.train()(x).sum().backward()
+    assert adapted.blocks[0].attn.qkv.delta.grad.abs().sum() > 0
+
+    pruned = copy.deepcopy(model).train()
+    torch.nn.utils.prune.l1_unstructured(pruned.blocks[0].attn.qkv, "weight", amount=0.5)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.blocks[0].attn.qkv.weight.copy_(pruned.blocks[0].attn.qkv.weight)
+        torch.testing.assert_close(pruned.eval()(x), masked(x), rtol=1e-5, atol=1e-5)
+    optimizer = torch.optim.SGD(pruned.parameters(), lr=1e-3)
+    for _ in range(2):  # the second step once failed: the weight's graph from the first was reused
+        optimizer.zero_grad()
+        pruned.train()(x).sum().backward()
+        optimizer.step()
+
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear})
+    with torch.no_grad():
+        ref = model(x)
+        assert ((quantized(x) - ref).abs().max() / ref.abs().max()).item() < 0.1

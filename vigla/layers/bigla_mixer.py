@@ -18,7 +18,7 @@ from ..ops.dispatch import compute_dtype
 from ..ops.dwconv import dwconv_silu
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.locality_mix import locality_mix
-from .cast import Projection, caching, gemm, gemm_weights, inference_weights, memoized
+from .cast import Projection, caching, gemm, gemm_weights, inference_weights, memoized, plain_leaves
 from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer", "MixerInference"]
@@ -33,6 +33,11 @@ torch.fx.wrap("dwconv_silu")
 def _check_grid(n: int, hw: tuple[int, int]) -> None:
     if n != hw[0] * hw[1]:
         raise ValueError(f"BiGLAMixer: {n} tokens do not form the given {hw[0]}x{hw[1]} grid")
+
+
+# the layers whose parameters the fused paths read, with the type they must have for that
+_LEAVES = (("dwconv", nn.Conv2d), ("qkv", nn.Linear), ("decay_down", nn.Linear), ("decay_up", nn.Linear),
+           ("mix_gate", nn.Linear), ("norm_out", RmsNorm), ("norm_local", RmsNorm), ("proj", nn.Linear))
 
 
 class BiGLAMixer(nn.Module):
@@ -169,6 +174,8 @@ class BiGLAMixer(nn.Module):
         N, C = x.shape[1], x.shape[2]
         _check_grid(N, hw)
         if not torch.jit.is_scripting():
+            if not self.reads_leaves():
+                return self.forward_layers(x, hw)
             ops = inference_ops(x)
             if ops is not None:
                 return self.forward_inference(x, hw, compute_dtype(x), ops)
@@ -190,6 +197,30 @@ class BiGLAMixer(nn.Module):
         y = locality_mix(o, x_c, gate, self.norm_out.weight, self.norm_local.weight,
                          self.norm_out.eps, act=self.out_act)
         return F.linear(y, w_out)
+
+    @torch.jit.unused
+    def reads_leaves(self) -> bool:
+        """Whether :meth:`forward` may read its layers' parameters (the fused paths) rather than call them
+        (:meth:`forward_layers`): :func:`vigla.layers.cast.plain_leaves`."""
+        return plain_leaves(self, _LEAVES)
+
+    @torch.jit.unused
+    def forward_layers(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """:meth:`forward` with each layer called as a module, for layers replaced or watched (a LoRA adapter, a
+        quantized or pruned layer, a forward hook): the official formulation, the same function. ``[B, N, C]``
+        -> ``[B, N, C]``."""
+        B, N, C = x.shape
+        h, dk, dv = self.num_heads, self.head_k, self.head_v
+        x_c = self.dwconv(x.transpose(1, 2).reshape(B, C, hw[0], hw[1])).flatten(2).transpose(1, 2)
+        if self.conv_act:
+            x_c = F.silu(x_c)
+        q, k, v = self.qkv(x_c).split([self.key_dim, self.key_dim, C], dim=-1)
+        zf, zb = self.decay_up(self.decay_down(x_c)).view(B, N, 2, h, dk).unbind(dim=2)
+        o = bigla_gated(q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)), v.unflatten(-1, (h, dv)), zf, zb,
+                        self.gate_logit_normalizer)
+        gate = torch.sigmoid(self.mix_gate(x_c)).unflatten(-1, (h, dv))
+        y = (gate * self.norm_out(o) + (1 - gate) * self.norm_local(x_c.unflatten(-1, (h, dv)))).flatten(-2)
+        return self.proj(F.silu(y) if self.out_act else y)
 
     @torch.jit.unused
     def inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "MixerInference":

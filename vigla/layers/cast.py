@@ -35,8 +35,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "caching", "memoized", "gemm_weights", "gemm", "Projection", "MlpProjection",
-           "dense"]
+__all__ = ["inference_weights", "caching", "memoized", "plain_leaves", "HOOKS", "GLOBAL_HOOKS", "gemm_weights", "gemm",
+           "Projection", "MlpProjection", "dense"]
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -131,6 +131,32 @@ def memoized(module: nn.Module, key: tuple, build: Callable[[], object]):
     value = build()
     _MEMOS[module] = _Memo(generation, key, slots, _state(slots), value)
     return value
+
+
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")  # a module's hook dicts
+# the global hook dicts: module-level, changed in place by nn.modules.module.register_module_*_hook
+GLOBAL_HOOKS = tuple(getattr(nn.modules.module, f"_global{name}", {}) for name in HOOKS)
+_LEAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plain_leaves(module: nn.Module, leaves: tuple) -> bool:
+    """Whether ``module`` may read its leaf layers' parameters instead of calling them: each child named in
+    ``leaves`` (``(name, type)`` pairs) exactly of that type (not replaced by a wrapper, e.g. a LoRA adapter or a
+    quantized layer, nor given a parametrization, which subclasses it) and no hook on any of them, nor a global
+    one (a user's forward hooks; pruning's and the legacy weight norm's pre-hooks, which recompute ``weight``).
+    Otherwise the layer calls them one by one. While no module is assigned anew anywhere, one lookup and a
+    look at the leaves' hook dicts."""
+    if torch.compiler.is_compiling():
+        children = module._modules
+        return (all(type(children.get(name)) is kind for name, kind in leaves)
+                and not any(getattr(children[name], h) for name, _ in leaves for h in HOOKS) and not any(GLOBAL_HOOKS))
+    entry = _LEAVES.get(module)
+    if entry is None or entry[0] != _GENERATION[0]:
+        children = module._modules
+        kinds = all(type(children.get(name)) is kind for name, kind in leaves)
+        hooks = tuple(getattr(children[name], h) for name, _ in leaves for h in HOOKS) if kinds else ()
+        entry = _LEAVES[module] = (_GENERATION[0], kinds, hooks)
+    return entry[1] and not any(entry[2]) and not any(GLOBAL_HOOKS)
 
 
 # gemm_weights' cache, beside its modules rather than on them: oneDNN's packed weights have no storage, so a

@@ -9,13 +9,16 @@ import torch.nn as nn
 from ..ops.add_norm.op import mlp_fused
 from ..ops.dispatch import compute_dtype
 from ..ops.inference import EAGER, InferenceOps, inference_ops
-from ..ops.swiglu import swiglu_mlp
+from ..ops.swiglu import swiglu, swiglu_mlp
 from ..ops.swiglu.op import fc1_fused
-from .cast import MlpProjection, Projection, caching, gemm, gemm_weights, inference_weights, memoized
+from .cast import MlpProjection, Projection, caching, gemm, gemm_weights, inference_weights, memoized, plain_leaves
 
 __all__ = ["SwiGLU", "MlpInference"]
 
 torch.fx.wrap("swiglu_mlp")  # a leaf under torch.fx: the traced graph calls the op as it is
+
+
+_LEAVES = (("fc1", nn.Linear), ("fc2", nn.Linear))  # the layers whose weights the fused paths read
 
 
 class SwiGLU(nn.Module):
@@ -31,6 +34,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
+            if not self.reads_leaves():  # fc1 or fc2 replaced or watched: called as modules
+                return self.fc2(swiglu(self.fc1(x)))
             ops = inference_ops(x)
             if ops is not None:
                 return self.forward_inference(x, compute_dtype(x), ops)
@@ -38,6 +43,12 @@ class SwiGLU(nn.Module):
         if not torch.jit.is_scripting() and caching(x):  # no autograd (e.g. a dispatch mode): the weights cast once
             w1, w2 = inference_weights(self, "fc", (w1, w2), compute_dtype(x))
         return swiglu_mlp(x, w1, w2)
+
+    @torch.jit.unused
+    def reads_leaves(self) -> bool:
+        """Whether :meth:`forward` may read fc1's and fc2's weights (the fused paths) rather than call them:
+        :func:`vigla.layers.cast.plain_leaves`."""
+        return plain_leaves(self, _LEAVES)
 
     @torch.jit.unused
     def inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "MlpInference":

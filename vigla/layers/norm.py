@@ -12,7 +12,7 @@ from timm.layers.fast_norm import rms_norm
 from ..ops.add_norm import add_norm
 from ..ops.inference import EAGER, InferenceOps
 from ..ops.tracing import exporting
-from .cast import MlpProjection, Projection, dense
+from .cast import GLOBAL_HOOKS, HOOKS, MlpProjection, Projection, dense
 
 __all__ = ["RmsNorm", "NormParams", "add_and_norm", "add_and_norm_inference", "fused_norm", "layer_norm_dtype"]
 
@@ -67,6 +67,8 @@ class NormParams(NamedTuple):
 def fused_norm(norm: nn.Module) -> Optional[NormParams]:
     """The :class:`NormParams` of a norm :func:`add_and_norm` fuses (an affine ``nn.LayerNorm`` or an
     :class:`RmsNorm` with a weight), else None."""
+    if any(map(norm.__dict__.get, HOOKS)) or any(GLOBAL_HOOKS):  # hooks see its input and output: called
+        return None
     if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
         return NormParams(norm.weight, norm.bias, float(norm.eps), False)
     if isinstance(norm, RmsNorm) and norm.weight is not None:
@@ -101,6 +103,6 @@ def add_and_norm_inference(norm: Union[nn.Module, NormParams], x: torch.Tensor, 
 def layer_norm_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype ``nn.LayerNorm`` returns for ``t``: at least float32 under autocast (which runs it in float32),
     ``t``'s own otherwise (e.g. a model cast to bf16 with ``model.bfloat16()``)."""
-    if torch.is_autocast_enabled(t.device.type):
+    if not isinstance(t, torch.Tensor) or torch.is_autocast_enabled(t.device.type):  # torch.fx's proxies: as before
         return torch.promote_types(t.dtype, torch.float32)
     return t.dtype

@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg
 from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
 from ..layers.bigla_mixer import MixerInference
-from ..layers.cast import MlpProjection, Projection, dense, memoized
+from ..layers.cast import GLOBAL_HOOKS, HOOKS, MlpProjection, Projection, dense, memoized
 from ..layers.mlp import MlpInference
 from ..layers.norm import NormParams, add_and_norm, add_and_norm_inference, fused_norm
 from ..ops.add_norm.op import linear_fused
@@ -89,9 +89,9 @@ class ViGBlock(nn.Module):
         float32, rounded once to ``x``'s dtype, as the separate add would; in the backward, a half-precision
         residual stream gets its gradient rounded once instead of twice). ``[B, N, C]`` tensors."""
         ops = inference_ops(x)
-        if ops is not None:
+        if ops is not None and _plain_call(self.norm1) and _plain_call(self.norm2):  # hooked norms are called
             return self.forward_pair_inference(x, delta, hw, ops)
-        x, y = add_and_norm(self.norm1, x, delta)
+        x, y = add_and_norm(self.norm1, x, dense(delta))
         x, y = add_and_norm(self.norm2, x, self.drop_path1(self.attn(y, hw)))
         return x, self.drop_path2(self.mlp(y))
 
@@ -108,16 +108,17 @@ class ViGBlock(nn.Module):
         defer = not self.training  # drop path needs the branch's output
         p = self.inference_params(x, dtype)
         x, y = add_and_norm_inference(p.norm1, x, delta, dtype, ops)
-        if p.attn is not None and _plain_call(self.attn):
+        if p.attn is not None and _plain_call(self.attn) and self.attn.reads_leaves():
             a = self.attn.forward_inference(y, hw, dtype, ops, defer, p.attn)
         else:
             a = self.attn(y, hw)
-        if defer and p.folded is not None and isinstance(a, Projection) and _plain_call(self.mlp):
+        if defer and p.folded is not None and isinstance(a, Projection) and _plain_call(self.mlp) \
+                and self.mlp.reads_leaves():
             # norm2 split: the add and each row's reciprocal RMS here, its weight inside fc1
             x, rstd = ops.linear_add_norm(a.rows, a.w.t(), x, None, None, p.norm2.eps, True, x.dtype)
             return x, MlpProjection(x.reshape(-1, x.shape[-1]), *p.folded, x.shape, ops, rstd.reshape(-1))
         x, y = add_and_norm_inference(p.norm2, x, a if defer else self.drop_path1(a), dtype, ops)
-        if p.mlp is not None and _plain_call(self.mlp):
+        if p.mlp is not None and _plain_call(self.mlp) and self.mlp.reads_leaves():
             m = self.mlp.forward_inference(y, dtype, ops, defer, p.mlp)
         else:
             m = self.mlp(y)
@@ -134,8 +135,9 @@ class ViGBlock(nn.Module):
 
     @torch.jit.unused
     def _inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "BlockInference":
-        attn = self.attn.inference_params(x, dtype) if type(self.attn) is BiGLAMixer else None
-        mlp = self.mlp.inference_params(x, dtype) if type(self.mlp) is SwiGLU else None
+        attn = self.attn.inference_params(x, dtype) if type(self.attn) is BiGLAMixer and self.attn.reads_leaves() \
+            else None
+        mlp = self.mlp.inference_params(x, dtype) if type(self.mlp) is SwiGLU and self.mlp.reads_leaves() else None
         norm1, norm2 = fused_norm(self.norm1), fused_norm(self.norm2)
         return BlockInference(norm1 or self.norm1, norm2 or self.norm2, attn, mlp,
                               self._folded_mlp(x, dtype, norm2, attn, mlp))
@@ -169,18 +171,11 @@ class BlockInference(NamedTuple):
     folded: Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-# the global hook dicts: module-level, changed in place by nn.modules.module.register_module_*_hook
-_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, f"_global{name}", {}) for name in _HOOKS)
-
-
 def _plain_call(module: nn.Module) -> bool:
     """Whether calling ``module`` may skip its ``__call__`` (the caller has checked its type): not compiled on its
     own, no hook on it or global (hooks see its input and output)."""
     d = module.__dict__
-    return d.get("_compiled_call_impl") is None and not any(map(d.get, _HOOKS)) and not any(_GLOBAL_HOOKS)
+    return d.get("_compiled_call_impl") is None and not any(map(d.get, HOOKS)) and not any(GLOBAL_HOOKS)
 
 
 def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
