@@ -212,11 +212,39 @@ def test_cli_onnx_legacy(checkpoint, tmp_path, capsys):
     (["--img-size", "64", "64", "64"], "one side or H W"),
     (["--format", "torchscript", "--img-size", "4"], "cannot run at 4x4"),
     (["--format", "exported-program", "--dynamic", "--img-size", "16"], "trace at a larger --img-size"),
+    (["--opset", "17"], "--opset 17: the ONNX exporter writes opset 18 or newer; --legacy writes older"),
 ])
 def test_cli_rejects_unsupported_combinations(checkpoint, capsys, flags, message):
     assert cli(["export", checkpoint, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vigla export: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_failed_export_keeps_the_file_there(checkpoint, tmp_path, capsys):
+    """An export refused after writing (a dynamic graph traced too small) leaves an earlier file at --out as it
+    was, and no partial file beside it."""
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"an earlier export")
+    assert cli(["export", checkpoint, "--format", "exported-program", "--dynamic", "--img-size", "16",
+                "--out", str(out)]) == 2
+    assert out.read_bytes() == b"an earlier export" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
+    assert "trace at a larger --img-size" in capsys.readouterr().err
+
+
+@needs_onnx
+def test_cli_onnx_opset_is_the_one_asked_for(checkpoint, tmp_path, capsys):
+    """The file has the requested opset, or the command fails in one line (no logged traceback) writing nothing."""
+    import onnx
+
+    out = tmp_path / "model.onnx"
+    assert cli(["export", checkpoint, "--img-size", "64", "--opset", "20", "--out", str(out)]) == 0
+    assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [20]
+    capsys.readouterr()
+    bad = tmp_path / "bad.onnx"
+    assert cli(["export", checkpoint, "--img-size", "64", "--opset", "99", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vigla export: error: --opset 99: the exporter wrote opset ") and len(err.splitlines()) == 1
+    assert not bad.exists() and not (tmp_path / "bad.partial.onnx").exists()
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):

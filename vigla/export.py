@@ -9,6 +9,7 @@ hold ordinary operators and run without vigla installed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Optional, Sequence, Tuple
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
 DEFAULT_OPSET = 18
+MIN_DYNAMO_OPSET = 18  # the torch.export-based ONNX exporter writes this or newer (older: --legacy)
 PARITY_RTOL = 1e-4  # max |exported - PyTorch| / max |PyTorch| accepted in float32
 
 EPILOG = """\
@@ -147,6 +149,11 @@ def _fail_early(args) -> Optional[str]:
                 "--format onnx and exported-program")
     if args.opset is not None and args.format != "onnx":
         return "--opset applies to --format onnx only"
+    if args.opset is not None and args.opset < MIN_DYNAMO_OPSET and not args.legacy:
+        return (f"--opset {args.opset}: the ONNX exporter writes opset {MIN_DYNAMO_OPSET} or newer; "
+                f"--legacy writes older opsets (one image size)")
+    if args.opset is not None and args.opset < 7:
+        return f"--opset must be >= 7 (ONNX's oldest opset PyTorch exports to), got {args.opset}"
     if args.img_size is not None and len(args.img_size) > 2:
         return f"--img-size takes one side or H W, got {len(args.img_size)} numbers"
     if not os.path.exists(args.checkpoint):
@@ -245,13 +252,31 @@ def _parity(model, path: str, fmt: str, shapes) -> float:
 
 
 def export_checkpoint(args: argparse.Namespace) -> int:
+    model, name, hw = _load(args)
+    chans = in_chans(model)
+    out = args.out or os.path.splitext(args.checkpoint)[0] + FORMATS[args.format]
+    base, ext = os.path.splitext(out)
+    partial = f"{base}.partial{ext}"  # renamed to out once checked: a failed export leaves out as it was
+    try:
+        return _export_checked(args, model, name, hw, chans, partial, out)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _opset_of(path: str) -> int:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _export_checked(args, model, name: str, hw: Tuple[int, int], chans: int, partial: str, out: str) -> int:
+    """Export to ``partial``, check it (sizes, opset, parity) and move it to ``out``; 0, or 1 on a parity miss."""
     import torch
 
     from .engine.errors import UserError
 
-    model, name, hw = _load(args)
-    chans = in_chans(model)
-    out = args.out or os.path.splitext(args.checkpoint)[0] + FORMATS[args.format]
     example = torch.randn(2 if args.dynamic else args.batch_size, chans, *hw)  # 2: no size-1 specialization
     with torch.no_grad():
         try:
@@ -260,7 +285,7 @@ def export_checkpoint(args: argparse.Namespace) -> int:
             raise UserError(f"{name} cannot run at {hw[0]}x{hw[1]}: {str(e).splitlines()[0]}") from None
     start = time.perf_counter()
     try:
-        program = export_model(model, args.format, out, example, args.dynamic, args.opset or DEFAULT_OPSET,
+        program = export_model(model, args.format, partial, example, args.dynamic, args.opset or DEFAULT_OPSET,
                                args.legacy)
     except Exception as e:  # noqa: BLE001  (torch.export / ONNX / TorchScript errors: one line, --debug for more)
         if args.debug:
@@ -269,11 +294,14 @@ def export_checkpoint(args: argparse.Namespace) -> int:
                         f"{str(e).strip().splitlines()[0]} (--debug shows the traceback)") from None
     if args.dynamic:
         _check_unbounded(program, hw, name)
-    print(f"wrote {out} ({args.format}{' legacy' if args.legacy else ''}, {name}, traced at {hw[0]}x{hw[1]}, "
-          f"{os.path.getsize(out) / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.1f} s; takes "
+    if args.format == "onnx" and args.opset is not None and _opset_of(partial) != args.opset:
+        raise UserError(f"--opset {args.opset}: the exporter wrote opset {_opset_of(partial)} (it converts to "
+                        f"{MIN_DYNAMO_OPSET} and the versions its converter knows); choose one of those")
+    print(f"exported {out} ({args.format}{' legacy' if args.legacy else ''}, {name}, traced at {hw[0]}x{hw[1]}, "
+          f"{os.path.getsize(partial) / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.1f} s; takes "
           f"{_size_note(model, program, args.format, args.dynamic)}")
     try:
-        worst = _parity(model, out, args.format, _check_shapes(args.batch_size, chans, hw, args.dynamic))
+        worst = _parity(model, partial, args.format, _check_shapes(args.batch_size, chans, hw, args.dynamic))
     except Exception as e:  # noqa: BLE001  (the written file failing on a valid input: one line)
         if args.debug:
             raise
@@ -281,8 +309,10 @@ def export_checkpoint(args: argparse.Namespace) -> int:
                         f"{str(e).strip().splitlines()[0]}") from None
     if worst > PARITY_RTOL:
         print(f"vigla export: error: the exported {args.format} differs from PyTorch by {worst:.2e} of the output's "
-              f"magnitude (more than {PARITY_RTOL:g})", file=sys.stderr)
+              f"magnitude (more than {PARITY_RTOL:g}); {out} not written", file=sys.stderr)
         return 1
+    os.replace(partial, out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -296,6 +326,8 @@ def main(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             if not args.debug:  # TorchScript deprecation and tracer warnings: not the user's to act on
                 warnings.simplefilter("ignore")
+                for logger in ("onnxscript", "torch.onnx"):  # their logged tracebacks (e.g. an opset conversion)
+                    logging.getLogger(logger).setLevel(logging.CRITICAL)
             return export_checkpoint(args)
     except RUN_ERRORS as e:
         return report(e, "export")
