@@ -135,6 +135,25 @@ def test_tiny_run_writes_everything(fmnist, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_runs_never_write_over_another_run(fmnist, tmp_path, capsys):
+    """A folder holding any run file is refused to a new run (also with last.state.pt deleted to save space), and
+    to a resumed run from elsewhere; the files stay as they were."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main(["train", *argv_of(tiny_flags(fmnist, a, epochs=1))]) == 0
+    assert cli.main(["train", *argv_of(tiny_flags(fmnist, b, epochs=1))]) == 0
+    kept = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(a / "last.state.pt"), "--epochs", "2", "--out", str(b)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {b} holds another run" in err and len(err.splitlines()) == 1
+    (b / "last.state.pt").unlink()
+    del kept["last.state.pt"]
+    assert cli.main(["train", *argv_of(tiny_flags(fmnist, b, epochs=1))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {b} already holds a run (last.safetensors, best.safetensors" in err and "--resume" not in err
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == kept
+
+
 def test_grad_checkpointing_trains_to_the_same_weights(fmnist, tmp_path):
     """--grad-checkpointing (ViG: blocks replayed in the backward, BiGLA's output kept) changes
     memory, not the run: same weights as without it (deterministic mode, drop path on)."""

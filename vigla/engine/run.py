@@ -38,6 +38,8 @@ from .outputs import OutputLock, git_info, make_folder, remove_empty_folders, re
 from .precision import amp_dtype
 
 LAST, BEST = "last", "best"
+# what a run writes into its folder: a folder holding any of them holds a run, which a new one must not overwrite
+RUN_FILES = (f"{LAST}.state.pt", f"{LAST}.safetensors", f"{BEST}.safetensors", "results.json", "metrics.csv")
 
 
 def run_name(model: str, data: str | None) -> str:
@@ -162,14 +164,22 @@ class TrainingRun:
         out = None
         if self.is_main:
             if self.resume_state is not None:
-                out = cfg.out or os.path.dirname(os.path.abspath(self.resume_state))
+                own = os.path.dirname(os.path.abspath(self.resume_state))
+                out = cfg.out or own
                 self._claim(out)
+                held = _run_files(out)
+                if held and os.path.abspath(out) != own:
+                    raise UserError(f"--out {out} holds another run ({', '.join(held)}); resuming "
+                                    f"{self.resume_state} would write over it: leave --out out (the run's own "
+                                    f"folder, {own}) or choose an empty one")
             elif cfg.out is not None:
                 out = cfg.out
                 self._claim(out)
-                if os.path.isfile(os.path.join(out, f"{LAST}.state.pt")):
-                    raise UserError(f"--out {out} already holds a run ({LAST}.state.pt): continue it with "
-                                    f"--resume auto --out {out}, or choose another --out")
+                held = _run_files(out)
+                if held:
+                    hint = f"continue it with --resume auto --out {out}, or " if f"{LAST}.state.pt" in held else ""
+                    raise UserError(f"--out {out} already holds a run ({', '.join(held)}): {hint}choose another "
+                                    f"--out")
             else:  # runs/<run name>, numbered: the first free (empty and unlocked) one
                 base = out = os.path.join("runs", self._run_name())
                 n = 1
@@ -475,3 +485,8 @@ def seed_everything(seed: int) -> None:
 def vigla_version() -> str:
     from vigla import __version__
     return __version__
+
+
+def _run_files(out: str) -> list[str]:
+    """The files of a run (:data:`RUN_FILES`) in the folder ``out``."""
+    return [name for name in RUN_FILES if os.path.isfile(os.path.join(out, name))]
