@@ -387,9 +387,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(fmnist, tmp_pat
     last = tmp_path / "nan" / "last.safetensors"
     if kept_step is None:
         assert "no checkpoint had been saved yet" in msg and not last.exists()
+        assert "run the command again with --lr ... (there is nothing to resume yet)" in msg and "--resume" not in msg
         assert not (tmp_path / "nan" / "best.safetensors").exists()
         return
     assert "the last good checkpoint is kept" in msg and f"global step {kept_step})" in msg
+    assert f"continue with: vigla train --resume auto --out {tmp_path / 'nan'} --lr ..." in msg
     assert read_meta(str(last))["global_step"] == kept_step
     assert load_state(str(tmp_path / "nan" / "last.state.pt"))["global_step"] == kept_step
     assert all(torch.isfinite(v).all() for v in load_weights(str(last)).values())

@@ -240,8 +240,7 @@ class TrainingRun:
         try:
             yield
         except OutputError as e:
-            raise OutputError(f"{e}; {self._kept()}; once it can be written, continue with: {self.command} "
-                              f"--resume auto --out {self.out}") from None
+            raise OutputError(f"{e}; {self._kept()}; once it can be written, {self._go_on()}") from None
 
     def _kept(self) -> str:
         """Which checkpoint is on disk: "the last good checkpoint is ..." or "no checkpoint ... yet"."""
@@ -253,6 +252,12 @@ class TrainingRun:
         if meta is None or "global_step" not in meta:
             return "no checkpoint had been saved yet"
         return f"the last good checkpoint is kept: {last} ({self._kept_position(meta)})"
+
+    def _go_on(self, flags: str = "") -> str:
+        """How to go on after a stop: resume from the kept state, or (none saved yet) run the command again."""
+        if os.path.isfile(os.path.join(self.out, f"{LAST}.state.pt")):
+            return f"continue with: {self.command} --resume auto --out {self.out}{flags}"
+        return f"run the command again{flags and ' with' + flags} (there is nothing to resume yet)"
 
     def _kept_position(self, meta: dict) -> str:
         """Where the kept checkpoint ``meta`` (:meth:`_meta`) stands in the run, for :meth:`_kept`."""
@@ -324,15 +329,14 @@ class TrainingRun:
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.core.parameters()]).all()):
             raise NonFiniteLossError(
                 f"the weights became NaN or inf by global step {self.global_step} (the losses were finite); "
-                f"stopped without saving them, {self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and "
-                f"resume: {self.command} --resume auto --out {self.out} --lr ...")
+                f"stopped without saving them, {self._kept()}. Try a lower --lr, --clip-grad, or --amp off: "
+                f"{self._go_on(' --lr ...')}")
 
     def _nonfinite_message(self, value: float, step: int) -> str:
         epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
         return (f"the training loss became {value} at epoch {epoch + 1}, step {in_epoch + 1}/{self.steps_per_epoch} "
                 f"(global step {step}); stopped without saving the weights of that step or later, "
-                f"{self._kept()}. Try a lower --lr, --clip-grad, or --amp off, and resume: "
-                f"{self.command} --resume auto --out {self.out} --lr ...")
+                f"{self._kept()}. Try a lower --lr, --clip-grad, or --amp off: {self._go_on(' --lr ...')}")
 
     # ------------------------------------------------------------------------------------------- loop
     def run(self) -> int:
