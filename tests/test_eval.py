@@ -1,5 +1,6 @@
 """vigla eval: vigla and foreign checkpoints, several resolutions, the JSON report, clear errors."""
 import json
+import re
 
 import pytest
 import timm
@@ -65,7 +66,7 @@ def test_eval_defaults_to_fmnist_test_and_writes_beside_the_checkpoint(tmp_path)
     ckpt.parent.mkdir()
     vigla_checkpoint(ckpt, num_classes=10, classes=list(FMNIST_CLASSES))
     assert cli.main(["eval", str(ckpt), "--fmnist-dir", fm]) == 0
-    report = json.load(open(tmp_path / "run" / "eval-fmnist.json"))
+    report = json.load(open(tmp_path / "run" / "best.eval-fmnist.json"))
     assert report["data"] == "fashion-mnist test" and report["results"][0]["images"] == 30
 
 
@@ -198,3 +199,20 @@ def test_eval_cuda_graph_with_loader_workers_equals_eager(tmp_path, folder):
         reports.append(report["results"][0])
     eager, graphed = reports
     assert graphed["top1"] == pytest.approx(eager["top1"]) and graphed["loss"] == pytest.approx(eager["loss"], rel=1e-2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--crop-pct", "0"], r"--crop-pct must be in \(0, 1\], got 0.0"),
+    (["--crop-pct", "-1"], r"--crop-pct must be in \(0, 1\], got -1.0"),
+    (["--img-size", "64", "-3"], r"--img-size takes sizes in \[1, 8192\], got -3"),
+    (["--workers", "-5"], "--workers must be -1"),
+])
+def test_eval_checks_its_numbers_first(tmp_path, capsys, flags, message):
+    """Checked before any size is evaluated: one line, exit 2, nothing written."""
+    ckpt = tmp_path / "best.safetensors"
+    vigla_checkpoint(ckpt, num_classes=10)
+    assert cli.main(["eval", str(ckpt), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err)
+    assert not list(tmp_path.glob("*.json")) or [p.name for p in tmp_path.glob("*.json")] == ["best.json"]

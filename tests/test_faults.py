@@ -513,7 +513,7 @@ def test_eval_bad_input(fault, needles, folder, tmp_path, capsys):
         args[3] = str(tmp_path / "looped")
     assert cli.main(args) == 2
     error_line(capsys.readouterr().err, "eval", *needles)
-    assert not (tmp_path / "eval-folder.json").exists()
+    assert not list(tmp_path.rglob("*eval-*.json"))
 
 
 def test_bench_unknown_model(tmp_path, capsys):

@@ -108,6 +108,26 @@ def test_bad_settings_are_clear(tmp_path):
         resolve_config({"data": "/x", "batch_size": 7})
     with pytest.raises(UserError, match="does not exist"):
         read_yaml(str(tmp_path / "none.yaml"))
+    with pytest.raises(UserError, match="is a folder: give the YAML file inside it"):
+        read_yaml(str(tmp_path))
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("lr", -1.0, r"--lr must be a finite number > 0, got -1.0"),
+    ("lr", float("nan"), r"--lr must be a finite number > 0, got nan"),
+    ("lr", float("inf"), r"--lr must be a finite number > 0, got inf"),
+    ("drop_path", 2.0, r"--drop-path must be a finite number in \[0, 1\), got 2.0"),
+    ("hflip", 3.0, r"--hflip must be a finite number in \[0, 1\], got 3.0"),
+    ("smoothing", 1.5, r"--smoothing must be a finite number in \[0, 1\), got 1.5"),
+    ("weight_decay", -1.0, r"--weight-decay must be a finite number in \[0, inf\), got -1.0"),
+    ("img_size", 100000, r"--img-size must be at most 8192, got 100000"),
+    ("workers", -5, r"--workers must be -1 \(automatic\) or >= 0, got -5"),
+])
+def test_numbers_out_of_range_are_refused(setting, value, message):
+    """Before anything runs (a negative --lr reached the optimizer, --drop-path 2 the first forward, a huge
+    --img-size the allocator; --hflip 3 and --smoothing 1.5 trained)."""
+    with pytest.raises(UserError, match=message):
+        resolve_config({"data": "/x", setting: value})
 
 
 # ---------------------------------------------------------------------------------------------- a full run

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +186,10 @@ def read_yaml(path: str) -> dict[str, Any]:
             raw = yaml.safe_load(fh)
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a folder: give the YAML file inside it") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read ({type(e).__name__}: {e})") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {e}") from None
     if raw is None:
@@ -248,6 +253,35 @@ def _validate(cfg: TrainConfig, source=lambda name: "the settings") -> None:
         _validate_cuda_graph(cfg)
     if not 0 < cfg.crop_pct <= 1:
         raise UserError(f"--crop-pct must be in (0, 1], got {cfg.crop_pct}")
+    _validate_ranges(cfg)
+
+
+# settings a number outside whose range has no meaning: (fields, lowest, highest, whether the highest is allowed)
+_RANGES = (
+    (("warmup_lr", "min_lr", "weight_decay", "clip_grad", "color_jitter", "mixup", "cutmix"), 0.0, math.inf, False),
+    (("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "scale_min", "ema_decay"), 0.0, 1.0, True),
+    (("smoothing", "drop_path"), 0.0, 1.0, False),
+)
+MAX_IMG_SIZE = 8192  # a training image side beyond it is a typo (8192 px already needs ~200 MB per RGB image)
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    """Numbers in their ranges (finite, a probability in [0, 1], ...): one line each, before anything runs."""
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    for names, low, high, closed in _RANGES:
+        for name in names:
+            value = getattr(cfg, name)
+            if value is None:
+                continue
+            inside = low <= value <= high if closed else low <= value < high
+            if not (inside and math.isfinite(value)):
+                bound = f"[{low:g}, {high:g}]" if closed else f"[{low:g}, {high:g})"
+                raise UserError(f"{_flag(name)} must be a finite number in {bound}, got {value}")
+    if cfg.img_size > MAX_IMG_SIZE:
+        raise UserError(f"--img-size must be at most {MAX_IMG_SIZE}, got {cfg.img_size}")
+    if cfg.workers < -1:
+        raise UserError(f"--workers must be -1 (automatic) or >= 0, got {cfg.workers}")
 
 
 def _validate_cuda_graph(cfg: TrainConfig) -> None:

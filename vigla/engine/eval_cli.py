@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=-1, metavar="N",
                         help="data loader processes (-1: one per spare core, at most 16; 0 on CPU for Fashion-MNIST)")
     parser.add_argument("--out", metavar="FILE.json", help="where to write the results "
-                        "(default: eval-<data>.json beside the checkpoint)")
+                        "(default: <checkpoint>.eval-<data>.json beside the checkpoint)")
 
 
 def _eval_source(data: str | None, fmnist_dir: str):
@@ -66,6 +66,7 @@ def _eval_source(data: str | None, fmnist_dir: str):
 
 def check_arguments(args: argparse.Namespace):
     """The device, once the flags fit it and the checkpoint exists (before anything is loaded)."""
+    from .config import MAX_IMG_SIZE
     from .distributed import setup
     from .errors import CheckpointError, UserError
 
@@ -76,6 +77,15 @@ def check_arguments(args: argparse.Namespace):
         raise UserError("--amp fp16 needs a CUDA device (on CPU use --amp bf16 or off)")
     if not os.path.exists(args.checkpoint):
         raise CheckpointError(f"checkpoint {args.checkpoint} does not exist")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    bad = [s for s in args.img_size or () if not 1 <= s <= MAX_IMG_SIZE]
+    if bad:
+        raise UserError(f"--img-size takes sizes in [1, {MAX_IMG_SIZE}], got {bad[0]}")
+    if args.workers < -1:
+        raise UserError(f"--workers must be -1 (automatic) or >= 0, got {args.workers}")
     return device
 
 
@@ -101,7 +111,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         raise UserError(f"{args.checkpoint} was trained on classes {_short(trained_classes)}, the data has "
                         f"{_short(source.classes)}")
     dc = meta["data_config"]
-    crop_pct = args.crop_pct or dc["crop_pct"]
+    crop_pct = dc["crop_pct"] if args.crop_pct is None else args.crop_pct
     interpolation = args.interpolation or dc["interpolation"]
     dtype = amp_dtype(args.amp, device)
     amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -171,9 +181,10 @@ def _print_row(row: dict, header: bool, title: str) -> None:
 
 
 def output_path(args: argparse.Namespace) -> str:
-    """``--out``, or ``eval-<data>.json`` beside the checkpoint."""
+    """``--out``, or ``<checkpoint>.eval-<data>.json`` beside the checkpoint (one file per checkpoint and data)."""
     data_tag = "fmnist" if args.data is None else os.path.basename(os.path.normpath(args.data))
-    return args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval-{data_tag}.json")
+    stem = os.path.splitext(os.path.abspath(args.checkpoint))[0]
+    return args.out or f"{stem}.eval-{data_tag}.json"
 
 
 def main(args: argparse.Namespace) -> int:
