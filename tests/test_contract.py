@@ -12,6 +12,7 @@ test: the same code at a fraction of the time.
 """
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -114,6 +115,20 @@ def test_half_precision_weights(name, dtype):
     half(x.to(dtype)).float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == dtype and bool(p.grad.isfinite().all())
                for p in half.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_whole_model_saves_and_loads(name):
+    """``torch.save(model)`` / ``torch.load``: the same class and output (Castling's layers were of a local class,
+    which pickle cannot name)."""
+    model, x = create(name), images(2)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", MODELS)

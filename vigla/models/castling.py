@@ -158,7 +158,8 @@ def _mixer_class(**config: Any) -> type:
     """``LinearAngularAttention`` with ``config`` as constructor defaults.
 
     timm's ``Block`` builds ``attn_layer(dim, num_heads=..., qkv_bias=..., ...)`` and checks it with
-    ``issubclass``, so a ``functools.partial`` cannot be passed; a subclass can.
+    ``issubclass``, so a ``functools.partial`` cannot be passed; a subclass can (only for building: the model
+    gives its layers the plain class back).
     """
 
     class _ConfiguredLinearAngularAttention(LinearAngularAttention):
@@ -212,6 +213,9 @@ class CastlingVisionTransformer(VisionTransformer):
             norm_eps=norm_eps,
         )
         super().__init__(attn_layer=attn_layer, **kwargs)
+        for block in self.blocks:  # built: the plain class again (a local class cannot be pickled: torch.save(model))
+            if type(block.attn) is attn_layer:
+                block.attn.__class__ = LinearAngularAttention
         self.dw_mode = dw_mode
         self.aux_schedule = schedule
         self._aux_switch = bool(aux)
