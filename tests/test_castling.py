@@ -583,6 +583,10 @@ def test_deit_warm_start(caplog, tmp_path):
                                pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.equal(loaded.blocks[5].attn.qkv.weight, ref["blocks.5.attn.qkv.weight"])
     assert loaded.pos_embed.shape == (1, 17, 192)
+    headless = timm.create_model("castling_deit_tiny", pretrained=True, img_size=64, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(path)))  # the checkpoint's head not used
+    assert isinstance(headless.head, torch.nn.Identity)
+    assert torch.equal(headless.blocks[5].attn.qkv.weight, ref["blocks.5.attn.qkv.weight"])
 
     with pytest.raises(KeyError, match="qkv_bias=True"):
         with torch.device("meta"):

@@ -93,6 +93,24 @@ def test_pretrained_features_only_and_new_head(name, shallow, indices, tmp_path)
         assert torch.equal(headless(x), src.forward_head(src.forward_features(x), pre_logits=True))
 
 
+@pytest.mark.parametrize("name, shallow, conv", [
+    ("vig_tiny", dict(depth=1), "patch_embed.conv1.weight"),
+    ("vig_h_tiny", dict(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8)), "stem.conv1.weight"),
+])
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_pretrained_for_other_input_channels(name, shallow, conv, in_chans, tmp_path):
+    """``in_chans`` 1 or 4 with 3-channel weights: timm adapts the first conv (1: the channels summed; 4: the
+    RGB filters repeated and scaled) and everything else loads unchanged."""
+    src = perturbed(name, **shallow)
+    save_official(src, name, tmp_path / "ckpt.pth")
+    model = load(name, tmp_path / "ckpt.pth", in_chans=in_chans, **shallow)
+    w, w3 = model.state_dict()[conv], src.state_dict()[conv]
+    assert w.shape == (w3.shape[0], in_chans, *w3.shape[2:])
+    if in_chans == 1:
+        torch.testing.assert_close(w, w3.sum(1, keepdim=True))
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items() if k != conv)
+
+
 @pytest.mark.parametrize("wrap", ["model", "model_ema", "state_dict", "bare", "ddp"])
 def test_filter_accepts_wrappers(wrap):
     with torch.device("meta"):

@@ -89,12 +89,14 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, what: str = "checkpoint",
-                     classifier_may_differ: bool = False) -> None:
+                     classifier_may_differ: bool = False, input_conv: str | None = None) -> None:
     """Raise :class:`CheckpointError` (a ``ValueError`` too) naming the missing, unexpected and wrongly shaped
     keys of ``state_dict`` against ``model``, in one line.
 
     ``classifier_may_differ``: a classifier (``head.*``) for another number of classes is accepted (timm
-    drops it after a checkpoint filter when ``num_classes`` differs from the checkpoint's)."""
+    drops it after a checkpoint filter when ``num_classes`` differs from the checkpoint's). ``input_conv``: the key
+    of the first convolution's weight, whose input channels may differ (timm adapts a 3-channel one to the model's
+    ``in_chans`` after the filter)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -103,6 +105,8 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
         for k, v in state_dict.items()
         if k in expected and v.shape != expected[k].shape
         and not (classifier_may_differ and k.startswith("head.") and v.shape[1:] == expected[k].shape[1:])
+        and not (k == input_conv and v.dim() == 4 and v.shape[0] == expected[k].shape[0]
+                 and v.shape[2:] == expected[k].shape[2:])
     ]
     if not (missing or unexpected or mismatched):
         return

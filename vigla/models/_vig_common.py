@@ -344,7 +344,8 @@ def filter_checkpoint(
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
     if adapt is not None:
         out = adapt(out, model)
-    check_state_dict(out, model, classifier_may_differ=True)
+    first = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    check_state_dict(out, model, classifier_may_differ=True, input_conv=f"{first}.weight" if first else None)
     return out
 
 

@@ -406,6 +406,8 @@ def _filter_and_fill(state_dict: Dict[str, torch.Tensor], model: CastlingVisionT
     """
     out = _vit_checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
     own = model.state_dict()
+    if not any(k.startswith("head.") for k in own):  # no classifier (num_classes=0): the checkpoint's is not used
+        out = {k: v for k, v in out.items() if not k.startswith("head.")}
     unexpected = sorted(set(out) - set(own))
     if unexpected:
         raise KeyError(
