@@ -143,7 +143,10 @@ class TrainingRun:
         self.epoch_loss = [0.0, 0]  # sum of step losses and step count in the current epoch (kept on resume)
         self._pending = []  # this epoch's step losses not read back yet (device tensors, see _train_on)
         self._window = []  # the read-back step losses since the last log row
-        self.skipped, self._val_warned = 0, False  # unreadable training samples so far; validation's warned
+        # the unreadable training images met so far (each file once: a sample's retries and later epochs meet the
+        # same files again); whether validation's were warned of
+        self.unreadable: set[str] = set()
+        self._val_warned = False
         if self.resume_state is not None:
             self._load_resume(self.resume_state)
         self.log = MetricsLog(self.out, resume_step=self.global_step) if self.is_main else None

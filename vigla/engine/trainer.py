@@ -198,7 +198,7 @@ class Trainer(TrainingRun):
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "global_batch": self.global_batch,
             "world_size": self.dist.world_size, "sampler_seed": self.sampler.seed, "sampler_epoch": self.epoch,
-            "epoch_loss": list(self.epoch_loss), "skipped_images": self.skipped,
+            "epoch_loss": list(self.epoch_loss), "unreadable_images": sorted(self.unreadable),
             "model_name": self.cfg.model, "model": self.core.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -234,7 +234,7 @@ class Trainer(TrainingRun):
             else:
                 self.ema.set(self.core)
         self._restore_schedule(state)
-        self.skipped = state["skipped_images"]
+        self.unreadable = set(state.get("unreadable_images", ()))
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             restore_rng(rng[self.dist.rank])
@@ -316,10 +316,9 @@ class Trainer(TrainingRun):
             return
         if self.cfg.strict_data:
             raise DataError(f"unreadable image {errors[0]} (--strict-data stops at the first bad file)")
-        if self.skipped == 0 and self.is_main:
-            warnings.warn(f"skipping unreadable image(s), replaced by the next readable one: {errors[0]}",
-                          stacklevel=2)
-        self.skipped += len(errors)
+        if not self.unreadable and self.is_main:
+            tqdm.write(f"warning: skipping unreadable image(s), replaced by the next readable one: {errors[0]}")
+        self.unreadable.update(errors)
 
     def _evaluate(self, loader, model) -> dict:
         try:
@@ -340,7 +339,7 @@ class Trainer(TrainingRun):
                "ema_val_top1": ema_val["top1"] if ema_val else float("nan"),
                "ema_val_top5": ema_val["top5"] if ema_val else float("nan"),
                "epoch_time_s": round(self.train_time, 2), "train_img_per_s": round(self.train_ips, 1),
-               "unreadable_images": self.skipped}
+               "unreadable_images": len(self.unreadable)}
         if hasattr(self.core, "aux_stats"):
             row.update({f"aux_{k}": float(v) for k, v in self.core.aux_stats().items()})
         row.update(validate_aux_branch(self.core, self.val_loader, self.prep_eval, self.amp_dtype, val))
@@ -353,8 +352,8 @@ class Trainer(TrainingRun):
             ema_txt = f" | EMA top-1 {ema_val['top1']:.2f}%" if ema_val else ""
             tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} | val top-1 "
                        f"{val['top1']:.2f}% top-5 {val['top5']:.2f}%{ema_txt} | {row['train_img_per_s']:.0f} img/s")
-            if self.skipped:
-                tqdm.write(f"warning: {self.skipped} unreadable image(s) skipped so far "
+            if self.unreadable:
+                tqdm.write(f"warning: {len(self.unreadable)} unreadable image(s) skipped so far "
                            f"(--strict-data makes them fatal)")
 
     def _finish(self) -> int:
