@@ -645,3 +645,16 @@ def test_git_info_dirty_ignores_the_results_being_recorded(tmp_path, monkeypatch
     assert git_info(repo)["dirty"] is False
     (repo / "code.py").write_text("x = 2\n")
     assert git_info(repo)["dirty"] is True
+
+
+def test_vit_sizes_must_be_whole_patches():
+    """A timm ViT runs at a size its patch size does not divide (the strided conv drops the remainder): refused
+    for training and evaluation, with the two nearest sizes that work; ViG takes any size."""
+    from vigla.engine.modeling import check_runs_at
+
+    vit = timm.create_model("test_vit", img_size=32)
+    patch = vit.patch_embed.patch_size[0]
+    with pytest.raises(UserError, match=rf"not a multiple of its patch size {patch} .* choose {2 * patch} or "
+                                        rf"{3 * patch}"):
+        check_runs_at(vit, "test_vit", 2 * patch + 1, torch.device("cpu"), "--img-size")
+    check_runs_at(timm.create_model("vig_tiny", depth=1), "vig_tiny", 33, torch.device("cpu"), "--img-size")

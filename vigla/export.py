@@ -211,10 +211,15 @@ def _check_shapes(batch: int, chans: int, hw: Tuple[int, int], dynamic: bool) ->
     return shapes
 
 
-def _size_note(model, program, fmt: str, dynamic: bool) -> str:
+def _size_note(model, program, fmt: str, dynamic: bool, hw: Tuple[int, int]) -> str:
     """What sizes the written file takes, as far as the export says."""
+    from timm.models import VisionTransformer
+
+    if fmt == "torchscript":  # the model's own code: a timm ViT checks its size unless built dynamic
+        fixed = isinstance(model, VisionTransformer) and not model.dynamic_img_size
+        return f"any batch at {hw[0]}x{hw[1]}" if fixed else "any batch and size"
     if not dynamic:
-        return "fixed batch and size" if fmt != "torchscript" else "any batch and size"
+        return "fixed batch and size"
     ranges = dynamic_ranges(program)
     note = ", ".join(f"{k} >= {lo}" for k, (lo, _) in ranges.items())
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
@@ -299,7 +304,7 @@ def _export_checked(args, model, name: str, hw: Tuple[int, int], chans: int, par
                         f"{MIN_DYNAMO_OPSET} and the versions its converter knows); choose one of those")
     print(f"exported {out} ({args.format}{' legacy' if args.legacy else ''}, {name}, traced at {hw[0]}x{hw[1]}, "
           f"{os.path.getsize(partial) / 2 ** 20:.1f} MiB) in {time.perf_counter() - start:.1f} s; takes "
-          f"{_size_note(model, program, args.format, args.dynamic)}")
+          f"{_size_note(model, program, args.format, args.dynamic, hw)}")
     try:
         worst = _parity(model, partial, args.format, _check_shapes(args.batch_size, chans, hw, args.dynamic))
     except Exception as e:  # noqa: BLE001  (the written file failing on a valid input: one line)

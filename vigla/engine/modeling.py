@@ -46,6 +46,14 @@ def check_runs_at(model: torch.nn.Module, name: str, img_size: int, device: torc
     """One forward of a ``[1, 3, img_size, img_size]`` batch (eval mode, no gradients) so that a size the model
     cannot take (smaller than a patch, not a multiple of its stride...) is a :class:`UserError` naming
     ``flag`` before any data is loaded."""
+    from timm.models import VisionTransformer
+
+    patch = model.patch_embed.patch_size[0] if isinstance(model, VisionTransformer) else 1
+    if img_size % patch:  # timm's ViTs run there, their strided patch conv never seeing the last pixels
+        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
+        raise UserError(f"{name} cannot use {flag} {img_size}: not a multiple of its patch size {patch} (the last "
+                        f"{img_size % patch} pixels of each side would never be seen); choose "
+                        f"{f'{lower} or ' if lower else ''}{upper}")
     was_training = model.training
     model.eval()
     try:
