@@ -354,7 +354,10 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     _one_line_error(capsys, ["train", "--data", str(bad)], "not a readable COCO json")
     _one_line_error(capsys, ["train", "--data", dataset, "--model", "vig_h_tinyy"], "unknown model", "vig_h_tiny")
     _one_line_error(capsys, ["train", "--data", dataset, "--model-args", "[1]"], "--model-args must be a JSON object")
-    _one_line_error(capsys, ["train", "--data", dataset, "--epochs", "1"], "--warmup-epochs must be in [0, --epochs=1)")
+    _one_line_error(capsys, ["train", "--data", dataset, "--epochs", "1"], "--warmup-epochs must be in [0, --epochs=1)",
+                    "lower --warmup-epochs (e.g. --warmup-epochs 0) or raise --epochs")
+    _one_line_error(capsys, ["train", "--data", dataset, "--model-args", '{"depths": [1]}'],
+                    "cannot be built with these settings (--model-args?)")
     boxes_only = tmp_path / "boxes"
     for split in ("train", "val"):
         os.makedirs(boxes_only / split)

@@ -154,7 +154,8 @@ def _validate(cfg: DenseConfig) -> None:
     if not 0 <= cfg.hflip <= 1:
         raise UserError(f"--hflip is a probability in [0, 1], got {cfg.hflip}")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
-        raise UserError(f"--warmup-epochs must be in [0, --epochs={cfg.epochs}), got {cfg.warmup_epochs}")
+        raise UserError(f"--warmup-epochs must be in [0, --epochs={cfg.epochs}), got {cfg.warmup_epochs}: lower "
+                        f"--warmup-epochs (e.g. --warmup-epochs 0) or raise --epochs")
     if min(cfg.train_subset, cfg.val_subset) < 0:
         raise UserError("--train-subset and --val-subset must be >= 0")
     if cfg.clip_grad < 0:

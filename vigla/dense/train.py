@@ -185,15 +185,27 @@ class DenseTrainer(TrainingRun):
         weights = cfg.backbone_weights if self.resume_state is None else None
         if weights is not None and not os.path.isfile(weights):
             raise CheckpointError(f"--backbone-weights {weights} does not exist")
+        detect_sizes = sizes if cfg.task == "detect" else None
         try:
-            model = build_model(self.meta, sizes if cfg.task == "detect" else None, weights)
-        except (RuntimeError, KeyError) as e:  # timm's loading of --backbone-weights
+            model = build_model(self.meta, detect_sizes, weights)
+        except (RuntimeError, KeyError, ValueError, TypeError, AssertionError) as e:
+            if weights is None or not self._builds(detect_sizes):  # the settings, not the weights
+                raise UserError(f"{cfg.model} cannot be built with these settings (--model-args?): "
+                                f"{_first_line(e)}") from None
             raise CheckpointError(f"--backbone-weights {weights} does not load into {cfg.model}: "
                                   f"{_first_line(e)}") from None
         if cfg.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.core = self.model = model.to(self.device)
+
+    def _builds(self, detect_sizes) -> bool:
+        """Whether the model builds from the settings alone (no weights): which of the two a failure was."""
+        try:
+            build_model(self.meta, detect_sizes, None)
+        except (RuntimeError, KeyError, ValueError, TypeError, AssertionError):
+            return False
+        return True
 
     def _build_optimisation(self):
         cfg = self.cfg
