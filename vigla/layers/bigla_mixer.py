@@ -36,7 +36,7 @@ def _check_grid(n: int, hw: tuple[int, int]) -> None:
 
 
 # the layers whose parameters the fused paths read, with the type they must have for that
-_LEAVES = (("dwconv", nn.Conv2d), ("qkv", nn.Linear), ("decay_down", nn.Linear), ("decay_up", nn.Linear),
+LEAVES = (("dwconv", nn.Conv2d), ("qkv", nn.Linear), ("decay_down", nn.Linear), ("decay_up", nn.Linear),
            ("mix_gate", nn.Linear), ("norm_out", RmsNorm), ("norm_local", RmsNorm), ("proj", nn.Linear))
 
 
@@ -202,7 +202,7 @@ class BiGLAMixer(nn.Module):
     def reads_leaves(self) -> bool:
         """Whether :meth:`forward` may read its layers' parameters (the fused paths) rather than call them
         (:meth:`forward_layers`): :func:`vigla.layers.cast.plain_leaves`."""
-        return plain_leaves(self, _LEAVES)
+        return plain_leaves(self, LEAVES)
 
     @torch.jit.unused
     def forward_layers(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

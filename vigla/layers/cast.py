@@ -24,6 +24,7 @@ anew is seen through PyTorch's global registration hooks (:func:`_restructured`)
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from typing import Callable, NamedTuple, Sequence
 
@@ -95,24 +96,24 @@ def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tens
 class _Memo(NamedTuple):
     generation: int
     key: tuple
-    slots: tuple  # where the module's parameters (recursively) live: (the owner's parameter dict, name) pairs
-    state: tuple  # what held them when the value was built: each one's identity, storage and version counter
+    dicts: tuple  # where the module's parameters (recursively) live: their owners' parameter dicts ...
+    names: tuple  # ... and names there
+    params: tuple  # the tensors there when the value was built
+    state: tuple  # their storage and version counter then
     value: object
 
 
 _MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _slots(module: nn.Module) -> tuple:
-    return tuple([(m._parameters, name) for m in module.modules() for name, p in m._parameters.items()
-                  if p is not None])
+def _state(params: tuple) -> tuple:
+    return tuple([(p.data_ptr(), p._version) for p in params])
 
 
-def _state(slots: tuple) -> tuple:
-    """Each slot's tensor now, by identity, storage and version: read from the parameter dicts themselves, so
-    that tensors swapped in without the registration hooks (``torch.func.functional_call``) are seen."""
-    return tuple([None if p is None else (id(p), p.data_ptr(), p._version)
-                  for p in [d.get(name) for d, name in slots]])
+def _held(memo: _Memo) -> bool:
+    """Whether the parameter dicts still hold the tensors the record was built from (in C: ``functional_call``
+    swaps tensors in without the registration hooks)."""
+    return all(map(operator.is_, map(dict.get, memo.dicts, memo.names), memo.params))
 
 
 def memoized(module: nn.Module, key: tuple, build: Callable[[], object]):
@@ -124,12 +125,14 @@ def memoized(module: nn.Module, key: tuple, build: Callable[[], object]):
     if torch.compiler.is_compiling():
         return build()
     memo = _MEMOS.get(module)
-    if memo is not None and memo.generation == _GENERATION[0] and memo.key == key and memo.state == _state(
-            memo.slots):
+    if memo is not None and memo.generation == _GENERATION[0] and memo.key == key and _held(memo) \
+            and memo.state == _state(memo.params):
         return memo.value
-    generation, slots = _GENERATION[0], _slots(module)
+    generation = _GENERATION[0]
+    slots = [(m._parameters, name, p) for m in module.modules() for name, p in m._parameters.items() if p is not None]
+    dicts, names, params = (tuple(column) for column in zip(*slots)) if slots else ((), (), ())
     value = build()
-    _MEMOS[module] = _Memo(generation, key, slots, _state(slots), value)
+    _MEMOS[module] = _Memo(generation, key, dicts, names, params, _state(params), value)
     return value
 
 
@@ -140,23 +143,34 @@ _LEAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plain_leaves(module: nn.Module, leaves: tuple) -> bool:
-    """Whether ``module`` may read its leaf layers' parameters instead of calling them: each child named in
-    ``leaves`` (``(name, type)`` pairs) exactly of that type (not replaced by a wrapper, e.g. a LoRA adapter or a
-    quantized layer, nor given a parametrization, which subclasses it) and no hook on any of them, nor a global
-    one (a user's forward hooks; pruning's and the legacy weight norm's pre-hooks, which recompute ``weight``).
-    Otherwise the layer calls them one by one. While no module is assigned anew anywhere, one lookup and a
-    look at the leaves' hook dicts."""
-    if torch.compiler.is_compiling():
-        children = module._modules
-        return (all(type(children.get(name)) is kind for name, kind in leaves)
-                and not any(getattr(children[name], h) for name, _ in leaves for h in HOOKS) and not any(GLOBAL_HOOKS))
-    entry = _LEAVES.get(module)
-    if entry is None or entry[0] != _GENERATION[0]:
-        children = module._modules
-        kinds = all(type(children.get(name)) is kind for name, kind in leaves)
-        hooks = tuple(getattr(children[name], h) for name, _ in leaves for h in HOOKS) if kinds else ()
-        entry = _LEAVES[module] = (_GENERATION[0], kinds, hooks)
+    """Whether ``module`` may read its layers' parameters instead of calling them: each submodule named in
+    ``leaves`` (``(dotted name, type)`` pairs; type None: any) exactly of that type (not replaced by a wrapper,
+    e.g. a LoRA adapter or a quantized layer, nor given a parametrization, which subclasses it) and no hook on
+    any of them, nor a global one (a user's forward hooks; pruning's and the legacy weight norm's pre-hooks,
+    which recompute ``weight``). Otherwise the layer calls them one by one. While no module is assigned anew
+    anywhere, one lookup and a look at the leaves' hook dicts."""
+    entry = None if torch.compiler.is_compiling() else _LEAVES.get(module)  # a graph keeps no cache
+    if entry is None or entry[0] != _GENERATION[0] or entry[3] is not leaves:
+        entry = _leaves_entry(module, leaves)
+        if not torch.compiler.is_compiling():
+            _LEAVES[module] = entry
     return entry[1] and not any(entry[2]) and not any(GLOBAL_HOOKS)
+
+
+def _leaves_entry(module: nn.Module, leaves: tuple) -> tuple:
+    """``(generation, whether every leaf exists with its type, the leaves' hook dicts, leaves)``."""
+    found = [module.get_submodule(name) if _has(module, name) else None for name, _ in leaves]
+    kinds = all(m is not None and (kind is None or type(m) is kind) for m, (_, kind) in zip(found, leaves))
+    hooks = tuple(getattr(m, h) for m in found for h in HOOKS) if kinds else ()
+    return _GENERATION[0], kinds, hooks, leaves
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    for part in name.split("."):
+        module = module._modules.get(part)
+        if module is None:
+            return False
+    return True
 
 
 # gemm_weights' cache, beside its modules rather than on them: oneDNN's packed weights have no storage, so a

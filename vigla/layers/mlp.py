@@ -18,7 +18,7 @@ __all__ = ["SwiGLU", "MlpInference"]
 torch.fx.wrap("swiglu_mlp")  # a leaf under torch.fx: the traced graph calls the op as it is
 
 
-_LEAVES = (("fc1", nn.Linear), ("fc2", nn.Linear))  # the layers whose weights the fused paths read
+LEAVES = (("fc1", nn.Linear), ("fc2", nn.Linear))  # the layers whose weights the fused paths read
 
 
 class SwiGLU(nn.Module):
@@ -48,7 +48,7 @@ class SwiGLU(nn.Module):
     def reads_leaves(self) -> bool:
         """Whether :meth:`forward` may read fc1's and fc2's weights (the fused paths) rather than call them:
         :func:`vigla.layers.cast.plain_leaves`."""
-        return plain_leaves(self, _LEAVES)
+        return plain_leaves(self, LEAVES)
 
     @torch.jit.unused
     def inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "MlpInference":

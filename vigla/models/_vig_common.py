@@ -21,7 +21,9 @@ from timm.models import build_model_with_cfg
 from ..engine.checkpoint import check_state_dict
 from ..layers import BiGLAMixer, SwiGLU
 from ..layers.bigla_mixer import MixerInference
-from ..layers.cast import GLOBAL_HOOKS, HOOKS, MlpProjection, Projection, dense, memoized
+from ..layers.bigla_mixer import LEAVES as MIXER_LEAVES
+from ..layers.mlp import LEAVES as MLP_LEAVES
+from ..layers.cast import GLOBAL_HOOKS, HOOKS, MlpProjection, Projection, dense, memoized, plain_leaves
 from ..layers.mlp import MlpInference
 from ..layers.norm import NormParams, add_and_norm, add_and_norm_inference, fused_norm
 from ..ops.add_norm.op import linear_fused
@@ -44,6 +46,12 @@ __all__ = [
 def swiglu_hidden_dim(dim: int, multiple_of: int) -> int:
     """SwiGLU width of the official code: ``8 * dim / 3`` rounded up to ``multiple_of``."""
     return multiple_of * math.ceil((8 * dim // 3) / multiple_of)
+
+
+# what a block's inference path reads instead of calling: its norms (any type, no hook) and the mixer's and the
+# MLP's layers (vigla.layers.cast.plain_leaves); otherwise the block calls its layers
+_LEAVES = (("norm1", None), ("norm2", None), *((f"attn.{n}", k) for n, k in MIXER_LEAVES),
+           *((f"mlp.{n}", k) for n, k in MLP_LEAVES))
 
 
 class ViGBlock(nn.Module):
@@ -89,7 +97,7 @@ class ViGBlock(nn.Module):
         float32, rounded once to ``x``'s dtype, as the separate add would; in the backward, a half-precision
         residual stream gets its gradient rounded once instead of twice). ``[B, N, C]`` tensors."""
         ops = inference_ops(x)
-        if ops is not None and _plain_call(self.norm1) and _plain_call(self.norm2):  # hooked norms are called
+        if ops is not None and plain_leaves(self, _LEAVES):  # else its layers are called (replaced or hooked)
             return self.forward_pair_inference(x, delta, hw, ops)
         x, y = add_and_norm(self.norm1, x, dense(delta))
         x, y = add_and_norm(self.norm2, x, self.drop_path1(self.attn(y, hw)))
@@ -108,17 +116,16 @@ class ViGBlock(nn.Module):
         defer = not self.training  # drop path needs the branch's output
         p = self.inference_params(x, dtype)
         x, y = add_and_norm_inference(p.norm1, x, delta, dtype, ops)
-        if p.attn is not None and _plain_call(self.attn) and self.attn.reads_leaves():
+        if p.attn is not None and _plain_call(self.attn):
             a = self.attn.forward_inference(y, hw, dtype, ops, defer, p.attn)
         else:
             a = self.attn(y, hw)
-        if defer and p.folded is not None and isinstance(a, Projection) and _plain_call(self.mlp) \
-                and self.mlp.reads_leaves():
+        if defer and p.folded is not None and isinstance(a, Projection) and _plain_call(self.mlp):
             # norm2 split: the add and each row's reciprocal RMS here, its weight inside fc1
             x, rstd = ops.linear_add_norm(a.rows, a.w.t(), x, None, None, p.norm2.eps, True, x.dtype)
             return x, MlpProjection(x.reshape(-1, x.shape[-1]), *p.folded, x.shape, ops, rstd.reshape(-1))
         x, y = add_and_norm_inference(p.norm2, x, a if defer else self.drop_path1(a), dtype, ops)
-        if p.mlp is not None and _plain_call(self.mlp) and self.mlp.reads_leaves():
+        if p.mlp is not None and _plain_call(self.mlp):
             m = self.mlp.forward_inference(y, dtype, ops, defer, p.mlp)
         else:
             m = self.mlp(y)
