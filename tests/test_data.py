@@ -114,6 +114,9 @@ def test_folder_errors_are_clear(tmp_path):
     (tmp_path / "d" / "train" / "cat").mkdir()
     with pytest.raises(DataError, match="no image files"):
         load_image_folder_pair(str(tmp_path / "d"))
+    write_folder(str(tmp_path / "d" / "train"), ["cat"])
+    with pytest.raises(DataError, match=r"train/ has one class folder \(cat\); a classifier needs at least two"):
+        load_image_folder_pair(str(tmp_path / "d"))
     write_folder(str(tmp_path / "d" / "train"), ["cat", "dog"])
     write_folder(str(tmp_path / "d" / "val"), ["cat", "emu"])
     with pytest.raises(DataError, match=r"only in train/: \['dog'\]; only in val/: \['emu'\]"):

@@ -148,6 +148,9 @@ def load_image_folder_pair(root: str) -> tuple[FolderSource, FolderSource]:
             raise DataError(f"--data {root}: missing the {split}/ folder (expected {root}/train/<class>/... "
                             f"and {root}/val/<class>/...)")
     train = scan_image_folder(os.path.join(root, "train"))
+    if len(train.classes) < 2:
+        raise DataError(f"--data {root}: train/ has one class folder ({train.classes[0]}); a classifier needs at "
+                        f"least two")
     val = scan_image_folder(os.path.join(root, "val"), require_all_classes=False)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
