@@ -199,14 +199,14 @@ class _Adapter(torch.nn.Module):
 
 @pytest.mark.parametrize("name, kwargs", [("vig_tiny", dict(depth=2)), ("vig_h_tiny", dict(depths=(1, 1, 1, 1)))])
 def test_blocks_call_their_layers_when_watched(name, kwargs):
-    """A forward hook on any block layer (Linear, conv, norm) fires, in eval and in training, and the output is
-    the fused paths' (the layers then run as modules, BiGLAMixer.forward_layers)."""
+    """A forward hook on any layer (Linear, conv, norm: the stem's, the blocks', the head's) fires, in eval and in
+    training, and the output is the fused paths' (the layers then run as modules, BiGLAMixer.forward_layers)."""
     model, x = _perturbed(name, **kwargs), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         plain = model(x)
     fired = set()
-    layers = {n: m for n, m in model.named_modules() if ".blocks." in f".{n}" and
-              isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, vigla.layers.RmsNorm))}
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, timm.layers.LayerNorm2d, vigla.layers.RmsNorm)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
     for n, m in layers.items():
         m.register_forward_hook(lambda module, args, out, n=n: fired.add(n))
     with torch.no_grad():

@@ -129,7 +129,9 @@ def run_exported(path: str, fmt: str, x):
     if fmt == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # fatal only: a failure is raised (and told in one line), not also logged
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
     with torch.no_grad():

@@ -15,7 +15,10 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 
 from ..ops.conv_norm import conv_norm_act
+from .cast import plain_leaves
 from .norm import add_and_norm, layer_norm_dtype
+
+_LEAVES = (("conv1", nn.Conv2d), ("norm1", LayerNorm2d))  # what ConvStem's fused first op reads
 
 __all__ = ["ConvStem", "ConvDownsample", "check_image_batch"]
 
@@ -92,9 +95,15 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.in_chans, self.min_input_size, "ConvStem")
-        if torch.jit.is_scripting() or not self.fused_act:
+        if torch.jit.is_scripting() or not self.fused_act or not self._reads_leaves():
             return self.forward_layers(x)
         return self._fused(x)
+
+    @torch.jit.unused
+    def _reads_leaves(self) -> bool:
+        """Whether the fused path may read conv1's and norm1's parameters (:func:`vigla.layers.cast.plain_leaves`;
+        conv2 and norm2 are called either way)."""
+        return plain_leaves(self, _LEAVES)
 
     def forward_layers(self, x: torch.Tensor) -> torch.Tensor:
         """The layers one by one, as PyTorch runs them (what the fused path replaces; TorchScript's path)."""
