@@ -95,7 +95,9 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, self.in_chans, self.min_input_size, "ConvStem")
-        if torch.jit.is_scripting() or not self.fused_act or not self._reads_leaves():
+        if torch.jit.is_scripting():
+            return self.forward_layers(x)
+        if not self.fused_act or not self._reads_leaves():
             return self.forward_layers(x)
         return self._fused(x)
 
