@@ -8,7 +8,9 @@ kernel launch per weight per forward, which at 224² is a large part of an eager
 prepared once: transposed, or packed for oneDNN on the CPU) and :func:`gemm`. A layer keeps what its eager
 inference path reads (those weights, its norms' parameters, its choices of kernels) in one
 :func:`memoized` record, so that a call checks one key instead of building each piece: at 224² an eager
-ViG forward is bound by the host's time. While ``torch.compile`` traces an inference path, all of them
+ViG forward is bound by the host's time. The layers read their sublayers' weights only while those are plain
+(:func:`plain_leaves`: their own type, no hook), else call them: a LoRA adapter, a quantized or pruned layer, a
+forward hook see what they expect. While ``torch.compile`` traces an inference path, all of them
 build their results in the graph on every call instead (a graph holds no cache): the casts and the
 concatenations become kernels Inductor fuses.
 
@@ -159,18 +161,19 @@ def plain_leaves(module: nn.Module, leaves: tuple) -> bool:
 
 def _leaves_entry(module: nn.Module, leaves: tuple) -> tuple:
     """``(generation, whether every leaf exists with its type, the leaves' hook dicts, leaves)``."""
-    found = [module.get_submodule(name) if _has(module, name) else None for name, _ in leaves]
+    found = [_find(module, name) for name, _ in leaves]
     kinds = all(m is not None and (kind is None or type(m) is kind) for m, (_, kind) in zip(found, leaves))
     hooks = tuple(getattr(m, h) for m in found for h in HOOKS) if kinds else ()
     return _GENERATION[0], kinds, hooks, leaves
 
 
-def _has(module: nn.Module, name: str) -> bool:
+def _find(module: nn.Module, name: str) -> nn.Module | None:
+    """The submodule at the dotted ``name``, or None."""
     for part in name.split("."):
         module = module._modules.get(part)
         if module is None:
-            return False
-    return True
+            return None
+    return module
 
 
 # gemm_weights' cache, beside its modules rather than on them: oneDNN's packed weights have no storage, so a
