@@ -173,6 +173,17 @@ def test_default_cfg_and_heads(name):
     bare = create(name, num_classes=0, global_pool="")
     with torch.no_grad():
         assert bare(x).shape == feats.shape
+    # timm's max and avgmax pools (what its ViTs take), against the unpooled features
+    dims = (2, 3) if family(name) == "vig_h" else (1,)
+    for pool, expect in (("max", feats.amax(dims)), ("avgmax", 0.5 * (feats.mean(dims) + feats.amax(dims)))):
+        if family(name) == "castling":
+            expect = None  # timm's own pooling (prefix tokens excluded): only the shape here
+        model.reset_classifier(0, pool)
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (1, model.num_features)
+        if expect is not None:
+            assert_close(out, expect, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -37,8 +37,8 @@ except ImportError:  # older timm keeps no such record
     update_model_input_size = None
 
 __all__ = [
-    "ViGBlock", "BlockInference", "swiglu_hidden_dim", "drop_path_schedule", "run_blocks", "checkpoint_blocks", "check_global_pool",
-    "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "filter_checkpoint",
+    "ViGBlock", "BlockInference", "swiglu_hidden_dim", "drop_path_schedule", "run_blocks", "checkpoint_blocks",
+    "check_global_pool", "pool", "POOLS", "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "filter_checkpoint",
     "vig_cfg", "build_vig",
 ]
 
@@ -241,14 +241,28 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, hw: Tuple[in
     return x
 
 
+POOLS = ("avg", "max", "avgmax", "")  # timm's pools that need no class token or pooling layer; "": none
+
+
 def check_global_pool(global_pool: str) -> None:
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    if global_pool not in POOLS:
+        raise ValueError(f"global_pool must be one of 'avg', 'max', 'avgmax' or '' (no pooling), got {global_pool!r}")
+
+
+def pool(x: torch.Tensor, global_pool: str, dims: List[int]) -> torch.Tensor:
+    """``x`` pooled over ``dims`` as timm's ``global_pool`` names it (mean, max, their average); ``""``: as it is."""
+    if global_pool == "avg":
+        return x.mean(dims)
+    if global_pool == "max":
+        return x.amax(dims)
+    if global_pool == "avgmax":
+        return 0.5 * (x.mean(dims) + x.amax(dims))
+    return x
 
 
 class ClassifierMixin:
     """timm's classifier accessors for a model whose ``head`` (``Linear`` or ``Identity``) takes
-    ``num_features`` channels after ``global_pool`` (``"avg"`` or ``""``), as both ViGs have."""
+    ``num_features`` channels after ``global_pool`` (:data:`POOLS`), as both ViGs have."""
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

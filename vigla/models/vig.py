@@ -23,7 +23,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm
 from ._vig_common import (
-    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, run_blocks,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, pool, run_blocks,
     drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
 )
 
@@ -40,7 +40,8 @@ class ViG(ClassifierMixin, nn.Module):
         img_size: size the learned position embedding is laid out for (other sizes resize it on
             the fly; :meth:`set_input_size` lays it out anew).
         in_chans, num_classes: input channels, classes (0: no classifier).
-        global_pool: ``"avg"`` (mean over tokens) or ``""`` (classifier applied per token).
+        global_pool: ``"avg"`` (mean over tokens), ``"max"``, ``"avgmax"`` (their average) or ``""`` (classifier
+            applied per token).
         embed_dim, depth, num_heads: width ``C``, blocks, heads (``d_v = C / num_heads``).
         expand_k: key width ``K = expand_k * C``.
         conv_act, out_act: SiLU after the mixer's DWConv / before its output projection (ViG-T).
@@ -170,9 +171,7 @@ class ViG(ClassifierMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``[B, N, C]`` -> ``[B, num_classes]`` (``[B, C]`` if ``pre_logits``); with
         ``global_pool=""`` per token, ``[B, N, num_classes]`` (``[B, N, C]``)."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
+        x = self.head_drop(pool(x, self.global_pool, [1]))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from ..layers import ConvDownsample, ConvStem
 from ..layers.norm import add_and_norm, layer_norm_dtype
 from ._vig_common import (
-    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, run_blocks,
+    MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, pool, run_blocks,
     drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
 )
 
@@ -74,7 +74,8 @@ class HierViG(ClassifierMixin, nn.Module):
         img_size: nominal input size (recorded for timm's data config; ViG-H has no position
             embedding and runs at any size).
         in_chans, num_classes: input channels, classes (0: no classifier).
-        global_pool: ``"avg"`` or ``""`` (classifier applied per position, ``[B, classes, h, w]``).
+        global_pool: ``"avg"``, ``"max"``, ``"avgmax"`` or ``""`` (classifier applied per position,
+            ``[B, classes, h, w]``).
         depths, dims, num_heads: per stage (``d_v = dim / heads``, 32 in every shipped config).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing to this value over all blocks.
@@ -176,12 +177,10 @@ class HierViG(ClassifierMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``[B, C, h, w]`` -> ``[B, num_classes]`` (``[B, C]`` if ``pre_logits``); with
         ``global_pool=""`` per position, ``[B, num_classes, h, w]`` (``[B, C, h, w]``)."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
+        x = self.head_drop(pool(x, self.global_pool, [2, 3]))
         if pre_logits:
             return x
-        if self.global_pool == "avg":
+        if self.global_pool:
             return self.head(x)
         return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
