@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from functools import partial
 
 import numpy as np
@@ -229,7 +228,7 @@ class DenseTrainer(TrainingRun):
         """The training state: weights, optimizer, schedule, RNG, and the model's description."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss), "skipped": self.skipped,
+                "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss), "unreadable": sorted(self.unreadable),
                 "model_meta": json.dumps(self.meta), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -257,7 +256,7 @@ class DenseTrainer(TrainingRun):
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: the optimizer state does not fit this model ({e})") from None
         self._restore_schedule(state)
-        self.skipped = state["skipped"]
+        self.unreadable = set(state.get("unreadable", ()))
         restore_rng(state["rng"])
 
     def _save_best(self, val: dict) -> None:
@@ -312,9 +311,9 @@ class DenseTrainer(TrainingRun):
         if self.cfg.strict_data or kept == 0:
             why = "--strict-data stops at the first bad file" if self.cfg.strict_data else "a whole batch of them"
             raise DataError(f"unreadable sample {errors[0]} ({why})")
-        if self.skipped == 0:
-            warnings.warn(f"skipping unreadable sample(s), the batch is smaller: {errors[0]}", stacklevel=2)
-        self.skipped += len(errors)
+        if not self.unreadable:
+            tqdm.write(f"warning: skipping unreadable sample(s), the batch is smaller: {errors[0]}")
+        self.unreadable.update(errors)
 
     def evaluate(self) -> dict:
         """The validation metrics of the current weights (:mod:`vigla.dense.evaluate`)."""
@@ -338,7 +337,7 @@ class DenseTrainer(TrainingRun):
                "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
                **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
                "epoch_time_s": round(self.train_time, 2), "train_img_per_s": round(self.train_ips, 2),
-               "unreadable_samples": self.skipped}
+               "unreadable_samples": len(self.unreadable)}
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss = 0, [0.0, 0]
         self._save_best(val)

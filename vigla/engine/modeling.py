@@ -49,11 +49,10 @@ def check_runs_at(model: torch.nn.Module, name: str, img_size: int, device: torc
     from timm.models import VisionTransformer
 
     patch = model.patch_embed.patch_size[0] if isinstance(model, VisionTransformer) else 1
-    if img_size % patch:  # timm's ViTs run there, their strided patch conv never seeing the last pixels
+    if img_size > patch and img_size % patch:  # timm's ViTs run there, their patch conv never seeing the last pixels
         lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
         raise UserError(f"{name} cannot use {flag} {img_size}: not a multiple of its patch size {patch} (the last "
-                        f"{img_size % patch} pixels of each side would never be seen); choose "
-                        f"{f'{lower} or ' if lower else ''}{upper}")
+                        f"{img_size % patch} pixels of each side would never be seen); choose {lower} or {upper}")
     was_training = model.training
     model.eval()
     try:
