@@ -59,8 +59,12 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
         return torch.ops.vigla.dwconv(*args)
     if use_kernels(x) or cpu_forward(x, weight, args[-1]):
         return run_eager(DWConvFunction, dwconv_forward, *args)
-    # PyTorch's conv wants one dtype: both in the compute dtype (what autocast casts them to when it is on)
-    return _conv_tokens(x.to(dtype), weight.to(dtype), (H, W), act).to(args[-1])
+    # PyTorch's conv with autograd, in float32 (float64 for float64) as the kernels and the reference accumulate,
+    # rounded once to out_dtype: the same values as the custom op, which a dispatch mode (checkpointing) sees
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        y = _conv_tokens(x.to(work), weight.to(work), (H, W), act)
+    return y.to(args[-1])
 
 
 def _conv_tokens(x: torch.Tensor, weight: torch.Tensor, hw: Tuple[int, int], act: bool) -> torch.Tensor:
