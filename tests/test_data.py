@@ -276,3 +276,23 @@ def test_default_loader_processes(monkeypatch):
     for cores, processes, expected in ((2, 1, 1), (16, 1, 15), (64, 1, 16), (16, 8, 1), (128, 8, 15)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert default_workers(processes) == expected, (cores, processes)
+
+
+def test_recipe_randaugment_keeps_zero_bits_as_black():
+    """The recipe's RandAugment (rand-m9-mstd0.5-inc1) draws timm's increasing posterize at magnitude 10, 0 bits
+    kept: Pillow >= 13 refuses it (a ValueError in the loader a few epochs into a run); vigla's op gives the black
+    image Pillow gave before, and the other magnitudes timm's result."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from vigla.data.transforms import _augment_ops, train_transform
+
+    t = train_transform(32, scale_min=0.08, hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+                        interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    op = next(o for o in _augment_ops(t) if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude_std = 1.0, 0.0
+    img = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8"))
+    op.magnitude = 10
+    assert not np.asarray(op(img)).any()
+    op.magnitude = 5  # 2 bits kept
+    assert np.array_equal(np.asarray(op(img)), np.asarray(ImageOps.posterize(img, 2)))

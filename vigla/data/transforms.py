@@ -3,7 +3,8 @@ uint8 out; normalisation and RandomErasing batched on the device (as timm's pref
 from __future__ import annotations
 
 import torch
-from timm.data import create_transform
+from PIL import Image
+from timm.data import auto_augment as timm_augment, create_transform
 from timm.data.random_erasing import RandomErasing
 
 
@@ -12,9 +13,32 @@ def train_transform(img_size: int, *, scale_min: float, hflip: float, color_jitt
     """RandomResizedCrop(img_size, scale=(scale_min, 1)) + flip + RandAugment (or colour jitter) -> uint8 ``[3, H, W]``.
 
     timm skips colour jitter when RandAugment is on, as in the ViG recipe."""
-    return create_transform(img_size, is_training=True, scale=(scale_min, 1.0), hflip=hflip,
-                            color_jitter=color_jitter or None, auto_augment=auto_augment or None,
-                            interpolation=interpolation, mean=mean, std=std, use_prefetcher=True)
+    transform = create_transform(img_size, is_training=True, scale=(scale_min, 1.0), hflip=hflip,
+                                 color_jitter=color_jitter or None, auto_augment=auto_augment or None,
+                                 interpolation=interpolation, mean=mean, std=std, use_prefetcher=True)
+    for op in _augment_ops(transform):
+        if op.aug_fn is timm_augment.posterize:
+            op.aug_fn = posterize
+    return transform
+
+
+def _augment_ops(transform) -> list:
+    """The ``AugmentOp``s of timm's RandAugment / AutoAugment / AugMix inside ``transform`` (a Compose)."""
+    ops = []
+    for t in getattr(transform, "transforms", [transform]):
+        ops += list(getattr(t, "ops", []))
+        for sub in getattr(t, "policy", []):
+            ops += list(sub) if isinstance(sub, (list, tuple)) else [sub]
+    return [op for op in ops if hasattr(op, "aug_fn")]
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize with 0 bits kept giving a black image, as Pillow did before 13 (which refuses 0 bits):
+    timm's increasing posterize keeps 4 - 4 * magnitude / 10 bits, 0 at magnitude 10, which the recipe's
+    ``rand-m9-mstd0.5`` draws (a ValueError in the loader a few epochs into a run)."""
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return timm_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def eval_transform(img_size: int, *, crop_pct: float, interpolation: str, mean, std):
