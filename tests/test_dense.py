@@ -357,7 +357,13 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     _one_line_error(capsys, ["train", "--data", dataset, "--epochs", "1"], "--warmup-epochs must be in [0, --epochs=1)",
                     "lower --warmup-epochs (e.g. --warmup-epochs 0) or raise --epochs")
     _one_line_error(capsys, ["train", "--data", dataset, "--model-args", '{"depths": [1]}'],
-                    "cannot be built with these settings (--model-args?)")
+                    "cannot be built with these settings (--model-args, --detector-args?)")
+    for flags, message in ((["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+                           (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+                           (["--min-lr", "1"], "--min-lr must be in [0, --lr=0.0001] (the cosine's end), got 1.0"),
+                           (["--weight-decay", "-0.5"], "--weight-decay must be a finite number >= 0, got -0.5"),
+                           (["--drop-path", "1.5"], "--drop-path must be in [0, 1), got 1.5")):
+        _one_line_error(capsys, ["train", "--data", dataset, *flags], message)
     boxes_only = tmp_path / "boxes"
     for split in ("train", "val"):
         os.makedirs(boxes_only / split)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -160,5 +161,13 @@ def _validate(cfg: DenseConfig) -> None:
         raise UserError("--train-subset and --val-subset must be >= 0")
     if cfg.clip_grad < 0:
         raise UserError(f"--clip-grad must be >= 0, got {cfg.clip_grad}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if not (math.isfinite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.lr):
+        raise UserError(f"--min-lr must be in [0, --lr={cfg.lr}] (the cosine's end), got {cfg.min_lr}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
+        raise UserError(f"--drop-path must be in [0, 1), got {cfg.drop_path}")
     parse_json_object(cfg.model_args, "--model-args")
     parse_json_object(cfg.detector_args, "--detector-args")

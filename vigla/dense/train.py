@@ -189,7 +189,7 @@ class DenseTrainer(TrainingRun):
             model = build_model(self.meta, detect_sizes, weights)
         except (RuntimeError, KeyError, ValueError, TypeError, AssertionError) as e:
             if weights is None or not self._builds(detect_sizes):  # the settings, not the weights
-                raise UserError(f"{cfg.model} cannot be built with these settings (--model-args?): "
+                raise UserError(f"{cfg.model} cannot be built with these settings (--model-args, --detector-args?): "
                                 f"{_first_line(e)}") from None
             raise CheckpointError(f"--backbone-weights {weights} does not load into {cfg.model}: "
                                   f"{_first_line(e)}") from None
