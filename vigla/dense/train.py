@@ -228,7 +228,8 @@ class DenseTrainer(TrainingRun):
         """The training state: weights, optimizer, schedule, RNG, and the model's description."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss), "unreadable": sorted(self.unreadable),
+                "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss),
+                "unreadable": sorted(self.unreadable),
                 "model_meta": json.dumps(self.meta), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,

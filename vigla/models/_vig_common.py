@@ -38,8 +38,8 @@ except ImportError:  # older timm keeps no such record
 
 __all__ = [
     "ViGBlock", "BlockInference", "swiglu_hidden_dim", "drop_path_schedule", "run_blocks", "checkpoint_blocks",
-    "check_global_pool", "pool", "POOLS", "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap", "unwrap_state_dict", "filter_checkpoint",
-    "vig_cfg", "build_vig",
+    "check_global_pool", "pool", "POOLS", "ClassifierMixin", "record_input_size", "MIXER_KEYS", "KeyMap",
+    "unwrap_state_dict", "filter_checkpoint", "vig_cfg", "build_vig",
 ]
 
 
