@@ -257,6 +257,23 @@ def test_ddp_two_processes_gloo(fmnist, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_counts_every_ranks_unreadable_images(tmp_path):
+    """Each rank meets the bad files of its own shard: the run's count is all of them, as one process gives."""
+    write_folder(str(tmp_path / "d" / "train"), ["a", "b"], per_class=8, corrupt={("a", 1), ("a", 5), ("b", 2)})
+    write_folder(str(tmp_path / "d" / "val"), ["a", "b"], per_class=2)
+    counts = []
+    for procs in (1, 2):
+        out = tmp_path / f"o{procs}"
+        flags = dict(data=str(tmp_path / "d"), model="test_vit", img_size=32, epochs=1, batch_size=8 // procs,
+                     workers=0, out=str(out), aa="none", mixup=0.0, cutmix=0.0, ema=False, warmup_epochs=0)
+        proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                          "-m", "vigla", "train", *argv_of(flags)], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts.append(list(csv.DictReader(open(out / "metrics.csv")))[0]["unreadable_images"])
+    assert counts == ["3", "3"]
+
+
+@pytest.mark.slow
 def test_ddp_with_grad_checkpointing_matches_without(fmnist, tmp_path):
     """DistributedDataParallel over ViG blocks replayed in the backward (vigla.ops.recompute): the
     reducer gets every gradient once, and the run ends with the weights of the same run without

@@ -328,6 +328,7 @@ class Trainer(TrainingRun):
 
     def _end_epoch(self) -> None:
         self._check_weights()  # before validating and saving them
+        self.unreadable = set().union(*dist_utils.gather(self.unreadable))  # every rank's files (each its shard's)
         val = self._evaluate(self.val_loader, self.core)
         ema_val = self._evaluate(self.val_loader, self.ema.module) if self.ema else None
         if val["unreadable"] and self.is_main and not self._val_warned:
