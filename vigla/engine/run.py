@@ -382,9 +382,15 @@ class TrainingRun:
             if self._train_epoch():
                 return self._stopped()
             self._end_epoch()
-            if self.stop.signum:
+            if self._stop_requested():
                 return self._stopped()
         return self._finish()
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank has received a stop signal (each rank's flag summed: the ranks stop together; one
+        that met it during validation alone would otherwise leave the others waiting in a collective)."""
+        flag = torch.tensor(float(bool(self.stop.signum)), device=self.device)
+        return dist_utils.all_reduce_sum(flag).item() > 0
 
     def _train_epoch(self) -> bool:
         """One epoch from ``step_in_epoch``; True when a stop was requested (the checkpoint is then saved)."""
