@@ -394,6 +394,8 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     not_dense = tmp_path / "x.safetensors"
     not_dense.write_bytes(b"junk")
     _one_line_error(capsys, ["eval", str(not_dense), "--data", dataset], "not a `vigla dense train` checkpoint")
+    _one_line_error(capsys, ["eval", str(tmp_path / "nowhere.safetensors"), "--data", dataset],
+                    f"checkpoint {tmp_path / 'nowhere.safetensors'} does not exist")
     assert cli.main(["dense"]) == 2 and "choose an action" in capsys.readouterr().err
     # as a program: the same line, no traceback
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")

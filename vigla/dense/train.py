@@ -418,6 +418,8 @@ def _device(name: str) -> torch.device:
 
 def load_dense(path: str) -> tuple[nn.Module, dict]:
     """A dense model with the weights of ``path`` (vigla ``.safetensors`` with its ``.json``) and its meta."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
     meta = read_meta(path) if path.endswith(".safetensors") else None
     if meta is None or "task" not in meta:
         raise CheckpointError(f"{path} is not a `vigla dense train` checkpoint (a .safetensors file with the "
