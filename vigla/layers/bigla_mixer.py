@@ -174,7 +174,7 @@ class BiGLAMixer(nn.Module):
         N, C = x.shape[1], x.shape[2]
         _check_grid(N, hw)
         if not torch.jit.is_scripting():
-            if not self.reads_leaves():
+            if not self._reads_leaves():
                 return self.forward_layers(x, hw)
             ops = inference_ops(x)
             if ops is not None:
@@ -199,7 +199,7 @@ class BiGLAMixer(nn.Module):
         return F.linear(y, w_out)
 
     @torch.jit.unused
-    def reads_leaves(self) -> bool:
+    def _reads_leaves(self) -> bool:
         """Whether :meth:`forward` may read its layers' parameters (the fused paths) rather than call them
         (:meth:`forward_layers`): :func:`vigla.layers.cast.plain_leaves`."""
         return plain_leaves(self, LEAVES)

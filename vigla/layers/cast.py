@@ -38,7 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "caching", "memoized", "plain_leaves", "HOOKS", "GLOBAL_HOOKS", "gemm_weights", "gemm",
+__all__ = ["inference_weights", "caching", "memoized", "plain_call", "plain_leaves", "gemm_weights", "gemm",
            "Projection", "MlpProjection", "dense"]
 
 
@@ -142,6 +142,13 @@ HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_p
 # the global hook dicts: module-level, changed in place by nn.modules.module.register_module_*_hook
 GLOBAL_HOOKS = tuple(getattr(nn.modules.module, f"_global{name}", {}) for name in HOOKS)
 _LEAVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plain_call(module: nn.Module) -> bool:
+    """Whether calling ``module`` may skip its ``__call__`` (the caller has checked its type): not compiled on its
+    own, no hook on it or global (hooks see its input and output)."""
+    d = module.__dict__
+    return d.get("_compiled_call_impl") is None and not any(map(d.get, HOOKS)) and not any(GLOBAL_HOOKS)
 
 
 def plain_leaves(module: nn.Module, leaves: tuple) -> bool:

@@ -34,7 +34,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if not self.reads_leaves():  # fc1 or fc2 replaced or watched: called as modules
+            if not self._reads_leaves():  # fc1 or fc2 replaced or watched: called as modules
                 return self.fc2(swiglu(self.fc1(x)))
             ops = inference_ops(x)
             if ops is not None:
@@ -45,7 +45,7 @@ class SwiGLU(nn.Module):
         return swiglu_mlp(x, w1, w2)
 
     @torch.jit.unused
-    def reads_leaves(self) -> bool:
+    def _reads_leaves(self) -> bool:
         """Whether :meth:`forward` may read fc1's and fc2's weights (the fused paths) rather than call them:
         :func:`vigla.layers.cast.plain_leaves`."""
         return plain_leaves(self, LEAVES)

@@ -12,7 +12,7 @@ from timm.layers.fast_norm import rms_norm
 from ..ops.add_norm import add_norm
 from ..ops.inference import EAGER, InferenceOps
 from ..ops.tracing import exporting
-from .cast import GLOBAL_HOOKS, HOOKS, MlpProjection, Projection, dense
+from .cast import MlpProjection, Projection, dense, plain_call
 
 __all__ = ["RmsNorm", "NormParams", "add_and_norm", "add_and_norm_inference", "fused_norm", "layer_norm_dtype"]
 
@@ -67,7 +67,7 @@ class NormParams(NamedTuple):
 def fused_norm(norm: nn.Module) -> Optional[NormParams]:
     """The :class:`NormParams` of a norm :func:`add_and_norm` fuses (an affine ``nn.LayerNorm`` or an
     :class:`RmsNorm` with a weight), else None."""
-    if any(map(norm.__dict__.get, HOOKS)) or any(GLOBAL_HOOKS):  # hooks see its input and output: called
+    if not plain_call(norm):  # hooked (or compiled on its own): called
         return None
     if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
         return NormParams(norm.weight, norm.bias, float(norm.eps), False)

@@ -23,7 +23,7 @@ from ..layers import BiGLAMixer, SwiGLU
 from ..layers.bigla_mixer import MixerInference
 from ..layers.bigla_mixer import LEAVES as MIXER_LEAVES
 from ..layers.mlp import LEAVES as MLP_LEAVES
-from ..layers.cast import GLOBAL_HOOKS, HOOKS, MlpProjection, Projection, dense, memoized, plain_leaves
+from ..layers.cast import MlpProjection, Projection, dense, memoized, plain_call, plain_leaves
 from ..layers.mlp import MlpInference
 from ..layers.norm import NormParams, add_and_norm, add_and_norm_inference, fused_norm
 from ..ops.add_norm.op import linear_fused
@@ -116,16 +116,16 @@ class ViGBlock(nn.Module):
         defer = not self.training  # drop path needs the branch's output
         p = self.inference_params(x, dtype)
         x, y = add_and_norm_inference(p.norm1, x, delta, dtype, ops)
-        if p.attn is not None and _plain_call(self.attn):
+        if p.attn is not None and plain_call(self.attn):
             a = self.attn.forward_inference(y, hw, dtype, ops, defer, p.attn)
         else:
             a = self.attn(y, hw)
-        if defer and p.folded is not None and isinstance(a, Projection) and _plain_call(self.mlp):
+        if defer and p.folded is not None and isinstance(a, Projection) and plain_call(self.mlp):
             # norm2 split: the add and each row's reciprocal RMS here, its weight inside fc1
             x, rstd = ops.linear_add_norm(a.rows, a.w.t(), x, None, None, p.norm2.eps, True, x.dtype)
             return x, MlpProjection(x.reshape(-1, x.shape[-1]), *p.folded, x.shape, ops, rstd.reshape(-1))
         x, y = add_and_norm_inference(p.norm2, x, a if defer else self.drop_path1(a), dtype, ops)
-        if p.mlp is not None and _plain_call(self.mlp):
+        if p.mlp is not None and plain_call(self.mlp):
             m = self.mlp.forward_inference(y, dtype, ops, defer, p.mlp)
         else:
             m = self.mlp(y)
@@ -142,9 +142,8 @@ class ViGBlock(nn.Module):
 
     @torch.jit.unused
     def _inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "BlockInference":
-        attn = self.attn.inference_params(x, dtype) if type(self.attn) is BiGLAMixer and self.attn.reads_leaves() \
-            else None
-        mlp = self.mlp.inference_params(x, dtype) if type(self.mlp) is SwiGLU and self.mlp.reads_leaves() else None
+        attn = self.attn.inference_params(x, dtype) if type(self.attn) is BiGLAMixer else None
+        mlp = self.mlp.inference_params(x, dtype) if type(self.mlp) is SwiGLU else None
         norm1, norm2 = fused_norm(self.norm1), fused_norm(self.norm2)
         return BlockInference(norm1 or self.norm1, norm2 or self.norm2, attn, mlp,
                               self._folded_mlp(x, dtype, norm2, attn, mlp))
@@ -178,19 +177,12 @@ class BlockInference(NamedTuple):
     folded: Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
-def _plain_call(module: nn.Module) -> bool:
-    """Whether calling ``module`` may skip its ``__call__`` (the caller has checked its type): not compiled on its
-    own, no hook on it or global (hooks see its input and output)."""
-    d = module.__dict__
-    return d.get("_compiled_call_impl") is None and not any(map(d.get, HOOKS)) and not any(GLOBAL_HOOKS)
-
-
 def _deferrable(blocks: Sequence[nn.Module], x) -> bool:
     """Whether :func:`run_blocks` may skip the blocks' ``__call__``: plain :class:`ViGBlock` modules (not
     wrapped, e.g. by a checkpoint or FSDP wrapper, nor compiled one by one), no hook on them or global
     (hooks see each block's input and output), and real tensors (``torch.fx``'s proxies are not: its graph
     keeps a node per block, as timm's FX feature extraction needs)."""
-    return isinstance(x, torch.Tensor) and all(type(blk) is ViGBlock and _plain_call(blk) for blk in blocks)
+    return isinstance(x, torch.Tensor) and all(type(blk) is ViGBlock and plain_call(blk) for blk in blocks)
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, hw: Tuple[int, int],

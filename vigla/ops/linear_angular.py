@@ -201,14 +201,16 @@ def _row_normaliser(qs: torch.Tensor, k: torch.Tensor, block: int) -> tuple[torc
     """Pass 1: per query ``[B, H, N]``, the row max ``m`` of the logits ``qs·k_j`` and ``log sum_j exp(qs·k_j - m)``,
     keys ``block`` at a time (running max). Kept apart, not as ``m + log(...)``: ``P = exp((x - m) - log l)`` then
     carries no rounding of a large ``|m|`` (fp32 probabilities as accurate as ``torch.softmax``'s)."""
-    m = l = qs.new_empty(qs.shape[:-1])  # no keys (N = 0): no rows either
+    m = l = None
     for start, stop in _key_blocks(k.shape[-2], block):
         logits = qs @ k[..., start:stop, :].transpose(-2, -1)  # [B, H, N, block]
         block_max = logits.amax(-1)
-        new = block_max if start == 0 else torch.maximum(m, block_max)
+        new = block_max if m is None else torch.maximum(m, block_max)
         block_sum = logits.sub_(new[..., None]).exp_().sum(-1)
-        l = block_sum if start == 0 else l * torch.exp(m - new) + block_sum
+        l = block_sum if l is None else l * torch.exp(m - new) + block_sum
         m = new
+    if m is None:  # no keys (N = 0): no rows either
+        m = l = qs.new_empty(qs.shape[:-1])
     return m, torch.log(l)
 
 

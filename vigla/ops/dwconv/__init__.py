@@ -53,8 +53,7 @@ def dwconv_silu(x: torch.Tensor, weight: torch.Tensor, hw: tuple[int, int], act:
         raise ValueError(f"dwconv_silu: weight must be [C, 1, 3, 3] with C = {x.shape[-1]}, got "
                          f"{tuple(weight.shape)}")
     channels("dwconv_silu", "x", x)
-    dtype = compute_dtype(x)
-    args = (x, weight, H, W, bool(act), out_dtype or dtype)
+    args = (x, weight, H, W, bool(act), out_dtype or compute_dtype(x))
     if via_dispatcher():
         return torch.ops.vigla.dwconv(*args)
     if use_kernels(x) or cpu_forward(x, weight, args[-1]):
