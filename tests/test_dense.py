@@ -404,3 +404,25 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"vigla dense train: error: {bad}/train/annotations.json: not a readable COCO json "
         f"(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"]
+
+
+def _argv(flags):
+    """``_flags(...)`` as command-line arguments."""
+    return [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), str(v))]
+
+
+def test_detector_flags_are_refused_to_a_segmentation_run(dataset, tmp_path, capsys):
+    """--detector and --detector-args configure the detectors: a segmentation run ignored them without a word. The
+    default, and the detector saved in a segmentation run's config.yaml, stay accepted."""
+    assert resolve_config(_flags(dataset, tmp_path / "a")).task == "segment"
+    saved = dict(task="segment", detector="retinanet", detector_args="{}")  # what a segmentation run saves
+    assert resolve_config(dict(data=dataset), saved).detector == "retinanet"
+    assert resolve_config(dict(data=dataset, task="detect", detector="retinanet")).detector == "retinanet"
+    flags = ["train", *_argv(_flags(dataset, tmp_path / "run", epochs=1, warmup_epochs=0))]
+    _one_line_error(capsys, flags + ["--detector", "retinanet"],
+                    "--detector applies to --task detect only, this run is --task segment",
+                    "leave --detector out, or train a detector with --task detect")
+    _one_line_error(capsys, flags + ["--detector", "mask_rcnn", "--detector-args", "{}"],
+                    "--detector and --detector-args apply to --task detect only")
+    assert not (tmp_path / "run").exists()
+

@@ -139,7 +139,19 @@ def resolve_config(flags: dict[str, Any], saved: Optional[dict[str, Any]] = None
     """Defaults < ``saved`` < ``flags``, checked."""
     cfg = DenseConfig(**{**(saved or {}), **{k: v for k, v in flags.items() if k in FIELDS}})
     _validate(cfg)
+    _check_detector_flags(cfg, flags)
     return cfg
+
+
+def _check_detector_flags(cfg: DenseConfig, flags: dict[str, Any]) -> None:
+    """``--detector`` / ``--detector-args`` typed for a segmentation run: refused, not ignored (the defaults, and
+    the detector a segmentation run saves in its config.yaml, are not the user's choice)."""
+    given = [f"--{name.replace('_', '-')}" for name in ("detector", "detector_args") if name in flags]
+    if cfg.task == "detect" or not given:
+        return
+    names = " and ".join(given)
+    raise UserError(f"{names} {'applies' if len(given) == 1 else 'apply'} to --task detect only, this run is "
+                    f"--task segment (a semantic FPN head): leave {names} out, or train a detector with --task detect")
 
 
 def _validate(cfg: DenseConfig) -> None:
