@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from test_data import write_fake_fmnist
 from vigla import cli
 from vigla.dense import BackboneFPN, backbone_with_fpn, build_detector, build_segmenter, pad_to_multiple
 from vigla.dense.backbone import feature_sizes
@@ -425,4 +426,20 @@ def test_detector_flags_are_refused_to_a_segmentation_run(dataset, tmp_path, cap
     _one_line_error(capsys, flags + ["--detector", "mask_rcnn", "--detector-args", "{}"],
                     "--detector and --detector-args apply to --task detect only")
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_classification_run_names_its_command(dataset, tmp_path, capsys):
+    """`vigla dense train --resume` on a `vigla train` run said '--data is required' (its config.yaml has no
+    dense settings); now it says what the run is and which command resumes it."""
+    fmnist = write_fake_fmnist(str(tmp_path / "fmnist"), n_train=32, n_test=8)
+    run = tmp_path / "cls"
+    assert cli.main(["train", "--fmnist-dir", fmnist, "--model", "test_vit", "--img-size", "32", "--epochs", "1",
+                     "--batch-size", "8", "--train-subset", "16", "--val-subset", "8", "--test-subset", "8",
+                     "--workers", "0", "--out", str(run)]) == 0
+    state = run / "last.state.pt"
+    for argv in (["--resume", str(run)], ["--resume", "auto", "--out", str(run)],
+                 ["--resume", str(state), "--data", dataset, "--task", "segment"]):
+        _one_line_error(capsys, ["train", *argv], f"{state} is the state of a `vigla train` (classification) run",
+                        f"resume it with `vigla train --resume {state}`")
+        assert "resuming" not in capsys.readouterr().out
 

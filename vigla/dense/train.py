@@ -46,7 +46,7 @@ from .data import (IGNORE, CocoSplit, DetectionDataset, SegmentationDataset, col
 from .evaluate import evaluate_detector, evaluate_segmenter
 from .models import build_detector, build_segmenter
 
-__all__ = ["DenseTrainer", "build_model", "main_metric", "model_meta"]
+__all__ = ["DenseTrainer", "build_model", "check_dense_state", "main_metric", "model_meta"]
 
 
 def main_metric(task: str) -> str:
@@ -240,8 +240,7 @@ class DenseTrainer(TrainingRun):
 
     def _load_resume(self, path: str) -> None:
         state = load_state(path)
-        if "model_meta" not in state:
-            raise CheckpointError(f"{path} is not the state of a `vigla dense train` run")
+        _require_dense_state(state, path)
         meta = json.loads(state["model_meta"])
         for key in ("task", "model", "detector", "classes"):
             if meta.get(key) != self.meta[key]:
@@ -385,6 +384,22 @@ def resume_state_for(cfg_flags: dict) -> str:
     """The ``last.state.pt`` that ``--resume`` names (see :func:`vigla.engine.run.find_resume_state`)."""
     model, task = cfg_flags.get("model", "vig_h_tiny"), cfg_flags.get("task", "detect")
     return find_resume_state(cfg_flags["resume"], cfg_flags.get("out"), f"{model}-{task}", cfg_flags.get("data"))
+
+
+def check_dense_state(path: str) -> None:
+    """Refuse a ``--resume`` state that ``vigla dense train`` did not write before its run's config.yaml is read
+    (a ``vigla train`` run's settings have no --data of a dense run: it was told '--data is required'). The
+    state's tensors are mapped, not read."""
+    _require_dense_state(load_state(path, mmap=True), path)
+
+
+def _require_dense_state(state: dict, path: str) -> None:
+    if "model_meta" in state:
+        return
+    if "global_batch" in state:  # vigla.engine.trainer's
+        raise CheckpointError(f"{path} is the state of a `vigla train` (classification) run, not of a `vigla dense "
+                              f"train` one: resume it with `vigla train --resume {path}`")
+    raise CheckpointError(f"{path} is not the state of a `vigla dense train` run")
 
 
 def plot_dense_curves(out_dir: str, metric: str, title: str) -> str | None:

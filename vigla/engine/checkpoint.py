@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -156,11 +157,14 @@ def save_state(path: str, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save({"format": STATE_FORMAT, **state}, f))
 
 
-def load_state(path: str) -> dict[str, Any]:
+def load_state(path: str, mmap: bool = False) -> dict[str, Any]:
+    """A training state written by :func:`save_state`; ``mmap``: its tensors mapped from the file, not read (a
+    cheap look at what the state is)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"training state {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # only torch's zip format maps; any other file is read, to fail with its own error
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001  (torch.load raises pickle / runtime / zip errors)
         raise CheckpointError(f"{path}: not a vigla training-state file, or a damaged one ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -106,12 +106,13 @@ def _train(args: argparse.Namespace) -> int:
     import yaml
 
     from vigla.dense.config import FIELDS, resolve_config, saved_config
-    from vigla.dense.train import DenseTrainer, resume_state_for
+    from vigla.dense.train import DenseTrainer, check_dense_state, resume_state_for
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     state, saved = None, None
     if flags.get("resume"):
         state = resume_state_for(flags)
+        check_dense_state(state)
         path = os.path.join(os.path.dirname(state), "config.yaml")
         if os.path.isfile(path):
             try:
