@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -442,4 +443,37 @@ def test_resuming_a_classification_run_names_its_command(dataset, tmp_path, caps
         _one_line_error(capsys, ["train", *argv], f"{state} is the state of a `vigla train` (classification) run",
                         f"resume it with `vigla train --resume {state}`")
         assert "resuming" not in capsys.readouterr().out
+
+
+def _without_masks(dataset, root, split, missing):
+    """A copy of ``dataset`` (its images linked) whose ``split`` lacks the masks of the images ``missing``
+    (None: its whole masks/ folder)."""
+    for s in ("train", "val"):
+        os.makedirs(root / s)
+        os.symlink(os.path.join(dataset, s, "images"), root / s / "images")
+        shutil.copy(os.path.join(dataset, s, "annotations.json"), root / s)
+        if s != split or missing is not None:
+            shutil.copytree(os.path.join(dataset, s, "masks"), root / s / "masks")
+    for i in missing or ():
+        os.remove(root / split / "masks" / f"{i:06d}.png")
+    return str(root)
+
+
+def test_missing_masks_are_told_before_training(dataset, tmp_path, capsys):
+    """A segmentation split without masks/ failed in the first batches (train) or validated to mIoU 0 (val); a
+    missing mask was skipped as an unreadable sample. Both are told up front, before the run folder is made."""
+    out = tmp_path / "run"
+    flags = ["train", *_argv(_flags(dataset, out, epochs=1, warmup_epochs=0))]
+    data = _without_masks(dataset, tmp_path / "no_folder", "train", None)
+    _one_line_error(capsys, flags + ["--data", data], f"{data}/train/masks/ not found",
+                    "one mask PNG per image (masks/<image stem>.png")
+    data = _without_masks(dataset, tmp_path / "no_val_folder", "val", None)
+    _one_line_error(capsys, flags + ["--data", data], f"{data}/val/masks/ not found")
+    data = _without_masks(dataset, tmp_path / "no_files", "val", [0, 2, 3])
+    _one_line_error(capsys, flags + ["--data", data], f"3 of 4 images of {data}/val/annotations.json have no mask",
+                    f"{data}/val/masks/000000.png, {data}/val/masks/000002.png, {data}/val/masks/000003.png")
+    data = _without_masks(dataset, tmp_path / "many", "train", range(1, 8))
+    _one_line_error(capsys, flags + ["--data", data], f"7 of 8 images of {data}/train/annotations.json",
+                    f"{data}/train/masks/000003.png, ...: add the missing masks")
+    assert not out.exists()
 

@@ -13,7 +13,8 @@ detectors' targets and for the segmentation masks alike (a mask's category ids a
 
 A sample is read whole or not at all: an unreadable image or mask, or a mask whose size is not its image's,
 becomes an error string in the batch, which the training loop skips (with a warning) or stops on
-(``--strict-data``), as classification does.
+(``--strict-data``), as classification does. A missing ``masks/`` folder or mask file is told before that, when a
+:class:`SegmentationDataset` is made.
 """
 from __future__ import annotations
 
@@ -115,6 +116,20 @@ class CocoSplit:
     def mask_path(self, i: int) -> str:
         stem = os.path.splitext(os.path.basename(self.images[i]["file_name"]))[0]
         return os.path.join(self.folder, "masks", stem + ".png")
+
+    def check_masks(self) -> None:
+        """A :class:`DataError` naming what is missing unless ``masks/`` holds a file for every image."""
+        folder = os.path.join(self.folder, "masks")
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}/ not found: segmentation needs one mask PNG per image (masks/<image "
+                            f"stem>.png; `vigla dense data` writes them)")
+        present = set(os.listdir(folder))
+        missing = [path for path in map(self.mask_path, range(len(self))) if os.path.basename(path) not in present]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            have = "has" if len(missing) == 1 else "have"
+            raise DataError(f"{len(missing)} of {len(self)} images of {self.path} {have} no mask: {shown}: add the "
+                            f"missing masks (masks/<image stem>.png) or leave those images out of {ANNOTATIONS}")
 
     def has_masks(self) -> bool:
         """Every non-crowd annotation has a segmentation (what Mask R-CNN needs)."""
@@ -229,6 +244,7 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, split: CocoSplit, img_size: int, max_size: int, hflip: float = 0.0,
                  scale_range: tuple[float, float] = (1.0, 1.0), seed: Optional[int] = None):
+        split.check_masks()
         self.split, self.img_size, self.max_size = split, img_size, max_size
         self.hflip, self.scale_range, self.seed = hflip, scale_range, seed
 
