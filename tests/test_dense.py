@@ -356,7 +356,8 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
     _one_line_error(capsys, ["train", "--data", str(bad)], "not a readable COCO json")
     _one_line_error(capsys, ["train", "--data", dataset, "--model", "vig_h_tinyy"], "unknown model", "vig_h_tiny")
     _one_line_error(capsys, ["train", "--data", dataset, "--model-args", "[1]"], "--model-args must be a JSON object")
-    _one_line_error(capsys, ["train", "--data", dataset, "--epochs", "1"], "--warmup-epochs must be in [0, --epochs=1)",
+    _one_line_error(capsys, ["train", "--data", dataset, "--epochs", "1", "--warmup-epochs", "1"],
+                    "--warmup-epochs must be in [0, --epochs=1)",
                     "lower --warmup-epochs (e.g. --warmup-epochs 0) or raise --epochs")
     _one_line_error(capsys, ["train", "--data", dataset, "--model-args", '{"depths": [1]}'],
                     "cannot be built with these settings (--model-args, --detector-args?)")
@@ -477,3 +478,15 @@ def test_missing_masks_are_told_before_training(dataset, tmp_path, capsys):
                     f"{data}/train/masks/000003.png, ...: add the missing masks")
     assert not out.exists()
 
+
+def test_the_default_warmup_fits_a_one_epoch_run(dataset, tmp_path):
+    """The default warm-up (1 of the 12 default epochs) refused --epochs 1; a shorter run now keeps that share
+    (1/12 of it), as `vigla train` does with its presets. A warm-up that was given is checked as before."""
+    assert resolve_config(dict(data=dataset, epochs=1)).warmup_epochs == pytest.approx(1 / 12)
+    assert resolve_config(dict(data=dataset, epochs=2)).warmup_epochs == 1.0
+    assert resolve_config(dict(data=dataset, epochs=1), dict(warmup_epochs=0.5)).warmup_epochs == 0.5  # saved
+    with pytest.raises(UserError, match=r"--warmup-epochs must be in \[0, --epochs=1\), got 1.0"):
+        resolve_config(dict(data=dataset, epochs=1, warmup_epochs=1.0))
+    flags = _flags(dataset, tmp_path / "run", epochs=1)
+    del flags["warmup_epochs"]
+    assert cli.main(["dense", "train", *_argv(flags)]) == 0

@@ -57,7 +57,8 @@ class DenseConfig:
     batch_size: int = _opt(8, "images per step", metavar="N")
     lr: float = _opt(1e-4, "peak AdamW learning rate per 16 images: the run uses lr x batch / 16", metavar="LR")
     min_lr: float = _opt(1e-6, "learning rate at the end of the cosine, per 16 images", metavar="LR")
-    warmup_epochs: float = _opt(1.0, "linear warm-up epochs (part of --epochs)", metavar="N")
+    warmup_epochs: float = _opt(1.0, "linear warm-up epochs (part of --epochs; left unset, a 1-epoch run warms up "
+                                "for 1/12 of it, the default's share of the default 12 epochs)", metavar="N")
     weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms and biases)", metavar="WD")
     clip_grad: float = _opt(1.0, "clip the gradient norm to this (0: off)", metavar="NORM")
     amp: str = _opt("auto", "autocast: bf16 on CUDA by default, off on CPU", choices=("auto", "bf16", "fp16", "off"))
@@ -136,11 +137,22 @@ def saved_config(text: str) -> dict[str, Any]:
 
 
 def resolve_config(flags: dict[str, Any], saved: Optional[dict[str, Any]] = None) -> DenseConfig:
-    """Defaults < ``saved`` < ``flags``, checked."""
-    cfg = DenseConfig(**{**(saved or {}), **{k: v for k, v in flags.items() if k in FIELDS}})
+    """Defaults < ``saved`` < ``flags``, checked.
+
+    A warm-up that neither sets and that does not fit into ``--epochs`` (its 1 epoch in a 1-epoch run) keeps the
+    default run's share instead (1/12 of it), as ``vigla train`` does with its presets' warm-ups."""
+    values = {**(saved or {}), **{k: v for k, v in flags.items() if k in FIELDS}}
+    if "warmup_epochs" not in values:
+        values["warmup_epochs"] = _default_warmup(values.get("epochs", FIELDS["epochs"].default))
+    cfg = DenseConfig(**values)
     _validate(cfg)
     _check_detector_flags(cfg, flags)
     return cfg
+
+
+def _default_warmup(epochs: int) -> float:
+    warmup, default_epochs = FIELDS["warmup_epochs"].default, FIELDS["epochs"].default
+    return warmup if warmup < epochs else epochs * warmup / default_epochs
 
 
 def _check_detector_flags(cfg: DenseConfig, flags: dict[str, Any]) -> None:
