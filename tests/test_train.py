@@ -580,6 +580,31 @@ def test_resume_refuses_another_model_or_batch(fmnist, tmp_path):
         train_cli.build_config(parse(["--resume", "auto", "--out", str(tmp_path / "empty")]))
 
 
+def test_resume_with_fewer_epochs_than_done_is_refused(fmnist, tmp_path, capsys):
+    """`--resume RUN --epochs 1` on a run that did 2 epochs tested the 2-epoch weights again and wrote a
+    results.json saying 1 epoch with the steps of 2. It is refused in one line that says how many epochs the run
+    did and what to pass; the run's files stay as they were. --epochs 2 (the epochs done) tests it again."""
+    out = tmp_path / "r"
+    assert cli.main(["train", *argv_of(tiny_flags(fmnist, out, epochs=2))]) == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vigla train: error: --epochs 1 is fewer than the 2 epoch(s) that") and err.count("\n") == 1
+    assert "pass --epochs 2 to test it again, more to train it further" in err
+    assert f"vigla eval {out}/best.safetensors" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")} == kept
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0  # the epochs done: tested again
+    results = json.load(open(out / "results.json"))
+    assert (results["epochs"], results["global_step"]) == (2, 12)
+    # stopped inside its 2nd epoch (1 epoch and 3 steps done): --epochs 1 is refused too, 2 would finish it
+    mid = tmp_path / "m"
+    assert Trainer(resolve_config(tiny_flags(fmnist, mid)), stop_after_steps=9).run() == 128 + signal.SIGTERM
+    with pytest.raises(UserError, match=r"--epochs 1 is fewer than the 1 epoch\(s\) and 3 step\(s\) that .* "
+                                        r"\(global step 9\): pass --epochs 2 or more to train it further"):
+        Trainer(resolve_config(tiny_flags(fmnist, mid, epochs=1)), resume_state=str(mid / "last.state.pt"))
+
+
 # ---------------------------------------------------------------------------------------------- aux-loss contract
 class AuxNet(nn.Module):
     """Tiny classifier with a Castling-style auxiliary loss on a parameter the main loss never sees."""

@@ -114,6 +114,7 @@ class DenseTrainer(TrainingRun):
     """
 
     command = "vigla dense train"
+    eval_command = "vigla dense eval"
     img_s_digits = 1
     log_on_stop = True
 

@@ -119,6 +119,7 @@ class TrainingRun:
     """
 
     command = "vigla train"  # the CLI that the messages name; the output lock's owner
+    eval_command = "vigla eval"  # the CLI that evaluates the run's checkpoints
     is_main = True  # this process writes the files (rank 0)
     world_size = 1  # processes of the run (DDP ranks)
     prefetch_factor = None  # batches a loader worker prepares ahead (None: the DataLoader's default)
@@ -270,6 +271,7 @@ class TrainingRun:
     def _restore_schedule(self, state: dict) -> None:
         """The schedule, the gradient scaler and the counters of a saved training state (:meth:`_train_state`);
         the end of ``_load_resume``, once the weights and the optimizer are in."""
+        self._check_epochs_left(state)
         if state["total_steps"] == self.total_steps:
             self.scheduler.load_state_dict(state["scheduler"])
         elif self.is_main:  # e.g. --epochs raised to extend a finished run: the cosine is re-planned
@@ -280,6 +282,21 @@ class TrainingRun:
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_loss, self.best = list(state["epoch_loss"]), dict(state["best"])
         self.scheduler.step_update(self.global_step)
+
+    def _check_epochs_left(self, state: dict) -> None:
+        """Refuse a resume whose ``--epochs`` is below what the saved run has done: nothing would train, and its
+        results would describe fewer epochs than the weights saw. ``--epochs`` equal to the epochs done (no step
+        into the next) finishes the run: it is tested again."""
+        epochs, steps = state["epoch"], state["step_in_epoch"]
+        if epochs < self.cfg.epochs or (epochs == self.cfg.epochs and steps == 0):
+            return
+        folder = os.path.dirname(os.path.abspath(self.resume_state))
+        done = f"{epochs} epoch(s)" + (f" and {steps} step(s)" if steps else "")
+        further = (f"pass --epochs {epochs} to test it again, more to train it further" if steps == 0 else
+                   f"pass --epochs {epochs + 1} or more to train it further")
+        raise UserError(f"--epochs {self.cfg.epochs} is fewer than the {done} that {folder} has already done "
+                        f"(global step {state['global_step']}): {further}, or evaluate its weights with "
+                        f"{self.eval_command} {os.path.join(folder, f'{BEST}.safetensors')}")
 
     # ------------------------------------------------------------------------------------------- one step
     def _update(self, loss: torch.Tensor) -> None:
