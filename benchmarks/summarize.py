@@ -548,7 +548,8 @@ def cpu_default_section(result: dict) -> list[str]:
             ""] + table(
         ["wall time (whole command)", "val top-1 after each epoch", f"test top-1 ({test['images']:,} images)",
          "test top-5", "training img/s"],
-        [[f"{r['wall_s']:.0f} s", val or "-", f"{test['top1']:.2f}%", f"{test['top5']:.2f}%",
+        [[f"{r['wall_s']:.0f} s", val or "-", f"{test['top1']:.2f}%",
+          "-" if test.get("top5") is None else f"{test['top5']:.2f}%",
           f"{speed[0]:.0f}-{speed[-1]:.0f}" if speed else "-"]])
 
 

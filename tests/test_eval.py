@@ -54,12 +54,13 @@ def test_eval_vigla_checkpoint_at_several_sizes(tmp_path, folder, capsys):
     assert report["results"][0]["top1"] == pytest.approx(reference_top1(model, folder + "/val", 32))
     model.set_input_size(img_size=64)
     assert report["results"][1]["top1"] == pytest.approx(reference_top1(model, folder + "/val", 64))
-    assert all(r["top5"] == 100.0 for r in report["results"])  # 4 classes: top-5 is top-4
+    # 4 classes: every image is in the top 5 (it read 100%); top-5 is null and out of the table
+    assert all(r["top5"] is None for r in report["results"])
     table = capsys.readouterr().out
-    assert "top-1 %" in table and "\n    64 |" in table
+    assert "top-1 %" in table and "\n    64 |" in table and "top-5" not in table
 
 
-def test_eval_defaults_to_fmnist_test_and_writes_beside_the_checkpoint(tmp_path):
+def test_eval_defaults_to_fmnist_test_and_writes_beside_the_checkpoint(tmp_path, capsys):
     fm = write_fake_fmnist(str(tmp_path / "fm"), n_train=10, n_test=30)
     from vigla.data import FMNIST_CLASSES
     ckpt = tmp_path / "run" / "best.safetensors"
@@ -68,6 +69,7 @@ def test_eval_defaults_to_fmnist_test_and_writes_beside_the_checkpoint(tmp_path)
     assert cli.main(["eval", str(ckpt), "--fmnist-dir", fm]) == 0
     report = json.load(open(tmp_path / "run" / "best.eval-fmnist.json"))
     assert report["data"] == "fashion-mnist test" and report["results"][0]["images"] == 30
+    assert 0 <= report["results"][0]["top5"] <= 100 and "top-5 %" in capsys.readouterr().out  # 10 classes
 
 
 def test_eval_foreign_checkpoint_through_timm(tmp_path, folder):

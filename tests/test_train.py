@@ -293,6 +293,44 @@ def test_ddp_with_grad_checkpointing_matches_without(fmnist, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_top5_is_left_out_with_five_classes_or_fewer(tmp_path, capsys):
+    """With 5 classes or fewer every image is in the top 5: the epoch and test lines said "top-5 100.00%" and the
+    files recorded it. The lines leave top-5 out; results.json has null, metrics.csv empty cells."""
+    from vigla.data import BatchPrep
+    from vigla.engine.evaluate import evaluate
+
+    write_folder(str(tmp_path / "d" / "train"), ["a", "b", "c"], per_class=4, size=24)
+    write_folder(str(tmp_path / "d" / "val"), ["a", "b", "c"], per_class=2, size=24)
+    out = tmp_path / "r"
+    flags = dict(data=str(tmp_path / "d"), model="test_vit", img_size=32, epochs=1, warmup_epochs=0, batch_size=4,
+                 workers=0, aa="none", mixup=0, cutmix=0, reprob=0, ema=True, out=str(out))
+    assert cli.main(["train", *argv_of(flags)]) == 0
+    printed = capsys.readouterr().out
+    assert "val top-1" in printed and "test top-1" in printed and "top-5" not in printed
+    results = json.load(open(out / "results.json"))
+    assert results["test"]["top5"] is None and 0 <= results["test"]["top1"] <= 100
+    row = next(csv.DictReader(open(out / "metrics.csv")))
+    assert row["val_top5"] == row["ema_val_top5"] == "" and row["val_top1"] != ""
+    assert read_meta(str(out / "best.safetensors"))["val"]["top5"] is None
+    # more than 5 classes: top-5 is measured (a model whose top 5 are classes 0-4, for targets 0-3 and 5)
+    loader = [(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2, 3, 5]), [])]
+    prep = BatchPrep((0.5,) * 3, (0.5,) * 3, "cpu")
+    assert evaluate(_FixedLogits([9.0, 8, 7, 6, 5, 4]), loader, prep)["top5"] == 80.0
+    loader = [(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2, 4]), [])]
+    assert evaluate(_FixedLogits([9.0, 8, 7, 6, 5]), loader, prep)["top5"] is None
+
+
+class _FixedLogits(nn.Module):
+    """The same logits for every image."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_missing_and_mismatched_data_exit_cleanly(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2

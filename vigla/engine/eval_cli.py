@@ -1,4 +1,5 @@
-"""``vigla eval``: top-1 / top-5 of a checkpoint at one or several resolutions, as a table and a JSON file."""
+"""``vigla eval``: top-1 / top-5 of a checkpoint at one or several resolutions, as a table and a JSON file
+(top-5 with more than 5 classes only: null in the JSON otherwise)."""
 from __future__ import annotations
 
 import argparse
@@ -153,7 +154,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             result.update(eval_switch_check(model, meta, loader, args, result))
         rows.append({"img_size": size, **result})
         _print_row(rows[-1], header=len(rows) == 1, title=f"{args.checkpoint} ({meta['model']}) on {data_name}, "
-                   f"{len(source)} images, crop_pct {crop_pct}, {interpolation}, device {device}, amp {amp}")
+                   f"{len(source)} images, crop_pct {crop_pct}, {interpolation}, device {device}, amp {amp}",
+                   top5=len(source.classes) > 5)
         if rows[-1].get("unreadable") and len(rows) == 1:
             print(f"warning: {result['unreadable']} of the {len(source)} images could not be read and are left out "
                   f"({result['images']} evaluated): {'; '.join(result['unreadable_files'])}", file=sys.stderr,
@@ -168,16 +170,19 @@ def _short(names, n: int = 4) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)})" if len(names) > n else "")
 
 
-def _print_row(row: dict, header: bool, title: str) -> None:
+def _print_row(row: dict, header: bool, title: str, top5: bool = True) -> None:
+    """One size's row of the table (the title and the header first); ``top5``: with its column (more than 5
+    classes: with fewer every image is in the top 5)."""
     if header:
         print(title)
-        print(f"{'size':>6} | {'top-1 %':>8} | {'top-5 %':>8} | {'loss':>7} | {'img/s':>8}")
-        print("-" * 50)
+        print(f"{'size':>6} | {'top-1 %':>8} | " + (f"{'top-5 %':>8} | " if top5 else "") + f"{'loss':>7} | "
+              f"{'img/s':>8}")
+        print("-" * (50 if top5 else 39))
     if "error" in row:
         print(f"{row['img_size']:>6} | {row['error']}", flush=True)
     else:
-        print(f"{row['img_size']:>6} | {row['top1']:8.2f} | {row['top5']:8.2f} | {row['loss']:7.4f} | "
-              f"{row['img_per_s']:8.1f}", flush=True)
+        print(f"{row['img_size']:>6} | {row['top1']:8.2f} | " + (f"{row['top5']:8.2f} | " if top5 else "") +
+              f"{row['loss']:7.4f} | {row['img_per_s']:8.1f}", flush=True)
 
 
 def output_path(args: argparse.Namespace) -> str:

@@ -27,7 +27,7 @@ from .checkpoint import capture_rng, load_into, load_state, load_weights, read_m
 from .config import config_to_yaml
 from .cuda_graph import CudaGraphTrainStep
 from .errors import CheckpointError, OutOfMemory, UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, top5_text
 from .metrics import plot_curves
 from .modeling import check_runs_at, create_model, enable_grad_checkpointing, model_args
 from .outputs import write_text
@@ -352,7 +352,7 @@ class Trainer(TrainingRun):
             self.log.log_epoch(row)
             ema_txt = f" | EMA top-1 {ema_val['top1']:.2f}%" if ema_val else ""
             tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} | val top-1 "
-                       f"{val['top1']:.2f}% top-5 {val['top5']:.2f}%{ema_txt} | {row['train_img_per_s']:.0f} img/s")
+                       f"{val['top1']:.2f}%{top5_text(val)}{ema_txt} | {row['train_img_per_s']:.0f} img/s")
             if self.unreadable:
                 tqdm.write(f"warning: {len(self.unreadable)} unreadable image(s) skipped so far "
                            f"(--strict-data makes them fatal)")
@@ -376,7 +376,7 @@ class Trainer(TrainingRun):
             write_text(os.path.join(self.out, "results.json"), json.dumps(results, indent=2))
             self.log.flush()
             png = plot_curves(self.out, title=f"{self.cfg.model} on {self.splits.name}")
-            print(f"test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}% on {split} (best weights: "
+            print(f"test top-1 {test['top1']:.2f}%{top5_text(test, '  ')} on {split} (best weights: "
                   f"{self.best['weights']} after epoch {self.best['epoch']})\n"
                   f"wrote {self.out}/: {LAST}.safetensors, {BEST}.safetensors, metrics.csv, "
                   f"{os.path.basename(png) if png else ''}, results.json", flush=True)
