@@ -343,6 +343,27 @@ def test_missing_and_mismatched_data_exit_cleanly(tmp_path, capsys):
     assert "class folders differ" in capsys.readouterr().err
 
 
+def test_a_val_class_without_images_is_one_warning_line(tmp_path):
+    """A class folder of val/ without images (the class has training images) printed Python's raw warning, its
+    file, line and source line, in vigla train and vigla eval. It is one 'warning:' line naming the folder."""
+    data = tmp_path / "d"
+    write_folder(str(data / "train"), ["a", "b", "c"], per_class=4, size=24)
+    write_folder(str(data / "val"), ["a", "b"], per_class=2, size=24)
+    (data / "val" / "c").mkdir()
+    out = tmp_path / "r"
+    flags = dict(data=str(data), model="test_vit", img_size=32, epochs=1, warmup_epochs=0, batch_size=4, workers=0,
+                 aa="none", mixup=0, cutmix=0, reprob=0, ema=False, out=str(out))
+    trained = run_group([sys.executable, "-m", "vigla", "train", *argv_of(flags)], timeout=120)
+    evaluated = run_group([sys.executable, "-m", "vigla", "eval", str(out / "best.safetensors"), "--data", str(data),
+                           "--workers", "0"], timeout=120)
+    for proc in (trained, evaluated):
+        assert proc.returncode == 0, proc.stderr
+        warning = f"warning: {data / 'val'}: class folder(s) without images: c; the accuracy covers the other"
+        lines = [line for line in proc.stderr.splitlines() if "warning" in line.lower()]
+        assert len(lines) == 1 and lines[0].startswith(warning), proc.stderr
+        assert "UserWarning" not in proc.stderr and "Warning:" not in proc.stderr and "sources.py" not in proc.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     ({"compile": True}, "--cuda-graph and --compile: pick one"),
     ({"amp": "fp16"}, "--cuda-graph needs --amp bf16 or off"),

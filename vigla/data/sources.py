@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, DataWarning
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -90,7 +90,8 @@ class FolderSource(Source):
         if bad and strict:
             raise DataError(f"unreadable image {bad[0]} (--strict-data stops at the first bad file)")
         if bad:
-            warnings.warn(f"{self.name}: skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", stacklevel=2)
+            warnings.warn(f"{self.name}: skipped {len(bad)} unreadable image(s), e.g. {bad[0]}", DataWarning,
+                          stacklevel=2)
         keep = [i for i, (arr, _) in enumerate(results) if arr is not None]
         if not keep:
             raise DataError(f"{self.name}: none of the {len(self)} images could be read")
@@ -98,7 +99,8 @@ class FolderSource(Source):
 
 
 def scan_image_folder(root: str, require_all_classes: bool = True) -> FolderSource:
-    """List ``root/<class>/**/<image>``; classes are the sorted sub-folder names."""
+    """List ``root/<class>/**/<image>``; classes are the sorted sub-folder names. A class folder without images is a
+    :class:`DataError`, or with ``require_all_classes=False`` (an evaluation folder) a :class:`DataWarning`."""
     if not os.path.isdir(root):
         raise DataError(f"image folder {root} does not exist (expected {root}/<class name>/<image files>)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -119,7 +121,8 @@ def scan_image_folder(root: str, require_all_classes: bool = True) -> FolderSour
         msg = f"{root}: class folder(s) without images: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
         if require_all_classes:
             raise DataError(msg)
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(f"{msg}; the accuracy covers the other classes only (add images to measure these too)",
+                      DataWarning, stacklevel=2)
     return FolderSource(paths, targets, classes, name=root)
 
 

@@ -1,8 +1,10 @@
 """Errors that end a run with one clear message (printed by the CLI without a traceback) and an exit code."""
+import contextlib
 import os
 import sys
+import warnings
 
-from vigla.data.errors import DataError
+from vigla.data.errors import DataError, DataWarning
 
 
 class UserError(RuntimeError):
@@ -68,9 +70,11 @@ def report(err: BaseException, command: str, note: str = "") -> int:
 
 def run_command(command: str, main, args, note: str = "") -> int:
     """``main(args)`` -> its exit code; every exception ends as one line (:func:`report`), or, with
-    ``args.debug``, propagates with its traceback. Ctrl-C that escapes the command exits with 130."""
+    ``args.debug``, propagates with its traceback. Ctrl-C that escapes the command exits with 130. The data's
+    warnings (:class:`DataWarning`) are printed as one line each (:func:`warning_lines`)."""
     try:
-        return int(main(args) or 0)
+        with warning_lines(note):
+            return int(main(args) or 0)
     except KeyboardInterrupt:
         if getattr(args, "debug", False):
             raise
@@ -83,3 +87,20 @@ def run_command(command: str, main, args, note: str = "") -> int:
         if getattr(args, "debug", False):
             raise
         return report(e, command, note)
+
+
+@contextlib.contextmanager
+def warning_lines(note: str = ""):
+    """Inside: a :class:`DataWarning` is printed as ``warning: <message>`` on stderr, not as Python's
+    ``file:line: DataWarning: ...`` with the source line; other warnings are shown as before."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DataWarning):
+                print(f"warning{note}: {message}", file=sys.stderr, flush=True)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        yield
