@@ -490,3 +490,25 @@ def test_the_default_warmup_fits_a_one_epoch_run(dataset, tmp_path):
     flags = _flags(dataset, tmp_path / "run", epochs=1)
     del flags["warmup_epochs"]
     assert cli.main(["dense", "train", *_argv(flags)]) == 0
+
+
+def test_vigla_train_resuming_a_dense_run_names_its_command(dataset, tmp_path, capsys):
+    """`vigla train --resume` on a `vigla dense train` run built a classifier from the run's config.yaml and died
+    on KeyError: 'model_name'; now it says what the run is and which command resumes it, before anything is
+    read from its config.yaml or written into its folder."""
+    run = tmp_path / "dense"
+    assert DenseTrainer(resolve_config(_flags(dataset, run, epochs=1))).run() == 0
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    state = run / "last.state.pt"
+    for argv in (["--resume", str(run)], ["--resume", str(state)], ["--resume", "auto", "--out", str(run)],
+                 ["--resume", str(run), "--epochs", "2"]):
+        capsys.readouterr()
+        assert cli.main(["train", *argv]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in captured.err and "KeyError" not in captured.err, captured.err
+        assert lines[0] == (f"vigla train: error: {state} is the state of a `vigla dense train` run, not of a "
+                            f"`vigla train` (classification) one: resume it with `vigla dense train --resume "
+                            f"{state}`")
+        assert "resuming" not in captured.out
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept

@@ -759,3 +759,28 @@ def test_vit_sizes_must_be_whole_patches():
                                         rf"{3 * patch}"):
         check_runs_at(vit, "test_vit", 2 * patch + 1, torch.device("cpu"), "--img-size")
     check_runs_at(timm.create_model("vig_tiny", depth=1), "vig_tiny", 33, torch.device("cpu"), "--img-size")
+
+
+def test_a_state_without_what_vigla_train_saves_is_one_line(fmnist, tmp_path, capsys):
+    """A --resume state that lacks keys `vigla train` saves died on a raw KeyError (e.g. 'model_name'); it is
+    refused in one line that names the missing keys, through the command and through Trainer alike."""
+    from vigla.engine.checkpoint import save_state
+
+    flags = tiny_flags(fmnist, tmp_path / "r", epochs=1)
+    assert Trainer(resolve_config(flags)).run() == 0
+    full = load_state(str(tmp_path / "r" / "last.state.pt"))
+    for i, (drop, named) in enumerate(((("model_name",), "model_name"),
+                                       (("global_batch", "rng"), "global_batch, rng"),
+                                       (("model", "scheduler"), "scheduler"))):  # format 1: the weights beside it
+        path = tmp_path / f"s{i}" / "last.state.pt"
+        path.parent.mkdir()
+        save_state(str(path), {k: v for k, v in full.items() if k not in drop and k != "format"})
+        message = f"{path} is not the state of a `vigla train` run (it lacks {named}): resume a run folder"
+        capsys.readouterr()
+        assert cli.main(["train", "--resume", str(path.parent), "--epochs", "2"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"vigla train: error: {message}") and captured.err.count("\n") == 1
+        assert "Traceback" not in captured.err and "KeyError" not in captured.err and "resuming" not in captured.out
+        with pytest.raises(CheckpointError, match="it lacks " + named):
+            Trainer(resolve_config(dict(flags, epochs=2, out=None)), resume_state=str(path))
+        assert sorted(os.listdir(path.parent)) == ["last.state.pt"]

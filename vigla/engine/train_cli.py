@@ -46,6 +46,7 @@ def build_config(args: argparse.Namespace):
 def _build_config(args: argparse.Namespace):
     """-> (config, state file or None, the saved settings of the resumed run or None)."""
     from .run import find_resume_state
+    from .trainer import check_train_state
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     from_yaml = read_yaml(args.config) if getattr(args, "config", None) else {}
@@ -53,6 +54,7 @@ def _build_config(args: argparse.Namespace):
     if first.resume is None:
         return first, None, None
     state = find_resume_state(first.resume, first.out, first.model, first.data)
+    check_train_state(state)
     saved_path = os.path.join(os.path.dirname(state), "config.yaml")
     saved = None
     if os.path.isfile(saved_path):
