@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from test_data import write_fake_fmnist
+from test_train import DAMAGED_CONFIGS
 from vigla import cli
 from vigla.dense import BackboneFPN, backbone_with_fpn, build_detector, build_segmenter, pad_to_multiple
 from vigla.dense.backbone import feature_sizes
@@ -512,3 +513,20 @@ def test_vigla_train_resuming_a_dense_run_names_its_command(dataset, tmp_path, c
                             f"{state}`")
         assert "resuming" not in captured.out
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
+def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(dataset, tmp_path, capsys):
+    """`vigla dense train --resume` of a run whose config.yaml holds a list or a scalar died on AttributeError
+    ('list' object has no attribute 'items'), an empty one resumed without its settings (to '--data is required'),
+    invalid YAML was told in the parser's many lines: each is one line naming the file, the problem and the ways
+    on; the run's files stay as they were."""
+    run = tmp_path / "run"
+    assert DenseTrainer(resolve_config(_flags(dataset, run, epochs=1))).run() == 0
+    config = run / "config.yaml"
+    for text, problem in DAMAGED_CONFIGS.items():
+        config.write_bytes(text if isinstance(text, bytes) else text.encode())
+        kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        _one_line_error(capsys, ["train", "--resume", str(run), "--epochs", "2"], f"{config} {problem}",
+                        "the run folder's config.yaml is damaged; restore it, or remove it and give the run's "
+                        "settings as flags, or start a new run without --resume")
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept

@@ -784,3 +784,34 @@ def test_a_state_without_what_vigla_train_saves_is_one_line(fmnist, tmp_path, ca
         with pytest.raises(CheckpointError, match="it lacks " + named):
             Trainer(resolve_config(dict(flags, epochs=2, out=None)), resume_state=str(path))
         assert sorted(os.listdir(path.parent)) == ["last.state.pt"]
+
+
+#: a run's config.yaml, damaged: its text -> the problem the error line names (test_dense.py's test too)
+DAMAGED_CONFIGS = {"- a\n- b\n": "holds a list, not a mapping of setting: value", "5\n": "holds an int, not a mapping",
+                   "": "is empty", "# nothing\n": "holds no settings",
+                   "epochs: [1\nlr: 2\n": "is not valid YAML (line 2, column 3: expected ',' or ']', but got ':')",
+                   b"\xff\xfe": "cannot be read (UnicodeDecodeError: "}
+
+
+def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(fmnist, tmp_path, capsys):
+    """An empty config.yaml resumed the run with the preset's settings (to 'is a test_vit checkpoint, this run
+    builds vig_tiny'); invalid YAML was told in the parser's many lines and a list or a scalar as 'unreadable', both
+    with 'repair it, or give the run's settings with --config or flags', which the error came back to anyway: each
+    is one line naming the file, the problem and the ways on; the run's files stay as they were."""
+    out = tmp_path / "r"
+    assert Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1))).run() == 0
+    config = out / "config.yaml"
+    for text, problem in DAMAGED_CONFIGS.items():
+        config.write_bytes(text if isinstance(text, bytes) else text.encode())
+        kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        capsys.readouterr()
+        assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"vigla train: error: {config} {problem}")
+        assert captured.err.endswith(": the run folder's config.yaml is damaged; restore it, or remove it and give "
+                                     "the run's settings with --config or flags, or start a new run without "
+                                     "--resume\n") and captured.err.count("\n") == 1 and "resuming" not in captured.out
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
+    config.unlink()  # the way on that the line names: the run's settings from the flags
+    assert cli.main(["train", "--resume", str(out), *argv_of(tiny_flags(fmnist, out, epochs=2))]) == 0
+    assert "no config.yaml beside it" in capsys.readouterr().out

@@ -131,8 +131,8 @@ def config_to_yaml(cfg: DenseConfig) -> str:
                           sort_keys=False)
 
 
-def saved_config(text: str) -> dict[str, Any]:
-    values = yaml.safe_load(text) or {}
+def saved_config(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a run's config.yaml (:func:`vigla.engine.run.read_run_config`) that a resume takes."""
     return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}
 
 

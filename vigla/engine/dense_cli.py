@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -103,22 +102,17 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import yaml
-
     from vigla.dense.config import FIELDS, resolve_config, saved_config
     from vigla.dense.train import DenseTrainer, check_dense_state, resume_state_for
+    from vigla.engine.run import read_run_config
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     state, saved = None, None
     if flags.get("resume"):
         state = resume_state_for(flags)
         check_dense_state(state)
-        path = os.path.join(os.path.dirname(state), "config.yaml")
-        if os.path.isfile(path):
-            try:
-                saved = saved_config(open(path).read())
-            except (OSError, yaml.YAMLError) as e:
-                raise UserError(f"{path}: unreadable ({e}); repair it, or give the run's settings as flags") from None
+        values = read_run_config(state, "as flags")
+        saved = None if values is None else saved_config(values)
         print(f"resuming {state}" + (" with the settings of its config.yaml" if saved else ""), flush=True)
     cfg = resolve_config(flags, saved)
     try:

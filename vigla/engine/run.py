@@ -25,6 +25,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
+import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -65,6 +66,41 @@ def find_resume_state(resume: str, out: str | None, model: str, data: str | None
         raise UserError(f"--resume {resume}: expected a run folder holding {LAST}.state.pt, a .state.pt file or "
                         f"'auto'")
     return path
+
+
+
+def read_run_config(state: str, settings: str) -> dict | None:
+    """The mapping of setting: value that the run of the training state ``state`` saved in its config.yaml (beside
+    the state), or None when it has none. A run writes a whole one, so one that cannot be read, is not valid YAML
+    or holds no mapping (an empty file, a list, a scalar) is damaged: a :class:`UserError` naming the file, the
+    problem and the ways on (``settings``: where the command takes a run's settings from without it)."""
+    path = os.path.join(os.path.dirname(state), "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        values = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        problem = f"cannot be read ({type(e).__name__}: {e})"
+    except yaml.YAMLError as e:
+        problem = f"is not valid YAML ({_yaml_problem(e)})"
+    else:
+        if isinstance(values, dict):
+            return values
+        kind = type(values).__name__
+        problem = ("holds no settings" if text.strip() else "is empty") if values is None else \
+            f"holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a mapping of setting: value"
+    raise UserError(f"{path} {problem}: the run folder's config.yaml is damaged; restore it, or remove it and give "
+                    f"the run's settings {settings}, or start a new run without --resume")
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line L, column C: <problem>`` of a YAML parse error (its text spans several lines)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 class StopRequest:

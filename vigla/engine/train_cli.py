@@ -5,11 +5,9 @@ import argparse
 import os
 import sys
 
-import yaml
-
 from . import distributed as dist_utils
 from .config import FIELDS, add_config_arguments, config_changes, read_yaml, resolve_config, saved_config
-from .errors import UserError, run_command
+from .errors import run_command
 
 EPILOG = """\
 examples:
@@ -45,7 +43,7 @@ def build_config(args: argparse.Namespace):
 
 def _build_config(args: argparse.Namespace):
     """-> (config, state file or None, the saved settings of the resumed run or None)."""
-    from .run import find_resume_state
+    from .run import find_resume_state, read_run_config
     from .trainer import check_train_state
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
@@ -55,14 +53,8 @@ def _build_config(args: argparse.Namespace):
         return first, None, None
     state = find_resume_state(first.resume, first.out, first.model, first.data)
     check_train_state(state)
-    saved_path = os.path.join(os.path.dirname(state), "config.yaml")
-    saved = None
-    if os.path.isfile(saved_path):
-        try:
-            saved = saved_config(open(saved_path).read())
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"{saved_path}: unreadable ({e}); repair it, or give the run's settings with --config "
-                            f"or flags") from None
+    values = read_run_config(state, "with --config or flags")
+    saved = None if values is None else saved_config(values)
     return resolve_config(flags, from_yaml, saved), state, saved
 
 
