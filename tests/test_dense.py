@@ -530,3 +530,21 @@ def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(dataset, tmp_path, c
                         "the run folder's config.yaml is damaged; restore it, or remove it and give the run's "
                         "settings as flags, or start a new run without --resume")
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
+def test_a_warmup_that_rounds_to_the_whole_run_leaves_the_cosine_a_step(dataset, tmp_path):
+    """--warmup-epochs 0.9 of a 1-epoch run of 2 steps rounded to both: timm's cosine got 0 steps and the run died
+    on a bare AssertionError; the warm-up now takes at most all steps but one. The default warm-up of such a run
+    (1/12 of it) rounds to 0 steps, which the cosine takes cleanly: no warm-up, the first step at the peak learning
+    rate (not 0, no division by the warm-up's length)."""
+    run = DenseTrainer(resolve_config(_flags(dataset, tmp_path / "a", epochs=1, warmup_epochs=0.9)))
+    assert (run.total_steps, run.scheduler.warmup_t, run.scheduler.t_initial) == (2, 1, 1)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(run.lr * 1e-3)  # the warm-up's first step
+    assert run.run() == 0
+    flags = _flags(dataset, tmp_path / "b", epochs=1)
+    del flags["warmup_epochs"]
+    run = DenseTrainer(resolve_config(flags))
+    assert run.cfg.warmup_epochs == pytest.approx(1 / 12) and run.total_steps == 2
+    assert (run.scheduler.warmup_t, run.scheduler.t_initial) == (0, 2)
+    assert run.optimizer.param_groups[0]["lr"] == run.lr > 0
+    run.close()

@@ -815,3 +815,17 @@ def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(fmnist, tmp_path, ca
     config.unlink()  # the way on that the line names: the run's settings from the flags
     assert cli.main(["train", "--resume", str(out), *argv_of(tiny_flags(fmnist, out, epochs=2))]) == 0
     assert "no config.yaml beside it" in capsys.readouterr().out
+
+
+def test_a_warmup_that_rounds_to_the_whole_run_leaves_the_cosine_a_step(fmnist, tmp_path):
+    """--warmup-epochs 0.95 of a 1-epoch run of 6 steps rounded to all 6: timm's cosine got 0 steps and the run
+    died on a bare AssertionError; the warm-up now takes at most all steps but one (a warm-up rounding to 0 steps
+    is none: the cosine starts at the peak)."""
+    from vigla.engine.run import warmup_steps
+
+    trainer = Trainer(resolve_config(tiny_flags(fmnist, tmp_path / "r", epochs=1, warmup_epochs=0.95)))
+    assert (trainer.total_steps, trainer.scheduler.warmup_t, trainer.scheduler.t_initial) == (6, 5, 1)
+    assert trainer.run() == 0
+    assert json.load(open(tmp_path / "r" / "results.json"))["global_step"] == 6
+    assert [warmup_steps(w, 6, 6) for w in (0.95, 0.9, 0.5, 0.05, 0)] == [5, 5, 3, 0, 0]
+    assert warmup_steps(1.0, 6, 12) == 6 and warmup_steps(0.5, 1, 1) == 0

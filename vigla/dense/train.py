@@ -37,8 +37,8 @@ from vigla.engine.modeling import check_model_name
 from vigla.engine.metrics import save_curves
 from vigla.engine.outputs import write_text
 from vigla.engine.precision import autocast
-from vigla.engine.run import (BEST, LAST, TrainingRun, seed_everything, vigla_version, warn_unreadable,
-                              find_resume_state, run_name)
+from vigla.engine.run import (BEST, LAST, TrainingRun, seed_everything, vigla_version, warmup_steps,
+                              warn_unreadable, find_resume_state, run_name)
 
 from .config import DenseConfig, config_to_yaml, cudnn_benchmark, parse_json_object
 from .data import (IGNORE, CocoSplit, DetectionDataset, SegmentationDataset, collate_detection, collate_segmentation,
@@ -213,7 +213,7 @@ class DenseTrainer(TrainingRun):
         self.lr = cfg.lr * scale
         self.optimizer = create_optimizer_v2(self.model, opt="adamw", lr=self.lr, weight_decay=cfg.weight_decay)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        warmup = warmup_steps(cfg.warmup_epochs, self.steps_per_epoch, self.total_steps)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched="cosine", num_epochs=self.total_steps - warmup, warmup_epochs=warmup,
             warmup_lr=self.lr * 1e-3, min_lr=cfg.min_lr * scale, warmup_prefix=True, step_on_epochs=False,

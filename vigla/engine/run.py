@@ -103,6 +103,14 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """The warm-up's optimizer steps: ``warmup_epochs`` of ``steps_per_epoch``, rounded, and at most ``total_steps
+    - 1``: timm's cosine after it needs a step (--warmup-epochs 0.9 of a 1-epoch run of 2 steps rounded to both and
+    failed on its ``t_initial > 0`` assertion). One that rounds to 0 (the default 1/12 of a 1-epoch run of 6 steps
+    or fewer) is none: the first step takes the peak learning rate, as timm's cosine without a warm-up does."""
+    return min(round(warmup_epochs * steps_per_epoch), total_steps - 1)
+
 class StopRequest:
     """SIGINT / SIGTERM handler: the first signal asks the loop to finish its step, save and exit; a second
     SIGINT aborts at once."""

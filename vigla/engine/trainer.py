@@ -32,7 +32,8 @@ from .metrics import plot_curves
 from .modeling import check_runs_at, create_model, enable_grad_checkpointing, model_args
 from .outputs import write_text
 from .precision import autocast
-from .run import BEST, LAST, TrainingRun, seed_everything, vigla_version, warn_unreadable, run_name
+from .run import (BEST, LAST, TrainingRun, seed_everything, vigla_version, warmup_steps, warn_unreadable,
+                  run_name)
 
 
 class Trainer(TrainingRun):
@@ -160,10 +161,10 @@ class Trainer(TrainingRun):
         self.optimizer = create_optimizer_v2(self.core, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              **fused)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        warmup = warmup_steps(cfg.warmup_epochs, self.steps_per_epoch, self.total_steps)
         # one scheduler "epoch" per optimizer step: integer step counts; warm-up comes first, inside --epochs
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched="cosine", num_epochs=self.total_steps - warmup_steps, warmup_epochs=warmup_steps,
+            self.optimizer, sched="cosine", num_epochs=self.total_steps - warmup, warmup_epochs=warmup,
             warmup_lr=cfg.warmup_lr * scale, min_lr=cfg.min_lr * scale, warmup_prefix=True, step_on_epochs=False,
             updates_per_epoch=1)
         self.mixup = None
