@@ -16,7 +16,7 @@ from timm.models import register_model
 from test_data import write_fake_fmnist, write_folder
 from vigla import cli
 from vigla.engine import train_cli
-from vigla.engine.checkpoint import load_state, load_weights, read_meta
+from vigla.engine.checkpoint import load_state, load_weights, read_meta, save_state
 from vigla.engine.config import read_yaml, resolve_config
 from vigla.engine.errors import CheckpointError, NonFiniteLossError, UserError
 from vigla.engine.trainer import Trainer
@@ -30,10 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors 
 ENV_1T = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def run_group(cmd, timeout):
-    """subprocess.run in its own process group, all of which is killed on a timeout (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV_1T,
-                            start_new_session=True)
+def run_group(cmd, timeout, env=None):
+    """subprocess.run in its own process group, all of which is killed on a timeout (torchrun's workers too);
+    ``env``: variables set on top of :data:`ENV_1T`."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV_1T, **(env or {})}, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -362,6 +363,33 @@ def test_a_val_class_without_images_is_one_warning_line(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if "warning" in line.lower()]
         assert len(lines) == 1 and lines[0].startswith(warning), proc.stderr
         assert "UserWarning" not in proc.stderr and "Warning:" not in proc.stderr and "sources.py" not in proc.stderr
+
+
+def test_vigla_warnings_are_one_line_each(fmnist, tmp_path):
+    """A resume with another number of processes (its RNG states reseeded), a Castling model on images too small for
+    its auxiliary branch's eps, and a machine without a C compiler printed Python's raw UserWarning, its file, line
+    and source line (the layer's pointed into torch, in the middle of the progress bar). Each is one 'warning:'
+    line of its own."""
+    out = tmp_path / "r"
+    flags = tiny_flags(fmnist, out, model="castling_deit_tiny", epochs=1, train_subset=16, val_subset=8,
+                       test_subset=8)
+    aux = "warning: LinearAngularAttention: aux_eps=0.02 < 1/N_keys = 1/5: every softmax row keeps"
+    trained = run_group([sys.executable, "-m", "vigla", "train", *argv_of(flags)], timeout=120)
+    state = load_state(str(out / "last.state.pt"))
+    save_state(str(out / "last.state.pt"), dict(state, rng=state["rng"] * 2, world_size=2))  # as 2 processes saved
+    resumed = run_group([sys.executable, "-m", "vigla", "train", "--resume", "auto", "--out", str(out),
+                         "--epochs", "2"], timeout=120)
+    reseeded = "warning: resuming 2-process RNG states with 1 process(es): random streams are reseeded"
+    no_cc = {"CC": "no-such-compiler", "VIGLA_CACHE_DIR": str(tmp_path / "cache")}
+    info = run_group([sys.executable, "-m", "vigla", "info"], timeout=120, env=no_cc)
+    compiler = "warning: no C compiler ('no-such-compiler') found, so vigla's fused ops on the CPU"
+    for proc, expected in ((trained, [aux]), (resumed, [reseeded, aux]), (info, [compiler])):
+        assert proc.returncode == 0, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if "warning" in line.lower()]  # \r: the bar's redraws
+        assert len(lines) == len(expected), proc.stderr
+        for start in expected:
+            assert sum(line.startswith(start) for line in lines) == 1, proc.stderr
+        assert "UserWarning" not in proc.stderr and "Warning:" not in proc.stderr and ".py:" not in proc.stderr
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -4,7 +4,8 @@ import os
 import sys
 import warnings
 
-from vigla.data.errors import DataError, DataWarning
+from vigla.data.errors import DataError
+from vigla.notices import ViglaWarning
 
 
 class UserError(RuntimeError):
@@ -70,8 +71,9 @@ def report(err: BaseException, command: str, note: str = "") -> int:
 
 def run_command(command: str, main, args, note: str = "") -> int:
     """``main(args)`` -> its exit code; every exception ends as one line (:func:`report`), or, with
-    ``args.debug``, propagates with its traceback. Ctrl-C that escapes the command exits with 130. The data's
-    warnings (:class:`DataWarning`) are printed as one line each (:func:`warning_lines`)."""
+    ``args.debug``, propagates with its traceback. Ctrl-C that escapes the command exits with 130. vigla's
+    warnings (:class:`~vigla.notices.ViglaWarning`: the data's among them) are printed as one line each
+    (:func:`warning_lines`)."""
     try:
         with warning_lines(note):
             return int(main(args) or 0)
@@ -91,14 +93,18 @@ def run_command(command: str, main, args, note: str = "") -> int:
 
 @contextlib.contextmanager
 def warning_lines(note: str = ""):
-    """Inside: a :class:`DataWarning` is printed as ``warning: <message>`` on stderr, not as Python's
-    ``file:line: DataWarning: ...`` with the source line; other warnings are shown as before."""
+    """Inside: a :class:`~vigla.notices.ViglaWarning` (the data's, a resume's, a CPU kernel's, a layer's) is printed
+    as ``warning: <message>`` on stderr, on a line of its own above a progress bar, not as Python's
+    ``file:line: UserWarning: ...`` with the source line; other warnings are shown as before."""
+    from tqdm import tqdm
+
     with warnings.catch_warnings():
         show = warnings.showwarning
 
         def one_line(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, DataWarning):
-                print(f"warning{note}: {message}", file=sys.stderr, flush=True)
+            if issubclass(category, ViglaWarning):
+                tqdm.write(f"warning{note}: {message}", file=sys.stderr)  # clears a bar first, then redraws it
+                sys.stderr.flush()
             else:
                 show(message, category, filename, lineno, file, line)
 

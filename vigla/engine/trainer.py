@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from vigla.data import (BatchPrep, DataError, ResumableDistributedSampler, ShardSampler, TransformedDataset,
                         available_cpus, collate, default_workers, eval_transform, load_splits, train_transform)
+from vigla.notices import ViglaWarning
 
 from . import distributed as dist_utils
 from .aux_branch import NO_BRANCH, castling_model_args, checkpoint_record, validate_aux_branch
@@ -243,8 +244,8 @@ class Trainer(TrainingRun):
         else:
             seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * self.global_step)
             if self.is_main:
-                warnings.warn(f"resuming {len(rng)}-process RNG states with {self.dist.world_size} processes: "
-                              f"random streams are reseeded (sample order is kept)", stacklevel=2)
+                warnings.warn(f"resuming {len(rng)}-process RNG states with {self.dist.world_size} process(es): "
+                              f"random streams are reseeded (sample order is kept)", ViglaWarning, stacklevel=2)
 
     def _load_optimizer(self, saved: dict) -> None:
         """The optimizer's saved state, stepped the way this run built it: a saved run's ``fused`` /

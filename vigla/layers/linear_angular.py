@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..notices import ViglaWarning
 from ..ops.linear_angular import (
     DEFAULT_NORM_EPS,
     linear_angular_z,
@@ -175,6 +176,7 @@ class LinearAngularAttention(nn.Module):
                 f"to inference cannot be exact (a softmax row over N keys has an entry >= 1/N). "
                 f"Use aux_eps >= {1.0 / n_keys:.4g} "
                 f"(e.g. 2/N_keys) or switch the branch off for this layer.",
+                ViglaWarning,
                 stacklevel=3,
             )
         aux = masked_softmax_aux(q, k, v, self.aux_eps, self.scale)

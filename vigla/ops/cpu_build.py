@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
+from vigla.notices import KernelWarning
+
 __all__ = ["CpuLibrary", "FLAGS", "LONG", "PTR", "compiler", "ptr", "threads"]
 
 PTR, LONG = ctypes.c_void_p, ctypes.c_long
@@ -59,9 +61,9 @@ def compiler() -> Optional[str]:
     """``$CC`` (else ``cc``) when it is on the PATH; None, with one warning per process, when it is not."""
     name = os.environ.get("CC") or "cc"
     if shutil.which(name) is None:
-        warnings.warn(f"vigla: no C compiler ({name!r}) found, so the fused ops on the CPU (BiGLA, the locality "
+        warnings.warn(f"no C compiler ({name!r}) found, so vigla's fused ops on the CPU (BiGLA, the locality "
                       "mix, SwiGLU, add + norm, the depthwise conv) run their slower PyTorch paths; install one "
-                      "(e.g. gcc) or set CC to use the compiled kernels", stacklevel=4)
+                      "(e.g. gcc) or set CC to use the compiled kernels", KernelWarning, stacklevel=4)
         return None
     return name
 
@@ -112,8 +114,8 @@ class CpuLibrary:
         except (OSError, subprocess.SubprocessError) as e:
             lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or ["?"]
             detail = next((line for line in lines if "error" in line), lines[0])
-            warnings.warn(f"vigla: building {self.what}'s CPU kernel failed ({detail.strip()}); {self.what} on "
-                          "the CPU runs its slower PyTorch path", stacklevel=3)
+            warnings.warn(f"building {self.what}'s CPU kernel failed ({detail.strip()}); {self.what} on "
+                          "the CPU runs its slower PyTorch path", KernelWarning, stacklevel=3)
             return None
         self.declare(lib)
         return lib

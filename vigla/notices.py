@@ -1,0 +1,12 @@
+"""vigla's warnings: a run goes on, with something its user should know (and can act on). They are Python warnings
+of a :class:`ViglaWarning` category, so a library user filters them as any other; the ``vigla`` commands print each
+as one ``warning: ...`` line (:func:`vigla.engine.errors.warning_lines`), without Python's file, line and source
+line."""
+
+
+class ViglaWarning(UserWarning):
+    """A warning of vigla's (the base of its categories); the commands print it as one ``warning:`` line."""
+
+
+class KernelWarning(ViglaWarning):
+    """A compiled CPU kernel that cannot be used (no C compiler, a failed build): the op runs its PyTorch path."""
