@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import timm
@@ -15,11 +16,13 @@ from timm.models import register_model
 
 from test_data import write_fake_fmnist, write_folder
 from vigla import cli
+from vigla.data import DataWarning
 from vigla.engine import train_cli
 from vigla.engine.checkpoint import load_state, load_weights, read_meta, save_state
 from vigla.engine.config import read_yaml, resolve_config
-from vigla.engine.errors import CheckpointError, NonFiniteLossError, UserError
+from vigla.engine.errors import CheckpointError, NonFiniteLossError, UserError, warning_lines
 from vigla.engine.trainer import Trainer
+from vigla.notices import KernelWarning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -390,6 +393,45 @@ def test_vigla_warnings_are_one_line_each(fmnist, tmp_path):
         for start in expected:
             assert sum(line.startswith(start) for line in lines) == 1, proc.stderr
         assert "UserWarning" not in proc.stderr and "Warning:" not in proc.stderr and ".py:" not in proc.stderr
+
+
+@pytest.mark.parametrize("rank, local_rank, printed", [
+    (None, None, ["data", "kernel"]),  # no torchrun
+    ("0", "0", ["data", "kernel"]),
+    ("1", "1", []),
+    ("5", "0", ["kernel"]),  # the first process of a second machine: its compiler, not the data again
+])
+def test_under_torchrun_a_warning_is_printed_by_one_process(monkeypatch, capsys, rank, local_rank, printed):
+    """Under torchrun every rank printed the data's warning lines (N processes: N copies, each '(rank k)'). Rank 0
+    prints them; a warning about what the machine has (its C compiler) is printed by each machine's first process."""
+    for var, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
+    with warning_lines():
+        warnings.warn("the data", DataWarning)
+        warnings.warn("the machine", KernelWarning)
+    lines = capsys.readouterr().err.splitlines()
+    expected = {"data": "warning: the data", "kernel": "warning: the machine"}
+    assert lines == [expected[name] for name in printed]
+
+
+@pytest.mark.slow
+def test_ddp_prints_the_data_warning_once(tmp_path):
+    """Two processes met the same class folder without images: the line came twice, the second '(rank 1)'."""
+    data = tmp_path / "d"
+    write_folder(str(data / "train"), ["a", "b", "c"], per_class=4, size=24)
+    write_folder(str(data / "val"), ["a", "b"], per_class=2, size=24)
+    (data / "val" / "c").mkdir()
+    flags = dict(data=str(data), model="test_vit", img_size=32, epochs=1, warmup_epochs=0, batch_size=2, workers=0,
+                 aa="none", mixup=0, cutmix=0, reprob=0, ema=False, out=str(tmp_path / "r"))
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "vigla", "train", *argv_of(flags)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "class folder(s) without images" in line]
+    assert lines == [f"warning: {data / 'val'}: class folder(s) without images: c; the accuracy covers the other "
+                     f"classes only (add images to measure these too)"], proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("flags, message", [

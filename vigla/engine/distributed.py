@@ -27,10 +27,16 @@ class DistInfo:
         return self.world_size > 1
 
 
+def env_rank(local: bool = False) -> int:
+    """This process's rank (``local``: its rank on this machine) as torchrun sets it in the environment, 0 without
+    torchrun: known from the start, before :func:`setup` joins the process group."""
+    return int(os.environ.get("LOCAL_RANK" if local else "RANK", "0"))
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Pick the device; when ``WORLD_SIZE`` > 1 (torchrun), join the process group (NCCL on CUDA, else gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = env_rank(), env_rank(local=True)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (use --device cpu)")

@@ -94,8 +94,9 @@ def run_command(command: str, main, args, note: str = "") -> int:
 @contextlib.contextmanager
 def warning_lines(note: str = ""):
     """Inside: a :class:`~vigla.notices.ViglaWarning` (the data's, a resume's, a CPU kernel's, a layer's) is printed
-    as ``warning: <message>`` on stderr, on a line of its own above a progress bar, not as Python's
-    ``file:line: UserWarning: ...`` with the source line; other warnings are shown as before."""
+    as ``warning: <message>`` on stderr, on a line of its own above a progress bar, by the processes of a
+    ``torchrun`` job that :func:`shows_warning` picks, not as Python's ``file:line: UserWarning: ...`` with the
+    source line; other warnings are shown as before."""
     from tqdm import tqdm
 
     with warnings.catch_warnings():
@@ -103,6 +104,8 @@ def warning_lines(note: str = ""):
 
         def one_line(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, ViglaWarning):
+                if not shows_warning(category):
+                    return
                 tqdm.write(f"warning{note}: {message}", file=sys.stderr)  # clears a bar first, then redraws it
                 sys.stderr.flush()
             else:
@@ -110,3 +113,12 @@ def warning_lines(note: str = ""):
 
         warnings.showwarning = one_line
         yield
+
+
+def shows_warning(category: type[ViglaWarning]) -> bool:
+    """Whether this process prints a warning of ``category``: without torchrun, yes; under it, rank 0 (each rank
+    meets the same data and model: N processes printed N copies), or each machine's local rank 0 for a
+    ``per_machine`` category (a missing C compiler)."""
+    from .distributed import env_rank  # it imports this module
+
+    return env_rank(local=category.per_machine) == 0
