@@ -1,6 +1,9 @@
 """vigla eval: vigla and foreign checkpoints, several resolutions, the JSON report, clear errors."""
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -12,6 +15,7 @@ from vigla.data import BatchPrep, TransformedDataset, collate, eval_transform, s
 from vigla.engine.checkpoint import save_weights
 
 MEAN = STD = (0.5, 0.5, 0.5)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run best on one thread
@@ -174,6 +178,25 @@ def test_eval_shows_progress(tmp_path, folder, capsys):
     vigla_checkpoint(ckpt)
     assert cli.main(["eval", str(ckpt), "--data", folder, "--batch-size", "4", "--workers", "0"]) == 0
     assert "eval 32px" in capsys.readouterr().err
+
+
+def test_eval_into_a_pipe_starts_the_results_on_clean_lines(tmp_path, folder):
+    """Into a pipe or a log (stdout and stderr together), each size's progress bar, cleared at its end, left its text
+    and carriage returns at the start of the line of the table's title, then of the next size's row. The bar ends as
+    a line of its own (its last state: 100%); the title and the rows start their lines."""
+    ckpt = tmp_path / "w.safetensors"
+    vigla_checkpoint(ckpt)
+    proc = subprocess.run([sys.executable, "-m", "vigla", "eval", str(ckpt), "--data", folder, "--img-size", "32",
+                           "48", "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "r.json")], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=120)
+    out = proc.stdout.decode()  # bytes: text mode would turn the bar's carriage returns into newlines
+    assert proc.returncode == 0, out
+    title = f"{ckpt} (test_vit) on {folder}/val"
+    assert out.startswith(title) or f"\n{title}" in out, repr(out)
+    assert "\n    32 | " in out and "\n    48 | " in out, repr(out)
+    bars = [line for line in out.split("\n") if "eval 32px" in line or "eval 48px" in line]
+    assert [bar.split("\r")[-1][:15] for bar in bars] == ["eval 32px: 100%", "eval 48px: 100%"], repr(out)
 
 
 def test_eval_vig_tiny_at_two_sizes(tmp_path, folder):

@@ -131,8 +131,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=ShardSampler(len(dataset)),
                             num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
                             persistent_workers=workers > 0)
-        bar = tqdm(total=len(loader), desc=f"eval {size}px", dynamic_ncols=True, leave=False,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        tty = sys.stderr.isatty()  # a terminal: the bar is cleared before the row; a log: it ends as its own line
+        bar = tqdm(total=len(loader), desc=f"eval {size}px", dynamic_ncols=True, leave=not tty,
+                   mininterval=1.0 if tty else 30.0)  # (cleared there, it left its text before the next line)
         start = time.perf_counter()
         try:
             runner = CudaGraphModel(model, args.batch_size, dtype) if args.cuda_graph else model
