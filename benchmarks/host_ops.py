@@ -7,9 +7,9 @@ under autocast, ``torch.inference_mode``. For each call: ``--calls`` issued back
 for the device (the queue drained before each round), the median over ``--rounds`` rounds of the time per
 call. That is the host's cost of the call: its Python, its allocations and its launches; an eager forward
 is bound by the host when their sum over the block exceeds the block's device time. ``launches``: the
-kernels the call issues (our ops; left empty for PyTorch's). Two Triton launches of an empty kernel (16 arguments) show the floor of a launch
-from Python: through :func:`vigla.ops.launcher.direct` (what the ops use) and through Triton's own
-``kernel[grid](...)``.
+kernels the call issues (our ops; left empty for PyTorch's). Two Triton launches of an empty kernel (16
+arguments) show the floor of a launch from Python: through :func:`vigla.ops.launcher.direct` (what the ops
+use) and through Triton's own ``kernel[grid](...)``.
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`, a row per call).
 """
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     python benchmarks/interleaved.py --device cpu --out benchmarks/results --name cpu_vig_t_interleaved
     python benchmarks/interleaved.py --device cuda --out benchmarks/results --name models_vig_t_interleaved
-    python benchmarks/interleaved.py --device cuda --models vig_small deit_base_patch16_224 --name models_vig_s_interleaved
+    python benchmarks/interleaved.py --device cuda --models vig_small deit_base_patch16_224 \
+        --name models_vig_s_interleaved
     python benchmarks/interleaved.py --device cuda --compile --name compile_vig_t_interleaved
 
 ``vigla bench`` times one model, then the next. Where the figure depends on the host (a shared 2-core CPU; an

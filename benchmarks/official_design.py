@@ -226,7 +226,8 @@ def measure(name: str, img: int, batch: int, rounds: int, iters: int, phases=("i
         row[f"{phase}_official_ms"] = statistics.median(t_off)
         row[f"{phase}_official_over_vigla"] = statistics.median(ratios)
         row[f"{phase}_rounds"] = ratios
-        print(f"  {name} @{img} {phase}: vigla {row[f'{phase}_vigla_ms']:.2f} ms, official {row[f'{phase}_official_ms']:.2f} ms, "
+        print(f"  {name} @{img} {phase}: vigla {row[f'{phase}_vigla_ms']:.2f} ms, "
+              f"official {row[f'{phase}_official_ms']:.2f} ms, "
               f"official / vigla {row[f'{phase}_official_over_vigla']:.2f}", flush=True)
     return row
 
@@ -259,7 +260,8 @@ def main() -> int:
             r["seconds"] = round(time.perf_counter() - start, 1)
             out["rows"].append(r)
             write_json(out, Path(args.out) / f"{args.name}.json")  # incomplete until the last row
-            cols = "".join(f" {r.get(f'{p}_vigla_ms', float('nan')):12.2f} {r.get(f'{p}_official_ms', float('nan')):9.2f}"
+            cols = "".join(f" {r.get(f'{p}_vigla_ms', float('nan')):12.2f}"
+                           f" {r.get(f'{p}_official_ms', float('nan')):9.2f}"
                            f" {r.get(f'{p}_official_over_vigla', float('nan')):5.2f}" for p in ("inference", "train"))
             print(f"{name:10s} {img:5d}{cols} {r['logits_rel_diff_bf16']:11.1e}  ({r['seconds']:.0f} s)", flush=True)
     print(f"wrote {save_complete(out, args.out, args.name)}")

@@ -188,8 +188,8 @@ def summary(res: Results) -> list[str]:
     if loop:  # the whole vigla train loop (data loading included), both models replayed from CUDA graphs
         ips = {r["model"]: r["img_per_s"] for r in loop["rows"] if r["mode"] == "cuda_graph"}
         if "vig_tiny" in ips and DEIT_T in ips:
-            rows.append(["ViG-T ÷ DeiT-T, `vigla train --cuda-graph` img/s, data loading included", f"{ips['vig_tiny'] / ips[DEIT_T]:.2f}",
-                         *["-"] * (len(SIZES) - 1)])
+            rows.append(["ViG-T ÷ DeiT-T, `vigla train --cuda-graph` img/s, data loading included",
+                         f"{ips['vig_tiny'] / ips[DEIT_T]:.2f}", *["-"] * (len(SIZES) - 1)])
     flops = res("flops_all_models")
     if flops:
         rows.append(["ViG-T ÷ DeiT-T, GMACs"] + [ratio(flops, "vig_tiny", DEIT_T, s, ("gmacs",)) for s in SIZES])
@@ -324,7 +324,8 @@ def ops_section(result: dict) -> list[str]:
     tiles = any("fc1_tiles_fwd_ms" in r for r in result["rows"])  # the per-tile fc1 kernel timed beside
     mix = any("bigla_mix_fwd_ms" in r for r in result["rows"])  # the inference path's BiGLA + locality mix
     mlp = any("mlp_add_norm_fwd_ms" in r for r in result["rows"])  # its MLP + the next add + norm
-    rows = [[f"{r['shape']} (B={r['B']}, {r['H']}x{r['W']}, C={r['C']})", cell(r, "dwconv_fwd"), cell(r, "dwconv_fwdbwd")]
+    rows = [[f"{r['shape']} (B={r['B']}, {r['H']}x{r['W']}, C={r['C']})", cell(r, "dwconv_fwd"),
+             cell(r, "dwconv_fwdbwd")]
             + ([cell(r, "dwconv_fwd", "alt_"), cell(r, "dwconv_fwdbwd", "alt_")] if alt else [])
             + [cell(r, "add_norm_fwd"), cell(r, "locality_mix_fwd"), cell(r, "fc1_swiglu_fwd")]
             + ([cell(r, "fc1_tiles_fwd")] if tiles else []) + [cell(r, "fc1_then_gate_fwd")]
@@ -335,9 +336,10 @@ def ops_section(result: dict) -> list[str]:
         + (["the same, one program per tile"] if tiles else []) + ["fc1 (cuBLAS), then SwiGLU"] \
         + (["BiGLA + locality mix (one op)", "BiGLA, then the mix"] if mix else []) \
         + (["MLP + add + RMSNorm (the op)", "fc1 + SwiGLU, fc2, add + RMSNorm"] if mlp else [])
-    return table(header, rows) + ["", f"ms per call (CUDA-graph replays) and, in brackets, ÷ the byte floor at the copy "
-                                      f"bandwidth of the same run ({fmt(value(result, ('settings', 'copy_bandwidth_TBps')), '.1f')} "
-                                      f"TB/s); bf16; {source('kernel_ops', result)}."] \
+    bandwidth = fmt(value(result, ("settings", "copy_bandwidth_TBps")), ".1f")
+    return table(header, rows) + ["", f"ms per call (CUDA-graph replays) and, in brackets, ÷ the byte floor at the "
+                                      f"copy bandwidth of the same run ({bandwidth} TB/s); bf16; "
+                                      f"{source('kernel_ops', result)}."] \
         + [f"* {note}" for note in result.get("notes", [])]
 
 
@@ -350,9 +352,10 @@ def stem_section(result: dict) -> list[str]:
     rows = [[f"{r['model']} @{r['img_size']}", fmt(r.get("fused_ms"), ".3f"), fmt(r.get("layers_ms"), ".3f"), first(r)]
             + [fmt(r.get(f"alt:{label}_conv1_ms"), ".3f") for label in labels] for r in result["rows"]]
     return table(["model", "stem, fused", "stem, layers one by one", "first op (÷ floor)", *labels], rows) \
-        + ["", f"ms per call (CUDA-graph replays), batch {value(result, ('settings', 'batch_size'))}, bf16 autocast; "
-               "the first op is conv1 + LayerNorm + activation (`conv_norm_act`), its floor the fp32 image read and the "
-               f"bf16 output written once at the copy bandwidth of the same run; {source('kernel_stem', result)}."] \
+        + ["", f"ms per call (CUDA-graph replays), batch {value(result, ('settings', 'batch_size'))}, bf16 "
+               "autocast; the first op is conv1 + LayerNorm + activation (`conv_norm_act`), its floor the fp32 image "
+               "read and the bf16 output written once at the copy bandwidth of the same run; "
+               f"{source('kernel_stem', result)}."] \
         + [f"* {note}" for note in result.get("notes", [])]
 
 
@@ -565,9 +568,9 @@ def train_loop_section(results: list[tuple[str, dict]]) -> list[str]:
     lines = [f"`vigla train` on Fashion-MNIST resized to {st['img_size']} px, batch {st['batch_size']}, bf16; img/s of "
              "the second epoch (metrics.csv; data loading, the step, the schedule and the loss read-backs included); "
              + "; ".join(source(stem, result) for stem, result in results) + ".", ""]
-    rows = [[f"`{r['model']}`", r["mode"].replace("_", " "), str(result["settings"].get("workers") or "8 (the default then)"),
-             fmt(r["img_per_s"]), fmt(r.get("graph_speedup"), ".2f") if r.get("graph_speedup") else "-",
-             fmt(r["test_top1"], ".1f")]
+    rows = [[f"`{r['model']}`", r["mode"].replace("_", " "),
+             str(result["settings"].get("workers") or "8 (the default then)"), fmt(r["img_per_s"]),
+             fmt(r.get("graph_speedup"), ".2f") if r.get("graph_speedup") else "-", fmt(r["test_top1"], ".1f")]
             for _, result in results for r in result["rows"]]
     lines += table(["model", "loop", "loader processes", "img/s", "÷ eager", "test top-1 %"], rows)
     notes = [f"* {note}" for _, result in results for note in result.get("notes", [])]

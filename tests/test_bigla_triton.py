@@ -261,8 +261,10 @@ def _gates(shape, kind, device):
     if kind == "mid":  # too steep for one 64-token chunk, fine for 16-token sub-chunks
         return -1.5 * torch.rand(shape, device=device, dtype=torch.float64)
     if kind == "strong":
-        return torch.full(shape, -20.0, device=device, dtype=torch.float64) * torch.rand(shape, device=device, dtype=torch.float64)
-    return torch.where(torch.rand(shape, device=device) < 0.5, F.logsigmoid(z * 4), -20 * torch.rand(shape, device=device, dtype=torch.float64))
+        return torch.full(shape, -20.0, device=device, dtype=torch.float64) * \
+            torch.rand(shape, device=device, dtype=torch.float64)
+    return torch.where(torch.rand(shape, device=device) < 0.5, F.logsigmoid(z * 4),
+                       -20 * torch.rand(shape, device=device, dtype=torch.float64))
 
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -291,7 +293,8 @@ def test_triton_matches_float64_reference(case):
     do = torch.randn_like(ref)
     gref = torch.autograd.grad(ref, x64, do)
 
-    x = [t.detach().to(dtype).requires_grad_() for t in x64[:3]] + [t.detach().float().requires_grad_() for t in x64[3:]]
+    x = [t.detach().to(dtype).requires_grad_() for t in x64[:3]] + \
+        [t.detach().float().requires_grad_() for t in x64[3:]]
     if strided:  # as in the model: q, k, v column slices of one projection, gates of one tensor
         qkv = torch.cat([t.detach() for t in x[:3]], -1).requires_grad_()
         g2 = torch.stack([t.detach() for t in x[3:]], -2).requires_grad_()

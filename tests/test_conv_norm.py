@@ -145,7 +145,8 @@ for B, C_in, H, W, C, kh, kw, s, pad, act, dt in [(2, 3, 37, 30, 96, 9, 9, 8, 1,
                                                   (2, 2, 16, 20, 16, 4, 4, 4, 0, "none", "float32")]:
     x = torch.randn(B, C_in + 1, H, W, dtype=torch.float64)[:, 1:]
     w = torch.randn(C, C_in, kh, kw, dtype=torch.float64) / kh
-    b, nw, nb = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + .5, torch.randn(C, dtype=torch.float64)
+    b, nw, nb = (torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + .5,
+                 torch.randn(C, dtype=torch.float64))
     ref = conv_norm_reference(x, w, b, nw, nb, 1e-5, s, pad, act, torch.float64)
     y = conv_norm_fwd_triton(x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, s, pad, act,
                              getattr(torch, dt), torch.float32)
@@ -162,7 +163,8 @@ for B, C_in, H, W, C, kh, kw, s, pad, act, dt in [(2, 3, 37, 30, 96, 9, 9, 8, 1,
 # a channels-last image (unit channel stride, not unit column stride) through the block path
 x = torch.randn(2, 3, 35, 29, dtype=torch.float64).to(memory_format=torch.channels_last)
 w = torch.randn(24, 3, 9, 9, dtype=torch.float64) / 9
-b, nw, nb = torch.randn(24, dtype=torch.float64), torch.rand(24, dtype=torch.float64) + .5, torch.randn(24, dtype=torch.float64)
+b, nw, nb = (torch.randn(24, dtype=torch.float64), torch.rand(24, dtype=torch.float64) + .5,
+             torch.randn(24, dtype=torch.float64))
 ref = conv_norm_reference(x, w, b, nw, nb, 1e-5, 8, 1, "silu", torch.float64)
 y = conv_norm_fwd_triton(x.float(), w.float(), b.float(), nw.float(), nb.float(), 1e-5, 8, 1, "silu", torch.float32,
                          torch.float32)

@@ -343,7 +343,8 @@ def test_add_norm_kernel_on_gpu(shape, rms, delta, dtype):
     s, y = add_norm(x, d, w, b, 1e-6, "rms" if rms else "layer")
     assert s.dtype == y.dtype == dtype and rel(y, y64) < TOL[dtype] and rel(s, s64) < TOL[dtype]
     leaves = [t for t in (x, d, w, b) if t is not None]
-    grads = torch.autograd.grad([y, s] if delta else [y], leaves, [dy.to(dtype), ds.to(dtype)] if delta else [dy.to(dtype)])
+    grads = torch.autograd.grad([y, s] if delta else [y], leaves,
+                                [dy.to(dtype), ds.to(dtype)] if delta else [dy.to(dtype)])
     expect = [dx64] + ([dx64] if delta else []) + [dw64] + ([db64] if b is not None else [])
     for a, e, t in zip(grads, expect, leaves):
         assert a.dtype == t.dtype and torch.isfinite(a).all() and rel(a, e) < 2 * TOL[dtype], f"{rel(a, e):.2e}"

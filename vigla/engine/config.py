@@ -1,7 +1,8 @@
 """Training configuration: one dataclass, named presets, YAML files and command-line flags.
 
-Precedence, lowest first: the field defaults (the ImageNet recipe of the official ViG code, hustvl/ViG's config; preset ``recipe``) <
-the chosen preset < the saved config of the run being resumed < ``--config FILE.yaml`` < explicit flags.
+Precedence, lowest first: the field defaults (the ImageNet recipe of the official ViG code, hustvl/ViG's config;
+preset ``recipe``) < the chosen preset < the saved config of the run being resumed < ``--config FILE.yaml`` <
+explicit flags.
 Every run writes the resolved config to ``<out>/config.yaml``, which ``--config`` reads back.
 """
 from __future__ import annotations

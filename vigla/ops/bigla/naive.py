@@ -1,7 +1,8 @@
 """Sequential reference for bidirectional gated linear attention (BiGLA).
 
 This is the ground truth every other implementation is tested against. It runs ViG's two
-recurrences (the forward and the backward scan of BiGLA) token by token, in whatever dtype it is given (float64 included), with autograd.
+recurrences (the forward and the backward scan of BiGLA) token by token, in whatever dtype it is given
+(float64 included), with autograd.
 """
 from __future__ import annotations
 

@@ -107,7 +107,8 @@ def _conv_norm_fwd_kernel(x, w, b, nw, nb, y, P, HWO, WO, H, W, sxb, sxc, sxh, s
         out = out / (1.0 + tl.exp(-out))
     elif ACT == 2:
         out = 0.5 * out * (1.0 + tl.erf(out * 0.7071067811865476))
-    tl.store(y + p[:, None].to(tl.int64) * C + n[None, :], out.to(y.dtype.element_ty), mask=live[:, None] & keep[None, :])
+    tl.store(y + p[:, None].to(tl.int64) * C + n[None, :], out.to(y.dtype.element_ty),
+             mask=live[:, None] & keep[None, :])
 
 
 def _block(kh: int, kw: int, stride: int, padding: int) -> bool:

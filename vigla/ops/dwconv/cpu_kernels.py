@@ -56,8 +56,9 @@ def dwconv_bwd_cpu(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: i
     dx, dw9 = torch.empty(x.shape), torch.empty(9, C)
     g = torch.empty(x.shape if act else (0,))
     part, taps, zero = torch.empty(B * H, 9, C), _taps(weight), torch.zeros(C)
-    _LIB.lib.dwconv_bwd_f32(dy.data_ptr(), x.data_ptr(), taps.data_ptr(), zero.data_ptr(), dx.data_ptr(), dw9.data_ptr(),
-                            g.data_ptr(), part.data_ptr(), B, H, W, C, x.stride(0), x.stride(1), act, threads())
+    _LIB.lib.dwconv_bwd_f32(dy.data_ptr(), x.data_ptr(), taps.data_ptr(), zero.data_ptr(), dx.data_ptr(),
+                            dw9.data_ptr(), g.data_ptr(), part.data_ptr(), B, H, W, C, x.stride(0), x.stride(1), act,
+                            threads())
     return dx, dw9.t().reshape(weight.shape).contiguous()
 
 

@@ -67,7 +67,8 @@ def locality_mix_bwd_cpu(dy: torch.Tensor, o: torch.Tensor, x: torch.Tensor, z: 
     part = torch.empty(-(-T // BLOCK), 2, d)
     status = _LIB.lib.locality_mix_bwd_f32(
         dy.data_ptr(), o2.data_ptr(), x2.data_ptr(), z2.data_ptr(), w_o.data_ptr(), w_l.data_ptr(), do.data_ptr(),
-        dx.data_ptr(), dz.data_ptr(), dw_o.data_ptr(), dw_l.data_ptr(), part.data_ptr(), T, h, d, x2.stride(0), z2.stride(0), eps, act, threads())
+        dx.data_ptr(), dz.data_ptr(), dw_o.data_ptr(), dw_l.data_ptr(), part.data_ptr(), T, h, d, x2.stride(0),
+        z2.stride(0), eps, act, threads())
     if status:
         raise MemoryError("locality_mix: the CPU kernel could not allocate its per-thread rows")
     return do, dx, dz, dw_o, dw_l
