@@ -548,6 +548,60 @@ def test_vigla_info_runs(capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "vigla models: vig_h_base, vig_h_small, vig_h_tiny"
 
 
+def test_ctrl_c_before_a_command_runs_is_one_line(capsys, monkeypatch):
+    """Ctrl-C while the command modules were imported (build_parser) or the flags parsed escaped as a
+    KeyboardInterrupt traceback: the commands' own handler is installed later. It is one line and exit code 130."""
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupt)
+    try:
+        code = cli.main(["info"])
+    except KeyboardInterrupt:  # not raised on: pytest would take it for the user's and stop the session
+        pytest.fail("the KeyboardInterrupt escaped vigla.cli.main")
+    assert code == 130
+    assert capsys.readouterr().err == "vigla: interrupted\n"
+
+
+# the interpreter's start of a subprocess: a KeyboardInterrupt when ``import vigla`` imports timm, as Ctrl-C does
+# while torch and timm load (seconds; more under torchrun)
+INTERRUPT_IMPORT = """import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "timm":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+"""
+
+# what pip writes for the ``vigla`` console script (pyproject.toml's [project.scripts])
+CONSOLE_SCRIPT = """import re
+import sys
+from vigla.cli import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+
+def test_ctrl_c_while_vigla_imports_is_one_line(tmp_path):
+    """Ctrl-C while the package imported torch and timm, before the command's code ran (the whole of the first
+    seconds, longer under torchrun), printed a KeyboardInterrupt traceback through the import machinery. The vigla
+    command (the console script, python -m vigla as torchrun starts it) prints one line and exits with 130; a
+    program that imports vigla still gets its KeyboardInterrupt."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(INTERRUPT_IMPORT)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "vigla").write_text(CONSOLE_SCRIPT)
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), REPO]))
+    for cmd in ([str(tmp_path / "bin" / "vigla"), "info"], ["-m", "vigla", "info"], ["-u", "-m", "vigla", "train"]):
+        proc = subprocess.run([sys.executable, *cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert (proc.returncode, proc.stderr, proc.stdout) == (130, "vigla: interrupted\n", ""), (cmd, proc.stderr)
+    proc = subprocess.run([sys.executable, "-c", "import vigla"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.rstrip().endswith("KeyboardInterrupt"), proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------- kill -9, two runs
 def test_kill_9_in_the_middle_of_a_save(fmnist, tmp_path):
     """kill -9 after epoch 2's state is written and while its weights are half-written (the worst moment: the

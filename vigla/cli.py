@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import multiprocessing
+import os
+import re
 import sys
 
 COMMANDS = {
@@ -34,22 +36,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the exit code of a run ended by Ctrl-C (128 + SIGINT, as a shell reports a process that SIGINT ended)
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the command line) and run the subcommand -> its exit code.
 
     Called as the program (``argv`` None), it also ends any worker process still alive afterwards:
     data-loader workers ignore SIGTERM (the main process owns the signal), so the ``terminate()`` that
-    multiprocessing sends at exit would leave the process waiting for them forever."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    multiprocessing sends at exit would leave the process waiting for them forever. Ctrl-C anywhere in it (the
+    commands' imports, the parsing) ends it with one line and :data:`INTERRUPTED`; with ``--debug``, with its
+    traceback."""
+    args = None
     try:
-        return int(importlib.import_module(args._module).main(args) or 0)
-    finally:
-        if argv is None:
-            end_worker_processes()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        try:
+            return int(importlib.import_module(args._module).main(args) or 0)
+        finally:
+            if argv is None:
+                end_worker_processes()
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        command = f" {args.command}" if getattr(args, "command", None) else ""
+        print(f"vigla{command}: interrupted", file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
+def interrupted_while_importing() -> None:
+    """Called on Ctrl-C during ``import vigla`` (torch and timm load for seconds, longer under torchrun), which
+    runs before :func:`main` can catch anything: in the ``vigla`` command (its console script, or ``python -m
+    vigla`` as torchrun starts it) it prints one line and exits with :data:`INTERRUPTED` (Python printed the
+    import's traceback); in a program that imports vigla it returns, and the ``KeyboardInterrupt`` goes on."""
+    if started_as_the_command():
+        print("vigla: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED)
+
+
+def started_as_the_command() -> bool:
+    """Whether this process is the ``vigla`` command: its console script (``vigla``, ``vigla.exe``,
+    ``vigla-script.py``), or ``python -m vigla`` / ``-m vigla.<module>`` (while Python imports the package to find
+    the module, ``sys.argv[0]`` is ``-m``; ``sys.orig_argv`` names the module)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if re.fullmatch(r"vigla(\.exe|-script\.pyw?)?", name):
+        return True
+    argv = getattr(sys, "orig_argv", [])
+    module = next((b for a, b in zip(argv, argv[1:]) if a == "-m"), "")
+    return name == "-m" and module.split(".")[0] == "vigla"
 
 
 def end_worker_processes() -> None:
