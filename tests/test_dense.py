@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from test_data import write_fake_fmnist
-from test_train import DAMAGED_CONFIGS
+from test_train import DAMAGED_CONFIGS, WRONG_TYPES
 from vigla import cli
 from vigla.dense import BackboneFPN, backbone_with_fpn, build_detector, build_segmenter, pad_to_multiple
 from vigla.dense.backbone import feature_sizes
@@ -548,3 +548,27 @@ def test_a_warmup_that_rounds_to_the_whole_run_leaves_the_cosine_a_step(dataset,
     assert (run.scheduler.warmup_t, run.scheduler.t_initial) == (0, 2)
     assert run.optimizer.param_groups[0]["lr"] == run.lr > 0
     run.close()
+
+
+def test_a_setting_of_the_wrong_type_is_told_with_its_file(dataset, tmp_path, capsys):
+    """`vigla dense train --resume` of a run whose config.yaml holds `epochs: ten` or `lr: [1]` died on "TypeError:
+    '<=' not supported ... (unexpected)": one line names the file, the setting, the value, the type and the fix, and
+    a flag that replaces the value resumes the run; a flag given from Python of the wrong type is told as the flag."""
+    import re
+
+    run = tmp_path / "run"
+    assert DenseTrainer(resolve_config(_flags(dataset, run, epochs=1))).run() == 0
+    config = run / "config.yaml"
+    good = config.read_text()
+    for line, problem in WRONG_TYPES.items():
+        key = line.split(":")[0]
+        config.write_text(re.sub(rf"(?m)^{key}: .*$", line, good))
+        more = [] if key == "epochs" else ["--epochs", "2"]  # a flag given for the setting would replace it
+        _one_line_error(capsys, ["train", "--resume", str(run), *more], f"error: {config}: {problem}")
+    assert cli.main(["dense", "train", "--resume", str(run), "--lr", "0.001", "--epochs", "2"]) == 0
+    assert "lr: [1]" not in config.read_text()  # the resumed run saved the flag's value
+    for name, value, message in (("epochs", "ten", "--epochs must be an integer, got 'ten'"),
+                                 ("task", "boxes", "--task must be one of detect, segment, got 'boxes'"),
+                                 ("drop_path", "0.1", "--drop-path must be a number or None, got '0.1'")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+            resolve_config(dict(data=dataset, **{name: value}))

@@ -106,7 +106,7 @@ def test_bad_settings_are_clear(tmp_path):
     with pytest.raises(UserError, match="unknown setting 'epoch' \\(did you mean 'epochs'\\?\\)"):
         read_yaml(str(tmp_path / "bad.yaml"))
     (tmp_path / "bad2.yaml").write_text("epochs: three\n")
-    with pytest.raises(UserError, match="epochs must be int, got 'three'"):
+    with pytest.raises(UserError, match="epochs must be an integer, got 'three'; correct it there$"):
         read_yaml(str(tmp_path / "bad2.yaml"))
     with pytest.raises(UserError, match="--batch-size must be even"):
         resolve_config({"data": "/x", "batch_size": 7})
@@ -899,3 +899,43 @@ def test_a_warmup_that_rounds_to_the_whole_run_leaves_the_cosine_a_step(fmnist, 
     assert json.load(open(tmp_path / "r" / "results.json"))["global_step"] == 6
     assert [warmup_steps(w, 6, 6) for w in (0.95, 0.9, 0.5, 0.05, 0)] == [5, 5, 3, 0, 0]
     assert warmup_steps(1.0, 6, 12) == 6 and warmup_steps(0.5, 1, 1) == 0
+
+
+#: a setting of the wrong type in a run's config.yaml: the line it replaces -> the text the error line names
+#: (test_dense.py's test too)
+WRONG_TYPES = {"epochs: ten": "epochs must be an integer, got 'ten'; correct it there, or give --epochs to override it",
+               "lr: [1]": "lr must be a number, got [1]; correct it there, or give --lr to override it"}
+
+
+def test_a_setting_of_the_wrong_type_is_told_with_its_file(fmnist, tmp_path, capsys):
+    """A resumed run's config.yaml with `epochs: ten` said 'settings: epochs must be int, got 'ten'' without the
+    file it came from: one line names the file, the setting, the value, the type and the fix, and a flag that
+    replaces the value resumes the run. A --config file's is told with its file, a flag's from Python as the flag."""
+    import re
+
+    out = tmp_path / "r"
+    assert Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1))).run() == 0
+    config = out / "config.yaml"
+    good = config.read_text()
+    for line, problem in WRONG_TYPES.items():
+        key = line.split(":")[0]
+        config.write_text(re.sub(rf"(?m)^{key}: .*$", line, good))
+        capsys.readouterr()
+        more = [] if key == "epochs" else ["--epochs", "2"]  # a flag given for the setting would replace it
+        assert cli.main(["train", "--resume", str(out), *more]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"vigla train: error: {config}: {problem}\n"
+    assert cli.main(["train", "--resume", str(out), "--lr", "0.002", "--epochs", "2"]) == 0  # the flag replaces it
+    assert read_yaml(str(config))["lr"] == 0.002  # and the resumed run saved it
+    (tmp_path / "c.yaml").write_text("epochs: ten\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2"]) == 2
+    assert capsys.readouterr().err == (f"vigla train: error: config file {tmp_path / 'c.yaml'}: epochs must be an "
+                                       f"integer, got 'ten'; correct it there\n")
+    (tmp_path / "c.yaml").write_text("lr: 5e-4\n")
+    with pytest.raises(UserError, match=r"lr must be a number, got '5e-4' \(YAML reads 5e-4 as text: write 0.0005\)"):
+        read_yaml(str(tmp_path / "c.yaml"))
+    with pytest.raises(UserError, match=r"^--epochs must be an integer, got 'ten'$"):
+        resolve_config(tiny_flags(fmnist, out, epochs="ten"))
+    with pytest.raises(UserError, match=r"^saved.yaml: amp must be one of auto, bf16, fp16, off, got 'x'; correct"):
+        resolve_config({}, saved={"amp": "x"}, saved_path="saved.yaml")

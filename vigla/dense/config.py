@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
+from vigla.engine.config import check_setting
 from vigla.engine.errors import UserError
 
 from .models import DETECTORS
@@ -136,12 +137,19 @@ def saved_config(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}
 
 
-def resolve_config(flags: dict[str, Any], saved: Optional[dict[str, Any]] = None) -> DenseConfig:
-    """Defaults < ``saved`` < ``flags``, checked.
+def resolve_config(flags: dict[str, Any], saved: Optional[dict[str, Any]] = None,
+                   saved_path: Optional[str] = None) -> DenseConfig:
+    """Defaults < ``saved`` (the settings of a resumed run's config.yaml, ``saved_path``) < ``flags``, checked:
+    each value against its setting's type and choices where it comes from (:func:`vigla.engine.config.check_setting`;
+    a flag replaces one of the wrong type in the config.yaml), then the values together.
 
     A warm-up that neither sets and that does not fit into ``--epochs`` (its 1 epoch in a 1-epoch run) keeps the
     default run's share instead (1/12 of it), as ``vigla train`` does with its presets' warm-ups."""
-    values = {**(saved or {}), **{k: v for k, v in flags.items() if k in FIELDS}}
+    flags = {k: v for k, v in flags.items() if k in FIELDS}
+    source = saved_path or "the saved config.yaml of the resumed run"
+    values = {**{k: check_setting(FIELDS[k], v, source, override=True) for k, v in (saved or {}).items()
+                 if k not in flags},
+              **{k: check_setting(FIELDS[k], v) for k, v in flags.items()}}
     if "warmup_epochs" not in values:
         values["warmup_epochs"] = _default_warmup(values.get("epochs", FIELDS["epochs"].default))
     cfg = DenseConfig(**values)

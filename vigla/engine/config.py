@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,30 +155,48 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = _scalar_type(f)
+            kw["type"] = setting_type(f)[0]
         groups[title].add_argument(_flag(name), dest=name, **kw)
 
 
-def _scalar_type(f: dataclasses.Field):
-    t = str(f.type)
-    return int if t.startswith("int") else float if t.startswith("float") else str
+def setting_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """The type of the setting ``f`` (a field of :class:`TrainConfig` or of ``vigla.dense``'s ``DenseConfig``:
+    ``int``, ``float | None``, ``Optional[str]`` ...) and whether it may be None."""
+    t = str(getattr(f.type, "__name__", f.type))
+    nullable = "None" in t or t.startswith("Optional[")
+    base = t.replace("Optional[", "").replace("| None", "").strip(" ]")
+    return {"bool": bool, "int": int, "float": float}.get(base, str), nullable
 
 
-def _check_value(name: str, value: Any, where: str) -> Any:
-    f = FIELDS[name]
-    t = str(f.type)
-    if value is None and "None" in t:
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_EXPONENT = re.compile(r"[-+]?(\d+|\d*\.\d+)[eE][-+]?\d+")  # 5e-4: a number to YAML 1.2, text to PyYAML (1.1)
+
+
+def check_setting(f: dataclasses.Field, value: Any, source: str | None = None, override: bool = False) -> Any:
+    """``value`` for the setting ``f`` (see :func:`setting_type`; an integer where a number is expected becomes a
+    float), or a :class:`UserError` in one line naming the setting, the value, the type or choices expected, where
+    it came from and the fix. ``source``: the file it came from (None: the flags); ``override``: whether a flag
+    given now would take its place (a resumed run's config.yaml, under the flags)."""
+    kind, nullable = setting_type(f)
+    if value is None and nullable:
         return None
-    expected = _scalar_type(f) if "bool" not in t else bool
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise UserError(f"{where}: {name} must be {expected.__name__}{' or null' if 'None' in t else ''}, "
-                        f"got {value!r}")
     choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise UserError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        null = (" or null" if source else " or None") if nullable else ""
+        problem = f"must be {_TYPE_WORDS[kind]}{null}, got {value!r}"
+        if kind is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):  # PyYAML: YAML 1.1
+            problem += f" (YAML reads {value} as text: write {yaml.safe_dump(float(value)).split()[0]})"
+    elif choices and value not in choices:
+        problem = f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+    else:
+        return value
+    if source is None:
+        raise UserError(f"{_flag(f.name)} {problem}")
+    flag = f"{_flag(f.name)} or --no-{f.name.replace('_', '-')}" if kind is bool else _flag(f.name)
+    raise UserError(f"{source}: {f.name} {problem}; correct it there" + (f", or give {flag} to override it"
+                                                                          if override else ""))
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -204,32 +223,41 @@ def read_yaml(path: str) -> dict[str, Any]:
             close = difflib.get_close_matches(name, FIELDS, n=1)
             raise UserError(f"config file {path}: unknown setting {key!r}"
                             + (f" (did you mean {close[0]!r}?)" if close else ""))
-        out[name] = _check_value(name, value, f"config file {path}")
+        out[name] = check_setting(FIELDS[name], value, f"config file {path}")
     return out
 
 
 def resolve_config(flags: dict[str, Any], yaml_values: dict[str, Any] | None = None,
-                   saved: dict[str, Any] | None = None) -> TrainConfig:
+                   saved: dict[str, Any] | None = None, saved_path: str | None = None) -> TrainConfig:
     """Layer the settings (see the module docstring); the preset comes from the highest layer that names it.
+    ``saved_path``: the config.yaml that ``saved`` was read from, which its errors name.
+
+    Each setting's value is checked (:func:`check_setting`) where it comes from: one of the wrong type in the
+    resumed run's config.yaml is refused in a line naming the file, unless the --config file or a flag replaces it.
 
     A warm-up that only the preset sets and that does not fit into ``--epochs`` (the recipe's 20 epochs in a
     short run) keeps the preset's share of the run instead (20/300 of it)."""
-    layers = (("the saved config.yaml of the resumed run", saved or {}),
+    layers = ((saved_path or "the saved config.yaml of the resumed run", saved or {}),
               ("the --config file", yaml_values or {}), ("the flags", flags))
+    where = {k: label for label, layer in layers for k in layer}
     upper = {k: v for _, layer in layers for k, v in layer.items()}
+    for name, value in upper.items():
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            raise UserError(f"unknown setting {name!r} in {where[name]}"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
+        source = None if where[name] == "the flags" else where[name]
+        upper[name] = check_setting(FIELDS[name], value, source, override=source is not None)
     preset = upper.get("preset", "auto")
     if preset == "auto":
         preset = "fmnist-quick" if upper.get("data") is None else "recipe"
     values = {**PRESETS[preset], **upper, "preset": preset}
-    for name, value in values.items():
-        _check_value(name, value, "settings")
     if "warmup_epochs" not in upper:
         base = {**_DEFAULTS, **PRESETS[preset]}
         epochs = values.get("epochs", base["epochs"])
         if base["warmup_epochs"] >= epochs:
             values["warmup_epochs"] = epochs * base["warmup_epochs"] / base["epochs"]
     cfg = TrainConfig(**values)
-    where = {k: label for label, layer in layers for k in layer}
     _validate(cfg, lambda name: where.get(name, f"the {preset} preset"))
     return cfg
 

@@ -104,7 +104,7 @@ def _data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from vigla.dense.config import FIELDS, resolve_config, saved_config
     from vigla.dense.train import DenseTrainer, check_dense_state, resume_state_for
-    from vigla.engine.run import read_run_config
+    from vigla.engine.run import read_run_config, run_config_path
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     state, saved = None, None
@@ -114,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
         values = read_run_config(state, "as flags")
         saved = None if values is None else saved_config(values)
         print(f"resuming {state}" + (" with the settings of its config.yaml" if saved else ""), flush=True)
-    cfg = resolve_config(flags, saved)
+    cfg = resolve_config(flags, saved, saved_path=None if state is None else run_config_path(state))
     try:
         return DenseTrainer(cfg, resume_state=state).run()
     except KeyboardInterrupt:

@@ -74,7 +74,7 @@ def read_run_config(state: str, settings: str) -> dict | None:
     the state), or None when it has none. A run writes a whole one, so one that cannot be read, is not valid YAML
     or holds no mapping (an empty file, a list, a scalar) is damaged: a :class:`UserError` naming the file, the
     problem and the ways on (``settings``: where the command takes a run's settings from without it)."""
-    path = os.path.join(os.path.dirname(state), "config.yaml")
+    path = run_config_path(state)
     if not os.path.isfile(path):
         return None
     try:
@@ -93,6 +93,11 @@ def read_run_config(state: str, settings: str) -> dict | None:
             f"holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a mapping of setting: value"
     raise UserError(f"{path} {problem}: the run folder's config.yaml is damaged; restore it, or remove it and give "
                     f"the run's settings {settings}, or start a new run without --resume")
+
+
+def run_config_path(state: str) -> str:
+    """The config.yaml of the run of the training state ``state``: beside it."""
+    return os.path.join(os.path.dirname(state), "config.yaml")
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -43,7 +43,7 @@ def build_config(args: argparse.Namespace):
 
 def _build_config(args: argparse.Namespace):
     """-> (config, state file or None, the saved settings of the resumed run or None)."""
-    from .run import find_resume_state, read_run_config
+    from .run import find_resume_state, read_run_config, run_config_path
     from .trainer import check_train_state
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
@@ -55,7 +55,7 @@ def _build_config(args: argparse.Namespace):
     check_train_state(state)
     values = read_run_config(state, "with --config or flags")
     saved = None if values is None else saved_config(values)
-    return resolve_config(flags, from_yaml, saved), state, saved
+    return resolve_config(flags, from_yaml, saved, saved_path=run_config_path(state)), state, saved
 
 
 def main(args: argparse.Namespace) -> int:
