@@ -572,3 +572,27 @@ def test_a_setting_of_the_wrong_type_is_told_with_its_file(dataset, tmp_path, ca
                                  ("drop_path", "0.1", "--drop-path must be a number or None, got '0.1'")):
         with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
             resolve_config(dict(data=dataset, **{name: value}))
+
+
+def test_a_state_without_what_vigla_dense_train_saves_is_one_line(dataset, tmp_path, capsys):
+    """A --resume state that has model_meta but lacks other keys `vigla dense train` saves died on a raw KeyError
+    (e.g. 'batch_size'); it is refused in one line that names the missing keys, through the command and through
+    DenseTrainer alike, before anything is written."""
+    from vigla.engine.checkpoint import load_state, save_state
+    from vigla.engine.errors import CheckpointError
+
+    flags = _flags(dataset, tmp_path / "r", epochs=1)
+    assert DenseTrainer(resolve_config(flags)).run() == 0
+    full = load_state(str(tmp_path / "r" / "last.state.pt"))
+    for i, drop in enumerate((("batch_size",), ("optimizer", "rng"), ("model_meta", "scheduler"))):
+        path = tmp_path / f"s{i}" / "last.state.pt"
+        path.parent.mkdir()
+        save_state(str(path), {k: v for k, v in full.items() if k not in drop})
+        shutil.copy(tmp_path / "r" / "config.yaml", path.parent)  # the run's settings: the resume gets to the state
+        message = (f"{path} is not the state of a `vigla dense train` run (it lacks {', '.join(drop)}): resume a run "
+                   f"folder that `vigla dense train` wrote, or start a new run without --resume")
+        _one_line_error(capsys, ["train", "--resume", str(path.parent), "--epochs", "2"], f"error: {message}")
+        assert "resuming" not in capsys.readouterr().out
+        with pytest.raises(CheckpointError, match=f"it lacks {', '.join(drop)}"):
+            DenseTrainer(resolve_config(dict(flags, epochs=2, out=None)), resume_state=str(path))
+        assert sorted(os.listdir(path.parent)) == ["config.yaml", "last.state.pt"]

@@ -388,19 +388,26 @@ def resume_state_for(cfg_flags: dict) -> str:
 
 
 def check_dense_state(path: str) -> None:
-    """Refuse a ``--resume`` state that ``vigla dense train`` did not write before its run's config.yaml is read
-    (a ``vigla train`` run's settings have no --data of a dense run: it was told '--data is required'). The
-    state's tensors are mapped, not read."""
+    """Refuse a ``--resume`` state that ``vigla dense train`` did not write (a ``vigla train`` run's, or one that lacks
+    what it saves, :data:`STATE_KEYS`) before its run's config.yaml is read (a ``vigla train`` run's settings have no
+    --data of a dense run: it was told '--data is required'). The state's tensors are mapped, not read."""
     _require_dense_state(load_state(path, mmap=True), path)
 
 
+#: what :meth:`DenseTrainer._load_resume` reads from a ``last.state.pt`` (:meth:`DenseTrainer._train_state`)
+STATE_KEYS = ("model_meta", "epoch", "step_in_epoch", "global_step", "steps_per_epoch", "total_steps", "batch_size",
+              "epoch_loss", "model", "optimizer", "scheduler", "scaler", "best", "rng")
+
+
 def _require_dense_state(state: dict, path: str) -> None:
-    if "model_meta" in state:
-        return
-    if "global_batch" in state:  # vigla.engine.trainer's
+    if "model_meta" not in state and "global_batch" in state:  # vigla.engine.trainer's
         raise CheckpointError(f"{path} is the state of a `vigla train` (classification) run, not of a `vigla dense "
                               f"train` one: resume it with `vigla train --resume {path}`")
-    raise CheckpointError(f"{path} is not the state of a `vigla dense train` run")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not the state of a `vigla dense train` run (it lacks {', '.join(missing)}): "
+                              f"resume a run folder that `vigla dense train` wrote, or start a new run without "
+                              f"--resume")
 
 
 def plot_dense_curves(out_dir: str, metric: str, title: str) -> str | None:
