@@ -939,3 +939,20 @@ def test_a_setting_of_the_wrong_type_is_told_with_its_file(fmnist, tmp_path, cap
         resolve_config(tiny_flags(fmnist, out, epochs="ten"))
     with pytest.raises(UserError, match=r"^saved.yaml: amp must be one of auto, bf16, fp16, off, got 'x'; correct"):
         resolve_config({}, saved={"amp": "x"}, saved_path="saved.yaml")
+
+
+def test_a_config_file_that_holds_no_settings_is_one_line(tmp_path, capsys):
+    """A --config file that is not valid YAML was told in the parser's lines squeezed into one long one ('while
+    parsing a flow sequence in "<file>", line 1, column 9 expected ...'), an empty one was taken as no settings: each
+    is one line naming the file, the problem (for YAML its line, column and the parser's short problem) and the
+    fix, as a resumed run's damaged config.yaml is told."""
+    path = tmp_path / "c.yaml"
+    for text, problem in DAMAGED_CONFIGS.items():
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        capsys.readouterr()
+        assert cli.main(["train", "--config", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"vigla train: error: config file {path} {problem}"), captured.err
+        assert captured.err.endswith(": write it as lines of setting: value (e.g. epochs: 10), or leave --config "
+                                     "out\n"), captured.err
+        assert captured.err.count("\n") == 1 and "while parsing" not in captured.err and not captured.out

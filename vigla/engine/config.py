@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,22 +201,17 @@ def check_setting(f: dataclasses.Field, value: Any, source: str | None = None, o
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    """A config YAML as {field: value}, checked against :class:`TrainConfig`."""
-    try:
-        with open(path) as fh:
-            raw = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"config file {path} is a folder: give the YAML file inside it") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} cannot be read ({type(e).__name__}: {e})") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    """A config YAML as {field: value}, checked against :class:`TrainConfig`: one that does not exist, cannot be
+    read, is not valid YAML or holds no mapping of setting: value (an empty file, a list, a scalar) is a
+    :class:`UserError` in one line naming the file and the problem (:func:`read_settings_file`)."""
+    if not os.path.exists(path):
+        raise UserError(f"config file {path} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a folder: give the YAML file inside it")
+    raw, problem = read_settings_file(path)
     if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"config file {path} must hold a mapping of setting: value, got {type(raw).__name__}")
+        raise UserError(f"config file {path} {problem}: write it as lines of setting: value (e.g. epochs: 10), or "
+                        f"leave --config out")
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
@@ -225,6 +221,35 @@ def read_yaml(path: str) -> dict[str, Any]:
                             + (f" (did you mean {close[0]!r}?)" if close else ""))
         out[name] = check_setting(FIELDS[name], value, f"config file {path}")
     return out
+
+
+def read_settings_file(path: str) -> tuple[dict | None, str]:
+    """The mapping of setting: value that the YAML file ``path`` holds -> (it, ""); or (None, the problem, as
+    the end of a line that starts with the file): "cannot be read (UnicodeDecodeError: ...)", "is not valid YAML
+    (line 2, column 3: expected ',' or ']', but got ':')", "is empty", "holds no settings" (comments only),
+    "holds a list, not a mapping of setting: value". The parser's own text spans several lines."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        values = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"cannot be read ({type(e).__name__}: {e})"
+    except yaml.YAMLError as e:
+        return None, f"is not valid YAML ({_yaml_problem(e)})"
+    if isinstance(values, dict):
+        return values, ""
+    if values is None:
+        return None, "holds no settings" if text.strip() else "is empty"
+    kind = type(values).__name__
+    return None, f"holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a mapping of setting: value"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line L, column C: <problem>`` of a YAML parse error (its text spans several lines)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def resolve_config(flags: dict[str, Any], yaml_values: dict[str, Any] | None = None,

@@ -25,7 +25,6 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
-import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from vigla.data import stop_workers
 
 from . import distributed as dist_utils
 from .checkpoint import read_meta, save_state, save_weights
+from .config import read_settings_file
 from .errors import CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
 from .metrics import MetricsLog
 from .outputs import OutputLock, git_info, make_folder, remove_empty_folders, remove_stale_temp_files, write_text
@@ -73,24 +73,14 @@ def read_run_config(state: str, settings: str) -> dict | None:
     """The mapping of setting: value that the run of the training state ``state`` saved in its config.yaml (beside
     the state), or None when it has none. A run writes a whole one, so one that cannot be read, is not valid YAML
     or holds no mapping (an empty file, a list, a scalar) is damaged: a :class:`UserError` naming the file, the
-    problem and the ways on (``settings``: where the command takes a run's settings from without it)."""
+    problem (:func:`vigla.engine.config.read_settings_file`) and the ways on (``settings``: where the command takes
+    a run's settings from without it)."""
     path = run_config_path(state)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        values = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError) as e:
-        problem = f"cannot be read ({type(e).__name__}: {e})"
-    except yaml.YAMLError as e:
-        problem = f"is not valid YAML ({_yaml_problem(e)})"
-    else:
-        if isinstance(values, dict):
-            return values
-        kind = type(values).__name__
-        problem = ("holds no settings" if text.strip() else "is empty") if values is None else \
-            f"holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a mapping of setting: value"
+    values, problem = read_settings_file(path)
+    if values is not None:
+        return values
     raise UserError(f"{path} {problem}: the run folder's config.yaml is damaged; restore it, or remove it and give "
                     f"the run's settings {settings}, or start a new run without --resume")
 
@@ -98,15 +88,6 @@ def read_run_config(state: str, settings: str) -> dict | None:
 def run_config_path(state: str) -> str:
     """The config.yaml of the run of the training state ``state``: beside it."""
     return os.path.join(os.path.dirname(state), "config.yaml")
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """``line L, column C: <problem>`` of a YAML parse error (its text spans several lines)."""
-    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
-    if mark is not None and problem:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-
 
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
