@@ -596,3 +596,19 @@ def test_a_state_without_what_vigla_dense_train_saves_is_one_line(dataset, tmp_p
         with pytest.raises(CheckpointError, match=f"it lacks {', '.join(drop)}"):
             DenseTrainer(resolve_config(dict(flags, epochs=2, out=None)), resume_state=str(path))
         assert sorted(os.listdir(path.parent)) == ["config.yaml", "last.state.pt"]
+
+
+def test_steps_csv_logs_the_learning_rate_each_step_trained_at(dataset, tmp_path):
+    """steps.csv logged the learning rate after the schedule's step, the next step's: a 2-step run with a 1-step
+    warm-up showed the peak rate on step 1, which trained at the warm-up's first rate (1/1000 of it). Each row now
+    holds the rate its step trained at; the curves are still drawn."""
+    import csv
+
+    out = tmp_path / "r"
+    run = DenseTrainer(resolve_config(_flags(dataset, out, epochs=1, warmup_epochs=0.9)))
+    assert (run.total_steps, run.scheduler.warmup_t, run.cfg.log_interval) == (2, 1, 1)
+    assert run.run() == 0
+    rows = list(csv.DictReader(open(out / "steps.csv")))
+    assert [int(r["global_step"]) for r in rows] == [1, 2]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([run.lr * 1e-3, run.lr])
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"

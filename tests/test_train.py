@@ -956,3 +956,18 @@ def test_a_config_file_that_holds_no_settings_is_one_line(tmp_path, capsys):
         assert captured.err.endswith(": write it as lines of setting: value (e.g. epochs: 10), or leave --config "
                                      "out\n"), captured.err
         assert captured.err.count("\n") == 1 and "while parsing" not in captured.err and not captured.out
+
+
+def test_steps_csv_logs_the_learning_rate_each_step_trained_at(fmnist, tmp_path):
+    """steps.csv logged the learning rate after the schedule's step, the next step's: a 2-step run with a 1-step
+    warm-up showed the peak rate on step 1, which trained at the warm-up's first rate, and the cosine's end on step
+    2, which trained at the peak. Each row now holds the rate its step trained at; the curves are still drawn."""
+    out = tmp_path / "r"
+    run = Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1, train_subset=16, log_interval=1)))
+    assert (run.total_steps, run.scheduler.warmup_t) == (2, 1)
+    assert run.run() == 0
+    rows = list(csv.DictReader(open(out / "steps.csv")))
+    scale = run.global_batch / 512
+    assert [int(r["global_step"]) for r in rows] == [1, 2]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([run.cfg.warmup_lr * scale, run.cfg.lr * scale])
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -173,6 +173,7 @@ class TrainingRun:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss = [0.0, 0]  # sum of step losses and step count in the current epoch (kept on resume)
         self._pending = []  # this epoch's step losses not read back yet (device tensors, see _train_on)
+        self.step_lr = None  # the learning rate of the last optimizer step taken (see _advance)
         self._window = []  # the read-back step losses since the last log row
         # the unreadable training images met so far (each file once: a sample's retries and later epochs meet the
         # same files again); whether validation's were warned of
@@ -348,7 +349,8 @@ class TrainingRun:
         self._advance()
 
     def _advance(self) -> None:
-        """Count the optimizer step taken and set the next one's learning rate."""
+        """Count the optimizer step taken, keep the learning rate it took (``steps.csv``'s) and set the next one's."""
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
         self.global_step += 1
         self.scheduler.step_update(self.global_step)
 
@@ -475,8 +477,9 @@ class TrainingRun:
 
     def _log_steps(self, bar, t0: float, n0: int) -> None:
         """The progress bar's numbers and a ``steps.csv`` row: the mean losses (the loss, then its parts) of
-        the steps since the last row."""
-        lr = self.optimizer.param_groups[0]["lr"]
+        the steps since the last row, and the learning rate that the last of them took (not the next step's, which
+        the schedule has set since: a warm-up's first step logged the peak rate)."""
+        lr = self.step_lr
         ips = (self.step_in_epoch - n0) * self.global_batch / max(time.perf_counter() - t0, 1e-9)
         means = np.mean(self._window, axis=0).tolist() if self._window else [float("nan")]
         bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.{self.img_s_digits}f}", refresh=False)
