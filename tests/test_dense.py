@@ -612,3 +612,5 @@ def test_steps_csv_logs_the_learning_rate_each_step_trained_at(dataset, tmp_path
     assert [int(r["global_step"]) for r in rows] == [1, 2]
     assert [float(r["lr"]) for r in rows] == pytest.approx([run.lr * 1e-3, run.lr])
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    epochs = list(csv.DictReader(open(out / "metrics.csv")))  # the epoch's rate: its last step's, not the next one's
+    assert [float(r["lr"]) for r in epochs] == pytest.approx([run.lr])

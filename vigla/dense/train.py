@@ -334,7 +334,7 @@ class DenseTrainer(TrainingRun):
             warn_unreadable(val, "validation")
             self._val_warned = True
         key = main_metric(self.cfg.task)
-        row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+        row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.epoch_lr(),
                "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
                **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
                "epoch_time_s": round(self.train_time, 2), "train_img_per_s": round(self.train_ips, 2),
@@ -450,4 +450,3 @@ def load_dense(path: str) -> tuple[nn.Module, dict]:
     model = build_model(meta)
     load_into(model, load_weights(path), f"checkpoint {path}")
     return model, meta
-

@@ -97,6 +97,7 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
     or fewer) is none: the first step takes the peak learning rate, as timm's cosine without a warm-up does."""
     return min(round(warmup_epochs * steps_per_epoch), total_steps - 1)
 
+
 class StopRequest:
     """SIGINT / SIGTERM handler: the first signal asks the loop to finish its step, save and exit; a second
     SIGINT aborts at once."""
@@ -347,6 +348,11 @@ class TrainingRun:
                 nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
             self.optimizer.step()
         self._advance()
+
+    def epoch_lr(self) -> float:
+        """``metrics.csv``'s learning rate of an epoch: the one its last step trained at (the scheduler has already
+        set the next step's), or the optimizer's when no step was taken yet."""
+        return self.step_lr if self.step_lr is not None else self.optimizer.param_groups[0]["lr"]
 
     def _advance(self) -> None:
         """Count the optimizer step taken, keep the learning rate it took (``steps.csv``'s) and set the next one's."""

@@ -337,7 +337,7 @@ class Trainer(TrainingRun):
         if val["unreadable"] and self.is_main and not self._val_warned:
             warn_unreadable(val, "validation")
             self._val_warned = True
-        row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+        row = {"epoch": self.epoch, "global_step": self.global_step, "lr": self.epoch_lr(),
                "train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                "ema_val_top1": ema_val["top1"] if ema_val else float("nan"),
