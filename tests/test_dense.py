@@ -338,15 +338,17 @@ def test_detection_run_and_eval_command(dataset, tmp_path, capsys):
 
 def _one_line_error(capsys, argv, *fragments):
     """``vigla dense ARGV`` in this process: exit code 2, one ``vigla dense ACTION: error:`` line naming
-    ``fragments``."""
+    ``fragments`` -> what it printed on stdout."""
     capsys.readouterr()
     assert cli.main(["dense", *argv]) == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     lines = [line for line in err.strip().splitlines() if "%|" not in line]  # a progress bar may precede it
     assert len(lines) == 1 and lines[0].startswith(f"vigla dense {argv[0]}: error: "), err
     assert "Traceback" not in err
     for f in fragments:
         assert f in lines[0], lines[0]
+    return captured.out
 
 
 def test_bad_inputs_are_one_line_errors(dataset, tmp_path, capsys):
@@ -564,7 +566,8 @@ def test_a_setting_of_the_wrong_type_is_told_with_its_file(dataset, tmp_path, ca
         key = line.split(":")[0]
         config.write_text(re.sub(rf"(?m)^{key}: .*$", line, good))
         more = [] if key == "epochs" else ["--epochs", "2"]  # a flag given for the setting would replace it
-        _one_line_error(capsys, ["train", "--resume", str(run), *more], f"error: {config}: {problem}")
+        out = _one_line_error(capsys, ["train", "--resume", str(run), *more], f"error: {config}: {problem}")
+        assert "resuming" not in out  # said once the settings are checked
     assert cli.main(["dense", "train", "--resume", str(run), "--lr", "0.001", "--epochs", "2"]) == 0
     assert "lr: [1]" not in config.read_text()  # the resumed run saved the flag's value
     for name, value, message in (("epochs", "ten", "--epochs must be an integer, got 'ten'"),

@@ -113,8 +113,9 @@ def _train(args: argparse.Namespace) -> int:
         check_dense_state(state)
         values = read_run_config(state, "as flags")
         saved = None if values is None else saved_config(values)
-        print(f"resuming {state}" + (" with the settings of its config.yaml" if saved else ""), flush=True)
     cfg = resolve_config(flags, saved, saved_path=None if state is None else run_config_path(state))
+    if state is not None:  # once its settings are checked
+        print(f"resuming {state}" + (" with the settings of its config.yaml" if saved else ""), flush=True)
     try:
         return DenseTrainer(cfg, resume_state=state).run()
     except KeyboardInterrupt:
