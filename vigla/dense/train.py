@@ -229,7 +229,7 @@ class DenseTrainer(TrainingRun):
         """The training state: weights, optimizer, schedule, RNG, and the model's description."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss),
+                "batch_size": self.cfg.batch_size, "epoch_loss": list(self.epoch_loss), "step_lr": self.step_lr,
                 "unreadable": sorted(self.unreadable),
                 "model_meta": json.dumps(self.meta), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

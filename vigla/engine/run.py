@@ -313,6 +313,7 @@ class TrainingRun:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.epoch_loss, self.best = list(state["epoch_loss"]), dict(state["best"])
+        self.step_lr = state.get("step_lr")  # the last step's rate (metrics.csv's for its epoch); older states lack it
         self.scheduler.step_update(self.global_step)
 
     def _check_epochs_left(self, state: dict) -> None:

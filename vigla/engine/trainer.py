@@ -200,7 +200,7 @@ class Trainer(TrainingRun):
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "global_batch": self.global_batch,
             "world_size": self.dist.world_size, "sampler_seed": self.sampler.seed, "sampler_epoch": self.epoch,
-            "epoch_loss": list(self.epoch_loss), "unreadable_images": sorted(self.unreadable),
+            "epoch_loss": list(self.epoch_loss), "step_lr": self.step_lr, "unreadable_images": sorted(self.unreadable),
             "model_name": self.cfg.model, "model": self.core.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
