@@ -60,7 +60,6 @@ def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int):
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-
 def analyse(kernel, source: list[str], top: int) -> dict:
     """Registers, stack, instruction count, opcode histogram and the ``top`` source lines by instructions."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

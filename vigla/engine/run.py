@@ -68,7 +68,6 @@ def find_resume_state(resume: str, out: str | None, model: str, data: str | None
     return path
 
 
-
 def read_run_config(state: str, settings: str) -> dict | None:
     """The mapping of setting: value that the run of the training state ``state`` saved in its config.yaml (beside
     the state), or None when it has none. A run writes a whole one, so one that cannot be read, is not valid YAML
