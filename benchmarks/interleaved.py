@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vigla.bench.cli import build_model  # noqa: E402
 from vigla.bench.measure import autocast, synchronize, train_step  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
+from vigla.engine.host_memory import keep_freed_memory  # noqa: E402
 
 RATIOS = ("infer_ratio", "train_ratio", "latency_ratio")
 
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="8 on the CPU, 128 on CUDA")
     ap.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="none on the CPU, bf16 on CUDA")
     ap.add_argument("--compile", action="store_true", help="torch.compile each model (default mode, static shapes)")
+    ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="glibc keeps freed activations for reuse, as the vigla commands set it "
+                         "(vigla.engine.host_memory); --no-keep-freed-memory: glibc's defaults")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="cpu_vig_t_interleaved")
     args = ap.parse_args(argv)
@@ -82,6 +86,7 @@ def main(argv=None) -> int:
     batch = args.batch_size or (128 if cuda else 8)
     amp = args.amp or ("bf16" if cuda else "none")
     device = torch.device(args.device)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     torch.manual_seed(0)
     models = {name: build_model(name, 224).to(device) for name in args.models}
     if args.compile:
@@ -101,7 +106,8 @@ def main(argv=None) -> int:
             train[name]()
     result = envelope(device, dict(models=list(args.models), batch_size=batch, img_size=224, amp=amp,
                                    rounds=args.rounds, calls=calls, steps=steps, latency=latency,
-                                   threads=torch.get_num_threads(), compile=args.compile))
+                                   threads=torch.get_num_threads(), compile=args.compile,
+                                   keep_freed_memory=kept))
     first, second = args.models
     for r in range(args.rounds):
         row = {"round": r}

@@ -407,6 +407,13 @@ def _cpu_interleaved(opts: Options) -> list[Step]:
     return [Step("cpu_vig_t_interleaved", argv, 400, ["cpu_vig_t_interleaved.json"])]
 
 
+def _cpu_host_memory(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/host_memory_ab.py", "--out", str(opts.out), "--name", "cpu_host_memory_ab"]
+    if opts.smoke:
+        argv += ["--rounds", "1", "--warmup", "1", "--steps", "1", "--batch-size", "1"]
+    return [Step("cpu_host_memory_ab", argv, 400, ["cpu_host_memory_ab.json"])]
+
+
 def _cpu_default_train(opts: Options) -> list[Step]:
     name = "cpu_default_train"
     argv = [PY, "benchmarks/cpu_default_train.py", "--out", str(opts.out), "--name", name]
@@ -552,6 +559,8 @@ SUITES = {s.name: s for s in [
           {"models": ("vigla bench at 224, batch 8, with training steps", _cpu_models),
            "interleaved": ("ViG-T and DeiT-T timed in turn, round after round (ratios of times seconds apart)",
                            _cpu_interleaved),
+           "host_memory": ("ViG-T and DeiT-T training steps, one model per process, with glibc's default heap "
+                           "and with vigla.engine.host_memory's", _cpu_host_memory),
            "default_train": ("`vigla train` with no settings, wall time and accuracy", _cpu_default_train)},
           smoke=True),
     Suite("export", "this CPU: ONNX Runtime against PyTorch, the same models exported by vigla export", "cpu",

@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+from .engine.host_memory import keep_freed_memory
+
 COMMANDS = {
     "train": ("vigla.engine.train_cli", "train a model (default: ViG-T on the embedded Fashion-MNIST)"),
     "eval": ("vigla.engine.eval_cli", "top-1/top-5 of a checkpoint, at one or several resolutions"),
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        keep_freed_memory()  # CPU steps reuse the activations they free (vigla.engine.host_memory)
         try:
             return int(importlib.import_module(args._module).main(args) or 0)
         finally:
