@@ -863,6 +863,17 @@ DAMAGED_CONFIGS = {"- a\n- b\n": "holds a list, not a mapping of setting: value"
                    b"\xff\xfe": "cannot be read (UnicodeDecodeError: "}
 
 
+def damaged_configs(config):
+    """Each :data:`DAMAGED_CONFIGS` text written in turn as the run's ``config`` -> the problem its error names; when
+    the caller's resume has been refused, the run folder's files are checked to be as they were."""
+    files = lambda: {p.name: p.read_bytes() for p in config.parent.iterdir() if p.is_file()}  # noqa: E731
+    for text, problem in DAMAGED_CONFIGS.items():
+        config.write_bytes(text if isinstance(text, bytes) else text.encode())
+        kept = files()
+        yield problem
+        assert files() == kept
+
+
 def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(fmnist, tmp_path, capsys):
     """An empty config.yaml resumed the run with the preset's settings (to 'is a test_vit checkpoint, this run
     builds vig_tiny'); invalid YAML was told in the parser's many lines and a list or a scalar as 'unreadable', both
@@ -871,9 +882,7 @@ def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(fmnist, tmp_path, ca
     out = tmp_path / "r"
     assert Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1))).run() == 0
     config = out / "config.yaml"
-    for text, problem in DAMAGED_CONFIGS.items():
-        config.write_bytes(text if isinstance(text, bytes) else text.encode())
-        kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for problem in damaged_configs(config):
         capsys.readouterr()
         assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 2
         captured = capsys.readouterr()
@@ -881,7 +890,6 @@ def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(fmnist, tmp_path, ca
         assert captured.err.endswith(": the run folder's config.yaml is damaged; restore it, or remove it and give "
                                      "the run's settings with --config or flags, or start a new run without "
                                      "--resume\n") and captured.err.count("\n") == 1 and "resuming" not in captured.out
-        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
     config.unlink()  # the way on that the line names: the run's settings from the flags
     assert cli.main(["train", "--resume", str(out), *argv_of(tiny_flags(fmnist, out, epochs=2))]) == 0
     assert "no config.yaml beside it" in capsys.readouterr().out
@@ -907,21 +915,27 @@ WRONG_TYPES = {"epochs: ten": "epochs must be an integer, got 'ten'; correct it 
                "lr: [1]": "lr must be a number, got [1]; correct it there, or give --lr to override it"}
 
 
-def test_a_setting_of_the_wrong_type_is_told_with_its_file(fmnist, tmp_path, capsys):
-    """A resumed run's config.yaml with `epochs: ten` said 'settings: epochs must be int, got 'ten'' without the
-    file it came from: one line names the file, the setting, the value, the type and the fix, and a flag that
-    replaces the value resumes the run. A --config file's is told with its file, a flag's from Python as the flag."""
+def wrong_type_configs(config):
+    """Each :data:`WRONG_TYPES` line written in turn into the run's ``config`` (its other lines as they were) ->
+    (the error's end, the flags a resume adds: a flag given for the setting itself would replace it)."""
     import re
 
-    out = tmp_path / "r"
-    assert Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1))).run() == 0
-    config = out / "config.yaml"
     good = config.read_text()
     for line, problem in WRONG_TYPES.items():
         key = line.split(":")[0]
         config.write_text(re.sub(rf"(?m)^{key}: .*$", line, good))
+        yield problem, [] if key == "epochs" else ["--epochs", "2"]
+
+
+def test_a_setting_of_the_wrong_type_is_told_with_its_file(fmnist, tmp_path, capsys):
+    """A resumed run's config.yaml with `epochs: ten` said 'settings: epochs must be int, got 'ten'' without the
+    file it came from: one line names the file, the setting, the value, the type and the fix, and a flag that
+    replaces the value resumes the run. A --config file's is told with its file, a flag's from Python as the flag."""
+    out = tmp_path / "r"
+    assert Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1))).run() == 0
+    config = out / "config.yaml"
+    for problem, more in wrong_type_configs(config):
         capsys.readouterr()
-        more = [] if key == "epochs" else ["--epochs", "2"]  # a flag given for the setting would replace it
         assert cli.main(["train", "--resume", str(out), *more]) == 2
         captured = capsys.readouterr()
         assert captured.err == f"vigla train: error: {config}: {problem}\n"
@@ -947,8 +961,7 @@ def test_a_config_file_that_holds_no_settings_is_one_line(tmp_path, capsys):
     is one line naming the file, the problem (for YAML its line, column and the parser's short problem) and the
     fix, as a resumed run's damaged config.yaml is told."""
     path = tmp_path / "c.yaml"
-    for text, problem in DAMAGED_CONFIGS.items():
-        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    for problem in damaged_configs(path):
         capsys.readouterr()
         assert cli.main(["train", "--config", str(path)]) == 2
         captured = capsys.readouterr()
