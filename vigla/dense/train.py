@@ -46,7 +46,7 @@ from .data import (IGNORE, CocoSplit, DetectionDataset, SegmentationDataset, col
 from .evaluate import evaluate_detector, evaluate_segmenter
 from .models import build_detector, build_segmenter
 
-__all__ = ["DenseTrainer", "build_model", "check_dense_state", "main_metric", "model_meta"]
+__all__ = ["DenseTrainer", "build_model", "main_metric", "model_meta"]
 
 
 def main_metric(task: str) -> str:
@@ -115,6 +115,8 @@ class DenseTrainer(TrainingRun):
 
     command = "vigla dense train"
     eval_command = "vigla dense eval"
+    state_keys = ("model_meta", "epoch", "step_in_epoch", "global_step", "steps_per_epoch", "total_steps",
+                  "batch_size", "epoch_loss", "model", "optimizer", "scheduler", "scaler", "best", "rng")
     img_s_digits = 1
     log_on_stop = True
 
@@ -241,7 +243,7 @@ class DenseTrainer(TrainingRun):
 
     def _load_resume(self, path: str) -> None:
         state = load_state(path)
-        _require_dense_state(state, path)
+        self.require_state(state, path)
         meta = json.loads(state["model_meta"])
         for key in ("task", "model", "detector", "classes"):
             if meta.get(key) != self.meta[key]:
@@ -385,29 +387,6 @@ def resume_state_for(cfg_flags: dict) -> str:
     """The ``last.state.pt`` that ``--resume`` names (see :func:`vigla.engine.run.find_resume_state`)."""
     model, task = cfg_flags.get("model", "vig_h_tiny"), cfg_flags.get("task", "detect")
     return find_resume_state(cfg_flags["resume"], cfg_flags.get("out"), f"{model}-{task}", cfg_flags.get("data"))
-
-
-def check_dense_state(path: str) -> None:
-    """Refuse a ``--resume`` state that ``vigla dense train`` did not write (a ``vigla train`` run's, or one that lacks
-    what it saves, :data:`STATE_KEYS`) before its run's config.yaml is read (a ``vigla train`` run's settings have no
-    --data of a dense run: it was told '--data is required'). The state's tensors are mapped, not read."""
-    _require_dense_state(load_state(path, mmap=True), path)
-
-
-#: what :meth:`DenseTrainer._load_resume` reads from a ``last.state.pt`` (:meth:`DenseTrainer._train_state`)
-STATE_KEYS = ("model_meta", "epoch", "step_in_epoch", "global_step", "steps_per_epoch", "total_steps", "batch_size",
-              "epoch_loss", "model", "optimizer", "scheduler", "scaler", "best", "rng")
-
-
-def _require_dense_state(state: dict, path: str) -> None:
-    if "model_meta" not in state and "global_batch" in state:  # vigla.engine.trainer's
-        raise CheckpointError(f"{path} is the state of a `vigla train` (classification) run, not of a `vigla dense "
-                              f"train` one: resume it with `vigla train --resume {path}`")
-    missing = [key for key in STATE_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not the state of a `vigla dense train` run (it lacks {', '.join(missing)}): "
-                              f"resume a run folder that `vigla dense train` wrote, or start a new run without "
-                              f"--resume")
 
 
 def plot_dense_curves(out_dir: str, metric: str, title: str) -> str | None:

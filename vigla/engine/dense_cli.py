@@ -103,14 +103,14 @@ def _data(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from vigla.dense.config import FIELDS, resolve_config, saved_config
-    from vigla.dense.train import DenseTrainer, check_dense_state, resume_state_for
+    from vigla.dense.train import DenseTrainer, resume_state_for
     from vigla.engine.run import read_run_config, run_config_path
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     state, saved = None, None
     if flags.get("resume"):
         state = resume_state_for(flags)
-        check_dense_state(state)
+        DenseTrainer.check_resume_state(state)
         values = read_run_config(state, "as flags")
         saved = None if values is None else saved_config(values)
     cfg = resolve_config(flags, saved, saved_path=None if state is None else run_config_path(state))

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from vigla.data import stop_workers
 
 from . import distributed as dist_utils
-from .checkpoint import read_meta, save_state, save_weights
+from .checkpoint import load_state, read_meta, save_state, save_weights
 from .config import read_settings_file
 from .errors import CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
 from .metrics import MetricsLog
@@ -123,6 +123,11 @@ class StopRequest:
               f"stopping (Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
 
+#: per training command, a key that only its training states hold and how a message names its runs
+STATE_MARKERS = {"vigla train": ("global_batch", "`vigla train` (classification)"),
+                 "vigla dense train": ("model_meta", "`vigla dense train`")}
+
+
 class TrainingRun:
     """A training run's lifecycle: :meth:`run` trains to the end (0) or to a stop request (128 + signal).
 
@@ -150,6 +155,7 @@ class TrainingRun:
 
     command = "vigla train"  # the CLI that the messages name; the output lock's owner
     eval_command = "vigla eval"  # the CLI that evaluates the run's checkpoints
+    state_keys: tuple = ()  # what _load_resume reads from a last.state.pt (_train_state's keys)
     is_main = True  # this process writes the files (rank 0)
     world_size = 1  # processes of the run (DDP ranks)
     prefetch_factor = None  # batches a loader worker prepares ahead (None: the DataLoader's default)
@@ -348,6 +354,34 @@ class TrainingRun:
                 nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
             self.optimizer.step()
         self._advance()
+
+    @classmethod
+    def check_resume_state(cls, path: str) -> None:
+        """Refuse a ``--resume`` state that this command did not write before the run's config.yaml is read (another
+        command's settings build the wrong run and fail later, e.g. on ``KeyError``): :meth:`require_state`, the
+        state's tensors mapped, not read."""
+        cls.require_state(load_state(path, mmap=True), path)
+
+    @classmethod
+    def require_state(cls, state: dict, path: str) -> None:
+        """A :class:`CheckpointError` in one line unless ``state`` holds :meth:`required_keys`: the state of the
+        other training command (told by :data:`STATE_MARKERS`) names that command's ``--resume``, any other names
+        the keys it lacks."""
+        own = STATE_MARKERS[cls.command][0]
+        for other, (marker, name) in STATE_MARKERS.items():
+            if other != cls.command and marker in state and own not in state:
+                raise CheckpointError(f"{path} is the state of a {name} run, not of a {STATE_MARKERS[cls.command][1]} "
+                                      f"one: resume it with `{other} --resume {path}`")
+        missing = [key for key in cls.required_keys(state) if key not in state]
+        if missing:
+            raise CheckpointError(f"{path} is not the state of a `{cls.command}` run (it lacks {', '.join(missing)}): "
+                                  f"resume a run folder that `{cls.command}` wrote, or start a new run without "
+                                  f"--resume")
+
+    @classmethod
+    def required_keys(cls, state: dict) -> tuple:
+        """The keys a state must hold to be resumed (:attr:`state_keys`)."""
+        return cls.state_keys
 
     def epoch_lr(self) -> float:
         """``metrics.csv``'s learning rate of an epoch: the one its last step trained at (the scheduler has already

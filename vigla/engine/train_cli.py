@@ -44,7 +44,7 @@ def build_config(args: argparse.Namespace):
 def _build_config(args: argparse.Namespace):
     """-> (config, state file or None, the saved settings of the resumed run or None)."""
     from .run import find_resume_state, read_run_config, run_config_path
-    from .trainer import check_train_state
+    from .trainer import Trainer
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     from_yaml = read_yaml(args.config) if getattr(args, "config", None) else {}
@@ -52,7 +52,7 @@ def _build_config(args: argparse.Namespace):
     if first.resume is None:
         return first, None, None
     state = find_resume_state(first.resume, first.out, first.model, first.data)
-    check_train_state(state)
+    Trainer.check_resume_state(state)
     values = read_run_config(state, "with --config or flags")
     saved = None if values is None else saved_config(values)
     return resolve_config(flags, from_yaml, saved, saved_path=run_config_path(state)), state, saved

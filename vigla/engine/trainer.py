@@ -46,6 +46,9 @@ class Trainer(TrainingRun):
     a signal (used by the tests to interrupt a run mid-epoch deterministically).
     """
 
+    #: format 1's keys (format 2 adds the weights: :meth:`required_keys`)
+    state_keys = ("epoch", "step_in_epoch", "global_step", "total_steps", "global_batch", "world_size", "epoch_loss",
+                  "optimizer", "scheduler", "scaler", "ema", "best", "rng")
     prefetch_factor = 4
 
     def _setup_device(self) -> None:
@@ -208,9 +211,14 @@ class Trainer(TrainingRun):
             "best": dict(self.best), "rng": rng,
         }
 
+    @classmethod
+    def required_keys(cls, state: dict) -> tuple:
+        """Format 1's keys; format 2 (self-contained) adds the weights, ``model``, and ``model_name``."""
+        return cls.state_keys + (("model_name",) if "model" in state else ())
+
     def _load_resume(self, path: str) -> None:
         state = load_state(path)
-        _require_train_state(state, path)
+        self.require_state(state, path)
         folder = os.path.dirname(path)
         weights = os.path.join(folder, f"{LAST}.safetensors")
         if "model" in state:  # format 2: self-contained
@@ -400,26 +408,3 @@ class Trainer(TrainingRun):
                 f"{self.dist.world_size} = {self.global_batch}, lr {self.lr:.3g} ({cfg.lr:g} per 512), warm-up "
                 f"{cfg.warmup_epochs:g} epoch(s), {cfg.opt}, wd {cfg.weight_decay}"
                 + (", steps replayed from a CUDA graph" if cfg.cuda_graph else "")]
-
-
-#: what :meth:`Trainer._load_resume` reads from a ``last.state.pt`` (format 1's too; format 2 adds the weights,
-#: ``model`` and ``model_name``)
-STATE_KEYS = ("epoch", "step_in_epoch", "global_step", "total_steps", "global_batch", "world_size", "epoch_loss",
-              "optimizer", "scheduler", "scaler", "ema", "best", "rng")
-
-
-def check_train_state(path: str) -> None:
-    """Refuse a ``--resume`` state that ``vigla train`` did not write (a ``vigla dense train`` run's, or one that
-    lacks what it saves) before the run's config.yaml is read: a dense run's settings built a classifier on its
-    data and then died on ``KeyError: 'model_name'``. The state's tensors are mapped, not read."""
-    _require_train_state(load_state(path, mmap=True), path)
-
-
-def _require_train_state(state: dict, path: str) -> None:
-    if "model_meta" in state:  # vigla.dense.train's
-        raise CheckpointError(f"{path} is the state of a `vigla dense train` run, not of a `vigla train` "
-                              f"(classification) one: resume it with `vigla dense train --resume {path}`")
-    missing = [key for key in STATE_KEYS + (("model_name",) if "model" in state else ()) if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not the state of a `vigla train` run (it lacks {', '.join(missing)}): "
-                              f"resume a run folder that `vigla train` wrote, or start a new run without --resume")
