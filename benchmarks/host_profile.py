@@ -12,8 +12,9 @@ launches and their summed device time (torch.profiler), and the top ``--top`` Py
 functions of ``--iters`` issued forwards by own time and by cumulative time (cProfile). When ``issue_ms`` is
 close to ``synced_ms``, the forward is bound by the host: the profile says which Python frames to cut.
 With ``--train`` each call is one training step (:func:`vigla.bench.measure.train_step`: forward, cross-entropy,
-backward, fused AdamW step), ``kernel_ms`` is the device time of a step, and cProfile sees the calling thread
-only (autograd runs the backward's Python from a thread of its own).
+backward, fused AdamW step), ``kernel_ms`` is the device time of a step, and the cProfile pass runs with
+autograd's multithreading off (``torch.autograd.set_multithreading_enabled(False)``): cProfile sees one thread,
+and the engine would otherwise run the backward's Python (the ops' ``backward`` methods) on a thread of its own.
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`, a row per model).
 """
 from __future__ import annotations
@@ -106,13 +107,15 @@ def kernel_counts(forward, device: torch.device, iters: int) -> dict:
 
 
 def host_profile(forward, device: torch.device, iters: int, top: int) -> dict:
-    """cProfile of ``iters`` issued forwards: the per-forward top functions by own and by cumulative time."""
+    """cProfile of ``iters`` issued forwards (or training steps, the backward on the calling thread): the
+    per-forward top functions by own and by cumulative time."""
     prof = cProfile.Profile()
     synchronize(device)
-    prof.enable()
-    for _ in range(iters):
-        forward()
-    prof.disable()
+    with torch.autograd.set_multithreading_enabled(False):
+        prof.enable()
+        for _ in range(iters):
+            forward()
+        prof.disable()
     synchronize(device)
     stats = pstats.Stats(prof)
 
