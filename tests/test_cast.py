@@ -9,7 +9,8 @@ import torch
 import torch.nn.utils.prune
 
 import vigla  # noqa: F401  (registers the models)
-from vigla.layers.cast import _PREPARED, _onednn, gemm, gemm_weights, inference_weights, memoized
+from vigla.layers.cast import _PREPARED, _onednn, gemm, gemm_swiglu, gemm_weights, inference_weights, memoized
+from vigla.layers.mlp import SwiGLU
 
 
 def _reference(x, w, b=None):
@@ -34,6 +35,49 @@ def test_gemm_matches_float64(dtype, bias):
         out = gemm(x, prepared[0], None if b is None else prepared[1])
         assert out.shape == (x.shape[0], 48) and out.dtype == dtype
         torch.testing.assert_close(out.double(), _reference(x, w, b), **tol)
+
+
+def _swiglu_reference(x, w1, w2=None):
+    a, b = (x.double() @ w1.double().t()).chunk(2, dim=-1)
+    h = torch.nn.functional.silu(a) * b
+    return h if w2 is None else h @ w2.double().t()
+
+
+@pytest.mark.skipif(not _onednn(), reason="this PyTorch has no oneDNN prepacked linear")
+def test_gemm_swiglu_matches_float64():
+    """fc1's two halves packed for oneDNN, the gating in the GEMMs' epilogues: ``SiLU(x Wg^T) * (x Wv^T)`` on fresh
+    inputs (a few rows, many rows, a column slice of a wider tensor), float32 accuracy."""
+    torch.manual_seed(0)
+    w1 = torch.randn(2 * 24, 40) * 0.3
+    gate, value = gemm_weights(torch.nn.Module(), "fc", (w1[:24], w1[24:]), rows=7)
+    assert gate.is_mkldnn and value.is_mkldnn
+    wide = torch.randn(7, 64)
+    for x in (torch.randn(7, 40), torch.randn(300, 40), wide[:, 10:50]):
+        out = gemm_swiglu(x, gate, value)
+        assert out.shape == (x.shape[0], 24) and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), _swiglu_reference(x, w1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # what torch.backends.mkldnn.flags says on a CPU
+@pytest.mark.parametrize("onednn", [True, False])
+def test_swiglu_eager_inference_on_the_cpu(onednn):
+    """SwiGLU's eager inference path on the CPU: with oneDNN the gating in fc1's GEMM epilogues (fc1 kept as two
+    packed halves, no packed copy of the whole), without it fc1's GEMM then the gating kernel; both match the float64
+    MLP and the recording path's output."""
+    if onednn and not _onednn():
+        pytest.skip("this PyTorch has no oneDNN prepacked linear")
+    torch.manual_seed(0)
+    mlp = SwiGLU(40, 24).eval()
+    x = torch.randn(3, 50, 40)
+    with torch.backends.mkldnn.flags(enabled=onednn), torch.inference_mode():
+        params = mlp.inference_params(x, torch.float32)
+        out = mlp(x)
+    assert (params.fc1_halves is not None) == onednn and (params.w1_gemm is None) == onednn
+    expected = _swiglu_reference(x, mlp.fc1.weight, mlp.fc2.weight)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    recorded = mlp(x.clone().requires_grad_())  # grad mode on: the recording path (fc1, the gating op, fc2)
+    assert recorded.requires_grad
+    torch.testing.assert_close(out, recorded.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # what torch.backends.mkldnn.flags says on a CPU

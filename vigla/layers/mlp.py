@@ -1,7 +1,7 @@
 """MLPs."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,7 +11,8 @@ from ..ops.dispatch import compute_dtype
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.swiglu import swiglu, swiglu_mlp
 from ..ops.swiglu.op import fc1_fused
-from .cast import MlpProjection, Projection, caching, gemm, gemm_weights, inference_weights, memoized, plain_leaves
+from .cast import (MlpProjection, Projection, caching, gemm, gemm_swiglu, gemm_weights, inference_weights, memoized,
+                   packs, plain_leaves)
 
 __all__ = ["SwiGLU", "MlpInference"]
 
@@ -59,8 +60,13 @@ class SwiGLU(nn.Module):
 
     @torch.jit.unused
     def _inference_params(self, dtype: torch.dtype, rows: int) -> "MlpInference":
-        weights = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
-        return MlpInference(*weights, *gemm_weights(self, "fc", weights, rows))
+        w1, w2 = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
+        if not packs(w1):
+            return MlpInference(w1, w2, *gemm_weights(self, "fc", (w1, w2), rows))
+        # oneDNN (the CPU): fc1's halves packed apart, the gating in their GEMMs' epilogues (gemm_swiglu)
+        half = w1.shape[0] // 2
+        gate, value, w2_gemm = gemm_weights(self, "fc", (w1[:half], w1[half:], w2), rows)
+        return MlpInference(w1, w2, None, w2_gemm, (gate, value))
 
     @torch.jit.unused
     def forward_inference(self, x: torch.Tensor, dtype: torch.dtype, ops: InferenceOps = EAGER,
@@ -69,8 +75,9 @@ class SwiGLU(nn.Module):
         """:meth:`forward` on the inference path (:func:`vigla.ops.inference.inference_ops` gave ``ops``),
         products in ``dtype``: the weights from ``params`` (default :meth:`inference_params`: cast and prepared
         once in eager mode), both GEMMs on ``[rows, C]`` views (fc1 and the gating one kernel where
-        :func:`vigla.ops.swiglu.op.fc1_fused`), the ops called without autograd. With ``defer_projection`` the
-        output is returned not yet computed, for the next add + norm to run: the whole MLP
+        :func:`vigla.ops.swiglu.op.fc1_fused`, the gating in oneDNN's GEMM epilogues on the CPU), the ops called
+        without autograd. With ``defer_projection`` the output is returned not yet computed, for the next add + norm
+        to run: the whole MLP
         (:class:`vigla.layers.cast.MlpProjection`) where :func:`vigla.ops.add_norm.op.mlp_fused`, else fc2
         (:class:`vigla.layers.cast.Projection`). ``[..., C]`` -> ``[..., C]``."""
         rows = x.reshape(-1, x.shape[-1])
@@ -78,7 +85,12 @@ class SwiGLU(nn.Module):
         shape = (*x.shape[:-1], p.w2.shape[0])
         if defer_projection and mlp_fused(rows, p.w1, p.w2):  # rows in dtype already (the previous norm's output)
             return MlpProjection(rows, p.w1, p.w2, shape, ops)
-        h = ops.fc1_swiglu(rows.to(dtype), p.w1) if fc1_fused(rows, dtype) else ops.swiglu(gemm(rows, p.w1_gemm))
+        if fc1_fused(rows, dtype):
+            h = ops.fc1_swiglu(rows.to(dtype), p.w1)
+        elif p.fc1_halves is not None:
+            h = gemm_swiglu(rows, *p.fc1_halves)
+        else:
+            h = ops.swiglu(gemm(rows, p.w1_gemm))
         out = Projection(h, p.w2_gemm, shape)
         return out if defer_projection else out.dense()
 
@@ -101,8 +113,10 @@ class SwiGLU(nn.Module):
 
 class MlpInference(NamedTuple):
     """What :meth:`SwiGLU.forward_inference` reads, prepared once for a compute dtype: ``w1`` ``[2I, C]`` and ``w2``
-    ``[C, I]`` cast to it, and the same as :func:`vigla.layers.cast.gemm` takes them."""
+    ``[C, I]`` cast to it, and the same as :func:`vigla.layers.cast.gemm` takes them; with oneDNN (the CPU) fc1 as its
+    two halves ``[I, C]``, the gate's and the value's (:func:`vigla.layers.cast.gemm_swiglu`), ``w1_gemm`` None."""
     w1: torch.Tensor
     w2: torch.Tensor
-    w1_gemm: torch.Tensor
+    w1_gemm: Optional[torch.Tensor]
     w2_gemm: torch.Tensor
+    fc1_halves: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
