@@ -414,6 +414,13 @@ def _cpu_host_memory(opts: Options) -> list[Step]:
     return [Step("cpu_host_memory_ab", argv, 400, ["cpu_host_memory_ab.json"])]
 
 
+def _cpu_swiglu_epilogue(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/swiglu_epilogue_ab.py", "--out", str(opts.out), "--name", "cpu_swiglu_epilogue_ab"]
+    if opts.smoke:
+        argv += ["--rounds", "1", "--calls", "1", "--batch-size", "1"]
+    return [Step("cpu_swiglu_epilogue_ab", argv, 300, ["cpu_swiglu_epilogue_ab.json"])]
+
+
 def _cpu_default_train(opts: Options) -> list[Step]:
     name = "cpu_default_train"
     argv = [PY, "benchmarks/cpu_default_train.py", "--out", str(opts.out), "--name", name]
@@ -561,6 +568,8 @@ SUITES = {s.name: s for s in [
                            _cpu_interleaved),
            "host_memory": ("ViG-T and DeiT-T training steps, one model per process, with glibc's default heap "
                            "and with vigla.engine.host_memory's", _cpu_host_memory),
+           "swiglu_epilogue": ("ViG-T inference with SwiGLU's gating in oneDNN's GEMM epilogues and with fc1's GEMM "
+                               "then the gating kernel, DeiT-T in turn", _cpu_swiglu_epilogue),
            "default_train": ("`vigla train` with no settings, wall time and accuracy", _cpu_default_train)},
           smoke=True),
     Suite("export", "this CPU: ONNX Runtime against PyTorch, the same models exported by vigla export", "cpu",
