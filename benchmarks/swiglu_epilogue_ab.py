@@ -48,8 +48,8 @@ def path_records(model: torch.nn.Module, rows: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--calls", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="cpu_swiglu_epilogue_ab")
