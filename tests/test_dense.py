@@ -594,6 +594,34 @@ def test_a_state_without_what_vigla_dense_train_saves_is_one_line(dataset, tmp_p
         assert sorted(os.listdir(path.parent)) == ["config.yaml", "last.state.pt"]
 
 
+def test_a_state_with_a_damaged_model_meta_is_one_line(dataset, tmp_path, capsys):
+    """A --resume state whose model_meta is not valid JSON, or not a JSON object with what a resume compares, died
+    on a raw json.JSONDecodeError / KeyError traceback; it is refused in one line that names the state, says it is
+    damaged and the ways on, through the command and through DenseTrainer alike, and the run folder stays as it was."""
+    from vigla.engine.checkpoint import load_state, save_state
+    from vigla.engine.errors import CheckpointError
+
+    flags = _flags(dataset, tmp_path / "r", epochs=1)
+    assert DenseTrainer(resolve_config(flags)).run() == 0
+    run, full = tmp_path / "r", load_state(str(tmp_path / "r" / "last.state.pt"))
+    meta = json.loads(full["model_meta"])
+    for text, problem in (("{not json", "not valid JSON: Expecting property name enclosed in double quotes"),
+                          ("", "not valid JSON: Expecting value"), (None, "not valid JSON: the JSON object must be"),
+                          ("[1, 2]", "not a JSON object"),
+                          (json.dumps({k: v for k, v in meta.items() if k not in ("task", "classes")}),
+                           "it lacks task, classes")):
+        save_state(str(run / "last.state.pt"), dict(full, model_meta=text))
+        kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        state = run / "last.state.pt"
+        message = f"error: {state} is damaged: its model_meta is unreadable ({problem}"
+        ways = "); resume from another checkpoint, or start a new run without --resume"
+        out = _one_line_error(capsys, ["train", "--resume", str(run), "--epochs", "2"], message, ways)
+        assert "resuming" not in out
+        with pytest.raises(CheckpointError, match="its model_meta is unreadable"):
+            DenseTrainer(resolve_config(dict(flags, epochs=2, out=None)), resume_state=str(state))
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
 def test_steps_csv_logs_the_learning_rate_each_step_trained_at(dataset, tmp_path):
     """steps.csv logged the learning rate after the schedule's step, the next step's: a 2-step run with a 1-step
     warm-up showed the peak rate on step 1, which trained at the warm-up's first rate (1/1000 of it). Each row now

@@ -80,6 +80,27 @@ def build_model(meta: dict, train_sizes: tuple[int, ...] | None = None, weights:
         raise UserError(f"cannot build a {meta['task']} model on {meta['model']}: {_first_line(e)}") from None
 
 
+#: what a resume compares between the model_meta of its state and its own run
+RESUME_META_KEYS = ("task", "model", "detector", "classes")
+
+
+def state_meta(state: dict, path: str) -> dict:
+    """The ``model_meta`` of the training state ``state`` (the file ``path``): a JSON object holding
+    :data:`RESUME_META_KEYS`, or a :class:`CheckpointError` in one line saying the state is damaged and the ways on."""
+    text = state["model_meta"]
+    try:
+        meta = json.loads(text)
+    except (TypeError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"not valid JSON: {_first_line(e)}"
+    else:
+        missing = [key for key in RESUME_META_KEYS if key not in meta] if isinstance(meta, dict) else None
+        if missing == []:
+            return meta
+        problem = f"it lacks {', '.join(missing)}" if missing else "not a JSON object"
+    raise CheckpointError(f"{path} is damaged: its model_meta is unreadable ({problem}); resume from another "
+                          f"checkpoint, or start a new run without --resume")
+
+
 def _first_line(err: BaseException) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
@@ -241,11 +262,17 @@ class DenseTrainer(TrainingRun):
     def _kept_position(self, meta: dict) -> str:
         return f"global step {meta['global_step']}"
 
+    @classmethod
+    def require_state(cls, state: dict, path: str) -> None:
+        """:meth:`TrainingRun.require_state`, and a ``model_meta`` that :func:`state_meta` reads."""
+        super().require_state(state, path)
+        state_meta(state, path)
+
     def _load_resume(self, path: str) -> None:
         state = load_state(path)
         self.require_state(state, path)
-        meta = json.loads(state["model_meta"])
-        for key in ("task", "model", "detector", "classes"):
+        meta = state_meta(state, path)
+        for key in RESUME_META_KEYS:
             if meta.get(key) != self.meta[key]:
                 raise CheckpointError(f"{path} was trained with {key} {meta.get(key)!r}, this run has "
                                       f"{self.meta[key]!r}")
