@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from test_data import write_fake_fmnist
-from test_train import damaged_configs, wrong_type_configs
+from test_train import damaged_configs, resume_copies, wrong_type_configs
 from vigla import cli
 from vigla.dense import BackboneFPN, backbone_with_fpn, build_detector, build_segmenter, pad_to_multiple
 from vigla.dense.backbone import feature_sizes
@@ -529,6 +529,14 @@ def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(dataset, tmp_path, c
         _one_line_error(capsys, ["train", "--resume", str(run), "--epochs", "2"], f"{config} {problem}",
                         "the run folder's config.yaml is damaged; restore it, or remove it and give the run's "
                         "settings as flags, or start a new run without --resume")
+
+
+def test_unknown_settings_in_a_resumed_runs_config_yaml_are_one_warning_line(dataset, tmp_path, capsys):
+    """Keys of a resumed run's config.yaml that no setting matches (a typo: `epoch: 3`) were dropped without a word:
+    one warning line names the file and the keys, and the run resumes as it does without them."""
+    assert DenseTrainer(resolve_config(_flags(dataset, tmp_path / "r", epochs=1))).run() == 0
+    plain, typo = resume_copies(tmp_path / "r", "vigla dense train", ["dense", "train"], capsys)
+    assert plain.keys() == typo.keys() and all(torch.equal(plain[k], typo[k]) for k in plain)
 
 
 def test_a_warmup_that_rounds_to_the_whole_run_leaves_the_cosine_a_step(dataset, tmp_path):

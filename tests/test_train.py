@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -953,6 +954,40 @@ def test_a_setting_of_the_wrong_type_is_told_with_its_file(fmnist, tmp_path, cap
         resolve_config(tiny_flags(fmnist, out, epochs="ten"))
     with pytest.raises(UserError, match=r"^saved.yaml: amp must be one of auto, bf16, fp16, off, got 'x'; correct"):
         resolve_config({}, saved={"amp": "x"}, saved_path="saved.yaml")
+
+
+def add_unknown_settings(config, command):
+    """Keys that no setting of ``command`` matches (a typo of epochs among them), added to a run's ``config`` -> the
+    warning line that a resume prints (test_dense.py's test too)."""
+    with open(config, "a") as fh:
+        fh.write("zeta: 1\nepoch: 3\n")
+    return (f"warning: {config}: unknown setting(s) epoch, zeta ignored; the run resumes with its other settings "
+            f"(`{command} --help` lists them)\n")
+
+
+def resume_copies(plain, command, argv, capsys):
+    """Resume the run folder ``plain`` and a copy of it whose config.yaml holds unknown settings with ``argv``
+    (:func:`vigla.cli.main`'s) -> their last weights, once each resume has printed the copy's warning line alone."""
+    typo = plain.parent / f"{plain.name}-typo"
+    shutil.copytree(plain, typo)
+    warning = add_unknown_settings(typo / "config.yaml", command)
+    for out in (plain, typo):
+        capsys.readouterr()
+        assert cli.main([*argv, "--resume", str(out), "--epochs", "2"]) == 0
+        captured = capsys.readouterr()
+        assert [line for line in captured.err.splitlines(True) if "warning" in line] == ([warning] if out == typo
+                                                                                          else [])
+        assert f"resuming {out / 'last.state.pt'} with the settings of its config.yaml" in captured.out
+    assert "zeta" not in (typo / "config.yaml").read_text()  # the resumed run rewrote it
+    return [load_weights(str(out / "last.safetensors")) for out in (plain, typo)]
+
+
+def test_unknown_settings_in_a_resumed_runs_config_yaml_are_one_warning_line(fmnist, tmp_path, capsys):
+    """Keys of a resumed run's config.yaml that no setting matches (a typo: `epoch: 3`) were dropped without a word:
+    one warning line names the file and the keys, and the run resumes as it does without them."""
+    assert Trainer(resolve_config(tiny_flags(fmnist, tmp_path / "r", epochs=1))).run() == 0
+    plain, typo = resume_copies(tmp_path / "r", "vigla train", ["train"], capsys)
+    assert plain.keys() == typo.keys() and all(torch.equal(plain[k], typo[k]) for k in plain)
 
 
 def test_a_config_file_that_holds_no_settings_is_one_line(tmp_path, capsys):

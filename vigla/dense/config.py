@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from vigla.engine.config import check_setting
+from vigla.engine.config import check_setting, warn_unknown_settings
 from vigla.engine.errors import UserError
 
 from .models import DETECTORS
@@ -132,8 +132,11 @@ def config_to_yaml(cfg: DenseConfig) -> str:
                           sort_keys=False)
 
 
-def saved_config(values: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a run's config.yaml (:func:`vigla.engine.run.read_run_config`) that a resume takes."""
+def saved_config(values: dict[str, Any], path: str) -> dict[str, Any]:
+    """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`) that a resume takes;
+    the keys that no setting matches are ignored, told in a warning (:func:`vigla.engine.config.warn_unknown_settings`
+    names them)."""
+    warn_unknown_settings(values, FIELDS, path, "vigla dense train")
     return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}
 
 

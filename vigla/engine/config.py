@@ -13,12 +13,14 @@ import difflib
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from vigla.data.fmnist import DEFAULT_FMNIST_DIR
+from vigla.notices import ViglaWarning
 
 from .errors import UserError
 
@@ -360,9 +362,21 @@ def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(values, sort_keys=False)
 
 
-def saved_config(values: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a run's config.yaml (:func:`vigla.engine.run.read_run_config`) that a resume takes."""
+def saved_config(values: dict[str, Any], path: str) -> dict[str, Any]:
+    """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`) that a resume takes;
+    the keys that no setting matches are ignored, told in a warning (:func:`warn_unknown_settings`)."""
+    warn_unknown_settings(values, FIELDS, path, "vigla train")
     return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}
+
+
+def warn_unknown_settings(values: dict[str, Any], fields: dict, path: str, command: str) -> None:
+    """A :class:`~vigla.notices.ViglaWarning` (one ``warning:`` line from the commands) naming the keys of the
+    config.yaml ``path`` of a resumed run (its ``values``) that none of ``command``'s settings (``fields``)
+    matches, sorted: the resume ignores them, as it did without a word."""
+    unknown = sorted(str(key) for key in values if key not in fields)
+    if unknown:
+        warnings.warn(f"{path}: unknown setting(s) {', '.join(unknown)} ignored; the run resumes with its other "
+                      f"settings (`{command} --help` lists them)", ViglaWarning, stacklevel=3)
 
 
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:

@@ -112,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
         state = resume_state_for(flags)
         DenseTrainer.check_resume_state(state)
         values = read_run_config(state, "as flags")
-        saved = None if values is None else saved_config(values)
+        saved = None if values is None else saved_config(values, run_config_path(state))
     cfg = resolve_config(flags, saved, saved_path=None if state is None else run_config_path(state))
     if state is not None:  # once its settings are checked
         print(f"resuming {state}" + (" with the settings of its config.yaml" if saved else ""), flush=True)

@@ -54,7 +54,7 @@ def _build_config(args: argparse.Namespace):
     state = find_resume_state(first.resume, first.out, first.model, first.data)
     Trainer.check_resume_state(state)
     values = read_run_config(state, "with --config or flags")
-    saved = None if values is None else saved_config(values)
+    saved = None if values is None else saved_config(values, run_config_path(state))
     return resolve_config(flags, from_yaml, saved, saved_path=run_config_path(state)), state, saved
 
 
