@@ -27,6 +27,7 @@ from vigla.models.castling import (
     load_deit_weights,
     probe_aux,
 )
+from vigla.notices import ViglaWarning
 from vigla.ops.linear_angular import (
     linear_angular_z,
     linear_angular_z_quadratic,
@@ -334,6 +335,42 @@ def test_aux_eps_warning_when_mask_cannot_empty():
         warnings.simplefilter("error")
         mixer(torch.randn(1, 50, 32))  # 0.02 >= 1/50: feasible
         mixer.eval()(torch.randn(1, 20, 32))  # branch not run in eval
+
+
+def test_aux_eps_warning_names_each_setting_and_the_line_that_called_the_model():
+    """The aux_eps warning named aux_eps alone, which `vigla train` has not (its setting is --castling-schedule
+    eps=...), and its fixed stacklevel named a line of torch's Module.__call__. It names the layer's argument, the
+    model's and the command's, with a threshold not below 1/N_keys that silences it, and the line of the test that
+    called the model, through timm's blocks, torch's calls and a gradient-checkpointing recompute."""
+    import linecache
+
+    kw = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2)
+    model = timm.create_model("castling_deit_tiny", **kw).train()
+    x = torch.randn(1, 3, 32, 32)  # 4 patches and the class token: 1/N_keys = 1/5 > the default eps 0.02
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(x).sum().backward()
+        assert len(caught) == 2 * (1 + checkpointing) and all(w.category is ViglaWarning for w in caught)
+        text = str(caught[0].message)
+        assert text.startswith("LinearAngularAttention: aux_eps=0.02 < 1/N_keys = 1/5: every softmax row keeps")
+        assert text.endswith("Set aux_eps >= 0.2, e.g. 2/N_keys (a Castling model: aux_schedule='eps=0.2'; vigla "
+                             "train: --castling-schedule eps=0.2), or switch the branch off for this layer (vigla "
+                             "train: --castling-schedule none).") and "\n" not in text
+        assert {(w.filename, linecache.getline(w.filename, w.lineno).strip()) for w in caught} == \
+            {(__file__, "model(x).sum().backward()")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        timm.create_model("castling_deit_tiny", aux_schedule="eps=0.2", **kw).train()(x)
+    mixer = LinearAngularAttention(32, num_heads=2, aux=True, aux_eps=0.02).train()
+    with pytest.warns(ViglaWarning, match=r"Set aux_eps >= 0\.0213, .* --castling-schedule eps=0\.0213\)") as got:
+        mixer(torch.randn(1, 47, 32))  # 1/47 = 0.021277: rounded up, not to 0.02128
+    assert got[0].filename == __file__
+    mixer.aux_eps = 0.0213
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mixer(torch.randn(1, 47, 32))
 
 
 def test_mixer_train_eval_bit_exact_when_mask_empty_and_not_otherwise():

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..notices import ViglaWarning
+from ..notices import ViglaWarning, caller_stacklevel
 from ..ops.linear_angular import (
     DEFAULT_NORM_EPS,
     linear_angular_z,
@@ -170,14 +170,19 @@ class LinearAngularAttention(nn.Module):
     def _run_aux(self, q, k, v, z_lin) -> torch.Tensor:
         n_keys = k.shape[-2]
         if self.aux_eps < 1.0 / n_keys:
+            low = _inverse_rounded_up(n_keys)
+            # the warning names the user's call of the model, not torch's Module.__call__; under torch.compile the
+            # stack is dynamo's (its walk broke the graph once more and warned twice): the fixed level, as before
+            level = 3 if torch.compiler.is_compiling() else caller_stacklevel()
             warnings.warn(
                 f"LinearAngularAttention: aux_eps={self.aux_eps:g} < 1/N_keys = 1/{n_keys}: every softmax row "
                 f"keeps at least one entry, so the auxiliary branch can never empty its mask and the switch "
                 f"to inference cannot be exact (a softmax row over N keys has an entry >= 1/N). "
-                f"Use aux_eps >= {1.0 / n_keys:.4g} "
-                f"(e.g. 2/N_keys) or switch the branch off for this layer.",
+                f"Set aux_eps >= {low:g}, e.g. 2/N_keys (a Castling model: aux_schedule='eps={low:g}'; "
+                f"vigla train: --castling-schedule eps={low:g}), or switch the branch off for this layer "
+                f"(vigla train: --castling-schedule none).",
                 ViglaWarning,
-                stacklevel=3,
+                stacklevel=level,
             )
         aux = masked_softmax_aux(q, k, v, self.aux_eps, self.scale)
         self._aux_stats = {
@@ -226,6 +231,12 @@ class LinearAngularAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, dw_mode={self.dw_mode!r}, aux={self.aux_enabled}, "
                 f"aux_eps={self.aux_eps:g}, aux_lambda={self.aux_lambda:g}")
+
+
+def _inverse_rounded_up(n: int) -> float:
+    """``1 / n`` rounded up to three significant digits: an ``aux_eps`` set to it is not below ``1 / n``."""
+    scale = 10 ** (len(str(n)) + 2)
+    return -(-scale // n) / scale
 
 
 # Input checks as torch.fx leaves: traced graphs run them on the real tensors (a traced module's
