@@ -421,6 +421,14 @@ def _cpu_swiglu_epilogue(opts: Options) -> list[Step]:
     return [Step("cpu_swiglu_epilogue_ab", argv, 300, ["cpu_swiglu_epilogue_ab.json"])]
 
 
+def _cpu_vector_width(opts: Options) -> list[Step]:
+    name = "cpu_kernels_vector_width_ab"
+    argv = [PY, "benchmarks/vector_width_ab.py", "--out", str(opts.out), "--name", name]
+    if opts.smoke:
+        argv += ["--rounds", "1", "--calls", "1", "--batch-size", "1"]
+    return [Step(name, argv, 300, [f"{name}.json"])]
+
+
 def _cpu_default_train(opts: Options) -> list[Step]:
     name = "cpu_default_train"
     argv = [PY, "benchmarks/cpu_default_train.py", "--out", str(opts.out), "--name", name]
@@ -570,6 +578,8 @@ SUITES = {s.name: s for s in [
                            "and with vigla.engine.host_memory's", _cpu_host_memory),
            "swiglu_epilogue": ("ViG-T inference with SwiGLU's gating in oneDNN's GEMM epilogues and with fc1's GEMM "
                                "then the gating kernel, DeiT-T in turn", _cpu_swiglu_epilogue),
+           "vector_width": ("the CPU kernels built with GCC's preferred vector width and with 512-bit vectors, "
+                            "each op on ViG-T's layer shapes", _cpu_vector_width),
            "default_train": ("`vigla train` with no settings, wall time and accuracy", _cpu_default_train)},
           smoke=True),
     Suite("export", "this CPU: ONNX Runtime against PyTorch, the same models exported by vigla export", "cpu",
