@@ -40,8 +40,9 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
 # x86-64: the loops the compiler vectorises itself (the gates' logarithms and exponentials, the scales of the
 # state's rows, the elementwise ops) at the full width of AVX-512 where the CPU has it: GCC's -march=native
 # prefers 256-bit vectors on those CPUs. On a 2-core Xeon with AVX-512 (ViG-T's layer, batch 8 at 224): BiGLA's
-# backward 3.43 -> 1.98 ms, its forward with the locality mix 1.20 -> 1.05 ms (cpu_kernels_vector_width_ab.json).
-# No effect on a CPU without AVX-512.
+# backward 3.05 -> 1.82 ms, its forward with the locality mix 1.05 -> 0.93 ms, the depthwise conv's backward 0.53 ->
+# 0.43 ms, the other kernels within 3% but add + norm's backward (17% off): benchmarks/results/
+# cpu_kernels_vector_width_ab.json. No effect on a CPU without AVX-512.
 if platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")
 
