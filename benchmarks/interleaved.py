@@ -13,8 +13,10 @@ machine DeiT-T's eager forward took 3.9 ms in one call and 6.4 ms in another. He
 and each round times each in turn: ``--calls`` inference forwards issued back to back (the time per call when
 they are pipelined, as a data loader feeds them), ``--steps`` training steps
 (:func:`vigla.bench.measure.train_step`: forward, cross-entropy, backward, AdamW), and with ``--latency N``
-N batch-1 forwards each waited for (the median). A round's ratio compares times taken seconds apart; the
-result is the median of the rounds' ratios, with every round's figures. Batch ``--batch-size`` at 224,
+N batch-1 forwards each waited for (the median); before the timed forwards one untimed forward (the training
+steps before it change the weights, whose cast and packed copies an inference path then prepares once). A round's
+ratio compares times taken seconds apart; the result is the median of the rounds' ratios, with every round's
+figures. Batch ``--batch-size`` at 224,
 ``--amp`` autocast (bf16 by default on CUDA, none on the CPU), eval-mode ``torch.inference_mode`` forwards.
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`: a row per round, then
 a row ``{"round": "median", ...}``; ``infer_ratio`` and ``train_ratio`` are the first model's throughput over
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         row = {"round": r}
         for name, model in models.items():
+            # untimed: the first forward after the previous round's training steps (which changed the weights), in
+            # which an inference path re-prepares its cast and packed weights (vigla.layers.cast: once per change)
+            infer(model, x)
             row[f"{name}_infer_ms"] = pipelined_ms(lambda: infer(model, x), calls, device)
             row[f"{name}_train_ms"] = pipelined_ms(train[name], steps, device)
             if latency:
