@@ -115,7 +115,7 @@ class TrainConfig:
 
 
 #: Named settings. "recipe" is the official ViG code's ImageNet recipe (hustvl/ViG's config; the field defaults).
-#: "fmnist-quick" is the default run: ViG-T on a Fashion-MNIST subset, about 2 minutes on 2 CPU cores
+#: "fmnist-quick" is the default run: ViG-T on a Fashion-MNIST subset, 1-2 minutes on 2 CPU cores
 #: (benchmarks/cpu_default_train.py; its wall time in benchmarks/results/cpu_default_train.json).
 PRESETS: dict[str, dict[str, Any]] = {
     "recipe": {},
