@@ -59,13 +59,13 @@ def test_gemm_swiglu_matches_float64():
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # what torch.backends.mkldnn.flags says on a CPU
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("onednn", [
+    pytest.param(True, marks=pytest.mark.skipif(not _onednn(), reason="this PyTorch has no oneDNN prepacked linear")),
+    False])
 def test_swiglu_eager_inference_on_the_cpu(onednn):
     """SwiGLU's eager inference path on the CPU: with oneDNN the gating in fc1's GEMM epilogues (fc1 kept as two
     packed halves, no packed copy of the whole), without it fc1's GEMM then the gating kernel; both match the float64
     MLP and the recording path's output."""
-    if onednn and not _onednn():
-        pytest.skip("this PyTorch has no oneDNN prepacked linear")
     torch.manual_seed(0)
     mlp = SwiGLU(40, 24).eval()
     x = torch.randn(3, 50, 40)
