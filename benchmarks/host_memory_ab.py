@@ -16,11 +16,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.alternating import medians, worker_row  # noqa: E402
 
 HEAPS = ("default", "kept")
 
@@ -74,18 +74,15 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for model in args.models:
             for heap in HEAPS:
-                cmd = [sys.executable, __file__, "--worker", model, heap, "--batch-size", str(args.batch_size),
-                       "--warmup", str(args.warmup), "--steps", str(args.steps)]
-                row = {"round": r, **json.loads(subprocess.run(cmd, check=True, capture_output=True,
-                                                               text=True).stdout.splitlines()[-1])}
+                row = {"round": r, **worker_row(__file__, ["--worker", model, heap, "--batch-size",
+                                                           str(args.batch_size), "--warmup", str(args.warmup),
+                                                           "--steps", str(args.steps)])}
                 result["rows"].append(row)
                 print(f"round {r}: {model} {heap}: {row['step_ms']:.1f} ms/step, "
                       f"{row['page_faults_per_step']:.0f} page faults/step", flush=True)
     for model in args.models:
-        med = {heap: {key: statistics.median(row[key] for row in result["rows"]
-                                             if row["model"] == model and row["heap"] == heap)
-                      for key in ("step_ms", "page_faults_per_step", "system_ms_per_step", "peak_rss_mib")}
-               for heap in HEAPS}
+        med = {heap: medians(result["rows"], ("step_ms", "page_faults_per_step", "system_ms_per_step",
+                                              "peak_rss_mib"), model=model, heap=heap) for heap in HEAPS}
         result["rows"].append({"round": "median", "model": model, **{f"{heap}_{k}": v for heap in HEAPS
                                                                      for k, v in med[heap].items()},
                                "default_over_kept": med["default"]["step_ms"] / med["kept"]["step_ms"]})

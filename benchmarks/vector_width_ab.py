@@ -16,12 +16,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.alternating import medians, worker_row  # noqa: E402
 
 BUILDS = ("default", "512")
 FLAG = "-mprefer-vector-width=512"
@@ -104,17 +104,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         for r in range(args.rounds):
             for build in BUILDS:
-                cmd = [sys.executable, __file__, "--worker", build, "--batch-size", str(args.batch_size),
-                       "--calls", str(args.calls)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                     env={**os.environ, "VIGLA_CACHE_DIR": cache}).stdout
-                row = {"round": r, **json.loads(out.splitlines()[-1])}
+                row = {"round": r, **worker_row(__file__, ["--worker", build, "--batch-size", str(args.batch_size),
+                                                           "--calls", str(args.calls)], {"VIGLA_CACHE_DIR": cache})}
                 result["rows"].append(row)
                 print(f"round {r} {build}: " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items()
                                                          if k.endswith("_ms")), flush=True)
     names = [k for k in result["rows"][0] if k.endswith("_ms")]
-    med = {b: {k: statistics.median(row[k] for row in result["rows"] if row["build"] == b) for k in names}
-           for b in BUILDS}
+    med = {b: medians(result["rows"], names, build=b) for b in BUILDS}
     result["rows"].append({"round": "median", **{f"{b}_{k}": med[b][k] for b in BUILDS for k in names},
                            **{f"{k[:-3]}_default_over_512": med["default"][k] / med["512"][k] for k in names}})
     for k in names:
