@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from test_data import write_fake_fmnist
-from test_train import damaged_configs, resume_copies, wrong_type_configs
+from test_train import damaged_configs, hyphenate, resume_copies, wrong_type_configs
 from vigla import cli
 from vigla.dense import BackboneFPN, backbone_with_fpn, build_detector, build_segmenter, pad_to_multiple
 from vigla.dense.backbone import feature_sizes
@@ -537,6 +537,20 @@ def test_unknown_settings_in_a_resumed_runs_config_yaml_are_one_warning_line(dat
     assert DenseTrainer(resolve_config(_flags(dataset, tmp_path / "r", epochs=1))).run() == 0
     plain, typo = resume_copies(tmp_path / "r", "vigla dense train", ["dense", "train"], capsys)
     assert plain.keys() == typo.keys() and all(torch.equal(plain[k], typo[k]) for k in plain)
+
+
+def test_a_resumed_runs_config_yaml_takes_the_keys_that_config_takes(dataset, tmp_path, capsys):
+    """`batch-size: 4` in a resumed run's config.yaml, which `vigla train --config` takes, was an unknown setting
+    there: ignored, with the default batch size in its place (which the resume then refused). Its keys are read as
+    `vigla train --config` reads them: the run resumes with each of its settings, and saves them as it writes them."""
+    run = tmp_path / "r"
+    assert DenseTrainer(resolve_config(_flags(dataset, run, epochs=1))).run() == 0
+    written = hyphenate(run / "config.yaml")
+    capsys.readouterr()
+    assert cli.main(["dense", "train", "--resume", str(run), "--epochs", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "with the settings of its config.yaml" in captured.out
+    assert (run / "config.yaml").read_text() == written.replace("\nepochs: 1\n", "\nepochs: 2\n")
 
 
 def test_a_warmup_that_rounds_to_the_whole_run_leaves_the_cosine_a_step(dataset, tmp_path):

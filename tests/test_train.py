@@ -990,6 +990,31 @@ def test_unknown_settings_in_a_resumed_runs_config_yaml_are_one_warning_line(fmn
     assert plain.keys() == typo.keys() and all(torch.equal(plain[k], typo[k]) for k in plain)
 
 
+def hyphenate(config):
+    """Each key of a run's ``config`` rewritten as its long flag's name (``batch-size: 8``), as ``--config`` takes it
+    (test_dense.py's test too) -> the text it held."""
+    import re
+
+    text = config.read_text()
+    config.write_text(re.sub(r"(?m)^(\w+):", lambda m: m[1].replace("_", "-") + ":", text))
+    assert "batch-size: " in config.read_text()
+    return text
+
+
+def test_a_resumed_runs_config_yaml_takes_the_keys_that_config_takes(fmnist, tmp_path, capsys):
+    """`batch-size: 8` in a resumed run's config.yaml, which --config takes, was an unknown setting there: ignored,
+    with the preset's batch size in its place (which the resume then refused). Its keys are read as --config reads
+    them: the run resumes with each of its settings, and saves them as it writes them."""
+    out = tmp_path / "r"
+    assert Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1))).run() == 0
+    written = hyphenate(out / "config.yaml")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "changed by this command: --epochs 1 -> 2\n" in captured.out
+    assert (out / "config.yaml").read_text() == written.replace("\nepochs: 1\n", "\nepochs: 2\n")
+
+
 def test_a_config_file_that_holds_no_settings_is_one_line(tmp_path, capsys):
     """A --config file that is not valid YAML was told in the parser's lines squeezed into one long one ('while
     parsing a flow sequence in "<file>", line 1, column 9 expected ...'), an empty one was taken as no settings: each

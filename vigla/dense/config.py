@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from vigla.engine.config import check_setting, warn_unknown_settings
+from vigla.engine.config import check_setting, setting_name, warn_unknown_settings
 from vigla.engine.errors import UserError
 
 from .models import DETECTORS
@@ -133,11 +133,13 @@ def config_to_yaml(cfg: DenseConfig) -> str:
 
 
 def saved_config(values: dict[str, Any], path: str) -> dict[str, Any]:
-    """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`) that a resume takes;
-    the keys that no setting matches are ignored, told in a warning (:func:`vigla.engine.config.warn_unknown_settings`
-    names them)."""
+    """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`, its ``values``) that a
+    resume takes, by field name (``batch-size`` or ``batch_size``: :func:`vigla.engine.config.setting_name`); the keys
+    that no setting matches are ignored, told in a warning (:func:`vigla.engine.config.warn_unknown_settings` names
+    them)."""
     warn_unknown_settings(values, FIELDS, path, "vigla dense train")
-    return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}
+    named = {setting_name(k): v for k, v in values.items()}
+    return {k: v for k, v in named.items() if k in FIELDS and k not in _NOT_SAVED}
 
 
 def resolve_config(flags: dict[str, Any], saved: Optional[dict[str, Any]] = None,

@@ -216,13 +216,19 @@ def read_yaml(path: str) -> dict[str, Any]:
                         f"leave --config out")
     out = {}
     for key, value in raw.items():
-        name = str(key).replace("-", "_")
+        name = setting_name(key)
         if name not in FIELDS:
             close = difflib.get_close_matches(name, FIELDS, n=1)
             raise UserError(f"config file {path}: unknown setting {key!r}"
                             + (f" (did you mean {close[0]!r}?)" if close else ""))
         out[name] = check_setting(FIELDS[name], value, f"config file {path}")
     return out
+
+
+def setting_name(key: Any) -> str:
+    """The setting that the key ``key`` of a YAML file of settings names: its long flag's name, written with hyphens
+    or underscores (``batch-size`` and ``batch_size`` alike) -> the field name (``batch_size``)."""
+    return str(key).replace("-", "_")
 
 
 def read_settings_file(path: str) -> tuple[dict | None, str]:
@@ -363,17 +369,20 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 
 def saved_config(values: dict[str, Any], path: str) -> dict[str, Any]:
-    """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`) that a resume takes;
-    the keys that no setting matches are ignored, told in a warning (:func:`warn_unknown_settings`)."""
+    """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`, its ``values``) that a
+    resume takes, by field name (keys spelled as ``--config`` takes them: :func:`setting_name`); the keys that no
+    setting matches are ignored, told in a warning (:func:`warn_unknown_settings`)."""
     warn_unknown_settings(values, FIELDS, path, "vigla train")
-    return {k: v for k, v in values.items() if k in FIELDS and k not in _NOT_SAVED}
+    named = {setting_name(k): v for k, v in values.items()}
+    return {k: v for k, v in named.items() if k in FIELDS and k not in _NOT_SAVED}
 
 
 def warn_unknown_settings(values: dict[str, Any], fields: dict, path: str, command: str) -> None:
     """A :class:`~vigla.notices.ViglaWarning` (one ``warning:`` line from the commands) naming the keys of the
     config.yaml ``path`` of a resumed run (its ``values``) that none of ``command``'s settings (``fields``)
-    matches, sorted: the resume ignores them, as it did without a word."""
-    unknown = sorted(str(key) for key in values if key not in fields)
+    matches (keys spelled as ``--config`` takes them, :func:`setting_name`), sorted: the resume ignores them, as it
+    did without a word."""
+    unknown = sorted(str(key) for key in values if setting_name(key) not in fields)
     if unknown:
         warnings.warn(f"{path}: unknown setting(s) {', '.join(unknown)} ignored; the run resumes with its other "
                       f"settings (`{command} --help` lists them)", ViglaWarning, stacklevel=3)
