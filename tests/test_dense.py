@@ -619,7 +619,8 @@ def test_a_state_without_what_vigla_dense_train_saves_is_one_line(dataset, tmp_p
 def test_a_state_with_a_damaged_model_meta_is_one_line(dataset, tmp_path, capsys):
     """A --resume state whose model_meta is not valid JSON, or not a JSON object with what a resume compares, died
     on a raw json.JSONDecodeError / KeyError traceback; it is refused in one line that names the state, says it is
-    damaged and the ways on, through the command and through DenseTrainer alike, and the run folder stays as it was."""
+    damaged and what is wrong with its model_meta (None or a list is not "not valid JSON") and the ways on, through the
+    command and through DenseTrainer alike, and the run folder stays as it was."""
     from vigla.engine.checkpoint import load_state, save_state
     from vigla.engine.errors import CheckpointError
 
@@ -627,11 +628,12 @@ def test_a_state_with_a_damaged_model_meta_is_one_line(dataset, tmp_path, capsys
     assert DenseTrainer(resolve_config(flags)).run() == 0
     run, full = tmp_path / "r", load_state(str(tmp_path / "r" / "last.state.pt"))
     meta = json.loads(full["model_meta"])
+    lacking = {k: v for k, v in meta.items() if k not in ("task", "classes")}
     for text, problem in (("{not json", "not valid JSON: Expecting property name enclosed in double quotes"),
-                          ("", "not valid JSON: Expecting value"), (None, "not valid JSON: the JSON object must be"),
-                          ("[1, 2]", "not a JSON object"),
-                          (json.dumps({k: v for k, v in meta.items() if k not in ("task", "classes")}),
-                           "it lacks task, classes")):
+                          ("", "not valid JSON: Expecting value"), ("[1, 2]", "JSON holding a list, not an object"),
+                          (None, "None, neither the JSON text of an object nor a dict"),
+                          ([1, 2], "a list, neither the JSON text of an object nor a dict"),
+                          (json.dumps(lacking), "it lacks task, classes"), (lacking, "it lacks task, classes")):
         save_state(str(run / "last.state.pt"), dict(full, model_meta=text))
         kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
         state = run / "last.state.pt"
@@ -642,6 +644,23 @@ def test_a_state_with_a_damaged_model_meta_is_one_line(dataset, tmp_path, capsys
         with pytest.raises(CheckpointError, match="its model_meta is unreadable"):
             DenseTrainer(resolve_config(dict(flags, epochs=2, out=None)), resume_state=str(state))
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+
+
+def test_a_state_whose_model_meta_is_a_dict_resumes(dataset, tmp_path, capsys):
+    """A state loaded and saved again with its model_meta as a dict (vigla saves the JSON text) was refused as damaged,
+    'not valid JSON'; the dict is taken as its text is: the run resumes to the same weights."""
+    from vigla.engine.checkpoint import load_state, save_state
+
+    assert DenseTrainer(resolve_config(_flags(dataset, tmp_path / "r", epochs=1))).run() == 0
+    shutil.copytree(tmp_path / "r", tmp_path / "d")
+    full = load_state(str(tmp_path / "d" / "last.state.pt"))
+    save_state(str(tmp_path / "d" / "last.state.pt"), dict(full, model_meta=json.loads(full["model_meta"])))
+    for run in ("r", "d"):
+        capsys.readouterr()
+        assert cli.main(["dense", "train", "--resume", str(tmp_path / run), "--epochs", "2"]) == 0
+        assert "resuming" in capsys.readouterr().out
+    a, b = (load_weights(str(tmp_path / run / "last.safetensors")) for run in ("r", "d"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_steps_csv_logs_the_learning_rate_each_step_trained_at(dataset, tmp_path):

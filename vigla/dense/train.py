@@ -85,20 +85,41 @@ RESUME_META_KEYS = ("task", "model", "detector", "classes")
 
 
 def state_meta(state: dict, path: str) -> dict:
-    """The ``model_meta`` of the training state ``state`` (the file ``path``): a JSON object holding
-    :data:`RESUME_META_KEYS`, or a :class:`CheckpointError` in one line saying the state is damaged and the ways on."""
-    text = state["model_meta"]
-    try:
-        meta = json.loads(text)
-    except (TypeError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        problem = f"not valid JSON: {_first_line(e)}"
-    else:
-        missing = [key for key in RESUME_META_KEYS if key not in meta] if isinstance(meta, dict) else None
-        if missing == []:
-            return meta
-        problem = f"it lacks {', '.join(missing)}" if missing else "not a JSON object"
+    """The ``model_meta`` of the training state ``state`` (the file ``path``) as a dict holding
+    :data:`RESUME_META_KEYS`: vigla saves it as the text of a JSON object; a dict (a state loaded and saved again) is
+    taken as it is. Else a :class:`CheckpointError` in one line saying the state is damaged, what is wrong with its
+    model_meta and the ways on."""
+    meta, problem = _read_meta(state["model_meta"])
+    if meta is not None:
+        return meta
     raise CheckpointError(f"{path} is damaged: its model_meta is unreadable ({problem}); resume from another "
                           f"checkpoint, or start a new run without --resume")
+
+
+def _read_meta(value) -> tuple[dict | None, str]:
+    """A state's ``model_meta`` (JSON text or a dict) -> (the dict, "") when it holds :data:`RESUME_META_KEYS`, else
+    (None, what is wrong: "not valid JSON: ...", "JSON holding a list, not an object", "None, neither the JSON text of
+    an object nor a dict", "it lacks task, classes")."""
+    text = isinstance(value, (str, bytes, bytearray))
+    if text:
+        try:
+            value = json.loads(value)
+        except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return None, f"not valid JSON: {_first_line(e)}"
+    if not isinstance(value, dict) and text:
+        return None, f"JSON holding {_kind(value)}, not an object"
+    if not isinstance(value, dict):
+        return None, f"{_kind(value)}, neither the JSON text of an object nor a dict"
+    missing = [key for key in RESUME_META_KEYS if key not in value]
+    return (None, f"it lacks {', '.join(missing)}") if missing else (value, "")
+
+
+def _kind(value) -> str:
+    """``value``'s type as a message names it: "None", "a list", "an int"."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _first_line(err: BaseException) -> str:
