@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from test_data import write_fake_fmnist
-from test_train import damaged_configs, hyphenate, resume_copies, wrong_type_configs
+from test_train import add_location_settings, damaged_configs, hyphenate, resume_copies, wrong_type_configs
 from vigla import cli
 from vigla.dense import BackboneFPN, backbone_with_fpn, build_detector, build_segmenter, pad_to_multiple
 from vigla.dense.backbone import feature_sizes
@@ -551,6 +551,26 @@ def test_a_resumed_runs_config_yaml_takes_the_keys_that_config_takes(dataset, tm
     captured = capsys.readouterr()
     assert "warning" not in captured.err and "with the settings of its config.yaml" in captured.out
     assert (run / "config.yaml").read_text() == written.replace("\nepochs: 1\n", "\nepochs: 2\n")
+
+
+def test_a_resumed_run_keeps_its_device_settings_and_not_its_location(dataset, tmp_path, capsys):
+    """--device, --workers and --cudnn-benchmark were not saved with a run, and written into its config.yaml they
+    were dropped on resume without a word (a run with --cudnn-benchmark off resumed with it on): they are saved and
+    resumed as `vigla train`'s are (a flag still replaces them); out and resume, which no run can take from the
+    config.yaml in its folder, are one warning line, as in `vigla train`."""
+    import yaml
+
+    run = tmp_path / "r"
+    assert DenseTrainer(resolve_config(_flags(dataset, run, epochs=1, cudnn_benchmark="off"))).run() == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert {k: saved.get(k) for k in ("device", "workers", "cudnn_benchmark")} == dict(device="auto", workers=0,
+                                                                                        cudnn_benchmark="off")
+    warning = add_location_settings(run / "config.yaml", tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert cli.main(["dense", "train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines(True) if "warning" in line] == [warning]
+    assert json.load(open(run / "run-resume-2.json"))["cudnn_benchmark"] is False
+    assert not (tmp_path / "elsewhere").exists() and "out:" not in (run / "config.yaml").read_text()
 
 
 def test_a_warmup_that_rounds_to_the_whole_run_leaves_the_cosine_a_step(dataset, tmp_path):

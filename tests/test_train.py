@@ -1015,6 +1015,31 @@ def test_a_resumed_runs_config_yaml_takes_the_keys_that_config_takes(fmnist, tmp
     assert (out / "config.yaml").read_text() == written.replace("\nepochs: 1\n", "\nepochs: 2\n")
 
 
+def add_location_settings(config, elsewhere):
+    """``out`` (another folder, ``elsewhere``) and ``resume``, which a run does not save, added to a run's ``config``
+    -> the warning line that a resume prints (test_dense.py's test too)."""
+    with open(config, "a") as fh:
+        fh.write(f"out: {elsewhere}\nresume: auto\n")
+    return (f"warning: {config}: out, resume ignored: the run to resume and the folder it writes to come from --resume "
+            f"and --out, not from the config.yaml found in that run's folder\n")
+
+
+def test_a_resumed_runs_config_yaml_does_not_move_the_run(fmnist, tmp_path, capsys):
+    """`out:` and `resume:` written into a resumed run's config.yaml (a run saves neither: which run it is and where it
+    writes are known before its config.yaml is found) were dropped without a word: one warning line names them and
+    says why; the run resumes in its own folder with its other settings."""
+    out = tmp_path / "r"
+    assert Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1))).run() == 0
+    warning = add_location_settings(out / "config.yaml", tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines(True) if "warning" in line] == [warning]
+    assert "changed by this command: --epochs 1 -> 2\n" in captured.out
+    assert not (tmp_path / "elsewhere").exists() and "out:" not in (out / "config.yaml").read_text()
+    assert json.load(open(out / "results.json"))["global_step"] == 12
+
+
 def test_a_config_file_that_holds_no_settings_is_one_line(tmp_path, capsys):
     """A --config file that is not valid YAML was told in the parser's lines squeezed into one long one ('while
     parsing a flow sequence in "<file>", line 1, column 9 expected ...'), an empty one was taken as no settings: each

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from vigla.engine.config import check_setting, setting_name, warn_unknown_settings
+from vigla.engine.config import NOT_SAVED, check_setting, resumed_settings
 from vigla.engine.errors import UserError
 
 from .models import DETECTORS
@@ -89,8 +89,6 @@ class DenseConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(DenseConfig)}
-#: not saved with a run: where it is, and how this process continues it
-_NOT_SAVED = ("out", "resume", "device", "workers", "cudnn_benchmark")
 
 
 def cudnn_benchmark(cfg: DenseConfig) -> bool:
@@ -128,18 +126,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_to_yaml(cfg: DenseConfig) -> str:
-    return yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SAVED},
+    return yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SAVED},
                           sort_keys=False)
 
 
 def saved_config(values: dict[str, Any], path: str) -> dict[str, Any]:
-    """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`, its ``values``) that a
-    resume takes, by field name (``batch-size`` or ``batch_size``: :func:`vigla.engine.config.setting_name`); the keys
-    that no setting matches are ignored, told in a warning (:func:`vigla.engine.config.warn_unknown_settings` names
-    them)."""
-    warn_unknown_settings(values, FIELDS, path, "vigla dense train")
-    named = {setting_name(k): v for k, v in values.items()}
-    return {k: v for k, v in named.items() if k in FIELDS and k not in _NOT_SAVED}
+    """The settings of a run's config.yaml ``path`` that ``vigla dense train --resume`` takes
+    (:func:`vigla.engine.config.resumed_settings`)."""
+    return resumed_settings(values, FIELDS, path, "vigla dense train")
 
 
 def resolve_config(flags: dict[str, Any], saved: Optional[dict[str, Any]] = None,

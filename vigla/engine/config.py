@@ -128,7 +128,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_NOT_SAVED = ("resume", "out")  # a run's own location is not part of the recipe it writes out
+#: not saved with a run, and not read back from its config.yaml (vigla train's and vigla dense train's): which run it
+#: is and where it writes, which a resume knows before it can find the config.yaml
+NOT_SAVED = ("resume", "out")
 
 
 def _flag(name: str) -> str:
@@ -364,17 +366,24 @@ def _validate_cuda_graph(cfg: TrainConfig) -> None:
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SAVED}
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SAVED}
     return yaml.safe_dump(values, sort_keys=False)
 
 
 def saved_config(values: dict[str, Any], path: str) -> dict[str, Any]:
+    """The settings of a run's config.yaml ``path`` that ``vigla train --resume`` takes (:func:`resumed_settings`)."""
+    return resumed_settings(values, FIELDS, path, "vigla train")
+
+
+def resumed_settings(values: dict[str, Any], fields: dict, path: str, command: str) -> dict[str, Any]:
     """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`, its ``values``) that a
-    resume takes, by field name (keys spelled as ``--config`` takes them: :func:`setting_name`); the keys that no
-    setting matches are ignored, told in a warning (:func:`warn_unknown_settings`)."""
-    warn_unknown_settings(values, FIELDS, path, "vigla train")
+    resume of ``command`` takes, by field name (keys spelled as ``--config`` takes them: :func:`setting_name`): every
+    one of its settings (``fields``) but :data:`NOT_SAVED`. The keys left out are told in a warning line each: those
+    that no setting matches (:func:`warn_unknown_settings`) and the :data:`NOT_SAVED` ones (:func:`warn_not_resumed`)."""
+    warn_unknown_settings(values, fields, path, command)
+    warn_not_resumed(values, path)
     named = {setting_name(k): v for k, v in values.items()}
-    return {k: v for k, v in named.items() if k in FIELDS and k not in _NOT_SAVED}
+    return {k: v for k, v in named.items() if k in fields and k not in NOT_SAVED}
 
 
 def warn_unknown_settings(values: dict[str, Any], fields: dict, path: str, command: str) -> None:
@@ -385,7 +394,18 @@ def warn_unknown_settings(values: dict[str, Any], fields: dict, path: str, comma
     unknown = sorted(str(key) for key in values if setting_name(key) not in fields)
     if unknown:
         warnings.warn(f"{path}: unknown setting(s) {', '.join(unknown)} ignored; the run resumes with its other "
-                      f"settings (`{command} --help` lists them)", ViglaWarning, stacklevel=3)
+                      f"settings (`{command} --help` lists them)", ViglaWarning, stacklevel=4)
+
+
+def warn_not_resumed(values: dict[str, Any], path: str) -> None:
+    """A :class:`~vigla.notices.ViglaWarning` naming the keys of the config.yaml ``path`` of a resumed run (its
+    ``values``) that set one of :data:`NOT_SAVED` (vigla does not write them; a user may have), and why the resume
+    ignores them, as it did without a word."""
+    ignored = [str(key) for key in values if setting_name(key) in NOT_SAVED]
+    if ignored:
+        warnings.warn(f"{path}: {', '.join(ignored)} ignored: the run to resume and the folder it writes to come from "
+                      f"--resume and --out, not from the config.yaml found in that run's folder", ViglaWarning,
+                      stacklevel=4)
 
 
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
