@@ -345,14 +345,14 @@ def test_aux_eps_warning_names_each_setting_and_the_line_that_called_the_model()
     import linecache
 
     kw = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2)
-    model = timm.create_model("castling_deit_tiny", **kw).train()
     x = torch.randn(1, 3, 32, 32)  # 4 patches and the class token: 1/N_keys = 1/5 > the default eps 0.02
     for checkpointing in (False, True):
+        model = timm.create_model("castling_deit_tiny", **kw).train()  # each layer warns once (the recompute not)
         model.set_grad_checkpointing(checkpointing)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model(x).sum().backward()
-        assert len(caught) == 2 * (1 + checkpointing) and all(w.category is ViglaWarning for w in caught)
+        assert len(caught) == 2 and all(w.category is ViglaWarning for w in caught)
         text = str(caught[0].message)
         assert text.startswith("LinearAngularAttention: aux_eps=0.02 < 1/N_keys = 1/5: every softmax row keeps")
         assert text.endswith("Set aux_eps >= 0.2, e.g. 2/N_keys (a Castling model: aux_schedule='eps=0.2'; vigla "
@@ -371,6 +371,48 @@ def test_aux_eps_warning_names_each_setting_and_the_line_that_called_the_model()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mixer(torch.randn(1, 47, 32))
+
+
+def test_aux_eps_warning_suggests_only_a_threshold_the_schedule_takes():
+    """With one key the warning suggested aux_eps >= 1 (and with two, 2/N_keys = 1), which AuxSchedule refuses (eps
+    below 1): every threshold it suggests is one that the schedule takes and that is not below 1/N_keys; with one key,
+    where no threshold can empty the mask (its softmax entry is 1), it says so and suggests none."""
+    import re
+
+    def message(n_keys):
+        mixer = LinearAngularAttention(32, num_heads=2, aux=True, aux_eps=0.0).train()
+        with pytest.warns(ViglaWarning) as got:
+            mixer(torch.randn(1, n_keys, 32))
+        return str(got[0].message)
+
+    one = message(1)
+    assert "No aux_eps can empty a row of one key" in one and "Set aux_eps" not in one
+    assert "aux_schedule=" not in one and "--castling-schedule eps" not in one
+    assert "--castling-schedule none" in one
+    assert "2/N_keys" not in message(2)
+    for n_keys in (2, 3, 7, 47, 196, 1000):
+        eps = float(re.search(r"--castling-schedule eps=([0-9.e-]+)\)", message(n_keys))[1])
+        assert 1 / n_keys <= eps == AuxSchedule(eps=eps).eps < 1  # AuxSchedule raises for one it refuses
+
+
+def test_aux_eps_warning_is_made_once_per_layer_and_number_of_keys(monkeypatch):
+    """The warning was formatted, and the stack walked for the caller's line, in every training forward while aux_eps
+    stayed below 1/N_keys (Python's filter then dropped the repeats): each layer makes it once per N_keys, an eps
+    schedule's ramp (a new aux_eps every step) included, and it is still shown once."""
+    import vigla.layers.linear_angular as mixer_module
+
+    walks = []
+    monkeypatch.setattr(mixer_module, "caller_stacklevel", lambda: walks.append(1) or 4)
+    mixer = LinearAngularAttention(32, num_heads=2, aux=True, aux_eps=0.02).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            mixer.aux_eps = 0.02 + 0.001 * step
+            mixer(torch.randn(1, 20, 32))
+        assert len(walks) == len(caught) == 1 and "1/N_keys = 1/20" in str(caught[0].message)
+        mixer(torch.randn(1, 10, 32))  # another number of keys: told once more
+        mixer(torch.randn(1, 10, 32))
+    assert len(walks) == len(caught) == 2 and "1/N_keys = 1/10" in str(caught[1].message)
 
 
 def test_mixer_train_eval_bit_exact_when_mask_empty_and_not_otherwise():

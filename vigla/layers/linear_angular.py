@@ -123,6 +123,7 @@ class LinearAngularAttention(nn.Module):
         self.grid_size: Optional[Tuple[int, int]] = None  # default hw, set by CastlingVisionTransformer
         self._aux_reg: Optional[torch.Tensor] = None
         self._aux_stats: Optional[dict] = None
+        self._eps_warned: set = set()  # the N_keys whose aux_eps warning this layer has issued (_warn_eps)
 
     # ---- auxiliary-branch control ------------------------------------------------------------
     def set_aux(self, enabled: bool) -> None:
@@ -169,21 +170,8 @@ class LinearAngularAttention(nn.Module):
 
     def _run_aux(self, q, k, v, z_lin) -> torch.Tensor:
         n_keys = k.shape[-2]
-        if self.aux_eps < 1.0 / n_keys:
-            low = _inverse_rounded_up(n_keys)
-            # the warning names the user's call of the model, not torch's Module.__call__; under torch.compile the
-            # stack is dynamo's (its walk broke the graph once more and warned twice): the fixed level, as before
-            level = 3 if torch.compiler.is_compiling() else caller_stacklevel()
-            warnings.warn(
-                f"LinearAngularAttention: aux_eps={self.aux_eps:g} < 1/N_keys = 1/{n_keys}: every softmax row "
-                f"keeps at least one entry, so the auxiliary branch can never empty its mask and the switch "
-                f"to inference cannot be exact (a softmax row over N keys has an entry >= 1/N). "
-                f"Set aux_eps >= {low:g}, e.g. 2/N_keys (a Castling model: aux_schedule='eps={low:g}'; "
-                f"vigla train: --castling-schedule eps={low:g}), or switch the branch off for this layer "
-                f"(vigla train: --castling-schedule none).",
-                ViglaWarning,
-                stacklevel=level,
-            )
+        if self.aux_eps < 1.0 / n_keys and n_keys not in self._eps_warned:
+            self._warn_eps(n_keys)
         aux = masked_softmax_aux(q, k, v, self.aux_eps, self.scale)
         self._aux_stats = {
             "mask_density": aux.density,
@@ -194,6 +182,16 @@ class LinearAngularAttention(nn.Module):
         if self.training and self.aux_lambda > 0 and torch.is_grad_enabled():
             self._aux_reg = self.aux_lambda * aux.row_mass.mean()
         return aux.sv
+
+    def _warn_eps(self, n_keys: int) -> None:
+        """The warning that ``aux_eps`` is below ``1 / n_keys`` (:func:`_eps_message`), issued once per ``n_keys`` by
+        this layer: the training forwards after it skip the message and the stack walk (an ε schedule's ramp, which
+        sets a new ``aux_eps`` every step, included)."""
+        self._eps_warned.add(n_keys)
+        # the warning names the user's call of the model, not torch's Module.__call__; under torch.compile the
+        # stack is dynamo's (its walk broke the graph once more and warned twice): the fixed level, as before
+        level = 4 if torch.compiler.is_compiling() else caller_stacklevel()
+        warnings.warn(_eps_message(self.aux_eps, n_keys), ViglaWarning, stacklevel=level)
 
     def forward(
         self,
@@ -231,6 +229,22 @@ class LinearAngularAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, dw_mode={self.dw_mode!r}, aux={self.aux_enabled}, "
                 f"aux_eps={self.aux_eps:g}, aux_lambda={self.aux_lambda:g}")
+
+
+def _eps_message(eps: float, n_keys: int) -> str:
+    """The aux_eps warning for ``eps < 1 / n_keys``: why the mask cannot empty, and a threshold that
+    :class:`~vigla.models.castling.AuxSchedule` takes (below 1) and that lets it; with one key no threshold does
+    (its softmax entry is 1), and it says so."""
+    why = (f"LinearAngularAttention: aux_eps={eps:g} < 1/N_keys = 1/{n_keys}: every softmax row keeps at least one "
+           f"entry, so the auxiliary branch can never empty its mask and the switch to inference cannot be exact "
+           f"(a softmax row over N keys has an entry >= 1/N). ")
+    off = "switch the branch off for this layer (vigla train: --castling-schedule none)"
+    if n_keys == 1:
+        return why + f"No aux_eps can empty a row of one key (aux_eps stays below 1): {off}, or give it more tokens."
+    low = _inverse_rounded_up(n_keys)
+    example = ", e.g. 2/N_keys" if n_keys > 2 else ""  # 2/2 is not below 1
+    return why + (f"Set aux_eps >= {low:g}{example} (a Castling model: aux_schedule='eps={low:g}'; vigla train: "
+                  f"--castling-schedule eps={low:g}), or {off}.")
 
 
 def _inverse_rounded_up(n: int) -> float:
