@@ -670,3 +670,53 @@ def test_inductor_modes_on_gpu(mode):
         for _ in range(3):
             got = compiled(x).float().clone()
     assert close(got, want, 2e-2)
+
+
+def _penalty_grads(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The parameters' gradients of a gradient penalty, ``||d sum(model(x)^2) / dx||^2``: a second derivative."""
+    x = x.clone().requires_grad_(True)
+    (dx,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    model.zero_grad()
+    dx.square().sum().backward()
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_gradient_penalty_through_the_fused_ops_is_the_references(name, device):
+    """A second derivative through the fused ops' eager path: each op's backward records its reference's ops where
+    autograd asks for the backward's graph (the CPU kernels' gradients failed in the second backward, "no autograd
+    formula"; the Triton launchers' passed as constants): every parameter's gradient that of the model under
+    reference_ops(), in float32."""
+    from vigla.ops import reference_ops
+
+    torch.manual_seed(0)
+    model = small(name, img_size=64, num_classes=4, drop_path_rate=0.0).train().to(device)  # the same function twice
+    x = torch.randn(2, 3, 64, 64, device=device)
+    fused = _penalty_grads(model, x)
+    with reference_ops():
+        reference = _penalty_grads(model, x)
+    assert all(g is not None and g.norm() > 0 for g in reference)
+    for got, want in zip(fused, reference):
+        assert (got - want).norm() <= 1e-4 * want.norm()
+
+
+def test_a_second_derivative_through_the_custom_ops_fails_in_one_line():
+    """Gradient checkpointing's path runs the custom ops, whose backward ops have no derivative: one error line naming
+    the op and the ways that have one (was: "no autograd formula was registered. Please use register_autograd")."""
+    torch.manual_seed(0)
+    model = small("vig_tiny", img_size=64, num_classes=4).train()
+    model.set_grad_checkpointing(True)
+    with pytest.raises(RuntimeError, match=r"^vigla::\w+_bwd: no second derivative through vigla's custom ops "
+                                           r"\(the path gradient checkpointing .* under vigla\.ops\.reference_ops\(\)$"):
+        _penalty_grads(model, torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.filterwarnings("ignore::vigla.notices.ViglaWarning")  # aux_eps < 1/N_keys at 5 keys
+def test_castlings_auxiliary_softmax_refuses_a_second_derivative():
+    """Castling's auxiliary masked softmax (training only) saves its row normaliser as a constant and works in place:
+    once-differentiable, said as such (was: an in-place modification error inside the first backward)."""
+    model = timm.create_model("castling_deit_tiny", img_size=32, patch_size=16, embed_dim=32, depth=2,
+                              num_heads=2).train()
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        _penalty_grads(model, torch.randn(2, 3, 32, 32))

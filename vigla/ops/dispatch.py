@@ -7,7 +7,8 @@ way:
 * a reference in plain PyTorch (any device; ``reference.py`` or ``chunked.py``);
 * Triton kernels and their launchers (``triton_kernels.py``);
 * one ``torch.autograd.Function``: the eager path (it calls the launchers directly, which costs
-  less per call than going through the dispatcher; with nothing to record, as in inference, the
+  less per call than going through the dispatcher; its backward records a graph, for a second derivative,
+  through the reference: :func:`recorded_backward`; with nothing to record, as in inference, the
   op calls the Function's forward implementation without ``apply``: :func:`run_eager`); kernels
   are launched through :func:`vigla.ops.launcher.direct` (compiled kernels reused per signature);
 * that forward implementation (``*_forward`` in ``op.py``) is also what a model's layers call in eager
@@ -44,7 +45,7 @@ from .launcher import direct
 from .tracing import exporting
 
 __all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "eager_inference",
-           "run_eager", "records", "fused_op", "wrap", "direct", "compute_dtype"]
+           "run_eager", "recorded_backward", "records", "fused_op", "wrap", "direct", "compute_dtype"]
 
 _FORCE_REFERENCE = False
 
@@ -102,8 +103,37 @@ def fused_op(name: str, fake: Callable) -> Callable:
         else:
             op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fake)
+        if name.endswith("_bwd"):  # a backward: differentiated again only by a second derivative
+            op.register_autograd(_refuse_second_derivative(name), setup_context=lambda ctx, inputs, output: None)
         return op
     return decorate
+
+
+def _refuse_second_derivative(name: str) -> Callable:
+    """The autograd formula of the backward op ``name``: a second derivative through it (the custom ops' path:
+    gradient checkpointing, ``torch.compile``) fails with one line naming the op and the ways that have one
+    (the eager Functions record their backward through the reference: :func:`recorded_backward`)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name}: no second derivative through vigla's custom ops (the path gradient "
+                           f"checkpointing and torch.compile take); for a gradient penalty or another double backward, "
+                           f"run the model eagerly with checkpointing off (model.set_grad_checkpointing(False)) or "
+                           f"under vigla.ops.reference_ops()")
+    return backward
+
+
+def recorded_backward(backward: Callable) -> Callable:
+    """Decorator for an op's ``Function.backward``: where autograd records the backward itself (``create_graph``:
+    a second derivative, a gradient penalty), the op's reference backward runs, whose PyTorch ops autograd follows;
+    the kernels' gradients carry no graph (the Triton launchers' would pass as constants, the CPU kernels' fail in
+    the second backward). Otherwise the backward as written: kernels where the op has them. ``ctx``, ``grads``: as
+    ``backward`` takes them; returns what it returns."""
+    def run(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with reference_ops():
+            return backward(ctx, *grads)
+    run.__doc__, run.__name__, run.__qualname__ = backward.__doc__, backward.__name__, backward.__qualname__
+    return run
 
 
 def run_eager(function: type[torch.autograd.Function], forward: Callable, *args):

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "linear_angular_z",
@@ -249,6 +250,7 @@ class _BlockwiseMaskedSoftmax(torch.autograd.Function):
         return sv, row_mass, kept
 
     @staticmethod
+    @once_differentiable  # its row normaliser is saved as a constant and its passes work in place: no second derivative
     def backward(ctx, d_sv, d_mass, _):
         q, k, v, m, log_l, sv, row_mass = ctx.saved_tensors
         scale = ctx.scale

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, recorded_backward, use_cpu_kernels, use_kernels, wrap
 from ..swiglu.op import fc1_swiglu_forward
 from . import cpu_kernels
 from .reference import add_norm_reference, add_norm_reference_bwd, residual_sum, rms_rstd
@@ -141,6 +141,7 @@ class AddNormFunction(torch.autograd.Function):
         return s, y
 
     @staticmethod
+    @recorded_backward
     def backward(ctx, ds, dy):
         s, weight, bias = ctx.saved_tensors
         ds = ds if ctx.delta_dtype is not None else None

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, recorded_backward, use_cpu_kernels, use_kernels, wrap
 from ..locality_mix.op import locality_mix_forward
 from . import cpu_kernels
 from .chunked import bigla_chunked, bigla_chunked_bwd
@@ -128,6 +128,7 @@ class BiGLAFunction(torch.autograd.Function):
         return bigla_forward(q, k, v, gf, gb, scale, gate_normalizer)
 
     @staticmethod
+    @recorded_backward
     def backward(ctx, do):
         return (*_backward(do, *ctx.saved_tensors, ctx.scale, ctx.gate_normalizer), None, None)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, recorded_backward, use_kernels, wrap
 from .reference import conv_grads, conv_norm_reference, conv_norm_reference_bwd
 
 if HAS_TRITON:
@@ -80,6 +80,7 @@ class ConvNormFunction(torch.autograd.Function):
                                  out_dtype)
 
     @staticmethod
+    @recorded_backward
     def backward(ctx, dy):
         dx, *grads = _backward(dy, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[0])
         return (dx if ctx.needs_input_grad[0] else None, *grads, None, None, None, None, None, None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, recorded_backward, use_cpu_kernels, use_kernels, wrap
 from . import cpu_kernels
 from .reference import dwconv_reference, dwconv_reference_bwd
 
@@ -50,6 +50,7 @@ class DWConvFunction(torch.autograd.Function):
         return dwconv_forward(x, weight, H, W, act, out_dtype)
 
     @staticmethod
+    @recorded_backward
     def backward(ctx, dy):
         return (*_backward(dy, *ctx.saved_tensors, ctx.H, ctx.W, ctx.act), None, None, None, None)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import HAS_TRITON, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from ..dispatch import HAS_TRITON, direct, fused_op, recorded_backward, use_cpu_kernels, use_kernels, wrap
 from . import cpu_kernels
 from .reference import locality_mix_reference, locality_mix_reference_bwd
 
@@ -53,6 +53,7 @@ class LocalityMixFunction(torch.autograd.Function):
         return locality_mix_forward(o, x, z, w_o, w_l, eps, act)
 
     @staticmethod
+    @recorded_backward
     def backward(ctx, dy):
         return (*_backward(dy, *ctx.saved_tensors, ctx.eps, ctx.act), None, None)
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ..dispatch import HAS_TRITON, compute_dtype, direct, fused_op, use_cpu_kernels, use_kernels, wrap
+from ..dispatch import (HAS_TRITON, compute_dtype, direct, fused_op, recorded_backward, use_cpu_kernels,
+                        use_kernels, wrap)
 from . import cpu_kernels
 from .reference import swiglu_reference, swiglu_reference_bwd
 
@@ -65,6 +66,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_forward(u)
 
     @staticmethod
+    @recorded_backward
     def backward(ctx, dy):
         return _backward(dy, ctx.saved_tensors[0])
 
@@ -143,6 +145,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         return F.linear(fc1_swiglu_forward(x_c, w1_c), w2_c)
 
     @staticmethod
+    @recorded_backward
     def backward(ctx, dy):
         x_c, w1_c, w2_c = ctx.saved_tensors
         x_dtype, w1_dtype, w2_dtype = ctx.dtypes
