@@ -92,3 +92,20 @@ def test_swiglu_has_a_second_derivative_in_float64():
     assert torch.autograd.gradgradcheck(swiglu, (u,))
     x, w1, w2 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 4), (8, 4), (5, 4)))
     assert torch.autograd.gradgradcheck(swiglu_mlp, (x, w1, w2))
+
+
+def test_the_cuda_mlp_function_has_a_second_derivative_and_refuses_one_under_autocast():
+    """SwiGLUMLPFunction (the CUDA kernels' eager MLP, which keeps only x for its backward): where autograd records
+    the backward it runs the reference's ops (its kernels' gradients carried no graph, so a second derivative dropped
+    their terms without a word): gradgradcheck in float64 (called directly: on the CPU nothing else reaches it).
+    Under autocast its saved tensors are copies a second derivative cannot follow: one error line."""
+    from vigla.ops.swiglu import SwiGLUMLPFunction
+
+    x, w1, w2 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 4), (8, 4), (5, 4)))
+    assert torch.autograd.gradgradcheck(SwiGLUMLPFunction.apply, (x, w1, w2))
+    x, w1, w2 = (t.detach().float().requires_grad_() for t in (x, w1, w2))
+    with torch.autocast("cpu", torch.bfloat16):
+        y = SwiGLUMLPFunction.apply(x, w1, w2)
+    with pytest.raises(RuntimeError, match=r"^swiglu_mlp: no second derivative under autocast on CUDA .*"
+                                           r"under vigla\.ops\.reference_ops\(\)$"):
+        torch.autograd.grad(y.float().sum(), x, create_graph=True)

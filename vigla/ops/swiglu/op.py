@@ -142,11 +142,13 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         x_c, w1_c, w2_c = x.to(dtype), w1.to(dtype), w2.to(dtype)
         ctx.save_for_backward(x_c, w1_c, w2_c)
         ctx.dtypes = (x.dtype, w1.dtype, w2.dtype)
+        ctx.cast = any(a is not b for a, b in ((x, x_c), (w1, w1_c), (w2, w2_c)))  # copies: not the inputs
         return F.linear(fc1_swiglu_forward(x_c, w1_c), w2_c)
 
     @staticmethod
-    @recorded_backward
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # autograd records the backward: a second derivative
+            return _recorded_mlp_backward(ctx, dy)
         x_c, w1_c, w2_c = ctx.saved_tensors
         x_dtype, w1_dtype, w2_dtype = ctx.dtypes
         dy = dy.to(x_c.dtype)
@@ -159,3 +161,16 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dw2 = _weight_grad(dy, h).to(w2_dtype)
         return dx, dw1, dw2
+
+
+def _recorded_mlp_backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`SwiGLUMLPFunction`'s gradients ``(dx, dw1, dw2)`` as ops autograd records (the reference's), for a
+    second derivative: the saved tensors are then the inputs themselves. Under autocast they are copies in the
+    autocast dtype, which a second derivative cannot follow back to the inputs: one error line instead."""
+    if ctx.cast:
+        raise RuntimeError("swiglu_mlp: no second derivative under autocast on CUDA (the backward keeps x, w1 and w2 "
+                           "only as their autocast copies); take it in float32 or under vigla.ops.reference_ops()")
+    x, w1, w2 = ctx.saved_tensors
+    u = F.linear(x, w1)
+    du = swiglu_reference_bwd(dy @ w2, u)
+    return du @ w1, _weight_grad(du, x), _weight_grad(dy, swiglu_reference(u))
