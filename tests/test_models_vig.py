@@ -701,6 +701,38 @@ def test_a_gradient_penalty_through_the_fused_ops_is_the_references(name, device
         assert (got - want).norm() <= 1e-4 * want.norm()
 
 
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_the_references_second_derivative_is_the_finite_difference(name):
+    """What the fused ops' recorded backward is checked against: in float64 (the references on every op) the gradient
+    penalty's derivative by each kind of parameter (stem, norms, the mixer's projections and gates, the MLP, the head),
+    at its largest entry, equals a central finite difference."""
+    torch.manual_seed(0)
+    model = small(name, img_size=64, num_classes=4, drop_path_rate=0.0).train().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+
+    def penalty() -> torch.Tensor:
+        xi = x.clone().requires_grad_(True)
+        (dx,) = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        return dx.square().sum()
+
+    penalty().backward()
+    kinds = ("stem", "norm", "qkv", "decay_up", "mix_gate", "fc1", "head")
+    params = [(n, p) for n, p in model.named_parameters() if any(k in n for k in kinds)]
+    assert len(params) >= 10 and all(p.grad is not None for n, p in params)
+    for n, p in params:
+        i = int(p.grad.abs().argmax())
+        with torch.no_grad():
+            p.view(-1)[i] += 1e-5
+        up = float(penalty().detach())
+        with torch.no_grad():
+            p.view(-1)[i] -= 2e-5
+        down = float(penalty().detach())
+        with torch.no_grad():
+            p.view(-1)[i] += 1e-5
+        fd = (up - down) / 2e-5
+        assert abs(p.grad.view(-1)[i] - fd) <= 1e-4 * abs(fd) + 1e-9, n
+
+
 def test_a_second_derivative_through_the_custom_ops_fails_in_one_line():
     """Gradient checkpointing's path runs the custom ops, whose backward ops have no derivative: one error line naming
     the op and the ways that have one (was: "no autograd formula was registered. Please use register_autograd")."""
