@@ -53,10 +53,10 @@ INJECT = r'''
 import os, sys, time
 fault, mark = os.environ.get("VIGLA_TEST_FAULT", ""), os.environ.get("VIGLA_TEST_MARK", "")
 
-def touch(text):
-    with open(mark + ".tmp", "w") as f:
+def touch(text, path=mark):
+    with open(path + ".tmp", "w") as f:
         f.write(text)
-    os.replace(mark + ".tmp", mark)
+    os.replace(path + ".tmp", path)
 
 import vigla.engine.trainer as trainer
 real_step = trainer.Trainer.train_step
@@ -67,9 +67,23 @@ def step(self, x, y):
         raise RuntimeError(f"injected failure in step {self.global_step + 1}")
     if fault == "mark-first-step" and not os.path.exists(mark):
         touch(str(time.time()))
+    if fault.startswith("late:") and not os.path.exists(mark + "-step"):  # a process not late is in its steps
+        touch(str(time.time()), mark + "-step")
     return real_step(self, x, y)
 
 trainer.Trainer.train_step = step
+
+if fault.startswith("late:"):  # late:<rank>:<Trainer method>: that process of a torchrun job stops in the method
+    _, late, name = fault.split(":")
+    real_method = getattr(trainer.Trainer, name)
+
+    def late_method(self, *args):
+        if os.environ.get("RANK") == late:
+            touch(name)
+            time.sleep(600)
+        return real_method(self, *args)
+
+    setattr(trainer.Trainer, name, late_method)
 
 if fault.startswith("hang-in-save:"):  # hang-in-save:<file name>:<n>: the n-th write of that file stops half-way
     import io
@@ -548,19 +562,25 @@ def test_vigla_info_runs(capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "vigla models: vig_h_base, vig_h_small, vig_h_tiny"
 
 
-def test_ctrl_c_before_a_command_runs_is_one_line(capsys, monkeypatch):
+@pytest.mark.parametrize("rank, told", [(None, "vigla: interrupted\n"), ("0", "vigla: interrupted\n"), ("1", "")])
+def test_ctrl_c_before_a_command_runs_is_one_line(capsys, monkeypatch, rank, told):
     """Ctrl-C while the command modules were imported (build_parser) or the flags parsed escaped as a
-    KeyboardInterrupt traceback: the commands' own handler is installed later. It is one line and exit code 130."""
+    KeyboardInterrupt traceback: the commands' own handler is installed later. It is one line and exit code 130;
+    under torchrun, which passes Ctrl-C to every process, rank 0's alone (N processes printed it N times)."""
     def interrupt():
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "build_parser", interrupt)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
     try:
         code = cli.main(["info"])
     except KeyboardInterrupt:  # not raised on: pytest would take it for the user's and stop the session
         pytest.fail("the KeyboardInterrupt escaped vigla.cli.main")
     assert code == 130
-    assert capsys.readouterr().err == "vigla: interrupted\n"
+    assert capsys.readouterr().err == told
 
 
 # the interpreter's start of a subprocess: a KeyboardInterrupt when ``import vigla`` imports timm, as Ctrl-C does
@@ -597,9 +617,49 @@ def test_ctrl_c_while_vigla_imports_is_one_line(tmp_path):
         proc = subprocess.run([sys.executable, *cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=120)
         assert (proc.returncode, proc.stderr, proc.stdout) == (130, "vigla: interrupted\n", ""), (cmd, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "vigla", "train"], cwd=tmp_path, env=dict(env, RANK="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (130, ""), proc.stderr  # a torchrun job's other ranks: rank 0 tells it
     proc = subprocess.run([sys.executable, "-c", "import vigla"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.rstrip().endswith("KeyboardInterrupt"), proc.stderr
+
+
+SIGINT_TOLD = "SIGINT received: finishing this step, saving a checkpoint, then stopping"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, marks, told", [
+    ("mark-first-step", [""], [SIGINT_TOLD, "stopped at epoch "]),  # both processes in their steps
+    ("late:0:_build_data", [""], ["vigla train: interrupted"]),  # neither can take a stop request yet
+    # rank 1 ends at once, rank 0 (waiting for it in a step's all-reduce) meets a closed connection
+    ("late:1:_start", ["", "-step"], [SIGINT_TOLD, "vigla train: interrupted: another process had already ended; "
+                                                   "no checkpoint had been saved yet; run the command again"]),
+])
+def test_ctrl_c_under_torchrun_is_told_once(fmnist, tmp_path, fault, marks, told):
+    """Ctrl-C under torchrun (2 processes, gloo), which passes SIGINT to each process: every rank printed 'SIGINT
+    received' or 'aborted without saving', and a rank still building the run ended at once, so that the other,
+    stopping, met a closed connection and printed gloo's error as an unexpected one. The run's lines come once,
+    from rank 0, whatever each process was doing; the exit is non-zero; the checkpoint saved on the way loads."""
+    out, mark = tmp_path / "run", tmp_path / "mark"
+    (tmp_path / "inject.py").write_text(INJECT)
+    args = train_args(fmnist, out, epochs=50, train_subset=64, batch_size=4)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tmp_path / "inject.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(ENV, VIGLA_TEST_FAULT=fault, VIGLA_TEST_MARK=str(mark)))
+    for suffix in marks:
+        _wait_for(tmp_path / f"mark{suffix}", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: torchrun's process group (each worker has its own)
+    _, err = _finish(proc, timeout=120)
+    lines = [line.strip() for line in err.splitlines() if line.startswith(("vigla", "SIGINT", "SIGTERM", "stopped"))
+             or "aborted" in line]
+    assert proc.returncode != 0 and len(lines) == len(told), err[-3000:]
+    assert all(line.startswith(start) for line, start in zip(lines, told)), err[-3000:]
+    assert "gloo" not in err and "unexpected" not in err, err[-3000:]
+    if fault == "mark-first-step":
+        assert assert_checkpoint_whole(out)["global_step"] >= 1
+    assert leftovers(tmp_path) == [] and _group_gone(proc.pid, 10)
 
 
 # ---------------------------------------------------------------------------------------------- kill -9, two runs

@@ -13,6 +13,7 @@ import re
 import sys
 
 from .engine.host_memory import keep_freed_memory
+from .engine.ranks import tell_once
 
 COMMANDS = {
     "train": ("vigla.engine.train_cli", "train a model (default: ViG-T on the embedded Fashion-MNIST)"),
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     Called as the program (``argv`` None), it also ends any worker process still alive afterwards:
     data-loader workers ignore SIGTERM (the main process owns the signal), so the ``terminate()`` that
     multiprocessing sends at exit would leave the process waiting for them forever. Ctrl-C anywhere in it (the
-    commands' imports, the parsing) ends it with one line and :data:`INTERRUPTED`; with ``--debug``, with its
-    traceback."""
+    commands' imports, the parsing) ends it with one line (from rank 0 of a ``torchrun`` job, whose processes torchrun
+    passes Ctrl-C to each) and :data:`INTERRUPTED`; with ``--debug``, with its traceback."""
     args = None
     try:
         parser = build_parser()
@@ -67,17 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         command = f" {args.command}" if getattr(args, "command", None) else ""
-        print(f"vigla{command}: interrupted", file=sys.stderr, flush=True)
+        tell_once(f"vigla{command}: interrupted")
         return INTERRUPTED
 
 
 def interrupted_while_importing() -> None:
     """Called on Ctrl-C during ``import vigla`` (torch and timm load for seconds, longer under torchrun), which
     runs before :func:`main` can catch anything: in the ``vigla`` command (its console script, or ``python -m
-    vigla`` as torchrun starts it) it prints one line and exits with :data:`INTERRUPTED` (Python printed the
-    import's traceback); in a program that imports vigla it returns, and the ``KeyboardInterrupt`` goes on."""
+    vigla`` as torchrun starts it) it prints one line (rank 0 of a torchrun job) and exits with :data:`INTERRUPTED`
+    (Python printed the import's traceback); in a program that imports vigla it returns, and the
+    ``KeyboardInterrupt`` goes on."""
     if started_as_the_command():
-        print("vigla: interrupted", file=sys.stderr, flush=True)
+        tell_once("vigla: interrupted")
         raise SystemExit(INTERRUPTED)
 
 

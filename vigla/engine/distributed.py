@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .ranks import env_rank  # the one place that reads the rank (torch-free: see .ranks)
 
 
 @dataclass
@@ -25,12 +26,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def env_rank(local: bool = False) -> int:
-    """This process's rank (``local``: its rank on this machine) as torchrun sets it in the environment, 0 without
-    torchrun: known from the start, before :func:`setup` joins the process group."""
-    return int(os.environ.get("LOCAL_RANK" if local else "RANK", "0"))
 
 
 def setup(device: str = "auto") -> DistInfo:

@@ -7,6 +7,8 @@ import warnings
 from vigla.data.errors import DataError
 from vigla.notices import ViglaWarning
 
+from .ranks import env_rank, tell_once
+
 
 class UserError(RuntimeError):
     """Bad flags, config file, checkpoint or output folder."""
@@ -71,16 +73,17 @@ def report(err: BaseException, command: str, note: str = "") -> int:
 
 def run_command(command: str, main, args, note: str = "") -> int:
     """``main(args)`` -> its exit code; every exception ends as one line (:func:`report`), or, with
-    ``args.debug``, propagates with its traceback. Ctrl-C that escapes the command exits with 130. vigla's
+    ``args.debug``, propagates with its traceback. Ctrl-C that escapes the command exits with 130, told in one line
+    (with the interruption's message, if it has one) by rank 0 of a ``torchrun`` job (:func:`tell_once`). vigla's
     warnings (:class:`~vigla.notices.ViglaWarning`: the data's among them) are printed as one line each
     (:func:`warning_lines`)."""
     try:
         with warning_lines(note):
             return int(main(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if getattr(args, "debug", False):
             raise
-        print(f"vigla {command}: interrupted", file=sys.stderr, flush=True)
+        tell_once(f"vigla {command}: interrupted" + (f": {e}" if str(e) else ""))
         return 130
     except BrokenPipeError:  # the reader went away (`vigla info | head`): stop quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
@@ -119,6 +122,4 @@ def shows_warning(category: type[ViglaWarning]) -> bool:
     """Whether this process prints a warning of ``category``: without torchrun, yes; under it, rank 0 (each rank
     meets the same data and model: N processes printed N copies), or each machine's local rank 0 for a
     ``per_machine`` category (a missing C compiler)."""
-    from .distributed import env_rank  # it imports this module
-
     return env_rank(local=category.per_machine) == 0

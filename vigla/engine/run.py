@@ -33,10 +33,11 @@ from vigla.data import stop_workers
 from . import distributed as dist_utils
 from .checkpoint import load_state, read_meta, save_state, save_weights
 from .config import read_settings_file
-from .errors import CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
+from .errors import RUN_ERRORS, CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
 from .metrics import MetricsLog
 from .outputs import OutputLock, git_info, make_folder, remove_empty_folders, remove_stale_temp_files, write_text
 from .precision import amp_dtype
+from .ranks import tell_once
 
 LAST, BEST = "last", "best"
 # what a run writes into its folder: a folder holding any of them holds a run, which a new one must not overwrite
@@ -117,10 +118,10 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("aborted without saving")
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then "
-              f"stopping (Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+        tell_once(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then "
+                  f"stopping (Ctrl-C again aborts without saving)")  # torchrun passes the signal to every rank
 
 
 #: per training command, a key that only its training states hold and how a message names its runs
@@ -432,16 +433,30 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------------- loop
     def run(self) -> int:
-        """Train to the end (0) or to a stop request (128 + signal); raises the errors of :mod:`.errors`.
+        """Train to the end (0) or to a stop request (128 + signal); raises the errors of :mod:`.errors`, or
+        ``KeyboardInterrupt`` when a stop request met a process group that another process had already left.
         Always ends with :meth:`close`."""
         self.stop.install()
         try:
             return self._run()
         except torch.OutOfMemoryError:
             raise OutOfMemory(self._oom_message("training")) from None
+        except Exception as e:
+            if self._left_by_another_process(e):
+                raise KeyboardInterrupt(f"another process had already ended; {self._kept()}; {self._go_on()}") from e
+            raise
         finally:
             self.stop.restore()
             self.close()
+
+    def _left_by_another_process(self, err: Exception) -> bool:
+        """Whether ``err`` is this process's stop meeting a collective that another process has left: under torchrun,
+        which passes Ctrl-C to every process, one that met it before it could take a stop request (building the run)
+        ends at once, and the others' next collective fails (gloo: "Connection closed by peer"). Any error but
+        vigla's own (:data:`~.errors.RUN_ERRORS`: a full disk during the save is told as it is) once a stop signal
+        arrived. A method, not an expression: calling it runs the handler of a signal that arrived while the failed
+        collective blocked, before the check."""
+        return self.world_size > 1 and bool(self.stop.signum) and not isinstance(err, RUN_ERRORS)
 
     def close(self) -> None:
         """End the loader workers, flush the logs and release the output folder; removes the folder when this

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from . import distributed as dist_utils
 from .config import FIELDS, add_config_arguments, config_changes, read_yaml, resolve_config, saved_config
@@ -77,8 +76,4 @@ def _train(args: argparse.Namespace) -> int:
             print(f"resuming {state} with the settings of its config.yaml"
                   + (f"; changed by this command: {', '.join(changes)}" if changes else ""), flush=True)
     from .trainer import Trainer
-    try:
-        return Trainer(cfg, resume_state=state).run()
-    except KeyboardInterrupt:
-        print("aborted without saving", file=sys.stderr)
-        return 130
+    return Trainer(cfg, resume_state=state).run()  # Ctrl-C: one line from run_command, in rank 0 only
