@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -17,7 +18,7 @@ from timm.models import register_model
 
 from test_data import write_fake_fmnist, write_folder
 from vigla import cli
-from vigla.data import DataWarning
+from vigla.data import DataWarning, ResumableDistributedSampler
 from vigla.engine import train_cli
 from vigla.engine.checkpoint import load_state, load_weights, read_meta, save_state
 from vigla.engine.config import read_yaml, resolve_config
@@ -261,11 +262,31 @@ def test_ddp_two_processes_gloo(fmnist, tmp_path):
     assert proc.stdout.count("test top-1") == 1  # only rank 0 reports
 
 
+def first_unreadable_lines(train, bad: set, procs: int) -> list[str]:
+    """The start of the line naming the first unreadable training image of each rank's shard of epoch 1 that holds
+    one (the sampler's order, over the files sorted as the image folder lists them)."""
+    files = sorted(str(p) for p in train.glob("*/*.png"))
+    lines = []
+    for rank in range(procs):
+        shard = [files[i] for _, i in ResumableDistributedSampler(files, procs, rank, seed=0)]
+        first = next((f for f in shard if f in bad), None)
+        if first is not None:
+            lines.append(f"warning{f' (rank {rank})' if rank else ''}: skipping unreadable image(s), replaced by the "
+                         f"next readable one: {first}: ")
+    return lines
+
+
 @pytest.mark.slow
 def test_ddp_counts_every_ranks_unreadable_images(tmp_path):
-    """Each rank meets the bad files of its own shard: the run's count is all of them, as one process gives."""
-    write_folder(str(tmp_path / "d" / "train"), ["a", "b"], per_class=8, corrupt={("a", 1), ("a", 5), ("b", 2)})
-    write_folder(str(tmp_path / "d" / "val"), ["a", "b"], per_class=2)
+    """Each rank meets the bad files of its own shard: the run's count is all of them, as one process gives. Rank 0
+    alone named the first it met, and the validation and test lines named rank 0's files only (here none: 'left out
+    (3 evaluated): ' and nothing after). Each rank names the first of its shard (rank k's line says so), and the
+    validation and test lines name every rank's."""
+    train, val = tmp_path / "d" / "train", tmp_path / "d" / "val"
+    corrupt = {("a", 1), ("a", 5), ("b", 2)}
+    write_folder(str(train), ["a", "b"], per_class=8, corrupt=corrupt)
+    write_folder(str(val), ["a", "b"], per_class=2, corrupt={("a", 1)})  # in rank 1's shard of 2
+    bad = {str(train / c / f"{i}.png") for c, i in corrupt}
     counts = []
     for procs in (1, 2):
         out = tmp_path / f"o{procs}"
@@ -275,7 +296,27 @@ def test_ddp_counts_every_ranks_unreadable_images(tmp_path):
                           "-m", "vigla", "train", *argv_of(flags)], timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         counts.append(list(csv.DictReader(open(out / "metrics.csv")))[0]["unreadable_images"])
+        named = sorted(line for line in proc.stdout.splitlines() if "skipping unreadable" in line)
+        expected = first_unreadable_lines(train, bad, procs)
+        assert len(named) == len(expected) and all(n.startswith(e) for n, e in zip(named, expected)), proc.stdout
+        for split in ("validation", "test"):
+            line = next(line for line in proc.stderr.splitlines() if f"unreadable {split} image(s)" in line)
+            assert line.startswith(f"warning: 1 unreadable {split} image(s) left out (3 evaluated): "
+                                   f"{val / 'a' / '1.png'}: "), line
     assert counts == ["3", "3"]
+    assert any("(rank 1)" in line for line in first_unreadable_lines(train, bad, 2))  # what the data is for
+
+
+def test_each_rank_names_the_first_unreadable_image_it_meets(monkeypatch, capsys):
+    """Under torchrun only rank 0 named the first unreadable training image it met; a rank meeting one in its own
+    shard said nothing. It names its first, with its rank; later ones are counted."""
+    monkeypatch.setenv("RANK", "1")
+    run = SimpleNamespace(cfg=SimpleNamespace(strict_data=False), unreadable=set(), is_main=False)
+    Trainer._count_unreadable(run, ["d/b/2.png: UnidentifiedImageError: cannot identify"])
+    Trainer._count_unreadable(run, ["d/a/5.png: UnidentifiedImageError: cannot identify"])
+    assert capsys.readouterr().out == ("warning (rank 1): skipping unreadable image(s), replaced by the next readable "
+                                       "one: d/b/2.png: UnidentifiedImageError: cannot identify\n")
+    assert len(run.unreadable) == 2
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, gather
 from .precision import autocast
 
 #: how many unreadable files :func:`evaluate` names (the count covers them all)
@@ -14,7 +14,7 @@ _NAMED_ERRORS = 5
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, prep, amp_dtype: torch.dtype | None = None, progress=None) -> dict:
     """-> {"top1": %, "top5": % or None, "loss": mean cross-entropy, "images": n, "unreadable": n,
-    "unreadable_files": the first few "path: error" of this rank}.
+    "unreadable_files": the first few "path: error", each rank's in rank order under DDP}.
 
     ``loader`` yields (uint8 images, targets, load errors); unreadable images are left out of the batch (see
     :func:`vigla.data.collate`) and counted. ``prep`` moves and normalises a batch. Top-5 is None for a model
@@ -43,6 +43,8 @@ def evaluate(model: torch.nn.Module, loader, prep, amp_dtype: torch.dtype | None
             progress.update(1)
     model.train(was_training)
     c1, c5, loss, n, bad, wide = all_reduce_sum(sums).tolist()
+    if bad:  # every rank knows the count; each met the files of its own shard
+        named = [error for errors in gather(named) for error in errors][:_NAMED_ERRORS]
     d = max(n, 1.0)
     top5 = 100 * c5 / d if wide or not n else None  # no image scored: 0, as top-1
     return {"top1": 100 * c1 / d, "top5": top5, "loss": loss / d, "images": int(n), "unreadable": int(bad),

@@ -16,6 +16,13 @@ def env_rank(local: bool = False) -> int:
     return int(os.environ.get("LOCAL_RANK" if local else "RANK", "0"))
 
 
+def rank_note() -> str:
+    """``" (rank k)"`` in a process of a torchrun job other than rank 0, else "": what a message about this process
+    alone (an error it met, a file of its shard) says after ``error`` or ``warning``."""
+    rank = env_rank()
+    return f" (rank {rank})" if rank else ""
+
+
 def tell_once(text: str) -> None:
     """Print ``text`` on stderr in rank 0 only (in the one process without torchrun): a message about the whole run
     that every process of a torchrun job meets at once (torchrun passes Ctrl-C to each), which N processes printed N

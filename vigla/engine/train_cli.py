@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from . import distributed as dist_utils
 from .config import FIELDS, add_config_arguments, config_changes, read_yaml, resolve_config, saved_config
 from .errors import run_command
+from .ranks import env_rank, rank_note
 
 EPILOG = """\
 examples:
@@ -58,17 +58,15 @@ def _build_config(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    rank = os.environ.get("RANK")
-    note = f" (rank {rank})" if rank not in (None, "0") else ""
     try:
-        return run_command("train", _train, args, note)
+        return run_command("train", _train, args, rank_note())  # an error names the rank that met it
     finally:
         dist_utils.cleanup()
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg, state, saved = _build_config(args)
-    if state is not None and os.environ.get("RANK", "0") == "0":
+    if state is not None and env_rank() == 0:
         if saved is None:
             print(f"resuming {state} (no config.yaml beside it: the settings come from the presets and flags)")
         else:

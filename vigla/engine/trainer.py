@@ -33,6 +33,7 @@ from .metrics import plot_curves
 from .modeling import check_runs_at, create_model, enable_grad_checkpointing, model_args
 from .outputs import write_text
 from .precision import autocast
+from .ranks import rank_note
 from .run import (BEST, LAST, TrainingRun, seed_everything, vigla_version, warmup_steps, warn_unreadable,
                   run_name)
 
@@ -323,12 +324,17 @@ class Trainer(TrainingRun):
         return self.train_step(x, y)
 
     def _count_unreadable(self, errors: list[str]) -> None:
+        """Count a batch's unreadable training images (``errors``: "path: error"), or stop at the first with
+        ``--strict-data``. The first that a process meets is named at once, under torchrun by each rank that meets one
+        in its own shard (rank k's line says so): until the epoch's end joins the ranks' sets, only this rank's are
+        known here."""
         if not errors:
             return
         if self.cfg.strict_data:
             raise DataError(f"unreadable image {errors[0]} (--strict-data stops at the first bad file)")
-        if not self.unreadable and self.is_main:
-            tqdm.write(f"warning: skipping unreadable image(s), replaced by the next readable one: {errors[0]}")
+        if not self.unreadable:
+            tqdm.write(f"warning{rank_note()}: skipping unreadable image(s), replaced by the next readable one: "
+                       f"{errors[0]}")
         self.unreadable.update(errors)
 
     def _evaluate(self, loader, model) -> dict:
