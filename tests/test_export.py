@@ -247,6 +247,31 @@ def test_cli_onnx_opset_is_the_one_asked_for(checkpoint, tmp_path, capsys):
     assert not bad.exists() and not (tmp_path / "bad.partial.onnx").exists()
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_cli_shows_viglas_warnings_as_the_other_commands_do(checkpoint, tmp_path, capsys, monkeypatch, recwarn,
+                                                           debug):
+    """vigla export hid every Python warning unless --debug, vigla's own too (a missing C compiler, a model's note):
+    each is one 'warning:' line, as in the other commands; torch's tracer noise stays hidden without --debug (and
+    goes to Python's warnings, here pytest's record of them, with it)."""
+    import warnings
+
+    import vigla.export as export
+    from vigla.notices import ViglaWarning
+
+    def noisy_export(*args, **kwargs):
+        warnings.warn("a note from vigla", ViglaWarning)
+        warnings.warn("tracer noise", torch.jit.TracerWarning)
+        return export_model(*args, **kwargs)
+
+    monkeypatch.setattr(export, "export_model", noisy_export)
+    out = str(tmp_path / "model.ts")
+    assert cli(["export", checkpoint, "--format", "torchscript", "--out", out, *(["--debug"] if debug else [])]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "a note from vigla" in line] == ["warning: a note from vigla"], err
+    assert "tracer noise" not in err
+    assert any("tracer noise" in str(w.message) for w in recwarn) == debug
+
+
 def test_cli_missing_checkpoint(tmp_path, capsys):
     assert cli(["export", str(tmp_path / "nope.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err

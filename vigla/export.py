@@ -9,6 +9,7 @@ hold ordinary operators and run without vigla installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -324,17 +325,36 @@ def _export_checked(args, model, name: str, hw: Tuple[int, int], chans: int, par
 
 
 def main(args: argparse.Namespace) -> int:
-    from .engine.errors import RUN_ERRORS, UserError, report
+    """``vigla export`` -> its exit code: errors in one line, vigla's warnings as one ``warning:`` line each (as the
+    other commands, :func:`~vigla.engine.errors.run_command`)."""
+    from .engine.errors import run_command
+
+    return run_command("export", _export, args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """The command's work for :func:`main`: the flags checked, the checkpoint exported and checked -> 0, or 1 when
+    the file differs from PyTorch; raises :class:`~vigla.engine.errors.UserError` for flags that cannot work."""
+    from .engine.errors import UserError
 
     problem = _fail_early(args)
     if problem:
-        return report(UserError(problem), "export")
-    try:
-        with warnings.catch_warnings():
-            if not args.debug:  # TorchScript deprecation and tracer warnings: not the user's to act on
-                warnings.simplefilter("ignore")
-                for logger in ("onnxscript", "torch.onnx"):  # their logged tracebacks (e.g. an opset conversion)
-                    logging.getLogger(logger).setLevel(logging.CRITICAL)
-            return export_checkpoint(args)
-    except RUN_ERRORS as e:
-        return report(e, "export")
+        raise UserError(problem)
+    with _quiet_exporters(args.debug):
+        return export_checkpoint(args)
+
+
+@contextlib.contextmanager
+def _quiet_exporters(debug: bool):
+    """Inside, unless ``debug``: torch's warnings (TorchScript's deprecation, the tracer's) and the exporters' logged
+    tracebacks (e.g. an opset conversion), which are not the user's to act on, are hidden; vigla's own
+    (:class:`~vigla.notices.ViglaWarning`: a missing C compiler, a model's) are shown."""
+    from .notices import ViglaWarning
+
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("default", ViglaWarning)  # first in the list: it wins for vigla's
+            for logger in ("onnxscript", "torch.onnx"):
+                logging.getLogger(logger).setLevel(logging.CRITICAL)
+        yield
