@@ -429,6 +429,13 @@ def _cpu_vector_width(opts: Options) -> list[Step]:
     return [Step(name, argv, 300, [f"{name}.json"])]
 
 
+def _cpu_op_profile(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/cpu_op_profile.py", "--out", str(opts.out), "--name", "cpu_op_profile"]
+    if opts.smoke:
+        argv += ["--warmup", "1", "--steps", "1", "--batch-size", "1", "--top", "5"]
+    return [Step("cpu_op_profile", argv, 300, ["cpu_op_profile.json"])]
+
+
 def _cpu_default_train(opts: Options) -> list[Step]:
     name = "cpu_default_train"
     argv = [PY, "benchmarks/cpu_default_train.py", "--out", str(opts.out), "--name", name]
@@ -580,6 +587,8 @@ SUITES = {s.name: s for s in [
                                "then the gating kernel, DeiT-T in turn", _cpu_swiglu_epilogue),
            "vector_width": ("the CPU kernels built with GCC's preferred vector width and with 512-bit vectors, "
                             "each op on ViG-T's layer shapes", _cpu_vector_width),
+           "op_profile": ("torch.profiler's op table of ViG-T and DeiT-T, inference and training steps",
+                          _cpu_op_profile),
            "default_train": ("`vigla train` with no settings, wall time and accuracy", _cpu_default_train)},
           smoke=True),
     Suite("export", "this CPU: ONNX Runtime against PyTorch, the same models exported by vigla export", "cpu",
