@@ -29,6 +29,7 @@ paths against the plain maths).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
@@ -127,12 +128,12 @@ def recorded_backward(backward: Callable) -> Callable:
     the kernels' gradients carry no graph (the Triton launchers' would pass as constants, the CPU kernels' fail in
     the second backward). Otherwise the backward as written: kernels where the op has them. ``ctx``, ``grads``: as
     ``backward`` takes them; returns what it returns."""
+    @functools.wraps(backward)
     def run(ctx, *grads):
         if not torch.is_grad_enabled():
             return backward(ctx, *grads)
         with reference_ops():
             return backward(ctx, *grads)
-    run.__doc__, run.__name__, run.__qualname__ = backward.__doc__, backward.__name__, backward.__qualname__
     return run
 
 
