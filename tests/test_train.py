@@ -223,6 +223,29 @@ def test_stop_and_resume_gives_the_same_weights(fmnist, tmp_path, stop_at):
             assert x[key] == y[key], key
 
 
+def test_ctrl_c_in_the_final_test_evaluation_ends_it(fmnist, tmp_path, monkeypatch, capsys):
+    """Ctrl-C once training is over: the test evaluation ends at once with one line saying where the checkpoints are
+    (was: "SIGINT received: finishing this step, saving a checkpoint", then the evaluation ran on to exit 0)."""
+    out = tmp_path / "run"
+    trainer = Trainer(resolve_config(tiny_flags(fmnist, out)))
+    evaluate = trainer._evaluate
+
+    def interrupted_test(loader, model):
+        if trainer.epoch == trainer.cfg.epochs:  # after the last epoch: the test split
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the evaluation's work, which the signal cuts short
+            raise AssertionError("the final evaluation ran on after Ctrl-C")
+        return evaluate(loader, model)
+
+    monkeypatch.setattr(trainer, "_evaluate", interrupted_test)
+    with pytest.raises(KeyboardInterrupt, match=f"^in the final test evaluation; training is done and its "
+                                                f"checkpoints are in {out}$"):
+        trainer.run()
+    assert "SIGINT received" not in capsys.readouterr().err
+    assert (out / "best.safetensors").is_file() and (out / "last.state.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the stop handler taken away
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_tells_how_to_resume(fmnist, tmp_path):
     out = tmp_path / "sig"

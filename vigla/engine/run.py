@@ -488,7 +488,18 @@ class TrainingRun:
             self._end_epoch()
             if self._stop_requested():
                 return self._stopped()
-        return self._finish()
+        return self._final_evaluation()
+
+    def _final_evaluation(self) -> int:
+        """:meth:`_finish` (the test of the best weights) with Ctrl-C ending it at once: training is over and its
+        checkpoints are written, so a stop has nothing left to save (the stop handler's "finishing this step, saving a
+        checkpoint" did not hold here, and the evaluation ran on to exit 0). -> :meth:`_finish`'s exit code."""
+        self.stop.restore()
+        try:
+            return self._finish()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"in the final test evaluation; training is done and its checkpoints are in "
+                                    f"{self.out}") from None
 
     def _stop_requested(self) -> bool:
         """Whether any rank has received a stop signal (each rank's flag summed: the ranks stop together; one
