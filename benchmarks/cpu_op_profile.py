@@ -1,6 +1,7 @@
 """Where a CPU step's time goes, op by op: torch.profiler's op table for ViG-T and DeiT-T, side by side.
 
-    python benchmarks/cpu_op_profile.py --out benchmarks/results --name cpu_op_profile   # or: python -m benchmarks cpu op_profile
+    python benchmarks/cpu_op_profile.py --out benchmarks/results --name cpu_op_profile
+    python -m benchmarks cpu op_profile      # the same, through the suite
 
 For each model: ``--warmup`` untimed steps, then ``--steps`` profiled ones, of each phase: ``inference`` (an eval-mode
 ``torch.inference_mode`` forward) and ``train`` (forward, cross-entropy, backward, AdamW step; batch

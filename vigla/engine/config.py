@@ -378,8 +378,9 @@ def saved_config(values: dict[str, Any], path: str) -> dict[str, Any]:
 def resumed_settings(values: dict[str, Any], fields: dict, path: str, command: str) -> dict[str, Any]:
     """The settings of a run's config.yaml ``path`` (:func:`vigla.engine.run.read_run_config`, its ``values``) that a
     resume of ``command`` takes, by field name (keys spelled as ``--config`` takes them: :func:`setting_name`): every
-    one of its settings (``fields``) but :data:`NOT_SAVED`. The keys left out are told in a warning line each: those
-    that no setting matches (:func:`warn_unknown_settings`) and the :data:`NOT_SAVED` ones (:func:`warn_not_resumed`)."""
+    one of its settings (``fields``) but :data:`NOT_SAVED`. The keys left out are told in a warning line each:
+    those that no setting matches (:func:`warn_unknown_settings`) and the :data:`NOT_SAVED` ones
+    (:func:`warn_not_resumed`)."""
     warn_unknown_settings(values, fields, path, command)
     warn_not_resumed(values, path)
     named = {setting_name(k): v for k, v in values.items()}
