@@ -687,7 +687,7 @@ def test_a_gradient_penalty_through_the_fused_ops_is_the_references(name, device
     """A second derivative through the fused ops' eager path: each op's backward records its reference's ops where
     autograd asks for the backward's graph (the CPU kernels' gradients failed in the second backward, "no autograd
     formula"; the Triton launchers' passed as constants): every parameter's gradient that of the model under
-    reference_ops(), in float32."""
+    reference_ops(), in float32 (on CUDA within TF32's rounding)."""
     from vigla.ops import reference_ops
 
     torch.manual_seed(0)
@@ -697,8 +697,9 @@ def test_a_gradient_penalty_through_the_fused_ops_is_the_references(name, device
     with reference_ops():
         reference = _penalty_grads(model, x)
     assert all(g is not None and g.norm() > 0 for g in reference)
+    tol = 1e-4 if device == "cpu" else 3e-3  # the Triton kernels' float32 products run in TF32 (a dropped term: O(1))
     for got, want in zip(fused, reference):
-        assert (got - want).norm() <= 1e-4 * want.norm()
+        assert (got - want).norm() <= tol * want.norm()
 
 
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
