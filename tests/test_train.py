@@ -118,6 +118,28 @@ def test_bad_settings_are_clear(tmp_path):
         read_yaml(str(tmp_path))
 
 
+def test_two_keys_for_one_setting_are_refused(fmnist, tmp_path, capsys):
+    """`batch-size` and `batch_size` in one settings file both name --batch-size: the later replaced the earlier without
+    a word, in --config and in a resumed run's config.yaml. One error line naming both keys; the run resumes once the
+    file holds one."""
+    (tmp_path / "c.yaml").write_text("batch-size: 8\nepochs: 2\nbatch_size: 16\n")
+    with pytest.raises(UserError, match=r"config file .*c\.yaml: 'batch-size' and 'batch_size' both set batch_size: "
+                                        r"keep one$"):
+        read_yaml(str(tmp_path / "c.yaml"))
+    out = tmp_path / "r"
+    assert Trainer(resolve_config(tiny_flags(fmnist, out, epochs=1))).run() == 0
+    config = out / "config.yaml"
+    kept = config.read_text()
+    config.write_text(kept + "batch-size: 16\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vigla train: error: config file {config}: 'batch_size' and 'batch-size' both set batch_size: "
+                   f"keep one"]
+    config.write_text(kept)
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+
+
 @pytest.mark.parametrize("setting, value, message", [
     ("lr", -1.0, r"--lr must be a finite number > 0, got -1.0"),
     ("lr", float("nan"), r"--lr must be a finite number > 0, got nan"),

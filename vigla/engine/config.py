@@ -216,6 +216,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     if raw is None:
         raise UserError(f"config file {path} {problem}: write it as lines of setting: value (e.g. epochs: 10), or "
                         f"leave --config out")
+    check_one_key_per_setting(raw, path)
     out = {}
     for key, value in raw.items():
         name = setting_name(key)
@@ -231,6 +232,17 @@ def setting_name(key: Any) -> str:
     """The setting that the key ``key`` of a YAML file of settings names: its long flag's name, written with hyphens
     or underscores (``batch-size`` and ``batch_size`` alike) -> the field name (``batch_size``)."""
     return str(key).replace("-", "_")
+
+
+def check_one_key_per_setting(values: dict[str, Any], path: str) -> None:
+    """A :class:`UserError` in one line when two keys of the settings file ``path`` (its ``values``) name one setting
+    (``batch-size`` and ``batch_size``: :func:`setting_name`), where the later would replace the earlier without a
+    word."""
+    seen: dict[str, Any] = {}
+    for key in values:
+        first = seen.setdefault(setting_name(key), key)
+        if first != key:
+            raise UserError(f"config file {path}: {first!r} and {key!r} both set {setting_name(key)}: keep one")
 
 
 def read_settings_file(path: str) -> tuple[dict | None, str]:
@@ -380,7 +392,9 @@ def resumed_settings(values: dict[str, Any], fields: dict, path: str, command: s
     resume of ``command`` takes, by field name (keys spelled as ``--config`` takes them: :func:`setting_name`): every
     one of its settings (``fields``) but :data:`NOT_SAVED`. The keys left out are told in a warning line each:
     those that no setting matches (:func:`warn_unknown_settings`) and the :data:`NOT_SAVED` ones
-    (:func:`warn_not_resumed`)."""
+    (:func:`warn_not_resumed`); two keys for one setting are a :class:`UserError`
+    (:func:`check_one_key_per_setting`)."""
+    check_one_key_per_setting(values, path)
     warn_unknown_settings(values, fields, path, command)
     warn_not_resumed(values, path)
     named = {setting_name(k): v for k, v in values.items()}
