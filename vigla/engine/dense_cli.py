@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError, run_command
+from .ranks import env_rank, rank_note
 
 EPILOG = """\
 examples:
@@ -75,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     if action not in actions:
         print("vigla dense: choose an action: data, train or eval (vigla dense --help)", file=sys.stderr)
         return 2
-    return run_command(f"dense {action}", actions[action], args)
+    return run_command(f"dense {action}", actions[action], args, rank_note())  # an error names its rank
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -114,13 +115,9 @@ def _train(args: argparse.Namespace) -> int:
         values = read_run_config(state, "as flags")
         saved = None if values is None else saved_config(values, run_config_path(state))
     cfg = resolve_config(flags, saved, saved_path=None if state is None else run_config_path(state))
-    if state is not None:  # once its settings are checked
+    if state is not None and env_rank() == 0:  # once its settings are checked
         print(f"resuming {state}" + (" with the settings of its config.yaml" if saved else ""), flush=True)
-    try:
-        return DenseTrainer(cfg, resume_state=state).run()
-    except KeyboardInterrupt:
-        print("aborted without saving", file=sys.stderr)
-        return 130
+    return DenseTrainer(cfg, resume_state=state).run()  # Ctrl-C: one line from run_command, in rank 0 only
 
 
 def _eval(args: argparse.Namespace) -> int:
