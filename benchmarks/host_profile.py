@@ -11,6 +11,12 @@ the models in turn (the host's figures move between rounds); then, once per mode
 launches and their summed device time (torch.profiler), and the top ``--top`` Python
 functions of ``--iters`` issued forwards by own time and by cumulative time (cProfile). When ``issue_ms`` is
 close to ``synced_ms``, the forward is bound by the host: the profile says which Python frames to cut.
+``--breakdown`` adds, per model, the issue time with vigla's Triton launches cut in two places (median of
+``--iters`` calls in each of ``--rounds`` rounds, normal calls beside them): ``issue_ms_no_run``, everything
+but the driver's launch itself (the compiled kernels' ``run`` replaced by a no-op: vigla's launcher keys
+the call and finds the kernel), and ``issue_ms_no_launch``, no vigla launch at all (the launcher's ``launch``
+a no-op); PyTorch's own kernels launch in all three. Their differences are the driver launches' and
+vigla's launcher's host time; the rest is the layers' and ops' Python and PyTorch's calls.
 With ``--train`` each call is one training step (:func:`vigla.bench.measure.train_step`: forward, cross-entropy,
 backward, fused AdamW step), ``kernel_ms`` is the device time of a step, and the cProfile pass runs with
 autograd's multithreading off (``torch.autograd.set_multithreading_enabled(False)``): cProfile sees one thread,
@@ -20,9 +26,11 @@ Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.en
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -127,6 +135,53 @@ def host_profile(forward, device: torch.device, iters: int, top: int) -> dict:
             "top_cumulative": per_forward(_top(stats, "cumtime", top))}
 
 
+class _Launches:
+    """Context managers that cut vigla's Triton launches short (see ``--breakdown``); the outputs are garbage."""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def no_run():
+        from vigla.ops import launcher
+
+        saved = {id(f): dict(f.compiled) for f in launcher._FAST.values()}
+        try:
+            for f in launcher._FAST.values():
+                f.compiled = {k: (_noop, *v[1:]) for k, v in f.compiled.items()}
+            yield
+        finally:
+            for f in launcher._FAST.values():
+                f.compiled = saved.get(id(f), f.compiled)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def no_launch():
+        from vigla.ops.launcher import FastKernel
+
+        launch = FastKernel.launch
+        FastKernel.launch = lambda self, grid, args, meta: None
+        try:
+            yield
+        finally:
+            FastKernel.launch = launch
+
+
+def _noop(*args):
+    return None
+
+
+def breakdown(forward, device: torch.device, iters: int, rounds: int) -> dict:
+    """``issue_ms``, ``issue_ms_no_run`` and ``issue_ms_no_launch`` (see the module's docstring): medians over
+    ``rounds`` rounds, the three visited in turn."""
+    runs = {"issue_ms": [], "issue_ms_no_run": [], "issue_ms_no_launch": []}
+    cuts = {"issue_ms": contextlib.nullcontext, "issue_ms_no_run": _Launches.no_run,
+            "issue_ms_no_launch": _Launches.no_launch}
+    for _ in range(rounds):
+        for key, cut in cuts.items():
+            with cut():
+                runs[key].append(_timed(forward, device, iters, synced=False))
+    return {f"breakdown_{k}": statistics.median(v) for k, v in runs.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["vig_tiny", "deit_tiny_patch16_224"])
@@ -139,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds, the models in turn")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="issue times with vigla's launches cut short (see the module's docstring)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--name", default="profile_host", help="stem of the JSON file")
     args = ap.parse_args(argv)
@@ -159,6 +216,12 @@ def main(argv=None) -> int:
                   f"{t['pipelined_ms']:.2f} ms per {call}", flush=True)
     for name, forward in forwards.items():
         rows[name].update(kernel_counts(forward, device, 3))
+        if args.breakdown and device.type == "cuda":
+            b = breakdown(forward, device, args.iters, args.rounds)
+            rows[name].update(b)
+            print(f"{name}: issue {b['breakdown_issue_ms']:.2f} ms, without the driver's launches "
+                  f"{b['breakdown_issue_ms_no_run']:.2f}, without vigla's launches "
+                  f"{b['breakdown_issue_ms_no_launch']:.2f}", flush=True)
         rows[name].update(host_profile(forward, device, args.iters, args.top))
         if "kernel_launches" in rows[name]:
             print(f"{name}: {rows[name]['kernel_launches']:.0f} kernel launches, "
