@@ -16,7 +16,10 @@ close to ``synced_ms``, the forward is bound by the host: the profile says which
 but the driver's launch itself (the compiled kernels' ``run`` replaced by a no-op: vigla's launcher keys
 the call and finds the kernel), and ``issue_ms_no_launch``, no vigla launch at all (the launcher's ``launch``
 a no-op); PyTorch's own kernels launch in all three. Their differences are the driver launches' and
-vigla's launcher's host time; the rest is the layers' and ops' Python and PyTorch's calls.
+vigla's launcher's host time; the rest is the layers' and ops' Python and PyTorch's calls. For inference it also
+gives ``ops_us``: the host microseconds per forward spent in each op of the eager inference path
+(:data:`vigla.ops.inference.EAGER`, launches included) and in its GEMMs (:func:`vigla.layers.cast.gemm`), with
+their calls; what the forward spends outside them is the layers' own Python.
 With ``--train`` each call is one training step (:func:`vigla.bench.measure.train_step`: forward, cross-entropy,
 backward, fused AdamW step), ``kernel_ms`` is the device time of a step, and the cProfile pass runs with
 autograd's multithreading off (``torch.autograd.set_multithreading_enabled(False)``): cProfile sees one thread,
@@ -169,6 +172,49 @@ def _noop(*args):
     return None
 
 
+@contextlib.contextmanager
+def _timed_ops(acc: dict):
+    """Each eager inference op and ``gemm`` timed on the host into ``acc`` (name -> [seconds, calls])."""
+    from vigla.layers import bigla_mixer, cast, mlp
+    from vigla.ops import inference
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                entry = acc.setdefault(name, [0.0, 0])
+                entry[0] += time.perf_counter() - t0
+                entry[1] += 1
+        return call
+
+    saved = inference.EAGER, cast.gemm, bigla_mixer.gemm, mlp.gemm
+    inference.EAGER = inference.InferenceOps(*(timed(n, f) for n, f in zip(inference.InferenceOps._fields, saved[0])))
+    cast.gemm = bigla_mixer.gemm = mlp.gemm = timed("gemm", saved[1])
+    try:
+        yield
+    finally:
+        inference.EAGER, cast.gemm, bigla_mixer.gemm, mlp.gemm = saved
+
+
+def ops_host(forward, device: torch.device, iters: int) -> dict:
+    """``ops_us``: per op, host microseconds and calls per forward (see the module's docstring), with the
+    forward's own issue time beside them (``forward_us``)."""
+    acc: dict = {}
+    with _timed_ops(acc):
+        forward()
+        acc.clear()
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            forward()
+        total = time.perf_counter() - t0
+    synchronize(device)
+    ops = {name: {"us": s * 1e6 / iters, "calls": n / iters} for name, (s, n) in sorted(acc.items())}
+    return {"ops_us": ops, "forward_us": total * 1e6 / iters}
+
+
 def breakdown(forward, device: torch.device, iters: int, rounds: int) -> dict:
     """``issue_ms``, ``issue_ms_no_run`` and ``issue_ms_no_launch`` (see the module's docstring): medians over
     ``rounds`` rounds, the three visited in turn."""
@@ -216,12 +262,17 @@ def main(argv=None) -> int:
                   f"{t['pipelined_ms']:.2f} ms per {call}", flush=True)
     for name, forward in forwards.items():
         rows[name].update(kernel_counts(forward, device, 3))
-        if args.breakdown and device.type == "cuda":
+        if args.breakdown:
             b = breakdown(forward, device, args.iters, args.rounds)
             rows[name].update(b)
             print(f"{name}: issue {b['breakdown_issue_ms']:.2f} ms, without the driver's launches "
                   f"{b['breakdown_issue_ms_no_run']:.2f}, without vigla's launches "
                   f"{b['breakdown_issue_ms_no_launch']:.2f}", flush=True)
+            if not args.train:
+                o = ops_host(forward, device, args.iters)
+                rows[name].update(o)
+                print(f"{name}: forward {o['forward_us']:.0f} us on the host; " + ", ".join(
+                    f"{k} {v['us']:.0f} us / {v['calls']:.0f}" for k, v in o["ops_us"].items()), flush=True)
         rows[name].update(host_profile(forward, device, args.iters, args.top))
         if "kernel_launches" in rows[name]:
             print(f"{name}: {rows[name]['kernel_launches']:.0f} kernel launches, "
