@@ -101,11 +101,12 @@ _data_ptr = torch.Tensor.data_ptr
 _dtype = operator.attrgetter("dtype")
 _misalignment = (15).__and__  # an address's offset from 16 bytes (Triton specialises on it being 0)
 _LAYOUTS: dict[tuple, Any] = {}  # argument types -> (tensor getter, value getter, index), or None
+_GRID_PAD = {1: (1, 1), 2: (1,), 3: ()}  # a launch grid's missing dimensions
 _INDEX = itertools.count()  # each layout's own number, never reused (keys made before a clear stay apart)
 
 
-def _getter(positions: list[int]) -> Callable[[tuple], tuple]:
-    """The arguments at ``positions`` as a tuple, in C (``operator.itemgetter``)."""
+def _getter(positions: list) -> Callable:
+    """The items at ``positions`` (indices of a tuple, keys of a dict) as a tuple, in C (``operator.itemgetter``)."""
     if len(positions) == 1:
         return lambda args, i=positions[0]: (args[i],)
     return operator.itemgetter(*positions) if positions else (lambda args: ())
@@ -173,21 +174,21 @@ class FastKernel:
         if hit is None:
             self._first(key, grid, args, meta)
             return
-        run, function, metadata, constexprs = hit
-        g = (*grid, 1, 1)
-        run(g[0], g[1], g[2], active.get_current_stream(device), function, metadata, None, None, None, *args,
-            *[meta[name] for name in constexprs])
+        run, function, metadata, constexprs, _ = hit
+        run(*grid, *_GRID_PAD[len(grid)], active.get_current_stream(device), function, metadata, None, None, None,
+            *args, *constexprs(meta))
 
     def _first(self, key: tuple, grid: tuple, args: tuple, meta: dict) -> None:
         """Triton's own launch; its compiled kernel is kept when the call can be replayed directly
-        (every parameter after the positional ones given by keyword)."""
+        (every parameter after the positional ones given by keyword), as ``(run, function, packed metadata,
+        the constexprs' getter from the keywords, the CompiledKernel)``."""
         kernel = self.fn[grid](*args, **meta)
         rest = self.names[len(args):]
         if kernel is None or not hasattr(kernel, "packed_metadata") or any(n not in meta for n in rest):
             return
         if len(self.compiled) >= MAX_SIGNATURES:
             self.compiled.clear()
-        self.compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata, rest)
+        self.compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata, _getter(list(rest)), kernel)
 
 
 _FAST: dict[int, FastKernel] = {}  # by id: hashing a JITFunction hashes its source's cache key
