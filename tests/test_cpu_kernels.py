@@ -183,6 +183,46 @@ def test_results_do_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
+def _add_norm_args():
+    x, d, w = torch.randn(2, 6, 8), torch.randn(2, 6, 8), torch.rand(8) + 0.5
+    return x, d, w, None, 1e-6, True
+
+
+def test_eager_calls_skip_the_dispatcher_and_match_it(monkeypatch):
+    """In eager mode a CPU kernel runs without its custom op's dispatch (its cost, not its result)."""
+    op = add_norm_cpu.add_norm_fwd_cpu
+    args = _add_norm_args()
+    through = torch.ops.vigla.add_norm_cpu_fwd(*args)
+
+    def refuse(*a):
+        raise AssertionError("an eager call went through the dispatcher")
+
+    monkeypatch.setattr(op, "op", refuse)
+    direct = op(*args)
+    assert all(torch.equal(a, b) for a, b in zip(direct, through))
+    s, y = add_norm_reference(*[t.double() if t is not None else None for t in args[:4]], 1e-6, True,
+                              torch.float64)
+    assert rel_err(direct[1], y) < FWD and rel_err(direct[0], s) < FWD
+
+
+def test_recorded_calls_go_through_the_custom_op():
+    """A dispatch mode (fake tensors, FlopCounterMode, ...) and tensor subclasses see the opaque op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        add_norm_cpu.add_norm_fwd_cpu(*_add_norm_args())
+    assert "vigla.add_norm_cpu_fwd.default" in seen.ops
+
+
 def test_float64_runs_the_references(monkeypatch):
     """float64 is the ground truth: no op calls its kernels for it."""
     def refuse(*args, **kwargs):

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..cpu_build import LONG, PTR, CpuLibrary, ptr, threads
+from ..dispatch import cpu_op
 from ..launcher import rows
 
 __all__ = ["supports", "add_norm_fwd_cpu", "add_norm_bwd_cpu"]
@@ -31,7 +32,7 @@ def supports(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or t.dtype == torch.float32 for t in tensors) and _LIB.available()
 
 
-@torch.library.custom_op("vigla::add_norm_cpu_fwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::add_norm_cpu_fwd")
 def add_norm_fwd_cpu(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
                      bias: Optional[torch.Tensor], eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, y)`` for float32 ``x``, ``delta`` ``[..., C]`` (``delta`` may be None), ``weight``, ``bias`` ``[C]``
@@ -48,7 +49,7 @@ def add_norm_fwd_cpu(x: torch.Tensor, delta: Optional[torch.Tensor], weight: tor
     return s, y
 
 
-@torch.library.custom_op("vigla::add_norm_cpu_bwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::add_norm_cpu_bwd")
 def add_norm_bwd_cpu(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
                      has_bias: bool, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)`` of ``<dy, y> + <ds, s>`` from the residual ``s`` ``[..., C]`` (``dy``, ``ds``:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..cpu_build import LONG as _LONG, PTR as _PTR, CpuLibrary
+from ..dispatch import cpu_op
 from ..launcher import unit_stride
 
 __all__ = ["available", "describe", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu", "bigla_mix_fwd_cpu"]
@@ -83,7 +84,7 @@ def _call(fn, inputs: list[torch.Tensor], outputs: list[torch.Tensor], half_scal
         raise MemoryError("bigla: the CPU kernel could not allocate its per-thread state")
 
 
-@torch.library.custom_op("vigla::bigla_cpu_fwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::bigla_cpu_fwd")
 def bigla_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
                   scale: float, gate_normalizer: Optional[float] = None) -> torch.Tensor:
     """BiGLA's output ``[B, T, H, V]`` in ``q.dtype`` (a custom op: opaque to the tracers, which see the
@@ -102,7 +103,7 @@ def bigla_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.T
     return o.to(q.dtype)
 
 
-@torch.library.custom_op("vigla::bigla_cpu_bwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::bigla_cpu_bwd")
 def bigla_bwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
                   do: torch.Tensor, scale: float, gate_normalizer: Optional[float] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,7 +115,7 @@ def bigla_bwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.T
     return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v, gf, gb)))
 
 
-@torch.library.custom_op("vigla::bigla_mix_cpu_fwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::bigla_mix_cpu_fwd")
 def bigla_mix_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
                       x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor, w_l: torch.Tensor, scale: float,
                       gate_normalizer: Optional[float], eps: float, act: bool) -> torch.Tensor:

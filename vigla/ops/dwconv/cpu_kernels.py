@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..cpu_build import LONG, PTR, CpuLibrary, threads
+from ..dispatch import cpu_op
 from ..launcher import unit_stride
 
 __all__ = ["supports", "dwconv_fwd_cpu", "dwconv_bwd_cpu"]
@@ -34,7 +35,7 @@ def _taps(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-@torch.library.custom_op("vigla::dwconv_cpu_fwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::dwconv_cpu_fwd")
 def dwconv_fwd_cpu(x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: bool) -> torch.Tensor:
     """``x``: ``[B, H*W, C]`` float32 tokens; ``weight``: ``[C, 1, 3, 3]``. Returns ``act(DWConv3x3(x))``
     ``[B, H*W, C]``, contiguous."""
@@ -46,7 +47,7 @@ def dwconv_fwd_cpu(x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: b
     return y
 
 
-@torch.library.custom_op("vigla::dwconv_cpu_bwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::dwconv_cpu_bwd")
 def dwconv_bwd_cpu(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dweight)`` of ``<dy, dwconv_fwd_cpu(x, weight, H, W, act)>`` (``dy``: ``[B, H*W, C]``), contiguous,

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..cpu_build import LONG, PTR, CpuLibrary, threads
+from ..dispatch import cpu_op
 from ..launcher import rows
 
 __all__ = ["supports", "locality_mix_fwd_cpu", "locality_mix_bwd_cpu"]
@@ -39,7 +40,7 @@ def _flat(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor):
     return o.reshape(-1, h * d).contiguous(), rows(x), rows(z), h, d
 
 
-@torch.library.custom_op("vigla::locality_mix_cpu_fwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::locality_mix_cpu_fwd")
 def locality_mix_fwd_cpu(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor, w_l: torch.Tensor,
                          eps: float, act: bool) -> torch.Tensor:
     """``o``: ``[..., h, d]``; ``x``, ``z``: ``[..., h*d]``; ``w_o``, ``w_l``: ``[d]`` (float32).
@@ -53,7 +54,7 @@ def locality_mix_fwd_cpu(o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o:
     return y
 
 
-@torch.library.custom_op("vigla::locality_mix_cpu_bwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::locality_mix_cpu_bwd")
 def locality_mix_bwd_cpu(dy: torch.Tensor, o: torch.Tensor, x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor,
                          w_l: torch.Tensor, eps: float, act: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..cpu_build import LONG, PTR, CpuLibrary, threads
+from ..dispatch import cpu_op
 from ..launcher import rows
 
 __all__ = ["supports", "swiglu_fwd_cpu", "swiglu_bwd_cpu"]
@@ -28,7 +29,7 @@ def supports(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 for t in tensors) and _LIB.available()
 
 
-@torch.library.custom_op("vigla::swiglu_cpu_fwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::swiglu_cpu_fwd")
 def swiglu_fwd_cpu(u: torch.Tensor) -> torch.Tensor:
     """``u``: ``[..., 2I]`` float32 -> ``[..., I]`` = ``SiLU(a) * b``, contiguous."""
     u2, I = rows(u), u.shape[-1] // 2
@@ -37,7 +38,7 @@ def swiglu_fwd_cpu(u: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@torch.library.custom_op("vigla::swiglu_cpu_bwd", mutates_args=(), device_types="cpu")
+@cpu_op("vigla::swiglu_cpu_bwd")
 def swiglu_bwd_cpu(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``du`` (``[..., 2I]``, contiguous) of ``<dy, SiLU(a) * b>``; ``dy``: ``[..., I]``."""
     u2, I = rows(u), u.shape[-1] // 2
