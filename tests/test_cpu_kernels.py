@@ -223,6 +223,18 @@ def test_recorded_calls_go_through_the_custom_op():
     assert "vigla.add_norm_cpu_fwd.default" in seen.ops
 
 
+def test_a_tensor_subclass_goes_through_the_custom_op(monkeypatch):
+    class Sub(torch.Tensor):
+        pass
+
+    op = add_norm_cpu.add_norm_fwd_cpu
+    seen = []
+    monkeypatch.setattr(op, "op", lambda *a: seen.append(a) or "op")
+    x, d, w, *rest = _add_norm_args()
+    assert op(x.as_subclass(Sub), d, w, *rest) == "op" and len(seen) == 1
+    assert op(x, d, w, *rest) != "op" and len(seen) == 1
+
+
 def test_float64_runs_the_references(monkeypatch):
     """float64 is the ground truth: no op calls its kernels for it."""
     def refuse(*args, **kwargs):

@@ -111,7 +111,9 @@ def fused_op(name: str, fake: Callable) -> Callable:
     return decorate
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types a CPU kernel may read through their data pointers
+# argument types a CPU kernel's entry passes to its implementation (tensors a kernel may read through their data
+# pointers, scalars); any other (a tensor subclass) sends the call through the custom op
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, float, int, bool, str, type(None)))
 
 
 class CpuOp:
@@ -127,7 +129,7 @@ class CpuOp:
 
     def __call__(self, *args):
         if (via_dispatcher() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-                or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)):
+                or not _PLAIN.issuperset(map(type, args))):
             return self.op(*args)
         return self.impl(*args)
 
