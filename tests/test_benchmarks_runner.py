@@ -233,13 +233,17 @@ def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
     def kernel(regs, spills, warps=4):
         return SimpleNamespace(n_regs=regs, n_spills=spills, metadata=SimpleNamespace(num_warps=warps))
 
+    def entry(compiled):  # the launcher's cache entry: (run, function, metadata, constexpr getter, CompiledKernel)
+        return (None, None, None, None, compiled)
+
     meta = (("K", 32), ("V", 64), ("BT", 64), ("UPPER", 1))
     monkeypatch.setattr(launcher, "_FAST", {
-        1: fast("_bigla_bwd_kernel", {(0, "a", meta): (kernel(255, 110), ()), (1, "b", meta): (kernel(255, 110), ())}),
-        2: fast("_swiglu_fwd_kernel", {(0, (("BT", 64),)): (kernel(64, 0), ())}),
-        3: fast("_bigla_walk_kernel", {(0, (("K", 16), ("V", 32), ("BT", 32))): (SimpleNamespace(metadata=None), ())}),
+        1: fast("_bigla_bwd_kernel", {(0, "a", meta): entry(kernel(255, 110)),
+                                      (1, "b", meta): entry(kernel(255, 110))}),
+        2: fast("_swiglu_fwd_kernel", {(0, (("BT", 64),)): entry(kernel(64, 0))}),
+        3: fast("_bigla_walk_kernel", {(0, (("K", 16), ("V", 32), ("BT", 32))): entry(SimpleNamespace(metadata=None))}),
         4: SimpleNamespace(fn=SimpleNamespace(__name__="_bigla_bwd_kernel", fn=SimpleNamespace(
-            __module__=bench_bigla.ALT_PREFIX + "old")), compiled={(0, "c", meta): (kernel(200, 7), ())}),
+            __module__=bench_bigla.ALT_PREFIX + "old")), compiled={(0, "c", meta): entry(kernel(200, 7))}),
     })
     rows = bench_bigla.compiled_kernels()
     assert rows == [
