@@ -164,13 +164,17 @@ def official_rows(res: Results) -> list[list[str]]:
     return rows
 
 
+# the pairs timed in turn (benchmarks/interleaved.py) that stand for a single run's ratio at 224
+IN_TURN = {"models_vig_t_eager": "models_vig_t_interleaved", "models_vig_s_eager": "models_vig_s_interleaved",
+           "compile_vig_t": "compile_vig_t_interleaved", "compile_vig_t_inference": "compile_vig_t_interleaved"}
+
+
 def in_turn(res: Results, stem: str, path: tuple[str, ...]) -> float | None:
-    """An eager throughput ratio at 224 from the pair timed in turn (``<pair>_interleaved``, the median over its
-    rounds) where one was for ``<pair>_eager``: a single window per model is bound by the device machine's host
-    and moves between runs."""
+    """A throughput ratio at 224 from the pair timed in turn (:data:`IN_TURN`: eager, or both compiled in the default
+    mode), the median over its rounds, where one exists for ``stem``: a single window per model is bound by the device
+    machine's host and moves between runs."""
     key = {INFER: "infer_ratio", TRAIN: "train_ratio"}.get(path)
-    pair = stem.removesuffix("_eager")
-    median = interleaved_median(res(f"{pair}_interleaved")) if key and pair != stem else None
+    median = interleaved_median(res(IN_TURN[stem])) if key and stem in IN_TURN else None
     return median[key] if median and key in median else None
 
 
@@ -193,13 +197,15 @@ def summary(res: Results) -> list[str]:
     flops = res("flops_all_models")
     if flops:
         rows.append(["ViG-T ÷ DeiT-T, GMACs"] + [ratio(flops, "vig_tiny", DEIT_T, s, ("gmacs",)) for s in SIZES])
-    devices = sorted({value(r, ("environment", "device")) or "?" for _, _, r, *_ in headline_rows(res)})
+    runs = [r for _, _, r, *_ in headline_rows(res)] + [res(s) for s in set(IN_TURN.values()) if res(s)]
+    devices = sorted({value(r, ("environment", "device")) or "?" for r in runs})
     lines = table(["ratio (> 1: ViG's is larger)", *(f"@{s}" for s in SIZES)], rows)
-    lines += ["", f"One {', '.join(devices)}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
+    lines += ["", f"One {' or one '.join(devices)}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
                   "At 224² the eager figures of both small models are bound by the device machine's host (its "
                   "Python and launch time), whose speed moves between runs, and so are the compiled ones (Inductor's "
                   "code still launches each kernel from Python): the CUDA-graph row is the stable one, and the "
-                  "eager cells marked ⁱ are the median of many windows timed in turn (`benchmarks/interleaved.py`). "
+                  "cells marked ⁱ are the median of many windows timed in turn (`benchmarks/interleaved.py`, eager "
+                  "or both models compiled). "
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
     return lines
