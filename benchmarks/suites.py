@@ -268,13 +268,13 @@ def _profile_compiled(opts: Options) -> list[Step]:
 
 def _host_profile(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/host_profile.py", "--models", "vig_tiny", "deit_tiny_patch16_224", "vig_small",
-            "--rounds", "3", "--out", str(opts.out), "--name", "profile_host"]
+            "--rounds", "3", "--breakdown", "--out", str(opts.out), "--name", "profile_host"]
     return [Step("profile_host", argv, 180, ["profile_host.json"])]
 
 
 def _host_profile_train(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/host_profile.py", "--train", "--models", "vig_tiny", "deit_tiny_patch16_224",
-            "--rounds", "3", "--out", str(opts.out), "--name", "profile_host_train"]
+            "--rounds", "3", "--breakdown", "--out", str(opts.out), "--name", "profile_host_train"]
     return [Step("profile_host_train", argv, 180, ["profile_host_train.json"])]
 
 
