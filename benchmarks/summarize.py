@@ -200,7 +200,8 @@ def summary(res: Results) -> list[str]:
     runs = [r for _, _, r, *_ in headline_rows(res)] + [res(s) for s in set(IN_TURN.values()) if res(s)]
     devices = sorted({value(r, ("environment", "device")) or "?" for r in runs})
     lines = table(["ratio (> 1: ViG's is larger)", *(f"@{s}" for s in SIZES)], rows)
-    lines += ["", f"One {' or one '.join(devices)}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
+    machines = " or one ".join(devices)
+    lines += ["", f"One {machines}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
                   "At 224² the eager figures of both small models are bound by the device machine's host (its "
                   "Python and launch time), whose speed moves between runs, and so are the compiled ones (Inductor's "
                   "code still launches each kernel from Python): the CUDA-graph row is the stable one, and the "
