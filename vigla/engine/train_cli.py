@@ -10,7 +10,7 @@ from .ranks import env_rank, rank_note
 
 EPILOG = """\
 examples:
-  vigla train                                   ViG-T on Fashion-MNIST: 1.1 min on 2 idle CPU cores (measured)
+  vigla train                                   ViG-T on Fashion-MNIST: 1.3 min on 2 idle CPU cores (measured)
   vigla train --data /data/imagenette --model deit_tiny_patch16_224 --epochs 100 --batch-size 128
   vigla train --config my.yaml --lr 5e-4        a YAML file of settings, one flag overriding it
   vigla train --resume auto --out runs/vig_tiny-fmnist     continue a stopped run where it stopped
