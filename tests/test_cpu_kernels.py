@@ -223,6 +223,16 @@ def test_recorded_calls_go_through_the_custom_op():
     assert "vigla.add_norm_cpu_fwd.default" in seen.ops
 
 
+def test_forward_mode_ad_goes_through_the_custom_op(monkeypatch):
+    import torch.autograd.forward_ad as fwAD
+
+    op = add_norm_cpu.add_norm_fwd_cpu
+    seen = []
+    monkeypatch.setattr(op, "op", lambda *a: seen.append(a) or "op")
+    with fwAD.dual_level():
+        assert op(*_add_norm_args()) == "op" and len(seen) == 1
+
+
 def test_a_tensor_subclass_goes_through_the_custom_op(monkeypatch):
     class Sub(torch.Tensor):
         pass

@@ -119,9 +119,10 @@ _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, float, int, bool, str, typ
 class CpuOp:
     """A compiled CPU kernel's entry (:func:`cpu_op`): called like the function it wraps. Where something records
     or transforms the call (``torch.compile``, ``torch.export``, ``torch.jit.trace``, a dispatch mode such as
-    ``FlopCounterMode`` or fake tensors, functorch's transforms) or an argument is a tensor subclass, it goes through
-    its custom op ``op``, which they see as one opaque op; otherwise the implementation runs directly: the
-    dispatcher's path to a Python custom op costs ~30 us a call, 1.5-2% of an eager ViG-T step on a 2-core CPU."""
+    ``FlopCounterMode`` or fake tensors, functorch's transforms, forward-mode AD) or an argument is a tensor subclass,
+    it goes through its custom op ``op``, which they see as one opaque op; otherwise the implementation runs
+    directly: the dispatcher's path to a Python custom op costs ~30 us a call, 1.5-2% of an eager ViG-T step on a
+    2-core CPU."""
 
     def __init__(self, op, impl: Callable):
         self.op, self.impl = op, impl
@@ -129,7 +130,7 @@ class CpuOp:
 
     def __call__(self, *args):
         if (via_dispatcher() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-                or not _PLAIN.issuperset(map(type, args))):
+                or forward_ad._current_level >= 0 or not _PLAIN.issuperset(map(type, args))):
             return self.op(*args)
         return self.impl(*args)
 
