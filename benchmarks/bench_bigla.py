@@ -236,7 +236,7 @@ def compiled_kernels() -> list[dict]:
         module = getattr(getattr(fast.fn, "fn", None), "__module__", "")
         if not fast.fn.__name__.startswith("_bigla") or module.startswith(ALT_PREFIX):  # --alt versions' own
             continue
-        for key, (*_, kernel) in fast.compiled.items():
+        for key, kernel in ((k, e.kernel) for k, e in fast.compiled.items()):
             meta = dict(key[-1])
             rows.append(dict(kernel=fast.fn.__name__, K=meta.get("K"), V=meta.get("V"), BT=meta.get("BT"),
                              UPPER=meta.get("UPPER"), num_warps=getattr(kernel.metadata, "num_warps", None),

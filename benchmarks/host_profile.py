@@ -149,7 +149,7 @@ class _Launches:
         saved = {id(f): dict(f.compiled) for f in launcher._FAST.values()}
         try:
             for f in launcher._FAST.values():
-                f.compiled = {k: (_noop, *v[1:]) for k, v in f.compiled.items()}
+                f.compiled = {k: v._replace(run=_noop) for k, v in f.compiled.items()}
             yield
         finally:
             for f in launcher._FAST.values():

@@ -233,8 +233,8 @@ def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
     def kernel(regs, spills, warps=4):
         return SimpleNamespace(n_regs=regs, n_spills=spills, metadata=SimpleNamespace(num_warps=warps))
 
-    def entry(compiled):  # the launcher's cache entry: (run, function, metadata, constexpr getter, CompiledKernel)
-        return (None, None, None, None, compiled)
+    def entry(compiled):  # the launcher's cache entry
+        return launcher.Compiled(None, None, None, None, compiled)
 
     meta = (("K", 32), ("V", 64), ("BT", 64), ("UPPER", 1))
     monkeypatch.setattr(launcher, "_FAST", {

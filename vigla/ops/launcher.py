@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "unit_stride", "rows", "FastKernel"]
+__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "unit_stride", "rows", "FastKernel", "Compiled"]
 
 MAX_SIGNATURES = 1024  # per kernel: beyond it the cache starts again (shapes that never repeat)
 
@@ -148,6 +148,17 @@ def _device_of(active) -> int:
     return active.get_current_device()
 
 
+class Compiled(NamedTuple):
+    """A signature's compiled kernel as :class:`FastKernel` replays it: Triton's launcher ``run``, the loaded
+    ``function`` and its packed metadata, the getter of the constexprs from a launch's keywords (in the kernel's
+    parameter order), and the ``CompiledKernel`` itself (its registers, spills and metadata)."""
+    run: Callable
+    function: Any
+    metadata: Any
+    constexprs: Callable
+    kernel: Any
+
+
 class FastKernel:
     """A Triton ``JITFunction`` launched as ``FastKernel(fn)[grid](*args, **meta)``, like the
     function itself, with the compiled kernel of each signature reused (module docstring)."""
@@ -156,7 +167,7 @@ class FastKernel:
 
     def __init__(self, fn):
         self.fn = fn
-        self.compiled: dict[tuple, tuple] = {}  # key -> (run, function, packed metadata, constexpr names)
+        self.compiled: dict[tuple, Compiled] = {}
         self.names = tuple(fn.arg_names)
 
     def __getitem__(self, grid: tuple) -> Callable[..., None]:
@@ -179,16 +190,15 @@ class FastKernel:
             *args, *constexprs(meta))
 
     def _first(self, key: tuple, grid: tuple, args: tuple, meta: dict) -> None:
-        """Triton's own launch; its compiled kernel is kept when the call can be replayed directly
-        (every parameter after the positional ones given by keyword), as ``(run, function, packed metadata,
-        the constexprs' getter from the keywords, the CompiledKernel)``."""
+        """Triton's own launch; its compiled kernel is kept (:class:`Compiled`) when the call can be replayed
+        directly (every parameter after the positional ones given by keyword)."""
         kernel = self.fn[grid](*args, **meta)
         rest = self.names[len(args):]
         if kernel is None or not hasattr(kernel, "packed_metadata") or any(n not in meta for n in rest):
             return
         if len(self.compiled) >= MAX_SIGNATURES:
             self.compiled.clear()
-        self.compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata, _getter(list(rest)), kernel)
+        self.compiled[key] = Compiled(kernel.run, kernel.function, kernel.packed_metadata, _getter(list(rest)), kernel)
 
 
 _FAST: dict[int, FastKernel] = {}  # by id: hashing a JITFunction hashes its source's cache key
