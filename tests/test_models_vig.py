@@ -142,6 +142,122 @@ def test_mixer_bf16_autocast():
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
+def _mixer_and_input(dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A small mixer (heads of d_k = 16, d_v = 32, as ViG-H's) with non-trivial biases, norm weights and decays, and a
+    fresh input that needs a gradient."""
+    torch.manual_seed(0)
+    m = BiGLAMixer(64, num_heads=2, conv_act=True, out_act=True).to(device, dtype)
+    with torch.no_grad():
+        for p in (m.decay_up.bias, m.mix_gate.bias):
+            p.normal_()
+        for p in (m.norm_out.weight, m.norm_local.weight):
+            p.uniform_(0.5, 1.5)
+        m.decay_up.weight.mul_(20)
+    x = torch.randn(2, 30, 64, dtype=dtype).to(device).requires_grad_(True)
+    return m, x, (5, 6)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _mixer_grads(m, x, hw, go, per_op: bool, monkeypatch, autocast: bool = False):
+    """The mixer's output and the gradients of ``<go, output>`` by ``x`` and each parameter that needs one, by the
+    fused training path (:class:`MixerFunction`) or the per-op path."""
+    from vigla.layers import bigla_mixer
+    with monkeypatch.context() as patch, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        if per_op:
+            patch.setattr(bigla_mixer, "eager_training", lambda *tensors: False)
+        out = m(x, hw)
+        assert (type(out.grad_fn).__name__ == "MixerFunctionBackward") != per_op
+        params = [t for t in (x, *m.parameters()) if t.requires_grad]
+        return out, torch.autograd.grad(out, params, go)
+
+
+@pytest.mark.parametrize("device, dtype, autocast, tol", [
+    ("cpu", torch.float64, False, 1e-12), ("cpu", torch.float32, False, 2e-6), ("cpu", torch.float32, True, 2e-2),
+    pytest.param("cuda", torch.float32, False, 2e-3, marks=pytest.mark.gpu),  # TF32 products
+    pytest.param("cuda", torch.float32, True, 2e-2, marks=pytest.mark.gpu)])
+def test_mixer_training_is_one_node_with_the_per_op_paths_gradients(device, dtype, autocast, tol, monkeypatch):
+    """In eager training the mixer is one autograd node (MixerFunction: the ops' forward and backward implementations
+    and the projections' GEMMs called in turn) with the per-op path's output and gradients by the input and every
+    parameter: float64 (the references) to its rounding, float32 (the CPU kernels) to float32's, on CUDA to TF32's,
+    under bfloat16 autocast to bfloat16's; and no further from the float64 model than the per-op path is."""
+    m, x, hw = _mixer_and_input(dtype, device)
+    go = torch.randn(2, 30, 64, dtype=dtype).to(device)
+    out, grads = _mixer_grads(m, x, hw, go, False, monkeypatch, autocast)
+    ref_out, ref_grads = _mixer_grads(m, x, hw, go, True, monkeypatch, autocast)
+    exact, x64 = _mixer_and_input(torch.float64)[0], x.detach().cpu().double().requires_grad_(True)
+    _, exact_grads = _mixer_grads(exact, x64, hw, go.cpu().double(), False, monkeypatch)
+    assert out.dtype == ref_out.dtype and _rel(out, ref_out) <= tol
+    assert len(grads) == 11
+    for got, want, truth in zip(grads, ref_grads, exact_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert _rel(got, want) <= tol
+        assert _rel(got.cpu(), truth) <= 1.5 * _rel(want.cpu(), truth) + tol / 10
+
+
+def test_mixer_training_with_frozen_parameters(monkeypatch):
+    """Parameters that need no gradient (fine-tuning part of a mixer) get none; the others are the per-op path's."""
+    m, x, hw = _mixer_and_input()
+    m.qkv.weight.requires_grad_(False)
+    m.norm_local.weight.requires_grad_(False)
+    go = torch.randn(2, 30, 64)
+    _, grads = _mixer_grads(m, x, hw, go, False, monkeypatch)
+    _, ref_grads = _mixer_grads(m, x, hw, go, True, monkeypatch)
+    assert len(grads) == 9
+    for got, want in zip(grads, ref_grads):
+        assert _rel(got, want) <= 2e-6
+    m(x, hw).sum().backward()
+    assert m.qkv.weight.grad is None and m.norm_local.weight.grad is None and m.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mixer_second_derivative_is_the_per_op_paths(autocast, monkeypatch):
+    """Where autograd records the backward (a gradient penalty), MixerFunction differentiates the per-op path
+    recomputed from its inputs under the forward's autocast: the penalty's gradients are the per-op path's."""
+    from vigla.layers import bigla_mixer
+    m, x, hw = _mixer_and_input()
+    go = torch.randn(2, 30, 64)
+    results = []
+    for per_op in (False, True):
+        with monkeypatch.context() as patch:
+            if per_op:
+                patch.setattr(bigla_mixer, "eager_training", lambda *tensors: False)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = m(x, hw)
+            (dx,) = torch.autograd.grad(out, x, go, create_graph=True)
+            results.append(torch.autograd.grad(dx.float().square().sum(), [x, *m.parameters()], allow_unused=True))
+    assert sum(g is not None for g in results[1]) >= 10
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert _rel(got, want) <= (2e-2 if autocast else 1e-5)
+
+
+def test_mixer_runs_its_ops_one_by_one_where_something_watches():
+    """Under a dispatch mode (FlopCounterMode counts BiGLA's custom op) and inside reference_ops() the mixer records
+    its ops one by one (the per-op path), each seen by what watches it; forward-mode AD and no grad mode do not take
+    the fused training path either."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.utils.flop_counter import FlopCounterMode
+    from vigla.ops import reference_ops
+    from vigla.ops.dispatch import eager_training
+
+    m, x, hw = _mixer_and_input()
+    with FlopCounterMode(display=False) as counter:
+        out = m(x, hw)
+    assert type(out.grad_fn).__name__ != "MixerFunctionBackward"
+    assert counter.get_flop_counts()["Global"][torch.ops.vigla.bigla_fwd] > 0
+    with reference_ops():
+        assert type(m(x, hw).grad_fn).__name__ != "MixerFunctionBackward"
+    assert eager_training(x)
+    with fwAD.dual_level():
+        assert not eager_training(x)
+    with torch.no_grad():
+        assert not eager_training(x)
+
+
 def test_mixer_folded_in_projection_is_the_low_rank_pair():
     """The GPU's inference in-projection (decay projection folded in, :meth:`BiGLAMixer._folded_weights`) gives
     q, k, v, the decay logits ``(x W_1) W_2 + b_2`` and the mix gate's logits of the separate projections."""

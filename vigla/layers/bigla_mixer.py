@@ -14,14 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..ops import bigla_gated
-from ..ops.dispatch import compute_dtype
+from ..ops.bigla.op import bigla_backward, bigla_forward
+from ..ops.dispatch import compute_dtype, eager_training
 from ..ops.dwconv import dwconv_silu
+from ..ops.dwconv.op import dwconv_backward, dwconv_forward
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.locality_mix import locality_mix
+from ..ops.locality_mix.op import locality_mix_backward, locality_mix_forward
 from .cast import Projection, caching, gemm, gemm_weights, inference_weights, memoized, plain_leaves
 from .norm import RmsNorm
 
-__all__ = ["BiGLAMixer", "MixerInference"]
+__all__ = ["BiGLAMixer", "MixerFunction", "MixerInference"]
 
 # leaves under torch.fx: the traced graph calls the ops (their checks, kernels and custom ops) as they are
 torch.fx.wrap("bigla_gated")
@@ -58,7 +61,8 @@ class BiGLAMixer(nn.Module):
     The depthwise conv and its SiLU are one fused op on the channels-last tokens
     (:func:`vigla.ops.dwconv.dwconv_silu`); ``W_qkv``, ``W_1`` and ``W_g`` run as one GEMM over
     ``x_c``; BiGLA reads q, k, v as column slices of its output; the mix (both norms, the gate, the
-    SiLU) is one fused op (:func:`vigla.ops.locality_mix.locality_mix`).
+    SiLU) is one fused op (:func:`vigla.ops.locality_mix.locality_mix`). In eager training the whole
+    chain is one autograd node (:class:`MixerFunction`).
 
     Args:
         dim: channels ``C`` (also the value width: the local branch needs ``V = C``).
@@ -117,19 +121,19 @@ class BiGLAMixer(nn.Module):
         self.norm_out.reset_parameters()
         self.norm_local.reset_parameters()
 
-    def _weights(self, x_c: torch.Tensor
+    def _weights(self, x: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(w_in, b_in, w_up, b_up, w_out)``: one in-projection for everything that reads ``x_c``
-        (q, k, v, the decay projection's input and the mix gate's logits; weight
+        """``(w_in, b_in, w_up, b_up, w_out)`` for inputs like ``x``: one in-projection for everything that reads
+        ``x_c`` (q, k, v, the decay projection's input and the mix gate's logits; weight
         ``[2K + C + r + C, C]`` and bias, zero but for the mix gate's, concatenated from the separate
         parameters of the official layout), the decay up-projection and the output projection.
         For inference they are cast once to the compute dtype and kept
         (:func:`vigla.layers.cast.inference_weights`): no concatenation or cast kernels per call."""
         parts = (self.qkv.weight, self.decay_down.weight, self.mix_gate.weight, self.mix_gate.bias)
-        if torch.jit.is_scripting() or not caching(x_c):
+        if torch.jit.is_scripting() or not caching(x):
             w_in, b_in = self._concat(parts)
             return w_in, b_in, self.decay_up.weight, self.decay_up.bias, self.proj.weight
-        return self._cached_weights(compute_dtype(x_c))
+        return self._cached_weights(compute_dtype(x))
 
     @torch.jit.unused
     def _cached_weights(self, dtype: torch.dtype, rows: int | None = None
@@ -179,12 +183,25 @@ class BiGLAMixer(nn.Module):
             ops = inference_ops(x)
             if ops is not None:
                 return self.forward_inference(x, hw, compute_dtype(x), ops)
-        x_c = dwconv_silu(x, self.dwconv.weight, hw, self.conv_act)
+            params = self.fused_params()
+            if eager_training(x, *params):
+                return MixerFunction.apply(x, *params, self, hw)
+        w_in, b_in, w_up, b_up, w_out = self._weights(x)
+        return self.forward_ops(x, hw, self.dwconv.weight, w_in, b_in, w_up, b_up, self.norm_out.weight,
+                                self.norm_local.weight, w_out)
 
+    def forward_ops(self, x: torch.Tensor, hw: tuple[int, int], conv: torch.Tensor, w_in: torch.Tensor,
+                    b_in: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, w_o: torch.Tensor, w_l: torch.Tensor,
+                    w_out: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` as a chain of ops, each recorded by autograd on its own (or seen by a tracer or dispatch
+        mode), with the given weights: the depthwise conv's ``[C, 1, 3, 3]``, the in-projection ``w_in``
+        ``[2K + C + r + C, C]`` and ``b_in`` (:meth:`_weights`), the decay up-projection ``w_up`` ``[2K, r]`` and
+        ``b_up``, the RMSNorm weights ``w_o``, ``w_l`` ``[d_v]``, the output projection ``w_out`` ``[C, C]``.
+        ``[B, N, C]`` -> ``[B, N, C]``."""
+        N, C = x.shape[1], x.shape[2]
         h, K = self.num_heads, self.key_dim
-        w_in, b_in, w_up, b_up, w_out = self._weights(x_c)
-        q, k, v, z, gate = F.linear(x_c, w_in, b_in).split(
-            [K, K, C, self.decay_down.out_features, C], dim=-1)
+        x_c = dwconv_silu(x, conv, hw, self.conv_act)
+        q, k, v, z, gate = F.linear(x_c, w_in, b_in).split([K, K, C, w_up.shape[1], C], dim=-1)
         # Gate logits; the op forms the log decays logsigmoid(z) / normalizer in float32 (inside
         # the kernels on the GPU: they are summed over up to N tokens in the scan). z is a column
         # slice: as [B*N, r] rows (a view) it is one GEMM with the bias in its epilogue; a 3-D
@@ -194,9 +211,16 @@ class BiGLAMixer(nn.Module):
         o = bigla_gated(q.unflatten(-1, (h, self.head_k)), k.unflatten(-1, (h, self.head_k)),
                         v.unflatten(-1, (h, self.head_v)), zf, zb,
                         self.gate_logit_normalizer)  # [B, N, h, d_v]
-        y = locality_mix(o, x_c, gate, self.norm_out.weight, self.norm_local.weight,
-                         self.norm_out.eps, act=self.out_act)
+        y = locality_mix(o, x_c, gate, w_o, w_l, self.norm_out.eps, act=self.out_act)
         return F.linear(y, w_out)
+
+    @torch.jit.unused
+    def fused_params(self) -> tuple[torch.Tensor, ...]:
+        """The parameters :class:`MixerFunction` takes, in its order: the depthwise conv's weight, ``W_qkv``,
+        ``W_1``, ``W_g``, ``b_g``, ``W_2``, ``b_2``, the two RMSNorm weights, ``W_o``."""
+        return (self.dwconv.weight, self.qkv.weight, self.decay_down.weight, self.mix_gate.weight,
+                self.mix_gate.bias, self.decay_up.weight, self.decay_up.bias, self.norm_out.weight,
+                self.norm_local.weight, self.proj.weight)
 
     @torch.jit.unused
     def _reads_leaves(self) -> bool:
@@ -267,6 +291,83 @@ class BiGLAMixer(nn.Module):
                           bool(self.out_act))
         out = Projection(y.reshape(B * N, C), p.w_out, (B, N, C))
         return out if defer_projection else out.dense()
+
+
+class MixerFunction(torch.autograd.Function):
+    """:class:`BiGLAMixer`'s forward as one autograd node, its eager training path
+    (:func:`vigla.ops.dispatch.eager_training`): ``apply(x, *mixer.fused_params(), mixer, hw)`` -> ``[B, N, C]``
+    (``x``: ``[B, N, C]`` tokens of an ``hw`` grid; ``mixer`` gives the configuration).
+
+    The forward runs what the per-op path runs, the ops' forward implementations and the same GEMMs on the same
+    operands in the compute dtype, without recording each (about twenty autograd nodes otherwise: three ops, three
+    projections, the weights' concatenation and casts, the splits and views); it keeps the tensors the per-op path
+    keeps. The backward calls the ops' backward implementations and the projections' gradient GEMMs in turn (the
+    in-projection's input gradient added to the mix's in the GEMM). Where autograd records the backward (a second
+    derivative), it recomputes the mixer through the per-op path and differentiates that."""
+
+    @staticmethod
+    def forward(ctx, x, conv, w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_o, w_l, w_out, mixer, hw):
+        B, N, C = x.shape
+        h, K, dk, dv = mixer.num_heads, mixer.key_dim, mixer.head_k, mixer.head_v
+        dtype = compute_dtype(x)
+        w_in, b_in = BiGLAMixer._concat((w_qkv, w_down, w_gate, b_gate))
+        w_in, b_in, w_up_c, b_up_c, w_out_c = (t.to(dtype) for t in (w_in, b_in, w_up, b_up, w_out))
+        x_c = dwconv_forward(x, conv, hw[0], hw[1], mixer.conv_act, dtype)
+        u = F.linear(x_c, w_in, b_in)
+        q, k, v, z, gate = u.split([K, K, C, w_down.shape[0], C], dim=-1)
+        logits = F.linear(z.flatten(0, 1), w_up_c, b_up_c)
+        zf, zb = logits.view(B, N, 2, h, dk).unbind(dim=2)
+        o = bigla_forward(q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)), v.unflatten(-1, (h, dv)), zf, zb,
+                          dk ** -0.5, float(mixer.gate_logit_normalizer))
+        y = locality_mix_forward(o, x_c, gate, w_o, w_l, float(mixer.norm_out.eps), bool(mixer.out_act))
+        ctx.save_for_backward(x, conv, w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_o, w_l, w_out,
+                              x_c, u, logits, o, y, w_in, w_up_c, w_out_c)
+        ctx.mixer, ctx.hw = mixer, hw
+        ctx.autocast = dtype if torch.is_autocast_enabled(x.device.type) else None
+        return F.linear(y, w_out_c)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if torch.is_grad_enabled():
+            return MixerFunction._recorded_backward(ctx, dout)
+        *inputs, x_c, u, logits, o, y, w_in, w_up_c, w_out_c = ctx.saved_tensors
+        x, conv, w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_o, w_l, w_out = inputs
+        m, (H, W) = ctx.mixer, ctx.hw
+        B, N, C = x.shape
+        h, K, dk, dv, r = m.num_heads, m.key_dim, m.head_k, m.head_v, w_down.shape[0]
+        dout = dout.to(y.dtype).reshape(B * N, C)
+        q, k, v, z, gate = u.split([K, K, C, r, C], dim=-1)
+        do, dx_c, dgate, dw_o, dw_l = locality_mix_backward((dout @ w_out_c).view(B, N, C), o, x_c, gate, w_o, w_l,
+                                                            float(m.norm_out.eps), bool(m.out_act))
+        zf, zb = logits.view(B, N, 2, h, dk).unbind(dim=2)
+        dq, dk_, dv_, dzf, dzb = bigla_backward(do, q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)),
+                                                v.unflatten(-1, (h, dv)), zf, zb, dk ** -0.5,
+                                                float(m.gate_logit_normalizer))
+        dlogits = torch.stack((dzf, dzb), dim=2).view(B * N, 2 * K)
+        dgate = dgate.reshape(B * N, C)
+        du = torch.cat([dq.view(B * N, K), dk_.view(B * N, K), dv_.view(B * N, C), dlogits @ w_up_c, dgate], dim=1)
+        dx_c = torch.addmm(dx_c.reshape(B * N, C), du, w_in)
+        dx, dconv = dwconv_backward(dx_c.view(B, N, C), x, conv, H, W, m.conv_act)
+        dw_qkv, dw_down, dw_gate = (du.t() @ x_c.reshape(B * N, C)).split([2 * K + C, r, C])
+        grads = (dx, dconv, dw_qkv, dw_down, dw_gate, dgate.sum(0), dlogits.t() @ z.reshape(B * N, r),
+                 dlogits.sum(0), dw_o, dw_l, dout.t() @ y.reshape(B * N, C))
+        return (*(g.to(t.dtype) for g, t in zip(grads, inputs)), None, None)
+
+    @staticmethod
+    def _recorded_backward(ctx, dout: torch.Tensor) -> tuple:
+        """The gradients as ops autograd records (a second derivative): the mixer's per-op path recomputed from the
+        saved inputs, under the forward's autocast, and differentiated with ``create_graph``; each op's backward then
+        records its reference's ops (:func:`vigla.ops.dispatch.recorded_backward`)."""
+        inputs = ctx.saved_tensors[:11]
+        x, conv, w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_o, w_l, w_out = inputs
+        device = x.device.type
+        with torch.autocast(device, dtype=ctx.autocast or torch.get_autocast_dtype(device),
+                            enabled=ctx.autocast is not None):
+            out = ctx.mixer.forward_ops(x, ctx.hw, conv, *BiGLAMixer._concat((w_qkv, w_down, w_gate, b_gate)), w_up,
+                                        b_up, w_o, w_l, w_out)
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+        grads = iter(torch.autograd.grad(out, wanted, dout, create_graph=True, allow_unused=True))
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:11]), None, None)
 
 
 class MixerInference(NamedTuple):

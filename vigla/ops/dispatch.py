@@ -14,7 +14,9 @@ way:
 * that forward implementation (``*_forward`` in ``op.py``) is also what a model's layers call in eager
   inference, once per block a check says nothing records or traces (:func:`eager_inference`): the
   public function's checks hold by construction inside a model, and each skipped frame is host time
-  an eager forward at 224² waits on;
+  an eager forward at 224² waits on; with the backward implementation (``*_backward``) it is also what
+  a layer's own Function calls in eager training (:func:`eager_training`: one autograd node for a chain
+  of ops, as ``BiGLAMixer``'s);
 * one custom op (``torch.library.triton_op`` when Triton is installed): what ``torch.compile``
   traces (Inductor then launches the kernels from its own code) and what a dispatch mode sees
   (the FLOP counter, selective activation checkpointing).
@@ -46,8 +48,8 @@ from .launcher import direct
 from .tracing import exporting
 
 __all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "eager_inference",
-           "run_eager", "recorded_backward", "records", "fused_op", "cpu_op", "CpuOp", "wrap", "direct",
-           "compute_dtype"]
+           "eager_training", "run_eager", "recorded_backward", "records", "fused_op", "cpu_op", "CpuOp", "wrap",
+           "direct", "compute_dtype"]
 
 _FORCE_REFERENCE = False
 
@@ -90,6 +92,19 @@ def eager_inference(x):  # unannotated: TorchScript reads the signature of this 
     and little Python: the layers check this once per block, not each op once per call."""
     return (not torch.is_grad_enabled() and forward_ad._current_level < 0 and isinstance(x, torch.Tensor)
             and not via_dispatcher() and not exporting())
+
+
+def eager_training(*tensors) -> bool:
+    """Whether a layer may record a chain of ops as one ``torch.autograd.Function`` of its own, which calls the ops'
+    forward and backward implementations (``*_forward``, ``*_backward`` in each op's ``op.py``) directly, for inputs
+    ``tensors``: grad mode on, no forward-mode AD, nothing tracing, watching or transforming the ops
+    (``torch.compile``, ``torch.export``, ``torch.jit.trace``, a dispatch mode such as selective checkpointing's,
+    functorch), the ops not held to their references (:func:`reference_ops`) and every tensor a plain one. Each op's
+    own Function, and each PyTorch op between them, would add an autograd node's host time: at 224² an eager training
+    step of ViG-T waits on its host."""
+    return (torch.is_grad_enabled() and forward_ad._current_level < 0 and not _FORCE_REFERENCE
+            and _PLAIN.issuperset(map(type, tensors)) and not via_dispatcher() and not exporting()
+            and not torch._C._are_functorch_transforms_active())
 
 
 def fused_op(name: str, fake: Callable) -> Callable:

@@ -29,8 +29,9 @@ if HAS_TRITON:
                                  add_norm_fwd_triton, linear_add_norm_fwd_triton, mlp_add_norm_fwd_triton,
                                  mlp_fills_device)
 
-__all__ = ["AddNormFunction", "add_norm_forward", "cpu_forward", "linear_fused", "linear_add_norm_forward",
-           "linear_add_norm_op", "mlp_fused", "mlp_add_norm_forward", "mlp_add_norm_op", "scale_rows"]
+__all__ = ["AddNormFunction", "add_norm_forward", "add_norm_backward", "cpu_forward", "linear_fused",
+           "linear_add_norm_forward", "linear_add_norm_op", "mlp_fused", "mlp_add_norm_forward", "mlp_add_norm_op",
+           "scale_rows"]
 
 
 def _kernels(x: torch.Tensor) -> bool:
@@ -109,7 +110,7 @@ def mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_
                                    launch)
 
 
-def _backward(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype: Optional[torch.dtype],
+def add_norm_backward(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype: Optional[torch.dtype],
               launch=direct):
     """``(dx, ddelta, dweight, dbias)``: ``ddelta`` only when ``delta_dtype`` differs from ``s.dtype``
     and ``dbias`` only with a bias; ``[0]`` otherwise."""
@@ -145,7 +146,7 @@ class AddNormFunction(torch.autograd.Function):
     def backward(ctx, ds, dy):
         s, weight, bias = ctx.saved_tensors
         ds = ds if ctx.delta_dtype is not None else None
-        grads = _backward(dy, ds, s, weight, bias, ctx.eps, ctx.rms, ctx.delta_dtype)
+        grads = add_norm_backward(dy, ds, s, weight, bias, ctx.eps, ctx.rms, ctx.delta_dtype)
         return (*_input_grads(*grads, ctx.delta_dtype, bias is not None), None, None, None)
 
 
@@ -172,7 +173,7 @@ def add_norm_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tenso
                     bias: Optional[torch.Tensor], eps: float, rms: bool, delta_dtype: Optional[torch.dtype]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Its backward: ``(dx, ddelta, dweight, dbias)`` (see ``_backward``)."""
-    return tuple(_backward(dy, ds, s, weight, bias, eps, rms, delta_dtype, wrap))
+    return tuple(add_norm_backward(dy, ds, s, weight, bias, eps, rms, delta_dtype, wrap))
 
 
 def _setup(ctx, inputs, output):

@@ -26,7 +26,8 @@ else:
 
     mixes = supports
 
-__all__ = ["BiGLAFunction", "bigla_forward", "bigla_mix_forward", "bigla_macs", "log_decays", "supports"]
+__all__ = ["BiGLAFunction", "bigla_forward", "bigla_backward", "bigla_mix_forward", "bigla_macs", "log_decays",
+           "supports"]
 
 
 def bigla_macs(q_shape, v_shape) -> int:
@@ -105,7 +106,7 @@ def bigla_mix_forward(q, k, v, zf, zb, scale: float, gate_normalizer: float, x, 
                                 eps, act, launch)
 
 
-def _backward(do, q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
+def bigla_backward(do, q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
     """``(dq, dk, dv, dgf, dgb)`` of ``<do, bigla_forward(...)>``, in the inputs' dtypes."""
     if _kernels(q, v):
         return bigla_bwd_triton(q, k, v, gf, gb, do, scale, gate_normalizer, wrap=launch)
@@ -130,7 +131,7 @@ class BiGLAFunction(torch.autograd.Function):
     @staticmethod
     @recorded_backward
     def backward(ctx, do):
-        return (*_backward(do, *ctx.saved_tensors, ctx.scale, ctx.gate_normalizer), None, None)
+        return (*bigla_backward(do, *ctx.saved_tensors, ctx.scale, ctx.gate_normalizer), None, None)
 
 
 def _fwd_fake(q, k, v, gf, gb, scale, gate_normalizer=None):
@@ -153,7 +154,7 @@ def bigla_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               gb: torch.Tensor, scale: float, gate_normalizer: Optional[float] = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Its backward: ``(dq, dk, dv, dgf, dgb)``."""
-    return tuple(_backward(do.contiguous(), q, k, v, gf, gb, scale, gate_normalizer, wrap))
+    return tuple(bigla_backward(do.contiguous(), q, k, v, gf, gb, scale, gate_normalizer, wrap))
 
 
 @fused_op("vigla::bigla_mix", lambda q, k, v, zf, zb, scale, gn, x, *args: x.new_empty(x.shape, dtype=q.dtype))

@@ -17,7 +17,7 @@ if HAS_TRITON:
     from ..add_norm.triton_kernels import MAX_C, add_norm_bwd_triton, add_norm_fwd_triton
     from .triton_kernels import conv_norm_fwd_triton
 
-__all__ = ["ConvNormFunction", "conv_norm_forward"]
+__all__ = ["ConvNormFunction", "conv_norm_forward", "conv_norm_backward"]
 
 
 def _kernels(x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -36,7 +36,7 @@ def conv_norm_forward(x, weight, bias, norm_weight, norm_bias, eps: float, strid
                                    out_dtype).contiguous()
 
 
-def _backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
+def conv_norm_backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
               dtype: torch.dtype, input_grad: bool, launch=direct):
     """``(dx, dweight, dbias, dnorm_weight, dnorm_bias)`` (``dx`` empty unless ``input_grad``), in the inputs'
     dtypes: :func:`_kernels_backward` on the GPU, the reference's written-out backward elsewhere."""
@@ -82,7 +82,7 @@ class ConvNormFunction(torch.autograd.Function):
     @staticmethod
     @recorded_backward
     def backward(ctx, dy):
-        dx, *grads = _backward(dy, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[0])
+        dx, *grads = conv_norm_backward(dy, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[0])
         return (dx if ctx.needs_input_grad[0] else None, *grads, None, None, None, None, None, None)
 
 
@@ -116,7 +116,8 @@ def conv_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
                      act: str, dtype: torch.dtype, input_grad: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Its backward: ``(dx, dweight, dbias, dnorm_weight, dnorm_bias)`` (``dx`` empty unless ``input_grad``)."""
-    return _backward(dy, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype, input_grad, wrap)
+    return conv_norm_backward(dy, x, weight, bias, norm_weight, norm_bias, eps, stride, padding, act, dtype,
+                              input_grad, wrap)
 
 
 def _setup(ctx, inputs, output):

@@ -13,7 +13,7 @@ from .reference import dwconv_reference, dwconv_reference_bwd
 if HAS_TRITON:
     from .triton_kernels import dwconv_bwd_triton, dwconv_fwd_triton
 
-__all__ = ["DWConvFunction", "cpu_forward", "dwconv_forward"]
+__all__ = ["DWConvFunction", "cpu_forward", "dwconv_forward", "dwconv_backward"]
 
 
 def cpu_forward(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -31,7 +31,7 @@ def dwconv_forward(x, weight, H: int, W: int, act: bool, out_dtype: torch.dtype,
     return dwconv_reference(x, weight, (H, W), act, out_dtype).contiguous()
 
 
-def _backward(dy, x, weight, H: int, W: int, act: bool, launch=direct):
+def dwconv_backward(dy, x, weight, H: int, W: int, act: bool, launch=direct):
     """``(dx, dweight)`` in the inputs' dtypes."""
     if use_kernels(x):
         return dwconv_bwd_triton(dy, x, weight, (H, W), act, wrap=launch)
@@ -52,7 +52,7 @@ class DWConvFunction(torch.autograd.Function):
     @staticmethod
     @recorded_backward
     def backward(ctx, dy):
-        return (*_backward(dy, *ctx.saved_tensors, ctx.H, ctx.W, ctx.act), None, None, None, None)
+        return (*dwconv_backward(dy, *ctx.saved_tensors, ctx.H, ctx.W, ctx.act), None, None, None, None)
 
 
 def _fake(x, weight, H, W, act, out_dtype):
@@ -74,7 +74,7 @@ def dwconv_op(x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: bool, 
 def dwconv_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, H: int, W: int, act: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Its backward: ``(dx, dweight)``."""
-    return tuple(_backward(dy, x, weight, H, W, act, wrap))
+    return tuple(dwconv_backward(dy, x, weight, H, W, act, wrap))
 
 
 def _setup(ctx, inputs, output):

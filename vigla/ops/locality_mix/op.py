@@ -12,7 +12,7 @@ from .reference import locality_mix_reference, locality_mix_reference_bwd
 if HAS_TRITON:
     from .triton_kernels import locality_mix_bwd_triton, locality_mix_fwd_triton
 
-__all__ = ["LocalityMixFunction", "locality_mix_forward"]
+__all__ = ["LocalityMixFunction", "locality_mix_forward", "locality_mix_backward"]
 
 
 def _kernels(o: torch.Tensor) -> bool:
@@ -34,7 +34,7 @@ def locality_mix_forward(o, x, z, w_o, w_l, eps: float, act: bool, launch=direct
     return locality_mix_reference(o, x, z, w_o, w_l, eps, act)
 
 
-def _backward(dy, o, x, z, w_o, w_l, eps: float, act: bool, launch=direct):
+def locality_mix_backward(dy, o, x, z, w_o, w_l, eps: float, act: bool, launch=direct):
     """``(do, dx, dz, dw_o, dw_l)`` in the inputs' dtypes."""
     if _kernels(o):
         return locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps, act, wrap=launch)
@@ -55,7 +55,7 @@ class LocalityMixFunction(torch.autograd.Function):
     @staticmethod
     @recorded_backward
     def backward(ctx, dy):
-        return (*_backward(dy, *ctx.saved_tensors, ctx.eps, ctx.act), None, None)
+        return (*locality_mix_backward(dy, *ctx.saved_tensors, ctx.eps, ctx.act), None, None)
 
 
 def _fake(o, x, z, w_o, w_l, eps, act):
@@ -79,7 +79,7 @@ def locality_mix_bwd_op(dy: torch.Tensor, o: torch.Tensor, x: torch.Tensor, z: t
                         w_o: torch.Tensor, w_l: torch.Tensor, eps: float, act: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Its backward: ``(do, dx, dz, dw_o, dw_l)``."""
-    return tuple(_backward(dy, o, x, z, w_o, w_l, eps, act, wrap))
+    return tuple(locality_mix_backward(dy, o, x, z, w_o, w_l, eps, act, wrap))
 
 
 def _setup(ctx, inputs, output):

@@ -18,8 +18,8 @@ from .reference import swiglu_reference, swiglu_reference_bwd
 if HAS_TRITON:
     from .triton_kernels import fc1_swiglu_triton, swiglu_bwd_triton, swiglu_fwd_triton
 
-__all__ = ["SwiGLUFunction", "SwiGLUMLPFunction", "swiglu_forward", "swiglu_mlp_forward", "fc1_fused",
-           "fc1_swiglu_forward"]
+__all__ = ["SwiGLUFunction", "SwiGLUMLPFunction", "swiglu_forward", "swiglu_backward", "swiglu_mlp_forward",
+           "fc1_fused", "fc1_swiglu_forward"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -48,7 +48,7 @@ def swiglu_forward(u: torch.Tensor, launch=direct) -> torch.Tensor:
     return swiglu_reference(u).contiguous()
 
 
-def _backward(dy: torch.Tensor, u: torch.Tensor, launch=direct) -> torch.Tensor:
+def swiglu_backward(dy: torch.Tensor, u: torch.Tensor, launch=direct) -> torch.Tensor:
     """``du`` (``[..., 2I]``) of ``<dy, swiglu(u)>``."""
     if use_kernels(u):
         return swiglu_bwd_triton(dy, u, wrap=launch)
@@ -68,7 +68,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     @recorded_backward
     def backward(ctx, dy):
-        return _backward(dy, ctx.saved_tensors[0])
+        return swiglu_backward(dy, ctx.saved_tensors[0])
 
 
 @fused_op("vigla::swiglu", lambda u: u.new_empty(*u.shape[:-1], u.shape[-1] // 2))
@@ -80,7 +80,7 @@ def swiglu_op(u: torch.Tensor) -> torch.Tensor:
 @fused_op("vigla::swiglu_bwd", lambda dy, u: u.new_empty(u.shape))
 def swiglu_bwd_op(dy: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Its backward: ``du``."""
-    return _backward(dy, u, wrap)
+    return swiglu_backward(dy, u, wrap)
 
 
 def _setup(ctx, inputs, output):
