@@ -310,8 +310,11 @@ class MixerFunction(torch.autograd.Function):
         B, N, C = x.shape
         h, K, dk, dv = mixer.num_heads, mixer.key_dim, mixer.head_k, mixer.head_v
         dtype = compute_dtype(x)
-        w_in, b_in = BiGLAMixer._concat((w_qkv, w_down, w_gate, b_gate))
-        w_in, b_in, w_up_c, b_up_c, w_out_c = (t.to(dtype) for t in (w_in, b_in, w_up, b_up, w_out))
+        # the in-projection concatenated straight into the compute dtype (one kernel), the rest cast
+        w_in = torch.cat((w_qkv, w_down, w_gate), out=w_qkv.new_empty(w_qkv.shape[0] + w_down.shape[0] + C, C,
+                                                                      dtype=dtype))
+        b_in = F.pad(b_gate.to(dtype), (w_in.shape[0] - C, 0))
+        w_up_c, b_up_c, w_out_c = w_up.to(dtype), b_up.to(dtype), w_out.to(dtype)
         x_c = dwconv_forward(x, conv, hw[0], hw[1], mixer.conv_act, dtype)
         u = F.linear(x_c, w_in, b_in)
         q, k, v, z, gate = u.split([K, K, C, w_down.shape[0], C], dim=-1)
@@ -348,9 +351,11 @@ class MixerFunction(torch.autograd.Function):
         du = torch.cat([dq.view(B * N, K), dk_.view(B * N, K), dv_.view(B * N, C), dlogits @ w_up_c, dgate], dim=1)
         dx_c = torch.addmm(dx_c.reshape(B * N, C), du, w_in)
         dx, dconv = dwconv_backward(dx_c.view(B, N, C), x, conv, H, W, m.conv_act)
-        dw_qkv, dw_down, dw_gate = (du.t() @ x_c.reshape(B * N, C)).split([2 * K + C, r, C])
-        grads = (dx, dconv, dw_qkv, dw_down, dw_gate, dgate.sum(0), dlogits.t() @ z.reshape(B * N, r),
-                 dlogits.sum(0), dw_o, dw_l, dout.t() @ y.reshape(B * N, C))
+        # the in-projection's weight gradient cast once and split; the bias gradients summed into their dtypes
+        dw_qkv, dw_down, dw_gate = (du.t() @ x_c.reshape(B * N, C)).to(w_qkv.dtype).split([2 * K + C, r, C])
+        grads = (dx, dconv, dw_qkv, dw_down, dw_gate, dgate.sum(0, dtype=b_gate.dtype),
+                 dlogits.t() @ z.reshape(B * N, r), dlogits.sum(0, dtype=b_up.dtype), dw_o, dw_l,
+                 dout.t() @ y.reshape(B * N, C))
         return (*(g.to(t.dtype) for g, t in zip(grads, inputs)), None, None)
 
     @staticmethod
