@@ -22,20 +22,37 @@ triton = pytest.importorskip("triton", reason="the launcher wraps Triton kernels
 from vigla.ops import launcher  # noqa: E402
 
 
+def _key(args: tuple, meta: dict) -> tuple:
+    return launcher._signature(args, meta)[0]
+
+
+def test_a_replayed_launch_passes_each_tensor_by_its_address():
+    """Triton's launcher takes an int for a pointer as it is (a tensor costs it a ``data_ptr`` call and a driver
+    query): a replayed launch's arguments are the given ones with each tensor replaced by its address; a layout
+    with a TMA descriptor keeps them as given."""
+    x, y = torch.zeros(64), torch.ones(8, 8)
+    _, args = launcher._signature((x, 3, y[1:], 1.5, None, True), {"BLOCK": 32})
+    assert args == [x.data_ptr(), 3, y[1:].data_ptr(), 1.5, None, True]
+    assert [type(a) for a in args] == [int, int, int, float, type(None), bool]
+    TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    given = (TensorDescriptor.from_tensor(torch.zeros(64, 64, dtype=torch.bfloat16), [16, 32]), x)
+    assert launcher._signature(given, {})[1] is given
+
+
 def test_signature_tells_apart_what_triton_specialises_on():
     x = torch.zeros(64)
     same_layout = torch.ones(64)
-    key = launcher._key((x, 64, 1.5), {"BLOCK": 32})
-    assert key == launcher._key((same_layout, 64, 1.5), {"BLOCK": 32})  # data differ: one kernel
-    assert key != launcher._key((x[1:], 64, 1.5), {"BLOCK": 32})  # 4-byte offset: not 16-aligned
-    assert key != launcher._key((x.double(), 64, 1.5), {"BLOCK": 32})  # dtype
-    assert key != launcher._key((x, 63, 1.5), {"BLOCK": 32})  # int value (divisibility by 16)
-    assert key != launcher._key((x, 64, 1.5), {"BLOCK": 64})  # constexpr
-    assert key != launcher._key((x, 64, 1.5), {"BLOCK": 32, "num_warps": 8})  # launch option
-    assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, True), {"FLAG": 1})  # i32 vs i1
-    assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, 1), {"FLAG": True})
-    assert launcher._key((x, 1), {"FLAG": 1}) != launcher._key((x, 1.0), {"FLAG": 1})  # i32 vs fp32
-    assert launcher._key((x, None), {}) != launcher._key((x, 0), {})  # a constexpr None
+    key = _key((x, 64, 1.5), {"BLOCK": 32})
+    assert key == _key((same_layout, 64, 1.5), {"BLOCK": 32})  # data differ: one kernel
+    assert key != _key((x[1:], 64, 1.5), {"BLOCK": 32})  # 4-byte offset: not 16-aligned
+    assert key != _key((x.double(), 64, 1.5), {"BLOCK": 32})  # dtype
+    assert key != _key((x, 63, 1.5), {"BLOCK": 32})  # int value (divisibility by 16)
+    assert key != _key((x, 64, 1.5), {"BLOCK": 64})  # constexpr
+    assert key != _key((x, 64, 1.5), {"BLOCK": 32, "num_warps": 8})  # launch option
+    assert _key((x, 1), {"FLAG": 1}) != _key((x, True), {"FLAG": 1})  # i32 vs i1
+    assert _key((x, 1), {"FLAG": 1}) != _key((x, 1), {"FLAG": True})
+    assert _key((x, 1), {"FLAG": 1}) != _key((x, 1.0), {"FLAG": 1})  # i32 vs fp32
+    assert _key((x, None), {}) != _key((x, 0), {})  # a constexpr None
 
 
 def test_signature_tells_apart_argument_layouts(monkeypatch):
@@ -43,10 +60,10 @@ def test_signature_tells_apart_argument_layouts(monkeypatch):
     number is never reused)."""
     x = torch.zeros(64)
     monkeypatch.setattr(launcher, "_LAYOUTS", {})
-    first = launcher._key((x, 1, 2), {})
-    assert first != launcher._key((1, x, 2), {}) and first == launcher._key((x, 1, 2), {})
+    first = _key((x, 1, 2), {})
+    assert first != _key((1, x, 2), {}) and first == _key((x, 1, 2), {})
     launcher._LAYOUTS.clear()
-    assert launcher._key((1, 2, x), {}) != first
+    assert _key((1, 2, x), {}) != first
 
 
 def test_signature_of_tma_descriptors_is_their_dtype_and_block():
@@ -54,10 +71,10 @@ def test_signature_of_tma_descriptors_is_their_dtype_and_block():
     them on; their base, shape and strides go to every launch."""
     TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
     a, b = torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(128, 32, dtype=torch.bfloat16)
-    key = launcher._key((TensorDescriptor.from_tensor(a, [16, 32]),), {})
-    assert key == launcher._key((TensorDescriptor.from_tensor(b, [16, 32]),), {})  # other tensor and shape
-    assert key != launcher._key((TensorDescriptor.from_tensor(b, [32, 32]),), {})  # block
-    assert key != launcher._key((TensorDescriptor.from_tensor(a.half(), [16, 32]),), {})  # dtype
+    key = _key((TensorDescriptor.from_tensor(a, [16, 32]),), {})
+    assert key == _key((TensorDescriptor.from_tensor(b, [16, 32]),), {})  # other tensor and shape
+    assert key != _key((TensorDescriptor.from_tensor(b, [32, 32]),), {})  # block
+    assert key != _key((TensorDescriptor.from_tensor(a.half(), [16, 32]),), {})  # dtype
 
 
 def test_grid_arithmetic_matches_tritons():

@@ -5,7 +5,9 @@ argument, hashes the specialisation and checks the kernel's globals on each call
 host time per launch, more than a small kernel takes on the GPU, and at 224² an eager ViG
 forward issues ~80 of them. :func:`direct` keeps, per kernel, the ``CompiledKernel`` that Triton
 returned for each signature and launches it directly after that (Triton's own
-``CompiledKernel[grid](*args)`` call, with the constexprs in the signature's order).
+``CompiledKernel[grid](*args)`` call, with the constexprs in the signature's order), each tensor passed
+by its address: Triton's launcher would otherwise call the tensor's ``data_ptr`` and ask the driver
+whether the address is device memory (``cuPointerGetAttribute``), for every tensor of every launch.
 
 The signature is what Triton specialises on: per tensor its dtype and whether its address is
 16-byte aligned, per host-side TMA descriptor its dtype and block, every other argument by value
@@ -113,8 +115,9 @@ def _getter(positions: list) -> Callable:
 
 
 def _layout(types: tuple):
-    """How to key arguments of these ``types``: ``(tensors, values, index)``, or None where one is neither a tensor
-    nor a plain value (e.g. a TMA descriptor: :func:`_other_key`)."""
+    """How to key arguments of these ``types``: ``(tensors, values, index, positions)`` (getters of the tensors and
+    the plain values, the layout's number, the tensors' positions), or None where one is neither a tensor nor a
+    plain value (e.g. a TMA descriptor: :func:`_other_key`)."""
     layout = _LAYOUTS.get(types, _LAYOUTS)
     if layout is _LAYOUTS:
         if len(_LAYOUTS) >= MAX_SIGNATURES:
@@ -122,22 +125,29 @@ def _layout(types: tuple):
         tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
         values = [i for i, t in enumerate(types) if t in _VALUES]
         plain = len(tensors) + len(values) == len(types)
-        layout = _LAYOUTS[types] = (_getter(tensors), _getter(values), next(_INDEX)) if plain else None
+        layout = _LAYOUTS[types] = (_getter(tensors), _getter(values), next(_INDEX), tensors) if plain else None
     return layout
 
 
-def _key(args: tuple, meta: dict) -> tuple:
-    """What Triton's specialisation depends on (see the module docstring): the arguments' types, each plain value,
-    each tensor's dtype and offset from 16-byte alignment, the keywords with their values' types. Mostly in C: the
-    positions of the tensors and values are found once per tuple of argument types (:func:`_layout`)."""
+def _signature(args: tuple, meta: dict) -> tuple[tuple, tuple | list]:
+    """``(key, launch_args)``. The key: what Triton's specialisation depends on (see the module docstring), the
+    arguments' types, each plain value, each tensor's dtype and offset from 16-byte alignment, the keywords with
+    their values' types; mostly in C, the positions of the tensors and values found once per tuple of argument types
+    (:func:`_layout`). ``launch_args``: ``args`` with each tensor replaced by its address, as a replayed launch passes
+    them (the module docstring), or ``args`` itself for a layout of other types."""
     types = tuple(map(type, args))
     layout = _layout(types)
     if layout is None:
         return (types, tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else _other_key(a)
-                              for a in args]), *meta.items(), *map(type, meta.values()))
+                              for a in args]), *meta.items(), *map(type, meta.values())), args
     tensors = layout[0](args)
-    return (layout[2], layout[1](args), *map(_dtype, tensors), *map(_misalignment, map(_data_ptr, tensors)),
-            *meta.items(), *map(type, meta.values()))
+    addresses = tuple(map(_data_ptr, tensors))
+    key = (layout[2], layout[1](args), *map(_dtype, tensors), *map(_misalignment, addresses), *meta.items(),
+           *map(type, meta.values()))
+    launch_args = list(args)
+    for i, address in zip(layout[3], addresses):
+        launch_args[i] = address
+    return key, launch_args
 
 
 def _device_of(active) -> int:
@@ -179,15 +189,16 @@ class FastKernel:
             return
         active = _driver.active
         device = _device_of(active)
+        signature, launch_args = _signature(args, meta)
         # Triton's debug and instrumentation switches select other compilations, as in its own cache key
-        key = (device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode, _key(args, meta))
+        key = (device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode, signature)
         hit = self.compiled.get(key)
         if hit is None:
             self._first(key, grid, args, meta)
             return
         run, function, metadata, constexprs, _ = hit
         run(*grid, *_GRID_PAD[len(grid)], active.get_current_stream(device), function, metadata, None, None, None,
-            *args, *constexprs(meta))
+            *launch_args, *constexprs(meta))
 
     def _first(self, key: tuple, grid: tuple, args: tuple, meta: dict) -> None:
         """Triton's own launch; its compiled kernel is kept (:class:`Compiled`) when the call can be replayed
