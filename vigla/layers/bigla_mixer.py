@@ -333,8 +333,8 @@ class MixerFunction(torch.autograd.Function):
     def backward(ctx, dout):
         if torch.is_grad_enabled():
             return MixerFunction._recorded_backward(ctx, dout)
-        *inputs, x_c, u, logits, o, y, w_in, w_up_c, w_out_c = ctx.saved_tensors
-        x, conv, w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_o, w_l, w_out = inputs
+        (x, conv, w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_o, w_l, w_out,
+         x_c, u, logits, o, y, w_in, w_up_c, w_out_c) = ctx.saved_tensors
         m, (H, W) = ctx.mixer, ctx.hw
         B, N, C = x.shape
         h, K, dk, dv, r = m.num_heads, m.key_dim, m.head_k, m.head_v, w_down.shape[0]
@@ -351,12 +351,12 @@ class MixerFunction(torch.autograd.Function):
         du = torch.cat([dq.view(B * N, K), dk_.view(B * N, K), dv_.view(B * N, C), dlogits @ w_up_c, dgate], dim=1)
         dx_c = torch.addmm(dx_c.reshape(B * N, C), du, w_in)
         dx, dconv = dwconv_backward(dx_c.view(B, N, C), x, conv, H, W, m.conv_act)
-        # the in-projection's weight gradient cast once and split; the bias gradients summed into their dtypes
+        # the in-projection's weight gradient cast once and split; the bias gradients summed into their dtypes;
+        # the ops' gradients are in their inputs' dtypes already
         dw_qkv, dw_down, dw_gate = (du.t() @ x_c.reshape(B * N, C)).to(w_qkv.dtype).split([2 * K + C, r, C])
-        grads = (dx, dconv, dw_qkv, dw_down, dw_gate, dgate.sum(0, dtype=b_gate.dtype),
-                 dlogits.t() @ z.reshape(B * N, r), dlogits.sum(0, dtype=b_up.dtype), dw_o, dw_l,
-                 dout.t() @ y.reshape(B * N, C))
-        return (*(g.to(t.dtype) for g, t in zip(grads, inputs)), None, None)
+        return (dx, dconv, dw_qkv, dw_down, dw_gate, dgate.sum(0, dtype=b_gate.dtype),
+                (dlogits.t() @ z.reshape(B * N, r)).to(w_up.dtype), dlogits.sum(0, dtype=b_up.dtype), dw_o, dw_l,
+                (dout.t() @ y.reshape(B * N, C)).to(w_out.dtype), None, None)
 
     @staticmethod
     def _recorded_backward(ctx, dout: torch.Tensor) -> tuple:
