@@ -336,10 +336,17 @@ def test_swiglu_inference_weight_cache():
             assert mlp(x).abs().max() == 0
 
 
-def test_mixer_bad_grid():
+@pytest.mark.parametrize("grad", [False, True])
+def test_mixer_bad_grid(grad):
+    """Tokens that do not fit the grid or the layer's width fail with one line on every path (the fused ones read
+    the parameters with x's sizes: a wider x read past the depthwise conv's weight, then failed in oneDNN)."""
     m = BiGLAMixer(16, num_heads=2)
-    with pytest.raises(ValueError, match="12 tokens do not form the given 3x3 grid"):
-        m(torch.randn(1, 12, 16), (3, 3))
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(ValueError, match="12 tokens do not form the given 3x3 grid"):
+            m(torch.randn(1, 12, 16), (3, 3))
+        for shape in ((1, 9, 32), (1, 9, 8), (9, 16)):
+            with pytest.raises(ValueError, match=r"expected x of shape \[B, N, 16\]"):
+                m(torch.randn(*shape, requires_grad=grad), (3, 3))
     with pytest.raises(ValueError, match="divisible by num_heads"):
         BiGLAMixer(18, num_heads=4)
 

@@ -33,9 +33,14 @@ torch.fx.wrap("dwconv_silu")
 
 
 @torch.fx.wrap
-def _check_grid(n: int, hw: tuple[int, int]) -> None:
-    if n != hw[0] * hw[1]:
-        raise ValueError(f"BiGLAMixer: {n} tokens do not form the given {hw[0]}x{hw[1]} grid")
+def _check_tokens(x: torch.Tensor, dim: int, hw: tuple[int, int]) -> None:
+    """``x`` must be ``[B, N, dim]`` tokens of the ``hw`` grid: the fused paths read the parameters with ``x``'s
+    sizes, unchecked (a wider ``x`` would read past the depthwise conv's weight)."""
+    if x.dim() != 3 or x.shape[2] != dim:
+        raise ValueError(f"BiGLAMixer: expected x of shape [B, N, {dim}] (tokens of the layer's width), "
+                         f"got {x.shape}")
+    if x.shape[1] != hw[0] * hw[1]:
+        raise ValueError(f"BiGLAMixer: {x.shape[1]} tokens do not form the given {hw[0]}x{hw[1]} grid")
 
 
 # the layers whose parameters the fused paths read, with the type they must have for that
@@ -175,8 +180,7 @@ class BiGLAMixer(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """``x``: ``[B, N, C]`` tokens of an ``H x W`` grid in row-major order (``N = H * W``).
         Returns ``[B, N, C]``."""
-        N, C = x.shape[1], x.shape[2]
-        _check_grid(N, hw)
+        _check_tokens(x, self.dim, hw)
         if not torch.jit.is_scripting():
             if not self._reads_leaves():
                 return self.forward_layers(x, hw)
@@ -311,8 +315,8 @@ class MixerFunction(torch.autograd.Function):
         h, K, dk, dv = mixer.num_heads, mixer.key_dim, mixer.head_k, mixer.head_v
         dtype = compute_dtype(x)
         # the in-projection concatenated straight into the compute dtype (one kernel), the rest cast
-        w_in = torch.cat((w_qkv, w_down, w_gate), out=w_qkv.new_empty(w_qkv.shape[0] + w_down.shape[0] + C, C,
-                                                                      dtype=dtype))
+        rows = w_qkv.shape[0] + w_down.shape[0] + w_gate.shape[0]
+        w_in = torch.cat((w_qkv, w_down, w_gate), out=w_qkv.new_empty(rows, C, dtype=dtype))
         b_in = F.pad(b_gate.to(dtype), (w_in.shape[0] - C, 0))
         w_up_c, b_up_c, w_out_c = w_up.to(dtype), b_up.to(dtype), w_out.to(dtype)
         x_c = dwconv_forward(x, conv, hw[0], hw[1], mixer.conv_act, dtype)
