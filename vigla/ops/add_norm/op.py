@@ -111,7 +111,7 @@ def mlp_add_norm_forward(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_
 
 
 def add_norm_backward(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dtype: Optional[torch.dtype],
-              launch=direct):
+                      launch=direct):
     """``(dx, ddelta, dweight, dbias)``: ``ddelta`` only when ``delta_dtype`` differs from ``s.dtype``
     and ``dbias`` only with a bias; ``[0]`` otherwise."""
     if _kernels(s):
@@ -172,7 +172,7 @@ def add_norm_op(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Te
 def add_norm_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
                     bias: Optional[torch.Tensor], eps: float, rms: bool, delta_dtype: Optional[torch.dtype]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Its backward: ``(dx, ddelta, dweight, dbias)`` (see ``_backward``)."""
+    """Its backward: ``(dx, ddelta, dweight, dbias)`` (see :func:`add_norm_backward`)."""
     return tuple(add_norm_backward(dy, ds, s, weight, bias, eps, rms, delta_dtype, wrap))
 
 

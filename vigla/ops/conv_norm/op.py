@@ -36,8 +36,8 @@ def conv_norm_forward(x, weight, bias, norm_weight, norm_bias, eps: float, strid
                                    out_dtype).contiguous()
 
 
-def conv_norm_backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int, act: str,
-              dtype: torch.dtype, input_grad: bool, launch=direct):
+def conv_norm_backward(dy, x, weight, bias, norm_weight, norm_bias, eps: float, stride: int, padding: int,
+                       act: str, dtype: torch.dtype, input_grad: bool, launch=direct):
     """``(dx, dweight, dbias, dnorm_weight, dnorm_bias)`` (``dx`` empty unless ``input_grad``), in the inputs'
     dtypes: :func:`_kernels_backward` on the GPU, the reference's written-out backward elsewhere."""
     if _kernels(x, dtype) and weight.shape[0] <= MAX_C:
