@@ -351,6 +351,29 @@ def test_mixer_bad_grid(grad):
         BiGLAMixer(18, num_heads=4)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_layers_refuse_an_input_on_another_device(device, grad):
+    """A mixer, an MLP or a block whose parameters are on another device than its input fails with one line naming
+    both, on the recording and the inference path (the fused paths hand kernels addresses: a CUDA input with a layer
+    left on the CPU faulted the device). On the CPU the layers sit on the meta device; on the GPU on the CPU."""
+    from vigla.layers import SwiGLU
+    from vigla.models._vig_common import ViGBlock
+    from vigla.layers import RmsNorm
+
+    params, data = ("meta", "cpu") if device == "cpu" else ("cpu", "cuda")
+    # the recording path of the MLP and the block meets the public ops' own check first (test_op_inputs.py)
+    layers = [(BiGLAMixer(16, num_heads=2), lambda m, x: m(x, (3, 3)), "BiGLAMixer: x is on", "BiGLAMixer: x is on"),
+              (SwiGLU(16, 32), lambda m, x: m(x), "SwiGLU: parameter fc1.weight is on", "swiglu_mlp: w1 is on"),
+              (ViGBlock(16, 2, 32, norm_layer=RmsNorm), lambda m, x: m(x, (3, 3)), "ViGBlock: parameter norm1",
+               "add_norm: weight is on")]
+    for layer, call, inference, recording in layers:
+        layer = layer.to(params).train(grad)
+        x = torch.randn(1, 9, 16, device=data, requires_grad=grad)
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=f"^{recording if grad else inference}"):
+            call(layer, x)
+
+
 # ------------------------------------------------------------------------------------------------
 # init
 

@@ -52,6 +52,34 @@ def test_shapes_without_channels_are_refused(call, message):
         call()
 
 
+def _other(device: str):
+    """A tensor maker on ``device``: the meta device on the CPU (any second device shows the check), a CPU tensor among
+    CUDA ones on the GPU (its kernels read every tensor through its address: Triton's launcher is not asked to check
+    them, so before the check a CPU tensor there faulted the device)."""
+    if device == "cpu":
+        return lambda *shape: torch.ones(*shape, device="meta")
+    return lambda *shape: torch.ones(*shape)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tensors_on_two_devices_are_refused(device):
+    """Every public op names the argument on another device than the first (one line, before any kernel)."""
+    dev = "cpu" if device == "cpu" else "cuda"
+    other = _other(device)
+    r = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
+    calls = [
+        (lambda: add_norm(r(2, 8), r(2, 8), other(8)), "add_norm: weight is on"),
+        (lambda: locality_mix(r(2, 3, 4), r(2, 12), other(2, 12), r(4), r(4)), "locality_mix: z is on"),
+        (lambda: dwconv_silu(r(1, 12, 4), other(4, 1, 3, 3), (3, 4)), "dwconv_silu: weight is on"),
+        (lambda: swiglu_mlp(r(3, 4), r(8, 4), other(5, 4)), "swiglu_mlp: w2 is on"),
+        (lambda: conv_norm_act(r(1, 3, 8, 8), r(4, 3, 3, 3), r(4), other(4), r(4), 1e-5, 1, 1),
+         "conv_norm_act: norm_weight is on"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ValueError, match=message + r" .* but .* is on .*; move them to one device"):
+            call()
+
+
 @pytest.mark.parametrize("x_dtype, delta_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)])
 def test_add_norm_rounds_the_sum_to_x_dtype_once(x_dtype, delta_dtype):
     """``s`` in ``x``'s dtype, the exact sum rounded once, and ``y`` the norm of ``s`` as stored, whatever

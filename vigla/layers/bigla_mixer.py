@@ -21,7 +21,7 @@ from ..ops.dwconv.op import dwconv_backward, dwconv_forward
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.locality_mix import locality_mix
 from ..ops.locality_mix.op import locality_mix_backward, locality_mix_forward
-from .cast import Projection, caching, gemm, gemm_weights, inference_weights, memoized, plain_leaves
+from .cast import Projection, caching, check_device, gemm, gemm_weights, inference_weights, memoized, plain_leaves
 from .norm import RmsNorm
 
 __all__ = ["BiGLAMixer", "MixerFunction", "MixerInference"]
@@ -33,14 +33,18 @@ torch.fx.wrap("dwconv_silu")
 
 
 @torch.fx.wrap
-def _check_tokens(x: torch.Tensor, dim: int, hw: tuple[int, int]) -> None:
-    """``x`` must be ``[B, N, dim]`` tokens of the ``hw`` grid: the fused paths read the parameters with ``x``'s
-    sizes, unchecked (a wider ``x`` would read past the depthwise conv's weight)."""
+def _check_tokens(x: torch.Tensor, dim: int, hw: tuple[int, int], device: torch.device) -> None:
+    """``x`` must be ``[B, N, dim]`` tokens of the ``hw`` grid on the parameters' ``device``: the fused paths read the
+    parameters with ``x``'s sizes, through addresses, unchecked (a wider ``x`` would read past the depthwise conv's
+    weight; a CUDA ``x`` with parameters on the CPU would fault the device)."""
     if x.dim() != 3 or x.shape[2] != dim:
         raise ValueError(f"BiGLAMixer: expected x of shape [B, N, {dim}] (tokens of the layer's width), "
                          f"got {x.shape}")
     if x.shape[1] != hw[0] * hw[1]:
         raise ValueError(f"BiGLAMixer: {x.shape[1]} tokens do not form the given {hw[0]}x{hw[1]} grid")
+    if x.device != device:
+        raise ValueError(f"BiGLAMixer: x is on {x.device} but the layer's parameters are on {device}; move the layer "
+                         f"(.to(device)) or the input")
 
 
 # the layers whose parameters the fused paths read, with the type they must have for that
@@ -180,7 +184,7 @@ class BiGLAMixer(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """``x``: ``[B, N, C]`` tokens of an ``H x W`` grid in row-major order (``N = H * W``).
         Returns ``[B, N, C]``."""
-        _check_tokens(x, self.dim, hw)
+        _check_tokens(x, self.dim, hw, self.dwconv.weight.device)
         if not torch.jit.is_scripting():
             if not self._reads_leaves():
                 return self.forward_layers(x, hw)
@@ -255,11 +259,12 @@ class BiGLAMixer(nn.Module):
         """What :meth:`forward_inference` reads for inputs like ``x`` (``[B, N, C]``) with products in ``dtype``,
         built once and kept (:func:`vigla.layers.cast.memoized`) while the parameters stay as they are."""
         rows = x.shape[0] * x.shape[1]
-        return memoized(self, (dtype, x.is_cuda), lambda: self._inference_params(dtype, x.is_cuda, rows))
+        return memoized(self, (dtype, x.is_cuda), lambda: self._inference_params(x, dtype, rows))
 
     @torch.jit.unused
-    def _inference_params(self, dtype: torch.dtype, cuda: bool, rows: int) -> "MixerInference":
-        if cuda:  # the decay projection folded into the in-projection: one GEMM launch instead of two
+    def _inference_params(self, x: torch.Tensor, dtype: torch.dtype, rows: int) -> "MixerInference":
+        check_device(self, x)
+        if x.is_cuda:  # the decay projection folded into the in-projection: one GEMM launch instead of two
             w_in, b_in, w_out = self._folded_weights(dtype, rows)
             w_up = b_up = None
         else:  # the CPU's GEMMs are bound by arithmetic: the low-rank pair costs less there

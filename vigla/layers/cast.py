@@ -38,8 +38,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "caching", "memoized", "plain_call", "plain_leaves", "gemm_weights", "gemm",
-           "gemm_swiglu", "packs", "Projection", "MlpProjection", "dense"]
+__all__ = ["inference_weights", "caching", "check_device", "memoized", "plain_call", "plain_leaves", "gemm_weights",
+           "gemm", "gemm_swiglu", "packs", "Projection", "MlpProjection", "dense"]
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -116,6 +116,15 @@ def _held(memo: _Memo) -> bool:
     """Whether the parameter dicts still hold the tensors the record was built from (in C: ``functional_call``
     swaps tensors in without the registration hooks)."""
     return all(map(operator.is_, map(dict.get, memo.dicts, memo.names), memo.params))
+
+
+def check_device(module: nn.Module, x: torch.Tensor) -> None:
+    """``ValueError`` unless every parameter of ``module`` is on ``x``'s device: the fused paths hand the kernels
+    addresses, unchecked (a layer left on the CPU under a CUDA input would fault the device, not raise)."""
+    for name, p in module.named_parameters():
+        if p.device != x.device:
+            raise ValueError(f"{type(module).__name__}: parameter {name} is on {p.device} but the input is on "
+                             f"{x.device}; move the model (model.to(device)) or the input")
 
 
 def memoized(module: nn.Module, key: tuple, build: Callable[[], object]):

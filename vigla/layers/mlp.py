@@ -11,8 +11,8 @@ from ..ops.dispatch import compute_dtype
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.swiglu import swiglu, swiglu_mlp
 from ..ops.swiglu.op import fc1_fused
-from .cast import (MlpProjection, Projection, caching, gemm, gemm_swiglu, gemm_weights, inference_weights, memoized,
-                   packs, plain_leaves)
+from .cast import (MlpProjection, Projection, caching, check_device, gemm, gemm_swiglu, gemm_weights, inference_weights,
+                   memoized, packs, plain_leaves)
 
 __all__ = ["SwiGLU", "MlpInference"]
 
@@ -56,10 +56,11 @@ class SwiGLU(nn.Module):
         """What :meth:`forward_inference` reads for inputs like ``x`` (``[..., C]``) with products in ``dtype``,
         built once and kept (:func:`vigla.layers.cast.memoized`) while the parameters stay as they are."""
         rows = x.numel() // max(x.shape[-1], 1)
-        return memoized(self, (dtype,), lambda: self._inference_params(dtype, rows))
+        return memoized(self, (dtype,), lambda: self._inference_params(x, dtype, rows))
 
     @torch.jit.unused
-    def _inference_params(self, dtype: torch.dtype, rows: int) -> "MlpInference":
+    def _inference_params(self, x: torch.Tensor, dtype: torch.dtype, rows: int) -> "MlpInference":
+        check_device(self, x)
         w1, w2 = inference_weights(self, "fc", (self.fc1.weight, self.fc2.weight), dtype)
         if not packs(w1):
             return MlpInference(w1, w2, *gemm_weights(self, "fc", (w1, w2), rows))

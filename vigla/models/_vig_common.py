@@ -23,7 +23,7 @@ from ..layers import BiGLAMixer, SwiGLU
 from ..layers.bigla_mixer import MixerInference
 from ..layers.bigla_mixer import LEAVES as MIXER_LEAVES
 from ..layers.mlp import LEAVES as MLP_LEAVES
-from ..layers.cast import MlpProjection, Projection, dense, memoized, plain_call, plain_leaves
+from ..layers.cast import MlpProjection, Projection, check_device, dense, memoized, plain_call, plain_leaves
 from ..layers.mlp import MlpInference
 from ..layers.norm import NormParams, add_and_norm, add_and_norm_inference, fused_norm
 from ..ops.add_norm.op import linear_fused
@@ -142,6 +142,7 @@ class ViGBlock(nn.Module):
 
     @torch.jit.unused
     def _inference_params(self, x: torch.Tensor, dtype: torch.dtype) -> "BlockInference":
+        check_device(self, x)
         attn = self.attn.inference_params(x, dtype) if type(self.attn) is BiGLAMixer else None
         mlp = self.mlp.inference_params(x, dtype) if type(self.mlp) is SwiGLU else None
         norm1, norm2 = fused_norm(self.norm1), fused_norm(self.norm2)

@@ -10,7 +10,9 @@ __all__ = ["floating", "channels"]
 
 
 def floating(op: str, **tensors: Optional[torch.Tensor]) -> None:
-    """``TypeError`` unless every given tensor (None skipped) is a floating-point ``torch.Tensor``."""
+    """``TypeError`` unless every given tensor (None skipped) is a floating-point ``torch.Tensor``, ``ValueError``
+    unless they are on one device (a kernel reads them all through their addresses)."""
+    first = None
     for name, t in tensors.items():
         if t is None:
             continue
@@ -18,6 +20,10 @@ def floating(op: str, **tensors: Optional[torch.Tensor]) -> None:
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if first is None:
+            first = name, t.device
+        elif t.device != first[1]:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first[0]} is on {first[1]}; move them to one device")
 
 
 def channels(op: str, name: str, t: torch.Tensor, least: int = 1) -> None:
