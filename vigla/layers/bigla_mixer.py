@@ -33,18 +33,23 @@ torch.fx.wrap("dwconv_silu")
 
 
 @torch.fx.wrap
-def _check_tokens(x: torch.Tensor, dim: int, hw: tuple[int, int], device: torch.device) -> None:
-    """``x`` must be ``[B, N, dim]`` tokens of the ``hw`` grid on the parameters' ``device``: the fused paths read the
-    parameters with ``x``'s sizes, through addresses, unchecked (a wider ``x`` would read past the depthwise conv's
-    weight; a CUDA ``x`` with parameters on the CPU would fault the device)."""
+def _check_tokens(x: torch.Tensor, dim: int, hw: tuple[int, int]) -> None:
+    """``x`` must be ``[B, N, dim]`` tokens of the ``hw`` grid: the fused paths read the parameters with ``x``'s
+    sizes, unchecked (a wider ``x`` would read past the depthwise conv's weight)."""
     if x.dim() != 3 or x.shape[2] != dim:
         raise ValueError(f"BiGLAMixer: expected x of shape [B, N, {dim}] (tokens of the layer's width), "
                          f"got {x.shape}")
     if x.shape[1] != hw[0] * hw[1]:
         raise ValueError(f"BiGLAMixer: {x.shape[1]} tokens do not form the given {hw[0]}x{hw[1]} grid")
-    if x.device != device:
-        raise ValueError(f"BiGLAMixer: x is on {x.device} but the layer's parameters are on {device}; move the layer "
-                         f"(.to(device)) or the input")
+
+
+@torch.fx.wrap
+def _check_device(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``x`` on the layer's device (``weight``'s): the fused paths hand the kernels addresses, unchecked (a CUDA ``x``
+    with the layer left on the CPU would fault the device)."""
+    if x.device != weight.device:
+        raise ValueError(f"BiGLAMixer: x is on {x.device} but the layer's parameters are on {weight.device}; move the "
+                         f"layer (.to(device)) or the input")
 
 
 # the layers whose parameters the fused paths read, with the type they must have for that
@@ -184,10 +189,11 @@ class BiGLAMixer(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """``x``: ``[B, N, C]`` tokens of an ``H x W`` grid in row-major order (``N = H * W``).
         Returns ``[B, N, C]``."""
-        _check_tokens(x, self.dim, hw, self.dwconv.weight.device)
+        _check_tokens(x, self.dim, hw)
         if not torch.jit.is_scripting():
             if not self._reads_leaves():
                 return self.forward_layers(x, hw)
+            _check_device(x, self.dwconv.weight)
             ops = inference_ops(x)
             if ops is not None:
                 return self.forward_inference(x, hw, compute_dtype(x), ops)
