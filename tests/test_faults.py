@@ -662,6 +662,29 @@ def test_ctrl_c_under_torchrun_is_told_once(fmnist, tmp_path, fault, marks, told
     assert leftovers(tmp_path) == [] and _group_gone(proc.pid, 10)
 
 
+@pytest.mark.slow
+def test_an_error_in_one_process_of_a_torchrun_job_is_told_once(fmnist, tmp_path):
+    """Under torchrun (2 processes, gloo) the process that meets a bad image (--strict-data) tells it; the other,
+    whose next all-reduce then fails, printed gloo's "Connection closed by peer" as an unexpected error; now it says
+    that another process ended first. Non-zero exit, no process or folder left behind."""
+    data = tmp_path / "data"
+    write_folder(str(data / "train"), ["a", "b"], per_class=8, size=24, corrupt=[("b", 5)])
+    write_folder(str(data / "val"), ["a", "b"], per_class=4, size=24)
+    out = tmp_path / "run"
+    args = train_args(fmnist, out, epochs=1, batch_size=4, train_subset=16) + ["--data", str(data), "--strict-data"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "vigla", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=ENV)
+    _, err = _finish(proc, timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("vigla train: error")]
+    assert proc.returncode != 0 and len(lines) == 2, err[-3000:]
+    bad, other = sorted(lines, key=lambda line: "ended first" in line)  # the image's rank, then the other
+    assert "unreadable image" in bad and "--strict-data" in bad, err[-3000:]
+    assert "another process of this job ended first (it printed its own error)" in other, err[-3000:]
+    assert "gloo" not in err and "unexpected" not in err, err[-3000:]
+    assert leftovers(tmp_path) == [] and _group_gone(proc.pid, 10)
+
+
 # ---------------------------------------------------------------------------------------------- kill -9, two runs
 def test_kill_9_in_the_middle_of_a_save(fmnist, tmp_path):
     """kill -9 after epoch 2's state is written and while its weights are half-written (the worst moment: the

@@ -49,6 +49,17 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(world_size, rank, local_rank, dev)
 
 
+# what a gloo collective raises when another process of the job has ended (its socket closed)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_gone(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another process of the job ended first (it told its own
+    error): torch.distributed's network error, or gloo's closed connection (a plain ``RuntimeError``)."""
+    network = getattr(torch.distributed, "DistNetworkError", ())
+    return isinstance(err, network) or (isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE))
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -42,8 +42,15 @@ class OutOfMemory(RuntimeError):
     exit_code = 4
 
 
+class PeerEnded(RuntimeError):
+    """Another process of a ``torchrun`` job ended first (it printed its own error): this one's next collective
+    failed. Told as such, not as the network error it met."""
+
+    exit_code = 1
+
+
 #: what the CLI catches and prints as ``vigla <command>: error: <message>``
-RUN_ERRORS = (UserError, DataError, NonFiniteLossError, OutOfMemory)
+RUN_ERRORS = (UserError, DataError, NonFiniteLossError, OutOfMemory, PeerEnded)
 
 #: the exit code of an error nobody anticipated (printed in one line; ``--debug`` shows the traceback)
 UNEXPECTED_EXIT = 1

@@ -33,7 +33,7 @@ from vigla.data import stop_workers
 from . import distributed as dist_utils
 from .checkpoint import load_state, read_meta, save_state, save_weights
 from .config import read_settings_file
-from .errors import RUN_ERRORS, CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, UserError
+from .errors import RUN_ERRORS, CheckpointError, NonFiniteLossError, OutOfMemory, OutputError, PeerEnded, UserError
 from .metrics import MetricsLog
 from .outputs import OutputLock, git_info, make_folder, remove_empty_folders, remove_stale_temp_files, write_text
 from .precision import amp_dtype
@@ -433,7 +433,8 @@ class TrainingRun:
 
     # ------------------------------------------------------------------------------------------- loop
     def run(self) -> int:
-        """Train to the end (0) or to a stop request (128 + signal); raises the errors of :mod:`.errors`, or
+        """Train to the end (0) or to a stop request (128 + signal); raises the errors of :mod:`.errors` (under
+        torchrun :class:`~.errors.PeerEnded` where another process's error ended the job first), or
         ``KeyboardInterrupt`` when a stop request met a process group that another process had already left.
         Always ends with :meth:`close`."""
         self.stop.install()
@@ -444,6 +445,9 @@ class TrainingRun:
         except Exception as e:
             if self._left_by_another_process(e):
                 raise KeyboardInterrupt(f"another process had already ended; {self._kept()}; {self._go_on()}") from e
+            if self.world_size > 1 and dist_utils.peer_gone(e):
+                raise PeerEnded(f"another process of this job ended first (it printed its own error); "
+                                f"{self._kept()}; {self._go_on()}") from e
             raise
         finally:
             self.stop.restore()
