@@ -10,6 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
@@ -495,6 +496,26 @@ def test_the_default_warmup_fits_a_one_epoch_run(dataset, tmp_path):
     assert cli.main(["dense", "train", *_argv(flags)]) == 0
 
 
+def test_dense_train_takes_a_config_file(dataset, tmp_path, capsys):
+    """`vigla dense train --config FILE.yaml` (as `vigla train` takes one): a run's config.yaml runs again as it was
+    (its settings between the defaults and the flags, a flag winning); a file that cannot be used is one line."""
+    first = tmp_path / "first"
+    assert cli.main(["dense", "train", *_argv(_flags(dataset, first, epochs=1, lr=3e-4))]) == 0
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    second = tmp_path / "second"
+    assert cli.main(["dense", "train", "--config", str(first / "config.yaml"), "--out", str(second),
+                     "--seed", "7"]) == 0
+    again = yaml.safe_load((second / "config.yaml").read_text())
+    assert again == dict(saved, seed=7) and again["lr"] == 3e-4 and again["epochs"] == 1
+    (tmp_path / "typo.yaml").write_text("lr: 0.001\nepoch: 3\n")
+    _one_line_error(capsys, ["train", "--config", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "x")],
+                    "typo.yaml: unknown setting 'epoch' (did you mean 'epochs'?)")
+    (tmp_path / "bad.yaml").write_text("epochs: [1, 2\n")
+    _one_line_error(capsys, ["train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "x")],
+                    "bad.yaml is not valid YAML")
+    assert not (tmp_path / "x").exists()
+
+
 def test_vigla_train_resuming_a_dense_run_names_its_command(dataset, tmp_path, capsys):
     """`vigla train --resume` on a `vigla dense train` run built a classifier from the run's config.yaml and died
     on KeyError: 'model_name'; now it says what the run is and which command resumes it, before anything is
@@ -528,7 +549,7 @@ def test_a_damaged_config_yaml_of_a_resumed_run_is_one_line(dataset, tmp_path, c
     for problem in damaged_configs(config):
         _one_line_error(capsys, ["train", "--resume", str(run), "--epochs", "2"], f"{config} {problem}",
                         "the run folder's config.yaml is damaged; restore it, or remove it and give the run's "
-                        "settings as flags, or start a new run without --resume")
+                        "settings with --config or flags, or start a new run without --resume")
 
 
 def test_unknown_settings_in_a_resumed_runs_config_yaml_are_one_warning_line(dataset, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Settings of ``vigla dense train``: one dataclass, its flags, the copy saved with each run.
 
-Precedence, lowest first: the field defaults < the saved ``config.yaml`` of the run being resumed < the flags
-given on the command line (only those typed count: the parser leaves the others out).
+Precedence, lowest first: the field defaults < the saved ``config.yaml`` of the run being resumed < ``--config
+FILE.yaml`` (e.g. another run's ``config.yaml``) < the flags given on the command line (only those typed count: the
+parser leaves the others out).
 """
 from __future__ import annotations
 
@@ -113,6 +114,9 @@ def parse_json_object(text: str, flag: str) -> dict[str, Any]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults are shown in the help but left out of the namespace (see the module)."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="read settings from a YAML file (keys are the long flag names, e.g. a run's config.yaml); "
+                             "flags win")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         meta = dict(f.metadata)
@@ -137,18 +141,22 @@ def saved_config(values: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def resolve_config(flags: dict[str, Any], saved: Optional[dict[str, Any]] = None,
-                   saved_path: Optional[str] = None) -> DenseConfig:
-    """Defaults < ``saved`` (the settings of a resumed run's config.yaml, ``saved_path``) < ``flags``, checked:
-    each value against its setting's type and choices where it comes from (:func:`vigla.engine.config.check_setting`;
-    a flag replaces one of the wrong type in the config.yaml), then the values together.
+                   saved_path: Optional[str] = None, from_file: Optional[dict[str, Any]] = None) -> DenseConfig:
+    """Defaults < ``saved`` (the settings of a resumed run's config.yaml, ``saved_path``) < ``from_file`` (the
+    ``--config`` file's, checked as :func:`vigla.engine.config.read_yaml` read them) < ``flags``, checked: each value
+    against its setting's type and choices where it comes from (:func:`vigla.engine.config.check_setting`; the
+    ``--config`` file or a flag replaces one of the wrong type in the config.yaml), then the values together. The
+    detector flags' check (a segmentation run refuses them) reads the flags alone, as a saved config.yaml may name
+    the default detector.
 
     A warm-up that neither sets and that does not fit into ``--epochs`` (its 1 epoch in a 1-epoch run) keeps the
     default run's share instead (1/12 of it), as ``vigla train`` does with its presets' warm-ups."""
     flags = {k: v for k, v in flags.items() if k in FIELDS}
+    upper = {**(from_file or {}), **flags}
     source = saved_path or "the saved config.yaml of the resumed run"
     values = {**{k: check_setting(FIELDS[k], v, source, override=True) for k, v in (saved or {}).items()
-                 if k not in flags},
-              **{k: check_setting(FIELDS[k], v) for k, v in flags.items()}}
+                 if k not in upper},
+              **(from_file or {}), **{k: check_setting(FIELDS[k], v) for k, v in flags.items()}}
     if "warmup_epochs" not in values:
         values["warmup_epochs"] = _default_warmup(values.get("epochs", FIELDS["epochs"].default))
     cfg = DenseConfig(**values)

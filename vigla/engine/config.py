@@ -204,10 +204,12 @@ def check_setting(f: dataclasses.Field, value: Any, source: str | None = None, o
                                                                           if override else ""))
 
 
-def read_yaml(path: str) -> dict[str, Any]:
-    """A config YAML as {field: value}, checked against :class:`TrainConfig`: one that does not exist, cannot be
-    read, is not valid YAML or holds no mapping of setting: value (an empty file, a list, a scalar) is a
-    :class:`UserError` in one line naming the file and the problem (:func:`read_settings_file`)."""
+def read_yaml(path: str, fields: dict[str, dataclasses.Field] | None = None) -> dict[str, Any]:
+    """A config YAML as {field: value}, checked against ``fields`` (default :class:`TrainConfig`'s; ``vigla dense
+    train`` passes its own): one that does not exist, cannot be read, is not valid YAML or holds no mapping of
+    setting: value (an empty file, a list, a scalar) is a :class:`UserError` in one line naming the file and the
+    problem (:func:`read_settings_file`)."""
+    fields = FIELDS if fields is None else fields
     if not os.path.exists(path):
         raise UserError(f"config file {path} does not exist")
     if os.path.isdir(path):
@@ -220,11 +222,11 @@ def read_yaml(path: str) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         name = setting_name(key)
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
             raise UserError(f"config file {path}: unknown setting {key!r}"
                             + (f" (did you mean {close[0]!r}?)" if close else ""))
-        out[name] = check_setting(FIELDS[name], value, f"config file {path}")
+        out[name] = check_setting(fields[name], value, f"config file {path}")
     return out
 
 

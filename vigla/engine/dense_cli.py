@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="train a detector or a segmentation model",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Settings: the defaults, then the saved config.yaml of a resumed run, then "
-                                       "the flags. Ctrl-C or SIGTERM saves and stops; --resume auto continues "
-                                       "from the exact step.")
+                                       "--config FILE.yaml, then the flags. Ctrl-C or SIGTERM saves and stops; "
+                                       "--resume auto continues from the exact step.")
     add_config_arguments(train)
 
     ev = sub.add_parser("eval", help="box / mask mAP or mIoU of a `vigla dense train` checkpoint",
@@ -105,16 +105,18 @@ def _data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from vigla.dense.config import FIELDS, resolve_config, saved_config
     from vigla.dense.train import DenseTrainer, resume_state_for
+    from vigla.engine.config import read_yaml
     from vigla.engine.run import read_run_config, run_config_path
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    from_file = read_yaml(args.config, FIELDS) if getattr(args, "config", None) else {}
     state, saved = None, None
-    if flags.get("resume"):
-        state = resume_state_for(flags)
+    if {**from_file, **flags}.get("resume"):
+        state = resume_state_for({**from_file, **flags})
         DenseTrainer.check_resume_state(state)
-        values = read_run_config(state, "as flags")
+        values = read_run_config(state, "with --config or flags")
         saved = None if values is None else saved_config(values, run_config_path(state))
-    cfg = resolve_config(flags, saved, saved_path=None if state is None else run_config_path(state))
+    cfg = resolve_config(flags, saved, None if state is None else run_config_path(state), from_file)
     if state is not None and env_rank() == 0:  # once its settings are checked
         print(f"resuming {state}" + (" with the settings of its config.yaml" if saved else ""), flush=True)
     return DenseTrainer(cfg, resume_state=state).run()  # Ctrl-C: one line from run_command, in rank 0 only
