@@ -151,6 +151,27 @@ def test_inference_after_optimizer_steps_reads_the_new_weights(fused):
     torch.testing.assert_close(after, infer(twin), rtol=0, atol=0)
 
 
+def test_writes_through_data_are_seen_after_forget_inference_weights():
+    """A write through ``.data`` (an older EMA's ``p.data.mul_``) moves no version counter: the inference path keeps
+    the copies it prepared (packed, folded, cast; the parameters it reads as they are do change) until
+    ``forget_inference_weights()``, after which it gives the logits of a copy that never cached anything."""
+    from vigla.layers.cast import forget_inference_weights
+
+    torch.manual_seed(0)
+    model = timm.create_model("vig_tiny", num_classes=5, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)  # fills the caches
+        for p in model.parameters():
+            p.data.mul_(1.5)
+        twin = copy.deepcopy(model)  # no cache
+        want = twin(x)
+        assert not torch.allclose(want, before, atol=1e-4)
+        assert not torch.allclose(model(x), want, atol=1e-3)  # the prepared copies are stale: the limitation
+        forget_inference_weights()
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
 def test_memoized_record_life():
     """A record is reused while its key and the module's parameters stay; rebuilt after an in-place update, a new
     storage (``.data``), a replaced parameter or submodule, or another key; built anew on each traced call."""

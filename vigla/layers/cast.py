@@ -38,8 +38,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "caching", "check_device", "memoized", "plain_call", "plain_leaves", "gemm_weights",
-           "gemm", "gemm_swiglu", "packs", "Projection", "MlpProjection", "dense"]
+__all__ = ["inference_weights", "forget_inference_weights", "caching", "check_device", "memoized", "plain_call",
+           "plain_leaves", "gemm_weights", "gemm", "gemm_swiglu", "packs", "Projection", "MlpProjection", "dense"]
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -54,6 +54,17 @@ def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_bump_versions)
 
 _GENERATION = [0]  # moves whenever any module anywhere registers a parameter, buffer or submodule
+_FORGOTTEN = [0]  # moves with each forget_inference_weights(): every cast copy is rebuilt
+
+
+def forget_inference_weights() -> None:
+    """Drop every model's inference records and weight copies (casts, packed or folded matrices: :func:`memoized`,
+    :func:`inference_weights`); the next eager inference forward builds them anew. Needed only after writing
+    parameters in place through ``.data`` (``p.data.mul_(0.9)`` in an older EMA, weight surgery), which PyTorch does
+    not version: optimizer steps, ``load_state_dict``, in-place ops under ``torch.no_grad()`` and new parameters are
+    seen without it."""
+    _GENERATION[0] += 1
+    _FORGOTTEN[0] += 1
 
 
 def _restructured(module, name, value) -> None:
@@ -80,12 +91,13 @@ def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tens
     """``build()`` (default: ``sources``) cast to ``dtype``, cached on ``module`` under ``slot``.
 
     The cache key is ``dtype`` and each source's storage and version counter, so an in-place update
-    or a new parameter makes the next call rebuild. Call it only when :func:`caching` is true, or while
+    or a new parameter makes the next call rebuild (a write through ``.data``, unversioned, does not:
+    :func:`forget_inference_weights`). Call it only when :func:`caching` is true, or while
     ``torch.compile`` traces inference (the casts then in the graph, nothing kept).
     """
     if torch.compiler.is_compiling():
         return tuple(t.to(dtype) for t in (build() if build is not None else sources))
-    key = (dtype, *[(t.data_ptr(), t._version) for t in sources])
+    key = (_FORGOTTEN[0], dtype, *[(t.data_ptr(), t._version) for t in sources])
     cache = module.__dict__.setdefault("_inference_weights", {})
     hit = cache.get(slot)
     if hit is None or hit[0] != key:
