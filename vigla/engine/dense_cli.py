@@ -110,9 +110,10 @@ def _train(args: argparse.Namespace) -> int:
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     from_file = read_yaml(args.config, FIELDS) if getattr(args, "config", None) else {}
+    given = {**from_file, **flags}
     state, saved = None, None
-    if {**from_file, **flags}.get("resume"):
-        state = resume_state_for({**from_file, **flags})
+    if given.get("resume"):
+        state = resume_state_for(given)
         DenseTrainer.check_resume_state(state)
         values = read_run_config(state, "with --config or flags")
         saved = None if values is None else saved_config(values, run_config_path(state))

@@ -180,10 +180,17 @@ class BiGLAMixer(nn.Module):
         return gemm_weights(self, "folded", inference_weights(self, "folded", parts, dtype, build), rows)
 
     @staticmethod
-    def _concat(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _concat(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The in-projection's ``(weight, bias)`` from ``(W_qkv, W_1, W_g, b_g)``; with ``dtype``, concatenated
+        straight into it (one kernel instead of a concatenation and a cast; no autograd: ``cat(out=)``)."""
         w_qkv, w_down, w_gate, b_gate = parts
-        weight = torch.cat([w_qkv, w_down, w_gate])
+        if dtype is None:
+            weight = torch.cat([w_qkv, w_down, w_gate])
+        else:
+            rows = w_qkv.shape[0] + w_down.shape[0] + w_gate.shape[0]
+            weight = torch.cat([w_qkv, w_down, w_gate], out=w_qkv.new_empty(rows, w_qkv.shape[1], dtype=dtype))
+            b_gate = b_gate.to(dtype)
         return weight, F.pad(b_gate, (weight.shape[0] - b_gate.shape[0], 0))
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -325,10 +332,7 @@ class MixerFunction(torch.autograd.Function):
         B, N, C = x.shape
         h, K, dk, dv = mixer.num_heads, mixer.key_dim, mixer.head_k, mixer.head_v
         dtype = compute_dtype(x)
-        # the in-projection concatenated straight into the compute dtype (one kernel), the rest cast
-        rows = w_qkv.shape[0] + w_down.shape[0] + w_gate.shape[0]
-        w_in = torch.cat((w_qkv, w_down, w_gate), out=w_qkv.new_empty(rows, C, dtype=dtype))
-        b_in = F.pad(b_gate.to(dtype), (w_in.shape[0] - C, 0))
+        w_in, b_in = BiGLAMixer._concat((w_qkv, w_down, w_gate, b_gate), dtype)
         w_up_c, b_up_c, w_out_c = w_up.to(dtype), b_up.to(dtype), w_out.to(dtype)
         x_c = dwconv_forward(x, conv, hw[0], hw[1], mixer.conv_act, dtype)
         u = F.linear(x_c, w_in, b_in)

@@ -102,9 +102,16 @@ def eager_training(*tensors) -> bool:
     functorch), the ops not held to their references (:func:`reference_ops`) and every tensor a plain one. Each op's
     own Function, and each PyTorch op between them, would add an autograd node's host time: at 224² an eager training
     step of ViG-T waits on its host."""
-    return (torch.is_grad_enabled() and forward_ad._current_level < 0 and not _FORCE_REFERENCE
-            and _PLAIN.issuperset(map(type, tensors)) and not via_dispatcher() and not exporting()
-            and not torch._C._are_functorch_transforms_active())
+    return (torch.is_grad_enabled() and not _FORCE_REFERENCE and _PLAIN.issuperset(map(type, tensors))
+            and not _transformed())
+
+
+def _transformed() -> bool:
+    """Whether something records or transforms the ops' calls, which must then see each op as its custom op (or
+    its own Function): ``torch.compile``, ``torch.export``, ``torch.jit.trace``, a dispatch mode, functorch's
+    transforms, forward-mode AD."""
+    return (via_dispatcher() or exporting() or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0)
 
 
 def fused_op(name: str, fake: Callable) -> Callable:
@@ -144,8 +151,7 @@ class CpuOp:
         functools.update_wrapper(self, impl)
 
     def __call__(self, *args):
-        if (via_dispatcher() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
-                or forward_ad._current_level >= 0 or not _PLAIN.issuperset(map(type, args))):
+        if _transformed() or not _PLAIN.issuperset(map(type, args)):
             return self.op(*args)
         return self.impl(*args)
 
