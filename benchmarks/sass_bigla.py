@@ -51,10 +51,10 @@ def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int):
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    sig = {n: "constexpr" if n in constexprs else "*fp32" if n in FP32_PTRS else "*bf16"
+    sig = {n: "constexpr" if n in constexprs else "*fp32" if n in FP32_PTRS else "*i8" if n == "steep" else "*bf16"
            if n in PTR_NAMES else "fp32" if n in FLOATS else "i32" for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if sig[n].startswith("*") or n in STRIDES}
+             if (sig[n].startswith("*") and n != "steep") or n in STRIDES}
     options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     return triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
@@ -95,6 +95,8 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int):
         out.append((f"walk ({chains} chains)", mod._bigla_walk_kernel, walk, p.warps_walk, 0))
         if chains == 2:
             fwd = dict(common, BV=p.BV)
+            if "PASS" in mod._bigla_fwd_kernel.arg_names:  # the output kernel's first pass (all there is without
+                fwd.update(PASS=1 if getattr(p, "steep_pass", False) else 0)  # a steep pass)
             if "MIX" in mod._bigla_fwd_kernel.arg_names:  # the training path's output, the inference path's mix
                 out.append(("forward + mix", mod._bigla_fwd_kernel, dict(fwd, MIX=True, ACT=True), p.warps_chunk,
                             p.regs))

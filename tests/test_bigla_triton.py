@@ -33,7 +33,7 @@ def gate(shape, kind):
 logits = {"normal": lambda s: torch.randn(s, dtype=torch.float64) * 3,  # gate logits z
           "weak": lambda s: torch.randn(s, dtype=torch.float64) + 12,  # logsigmoid(z) ~ -6e-6
           "strong": lambda s: -25 * torch.rand(s, dtype=torch.float64)}
-for B, T, H, K, V, kind, segments, strided, norm, dtype, chunk in json.loads(sys.argv[2]):
+for B, T, H, K, V, kind, segments, strided, norm, dtype, chunk, *steep in json.loads(sys.argv[2]):
     make = (lambda s: gate(s, kind)) if norm is None else logits[kind]
     dt = getattr(torch, dtype)  # the kernel's inputs; the reference takes the same values in float64
     if strided:  # q, k, v: column slices of one projection; the gates: slices of one tensor
@@ -52,7 +52,7 @@ for B, T, H, K, V, kind, segments, strided, norm, dtype, chunk in json.loads(sys
         ref = bigla_naive(*x[:3], F.logsigmoid(x[3]) / norm, F.logsigmoid(x[4]) / norm, K ** -0.5)
     do = torch.randn_like(ref).to(dt)
     gref = torch.autograd.grad(ref, x, do.double())
-    cfg = BiGLAConfig(chunk=chunk, segments=segments)
+    cfg = BiGLAConfig(chunk=chunk, segments=segments, steep_pass=steep[0] if steep else None)
     out = bigla_fwd_triton(*xk, K ** -0.5, gate_normalizer=norm, config=cfg)
     grads = bigla_bwd_triton(*xk, do, K ** -0.5, gate_normalizer=norm, config=cfg)
     assert [t.dtype for t in (out, *grads)] == [dt] * 6, [t.dtype for t in (out, *grads)]
@@ -72,7 +72,8 @@ def test_triton_kernel_in_interpreter_on_cpu():
     """Every path of the kernels: factored tensor-core chunks ("normal", "mid"), the elementwise
     exact path for steep decays ("strong", "mixed"), walks in one and several segments (the carry
     kernel), several value blocks (V = 128, 256), K = 64 / 128, strided inputs (column slices of
-    one projection), ragged last chunks, T = 1, chunks of 16, 32 and 64 tokens; gate logits turned
+    one projection), ragged last chunks, T = 1, chunks of 16, 32 and 64 tokens, the output kernel's steep
+    pass (default with 64-token chunks; forced on at 32 and off at 64 in the last two cases); gate logits turned
     into log decays inside the kernels (the normalizer field), from gates near 1 (where log1p
     matters) to -25 per token; bf16 inputs (outputs and all five gradients in bf16, states stored
     in bf16; the forward's and the values' gradient's products on bf16 operands) and fp16 inputs (tf32
@@ -94,10 +95,12 @@ def test_triton_kernel_in_interpreter_on_cpu():
               (1, 70, 1, 16, 128, "mixed", None, False, None, bf16, 32),
               (1, 130, 1, 32, 64, "mid", None, False, None, bf16, 64),  # bf16 factors up to e^+-48
               (2, 90, 2, 32, 64, "normal", 3, True, 16.0, f16, 32),
-              (1, 100, 1, 16, 128, "mixed", 2, False, None, f16, 64)]
+              (1, 100, 1, 16, 128, "mixed", 2, False, None, f16, 64),
+              (1, 160, 1, 32, 64, "mixed", None, True, None, f32, 32, True),
+              (1, 200, 1, 32, 64, "strong", 2, True, None, f32, 64, False)]
     errors = triton_interpreter.run(INTERPRETER_SCRIPT, "0", json.dumps(shapes))
     for shape, errs in zip(shapes, errors):
-        tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 6e-3}[shape[-2]]
+        tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 6e-3}[shape[9]]
         assert max(errs) < tol, f"{shape}: relative errors (o, dq, dk, dv, dgf, dgb) = {errs}"
 
 
@@ -227,6 +230,10 @@ def test_default_launch():
     assert plan(128, 196, 3, 32, 64, True, 132, 4).regs == 80
     assert [plan(128, 196, 3, 32, 64, True, 132, c, BiGLAConfig(regs=96, bwd_regs=0)).regs for c in (2, 4)] == [96, 0]
     assert [plan(128, 196, 3, 32, 64, True, 132, c, BiGLAConfig(bwd_regs=64)).regs for c in (2, 4)] == [128, 64]
+    # the output kernel's steep pass: with 64-token chunks, unless the config says otherwise
+    assert [plan(48, T, 3, 32, 64, True, 132, 2).steep_pass for T in (196, 1024)] == [False, True]
+    assert plan(48, 1024, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=False)).steep_pass is False
+    assert plan(48, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=True)).steep_pass is True
 
 
 # ----------------------------------------------------------------------------------------- GPU

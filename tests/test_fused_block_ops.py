@@ -215,6 +215,13 @@ for B, H, W, C, act in [(2, 5, 7, 64, True), (1, 1, 1, 32, False), (1, 3, 20, 40
     y = dwconv_fwd_triton(x.float(), w.float(), (H, W), act, torch.float32)
     gx, gw = dwconv_bwd_triton(dy.float(), x.float(), w.float(), (H, W), act)
     out[f"dwconv{(B, H, W, C, act)}"] = [rel(y, ref), rel(gx, dx), rel(gw, dw)]
+# bf16 tokens with SiLU: the gradient g = dy * SiLU'(u) passed between the backward's two kernels in bf16
+x = torch.randn(2, 9 * 13, 64, dtype=torch.float64)
+w = torch.randn(64, 1, 3, 3, dtype=torch.float64)
+dy = torch.randn(2, 9 * 13, 64, dtype=torch.float64)
+dx, dw = dwconv_reference_bwd(dy, x.bfloat16().double(), w, (9, 13), True)
+gx, gw = dwconv_bwd_triton(dy.bfloat16(), x.bfloat16(), w.float(), (9, 13), True)
+bf16["dwconv_bf16"] = [rel(gx, dx) if gx.dtype == torch.bfloat16 else 1.0, rel(gw, dw)]
 print(json.dumps({"fp32": out, "bf16": bf16}))
 """
 

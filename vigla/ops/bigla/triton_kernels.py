@@ -19,7 +19,10 @@ Forward, two launches (three for long sequences):
    two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(R) S^b`` (``R = G - c``: inclusive suffix
    sums, so that the backward decay from j to i is also ``exp(R_i - R_j)``), accumulated by the products.
    On the inference path (``MIX``) it also forms ViG's locality mix from that fp32 tile (one program holds a
-   head's values): BiGLA's output is never written.
+   head's values): BiGLA's output is never written. With 64-token chunks it runs twice (``PASS``): first
+   compiled without the exact path below (its code sets the register count of the whole kernel: 168 against
+   128, fewer programs resident), for the chunks whose scans both factor, each program writing whether its
+   chunk is steep; then for the steep chunks alone (the others' programs return at once).
 
 Backward: the same walk kernel computes four chains in one launch (the two states again, and the
 state gradients of both scans from ``q`` and ``do``), then ``_bigla_bwd_kernel``, one program per chunk,
@@ -382,15 +385,41 @@ def _bigla_carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV:
 
 # ----------------------------------------------------------------------------------- outputs
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale", "eps"])
-def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, ginv, half_scale,
+def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, steep, T, H, NT, SEG, NSEG, ginv, half_scale,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr, MIX: tl.constexpr,
-                ACT: tl.constexpr):
+                ACT: tl.constexpr, PASS: tl.constexpr):
     """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block. With ``MIX`` (one value block, ``BV = V``)
     ViG's locality mix of the chunk's output instead, written to ``o``: per token and head
     ``act(G * RMSNorm(o; w_o) + (1 - G) * RMSNorm(x; w_l))``, ``G = sigmoid(z)`` (``act``: SiLU with ``ACT``);
-    ``x``, ``z``: ``[B, T, H * V]`` with strides ``(sxb, sxt, 1)``, ``(szb, szt, 1)``."""
+    ``x``, ``z``: ``[B, T, H * V]`` with strides ``(sxb, sxt, 1)``, ``(szb, szt, 1)``.
+
+    ``PASS`` 0: every chunk, a steep scan's scores through the exact path in the same program. 1: the chunks whose
+    two scans both factor, without the exact path's code (fewer registers: more programs resident); each program
+    writes whether its chunk is steep to ``steep`` (``[BH, NT, NV]`` int8). 2: the chunks pass 1 left."""
+    i_v = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    flag = steep + (i_bh * NT + i_t) * tl.num_programs(0) + i_v
+    if PASS == 2:
+        if tl.load(flag) != 0:
+            _fwd_chunk(q, k, v, gf, gb, o, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv, half_scale,
+                       sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
+                       K, V, BT, BV, GATED, HALF_DOTS, SEGMENTED, MIX, ACT, PASS)
+    else:
+        _fwd_chunk(q, k, v, gf, gb, o, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv, half_scale,
+                   sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
+                   K, V, BT, BV, GATED, HALF_DOTS, SEGMENTED, MIX, ACT, PASS)
+
+
+@triton.jit
+def _fwd_chunk(q, k, v, gf, gb, o, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv, half_scale,
+               sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
+               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+               GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr, MIX: tl.constexpr,
+               ACT: tl.constexpr, PASS: tl.constexpr):
+    """:func:`_bigla_fwd_kernel`'s work for its program's chunk and value block."""
     ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
@@ -410,9 +439,31 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, T, H, NT, SEG, NSEG, ginv,
     # (backward: exp(c_j - c_i) = exp(R_i - R_j)), both <= 0, each factored product's range their minimum
     p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), axis=0)
     r = tl.cumsum(_load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED), axis=0, reverse=True)
+    fine_f = -tl.min(p) < RANGE_LIMIT
+    fine_b = -tl.min(r) < RANGE_LIMIT
+    if PASS == 1:
+        fine = fine_f & fine_b
+        tl.store(flag, tl.where(fine, 0, 1).to(tl.int8))
+        if fine:
+            _fwd_out(b_q, b_k, b_v, p, r, o, h, hs, dec, T, H, NT, SEG, NSEG, half_scale, x, z, w_o, w_l, eps, sxb,
+                     sxt, szb, szt, i_b, i_h, i_bh, BH, i_t, ck, cv, rows, True, True, K, V, BT, HALF_DOTS,
+                     SEGMENTED, MIX, ACT)
+    else:
+        _fwd_out(b_q, b_k, b_v, p, r, o, h, hs, dec, T, H, NT, SEG, NSEG, half_scale, x, z, w_o, w_l, eps, sxb, sxt,
+                 szb, szt, i_b, i_h, i_bh, BH, i_t, ck, cv, rows, fine_f, fine_b, K, V, BT, HALF_DOTS, SEGMENTED,
+                 MIX, ACT)
+
+
+@triton.jit
+def _fwd_out(b_q, b_k, b_v, p, r, o, h, hs, dec, T, H, NT, SEG, NSEG, half_scale, x, z, w_o, w_l, eps, sxb, sxt,
+             szb, szt, i_b, i_h, i_bh, BH, i_t, ck, cv, rows, fine_f, fine_b,
+             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, HALF_DOTS: tl.constexpr,
+             SEGMENTED: tl.constexpr, MIX: tl.constexpr, ACT: tl.constexpr):
+    """A chunk's output from its tiles and exponents (``fine_f``, ``fine_b``: whether each scan's products factor;
+    constant True on pass 1, where the exact path is not compiled)."""
     # both scans' intra-chunk scores in one matrix (forward on and below the diagonal, backward on and above)
-    a = _scores(b_q, b_k, p, -tl.min(p) < RANGE_LIMIT, BT, False, HALF_DOTS)
-    a += _scores(b_q, b_k, r, -tl.min(r) < RANGE_LIMIT, BT, True, HALF_DOTS)
+    a = _scores(b_q, b_k, p, fine_f, BT, False, HALF_DOTS)
+    a += _scores(b_q, b_k, r, fine_b, BT, True, HALF_DOTS)
     out = _hdot(a, b_v, HALF_DOTS)
     # the states entering the chunk, read by q exp(P) and q exp(R): decayed queries, <= |q|
     s_f = _state(h, hs, dec, 0, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
@@ -527,6 +578,9 @@ class BiGLAConfig:
     per-chunk kernels. warps_walk / warps_chunk: ``num_warps`` of the walk and per-chunk kernels.
     regs: register cap (``maxnreg``) of the per-chunk kernels, 0 for none: a lower cap lets more
     programs share a multiprocessor. bwd_regs: the backward's per-chunk kernel's own cap (default: ``regs``).
+    steep_pass: whether the forward's output kernel runs twice, first without the exact path's code (the chunks
+    whose scans both factor), then for the steep chunks it left (default: for 64-token chunks, where the exact
+    path's registers cost resident programs).
     """
     chunk: int | None = None
     segments: int | None = None
@@ -536,6 +590,7 @@ class BiGLAConfig:
     warps_chunk: int | None = None
     regs: int | None = None
     bwd_regs: int | None = None
+    steep_pass: bool | None = None
 
 
 _DEFAULT = BiGLAConfig()  # the automatic plan (one instance: a dataclass costs microseconds to build and hash)
@@ -560,6 +615,7 @@ class _Plan:
     warps_chunk: int
     regs: int
     state_fp32: bool
+    steep_pass: bool
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -646,7 +702,8 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
                  nseg=cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
-                 state_fp32=not bf16 or config.state_dtype == "fp32")
+                 state_fp32=not bf16 or config.state_dtype == "fp32",
+                 steep_pass=BT == 64 if config.steep_pass is None else bool(config.steep_pass))
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
@@ -743,11 +800,14 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
         w_o, w_l = w_o.contiguous(), w_l.contiguous()
         if p.NV != 1:
             raise ValueError(f"bigla: the locality mix needs one value block per head (d_v <= 64), got d_v={V}")
-    wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
-        q, k, v, gf, gb, o, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv, 0.5 * scale,
-        *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3], x, z, w_o, w_l, eps, *x.stride()[:2], *z.stride()[:2],
-        K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=p.nseg > 1, MIX=mix is not None, ACT=act, num_warps=p.warps_chunk, **_cap(p))
+    # with a steep pass: pass 1 writes each chunk's steep flag, pass 2 reads it
+    steep = torch.empty(B * H * p.NT * p.NV, dtype=torch.int8, device=q.device) if p.steep_pass else o
+    for step in (1, 2) if p.steep_pass else (0,):
+        wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
+            q, k, v, gf, gb, o, h, hs, dec, steep, T, H, p.NT, p.seg, p.nseg, ginv, 0.5 * scale,
+            *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3], x, z, w_o, w_l, eps, *x.stride()[:2],
+            *z.stride()[:2], K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
+            SEGMENTED=p.nseg > 1, MIX=mix is not None, ACT=act, PASS=step, num_warps=p.warps_chunk, **_cap(p))
     return o
 
 
@@ -771,8 +831,10 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
     h, hs, dec = _walks(q, k, v, do, gf, gb, p, 4, ginv, 0.5 * scale, gated, wrap)
     f32 = dict(dtype=torch.float32, device=q.device)
     part = (p.NV, B, T, H, K)
-    # the forward scan's shares (fp32), then the backward scan's added to them
-    pq, pk, pv = torch.empty(part, **f32), torch.empty(part, **f32), torch.empty(B, T, H, V, **f32)
+    # the forward scan's shares, then the backward scan's added to them; bf16 inputs keep the shares in bf16
+    # (half the bytes of the round trip between the two launches)
+    shares = dict(f32, dtype=torch.bfloat16) if q.dtype == torch.bfloat16 else f32
+    pq, pk, pv = torch.empty(part, **shares), torch.empty(part, **shares), torch.empty(B, T, H, V, **shares)
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
     if p.NV == 1:  # written in the outputs' dtypes directly
         dq, dk = q.new_empty(part), k.new_empty(part)

@@ -10,7 +10,9 @@ element: three loads and nine fused multiply-adds, no per-tap index arithmetic.
 Backward: a tile is ``BT`` consecutive tokens by ``BC`` channels, each of the 9 taps read from its
 neighbours (masked at the image edges). With SiLU one kernel forms ``g = dy * SiLU'(u)`` (the conv
 recomputed) and the weight gradient, then the forward kernel with the taps flipped gives ``dx`` (the
-transposed conv of ``g``); without SiLU one kernel does both from ``dy``. The weight gradient is one fp32
+transposed conv of ``g``, passed between the two in bf16 for bf16 tokens: half the bytes of fp32, one
+rounding more of ``dx``'s terms, the weight gradient summing ``g`` in fp32; else in fp32); without SiLU one
+kernel does both from ``dy``. The weight gradient is one fp32
 partial sum ``[C, 9]`` per program (a fixed number of programs looping over the tiles), summed by the
 caller: deterministic, no atomics. (A row-sweeping backward holding the last three input rows and the nine
 weight-gradient sums spilled and ran slower than this one on an H200.)
@@ -154,7 +156,7 @@ def _store_dw(dwp, k: tl.constexpr, acc, cols, cmask):
 def _dwconv_bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, BT: tl.constexpr, BC: tl.constexpr,
                 ACT: tl.constexpr):
     """Grid ``(programs, channel blocks)``, each program looping over the ``TOTAL = B * TILES`` token
-    tiles. ``dy``, ``g``, ``dx``: contiguous ``[B, N, C]``. ``ACT``: writes ``g = dy * SiLU'(u)`` (fp32);
+    tiles. ``dy``, ``g``, ``dx``: contiguous ``[B, N, C]``. ``ACT``: writes ``g = dy * SiLU'(u)`` (``g``'s dtype);
     else writes ``dx``, the transposed conv of ``dy``. Either way adds ``sum g * tap_k(x)`` to the
     program's partial weight gradient ``dwp[program, c, k]``. Each tile's nine taps of ``x`` are loaded
     once (for ``u`` and the weight gradient), the weights once per program, and the products
@@ -269,8 +271,9 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     BC, BT = _tile(C, TILE_BWD)
     tiles = cdiv(N, BT)
     n = max(1, min(B * tiles, _programs(x.device.index) if x.is_cuda else 4))
-    # with SiLU the kernel writes g (fp32), else dx; the other pointer is never written (never an input)
-    out = torch.empty(B, N, C, dtype=torch.float32 if act else x.dtype, device=x.device)
+    # with SiLU the kernel writes g, else dx; the other pointer is never written (never an input)
+    g_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32  # fp16's range could overflow
+    out = torch.empty(B, N, C, dtype=g_dtype if act else x.dtype, device=x.device)
     dwp = (torch.empty if dy.numel() else torch.zeros)(n, C, 9, dtype=torch.float32, device=x.device)
     if dy.numel():
         wrap(_dwconv_bwd_kernel)[(n, cdiv(C, BC))](
