@@ -225,6 +225,12 @@ def kernel_times(x, do, calls: int = 5) -> dict:
     return out
 
 
+def launch_keywords(key: tuple) -> dict:
+    """The keyword arguments (constexprs, ``num_warps``) of a launch from its key in the launcher's cache
+    (``(device, debug, instrumentation, signature)``, the signature holding them as ``(name, value)`` pairs)."""
+    return dict(x for x in key[-1] if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str))
+
+
 def compiled_kernels() -> list[dict]:
     """Registers and spilled registers of every BiGLA kernel of this version compiled in this run (Triton's
     metadata, None where a Triton version lacks a field; ``--alt`` versions' kernels left out), per chunk length,
@@ -237,7 +243,7 @@ def compiled_kernels() -> list[dict]:
         if not fast.fn.__name__.startswith("_bigla") or module.startswith(ALT_PREFIX):  # --alt versions' own
             continue
         for key, kernel in ((k, e.kernel) for k, e in fast.compiled.items()):
-            meta = dict(key[-1])
+            meta = launch_keywords(key)
             rows.append(dict(kernel=fast.fn.__name__, K=meta.get("K"), V=meta.get("V"), BT=meta.get("BT"),
                              UPPER=meta.get("UPPER"), num_warps=getattr(kernel.metadata, "num_warps", None),
                              registers=getattr(kernel, "n_regs", None), spills=getattr(kernel, "n_spills", None)))

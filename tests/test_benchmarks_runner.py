@@ -220,12 +220,17 @@ def test_kernel_split_reads_each_kernels_share_and_the_spills():
 
 def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
     """``bench_bigla.compiled_kernels``: one row per BiGLA kernel and launch signature in the launcher's cache (the
-    constexprs read from the key's last part), duplicates merged, other kernels and the ``--alt`` versions' left
-    out, None for a field a Triton version lacks."""
+    constexprs read from the key, made by the launcher's own ``_signature``), duplicates merged, other kernels and
+    the ``--alt`` versions' left out, None for a field a Triton version lacks."""
     from types import SimpleNamespace
+
+    import torch
 
     from benchmarks import bench_bigla
     from vigla.ops import launcher
+
+    def key(n, **meta):  # the launcher's key of a launch with a tensor, an int and these keywords
+        return 0, False, None, launcher._signature((torch.zeros(4), n), meta)[0]
 
     def fast(name, entries):
         return SimpleNamespace(fn=SimpleNamespace(__name__=name), compiled=entries)
@@ -236,14 +241,13 @@ def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
     def entry(compiled):  # the launcher's cache entry
         return launcher.Compiled(None, None, None, None, compiled)
 
-    meta = (("K", 32), ("V", 64), ("BT", 64), ("UPPER", 1))
+    meta = dict(K=32, V=64, BT=64, UPPER=1, num_warps=4)
     monkeypatch.setattr(launcher, "_FAST", {
-        1: fast("_bigla_bwd_kernel", {(0, "a", meta): entry(kernel(255, 110)),
-                                      (1, "b", meta): entry(kernel(255, 110))}),
-        2: fast("_swiglu_fwd_kernel", {(0, (("BT", 64),)): entry(kernel(64, 0))}),
-        3: fast("_bigla_walk_kernel", {(0, (("K", 16), ("V", 32), ("BT", 32))): entry(SimpleNamespace(metadata=None))}),
+        1: fast("_bigla_bwd_kernel", {key(1, **meta): entry(kernel(255, 110)), key(2, **meta): entry(kernel(255, 110))}),
+        2: fast("_swiglu_fwd_kernel", {key(1, BT=64): entry(kernel(64, 0))}),
+        3: fast("_bigla_walk_kernel", {key(1, K=16, V=32, BT=32): entry(SimpleNamespace(metadata=None))}),
         4: SimpleNamespace(fn=SimpleNamespace(__name__="_bigla_bwd_kernel", fn=SimpleNamespace(
-            __module__=bench_bigla.ALT_PREFIX + "old")), compiled={(0, "c", meta): entry(kernel(200, 7))}),
+            __module__=bench_bigla.ALT_PREFIX + "old")), compiled={key(3, **meta): entry(kernel(200, 7))}),
     })
     rows = bench_bigla.compiled_kernels()
     assert rows == [

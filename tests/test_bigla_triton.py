@@ -213,13 +213,13 @@ def test_default_launch():
     assert {default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136, 16384)} == {(16, 1, 128)}
     assert [default_launch(T, 16, 32, True, 4) for T in (49, 3136, 4096, 4097, 16384)] == [(16, 2, 80)] * 3 + [
         (64, 4, 168)] * 2
-    assert [default_launch(T, 32, 64, True, 2) for T in (196, 256, 257)] == [(32, 4, 128)] * 2 + [(64, 4, 168)]
+    assert [default_launch(T, 32, 64, True, 2) for T in (196, 256, 257)] == [(32, 4, 96)] * 2 + [(64, 4, 168)]
     assert [default_launch(T, 32, 64, True, 4) for T in (196, 256, 257)] == [(16, 4, 80)] * 2 + [(64, 4, 0)]
     assert default_launch(196, 64, 128, True, 2) == (32, 8, 0) and default_launch(4096, 32, 128, True, 4) == (64, 8, 0)
     assert {default_launch(T, K, V, False, c)[0] for T in (1, 196, 4096) for c in (2, 4)
             for K, V in ((16, 32), (32, 64), (128, 64))} == {32}
     p = plan(128, 196, 3, 32, 64, True, 132, 2)
-    assert (p.BT, p.warps_chunk, p.regs) == (32, 4, 128)
+    assert (p.BT, p.warps_chunk, p.regs) == (32, 4, 96)
     p = plan(128, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(chunk=64))
     assert (p.BT, p.regs) == (64, 0)
     p = plan(128, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(warps_chunk=8, regs=0))
@@ -229,7 +229,7 @@ def test_default_launch():
     assert plan(128, 3136, 3, 16, 32, True, 132, 2, BiGLAConfig(warps_walk=4)).warps_walk == 4
     assert plan(128, 196, 3, 32, 64, True, 132, 4).regs == 80
     assert [plan(128, 196, 3, 32, 64, True, 132, c, BiGLAConfig(regs=96, bwd_regs=0)).regs for c in (2, 4)] == [96, 0]
-    assert [plan(128, 196, 3, 32, 64, True, 132, c, BiGLAConfig(bwd_regs=64)).regs for c in (2, 4)] == [128, 64]
+    assert [plan(128, 196, 3, 32, 64, True, 132, c, BiGLAConfig(bwd_regs=64)).regs for c in (2, 4)] == [96, 64]
     # the output kernel's steep pass: with 64-token chunks, unless the config says otherwise
     assert [plan(48, T, 3, 32, 64, True, 132, 2).steep_pass for T in (196, 1024)] == [False, True]
     assert plan(48, 1024, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=False)).steep_pass is False

@@ -631,8 +631,10 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
       two up to T = 4096 (T = 49 to 3136: 12-18% off forward+backward against 4 warps) capped at 80
       registers (another 5-6%, ``kernel_bigla_tune_regs.json``), beyond it 64-token chunks at 4 warps
       capped at 168 registers (5% faster at T = 16384);
-    * d_k = 32, forward (``chains`` 2): 32-token chunks capped at 128 registers for short sequences
-      (T <= 256: 196 pads to 224 instead of 256), else 64 capped at 168; backward (``chains`` 4, one scan
+    * d_k = 32, forward (``chains`` 2): 32-token chunks capped at 96 registers for short sequences
+      (T <= 256: 196 pads to 224 instead of 256; five programs per multiprocessor instead of four, no spills:
+      4-5% off the forward of ViG-T and ViG-S at 224 against 128, ``kernel_bigla_steep_ab.json``), else 64
+      capped at 168 (the steep pass's first launch needs 128 without a cap); backward (``chains`` 4, one scan
       per launch): 16-token chunks capped at 80 registers for T <= 256 (more programs resident: 5% off
       forward+backward for ViG-T and ViG-S at 224, ``kernel_bigla_tune_regs.json``), else 64; 4 warps.
 
@@ -647,7 +649,7 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
     if bf16 and K <= 32 and V <= 64:
         short = T <= 256
         if chains == 2:
-            return (32, 4, 128) if short else (64, 4, 168)
+            return (32, 4, 96) if short else (64, 4, 168)
         return (16, 4, 80) if short else (64, 4, 0)
     warps = 8 if K > 32 or chains == 4 else 4
     if not (bf16 and K <= 64 and V <= 128):
