@@ -234,7 +234,8 @@ def launch_keywords(key: tuple) -> dict:
 def compiled_kernels() -> list[dict]:
     """Registers and spilled registers of every BiGLA kernel of this version compiled in this run (Triton's
     metadata, None where a Triton version lacks a field; ``--alt`` versions' kernels left out), per chunk length,
-    scan (backward) and ``num_warps``: the launcher's cache of compiled kernels."""
+    scan (backward), pass (forward) and ``num_warps``: the launcher's cache of compiled kernels (``--configs``'
+    variants included)."""
     from vigla.ops.launcher import _FAST
 
     rows = []
@@ -245,10 +246,11 @@ def compiled_kernels() -> list[dict]:
         for key, kernel in ((k, e.kernel) for k, e in fast.compiled.items()):
             meta = launch_keywords(key)
             rows.append(dict(kernel=fast.fn.__name__, K=meta.get("K"), V=meta.get("V"), BT=meta.get("BT"),
-                             UPPER=meta.get("UPPER"), num_warps=getattr(kernel.metadata, "num_warps", None),
+                             UPPER=meta.get("UPPER"), PASS=meta.get("PASS"),
+                             num_warps=getattr(kernel.metadata, "num_warps", None),
                              registers=getattr(kernel, "n_regs", None), spills=getattr(kernel, "n_spills", None)))
     unique = {tuple(r.items()): r for r in rows}
-    return sorted(unique.values(), key=lambda r: (r["kernel"], r["K"], r["BT"], r["UPPER"] or 0))
+    return sorted(unique.values(), key=lambda r: (r["kernel"], r["K"], r["BT"], r["UPPER"] or 0, r["PASS"] or 0))
 
 
 def _ratio(a, b):
@@ -335,6 +337,10 @@ def main() -> int:
                "*_graph_ms: triton.testing.do_bench_cudagraph (replays of a captured graph)",
         copy_bandwidth_TBps=bw / 1e12, impls=impls, configs=[c for c, _ in configs],
         alt=[{"label": label, "file": f, "sha256": _sha256(f)} for (label, _), f in zip(alts, args.alt)]))
+    if "fla" in args.impls and not HAS_FLA:  # said, not silently dropped: the fla columns stay empty
+        result["notes"].append("fla was asked for but is not installed here (pip install flash-linear-attention): "
+                               "vigla only")
+        print(f"bench_bigla: {result['notes'][-1]}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
     for shape in SHAPES:

@@ -385,7 +385,8 @@ def kernel_split(result: dict) -> list[str]:
     if not rows:
         return []
     spills = [f"{c['kernel']} d_k={c['K']} chunk {c['BT']}"
-              + ("" if c.get("UPPER") is None else f" scan {c['UPPER']}") + f": {c['registers']} / {c['spills']}"
+              + ("" if c.get("UPPER") is None else f" scan {c['UPPER']}")
+              + ("" if c.get("PASS") is None else f" pass {c['PASS']}") + f": {c['registers']} / {c['spills']}"
               for c in value(result, ("settings", "compiled_kernels")) or [] if c.get("spills")]
     lines = ["", "Forward+backward device time per call by kernel (ms, `torch.profiler`, default plans):", ""]
     lines += table(["shape", "total"] + [name for name, _ in KERNEL_PARTS], rows)

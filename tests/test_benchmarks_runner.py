@@ -246,13 +246,17 @@ def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
         1: fast("_bigla_bwd_kernel", {key(1, **meta): entry(kernel(255, 110)), key(2, **meta): entry(kernel(255, 110))}),
         2: fast("_swiglu_fwd_kernel", {key(1, BT=64): entry(kernel(64, 0))}),
         3: fast("_bigla_walk_kernel", {key(1, K=16, V=32, BT=32): entry(SimpleNamespace(metadata=None))}),
+        5: fast("_bigla_fwd_kernel", {key(1, K=32, V=64, BT=64, PASS=1, num_warps=4): entry(kernel(128, 0))}),
         4: SimpleNamespace(fn=SimpleNamespace(__name__="_bigla_bwd_kernel", fn=SimpleNamespace(
             __module__=bench_bigla.ALT_PREFIX + "old")), compiled={key(3, **meta): entry(kernel(200, 7))}),
     })
     rows = bench_bigla.compiled_kernels()
     assert rows == [
-        dict(kernel="_bigla_bwd_kernel", K=32, V=64, BT=64, UPPER=1, num_warps=4, registers=255, spills=110),
-        dict(kernel="_bigla_walk_kernel", K=16, V=32, BT=32, UPPER=None, num_warps=None, registers=None, spills=None)]
+        dict(kernel="_bigla_bwd_kernel", K=32, V=64, BT=64, UPPER=1, PASS=None, num_warps=4, registers=255,
+             spills=110),
+        dict(kernel="_bigla_fwd_kernel", K=32, V=64, BT=64, UPPER=None, PASS=1, num_warps=4, registers=128, spills=0),
+        dict(kernel="_bigla_walk_kernel", K=16, V=32, BT=32, UPPER=None, PASS=None, num_warps=None, registers=None,
+             spills=None)]
 
 
 def test_index_groups_by_stem_and_names_the_problems(tmp_path):
