@@ -5,7 +5,7 @@ decays (``[BT, K]``), ``P = cumsum(g)`` (inclusive) and ``G = sum(g)``. The forw
 from token j to i (j <= i) is ``exp(P_i - P_j)``, the backward scan's from j to i (j >= i)
 ``exp(c_j - c_i)`` with ``c = P - g`` (exclusive). Both scans include the token itself.
 
-Forward, two launches (three for long sequences):
+Forward, two launches (three for long sequences; one more with 64-token chunks, the steep pass of 3):
 
 1. ``_bigla_walk_kernel`` computes the ``[K, V]`` state entering every chunk, for the forward scan
    (left to right over the chunks) and the backward scan (right to left) in one launch. The
@@ -497,9 +497,9 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
 
     Writes ``dv`` (``[B, T, H, V]``) and, for this value block, ``dq, dk, dg`` (``[NV, B, T, H, K]``
     contiguous; the caller sums the blocks). The backward scan's launch adds the forward scan's shares
-    ``pq, pk, pv`` (same layouts, fp32, written by the first launch) to ``dq, dk, dv``: the backward is
-    two launches, one per scan, each holding half the live tiles of one program doing both (which
-    spilled registers), and deterministic.
+    ``pq, pk, pv`` (same layouts, bf16 for bf16 inputs else fp32, written by the first launch) to ``dq, dk,
+    dv``: the backward is two launches, one per scan, each holding half the live tiles of one program doing
+    both (which spilled registers), and deterministic.
 
     Notation: ``x`` is the scan's in-chunk exponent (forward: ``P``, backward: ``-c``) and ``a`` its
     offset (forward: 0, backward: ``G``), so that a query reads the state entering the chunk with
