@@ -243,7 +243,8 @@ def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
 
     meta = dict(K=32, V=64, BT=64, UPPER=1, num_warps=4)
     monkeypatch.setattr(launcher, "_FAST", {
-        1: fast("_bigla_bwd_kernel", {key(1, **meta): entry(kernel(255, 110)), key(2, **meta): entry(kernel(255, 110))}),
+        1: fast("_bigla_bwd_kernel", {key(1, **meta): entry(kernel(255, 110)),
+                                      key(2, **meta): entry(kernel(255, 110))}),
         2: fast("_swiglu_fwd_kernel", {key(1, BT=64): entry(kernel(64, 0))}),
         3: fast("_bigla_walk_kernel", {key(1, K=16, V=32, BT=32): entry(SimpleNamespace(metadata=None))}),
         5: fast("_bigla_fwd_kernel", {key(1, K=32, V=64, BT=64, PASS=1, num_warps=4): entry(kernel(128, 0))}),
