@@ -234,6 +234,7 @@ def test_default_launch():
     assert [plan(48, T, 3, 32, 64, True, 132, 2).steep_pass for T in (196, 1024)] == [False, True]
     assert plan(48, 1024, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=False)).steep_pass is False
     assert plan(48, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=True)).steep_pass is True
+    assert [plan(48, 196, 3, 32, 64, True, 132, 4, BiGLAConfig(walk_regs=w)).walk_regs for w in (None, 88)] == [0, 88]
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -580,7 +580,9 @@ class BiGLAConfig:
     programs share a multiprocessor. bwd_regs: the backward's per-chunk kernel's own cap (default: ``regs``).
     steep_pass: whether the forward's output kernel runs twice, first without the exact path's code (the chunks
     whose scans both factor), then for the steep chunks it left (default: for 64-token chunks, where the exact
-    path's registers cost resident programs).
+    path's registers cost resident programs). walk_regs: register cap of the walk kernel, 0 or None for none (the
+    default): a tuning knob, e.g. to fit the backward's walk at 224 (1536 programs of two warps for ViG-T) in
+    one wave.
     """
     chunk: int | None = None
     segments: int | None = None
@@ -591,6 +593,7 @@ class BiGLAConfig:
     regs: int | None = None
     bwd_regs: int | None = None
     steep_pass: bool | None = None
+    walk_regs: int | None = None
 
 
 _DEFAULT = BiGLAConfig()  # the automatic plan (one instance: a dataclass costs microseconds to build and hash)
@@ -616,6 +619,7 @@ class _Plan:
     regs: int
     state_fp32: bool
     steep_pass: bool
+    walk_regs: int
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -705,7 +709,8 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
                  nseg=cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
                  state_fp32=not bf16 or config.state_dtype == "fp32",
-                 steep_pass=BT == 64 if config.steep_pass is None else bool(config.steep_pass))
+                 steep_pass=BT == 64 if config.steep_pass is None else bool(config.steep_pass),
+                 walk_regs=config.walk_regs or 0)
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
@@ -765,7 +770,7 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: 
         q, k, v, v if do is None else do, gf, gb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv,
         half_scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=segmented, num_warps=p.warps_walk)
+        SEGMENTED=segmented, num_warps=p.warps_walk, **({"maxnreg": p.walk_regs} if p.walk_regs else {}))
     if segmented:
         wrap(_bigla_carry_kernel)[(chains * p.NVW, BH)](hs, dec, p.NT, p.nseg, K=K, V=V, BV=p.BVW,
                                                   NV=p.NVW, num_warps=4)
