@@ -338,8 +338,8 @@ def main() -> int:
         copy_bandwidth_TBps=bw / 1e12, impls=impls, configs=[c for c, _ in configs],
         alt=[{"label": label, "file": f, "sha256": _sha256(f)} for (label, _), f in zip(alts, args.alt)]))
     if "fla" in args.impls and not HAS_FLA:  # said, not silently dropped: the fla columns stay empty
-        result["notes"].append("fla was asked for but is not installed here (pip install flash-linear-attention): "
-                               "vigla only")
+        result["notes"].append("fla was asked for but is not installed here (pip install fla-core, or its wheel in "
+                               ".whl/ through `python -m benchmarks fla`): vigla only")
         print(f"bench_bigla: {result['notes'][-1]}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
