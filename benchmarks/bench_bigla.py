@@ -27,7 +27,7 @@ device, same inputs.
 
 Where the time goes (``vigla`` rows): ``vigla_kernel_ms``, each kernel's device time per call of the default
 plan (``torch.profiler``), forward and forward+backward; ``settings.compiled_kernels``, the registers and spilled
-registers of every BiGLA kernel the run compiled.
+registers of every BiGLA kernel the default plans launched in the run (not the ``--configs`` variants).
 
 Byte floors: the time to read every input once and write every output once at the copy bandwidth
 measured in the same run (forward: q, k, v, two gates, o; backward: those inputs and do, then dq,
@@ -192,6 +192,7 @@ def measure(shape, impls, configs, alts=()) -> dict:
     runs += [("kernels", label, cfg, None) for label, cfg in configs]
     runs += [("kernels", label, None, module) for label, module in alts]
     for impl, label, cfg, module in runs:
+        before = launched_keys() if impl == "vigla" else None
         fwd, fwdbwd = _calls(impl, x, do, cfg, module)
         row[f"{label}_fwd_ms"] = _time(fwd, graph=False)
         row[f"{label}_fwdbwd_ms"] = _time(fwdbwd, graph=False)
@@ -200,6 +201,8 @@ def measure(shape, impls, configs, alts=()) -> dict:
             fwdbwd = _calls("kernels", x, do, None)[1]
         if impl != "fla":
             row[f"{label}_fwdbwd_graph_ms"] = _time(fwdbwd, graph=True)
+        if before is not None:  # the launches of this shape's default plans (ints are keyed by value: new keys)
+            DEFAULT_LAUNCHES.update(launched_keys() - before)
     if "vigla" in impls:
         row["vigla_kernel_ms"] = kernel_times(x, do)
     return row
@@ -231,11 +234,21 @@ def launch_keywords(key: tuple) -> dict:
     return dict(x for x in key[-1] if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str))
 
 
-def compiled_kernels() -> list[dict]:
+DEFAULT_LAUNCHES: set = set()  # (kernel's id, launch key) of every launch the default plans made in this run
+
+
+def launched_keys() -> set:
+    """``(id of the kernel, key)`` of every launch signature in the eager launcher's cache."""
+    from vigla.ops.launcher import _FAST
+
+    return {(id(fast), key) for fast in _FAST.values() for key in fast.compiled}
+
+
+def compiled_kernels(only: set | None = None) -> list[dict]:
     """Registers and spilled registers of every BiGLA kernel of this version compiled in this run (Triton's
     metadata, None where a Triton version lacks a field; ``--alt`` versions' kernels left out), per chunk length,
-    scan (backward), pass (forward) and ``num_warps``: the launcher's cache of compiled kernels (``--configs``'
-    variants included)."""
+    scan (backward), pass (forward) and ``num_warps``: the launcher's cache of compiled kernels, with ``only`` those
+    of its ``(id, key)`` pairs (:data:`DEFAULT_LAUNCHES`: the default plans' kernels, not ``--configs``')."""
     from vigla.ops.launcher import _FAST
 
     rows = []
@@ -243,7 +256,7 @@ def compiled_kernels() -> list[dict]:
         module = getattr(getattr(fast.fn, "fn", None), "__module__", "")
         if not fast.fn.__name__.startswith("_bigla") or module.startswith(ALT_PREFIX):  # --alt versions' own
             continue
-        for key, kernel in ((k, e.kernel) for k, e in fast.compiled.items()):
+        for key, kernel in ((k, e.kernel) for k, e in fast.compiled.items() if only is None or (id(fast), k) in only):
             meta = launch_keywords(key)
             rows.append(dict(kernel=fast.fn.__name__, K=meta.get("K"), V=meta.get("V"), BT=meta.get("BT"),
                              UPPER=meta.get("UPPER"), PASS=meta.get("PASS"),
@@ -352,7 +365,7 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         write_json(result, path)  # after every row: a run cut short keeps its rows
     if "vigla" in impls:
-        result["settings"]["compiled_kernels"] = compiled_kernels()
+        result["settings"]["compiled_kernels"] = compiled_kernels(DEFAULT_LAUNCHES)
     result["complete"] = True
     write_json(result, path)
     print_table(result)

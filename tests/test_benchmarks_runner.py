@@ -258,6 +258,9 @@ def test_compiled_kernels_lists_each_bigla_kernels_registers_once(monkeypatch):
         dict(kernel="_bigla_fwd_kernel", K=32, V=64, BT=64, UPPER=None, PASS=1, num_warps=4, registers=128, spills=0),
         dict(kernel="_bigla_walk_kernel", K=16, V=32, BT=32, UPPER=None, PASS=None, num_warps=None, registers=None,
              spills=None)]
+    # with only the launches of the default plans (a --configs variant's kernel left out)
+    fwd = launcher._FAST[5]
+    assert bench_bigla.compiled_kernels({(id(fwd), k) for k in fwd.compiled}) == [rows[1]]
 
 
 def test_index_groups_by_stem_and_names_the_problems(tmp_path):
