@@ -180,8 +180,9 @@ def _time(fn, graph: bool):
         return None
 
 
-def measure(shape, impls, configs, alts=()) -> dict:
-    """One row: every implementation's timings at ``shape``; ``alts``: ``(label, module)`` pairs."""
+def measure(shape, impls, configs, alts=(), launches: set | None = None) -> dict:
+    """One row: every implementation's timings at ``shape``; ``alts``: ``(label, module)`` pairs; ``launches``
+    collects the ``(id, key)`` pairs of the default plans' launches (:func:`launched_keys`)."""
     name, B, T, H, K, V = shape
     x = make_inputs(B, T, H, K, V, grad=True)
     do = torch.randn(B, T, H, V, dtype=torch.bfloat16).cuda()
@@ -192,7 +193,7 @@ def measure(shape, impls, configs, alts=()) -> dict:
     runs += [("kernels", label, cfg, None) for label, cfg in configs]
     runs += [("kernels", label, None, module) for label, module in alts]
     for impl, label, cfg, module in runs:
-        before = launched_keys() if impl == "vigla" else None
+        before = launched_keys() if impl == "vigla" and launches is not None else None
         fwd, fwdbwd = _calls(impl, x, do, cfg, module)
         row[f"{label}_fwd_ms"] = _time(fwd, graph=False)
         row[f"{label}_fwdbwd_ms"] = _time(fwdbwd, graph=False)
@@ -202,7 +203,7 @@ def measure(shape, impls, configs, alts=()) -> dict:
         if impl != "fla":
             row[f"{label}_fwdbwd_graph_ms"] = _time(fwdbwd, graph=True)
         if before is not None:  # the launches of this shape's default plans (ints are keyed by value: new keys)
-            DEFAULT_LAUNCHES.update(launched_keys() - before)
+            launches.update(launched_keys() - before)
     if "vigla" in impls:
         row["vigla_kernel_ms"] = kernel_times(x, do)
     return row
@@ -234,9 +235,6 @@ def launch_keywords(key: tuple) -> dict:
     return dict(x for x in key[-1] if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str))
 
 
-DEFAULT_LAUNCHES: set = set()  # (kernel's id, launch key) of every launch the default plans made in this run
-
-
 def launched_keys() -> set:
     """``(id of the kernel, key)`` of every launch signature in the eager launcher's cache."""
     from vigla.ops.launcher import _FAST
@@ -248,7 +246,7 @@ def compiled_kernels(only: set | None = None) -> list[dict]:
     """Registers and spilled registers of every BiGLA kernel of this version compiled in this run (Triton's
     metadata, None where a Triton version lacks a field; ``--alt`` versions' kernels left out), per chunk length,
     scan (backward), pass (forward) and ``num_warps``: the launcher's cache of compiled kernels, with ``only`` those
-    of its ``(id, key)`` pairs (:data:`DEFAULT_LAUNCHES`: the default plans' kernels, not ``--configs``')."""
+    of its ``(id, key)`` pairs (what :func:`measure` collected: the default plans' kernels, not ``--configs``')."""
     from vigla.ops.launcher import _FAST
 
     rows = []
@@ -356,16 +354,17 @@ def main() -> int:
         print(f"bench_bigla: {result['notes'][-1]}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
+    launches: set = set()  # the default plans' launches, for compiled_kernels
     for shape in SHAPES:
         if args.shapes and shape[0] not in args.shapes:
             continue
-        row = measure(shape, impls, configs, alts)
+        row = measure(shape, impls, configs, alts, launches)
         add_ratios(row, bw)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         write_json(result, path)  # after every row: a run cut short keeps its rows
     if "vigla" in impls:
-        result["settings"]["compiled_kernels"] = compiled_kernels(DEFAULT_LAUNCHES)
+        result["settings"]["compiled_kernels"] = compiled_kernels(launches)
     result["complete"] = True
     write_json(result, path)
     print_table(result)

@@ -35,6 +35,7 @@ LAYERS = [s for s in SHAPES if s[0] in ("ViG-T @224", "ViG-T @1024", "ViG-H-T s1
 STRIDES = {"sqb", "sqt", "sqh", "svb", "svt", "svh", "sgb", "sgt", "sgh", "sxb", "sxt", "szb", "szt"}
 FLOATS = {"ginv", "gnorm", "half_scale", "eps"}
 FP32_PTRS = {"hs", "dec", "pq", "pk", "pv", "w_o", "w_l"}
+I8_PTRS = {"steep"}  # the output kernel's flags of steep chunks
 PTR_NAMES = {"q", "k", "v", "do", "gf", "gb", "g", "h", "o", "dq", "dk", "dv", "dg", "x", "z"} | FP32_PTRS
 
 
@@ -51,10 +52,10 @@ def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int):
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    sig = {n: "constexpr" if n in constexprs else "*fp32" if n in FP32_PTRS else "*i8" if n == "steep" else "*bf16"
+    sig = {n: "constexpr" if n in constexprs else "*fp32" if n in FP32_PTRS else "*i8" if n in I8_PTRS else "*bf16"
            if n in PTR_NAMES else "fp32" if n in FLOATS else "i32" for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if (sig[n].startswith("*") and n != "steep") or n in STRIDES}
+             if sig[n].startswith("*") or n in STRIDES}
     options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     return triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)

@@ -24,7 +24,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "unit_stride", "rows", "FastKernel", "Compiled"]
+__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "unit_stride", "handoff_dtype", "rows", "FastKernel",
+           "Compiled"]
 
 MAX_SIGNATURES = 1024  # per kernel: beyond it the cache starts again (shapes that never repeat)
 
@@ -72,6 +73,12 @@ def unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` with unit stride in its last dimension, as the kernels (Triton and CPU) read it (a view when it
     already has it)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def handoff_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an intermediate one kernel writes for the next to read: bf16 for bf16 inputs (half the bytes of
+    fp32, with fp32's range), fp32 otherwise (fp16's range could overflow)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

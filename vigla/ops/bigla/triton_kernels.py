@@ -62,7 +62,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..dispatch import direct
-from ..launcher import cdiv, planned, unit_stride
+from ..launcher import cdiv, handoff_dtype, planned, unit_stride
 from ..locality_mix.triton_kernels import mixed
 
 __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "mixes", "plan", "supports"]
@@ -402,56 +402,34 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, steep, T, H, NT, SEG, NSEG
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2)
     flag = steep + (i_bh * NT + i_t) * tl.num_programs(0) + i_v
-    if PASS == 2:
-        if tl.load(flag) != 0:
-            _fwd_chunk(q, k, v, gf, gb, o, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv, half_scale,
-                       sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
-                       K, V, BT, BV, GATED, HALF_DOTS, SEGMENTED, MIX, ACT, PASS)
-    else:
-        _fwd_chunk(q, k, v, gf, gb, o, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv, half_scale,
-                   sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
-                   K, V, BT, BV, GATED, HALF_DOTS, SEGMENTED, MIX, ACT, PASS)
-
-
-@triton.jit
-def _fwd_chunk(q, k, v, gf, gb, o, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv, half_scale,
-               sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
-               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-               GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr, MIX: tl.constexpr,
-               ACT: tl.constexpr, PASS: tl.constexpr):
-    """:func:`_bigla_fwd_kernel`'s work for its program's chunk and value block."""
-    ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
-    i_v = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_bh = tl.program_id(2)
-    BH = tl.num_programs(2)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = i_bh % H
-    ck = tl.arange(0, K)
-    cv = i_v * BV + tl.arange(0, BV)
-    rows = i_t * BT + tl.arange(0, BT)
-    off_q = i_b * sqb + i_h * sqh
-    off_g = i_b * sgb + i_h * sgh
-    b_q = _load_raw(q + off_q, rows, ck, sqt, T)
-    b_k = _load_raw(k + off_q, rows, ck, sqt, T)
-    b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
-    # the scans' exponents: inclusive prefix sums P (forward) and inclusive suffix sums R = G - c
-    # (backward: exp(c_j - c_i) = exp(R_i - R_j)), both <= 0, each factored product's range their minimum
-    p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), axis=0)
-    r = tl.cumsum(_load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED), axis=0, reverse=True)
-    fine_f = -tl.min(p) < RANGE_LIMIT
-    fine_b = -tl.min(r) < RANGE_LIMIT
-    if PASS == 1:
-        fine = fine_f & fine_b
-        tl.store(flag, tl.where(fine, 0, 1).to(tl.int8))
+    if (tl.load(flag) != 0) if PASS == 2 else True:
+        ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
+        BH = tl.num_programs(2)
+        i_b = (i_bh // H).to(tl.int64)
+        i_h = i_bh % H
+        ck = tl.arange(0, K)
+        cv = i_v * BV + tl.arange(0, BV)
+        rows = i_t * BT + tl.arange(0, BT)
+        off_q = i_b * sqb + i_h * sqh
+        off_g = i_b * sgb + i_h * sgh
+        b_q = _load_raw(q + off_q, rows, ck, sqt, T)
+        b_k = _load_raw(k + off_q, rows, ck, sqt, T)
+        b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
+        # the scans' exponents: inclusive prefix sums P (forward) and inclusive suffix sums R = G - c
+        # (backward: exp(c_j - c_i) = exp(R_i - R_j)), both <= 0, each factored product's range their minimum
+        p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), axis=0)
+        r = tl.cumsum(_load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED), axis=0, reverse=True)
+        fine_f = -tl.min(p) < RANGE_LIMIT
+        fine_b = -tl.min(r) < RANGE_LIMIT
+        fine = True
+        if PASS == 1:  # this pass takes the chunks that factor, its scores compiled for them alone
+            fine = fine_f & fine_b
+            tl.store(flag, tl.where(fine, 0, 1).to(tl.int8))
+            fine_f, fine_b = True, True
         if fine:
             _fwd_out(b_q, b_k, b_v, p, r, o, h, hs, dec, T, H, NT, SEG, NSEG, half_scale, x, z, w_o, w_l, eps, sxb,
-                     sxt, szb, szt, i_b, i_h, i_bh, BH, i_t, ck, cv, rows, True, True, K, V, BT, HALF_DOTS,
+                     sxt, szb, szt, i_b, i_h, i_bh, BH, i_t, ck, cv, rows, fine_f, fine_b, K, V, BT, HALF_DOTS,
                      SEGMENTED, MIX, ACT)
-    else:
-        _fwd_out(b_q, b_k, b_v, p, r, o, h, hs, dec, T, H, NT, SEG, NSEG, half_scale, x, z, w_o, w_l, eps, sxb, sxt,
-                 szb, szt, i_b, i_h, i_bh, BH, i_t, ck, cv, rows, fine_f, fine_b, K, V, BT, HALF_DOTS, SEGMENTED,
-                 MIX, ACT)
 
 
 @triton.jit
@@ -838,9 +816,8 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
     h, hs, dec = _walks(q, k, v, do, gf, gb, p, 4, ginv, 0.5 * scale, gated, wrap)
     f32 = dict(dtype=torch.float32, device=q.device)
     part = (p.NV, B, T, H, K)
-    # the forward scan's shares, then the backward scan's added to them; bf16 inputs keep the shares in bf16
-    # (half the bytes of the round trip between the two launches)
-    shares = dict(f32, dtype=torch.bfloat16) if q.dtype == torch.bfloat16 else f32
+    # the forward scan's shares, then the backward scan's added to them
+    shares = dict(f32, dtype=handoff_dtype(q.dtype))
     pq, pk, pv = torch.empty(part, **shares), torch.empty(part, **shares), torch.empty(B, T, H, V, **shares)
     dv = torch.empty(B, T, H, V, dtype=v.dtype, device=q.device)
     if p.NV == 1:  # written in the outputs' dtypes directly

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv, next_power_of_2, planned, unit_stride
+from ..launcher import cdiv, handoff_dtype, next_power_of_2, planned, unit_stride
 
 TILE_FWD = 1024  # the forward's tile: columns x channels
 TILE_BWD = 512  # the backward's tile: tokens x channels (at 4 warps: spill-free, ptxas sm_90)
@@ -272,8 +272,7 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     tiles = cdiv(N, BT)
     n = max(1, min(B * tiles, _programs(x.device.index) if x.is_cuda else 4))
     # with SiLU the kernel writes g, else dx; the other pointer is never written (never an input)
-    g_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32  # fp16's range could overflow
-    out = torch.empty(B, N, C, dtype=g_dtype if act else x.dtype, device=x.device)
+    out = torch.empty(B, N, C, dtype=handoff_dtype(x.dtype) if act else x.dtype, device=x.device)
     dwp = (torch.empty if dy.numel() else torch.zeros)(n, C, 9, dtype=torch.float32, device=x.device)
     if dy.numel():
         wrap(_dwconv_bwd_kernel)[(n, cdiv(C, BC))](
