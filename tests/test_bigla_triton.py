@@ -235,6 +235,7 @@ def test_default_launch():
     assert plan(48, 1024, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=False)).steep_pass is False
     assert plan(48, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=True)).steep_pass is True
     assert [plan(48, 196, 3, 32, 64, True, 132, 4, BiGLAConfig(walk_regs=w)).walk_regs for w in (None, 88)] == [0, 88]
+    assert [plan(48, 196, 3, 32, 64, True, 132, 4, BiGLAConfig(walk_stages=w)).walk_stages for w in (None, 2)] == [0, 2]
 
 
 # ----------------------------------------------------------------------------------------- GPU

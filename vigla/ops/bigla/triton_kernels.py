@@ -560,7 +560,8 @@ class BiGLAConfig:
     whose scans both factor), then for the steep chunks it left (default: for 64-token chunks, where the exact
     path's registers cost resident programs). walk_regs: register cap of the walk kernel, 0 or None for none (the
     default): a tuning knob, e.g. to fit the backward's walk at 224 (1536 programs of two warps for ViG-T) in
-    one wave.
+    one wave. walk_stages: the walk loop's software-pipelining depth (Triton's ``num_stages``; default Triton's, 3:
+    the next chunks' loads issued while one is folded in, at the cost of registers and shared memory).
     """
     chunk: int | None = None
     segments: int | None = None
@@ -572,6 +573,7 @@ class BiGLAConfig:
     bwd_regs: int | None = None
     steep_pass: bool | None = None
     walk_regs: int | None = None
+    walk_stages: int | None = None
 
 
 _DEFAULT = BiGLAConfig()  # the automatic plan (one instance: a dataclass costs microseconds to build and hash)
@@ -598,6 +600,7 @@ class _Plan:
     state_fp32: bool
     steep_pass: bool
     walk_regs: int
+    walk_stages: int
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -688,7 +691,7 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
                  state_fp32=not bf16 or config.state_dtype == "fp32",
                  steep_pass=BT == 64 if config.steep_pass is None else bool(config.steep_pass),
-                 walk_regs=config.walk_regs or 0)
+                 walk_regs=config.walk_regs or 0, walk_stages=config.walk_stages or 0)
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
@@ -732,6 +735,11 @@ def _cap(p: _Plan) -> dict:
     return {"maxnreg": p.regs} if p.regs else {}
 
 
+def _walk_options(p: _Plan) -> dict:
+    return {**({"maxnreg": p.walk_regs} if p.walk_regs else {}), **({"num_stages": p.walk_stages} if p.walk_stages
+                                                                     else {})}
+
+
 def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: float, gated: int,
            wrap):
     """Launch the walk (and carry) kernels; returns ``(h, hs, dec)`` for the per-chunk kernels."""
@@ -748,7 +756,7 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: 
         q, k, v, v if do is None else do, gf, gb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv,
         half_scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=segmented, num_warps=p.warps_walk, **({"maxnreg": p.walk_regs} if p.walk_regs else {}))
+        SEGMENTED=segmented, num_warps=p.warps_walk, **_walk_options(p))
     if segmented:
         wrap(_bigla_carry_kernel)[(chains * p.NVW, BH)](hs, dec, p.NT, p.nseg, K=K, V=V, BV=p.BVW,
                                                   NV=p.NVW, num_warps=4)
