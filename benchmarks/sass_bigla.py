@@ -45,8 +45,9 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int):
-    """``fn`` compiled for sm_90 with ``constexprs``; tensors bf16 (fp32 where the launchers pass fp32)."""
+def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int, stages: int = 0):
+    """``fn`` compiled for sm_90 with ``constexprs``, ``maxnreg`` and ``num_stages`` (0: none, Triton's default);
+    tensors bf16 (fp32 where the launchers pass fp32)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,7 +57,8 @@ def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int):
            if n in PTR_NAMES else "fp32" if n in FLOATS else "i32" for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n in STRIDES}
-    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {}), **({"num_stages": stages} if stages
+                                                                                 else {})}
     return triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -85,7 +87,8 @@ def analyse(kernel, source: list[str], top: int) -> dict:
 
 
 def kernels_of(mod, B: int, T: int, H: int, K: int, V: int):
-    """``(name, fn, constexprs, warps, maxnreg)`` of each kernel the default plans launch for one layer."""
+    """``(name, fn, constexprs, warps, maxnreg, stages)`` of each kernel the default plans launch for one layer
+    (``stages``: the walk's pipelining depth, 0 for Triton's default)."""
     out = []
     for chains in (2, 4):
         p = mod.plan(B, T, H, K, V, True, 132, chains)
@@ -93,20 +96,21 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int):
         gated = 2 if hasattr(mod, "_gated") else True  # gate logits, bf16 on a GPU (versions before _gated: a bool)
         common = dict(K=K, V=V, BT=p.BT, GATED=gated, HALF_DOTS=2, SEGMENTED=seg)
         walk = dict(common, BV=p.BVW, NV=p.NVW)
-        out.append((f"walk ({chains} chains)", mod._bigla_walk_kernel, walk, p.warps_walk, 0))
+        out.append((f"walk ({chains} chains)", mod._bigla_walk_kernel, walk, p.warps_walk,
+                    getattr(p, "walk_regs", 0), getattr(p, "walk_stages", 0)))  # versions before them: none
         if chains == 2:
             fwd = dict(common, BV=p.BV)
             if "PASS" in mod._bigla_fwd_kernel.arg_names:  # the output kernel's first pass (all there is without
                 fwd.update(PASS=1 if getattr(p, "steep_pass", False) else 0)  # a steep pass)
             if "MIX" in mod._bigla_fwd_kernel.arg_names:  # the training path's output, the inference path's mix
                 out.append(("forward + mix", mod._bigla_fwd_kernel, dict(fwd, MIX=True, ACT=True), p.warps_chunk,
-                            p.regs))
+                            p.regs, 0))
                 fwd.update(MIX=False, ACT=False)
-            out.append(("forward per-chunk", mod._bigla_fwd_kernel, fwd, p.warps_chunk, p.regs))
+            out.append(("forward per-chunk", mod._bigla_fwd_kernel, fwd, p.warps_chunk, p.regs, 0))
         else:
             for upper in (0, 1):
                 out.append((f"backward per-chunk (scan {upper})", mod._bigla_bwd_kernel,
-                            dict(common, BV=p.BV, UPPER=upper), p.warps_chunk, p.regs))
+                            dict(common, BV=p.BV, UPPER=upper), p.warps_chunk, p.regs, 0))
     return out
 
 
@@ -141,9 +145,10 @@ def main() -> int:
         mod, file = load_version(path)
         source = file.read_text().splitlines()
         for layer, B, T, H, K, V in LAYERS:
-            for name, fn, consts, warps, regs in kernels_of(mod, B, T, H, K, V):
-                row = dict(version=label, layer=layer, kernel=name, chunk=consts["BT"], warps=warps,
-                           maxnreg=regs, **analyse(compile_kernel(fn, consts, warps, regs), source, args.lines))
+            for name, fn, consts, warps, regs, stages in kernels_of(mod, B, T, H, K, V):
+                row = dict(version=label, layer=layer, kernel=name, chunk=consts["BT"], warps=warps, maxnreg=regs,
+                           num_stages=stages or None,
+                           **analyse(compile_kernel(fn, consts, warps, regs, stages), source, args.lines))
                 result["rows"].append(row)
                 print(f"{label:4} {layer:16} {name:28} chunk {consts['BT']:2}  regs {row['registers']:3}  "
                       f"stack {row['stack_bytes']:3}  instructions {row['instructions']}", flush=True)

@@ -355,10 +355,11 @@ def test_sass_bigla_attributes_a_kernels_instructions_to_its_source_lines():
     if not Path(sass_bigla._tool("nvdisasm")).exists():
         pytest.skip(reason="this Triton carries no nvdisasm (its NVIDIA backend's tools): nothing to disassemble")
     mod, path = sass_bigla.load_version(None)
-    name, fn, consts, warps, regs = sass_bigla.kernels_of(mod, 128, 196, 3, 32, 64)[0]
-    assert name == "walk (2 chains)" and consts["BT"] == 32
-    row = sass_bigla.analyse(sass_bigla.compile_kernel(fn, consts, warps, regs), path.read_text().splitlines(), 50)
-    assert 0 < row["registers"] <= 255 and row["instructions"] > 200
+    name, fn, consts, warps, regs, stages = sass_bigla.kernels_of(mod, 128, 196, 3, 32, 64)[0]
+    assert name == "walk (2 chains)" and consts["BT"] == 32 and regs == 128
+    row = sass_bigla.analyse(sass_bigla.compile_kernel(fn, consts, warps, regs, stages), path.read_text().splitlines(),
+                             50)
+    assert 0 < row["registers"] <= regs and row["instructions"] > 200
     assert sum(line["instructions"] for line in row["lines"]) <= row["instructions"]
     assert any("_load_gate(" in (line["source"] or "") for line in row["lines"])
 

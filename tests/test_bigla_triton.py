@@ -234,8 +234,20 @@ def test_default_launch():
     assert [plan(48, T, 3, 32, 64, True, 132, 2).steep_pass for T in (196, 1024)] == [False, True]
     assert plan(48, 1024, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=False)).steep_pass is False
     assert plan(48, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=True)).steep_pass is True
-    assert [plan(48, 196, 3, 32, 64, True, 132, 4, BiGLAConfig(walk_regs=w)).walk_regs for w in (None, 88)] == [0, 88]
-    assert [plan(48, 196, 3, 32, 64, True, 132, 4, BiGLAConfig(walk_stages=w)).walk_stages for w in (None, 2)] == [0, 2]
+    # the walk: 128 registers for short sequences, two stages too for ViG-H's d_k = 16 heads up to T = 4096;
+    # config fields override (0: none, Triton's default depth); another chunk length drops the defaults
+    walks = {(T, K): plan(128, T, 3, K, 2 * K, True, 132, 2) for T in (196, 784, 4096, 16384) for K in (16, 32)}
+    assert {tk: (p.walk_regs, p.walk_stages) for tk, p in walks.items()} == {
+        (196, 16): (128, 0), (196, 32): (128, 0), (784, 16): (128, 2), (784, 32): (0, 0), (4096, 16): (128, 2),
+        (4096, 32): (0, 0), (16384, 16): (0, 0), (16384, 32): (0, 0)}
+    assert plan(128, 196, 3, 32, 64, False, 132, 2).walk_regs == 0  # fp32: not measured, Triton's choices
+    assert plan(128, 196, 3, 64, 128, True, 132, 2).walk_regs == 0  # wider heads: the cap would spill
+    assert [plan(48, 196, 3, 32, 64, True, 132, 4, BiGLAConfig(walk_regs=w)).walk_regs for w in (None, 0, 88)] == [
+        128, 0, 88]
+    assert [plan(48, 784, 3, 16, 32, True, 132, 4, BiGLAConfig(walk_stages=w)).walk_stages for w in (None, 0, 4)] == [
+        2, 0, 4]
+    assert (lambda p: (p.walk_regs, p.walk_stages))(plan(48, 784, 3, 16, 32, True, 132, 2, BiGLAConfig(chunk=64))) == (
+        0, 0)
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -558,10 +558,9 @@ class BiGLAConfig:
     programs share a multiprocessor. bwd_regs: the backward's per-chunk kernel's own cap (default: ``regs``).
     steep_pass: whether the forward's output kernel runs twice, first without the exact path's code (the chunks
     whose scans both factor), then for the steep chunks it left (default: for 64-token chunks, where the exact
-    path's registers cost resident programs). walk_regs: register cap of the walk kernel, 0 or None for none (the
-    default): a tuning knob, e.g. to fit the backward's walk at 224 (1536 programs of two warps for ViG-T) in
-    one wave. walk_stages: the walk loop's software-pipelining depth (Triton's ``num_stages``; default Triton's, 3:
-    the next chunks' loads issued while one is folded in, at the cost of registers and shared memory).
+    path's registers cost resident programs). walk_regs: register cap of the walk kernel (0: none); walk_stages: the
+    walk loop's software-pipelining depth (Triton's ``num_stages``, 0: Triton's default, 3: the next chunks' loads
+    issued while one is folded in, at the cost of registers and shared memory); defaults: :func:`default_walk`.
     """
     chunk: int | None = None
     segments: int | None = None
@@ -642,6 +641,22 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
     return (32 if T <= 256 and K >= 32 else 64), warps, 0
 
 
+def default_walk(T: int, K: int, V: int, bf16: bool) -> tuple[int, int]:
+    """``(regs, stages)`` of the walk kernel: its register cap and pipelining depth (0: none, Triton's default),
+    chosen by measurement (``kernel_bigla_walk_stages_ab.json``, ``kernel_bigla_walk_h_ab.json``; H100, forward +
+    backward in CUDA-graph replays). bf16 heads up to 32 x 64: short sequences (T <= 256) capped at 128 registers
+    (ViG-T at 224: 5% off forward+backward, in three runs; ViG-H-T stage 3: 3%; the forward's walk takes 168
+    registers uncapped and 128 without spills); ViG-H's d_k = 16 heads up to T = 4096 also at two stages instead of
+    three (stage 1 at 224: 7% off forward+backward, 9% off the forward; stage 2: 3%). Longer sequences (their walks
+    cut into segments) and other heads keep Triton's choices (at ViG-T 512-2048 and ViG-H-T stage 1 at 512 these
+    were equal or slower)."""
+    if not (bf16 and K <= 32 and V <= 64):
+        return 0, 0
+    if T <= 256:
+        return 128, 0
+    return (128, 2) if K <= 16 and T <= 4096 else (0, 0)
+
+
 @functools.lru_cache(maxsize=1024)
 def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: int,
          config: BiGLAConfig | None = None) -> _Plan:
@@ -654,8 +669,9 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     the other; a walk left whole runs two warps per program when its programs fill every
     multiprocessor four times over, else four (bf16 d_k = 16 heads: one, measured fastest at every
     ViG-H-T stage). Chunk lengths, warps and register caps of the per-chunk
-    kernels: :func:`default_launch`. Each is overridden by its ``config`` field (a default register cap
-    is kept only with the default chunk length it was measured with).
+    kernels: :func:`default_launch`; the walk's register cap and pipelining depth: :func:`default_walk`. Each is
+    overridden by its ``config`` field (a default register cap or depth is kept only with the default chunk length
+    it was measured with).
     """
     if not supports(K, V):
         raise ValueError(f"bigla: the Triton kernels take d_k in (16, 32, 64, 128) and d_v in "
@@ -683,15 +699,17 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
         warps_walk = 1  # ViG-H-T stage, T = 196 to 16384; kernel_bigla_tune_walk_h.json)
     if BV > 64:  # an explicit value block above 64
         warps = 8
+    walk_regs, walk_stages = default_walk(T, K, V, bf16)
     cap = config.bwd_regs if chains == 4 and config.bwd_regs is not None else config.regs
-    if cap is None and BT != chunk:
-        regs = 0
+    if BT != chunk:  # the default caps and depth were measured with the default chunk length
+        regs = walk_regs = walk_stages = 0
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
                  nseg=cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
                  state_fp32=not bf16 or config.state_dtype == "fp32",
                  steep_pass=BT == 64 if config.steep_pass is None else bool(config.steep_pass),
-                 walk_regs=config.walk_regs or 0, walk_stages=config.walk_stages or 0)
+                 walk_regs=walk_regs if config.walk_regs is None else config.walk_regs,
+                 walk_stages=walk_stages if config.walk_stages is None else config.walk_stages)
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
