@@ -647,9 +647,10 @@ def default_walk(T: int, K: int, V: int, bf16: bool) -> tuple[int, int]:
     backward in CUDA-graph replays). bf16 heads up to 32 x 64: short sequences (T <= 256) capped at 128 registers
     (ViG-T at 224: 5% off forward+backward, in three runs; ViG-H-T stage 3: 3%; the forward's walk takes 168
     registers uncapped and 128 without spills); ViG-H's d_k = 16 heads up to T = 4096 also at two stages instead of
-    three (stage 1 at 224: 7% off forward+backward, 9% off the forward; stage 2: 3%). Longer sequences (their walks
-    cut into segments) and other heads keep Triton's choices (at ViG-T 512-2048 and ViG-H-T stage 1 at 512 these
-    were equal or slower)."""
+    three (stage 1 at 224, T = 3136: 7% off forward+backward, 9% off the forward; stage 2, T = 784: 3%; at T = 16384,
+    stage 1 at 512, the forward was 7% slower: the bound between is :func:`default_launch`'s for these heads, not
+    measured). Other sequences and heads keep Triton's choices (at ViG-T 512-2048 the cap and depth were equal or
+    slower)."""
     if not (bf16 and K <= 32 and V <= 64):
         return 0, 0
     if T <= 256:
