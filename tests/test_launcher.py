@@ -32,7 +32,7 @@ def test_a_replayed_launch_passes_each_tensor_by_its_address():
     with a TMA descriptor keeps them as given."""
     x, y = torch.zeros(64), torch.ones(8, 8)
     _, args = launcher._signature((x, 3, y[1:], 1.5, None, True), {"BLOCK": 32})
-    assert args == [x.data_ptr(), 3, y[1:].data_ptr(), 1.5, None, True]
+    assert args == (x.data_ptr(), 3, y[1:].data_ptr(), 1.5, None, True)
     assert [type(a) for a in args] == [int, int, int, float, type(None), bool]
     TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
     given = (TensorDescriptor.from_tensor(torch.zeros(64, 64, dtype=torch.bfloat16), [16, 32]), x)

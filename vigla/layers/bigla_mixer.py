@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..ops import bigla_gated
+from ..ops.amp import cast_concat, mm_to
 from ..ops.bigla.op import bigla_backward, bigla_forward
 from ..ops.dispatch import compute_dtype, eager_training
 from ..ops.dwconv import dwconv_silu
@@ -180,17 +181,11 @@ class BiGLAMixer(nn.Module):
         return gemm_weights(self, "folded", inference_weights(self, "folded", parts, dtype, build), rows)
 
     @staticmethod
-    def _concat(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The in-projection's ``(weight, bias)`` from ``(W_qkv, W_1, W_g, b_g)``; with ``dtype``, concatenated
-        straight into it (one kernel instead of a concatenation and a cast; no autograd: ``cat(out=)``)."""
+    def _concat(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The in-projection's ``(weight, bias)`` from ``(W_qkv, W_1, W_g, b_g)``."""
         w_qkv, w_down, w_gate, b_gate = parts
-        if dtype is None:
-            weight = torch.cat([w_qkv, w_down, w_gate])
-        else:
-            rows = w_qkv.shape[0] + w_down.shape[0] + w_gate.shape[0]
-            weight = torch.cat([w_qkv, w_down, w_gate], out=w_qkv.new_empty(rows, w_qkv.shape[1], dtype=dtype))
-            b_gate = b_gate.to(dtype)
+        weight = torch.cat([w_qkv, w_down, w_gate])
         return weight, F.pad(b_gate, (weight.shape[0] - b_gate.shape[0], 0))
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -332,8 +327,8 @@ class MixerFunction(torch.autograd.Function):
         B, N, C = x.shape
         h, K, dk, dv = mixer.num_heads, mixer.key_dim, mixer.head_k, mixer.head_v
         dtype = compute_dtype(x)
-        w_in, b_in = BiGLAMixer._concat((w_qkv, w_down, w_gate, b_gate), dtype)
-        w_up_c, b_up_c, w_out_c = w_up.to(dtype), b_up.to(dtype), w_out.to(dtype)
+        w_in, b_in, w_up_c, b_up_c, w_out_c = MixerFunction._cast_weights(
+            (w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_out), dtype)
         x_c = dwconv_forward(x, conv, hw[0], hw[1], mixer.conv_act, dtype)
         u = F.linear(x_c, w_in, b_in)
         q, k, v, z, gate = u.split([K, K, C, w_down.shape[0], C], dim=-1)
@@ -372,10 +367,22 @@ class MixerFunction(torch.autograd.Function):
         dx, dconv = dwconv_backward(dx_c.view(B, N, C), x, conv, H, W, m.conv_act)
         # the in-projection's weight gradient cast once and split; the bias gradients summed into their dtypes;
         # the ops' gradients are in their inputs' dtypes already
-        dw_qkv, dw_down, dw_gate = (du.t() @ x_c.reshape(B * N, C)).to(w_qkv.dtype).split([2 * K + C, r, C])
+        dw_qkv, dw_down, dw_gate = mm_to(du.t(), x_c.reshape(B * N, C), w_qkv.dtype).split([2 * K + C, r, C])
         return (dx, dconv, dw_qkv, dw_down, dw_gate, dgate.sum(0, dtype=b_gate.dtype),
-                (dlogits.t() @ z.reshape(B * N, r)).to(w_up.dtype), dlogits.sum(0, dtype=b_up.dtype), dw_o, dw_l,
-                (dout.t() @ y.reshape(B * N, C)).to(w_out.dtype), None, None)
+                mm_to(dlogits.t(), z.reshape(B * N, r), w_up.dtype), dlogits.sum(0, dtype=b_up.dtype), dw_o, dw_l,
+                mm_to(dout.t(), y.reshape(B * N, C), w_out.dtype), None, None)
+
+    @staticmethod
+    def _cast_weights(params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(w_in, b_in, w_up, b_up, w_out)`` in ``dtype`` from ``(W_qkv, W_1, W_g, b_g, W_2, b_2, W_o)``: the
+        in-projection concatenated (:meth:`BiGLAMixer._concat`), the rest cast; in float32 the parameters themselves
+        where they are already in it, else all written by one fused copy (:func:`vigla.ops.amp.cast_concat`)."""
+        w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_out = params
+        if all(p.dtype == dtype for p in params):
+            return (*BiGLAMixer._concat((w_qkv, w_down, w_gate, b_gate)), w_up, b_up, w_out)
+        rows = w_qkv.shape[0] + w_down.shape[0] + w_gate.shape[0]
+        return tuple(cast_concat([[w_qkv, w_down, w_gate], [rows - b_gate.shape[0], b_gate], [w_up], [b_up], [w_out]],
+                                 dtype))
 
     @staticmethod
     def _recorded_backward(ctx, dout: torch.Tensor) -> tuple:

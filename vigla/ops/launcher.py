@@ -122,9 +122,10 @@ def _getter(positions: list) -> Callable:
 
 
 def _layout(types: tuple):
-    """How to key arguments of these ``types``: ``(tensors, values, index, positions)`` (getters of the tensors and
-    the plain values, the layout's number, the tensors' positions), or None where one is neither a tensor nor a
-    plain value (e.g. a TMA descriptor: :func:`_other_key`)."""
+    """How to key arguments of these ``types``: ``(tensors, values, index, merge)`` (getters of the tensors and the
+    plain values, the layout's number, and the getter that puts the tensors' addresses followed by the values back in
+    the arguments' order), or None where one is neither a tensor nor a plain value (e.g. a TMA descriptor:
+    :func:`_other_key`)."""
     layout = _LAYOUTS.get(types, _LAYOUTS)
     if layout is _LAYOUTS:
         if len(_LAYOUTS) >= MAX_SIGNATURES:
@@ -132,29 +133,29 @@ def _layout(types: tuple):
         tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
         values = [i for i, t in enumerate(types) if t in _VALUES]
         plain = len(tensors) + len(values) == len(types)
-        layout = _LAYOUTS[types] = (_getter(tensors), _getter(values), next(_INDEX), tensors) if plain else None
+        order = {i: j for j, i in enumerate(tensors + values)}  # argument position -> index in addresses + values
+        layout = _LAYOUTS[types] = ((_getter(tensors), _getter(values), next(_INDEX),
+                                     _getter([order[i] for i in range(len(types))])) if plain else None)
     return layout
 
 
-def _signature(args: tuple, meta: dict) -> tuple[tuple, tuple | list]:
-    """``(key, launch_args)``. The key: what Triton's specialisation depends on (see the module docstring), the
-    arguments' types, each plain value, each tensor's dtype and offset from 16-byte alignment, the keywords with
-    their values' types; mostly in C, the positions of the tensors and values found once per tuple of argument types
-    (:func:`_layout`). ``launch_args``: ``args`` with each tensor replaced by its address, as a replayed launch passes
-    them (the module docstring), or ``args`` itself for a layout of other types."""
+def _signature(args: tuple, meta: dict) -> tuple[tuple, tuple]:
+    """``(key, launch_args)``. The key: what Triton specialises on (see the module docstring), the arguments' types,
+    each plain value, each tensor's dtype and offset from 16-byte alignment, the keywords with their values' types;
+    mostly in C, the positions of the tensors and values found once per tuple of argument types (:func:`_layout`).
+    ``launch_args``: ``args`` with each tensor replaced by its address, as a replayed launch passes them (the module
+    docstring), or ``args`` itself for a layout of other types."""
     types = tuple(map(type, args))
     layout = _layout(types)
     if layout is None:
         return (types, tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else _other_key(a)
                               for a in args]), *meta.items(), *map(type, meta.values())), args
     tensors = layout[0](args)
+    values = layout[1](args)
     addresses = tuple(map(_data_ptr, tensors))
-    key = (layout[2], layout[1](args), *map(_dtype, tensors), *map(_misalignment, addresses), *meta.items(),
+    key = (layout[2], values, *map(_dtype, tensors), *map(_misalignment, addresses), *meta.items(),
            *map(type, meta.values()))
-    launch_args = list(args)
-    for i, address in zip(layout[3], addresses):
-        launch_args[i] = address
-    return key, launch_args
+    return key, layout[3](addresses + values)
 
 
 def _device_of(active) -> int:

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ..dispatch import (HAS_TRITON, compute_dtype, direct, fused_op, recorded_backward, use_cpu_kernels,
                         use_kernels, wrap)
+from ..amp import mm_to
 from . import cpu_kernels
 from .reference import swiglu_reference, swiglu_reference_bwd
 
@@ -119,9 +120,10 @@ def _fc1_flops(x_shape, w1_shape, *args, out_shape=None, **kwargs):
     return 2 * math.prod(x_shape[:-1]) * w1_shape[0] * w1_shape[1]  # fc1's GEMM, as F.linear counts it
 
 
-def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``sum over rows of dy^T x``: ``[..., O]``, ``[..., I]`` -> ``[O, I]``."""
-    return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+def _weight_grad(dy: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``sum over rows of dy^T x``: ``[..., O]``, ``[..., I]`` -> ``[O, I]``, in ``dtype`` (default ``dy``'s; float32
+    from half-precision inputs written by the GEMM itself on CUDA: :func:`vigla.ops.amp.mm_to`)."""
+    return mm_to(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]), dtype or dy.dtype)
 
 
 def swiglu_mlp_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -157,9 +159,9 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (du @ w1_c).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            dw1 = _weight_grad(du, x_c).to(w1_dtype)
+            dw1 = _weight_grad(du, x_c, w1_dtype)
         if ctx.needs_input_grad[2]:
-            dw2 = _weight_grad(dy, h).to(w2_dtype)
+            dw2 = _weight_grad(dy, h, w2_dtype)
         return dx, dw1, dw2
 
 
