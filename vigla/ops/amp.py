@@ -23,9 +23,10 @@ _HALF = (torch.float16, torch.bfloat16)
 def cast_concat(groups: Sequence[Sequence[torch.Tensor | int]], dtype: torch.dtype) -> list[torch.Tensor]:
     """Each group's pieces cast to ``dtype`` and concatenated along dim 0, as ``torch.cat([p.to(dtype), ...])`` per
     group; a piece is a tensor (those of a group share their trailing sizes) or, in a group of 1-D pieces, an int ``n``
-    (``n`` zeros). All groups are written into one new buffer, each starting 128-byte aligned (contiguous views of it
-    are returned): the tensors by one ``torch._foreach_copy_``, each run of zeros by a memset. E.g. ``[[w_q, w_g],
-    [3, b_g]]`` -> ``[cat(w_q, w_g), cat(zeros(3), b_g)]``."""
+    (``n`` zeros). All groups are written into one new buffer, each at a multiple of 128 bytes from its start
+    (contiguous views of it are returned; CUDA's blocks start 512-byte aligned): the tensors by one
+    ``torch._foreach_copy_``, each run of zeros by a memset. E.g. ``[[w_q, w_g], [3, b_g]]`` -> ``[cat(w_q, w_g),
+    cat(zeros(3), b_g)]``."""
     align = 128 // dtype.itemsize
     spans, total = [], 0
     for g in groups:
