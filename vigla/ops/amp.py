@@ -56,5 +56,15 @@ def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(a @ b).to(dtype)`` for ``[M, K]``, ``[K, N]``: with half-precision inputs on CUDA and ``dtype`` float32, one
     GEMM writing float32 (accumulated in float32 either way; the result is not rounded to the inputs' dtype first)."""
     if _MM_OUT_DTYPE and dtype == torch.float32 and a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # a GPU or build without this GEMM: the product and a cast from now on
+            _disable_mm_out_dtype()
     return (a @ b).to(dtype)
+
+
+def _disable_mm_out_dtype() -> None:
+    global _MM_OUT_DTYPE
+    _MM_OUT_DTYPE = False
