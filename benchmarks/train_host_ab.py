@@ -6,11 +6,12 @@
 copy; weight gradients written in float32 by their GEMMs). ``old``: the mixer's concatenation straight into the
 compute dtype, its bias padded and each other weight cast apart, the weight gradients' GEMMs in bf16 then cast (the
 code before, restored here). One process builds ViG-T and DeiT-T (224, batch ``--batch-size`` (128), bf16 autocast,
-fused AdamW: :func:`vigla.bench.measure.train_step`, as ``interleaved.py`` times them) and for ``--rounds`` rounds times ``--steps``
-pipelined steps of each model under each variant in turn (the order alternating by round). Rows: one per round,
-then the medians, with DeiT-T's step time over ViG-T's per variant (ViG-T's relative training throughput), and the
-kernel launches of one profiled step per variant (``cudaLaunchKernel`` for PyTorch's, ``cuLaunchKernelEx`` for
-Triton's and cuBLASLt's, memsets, copies). Results: ``OUT/NAME.json`` (:func:`vigla.bench.report.envelope`).
+fused AdamW: :func:`vigla.bench.measure.train_step`, as ``interleaved.py`` times them) and for ``--rounds`` rounds
+times ``--steps`` pipelined steps of each model under each variant in turn (the order alternating by round). Rows:
+one per round, then the medians, with DeiT-T's step time over ViG-T's per variant (ViG-T's relative training
+throughput), and the kernel launches of one profiled step per variant (``cudaLaunchKernel`` for PyTorch's,
+``cuLaunchKernelEx`` for Triton's and cuBLASLt's, memsets, copies). Results: ``OUT/NAME.json``
+(:func:`vigla.bench.report.envelope`).
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
     steps = {name: train_step(build_model(name, 224).to(device), args.batch_size, 224, device, amp="bf16")
              for name in ("vig_tiny", "deit_tiny_patch16_224")}
     result = envelope(device, dict(models=list(steps), variants=["old", "new"], batch_size=args.batch_size,
-                                   img_size=224, amp="bf16", optimizer="adamw (fused)", rounds=args.rounds, steps=args.steps,
+                                   img_size=224, amp="bf16", optimizer="adamw (fused)", rounds=args.rounds,
+                                   steps=args.steps,
                                    keep_freed_memory=kept))
     for variant in ("old", "new"):
         use(variant)
