@@ -19,13 +19,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.interleaved import pipelined_ms  # noqa: E402
 from vigla.bench.cli import build_model  # noqa: E402
 from vigla.bench.measure import synchronize, train_step  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
@@ -48,15 +48,6 @@ def old_cast(params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torc
 def use(variant: str) -> None:
     MixerFunction._cast_weights = staticmethod(NEW_CAST if variant == "new" else old_cast)
     amp._MM_OUT_DTYPE = variant == "new" and hasattr(torch.ops.aten.mm, "dtype")
-
-
-def pipelined_ms(step, steps: int, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) * 1e3 / steps
 
 
 def launches(step, device: torch.device) -> dict:
