@@ -365,8 +365,8 @@ class MixerFunction(torch.autograd.Function):
         du = torch.cat([dq.view(B * N, K), dk_.view(B * N, K), dv_.view(B * N, C), dlogits @ w_up_c, dgate], dim=1)
         dx_c = torch.addmm(dx_c.reshape(B * N, C), du, w_in)
         dx, dconv = dwconv_backward(dx_c.view(B, N, C), x, conv, H, W, m.conv_act)
-        # the in-projection's weight gradient cast once and split; the bias gradients summed into their dtypes;
-        # the ops' gradients are in their inputs' dtypes already
+        # the weight gradients written in the parameters' dtypes by their GEMMs (mm_to), the in-projection's split;
+        # the bias gradients summed into their dtypes; the ops' gradients are in their inputs' dtypes already
         dw_qkv, dw_down, dw_gate = mm_to(du.t(), x_c.reshape(B * N, C), w_qkv.dtype).split([2 * K + C, r, C])
         return (dx, dconv, dw_qkv, dw_down, dw_gate, dgate.sum(0, dtype=b_gate.dtype),
                 mm_to(dlogits.t(), z.reshape(B * N, r), w_up.dtype), dlogits.sum(0, dtype=b_up.dtype), dw_o, dw_l,
@@ -375,8 +375,9 @@ class MixerFunction(torch.autograd.Function):
     @staticmethod
     def _cast_weights(params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``(w_in, b_in, w_up, b_up, w_out)`` in ``dtype`` from ``(W_qkv, W_1, W_g, b_g, W_2, b_2, W_o)``: the
-        in-projection concatenated (:meth:`BiGLAMixer._concat`), the rest cast; in float32 the parameters themselves
-        where they are already in it, else all written by one fused copy (:func:`vigla.ops.amp.cast_concat`)."""
+        in-projection concatenated, the rest cast: all written by one fused copy (:func:`vigla.ops.amp.cast_concat`),
+        or where every parameter is in ``dtype`` already (float32 training) the concatenation
+        (:meth:`BiGLAMixer._concat`) and the parameters themselves."""
         w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_out = params
         if all(p.dtype == dtype for p in params):
             return (*BiGLAMixer._concat((w_qkv, w_down, w_gate, b_gate)), w_up, b_up, w_out)

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from ..amp import mm_to
 from ..dispatch import (HAS_TRITON, compute_dtype, direct, fused_op, recorded_backward, use_cpu_kernels,
                         use_kernels, wrap)
-from ..amp import mm_to
 from . import cpu_kernels
 from .reference import swiglu_reference, swiglu_reference_bwd
 
