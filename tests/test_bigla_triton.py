@@ -209,7 +209,7 @@ def test_default_launch():
     d_k = 32 heads, short and long sequences; the old rules, uncapped, for shapes not measured; a
     default cap is dropped with an explicit chunk length and kept with an explicit warp count; the walk's cap and
     depth, and the launch options they become."""
-    from vigla.ops.bigla.triton_kernels import BiGLAConfig, _walk_options, default_launch, plan
+    from vigla.ops.bigla.triton_kernels import BiGLAConfig, _options, default_launch, plan
 
     assert {default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136, 16384)} == {(16, 1, 128)}
     assert [default_launch(T, 16, 32, True, 4) for T in (49, 3136, 4096, 4097, 16384)] == [(16, 2, 80)] * 3 + [
@@ -249,7 +249,8 @@ def test_default_launch():
         2, 0, 4]
     assert (lambda p: (p.walk_regs, p.walk_stages))(plan(48, 784, 3, 16, 32, True, 132, 2, BiGLAConfig(chunk=64))) == (
         0, 0)
-    assert [_walk_options(plan(128, T, 3, 16, 32, True, 132, 4)) for T in (196, 3136, 16384)] == [
+    walks = [plan(128, T, 3, 16, 32, True, 132, 4) for T in (196, 3136, 16384)]
+    assert [_options(p.walk_regs, p.walk_stages) for p in walks] == [
         {"maxnreg": 128}, {"maxnreg": 128, "num_stages": 2}, {}]
 
 

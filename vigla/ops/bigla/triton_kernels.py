@@ -754,13 +754,10 @@ def _gated(q: torch.Tensor, gate_normalizer: float | None) -> int:
     return 2 if q.is_cuda and q.dtype != torch.float32 else 1
 
 
-def _cap(p: _Plan) -> dict:
-    return {"maxnreg": p.regs} if p.regs else {}
-
-
-def _walk_options(p: _Plan) -> dict:
-    return {**({"maxnreg": p.walk_regs} if p.walk_regs else {}), **({"num_stages": p.walk_stages} if p.walk_stages
-                                                                     else {})}
+def _options(regs: int, stages: int = 0) -> dict:
+    """Triton launch options: a register cap (``maxnreg``) and a software-pipelining depth (``num_stages``), each
+    where set (0: Triton's default)."""
+    return {**({"maxnreg": regs} if regs else {}), **({"num_stages": stages} if stages else {})}
 
 
 def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: float, gated: int,
@@ -779,7 +776,7 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: 
         q, k, v, v if do is None else do, gf, gb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv,
         half_scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=segmented, num_warps=p.warps_walk, **_walk_options(p))
+        SEGMENTED=segmented, num_warps=p.warps_walk, **_options(p.walk_regs, p.walk_stages))
     if segmented:
         wrap(_bigla_carry_kernel)[(chains * p.NVW, BH)](hs, dec, p.NT, p.nseg, K=K, V=V, BV=p.BVW,
                                                   NV=p.NVW, num_warps=4)
@@ -823,7 +820,8 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
             q, k, v, gf, gb, o, h, hs, dec, steep, T, H, p.NT, p.seg, p.nseg, ginv, 0.5 * scale,
             *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3], x, z, w_o, w_l, eps, *x.stride()[:2],
             *z.stride()[:2], K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-            SEGMENTED=p.nseg > 1, MIX=mix is not None, ACT=act, PASS=step, num_warps=p.warps_chunk, **_cap(p))
+            SEGMENTED=p.nseg > 1, MIX=mix is not None, ACT=act, PASS=step, num_warps=p.warps_chunk,
+            **_options(p.regs))
     return o
 
 
@@ -861,7 +859,7 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
             q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv,
             0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
             K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-            SEGMENTED=p.nseg > 1, UPPER=upper, num_warps=p.warps_chunk, **_cap(p))
+            SEGMENTED=p.nseg > 1, UPPER=upper, num_warps=p.warps_chunk, **_options(p.regs))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dgf.sum(0).to(gf.dtype),
