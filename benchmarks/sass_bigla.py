@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_bigla import SHAPES, load_alt  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
+from vigla.ops.bigla.triton_kernels import _options  # noqa: E402
 
 # the bench_bigla.py shapes (name, B, T, H, d_k, d_v) whose kernels are compiled
 LAYERS = [s for s in SHAPES if s[0] in ("ViG-T @224", "ViG-T @1024", "ViG-H-T s1 @224")]
@@ -57,8 +58,7 @@ def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int, stages: int =
            if n in PTR_NAMES else "fp32" if n in FLOATS else "i32" for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or n in STRIDES}
-    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {}), **({"num_stages": stages} if stages
-                                                                                 else {})}
+    options = {"num_warps": warps, **_options(maxnreg, stages)}  # as the launchers give them
     return triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 
