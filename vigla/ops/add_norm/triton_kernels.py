@@ -104,22 +104,23 @@ def _add_norm_bwd_kernel(dy, ds, s, w, dx, ddelta, parts, R, eps, C: tl.constexp
 
 
 @triton.jit
-def _add_residual(acc, x, s, rows, rmask, cols, cmask, C: tl.constexpr):
-    """A product's residual add: ``s = x + acc`` (``acc`` the fp32 ``[BR, BC]`` tile of rows ``rows``, zero past
-    ``C``; ``x``, ``s`` contiguous ``[R, C]``) stored in ``s``'s dtype. Returns ``(v, off, mask)``: the stored tile
-    and its offsets and mask."""
-    mask = rmask[:, None] & cmask[None, :]
-    off = rows[:, None] * C + cols[None, :]
+def _add_residual(acc, x, s, off, mask):
+    """A product's residual add: ``s = x + acc`` at ``off`` (``acc`` the fp32 ``[BR, BC]`` tile, zero past the
+    columns; ``x``, ``s`` contiguous ``[R, C]``) stored in ``s``'s dtype; returns the stored tile. The offsets come
+    in rather than out: ``torch.compile`` traces a store's address back through a helper's call to all its
+    arguments, and would take ``x`` for written had ``off`` come from a call that read it."""
     v = (tl.load(x + off, mask=mask, other=0.0).to(tl.float32) + acc).to(s.dtype.element_ty)
     tl.store(s + off, v, mask=mask)
-    return v, off, mask
+    return v
 
 
 @triton.jit
 def _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C: tl.constexpr, RMS: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
     """A product's epilogue: :func:`_add_residual`, then ``y = norm(s)`` as stored (``y`` contiguous ``[R, C]``)."""
-    v, off, mask = _add_residual(acc, x, s, rows, rmask, cols, cmask, C)
+    off = rows[:, None] * C + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    v = _add_residual(acc, x, s, off, mask)
     _store_norm(v, w, b, y, off, mask, cols, cmask, eps, C, RMS, HAS_BIAS)
 
 
@@ -147,7 +148,7 @@ def _linear_add_norm_kernel(h, wl, x, w, b, s, y, R, K, sh, eps, C: tl.constexpr
     if AFFINE:
         _add_and_norm(acc, x, w, b, s, y, rows, rmask, cols, cmask, eps, C, RMS, HAS_BIAS)
     else:
-        v, _, _ = _add_residual(acc, x, s, rows, rmask, cols, cmask, C)
+        v = _add_residual(acc, x, s, rows[:, None] * C + cols[None, :], rmask[:, None] & cmask[None, :])
         _, rstd = _normalize(v.to(tl.float32), cmask, eps, C, True)
         tl.store(y + rows, rstd, mask=rmask)
 
