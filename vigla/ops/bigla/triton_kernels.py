@@ -385,22 +385,28 @@ def _bigla_carry_kernel(hs, dec, NT, NSEG, K: tl.constexpr, V: tl.constexpr, BV:
 
 # ----------------------------------------------------------------------------------- outputs
 @triton.jit
-def _chunk_tiles(q, k, v, i_v, i_t, i_bh, T, H, sqb, sqt, sqh, svb, svt, svh, sgb, sgh, K: tl.constexpr,
-                 BT: tl.constexpr, BV: tl.constexpr):
-    """What a per-chunk program (chunk ``i_t``, value block ``i_v``, batch-head ``i_bh``) starts from:
-    ``(i_b, i_h, ck, cv, rows, off_g, b_q, b_k, b_v)``: batch (int64) and head, the key and value columns, the
-    chunk's rows, the gates' offset, and its ``q``, ``k`` (``[BT, K]``) and ``v`` (``[BT, BV]``) tiles in their
-    dtype (zero past ``T``)."""
+def _chunk_coords(i_v, i_t, i_bh, H, sqb, sqh, svb, svh, sgb, sgh, K: tl.constexpr, BT: tl.constexpr,
+                  BV: tl.constexpr):
+    """Where a per-chunk program (chunk ``i_t``, value block ``i_v``, batch-head ``i_bh``) reads and writes:
+    ``(i_b, i_h, ck, cv, rows, off_q, off_v, off_g)``: batch (int64) and head, the key and value columns, the chunk's
+    rows, and the offsets of this batch-head in ``q`` and ``k``, ``v``, the gates.
+
+    Scalars in, scalars out, and the tiles read apart (:func:`_qkv_tiles`): ``torch.compile`` finds what a kernel
+    writes by tracing its stores' addresses back through its TTIR, and through a call to every argument of the
+    call, so an address computed by a helper that also took ``q`` would mark ``q`` as written (Inductor would then
+    copy the inputs, and under CUDA graphs it got the gradients wrong)."""
     i_b = (i_bh // H).to(tl.int64)
     i_h = i_bh % H
-    ck = tl.arange(0, K)
-    cv = i_v * BV + tl.arange(0, BV)
     rows = i_t * BT + tl.arange(0, BT)
-    off_q = i_b * sqb + i_h * sqh
-    b_q = _load_raw(q + off_q, rows, ck, sqt, T)
-    b_k = _load_raw(k + off_q, rows, ck, sqt, T)
-    b_v = _load_raw(v + i_b * svb + i_h * svh, rows, cv, svt, T)
-    return i_b, i_h, ck, cv, rows, i_b * sgb + i_h * sgh, b_q, b_k, b_v
+    return (i_b, i_h, tl.arange(0, K), i_v * BV + tl.arange(0, BV), rows, i_b * sqb + i_h * sqh,
+            i_b * svb + i_h * svh, i_b * sgb + i_h * sgh)
+
+
+@triton.jit
+def _qkv_tiles(q, k, v, off_q, off_v, rows, ck, cv, sqt, svt, T):
+    """The chunk's ``q``, ``k`` (``[BT, K]``) and ``v`` (``[BT, BV]``) tiles in their dtype, zero past ``T``."""
+    return (_load_raw(q + off_q, rows, ck, sqt, T), _load_raw(k + off_q, rows, ck, sqt, T),
+            _load_raw(v + off_v, rows, cv, svt, T))
 
 
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale", "eps"])
@@ -424,8 +430,9 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, steep, T, H, NT, SEG, NSEG
     if (tl.load(flag) != 0) if PASS == 2 else True:
         ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
         BH = tl.num_programs(2)
-        i_b, i_h, ck, cv, rows, off_g, b_q, b_k, b_v = _chunk_tiles(q, k, v, i_v, i_t, i_bh, T, H, sqb, sqt, sqh,
-                                                                     svb, svt, svh, sgb, sgh, K, BT, BV)
+        i_b, i_h, ck, cv, rows, off_q, off_v, off_g = _chunk_coords(i_v, i_t, i_bh, H, sqb, sqh, svb, svh, sgb,
+                                                                     sgh, K, BT, BV)
+        b_q, b_k, b_v = _qkv_tiles(q, k, v, off_q, off_v, rows, ck, cv, sqt, svt, T)
         # the scans' exponents: inclusive prefix sums P (forward) and inclusive suffix sums R = G - c
         # (backward: exp(c_j - c_i) = exp(R_i - R_j)), both <= 0, each factored product's range their minimum
         p = tl.cumsum(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), axis=0)
@@ -500,8 +507,9 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
     i_bh = tl.program_id(2)
     BH = tl.num_programs(2)
     # q, k, v, do stay in their dtype: products with them convert (f32) where they happen
-    i_b, i_h, ck, cv, rows, off_g, b_q, b_k, b_v = _chunk_tiles(q, k, v, i_v, i_t, i_bh, T, H, sqb, sqt, sqh,
-                                                                 svb, svt, svh, sgb, sgh, K, BT, BV)
+    i_b, i_h, ck, cv, rows, off_q, off_v, off_g = _chunk_coords(i_v, i_t, i_bh, H, sqb, sqh, svb, svh, sgb, sgh,
+                                                                 K, BT, BV)
+    b_q, b_k, b_v = _qkv_tiles(q, k, v, off_q, off_v, rows, ck, cv, sqt, svt, T)
     off_o = (i_b * T * H + i_h) * V
     off_k = (i_v.to(tl.int64) * BH * T + i_b * T * H + i_h) * K  # this value block's slice of dq, dk, dg
     b_do = _load_raw(do + off_o, rows, cv, H * V, T)  # times half_scale below: d = do * scale / 2
