@@ -5,6 +5,8 @@
     python benchmarks/interleaved.py --device cuda --models vig_small deit_base_patch16_224 \
         --name models_vig_s_interleaved
     python benchmarks/interleaved.py --device cuda --compile --name compile_vig_t_interleaved
+    python benchmarks/interleaved.py --device cuda --compile --compile-mode reduce-overhead \
+        --name compile_vig_t_reduce_overhead_interleaved
 
 ``vigla bench`` times one model, then the next. Where the figure depends on the host (a shared 2-core CPU; an
 eager forward on the GPU, which waits on Python and kernel launches) the host's speed moves between those
@@ -21,8 +23,9 @@ figures. Batch ``--batch-size`` at 224,
 Results: ``OUT/NAME.json`` (the results envelope of :func:`vigla.bench.report.envelope`: a row per round, then
 a row ``{"round": "median", ...}``; ``infer_ratio`` and ``train_ratio`` are the first model's throughput over
 the second's, ``latency_ratio`` the first model's batch-1 latency over the second's). With ``--compile`` each
-model is ``torch.compile``d (default mode, static shapes) before the warm-up, which compiles its inference,
-training and batch-1 graphs; every timed call then runs compiled code.
+model is ``torch.compile``d (static shapes; ``--compile-mode``, default Inductor's default) before the warm-up,
+which compiles its inference, training and batch-1 graphs; every timed call then runs compiled code (with
+``reduce-overhead``, replayed CUDA graphs).
 """
 from __future__ import annotations
 
@@ -71,13 +74,19 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", type=int, default=None, help="batch-1 forwards per model and round (0 CPU, 10 CUDA)")
     ap.add_argument("--batch-size", type=int, default=None, help="8 on the CPU, 128 on CUDA")
     ap.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="none on the CPU, bf16 on CUDA")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each model (default mode, static shapes)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model (static shapes)")
+    ap.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"],
+                    help="torch.compile's mode (with --compile; default: Inductor's default)")
     ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                     help="glibc keeps freed activations for reuse, as the vigla commands set it "
                          "(vigla.engine.host_memory); --no-keep-freed-memory: glibc's defaults")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="cpu_vig_t_interleaved")
     args = ap.parse_args(argv)
+    if args.compile_mode and not args.compile:
+        print("interleaved: --compile-mode needs --compile", file=sys.stderr)
+        return 2
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         print("interleaved: --device cuda needs a CUDA GPU", file=sys.stderr)
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     models = {name: build_model(name, 224).to(device) for name in args.models}
     if args.compile:
-        models = {name: torch.compile(model, dynamic=False) for name, model in models.items()}
+        models = {name: torch.compile(model, dynamic=False, mode=args.compile_mode) for name, model in models.items()}
     x, x1 = torch.randn(batch, 3, 224, 224, device=device), torch.randn(1, 3, 224, 224, device=device)
 
     def infer(model, inp):
@@ -109,6 +118,7 @@ def main(argv=None) -> int:
     result = envelope(device, dict(models=list(args.models), batch_size=batch, img_size=224, amp=amp,
                                    rounds=args.rounds, calls=calls, steps=steps, latency=latency,
                                    threads=torch.get_num_threads(), compile=args.compile,
+                                   compile_mode=args.compile_mode if args.compile else None,
                                    keep_freed_memory=kept))
     first, second = args.models
     for r in range(args.rounds):

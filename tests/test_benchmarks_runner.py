@@ -425,3 +425,11 @@ def test_ncu_source_without_a_report_is_a_one_line_error(tmp_path, capsys):
     assert main(["--report", str(tmp_path / "none.ncu-rep"), "--out", str(tmp_path), "--name", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no report at" in err and not list(tmp_path.iterdir())
+
+
+def test_interleaved_compile_mode_without_compile_is_a_one_line_error(tmp_path, capsys):
+    from benchmarks.interleaved import main
+
+    assert main(["--compile-mode", "reduce-overhead", "--out", str(tmp_path), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compile-mode needs --compile" in err and not list(tmp_path.iterdir())
