@@ -410,12 +410,14 @@ def test_linear_add_norm_kernel_on_gpu(R, K, C, rms, xdt):
 @pytest.mark.parametrize("R, C, I, rms, xdt", [
     (128 * 1024, 192, 512, True, "half"), (128 * 196, 192, 512, True, "half"), (64 * 3136, 96, 256, False, "half"),
     (200 * 196 + 5, 192, 520, True, "fp32"), (196, 192, 512, True, "half"), (128 * 196, 384, 1024, True, "half"),
-    (128 * 1024, 192, 512, True, "scaled"), (200 * 196 + 5, 192, 520, True, "scaled"), (196, 192, 512, True, "scaled")])
+    (128 * 1024, 192, 512, True, "scaled"), (200 * 196 + 5, 192, 520, True, "scaled"), (196, 192, 512, True, "scaled"),
+    (128 * 196, 384, 1024, True, "scaled")])
 def test_mlp_add_norm_kernel_on_gpu(R, C, I, rms, xdt, dtype):
     """ViG-T's MLP with the next RMSNorm at 512² and 224² (batch 128), ViG-H-T stage 1's with LayerNorm, a partial
-    row tile with a float32 residual and a hidden width off the 64-unit step; batch 1 and ViG-S's C = 384 take
-    the three kernels (:func:`mlp_fused`); with a row scale (an RMSNorm's reciprocal RMS, its weight in fc1) at
-    512², a partial tile and batch 1: against float64 on the same values."""
+    row tile with a float32 residual and a hidden width off the 64-unit step, batch 1 (one kernel when issued
+    eagerly, three under CUDA-graph capture) and ViG-S's C = 384 (three kernels: :func:`mlp_fused`); with a row
+    scale (an RMSNorm's reciprocal RMS, its weight in fc1) at 512², a partial tile, batch 1 and C = 384 (the row
+    scaling outside the kernels): against float64 on the same values."""
     from vigla.ops.add_norm.op import mlp_add_norm_forward, mlp_fused
     from vigla.ops.add_norm.reference import mlp_add_norm_reference
 
@@ -426,7 +428,10 @@ def test_mlp_add_norm_kernel_on_gpu(R, C, I, rms, xdt, dtype):
     w, b = torch.rand(C, device="cuda") + 0.5, (None if rms else torch.randn(C, device="cuda"))
     rs = torch.rand(R, device="cuda") + 0.25 if xdt == "scaled" else None
     tiles = -(-R // 128)
-    assert mlp_fused(x, w1, w2) == (C <= 192 and tiles >= torch.cuda.get_device_properties(0).multi_processor_count)
+    assert mlp_fused(x, w1, w2) == (C <= 192)  # issued eagerly: one kernel at any row count
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):  # under capture: one kernel where it fills the device
+        fused_captured = mlp_fused(x, w1, w2)
+    assert fused_captured == (C <= 192 and tiles >= torch.cuda.get_device_properties(0).multi_processor_count)
     s, y = mlp_add_norm_forward(x, w1, w2, r, w, b, 1e-6, rms, dtype, rs)
     s64, y64 = mlp_add_norm_reference(x.double(), w1.double(), w2.double(), r.double(), w.double(),
                                       None if b is None else b.double(), 1e-6, rms, torch.float64,
