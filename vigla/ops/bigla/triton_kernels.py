@@ -423,12 +423,14 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, steep, T, H, NT, SEG, NSEG
     ``PASS`` 0: every chunk, a steep scan's scores through the exact path in the same program. 1: the chunks whose
     two scans both factor, without the exact path's code (fewer registers: more programs resident); each program
     writes whether its chunk is steep to ``steep`` (``[BH, NT, NV]`` int8). 2: the chunks pass 1 left."""
+    # fp64 under Inductor; cast before the branch (rebound inside a runtime branch, a scalar specialised as a
+    # constexpr, as PyTorch 2.11's access analysis lowers it, would not compile)
+    ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2)
     flag = steep + (i_bh * NT + i_t) * tl.num_programs(0) + i_v
     if (tl.load(flag) != 0) if PASS == 2 else True:
-        ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
         BH = tl.num_programs(2)
         i_b, i_h, ck, cv, rows, off_q, off_v, off_g = _chunk_coords(i_v, i_t, i_bh, H, sqb, sqh, svb, svh, sgb,
                                                                      sgh, K, BT, BV)
