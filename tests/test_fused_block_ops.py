@@ -115,6 +115,17 @@ def test_add_norm_rejects_bad_inputs():
 
 
 # --------------------------------------------------------------------------------------- dwconv
+def test_kernel_choices_know_when_the_host_issues_the_launches():
+    """Where a kernel choice weighs the host's launch time (:func:`vigla.ops.add_norm.op.mlp_fused`), a call is
+    issued eagerly outside ``torch.compile`` and not while it traces (no graph break: the compiled function takes
+    the other branch)."""
+    from vigla.ops.add_norm.op import _issued_eagerly
+
+    assert _issued_eagerly()
+    fn = torch.compile(lambda x: x + 1 if _issued_eagerly() else x - 1, backend="eager", fullgraph=True)
+    assert fn(torch.zeros(2)).tolist() == [-1.0, -1.0]
+
+
 def test_dwconv_launch_plan_takes_symbolic_grid_sizes():
     """A model compiled at one image size and called at another is traced again with the grid's height and width
     symbolic (batch and channels static): the forward's launch plan must not hash them into its cache (it raised
