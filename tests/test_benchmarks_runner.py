@@ -433,3 +433,12 @@ def test_interleaved_compile_mode_without_compile_is_a_one_line_error(tmp_path, 
     assert main(["--compile-mode", "reduce-overhead", "--out", str(tmp_path), "--name", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--compile-mode needs --compile" in err and not list(tmp_path.iterdir())
+
+
+def test_mlp_rule_ab_without_a_gpu_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from benchmarks.mlp_rule_ab import main
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a CUDA GPU" in err and not list(tmp_path.iterdir())
