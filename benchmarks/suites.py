@@ -83,10 +83,11 @@ TEST_PARTS = {
     "ops": ("the locality-mix, SwiGLU (and fc1 + SwiGLU), add+norm (and projection + add + norm), depthwise-conv "
             "and stem conv+norm kernels, whole models on their fused paths against reference_ops(), the bf16 "
             "inference stream, gradient checkpointing, the eager launcher's replays, the blocks' deferred residual "
-            "adds, the mixer's training node and its fp32-output weight-gradient GEMMs, the public ops' device check",
+            "adds, the mixer's training node and its fp32-output weight-gradient GEMMs, the public ops' device check, "
+            "what Inductor's analysis takes each kernel to write",
             ["tests/test_fused_ops.py", "tests/test_recompute.py", "tests/test_fused_block_ops.py",
              "tests/test_launcher.py", "tests/test_models_vig.py", "tests/test_conv_norm.py",
-             "tests/test_op_inputs.py", "tests/test_amp.py"]),
+             "tests/test_op_inputs.py", "tests/test_amp.py", "tests/test_inductor_access.py"]),
     "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel, "
                "CudaGraphTrainStep, vigla train and vigla eval --cuda-graph against eager; a training step "
                "without a host sync",
