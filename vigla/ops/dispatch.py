@@ -19,7 +19,11 @@ way:
   of ops, as ``BiGLAMixer``'s);
 * one custom op (``torch.library.triton_op`` when Triton is installed): what ``torch.compile``
   traces (Inductor then launches the kernels from its own code) and what a dispatch mode sees
-  (the FLOP counter, selective activation checkpointing).
+  (the FLOP counter, selective activation checkpointing). Inductor learns what a launched kernel writes
+  from its TTIR, tracing each store's address back through a ``@triton.jit`` helper's call to all of that
+  call's arguments: a helper that returns offsets the kernel stores through takes no tensor pointers, and
+  a kernel rebinds no scalar argument inside a runtime branch (older PyTorch lowers scalars as constexprs),
+  else Inductor takes its inputs for written (``tests/test_inductor_access.py`` checks every launch).
 
 The implementation behind both the Function and the custom op is chosen here: the kernels for
 CUDA tensors when Triton is installed, compiled CPU kernels for CPU tensors where an op has them
