@@ -67,7 +67,7 @@ def _ttir_with_scalars_as_constants(fn, kwargs: dict):
     try:
         from triton.runtime.jit import mangle_type
     except ImportError:
-        pytest.skip(reason="this Triton has no triton.runtime.jit.mangle_type (older than 3.3): its kernels lower "
+        pytest.skip(reason="this Triton has no triton.runtime.jit.mangle_type (an older Triton): its kernels lower "
                            "through another API, which this check does not follow")
     target = triton.runtime.driver.active.get_current_target()
     backend = tc.make_backend(target)
