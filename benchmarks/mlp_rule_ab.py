@@ -18,61 +18,28 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.interleaved import latency_ms, pipelined_ms  # noqa: E402
 from vigla.bench.cli import build_model  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
-from vigla.layers import mlp as mlp_layer  # noqa: E402
 from vigla.ops.add_norm import op as add_norm_op  # noqa: E402
 
-NEW_RULE = add_norm_op.mlp_fused
-
-
-def old_rule(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
-    """:func:`mlp_fused` before: the one kernel only from one 128-row tile per multiprocessor."""
-    return (add_norm_op.use_kernels(x) and x.dtype in (torch.float16, torch.bfloat16)
-            and w1.dtype == w2.dtype == x.dtype and w2.shape[0] <= add_norm_op.MLP_MAX_C
-            and add_norm_op.mlp_fills_device(x.numel() // max(x.shape[-1], 1), x.device.index))
-
-
-RULES = {"old": old_rule, "new": NEW_RULE}
-_ACTIVE = {"rule": NEW_RULE}
-
-
-def _switch(x, w1, w2) -> bool:
-    return _ACTIVE["rule"](x, w1, w2)
+ISSUED_EAGERLY = add_norm_op._issued_eagerly
+CUDA = torch.device("cuda")
 
 
 def use(variant: str) -> None:
-    _ACTIVE["rule"] = RULES[variant]
+    """``new``: :func:`mlp_fused` as it is; ``old``: the same with its eager branch off (the rule before: one
+    128-row tile per multiprocessor)."""
+    add_norm_op._issued_eagerly = ISSUED_EAGERLY if variant == "new" else (lambda: False)
 
 
 def run(model, x) -> torch.Tensor:
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
         return model(x)
-
-
-def latency_ms(model, x, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run(model, x)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def pipelined_ms(model, x, calls: int) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        run(model, x)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / calls
 
 
 def main(argv=None) -> int:
@@ -85,9 +52,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("mlp_rule_ab: needs a CUDA GPU", file=sys.stderr)
         return 2
-    add_norm_op.mlp_fused = mlp_layer.mlp_fused = _switch  # the layers and the op consult the active rule
     torch.manual_seed(0)
-    models = {name: build_model("vig_tiny", 224).cuda().eval() for name in RULES}
+    models = {name: build_model("vig_tiny", 224).cuda().eval() for name in ("old", "new")}
     models["new"].load_state_dict(models["old"].state_dict())
     deit = build_model("deit_tiny_patch16_224", 224).cuda().eval()
     xs = {b: torch.randn(b, 3, 224, 224, device="cuda") for b in (1, 8, 32)}
@@ -98,20 +64,21 @@ def main(argv=None) -> int:
                 run(model, x)
     for _ in range(3):
         run(deit, xs[1])
-    result = envelope(torch.device("cuda"), dict(model="vig_tiny", baseline="deit_tiny_patch16_224", amp="bf16",
+    result = envelope(CUDA, dict(model="vig_tiny", baseline="deit_tiny_patch16_224", amp="bf16",
                                                  img_size=224, rounds=args.rounds, calls=args.calls))
     for r in range(args.rounds):
         row = {"round": r}
         for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
             use(name)
-            row[f"{name}_b1_ms"] = latency_ms(models[name], xs[1], args.calls)
-            row[f"{name}_b8_ms"] = pipelined_ms(models[name], xs[8], 20)
-            row[f"{name}_b32_ms"] = pipelined_ms(models[name], xs[32], 20)
-        row["deit_b1_ms"] = latency_ms(deit, xs[1], args.calls)
+            model = models[name]
+            row[f"{name}_b1_ms"] = latency_ms(lambda: run(model, xs[1]), args.calls, CUDA)
+            row[f"{name}_b8_ms"] = pipelined_ms(lambda: run(model, xs[8]), 20, CUDA)
+            row[f"{name}_b32_ms"] = pipelined_ms(lambda: run(model, xs[32]), 20, CUDA)
+        row["deit_b1_ms"] = latency_ms(lambda: run(deit, xs[1]), args.calls, CUDA)
         result["rows"].append(row)
         print(r, {k: round(v, 3) for k, v in row.items()}, flush=True)
     median = {k: statistics.median(row[k] for row in result["rows"]) for k in result["rows"][0] if k != "round"}
-    for name in RULES:
+    for name in ("old", "new"):
         median[f"{name}_latency_ratio"] = median[f"{name}_b1_ms"] / median["deit_b1_ms"]
     result["rows"].append({"round": "median", **median})
     print("median", {k: round(v, 3) for k, v in median.items()})
