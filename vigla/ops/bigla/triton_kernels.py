@@ -28,7 +28,9 @@ Backward: the same walk kernel computes four chains in one launch (the two state
 state gradients of both scans from ``q`` and ``do``), then ``_bigla_bwd_kernel``, one program per chunk,
 twice: the forward scan's ``dq, dk, dv`` shares (fp32) and ``d gf``, then the backward scan's,
 added to them, and ``d gb``. One scan per launch holds half the live tiles of a program doing both
-(which spilled registers). The decay gradients are chunk-local: a suffix (forward scan) or prefix
+(which spilled registers); with 64-token chunks each scan's launch is also split in two passes as the forward's
+output kernel is (``PASS``: the chunks that factor, compiled without the exact path, then the steep ones). The
+decay gradients are chunk-local: a suffix (forward scan) or prefix
 (backward scan) sum of ``q dq - k dk`` within the chunk plus the chunk-total term through the
 inter-chunk decays; no atomics, deterministic.
 
@@ -485,13 +487,15 @@ def _mix(a, x, z, w_o, w_l, eps, rows, cols, sxt, szt, T, V: tl.constexpr, ACT: 
 
 
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])
-def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T, H, NT, SEG, NSEG, ginv,
+def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, steep, T, H, NT, SEG, NSEG, ginv,
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
-                UPPER: tl.constexpr):
+                UPPER: tl.constexpr, PASS: tl.constexpr):
     """One scan's gradients of one chunk and value block: the forward scan's (``UPPER`` 0, gate
-    ``g = gf``) or the backward scan's (``UPPER`` 1, ``g = gb``).
+    ``g = gf``) or the backward scan's (``UPPER`` 1, ``g = gb``). ``PASS`` as the forward's output kernel's
+    (:func:`_bigla_fwd_kernel`), for this scan's chunks: 0 every chunk; 1 those whose products factor, writing the
+    others' flags to ``steep`` (``[BH, NT, NV]`` int8); 2 the chunks pass 1 left.
 
     Writes ``dv`` (``[B, T, H, V]``) and, for this value block, ``dq, dk, dg`` (``[NV, B, T, H, K]``
     contiguous; the caller sums the blocks). The backward scan's launch adds the forward scan's shares
@@ -507,6 +511,19 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
     i_v = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bh = tl.program_id(2)
+    flag = steep + (i_bh * NT + i_t) * tl.num_programs(0) + i_v
+    if (tl.load(flag) != 0) if PASS == 2 else True:
+        _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv,
+                   half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, i_v, i_t, i_bh, K, V, BT, BV, GATED,
+                   HALF_DOTS, SEGMENTED, UPPER, PASS)
+
+
+@triton.jit
+def _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv, half_scale,
+               sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, i_v, i_t, i_bh, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr,
+               SEGMENTED: tl.constexpr, UPPER: tl.constexpr, PASS: tl.constexpr):
+    """:func:`_bigla_bwd_kernel`'s work for one chunk and value block."""
     BH = tl.num_programs(2)
     # q, k, v, do stay in their dtype: products with them convert (f32) where they happen
     i_b, i_h, ck, cv, rows, off_q, off_v, off_g = _chunk_coords(i_v, i_t, i_bh, H, sqb, sqh, svb, svh, sgb, sgh,
@@ -526,37 +543,43 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, T,
         x = tl.cumsum(b_g, axis=0)  # P
         a = tl.zeros_like(tot)
     safe = _factored(tot)
-    s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-    # the states as stored: their products with do and v are exact (as tf32 of the same values was)
-    dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp2(x + a[None, :]))
-    key_out = tl.exp2(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
-    dk_inter = _dot_raw(b_v, tl.trans(ds), HALF_DOTS) * key_out
-    b_dq = _mix_rows(w, b_k, x, safe, BT, UPPER, HALF_DOTS) + dq_inter
-    b_dk = _mix_cols(w, b_q, x, safe, BT, UPPER, HALF_DOTS) + dk_inter
-    b_dv = _hdot(tl.trans(_scores(b_q, b_k, x, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
-    b_dv += _dot_raw((b_k.to(tl.float32) * key_out).to(b_k.dtype), ds, HALF_DOTS)  # decayed keys: <= |k|
-    # d/dx_i = q dq - k dk; the chunk total G also scales the state into the next chunk (both scans)
-    # and, for the forward scan, every key's share of it, for the backward scan every query's readout
-    u = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
-    d_g = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0)  # exclusive suffix sums
-    if UPPER:  # x = -c: d/dg_j = -(sum over the tokens after j)
-        extra = tl.sum(b_q.to(tl.float32) * dq_inter, axis=0)
-        d_g = -d_g
-    else:  # x = P: d/dg_j = sum over the tokens from j on
-        extra = tl.sum(b_k.to(tl.float32) * dk_inter, axis=0)
-        d_g += u
-    d_g += (extra + tl.exp2(tot) * tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1))[None, :]
-    if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
-        d_g *= _sigmoid_neg(_load_rows(g + off_g, rows, ck, sgt, T)) * ginv
-    _store_rows(dg + off_k, rows, ck, H * K, T, d_g)
-    if UPPER:  # the second launch: add the forward scan's shares
-        b_dq += _load_rows(pq + off_k, rows, ck, H * K, T)
-        b_dk += _load_rows(pk + off_k, rows, ck, H * K, T)
-        b_dv += _load_rows(pv + off_o, rows, cv, H * V, T)
-    _store_rows(dq + off_k, rows, ck, H * K, T, b_dq)
-    _store_rows(dk + off_k, rows, ck, H * K, T, b_dk)
-    _store_rows(dv + off_o, rows, cv, H * V, T, b_dv)
+    go = True
+    if PASS == 1:  # this pass takes the chunks whose products factor, compiled for them alone
+        go = safe
+        tl.store(flag, tl.where(safe, 0, 1).to(tl.int8))
+        safe = True
+    if go:
+        s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+        ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+        # the states as stored: their products with do and v are exact (as tf32 of the same values was)
+        dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp2(x + a[None, :]))
+        key_out = tl.exp2(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
+        dk_inter = _dot_raw(b_v, tl.trans(ds), HALF_DOTS) * key_out
+        b_dq = _mix_rows(w, b_k, x, safe, BT, UPPER, HALF_DOTS) + dq_inter
+        b_dk = _mix_cols(w, b_q, x, safe, BT, UPPER, HALF_DOTS) + dk_inter
+        b_dv = _hdot(tl.trans(_scores(b_q, b_k, x, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
+        b_dv += _dot_raw((b_k.to(tl.float32) * key_out).to(b_k.dtype), ds, HALF_DOTS)  # decayed keys: <= |k|
+        # d/dx_i = q dq - k dk; the chunk total G also scales the state into the next chunk (both scans)
+        # and, for the forward scan, every key's share of it, for the backward scan every query's readout
+        u = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+        d_g = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0)  # exclusive suffix sums
+        if UPPER:  # x = -c: d/dg_j = -(sum over the tokens after j)
+            extra = tl.sum(b_q.to(tl.float32) * dq_inter, axis=0)
+            d_g = -d_g
+        else:  # x = P: d/dg_j = sum over the tokens from j on
+            extra = tl.sum(b_k.to(tl.float32) * dk_inter, axis=0)
+            d_g += u
+        d_g += (extra + tl.exp2(tot) * tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1))[None, :]
+        if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
+            d_g *= _sigmoid_neg(_load_rows(g + off_g, rows, ck, sgt, T)) * ginv
+        _store_rows(dg + off_k, rows, ck, H * K, T, d_g)
+        if UPPER:  # the second launch: add the forward scan's shares
+            b_dq += _load_rows(pq + off_k, rows, ck, H * K, T)
+            b_dk += _load_rows(pk + off_k, rows, ck, H * K, T)
+            b_dv += _load_rows(pv + off_o, rows, cv, H * V, T)
+        _store_rows(dq + off_k, rows, ck, H * K, T, b_dq)
+        _store_rows(dk + off_k, rows, ck, H * K, T, b_dk)
+        _store_rows(dv + off_o, rows, cv, H * V, T, b_dv)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -570,11 +593,12 @@ class BiGLAConfig:
     per-chunk kernels. warps_walk / warps_chunk: ``num_warps`` of the walk and per-chunk kernels.
     regs: register cap (``maxnreg``) of the per-chunk kernels, 0 for none: a lower cap lets more
     programs share a multiprocessor. bwd_regs: the backward's per-chunk kernel's own cap (default: ``regs``).
-    steep_pass: whether the forward's output kernel runs twice, first without the exact path's code (the chunks
-    whose scans both factor), then for the steep chunks it left (default: for 64-token chunks, where the exact
-    path's registers cost resident programs). walk_regs: register cap of the walk kernel (0: none); walk_stages: the
-    walk loop's software-pipelining depth (Triton's ``num_stages``, 0: Triton's default, 3: the next chunks' loads
-    issued while one is folded in, at the cost of registers and shared memory); defaults: :func:`default_walk`.
+    steep_pass: whether the forward's output kernel (and each scan's launch of the backward's per-chunk kernel) runs
+    twice, first without the exact path's code (the chunks whose scans factor), then for the steep chunks it left
+    (default: for 64-token chunks, where the exact path's registers cost resident programs). walk_regs: register
+    cap of the walk kernel (0: none); walk_stages: the walk loop's software-pipelining depth (Triton's
+    ``num_stages``, 0: Triton's default, 3: the next chunks' loads issued while one is folded in, at the cost of
+    registers and shared memory); defaults: :func:`default_walk`.
     """
     chunk: int | None = None
     segments: int | None = None
@@ -864,12 +888,15 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
         dgf, dgb = gf.new_empty(part), gb.new_empty(part)
     else:  # fp32 partials per value block, summed below
         dq, dk, dgf, dgb = (torch.empty(part, **f32) for _ in range(4))
+    # with a steep pass, each scan's pass 1 writes the chunks' steep flags and its pass 2 reads them
+    steep = torch.empty(B * H * p.NT * p.NV, dtype=torch.int8, device=q.device) if p.steep_pass else dv
     for upper, g, outs, dg in ((0, gf, (pq, pk, pv), dgf), (1, gb, (dq, dk, dv), dgb)):
-        wrap(_bigla_bwd_kernel)[(p.NV, p.NT, B * H)](
-            q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv,
-            0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
-            K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-            SEGMENTED=p.nseg > 1, UPPER=upper, num_warps=p.warps_chunk, **_options(p.regs))
+        for step in (1, 2) if p.steep_pass else (0,):
+            wrap(_bigla_bwd_kernel)[(p.NV, p.NT, B * H)](
+                q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, steep, T, H, p.NT, p.seg, p.nseg, ginv,
+                0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
+                K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
+                SEGMENTED=p.nseg > 1, UPPER=upper, PASS=step, num_warps=p.warps_chunk, **_options(p.regs))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dgf.sum(0).to(gf.dtype),
