@@ -72,8 +72,9 @@ def test_triton_kernel_in_interpreter_on_cpu():
     """Every path of the kernels: factored tensor-core chunks ("normal", "mid"), the elementwise
     exact path for steep decays ("strong", "mixed"), walks in one and several segments (the carry
     kernel), several value blocks (V = 128, 256), K = 64 / 128, strided inputs (column slices of
-    one projection), ragged last chunks, T = 1, chunks of 16, 32 and 64 tokens, the output kernel's steep
-    pass (default with 64-token chunks; forced on at 32 and off at 64 in the last two cases); gate logits turned
+    one projection), ragged last chunks, T = 1, chunks of 16, 32 and 64 tokens, the steep pass of the output kernel
+    (default with 64-token chunks) and of the backward (forced on at 32 in the next-to-last case; both off at 64 in the
+    last); gate logits turned
     into log decays inside the kernels (the normalizer field), from gates near 1 (where log1p
     matters) to -25 per token; bf16 inputs (outputs and all five gradients in bf16, states stored
     in bf16; the forward's and the values' gradient's products on bf16 operands) and fp16 inputs (tf32
@@ -231,7 +232,9 @@ def test_default_launch():
     assert plan(128, 196, 3, 32, 64, True, 132, 4).regs == 80
     assert [plan(128, 196, 3, 32, 64, True, 132, c, BiGLAConfig(regs=96, bwd_regs=0)).regs for c in (2, 4)] == [96, 0]
     assert [plan(128, 196, 3, 32, 64, True, 132, c, BiGLAConfig(bwd_regs=64)).regs for c in (2, 4)] == [96, 64]
-    # the output kernel's steep pass: with 64-token chunks, unless the config says otherwise
+    # the output kernel's steep pass: with 64-token chunks, unless the config says otherwise; the backward's on request
+    assert plan(48, 1024, 3, 32, 64, True, 132, 4).steep_pass is False
+    assert plan(48, 196, 3, 32, 64, True, 132, 4, BiGLAConfig(steep_pass=True)).steep_pass is True
     assert [plan(48, T, 3, 32, 64, True, 132, 2).steep_pass for T in (196, 1024)] == [False, True]
     assert plan(48, 1024, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=False)).steep_pass is False
     assert plan(48, 196, 3, 32, 64, True, 132, 2, BiGLAConfig(steep_pass=True)).steep_pass is True
@@ -417,6 +420,36 @@ def test_bigla_mix_matches_float64_reference(case):
     assert rel_err(y, ref) < TOL[dtype], f"rel err {rel_err(y, ref):.2e}"
     if T <= 300:
         torch.library.opcheck(torch.ops.vigla.bigla_mix.default, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steep_pass_matches_float64_reference(chunk, dtype):
+    """The output kernel and the backward's per-chunk kernel each split in two passes (``BiGLAConfig(steep_pass=True)``:
+    the chunks whose products factor, then the steep ones through the exact path) and in one, against float64: gate
+    logits down to -25 in the first half of the sequence (steep chunks), near 3 in the second (chunks that factor)."""
+    from vigla.ops.bigla.triton_kernels import BiGLAConfig, bigla_bwd_triton, bigla_fwd_triton
+
+    B, T, H, K, V = 2, 300, 3, 32, 64
+    first = (torch.arange(T, device="cuda") < T // 2)[None, :, None, None]
+    z = [torch.where(first, -25.0 * torch.rand(B, T, H, K, device="cuda", dtype=torch.float64),
+                     3 + torch.randn(B, T, H, K, device="cuda", dtype=torch.float64)) for _ in range(2)]
+    x64 = [torch.randn(B, T, H, D, device="cuda", dtype=torch.float64) for D in (K, K, V)] + z
+    x64 = [t.to(dtype).double().requires_grad_() for t in x64]  # what the kernels see
+    ref = _reference(x64[:3] + [F.logsigmoid(g) for g in x64[3:]], K ** -0.5)
+    do = torch.randn_like(ref)
+    gref = torch.autograd.grad(ref, x64, do)
+    x = [t.detach().to(dtype) for t in x64]
+    for steep in (True, False):
+        cfg = BiGLAConfig(chunk=chunk, steep_pass=steep)
+        out = bigla_fwd_triton(*x, K ** -0.5, 1.0, cfg)
+        assert rel_err(out, ref) < TOL[dtype], f"steep_pass={steep}: forward rel err {rel_err(out, ref):.2e}"
+        grads = bigla_bwd_triton(*x, do.to(dtype), K ** -0.5, 1.0, cfg)
+        for name, a, b in zip(["dq", "dk", "dv", "dzf", "dzb"], grads, gref):
+            denom = b.norm() if name in ("dq", "dk", "dv") else max(b.norm(), (x64[0] * gref[0]).norm())
+            err = ((a.double() - b).norm() / denom.clamp_min(1e-6)).item()
+            assert err < TOL[dtype] * (1 if name in ("dq", "dk", "dv") else 2), f"steep_pass={steep}: {name} {err:.2e}"
 
 
 @pytest.mark.gpu

@@ -172,8 +172,8 @@ CASES = {
     "bigla bwd ViG-T@224": lambda: _bigla(2, 196, 3, 32, 64, backward=True),
     "bigla fwd segmented, steep pass": lambda: _bigla(1, 4096, 3, 32, 64, config=bigla.BiGLAConfig(
         segments=4, steep_pass=True)),
-    "bigla bwd segmented": lambda: _bigla(1, 4096, 3, 32, 64, backward=True,
-                                          config=bigla.BiGLAConfig(segments=4)),
+    "bigla bwd segmented, steep pass": lambda: _bigla(1, 4096, 3, 32, 64, backward=True,
+                                                      config=bigla.BiGLAConfig(segments=4, steep_pass=True)),
     "bigla fp32, two value blocks": lambda: _bigla(2, 100, 2, 16, 128, dtype=torch.float32),
     "bigla bwd fp32, two value blocks": lambda: _bigla(2, 100, 2, 16, 128, dtype=torch.float32, backward=True),
     "locality mix fwd": lambda: _locality_mix(False),

@@ -28,8 +28,9 @@ Backward: the same walk kernel computes four chains in one launch (the two state
 state gradients of both scans from ``q`` and ``do``), then ``_bigla_bwd_kernel``, one program per chunk,
 twice: the forward scan's ``dq, dk, dv`` shares (fp32) and ``d gf``, then the backward scan's,
 added to them, and ``d gb``. One scan per launch holds half the live tiles of a program doing both
-(which spilled registers); with 64-token chunks each scan's launch is also split in two passes as the forward's
-output kernel is (``PASS``: the chunks that factor, compiled without the exact path, then the steep ones). The
+(which spilled registers); with ``BiGLAConfig(steep_pass=True)`` each scan's launch is also split in two passes as
+the forward's output kernel is (``PASS``: the chunks that factor, compiled without the exact path, then the steep
+ones). The
 decay gradients are chunk-local: a suffix (forward scan) or prefix
 (backward scan) sum of ``q dq - k dk`` within the chunk plus the chunk-total term through the
 inter-chunk decays; no atomics, deterministic.
@@ -595,7 +596,8 @@ class BiGLAConfig:
     programs share a multiprocessor. bwd_regs: the backward's per-chunk kernel's own cap (default: ``regs``).
     steep_pass: whether the forward's output kernel (and each scan's launch of the backward's per-chunk kernel) runs
     twice, first without the exact path's code (the chunks whose scans factor), then for the steep chunks it left
-    (default: for 64-token chunks, where the exact path's registers cost resident programs). walk_regs: register
+    (default: the forward's, with 64-token chunks, where the exact path's registers cost resident programs; the
+    backward's split is not measured yet). walk_regs: register
     cap of the walk kernel (0: none); walk_stages: the walk loop's software-pipelining depth (Triton's
     ``num_stages``, 0: Triton's default, 3: the next chunks' loads issued while one is folded in, at the cost of
     registers and shared memory); defaults: :func:`default_walk`.
@@ -746,7 +748,7 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
                  nseg=cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
                  state_fp32=not bf16 or config.state_dtype == "fp32",
-                 steep_pass=BT == 64 if config.steep_pass is None else bool(config.steep_pass),
+                 steep_pass=BT == 64 and chains == 2 if config.steep_pass is None else bool(config.steep_pass),
                  walk_regs=walk_regs if config.walk_regs is None else config.walk_regs,
                  walk_stages=walk_stages if config.walk_stages is None else config.walk_stages)
 
