@@ -2,6 +2,7 @@
 
     python benchmarks/sass_bigla.py --out benchmarks/results             # the default plans' kernels
     python benchmarks/sass_bigla.py --alt ab/old.py --lines 12           # another version beside this one
+    python benchmarks/sass_bigla.py --configs steep_pass=1 bwd_regs=72   # launch configurations beside the default
 
 Triton's NVIDIA wheel carries ptxas, nvdisasm and cuobjdump: each kernel the default launch plan picks at
 a ViG-T layer (d_k = 32, d_v = 64; T = 196 and 4096) and a ViG-H-T stage-1 layer (d_k = 16, d_v = 32;
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.bench_bigla import SHAPES, load_alt  # noqa: E402
+from benchmarks.bench_bigla import SHAPES, load_alt, parse_config  # noqa: E402
 from vigla.bench.report import envelope, save_complete  # noqa: E402
 from vigla.ops.bigla.triton_kernels import _options  # noqa: E402
 
@@ -86,12 +87,12 @@ def analyse(kernel, source: list[str], top: int) -> dict:
                        for n, c in lines.most_common(top)])
 
 
-def kernels_of(mod, B: int, T: int, H: int, K: int, V: int):
-    """``(name, fn, constexprs, warps, maxnreg, stages)`` of each kernel the default plans launch for one layer
-    (``stages``: the walk's pipelining depth, 0 for Triton's default)."""
+def kernels_of(mod, B: int, T: int, H: int, K: int, V: int, config=None):
+    """``(name, fn, constexprs, warps, maxnreg, stages)`` of each kernel the plans launch for one layer, default or
+    with ``config`` (a ``BiGLAConfig``; ``stages``: the walk's pipelining depth, 0 for Triton's default)."""
     out = []
     for chains in (2, 4):
-        p = mod.plan(B, T, H, K, V, True, 132, chains)
+        p = mod.plan(B, T, H, K, V, True, 132, chains, *([config] if config is not None else []))
         seg = p.nseg > 1
         gated = 2 if hasattr(mod, "_gated") else True  # gate logits, bf16 on a GPU (versions before _gated: a bool)
         common = dict(K=K, V=V, BT=p.BT, GATED=gated, HALF_DOTS=2, SEGMENTED=seg)
@@ -108,9 +109,12 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int):
                 fwd.update(MIX=False, ACT=False)
             out.append(("forward per-chunk", mod._bigla_fwd_kernel, fwd, p.warps_chunk, p.regs, 0))
         else:
+            bwd = dict(common, BV=p.BV)
+            if "PASS" in mod._bigla_bwd_kernel.arg_names:  # the per-chunk kernel's first pass (versions before: none)
+                bwd.update(PASS=1 if p.steep_pass else 0)
             for upper in (0, 1):
-                out.append((f"backward per-chunk (scan {upper})", mod._bigla_bwd_kernel,
-                            dict(common, BV=p.BV, UPPER=upper), p.warps_chunk, p.regs, 0))
+                out.append((f"backward per-chunk (scan {upper})", mod._bigla_bwd_kernel, dict(bwd, UPPER=upper),
+                            p.warps_chunk, p.regs, 0))
     return out
 
 
@@ -128,6 +132,9 @@ def main() -> int:
     ap.add_argument("--name", default="sass_bigla", help="stem of the JSON file")
     ap.add_argument("--alt", default=None, metavar="FILE",
                     help="another version of vigla/ops/bigla/triton_kernels.py, analysed beside this one")
+    ap.add_argument("--configs", nargs="*", default=[], metavar="CONFIG",
+                    help="launch configurations of this version's kernels analysed beside its default plans, as "
+                         "bench_bigla.py takes them (e.g. steep_pass=1 or chunk=32,bwd_regs=72)")
     ap.add_argument("--lines", type=int, default=8, help="source lines kept per kernel, most instructions first")
     args = ap.parse_args()
     try:
@@ -138,14 +145,15 @@ def main() -> int:
     import torch
 
     result = envelope(torch.device("cpu"), settings=dict(
-        what="BiGLA kernels' static SASS (sm_90), default launch plans", alt=args.alt,
+        what="BiGLA kernels' static SASS (sm_90), default launch plans", alt=args.alt, configs=args.configs,
         counts="static: loop bodies once, unreached code included"))
-    versions = [("this", None)] + ([("alt", args.alt)] if args.alt else [])
-    for label, path in versions:
+    versions = ([("this", None, None)] + [(f"cfg:{c}", None, parse_config(c)) for c in args.configs]
+                + ([("alt", args.alt, None)] if args.alt else []))
+    for label, path, config in versions:
         mod, file = load_version(path)
         source = file.read_text().splitlines()
         for layer, B, T, H, K, V in LAYERS:
-            for name, fn, consts, warps, regs, stages in kernels_of(mod, B, T, H, K, V):
+            for name, fn, consts, warps, regs, stages in kernels_of(mod, B, T, H, K, V, config):
                 row = dict(version=label, layer=layer, kernel=name, chunk=consts["BT"], warps=warps, maxnreg=regs,
                            num_stages=stages or None,
                            **analyse(compile_kernel(fn, consts, warps, regs, stages), source, args.lines))
