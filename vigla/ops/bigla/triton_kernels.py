@@ -30,10 +30,8 @@ twice: the forward scan's ``dq, dk, dv`` shares (fp32) and ``d gf``, then the ba
 added to them, and ``d gb``. One scan per launch holds half the live tiles of a program doing both
 (which spilled registers); with ``BiGLAConfig(steep_pass=True)`` each scan's launch is also split in two passes as
 the forward's output kernel is (``PASS``: the chunks that factor, compiled without the exact path, then the steep
-ones). The
-decay gradients are chunk-local: a suffix (forward scan) or prefix
-(backward scan) sum of ``q dq - k dk`` within the chunk plus the chunk-total term through the
-inter-chunk decays; no atomics, deterministic.
+ones). The decay gradients are chunk-local: a suffix (forward scan) or prefix (backward scan) sum of ``q dq - k dk``
+within the chunk plus the chunk-total term through the inter-chunk decays; no atomics, deterministic.
 
 Exactness: every exponent formed outside the intra-chunk products is <= 0. Intra-chunk products
 ``sum_c a_ic b_jc exp(x_ic - x_jc)`` are factored as ``(a_ic exp(x_ic)) (b_jc exp(-x_jc))``: log
