@@ -119,10 +119,10 @@ def test_kernel_choices_know_when_the_host_issues_the_launches():
     """Where a kernel choice weighs the host's launch time (:func:`vigla.ops.add_norm.op.mlp_fused`), a call is
     issued eagerly outside ``torch.compile`` and not while it traces (no graph break: the compiled function takes
     the other branch)."""
-    from vigla.ops.add_norm.op import _issued_eagerly
+    from vigla.ops.dispatch import issued_eagerly
 
-    assert _issued_eagerly()
-    fn = torch.compile(lambda x: x + 1 if _issued_eagerly() else x - 1, backend="eager", fullgraph=True)
+    assert issued_eagerly()
+    fn = torch.compile(lambda x: x + 1 if issued_eagerly() else x - 1, backend="eager", fullgraph=True)
     assert fn(torch.zeros(2)).tolist() == [-1.0, -1.0]
 
 

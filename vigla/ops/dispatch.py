@@ -51,7 +51,8 @@ except ImportError:  # optional: every op has a PyTorch path
 from .launcher import direct
 from .tracing import exporting
 
-__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "eager_inference",
+__all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "issued_eagerly",
+           "eager_inference",
            "eager_training", "run_eager", "recorded_backward", "records", "fused_op", "cpu_op", "CpuOp", "wrap",
            "direct", "compute_dtype"]
 
@@ -85,6 +86,15 @@ def via_dispatcher() -> bool:
     ``torch.compile`` or ``torch.export`` traces, or a dispatch mode is active (e.g.
     ``FlopCounterMode``, selective activation checkpointing), which must see the op."""
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def issued_eagerly() -> bool:
+    """Whether the kernels of this call are launched by the host as it runs: not traced by ``torch.compile`` (whose
+    generated code launches them with little host time) nor captured into a CUDA graph. Where a kernel choice weighs
+    the host's launch time (:func:`vigla.ops.add_norm.op.mlp_fused`), through this: the capture query alone is a
+    graph break under Dynamo, so the tracing check comes first."""
+    return not torch.compiler.is_compiling() and not (torch.cuda.is_initialized()
+                                                      and torch.cuda.is_current_stream_capturing())
 
 
 @torch.jit.unused

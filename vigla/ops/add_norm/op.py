@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from ..dispatch import HAS_TRITON, direct, fused_op, recorded_backward, use_cpu_kernels, use_kernels, wrap
+from ..dispatch import (HAS_TRITON, direct, fused_op, issued_eagerly, recorded_backward, use_cpu_kernels,
+                        use_kernels, wrap)
 from ..swiglu.op import fc1_swiglu_forward
 from . import cpu_kernels
 from .reference import add_norm_reference, add_norm_reference_bwd, residual_sum, rms_rstd
@@ -81,21 +82,14 @@ def linear_add_norm_forward(h, wl, x, weight, bias, eps: float, rms: bool, out_d
 def mlp_fused(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether :func:`mlp_add_norm_forward` runs one kernel: CUDA with the kernels, ``x`` (``[..., C]``), ``w1``
     (``[2I, C]``) and ``w2`` (``[C, I]``) in one half-precision dtype, ``C`` at most 192; and either a call issued
-    eagerly (:func:`_issued_eagerly`), or at least one 128-row tile per multiprocessor. Traced by ``torch.compile``
-    or captured into a CUDA graph (little host time to save), fewer rows (e.g. batch 1) take fc1 + SwiGLU, fc2 and
-    the add + norm as separate kernels, which spread the work over more multiprocessors; issued eagerly, where so
-    few rows leave the device waiting on the host, one launch and its Python cost less (a ViG block's second half:
-    two kernels instead of three)."""
+    eagerly (:func:`vigla.ops.dispatch.issued_eagerly`), or at least one 128-row tile per multiprocessor. Traced by
+    ``torch.compile`` or captured into a CUDA graph (little host time to save), fewer rows (e.g. batch 1) take
+    fc1 + SwiGLU, fc2 and the add + norm as separate kernels, which spread the work over more multiprocessors;
+    issued eagerly, where so few rows leave the device waiting on the host, one launch and its Python cost less (a
+    ViG block's second half: two kernels instead of three)."""
     return (use_kernels(x) and x.dtype in (torch.float16, torch.bfloat16) and w1.dtype == w2.dtype == x.dtype
-            and w2.shape[0] <= MLP_MAX_C and (_issued_eagerly()
+            and w2.shape[0] <= MLP_MAX_C and (issued_eagerly()
                                               or mlp_fills_device(x.numel() // max(x.shape[-1], 1), x.device.index)))
-
-
-def _issued_eagerly() -> bool:
-    """Whether the kernels of this call are launched by the host as it runs: not traced by ``torch.compile``
-    (whose generated code launches them with little host time) nor captured into a CUDA graph."""
-    return not torch.compiler.is_compiling() and not (torch.cuda.is_initialized()
-                                                      and torch.cuda.is_current_stream_capturing())
 
 
 def scale_rows(x: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
