@@ -1,9 +1,11 @@
 """The eager training Functions' mixed-precision helpers (:mod:`vigla.ops.amp`).
 
 * CPU: ``cast_concat`` equals ``torch.cat`` of the casts per group (zeros where asked), every group contiguous and
-  128 bytes apart, nothing shared with its sources; ``mm_to`` equals ``(a @ b).to(dtype)`` off CUDA.
+  128 bytes apart, nothing shared with its sources; ``mm_to`` equals ``(a @ b).to(dtype)`` off CUDA, ``colsum`` the
+  reduction.
 * GPU (``pytest -m gpu``): ``mm_to``'s float32-output GEMM of bf16 / fp16 inputs against the float64 product, no
-  further from it than the bf16 product cast afterwards, and ``cast_concat`` on CUDA tensors.
+  further from it than the bf16 product cast afterwards, and ``cast_concat`` on CUDA tensors; ``colsum``'s GEMM
+  against the float64 sum, its row of ones grown, and the reduction inside a CUDA-graph capture.
 """
 import pytest
 import torch
@@ -44,6 +46,37 @@ def test_mm_to_off_cuda_is_the_product_then_the_cast(dtype):
     a, b = torch.randn(9, 5, dtype=torch.bfloat16), torch.randn(5, 3, dtype=torch.bfloat16)
     got = amp.mm_to(a, b, dtype)
     assert got.dtype == dtype and torch.equal(got, (a @ b).to(dtype))
+
+
+@pytest.mark.parametrize("dtype, out", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                        (torch.float64, torch.float64)])
+def test_colsum_off_cuda_is_the_reduction(dtype, out):
+    x = torch.randn(37, 5).to(dtype)
+    got = amp.colsum(x, out)
+    assert got.dtype == out and torch.equal(got, x.sum(0, dtype=out))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_colsum_on_cuda_is_the_float32_sum_of_half_rows(half):
+    """Bias gradients' shapes (ViG-T's at 224, then longer and shorter): float32 out, within float32 accumulation of
+    the float64 sum (the row of ones grows for the longer one, a slice serves the shorter); inside a CUDA-graph
+    capture a row too short for ``x`` falls back to the reduction, and the replay is still the sum."""
+    amp._ONES.clear()
+    for R, C in ((25088, 192), (100352, 64), (300, 7)):
+        x = torch.randn(R, C, device="cuda").to(half)
+        got, exact = amp.colsum(x, torch.float32), x.double().sum(0)
+        assert got.dtype == torch.float32 and got.shape == (C,)
+        assert ((got.double() - exact).abs().max() / exact.abs().max()).item() <= 1e-5
+    assert amp._ONES[(x.device, half)].shape == (1, 100352)
+    x = torch.randn(200000, 3, device="cuda").to(half)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = amp.colsum(x, torch.float32)
+    assert amp._ONES[(x.device, half)].shape == (1, 100352)  # not grown inside the capture
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(got.double(), x.double().sum(0), rtol=1e-5, atol=1e-2)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..ops import bigla_gated
-from ..ops.amp import cast_concat, mm_to
+from ..ops.amp import cast_concat, colsum, mm_to
 from ..ops.bigla.op import bigla_backward, bigla_forward
 from ..ops.dispatch import compute_dtype, eager_training
 from ..ops.dwconv import dwconv_silu
@@ -366,10 +366,10 @@ class MixerFunction(torch.autograd.Function):
         dx_c = torch.addmm(dx_c.reshape(B * N, C), du, w_in)
         dx, dconv = dwconv_backward(dx_c.view(B, N, C), x, conv, H, W, m.conv_act)
         # the weight gradients written in the parameters' dtypes by their GEMMs (mm_to), the in-projection's split;
-        # the bias gradients summed into their dtypes; the ops' gradients are in their inputs' dtypes already
+        # the bias gradients summed into their dtypes (colsum); the ops' gradients are in their inputs' dtypes already
         dw_qkv, dw_down, dw_gate = mm_to(du.t(), x_c.reshape(B * N, C), w_qkv.dtype).split([2 * K + C, r, C])
-        return (dx, dconv, dw_qkv, dw_down, dw_gate, dgate.sum(0, dtype=b_gate.dtype),
-                mm_to(dlogits.t(), z.reshape(B * N, r), w_up.dtype), dlogits.sum(0, dtype=b_up.dtype), dw_o, dw_l,
+        return (dx, dconv, dw_qkv, dw_down, dw_gate, colsum(dgate, b_gate.dtype),
+                mm_to(dlogits.t(), z.reshape(B * N, r), w_up.dtype), colsum(dlogits, b_up.dtype), dw_o, dw_l,
                 mm_to(dout.t(), y.reshape(B * N, C), w_out.dtype), None, None)
 
     @staticmethod
