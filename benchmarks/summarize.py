@@ -135,7 +135,8 @@ def headline_rows(res: Results) -> list[tuple[str, str, dict, str, str, tuple[st
              ("ViG-S ÷ DeiT-B, inference img/s, CUDA graphs", "models_vig_s_cuda_graph", "vig_small", DEIT_B, INFER),
              ("ViG-S ÷ DeiT-B, training img/s, CUDA graphs", "models_vig_s_cuda_graph", "vig_small", DEIT_B, TRAIN),
              ("ViG-S ÷ DeiT-B, training peak memory", "models_vig_s_eager", "vig_small", DEIT_B, TRAIN_MIB)]
-    return [(label, stem, res(stem), m, b, path) for label, stem, m, b, path in pairs if res(stem) is not None]
+    return [(label, stem, res(stem), m, b, path) for label, stem, m, b, path in pairs
+            if res(stem) is not None or (stem in IN_TURN and res(IN_TURN[stem]) is not None)]
 
 
 def newest(res: Results, *stems: str) -> str:
@@ -166,7 +167,8 @@ def official_rows(res: Results) -> list[list[str]]:
 
 # the pairs timed in turn (benchmarks/interleaved.py) that stand for a single run's ratio at 224
 IN_TURN = {"models_vig_t_eager": "models_vig_t_interleaved", "models_vig_s_eager": "models_vig_s_interleaved",
-           "compile_vig_t": "compile_vig_t_interleaved", "compile_vig_t_inference": "compile_vig_t_interleaved"}
+           "compile_vig_t": "compile_vig_t_interleaved", "compile_vig_t_inference": "compile_vig_t_interleaved",
+           "compile_vig_t_reduce_overhead": "compile_vig_t_interleaved_reduce_overhead"}
 
 
 def in_turn(res: Results, stem: str, path: tuple[str, ...]) -> float | None:
@@ -197,7 +199,7 @@ def summary(res: Results) -> list[str]:
     flops = res("flops_all_models")
     if flops:
         rows.append(["ViG-T ÷ DeiT-T, GMACs"] + [ratio(flops, "vig_tiny", DEIT_T, s, ("gmacs",)) for s in SIZES])
-    runs = [r for _, _, r, *_ in headline_rows(res)] + [res(s) for s in set(IN_TURN.values()) if res(s)]
+    runs = [r for _, _, r, *_ in headline_rows(res) if r] + [res(s) for s in set(IN_TURN.values()) if res(s)]
     devices = sorted({value(r, ("environment", "device")) or "?" for r in runs})
     lines = table(["ratio (> 1: ViG's is larger)", *(f"@{s}" for s in SIZES)], rows)
     machines = " or one ".join(devices)
@@ -206,7 +208,7 @@ def summary(res: Results) -> list[str]:
                   "Python and launch time), whose speed moves between runs, and so are the compiled ones (Inductor's "
                   "code still launches each kernel from Python): the CUDA-graph row is the stable one, and the "
                   "cells marked ⁱ are the median of many windows timed in turn (`benchmarks/interleaved.py`, eager "
-                  "or both models compiled). "
+                  "or both models compiled in the same mode). "
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
     return lines
