@@ -5,9 +5,9 @@ Under autocast a training step casts each float32 weight to the compute dtype in
 gradient back to float32 in the backward: a kernel launch apiece, and at 224² an eager ViG-T training step waits on
 its host's launches. :func:`cast_concat` writes a layer's weight casts (and concatenations) with one multi-tensor copy
 (``torch._foreach_copy_``: one kernel on CUDA for all of them) into views of one new buffer, and :func:`mm_to` has
-the weight-gradient GEMM write float32 itself (no cast kernel, and no rounding to bf16 before the cast); :func:`colsum` sums a bias's gradient the same way (a GEMM
-with a row of ones: PyTorch's reduction over the rows of a narrow ``[R, C]`` half-precision tensor runs at a tenth of
-the memory's bandwidth).
+the weight-gradient GEMM write float32 itself (no cast kernel, and no rounding to bf16 before the cast).
+:func:`colsum` sums a bias's gradient the same way, as a GEMM with a row of ones: PyTorch's reduction over the rows
+of a narrow ``[R, C]`` half-precision tensor runs far below the memory's bandwidth (``benchmarks/colsum_ab.py``).
 """
 from __future__ import annotations
 
