@@ -120,6 +120,11 @@ def _kernel_stem(opts: Options) -> list[Step]:
     return [Step("kernel_stem", argv, 120, ["kernel_stem.json"])]
 
 
+def _kernel_colsum(opts: Options) -> list[Step]:
+    argv = [PY, "benchmarks/colsum_ab.py", "--out", str(opts.out), "--name", "kernel_colsum_ab", *opts.extra]
+    return [Step("kernel_colsum_ab", argv, 120, ["kernel_colsum_ab.json"])]
+
+
 def _kernel_ops(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/bench_ops.py", "--out", str(opts.out), "--name", "kernel_ops", *opts.extra]
     return [Step("kernel_ops", argv, 300, ["kernel_ops.json"])]
@@ -242,11 +247,14 @@ def _compile_reduce_overhead(opts: Options) -> list[Step]:
     return [_bench("compile_vig_t_reduce_overhead", opts, args, 570)]
 
 
-def _compile_interleaved(opts: Options) -> list[Step]:
-    """Compiled ViG-T against compiled DeiT-T at 224 timed in turn, round after round (inference, training, batch 1)."""
-    argv = [PY, "benchmarks/interleaved.py", "--device", "cuda", "--compile", "--out", str(opts.out), "--name",
-            "compile_vig_t_interleaved", *opts.extra]
-    return [Step("compile_vig_t_interleaved", argv, 540, ["compile_vig_t_interleaved.json"])]
+def _compile_interleaved(opts: Options, mode: str | None = None) -> list[Step]:
+    """Compiled ViG-T against compiled DeiT-T at 224 timed in turn, round after round (inference, training, batch 1),
+    in torch.compile's default mode or ``mode``."""
+    name = "compile_vig_t_interleaved" + (f"_{mode.replace('-', '_')}" if mode else "")
+    argv = [PY, "benchmarks/interleaved.py", "--device", "cuda", "--compile",
+            *(["--compile-mode", mode, "--rounds", "6"] if mode else []), "--out", str(opts.out), "--name", name,
+            *opts.extra]
+    return [Step(name, argv, 540, [f"{name}.json"])]
 
 
 def _compile_measure(opts: Options) -> list[Step]:
@@ -516,7 +524,9 @@ SUITES = {s.name: s for s in [
            "stem": ("the stems' fused path (conv + LayerNorm + act in one kernel) against their layers one by one",
                     _kernel_stem),
            "ops": ("the block ops (depthwise conv + SiLU forward and backward, add + norm, locality mix, fc1 + "
-                   "SwiGLU) against their byte floors at ViG-T and ViG-H-T shapes", _kernel_ops)},
+                   "SwiGLU) against their byte floors at ViG-T and ViG-H-T shapes", _kernel_ops),
+           "colsum": ("a bias gradient's column sums (bf16 rows into float32): PyTorch's reduction against the GEMM "
+                      "with a row of ones that vigla.ops.amp.colsum runs", _kernel_colsum)},
           extra="benchmarks/bench_bigla.py (its launch configurations, shapes, ...)"),
     Suite("fla", "the BiGLA operator against fla-core's chunk_gla on [x; flip(x)] in one run (needs the "
           "fla-core wheel in .whl/; its cold autotuning takes minutes)", "cuda",
@@ -548,7 +558,9 @@ SUITES = {s.name: s for s in [
            "reduce_overhead": ("ViG-T vs DeiT-T at 224 and 512, both compiled with mode='reduce-overhead' (CUDA "
                                "graphs inside), compiling in the run itself (one call)", _compile_reduce_overhead),
            "interleaved": ("ViG-T vs DeiT-T at 224, both compiled, timed in turn round after round: inference, "
-                           "training steps, batch-1 latency", _compile_interleaved)}),
+                           "training steps, batch-1 latency", _compile_interleaved),
+           "interleaved_reduce_overhead": ("the same, both compiled with mode='reduce-overhead', 6 rounds",
+                                           lambda opts: _compile_interleaved(opts, "reduce-overhead"))}),
     Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024; the host's time in "
           "eager forwards", "cuda",
           {"vig": ("inference and training steps, kernels grouped by op", _profile),
