@@ -63,12 +63,14 @@ def test_colsum_on_cuda_is_the_float32_sum_of_half_rows(half):
     the float64 sum (the row of ones grows for the longer one, a slice serves the shorter); inside a CUDA-graph
     capture a row too short for ``x`` falls back to the reduction, and the replay is still the sum."""
     amp._ONES.clear()
+    amp._RETIRED.clear()
     for R, C in ((25088, 192), (100352, 64), (300, 7)):
         x = torch.randn(R, C, device="cuda").to(half)
         got, exact = amp.colsum(x, torch.float32), x.double().sum(0)
         assert got.dtype == torch.float32 and got.shape == (C,)
         assert ((got.double() - exact).abs().max() / exact.abs().max()).item() <= 1e-5
     assert amp._ONES[(x.device, half)].shape == (1, 100352)
+    assert [t.shape[1] for t in amp._RETIRED if t.dtype == half][-1:] == [25088]  # outgrown, kept alive
     x = torch.randn(200000, 3, device="cuda").to(half)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -81,11 +81,14 @@ def colsum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if ones is None or ones.shape[1] < R:
         if torch.cuda.is_current_stream_capturing():
             return x.sum(0, dtype=dtype)
+        if ones is not None:  # kept: a GEMM on another stream may still read it (no record_stream of every use)
+            _RETIRED.append(ones)
         ones = _ONES[key] = x.new_ones(1, max(R, 2 * ones.shape[1] if ones is not None else R))
     return mm_to(ones[:, :R], x, dtype).view(x.shape[1])
 
 
 _ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # rows of ones outgrown: at most as many elements as the ones in use
 
 
 def _disable_mm_out_dtype() -> None:
