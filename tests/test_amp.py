@@ -5,7 +5,8 @@
   reduction.
 * GPU (``pytest -m gpu``): ``mm_to``'s float32-output GEMM of bf16 / fp16 inputs against the float64 product, no
   further from it than the bf16 product cast afterwards, and ``cast_concat`` on CUDA tensors; ``colsum``'s GEMM
-  against the float64 sum, its row of ones grown, and the reduction inside a CUDA-graph capture.
+  against the float64 sum, its row of ones grown, the reduction inside a CUDA-graph capture and where the GEMM
+  fails.
 """
 import pytest
 import torch
@@ -79,6 +80,25 @@ def test_colsum_on_cuda_is_the_float32_sum_of_half_rows(half):
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(got.double(), x.double().sum(0), rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_colsum_without_the_float32_gemm_is_the_reduction(monkeypatch):
+    """Where the float32-output GEMM fails (a GPU or build without it), the sum is the float32 reduction, not the
+    product rounded to bf16 that mm_to's fallback gives, in that call and the next."""
+    mm = torch.mm
+
+    def no_out_dtype(a, b, **kwargs):
+        if "out_dtype" in kwargs:
+            raise RuntimeError("mm.dtype: not on this build")
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(amp, "_MM_OUT_DTYPE", True)
+    monkeypatch.setattr(torch, "mm", no_out_dtype)
+    x = torch.randn(25088, 192, device="cuda").to(torch.bfloat16)
+    for _ in range(2):
+        assert torch.equal(amp.colsum(x, torch.float32), x.sum(0, dtype=torch.float32))
+    assert not amp._MM_OUT_DTYPE
 
 
 @pytest.mark.gpu

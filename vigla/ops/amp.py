@@ -84,7 +84,9 @@ def colsum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if ones is not None:  # kept: a GEMM on another stream may still read it (no record_stream of every use)
             _RETIRED.append(ones)
         ones = _ONES[key] = x.new_ones(1, max(R, 2 * ones.shape[1] if ones is not None else R))
-    return mm_to(ones[:, :R], x, dtype).view(x.shape[1])
+    total = mm_to(ones[:, :R], x, dtype)
+    # mm_to without its float32-output GEMM (it just failed: the product was rounded to x's dtype) -> the reduction
+    return total.view(x.shape[1]) if _MM_OUT_DTYPE else x.sum(0, dtype=dtype)
 
 
 _ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
