@@ -52,9 +52,8 @@ from .launcher import direct
 from .tracing import exporting
 
 __all__ = ["HAS_TRITON", "reference_ops", "use_kernels", "use_cpu_kernels", "via_dispatcher", "issued_eagerly",
-           "eager_inference",
-           "eager_training", "run_eager", "recorded_backward", "records", "fused_op", "cpu_op", "CpuOp", "wrap",
-           "direct", "compute_dtype"]
+           "eager_inference", "eager_training", "run_eager", "recorded_backward", "records", "fused_op", "cpu_op",
+           "CpuOp", "wrap", "direct", "compute_dtype"]
 
 _FORCE_REFERENCE = False
 
