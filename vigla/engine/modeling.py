@@ -109,8 +109,26 @@ def _load_error(path: str, model_name: str, err: Exception) -> CheckpointError:
     if not _looks_like_a_checkpoint(path):
         return CheckpointError(f"{path} is not a checkpoint: neither safetensors nor a PyTorch (torch.save) file. "
                                f"Is it the right file, and was it copied whole?")
+    if _raised_by_torch_load(err):  # the file's bytes, not its fit to the model
+        return CheckpointError(f"{path} is not a checkpoint vigla can read: it starts as a PyTorch (torch.save) file "
+                               f"but does not unpickle. Is it the right file, and was it copied whole?")
     return CheckpointError(f"{path} does not load into {model_name} ({type(err).__name__}): "
                            f"{' '.join(text.splitlines()[:3])}")
+
+
+def _raised_by_torch_load(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised from, came out of ``torch.load`` (a corrupt pickle stream
+    raises anything from UnpicklingError to IndexError, and timm rewraps it as a RuntimeError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        tb = err.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == torch.serialization.__file__:
+                return True
+            tb = tb.tb_next
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _looks_like_a_checkpoint(path: str) -> bool:
@@ -125,8 +143,8 @@ def _looks_like_a_checkpoint(path: str) -> bool:
         return False
     if zipfile.is_zipfile(path):
         return True
-    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON object
-        return True
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON object that fits
+        return 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
     return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # pickle protocol 2-5
 
 
