@@ -11,9 +11,11 @@ from test_bigla import make_inputs, rel_err
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: BiGLA's CPU kernel is not built")
 
-SHAPES = [  # B, T, H, K, V (V = 64: the register-blocked path, two tokens per pass and, for odd T, one)
+SHAPES = [  # B, T, H, K, V (V = 64: the register-blocked path, two tokens per pass and, for odd T, one; K = 32 there:
+    # the transposed state in dq's pass; K = 20, 8: rows whose dot products' lanes are summed one by one after those
+    # summed 16 or 8 at a time by the shuffle tree, or all of them)
     (1, 1, 1, 4, 4), (2, 5, 3, 8, 16), (1, 63, 2, 16, 32), (2, 196, 3, 32, 64), (1, 97, 2, 32, 64), (3, 49, 4, 16, 8),
-    (1, 300, 1, 64, 128),
+    (1, 300, 1, 64, 128), (2, 50, 2, 20, 64), (1, 33, 1, 8, 64),
 ]
 
 
@@ -88,12 +90,12 @@ def test_gated_op_and_its_logit_gradients_against_float64():
         assert rel_err(a, b) < 5e-6
 
 
-@pytest.mark.parametrize("V", [4, 64])  # 64: the kernels' register-blocked path for ViG's heads
-def test_extreme_and_tiny_decays_over_a_long_sequence(V):
+@pytest.mark.parametrize("K, V", [(4, 4), (4, 64), (32, 64)])  # V = 64: the register-blocked path; K = 32 with it:
+def test_extreme_and_tiny_decays_over_a_long_sequence(K, V):  # ViG's heads, the transposed state in dq's pass
     """-20 per token (only the diagonal survives; the states' scales fold into their rows every token) and
     -2e-8 per token over 8k tokens: a decay that rounds to 1 in float32 (a 1.6e-4 error if the states were
     multiplied by exp(-2e-8)); both stay at float32's accuracy, the output and q, k, v's gradients."""
-    B, T, H, K = 1, 8192, 1, 4
+    B, T, H = 1, 8192, 1
     q, k, v, _, _ = make_inputs(B, T, H, K, V)
     tiny = torch.full((B, T, H, K), -2e-8, dtype=torch.float64)
     steep = torch.full((B, T, H, K), -20.0, dtype=torch.float64)

@@ -14,10 +14,14 @@
  * folded into its row (U <- D U, L = 0), so the rows stay within 2^20 of the terms they sum.
  *
  * Backward, per scan: dq_s = c S_s do_s (c = scale/2, a pass in scan order, recomputing S and keeping each
- * token's log decays for the next pass, [T, K] float64 per thread), then in
+ * token's log decays for the next pass, [T, K] float64 per thread; for ViG's K = 32 the state is kept transposed
+ * in this pass, so that S_s do_s is a sum of rows, not a dot product per row), then in
  * reverse scan order R_s = c q_s do_s^T + diag(a_{s+1}) R_{s+1} (the gradient of S_s, kept the same
- * way), dk_s = R_s v_s, dv_s = R_s^T k_s, and the log decays' gradient
+ * way), dk_s = R_s v_s (dot products per row, their lanes summed LANES rows at a time by a shuffle tree),
+ * dv_s = R_s^T k_s, and the log decays' gradient
  * dla_r = sum_{s >= r} (q_s * dq_s - k_s * dk_s) per channel (the scan's own dq and dk; float64 sums).
+ * Both took ViG-T's layer's backward (batch 8 at 224, a 2-core Xeon with AVX-512) from ~1.9 to ~1.6 ms
+ * (benchmarks/results/cpu_kernels_source_ab.json).
  *
  * Inference (bigla_fwd_f32 given x): the second scan applies ViG's locality mix to each token's output as soon as
  * it is whole (cpu_math.h: mix_row_f), in place, while the row is in the cache: BiGLA + the mix as one pass.
@@ -155,6 +159,7 @@ static inline __attribute__((always_inline)) float advance(float *restrict row, 
 typedef struct {
     const float *f, *u, *w, *y, *z;
     float *acc, *dots;
+    float *lanes; /* with dots: K * LANES floats of scratch, each row's products before their lanes are summed */
 } step_t;
 
 /* The passes of n (1 or 2) consecutive tokens over all K rows, for V = 64 (ViG's heads): each row is loaded and
@@ -167,11 +172,11 @@ typedef struct {
  * vectors, a pass over all K rows per block: the forward takes blocks of FWD_NB (16 lanes: the whole row, which
  * its two tokens' sums and values and the row then hold in 20 of the 32 registers; 8 lanes: blocks of 2, 10
  * of the 16 registers: blocks of 4 spilled, and took 7% more time than 2 on a 2-core AVX2 EPYC, whole rows
- * a quarter more), the backward whole rows (its dot products summed once per row: blocks of 4 were 20%
- * slower there). Which of a step's outputs a call forms (ACC: acc; DOTS: dots) is a constant at each call,
- * so that the row loop tests neither (8% off the backward, 3% off the forward on that EPYC), and a pass in
- * which no row folds its scale (all f = 1, the usual case) runs a copy of the loop without the test of f
- * (a further 17% off the forward, 8% off the backward there). Bitwise the same as n passes. */
+ * a quarter more), the backward whole rows (each row's dot products formed once, their lanes kept for
+ * tree_sums: blocks of 4 were 20% slower there). Which of a step's outputs a call forms (ACC: acc; DOTS: dots)
+ * is a constant at each call, so that the row loop tests neither (8% off the backward, 3% off the forward on that
+ * EPYC), and a pass in which no row folds its scale (all f = 1, the usual case) runs a copy of the loop without the
+ * test of f (a further 17% off the forward, 8% off the backward there). Bitwise the same as n passes. */
 #if defined(__AVX512F__)
 #define LANES 16
 #else
@@ -194,6 +199,48 @@ static inline float hsumv(vecf x) {
     for (int j = 0; j < LANES; j++) s += x[j];
     return s;
 }
+
+/* The sums of the lanes of LANES vectors x[0 .. LANES - 1], in order, as one vector: a tree of lane shuffles (each
+ * level adds the two halves of every block of two vectors into one, the blocks halving: LANES - 1 shuffle pairs and
+ * adds for LANES sums, against log2(LANES) each per sum apart: the backward's dot products of a state's rows with a
+ * token's values spent most of their time in those separate sums under perf), the vectors taken in bit-reversed
+ * order so that the sums come out in order. */
+#if LANES == 16
+#define HALVES(a, b, k) (__builtin_shufflevector(a, b, HALF_LO##k) + __builtin_shufflevector(a, b, HALF_HI##k))
+#define HALF_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HALF_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define HALF_LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HALF_HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define HALF_LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HALF_HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define HALF_LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HALF_HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+static const int BITREV[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+static inline vecf tree_sums(const vecf *x) {
+    vecf a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) a[i] = HALVES(x[BITREV[2 * i]], x[BITREV[2 * i + 1]], 8);
+    for (int i = 0; i < 4; i++) b[i] = HALVES(a[2 * i], a[2 * i + 1], 4);
+    for (int i = 0; i < 2; i++) c[i] = HALVES(b[2 * i], b[2 * i + 1], 2);
+    return HALVES(c[0], c[1], 1);
+}
+#else
+#define HALVES(a, b, k) (__builtin_shufflevector(a, b, HALF_LO##k) + __builtin_shufflevector(a, b, HALF_HI##k))
+#define HALF_LO4 0, 1, 2, 3, 8, 9, 10, 11
+#define HALF_HI4 4, 5, 6, 7, 12, 13, 14, 15
+#define HALF_LO2 0, 1, 8, 9, 4, 5, 12, 13
+#define HALF_HI2 2, 3, 10, 11, 6, 7, 14, 15
+#define HALF_LO1 0, 8, 2, 10, 4, 12, 6, 14
+#define HALF_HI1 1, 9, 3, 11, 5, 13, 7, 15
+static const int BITREV[8] = {0, 4, 2, 6, 1, 5, 3, 7};
+
+static inline vecf tree_sums(const vecf *x) {
+    vecf a[4], b[2];
+    for (int i = 0; i < 4; i++) a[i] = HALVES(x[BITREV[2 * i]], x[BITREV[2 * i + 1]], 4);
+    for (int i = 0; i < 2; i++) b[i] = HALVES(a[2 * i], a[2 * i + 1], 2);
+    return HALVES(b[0], b[1], 1);
+}
+#endif
 
 static inline __attribute__((always_inline)) void rows64(float *restrict S, long K, const step_t *P, const int n,
                                                          const int NB, const int ACC, const int DOTS, const int FOLD) {
@@ -222,7 +269,8 @@ static inline __attribute__((always_inline)) void rows64(float *restrict S, long
                 if (DOTS) {
                     vecf d = r[0] * z[p][0];
                     for (int c = 1; c < NB; c++) d += r[c] * z[p][c];
-                    P[p].dots[i] = (blk ? P[p].dots[i] : 0.0f) + hsumv(d);
+                    float *lanes = P[p].lanes + i * LANES;
+                    storev(lanes, blk ? loadv(lanes) + d : d);
                 }
             }
             for (int c = 0; c < NB; c++) storev(row + LANES * c, r[c]);
@@ -231,6 +279,16 @@ static inline __attribute__((always_inline)) void rows64(float *restrict S, long
             if (ACC)
                 for (int c = 0; c < NB; c++) storev(P[p].acc + c0 + LANES * c, a[p][c]);
     }
+    if (DOTS) /* the rows' sums, LANES at a time */
+        for (int p = 0; p < n; p++) {
+            long i = 0;
+            for (; i + LANES <= K; i += LANES) {
+                vecf x[LANES];
+                for (int j = 0; j < LANES; j++) x[j] = loadv(P[p].lanes + (i + j) * LANES);
+                storev(P[p].dots + i, tree_sums(x));
+            }
+            for (; i < K; i++) P[p].dots[i] = hsumv(loadv(P[p].lanes + i * LANES));
+        }
 }
 
 /* whether any of a step's K row factors f is not 1 (a row folds its scale in: rare) */
@@ -248,6 +306,40 @@ static inline __attribute__((always_inline)) void advance_rows64(float *restrict
         rows64(S, K, P, n, NB, ACC, DOTS, 1);
     else
         rows64(S, K, P, n, NB, ACC, DOTS, 0);
+}
+
+/* The backward's first pass (dq_s = c D (U do_s)) for K = 32 over the transposed state: row j of ST holds column j
+ * of U, 32 floats, so a token's readout U do_s is the sum of the rows scaled by do_s[j], accumulated in registers
+ * over the V rows, where U's rows needed a horizontal sum each (the dot products of rows64: the shuffles and scalar
+ * stores of those sums were the backward's hottest instructions under perf). Row j becomes f * row_j + y_j u (f,
+ * u: vectors over the K channels, the same products per element as rows64's), then acc += z_j row_j, for n (1 or
+ * 2) consecutive tokens per pass; P[p].dots gets acc. FOLD: whether a row factor may differ from 1. */
+static inline __attribute__((always_inline)) void rows_t32(float *restrict ST, long V, const step_t *P, const int n,
+                                                           const int FOLD) {
+    enum { NK = 32 / LANES };
+    vecf u[2][NK], f[2][NK], acc[2][NK];
+    for (int p = 0; p < n; p++)
+        for (int c = 0; c < NK; c++) {
+            u[p][c] = loadv(P[p].u + LANES * c);
+            f[p][c] = FOLD ? loadv(P[p].f + LANES * c) : (vecf){0};
+            acc[p][c] = (vecf){0};
+        }
+    for (long j = 0; j < V; j++) {
+        float *row = ST + j * 32;
+        vecf r[NK];
+        for (int c = 0; c < NK; c++) r[c] = loadv(row + LANES * c);
+        for (int p = 0; p < n; p++) {
+            const float yj = P[p].y[j], zj = P[p].z[j];
+            for (int c = 0; c < NK; c++) {
+                if (FOLD) r[c] *= f[p][c];
+                r[c] += yj * u[p][c];
+                acc[p][c] += zj * r[c];
+            }
+        }
+        for (int c = 0; c < NK; c++) storev(row + LANES * c, r[c]);
+    }
+    for (int p = 0; p < n; p++)
+        for (int c = 0; c < NK; c++) storev(P[p].dots + LANES * c, acc[p][c]);
 }
 
 /* The passes of n consecutive tokens over all K rows: V = 64 through advance_rows64's registers (in column blocks
@@ -331,9 +423,16 @@ static inline __attribute__((always_inline)) void dq_steps(const job_t *J, int s
         log_decays(J, ROW(J->g[scan], 3 + scan, b, t[p], h), as);
         coefficients(K, L, as, ROW(J->k, 1, b, t[p], h), 1.0f, ones, J->c, f, f + K, f + 2 * K, NULL);
         P[p] = (step_t){f, f + K, NULL, ROW(J->v, 2, b, t[p], h), ROW(J->dout, 5, b, t[p], h), NULL,
-                        dqs + (s + p) * K};
+                        dqs + (s + p) * K, co + 11 * K + p * K * LANES};
     }
-    advance_rows(S, K, V, P, n, NC, 0, 1);
+    if (K == 32) { /* ViG's heads: the state transposed (rows_t32) */
+        if (folds(P[0].f, K) || (n > 1 && folds(P[1].f, K)))
+            rows_t32(S, V, P, n, 1);
+        else
+            rows_t32(S, V, P, n, 0);
+    } else {
+        advance_rows(S, K, V, P, n, NC, 0, 1);
+    }
     for (int p = 0; p < n; p++) {
         float *dq = dqs + (s + p) * K, *out = OUT(J->dq, b, t[p], h, K);
         const float *w = co + 3 * K * p + 2 * K;
@@ -362,7 +461,7 @@ static inline __attribute__((always_inline)) void dkv_steps(const job_t *J, int 
         coefficients(K, L, an, ROW(J->q, 0, b, t[p], h), J->c, ROW(J->k, 1, b, t[p], h), 1.0f, f, f + K, f + 2 * K,
                      f + 3 * K);
         P[p] = (step_t){f, f + K, f + 2 * K, ROW(J->dout, 5, b, t[p], h), ROW(J->v, 2, b, t[p], h), dvs[p],
-                        dks + K * p};
+                        dks + K * p, co + 11 * K + p * K * LANES};
     }
     advance_rows(S, K, V, P, n, NC, 1, 1);
     for (int p = 0; p < n; p++) {
@@ -407,11 +506,12 @@ static inline __attribute__((always_inline)) void backward_scan(const job_t *J, 
 static inline __attribute__((always_inline)) int run_tasks_v(const job_t *J, long first, long last, const long V) {
     const long K = J->K;
     int backward = J->dout != NULL;
-    /* S: the state (K V), then co: two tokens' coefficients (8 K), dks (2 K), ones (K), dqs (T K) */
-    float *S = malloc(sizeof(float) * (K * V + 11 * K + (backward ? J->T * K : 0)));
+    /* S: the state (K V), then co: two tokens' coefficients (8 K), dks (2 K), ones (K), and in the backward two
+     * tokens' dot products lane by lane (2 K LANES) and dqs (T K) */
+    float *S = malloc(sizeof(float) * (K * V + 11 * K + (backward ? 2 * K * LANES + J->T * K : 0)));
     double *L = malloc(sizeof(double) * (4 * K + (backward ? J->T * K : 0)));
     int failed = !S || !L;
-    float *co = S + K * V, *dqs = co + 11 * K;
+    float *co = S + K * V, *dqs = co + 11 * K + 2 * K * LANES;
     double *la = L + K, *gacc = la + K; /* la: a token's log decays; gacc + K: the slopes; then the backward's
                                          * log decays, [T, K] */
     double *decs = gacc + 2 * K;
