@@ -86,7 +86,8 @@ def main(argv=None) -> int:
                           text=True).stdout.strip()
     result = envelope(torch.device("cpu"), dict(builds=list(BUILDS), base=base, batch_size=args.batch_size,
                                                 img_size=224, rounds=args.rounds, calls=args.calls))
-    with tempfile.TemporaryDirectory() as work:  # sources/: base's; a cache per build (the key hashes the tree's header)
+    # work/sources: base's files; a kernel cache per build (a cached library's key hashes the tree's header)
+    with tempfile.TemporaryDirectory() as work:
         sources = os.path.join(work, "sources")
         os.mkdir(sources)
         base_sources(base, Path(sources))
