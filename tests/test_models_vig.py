@@ -662,8 +662,7 @@ def test_grad_checkpointing(name, monkeypatch):
     from vigla.ops.bigla import op as bigla_op
 
     bigla_calls = []
-    for module, name_ in ((bigla_op, "bigla_chunked"), (bigla_op.cpu_kernels, "bigla_fwd_cpu"),  # any CPU path
-                          (bigla_op.cpu_kernels, "bigla_and_mix_fwd_cpu")):
+    for module, name_ in ((bigla_op, "bigla_chunked"), (bigla_op.cpu_kernels, "bigla_fwd_cpu")):  # either CPU path
         fn = getattr(module, name_)
         monkeypatch.setattr(module, name_, lambda *a, fn=fn: bigla_calls.append(1) or fn(*a))
     torch.manual_seed(0)
