@@ -200,9 +200,8 @@ def test_bigla_with_the_locality_mix_in_one_pass(shape, act):
     """The inference path's BiGLA + locality mix on the CPU (``bigla_mix_forward``: the kernel mixes each token's
     output once both scans have passed it): the two kernels one after the other to float32's rounding (the
     compiler may order the norms' sums differently in the two), and the float64 BiGLA then the float64 mix within
-    float32's error; the mix's gate a column slice of a wider tensor, as in the mixer. The training forward's pass
-    keeps BiGLA's output beside the mix."""
-    from vigla.ops.bigla.op import bigla_and_mix_forward, bigla_forward, bigla_mix_forward
+    float32's error; the mix's gate a column slice of a wider tensor, as in the mixer."""
+    from vigla.ops.bigla.op import bigla_forward, bigla_mix_forward
     from vigla.ops.locality_mix import locality_mix_reference
     from vigla.ops.locality_mix.op import locality_mix_forward
 
@@ -221,9 +220,3 @@ def test_bigla_with_the_locality_mix_in_one_pass(shape, act):
     assert rel_err(y, locality_mix_reference(o64, x, z, w_o, w_l, 1e-6, act)) < 1e-5
     torch.library.opcheck(torch.ops.vigla.bigla_mix_cpu_fwd.default,  # its fake and schema
                           (*args32, *mix32, K ** -0.5, 16.0, 1e-6, act))
-    # the training forward's pass (bigla_and_mix_forward): BiGLA's output kept, the mix beside it, both bitwise
-    # what the inference pass and BiGLA's own forward give
-    o, y_kept = bigla_and_mix_forward(*args32, K ** -0.5, 16.0, *mix32, 1e-6, act)
-    assert o.shape == (B, T, H, V) and y_kept.shape == (B, T, H * V)
-    assert torch.equal(o, bigla_forward(*args32, K ** -0.5, 16.0)) and torch.equal(y_kept, y)
-    torch.library.opcheck(torch.ops.vigla.bigla_and_mix_cpu_fwd.default, (*args32, *mix32, K ** -0.5, 16.0, 1e-6, act))

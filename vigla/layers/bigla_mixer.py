@@ -15,13 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..ops import bigla_gated
 from ..ops.amp import cast_concat, colsum, mm_to
-from ..ops.bigla.op import bigla_and_mix_forward, bigla_backward
+from ..ops.bigla.op import bigla_backward, bigla_forward
 from ..ops.dispatch import compute_dtype, eager_training
 from ..ops.dwconv import dwconv_silu
 from ..ops.dwconv.op import dwconv_backward, dwconv_forward
 from ..ops.inference import EAGER, InferenceOps, inference_ops
 from ..ops.locality_mix import locality_mix
-from ..ops.locality_mix.op import locality_mix_backward
+from ..ops.locality_mix.op import locality_mix_backward, locality_mix_forward
 from .cast import Projection, caching, check_device, gemm, gemm_weights, inference_weights, memoized, plain_leaves
 from .norm import RmsNorm
 
@@ -334,9 +334,9 @@ class MixerFunction(torch.autograd.Function):
         q, k, v, z, gate = u.split([K, K, C, w_down.shape[0], C], dim=-1)
         logits = F.linear(z.flatten(0, 1), w_up_c, b_up_c)
         zf, zb = logits.view(B, N, 2, h, dk).unbind(dim=2)
-        o, y = bigla_and_mix_forward(q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)), v.unflatten(-1, (h, dv)),
-                                     zf, zb, dk ** -0.5, float(mixer.gate_logit_normalizer), x_c, gate, w_o, w_l,
-                                     float(mixer.norm_out.eps), bool(mixer.out_act))
+        o = bigla_forward(q.unflatten(-1, (h, dk)), k.unflatten(-1, (h, dk)), v.unflatten(-1, (h, dv)), zf, zb,
+                          dk ** -0.5, float(mixer.gate_logit_normalizer))
+        y = locality_mix_forward(o, x_c, gate, w_o, w_l, float(mixer.norm_out.eps), bool(mixer.out_act))
         ctx.save_for_backward(x, conv, w_qkv, w_down, w_gate, b_gate, w_up, b_up, w_o, w_l, w_out,
                               x_c, u, logits, o, y, w_in, w_up_c, w_out_c)
         ctx.mixer, ctx.hw = mixer, hw

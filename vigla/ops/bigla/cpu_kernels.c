@@ -24,8 +24,7 @@
  * (benchmarks/results/cpu_kernels_source_ab.json).
  *
  * Inference (bigla_fwd_f32 given x): the second scan applies ViG's locality mix to each token's output as soon as
- * it is whole (cpu_math.h: mix_row_f), in place, while the row is in the cache: BiGLA + the mix as one pass. The
- * training forward (given x and y) writes the mix to y and keeps BiGLA's output, which the backward reads.
+ * it is whole (cpu_math.h: mix_row_f), in place, while the row is in the cache: BiGLA + the mix as one pass.
  *
  * Tensors are [B, T, H, D] with unit stride in D; the inputs take any (b, t, h) strides (in elements),
  * the outputs are contiguous. The gates are log decays, or (gnorm > 0) gate logits z with log decays
@@ -52,7 +51,6 @@ typedef struct {
     long st[8][3]; /* (b, t, h) strides of q, k, v, gf, gb, do, and the mix's x, z */
     float c, gnorm; /* gnorm > 0: the gates are logits */
     const float *mx, *mz, *w_o, *w_l; /* the locality mix of the output (mx != NULL): x, z [B, T, H * V] */
-    float *my; /* where the mix goes: o itself (NULL), or y [B, T, H * V] (o then keeps BiGLA's output) */
     float eps;
     int act;
 } job_t;
@@ -392,9 +390,9 @@ static inline __attribute__((always_inline)) void forward_steps(const job_t *J, 
     for (int p = 0; p < n; p++) {
         float *out = OUT(J->o, b, t[p], h, V);
         for (long j = 0; j < V; j++) out[j] = scan ? out[j] + acc[p][j] : acc[p][j];
-        if (scan && J->mx) /* the token's output is whole: the locality mix, while the row is in cache */
-            mix_row_f(out, ROW(J->mx, 6, b, t[p], h), ROW(J->mz, 7, b, t[p], h), J->w_o, J->w_l,
-                      J->my ? OUT(J->my, b, t[p], h, V) : out, V, J->eps, J->act);
+        if (scan && J->mx) /* the token's output is whole: the locality mix in place, while the row is in cache */
+            mix_row_f(out, ROW(J->mx, 6, b, t[p], h), ROW(J->mz, 7, b, t[p], h), J->w_o, J->w_l, out, V, J->eps,
+                      J->act);
     }
 }
 
@@ -560,18 +558,17 @@ static void setup(job_t *J, const float *q, const float *k, const float *v, cons
     J->gnorm = gnorm;
 }
 
-/* o [B, T, H, V]; strides: 8 x (b, t, h) for q, k, v, gf, gb, (unused), x, z; with x != NULL, ViG's locality
+/* o [B, T, H, V]; strides: 8 x (b, t, h) for q, k, v, gf, gb, (unused), x, z; with x != NULL, o is ViG's locality
  * mix of BiGLA's output with x and z ([B, T, H * V] as (b, t, h) strides, unit stride within a head), w_o, w_l
- * ([V]), eps and act (SiLU) goes to y ([B, T, H * V], contiguous; o keeps BiGLA's output: the training forward,
- * whose backward needs both), or with y == NULL to o in place (inference); returns 0 on success */
+ * ([V]), eps and act (SiLU); returns 0 on success */
 int bigla_fwd_f32(const float *q, const float *k, const float *v, const float *gf, const float *gb, float *o,
                   long B, long T, long H, long K, long V, const long *strides, float half_scale, float gnorm,
                   int nthreads, const float *x, const float *z, const float *w_o, const float *w_l, float eps,
-                  int act, float *y) {
+                  int act) {
     job_t J;
     setup(&J, q, k, v, gf, gb, B, T, H, K, V, strides, half_scale, gnorm);
     J.o = o;
-    J.mx = x; J.mz = z; J.w_o = w_o; J.w_l = w_l; J.eps = eps; J.act = act; J.my = y;
+    J.mx = x; J.mz = z; J.w_o = w_o; J.w_l = w_l; J.eps = eps; J.act = act;
     return run_threads(&J, nthreads);
 }
 

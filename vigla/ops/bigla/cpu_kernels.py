@@ -15,19 +15,18 @@ from typing import Optional
 
 import torch
 
-from ..cpu_build import LONG as _LONG, PTR as _PTR, CpuLibrary, ptr
+from ..cpu_build import LONG as _LONG, PTR as _PTR, CpuLibrary
 from ..dispatch import cpu_op
 from ..launcher import unit_stride
 
-__all__ = ["available", "describe", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu", "bigla_mix_fwd_cpu",
-           "bigla_and_mix_fwd_cpu"]
+__all__ = ["available", "describe", "supports", "bigla_fwd_cpu", "bigla_bwd_cpu", "bigla_mix_fwd_cpu"]
 
 MAX_V = 4096  # a token's V sums live on the threads' stacks
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     scalars = [_LONG] * 5 + [ctypes.POINTER(_LONG), ctypes.c_float, ctypes.c_float, ctypes.c_int]
-    lib.bigla_fwd_f32.argtypes = [_PTR] * 6 + scalars + [_PTR] * 4 + [ctypes.c_float, ctypes.c_int, _PTR]
+    lib.bigla_fwd_f32.argtypes = [_PTR] * 6 + scalars + [_PTR] * 4 + [ctypes.c_float, ctypes.c_int]
     lib.bigla_bwd_f32.argtypes = [_PTR] * 11 + scalars
     lib.bigla_fwd_f32.restype = lib.bigla_bwd_f32.restype = ctypes.c_int
 
@@ -61,23 +60,23 @@ def _operand(x: torch.Tensor) -> torch.Tensor:
     return unit_stride(x.float() if x.dtype != torch.float32 else x)
 
 
-NO_MIX = (None, None, None, None, 0.0, False, None)  # the forward without the locality mix
+NO_MIX = (None, None, None, None, 0.0, False)  # the forward without the locality mix
 
 
 def _call(fn, inputs: list[torch.Tensor], outputs: list[torch.Tensor], half_scale: float,
           gate_normalizer: Optional[float], mix: Optional[tuple] = None) -> None:
     """``fn`` on ``inputs`` (q, k, v, gf, gb[, do]: their shapes and (b, t, h) strides) into ``outputs``. The
-    forward's ``mix``: its locality mix ``(x, z, w_o, w_l, eps, act, y)`` (``x``, ``z`` float32 ``[B, T, H * V]``
-    with unit last stride; ``w_o``, ``w_l`` contiguous float32 ``[V]``; ``y``: where the mix goes, a contiguous
-    float32 ``[B, T, H * V]``, or None: into the output, in place), or :data:`NO_MIX`; None for the backward."""
+    forward's ``mix``: its locality mix ``(x, z, w_o, w_l, eps, act)`` (``x``, ``z`` float32 ``[B, T, H * V]``
+    with unit last stride; ``w_o``, ``w_l`` contiguous float32 ``[V]``), or :data:`NO_MIX`; None for the
+    backward."""
     B, T, H, K = inputs[0].shape
     V = inputs[2].shape[-1]
     strides = [s for x in inputs for s in x.stride()[:3]] + [0] * (18 - 3 * len(inputs))
     extra = []
     if mix is not None:
-        x, z, w_o, w_l, eps, act, y = mix
+        x, z, w_o, w_l, eps, act = mix
         strides += [s for t in (x, z) for s in (t.stride()[:2] if t is not None else (0, 0)) + (V,)]
-        extra = [None if t is None else t.data_ptr() for t in (x, z, w_o, w_l)] + [eps, int(act), ptr(y)]
+        extra = [None if t is None else t.data_ptr() for t in (x, z, w_o, w_l)] + [eps, int(act)]
     status = fn(*[x.data_ptr() for x in inputs], *[y.data_ptr() for y in outputs], B, T, H, K, V,
                 (_LONG * 24)(*strides, *([0] * (24 - len(strides)))), half_scale, gate_normalizer or 0.0,
                 torch.get_num_threads(), *extra)
@@ -126,42 +125,16 @@ def bigla_mix_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: tor
     :func:`bigla_fwd_cpu`; ``x``, ``z``: ``[B, T, H * V]`` float32; ``w_o``, ``w_l``: ``[V]`` float32."""
     B, T, H, _ = q.shape
     y = torch.empty(B, T, H, v.shape[-1], dtype=torch.float32)
+    mix = (unit_stride(x.reshape(B, T, -1)), unit_stride(z.reshape(B, T, -1)), w_o.contiguous(), w_l.contiguous(),
+           eps, act)
     _call(_library().bigla_fwd_f32, [_operand(t) for t in (q, k, v, gf, gb)], [y], scale * 0.5, gate_normalizer,
-          _mix(x, z, w_o, w_l, eps, act, None))
+          mix)
     return y.view(B, T, -1)
-
-
-@cpu_op("vigla::bigla_and_mix_cpu_fwd")
-def bigla_and_mix_fwd_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
-                          x: torch.Tensor, z: torch.Tensor, w_o: torch.Tensor, w_l: torch.Tensor, scale: float,
-                          gate_normalizer: Optional[float], eps: float, act: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`bigla_mix_fwd_cpu` keeping BiGLA's output (the training forward, whose backward reads both): ``(o, y)``,
-    ``o`` ``[B, T, H, V]`` and its locality mix ``y`` ``[B, T, H * V]``, float32, from one pass (each token mixed
-    as soon as its output is whole, while it is in the cache)."""
-    B, T, H, _ = q.shape
-    o = torch.empty(B, T, H, v.shape[-1], dtype=torch.float32)
-    y = torch.empty(B, T, H * v.shape[-1], dtype=torch.float32)
-    _call(_library().bigla_fwd_f32, [_operand(t) for t in (q, k, v, gf, gb)], [o], scale * 0.5, gate_normalizer,
-          _mix(x, z, w_o, w_l, eps, act, y))
-    return o, y
-
-
-def _mix(x, z, w_o, w_l, eps: float, act: bool, y: Optional[torch.Tensor]) -> tuple:
-    """The forward's ``mix`` argument of :func:`_call` (its operands as the kernel reads them)."""
-    B, T = x.shape[:2]
-    return (unit_stride(x.reshape(B, T, -1)), unit_stride(z.reshape(B, T, -1)), w_o.contiguous(), w_l.contiguous(),
-            eps, act, y)
 
 
 @bigla_mix_fwd_cpu.register_fake
 def _mix_fake(q, k, v, gf, gb, x, z, w_o, w_l, scale, gate_normalizer, eps, act):
     return q.new_empty(*q.shape[:2], q.shape[2] * v.shape[-1], dtype=torch.float32)
-
-
-@bigla_and_mix_fwd_cpu.register_fake
-def _and_mix_fake(q, k, v, gf, gb, x, z, w_o, w_l, scale, gate_normalizer, eps, act):
-    o = q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32)
-    return o, o.new_empty(*q.shape[:2], q.shape[2] * v.shape[-1])
 
 
 @bigla_fwd_cpu.register_fake

@@ -26,8 +26,8 @@ else:
 
     mixes = supports
 
-__all__ = ["BiGLAFunction", "bigla_forward", "bigla_backward", "bigla_mix_forward", "bigla_and_mix_forward",
-           "bigla_macs", "log_decays", "supports"]
+__all__ = ["BiGLAFunction", "bigla_forward", "bigla_backward", "bigla_mix_forward", "bigla_macs", "log_decays",
+           "supports"]
 
 
 def bigla_macs(q_shape, v_shape) -> int:
@@ -104,19 +104,6 @@ def bigla_mix_forward(q, k, v, zf, zb, scale: float, gate_normalizer: float, x, 
         return cpu_kernels.bigla_mix_fwd_cpu(q, k, v, zf, zb, x, z, w_o, w_l, scale, gate_normalizer, eps, act)
     return locality_mix_forward(bigla_forward(q, k, v, zf, zb, scale, gate_normalizer, launch), x, z, w_o, w_l,
                                 eps, act, launch)
-
-
-def bigla_and_mix_forward(q, k, v, zf, zb, scale: float, gate_normalizer: float, x, z, w_o, w_l, eps: float,
-                          act: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(o, y)``: BiGLA's output ``o`` ``[B, T, H, V]`` (gate logits ``zf``, ``zb``) and its locality mix ``y``
-    ``[B, T, H * V]`` (:func:`bigla_mix_forward`'s arguments), without autograd: the training forward, whose
-    backward reads both. On the CPU, float32, one pass of BiGLA's compiled kernel forms both (each token mixed while
-    its output is in the cache; the mix kernel's formula); elsewhere the two ops one after the other."""
-    if (not use_kernels(q) and _cpu_kernels(q, v)
-            and all(t.dtype == torch.float32 for t in (q, k, v, zf, zb, x, z, w_o, w_l))):
-        return cpu_kernels.bigla_and_mix_fwd_cpu(q, k, v, zf, zb, x, z, w_o, w_l, scale, gate_normalizer, eps, act)
-    o = bigla_forward(q, k, v, zf, zb, scale, gate_normalizer)
-    return o, locality_mix_forward(o, x, z, w_o, w_l, eps, act)
 
 
 def bigla_backward(do, q, k, v, gf, gb, scale: float, gate_normalizer: Optional[float], launch=direct):
