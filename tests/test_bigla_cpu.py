@@ -12,10 +12,11 @@ from test_bigla import make_inputs, rel_err
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: BiGLA's CPU kernel is not built")
 
 SHAPES = [  # B, T, H, K, V (V = 64: the register-blocked path, two tokens per pass and, for odd T, one; K = 32 there:
-    # the transposed state in dq's pass; K = 20, 8: rows whose dot products' lanes are summed one by one after those
-    # summed 16 or 8 at a time by the shuffle tree, or all of them)
+    # the transposed state in dq's pass, for any V; K = 20, 8: rows whose dot products' lanes are summed one by one
+    # after those summed 16 or 8 at a time by the shuffle tree, or all of them)
     (1, 1, 1, 4, 4), (2, 5, 3, 8, 16), (1, 63, 2, 16, 32), (2, 196, 3, 32, 64), (1, 97, 2, 32, 64), (3, 49, 4, 16, 8),
-    (1, 300, 1, 64, 128), (2, 50, 2, 20, 64), (1, 33, 1, 8, 64),
+    (1, 300, 1, 64, 128), (2, 50, 2, 20, 64), (1, 33, 1, 8, 64), (1, 40, 2, 32, 16), (2, 33, 1, 32, 100),
+    (1, 21, 1, 128, 64),
 ]
 
 
