@@ -205,8 +205,14 @@ static inline float hsumv(vecf x) {
  * adds for LANES sums, against log2(LANES) each per sum apart: the backward's dot products of a state's rows with a
  * token's values spent most of their time in those separate sums under perf), the vectors taken in bit-reversed
  * order so that the sums come out in order. */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else /* GCC before 12 (Ubuntu 22.04's 11): the same with the indices as a vector */
+typedef int veci __attribute__((vector_size(4 * LANES)));
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (veci){__VA_ARGS__})
+#endif
+#define HALVES(a, b, k) (SHUFFLE(a, b, HALF_LO##k) + SHUFFLE(a, b, HALF_HI##k))
 #if LANES == 16
-#define HALVES(a, b, k) (__builtin_shufflevector(a, b, HALF_LO##k) + __builtin_shufflevector(a, b, HALF_HI##k))
 #define HALF_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
 #define HALF_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
 #define HALF_LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
@@ -225,7 +231,6 @@ static inline vecf tree_sums(const vecf *x) {
     return HALVES(c[0], c[1], 1);
 }
 #else
-#define HALVES(a, b, k) (__builtin_shufflevector(a, b, HALF_LO##k) + __builtin_shufflevector(a, b, HALF_HI##k))
 #define HALF_LO4 0, 1, 2, 3, 8, 9, 10, 11
 #define HALF_HI4 4, 5, 6, 7, 12, 13, 14, 15
 #define HALF_LO2 0, 1, 8, 9, 4, 5, 12, 13
