@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.alternating import medians, worker_row  # noqa: E402
+from benchmarks.alternating import add_round, close_ab, median_ms, worker_row  # noqa: E402
 
 BUILDS = ("base", "head")
 OPS = ("add_norm", "bigla", "dwconv", "locality_mix", "swiglu")  # the packages under vigla/ops with a C kernel
@@ -49,16 +47,7 @@ def worker(build: str, batch: int, calls: int, base_dir: str) -> dict:
             importlib.import_module(f"vigla.ops.{op}.cpu_kernels")._LIB.source = Path(base_dir) / f"{op}.c"
     from benchmarks.vector_width_ab import ops
 
-    times = {}
-    for name, call in ops(batch).items():
-        for _ in range(5):
-            call()
-        samples = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            call()
-            samples.append((time.perf_counter() - start) * 1e3)
-        times[name] = statistics.median(samples)
+    times = median_ms(ops(batch), calls)
     return {"build": build, **{f"{k}_ms": v for k, v in times.items()}}
 
 
@@ -80,7 +69,7 @@ def main(argv=None) -> int:
         ap.error("--base is required: the commit whose kernel sources are the baseline")
     import torch
 
-    from vigla.bench.report import envelope, save_complete
+    from vigla.bench.report import envelope
 
     base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
@@ -93,20 +82,10 @@ def main(argv=None) -> int:
         base_sources(base, Path(sources))
         for r in range(args.rounds):
             for build in BUILDS if r % 2 == 0 else BUILDS[::-1]:  # each build first in every other round
-                row = {"round": r, **worker_row(__file__, ["--worker", build, "--batch-size", str(args.batch_size),
+                add_round(result, r, worker_row(__file__, ["--worker", build, "--batch-size", str(args.batch_size),
                                                            "--calls", str(args.calls), "--base-dir", sources],
-                                                {"VIGLA_CACHE_DIR": os.path.join(work, build)})}
-                result["rows"].append(row)
-                print(f"round {r} {build}: " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items()
-                                                         if k.endswith("_ms")), flush=True)
-    names = [k for k in result["rows"][0] if k.endswith("_ms")]
-    med = {b: medians(result["rows"], names, build=b) for b in BUILDS}
-    result["rows"].append({"round": "median", **{f"{b}_{k}": med[b][k] for b in BUILDS for k in names},
-                           **{f"{k[:-3]}_base_over_head": med["base"][k] / med["head"][k] for k in names}})
-    for k in names:
-        print(f"median {k[:-3]}: {med['base'][k]:.3f} ms base, {med['head'][k]:.3f} ms head "
-              f"({med['base'][k] / med['head'][k]:.2f}x)")
-    print(f"wrote {save_complete(result, args.out, args.name)}")
+                                                {"VIGLA_CACHE_DIR": os.path.join(work, build)}))
+    close_ab(result, BUILDS, args.out, args.name)
     return 0
 
 

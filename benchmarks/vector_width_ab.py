@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.alternating import medians, worker_row  # noqa: E402
+from benchmarks.alternating import add_round, close_ab, median_ms, worker_row  # noqa: E402
 
 BUILDS = ("default", "512")
 FLAG = "-mprefer-vector-width=512"
@@ -70,16 +68,7 @@ def worker(build: str, batch: int, calls: int) -> dict:
         cpu_build.FLAGS.remove(FLAG)
     if build == "512" and FLAG not in cpu_build.FLAGS:
         cpu_build.FLAGS.append(FLAG)
-    times = {}
-    for name, call in ops(batch).items():
-        for _ in range(5):
-            call()
-        samples = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            call()
-            samples.append((time.perf_counter() - start) * 1e3)
-        times[name] = statistics.median(samples)
+    times = median_ms(ops(batch), calls)
     return {"build": build, "flags": " ".join(cpu_build.FLAGS), **{f"{k}_ms": v for k, v in times.items()}}
 
 
@@ -97,26 +86,16 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from vigla.bench.report import envelope, save_complete
+    from vigla.bench.report import envelope
 
     result = envelope(torch.device("cpu"), dict(builds=list(BUILDS), batch_size=args.batch_size, img_size=224,
                                                 rounds=args.rounds, calls=args.calls))
     with tempfile.TemporaryDirectory() as cache:
         for r in range(args.rounds):
             for build in BUILDS:
-                row = {"round": r, **worker_row(__file__, ["--worker", build, "--batch-size", str(args.batch_size),
-                                                           "--calls", str(args.calls)], {"VIGLA_CACHE_DIR": cache})}
-                result["rows"].append(row)
-                print(f"round {r} {build}: " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in row.items()
-                                                         if k.endswith("_ms")), flush=True)
-    names = [k for k in result["rows"][0] if k.endswith("_ms")]
-    med = {b: medians(result["rows"], names, build=b) for b in BUILDS}
-    result["rows"].append({"round": "median", **{f"{b}_{k}": med[b][k] for b in BUILDS for k in names},
-                           **{f"{k[:-3]}_default_over_512": med["default"][k] / med["512"][k] for k in names}})
-    for k in names:
-        print(f"median {k[:-3]}: {med['default'][k]:.3f} ms default, {med['512'][k]:.3f} ms 512-bit "
-              f"({med['default'][k] / med['512'][k]:.2f}x)")
-    print(f"wrote {save_complete(result, args.out, args.name)}")
+                add_round(result, r, worker_row(__file__, ["--worker", build, "--batch-size", str(args.batch_size),
+                                                           "--calls", str(args.calls)], {"VIGLA_CACHE_DIR": cache}))
+    close_ab(result, BUILDS, args.out, args.name)
     return 0
 
 
