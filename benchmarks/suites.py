@@ -439,6 +439,14 @@ def _cpu_vector_width(opts: Options) -> list[Step]:
     return [Step(name, argv, 300, [f"{name}.json"])]
 
 
+def _cpu_source_ab(opts: Options) -> list[Step]:
+    name = "cpu_kernels_source_ab"
+    argv = [PY, "benchmarks/cpu_source_ab.py", "--base", "HEAD~1", "--out", str(opts.out), "--name", name, *opts.extra]
+    if opts.smoke:
+        argv += ["--rounds", "1", "--calls", "1", "--batch-size", "1"]
+    return [Step(name, argv, 540, [f"{name}.json"])]
+
+
 def _cpu_op_profile(opts: Options) -> list[Step]:
     argv = [PY, "benchmarks/cpu_op_profile.py", "--out", str(opts.out), "--name", "cpu_op_profile"]
     if opts.smoke:
@@ -601,10 +609,12 @@ SUITES = {s.name: s for s in [
                                "then the gating kernel, DeiT-T in turn", _cpu_swiglu_epilogue),
            "vector_width": ("the CPU kernels built with GCC's preferred vector width and with 512-bit vectors, "
                             "each op on ViG-T's layer shapes", _cpu_vector_width),
+           "source_ab": ("the CPU kernels built from an earlier commit's sources (after --: --base COMMIT; default "
+                         "HEAD~1) and from this tree's, each op on ViG-T's layer shapes", _cpu_source_ab),
            "op_profile": ("torch.profiler's op table of ViG-T and DeiT-T, inference and training steps",
                           _cpu_op_profile),
            "default_train": ("`vigla train` with no settings, wall time and accuracy", _cpu_default_train)},
-          smoke=True),
+          extra="benchmarks/cpu_source_ab.py (--base COMMIT)", smoke=True),
     Suite("export", "this CPU: ONNX Runtime against PyTorch, the same models exported by vigla export", "cpu",
           {"latency": ("ViG-T and DeiT-T at 224 and 512, one intra-op thread each", _export_latency)}),
     Suite("sass", "the BiGLA kernels' static SASS for sm_90, compiled on this machine (no GPU): registers, "
