@@ -20,8 +20,8 @@
  * way), dk_s = R_s v_s (dot products per row, their lanes summed LANES rows at a time by a shuffle tree),
  * dv_s = R_s^T k_s, and the log decays' gradient
  * dla_r = sum_{s >= r} (q_s * dq_s - k_s * dk_s) per channel (the scan's own dq and dk; float64 sums).
- * Both took ViG-T's layer's backward (batch 8 at 224, a 2-core Xeon with AVX-512) from ~1.9 to ~1.6 ms
- * (benchmarks/results/cpu_kernels_source_ab.json).
+ * Both took ViG-T's layer's backward (batch 8 at 224, a 2-core Xeon with AVX-512) from 1.82 to 1.65 ms, medians
+ * of 8 rounds alternating with the kernel before them (benchmarks/results/cpu_kernels_source_ab.json).
  *
  * Inference (bigla_fwd_f32 given x): the second scan applies ViG's locality mix to each token's output as soon as
  * it is whole (cpu_math.h: mix_row_f), in place, while the row is in the cache: BiGLA + the mix as one pass.
