@@ -257,6 +257,10 @@ def _compile_interleaved(opts: Options, mode: str | None = None) -> list[Step]:
     return [Step(name, argv, 540, [f"{name}.json"])]
 
 
+def _compile_interleaved_reduce_overhead(opts: Options) -> list[Step]:
+    return _compile_interleaved(opts, "reduce-overhead")
+
+
 def _compile_measure(opts: Options) -> list[Step]:
     args = COMPILE + ["--models", *ALL_MODELS, "--baseline", "deit_tiny_patch16_224", "--img-size", *SIZES]
     return [_bench("compile_all_models", opts, args, 570)]
@@ -568,7 +572,7 @@ SUITES = {s.name: s for s in [
            "interleaved": ("ViG-T vs DeiT-T at 224, both compiled, timed in turn round after round: inference, "
                            "training steps, batch-1 latency", _compile_interleaved),
            "interleaved_reduce_overhead": ("the same, both compiled with mode='reduce-overhead', 6 rounds",
-                                           lambda opts: _compile_interleaved(opts, "reduce-overhead"))}),
+                                           _compile_interleaved_reduce_overhead)}),
     Suite("profile", "torch.profiler op table of ViG-T, ViG-S and ViG-H-T at 224 and 1024; the host's time in "
           "eager forwards", "cuda",
           {"vig": ("inference and training steps, kernels grouped by op", _profile),

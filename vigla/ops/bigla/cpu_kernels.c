@@ -247,6 +247,10 @@ static inline vecf tree_sums(const vecf *x) {
 }
 #endif
 
+/* the backward's lanes scratch of token p (0, 1; 2: the end of both) in a thread's buffer co, after the coefficients,
+ * dks and ones (11 K) */
+#define LANES_OF(co, K, p) ((co) + 11 * (K) + (p) * (K) * LANES)
+
 static inline __attribute__((always_inline)) void rows64(float *restrict S, long K, const step_t *P, const int n,
                                                          const int NB, const int ACC, const int DOTS, const int FOLD) {
     for (int blk = 0; blk < NC / NB; blk++) {
@@ -428,7 +432,7 @@ static inline __attribute__((always_inline)) void dq_steps(const job_t *J, int s
         log_decays(J, ROW(J->g[scan], 3 + scan, b, t[p], h), as);
         coefficients(K, L, as, ROW(J->k, 1, b, t[p], h), 1.0f, ones, J->c, f, f + K, f + 2 * K, NULL);
         P[p] = (step_t){f, f + K, NULL, ROW(J->v, 2, b, t[p], h), ROW(J->dout, 5, b, t[p], h), NULL,
-                        dqs + (s + p) * K, co + 11 * K + p * K * LANES};
+                        dqs + (s + p) * K, LANES_OF(co, K, p)};
     }
     if (K == 32) { /* ViG's heads: the state transposed (rows_t32) */
         if (folds(P[0].f, K) || (n > 1 && folds(P[1].f, K)))
@@ -466,7 +470,7 @@ static inline __attribute__((always_inline)) void dkv_steps(const job_t *J, int 
         coefficients(K, L, an, ROW(J->q, 0, b, t[p], h), J->c, ROW(J->k, 1, b, t[p], h), 1.0f, f, f + K, f + 2 * K,
                      f + 3 * K);
         P[p] = (step_t){f, f + K, f + 2 * K, ROW(J->dout, 5, b, t[p], h), ROW(J->v, 2, b, t[p], h), dvs[p],
-                        dks + K * p, co + 11 * K + p * K * LANES};
+                        dks + K * p, LANES_OF(co, K, p)};
     }
     advance_rows(S, K, V, P, n, NC, 1, 1);
     for (int p = 0; p < n; p++) {
@@ -516,7 +520,7 @@ static inline __attribute__((always_inline)) int run_tasks_v(const job_t *J, lon
     float *S = malloc(sizeof(float) * (K * V + 11 * K + (backward ? 2 * K * LANES + J->T * K : 0)));
     double *L = malloc(sizeof(double) * (4 * K + (backward ? J->T * K : 0)));
     int failed = !S || !L;
-    float *co = S + K * V, *dqs = co + 11 * K + 2 * K * LANES;
+    float *co = S + K * V, *dqs = LANES_OF(co, K, 2);
     double *la = L + K, *gacc = la + K; /* la: a token's log decays; gacc + K: the slopes; then the backward's
                                          * log decays, [T, K] */
     double *decs = gacc + 2 * K;
