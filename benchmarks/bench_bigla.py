@@ -6,6 +6,7 @@ Run on a GPU (one run per table; every ratio is taken within the run):
     python benchmarks/bench_bigla.py --configs chunk=32 chunk=64,warps_chunk=8   # tuning
     python benchmarks/bench_bigla.py --profile-once "ViG-T @512"                 # one call, for ncu
     python benchmarks/bench_bigla.py --alt ab/a.py ab/b.py                        # A/B against other versions
+    python benchmarks/bench_bigla.py --shape "ViG-T @512 b128=128,1024,3,32,64"   # a shape outside the table
 
 Shapes: ViG-T layers (H=3, d_k=32, d_v=64) at T = 196/1024/4096/16384 with the anchors' batch
 sizes, a ViG-S layer, and the four ViG-H-T stages at 224². The model's path: ``bigla_gated`` with
@@ -95,6 +96,18 @@ def parse_config(text: str):
         key, _, value = item.partition("=")
         fields[key] = value if key == "state_dtype" else int(value)
     return BiGLAConfig(**fields)
+
+
+def parse_shape(text: str) -> tuple:
+    """``"NAME=B,T,H,K,V"`` -> a :data:`SHAPES` row (e.g. the model's own layer at its benchmark batch)."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        B, T, H, K, V = (int(d) for d in dims.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape takes NAME=B,T,H,K,V (five integers), got {text!r}") from None
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--shape takes NAME=B,T,H,K,V with a name, got {text!r}")
+    return name, B, T, H, K, V
 
 
 def _sha256(path: str) -> str:
@@ -323,6 +336,8 @@ def main() -> int:
                     help="launch configurations of the kernels to time beside the default, e.g. "
                          "chunk=32 or chunk=64,warps_chunk=8,segments=4,state_dtype=fp32")
     ap.add_argument("--shapes", nargs="*", default=None, help="names of the shapes to run (default: all)")
+    ap.add_argument("--shape", dest="extra", action="append", type=parse_shape, default=[], metavar="NAME=B,T,H,K,V",
+                    help="a shape outside the table, run after the table's (repeatable; --shapes may name it)")
     ap.add_argument("--alt", nargs="+", default=[], metavar="FILE",
                     help="other versions of vigla/ops/bigla/triton_kernels.py to time in the same run "
                          "(module docstring)")
@@ -355,7 +370,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.name}.json"
     launches: set = set()  # the default plans' launches, for compiled_kernels
-    for shape in SHAPES:
+    for shape in SHAPES + args.extra:
         if args.shapes and shape[0] not in args.shapes:
             continue
         row = measure(shape, impls, configs, alts, launches)

@@ -442,3 +442,16 @@ def test_mlp_rule_ab_without_a_gpu_is_a_one_line_error(tmp_path, capsys, monkeyp
     assert main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a CUDA GPU" in err and not list(tmp_path.iterdir())
+
+
+def test_bench_bigla_shape_outside_the_table(monkeypatch):
+    """``bench_bigla.py --shape NAME=B,T,H,K,V``: the row it names; a malformed one is refused by argparse in one line."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_bigla
+
+    assert bench_bigla.parse_shape("ViG-T @512 b128=128,1024,3,32,64") == ("ViG-T @512 b128", 128, 1024, 3, 32, 64)
+    for bad in ("a=1,2", "=1,2,3,4,5", "1,2,3,4,5", "a=1,2,3,4,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=B,T,H,K,V"):
+            bench_bigla.parse_shape(bad)
