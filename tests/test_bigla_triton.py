@@ -189,12 +189,15 @@ def test_launch_plan(B, T, chunk, segments):
     """The default plan at ViG-T layer shapes on a 132-multiprocessor H200 (walks cut into segments
     only when their programs would leave the GPU idle) and the plan's invariants: whole chunks per
     segment, every chunk in exactly one segment, explicit choices honoured and checked."""
-    from vigla.ops.bigla.triton_kernels import BiGLAConfig, plan
+    from vigla.ops.bigla.triton_kernels import BWD_WHOLE_WALK, BiGLAConfig, plan
 
     p = plan(B, T, 3, 32, 64, True, 132, 2)
     assert (p.BT, p.BV, p.NV, p.nseg) == (chunk, 64, 1, segments), p
     assert p.NT == -(-T // chunk) and (p.nseg - 1) * p.seg < p.NT <= p.nseg * p.seg
     assert not p.state_fp32 and plan(B, T, 3, 32, 64, False, 132, 2).state_fp32
+    # the backward's walks: whole up to BWD_WHOLE_WALK chunks, cut as the forward's beyond
+    bwd = plan(B, T, 3, 32, 64, True, 132, 4)
+    assert bwd.nseg == 1 if bwd.NT <= BWD_WHOLE_WALK else bwd.nseg > 1, bwd
     for n in (1, 3, 1000):  # an explicit count, clipped to the chunks there are
         p = plan(B, T, 3, 32, 256, True, 132, 4, BiGLAConfig(chunk=32, segments=n, bv=128))
         assert (p.BT, p.BV, p.NV) == (32, 128, 2)

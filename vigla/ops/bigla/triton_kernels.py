@@ -697,6 +697,12 @@ def default_walk(T: int, K: int, V: int, bf16: bool) -> tuple[int, int]:
     return (128, 2) if K <= 16 and T <= 4096 else (0, 0)
 
 
+# the backward's walks (four chains) are not cut into segments up to this many chunks: on an H100 at T = 1024 and
+# 4096 (16 and 64 chunks) whole walks took 4-17% off BiGLA's forward + backward (48 x 1024, 12 and 32 x 4096); at
+# T = 16384 (256 chunks) cutting them still paid, 14-25% (kernel_bigla_bwd_segments_ab.json)
+BWD_WHOLE_WALK = 64
+
+
 @functools.lru_cache(maxsize=1024)
 def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: int,
          config: BiGLAConfig | None = None) -> _Plan:
@@ -706,7 +712,8 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     are cut into segments when their ``chains * B * H`` programs would leave the multiprocessors
     short of work (Nsight Compute: each walk's chain of chunks is bound by latency, not bytes),
     at most about ``sqrt(chunks)`` of them, since the carry kernel folds the segments one after
-    the other; a walk left whole runs two warps per program when its programs fill every
+    the other; the backward's walks are left whole up to :data:`BWD_WHOLE_WALK` chunks (its per-chunk kernel
+    then reads each of its four states as stored, not plus a segment's carried fp32 state); a walk left whole runs two warps per program when its programs fill every
     multiprocessor four times over, else four (bf16 d_k = 16 heads: one, measured fastest at every
     ViG-H-T stage). Chunk lengths, warps and register caps of the per-chunk
     kernels: :func:`default_launch`; the walk's register cap and pipelining depth: :func:`default_walk`. Each is
@@ -729,7 +736,8 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     programs = chains * B * H * (V // BVW)
     nseg = config.segments
     if nseg is None:
-        nseg = 1 if programs >= 8 * sms or NT < 8 else min(cdiv(8 * sms, programs), math.isqrt(NT) + 1)
+        whole = programs >= 8 * sms or NT < 8 or (chains == 4 and NT <= BWD_WHOLE_WALK)
+        nseg = 1 if whole else min(cdiv(8 * sms, programs), math.isqrt(NT) + 1)
     seg = cdiv(NT, max(1, min(nseg, NT)))
     # walks not cut into segments and at least four programs per multiprocessor: two warps each (more of
     # them resident; measured 3-5% faster at 224 for ViG-T / ViG-S / ViG-H-T stage 3, kernel_bigla_tune_walk);
