@@ -146,7 +146,9 @@ def _bench_bigla(name: str, args: list[str], cap: int, impls: tuple[str, ...] = 
     return steps
 
 
-_kernel = _bench_bigla("kernel_bigla", [], 300)
+# ViG-T's layer as the model runs it at the benchmark batches of 512 / 1024 / 2048 (the table's rows hold fewer tokens)
+MODEL_SHAPES = ["ViG-T @512 b128=128,1024,3,32,64", "ViG-T @1024 b32=32,4096,3,32,64", "ViG-T @2048 b8=8,16384,3,32,64"]
+_kernel = _bench_bigla("kernel_bigla", [arg for shape in MODEL_SHAPES for arg in ("--shape", shape)], 300)
 _kernel_tune = _bench_bigla("kernel_bigla_tune", ["--configs", *TUNE_CONFIGS], 560)
 
 # fewer warps per per-chunk program (more programs resident per multiprocessor), at every shape
