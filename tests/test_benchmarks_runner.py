@@ -445,7 +445,8 @@ def test_mlp_rule_ab_without_a_gpu_is_a_one_line_error(tmp_path, capsys, monkeyp
 
 
 def test_bench_bigla_shape_outside_the_table(monkeypatch):
-    """``bench_bigla.py --shape NAME=B,T,H,K,V``: the row it names; a malformed one is refused by argparse in one line."""
+    """``bench_bigla.py --shape NAME=B,T,H,K,V``: the row it names; a malformed one is refused by argparse in one
+    line."""
     import argparse
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
