@@ -716,9 +716,9 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     then reads each of its four states as stored, not plus a segment's carried fp32 state); a walk left whole
     runs two warps per program when its programs fill every multiprocessor four times over, else four (bf16
     d_k = 16 heads: one, measured fastest at every ViG-H-T stage). Chunk lengths, warps and register caps of the
-    per-chunk kernels: :func:`default_launch`; the walk's register cap and pipelining depth: :func:`default_walk`. Each is
-    overridden by its ``config`` field (a default register cap or depth is kept only with the default chunk length
-    it was measured with).
+    per-chunk kernels: :func:`default_launch`; the walk's register cap and pipelining depth: :func:`default_walk`.
+    Each is overridden by its ``config`` field (a default register cap or depth is kept only with the default chunk
+    length it was measured with).
     """
     if not supports(K, V):
         raise ValueError(f"bigla: the Triton kernels take d_k in (16, 32, 64, 128) and d_v in "
