@@ -3,6 +3,7 @@
     python benchmarks/sass_bigla.py --out benchmarks/results             # the default plans' kernels
     python benchmarks/sass_bigla.py --alt ab/old.py --lines 12           # another version beside this one
     python benchmarks/sass_bigla.py --configs steep_pass=1 bwd_regs=72   # launch configurations beside the default
+    python benchmarks/sass_bigla.py --depth 1 --lines 30                 # lines inside the helpers the kernels call
 
 Triton's NVIDIA wheel carries ptxas, nvdisasm and cuobjdump: each kernel the default launch plan picks at
 a ViG-T layer (d_k = 32, d_v = 64; T = 196 and 4096) and a ViG-H-T stage-1 layer (d_k = 16, d_v = 32;
@@ -64,21 +65,30 @@ def compile_kernel(fn, constexprs: dict, warps: int, maxnreg: int, stages: int =
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def analyse(kernel, source: list[str], top: int) -> dict:
-    """Registers, stack, instruction count, opcode histogram and the ``top`` source lines by instructions."""
+def analyse(kernel, source: list[str], top: int, depth: int = 0) -> dict:
+    """Registers, stack, instruction count, opcode histogram and the ``top`` source lines by instructions. Each
+    instruction counts for one line of its inlining chain (nvdisasm's line table): the kernel body's own line
+    (``depth`` 0), or the line ``depth`` calls in (1: inside the helper the body calls, e.g. ``_bwd_chunk``; the
+    innermost line where the chain is shorter), lines of the kernel's own file only (Triton's library functions, such
+    as ``tl.cumsum``'s scan, count for the line that calls them)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
         text = subprocess.run([_tool("nvdisasm"), "-gi", "-c", f.name], capture_output=True, text=True).stdout
     res = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    ops, lines, line = collections.Counter(), collections.Counter(), None
+    ops, lines, line, chain = collections.Counter(), collections.Counter(), None, []
     for row in text.splitlines():
         if row.lstrip().startswith("//## File"):
-            line = int(re.findall(r"line (\d+)", row)[-1])  # the kernel body's line (outermost)
+            if line is not None:  # the first entry of a new chain: innermost first, the kernel body's line last
+                chain, line = [], None
+            chain.append(re.search(r'File "([^"]*)", line (\d+)', row).groups())
             continue
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", row)
         if m:
+            # the chain's entries in the kernel's own file (Triton's library, e.g. tl.cumsum's scan, has its own)
+            ours = [int(n) for f, n in chain if chain and f == chain[-1][0]]
+            line = ours[max(0, len(ours) - 1 - depth)] if ours else 0
             ops[m.group(1)] += 1
             lines[line] += 1
     return dict(registers=res.get("REG"), stack_bytes=res.get("STACK"), instructions=sum(ops.values()),
@@ -136,6 +146,9 @@ def main() -> int:
                     help="launch configurations of this version's kernels analysed beside its default plans, as "
                          "bench_bigla.py takes them (e.g. steep_pass=1 or chunk=32,bwd_regs=72)")
     ap.add_argument("--lines", type=int, default=8, help="source lines kept per kernel, most instructions first")
+    ap.add_argument("--depth", type=int, default=0,
+                    help="attribute instructions to the line this many inlined calls into the kernel body (0: the "
+                         "body's line; 1: the line inside the helper it calls, e.g. _bwd_chunk's or _fwd_out's)")
     args = ap.parse_args()
     try:
         import triton  # noqa: F401
@@ -146,7 +159,7 @@ def main() -> int:
 
     result = envelope(torch.device("cpu"), settings=dict(
         what="BiGLA kernels' static SASS (sm_90), default launch plans", alt=args.alt, configs=args.configs,
-        counts="static: loop bodies once, unreached code included"))
+        counts="static: loop bodies once, unreached code included", line_depth=args.depth))
     versions = ([("this", None, None)] + [(f"cfg:{c}", None, parse_config(c)) for c in args.configs]
                 + ([("alt", args.alt, None)] if args.alt else []))
     for label, path, config in versions:
@@ -156,7 +169,7 @@ def main() -> int:
             for name, fn, consts, warps, regs, stages in kernels_of(mod, B, T, H, K, V, config):
                 row = dict(version=label, layer=layer, kernel=name, chunk=consts["BT"], warps=warps, maxnreg=regs,
                            num_stages=stages or None,
-                           **analyse(compile_kernel(fn, consts, warps, regs, stages), source, args.lines))
+                           **analyse(compile_kernel(fn, consts, warps, regs, stages), source, args.lines, args.depth))
                 result["rows"].append(row)
                 print(f"{label:4} {layer:16} {name:28} chunk {consts['BT']:2}  regs {row['registers']:3}  "
                       f"stack {row['stack_bytes']:3}  instructions {row['instructions']}", flush=True)

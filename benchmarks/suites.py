@@ -490,6 +490,14 @@ def _sass_bigla(opts: Options) -> list[Step]:
     return [Step(name, argv, 300, [f"{name}.json"])]
 
 
+def _sass_bigla_lines(opts: Options) -> list[Step]:
+    """The same kernels' instructions on the lines inside the helpers their bodies call (``--depth 1``)."""
+    name = "sass_bigla_lines"
+    argv = [PY, "benchmarks/sass_bigla.py", "--depth", "1", "--lines", "30", "--out", str(opts.out), "--name", name,
+            *opts.extra]
+    return [Step(name, argv, 300, [f"{name}.json"])]
+
+
 # ----------------------------------------------------------------------------------------- dense
 
 DENSE_TMP = "dense"  # under Options.tmp: the composite data set and the training runs
@@ -625,8 +633,9 @@ SUITES = {s.name: s for s in [
           {"latency": ("ViG-T and DeiT-T at 224 and 512, one intra-op thread each", _export_latency)}),
     Suite("sass", "the BiGLA kernels' static SASS for sm_90, compiled on this machine (no GPU): registers, "
           "spills, instructions per source line", "cpu",
-          {"bigla": ("the default plans' kernels at ViG-T and ViG-H-T layers", _sass_bigla)},
-          extra="benchmarks/sass_bigla.py (--alt FILE, --lines N)"),
+          {"bigla": ("the default plans' kernels at ViG-T and ViG-H-T layers", _sass_bigla),
+           "lines": ("the same, instructions on the lines inside the helpers the kernels call", _sass_bigla_lines)},
+          extra="benchmarks/sass_bigla.py (--alt FILE, --lines N, --depth N)"),
     Suite("flops", "parameters and MACs of every model at 224-2048 (no model is run)", "cpu",
           {"all_models": ("vigla bench --flops-only", _flops)}, smoke=True),
     Suite("dense", "ViG-H-T and ViG-T as detection / segmentation backbones: backbone + FPN speed and memory at "
