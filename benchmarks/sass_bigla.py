@@ -87,7 +87,7 @@ def analyse(kernel, source: list[str], top: int, depth: int = 0) -> dict:
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", row)
         if m:
             # the chain's entries in the kernel's own file (Triton's library, e.g. tl.cumsum's scan, has its own)
-            ours = [int(n) for f, n in chain if chain and f == chain[-1][0]]
+            ours = [int(n) for f, n in chain if f == chain[-1][0]]
             line = ours[max(0, len(ours) - 1 - depth)] if ours else 0
             ops[m.group(1)] += 1
             lines[line] += 1
@@ -150,6 +150,8 @@ def main() -> int:
                     help="attribute instructions to the line this many inlined calls into the kernel body (0: the "
                          "body's line; 1: the line inside the helper it calls, e.g. _bwd_chunk's or _fwd_out's)")
     args = ap.parse_args()
+    if args.depth < 0:
+        ap.error(f"--depth takes 0 or more (inlined calls into the kernel body), got {args.depth}")
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -461,3 +461,13 @@ def test_bench_bigla_shape_outside_the_table(monkeypatch):
     for bad in ("a=1,2", "=1,2,3,4,5", "1,2,3,4,5", "a=1,2,3,4,x"):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=B,T,H,K,V"):
             bench_bigla.parse_shape(bad)
+
+
+def test_sass_bigla_refuses_a_negative_depth(monkeypatch, capsys):
+    """``sass_bigla.py --depth -1``: argparse's exit 2 and one error line naming the flag, before anything compiles."""
+    from benchmarks import sass_bigla
+
+    monkeypatch.setattr(sys, "argv", ["sass_bigla.py", "--depth", "-1"])
+    with pytest.raises(SystemExit) as exit_info:
+        sass_bigla.main()
+    assert exit_info.value.code == 2 and "--depth takes 0 or more" in capsys.readouterr().err
