@@ -484,18 +484,17 @@ def _export_latency(opts: Options) -> list[Step]:
     return [Step(name, argv, 560, [f"{name}.json"])]
 
 
-def _sass_bigla(opts: Options) -> list[Step]:
-    name = "sass_bigla"
-    argv = [PY, "benchmarks/sass_bigla.py", "--out", str(opts.out), "--name", name, *opts.extra]
-    return [Step(name, argv, 300, [f"{name}.json"])]
+def _sass(name: str, args: list[str]) -> Callable[[Options], list[Step]]:
+    """A part running ``benchmarks/sass_bigla.py`` with ``args``, writing ``name.json``."""
+    def steps(opts: Options) -> list[Step]:
+        argv = [PY, "benchmarks/sass_bigla.py", *args, "--out", str(opts.out), "--name", name, *opts.extra]
+        return [Step(name, argv, 300, [f"{name}.json"])]
+    return steps
 
 
-def _sass_bigla_lines(opts: Options) -> list[Step]:
-    """The same kernels' instructions on the lines inside the helpers their bodies call (``--depth 1``)."""
-    name = "sass_bigla_lines"
-    argv = [PY, "benchmarks/sass_bigla.py", "--depth", "1", "--lines", "30", "--out", str(opts.out), "--name", name,
-            *opts.extra]
-    return [Step(name, argv, 300, [f"{name}.json"])]
+_sass_bigla = _sass("sass_bigla", [])
+# the same kernels' instructions on the lines inside the helpers their bodies call
+_sass_bigla_lines = _sass("sass_bigla_lines", ["--depth", "1", "--lines", "30"])
 
 
 # ----------------------------------------------------------------------------------------- dense
