@@ -39,7 +39,7 @@ STRIDES = {"sqb", "sqt", "sqh", "svb", "svt", "svh", "sgb", "sgt", "sgh", "sxb",
 FLOATS = {"ginv", "gnorm", "half_scale", "eps"}
 FP32_PTRS = {"hs", "dec", "pq", "pk", "pv", "w_o", "w_l"}
 I8_PTRS = {"steep"}  # the output kernel's flags of steep chunks
-PTR_NAMES = {"q", "k", "v", "do", "gf", "gb", "g", "h", "o", "dq", "dk", "dv", "dg", "x", "z"} | FP32_PTRS
+PTR_NAMES = {"q", "k", "v", "do", "gf", "gb", "g", "h", "o", "dq", "dk", "dv", "dg", "x", "z", "tri"} | FP32_PTRS
 
 
 def _tool(name: str) -> str:
