@@ -182,13 +182,13 @@ def _hdot(a, b, HALF_DOTS: tl.constexpr, acc=None):
 
 
 @triton.jit
-def _prefix_sums(x, tri, BT: tl.constexpr, REVERSE: tl.constexpr, HALF_DOTS: tl.constexpr):
-    """Inclusive prefix sums (``REVERSE``: suffix sums) down the rows of a ``[BT, N]`` fp32 tile. With bf16 inputs
-    (``HALF_DOTS`` 2: a GPU with bf16 products) on the tensor cores: a triangle of ones (``tri``, :func:`triangles`;
-    read from memory, which costs fewer instructions than forming it) times ``x`` split into three bf16 parts
-    (``x = hi + mid + lo`` to fp32's 24 bits), the products exact, their sums fp32; ``tl.cumsum`` over rows spread
-    across lanes and warps took a third of the forward kernel's instructions. Else ``tl.cumsum``."""
-    if HALF_DOTS == 2:
+def _prefix_sums(x, tri, BT: tl.constexpr, REVERSE: tl.constexpr, MMA: tl.constexpr):
+    """Inclusive prefix sums (``REVERSE``: suffix sums) down the rows of a ``[BT, N]`` fp32 tile. With ``MMA`` (bf16
+    inputs, so a GPU with bf16 products, and 64-token chunks) on the tensor cores: a triangle of ones (``tri``,
+    :func:`triangles`; read from memory, which costs fewer instructions than forming it) times ``x`` split into
+    three bf16 parts (``x = hi + mid + lo`` to fp32's 24 bits), the products exact, their sums fp32; ``tl.cumsum``
+    over rows spread across lanes and warps took a third of the forward kernel's instructions. Else ``tl.cumsum``."""
+    if MMA:
         o = tl.arange(0, BT)
         ones = tl.load(tri + (BT * BT if REVERSE else 0) + o[:, None] * BT + o[None, :])
         hi = x.to(tl.bfloat16)
@@ -456,10 +456,11 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, steep, tri, T, H, NT, SEG,
         i_b, i_h, ck, cv, rows, off_q, off_v, off_g = _chunk_coords(i_v, i_t, i_bh, H, sqb, sqh, svb, svh, sgb,
                                                                      sgh, K, BT, BV)
         b_q, b_k, b_v = _qkv_tiles(q, k, v, off_q, off_v, rows, ck, cv, sqt, svt, T)
+        mma = (HALF_DOTS == 2) & (BT >= 64)  # prefix sums on the tensor cores (at 32-token chunks: slower)
         # the scans' exponents: inclusive prefix sums P (forward) and inclusive suffix sums R = G - c
         # (backward: exp(c_j - c_i) = exp(R_i - R_j)), both <= 0, each factored product's range their minimum
-        p = _prefix_sums(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), tri, BT, False, HALF_DOTS)
-        r = _prefix_sums(_load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED), tri, BT, True, HALF_DOTS)
+        p = _prefix_sums(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), tri, BT, False, mma)
+        r = _prefix_sums(_load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED), tri, BT, True, mma)
         fine_f = -tl.min(p) < RANGE_LIMIT
         fine_b = -tl.min(r) < RANGE_LIMIT
         fine = True
