@@ -255,7 +255,7 @@ def test_default_launch():
     assert {default_launch(T, 16, 32, True, 2) for T in (49, 784, 3136, 16384)} == {(16, 1, 128)}
     assert [default_launch(T, 16, 32, True, 4) for T in (49, 3136, 4096, 4097, 16384)] == [(16, 2, 80)] * 3 + [
         (64, 4, 168)] * 2
-    assert [default_launch(T, 32, 64, True, 2) for T in (196, 256, 257)] == [(32, 4, 96)] * 2 + [(64, 4, 168)]
+    assert [default_launch(T, 32, 64, True, 2) for T in (196, 256, 257)] == [(32, 4, 96)] * 2 + [(64, 4, 128)]
     assert [default_launch(T, 32, 64, True, 4) for T in (196, 256, 257)] == [(16, 4, 80)] * 2 + [(64, 4, 0)]
     assert default_launch(196, 64, 128, True, 2) == (32, 8, 0) and default_launch(4096, 32, 128, True, 4) == (64, 8, 0)
     assert {default_launch(T, K, V, False, c)[0] for T in (1, 196, 4096) for c in (2, 4)

@@ -678,7 +678,10 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
     * d_k = 32, forward (``chains`` 2): 32-token chunks capped at 96 registers for short sequences
       (T <= 256: 196 pads to 224 instead of 256; five programs per multiprocessor instead of four, no spills:
       4-5% off the forward of ViG-T and ViG-S at 224 against 128, ``kernel_bigla_steep_ab.json``), else 64
-      capped at 168 (the steep pass's first launch needs 128 without a cap); backward (``chains`` 4, one scan
+      capped at 128 (four programs per multiprocessor instead of three, no spills: the forward + mix kernel
+      163 -> 128 registers: ViG-T's inference path 7-8% faster at 512 and 1024, 9-11% with the prefix sums on the
+      tensor cores; BiGLA's forward alone 3-4% faster with both, 1-3% slower with those sums at 134 registers
+      uncapped: ``kernel_ops_prefix_ab.json``, ``kernel_bigla_prefix_ab.json``); backward (``chains`` 4, one scan
       per launch): 16-token chunks capped at 80 registers for T <= 256 (more programs resident: 5% off
       forward+backward for ViG-T and ViG-S at 224, ``kernel_bigla_tune_regs.json``), else 64; 4 warps.
 
@@ -693,7 +696,7 @@ def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int
     if bf16 and K <= 32 and V <= 64:
         short = T <= 256
         if chains == 2:
-            return (32, 4, 96) if short else (64, 4, 168)
+            return (32, 4, 96) if short else (64, 4, 128)
         return (16, 4, 80) if short else (64, 4, 0)
     warps = 8 if K > 32 or chains == 4 else 4
     if not (bf16 and K <= 64 and V <= 128):
