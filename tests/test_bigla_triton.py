@@ -151,7 +151,7 @@ from vigla.ops.bigla.triton_kernels import _prefix_sums, triangles
 def prefix(x, out, tri, BT: tl.constexpr, N: tl.constexpr, REVERSE: tl.constexpr):
     rows, cols = tl.program_id(0) * BT + tl.arange(0, BT), tl.arange(0, N)
     t = tl.load(x + rows[:, None] * N + cols[None, :])
-    tl.store(out + rows[:, None] * N + cols[None, :], _prefix_sums(t, tri, BT, REVERSE, 2))
+    tl.store(out + rows[:, None] * N + cols[None, :], _prefix_sums(t, tri, BT, REVERSE, True))
 
 torch.manual_seed(0)
 res = []
