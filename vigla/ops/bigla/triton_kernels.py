@@ -18,6 +18,8 @@ Forward, two launches (three for long sequences; one more with 64-token chunks, 
    (forward decays on and below the diagonal, backward on and above) on tensor cores, plus the
    two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(R) S^b`` (``R = G - c``: inclusive suffix
    sums, so that the backward decay from j to i is also ``exp(R_i - R_j)``), accumulated by the products.
+   With bf16 inputs and 64-token chunks ``P`` and ``R`` are formed on the tensor cores too (a triangle of ones
+   times the gates in three bf16 parts, :func:`_prefix_sums`), elsewhere by ``tl.cumsum``.
    On the inference path (``MIX``) it also forms ViG's locality mix from that fp32 tile (one program holds a
    head's values): BiGLA's output is never written. With 64-token chunks it runs twice (``PASS``): first
    compiled without the exact path below (its code sets the register count of the whole kernel: 168 against
