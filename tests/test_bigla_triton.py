@@ -180,6 +180,25 @@ def test_prefix_sums_on_the_tensor_cores_in_interpreter_on_cpu():
     assert max(errs) < 5e-7, errs
 
 
+def test_triangles_are_kept_only_outside_tracing_and_graph_capture(monkeypatch):
+    """The prefix sums' triangles of ones: right, made once per chunk length and device; made anew (not kept) under
+    a dispatch mode or while a CUDA graph is captured, where a kept tensor would be fake or filled only in replays."""
+    from vigla.ops.bigla import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "_TRIANGLES", {})
+    cpu = torch.device("cpu")
+    tri = tk.triangles(16, cpu)
+    ones = torch.ones(16, 16)
+    assert tri.dtype == torch.bfloat16 and torch.equal(tri.float(), torch.stack([ones.tril(), ones.triu()]))
+    assert tk.triangles(16, cpu) is tri
+    for name in ("via_dispatcher", "_capturing"):
+        with monkeypatch.context() as m:
+            m.setattr(tk, name, lambda *args: True)
+            made = tk.triangles(32, cpu)
+            assert made.shape == (2, 32, 32) and tk.triangles(32, cpu) is not made and (32, cpu) not in tk._TRIANGLES
+    assert tk.triangles(16, cpu) is tri
+
+
 MIX_SCRIPT = BF16_FIX + r"""
 import json, sys, torch, torch.nn.functional as F
 from vigla.ops.bigla.triton_kernels import BiGLAConfig, bigla_fwd_triton

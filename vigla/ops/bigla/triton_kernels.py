@@ -829,19 +829,26 @@ def _options(regs: int, stages: int = 0) -> dict:
     return {**({"maxnreg": regs} if regs else {}), **({"num_stages": stages} if stages else {})}
 
 
+_TRIANGLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def triangles(BT: int, device: torch.device) -> torch.Tensor:
     """``[2, BT, BT]`` bf16: the lower triangle of ones (diagonal included) and the upper one, what
-    :func:`_prefix_sums` multiplies by; kept per chunk length and device in eager mode, built in the graph while
-    tracing or under a dispatch mode (fake tensors must not meet the cached real one)."""
-    return _make_triangles(BT, device) if via_dispatcher() else _cached_triangles(BT, device)
-
-
-def _make_triangles(BT: int, device: torch.device) -> torch.Tensor:
+    :func:`_prefix_sums` multiplies by; made once per chunk length and device. Not kept when made while tracing or
+    under a dispatch mode (fake tensors must not meet a real one) or while a CUDA graph is captured (its fill would
+    run only in replays: an eager call after would read unwritten memory); then made in the graph."""
+    key = (BT, device)
+    if key in _TRIANGLES:
+        return _TRIANGLES[key]
     ones = torch.ones(BT, BT, dtype=torch.bfloat16, device=device)
-    return torch.stack([ones.tril(), ones.triu()])
+    tri = torch.stack([ones.tril(), ones.triu()])
+    if not (via_dispatcher() or _capturing(device)):
+        _TRIANGLES[key] = tri
+    return tri
 
 
-_cached_triangles = functools.lru_cache(maxsize=16)(_make_triangles)
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: float, gated: int,
