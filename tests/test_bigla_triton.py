@@ -196,6 +196,9 @@ def test_triangles_are_kept_only_outside_tracing_and_graph_capture(monkeypatch):
             m.setattr(tk, name, lambda *args: True)
             made = tk.triangles(32, cpu)
             assert made.shape == (2, 32, 32) and tk.triangles(32, cpu) is not made and (32, cpu) not in tk._TRIANGLES
+    with monkeypatch.context() as m:  # a traced call never gets the kept (real) tensor
+        m.setattr(tk, "via_dispatcher", lambda: True)
+        assert tk.triangles(16, cpu) is not tri
     assert tk.triangles(16, cpu) is tri
 
 

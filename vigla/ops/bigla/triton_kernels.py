@@ -837,12 +837,12 @@ def triangles(BT: int, device: torch.device) -> torch.Tensor:
     :func:`_prefix_sums` multiplies by; made once per chunk length and device. Not kept when made while tracing or
     under a dispatch mode (fake tensors must not meet a real one) or while a CUDA graph is captured (its fill would
     run only in replays: an eager call after would read unwritten memory); then made in the graph."""
-    key = (BT, device)
-    if key in _TRIANGLES:
+    traced, key = via_dispatcher(), (BT, device)
+    if not traced and key in _TRIANGLES:
         return _TRIANGLES[key]
     ones = torch.ones(BT, BT, dtype=torch.bfloat16, device=device)
     tri = torch.stack([ones.tril(), ones.triu()])
-    if not (via_dispatcher() or _capturing(device)):
+    if not (traced or _capturing(device)):
         _TRIANGLES[key] = tri
     return tri
 
