@@ -363,7 +363,7 @@ class MixerFunction(torch.autograd.Function):
         dlogits = torch.stack((dzf, dzb), dim=2).view(B * N, 2 * K)
         dgate = dgate.reshape(B * N, C)
         du = torch.cat([dq.view(B * N, K), dk_.view(B * N, K), dv_.view(B * N, C), dlogits @ w_up_c, dgate], dim=1)
-        dx_c = torch.addmm(dx_c.reshape(B * N, C), du, w_in)
+        dx_c = dx_c.reshape(B * N, C).addmm_(du, w_in)  # in place: addmm would copy dx_c into a new tensor first
         dx, dconv = dwconv_backward(dx_c.view(B, N, C), x, conv, H, W, m.conv_act)
         # the weight gradients written in the parameters' dtypes by their GEMMs (mm_to), the in-projection's split;
         # the bias gradients summed into their dtypes (colsum); the ops' gradients are in their inputs' dtypes already
