@@ -255,24 +255,6 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
-def test_a_signal_started_ignored_stays_ignored():
-    """A run started with SIGINT ignored (a job a script sent to the background) keeps ignoring it, as Python
-    does; SIGTERM, not ignored, is the stop handler's; both as before once the run restores them."""
-    from vigla.engine.run import StopRequest
-
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
-    try:
-        stop = StopRequest()
-        stop.install()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) == stop._handle
-        stop.restore()
-        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.SIG_IGN, previous[1])
-    finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
-
-
 def test_ctrl_c_in_the_final_test_evaluation_ends_it(fmnist, tmp_path, monkeypatch, capsys, ctrl_c_raises):
     """Ctrl-C once training is over: the test evaluation ends at once with one line saying where the checkpoints are
     (was: "SIGINT received: finishing this step, saving a checkpoint", then the evaluation ran on to exit 0)."""

@@ -100,8 +100,7 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
 
 class StopRequest:
     """SIGINT / SIGTERM handler: the first signal asks the loop to finish its step, save and exit; a second
-    SIGINT aborts at once. A signal the process was started ignoring (``nohup``, a job a script sent to the
-    background) stays ignored, as Python leaves such a SIGINT."""
+    SIGINT aborts at once."""
 
     def __init__(self):
         self.signum = 0
@@ -110,8 +109,7 @@ class StopRequest:
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
