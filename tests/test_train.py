@@ -255,6 +255,22 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
+def test_the_stop_handler_takes_sigint_even_when_started_ignored():
+    """A run started with SIGINT ignored (a script's background job, torchrun's workers under one) still takes
+    SIGINT as a stop request: torchrun passes the signal on, and a worker ignoring it would be killed unsaved."""
+    from vigla.engine.run import StopRequest
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopRequest()
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_in_the_final_test_evaluation_ends_it(fmnist, tmp_path, monkeypatch, capsys, ctrl_c_raises):
     """Ctrl-C once training is over: the test evaluation ends at once with one line saying where the checkpoints are
     (was: "SIGINT received: finishing this step, saving a checkpoint", then the evaluation ran on to exit 0)."""

@@ -100,7 +100,9 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
 
 class StopRequest:
     """SIGINT / SIGTERM handler: the first signal asks the loop to finish its step, save and exit; a second
-    SIGINT aborts at once."""
+    SIGINT aborts at once. Installed even where the process was started with SIGINT ignored (a script's background
+    job): torchrun passes a SIGINT it is sent on to its workers, which must then save and stop, not run on until
+    torchrun's shutdown timeout kills them."""
 
     def __init__(self):
         self.signum = 0
