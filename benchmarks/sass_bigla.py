@@ -113,6 +113,8 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int, config=None):
             fwd = dict(common, BV=p.BV)
             if "PASS" in mod._bigla_fwd_kernel.arg_names:  # the output kernel's first pass (all there is without
                 fwd.update(PASS=1 if getattr(p, "steep_pass", False) else 0)  # a steep pass)
+            if "MMA" in mod._bigla_fwd_kernel.arg_names:  # the prefix sums' rule, the plan's (before: the kernel's)
+                fwd.update(MMA=p.mma)
             if "MIX" in mod._bigla_fwd_kernel.arg_names:  # the training path's output, the inference path's mix
                 out.append(("forward + mix", mod._bigla_fwd_kernel, dict(fwd, MIX=True, ACT=True), p.warps_chunk,
                             p.regs, 0))

@@ -255,6 +255,8 @@ def test_launch_plan(B, T, chunk, segments):
     assert (p.BT, p.BV, p.NV, p.nseg) == (chunk, 64, 1, segments), p
     assert p.NT == -(-T // chunk) and (p.nseg - 1) * p.seg < p.NT <= p.nseg * p.seg
     assert not p.state_fp32 and plan(B, T, 3, 32, 64, False, 132, 2).state_fp32
+    # the forward's prefix sums on the tensor cores: bf16 at 64-token chunks only (fp32 products: never)
+    assert p.mma == (chunk == 64) and not plan(B, T, 3, 32, 64, False, 132, 2, BiGLAConfig(chunk=64)).mma
     # the backward's walks: whole up to BWD_WHOLE_WALK chunks, cut as the forward's beyond
     bwd = plan(B, T, 3, 32, 64, True, 132, 4)
     assert bwd.nseg == 1 if bwd.NT <= BWD_WHOLE_WALK else bwd.nseg > 1, bwd

@@ -439,7 +439,7 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, steep, tri, T, H, NT, SEG,
                 sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, x, z, w_o, w_l, eps, sxb, sxt, szb, szt,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr, MIX: tl.constexpr,
-                ACT: tl.constexpr, PASS: tl.constexpr):
+                ACT: tl.constexpr, PASS: tl.constexpr, MMA: tl.constexpr):
     """``o`` (contiguous ``[B, T, H, V]``) of one chunk and value block. With ``MIX`` (one value block, ``BV = V``)
     ViG's locality mix of the chunk's output instead, written to ``o``: per token and head
     ``act(G * RMSNorm(o; w_o) + (1 - G) * RMSNorm(x; w_l))``, ``G = sigmoid(z)`` (``act``: SiLU with ``ACT``);
@@ -447,7 +447,8 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, steep, tri, T, H, NT, SEG,
 
     ``PASS`` 0: every chunk, a steep scan's scores through the exact path in the same program. 1: the chunks whose
     two scans both factor, without the exact path's code (fewer registers: more programs resident); each program
-    writes whether its chunk is steep to ``steep`` (``[BH, NT, NV]`` int8). 2: the chunks pass 1 left."""
+    writes whether its chunk is steep to ``steep`` (``[BH, NT, NV]`` int8). 2: the chunks pass 1 left. ``MMA``: the
+    in-chunk prefix sums on the tensor cores, ``tri`` their triangles (:func:`_prefix_sums`; else ``tri`` unread)."""
     # fp64 under Inductor; cast before the branch (rebound inside a runtime branch, a scalar specialised as a
     # constexpr, as PyTorch 2.11's access analysis lowers it, would not compile)
     ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)
@@ -460,11 +461,10 @@ def _bigla_fwd_kernel(q, k, v, gf, gb, o, h, hs, dec, steep, tri, T, H, NT, SEG,
         i_b, i_h, ck, cv, rows, off_q, off_v, off_g = _chunk_coords(i_v, i_t, i_bh, H, sqb, sqh, svb, svh, sgb,
                                                                      sgh, K, BT, BV)
         b_q, b_k, b_v = _qkv_tiles(q, k, v, off_q, off_v, rows, ck, cv, sqt, svt, T)
-        mma = (HALF_DOTS == 2) & (BT >= 64)  # prefix sums on the tensor cores (at 32-token chunks: slower)
         # the scans' exponents: inclusive prefix sums P (forward) and inclusive suffix sums R = G - c
         # (backward: exp(c_j - c_i) = exp(R_i - R_j)), both <= 0, each factored product's range their minimum
-        p = _prefix_sums(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), tri, BT, False, mma)
-        r = _prefix_sums(_load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED), tri, BT, True, mma)
+        p = _prefix_sums(_load_gate(gf + off_g, rows, ck, sgt, T, ginv, GATED), tri, BT, False, MMA)
+        r = _prefix_sums(_load_gate(gb + off_g, rows, ck, sgt, T, ginv, GATED), tri, BT, True, MMA)
         fine_f = -tl.min(p) < RANGE_LIMIT
         fine_b = -tl.min(r) < RANGE_LIMIT
         fine = True
@@ -664,6 +664,7 @@ class _Plan:
     steep_pass: bool
     walk_regs: int
     walk_stages: int
+    mma: bool  # the forward's in-chunk prefix sums on the tensor cores
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -785,7 +786,8 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
                  state_fp32=not bf16 or config.state_dtype == "fp32",
                  steep_pass=BT == 64 and chains == 2 if config.steep_pass is None else bool(config.steep_pass),
                  walk_regs=walk_regs if config.walk_regs is None else config.walk_regs,
-                 walk_stages=walk_stages if config.walk_stages is None else config.walk_stages)
+                 walk_stages=walk_stages if config.walk_stages is None else config.walk_stages,
+                 mma=bf16 and BT == 64)
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
@@ -908,13 +910,14 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
             raise ValueError(f"bigla: the locality mix needs one value block per head (d_v <= 64), got d_v={V}")
     # with a steep pass: pass 1 writes each chunk's steep flag, pass 2 reads it
     steep = torch.empty(B * H * p.NT * p.NV, dtype=torch.int8, device=q.device) if p.steep_pass else o
+    tri = triangles(p.BT, q.device) if p.mma else o
     for step in (1, 2) if p.steep_pass else (0,):
         wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
-            q, k, v, gf, gb, o, h, hs, dec, steep, triangles(p.BT, q.device), T, H, p.NT, p.seg, p.nseg, ginv,
+            q, k, v, gf, gb, o, h, hs, dec, steep, tri, T, H, p.NT, p.seg, p.nseg, ginv,
             0.5 * scale,
             *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3], x, z, w_o, w_l, eps, *x.stride()[:2],
             *z.stride()[:2], K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-            SEGMENTED=p.nseg > 1, MIX=mix is not None, ACT=act, PASS=step, num_warps=p.warps_chunk,
+            SEGMENTED=p.nseg > 1, MIX=mix is not None, ACT=act, PASS=step, MMA=p.mma, num_warps=p.warps_chunk,
             **_options(p.regs))
     return o
 
