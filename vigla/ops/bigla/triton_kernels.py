@@ -913,8 +913,7 @@ def bigla_fwd_triton(q, k, v, gf, gb, scale: float, gate_normalizer: float | Non
     tri = triangles(p.BT, q.device) if p.mma else o
     for step in (1, 2) if p.steep_pass else (0,):
         wrap(_bigla_fwd_kernel)[(p.NV, p.NT, B * H)](
-            q, k, v, gf, gb, o, h, hs, dec, steep, tri, T, H, p.NT, p.seg, p.nseg, ginv,
-            0.5 * scale,
+            q, k, v, gf, gb, o, h, hs, dec, steep, tri, T, H, p.NT, p.seg, p.nseg, ginv, 0.5 * scale,
             *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3], x, z, w_o, w_l, eps, *x.stride()[:2],
             *z.stride()[:2], K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
             SEGMENTED=p.nseg > 1, MIX=mix is not None, ACT=act, PASS=step, MMA=p.mma, num_warps=p.warps_chunk,
