@@ -185,8 +185,8 @@ def _hdot(a, b, HALF_DOTS: tl.constexpr, acc=None):
 
 @triton.jit
 def _prefix_sums(x, tri, BT: tl.constexpr, REVERSE: tl.constexpr, MMA: tl.constexpr):
-    """Inclusive prefix sums (``REVERSE``: suffix sums) down the rows of a ``[BT, N]`` fp32 tile. With ``MMA`` (bf16
-    inputs, so a GPU with bf16 products, and 64-token chunks) on the tensor cores: a triangle of ones (``tri``,
+    """Inclusive prefix sums (``REVERSE``: suffix sums) down the rows of a ``[BT, N]`` fp32 tile. With ``MMA`` (the
+    plan's ``mma``: bf16 inputs at 64-token chunks) on the tensor cores: a triangle of ones (``tri``,
     :func:`triangles`; read from memory, which costs fewer instructions than forming it) times ``x`` split into
     two bf16 parts (``x = hi + lo`` to 16 bits: each element within 2^-18 of itself), the products exact, their
     sums fp32; ``tl.cumsum`` over rows spread across lanes and warps took a third of the forward kernel's
