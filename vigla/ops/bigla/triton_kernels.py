@@ -19,7 +19,8 @@ Forward, two launches (three for long sequences; one more with 64-token chunks, 
    two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(R) S^b`` (``R = G - c``: inclusive suffix
    sums, so that the backward decay from j to i is also ``exp(R_i - R_j)``), accumulated by the products.
    With bf16 inputs and 64-token chunks ``P`` and ``R`` are formed on the tensor cores too (a triangle of ones
-   times the gates in two bf16 parts, :func:`_prefix_sums`), elsewhere by ``tl.cumsum``.
+   times the gates in two bf16 parts, :func:`_prefix_sums`; the backward's exponents too), elsewhere by
+   ``tl.cumsum``.
    On the inference path (``MIX``) it also forms ViG's locality mix from that fp32 tile (one program holds a
    head's values): BiGLA's output is never written. With 64-token chunks it runs twice (``PASS``): first
    compiled without the exact path below (its code sets the register count of the whole kernel: 168 against
@@ -511,15 +512,17 @@ def _mix(a, x, z, w_o, w_l, eps, rows, cols, sxt, szt, T, V: tl.constexpr, ACT: 
 
 
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])
-def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, steep, T, H, NT, SEG, NSEG, ginv,
+def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, steep, tri, T, H, NT, SEG, NSEG, ginv,
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
-                UPPER: tl.constexpr, PASS: tl.constexpr):
+                UPPER: tl.constexpr, PASS: tl.constexpr, MMA: tl.constexpr):
     """One scan's gradients of one chunk and value block: the forward scan's (``UPPER`` 0, gate
     ``g = gf``) or the backward scan's (``UPPER`` 1, ``g = gb``). ``PASS`` as the forward's output kernel's
     (:func:`_bigla_fwd_kernel`), for this scan's chunks: 0 every chunk; 1 those whose products factor, writing the
-    others' flags to ``steep`` (``[BH, NT, NV]`` int8); 2 the chunks pass 1 left.
+    others' flags to ``steep`` (``[BH, NT, NV]`` int8); 2 the chunks pass 1 left. ``MMA``, ``tri``: the in-chunk
+    exponents' prefix sums on the tensor cores, as the forward's (the gate gradients' suffix sums keep ``tl.cumsum``:
+    on the tensor cores they faulted on an H100, an illegal address, though right in Triton's interpreter).
 
     Writes ``dv`` (``[B, T, H, V]``) and, for this value block, ``dq, dk, dg`` (``[NV, B, T, H, K]``
     contiguous; the caller sums the blocks). The backward scan's launch adds the forward scan's shares
@@ -537,16 +540,16 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, st
     i_bh = tl.program_id(2)
     flag = steep + (i_bh * NT + i_t) * tl.num_programs(0) + i_v
     if (tl.load(flag) != 0) if PASS == 2 else True:
-        _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv,
+        _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, tri, T, H, NT, SEG, NSEG, ginv,
                    half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, i_v, i_t, i_bh, K, V, BT, BV, GATED,
-                   HALF_DOTS, SEGMENTED, UPPER, PASS)
+                   HALF_DOTS, SEGMENTED, UPPER, PASS, MMA)
 
 
 @triton.jit
-def _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, T, H, NT, SEG, NSEG, ginv, half_scale,
-               sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, i_v, i_t, i_bh, K: tl.constexpr, V: tl.constexpr,
-               BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr,
-               SEGMENTED: tl.constexpr, UPPER: tl.constexpr, PASS: tl.constexpr):
+def _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, tri, T, H, NT, SEG, NSEG, ginv,
+               half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, i_v, i_t, i_bh, K: tl.constexpr,
+               V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr,
+               SEGMENTED: tl.constexpr, UPPER: tl.constexpr, PASS: tl.constexpr, MMA: tl.constexpr):
     """:func:`_bigla_bwd_kernel`'s work for one chunk and value block."""
     BH = tl.num_programs(2)
     # q, k, v, do stay in their dtype: products with them convert (f32) where they happen
@@ -561,10 +564,10 @@ def _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, T, 
     b_g = _load_gate(g + off_g, rows, ck, sgt, T, ginv, GATED)
     tot = tl.sum(b_g, axis=0)
     if UPPER:
-        x = b_g - tl.cumsum(b_g, axis=0)  # -c
+        x = b_g - _prefix_sums(b_g, tri, BT, False, MMA)  # -c
         a = tot
     else:
-        x = tl.cumsum(b_g, axis=0)  # P
+        x = _prefix_sums(b_g, tri, BT, False, MMA)  # P
         a = tl.zeros_like(tot)
     safe = _factored(tot)
     go = True
@@ -664,7 +667,7 @@ class _Plan:
     steep_pass: bool
     walk_regs: int
     walk_stages: int
-    mma: bool  # the forward's in-chunk prefix sums on the tensor cores
+    mma: bool  # the in-chunk exponents' prefix sums on the tensor cores
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -952,13 +955,15 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
         dq, dk, dgf, dgb = (torch.empty(part, **f32) for _ in range(4))
     # with a steep pass, each scan's pass 1 writes the chunks' steep flags and its pass 2 reads them
     steep = torch.empty(B * H * p.NT * p.NV, dtype=torch.int8, device=q.device) if p.steep_pass else dv
+    tri = triangles(p.BT, q.device) if p.mma else dv
     for upper, g, outs, dg in ((0, gf, (pq, pk, pv), dgf), (1, gb, (dq, dk, dv), dgb)):
         for step in (1, 2) if p.steep_pass else (0,):
             wrap(_bigla_bwd_kernel)[(p.NV, p.NT, B * H)](
-                q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, steep, T, H, p.NT, p.seg, p.nseg, ginv,
+                q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, steep, tri, T, H, p.NT, p.seg, p.nseg, ginv,
                 0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
                 K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-                SEGMENTED=p.nseg > 1, UPPER=upper, PASS=step, num_warps=p.warps_chunk, **_options(p.regs))
+                SEGMENTED=p.nseg > 1, UPPER=upper, PASS=step, MMA=p.mma, num_warps=p.warps_chunk,
+                **_options(p.regs))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
     return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dgf.sum(0).to(gf.dtype),
