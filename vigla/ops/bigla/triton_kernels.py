@@ -307,10 +307,11 @@ def _state(h, hs, dec, w, i_bh, BH, n, NT, SEG, NSEG, ck, cv,
 
 # ----------------------------------------------------------------------------------- walks
 @triton.jit(do_not_specialize=["T", "H", "NT", "SEG", "NSEG", "ginv", "half_scale"])
-def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, ginv, half_scale,
+def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, tri, T, H, NT, SEG, NSEG, ginv, half_scale,
                  sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                 NV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr):
+                 NV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
+                 MMA: tl.constexpr):
     """The state entering every chunk, for chain ``w``:
 
     * 0, ``S^f``: left to right, ``U = sum_j exp(G - P_j) k_j v_j^T``;
@@ -366,7 +367,7 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, T, H, NT, SEG, NSEG, gin
         a = _load_raw(a_ptr, rows, ck, sqt, T)
         b = _load_raw(b_ptr, rows, cv, b_st, T)
         g = _load_gate(g_ptr, rows, ck, sgt, T, ginv, GATED)
-        p = tl.cumsum(g, axis=0)
+        p = _prefix_sums(g, tri, BT, False, MMA)
         tot = tl.sum(g, axis=0)
         x = c_p * p + (c_g * g + c_t * tot[None, :])
         u = tl.trans(a.to(tl.float32) * tl.exp2(x))  # [K, BT]: the chunk's keys (queries) decayed, <= |a|
@@ -871,10 +872,11 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: 
     hs = torch.empty(chains, BH, p.nseg, K, V, **f32) if segmented else h
     dec = torch.empty(chains, BH, p.NT + p.nseg, K, **f32) if segmented else h
     wrap(_bigla_walk_kernel)[(chains * p.NVW, p.nseg, BH)](
-        q, k, v, v if do is None else do, gf, gb, h, hs, dec, T, H, p.NT, p.seg, p.nseg, ginv,
+        q, k, v, v if do is None else do, gf, gb, h, hs, dec, triangles(p.BT, q.device) if p.mma else h, T, H,
+        p.NT, p.seg, p.nseg, ginv,
         half_scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=segmented, num_warps=p.warps_walk, **_options(p.walk_regs, p.walk_stages))
+        SEGMENTED=segmented, MMA=p.mma, num_warps=p.warps_walk, **_options(p.walk_regs, p.walk_stages))
     if segmented:
         wrap(_bigla_carry_kernel)[(chains * p.NVW, BH)](hs, dec, p.NT, p.nseg, K=K, V=V, BV=p.BVW,
                                                   NV=p.NVW, num_warps=4)
