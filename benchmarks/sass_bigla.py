@@ -107,6 +107,8 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int, config=None):
         gated = 2 if hasattr(mod, "_gated") else True  # gate logits, bf16 on a GPU (versions before _gated: a bool)
         common = dict(K=K, V=V, BT=p.BT, GATED=gated, HALF_DOTS=2, SEGMENTED=seg)
         walk = dict(common, BV=p.BVW, NV=p.NVW)
+        if "MMA" in mod._bigla_walk_kernel.arg_names:  # its prefix sums' rule (versions before: cumsum only)
+            walk.update(MMA=p.mma)
         out.append((f"walk ({chains} chains)", mod._bigla_walk_kernel, walk, p.warps_walk,
                     getattr(p, "walk_regs", 0), getattr(p, "walk_stages", 0)))  # versions before them: none
         if chains == 2:

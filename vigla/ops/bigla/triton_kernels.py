@@ -668,7 +668,7 @@ class _Plan:
     steep_pass: bool
     walk_regs: int
     walk_stages: int
-    mma: bool  # the in-chunk exponents' prefix sums on the tensor cores
+    mma: bool  # the in-chunk exponents' prefix sums on the tensor cores (every kernel with them)
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -871,10 +871,10 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: 
     segmented = p.nseg > 1
     hs = torch.empty(chains, BH, p.nseg, K, V, **f32) if segmented else h
     dec = torch.empty(chains, BH, p.NT + p.nseg, K, **f32) if segmented else h
+    tri = triangles(p.BT, q.device) if p.mma else h
     wrap(_bigla_walk_kernel)[(chains * p.NVW, p.nseg, BH)](
-        q, k, v, v if do is None else do, gf, gb, h, hs, dec, triangles(p.BT, q.device) if p.mma else h, T, H,
-        p.NT, p.seg, p.nseg, ginv,
-        half_scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
+        q, k, v, v if do is None else do, gf, gb, h, hs, dec, tri, T, H, p.NT, p.seg, p.nseg, ginv, half_scale,
+        *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
         SEGMENTED=segmented, MMA=p.mma, num_warps=p.warps_walk, **_options(p.walk_regs, p.walk_stages))
     if segmented:
