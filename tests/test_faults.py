@@ -702,6 +702,24 @@ def test_kill_9_in_the_middle_of_a_save(fmnist, tmp_path):
     assert _group_gone(proc.pid, 10)
 
 
+def test_kill_9_between_the_checkpoint_and_the_best_weights(fmnist, tmp_path, capsys):
+    """kill -9 while epoch 1's best weights are half-written. They were written before ``last.*``, and a kill there
+    (met once by the random kill below) left best.safetensors and no state: a folder neither resumable nor free
+    for a new run. Now the state comes first, and resuming it writes the best weights again."""
+    out, mark = tmp_path / "run", tmp_path / "mark"
+    proc = _spawn(train_args(fmnist, out), "hang-in-save:best.safetensors:1", mark)
+    _wait_for(mark, proc)
+    _kill_9(proc)
+    assert not (out / "best.safetensors").exists()
+    state = assert_checkpoint_whole(out)
+    assert state["global_step"] == 2 and state["best"]["epoch"] == 1
+    assert cli.main(["train", "--resume", "auto", "--out", str(out), "--epochs", "1"]) == 0  # tests it, no step
+    assert f"wrote {out / 'best.safetensors'} again" in capsys.readouterr().err
+    meta = read_meta(str(out / "best.safetensors"))
+    assert meta["global_step"] == 2 and meta["val"]["top1"] == state["best"]["top1"]
+    assert leftovers(out) == [] and _group_gone(proc.pid, 10)
+
+
 def test_kill_9_at_a_random_point_and_a_second_run_on_the_same_folder(fmnist, tmp_path, capsys):
     """A run with a loader worker is killed (-9) at a random moment of its training (saves every 2 steps, so
     some kills land inside one). Meanwhile a second run into the same --out is refused. Afterwards: no process

@@ -30,8 +30,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vigla.data import DataError, ResumableDistributedSampler, default_workers
-from vigla.engine.checkpoint import (capture_rng, load_into, load_state, load_weights, read_meta, restore_rng,
-                                     save_weights)
+from vigla.engine.checkpoint import capture_rng, load_into, load_state, load_weights, read_meta, restore_rng
 from vigla.engine.errors import CheckpointError, OutOfMemory, UserError
 from vigla.engine.modeling import check_model_name
 from vigla.engine.metrics import save_curves
@@ -310,12 +309,17 @@ class DenseTrainer(TrainingRun):
         self.unreadable = set(state.get("unreadable", ()))
         restore_rng(state["rng"])
 
-    def _save_best(self, val: dict) -> None:
+    def _update_best(self, val: dict) -> bool:
+        """``self.best``: this epoch's weights where their validation beats the best so far. -> whether it did."""
         key = main_metric(self.cfg.task)
-        if (val.get(key) or 0.0) > self.best[key]:
-            self.best = {key: val.get(key) or 0.0, "epoch": self.epoch}
-            with self._saving():
-                save_weights(os.path.join(self.out, f"{BEST}.safetensors"), self.model.state_dict(), self._meta(val))
+        if (val.get(key) or 0.0) <= self.best[key]:
+            return False
+        self.best = {key: val.get(key) or 0.0, "epoch": self.epoch, "val": val}
+        return True
+
+    def _best_state(self) -> tuple[dict, dict]:
+        """The best weights (this run's model at the best epoch) and their description (:meth:`_save_best`)."""
+        return self.model.state_dict(), self._meta(self.best.get("val"))
 
     # ------------------------------------------------------------------------------------------- one step
     def _loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -391,8 +395,10 @@ class DenseTrainer(TrainingRun):
                "unreadable_samples": len(self.unreadable)}
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss = 0, [0.0, 0]
-        self._save_best(val)
+        improved = self._update_best(val)
         self.save_checkpoint(val)
+        if improved:
+            self._save_best()
         self.log.log_epoch(row)
         extra = f" | mask AP {val['mask_ap']:.2f}" if val.get("mask_ap") is not None else ""
         tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} | val {key} "
@@ -404,7 +410,7 @@ class DenseTrainer(TrainingRun):
         best_path = os.path.join(self.out, f"{BEST}.safetensors")
         best_val = read_meta(best_path)["val"] if os.path.isfile(best_path) else None
         results = {"task": self.cfg.task, "detector": self.meta["detector"], "model": self.cfg.model,
-                   "best": self.best, "best_val": best_val, "epochs": self.cfg.epochs,
+                   "best": self._best_record(), "best_val": best_val, "epochs": self.cfg.epochs,
                    "global_step": self.global_step,
                    "val_split": f"{len(self.val_set)} images of {self.cfg.data}/val", "out": self.out}
         write_text(os.path.join(self.out, "results.json"), json.dumps(results, indent=2))

@@ -190,6 +190,7 @@ class TrainingRun:
         self._val_warned = False
         if self.resume_state is not None:
             self._load_resume(self.resume_state)
+            self._restore_best()
         self.log = MetricsLog(self.out, resume_step=self.global_step) if self.is_main else None
 
     # ------------------------------------------------------------------------------------------- setup
@@ -277,6 +278,32 @@ class TrainingRun:
                              self._meta(val))
                 write_text(os.path.join(self.out, "config.yaml"), self._config_yaml())
         dist_utils.barrier()
+
+    def _save_best(self) -> None:
+        """``best.safetensors``: the weights and description that ``self.best`` names (:meth:`_best_state`).
+        Written after ``last.*``: a run killed between the two saves resumes with it written again
+        (:meth:`_restore_best`), where the other order left a folder without a state to resume."""
+        if self.is_main:
+            with self._saving():
+                save_weights(os.path.join(self.out, f"{BEST}.safetensors"), *self._best_state())
+
+    def _best_record(self) -> dict:
+        """``self.best`` as ``results.json`` reports it: without its validation result (``best.safetensors``' own)."""
+        return {k: v for k, v in self.best.items() if k != "val"}
+
+    def _restore_best(self) -> None:
+        """After a resume: ``best.safetensors`` written again where the resumed state is the end of the best
+        epoch and the file is not from that step (the run was killed between the two saves: :meth:`_save_best`)."""
+        if not self.is_main or self.step_in_epoch or self.best.get("epoch") != self.epoch or not self.epoch:
+            return
+        path = os.path.join(self.out, f"{BEST}.safetensors")
+        try:
+            meta = read_meta(path) if os.path.isfile(path) else None
+        except CheckpointError:
+            meta = None
+        if meta is None or meta.get("global_step") != self.global_step:
+            self._save_best()
+            print(f"wrote {path} again: the run was stopped before it was saved", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def _saving(self):

@@ -24,7 +24,7 @@ from vigla.notices import ViglaWarning
 
 from . import distributed as dist_utils
 from .aux_branch import NO_BRANCH, castling_model_args, checkpoint_record, validate_aux_branch
-from .checkpoint import capture_rng, load_into, load_state, load_weights, read_meta, restore_rng, save_weights
+from .checkpoint import capture_rng, load_into, load_state, load_weights, read_meta, restore_rng
 from .config import config_to_yaml
 from .cuda_graph import CudaGraphTrainStep
 from .errors import CheckpointError, OutOfMemory, UserError
@@ -271,15 +271,20 @@ class Trainer(TrainingRun):
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
 
-    def _save_best(self, val: dict, ema_val: dict | None) -> None:
-        for weights, result, module in (("model", val, self.core),
-                                        ("ema", ema_val, self.ema.module if self.ema else None)):
-            if result is not None and result["top1"] > self.best["top1"]:  # epoch: epochs done
-                self.best = {"top1": result["top1"], "epoch": self.epoch, "weights": weights}
-                if self.is_main:
-                    with self._saving():
-                        save_weights(os.path.join(self.out, f"{BEST}.safetensors"), module.state_dict(),
-                                     self._meta(result, weights))
+    def _update_best(self, val: dict, ema_val: dict | None) -> bool:
+        """``self.best``: this epoch's raw or EMA weights where their val top-1 beats the best so far (``epoch``:
+        epochs done; ``val``: their validation, for :meth:`_best_state`). -> whether it changed."""
+        improved = False
+        for weights, result in (("model", val), ("ema", ema_val)):
+            if result is not None and result["top1"] > self.best["top1"]:
+                self.best = {"top1": result["top1"], "epoch": self.epoch, "weights": weights, "val": result}
+                improved = True
+        return improved
+
+    def _best_state(self) -> tuple[dict, dict]:
+        """The weights ``self.best`` names and their description (:meth:`_save_best`)."""
+        module = self.ema.module if self.best["weights"] == "ema" else self.core
+        return module.state_dict(), self._meta(self.best.get("val"), self.best["weights"])
 
     # ------------------------------------------------------------------------------------------- one step
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -363,8 +368,10 @@ class Trainer(TrainingRun):
         row.update(validate_aux_branch(self.core, self.val_loader, self.prep_eval, self.amp_dtype, val))
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss = 0, [0.0, 0]
-        self._save_best(val, ema_val)
+        improved = self._update_best(val, ema_val)
         self.save_checkpoint(val)
+        if improved:
+            self._save_best()
         if self.is_main:
             self.log.log_epoch(row)
             ema_txt = f" | EMA top-1 {ema_val['top1']:.2f}%" if ema_val else ""
@@ -388,7 +395,7 @@ class Trainer(TrainingRun):
             split = "the Fashion-MNIST test file" if self.cfg.data is None else f"{self.cfg.data}/val"
             split = f"{test['images']} {'fixed random ' if self.cfg.test_subset else ''}images of {split}"
             results = {"test": test, "test_split": split,
-                       "best": self.best, "epochs": self.cfg.epochs, "global_step": self.global_step,
+                       "best": self._best_record(), "epochs": self.cfg.epochs, "global_step": self.global_step,
                        "model": self.cfg.model, "out": self.out}
             write_text(os.path.join(self.out, "results.json"), json.dumps(results, indent=2))
             self.log.flush()
