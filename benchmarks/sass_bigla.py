@@ -108,7 +108,7 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int, config=None):
         common = dict(K=K, V=V, BT=p.BT, GATED=gated, HALF_DOTS=2, SEGMENTED=seg)
         walk = dict(common, BV=p.BVW, NV=p.NVW)
         if "MMA" in mod._bigla_walk_kernel.arg_names:  # its prefix sums' rule (versions before: cumsum only)
-            walk.update(MMA=p.mma)
+            walk.update(MMA=getattr(p, "walk_mma", p.mma))
         out.append((f"walk ({chains} chains)", mod._bigla_walk_kernel, walk, p.warps_walk,
                     getattr(p, "walk_regs", 0), getattr(p, "walk_stages", 0)))  # versions before them: none
         if chains == 2:

@@ -257,6 +257,8 @@ def test_launch_plan(B, T, chunk, segments):
     assert not p.state_fp32 and plan(B, T, 3, 32, 64, False, 132, 2).state_fp32
     # the forward's prefix sums on the tensor cores: bf16 at 64-token chunks only (fp32 products: never)
     assert p.mma == (chunk == 64) and not plan(B, T, 3, 32, 64, False, 132, 2, BiGLAConfig(chunk=64)).mma
+    # ... and in the walk where it has more than one warp (ViG-H's d_k = 16 walks have one)
+    assert p.walk_mma == p.mma and not plan(B, T, 3, 16, 32, True, 132, 4, BiGLAConfig(chunk=64)).walk_mma
     # the backward's walks: whole up to BWD_WHOLE_WALK chunks, cut as the forward's beyond
     bwd = plan(B, T, 3, 32, 64, True, 132, 4)
     assert bwd.nseg == 1 if bwd.NT <= BWD_WHOLE_WALK else bwd.nseg > 1, bwd

@@ -668,7 +668,8 @@ class _Plan:
     steep_pass: bool
     walk_regs: int
     walk_stages: int
-    mma: bool  # the in-chunk exponents' prefix sums on the tensor cores (every kernel with them)
+    mma: bool  # the in-chunk exponents' prefix sums on the tensor cores (the per-chunk kernels)
+    walk_mma: bool  # the same in the walk
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -784,14 +785,19 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     cap = config.bwd_regs if chains == 4 and config.bwd_regs is not None else config.regs
     if BT != chunk:  # the default caps and depth were measured with the default chunk length
         regs = walk_regs = walk_stages = 0
+    warps_walk = config.warps_walk or warps_walk
+    # the in-chunk prefix sums on the tensor cores: bf16 at 64-token chunks; in the walk only with more than one
+    # warp (one holds the whole [BT, BT] triangle: ViG-H-T stage 1's backward walk @512, d_k = 16, took 255
+    # registers and spilled, against 142 without, and its forward + backward read 7% slower)
+    mma = bf16 and BT == 64
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
-                 nseg=cdiv(NT, seg), warps_walk=config.warps_walk or warps_walk,
+                 nseg=cdiv(NT, seg), warps_walk=warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
                  state_fp32=not bf16 or config.state_dtype == "fp32",
                  steep_pass=BT == 64 and chains == 2 if config.steep_pass is None else bool(config.steep_pass),
                  walk_regs=walk_regs if config.walk_regs is None else config.walk_regs,
                  walk_stages=walk_stages if config.walk_stages is None else config.walk_stages,
-                 mma=bf16 and BT == 64)
+                 mma=mma, walk_mma=mma and warps_walk > 1)
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
@@ -871,12 +877,12 @@ def _walks(q, k, v, do, gf, gb, p: _Plan, chains: int, ginv: float, half_scale: 
     segmented = p.nseg > 1
     hs = torch.empty(chains, BH, p.nseg, K, V, **f32) if segmented else h
     dec = torch.empty(chains, BH, p.NT + p.nseg, K, **f32) if segmented else h
-    tri = triangles(p.BT, q.device) if p.mma else h
+    tri = triangles(p.BT, q.device) if p.walk_mma else h
     wrap(_bigla_walk_kernel)[(chains * p.NVW, p.nseg, BH)](
         q, k, v, v if do is None else do, gf, gb, h, hs, dec, tri, T, H, p.NT, p.seg, p.nseg, ginv, half_scale,
         *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
         K=K, V=V, BT=p.BT, BV=p.BVW, NV=p.NVW, GATED=gated, HALF_DOTS=_half_dots(q),
-        SEGMENTED=segmented, MMA=p.mma, num_warps=p.warps_walk, **_options(p.walk_regs, p.walk_stages))
+        SEGMENTED=segmented, MMA=p.walk_mma, num_warps=p.warps_walk, **_options(p.walk_regs, p.walk_stages))
     if segmented:
         wrap(_bigla_carry_kernel)[(chains * p.NVW, BH)](hs, dec, p.NT, p.nseg, K=K, V=V, BV=p.BVW,
                                                   NV=p.NVW, num_warps=4)
