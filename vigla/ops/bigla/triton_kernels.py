@@ -19,8 +19,8 @@ Forward, two launches (three for long sequences; one more with 64-token chunks, 
    two inter-chunk readouts ``q exp(P) S^f`` and ``q exp(R) S^b`` (``R = G - c``: inclusive suffix
    sums, so that the backward decay from j to i is also ``exp(R_i - R_j)``), accumulated by the products.
    With bf16 inputs and 64-token chunks ``P`` and ``R`` are formed on the tensor cores too (a triangle of ones
-   times the gates in two bf16 parts, :func:`_prefix_sums`; the backward's exponents too), elsewhere by
-   ``tl.cumsum``.
+   times the gates in two bf16 parts, :func:`_prefix_sums`; so are the backward's exponents, and the walk's where
+   it has more than one warp), elsewhere by ``tl.cumsum``.
    On the inference path (``MIX``) it also forms ViG's locality mix from that fp32 tile (one program holds a
    head's values): BiGLA's output is never written. With 64-token chunks it runs twice (``PASS``): first
    compiled without the exact path below (its code sets the register count of the whole kernel: 168 against
@@ -324,7 +324,8 @@ def _bigla_walk_kernel(q, k, v, do, gf, gb, h, hs, dec, tri, T, H, NT, SEG, NSEG
     each ``S <- exp(G) S + U`` per chunk. ``h``: ``[W, BH, NT, K, V]`` in its own dtype; with
     ``SEGMENTED`` the walk starts from zero at every segment of ``SEG`` chunks, and writes the
     segment's total to ``hs`` (``[W, BH, NSEG, K, V]`` fp32) and the summed base-2 log decays (in the
-    segment, before each chunk, ``[W, BH, NT + NSEG, K]`` fp32, totals at ``NT + s``) to ``dec``.
+    segment, before each chunk, ``[W, BH, NT + NSEG, K]`` fp32, totals at ``NT + s``) to ``dec``. ``MMA``,
+    ``tri``: the chunk's prefix sums on the tensor cores (:func:`_prefix_sums`).
     """
     ginv, half_scale = tl.cast(ginv, tl.float32), tl.cast(half_scale, tl.float32)  # fp64 under Inductor
     i_wv = tl.program_id(0)
