@@ -9,7 +9,8 @@ Every file is written whole or not at all (:func:`vigla.engine.outputs.atomic_wr
 or a full disk leaves the previous version in place. The JSON description is also stored inside the
 safetensors header, so weights and description cannot come from two different saves. The state file is
 self-contained (it holds the model weights too), so a run killed between two files of a save still
-resumes. It holds only tensors and plain Python values (RNG states included), and is read with
+resumes; it is written first, the best weights last (a resume writes them again where the kill came before
+them). It holds only tensors and plain Python values (RNG states included), and is read with
 ``torch.load(weights_only=True)``: nothing is unpickled.
 """
 from __future__ import annotations
