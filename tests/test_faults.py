@@ -720,6 +720,22 @@ def test_kill_9_between_the_checkpoint_and_the_best_weights(fmnist, tmp_path, ca
     assert leftovers(out) == [] and _group_gone(proc.pid, 10)
 
 
+def test_best_weights_not_rewritten_from_an_ema_the_resumed_run_lacks():
+    """The rewrite above needs the weights the state names as best: EMA weights resumed with ``--no-ema`` have none
+    to write them from (None, where an AttributeError would have ended the resume); the raw weights always do."""
+    from types import SimpleNamespace
+
+    from vigla.engine.trainer import Trainer
+
+    run = SimpleNamespace(best={"weights": "ema", "val": None}, ema=None)
+    assert Trainer._best_state(run) is None
+    core = torch.nn.Linear(2, 2)
+    run = SimpleNamespace(best={"weights": "model", "val": {"top1": 1.0}}, ema=None, core=core,
+                          _meta=lambda val, weights: {"val": val, "weights": weights})
+    weights, meta = Trainer._best_state(run)
+    assert weights.keys() == core.state_dict().keys() and meta == {"val": {"top1": 1.0}, "weights": "model"}
+
+
 def test_kill_9_at_a_random_point_and_a_second_run_on_the_same_folder(fmnist, tmp_path, capsys):
     """A run with a loader worker is killed (-9) at a random moment of its training (saves every 2 steps, so
     some kills land inside one). Meanwhile a second run into the same --out is refused. Afterwards: no process

@@ -279,13 +279,13 @@ class TrainingRun:
                 write_text(os.path.join(self.out, "config.yaml"), self._config_yaml())
         dist_utils.barrier()
 
-    def _save_best(self) -> None:
-        """``best.safetensors``: the weights and description that ``self.best`` names (:meth:`_best_state`).
-        Written after ``last.*``: a run killed between the two saves resumes with it written again
-        (:meth:`_restore_best`), where the other order left a folder without a state to resume."""
+    def _save_best(self, best: tuple[dict, dict] | None = None) -> None:
+        """``best.safetensors``: the weights and description that ``self.best`` names (``best``, else
+        :meth:`_best_state`). Written after ``last.*``: a run killed between the two saves resumes with it written
+        again (:meth:`_restore_best`), where the other order left a folder without a state to resume."""
         if self.is_main:
             with self._saving():
-                save_weights(os.path.join(self.out, f"{BEST}.safetensors"), *self._best_state())
+                save_weights(os.path.join(self.out, f"{BEST}.safetensors"), *(best or self._best_state()))
 
     def _best_record(self) -> dict:
         """``self.best`` as ``results.json`` reports it: without its validation result (``best.safetensors``' own)."""
@@ -301,8 +301,9 @@ class TrainingRun:
             meta = read_meta(path) if os.path.isfile(path) else None
         except CheckpointError:
             meta = None
-        if meta is None or meta.get("global_step") != self.global_step:
-            self._save_best()
+        best = self._best_state()
+        if best is not None and (meta is None or meta.get("global_step") != self.global_step):
+            self._save_best(best)
             print(f"wrote {path} again: the run was stopped before it was saved", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager

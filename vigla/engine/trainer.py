@@ -281,8 +281,11 @@ class Trainer(TrainingRun):
                 improved = True
         return improved
 
-    def _best_state(self) -> tuple[dict, dict]:
-        """The weights ``self.best`` names and their description (:meth:`_save_best`)."""
+    def _best_state(self) -> tuple[dict, dict] | None:
+        """The weights ``self.best`` names and their description (:meth:`_save_best`); None for EMA weights in a
+        run resumed without its EMA (``--no-ema``)."""
+        if self.best["weights"] == "ema" and self.ema is None:
+            return None
         module = self.ema.module if self.best["weights"] == "ema" else self.core
         return module.state_dict(), self._meta(self.best.get("val"), self.best["weights"])
 
