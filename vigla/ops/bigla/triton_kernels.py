@@ -524,7 +524,7 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, st
     (:func:`_bigla_fwd_kernel`), for this scan's chunks: 0 every chunk; 1 those whose products factor, writing the
     others' flags to ``steep`` (``[BH, NT, NV]`` int8); 2 the chunks pass 1 left. ``MMA``, ``tri``: the in-chunk
     exponents' prefix sums on the tensor cores, as the forward's (the gate gradients' suffix sums keep ``tl.cumsum``:
-    on the tensor cores they faulted on an H100, an illegal address, though right in Triton's interpreter).
+    on the tensor cores they were no faster on an H100, the tile as the first operand, and faulted as the second).
 
     Writes ``dv`` (``[B, T, H, V]``) and, for this value block, ``dq, dk, dg`` (``[NV, B, T, H, K]``
     contiguous; the caller sums the blocks). The backward scan's launch adds the forward scan's shares
