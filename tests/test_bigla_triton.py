@@ -259,6 +259,8 @@ def test_launch_plan(B, T, chunk, segments):
     assert p.mma == (chunk == 64) and not plan(B, T, 3, 32, 64, False, 132, 2, BiGLAConfig(chunk=64)).mma
     # ... and in the walk where it has more than one warp (ViG-H's d_k = 16 walks have one)
     assert p.walk_mma == p.mma and not plan(B, T, 3, 16, 32, True, 132, 4, BiGLAConfig(chunk=64)).walk_mma
+    # ... and in the backward's per-chunk kernel at d_k >= 32 (ViG-H's d_k = 16: off)
+    assert p.bwd_mma == p.mma and not plan(B, T, 3, 16, 32, True, 132, 4, BiGLAConfig(chunk=64)).bwd_mma
     # the backward's walks: whole up to BWD_WHOLE_WALK chunks, cut as the forward's beyond
     bwd = plan(B, T, 3, 32, 64, True, 132, 4)
     assert bwd.nseg == 1 if bwd.NT <= BWD_WHOLE_WALK else bwd.nseg > 1, bwd

@@ -671,6 +671,7 @@ class _Plan:
     walk_stages: int
     mma: bool  # the in-chunk exponents' prefix sums on the tensor cores (the per-chunk kernels)
     walk_mma: bool  # the same in the walk
+    bwd_mma: bool  # the same in the backward's per-chunk kernel
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -789,7 +790,9 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     warps_walk = config.warps_walk or warps_walk
     # the in-chunk prefix sums on the tensor cores: bf16 at 64-token chunks; in the walk only with more than one
     # warp (one holds the whole [BT, BT] triangle: ViG-H-T stage 1's backward walk @512, d_k = 16, took 255
-    # registers and spilled, against 142 without, and its forward + backward read 7% slower)
+    # registers and spilled, against 142 without, and its forward + backward read 7% slower); in the backward's
+    # per-chunk kernel only at d_k >= 32 (that layer's backward kernel read 4% slower with them at d_k = 16:
+    # kernel_bigla_k16_ab.json)
     mma = bf16 and BT == 64
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
                  nseg=cdiv(NT, seg), warps_walk=warps_walk,
@@ -798,7 +801,7 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
                  steep_pass=BT == 64 and chains == 2 if config.steep_pass is None else bool(config.steep_pass),
                  walk_regs=walk_regs if config.walk_regs is None else config.walk_regs,
                  walk_stages=walk_stages if config.walk_stages is None else config.walk_stages,
-                 mma=mma, walk_mma=mma and warps_walk > 1)
+                 mma=mma, walk_mma=mma and warps_walk > 1, bwd_mma=mma and K >= 32)
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
@@ -971,7 +974,7 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
                 q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, steep, tri, T, H, p.NT, p.seg, p.nseg, ginv,
                 0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
                 K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-                SEGMENTED=p.nseg > 1, UPPER=upper, PASS=step, MMA=p.mma, num_warps=p.warps_chunk,
+                SEGMENTED=p.nseg > 1, UPPER=upper, PASS=step, MMA=p.bwd_mma, num_warps=p.warps_chunk,
                 **_options(p.regs))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
