@@ -669,7 +669,7 @@ class _Plan:
     steep_pass: bool
     walk_regs: int
     walk_stages: int
-    mma: bool  # the in-chunk exponents' prefix sums on the tensor cores (the per-chunk kernels)
+    mma: bool  # the in-chunk exponents' prefix sums on the tensor cores (the forward's per-chunk kernel)
     walk_mma: bool  # the same in the walk
     bwd_mma: bool  # the same in the backward's per-chunk kernel
 
@@ -967,7 +967,7 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
         dq, dk, dgf, dgb = (torch.empty(part, **f32) for _ in range(4))
     # with a steep pass, each scan's pass 1 writes the chunks' steep flags and its pass 2 reads them
     steep = torch.empty(B * H * p.NT * p.NV, dtype=torch.int8, device=q.device) if p.steep_pass else dv
-    tri = triangles(p.BT, q.device) if p.mma else dv
+    tri = triangles(p.BT, q.device) if p.bwd_mma else dv
     for upper, g, outs, dg in ((0, gf, (pq, pk, pv), dgf), (1, gb, (dq, dk, dv), dgb)):
         for step in (1, 2) if p.steep_pass else (0,):
             wrap(_bigla_bwd_kernel)[(p.NV, p.NT, B * H)](
