@@ -395,10 +395,7 @@ class DenseTrainer(TrainingRun):
                "unreadable_samples": len(self.unreadable)}
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss = 0, [0.0, 0]
-        improved = self._update_best(val)
-        self.save_checkpoint(val)
-        if improved:
-            self._save_best()
+        self._save_epoch(val, self._update_best(val))
         self.log.log_epoch(row)
         extra = f" | mask AP {val['mask_ap']:.2f}" if val.get("mask_ap") is not None else ""
         tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f} | val {key} "

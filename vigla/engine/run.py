@@ -279,6 +279,13 @@ class TrainingRun:
                 write_text(os.path.join(self.out, "config.yaml"), self._config_yaml())
         dist_utils.barrier()
 
+    def _save_epoch(self, val: dict, improved: bool) -> None:
+        """An epoch's saves: ``last.*`` (:meth:`save_checkpoint`, with ``val``), then, where this epoch's weights
+        are the best so far (``improved``), ``best.safetensors`` (:meth:`_save_best`)."""
+        self.save_checkpoint(val)
+        if improved:
+            self._save_best()
+
     def _save_best(self, best: tuple[dict, dict] | None = None) -> None:
         """``best.safetensors``: the weights and description that ``self.best`` names (``best``, else
         :meth:`_best_state`). Written after ``last.*``: a run killed between the two saves resumes with it written
@@ -301,8 +308,10 @@ class TrainingRun:
             meta = read_meta(path) if os.path.isfile(path) else None
         except CheckpointError:
             meta = None
+        if meta is not None and meta.get("global_step") == self.global_step:
+            return
         best = self._best_state()
-        if best is not None and (meta is None or meta.get("global_step") != self.global_step):
+        if best is not None:
             self._save_best(best)
             print(f"wrote {path} again: the run was stopped before it was saved", file=sys.stderr, flush=True)
 

@@ -371,10 +371,7 @@ class Trainer(TrainingRun):
         row.update(validate_aux_branch(self.core, self.val_loader, self.prep_eval, self.amp_dtype, val))
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss = 0, [0.0, 0]
-        improved = self._update_best(val, ema_val)
-        self.save_checkpoint(val)
-        if improved:
-            self._save_best()
+        self._save_epoch(val, self._update_best(val, ema_val))
         if self.is_main:
             self.log.log_epoch(row)
             ema_txt = f" | EMA top-1 {ema_val['top1']:.2f}%" if ema_val else ""
