@@ -128,6 +128,8 @@ def kernels_of(mod, B: int, T: int, H: int, K: int, V: int, config=None):
                 bwd.update(PASS=1 if p.steep_pass else 0)
             if "MMA" in mod._bigla_bwd_kernel.arg_names:  # the plan's rule (before bwd_mma: the forward's)
                 bwd.update(MMA=getattr(p, "bwd_mma", p.mma))
+            if "ORDER" in mod._bigla_bwd_kernel.arg_names:  # where it stores the gradients (before: at the end)
+                bwd.update(ORDER=p.bwd_order)
             for upper in (0, 1):
                 out.append((f"backward per-chunk (scan {upper})", mod._bigla_bwd_kernel, dict(bwd, UPPER=upper),
                             p.warps_chunk, p.regs, 0))

@@ -518,13 +518,16 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, st
                 half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                 GATED: tl.constexpr, HALF_DOTS: tl.constexpr, SEGMENTED: tl.constexpr,
-                UPPER: tl.constexpr, PASS: tl.constexpr, MMA: tl.constexpr):
+                UPPER: tl.constexpr, PASS: tl.constexpr, MMA: tl.constexpr, ORDER: tl.constexpr):
     """One scan's gradients of one chunk and value block: the forward scan's (``UPPER`` 0, gate
     ``g = gf``) or the backward scan's (``UPPER`` 1, ``g = gb``). ``PASS`` as the forward's output kernel's
     (:func:`_bigla_fwd_kernel`), for this scan's chunks: 0 every chunk; 1 those whose products factor, writing the
     others' flags to ``steep`` (``[BH, NT, NV]`` int8); 2 the chunks pass 1 left. ``MMA``, ``tri``: the in-chunk
     exponents' prefix sums on the tensor cores, as the forward's (the gate gradients' suffix sums keep ``tl.cumsum``:
     on the tensor cores they were no faster on an H100, the tile as the first operand, and faulted as the second).
+    ``ORDER``: dv, dq, dk each stored as soon as it is formed (fewer tiles live at once: at 64-token chunks no
+    spills), else all three formed, then stored (what spilled less under the 80-register cap at 16-token chunks);
+    the plan's ``bwd_order`` picks.
 
     Writes ``dv`` (``[B, T, H, V]``) and, for this value block, ``dq, dk, dg`` (``[NV, B, T, H, K]``
     contiguous; the caller sums the blocks). The backward scan's launch adds the forward scan's shares
@@ -544,14 +547,15 @@ def _bigla_bwd_kernel(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, st
     if (tl.load(flag) != 0) if PASS == 2 else True:
         _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, tri, T, H, NT, SEG, NSEG, ginv,
                    half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, i_v, i_t, i_bh, K, V, BT, BV, GATED,
-                   HALF_DOTS, SEGMENTED, UPPER, PASS, MMA)
+                   HALF_DOTS, SEGMENTED, UPPER, PASS, MMA, ORDER)
 
 
 @triton.jit
 def _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, tri, T, H, NT, SEG, NSEG, ginv,
                half_scale, sqb, sqt, sqh, svb, svt, svh, sgb, sgt, sgh, i_v, i_t, i_bh, K: tl.constexpr,
                V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, HALF_DOTS: tl.constexpr,
-               SEGMENTED: tl.constexpr, UPPER: tl.constexpr, PASS: tl.constexpr, MMA: tl.constexpr):
+               SEGMENTED: tl.constexpr, UPPER: tl.constexpr, PASS: tl.constexpr, MMA: tl.constexpr,
+               ORDER: tl.constexpr):
     """:func:`_bigla_bwd_kernel`'s work for one chunk and value block."""
     BH = tl.num_programs(2)
     # q, k, v, do stay in their dtype: products with them convert (f32) where they happen
@@ -561,7 +565,6 @@ def _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, tri
     off_o = (i_b * T * H + i_h) * V
     off_k = (i_v.to(tl.int64) * BH * T + i_b * T * H + i_h) * K  # this value block's slice of dq, dk, dg
     b_do = _load_raw(do + off_o, rows, cv, H * V, T)  # times half_scale below: d = do * scale / 2
-    w = tl.where(_triangle(BT, UPPER), _dot_raw(b_do, tl.trans(b_v), HALF_DOTS) * half_scale, 0.0)
 
     b_g = _load_gate(g + off_g, rows, ck, sgt, T, ginv, GATED)
     tot = tl.sum(b_g, axis=0)
@@ -578,37 +581,89 @@ def _bwd_chunk(q, k, v, g, do, dq, dk, dv, dg, pq, pk, pv, h, hs, dec, flag, tri
         tl.store(flag, tl.where(safe, 0, 1).to(tl.int8))
         safe = True
     if go:
-        s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
-        ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
         # the states as stored: their products with do and v are exact (as tf32 of the same values was)
-        dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp2(x + a[None, :]))
+        ds = _state(h, hs, dec, 2 + UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
         key_out = tl.exp2(tot[None, :] - a[None, :] - x)  # a key's decay into the state leaving the chunk
-        dk_inter = _dot_raw(b_v, tl.trans(ds), HALF_DOTS) * key_out
-        b_dq = _mix_rows(w, b_k, x, safe, BT, UPPER, HALF_DOTS) + dq_inter
-        b_dk = _mix_cols(w, b_q, x, safe, BT, UPPER, HALF_DOTS) + dk_inter
-        b_dv = _hdot(tl.trans(_scores(b_q, b_k, x, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
-        b_dv += _dot_raw((b_k.to(tl.float32) * key_out).to(b_k.dtype), ds, HALF_DOTS)  # decayed keys: <= |k|
-        # d/dx_i = q dq - k dk; the chunk total G also scales the state into the next chunk (both scans)
-        # and, for the forward scan, every key's share of it, for the backward scan every query's readout
-        u = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+        if ORDER:  # dv, then dq, then dk, each stored as it is formed
+            b_dv = _grad_v(b_q, b_k, b_do, ds, x, key_out, safe, half_scale, BT, UPPER, HALF_DOTS)
+            _store_grad(dv, pv, off_o, rows, cv, H * V, T, b_dv, UPPER)
+            s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+            extra = _carried(s, ds, tot)
+            w = tl.where(_triangle(BT, UPPER), _dot_raw(b_do, tl.trans(b_v), HALF_DOTS) * half_scale, 0.0)
+            b_dq, extra = _grad_q(b_q, b_k, b_do, s, w, x, a, safe, half_scale, extra, BT, UPPER, HALF_DOTS)
+            u = b_q.to(tl.float32) * b_dq
+            _store_grad(dq, pq, off_k, rows, ck, H * K, T, b_dq, UPPER)
+            b_dk, extra = _grad_k(b_q, b_k, b_v, ds, w, x, key_out, safe, extra, BT, UPPER, HALF_DOTS)
+            u -= b_k.to(tl.float32) * b_dk
+            _store_grad(dk, pk, off_k, rows, ck, H * K, T, b_dk, UPPER)
+        else:  # all three formed, then stored
+            s = _state(h, hs, dec, UPPER, i_bh, BH, i_t, NT, SEG, NSEG, ck, cv, K, V, SEGMENTED)
+            extra = _carried(s, ds, tot)
+            w = tl.where(_triangle(BT, UPPER), _dot_raw(b_do, tl.trans(b_v), HALF_DOTS) * half_scale, 0.0)
+            b_dq, extra = _grad_q(b_q, b_k, b_do, s, w, x, a, safe, half_scale, extra, BT, UPPER, HALF_DOTS)
+            b_dk, extra = _grad_k(b_q, b_k, b_v, ds, w, x, key_out, safe, extra, BT, UPPER, HALF_DOTS)
+            b_dv = _grad_v(b_q, b_k, b_do, ds, x, key_out, safe, half_scale, BT, UPPER, HALF_DOTS)
+            u = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+        # d/dx_i = u_i = q dq - k dk, plus the chunk total's share (extra)
         d_g = tl.sum(u, axis=0)[None, :] - tl.cumsum(u, axis=0)  # exclusive suffix sums
         if UPPER:  # x = -c: d/dg_j = -(sum over the tokens after j)
-            extra = tl.sum(b_q.to(tl.float32) * dq_inter, axis=0)
             d_g = -d_g
         else:  # x = P: d/dg_j = sum over the tokens from j on
-            extra = tl.sum(b_k.to(tl.float32) * dk_inter, axis=0)
             d_g += u
-        d_g += (extra + tl.exp2(tot) * tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1))[None, :]
+        d_g += extra[None, :]
         if GATED:  # d logsigmoid(z) / dz = sigmoid(-z)
             d_g *= _sigmoid_neg(_load_rows(g + off_g, rows, ck, sgt, T)) * ginv
         _store_rows(dg + off_k, rows, ck, H * K, T, d_g)
-        if UPPER:  # the second launch: add the forward scan's shares
-            b_dq += _load_rows(pq + off_k, rows, ck, H * K, T)
-            b_dk += _load_rows(pk + off_k, rows, ck, H * K, T)
-            b_dv += _load_rows(pv + off_o, rows, cv, H * V, T)
-        _store_rows(dq + off_k, rows, ck, H * K, T, b_dq)
-        _store_rows(dk + off_k, rows, ck, H * K, T, b_dk)
-        _store_rows(dv + off_o, rows, cv, H * V, T, b_dv)
+        if not ORDER:
+            _store_grad(dq, pq, off_k, rows, ck, H * K, T, b_dq, UPPER)
+            _store_grad(dk, pk, off_k, rows, ck, H * K, T, b_dk, UPPER)
+            _store_grad(dv, pv, off_o, rows, cv, H * V, T, b_dv, UPPER)
+
+
+@triton.jit
+def _carried(s, ds, tot):
+    """``[K]``: the chunk total G's share of its gate gradients through the state it carries into the next chunk
+    (both scans): ``exp(G) sum_v s * ds``."""
+    return tl.exp2(tot) * tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _grad_q(b_q, b_k, b_do, s, w, x, a, safe, half_scale, extra, BT: tl.constexpr, UPPER: tl.constexpr,
+            HALF_DOTS: tl.constexpr):
+    """``(dq, extra)``: dq ``[BT, K]`` fp32 (``w``: the masked ``do v^T``), and for the backward scan ``extra``
+    plus every query's readout's share of G's gradient (``[K]``)."""
+    dq_inter = _dot_raw(b_do, tl.trans(s), HALF_DOTS) * (half_scale * tl.exp2(x + a[None, :]))
+    if UPPER:
+        extra += tl.sum(b_q.to(tl.float32) * dq_inter, axis=0)
+    return _mix_rows(w, b_k, x, safe, BT, UPPER, HALF_DOTS) + dq_inter, extra
+
+
+@triton.jit
+def _grad_k(b_q, b_k, b_v, ds, w, x, key_out, safe, extra, BT: tl.constexpr, UPPER: tl.constexpr,
+            HALF_DOTS: tl.constexpr):
+    """``(dk, extra)``: dk ``[BT, K]`` fp32, and for the forward scan ``extra`` plus every key's share of G's
+    gradient (``[K]``)."""
+    dk_inter = _dot_raw(b_v, tl.trans(ds), HALF_DOTS) * key_out
+    if not UPPER:
+        extra += tl.sum(b_k.to(tl.float32) * dk_inter, axis=0)
+    return _mix_cols(w, b_q, x, safe, BT, UPPER, HALF_DOTS) + dk_inter, extra
+
+
+@triton.jit
+def _grad_v(b_q, b_k, b_do, ds, x, key_out, safe, half_scale, BT: tl.constexpr, UPPER: tl.constexpr,
+            HALF_DOTS: tl.constexpr):
+    """dv, ``[BT, BV]`` fp32: the in-chunk scores' transpose times ``do``, plus the decayed keys times ``ds``."""
+    b_dv = _hdot(tl.trans(_scores(b_q, b_k, x, safe, BT, UPPER, HALF_DOTS)), b_do, HALF_DOTS) * half_scale
+    return b_dv + _dot_raw((b_k.to(tl.float32) * key_out).to(b_k.dtype), ds, HALF_DOTS)  # decayed keys: <= |k|
+
+
+@triton.jit
+def _store_grad(ptr, share, off, rows, cols, stride, T, x, ADD: tl.constexpr):
+    """Store one gradient tile at ``ptr + off``; with ``ADD`` (the backward scan's launch) plus the forward scan's
+    share of it at ``share + off``."""
+    if ADD:
+        x += _load_rows(share + off, rows, cols, stride, T)
+    _store_rows(ptr + off, rows, cols, stride, T, x)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -672,6 +727,7 @@ class _Plan:
     mma: bool  # the in-chunk exponents' prefix sums on the tensor cores (the forward's per-chunk kernel)
     walk_mma: bool  # the same in the walk
     bwd_mma: bool  # the same in the backward's per-chunk kernel
+    bwd_order: bool  # the backward's per-chunk kernel stores each gradient as soon as it is formed (its ORDER)
 
 
 def default_launch(T: int, K: int, V: int, bf16: bool, chains: int) -> tuple[int, int, int]:
@@ -794,14 +850,20 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     # per-chunk kernel only at d_k >= 32 (that layer's backward kernel read 4% slower with them at d_k = 16:
     # kernel_bigla_k16_ab.json)
     mma = bf16 and BT == 64
+    nseg = cdiv(NT, seg)
+    # the backward's per-chunk kernel stores each gradient as it is formed at 64-token chunks of whole walks (ViG-T
+    # @512, @1024: its spills went to none, forward + backward -6.3% at @512 b128 on an H100); elsewhere it stores
+    # all three at the end (the early stores read +1.4% at @2048's segmented walks, +8.5% at @224's 16-token chunks
+    # under the 80-register cap, +24% at ViG-H-T stage 1 @224: kernel_bigla_bwd_order_ab.json)
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
-                 nseg=cdiv(NT, seg), warps_walk=warps_walk,
+                 nseg=nseg, warps_walk=warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
                  state_fp32=not bf16 or config.state_dtype == "fp32",
                  steep_pass=BT == 64 and chains == 2 if config.steep_pass is None else bool(config.steep_pass),
                  walk_regs=walk_regs if config.walk_regs is None else config.walk_regs,
                  walk_stages=walk_stages if config.walk_stages is None else config.walk_stages,
-                 mma=mma, walk_mma=mma and warps_walk > 1, bwd_mma=mma and K >= 32)
+                 mma=mma, walk_mma=mma and warps_walk > 1, bwd_mma=mma and K >= 32,
+                 bwd_order=BT == 64 and nseg == 1)
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
@@ -974,7 +1036,8 @@ def bigla_bwd_triton(q, k, v, gf, gb, do, scale: float, gate_normalizer: float |
                 q, k, v, g, do, *outs, dg, pq, pk, pv, h, hs, dec, steep, tri, T, H, p.NT, p.seg, p.nseg, ginv,
                 0.5 * scale, *q.stride()[:3], *v.stride()[:3], *gf.stride()[:3],
                 K=K, V=V, BT=p.BT, BV=p.BV, GATED=gated, HALF_DOTS=_half_dots(q),
-                SEGMENTED=p.nseg > 1, UPPER=upper, PASS=step, MMA=p.bwd_mma, num_warps=p.warps_chunk,
+                SEGMENTED=p.nseg > 1, UPPER=upper, PASS=step, MMA=p.bwd_mma, ORDER=p.bwd_order,
+                num_warps=p.warps_chunk,
                 **_options(p.regs))
     if p.NV == 1:
         return dq[0], dk[0], dv, dgf[0], dgb[0]
