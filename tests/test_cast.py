@@ -277,7 +277,9 @@ def test_blocks_call_their_layers_when_watched(name, kwargs):
     with torch.no_grad():
         watched = model(x)
     assert fired == set(layers)
-    torch.testing.assert_close(watched, plain, rtol=1e-5, atol=1e-5)
+    # float32 sums in another order: errors scale with the output's magnitude (ViG-H-T's reaches ~3.4 here; its
+    # largest difference read 7e-6 and 1.1e-5 on two hosts), so the absolute tolerance does too
+    torch.testing.assert_close(watched, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
     fired.clear()
     model.train()(x).sum().backward()
     assert fired == set(layers)
