@@ -863,7 +863,7 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
                  walk_regs=walk_regs if config.walk_regs is None else config.walk_regs,
                  walk_stages=walk_stages if config.walk_stages is None else config.walk_stages,
                  mma=mma, walk_mma=mma and warps_walk > 1, bwd_mma=mma and K >= 32,
-                 bwd_order=BT == 64 and nseg == 1)
+                 bwd_order=BT == 64 and (nseg == 1 or K <= 16))
 
 
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
