@@ -264,9 +264,10 @@ def test_launch_plan(B, T, chunk, segments):
     # the backward's walks: whole up to BWD_WHOLE_WALK chunks, cut as the forward's beyond
     bwd = plan(B, T, 3, 32, 64, True, 132, 4)
     assert bwd.nseg == 1 if bwd.NT <= BWD_WHOLE_WALK else bwd.nseg > 1, bwd
-    # its per-chunk kernel stores each gradient early at 64-token chunks of whole walks only (T = 1024, 4096 here;
-    # T <= 256 takes 16-token chunks, T >= 16384 segmented walks)
+    # its per-chunk kernel stores each gradient early at 64-token chunks of whole walks (d_k = 32: T = 1024, 4096
+    # here; T <= 256 takes 16-token chunks, T >= 16384 segmented walks) and of d_k = 16's segmented walks
     assert bwd.bwd_order == (T in (1024, 4096)), bwd
+    assert plan(B, T, 3, 16, 32, True, 132, 4, BiGLAConfig(chunk=64)).bwd_order  # segmented from T = 16384
     for n in (1, 3, 1000):  # an explicit count, clipped to the chunks there are
         p = plan(B, T, 3, 32, 256, True, 132, 4, BiGLAConfig(chunk=32, segments=n, bv=128))
         assert (p.BT, p.BV, p.NV) == (32, 128, 2)

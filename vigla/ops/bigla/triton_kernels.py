@@ -852,9 +852,10 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     mma = bf16 and BT == 64
     nseg = cdiv(NT, seg)
     # the backward's per-chunk kernel stores each gradient as it is formed at 64-token chunks of whole walks (ViG-T
-    # @512, @1024: its spills went to none, forward + backward -6.3% at @512 b128 on an H100); elsewhere it stores
-    # all three at the end (the early stores read +1.4% at @2048's segmented walks, +8.5% at @224's 16-token chunks
-    # under the 80-register cap, +24% at ViG-H-T stage 1 @224: kernel_bigla_bwd_order_ab.json)
+    # @512, @1024: no spills left, forward + backward -5.2 to -5.6% on an H100) and of d_k = 16's segmented ones
+    # (ViG-H-T stage 1 @512: -3.3%); elsewhere it stores all three at the end (with the early stores ViG-T @2048 b8,
+    # segmented, read +2.0%: kernel_bigla_bwd_order_rule_ab.json; 16-token chunks under the 80-register cap spilled
+    # more and read +8.5 to +24%: kernel_bigla_bwd_order_ab.json)
     return _Plan(BT=BT, NT=NT, BV=BV, NV=V // BV, BVW=BVW, NVW=V // BVW, seg=seg,
                  nseg=nseg, warps_walk=warps_walk,
                  warps_chunk=config.warps_chunk or warps, regs=regs if cap is None else cap,
