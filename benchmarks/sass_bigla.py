@@ -37,9 +37,10 @@ LAYERS = [s for s in SHAPES if s[0] in ("ViG-T @224", "ViG-T @1024", "ViG-H-T s1
 # multiples of 16 in ViG's layout
 STRIDES = {"sqb", "sqt", "sqh", "svb", "svt", "svh", "sgb", "sgt", "sgh", "sxb", "sxt", "szb", "szt"}
 FLOATS = {"ginv", "gnorm", "half_scale", "eps"}
-FP32_PTRS = {"hs", "dec", "pq", "pk", "pv", "w_o", "w_l"}
+FP32_PTRS = {"hs", "dec", "w_o", "w_l"}  # the backward's shares (pq, pk, pv) are bf16 for bf16 inputs (handoff_dtype)
 I8_PTRS = {"steep"}  # the output kernel's flags of steep chunks
-PTR_NAMES = {"q", "k", "v", "do", "gf", "gb", "g", "h", "o", "dq", "dk", "dv", "dg", "x", "z", "tri"} | FP32_PTRS
+PTR_NAMES = {"q", "k", "v", "do", "gf", "gb", "g", "h", "o", "dq", "dk", "dv", "dg", "pq", "pk", "pv", "x", "z",
+             "tri"} | FP32_PTRS
 
 
 def _tool(name: str) -> str:
