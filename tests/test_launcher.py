@@ -198,3 +198,31 @@ def test_planned_takes_symbolic_sizes_past_the_cache():
     make_fx(trace, tracing_mode="symbolic")(torch.empty(5, 3))
     assert got == [507] and plan.cache_info().currsize == 0
     assert planned(plan, 5, 7) == 507 and plan.cache_info().currsize == 1
+
+
+def test_multiprocessors_asks_once_per_device_and_compiles_without_warnings(monkeypatch):
+    """``multiprocessors``: the device is asked once per index; ``torch.compile`` traces a caller (the inference
+    path's op choices) in one graph without Dynamo's warning about tracing through a cached function; the
+    persistent kernels' program count is four per multiprocessor, four under the CPU interpreter."""
+    import warnings
+    from types import SimpleNamespace
+
+    asked = []
+
+    def props(index):
+        asked.append(index)
+        return SimpleNamespace(multi_processor_count=132 + index)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(launcher, "_MULTIPROCESSORS", {})
+
+    def choose(x):
+        return x * launcher.multiprocessors(1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(choose, backend="eager", fullgraph=True)(torch.ones(3))
+    assert out.tolist() == [133.0] * 3
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert launcher.multiprocessors(1) == 133 and launcher.multiprocessors(0) == 132 and asked == [1, 0]
+    assert launcher.persistent_programs(torch.empty(1)) == 4

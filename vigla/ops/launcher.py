@@ -24,8 +24,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "unit_stride", "handoff_dtype", "rows", "FastKernel",
-           "Compiled"]
+__all__ = ["direct", "cdiv", "next_power_of_2", "planned", "unit_stride", "handoff_dtype", "rows", "multiprocessors",
+           "persistent_programs", "FastKernel", "Compiled"]
 
 MAX_SIGNATURES = 1024  # per kernel: beyond it the cache starts again (shapes that never repeat)
 
@@ -73,6 +73,30 @@ def unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` with unit stride in its last dimension, as the kernels (Triton and CPU) read it (a view when it
     already has it)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+_MULTIPROCESSORS: dict[int, int] = {}
+
+
+def multiprocessors(index: int) -> int:
+    """The multiprocessor count of CUDA device ``index``, asked once per device. A plain dict, not
+    ``functools.lru_cache``: the inference path's op choices read it while ``torch.compile`` traces them, and Dynamo
+    warns at each cached function it traces through."""
+    n = _MULTIPROCESSORS.get(index)
+    if n is None:
+        n = _MULTIPROCESSORS[index] = _ask_multiprocessors(index)
+    return n
+
+
+@torch.compiler.assume_constant_result  # Dynamo calls it and keeps the answer as a constant of the graph
+def _ask_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(t: torch.Tensor) -> int:
+    """Programs of a kernel that loops over its tiles and leaves one partial sum per program (the backward kernels'
+    weight gradients): four per multiprocessor of ``t``'s CUDA device, four under Triton's CPU interpreter."""
+    return 4 * multiprocessors(t.device.index) if t.is_cuda else 4
 
 
 def handoff_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,14 +9,12 @@ summed by the caller: deterministic, no atomics.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv, next_power_of_2, rows as _rows
+from ..launcher import cdiv, multiprocessors, next_power_of_2, persistent_programs, rows as _rows
 
 TILE_FWD, TILE_BWD = 2048, 1024  # elements per tile (BR * BC): 16 values a thread forward, 4 backward
 WARPS_FWD, WARPS_BWD = 4, 8  # spill-free for C <= 4096 (ptxas, sm_90)
@@ -252,7 +250,7 @@ MLP_MAX_C = 3 * MLP_BK
 
 def mlp_fills_device(R: int, index: int) -> bool:
     """Whether ``R`` rows make at least one row tile per multiprocessor of CUDA device ``index``."""
-    return cdiv(R, MLP_ROWS) >= _multiprocessors(index)
+    return cdiv(R, MLP_ROWS) >= multiprocessors(index)
 
 
 def mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype,
@@ -272,15 +270,6 @@ def mlp_add_norm_fwd_triton(x, w1, w2, r, weight, bias, eps: float, rms: bool, o
             C=C, BC=next_power_of_2(C), BR=MLP_ROWS, BH=MLP_BH, BK=MLP_BK, RMS=rms, HAS_BIAS=bias is not None,
             ROW_SCALE=row_scale is not None, num_warps=MLP_WARPS, num_stages=MLP_STAGES)
     return s, y
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _programs(index: int) -> int:
-    return 4 * _multiprocessors(index)
 
 
 def _tile(C: int, elements: int) -> tuple[int, int]:
@@ -328,7 +317,7 @@ def add_norm_bwd_triton(dy, ds, s, weight, bias, eps: float, rms: bool, delta_dt
     s2 = s.reshape(-1, C).contiguous()
     R = s2.shape[0]
     BC, BR = _tile(C, TILE_BWD)
-    n = max(1, min(cdiv(R, BR), _programs(s.device.index) if s.is_cuda else 4))
+    n = max(1, min(cdiv(R, BR), persistent_programs(s)))
     store_dd = delta_dtype is not None and delta_dtype != s.dtype
     dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     ddelta = torch.empty(s.shape if store_dd else (0,), dtype=delta_dtype or s.dtype, device=s.device)

@@ -66,7 +66,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..dispatch import direct, via_dispatcher
-from ..launcher import cdiv, handoff_dtype, planned, unit_stride
+from ..launcher import cdiv, handoff_dtype, multiprocessors, planned, unit_stride
 from ..locality_mix.triton_kernels import mixed
 
 __all__ = ["BiGLAConfig", "bigla_fwd_triton", "bigla_bwd_triton", "mixes", "plan", "supports"]
@@ -702,11 +702,6 @@ class BiGLAConfig:
 _DEFAULT = BiGLAConfig()  # the automatic plan (one instance: a dataclass costs microseconds to build and hash)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 @dataclass(frozen=True)
 class _Plan:
     BT: int
@@ -870,7 +865,7 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
 def _plan_for(q: torch.Tensor, V: int, chains: int, config: BiGLAConfig | None) -> _Plan:
     B, T, H, K = q.shape
     index = q.device.index
-    sms = _sm_count(index if index is not None else torch.cuda.current_device()) if q.is_cuda else 132
+    sms = multiprocessors(index if index is not None else torch.cuda.current_device()) if q.is_cuda else 132
     return planned(plan, B, T, H, K, V, q.dtype == torch.bfloat16, sms, chains, config)
 
 

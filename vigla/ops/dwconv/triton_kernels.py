@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv, handoff_dtype, next_power_of_2, planned, unit_stride
+from ..launcher import (cdiv, handoff_dtype, multiprocessors, next_power_of_2, persistent_programs, planned,
+                        unit_stride)
 
 TILE_FWD = 1024  # the forward's tile: columns x channels
 TILE_BWD = 512  # the backward's tile: tokens x channels (at 4 warps: spill-free, ptxas sm_90)
@@ -206,16 +207,6 @@ def _dwconv_bwd_kernel(dy, x, w, g, dx, dwp, N, H, W, C, sb, sn, TILES, TOTAL, B
     _store_dw(base, 8, a8, cols, cmask)
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _programs(index: int) -> int:
-    """The backward's programs: four per multiprocessor, each looping over token tiles."""
-    return 4 * _sms(index)
-
-
 def _tile(C: int, elements: int) -> tuple[int, int]:
     """The backward's ``(BC, BT)``: channels (a divisor of ``C`` when one of 64, 32 is) and tokens of a tile
     of ``elements``."""
@@ -225,7 +216,7 @@ def _tile(C: int, elements: int) -> tuple[int, int]:
 
 def _plan(B, H: int, W: int, C, x: torch.Tensor) -> tuple[int, int, int, int, int]:
     """:func:`_sweep` for ``x``'s device (one "multiprocessor" under Triton's CPU interpreter)."""
-    return planned(_sweep, B, H, W, C, _sms(x.device.index) if x.is_cuda else 1)
+    return planned(_sweep, B, H, W, C, multiprocessors(x.device.index) if x.is_cuda else 1)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -270,7 +261,7 @@ def dwconv_bwd_triton(dy, x, weight, hw: tuple[int, int], act: bool, wrap=direct
     w = weight.reshape(C, 9)
     BC, BT = _tile(C, TILE_BWD)
     tiles = cdiv(N, BT)
-    n = max(1, min(B * tiles, _programs(x.device.index) if x.is_cuda else 4))
+    n = max(1, min(B * tiles, persistent_programs(x)))  # each looping over token tiles
     # with SiLU the kernel writes g, else dx; the other pointer is never written (never an input)
     out = torch.empty(B, N, C, dtype=handoff_dtype(x.dtype) if act else x.dtype, device=x.device)
     dwp = (torch.empty if dy.numel() else torch.zeros)(n, C, 9, dtype=torch.float32, device=x.device)

@@ -8,14 +8,12 @@ weights' gradients per program (deterministic, summed by the caller).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..dispatch import direct
-from ..launcher import cdiv, unit_stride
+from ..launcher import cdiv, persistent_programs, unit_stride
 
 BLOCK_ROWS = 16  # rows per tile: 64-channel rows stay spill-free at 4 warps (ptxas -v, sm_90)
 
@@ -111,11 +109,6 @@ def _locality_mix_bwd_kernel(dy, o, x, z, wo, wl, do, dx, dz, parts, R, H, sx, s
     tl.store(parts + (tl.num_programs(0) + pid) * D + cols, tl.sum(acc_l, axis=0))
 
 
-@functools.lru_cache(maxsize=None)
-def _programs(index: int) -> int:
-    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _flat(o, x, z):
     """``o``: ``[R, d]`` rows; ``x``, ``z``: ``[tokens, C]`` with unit last stride."""
     h, d = o.shape[-2:]
@@ -139,7 +132,7 @@ def locality_mix_bwd_triton(dy, o, x, z, w_o, w_l, eps: float, act: bool, wrap=d
     rows, x2, z2, h, d = _flat(o, x, z)
     R = rows.shape[0]
     dy = dy.contiguous()
-    n = min(cdiv(R, BLOCK_ROWS), _programs(o.device.index) if o.is_cuda else 4)
+    n = min(cdiv(R, BLOCK_ROWS), persistent_programs(o))
     do = torch.empty(o.shape, dtype=o.dtype, device=o.device)
     dx = torch.empty(x.shape, dtype=x.dtype, device=o.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=o.device)
