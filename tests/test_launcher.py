@@ -201,9 +201,11 @@ def test_planned_takes_symbolic_sizes_past_the_cache():
 
 
 def test_multiprocessors_asks_once_per_device_and_compiles_without_warnings(monkeypatch):
-    """``multiprocessors``: the device is asked once per index; ``torch.compile`` traces a caller (the inference
-    path's op choices) in one graph without Dynamo's warning about tracing through a cached function; the
-    persistent kernels' program count is four per multiprocessor, four under the CPU interpreter."""
+    """``multiprocessors``: eager calls ask the device once per index; ``torch.compile`` traces a caller (the
+    inference path's op choices) in one graph, the count a constant, without Dynamo's warning about tracing through
+    a cached function and without touching the eager cache (a guard on a dict the trace fills failed on the
+    compiled ViG-T's first frame under PyTorch 2.11); the persistent kernels' program count is four per
+    multiprocessor, four under the CPU interpreter."""
     import warnings
     from types import SimpleNamespace
 
@@ -224,5 +226,7 @@ def test_multiprocessors_asks_once_per_device_and_compiles_without_warnings(monk
         out = torch.compile(choose, backend="eager", fullgraph=True)(torch.ones(3))
     assert out.tolist() == [133.0] * 3
     assert not [w for w in caught if "lru_cache" in str(w.message)]
-    assert launcher.multiprocessors(1) == 133 and launcher.multiprocessors(0) == 132 and asked == [1, 0]
+    assert launcher._MULTIPROCESSORS == {}
+    asked.clear()
+    assert [launcher.multiprocessors(i) for i in (1, 0, 1, 0)] == [133, 132, 133, 132] and asked == [1, 0]
     assert launcher.persistent_programs(torch.empty(1)) == 4

@@ -82,6 +82,8 @@ def multiprocessors(index: int) -> int:
     """The multiprocessor count of CUDA device ``index``, asked once per device. A plain dict, not
     ``functools.lru_cache``: the inference path's op choices read it while ``torch.compile`` traces them, and Dynamo
     warns at each cached function it traces through."""
+    if torch.compiler.is_compiling():  # a constant of the graph, no guard on the dict (which the trace would fill)
+        return _ask_multiprocessors(index)
     n = _MULTIPROCESSORS.get(index)
     if n is None:
         n = _MULTIPROCESSORS[index] = _ask_multiprocessors(index)
