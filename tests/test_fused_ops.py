@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import vigla  # noqa: F401
 from vigla.layers import RmsNorm, SwiGLU
 from vigla.ops.dispatch import reference_ops, use_kernels
+from vigla.ops.launcher import multiprocessors
 from vigla.ops.locality_mix import locality_mix, locality_mix_reference, locality_mix_reference_bwd
 from vigla.ops.swiglu import swiglu, swiglu_mlp, swiglu_reference, swiglu_reference_bwd
 import triton_interpreter
@@ -262,8 +263,8 @@ def test_fc1_swiglu_kernel_on_gpu(shape, dtype):
     ref = swiglu_reference(x.double() @ w1.double().t())
     y = K.fc1_swiglu_triton(x, w1)
     assert y.shape == (M, I) and y.dtype == dtype and rel(y, ref) < TOL[dtype]
-    tma, sms = K._has_tma(x.device.index)
-    if tma and K._fills_device(M, C, I, sms):
+    sms = multiprocessors(x.device.index)
+    if K._has_tma(x.device.index) and K._fills_device(M, C, I, sms):
         y = torch.full((M, I), float("nan"), device="cuda", dtype=dtype)
         K.fc1_swiglu_tma(x, w1, y, sms)
         assert rel(y, ref) < TOL[dtype]

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
     TensorDescriptor = None
 
 from ..dispatch import direct
-from ..launcher import cdiv, rows as _rows
+from ..launcher import cdiv, multiprocessors, rows as _rows
 
 BLOCK = 1024
 
@@ -141,11 +141,10 @@ def _fills_device(M: int, C: int, I: int, sms: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_tma(index: int) -> tuple[bool, int]:
-    """``(TMA, multiprocessors)`` of CUDA device ``index``: Hopper (sm_90) or newer, with a Triton that has
-    host-side tensor descriptors."""
-    props = torch.cuda.get_device_properties(index)
-    return TensorDescriptor is not None and props.major >= 9, props.multi_processor_count
+def _has_tma(index: int) -> bool:
+    """Whether CUDA device ``index`` has TMA: Hopper (sm_90) or newer, with a Triton that has host-side tensor
+    descriptors. Read on the eager path only (``torch.compile`` traces the per-tile kernel)."""
+    return TensorDescriptor is not None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def _tma_fits(x: torch.Tensor, w1: torch.Tensor) -> bool:
@@ -179,8 +178,8 @@ def fc1_swiglu_triton(x: torch.Tensor, w1: torch.Tensor, wrap=direct) -> torch.T
     if not M:
         return y
     if wrap is direct and x.is_cuda and (M * I >= TMA_MIN_WORK or torch.cuda.is_current_stream_capturing()):
-        tma, sms = _has_tma(x.device.index)
-        if tma and _fills_device(M, C, I, sms) and _tma_fits(rows, w1):
+        sms = multiprocessors(x.device.index)
+        if _has_tma(x.device.index) and _fills_device(M, C, I, sms) and _tma_fits(rows, w1):
             fc1_swiglu_tma(rows, w1, y.view(M, I), sms, wrap)
             return y
     fc1_swiglu_tiles(rows, w1, y, wrap)
