@@ -486,7 +486,7 @@ def test_cli_on_gpu_with_compile(tmp_path):
 
 # a new process: Dynamo's caches and the ops' per-device cache empty, as a user's first compiled call finds them
 _COMPILED_VIG = """
-import copy, json, sys, torch, timm, vigla
+import copy, json, torch, timm, vigla
 torch.manual_seed(0)
 eager = timm.create_model("vig_tiny", img_size=64, drop_path_rate=0.0).cuda()
 model = copy.deepcopy(eager)
