@@ -494,11 +494,11 @@ compiled = torch.compile(model, fullgraph=True, dynamic=False)
 x = torch.randn(4, 3, 64, 64, device="cuda")
 dy = torch.randn(4, 1000, device="cuda")
 out = {}
-for name, m in (("compiled", compiled), ("eager", eager)):
+for name, m, module in (("compiled", compiled, model), ("eager", eager, eager)):
     with torch.autocast("cuda", torch.bfloat16):
         y = m(x).float()
     y.backward(dy)
-    out[name] = (y, [p.grad.float() for p in (model if m is compiled else eager).parameters()])
+    out[name] = (y, [p.grad.float() for p in module.parameters()])
     m.eval()
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
         out[name + "_infer"] = m(x).float()
