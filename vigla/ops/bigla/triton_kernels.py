@@ -790,6 +790,17 @@ def default_walk(T: int, K: int, V: int, bf16: bool) -> tuple[int, int]:
 BWD_WHOLE_WALK = 64
 
 
+def _walk_steps(programs: int, NT: int, nseg: int, sms: int) -> int:
+    """The chunk steps one after another in a forward walk of ``programs`` chains cut into ``nseg`` segments: waves of
+    about three 4-warp walk programs per multiprocessor (~130-140 registers) times the chunks of a segment, plus the
+    carry kernel's step per segment. Where cutting saves none, the walk is left whole: at ViG-T's 48 x 1024 (4
+    segments of 4 chunks) that took 11% off the forward, at 128 x 1024 it was even, at T = 4096 cutting paid
+    (H100, ``kernel_bigla_walk_plan_ab.json``)."""
+    seg = cdiv(NT, nseg)
+    nseg = cdiv(NT, seg)
+    return cdiv(programs * nseg, 3 * sms) * seg + (nseg if nseg > 1 else 0)
+
+
 @functools.lru_cache(maxsize=1024)
 def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: int,
          config: BiGLAConfig | None = None) -> _Plan:
@@ -799,7 +810,8 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     are cut into segments when their ``chains * B * H`` programs would leave the multiprocessors
     short of work (Nsight Compute: each walk's chain of chunks is bound by latency, not bytes),
     at most about ``sqrt(chunks)`` of them, since the carry kernel folds the segments one after
-    the other; the backward's walks are left whole up to :data:`BWD_WHOLE_WALK` chunks (its per-chunk kernel
+    the other, and a forward walk of d_k >= 32 stays whole where cutting it shortens no chain of chunk steps
+    (:func:`_walk_steps`); the backward's walks are left whole up to :data:`BWD_WHOLE_WALK` chunks (its per-chunk kernel
     then reads each of its four states as stored, not plus a segment's carried fp32 state); a walk left whole
     runs two warps per program when its programs fill every multiprocessor four times over, else four (bf16
     d_k = 16 heads: one, measured fastest at every ViG-H-T stage). Chunk lengths, warps and register caps of the
@@ -825,6 +837,9 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     if nseg is None:
         whole = programs >= 8 * sms or NT < 8 or (chains == 4 and NT <= BWD_WHOLE_WALK)
         nseg = 1 if whole else min(cdiv(8 * sms, programs), math.isqrt(NT) + 1)
+        if chains == 2 and K >= 32 and nseg > 1 and _walk_steps(programs, NT, nseg, sms) >= _walk_steps(
+                programs, NT, 1, sms):
+            nseg = 1
     seg = cdiv(NT, max(1, min(nseg, NT)))
     # walks not cut into segments and at least four programs per multiprocessor: two warps each (more of
     # them resident; measured 3-5% faster at 224 for ViG-T / ViG-S / ViG-H-T stage 3, kernel_bigla_tune_walk);
