@@ -837,9 +837,8 @@ def plan(B: int, T: int, H: int, K: int, V: int, bf16: bool, sms: int, chains: i
     if nseg is None:
         whole = programs >= 8 * sms or NT < 8 or (chains == 4 and NT <= BWD_WHOLE_WALK)
         nseg = 1 if whole else min(cdiv(8 * sms, programs), math.isqrt(NT) + 1)
-        if chains == 2 and K >= 32 and nseg > 1 and _walk_steps(programs, NT, nseg, sms) >= _walk_steps(
-                programs, NT, 1, sms):
-            nseg = 1
+        if chains == 2 and K >= 32 and nseg > 1:  # a forward walk: whole where cutting shortens no chain of steps
+            nseg = nseg if _walk_steps(programs, NT, nseg, sms) < _walk_steps(programs, NT, 1, sms) else 1
     seg = cdiv(NT, max(1, min(nseg, NT)))
     # walks not cut into segments and at least four programs per multiprocessor: two warps each (more of
     # them resident; measured 3-5% faster at 224 for ViG-T / ViG-S / ViG-H-T stage 3, kernel_bigla_tune_walk);
