@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                     help="glibc keeps freed activations for reuse, as the vigla commands set it "
                          "(vigla.engine.host_memory); --no-keep-freed-memory: glibc's defaults")
+    ap.add_argument("--eager-features", action="store_true",
+                    help="the first model (a ViG) with its CUDA-graph replay of forward_features in training off "
+                         "(set_cuda_graphs(False)): every op of its step issued by the host")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="cpu_vig_t_interleaved")
     args = ap.parse_args(argv)
@@ -100,6 +103,8 @@ def main(argv=None) -> int:
     kept = keep_freed_memory() if args.keep_freed_memory else False
     torch.manual_seed(0)
     models = {name: build_model(name, 224).to(device) for name in args.models}
+    if args.eager_features:
+        models[args.models[0]].set_cuda_graphs(False)
     if args.compile:
         models = {name: torch.compile(model, dynamic=False, mode=args.compile_mode) for name, model in models.items()}
     x, x1 = torch.randn(batch, 3, 224, 224, device=device), torch.randn(1, 3, 224, 224, device=device)
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
                                    rounds=args.rounds, calls=calls, steps=steps, latency=latency,
                                    threads=torch.get_num_threads(), compile=args.compile,
                                    compile_mode=args.compile_mode if args.compile else None,
-                                   keep_freed_memory=kept))
+                                   keep_freed_memory=kept, eager_features=args.eager_features))
     first, second = args.models
     for r in range(args.rounds):
         row = {"round": r}

@@ -116,7 +116,8 @@ class CudaGraphTrainStep:
     ``.grad`` hold the last step's gradients.
 
     Args:
-        model: on a CUDA device, in train mode (put there); no hooks that need the host.
+        model: on a CUDA device, in train mode (put there); no hooks that need the host. A ViG's replay of its
+            own ``forward_features`` (``set_cuda_graphs``) is turned off: the whole step is one graph.
         optimizer: over ``model``'s parameters (``None``: forward and backward only), built with
             ``capturable=True`` where it has the option (Adam, AdamW: its state then lives on the device).
             A learning rate that is a Python number may change between calls (a scheduler's): every step
@@ -151,6 +152,8 @@ class CudaGraphTrainStep:
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"CudaGraphTrainStep needs the model on a CUDA device, it is on {device}")
+        if hasattr(model, "set_cuda_graphs"):  # a ViG's own replay of its features: the whole step is one graph here
+            model.set_cuda_graphs(False)
         self.model, self.optimizer, self.loss_fn = model.train(), optimizer, loss_fn
         self.amp_dtype, self.warmup, self.clip_grad, self.device = amp_dtype, warmup, clip_grad, device
         self.calls = 0

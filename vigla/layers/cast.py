@@ -38,7 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "forget_inference_weights", "caching", "check_device", "memoized", "plain_call",
+__all__ = ["inference_weights", "forget_inference_weights", "generation", "caching", "check_device", "memoized", "plain_call",
            "plain_leaves", "gemm_weights", "gemm", "gemm_swiglu", "packs", "Projection", "MlpProjection", "dense"]
 
 
@@ -76,6 +76,12 @@ def _restructured(module, name, value) -> None:
 nn.modules.module.register_module_parameter_registration_hook(_restructured)
 nn.modules.module.register_module_buffer_registration_hook(_restructured)
 nn.modules.module.register_module_module_registration_hook(_restructured)
+
+
+def generation() -> int:
+    """A number that moves whenever any module anywhere registers a parameter, buffer or submodule (and with
+    :func:`forget_inference_weights`): what a record of a model's structure is checked against."""
+    return _GENERATION[0]
 
 
 def caching(x) -> bool:

@@ -22,6 +22,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import BiGLAMixer, ConvStem, RmsNorm
+from ._graph_replay import GraphReplayMixin
 from ._vig_common import (
     MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, pool, run_blocks,
     drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
@@ -33,8 +34,9 @@ __all__ = ["ViG", "checkpoint_filter_fn", "to_official_state_dict"]
 torch.fx.wrap("resample_abs_pos_embed")
 
 
-class ViG(ClassifierMixin, nn.Module):
-    """Plain ViG (``get_classifier`` / ``reset_classifier``: :class:`ClassifierMixin`).
+class ViG(ClassifierMixin, GraphReplayMixin, nn.Module):
+    """Plain ViG (``get_classifier`` / ``reset_classifier``: :class:`ClassifierMixin`; ``set_cuda_graphs``:
+    :class:`GraphReplayMixin`).
 
     Args:
         img_size: size the learned position embedding is laid out for (other sizes resize it on
@@ -157,7 +159,15 @@ class ViG(ClassifierMixin, nn.Module):
         return x.flatten(1, 2) + self._pos_embed(hw), hw
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` -> normalized tokens ``[B, N, C]``, N = (H/16) * (W/16)."""
+        """``[B, in_chans, H, W]`` -> normalized tokens ``[B, N, C]``, N = (H/16) * (W/16). In eager CUDA
+        training, replayed from CUDA graphs (:meth:`set_cuda_graphs`)."""
+        if not torch.jit.is_scripting():
+            replayed = self._replayed(x)
+            if replayed is not None:
+                return replayed
+        return self._forward_features(x)
+
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, hw = self._embed(x)
         if torch.jit.is_scripting():
             for blk in self.blocks:

@@ -20,6 +20,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import ConvDownsample, ConvStem
 from ..layers.norm import add_and_norm, layer_norm_dtype
+from ._graph_replay import GraphReplayMixin
 from ._vig_common import (
     MIXER_KEYS, ClassifierMixin, KeyMap, ViGBlock, build_vig, check_global_pool, checkpoint_blocks, pool, run_blocks,
     drop_path_schedule, filter_checkpoint, record_input_size, swiglu_hidden_dim, vig_cfg,
@@ -67,8 +68,9 @@ class ViGStage(nn.Module):
         return x.unflatten(1, hw).permute(0, 3, 1, 2)
 
 
-class HierViG(ClassifierMixin, nn.Module):
-    """ViG-H (``get_classifier`` / ``reset_classifier``: :class:`ClassifierMixin`).
+class HierViG(ClassifierMixin, GraphReplayMixin, nn.Module):
+    """ViG-H (``get_classifier`` / ``reset_classifier``: :class:`ClassifierMixin`; ``set_cuda_graphs``:
+    :class:`GraphReplayMixin`).
 
     Args:
         img_size: nominal input size (recorded for timm's data config; ViG-H has no position
@@ -170,7 +172,15 @@ class HierViG(ClassifierMixin, nn.Module):
         return add_and_norm(self.norm, t, out_dtype=layer_norm_dtype(t))[1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` -> normalized ``[B, C, H/32, W/32]`` (a channels-last view)."""
+        """``[B, in_chans, H, W]`` -> normalized ``[B, C, H/32, W/32]`` (a channels-last view). In eager CUDA
+        training, replayed from CUDA graphs (:meth:`set_cuda_graphs`)."""
+        if not torch.jit.is_scripting():
+            replayed = self._replayed(x)
+            if replayed is not None:
+                return replayed
+        return self._forward_features(x)
+
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x).permute(0, 3, 1, 2))
         return self._final_norm(x)
 

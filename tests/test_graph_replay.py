@@ -1,0 +1,152 @@
+"""vigla.models._graph_replay: ViG's forward_features replayed from CUDA graphs in eager CUDA training.
+
+On a CPU: what a capture is keyed by, and that nothing replays there. On a GPU: replayed training steps against the
+same model with the replay off (values, gradients, drop-path draws, several steps of an optimizer), and every case
+where the replay must step aside (two forwards before a backward, hooks, checkpointing, torch.compile)."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import vigla  # noqa: F401
+from vigla.models._graph_replay import _layout, _key, replay_features, replay_stats
+
+
+def _key_of(model, x):
+    layout = _layout(model)
+    return _key(layout, x, [d[n] for d, n in layout.params], [d[n] for d, n in layout.buffers])
+
+
+def test_key_moves_with_what_a_capture_reads():
+    model = timm.create_model("vig_tiny", drop_path_rate=0.1, num_classes=10).train()
+    x = torch.randn(2, 3, 64, 64)
+    base = _key_of(model, x)
+    assert _key_of(model, x) == base
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.mul_(2)  # in place: the graphs read it where it lies
+    assert _key_of(model, x) == base
+    changes = {
+        "batch": lambda m: None,
+        "drop path rate": lambda m: setattr(m.blocks[3].drop_path1, "drop_prob", 0.3),
+        "a submodule in eval": lambda m: m.blocks[1].eval(),
+        "a frozen parameter": lambda m: m.pos_embed.requires_grad_(False),
+        "a new parameter": lambda m: setattr(m.norm, "weight", torch.nn.Parameter(m.norm.weight.detach().clone())),
+    }
+    for what, change in changes.items():
+        m = copy.deepcopy(model)
+        change(m)
+        xx = torch.randn(3, 3, 64, 64) if what == "batch" else x
+        assert _key_of(m, xx) != base, what
+
+
+def test_nothing_replays_on_a_cpu_or_without_autograd():
+    model = timm.create_model("vig_tiny", num_classes=10).train()
+    x = torch.randn(2, 3, 64, 64)
+    assert replay_features(model, model._forward_features, x) is None
+    with torch.no_grad():
+        assert replay_features(model, model._forward_features, x) is None
+    assert replay_stats(model) == {"captures": 0, "replays": 0, "off": None}
+
+
+def test_set_cuda_graphs_is_a_setting_and_scripting_still_works():
+    model = timm.create_model("vig_tiny", num_classes=10)
+    assert model.cuda_graphs
+    model.set_cuda_graphs(False)
+    assert not model.cuda_graphs
+    x = torch.randn(1, 3, 64, 64)
+    scripted = torch.jit.script(model.eval())
+    torch.testing.assert_close(scripted(x), model(x))
+
+
+def _pair(name, **kwargs):
+    torch.manual_seed(0)
+    replayed = timm.create_model(name, num_classes=10, **kwargs).cuda().train()
+    eager = copy.deepcopy(replayed)
+    eager.set_cuda_graphs(False)
+    return replayed, eager
+
+
+def _step(model, opt, x, y, seed):
+    torch.manual_seed(seed)  # the same drop-path draws for both models
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return logits.detach().float(), grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, kwargs", [("vig_tiny", dict(drop_path_rate=0.2)), ("vig_h_tiny", {})])
+def test_replayed_training_steps_match_eager(name, kwargs):
+    """Three AdamW steps: the logits and every gradient as the eager model's (same kernels, same drop-path draws),
+    one capture, three replays; the parameters after the steps equal."""
+    replayed, eager = _pair(name, **kwargs)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (replayed, eager)]
+    for step in range(3):
+        x = torch.randn(4, 3, 96, 96, device="cuda")
+        y = torch.randint(0, 10, (4,), device="cuda")
+        got_logits, got = _step(replayed, opts[0], x, y, step)
+        want_logits, want = _step(eager, opts[1], x, y, step)
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-3, atol=1e-3)
+        assert got.keys() == want.keys() and len(got) == len(list(eager.parameters()))
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    assert replay_stats(replayed) == {"captures": 1, "replays": 3, "off": None}
+    assert replay_stats(eager)["replays"] == 0
+    for (n, p), q in zip(replayed.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+def test_two_forwards_then_one_backward_and_a_new_batch_size():
+    """The second forward runs eagerly (the first one's activations wait for the backward); a smaller batch
+    captures a second layout, and both stay kept."""
+    replayed, eager = _pair("vig_tiny")
+    xs = [torch.randn(4, 3, 64, 64, device="cuda") for _ in range(2)]
+    for m in (replayed, eager):
+        for _ in range(2):  # the second round replays the first forward
+            (m(xs[0]).square().mean() + m(xs[1]).mean()).backward()
+    for (n, p), q in zip(replayed.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert replay_stats(replayed)["replays"] == 2
+    for n in (3, 4, 3):
+        replayed(torch.randn(n, 3, 64, 64, device="cuda")).sum().backward()
+    assert replay_stats(replayed) == {"captures": 2, "replays": 5, "off": None}
+
+
+@pytest.mark.gpu
+def test_a_stale_backward_is_a_clear_error():
+    model, _ = _pair("vig_tiny")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    model(x).sum().backward()  # capture
+    first = model(x).sum()
+    first.backward(retain_graph=True)
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="replayed again from its CUDA graph before this backward"):
+        first.backward()
+
+
+@pytest.mark.gpu
+def test_hooks_checkpointing_and_compile_run_eagerly():
+    model, _ = _pair("vig_tiny")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    seen = []
+    handle = model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    for _ in range(2):
+        model(x).sum().backward()
+    assert len(seen) == 2 and replay_stats(model)["captures"] == 0
+    handle.remove()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    assert replay_stats(model)["captures"] == 0
+    model.set_grad_checkpointing(False)
+    compiled = torch.compile(model)
+    compiled(x).sum().backward()
+    assert replay_stats(model)["captures"] == 0
+    model(x).sum().backward()
+    copy.deepcopy(model)(x).sum().backward()  # a copy (an EMA's) starts without the graphs
+    assert replay_stats(model)["captures"] == 1

@@ -1,0 +1,265 @@
+"""Eager CUDA training with the host out of the way: a model's ``forward_features`` and its backward replayed
+from CUDA graphs, inside an ordinary eager training step.
+
+At 224² an eager ViG-T training step is bound by its host, not its GPU: some 650 kernel launches, each behind
+Python (``benchmarks/results/profile_host_train.json``). So in eager CUDA training a ViG's ``forward_features``
+is captured once per input layout as two CUDA graphs, its forward and its backward (the gradients of the
+parameters and, when it needs one, of the input), as PyTorch's ``torch.cuda.make_graphed_callables`` builds
+them, and then replayed inside one autograd node. ``model(x)``, ``loss.backward()`` and the optimizer stay the
+user's, eager: the head, the loss and the optimizer run as they always do, the parameters' ``.grad`` fill as
+usual (hooks on them, DDP's included, fire), and the values are those of the eager path (the same kernels).
+
+A replay happens only where it gives what the eager path would (:func:`replay_features`): eager autograd on
+CUDA tensors (not ``torch.compile``, ``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode
+AD, :func:`vigla.ops.reference_ops` or an enclosing CUDA-graph capture), the model in training, no gradient
+checkpointing and no module hook anywhere in it (a replay calls no Python). The graphs are keyed by the input's
+shape, strides, dtype and ``requires_grad``, the autocast and matmul-precision settings, the storage of every
+parameter and buffer (a step writes them in place and the graphs read them where they lie; a new tensor
+captures again) and every module's plain settings (``training``, drop-path rates, ...). A model keeps its two
+most recent layouts; after 8 captures (shapes or parameters that keep changing) it stops capturing and says so
+once. A forward while the last one's backward is still due (two forwards, one backward) runs eagerly.
+
+The cost: the first step of each layout runs two eager warm-up passes and the capture (well under a second on
+an H100); the graphs keep one step's activations allocated while the model lives. ``model.set_cuda_graphs(
+False)`` turns it off and frees them.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections import OrderedDict
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from ..layers.cast import GLOBAL_HOOKS, HOOKS, generation
+from ..ops.dispatch import eager_training, issued_eagerly
+
+__all__ = ["GraphReplayMixin", "replay_features", "replay_stats"]
+
+WARMUP = 2  # eager passes before a capture (kernels compiled, cuBLAS and cuDNN state made)
+KEEP = 2  # layouts a model keeps captured (e.g. the full batch and an epoch's last, smaller one)
+MAX_CAPTURES = 8  # captures per model before it stops capturing
+_SCALARS = frozenset((bool, int, float, str, type(None)))
+
+
+class _Layout(NamedTuple):
+    """What a model's key reads, found once per module structure (:func:`vigla.layers.cast.generation`)."""
+    generation: int
+    params: tuple  # (the dict a parameter lives in, its name): read anew each call (``functional_call`` swaps)
+    buffers: tuple  # likewise for the buffers
+    hooks: tuple  # every module's hook dicts
+    settings: tuple  # (a module's ``__dict__``, the name of one of its plain attributes)
+    checkpointing: tuple  # the ``__dict__`` of each module with a ``grad_checkpointing`` flag
+
+
+class _Graphs:
+    """One layout's captured forward and backward, their static buffers and the inputs they differentiate."""
+
+    def __init__(self, fwd, bwd, static_in, static_out, static_dout, grads, params, buffers):
+        self.fwd, self.bwd, self.params, self.buffers = fwd, bwd, params, buffers  # held: the graphs read them
+        self.static_in, self.static_out, self.static_dout, self.grads = static_in, static_out, static_dout, grads
+        self.replays = 0
+        self.pending: Optional[weakref.ref] = None  # the last forward's token while its backward is due
+
+    def busy(self) -> bool:
+        """Whether the last replay's activations still wait for its backward (its autograd node is alive)."""
+        return self.pending is not None and self.pending() is not None
+
+
+class _State:
+    """A model's graphs (most recent last), how many it has captured, and why it stopped, if it did."""
+
+    def __init__(self):
+        self.graphs: OrderedDict = OrderedDict()
+        self.captures = self.replays = 0
+        self.off: Optional[str] = None
+        self.layout: Optional[_Layout] = None
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # beside the model: copies start without any
+
+
+class _CaptureFailed(Exception):
+    """A capture failed (its first line says why); the model then trains eagerly."""
+
+
+class _Token:
+    """Held by a replay's autograd node: alive while its backward may still run."""
+
+
+class _Replay(torch.autograd.Function):
+    """``forward_features`` as one autograd node: the forward graph's output (a fresh tensor), then the backward
+    graph's gradients for the input (None unless it needs one) and the parameters."""
+
+    @staticmethod
+    def forward(ctx, graphs: _Graphs, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        graphs.static_in.copy_(x)
+        graphs.fwd.replay()
+        graphs.replays += 1
+        ctx.graphs, ctx.replay = graphs, graphs.replays
+        ctx.token = _Token()
+        graphs.pending = weakref.ref(ctx.token)
+        return graphs.static_out.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: torch.Tensor):
+        graphs = ctx.graphs
+        if graphs.replays != ctx.replay:
+            raise RuntimeError("forward_features was replayed again from its CUDA graph before this backward "
+                               "(retain_graph=True, then a new forward): run each backward before the next forward, "
+                               "or turn the replay off with model.set_cuda_graphs(False)")
+        graphs.static_dout.copy_(dout)
+        graphs.bwd.replay()
+        graphs.pending = None
+        return (None, *graphs.grads)
+
+
+def _layout(model: nn.Module) -> _Layout:
+    modules = list(model.modules())
+    params = tuple((m._parameters, n) for m in modules for n, p in m._parameters.items() if p is not None)
+    buffers = tuple((m._buffers, n) for m in modules for n, b in m._buffers.items() if b is not None)
+    hooks = tuple(getattr(m, h) for m in modules for h in HOOKS)
+    settings = tuple((m.__dict__, k) for m in modules for k, v in m.__dict__.items() if type(v) in _SCALARS)
+    checkpointing = tuple(m.__dict__ for m in modules if "grad_checkpointing" in m.__dict__)
+    return _Layout(generation(), params, buffers, hooks, settings, checkpointing)
+
+
+def _key(layout: _Layout, x: torch.Tensor, params: list, buffers: list) -> tuple:
+    """Everything a capture depends on that a later call could change (see the module's docstring)."""
+    return (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad,
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
+            tuple([(p.data_ptr(), p.dtype, p.requires_grad) for p in params]),
+            tuple([(b.data_ptr(), b.dtype) for b in buffers]),
+            tuple([d.get(k) for d, k in layout.settings]))
+
+
+def _autocast_without_cache():
+    """The caller's CUDA autocast, without its weight-cast cache (a cache entry outlives no graph)."""
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                          cache_enabled=False)
+
+
+def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list, buffers: list) -> _Graphs:
+    """Warm ``fn`` up on ``x`` (on a side stream) and capture its forward and backward. The model's buffers (batch
+    norm statistics) and the CUDA random state are as before: the first replay is the step's only pass."""
+    device = x.device
+    want = [p for p in params if p.requires_grad]
+    static_in = x.detach().clone().requires_grad_(x.requires_grad)
+    inputs = ([static_in] if x.requires_grad else []) + want
+    kept = [b.clone() for b in buffers]
+    rng = torch.cuda.get_rng_state(device)
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), _autocast_without_cache():
+            for _ in range(WARMUP):  # an error here is the eager path's own: it propagates
+                out = fn(static_in)
+                torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
+                del out
+        torch.cuda.current_stream(device).wait_stream(side)
+        try:
+            fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with _autocast_without_cache(), torch.cuda.graph(fwd, capture_error_mode="thread_local"):
+                out = fn(static_in)
+            static_dout = torch.zeros_like(out)
+            with torch.autocast("cuda", enabled=False), \
+                    torch.cuda.graph(bwd, pool=fwd.pool(), capture_error_mode="thread_local"):
+                grads = torch.autograd.grad(out, inputs, static_dout, allow_unused=True)
+        except Exception as e:  # an op that needs the host, out of memory: not capturable
+            raise _CaptureFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    finally:
+        with torch.no_grad():
+            for b, k in zip(buffers, kept):
+                b.copy_(k)
+        torch.cuda.set_rng_state(rng, device)
+    grads = list(grads)
+    dx = grads.pop(0) if x.requires_grad else None
+    by_param = dict(zip(map(id, want), grads))
+    return _Graphs(fwd, bwd, static_in, out.detach(), static_dout, (dx, *[by_param.get(id(p)) for p in params]),
+                   tuple(params), tuple(buffers))
+
+
+def _stop(model: nn.Module, state: _State, why: str) -> None:
+    state.off, state.graphs = why, OrderedDict()
+    warnings.warn(f"{type(model).__name__}: CUDA-graph replay of forward_features is off for this model ({why}); it "
+                  f"trains eagerly (model.set_cuda_graphs(False) says so without this warning)", stacklevel=4)
+
+
+def _eligible(model: nn.Module, x) -> bool:
+    """The conditions of the module's docstring that need no layout: eager autograd on a plain CUDA tensor, nothing
+    tracing or capturing, the model training, turned on and not a ``DataParallel`` replica."""
+    return (type(x) is torch.Tensor and x.is_cuda and model.training and model.__dict__.get("cuda_graphs", True)
+            and not model.__dict__.get("_is_replica") and issued_eagerly() and eager_training(x))
+
+
+def replay_features(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x) -> Optional[torch.Tensor]:
+    """``fn(x)`` (the model's eager ``forward_features``) replayed from CUDA graphs where the module's docstring
+    says it may be, capturing it first for a new layout; None where it may not (the caller runs ``fn`` itself)."""
+    if not _eligible(model, x):
+        return None
+    state = _STATES.get(model)
+    if state is None:
+        state = _STATES[model] = _State()
+    if state.off is not None:
+        return None
+    if state.layout is None or state.layout.generation != generation():
+        state.layout = _layout(model)
+    layout = state.layout
+    if any(GLOBAL_HOOKS) or any(layout.hooks) or any(d.get("grad_checkpointing") for d in layout.checkpointing):
+        return None
+    params = [d[n] for d, n in layout.params]
+    buffers = [d[n] for d, n in layout.buffers]
+    key = _key(layout, x, params, buffers)
+    graphs = state.graphs.get(key)
+    if graphs is None:
+        if state.captures >= MAX_CAPTURES:
+            _stop(model, state, f"{MAX_CAPTURES} captures: its input shapes or parameters keep changing")
+            return None
+        try:
+            graphs = _capture(fn, x, params, buffers)
+        except _CaptureFailed as e:
+            _stop(model, state, f"the capture failed: {e}")
+            return None
+        state.captures += 1
+        state.graphs[key] = graphs
+        while len(state.graphs) > KEEP:
+            state.graphs.popitem(last=False)  # a pending backward holds its graphs itself
+    else:
+        state.graphs.move_to_end(key)
+    if graphs.busy():
+        return None
+    state.replays += 1
+    return _Replay.apply(graphs, x, *params)
+
+
+def replay_stats(model: nn.Module) -> dict:
+    """``{"captures": ..., "replays": ..., "off": reason or None}`` of ``model``'s graphs (what the tests and
+    benchmarks read)."""
+    state = _STATES.get(model)
+    if state is None:
+        return {"captures": 0, "replays": 0, "off": None}
+    return {"captures": state.captures, "replays": state.replays, "off": state.off}
+
+
+class GraphReplayMixin:
+    """``set_cuda_graphs``: eager CUDA training replays ``forward_features`` from CUDA graphs
+    (:mod:`vigla.models._graph_replay`); on by default."""
+
+    cuda_graphs = True
+
+    @torch.jit.ignore
+    def set_cuda_graphs(self, enable: bool = True) -> None:
+        """Replay ``forward_features`` and its backward from CUDA graphs in eager CUDA training (default), or
+        not: off frees the graphs' memory and runs every op from the host, as plain eager PyTorch does."""
+        self.cuda_graphs = bool(enable)
+        _STATES.pop(self, None)
+
+    @torch.jit.unused
+    def _replayed(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``forward_features(x)`` from its CUDA graphs, or None where it runs eagerly."""
+        return replay_features(self, self._forward_features, x)
