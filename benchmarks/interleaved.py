@@ -13,7 +13,7 @@ eager forward on the GPU, which waits on Python and kernel launches) the host's 
 windows: single runs put ViG-T / DeiT-T on this CPU between 0.7 and 1.2 for the same code, and on the GPU
 machine DeiT-T's eager forward took 3.9 ms in one call and 6.4 ms in another. Here both models are built once
 and each round times each in turn: ``--calls`` inference forwards issued back to back (the time per call when
-they are pipelined, as a data loader feeds them), ``--steps`` training steps
+they are pipelined, as a data loader feeds them), ``--steps`` training steps in train mode
 (:func:`vigla.bench.measure.train_step`: forward, cross-entropy, backward, AdamW), and with ``--latency N``
 N batch-1 forwards each waited for (the median); before the timed forwards one untimed forward (the training
 steps before it change the weights, whose cast and packed copies an inference path then prepares once). A round's
@@ -114,7 +114,16 @@ def main(argv=None) -> int:
         with torch.inference_mode(), autocast(device, amp):
             model(inp)
 
-    train = {name: train_step(m, batch, 224, device, amp=amp) for name, m in models.items()}
+    steps_of = {name: train_step(m, batch, 224, device, amp=amp) for name, m in models.items()}
+
+    def trainer(name):
+        """``steps_of[name]`` in train mode (the inference calls between put the model in eval mode)."""
+        def run():
+            models[name].train()
+            steps_of[name]()
+        return run
+
+    train = {name: trainer(name) for name in models}
     for name, model in models.items():  # warm-up: first calls, kernel compilation, the CPU kernels' builds
         for _ in range(3):
             infer(model, x)

@@ -90,8 +90,9 @@ TEST_PARTS = {
              "tests/test_op_inputs.py", "tests/test_amp.py", "tests/test_inductor_access.py"]),
     "models": ("vigla bench on CUDA: a real OOM, torch.compile, CUDA-graph replays; CudaGraphModel, "
                "CudaGraphTrainStep, vigla train and vigla eval --cuda-graph against eager; a training step "
-               "without a host sync",
-               ["tests/test_bench.py", "tests/test_cuda_graph.py", "tests/test_train.py", "tests/test_eval.py"]),
+               "without a host sync; ViG's features replayed from CUDA graphs in eager training against the replay off",
+               ["tests/test_bench.py", "tests/test_cuda_graph.py", "tests/test_train.py", "tests/test_eval.py",
+                "tests/test_graph_replay.py"]),
 }
 
 
