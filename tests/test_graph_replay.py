@@ -1,8 +1,9 @@
-"""vigla.models._graph_replay: ViG's forward_features replayed from CUDA graphs in eager CUDA training.
+"""vigla.models._graph_replay: ViG's forward_features replayed from CUDA graphs in eager CUDA calls.
 
-On a CPU: what a capture is keyed by, and that nothing replays there. On a GPU: replayed training steps against the
-same model with the replay off (values, gradients, drop-path draws, several steps of an optimizer), and every case
-where the replay must step aside (two forwards before a backward, hooks, checkpointing, torch.compile)."""
+On a CPU: what a capture is keyed by, and that nothing replays there. On a GPU: replayed training steps and inference
+against the same model with the replay off (values, gradients, drop-path draws, several steps of an optimizer, the
+weights changed between inference calls), and every case where the replay must step aside (two forwards before a
+backward, hooks, checkpointing, torch.compile, reference_ops)."""
 import copy
 
 import pytest
@@ -150,3 +151,30 @@ def test_hooks_checkpointing_and_compile_run_eagerly():
     model(x).sum().backward()
     copy.deepcopy(model)(x).sum().backward()  # a copy (an EMA's) starts without the graphs
     assert replay_stats(model)["captures"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
+def test_replayed_inference_matches_eager_and_reads_new_weights(name):
+    """Inference replays (bf16, inference_mode, batch 5 and batch 1) give the eager logits, before and after an
+    optimizer step changed the weights, with no capture for the change; reference_ops() runs eagerly."""
+    replayed, eager = _pair(name)
+    opt = torch.optim.AdamW(replayed.parameters(), lr=1e-2)
+    for rounds in range(2):
+        replayed.eval(), eager.eval()
+        for n in (5, 1):
+            x = torch.randn(n, 3, 96, 96, device="cuda")
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                got, want = replayed(x).float(), eager(x).float()
+                again = replayed(x).float()
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(again, got, rtol=0, atol=0)
+        replayed.train()
+        replayed(torch.randn(4, 3, 96, 96, device="cuda")).square().mean().backward()
+        opt.step()
+        eager.load_state_dict(replayed.state_dict())
+    stats = replay_stats(replayed)
+    assert stats["captures"] == 3 and stats["replays"] == 9 and stats["off"] is None, stats
+    with vigla.ops.reference_ops(), torch.inference_mode():
+        replayed.eval()(torch.randn(5, 3, 96, 96, device="cuda"))
+    assert replay_stats(replayed)["replays"] == 9

@@ -36,7 +36,8 @@ class CudaGraphModel(nn.Module):
     """``model``'s inference forward captured once as a CUDA graph and replayed on every call.
 
     Args:
-        model: on a CUDA device; it is put in eval mode (no gradients are recorded).
+        model: on a CUDA device; it is put in eval mode (no gradients are recorded). A ViG's replay of its own
+            ``forward_features`` (``set_cuda_graphs``) is turned off: the whole forward is one graph.
         batch_size: images per replay; calls with fewer are padded (with zeros), more are split.
         amp_dtype: autocast dtype inside the graph (``None``: full precision).
         warmup: eager calls before the capture (compilation, autotuning, lazy state).
@@ -54,6 +55,8 @@ class CudaGraphModel(nn.Module):
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"CudaGraphModel needs the model on a CUDA device, it is on {device}")
+        if hasattr(model, "set_cuda_graphs"):  # a ViG's own replay of its features: the whole forward is one graph
+            model.set_cuda_graphs(False)
         self.model = model.eval()
         self.batch_size, self.amp_dtype, self.warmup = batch_size, amp_dtype, warmup
         self.shape = self.graph = self.static_input = self.static_output = self.versions = None

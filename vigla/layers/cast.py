@@ -25,6 +25,7 @@ anew is seen through PyTorch's global registration hooks (:func:`_restructured`)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import weakref
@@ -38,7 +39,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "forget_inference_weights", "generation", "caching", "check_device", "memoized", "plain_call",
+__all__ = ["inference_weights", "forget_inference_weights", "casts_in_graph", "generation", "caching", "check_device", "memoized", "plain_call",
            "plain_leaves", "gemm_weights", "gemm", "gemm_swiglu", "packs", "Projection", "MlpProjection", "dense"]
 
 
@@ -78,6 +79,29 @@ nn.modules.module.register_module_buffer_registration_hook(_restructured)
 nn.modules.module.register_module_module_registration_hook(_restructured)
 
 
+_IN_GRAPH = [False]  # inside casts_in_graph(): no copies kept, as while torch.compile traces
+
+
+@contextlib.contextmanager
+def casts_in_graph():
+    """Within this block the inference paths keep no copies (cast, transposed or folded weights): each call makes
+    them from the parameters, as under ``torch.compile``. What a CUDA graph of an inference forward is captured
+    in (:mod:`vigla.models._graph_replay`): its replays then read the parameters where they lie, and an optimizer
+    step or ``load_state_dict`` in between is seen without a new capture."""
+    previous, _IN_GRAPH[0] = _IN_GRAPH[0], True
+    try:
+        yield
+    finally:
+        _IN_GRAPH[0] = previous
+
+
+@torch.jit.unused
+def _uncached():  # unannotated: TorchScript reads the signature of this stub (caching() is scripted)
+    """Whether the copies are made in the graph being recorded, not kept: ``torch.compile`` traces, or
+    :func:`casts_in_graph`."""
+    return torch.compiler.is_compiling() or _IN_GRAPH[0]
+
+
 def generation() -> int:
     """A number that moves whenever any module anywhere registers a parameter, buffer or submodule (and with
     :func:`forget_inference_weights`): what a record of a model's structure is checked against."""
@@ -88,8 +112,7 @@ def caching(x) -> bool:
     """Whether :func:`inference_weights` keeps copies for an input like ``x`` now: no autograd, and
     no graph being recorded (``torch.compile``, export, ``torch.jit.trace``, or ``torch.fx``, whose
     proxies are not tensors): a graph holds no cache."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or exporting()
-                or not isinstance(x, torch.Tensor))
+    return not (torch.is_grad_enabled() or _uncached() or exporting() or not isinstance(x, torch.Tensor))
 
 
 def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tensor], dtype: torch.dtype,
@@ -101,7 +124,7 @@ def inference_weights(module: nn.Module, slot: str, sources: Sequence[torch.Tens
     :func:`forget_inference_weights`). Call it only when :func:`caching` is true, or while
     ``torch.compile`` traces inference (the casts then in the graph, nothing kept).
     """
-    if torch.compiler.is_compiling():
+    if _uncached():
         return tuple(t.to(dtype) for t in (build() if build is not None else sources))
     key = (_FORGOTTEN[0], dtype, *[(t.data_ptr(), t._version) for t in sources])
     cache = module.__dict__.setdefault("_inference_weights", {})
@@ -150,8 +173,9 @@ def memoized(module: nn.Module, key: tuple, build: Callable[[], object]):
     ``key`` is the same and none of the module's parameters (its own and its submodules') has been updated in
     place, moved (new storage) or replaced, nor a submodule: a record of what an eager inference path reads
     (cast weights, choices of kernels), checked at the cost of one storage and version lookup per parameter.
-    One record per module. While ``torch.compile`` traces, ``build()`` every call (in the graph)."""
-    if torch.compiler.is_compiling():
+    One record per module. While ``torch.compile`` traces (or :func:`casts_in_graph`), ``build()`` every call (in the
+    graph)."""
+    if _uncached():
         return build()
     memo = _MEMOS.get(module)
     if memo is not None and memo.generation == _GENERATION[0] and memo.key == key and _held(memo) \
@@ -253,7 +277,7 @@ def gemm_weights(module: nn.Module, slot: str, weights: tuple[torch.Tensor, ...]
     for ``module`` until that tuple is rebuilt (in a weak table beside it, not on it): each matrix
     ``[out, in]`` as its ``[in, out]`` view, or on the CPU in float32 packed for oneDNN; vectors (biases) as
     they are. ``rows``: the GEMMs' row count (a hint for the packing; any count works later)."""
-    if torch.compiler.is_compiling():  # a graph: no cache, no oneDNN packing (compiled inference runs on CUDA)
+    if _uncached():  # a graph: no cache, no oneDNN packing (compiled inference runs on CUDA)
         return tuple(w.t() if w.dim() == 2 else w for w in weights)
     cache = _PREPARED.get(module)
     if cache is None:

@@ -1,27 +1,32 @@
-"""Eager CUDA training with the host out of the way: a model's ``forward_features`` and its backward replayed
-from CUDA graphs, inside an ordinary eager training step.
+"""Eager CUDA calls with the host out of the way: a ViG's ``forward_features`` (and in training its backward)
+replayed from CUDA graphs, inside ordinary eager PyTorch.
 
-At 224² an eager ViG-T training step is bound by its host, not its GPU: some 650 kernel launches, each behind
-Python (``benchmarks/results/profile_host_train.json``). So in eager CUDA training a ViG's ``forward_features``
-is captured once per input layout as two CUDA graphs, its forward and its backward (the gradients of the
-parameters and, when it needs one, of the input), as PyTorch's ``torch.cuda.make_graphed_callables`` builds
-them, and then replayed inside one autograd node. ``model(x)``, ``loss.backward()`` and the optimizer stay the
-user's, eager: the head, the loss and the optimizer run as they always do, the parameters' ``.grad`` fill as
-usual (hooks on them, DDP's included, fire), and the values are those of the eager path (the same kernels).
+At 224² an eager ViG-T forward, and still more a training step, is bound by its host, not its GPU: some 650
+kernel launches a step, each behind Python (``benchmarks/results/profile_host_train.json``). So in eager CUDA
+calls a ViG's ``forward_features`` is captured once per input layout and then replayed:
 
-A replay happens only where it gives what the eager path would (:func:`replay_features`): eager autograd on
-CUDA tensors (not ``torch.compile``, ``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode
-AD, :func:`vigla.ops.reference_ops` or an enclosing CUDA-graph capture), the model in training, no gradient
-checkpointing and no module hook anywhere in it (a replay calls no Python). The graphs are keyed by the input's
-shape, strides, dtype and ``requires_grad``, the autocast and matmul-precision settings, the storage of every
-parameter and buffer (a step writes them in place and the graphs read them where they lie; a new tensor
-captures again) and every module's plain settings (``training``, drop-path rates, ...). A model keeps its two
-most recent layouts; after 8 captures (shapes or parameters that keep changing) it stops capturing and says so
-once. A forward while the last one's backward is still due (two forwards, one backward) runs eagerly.
+* training (grad mode on, train mode): two graphs, the forward and the backward (the gradients of the
+  parameters and, when it needs one, of the input), as PyTorch's ``torch.cuda.make_graphed_callables`` builds
+  them, replayed inside one autograd node. ``model(x)``, ``loss.backward()`` and the optimizer stay the user's:
+  the head, the loss and the optimizer run as always, the parameters' ``.grad`` fill as usual (hooks on them,
+  DDP's included, fire) with the eager path's values (the same kernels, the same drop-path draws);
+* inference (grad mode off): one graph of the forward, its weight casts inside it
+  (:func:`vigla.layers.cast.casts_in_graph`), so that a replay reads the parameters as they are.
 
-The cost: the first step of each layout runs two eager warm-up passes and the capture (well under a second on
-an H100); the graphs keep one step's activations allocated while the model lives. ``model.set_cuda_graphs(
-False)`` turns it off and frees them.
+Each replay returns a fresh tensor. It happens only where it gives what the eager path would
+(:func:`replay_features`): plain CUDA tensors on the fused kernels (not :func:`vigla.ops.reference_ops`); not
+under ``torch.compile``, ``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode AD or an
+enclosing CUDA-graph capture; no gradient checkpointing and no module hook anywhere in the model (a replay calls
+no Python). The graphs are keyed by the grad and inference modes, the input's shape, strides, dtype and
+``requires_grad``, the autocast and matmul-precision settings, the storage of every parameter and buffer (steps
+write them in place and the graphs read them where they lie; a new tensor captures again) and every module's
+plain settings (``training``, drop-path rates, ...). A model keeps its four most recent layouts; after 12
+captures (shapes or parameters that keep changing) it stops capturing and says so once. A training forward while
+the last one's backward is still due (two forwards, one backward) runs eagerly.
+
+The cost: the first call of each layout runs two eager warm-up passes and the capture (about a second); the
+graphs keep their activations allocated while the model lives. ``model.set_cuda_graphs(False)`` turns the replay
+off and frees them.
 """
 from __future__ import annotations
 
@@ -34,14 +39,14 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from ..layers.cast import GLOBAL_HOOKS, HOOKS, generation
-from ..ops.dispatch import eager_training, issued_eagerly
+from ..layers.cast import GLOBAL_HOOKS, HOOKS, casts_in_graph, generation
+from ..ops.dispatch import eager_inference, eager_training, issued_eagerly, use_kernels
 
 __all__ = ["GraphReplayMixin", "replay_features", "replay_stats"]
 
 WARMUP = 2  # eager passes before a capture (kernels compiled, cuBLAS and cuDNN state made)
-KEEP = 2  # layouts a model keeps captured (e.g. the full batch and an epoch's last, smaller one)
-MAX_CAPTURES = 8  # captures per model before it stops capturing
+KEEP = 4  # layouts a model keeps captured (training's and evaluation's batches, each epoch's last, smaller one)
+MAX_CAPTURES = 12  # captures per model before it stops capturing
 _SCALARS = frozenset((bool, int, float, str, type(None)))
 
 
@@ -130,7 +135,8 @@ def _layout(model: nn.Module) -> _Layout:
 
 def _key(layout: _Layout, x: torch.Tensor, params: list, buffers: list) -> tuple:
     """Everything a capture depends on that a later call could change (see the module's docstring)."""
-    return (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad,
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad,
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
             torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
             tuple([(p.data_ptr(), p.dtype, p.requires_grad) for p in params]),
@@ -184,6 +190,35 @@ def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params
                    tuple(params), tuple(buffers))
 
 
+def _capture_inference(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, buffers: list) -> _Graphs:
+    """Warm ``fn`` up on ``x`` (on a side stream) and capture its forward, without autograd, the weights cast
+    inside the graph (:func:`vigla.layers.cast.casts_in_graph`): a replay reads the parameters as they are then."""
+    device = x.device
+    static_in = x.clone()
+    kept = [b.clone() for b in buffers]
+    rng = torch.cuda.get_rng_state(device)
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), _autocast_without_cache(), casts_in_graph():
+            for _ in range(WARMUP):
+                fn(static_in)
+        torch.cuda.current_stream(device).wait_stream(side)
+        try:
+            fwd = torch.cuda.CUDAGraph()
+            with _autocast_without_cache(), casts_in_graph(), \
+                    torch.cuda.graph(fwd, capture_error_mode="thread_local"):
+                out = fn(static_in)
+        except Exception as e:  # an op that needs the host, out of memory: not capturable
+            raise _CaptureFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    finally:
+        with torch.no_grad():
+            for b, k in zip(buffers, kept):
+                b.copy_(k)
+        torch.cuda.set_rng_state(rng, device)
+    return _Graphs(fwd, None, static_in, out, None, (), (), tuple(buffers))
+
+
 def _stop(model: nn.Module, state: _State, why: str) -> None:
     state.off, state.graphs = why, OrderedDict()
     warnings.warn(f"{type(model).__name__}: CUDA-graph replay of forward_features is off for this model ({why}); it "
@@ -191,15 +226,19 @@ def _stop(model: nn.Module, state: _State, why: str) -> None:
 
 
 def _eligible(model: nn.Module, x) -> bool:
-    """The conditions of the module's docstring that need no layout: eager autograd on a plain CUDA tensor, nothing
-    tracing or capturing, the model training, turned on and not a ``DataParallel`` replica."""
-    return (type(x) is torch.Tensor and x.is_cuda and model.training and model.__dict__.get("cuda_graphs", True)
-            and not model.__dict__.get("_is_replica") and issued_eagerly() and eager_training(x))
+    """The conditions of the module's docstring that need no layout: a plain CUDA tensor, the fused kernels (not
+    :func:`vigla.ops.reference_ops`), nothing tracing, watching or capturing; eager training in train mode, or
+    eager inference; the replay on and the model not a ``DataParallel`` replica."""
+    if not (type(x) is torch.Tensor and x.is_cuda and use_kernels(x) and model.__dict__.get("cuda_graphs", True)
+            and not model.__dict__.get("_is_replica") and issued_eagerly()):
+        return False
+    return model.training and eager_training(x) if torch.is_grad_enabled() else eager_inference(x)
 
 
 def replay_features(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x) -> Optional[torch.Tensor]:
-    """``fn(x)`` (the model's eager ``forward_features``) replayed from CUDA graphs where the module's docstring
-    says it may be, capturing it first for a new layout; None where it may not (the caller runs ``fn`` itself)."""
+    """``fn(x)`` (the model's eager ``forward_features``, ``x`` ``[B, C, H, W]``) replayed from CUDA graphs where the
+    module's docstring says it may be, capturing it first for a new layout; None where it may not (the caller runs
+    ``fn`` itself)."""
     if not _eligible(model, x):
         return None
     state = _STATES.get(model)
@@ -221,7 +260,8 @@ def replay_features(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
             _stop(model, state, f"{MAX_CAPTURES} captures: its input shapes or parameters keep changing")
             return None
         try:
-            graphs = _capture(fn, x, params, buffers)
+            graphs = _capture(fn, x, params, buffers) if torch.is_grad_enabled() else \
+                _capture_inference(fn, x, buffers)
         except _CaptureFailed as e:
             _stop(model, state, f"the capture failed: {e}")
             return None
@@ -231,6 +271,12 @@ def replay_features(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
             state.graphs.popitem(last=False)  # a pending backward holds its graphs itself
     else:
         state.graphs.move_to_end(key)
+    if graphs.bwd is None:  # inference
+        state.replays += 1
+        graphs.static_in.copy_(x)
+        graphs.fwd.replay()
+        graphs.replays += 1
+        return graphs.static_out.clone()
     if graphs.busy():
         return None
     state.replays += 1
@@ -247,15 +293,16 @@ def replay_stats(model: nn.Module) -> dict:
 
 
 class GraphReplayMixin:
-    """``set_cuda_graphs``: eager CUDA training replays ``forward_features`` from CUDA graphs
+    """``set_cuda_graphs``: eager CUDA calls replay ``forward_features`` from CUDA graphs
     (:mod:`vigla.models._graph_replay`); on by default."""
 
     cuda_graphs = True
 
     @torch.jit.ignore
     def set_cuda_graphs(self, enable: bool = True) -> None:
-        """Replay ``forward_features`` and its backward from CUDA graphs in eager CUDA training (default), or
-        not: off frees the graphs' memory and runs every op from the host, as plain eager PyTorch does."""
+        """Replay ``forward_features`` (and in training its backward) from CUDA graphs in eager CUDA calls (the
+        default), or not: off frees the graphs' memory and issues every kernel from the host, as plain eager
+        PyTorch does."""
         self.cuda_graphs = bool(enable)
         _STATES.pop(self, None)
 

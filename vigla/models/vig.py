@@ -159,8 +159,8 @@ class ViG(ClassifierMixin, GraphReplayMixin, nn.Module):
         return x.flatten(1, 2) + self._pos_embed(hw), hw
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` -> normalized tokens ``[B, N, C]``, N = (H/16) * (W/16). In eager CUDA
-        training, replayed from CUDA graphs (:meth:`set_cuda_graphs`)."""
+        """``[B, in_chans, H, W]`` -> normalized tokens ``[B, N, C]``, N = (H/16) * (W/16). Eager CUDA calls
+        replay it from CUDA graphs (:meth:`set_cuda_graphs`)."""
         if not torch.jit.is_scripting():
             replayed = self._replayed(x)
             if replayed is not None:

@@ -172,8 +172,8 @@ class HierViG(ClassifierMixin, GraphReplayMixin, nn.Module):
         return add_and_norm(self.norm, t, out_dtype=layer_norm_dtype(t))[1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` -> normalized ``[B, C, H/32, W/32]`` (a channels-last view). In eager CUDA
-        training, replayed from CUDA graphs (:meth:`set_cuda_graphs`)."""
+        """``[B, in_chans, H, W]`` -> normalized ``[B, C, H/32, W/32]`` (a channels-last view). Eager CUDA calls
+        replay it from CUDA graphs (:meth:`set_cuda_graphs`)."""
         if not torch.jit.is_scripting():
             replayed = self._replayed(x)
             if replayed is not None:
