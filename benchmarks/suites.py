@@ -200,10 +200,12 @@ def _models_vig_s(opts: Options) -> list[Step]:
 def _models_interleaved(opts: Options) -> list[Step]:
     """Eager ViG against DeiT at 224 timed in turn, round after round (the host's speed drifts between calls)."""
     steps = []
-    for name, pair in (("models_vig_t_interleaved", ["vig_tiny", "deit_tiny_patch16_224"]),
-                       ("models_vig_s_interleaved", ["vig_small", "deit_base_patch16_224"])):
-        argv = [PY, "benchmarks/interleaved.py", "--device", "cuda", "--models", *pair, "--out", str(opts.out),
-                "--name", name, *opts.extra]
+    for name, pair, flags in (("models_vig_t_interleaved", ["vig_tiny", "deit_tiny_patch16_224"], []),
+                              ("models_vig_s_interleaved", ["vig_small", "deit_base_patch16_224"], []),
+                              ("models_vig_t_interleaved_eager_features", ["vig_tiny", "deit_tiny_patch16_224"],
+                               ["--eager-features"])):
+        argv = [PY, "benchmarks/interleaved.py", "--device", "cuda", "--models", *pair, *flags, "--out",
+                str(opts.out), "--name", name, *opts.extra]
         steps.append(Step(name, argv, 150, [f"{name}.json"]))
     return steps
 
@@ -567,7 +569,8 @@ SUITES = {s.name: s for s in [
                      "checkpointing, CUDA-graph replays", _models_vig_t),
            "vig_s": ("ViG-S vs DeiT-B at 224: eager with training steps, CUDA-graph replays", _models_vig_s),
            "interleaved": ("ViG-T vs DeiT-T and ViG-S vs DeiT-B at 224, eager, timed in turn round after round: "
-                           "inference, training steps, batch-1 latency", _models_interleaved),
+                           "inference, training steps, batch-1 latency; ViG-T again with its CUDA-graph replay of "
+                           "forward_features off", _models_interleaved),
            "all": ("every model at 224-2048, eager, with training steps, ratios to DeiT-T", _models_all)}),
     Suite("compile", "torch.compile (default mode, static shapes) of every model, inference and training; "
           "run `warm`, then `measure` in a second call on the same machine", "cuda",

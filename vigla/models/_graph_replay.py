@@ -37,7 +37,6 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
 
 from ..layers.cast import GLOBAL_HOOKS, HOOKS, casts_in_graph, generation
 from ..ops.dispatch import eager_inference, eager_training, issued_eagerly, use_kernels
@@ -63,8 +62,8 @@ class _Layout(NamedTuple):
 class _Graphs:
     """One layout's captured forward and backward, their static buffers and the inputs they differentiate."""
 
-    def __init__(self, fwd, bwd, static_in, static_out, static_dout, grads, params, buffers):
-        self.fwd, self.bwd, self.params, self.buffers = fwd, bwd, params, buffers  # held: the graphs read them
+    def __init__(self, fn, fwd, bwd, static_in, static_out, static_dout, grads, params, buffers):
+        self.fn, self.fwd, self.bwd, self.params, self.buffers = fn, fwd, bwd, params, buffers  # held: graphs read them
         self.static_in, self.static_out, self.static_dout, self.grads = static_in, static_out, static_dout, grads
         self.replays = 0
         self.pending: Optional[weakref.ref] = None  # the last forward's token while its backward is due
@@ -97,10 +96,15 @@ class _Token:
 
 class _Replay(torch.autograd.Function):
     """``forward_features`` as one autograd node: the forward graph's output (a fresh tensor), then the backward
-    graph's gradients for the input (None unless it needs one) and the parameters."""
+    graph's gradients for the input (None unless it needs one) and the parameters. Where autograd records the
+    backward itself (``create_graph``: a gradient penalty), the features are computed again eagerly, with the
+    forward's random state and autocast, and differentiated with their graph (:func:`_recorded_grads`)."""
 
     @staticmethod
     def forward(ctx, graphs: _Graphs, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.rng = torch.cuda.get_rng_state(x.device)
+        ctx.amp = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        ctx.save_for_backward(x)
         graphs.static_in.copy_(x)
         graphs.fwd.replay()
         graphs.replays += 1
@@ -110,9 +114,10 @@ class _Replay(torch.autograd.Function):
         return graphs.static_out.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout: torch.Tensor):
         graphs = ctx.graphs
+        if torch.is_grad_enabled():
+            return (None, *_recorded_grads(ctx, dout))
         if graphs.replays != ctx.replay:
             raise RuntimeError("forward_features was replayed again from its CUDA graph before this backward "
                                "(retain_graph=True, then a new forward): run each backward before the next forward, "
@@ -121,6 +126,24 @@ class _Replay(torch.autograd.Function):
         graphs.bwd.replay()
         graphs.pending = None
         return (None, *graphs.grads)
+
+
+def _recorded_grads(ctx, dout: torch.Tensor) -> tuple:
+    """The gradients of :class:`_Replay` (input, then parameters) with autograd recording them: ``fn`` run again
+    eagerly on the saved input (same random state, same autocast) and differentiated with ``create_graph``."""
+    (x,) = ctx.saved_tensors
+    graphs = ctx.graphs
+    xi = x.detach().requires_grad_(x.requires_grad)
+    want = [p for p in graphs.params if p.requires_grad]
+    with torch.random.fork_rng(devices=[x.device]):
+        torch.cuda.set_rng_state(ctx.rng, x.device)
+        with torch.autocast("cuda", dtype=ctx.amp[1], enabled=ctx.amp[0]):
+            out = graphs.fn(xi)
+    grads = list(torch.autograd.grad(out, ([xi] if x.requires_grad else []) + want, dout, create_graph=True,
+                                     allow_unused=True))
+    dx = grads.pop(0) if x.requires_grad else None
+    by_param = dict(zip(map(id, want), grads))
+    return (dx, *[by_param.get(id(p)) for p in graphs.params])
 
 
 def _layout(model: nn.Module) -> _Layout:
@@ -186,7 +209,7 @@ def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params
     grads = list(grads)
     dx = grads.pop(0) if x.requires_grad else None
     by_param = dict(zip(map(id, want), grads))
-    return _Graphs(fwd, bwd, static_in, out.detach(), static_dout, (dx, *[by_param.get(id(p)) for p in params]),
+    return _Graphs(fn, fwd, bwd, static_in, out.detach(), static_dout, (dx, *[by_param.get(id(p)) for p in params]),
                    tuple(params), tuple(buffers))
 
 
@@ -216,7 +239,7 @@ def _capture_inference(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
             for b, k in zip(buffers, kept):
                 b.copy_(k)
         torch.cuda.set_rng_state(rng, device)
-    return _Graphs(fwd, None, static_in, out, None, (), (), tuple(buffers))
+    return _Graphs(fn, fwd, None, static_in, out, None, (), (), tuple(buffers))
 
 
 def _stop(model: nn.Module, state: _State, why: str) -> None:
