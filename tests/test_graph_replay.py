@@ -157,7 +157,9 @@ def test_hooks_checkpointing_and_compile_run_eagerly():
 @pytest.mark.parametrize("name", ["vig_tiny", "vig_h_tiny"])
 def test_replayed_inference_matches_eager_and_reads_new_weights(name):
     """Inference replays (bf16, inference_mode, batch 5 and batch 1) give the eager logits, before and after an
-    optimizer step changed the weights, with no capture for the change; reference_ops() runs eagerly."""
+    optimizer step changed the weights, with no capture for the change; reference_ops() runs eagerly. Within bf16's
+    rounding, not bit for bit: at so few rows a captured forward runs the MLP as three kernels where the eager one
+    runs one (vigla.ops.add_norm.op.mlp_fused); replays of one graph are bit for bit the same."""
     replayed, eager = _pair(name)
     opt = torch.optim.AdamW(replayed.parameters(), lr=1e-2)
     for rounds in range(2):
@@ -167,7 +169,7 @@ def test_replayed_inference_matches_eager_and_reads_new_weights(name):
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
                 got, want = replayed(x).float(), eager(x).float()
                 again = replayed(x).float()
-            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
             torch.testing.assert_close(again, got, rtol=0, atol=0)
         replayed.train()
         replayed(torch.randn(4, 3, 96, 96, device="cuda")).square().mean().backward()
