@@ -66,6 +66,7 @@ def commit(result: dict) -> str:
 
 
 INTERLEAVED = {"models_vig_t_interleaved": ("ViG-T", "DeiT-T"), "models_vig_s_interleaved": ("ViG-S", "DeiT-B"),
+               "models_vig_t_interleaved_eager_features": ("ViG-T (replay off)", "DeiT-T"),
                "cpu_vig_t_interleaved": ("ViG-T", "DeiT-T")}
 RATIO_WORDS = (("infer_ratio", "throughput {} in inference"), ("train_ratio", "{} in training"),
                ("latency_ratio", "batch-1 latency {}x"))
@@ -89,9 +90,11 @@ def interleaved_line(stem: str, result: dict, note: str) -> list[str]:
             + f" (medians of the rounds' ratios; rounds {spread}). {note}"]
 
 
-GPU_INTERLEAVED_NOTE = ("An eager forward at 224 is bound by the device machine's host, whose speed moves between "
-                        "calls and within one (the table's eager row comes from one window per model): read this "
-                        "line for the eager ratio.")
+GPU_INTERLEAVED_NOTE = ("At 224 DeiT's eager forward (and ViG's with its replay off) is bound by the device "
+                        "machine's host, whose speed moves between calls and within one (the table's eager row comes "
+                        "from one window per model): read this line for the eager ratio.")
+GPU_EAGER_FEATURES_NOTE = ("The same run with ViG-T's CUDA-graph replay of its features off (`set_cuda_graphs(False)`):"
+                           " every kernel issued by the host, as plain eager PyTorch does.")
 
 
 def source(stem: str, result: dict) -> str:
@@ -204,11 +207,13 @@ def summary(res: Results) -> list[str]:
     lines = table(["ratio (> 1: ViG's is larger)", *(f"@{s}" for s in SIZES)], rows)
     machines = " or one ".join(devices)
     lines += ["", f"One {machines}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
-                  "At 224² the eager figures of both small models are bound by the device machine's host (its "
-                  "Python and launch time), whose speed moves between runs, and so are the compiled ones (Inductor's "
-                  "code still launches each kernel from Python): the CUDA-graph row is the stable one, and the "
-                  "cells marked ⁱ are the median of many windows timed in turn (`benchmarks/interleaved.py`, eager "
-                  "or both models compiled in the same mode). "
+                  "Eager ViG replays its `forward_features` (in training with its backward) from CUDA graphs "
+                  "(`model.set_cuda_graphs`, on by default; the eager cells at 224 are measured with it, those at "
+                  "512-2048, where ViG-T's eager forward already took its kernels' time, before it). At 224² DeiT's "
+                  "eager figures are bound by the device machine's host (its Python and launch time), whose speed "
+                  "moves between runs, and so are the compiled ones (Inductor's code still launches each kernel from "
+                  "Python): the cells marked ⁱ are the median of many windows timed in turn "
+                  "(`benchmarks/interleaved.py`, eager or both models compiled in the same mode). "
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
     return lines
@@ -276,8 +281,13 @@ def reading(res: Results) -> list[str]:
         turn = in_turn(res, "models_vig_t_eager", INFER)
         eager_224 = (f"{turn:.2f}x DeiT-T's img/s eager (timed in turn)" if turn is not None else
                      f"{ratio(eager, 'vig_tiny', DEIT_T, 224, INFER)}x DeiT-T's img/s eager")
-        lines.append(f"* At 224² eager ViG-T is bound by the host, not the GPU{because}: it runs at {eager_224} "
-                     f"and at {ratio(graph, 'vig_tiny', DEIT_T, 224, INFER)}x replayed as a CUDA graph.")
+        off = interleaved_median(res("models_vig_t_interleaved_eager_features"))
+        plain = (f": {off['infer_ratio']:.2f}x DeiT-T's img/s in inference and {off['train_ratio']:.2f}x in "
+                 "training, timed in turn with the replay off" if off else "")
+        lines.append(f"* At 224² an eager ViG-T issued kernel by kernel is bound by the host, not the GPU{because}"
+                     f"{plain}. Replaying its `forward_features` (in training with its backward) from CUDA graphs, "
+                     f"as eager ViG does by default (`set_cuda_graphs`), it runs at {eager_224}; a whole forward "
+                     f"replayed as one CUDA graph, at {ratio(graph, 'vig_tiny', DEIT_T, 224, INFER)}x.")
     if eager:
         lines.append(f"* From 1024² the GPU work dominates and linear attention pays: ViG-T runs at "
                      f"{ratio(eager, 'vig_tiny', DEIT_T, 1024, INFER)}x DeiT-T at 1024² and "
@@ -628,6 +638,9 @@ def performance(res: Results) -> str:
     if res("models_vig_t_interleaved"):
         out += [""] + interleaved_line("models_vig_t_interleaved", res("models_vig_t_interleaved"),
                                        GPU_INTERLEAVED_NOTE)
+    if res("models_vig_t_interleaved_eager_features"):
+        out += [""] + interleaved_line("models_vig_t_interleaved_eager_features",
+                                       res("models_vig_t_interleaved_eager_features"), GPU_EAGER_FEATURES_NOTE)
     runs_s = [("eager", "models_vig_s_eager"), ("CUDA graphs", "models_vig_s_cuda_graph"),
               ("torch.compile", "compile_all_models")]
     if res("models_vig_s_eager"):
