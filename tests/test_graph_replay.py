@@ -180,3 +180,86 @@ def test_replayed_inference_matches_eager_and_reads_new_weights(name):
     with vigla.ops.reference_ops(), torch.inference_mode():
         replayed.eval()(torch.randn(5, 3, 96, 96, device="cuda"))
     assert replay_stats(replayed)["replays"] == 10
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on a CPU: ``replay()`` runs what the capture would have recorded."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+def _fake_captures(monkeypatch):
+    """CPU stand-ins for the captures (the forward computed at each replay; the backward never run here), every
+    call eligible: what replay_features decides (which capture, what it keeps, when it stops) can be checked."""
+    import vigla.models._graph_replay as gr
+
+    made = []
+
+    def capture_forward(fn, x, buffers):
+        static_in = x.clone()
+        static_out = fn(static_in).detach()
+        made.append("forward")
+        return gr._Graphs(fn, _FakeGraph(lambda: static_out.copy_(fn(static_in))), None, static_in, static_out, None,
+                          (), (), tuple(buffers))
+
+    def capture(fn, x, params, buffers):
+        graphs = capture_forward(fn, x, buffers)
+        made[-1] = "training"
+        graphs.bwd = _FakeGraph(lambda: None)
+        graphs.grads, graphs.params = (None,) * (1 + len(params)), tuple(params)
+        return graphs
+
+    monkeypatch.setattr(gr, "_capture_forward", capture_forward)
+    monkeypatch.setattr(gr, "_capture", capture)
+    monkeypatch.setattr(gr, "_eligible", lambda model, x: model.__dict__.get("cuda_graphs", True))
+    monkeypatch.setattr(gr._Graphs, "follow", lambda self, device: None)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())
+    return made
+
+
+def test_what_is_captured_kept_and_dropped(monkeypatch):
+    """Grad mode with every parameter frozen replays the forward alone (its output needs no gradient, as eager's);
+    a model keeps two layouts of each kind; .to() and set_cuda_graphs(False) drop them; the outputs are fresh
+    tensors equal to the eager ones."""
+    import vigla.models._graph_replay as gr
+
+    made = _fake_captures(monkeypatch)
+    model = timm.create_model("vig_tiny", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model._forward_features(x)
+        got = model.forward_features(x)
+    assert made == ["forward"] and torch.equal(got, want)
+    assert got.data_ptr() != gr._STATES[model].graphs[next(iter(gr._STATES[model].graphs))].static_out.data_ptr()
+    model.train().requires_grad_(False)
+    out = model.forward_features(x)
+    assert made == ["forward", "forward"] and not out.requires_grad
+    model.requires_grad_(True)
+    out = model.forward_features(x)
+    assert made[-1] == "training" and out.requires_grad and out.grad_fn is not None
+    for n in (1, 3):
+        with torch.no_grad():
+            model.eval().forward_features(torch.randn(n, 3, 64, 64))
+    kinds = [g.bwd is None for g in gr._STATES[model].graphs.values()]
+    assert kinds.count(True) == 2 and kinds.count(False) == 1 and replay_stats(model)["captures"] == 5
+    model.to(torch.float64)
+    assert model not in gr._STATES
+    model.set_cuda_graphs(False)
+    with torch.no_grad():
+        model.forward_features(x.double())
+    assert model not in gr._STATES and len(made) == 5
+
+
+def test_too_many_captures_turn_the_replay_off_with_one_warning(monkeypatch):
+    import vigla.models._graph_replay as gr
+
+    _fake_captures(monkeypatch)
+    model = timm.create_model("vig_tiny", num_classes=10).eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="replay of forward_features is off for this model"):
+        for n in range(1, gr.MAX_CAPTURES + 2):
+            model.forward_features(torch.randn(n, 3, 32, 32))
+    stats = replay_stats(model)
+    assert stats["captures"] == gr.MAX_CAPTURES and "keep changing" in stats["off"]
+    with torch.no_grad():  # eager from now on
+        torch.testing.assert_close(model.forward_features(torch.randn(1, 3, 32, 32)).shape, torch.Size([1, 4, 192]))

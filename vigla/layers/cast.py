@@ -39,8 +39,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..ops.add_norm.op import scale_rows
 from ..ops.tracing import exporting
 
-__all__ = ["inference_weights", "forget_inference_weights", "casts_in_graph", "generation", "caching", "check_device", "memoized", "plain_call",
-           "plain_leaves", "gemm_weights", "gemm", "gemm_swiglu", "packs", "Projection", "MlpProjection", "dense"]
+__all__ = ["inference_weights", "forget_inference_weights", "casts_in_graph", "generation", "caching", "check_device",
+           "memoized", "plain_call", "plain_leaves", "gemm_weights", "gemm", "gemm_swiglu", "packs", "Projection",
+           "MlpProjection", "dense"]
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:

@@ -20,9 +20,11 @@ enclosing CUDA-graph capture; no gradient checkpointing and no module hook anywh
 no Python). The graphs are keyed by the grad and inference modes, the input's shape, strides, dtype and
 ``requires_grad``, the autocast and matmul-precision settings, the storage of every parameter and buffer (steps
 write them in place and the graphs read them where they lie; a new tensor captures again) and every module's
-plain settings (``training``, drop-path rates, ...). A model keeps its four most recent layouts; after 12
-captures (shapes or parameters that keep changing) it stops capturing and says so once. A training forward while
-the last one's backward is still due (two forwards, one backward) runs eagerly.
+plain settings (``training``, drop-path rates, grid sizes, ...). A model keeps its two most recent layouts of each
+kind (training, forward alone); after 12 captures (shapes or parameters that keep changing) it stops capturing and
+says so once; ``.to()`` / ``.cuda()`` / ``.half()`` drop its graphs. A training forward while the last one's backward
+is still due (two forwards, one backward) runs eagerly; grad mode with nothing to differentiate (a frozen backbone)
+replays the forward alone; calls from several threads or streams take turns.
 
 The cost: the first call of each layout runs two eager warm-up passes and the capture (about a second); the
 graphs keep their activations allocated while the model lives. ``model.set_cuda_graphs(False)`` turns the replay
@@ -30,6 +32,7 @@ off and frees them.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -44,9 +47,15 @@ from ..ops.dispatch import eager_inference, eager_training, issued_eagerly, use_
 __all__ = ["GraphReplayMixin", "replay_features", "replay_stats"]
 
 WARMUP = 2  # eager passes before a capture (kernels compiled, cuBLAS and cuDNN state made)
-KEEP = 4  # layouts a model keeps captured (training's and evaluation's batches, each epoch's last, smaller one)
+KEEP = 2  # layouts a model keeps captured, of each kind (a training step's, a forward's): e.g. a full batch and an
+# epoch's last, smaller one
 MAX_CAPTURES = 12  # captures per model before it stops capturing
 _SCALARS = frozenset((bool, int, float, str, type(None)))
+
+
+def _plain(v) -> bool:
+    """A setting the key reads: a scalar, or a tuple of them (a grid size)."""
+    return type(v) in _SCALARS or (type(v) is tuple and all(type(e) in _SCALARS for e in v))
 
 
 class _Layout(NamedTuple):
@@ -60,17 +69,36 @@ class _Layout(NamedTuple):
 
 
 class _Graphs:
-    """One layout's captured forward and backward, their static buffers and the inputs they differentiate."""
+    """One layout's captured forward (and backward: ``bwd`` None for a forward alone), their static buffers and the
+    inputs they differentiate. Calls from several threads or streams take turns: a lock around each replay, and a
+    stream that replays after another waits for the other's work (the static buffers are shared)."""
 
     def __init__(self, fn, fwd, bwd, static_in, static_out, static_dout, grads, params, buffers):
         self.fn, self.fwd, self.bwd, self.params, self.buffers = fn, fwd, bwd, params, buffers  # held: graphs read them
         self.static_in, self.static_out, self.static_dout, self.grads = static_in, static_out, static_dout, grads
         self.replays = 0
         self.pending: Optional[weakref.ref] = None  # the last forward's token while its backward is due
+        self.lock = threading.Lock()
+        self.stream: Optional[torch.cuda.Stream] = None  # where the last replay ran
 
     def busy(self) -> bool:
         """Whether the last replay's activations still wait for its backward (its autograd node is alive)."""
         return self.pending is not None and self.pending() is not None
+
+    def follow(self, device: torch.device) -> None:
+        """Order this call's replay after the last one's work when it runs on another stream."""
+        stream = torch.cuda.current_stream(device)
+        if self.stream is not None and self.stream != stream:
+            stream.wait_stream(self.stream)
+        self.stream = stream
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Replay the forward on ``x``: a fresh copy of its output (call with :attr:`lock` held)."""
+        self.follow(x.device)
+        self.static_in.copy_(x)
+        self.fwd.replay()
+        self.replays += 1
+        return self.static_out.clone()
 
 
 class _State:
@@ -105,27 +133,27 @@ class _Replay(torch.autograd.Function):
         ctx.rng = torch.cuda.get_rng_state(x.device)
         ctx.amp = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         ctx.save_for_backward(x)
-        graphs.static_in.copy_(x)
-        graphs.fwd.replay()
-        graphs.replays += 1
+        out = graphs.forward(x)
         ctx.graphs, ctx.replay = graphs, graphs.replays
         ctx.token = _Token()
         graphs.pending = weakref.ref(ctx.token)
-        return graphs.static_out.clone()
+        return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         graphs = ctx.graphs
         if torch.is_grad_enabled():
             return (None, *_recorded_grads(ctx, dout))
-        if graphs.replays != ctx.replay:
-            raise RuntimeError("forward_features was replayed again from its CUDA graph before this backward "
-                               "(retain_graph=True, then a new forward): run each backward before the next forward, "
-                               "or turn the replay off with model.set_cuda_graphs(False)")
-        graphs.static_dout.copy_(dout)
-        graphs.bwd.replay()
-        graphs.pending = None
-        return (None, *graphs.grads)
+        with graphs.lock:
+            if graphs.replays != ctx.replay:
+                raise RuntimeError("forward_features was replayed again from its CUDA graph before this backward "
+                                   "(retain_graph=True, then a new forward): run each backward before the next "
+                                   "forward, or turn the replay off with model.set_cuda_graphs(False)")
+            graphs.follow(dout.device)
+            graphs.static_dout.copy_(dout)
+            graphs.bwd.replay()
+            graphs.pending = None
+            return (None, *graphs.grads)
 
 
 def _recorded_grads(ctx, dout: torch.Tensor) -> tuple:
@@ -151,7 +179,7 @@ def _layout(model: nn.Module) -> _Layout:
     params = tuple((m._parameters, n) for m in modules for n, p in m._parameters.items() if p is not None)
     buffers = tuple((m._buffers, n) for m in modules for n, b in m._buffers.items() if b is not None)
     hooks = tuple(getattr(m, h) for m in modules for h in HOOKS)
-    settings = tuple((m.__dict__, k) for m in modules for k, v in m.__dict__.items() if type(v) in _SCALARS)
+    settings = tuple((m.__dict__, k) for m in modules for k, v in m.__dict__.items() if _plain(v))
     checkpointing = tuple(m.__dict__ for m in modules if "grad_checkpointing" in m.__dict__)
     return _Layout(generation(), params, buffers, hooks, settings, checkpointing)
 
@@ -213,9 +241,10 @@ def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params
                    tuple(params), tuple(buffers))
 
 
-def _capture_inference(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, buffers: list) -> _Graphs:
-    """Warm ``fn`` up on ``x`` (on a side stream) and capture its forward, without autograd, the weights cast
-    inside the graph (:func:`vigla.layers.cast.casts_in_graph`): a replay reads the parameters as they are then."""
+def _capture_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, buffers: list) -> _Graphs:
+    """Warm ``fn`` up on ``x`` (on a side stream) and capture its forward, which nothing differentiates (inference;
+    or grad mode with every parameter frozen and ``x`` needing no gradient), the weights cast inside the graph
+    (:func:`vigla.layers.cast.casts_in_graph`): a replay reads the parameters as they are then."""
     device = x.device
     static_in = x.clone()
     kept = [b.clone() for b in buffers]
@@ -245,7 +274,7 @@ def _capture_inference(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 def _stop(model: nn.Module, state: _State, why: str) -> None:
     state.off, state.graphs = why, OrderedDict()
     warnings.warn(f"{type(model).__name__}: CUDA-graph replay of forward_features is off for this model ({why}); it "
-                  f"trains eagerly (model.set_cuda_graphs(False) says so without this warning)", stacklevel=4)
+                  f"runs eagerly (model.set_cuda_graphs(False) says so without this warning)", stacklevel=5)
 
 
 def _eligible(model: nn.Module, x) -> bool:
@@ -279,31 +308,41 @@ def replay_features(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
     key = _key(layout, x, params, buffers)
     graphs = state.graphs.get(key)
     if graphs is None:
-        if state.captures >= MAX_CAPTURES:
-            _stop(model, state, f"{MAX_CAPTURES} captures: its input shapes or parameters keep changing")
+        graphs = _new_graphs(model, state, key, fn, x, params, buffers)
+        if graphs is None:
             return None
-        try:
-            graphs = _capture(fn, x, params, buffers) if torch.is_grad_enabled() else \
-                _capture_inference(fn, x, buffers)
-        except _CaptureFailed as e:
-            _stop(model, state, f"the capture failed: {e}")
-            return None
-        state.captures += 1
-        state.graphs[key] = graphs
-        while len(state.graphs) > KEEP:
-            state.graphs.popitem(last=False)  # a pending backward holds its graphs itself
     else:
         state.graphs.move_to_end(key)
-    if graphs.bwd is None:  # inference
+    with graphs.lock:
+        if graphs.bwd is None:  # nothing to differentiate
+            state.replays += 1
+            return graphs.forward(x)
+        if graphs.busy():
+            return None
         state.replays += 1
-        graphs.static_in.copy_(x)
-        graphs.fwd.replay()
-        graphs.replays += 1
-        return graphs.static_out.clone()
-    if graphs.busy():
+        return _Replay.apply(graphs, x, *params)
+
+
+def _new_graphs(model: nn.Module, state: _State, key: tuple, fn: Callable[[torch.Tensor], torch.Tensor],
+                x: torch.Tensor, params: list, buffers: list) -> Optional[_Graphs]:
+    """Capture ``fn`` for ``key``'s layout and keep it, dropping the oldest layout of its kind beyond :data:`KEEP`
+    (a pending backward holds its graphs itself); None, the replay then off for the model, after
+    :data:`MAX_CAPTURES` captures or a failed one."""
+    if state.captures >= MAX_CAPTURES:
+        _stop(model, state, f"{MAX_CAPTURES} captures: its input shapes or parameters keep changing")
         return None
-    state.replays += 1
-    return _Replay.apply(graphs, x, *params)
+    differentiates = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    try:
+        graphs = _capture(fn, x, params, buffers) if differentiates else _capture_forward(fn, x, buffers)
+    except _CaptureFailed as e:
+        _stop(model, state, f"the capture failed: {e}")
+        return None
+    state.captures += 1
+    state.graphs[key] = graphs
+    kind = [k for k, g in state.graphs.items() if (g.bwd is None) == (graphs.bwd is None)]
+    for k in kind[:-KEEP]:
+        del state.graphs[k]
+    return graphs
 
 
 def replay_stats(model: nn.Module) -> dict:
@@ -328,6 +367,12 @@ class GraphReplayMixin:
         PyTorch does."""
         self.cuda_graphs = bool(enable)
         _STATES.pop(self, None)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half``, ...), the graphs dropped first: they hold the
+        parameters they read, which a move replaces."""
+        _STATES.pop(self, None)
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.jit.unused
     def _replayed(self, x: torch.Tensor) -> Optional[torch.Tensor]:
