@@ -82,8 +82,8 @@ def main(argv=None) -> int:
                     help="glibc keeps freed activations for reuse, as the vigla commands set it "
                          "(vigla.engine.host_memory); --no-keep-freed-memory: glibc's defaults")
     ap.add_argument("--eager-features", action="store_true",
-                    help="the first model (a ViG) with its CUDA-graph replay of forward_features in training off "
-                         "(set_cuda_graphs(False)): every op of its step issued by the host")
+                    help="the first model (a ViG) with its CUDA-graph replay of forward_features off "
+                         "(set_cuda_graphs(False)): every kernel of its calls issued by the host")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="cpu_vig_t_interleaved")
     args = ap.parse_args(argv)
