@@ -32,6 +32,7 @@ off and frees them.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 import weakref
@@ -201,40 +202,64 @@ def _autocast_without_cache():
                           cache_enabled=False)
 
 
-def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list, buffers: list) -> _Graphs:
-    """Warm ``fn`` up on ``x`` (on a side stream) and capture its forward and backward. The model's buffers (batch
-    norm statistics) and the CUDA random state are as before: the first replay is the step's only pass."""
-    device = x.device
-    want = [p for p in params if p.requires_grad]
-    static_in = x.detach().clone().requires_grad_(x.requires_grad)
-    inputs = ([static_in] if x.requires_grad else []) + want
+@contextlib.contextmanager
+def _as_before(buffers: list, device: torch.device):
+    """On exit, the model's buffers (batch-norm statistics) and the CUDA random state as on entry: warm-up and
+    capture leave no trace, the first replay is the call's only pass."""
     kept = [b.clone() for b in buffers]
     rng = torch.cuda.get_rng_state(device)
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _autocast_without_cache():
-            for _ in range(WARMUP):  # an error here is the eager path's own: it propagates
-                out = fn(static_in)
-                torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
-                del out
-        torch.cuda.current_stream(device).wait_stream(side)
-        try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, k in zip(buffers, kept):
+                b.copy_(k)
+        torch.cuda.set_rng_state(rng, device)
+
+
+def _warm_up(step: Callable[[], None], device: torch.device) -> None:
+    """``step()`` :data:`WARMUP` times on a side stream (kernels compiled, cuBLAS and cuDNN state made). An error
+    there is the eager path's own: it propagates."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+@contextlib.contextmanager
+def _capturing():
+    """An error inside (an op that needs the host, out of memory: not capturable) as :class:`_CaptureFailed`."""
+    try:
+        yield
+    except Exception as e:
+        raise _CaptureFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list, buffers: list) -> _Graphs:
+    """Warm ``fn`` up on ``x`` and capture its forward and its backward (the backward outside autocast, as
+    ``loss.backward()`` usually runs)."""
+    want = [p for p in params if p.requires_grad]
+    static_in = x.detach().clone().requires_grad_(x.requires_grad)
+    inputs = ([static_in] if x.requires_grad else []) + want
+
+    def step():
+        with _autocast_without_cache():
+            out = fn(static_in)
+        with torch.autocast("cuda", enabled=False):
+            torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
+
+    with _as_before(buffers, x.device):
+        _warm_up(step, x.device)
+        with _capturing():
             fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with _autocast_without_cache(), torch.cuda.graph(fwd, capture_error_mode="thread_local"):
                 out = fn(static_in)
             static_dout = torch.zeros_like(out)
             with torch.autocast("cuda", enabled=False), \
                     torch.cuda.graph(bwd, pool=fwd.pool(), capture_error_mode="thread_local"):
-                grads = torch.autograd.grad(out, inputs, static_dout, allow_unused=True)
-        except Exception as e:  # an op that needs the host, out of memory: not capturable
-            raise _CaptureFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    finally:
-        with torch.no_grad():
-            for b, k in zip(buffers, kept):
-                b.copy_(k)
-        torch.cuda.set_rng_state(rng, device)
-    grads = list(grads)
+                grads = list(torch.autograd.grad(out, inputs, static_dout, allow_unused=True))
     dx = grads.pop(0) if x.requires_grad else None
     by_param = dict(zip(map(id, want), grads))
     return _Graphs(fn, fwd, bwd, static_in, out.detach(), static_dout, (dx, *[by_param.get(id(p)) for p in params]),
@@ -242,32 +267,22 @@ def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params
 
 
 def _capture_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, buffers: list) -> _Graphs:
-    """Warm ``fn`` up on ``x`` (on a side stream) and capture its forward, which nothing differentiates (inference;
-    or grad mode with every parameter frozen and ``x`` needing no gradient), the weights cast inside the graph
+    """Warm ``fn`` up on ``x`` and capture its forward, which nothing differentiates (inference; or grad mode with
+    every parameter frozen and ``x`` needing no gradient), the weights cast inside the graph
     (:func:`vigla.layers.cast.casts_in_graph`): a replay reads the parameters as they are then."""
-    device = x.device
     static_in = x.clone()
-    kept = [b.clone() for b in buffers]
-    rng = torch.cuda.get_rng_state(device)
-    try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _autocast_without_cache(), casts_in_graph():
-            for _ in range(WARMUP):
-                fn(static_in)
-        torch.cuda.current_stream(device).wait_stream(side)
-        try:
+
+    def step():
+        with _autocast_without_cache(), casts_in_graph():
+            fn(static_in)
+
+    with _as_before(buffers, x.device):
+        _warm_up(step, x.device)
+        with _capturing():
             fwd = torch.cuda.CUDAGraph()
             with _autocast_without_cache(), casts_in_graph(), \
                     torch.cuda.graph(fwd, capture_error_mode="thread_local"):
                 out = fn(static_in)
-        except Exception as e:  # an op that needs the host, out of memory: not capturable
-            raise _CaptureFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    finally:
-        with torch.no_grad():
-            for b, k in zip(buffers, kept):
-                b.copy_(k)
-        torch.cuda.set_rng_state(rng, device)
     return _Graphs(fn, fwd, None, static_in, out, None, (), (), tuple(buffers))
 
 
@@ -375,6 +390,8 @@ class GraphReplayMixin:
         return super()._apply(fn, *args, **kwargs)
 
     @torch.jit.unused
-    def _replayed(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """``forward_features(x)`` from its CUDA graphs, or None where it runs eagerly."""
-        return replay_features(self, self._forward_features, x)
+    def _features_replayed(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_features(x)``: from its CUDA graphs where :func:`replay_features` may, else ``_forward_features``
+        (the model's eager body)."""
+        replayed = replay_features(self, self._forward_features, x)
+        return self._forward_features(x) if replayed is None else replayed

@@ -161,11 +161,9 @@ class ViG(ClassifierMixin, GraphReplayMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` -> normalized tokens ``[B, N, C]``, N = (H/16) * (W/16). Eager CUDA calls
         replay it from CUDA graphs (:meth:`set_cuda_graphs`)."""
-        if not torch.jit.is_scripting():
-            replayed = self._replayed(x)
-            if replayed is not None:
-                return replayed
-        return self._forward_features(x)
+        if torch.jit.is_scripting():
+            return self._forward_features(x)
+        return self._features_replayed(x)
 
     def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, hw = self._embed(x)

@@ -174,11 +174,9 @@ class HierViG(ClassifierMixin, GraphReplayMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` -> normalized ``[B, C, H/32, W/32]`` (a channels-last view). Eager CUDA calls
         replay it from CUDA graphs (:meth:`set_cuda_graphs`)."""
-        if not torch.jit.is_scripting():
-            replayed = self._replayed(x)
-            if replayed is not None:
-                return replayed
-        return self._forward_features(x)
+        if torch.jit.is_scripting():
+            return self._forward_features(x)
+        return self._features_replayed(x)
 
     def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x).permute(0, 3, 1, 2))
