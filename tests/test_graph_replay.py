@@ -200,8 +200,9 @@ def _fake_captures(monkeypatch):
         static_in = x.clone()
         static_out = fn(static_in).detach()
         made.append("forward")
-        return gr._Graphs(fn, _FakeGraph(lambda: static_out.copy_(fn(static_in))), None, static_in, static_out, None,
-                          (), (), tuple(buffers))
+        graphs = gr._Graphs(fn, None, None, static_in, static_out, None, (), (), tuple(buffers))
+        graphs.fwd = _FakeGraph(lambda: static_out.copy_(graphs.fn()(static_in)))  # the model weakly, as the graphs
+        return graphs
 
     def capture(fn, x, params, buffers):
         graphs = capture_forward(fn, x, buffers)
@@ -263,3 +264,21 @@ def test_too_many_captures_turn_the_replay_off_with_one_warning(monkeypatch):
     assert stats["captures"] == gr.MAX_CAPTURES and "keep changing" in stats["off"]
     with torch.no_grad():  # eager from now on
         torch.testing.assert_close(model.forward_features(torch.randn(1, 3, 32, 32)).shape, torch.Size([1, 4, 192]))
+
+
+def test_a_deleted_model_is_freed_with_its_graphs(monkeypatch):
+    """The graphs live in a weak table beside the model and refer to it weakly: deleting the model frees both."""
+    import gc
+    import weakref
+
+    import vigla.models._graph_replay as gr
+
+    _fake_captures(monkeypatch)
+    model = timm.create_model("vig_tiny", num_classes=10).eval()
+    with torch.no_grad():
+        model.forward_features(torch.randn(1, 3, 32, 32))
+    assert len(gr._STATES) >= 1
+    alive, states = weakref.ref(model), len(gr._STATES)
+    del model
+    gc.collect()
+    assert alive() is None and len(gr._STATES) == states - 1

@@ -75,7 +75,9 @@ class _Graphs:
     stream that replays after another waits for the other's work (the static buffers are shared)."""
 
     def __init__(self, fn, fwd, bwd, static_in, static_out, static_dout, grads, params, buffers):
-        self.fn, self.fwd, self.bwd, self.params, self.buffers = fn, fwd, bwd, params, buffers  # held: graphs read them
+        # fn (the model's bound method) weakly: the model's state, held beside it in a weak table, must not keep it
+        self.fn = weakref.WeakMethod(fn) if hasattr(fn, "__self__") else lambda: fn
+        self.fwd, self.bwd, self.params, self.buffers = fwd, bwd, params, buffers  # held: the graphs read them
         self.static_in, self.static_out, self.static_dout, self.grads = static_in, static_out, static_dout, grads
         self.replays = 0
         self.pending: Optional[weakref.ref] = None  # the last forward's token while its backward is due
@@ -110,6 +112,7 @@ class _State:
         self.captures = self.replays = 0
         self.off: Optional[str] = None
         self.layout: Optional[_Layout] = None
+        self.lock = threading.Lock()  # one thread at a time looks up or captures
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # beside the model: copies start without any
@@ -164,10 +167,14 @@ def _recorded_grads(ctx, dout: torch.Tensor) -> tuple:
     graphs = ctx.graphs
     xi = x.detach().requires_grad_(x.requires_grad)
     want = [p for p in graphs.params if p.requires_grad]
+    fn = graphs.fn()
+    if fn is None:
+        raise RuntimeError("a second derivative through forward_features after its model was deleted: keep the model "
+                           "until the backward, or turn the replay off with model.set_cuda_graphs(False)")
     with torch.random.fork_rng(devices=[x.device]):
         torch.cuda.set_rng_state(ctx.rng, x.device)
         with torch.autocast("cuda", dtype=ctx.amp[1], enabled=ctx.amp[0]):
-            out = graphs.fn(xi)
+            out = fn(xi)
     grads = list(torch.autograd.grad(out, ([xi] if x.requires_grad else []) + want, dout, create_graph=True,
                                      allow_unused=True))
     dx = grads.pop(0) if x.requires_grad else None
@@ -308,26 +315,10 @@ def replay_features(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
     ``fn`` itself)."""
     if not _eligible(model, x):
         return None
-    state = _STATES.get(model)
-    if state is None:
-        state = _STATES[model] = _State()
-    if state.off is not None:
+    found = _graphs_for(model, fn, x)
+    if found is None:
         return None
-    if state.layout is None or state.layout.generation != generation():
-        state.layout = _layout(model)
-    layout = state.layout
-    if any(GLOBAL_HOOKS) or any(layout.hooks) or any(d.get("grad_checkpointing") for d in layout.checkpointing):
-        return None
-    params = [d[n] for d, n in layout.params]
-    buffers = [d[n] for d, n in layout.buffers]
-    key = _key(layout, x, params, buffers)
-    graphs = state.graphs.get(key)
-    if graphs is None:
-        graphs = _new_graphs(model, state, key, fn, x, params, buffers)
-        if graphs is None:
-            return None
-    else:
-        state.graphs.move_to_end(key)
+    state, graphs, params = found
     with graphs.lock:
         if graphs.bwd is None:  # nothing to differentiate
             state.replays += 1
@@ -336,6 +327,34 @@ def replay_features(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
             return None
         state.replays += 1
         return _Replay.apply(graphs, x, *params)
+
+
+def _graphs_for(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+                ) -> Optional[tuple[_State, _Graphs, list]]:
+    """``(the model's state, the graphs of x's layout, the parameters)``, captured first if new; None where the
+    model runs eagerly (replay off, a hook, checkpointing, a failed or one capture too many)."""
+    state = _STATES.get(model)
+    if state is None:
+        state = _STATES.setdefault(model, _State())
+    with state.lock:
+        if state.off is not None:
+            return None
+        if state.layout is None or state.layout.generation != generation():
+            state.layout = _layout(model)
+        layout = state.layout
+        if any(GLOBAL_HOOKS) or any(layout.hooks) or any(d.get("grad_checkpointing") for d in layout.checkpointing):
+            return None
+        params = [d[n] for d, n in layout.params]
+        buffers = [d[n] for d, n in layout.buffers]
+        key = _key(layout, x, params, buffers)
+        graphs = state.graphs.get(key)
+        if graphs is None:
+            graphs = _new_graphs(model, state, key, fn, x, params, buffers)
+            if graphs is None:
+                return None
+        else:
+            state.graphs.move_to_end(key)
+        return state, graphs, params
 
 
 def _new_graphs(model: nn.Module, state: _State, key: tuple, fn: Callable[[torch.Tensor], torch.Tensor],
