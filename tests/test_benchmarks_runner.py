@@ -193,12 +193,17 @@ def test_eager_cells_at_224_come_from_the_pair_timed_in_turn(tmp_path):
     turns = {**_bench_result([]), "rows": [{"round": 0, "infer_ratio": 0.7, "train_ratio": 0.4},
                                            {"round": "median", "infer_ratio": 0.75, "train_ratio": 0.45}]}
     (tmp_path / "models_vig_t_interleaved.json").write_text(json.dumps(turns))
+    off = {**turns, "rows": [{"round": 0, "infer_ratio": 0.5, "train_ratio": 0.3},
+                             {"round": "median", "infer_ratio": 0.5, "train_ratio": 0.3}]}
+    (tmp_path / "models_vig_t_interleaved_eager_features.json").write_text(json.dumps(off))
     table = summarize.summary(summarize.Results(tmp_path))
     assert "| ViG-T ÷ DeiT-T, inference img/s, eager | 0.75 ⁱ | 1.40 | 1.40 | 1.40 |" in table
     assert "| ViG-T ÷ DeiT-T, training img/s, eager | 0.45 ⁱ | 1.40 | 1.40 | 1.40 |" in table
     assert "| ViG-T ÷ DeiT-T, inference img/s, CUDA graphs | 1.40 | 1.40 | 1.40 | 1.40 |" in table
     page = summarize.performance(summarize.Results(tmp_path))
-    assert "0.75x DeiT-T's img/s eager (timed in turn) and at 1.40x replayed" in page
+    assert "0.50x DeiT-T's img/s in inference and 0.30x in training, timed in turn with the replay off" in page
+    assert "0.75x DeiT-T's img/s eager (timed in turn); a whole forward replayed as one CUDA graph, at 1.40x" in page
+    assert "ViG-T (replay off) and DeiT-T timed in turn" in page
 
 
 def test_kernel_split_reads_each_kernels_share_and_the_spills():
