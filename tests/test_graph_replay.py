@@ -196,16 +196,16 @@ def _fake_captures(monkeypatch):
 
     made = []
 
-    def capture_forward(fn, x, buffers):
+    def capture_forward(fn, x, params, buffers):
         static_in = x.clone()
         static_out = fn(static_in).detach()
         made.append("forward")
-        graphs = gr._Graphs(fn, None, None, static_in, static_out, None, (), (), tuple(buffers))
+        graphs = gr._Graphs(fn, None, None, static_in, static_out, None, (), tuple(params), tuple(buffers))
         graphs.fwd = _FakeGraph(lambda: static_out.copy_(graphs.fn()(static_in)))  # the model weakly, as the graphs
         return graphs
 
     def capture(fn, x, params, buffers):
-        graphs = capture_forward(fn, x, buffers)
+        graphs = capture_forward(fn, x, params, buffers)
         made[-1] = "training"
         graphs.bwd = _FakeGraph(lambda: None)
         graphs.grads, graphs.params = (None,) * (1 + len(params)), tuple(params)

@@ -273,7 +273,8 @@ def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params
                    tuple(params), tuple(buffers))
 
 
-def _capture_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, buffers: list) -> _Graphs:
+def _capture_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list,
+                     buffers: list) -> _Graphs:
     """Warm ``fn`` up on ``x`` and capture its forward, which nothing differentiates (inference; or grad mode with
     every parameter frozen and ``x`` needing no gradient), the weights cast inside the graph
     (:func:`vigla.layers.cast.casts_in_graph`): a replay reads the parameters as they are then."""
@@ -290,7 +291,7 @@ def _capture_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
             with _autocast_without_cache(), casts_in_graph(), \
                     torch.cuda.graph(fwd, capture_error_mode="thread_local"):
                 out = fn(static_in)
-    return _Graphs(fn, fwd, None, static_in, out, None, (), (), tuple(buffers))
+    return _Graphs(fn, fwd, None, static_in, out, None, (), tuple(params), tuple(buffers))
 
 
 def _stop(model: nn.Module, state: _State, why: str) -> None:
@@ -367,7 +368,7 @@ def _new_graphs(model: nn.Module, state: _State, key: tuple, fn: Callable[[torch
         return None
     differentiates = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     try:
-        graphs = _capture(fn, x, params, buffers) if differentiates else _capture_forward(fn, x, buffers)
+        graphs = (_capture if differentiates else _capture_forward)(fn, x, params, buffers)
     except _CaptureFailed as e:
         _stop(model, state, f"the capture failed: {e}")
         return None
