@@ -282,3 +282,18 @@ def test_a_deleted_model_is_freed_with_its_graphs(monkeypatch):
     del model
     gc.collect()
     assert alive() is None and len(gr._STATES) == states - 1
+
+
+def test_gradients_line_up_with_the_input_and_every_parameter():
+    """What the backward graph returns and a second derivative recomputes: d x (None unless x needs it), then one
+    entry per parameter, None for a frozen one and for one the output does not use."""
+    from vigla.models._graph_replay import _gradients
+
+    w, frozen, unused = (torch.randn(3, requires_grad=True), torch.randn(3), torch.randn(2, requires_grad=True))
+    for needs in (False, True):
+        x = torch.randn(3, requires_grad=needs)
+        out = (x * w * frozen).sum()
+        got = _gradients(out, x, [w, frozen, unused], torch.tensor(2.0))
+        assert len(got) == 4 and got[2] is None and got[3] is None
+        torch.testing.assert_close(got[1], 2 * x.detach() * frozen)
+        assert (got[0] is None) != needs and (not needs or torch.allclose(got[0], 2 * w.detach() * frozen))

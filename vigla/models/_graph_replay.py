@@ -166,7 +166,6 @@ def _recorded_grads(ctx, dout: torch.Tensor) -> tuple:
     (x,) = ctx.saved_tensors
     graphs = ctx.graphs
     xi = x.detach().requires_grad_(x.requires_grad)
-    want = [p for p in graphs.params if p.requires_grad]
     fn = graphs.fn()
     if fn is None:
         raise RuntimeError("a second derivative through forward_features after its model was deleted: keep the model "
@@ -175,11 +174,19 @@ def _recorded_grads(ctx, dout: torch.Tensor) -> tuple:
         torch.cuda.set_rng_state(ctx.rng, x.device)
         with torch.autocast("cuda", dtype=ctx.amp[1], enabled=ctx.amp[0]):
             out = fn(xi)
-    grads = list(torch.autograd.grad(out, ([xi] if x.requires_grad else []) + want, dout, create_graph=True,
+    return _gradients(out, xi, graphs.params, dout, create_graph=True)
+
+
+def _gradients(out: torch.Tensor, x: torch.Tensor, params: tuple | list, dout: torch.Tensor,
+               create_graph: bool = False) -> tuple:
+    """``(d x, *d params)`` of ``out`` against ``dout``: None for ``x`` unless it needs a gradient, and for each
+    parameter that needs none or that ``out`` does not use."""
+    want = [p for p in params if p.requires_grad]
+    grads = list(torch.autograd.grad(out, ([x] if x.requires_grad else []) + want, dout, create_graph=create_graph,
                                      allow_unused=True))
     dx = grads.pop(0) if x.requires_grad else None
     by_param = dict(zip(map(id, want), grads))
-    return (dx, *[by_param.get(id(p)) for p in graphs.params])
+    return (dx, *[by_param.get(id(p)) for p in params])
 
 
 def _layout(model: nn.Module) -> _Layout:
@@ -247,15 +254,13 @@ def _capturing():
 def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list, buffers: list) -> _Graphs:
     """Warm ``fn`` up on ``x`` and capture its forward and its backward (the backward outside autocast, as
     ``loss.backward()`` usually runs)."""
-    want = [p for p in params if p.requires_grad]
     static_in = x.detach().clone().requires_grad_(x.requires_grad)
-    inputs = ([static_in] if x.requires_grad else []) + want
 
     def step():
         with _autocast_without_cache():
             out = fn(static_in)
         with torch.autocast("cuda", enabled=False):
-            torch.autograd.grad(out, inputs, torch.zeros_like(out), allow_unused=True)
+            _gradients(out, static_in, params, torch.zeros_like(out))
 
     with _as_before(buffers, x.device):
         _warm_up(step, x.device)
@@ -266,11 +271,8 @@ def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params
             static_dout = torch.zeros_like(out)
             with torch.autocast("cuda", enabled=False), \
                     torch.cuda.graph(bwd, pool=fwd.pool(), capture_error_mode="thread_local"):
-                grads = list(torch.autograd.grad(out, inputs, static_dout, allow_unused=True))
-    dx = grads.pop(0) if x.requires_grad else None
-    by_param = dict(zip(map(id, want), grads))
-    return _Graphs(fn, fwd, bwd, static_in, out.detach(), static_dout, (dx, *[by_param.get(id(p)) for p in params]),
-                   tuple(params), tuple(buffers))
+                grads = _gradients(out, static_in, params, static_dout)
+    return _Graphs(fn, fwd, bwd, static_in, out.detach(), static_dout, grads, tuple(params), tuple(buffers))
 
 
 def _capture_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list,
