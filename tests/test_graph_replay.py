@@ -182,6 +182,92 @@ def test_replayed_inference_matches_eager_and_reads_new_weights(name):
     assert replay_stats(replayed)["replays"] == 10
 
 
+@pytest.mark.gpu
+def test_a_partly_frozen_backbone_and_an_input_gradient_match_eager():
+    """Fine-tuning the last blocks with an input that needs its gradient (an adversarial step): ``x.grad`` and every
+    trainable gradient as eager's, the frozen ones left None; then a fully frozen backbone replays the forward alone
+    and only the head learns."""
+    replayed, eager = _pair("vig_tiny")
+    for m in (replayed, eager):
+        m.patch_embed.requires_grad_(False)
+        m.blocks[:4].requires_grad_(False)
+    x = torch.randn(3, 3, 64, 64, device="cuda")
+    grads = []
+    for m in (replayed, eager):
+        xx = x.clone().requires_grad_(True)
+        for _ in range(2):  # capture, then replay
+            m.zero_grad(set_to_none=True)
+            xx.grad = None
+            m(xx).square().mean().backward()
+        grads.append([("x", xx.grad)] + [(n, p.grad) for n, p in m.named_parameters()])
+    for (n, got), (_, want) in zip(*grads):
+        assert (got is None) == (want is None), n
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert grads[1][0][1] is not None and replay_stats(replayed) == {"captures": 1, "replays": 2, "off": None}
+    for m in (replayed, eager):
+        m.requires_grad_(False).get_classifier().requires_grad_(True)
+        m.zero_grad(set_to_none=True)
+        m(x).square().mean().backward()
+    head = [m.get_classifier().weight.grad for m in (replayed, eager)]
+    torch.testing.assert_close(head[0], head[1], rtol=1e-4, atol=1e-6)
+    assert replayed.blocks[-1].attn.qkv.weight.grad is None and replay_stats(replayed)["captures"] == 2
+
+
+@pytest.mark.gpu
+def test_a_cast_model_captures_anew_and_a_deleted_one_gives_its_memory_back():
+    """``.to(torch.bfloat16)`` after a capture drops the graphs: the next call captures for the new weights and
+    matches eager in bf16. Deleting the model frees it, its graphs and their memory (the graphs hold it weakly)."""
+    import gc
+    import weakref
+
+    replayed, eager = _pair("vig_tiny")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        replayed.eval()(x)  # an fp32 capture
+        for m in (replayed, eager):
+            m.eval().to(torch.bfloat16)
+        assert replay_stats(replayed)["captures"] == 0
+        got, want = replayed(x.bfloat16()).float(), eager(x.bfloat16()).float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert replay_stats(replayed) == {"captures": 1, "replays": 1, "off": None}
+    replayed.train()(x.bfloat16()).float().square().mean().backward()  # a training capture too
+    assert replay_stats(replayed)["captures"] == 2
+    torch.cuda.synchronize()
+    held, weights = torch.cuda.memory_allocated(), sum(p.numel() * p.element_size() for p in replayed.parameters())
+    alive = weakref.ref(replayed)
+    del replayed, got
+    gc.collect()
+    torch.cuda.synchronize()
+    assert alive() is None
+    assert torch.cuda.memory_allocated() <= held - 2 * weights  # the weights, their gradients and the graphs'
+
+
+@pytest.mark.gpu
+def test_ddp_gradients_through_the_replay_match_eager():
+    """One-process DistributedDataParallel (as ``torchrun --nproc_per_node 1``): the replayed backward fills the
+    gradients through the autograd node, and DDP's reducer hooks fire, as in eager."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        replayed, eager = _pair("vig_tiny")
+        x = torch.randn(3, 3, 64, 64, device="cuda")
+        grads = []
+        for m in (replayed, eager):
+            wrapped = DDP(m, device_ids=[torch.cuda.current_device()])
+            for _ in range(3):
+                wrapped.zero_grad(set_to_none=True)
+                wrapped(x).square().mean().backward()
+            grads.append([p.grad for p in m.parameters()])
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        assert replay_stats(replayed) == {"captures": 1, "replays": 3, "off": None}
+    finally:
+        dist.destroy_process_group()
+
+
 class _FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on a CPU: ``replay()`` runs what the capture would have recorded."""
 
