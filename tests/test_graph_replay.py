@@ -244,6 +244,26 @@ def test_a_cast_model_captures_anew_and_a_deleted_one_gives_its_memory_back():
 
 
 @pytest.mark.gpu
+def test_an_input_off_the_current_device_runs_eagerly(monkeypatch):
+    """A graph is captured and replayed on the current device's streams: an input on another GPU (model.to("cuda:1")
+    without torch.cuda.set_device(1)) runs eagerly. One GPU stands in for two: the replay is told that the current
+    device is 1."""
+    import vigla.models._graph_replay as gr
+
+    replayed, eager = _pair("vig_tiny")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    monkeypatch.setattr(gr, "current_device", lambda: 1)
+    with torch.no_grad():
+        got, want = replayed.eval()(x), eager.eval()(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert replay_stats(replayed)["captures"] == 0
+    monkeypatch.undo()
+    with torch.no_grad():
+        replayed(x)
+    assert replay_stats(replayed)["captures"] == 1
+
+
+@pytest.mark.gpu
 def test_ddp_gradients_through_the_replay_match_eager():
     """One-process DistributedDataParallel (as ``torchrun --nproc_per_node 1``): the replayed backward fills the
     gradients through the autograd node, and DDP's reducer hooks fire, as in eager."""

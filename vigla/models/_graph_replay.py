@@ -14,17 +14,18 @@ calls a ViG's ``forward_features`` is captured once per input layout and then re
   (:func:`vigla.layers.cast.casts_in_graph`), so that a replay reads the parameters as they are.
 
 Each replay returns a fresh tensor. It happens only where it gives what the eager path would
-(:func:`replay_features`): plain CUDA tensors on the fused kernels (not :func:`vigla.ops.reference_ops`); not
-under ``torch.compile``, ``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode AD or an
-enclosing CUDA-graph capture; no gradient checkpointing and no module hook anywhere in the model (a replay calls
-no Python). The graphs are keyed by the grad and inference modes, the input's shape, strides, dtype and
-``requires_grad``, the autocast and matmul-precision settings, the storage of every parameter and buffer (steps
-write them in place and the graphs read them where they lie; a new tensor captures again) and every module's
-plain settings (``training``, drop-path rates, grid sizes, ...). A model keeps its two most recent layouts of each
-kind (training, forward alone); after 12 captures (shapes or parameters that keep changing) it stops capturing and
-says so once; ``.to()`` / ``.cuda()`` / ``.half()`` drop its graphs. A training forward while the last one's backward
-is still due (two forwards, one backward) runs eagerly; grad mode with nothing to differentiate (a frozen backbone)
-replays the forward alone; calls from several threads or streams take turns.
+(:func:`replay_features`): plain CUDA tensors on the current device (``torch.cuda.set_device``, as ``torchrun``
+scripts do) and the fused kernels (not :func:`vigla.ops.reference_ops`); not under ``torch.compile``,
+``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode AD or an enclosing CUDA-graph capture; no
+gradient checkpointing and no module hook anywhere in the model (a replay calls no Python). The graphs are keyed by
+the grad and inference modes, the input's shape, strides, dtype and ``requires_grad``, the autocast and
+matmul-precision settings, the storage of every parameter and buffer (steps write them in place and the graphs read
+them where they lie; a new tensor captures again) and every module's plain settings (``training``, drop-path rates,
+grid sizes, ...). A model keeps its two most recent layouts of each kind (training, forward alone); after 12
+captures (shapes or parameters that keep changing) it stops capturing and says so once; ``.to()`` / ``.cuda()`` /
+``.half()`` drop its graphs. A training forward while the last one's backward is still due (two forwards, one
+backward) runs eagerly; grad mode with nothing to differentiate (a frozen backbone) replays the forward alone; calls
+from several threads or streams take turns.
 
 The cost: the first call of each layout runs two eager warm-up passes and the capture (about a second); the
 graphs keep their activations allocated while the model lives. ``model.set_cuda_graphs(False)`` turns the replay
@@ -41,6 +42,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+from torch.cuda import current_device
 
 from ..layers.cast import GLOBAL_HOOKS, HOOKS, casts_in_graph, generation
 from ..ops.dispatch import eager_inference, eager_training, issued_eagerly, use_kernels
@@ -303,11 +305,13 @@ def _stop(model: nn.Module, state: _State, why: str) -> None:
 
 
 def _eligible(model: nn.Module, x) -> bool:
-    """The conditions of the module's docstring that need no layout: a plain CUDA tensor, the fused kernels (not
+    """The conditions of the module's docstring that need no layout: a plain CUDA tensor on the current device (a
+    graph is captured and replayed on the current device's streams), the fused kernels (not
     :func:`vigla.ops.reference_ops`), nothing tracing, watching or capturing; eager training in train mode, or
     eager inference; the replay on and the model not a ``DataParallel`` replica."""
     if not (type(x) is torch.Tensor and x.is_cuda and use_kernels(x) and model.__dict__.get("cuda_graphs", True)
-            and not model.__dict__.get("_is_replica") and issued_eagerly()):
+            and not model.__dict__.get("_is_replica") and x.get_device() == current_device()
+            and issued_eagerly()):
         return False
     return model.training and eager_training(x) if torch.is_grad_enabled() else eager_inference(x)
 
