@@ -16,16 +16,16 @@ calls a ViG's ``forward_features`` is captured once per input layout and then re
 Each replay returns a fresh tensor. It happens only where it gives what the eager path would
 (:func:`replay_features`): plain CUDA tensors on the current device (``torch.cuda.set_device``, as ``torchrun``
 scripts do) and the fused kernels (not :func:`vigla.ops.reference_ops`); not under ``torch.compile``,
-``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode AD or an enclosing CUDA-graph capture; no
-gradient checkpointing and no module hook anywhere in the model (a replay calls no Python). The graphs are keyed by
-the grad and inference modes, the input's shape, strides, dtype and ``requires_grad``, the autocast and
-matmul-precision settings, the storage of every parameter and buffer (steps write them in place and the graphs read
-them where they lie; a new tensor captures again) and every module's plain settings (``training``, drop-path rates,
-grid sizes, ...). A model keeps its two most recent layouts of each kind (training, forward alone); after 12
-captures (shapes or parameters that keep changing) it stops capturing and says so once; ``.to()`` / ``.cuda()`` /
-``.half()`` drop its graphs. A training forward while the last one's backward is still due (two forwards, one
-backward) runs eagerly; grad mode with nothing to differentiate (a frozen backbone) replays the forward alone; calls
-from several threads or streams take turns.
+``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode AD, an enclosing CUDA-graph capture or a
+``DistributedDataParallel`` forward; no gradient checkpointing and no module hook anywhere in the model (a replay
+calls no Python). The graphs are keyed by the grad and inference modes, the input's shape, strides, dtype and
+``requires_grad``, the autocast and matmul-precision settings, the storage of every parameter and buffer (steps
+write them in place and the graphs read them where they lie; a new tensor captures again) and every module's plain
+settings (``training``, drop-path rates, grid sizes, ...). A model keeps its two most recent layouts of each kind
+(training, forward alone); after 12 captures (shapes or parameters that keep changing) it stops capturing and says
+so once; ``.to()`` / ``.cuda()`` / ``.half()`` drop its graphs. A training forward while the last one's backward is
+still due (two forwards, one backward) runs eagerly; grad mode with nothing to differentiate (a frozen backbone, a
+linear probe's) replays the forward alone; calls from several threads or streams take turns.
 
 The cost: the first call of each layout runs two eager warm-up passes and the capture (about a second); the
 graphs keep their activations allocated while the model lives. ``model.set_cuda_graphs(False)`` turns the replay
@@ -43,6 +43,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn as nn
 from torch.cuda import current_device
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..layers.cast import GLOBAL_HOOKS, HOOKS, casts_in_graph, generation
 from ..ops.dispatch import eager_inference, eager_training, issued_eagerly, use_kernels
@@ -253,19 +254,26 @@ def _capturing():
         raise _CaptureFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 
-def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list, buffers: list) -> _Graphs:
+def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list, buffers: list
+             ) -> Optional[_Graphs]:
     """Warm ``fn`` up on ``x`` and capture its forward and its backward (the backward outside autocast, as
-    ``loss.backward()`` usually runs)."""
+    ``loss.backward()`` usually runs); None where its output needs no gradient (the parameters that train are
+    outside it: a linear probe's head)."""
     static_in = x.detach().clone().requires_grad_(x.requires_grad)
+    differentiable = []
 
     def step():
         with _autocast_without_cache():
             out = fn(static_in)
-        with torch.autocast("cuda", enabled=False):
-            _gradients(out, static_in, params, torch.zeros_like(out))
+        differentiable.append(out.requires_grad)
+        if out.requires_grad:
+            with torch.autocast("cuda", enabled=False):
+                _gradients(out, static_in, params, torch.zeros_like(out))
 
     with _as_before(buffers, x.device):
         _warm_up(step, x.device)
+        if not differentiable[-1]:
+            return None
         with _capturing():
             fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with _autocast_without_cache(), torch.cuda.graph(fwd, capture_error_mode="thread_local"):
@@ -308,10 +316,12 @@ def _eligible(model: nn.Module, x) -> bool:
     """The conditions of the module's docstring that need no layout: a plain CUDA tensor on the current device (a
     graph is captured and replayed on the current device's streams), the fused kernels (not
     :func:`vigla.ops.reference_ops`), nothing tracing, watching or capturing; eager training in train mode, or
-    eager inference; the replay on and the model not a ``DataParallel`` replica."""
+    eager inference; the replay on, and the model neither a ``DataParallel`` replica nor inside a
+    ``DistributedDataParallel`` forward (DDP keeps its parameters' gradient accumulators, made on the stream of its
+    first step, which a capture on a side stream may not reach)."""
     if not (type(x) is torch.Tensor and x.is_cuda and use_kernels(x) and model.__dict__.get("cuda_graphs", True)
-            and not model.__dict__.get("_is_replica") and x.get_device() == current_device()
-            and issued_eagerly()):
+            and not model.__dict__.get("_is_replica") and DDP._active_ddp_module is None
+            and x.get_device() == current_device() and issued_eagerly()):
         return False
     return model.training and eager_training(x) if torch.is_grad_enabled() else eager_inference(x)
 
@@ -374,7 +384,8 @@ def _new_graphs(model: nn.Module, state: _State, key: tuple, fn: Callable[[torch
         return None
     differentiates = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     try:
-        graphs = (_capture if differentiates else _capture_forward)(fn, x, params, buffers)
+        graphs = _capture(fn, x, params, buffers) if differentiates else None
+        graphs = graphs or _capture_forward(fn, x, params, buffers)
     except _CaptureFailed as e:
         _stop(model, state, f"the capture failed: {e}")
         return None
