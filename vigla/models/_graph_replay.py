@@ -320,7 +320,7 @@ def _eligible(model: nn.Module, x) -> bool:
     ``DistributedDataParallel`` forward (DDP keeps its parameters' gradient accumulators, made on the stream of its
     first step, which a capture on a side stream may not reach)."""
     if not (type(x) is torch.Tensor and x.is_cuda and use_kernels(x) and model.__dict__.get("cuda_graphs", True)
-            and not model.__dict__.get("_is_replica") and DDP._active_ddp_module is None
+            and not model.__dict__.get("_is_replica") and getattr(DDP, "_active_ddp_module", None) is None
             and x.get_device() == current_device() and issued_eagerly()):
         return False
     return model.training and eager_training(x) if torch.is_grad_enabled() else eager_inference(x)
