@@ -269,6 +269,8 @@ def test_ddp_gradients_through_the_replay_match_eager():
     """One-process DistributedDataParallel (as ``torchrun --nproc_per_node 1``): a DDP forward runs eagerly, without a
     warning (DDP keeps its parameters' gradient accumulators from its first step, on the stream of that step, which a
     capture on a side stream may not reach: the capture failed), and the gradients are eager's."""
+    import gc
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -288,6 +290,8 @@ def test_ddp_gradients_through_the_replay_match_eager():
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         assert replay_stats(replayed) == {"captures": 0, "replays": 0, "off": None}
+        del wrapped
+        gc.collect()  # the wrappers and the gradient accumulators they kept
         replayed(x).sum().backward()  # unwrapped, it replays
         assert replay_stats(replayed)["captures"] == 1
     finally:
