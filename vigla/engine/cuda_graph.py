@@ -21,6 +21,7 @@ the host's launch rate, not by the GPU; replaying a captured graph removes the h
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -29,7 +30,19 @@ from torch.autograd.graph import increment_version
 
 from .precision import autocast
 
-__all__ = ["CudaGraphModel", "CudaGraphTrainStep"]
+__all__ = ["CudaGraphModel", "CudaGraphTrainStep", "side_stream"]
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device):
+    """The block on a fresh side stream of ``device``, after the current stream's work and before its later work:
+    the eager calls before a capture (lazy state made off the stream that captures, as PyTorch's whole-network
+    capture does)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 class CudaGraphModel(nn.Module):
@@ -72,12 +85,9 @@ class CudaGraphModel(nn.Module):
         device = next(self.model.parameters()).device
         self.shape = tuple(shape)
         self.static_input = torch.zeros(self.batch_size, *self.shape, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.inference_mode(), autocast(device, self.amp_dtype):
+        with side_stream(device), torch.inference_mode(), autocast(device, self.amp_dtype):
             for _ in range(self.warmup):
                 self.model(self.static_input)
-        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # autocast's own weight cache lives only as long as one autocast region: not in a graph
         with torch.inference_mode(), autocast(device, self.amp_dtype, cache=False), \
@@ -218,13 +228,9 @@ class CudaGraphTrainStep:
 
     def _eager(self) -> torch.Tensor:
         """One step on a side stream (what PyTorch's whole-network capture does before capturing)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        with side_stream(self.device):
             self._clear_grads()
-            loss = self._step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        return loss
+            return self._step()
 
     def capture(self) -> None:
         """Capture one step on what :attr:`static_x` and :attr:`static_y` hold (nothing runs yet; other

@@ -45,6 +45,7 @@ import torch.nn as nn
 from torch.cuda import current_device
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..engine.cuda_graph import side_stream
 from ..layers.cast import GLOBAL_HOOKS, HOOKS, casts_in_graph, generation
 from ..ops.dispatch import eager_inference, eager_training, issued_eagerly, use_kernels
 
@@ -237,12 +238,9 @@ def _as_before(buffers: list, device: torch.device):
 def _warm_up(step: Callable[[], None], device: torch.device) -> None:
     """``step()`` :data:`WARMUP` times on a side stream (kernels compiled, cuBLAS and cuDNN state made). An error
     there is the eager path's own: it propagates."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with side_stream(device):
         for _ in range(WARMUP):
             step()
-    torch.cuda.current_stream(device).wait_stream(side)
 
 
 @contextlib.contextmanager
