@@ -628,7 +628,8 @@ def performance(res: Results) -> str:
            "hand. Ratios are taken within one run: absolute figures move by 10-15% between runs on a shared "
            "machine. `vigla bench` on a GPU: bf16 autocast, batch 128/128/32/8 at 224/512/1024/2048, 3 warm-up "
            "calls, median of 10 calls timed with CUDA events, training steps with AdamW, peak memory from "
-           "`torch.cuda.max_memory_allocated` ([bench.md](bench.md) has the protocol and the FLOP convention)."]
+           "`torch.cuda.max_memory_allocated` (CUDA graphs' pools added where a file's settings say "
+           "`cuda_max_memory_allocated+graph_pools`; [bench.md](bench.md) has the protocol and the FLOP convention)."]
     runs_t = [("eager", "models_vig_t_eager"), ("CUDA graphs", "models_vig_t_cuda_graph"),
               ("torch.compile", "compile_vig_t"), ("torch.compile, every model's run", "compile_all_models"),
               ("ViG-T checkpointed", "models_vig_t_ckpt")]

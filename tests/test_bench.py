@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 import vigla  # noqa: F401  (registers vigla's models)
 from vigla.bench import cli, measure, report
 from vigla.bench.flops import count_flops, count_model_flops
+from vigla.engine.cuda_graph import side_stream
 from vigla.ops.bigla import bigla
 
 
@@ -175,8 +176,34 @@ def test_summarize_median_spread_and_throughput():
 
 def test_time_calls_counts_calls():
     calls = []
-    times, first = measure.time_calls(lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=3)
-    assert len(calls) == 5 and len(times) == 3 and first >= 0
+    times, first = measure.time_calls(lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=3,
+                                      after_warmup=lambda: calls.append("split"))
+    assert calls == [1, 1, "split", 1, 1, 1] and len(times) == 3 and first >= 0
+
+
+def test_each_phase_starts_without_the_last_phases_graphs(monkeypatch):
+    """bench_one drops a ViG's replayed graphs after inference and after the batch-1 latency: a phase's peak
+    memory holds its own graphs only (the setting itself is kept)."""
+    events = []
+
+    class Model(nn.Linear):
+        cuda_graphs = True
+
+        def set_cuda_graphs(self, enable=True):
+            events.append(("drop", enable))
+
+    def phase(name):
+        return lambda *a, **k: events.append(name) or {"status": "ok", "img_per_s": 1.0, "median_ms": 1.0}
+
+    monkeypatch.setattr(cli, "build_model", lambda name, img: Model(2, 2))
+    monkeypatch.setattr(cli, "model_stats", lambda name, img: {})
+    monkeypatch.setattr(cli, "measure_inference", lambda m, b, *a, **k: phase(f"infer b{b}")())
+    monkeypatch.setattr(cli, "measure_train", phase("train"))
+    s = dict(device=torch.device("cpu"), grad_checkpointing=(), flops_only=False, amp="none", channels_last=False,
+             warmup=1, iters=1, compile=False, cuda_graph=False, latency=True, latency_batch_size=1, train=True,
+             optimizer="adamw")
+    cli.bench_one("m", 32, 4, s)
+    assert events == ["infer b4", ("drop", True), "infer b1", ("drop", True), "train"]
 
 
 def test_cpu_memory_meter_sees_an_allocation():
@@ -462,7 +489,7 @@ def test_cli_on_gpu_records_a_real_oom_and_goes_on(tmp_path):
                "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert result["settings"]["memory"] == "cuda_max_memory_allocated"
+    assert result["settings"]["memory"] == "cuda_max_memory_allocated+graph_pools"
     assert result["environment"]["device_type"] == "cuda" and result["settings"]["amp"] == "bf16"
     big, small = result["rows"]
     assert big["infer"]["status"] == "oom" and big["train"]["status"] == "oom"
@@ -541,6 +568,35 @@ def test_cuda_graph_replay_gives_the_eager_output(name):
     torch.testing.assert_close(measure.cuda_graph_forward(model, other, "bf16")().float(), eager_other,
                                rtol=1e-2, atol=1e-2)
     assert not torch.allclose(eager, eager_other, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_memory_meter_counts_what_a_captured_graph_holds():
+    """A captured graph's intermediates are no live tensors, yet its pool holds them through every replay: the
+    meter counts them in a window of replays, and no longer once the graph is gone."""
+    device = torch.device("cuda")
+    meter, mib = measure.MemoryMeter(device), 2 ** 20
+    x = torch.ones(16 * mib // 4, device=device)  # 16 MiB
+
+    def f():
+        return (x * 2 + 1).sum()  # two 16 MiB intermediates
+
+    graph = torch.cuda.CUDAGraph()
+    with side_stream(device):
+        f()
+    with torch.cuda.graph(graph):
+        out = f()
+    meter.start()
+    graph.replay()
+    meter.split()
+    graph.replay()
+    held = meter.peak_mib()
+    assert out.item() == 3 * x.numel()
+    assert held >= 16 + 16 and measure.graph_pool_slack(device) >= 16 * mib
+    del graph, out
+    meter.start()
+    x.add_(1)
+    assert meter.peak_mib() < 16 + 8
 
 
 @pytest.mark.gpu

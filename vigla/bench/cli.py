@@ -208,6 +208,13 @@ def model_stats(name: str, img_size: int) -> dict:
                     "gflops": counted["flops"] / 1e9, "flops_by_op": counted["by_op"]}
 
 
+def _drop_graphs(model: torch.nn.Module) -> None:
+    """Free what the last phase's CUDA graphs hold (a ViG's replay of its features keeps its graphs while the model
+    lives), so that each phase's peak memory counts its own graphs alone; the replay's setting is kept."""
+    if hasattr(model, "set_cuda_graphs"):
+        model.set_cuda_graphs(model.cuda_graphs)
+
+
 def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
     """All measurements of one model at one size; failures (OOM included) are recorded, not raised."""
     device = s["device"]
@@ -243,10 +250,12 @@ def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
         return row
     row["infer"] = guarded(lambda: measure_inference(model, batch_size, img_size, device, meter=meter,
                                                      cuda_graph=s["cuda_graph"], **common), device)
+    _drop_graphs(model)
     row["latency"] = (guarded(lambda: measure_inference(model, s["latency_batch_size"], img_size,
                                                         device, cuda_graph=s["cuda_graph"], **common),
                               device)
                       if s["latency"] else None)
+    _drop_graphs(model)
     row["train"] = (guarded(lambda: measure_train(model, batch_size, img_size, device, optimizer=s["optimizer"],
                                                   meter=meter, cuda_graph=s["cuda_graph"], **common),
                             device)

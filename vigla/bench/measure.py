@@ -8,7 +8,11 @@ Peak memory (:class:`MemoryMeter`):
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the start of the
   window: the absolute high-water mark of tensor memory, weights and input included (what the
-  anchors report). Allocator caching and the CUDA context are not in it.
+  anchors report). Allocator caching and the CUDA context are not in it. A CUDA graph's intermediates
+  are not live tensors once it is captured, yet its private memory pool holds them through every
+  replay: the timed calls' peak (after :meth:`MemoryMeter.split`) adds what the graphs' pools hold
+  beyond their live tensors (:func:`graph_pool_slack`), and the window's peak is the larger of that
+  and the warm-up's (which holds the captures).
 * CPU: the growth of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs``) over the RSS measured *before the model was built*: weights, input,
   activations and allocator workspace. It reads pages the process touched, so it also holds
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from ..engine.precision import amp_dtype, autocast
 
 __all__ = [
-    "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "guarded", "is_oom", "make_input",
+    "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "graph_pool_slack", "guarded", "is_oom", "make_input",
     "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "summarize", "synchronize",
     "time_calls", "train_step",
 ]
@@ -83,19 +87,29 @@ def _reset_cpu_peak() -> bool:
 
 
 def memory_kind(device: torch.device) -> str:
-    """What :class:`MemoryMeter` measures on ``device``: ``cuda_max_memory_allocated``,
+    """What :class:`MemoryMeter` measures on ``device``: ``cuda_max_memory_allocated+graph_pools``,
     ``cpu_peak_rss_growth``, or ``unavailable`` (no ``/proc``)."""
     if torch.device(device).type == "cuda":
-        return "cuda_max_memory_allocated"
+        return "cuda_max_memory_allocated+graph_pools"
     ok = _proc_status_kib("VmRSS") is not None and os.access("/proc/self/clear_refs", os.W_OK)
     return "cpu_peak_rss_growth" if ok else "unavailable"
+
+
+def graph_pool_slack(device: torch.device) -> int:
+    """Bytes that CUDA graphs' private memory pools on ``device`` hold beyond their live tensors: the memory
+    a captured graph's intermediates occupy at every replay, which ``max_memory_allocated`` does not count."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
+               if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 class MemoryMeter:
     """Peak memory of a measurement window, in MiB (see the module docstring for what it means).
 
     Create it before building the model (the CPU reference point; call :func:`free_memory` first),
-    call :meth:`start` at the start of each window and :meth:`peak_mib` at its end.
+    call :meth:`start` at the start of each window, :meth:`split` between its warm-up and its timed
+    calls, and :meth:`peak_mib` at its end.
     """
 
     def __init__(self, device: torch.device):
@@ -103,22 +117,33 @@ class MemoryMeter:
         self.is_cuda = self.device.type == "cuda"
         self.kind = memory_kind(self.device)
         self.reference_kib = 0
+        self.warmup_bytes = 0
         if self.kind == "cpu_peak_rss_growth":
             _malloc_trim()
             self.reference_kib = _proc_status_kib("VmRSS")
 
     def start(self) -> None:
+        self.warmup_bytes = 0
         if self.is_cuda:
-            torch.cuda.synchronize(self.device)
+            free_memory(self.device)  # the pools of graphs freed since are released, not counted
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind != "unavailable":
             _malloc_trim()
             _reset_cpu_peak()
 
+    def split(self) -> None:
+        """End the window's warm-up (CUDA): its peak is kept, and the timed calls' is measured afresh, with
+        the graphs captured by then counted whole (:func:`graph_pool_slack`). Nothing to do on a CPU."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            self.warmup_bytes = max(self.warmup_bytes, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def peak_mib(self) -> float | None:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / MiB
+            timed = torch.cuda.max_memory_allocated(self.device) + graph_pool_slack(self.device)
+            return max(self.warmup_bytes, timed) / MiB
         if self.kind == "unavailable":
             return None
         return max(0, _proc_status_kib("VmHWM") - self.reference_kib) / 1024
@@ -127,9 +152,10 @@ class MemoryMeter:
 # ---------------------------------------------------------------------------------------------
 # timing
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int
-               ) -> tuple[list[float], float]:
-    """Milliseconds of each of ``iters`` timed calls of ``fn`` after ``warmup >= 1`` untimed ones.
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
+               after_warmup: Callable[[], None] | None = None) -> tuple[list[float], float]:
+    """Milliseconds of each of ``iters`` timed calls of ``fn`` after ``warmup >= 1`` untimed ones
+    (``after_warmup`` is called between them: :meth:`MemoryMeter.split`).
 
     Returns ``(times_ms, first_call_ms)``: ``first_call_ms`` is the wall-clock time of the first
     warm-up call (lazy initialisation, autotuning, ``torch.compile``'s compilation).
@@ -145,6 +171,8 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iter
     first_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(warmup - 1):
         fn()
+    if after_warmup is not None:
+        after_warmup()
     if is_cuda:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(iters)]
@@ -258,6 +286,7 @@ def measure_inference(model: torch.nn.Module, batch_size: int, img_size: int, de
     x = make_input(batch_size, img_size, device, channels_last)
     if meter is not None:
         meter.start()
+    split = meter.split if meter is not None else None
     if cuda_graph:
         if device.type != "cuda":
             raise ValueError(f"measure_inference: cuda_graph needs a CUDA device, got {device}")
@@ -265,11 +294,11 @@ def measure_inference(model: torch.nn.Module, batch_size: int, img_size: int, de
         fn = cuda_graph_forward(model, x, amp, warmup)
         torch.cuda.synchronize(device)
         capture_ms = (time.perf_counter() - t0) * 1e3
-        times, _ = time_calls(fn, device, 1, iters)
+        times, _ = time_calls(fn, device, 1, iters, split)
         first_ms = capture_ms
     else:
         with torch.inference_mode(), autocast(device, amp):
-            times, first_ms = time_calls(lambda: model(x), device, warmup, iters)
+            times, first_ms = time_calls(lambda: model(x), device, warmup, iters, split)
     result = summarize(times, batch_size)
     result["first_call_ms"] = first_ms
     if meter is not None:
@@ -323,7 +352,7 @@ def measure_train(model: torch.nn.Module, batch_size: int, img_size: int, device
                       optimizer=optimizer, cuda_graph=cuda_graph, graph_warmup=max(1, min(2, warmup - 1)))
     if meter is not None:
         meter.start()
-    times, first_ms = time_calls(step, device, warmup, iters)
+    times, first_ms = time_calls(step, device, warmup, iters, meter.split if meter is not None else None)
     result = summarize(times, batch_size)
     result["first_call_ms"] = first_ms
     result["optimizer"] = optimizer
