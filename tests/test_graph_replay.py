@@ -388,6 +388,28 @@ def test_too_many_captures_turn_the_replay_off_with_one_warning(monkeypatch):
         torch.testing.assert_close(model.forward_features(torch.randn(1, 3, 32, 32)).shape, torch.Size([1, 4, 192]))
 
 
+def test_a_failed_capture_turns_the_replay_off_with_its_cause(monkeypatch):
+    """A capture that raises runs the step eagerly, turns the replay off with one warning naming the error, and in
+    training names the usual cause (an earlier step's graph kept alive)."""
+    import vigla.models._graph_replay as gr
+
+    _fake_captures(monkeypatch)
+
+    def fail(*args):
+        with gr._capturing():
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(gr, "_capture", fail)
+    model = timm.create_model("vig_tiny", num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="stream is capturing; an earlier step's autograd graph kept alive"):
+        out = model.forward_features(x)
+    assert out.grad_fn is not None and "the capture failed" in replay_stats(model)["off"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(model.eval().forward_features(x), model._forward_features(x))
+
+
 def test_a_deleted_model_is_freed_with_its_graphs(monkeypatch):
     """The graphs live in a weak table beside the model and refer to it weakly: deleting the model frees both."""
     import gc

@@ -385,7 +385,10 @@ def _new_graphs(model: nn.Module, state: _State, key: tuple, fn: Callable[[torch
         graphs = _capture(fn, x, params, buffers) if differentiates else None
         graphs = graphs or _capture_forward(fn, x, params, buffers)
     except _CaptureFailed as e:
-        _stop(model, state, f"the capture failed: {e}")
+        hint = ("; an earlier step's autograd graph kept alive (a loss or an output stored without .detach() or "
+                ".item()) holds gradient accumulators of another stream, which a capture cannot reach"
+                if differentiates else "")
+        _stop(model, state, f"the capture failed: {e}{hint}")
         return None
     state.captures += 1
     state.graphs[key] = graphs
