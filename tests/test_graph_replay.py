@@ -10,6 +10,7 @@ import warnings
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 import vigla  # noqa: F401
 from vigla.models._graph_replay import _layout, _key, replay_features, replay_stats
@@ -266,11 +267,10 @@ def test_an_input_off_the_current_device_runs_eagerly(monkeypatch):
 
 @pytest.mark.gpu
 def test_ddp_gradients_through_the_replay_match_eager():
-    """One-process DistributedDataParallel (as ``torchrun --nproc_per_node 1``): a DDP forward runs eagerly, without a
+    """One-process DistributedDataParallel (as ``torchrun --nproc_per_node 1``): a DDP forward replays, without a
     warning (DDP keeps its parameters' gradient accumulators from its first step, on the stream of that step, which a
-    capture on a side stream may not reach: the capture failed), and the gradients are eager's."""
-    import gc
-
+    capture on a side stream may not reach: the capture differentiates aliases of the parameters), DDP's hooks fire
+    and the gradients are eager's, step after step; a loss kept from an earlier step does not stop it either."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -289,11 +289,14 @@ def test_ddp_gradients_through_the_replay_match_eager():
             grads.append([p.grad for p in m.parameters()])
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-        assert replay_stats(replayed) == {"captures": 0, "replays": 0, "off": None}
-        del wrapped
-        gc.collect()  # the wrappers and the gradient accumulators they kept
-        replayed(x).sum().backward()  # unwrapped, it replays
-        assert replay_stats(replayed)["captures"] == 1
+        assert replay_stats(replayed) == {"captures": 1, "replays": 3, "off": None}
+        kept = replayed(x).sum()  # its autograd graph alive, holding the parameters' accumulators
+        kept.backward(retain_graph=True)
+        replayed.zero_grad()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*CUDA-graph replay")
+            replayed(x[:2]).sum().backward()  # a new layout: captured with the old graph alive
+        assert replay_stats(replayed) == {"captures": 2, "replays": 5, "off": None}
     finally:
         dist.destroy_process_group()
 
@@ -374,6 +377,38 @@ def test_what_is_captured_kept_and_dropped(monkeypatch):
     assert model not in gr._STATES and len(made) == 6
 
 
+def test_a_capture_differentiates_aliases_of_the_parameters(monkeypatch):
+    """Inside the capture every parameter slot holds a new leaf on the parameter's storage (one for a parameter tied
+    to two slots), so no accumulator of the model's parameters is in the captured graph; after it the model holds
+    its own parameters again, and the graphs keep those."""
+    import vigla.models._graph_replay as gr
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    params, slots = list(model.parameters()), []
+    for m in model.modules():
+        slots += [(m._parameters, n) for n in m._parameters]
+    tied = [d[n] for d, n in slots]
+    with gr._aliased(tuple(slots), tied) as aliases:
+        inside = [d[n] for d, n in slots]
+        assert inside == aliases and inside[0] is inside[2] and len({id(a) for a in aliases}) == 3
+        assert all(a is not p and a.data_ptr() == p.data_ptr() and a.grad_fn is None for a, p in zip(aliases, tied))
+        model(torch.randn(2, 4)).sum().backward()
+        assert all(p.grad is None for p in params) and aliases[0].grad is not None
+    assert [d[n] for d, n in slots] == tied and list(model.parameters()) == params
+
+    made = _fake_captures(monkeypatch)
+    vig = timm.create_model("vig_tiny", num_classes=10).train()
+    seen = []
+    capture = gr._capture
+    monkeypatch.setattr(gr, "_capture", lambda fn, x, ps, bs: seen.append(list(ps)) or capture(fn, x, ps, bs))
+    assert vig.forward_features(torch.randn(2, 3, 32, 32)).requires_grad
+    own = list(vig.parameters())
+    assert made == ["training"] and len(seen[0]) == len(own)
+    assert all(a is not p and a.data_ptr() == p.data_ptr() for a, p in zip(seen[0], own))
+    assert list(next(iter(gr._STATES[vig].graphs.values())).params) == own and list(vig.parameters()) == own
+
+
 def test_too_many_captures_turn_the_replay_off_with_one_warning(monkeypatch):
     import vigla.models._graph_replay as gr
 
@@ -389,8 +424,7 @@ def test_too_many_captures_turn_the_replay_off_with_one_warning(monkeypatch):
 
 
 def test_a_failed_capture_turns_the_replay_off_with_its_cause(monkeypatch):
-    """A capture that raises runs the step eagerly, turns the replay off with one warning naming the error, and in
-    training names the usual cause (an earlier step's graph kept alive)."""
+    """A capture that raises runs the step eagerly and turns the replay off with one warning naming the error."""
     import vigla.models._graph_replay as gr
 
     _fake_captures(monkeypatch)
@@ -402,7 +436,7 @@ def test_a_failed_capture_turns_the_replay_off_with_its_cause(monkeypatch):
     monkeypatch.setattr(gr, "_capture", fail)
     model = timm.create_model("vig_tiny", num_classes=10).train()
     x = torch.randn(2, 3, 32, 32)
-    with pytest.warns(UserWarning, match="stream is capturing; an earlier step's autograd graph kept alive"):
+    with pytest.warns(UserWarning, match=r"\(the capture failed: operation not permitted when stream is capturing\); it runs"):
         out = model.forward_features(x)
     assert out.grad_fn is not None and "the capture failed" in replay_stats(model)["off"]
     with warnings.catch_warnings():
@@ -421,6 +455,7 @@ def test_a_deleted_model_is_freed_with_its_graphs(monkeypatch):
     model = timm.create_model("vig_tiny", num_classes=10).eval()
     with torch.no_grad():
         model.forward_features(torch.randn(1, 3, 32, 32))
+    gc.collect()  # earlier tests' models, in reference cycles
     assert len(gr._STATES) >= 1
     alive, states = weakref.ref(model), len(gr._STATES)
     del model

@@ -16,9 +16,10 @@ calls a ViG's ``forward_features`` is captured once per input layout and then re
 Each replay returns a fresh tensor. It happens only where it gives what the eager path would
 (:func:`replay_features`): plain CUDA tensors on the current device (``torch.cuda.set_device``, as ``torchrun``
 scripts do) and the fused kernels (not :func:`vigla.ops.reference_ops`); not under ``torch.compile``,
-``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode AD, an enclosing CUDA-graph capture or a
-``DistributedDataParallel`` forward; no gradient checkpointing and no module hook anywhere in the model (a replay
-calls no Python). The graphs are keyed by the grad and inference modes, the input's shape, strides, dtype and
+``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode AD or an enclosing CUDA-graph capture; no
+gradient checkpointing and no module hook anywhere in the model (a replay calls no Python). Inside a
+``DistributedDataParallel`` forward it replays too: DDP's hooks are on the parameters, whose gradients the replay's
+backward hands over as eager autograd does (the capture differentiates aliases of them: :func:`_aliased`). The graphs are keyed by the grad and inference modes, the input's shape, strides, dtype and
 ``requires_grad``, the autocast and matmul-precision settings, the storage of every parameter and buffer (steps
 write them in place and the graphs read them where they lie; a new tensor captures again) and every module's plain
 settings (``training``, drop-path rates, grid sizes, ...). A model keeps its two most recent layouts of each kind
@@ -43,7 +44,6 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn as nn
 from torch.cuda import current_device
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..engine.cuda_graph import side_stream
 from ..layers.cast import GLOBAL_HOOKS, HOOKS, casts_in_graph, generation
@@ -235,6 +235,25 @@ def _as_before(buffers: list, device: torch.device):
         torch.cuda.set_rng_state(rng, device)
 
 
+@contextlib.contextmanager
+def _aliased(slots: tuple, params: list):
+    """Inside, each parameter slot (``(module._parameters, name)``) holds a new leaf on the same storage (a
+    parameter tied to several slots, one leaf), yielded in ``params``' order: a capture differentiates those, so
+    that no gradient accumulator of the model's own parameters is in its graph. Such an accumulator lives as long as
+    anything holds it (DDP's hooks, an earlier step's graph kept alive) and runs on the stream it was made on, which
+    a capture on another stream may not reach. The replay's backward hands the gradients to the parameters
+    themselves (their hooks, DDP's included, fire then)."""
+    made: dict[int, nn.Parameter] = {}
+    aliases = [made.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=p.requires_grad)) for p in params]
+    try:
+        for (d, n), a in zip(slots, aliases):
+            d[n] = a
+        yield aliases
+    finally:
+        for (d, n), p in zip(slots, params):
+            d[n] = p
+
+
 def _warm_up(step: Callable[[], None], device: torch.device) -> None:
     """``step()`` :data:`WARMUP` times on a side stream (kernels compiled, cuBLAS and cuDNN state made). An error
     there is the eager path's own: it propagates."""
@@ -314,12 +333,9 @@ def _eligible(model: nn.Module, x) -> bool:
     """The conditions of the module's docstring that need no layout: a plain CUDA tensor on the current device (a
     graph is captured and replayed on the current device's streams), the fused kernels (not
     :func:`vigla.ops.reference_ops`), nothing tracing, watching or capturing; eager training in train mode, or
-    eager inference; the replay on, and the model neither a ``DataParallel`` replica nor inside a
-    ``DistributedDataParallel`` forward (DDP keeps its parameters' gradient accumulators, made on the stream of its
-    first step, which a capture on a side stream may not reach)."""
+    eager inference; the replay on, and the model no ``DataParallel`` replica."""
     if not (type(x) is torch.Tensor and x.is_cuda and use_kernels(x) and model.__dict__.get("cuda_graphs", True)
-            and not model.__dict__.get("_is_replica") and getattr(DDP, "_active_ddp_module", None) is None
-            and x.get_device() == current_device() and issued_eagerly()):
+            and not model.__dict__.get("_is_replica") and x.get_device() == current_device() and issued_eagerly()):
         return False
     return model.training and eager_training(x) if torch.is_grad_enabled() else eager_inference(x)
 
@@ -382,13 +398,12 @@ def _new_graphs(model: nn.Module, state: _State, key: tuple, fn: Callable[[torch
         return None
     differentiates = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     try:
-        graphs = _capture(fn, x, params, buffers) if differentiates else None
-        graphs = graphs or _capture_forward(fn, x, params, buffers)
+        with _aliased(state.layout.params, params) as aliases:
+            graphs = _capture(fn, x, aliases, buffers) if differentiates else None
+            graphs = graphs or _capture_forward(fn, x, aliases, buffers)
+        graphs.params = tuple(params)
     except _CaptureFailed as e:
-        hint = ("; an earlier step's autograd graph kept alive (a loss or an output stored without .detach() or "
-                ".item()) holds gradient accumulators of another stream, which a capture cannot reach"
-                if differentiates else "")
-        _stop(model, state, f"the capture failed: {e}{hint}")
+        _stop(model, state, f"the capture failed: {e}")
         return None
     state.captures += 1
     state.graphs[key] = graphs
