@@ -207,16 +207,34 @@ def summary(res: Results) -> list[str]:
     lines = table(["ratio (> 1: ViG's is larger)", *(f"@{s}" for s in SIZES)], rows)
     machines = " or one ".join(devices)
     lines += ["", f"One {machines}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
-                  "Eager ViG replays its `forward_features` (in training with its backward) from CUDA graphs "
-                  "(`model.set_cuda_graphs`, on by default; the eager cells at 224 are measured with it, those at "
-                  "512-2048, where ViG-T's eager forward already took its kernels' time, before it). At 224² DeiT's "
-                  "eager figures are bound by the device machine's host (its Python and launch time), whose speed "
-                  "moves between runs, and so are the compiled ones (Inductor's code still launches each kernel from "
-                  "Python): the cells marked ⁱ are the median of many windows timed in turn "
-                  "(`benchmarks/interleaved.py`, eager or both models compiled in the same mode). "
+                  "Eager ViG replays its `forward_features` (in training with its backward) from CUDA graphs in calls "
+                  "of up to 2^24 input pixels (`model.set_cuda_graphs`; at 224 here, not at 512-2048, where ViG-T's "
+                  f"eager forward takes its kernels' time): the eager cells at 224 are measured with it"
+                  f"{replay_memory(res)}. At 224² DeiT's eager figures are bound by the device machine's host (its "
+                  f"Python and launch time{host_speed(res)}), whose speed moves between runs, and so are the "
+                  "compiled ones (Inductor's code still launches each kernel from Python): the cells marked ⁱ are "
+                  "the median of many windows timed in turn (`benchmarks/interleaved.py`, eager or both models "
+                  "compiled in the same mode). "
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
     return lines
+
+
+def replay_memory(res: Results) -> str:
+    """The peak-memory cells' caveat at 224: they are without the features' replay, whose graphs hold more."""
+    run = res("models_vig_t_eager_replay_all_sizes")
+    infer, train = (ratio(run, "vig_tiny", DEIT_T, 224, path) for path in (INFER_MIB, TRAIN_MIB))
+    if run is None or "-" in (infer, train):
+        return ""
+    return (f", the peak-memory cells without it; its graphs hold ViG-T's peak at 224 at {infer}x DeiT-T's in "
+            f"inference and {train}x in training (`models_vig_t_eager_replay_all_sizes.json`)")
+
+
+def host_speed(res: Results) -> str:
+    """DeiT-T's eager forward time in the pair timed in turn: how fast the host of the ⁱ cells was."""
+    median = interleaved_median(res("models_vig_t_interleaved")) or {}
+    ms = median.get(f"{DEIT_T}_infer_ms")
+    return "" if ms is None else f": DeiT-T's eager forward at batch 128 took {ms:.1f} ms in the ViG-T pair's run"
 
 
 def pair_section(res: Results, runs: list[tuple[str, str]], model: str, base: str, sizes=SIZES) -> list[str]:

@@ -187,10 +187,10 @@ def test_each_phase_starts_without_the_last_phases_graphs(monkeypatch):
     events = []
 
     class Model(nn.Linear):
-        cuda_graphs = True
+        cuda_graphs, cuda_graph_max_pixels = True, 99
 
-        def set_cuda_graphs(self, enable=True):
-            events.append(("drop", enable))
+        def set_cuda_graphs(self, enable=True, max_pixels=2 ** 24):
+            events.append(("drop", enable, max_pixels))
 
     def phase(name):
         return lambda *a, **k: events.append(name) or {"status": "ok", "img_per_s": 1.0, "median_ms": 1.0}
@@ -203,7 +203,7 @@ def test_each_phase_starts_without_the_last_phases_graphs(monkeypatch):
              warmup=1, iters=1, compile=False, cuda_graph=False, latency=True, latency_batch_size=1, train=True,
              optimizer="adamw")
     cli.bench_one("m", 32, 4, s)
-    assert events == ["infer b4", ("drop", True), "infer b1", ("drop", True), "train"]
+    assert events == ["infer b4", ("drop", True, 99), "infer b1", ("drop", True, 99), "train"]
 
 
 def test_cpu_memory_meter_sees_an_allocation():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vigla  # noqa: F401
-from vigla.engine.cuda_graph import CudaGraphModel, CudaGraphTrainStep
+from vigla.engine.cuda_graph import CudaGraphModel, CudaGraphTrainStep, side_stream
 
 
 def test_cuda_graph_model_refuses_a_cpu_model():
@@ -66,6 +66,21 @@ def test_cuda_graph_model_captures_again_after_an_in_place_change(monkeypatch):
     assert len(captures) == 2
     with pytest.raises(ValueError, match="captured for"):
         graphed(torch.randn(4, 5))
+
+
+@pytest.mark.gpu
+def test_the_warm_ups_share_one_side_stream_per_device():
+    """Each capture's warm-up runs on the device's one side stream, ordered after the caller's work and before its
+    later work: cuBLAS keeps a workspace per stream it ran on, so fresh streams would leave one more per capture."""
+    index = torch.cuda.current_device()
+    x = torch.ones(256, 256, device="cuda")
+    with side_stream(torch.device("cuda")):
+        first = torch.cuda.current_stream()
+        y = x @ x
+    with side_stream(torch.device("cuda", index)):
+        second = torch.cuda.current_stream()
+    assert first == second and first != torch.cuda.current_stream()
+    assert y.sum().item() == 256.0 ** 3
 
 
 @pytest.mark.gpu

@@ -55,8 +55,8 @@ def test_nothing_replays_on_a_cpu_or_without_autograd():
 def test_set_cuda_graphs_is_a_setting_and_scripting_still_works():
     model = timm.create_model("vig_tiny", num_classes=10)
     assert model.cuda_graphs
-    model.set_cuda_graphs(False)
-    assert not model.cuda_graphs
+    model.set_cuda_graphs(False, max_pixels=None)
+    assert not model.cuda_graphs and model.cuda_graph_max_pixels is None
     x = torch.randn(1, 3, 64, 64)
     scripted = torch.jit.script(model.eval())
     torch.testing.assert_close(scripted(x), model(x))
@@ -334,7 +334,8 @@ def _fake_captures(monkeypatch):
 
     monkeypatch.setattr(gr, "_capture_forward", capture_forward)
     monkeypatch.setattr(gr, "_capture", capture)
-    monkeypatch.setattr(gr, "_eligible", lambda model, x: model.__dict__.get("cuda_graphs", True))
+    monkeypatch.setattr(gr, "_eligible",
+                        lambda model, x: model.__dict__.get("cuda_graphs", True) and gr._within_limit(model, x))
     monkeypatch.setattr(gr._Graphs, "follow", lambda self, device: None)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())
     return made
@@ -409,6 +410,30 @@ def test_a_capture_differentiates_aliases_of_the_parameters(monkeypatch):
     assert list(next(iter(gr._STATES[vig].graphs.values())).params) == own and list(vig.parameters()) == own
 
 
+def test_only_calls_up_to_max_pixels_replay(monkeypatch):
+    """A call of more than ``max_pixels`` input pixels (batch x height x width) runs eagerly and captures nothing
+    (there the GPU's work outlasts the host's and a replay only holds memory); None lifts the limit; a bad limit is
+    a clear error."""
+    import vigla.models._graph_replay as gr
+
+    made = _fake_captures(monkeypatch)
+    model = timm.create_model("vig_tiny", num_classes=10).eval()
+    assert model.cuda_graph_max_pixels == gr.MAX_PIXELS == 2 ** 24
+    model.set_cuda_graphs(True, max_pixels=2 * 32 * 32)
+    with torch.no_grad():
+        model.forward_features(torch.randn(2, 3, 32, 32))
+        assert len(made) == 1
+        x = torch.randn(3, 3, 32, 32)
+        torch.testing.assert_close(model.forward_features(x), model._forward_features(x))
+        assert len(made) == 1 and replay_stats(model)["captures"] == 1
+        model.set_cuda_graphs(True, max_pixels=None)
+        model.forward_features(x)
+    assert len(made) == 2 and model.cuda_graphs
+    for bad in (0, -5, 1.5, True, "big"):
+        with pytest.raises(ValueError, match="max_pixels must be a positive int or None"):
+            model.set_cuda_graphs(True, max_pixels=bad)
+
+
 def test_too_many_captures_turn_the_replay_off_with_one_warning(monkeypatch):
     import vigla.models._graph_replay as gr
 
@@ -436,7 +461,7 @@ def test_a_failed_capture_turns_the_replay_off_with_its_cause(monkeypatch):
     monkeypatch.setattr(gr, "_capture", fail)
     model = timm.create_model("vig_tiny", num_classes=10).train()
     x = torch.randn(2, 3, 32, 32)
-    with pytest.warns(UserWarning, match=r"\(the capture failed: operation not permitted when stream is capturing\); it runs"):
+    with pytest.warns(UserWarning, match=r"\(the capture failed: operation not permitted when stream is capturing\)"):
         out = model.forward_features(x)
     assert out.grad_fn is not None and "the capture failed" in replay_stats(model)["off"]
     with warnings.catch_warnings():

@@ -212,7 +212,7 @@ def _drop_graphs(model: torch.nn.Module) -> None:
     """Free what the last phase's CUDA graphs hold (a ViG's replay of its features keeps its graphs while the model
     lives), so that each phase's peak memory counts its own graphs alone; the replay's setting is kept."""
     if hasattr(model, "set_cuda_graphs"):
-        model.set_cuda_graphs(model.cuda_graphs)
+        model.set_cuda_graphs(model.cuda_graphs, model.cuda_graph_max_pixels)
 
 
 def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:

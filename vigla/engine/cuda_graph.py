@@ -33,12 +33,20 @@ from .precision import autocast
 __all__ = ["CudaGraphModel", "CudaGraphTrainStep", "side_stream"]
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
 @contextlib.contextmanager
 def side_stream(device: torch.device):
-    """The block on a fresh side stream of ``device``, after the current stream's work and before its later work:
-    the eager calls before a capture (lazy state made off the stream that captures, as PyTorch's whole-network
-    capture does)."""
-    side = torch.cuda.Stream(device)
+    """The block on ``device``'s side stream, after the current stream's work and before its later work: the eager
+    calls before a capture (lazy state made off the stream that captures, as PyTorch's whole-network capture does).
+    One stream per device for the process: cuBLAS keeps a workspace for each stream it ran on, for good (a fresh
+    stream per capture left one more each time)."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    side = _SIDE_STREAMS.get(index)
+    if side is None:
+        side = _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(index))
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         yield

@@ -19,8 +19,9 @@ scripts do) and the fused kernels (not :func:`vigla.ops.reference_ops`); not und
 ``torch.export``, ``torch.jit``, a dispatch mode, functorch, forward-mode AD or an enclosing CUDA-graph capture; no
 gradient checkpointing and no module hook anywhere in the model (a replay calls no Python). Inside a
 ``DistributedDataParallel`` forward it replays too: DDP's hooks are on the parameters, whose gradients the replay's
-backward hands over as eager autograd does (the capture differentiates aliases of them: :func:`_aliased`). The graphs are keyed by the grad and inference modes, the input's shape, strides, dtype and
-``requires_grad``, the autocast and matmul-precision settings, the storage of every parameter and buffer (steps
+backward hands over as eager autograd does (the capture differentiates aliases of them: :func:`_aliased`).
+The graphs are keyed by the grad and inference modes, the input's shape, strides, dtype and ``requires_grad``, the
+autocast and matmul-precision settings, the storage of every parameter and buffer (steps
 write them in place and the graphs read them where they lie; a new tensor captures again) and every module's plain
 settings (``training``, drop-path rates, grid sizes, ...). A model keeps its two most recent layouts of each kind
 (training, forward alone); after 12 captures (shapes or parameters that keep changing) it stops capturing and says
@@ -29,8 +30,14 @@ still due (two forwards, one backward) runs eagerly; grad mode with nothing to d
 linear probe's) replays the forward alone; calls from several threads or streams take turns.
 
 The cost: the first call of each layout runs two eager warm-up passes and the capture (about a second); the
-graphs keep their activations allocated while the model lives. ``model.set_cuda_graphs(False)`` turns the replay
-off and frees them.
+graphs keep their activations (and a copy of the input) allocated while the model lives. So only calls of at most
+:data:`MAX_PIXELS` input pixels (batch x height x width) replay: above that the GPU's work outlasts the host's
+launches and a replay gains nothing. ViG-T at 512² batch 128 (33.5M pixels) ran at 0.95x the img/s of eager
+calls with the replay, with 1.8x the inference and 1.27x the training peak memory
+(``benchmarks/results/models_vig_t_eager_replay_all_sizes.json``); at 224² batch 128 (6.4M) the replay is
+1.6-3.3x the img/s in inference and 2.3-4.3x in training, with the host's speed (``models_vig_t_interleaved*``);
+a batch-1 forward at 1024² took 1.15 ms replayed against 8.0 eager. ``model.set_cuda_graphs(True,
+max_pixels=None)`` replays every size; ``model.set_cuda_graphs(False)`` turns the replay off and frees the graphs.
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ WARMUP = 2  # eager passes before a capture (kernels compiled, cuBLAS and cuDNN 
 KEEP = 2  # layouts a model keeps captured, of each kind (a training step's, a forward's): e.g. a full batch and an
 # epoch's last, smaller one
 MAX_CAPTURES = 12  # captures per model before it stops capturing
+MAX_PIXELS = 2 ** 24  # the largest call that replays, in input pixels (batch x height x width): the module's docstring
 _SCALARS = frozenset((bool, int, float, str, type(None)))
 
 
@@ -329,13 +337,20 @@ def _stop(model: nn.Module, state: _State, why: str) -> None:
                   f"runs eagerly (model.set_cuda_graphs(False) says so without this warning)", stacklevel=5)
 
 
+def _within_limit(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``x`` (``[B, C, H, W]``) has at most the model's ``max_pixels`` (``B * H * W``; None: no limit)."""
+    limit = model.__dict__.get("cuda_graph_max_pixels", MAX_PIXELS)
+    return limit is None or (x.ndim == 4 and x.shape[0] * x.shape[2] * x.shape[3] <= limit)
+
+
 def _eligible(model: nn.Module, x) -> bool:
     """The conditions of the module's docstring that need no layout: a plain CUDA tensor on the current device (a
-    graph is captured and replayed on the current device's streams), the fused kernels (not
-    :func:`vigla.ops.reference_ops`), nothing tracing, watching or capturing; eager training in train mode, or
-    eager inference; the replay on, and the model no ``DataParallel`` replica."""
+    graph is captured and replayed on the current device's streams) of at most the model's ``max_pixels``, the fused
+    kernels (not :func:`vigla.ops.reference_ops`), nothing tracing, watching or capturing; eager training in train
+    mode, or eager inference; the replay on, and the model no ``DataParallel`` replica."""
     if not (type(x) is torch.Tensor and x.is_cuda and use_kernels(x) and model.__dict__.get("cuda_graphs", True)
-            and not model.__dict__.get("_is_replica") and x.get_device() == current_device() and issued_eagerly()):
+            and _within_limit(model, x) and not model.__dict__.get("_is_replica")
+            and x.get_device() == current_device() and issued_eagerly()):
         return False
     return model.training and eager_training(x) if torch.is_grad_enabled() else eager_inference(x)
 
@@ -427,13 +442,19 @@ class GraphReplayMixin:
     (:mod:`vigla.models._graph_replay`); on by default."""
 
     cuda_graphs = True
+    cuda_graph_max_pixels = MAX_PIXELS  # or None: set_cuda_graphs
 
     @torch.jit.ignore
-    def set_cuda_graphs(self, enable: bool = True) -> None:
-        """Replay ``forward_features`` (and in training its backward) from CUDA graphs in eager CUDA calls (the
-        default), or not: off frees the graphs' memory and issues every kernel from the host, as plain eager
-        PyTorch does."""
+    def set_cuda_graphs(self, enable: bool = True, max_pixels: Optional[int] = MAX_PIXELS) -> None:
+        """Replay ``forward_features`` (and in training its backward) from CUDA graphs in eager CUDA calls of at most
+        ``max_pixels`` input pixels (batch x height x width; None: any size), the default; or not (``enable``
+        False): that frees the graphs' memory and issues every kernel from the host, as plain eager PyTorch does.
+        Either way the graphs captured so far are dropped."""
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                       or max_pixels < 1):
+            raise ValueError(f"set_cuda_graphs: max_pixels must be a positive int or None, got {max_pixels!r}")
         self.cuda_graphs = bool(enable)
+        self.cuda_graph_max_pixels = max_pixels
         _STATES.pop(self, None)
 
     def _apply(self, fn, *args, **kwargs):
