@@ -6,7 +6,8 @@ Run on a GPU:
         --out benchmarks/results        # or: python -m benchmarks profile
 
 For each model and size: ``--iters`` profiled steps after warm-up, bf16 autocast, random inputs;
-``inference`` is a no-grad forward in eval mode, ``train`` a forward + backward; ``--compile`` profiles
+``inference`` is a no-grad forward in eval mode, ``train`` a forward + backward (the gradients set to None after
+each, as a training loop does); ``--compile`` profiles
 ``torch.compile(model)`` instead (its warm-up steps compile). The JSON holds,
 per phase, the kernels' CUDA time per step grouped by kernel (top ``--top``), the share of the
 step they take, the number of launches per step, the step's wall time and its peak memory; one
@@ -40,6 +41,7 @@ def profile_phase(model, x, train: bool, iters: int, top: int) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if train:
                 model(x).float().mean().backward()
+                model.zero_grad(set_to_none=True)  # as a training loop does: each step's gradients new, not summed
             else:
                 with torch.no_grad():
                     model(x)
