@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from ..engine.precision import amp_dtype, autocast
 
 __all__ = [
-    "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "graph_pool_slack", "guarded", "is_oom", "make_input",
-    "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "summarize", "synchronize",
+    "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "graph_pool_slack", "guarded", "is_oom",
+    "make_input", "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "summarize", "synchronize",
     "time_calls", "train_step",
 ]
 
