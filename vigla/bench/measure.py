@@ -352,7 +352,8 @@ def measure_train(model: torch.nn.Module, batch_size: int, img_size: int, device
                       optimizer=optimizer, cuda_graph=cuda_graph, graph_warmup=max(1, min(2, warmup - 1)))
     if meter is not None:
         meter.start()
-    times, first_ms = time_calls(step, device, warmup, iters, meter.split if meter is not None else None)
+    split = meter.split if meter is not None else None
+    times, first_ms = time_calls(step, device, warmup, iters, split)
     result = summarize(times, batch_size)
     result["first_call_ms"] = first_ms
     result["optimizer"] = optimizer

@@ -416,7 +416,7 @@ def _new_graphs(model: nn.Module, state: _State, key: tuple, fn: Callable[[torch
         with _aliased(state.layout.params, params) as aliases:
             graphs = _capture(fn, x, aliases, buffers) if differentiates else None
             graphs = graphs or _capture_forward(fn, x, aliases, buffers)
-        graphs.params = tuple(params)
+        graphs.params = tuple(params)  # the replay node differentiates the model's own parameters, not the aliases
     except _CaptureFailed as e:
         _stop(model, state, f"the capture failed: {e}")
         return None
