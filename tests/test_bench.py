@@ -631,3 +631,23 @@ def test_profiled_kernels_counts_device_events_once():
     assert k["kernel_launches"] == 1.5 and k["kernel_ms"] == pytest.approx(0.3)
     assert [(r["op"], r["calls"]) for r in k["kernels"]] == [("gemm", 1.0), ("_fwd_kernel", 0.5)]
     assert k["kernels"][0]["share"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.gpu
+def test_release_workspaces_frees_what_a_side_stream_left():
+    """cuBLAS keeps a workspace for each stream a GEMM ran on; the bench drops them between rows, so that a row's
+    peak does not hold an earlier row's."""
+    device = torch.device("cuda")
+    a = torch.randn(512, 512, device=device)
+    measure.release_workspaces(device)
+    before = torch.cuda.memory_allocated(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        b = a @ a
+    torch.cuda.current_stream(device).wait_stream(stream)
+    held = torch.cuda.memory_allocated(device) - before - b.numel() * b.element_size()
+    measure.release_workspaces(device)
+    assert held > 0  # the side stream's workspace
+    assert torch.cuda.memory_allocated(device) - before == b.numel() * b.element_size()
+    torch.testing.assert_close(b, a @ a)

@@ -19,8 +19,8 @@ from ..engine.modeling import check_model_name, create_model, enable_grad_checkp
 from ..engine.outputs import OutputLock, check_writable, make_folder, remove_empty_folders, remove_stale_temp_files
 from . import report
 from .flops import count_model_flops
-from .measure import (MemoryMeter, free_memory, guarded, measure_inference, measure_train,
-                      memory_kind)
+from .measure import (MemoryMeter, free_memory, guarded, measure_inference, measure_train, memory_kind,
+                      release_workspaces)
 
 # batch sizes of the anchor figures (docs/bench.md); other sizes scale by token count above 512
 GPU_BATCH_AT_512 = 128
@@ -227,6 +227,7 @@ def bench_one(name: str, img_size: int, batch_size: int, s: dict) -> dict:
         return row
     common = dict(amp=s["amp"], channels_last=s["channels_last"], warmup=s["warmup"], iters=s["iters"])
     free_memory(device)  # what the previous row left
+    release_workspaces(device)  # and the cuBLAS workspaces of the earlier rows' streams
     meter = MemoryMeter(device)
 
     def build():

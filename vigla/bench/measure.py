@@ -35,8 +35,8 @@ from ..engine.precision import amp_dtype, autocast
 
 __all__ = [
     "MemoryMeter", "autocast", "cuda_graph_forward", "free_memory", "graph_pool_slack", "guarded", "is_oom",
-    "make_input", "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "summarize", "synchronize",
-    "time_calls", "train_step",
+    "make_input", "measure_inference", "measure_train", "memory_kind", "profiled_kernels", "release_workspaces",
+    "summarize", "synchronize", "time_calls", "train_step",
 ]
 
 MiB = 2 ** 20
@@ -64,6 +64,17 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
     else:
         _malloc_trim()
+
+
+def release_workspaces(device: torch.device) -> None:
+    """Drop cuBLAS's workspaces on ``device``: it keeps one for every stream a GEMM ran on, for good (a CUDA-graph
+    warm-up's side stream among them), and they count as allocated memory. For the start of a row of the bench,
+    where no graph of an earlier row is alive (Inductor's CUDA-graph trees clear them around every warm-up and
+    recording too): a row's peak then holds the workspaces its own work makes, not the earlier rows'."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.synchronize()
+            torch._C._cuda_clearCublasWorkspaces()
 
 
 def _proc_status_kib(field: str) -> int | None:
