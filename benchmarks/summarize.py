@@ -209,8 +209,9 @@ def summary(res: Results) -> list[str]:
     lines += ["", f"One {machines}, bf16 autocast, batch 128/128/32/8, each ratio taken within one run. "
                   "Eager ViG replays its `forward_features` (in training with its backward) from CUDA graphs in calls "
                   "of up to 2^24 input pixels (`model.set_cuda_graphs`; at 224 here, not at 512-2048, where ViG-T's "
-                  f"eager forward takes its kernels' time): the eager cells at 224 are measured with it"
-                  f"{replay_memory(res)}. At 224² DeiT's eager figures are bound by the device machine's host (its "
+                  "eager forward takes its kernels' time): the eager cells at 224 are measured with it, peak memory "
+                  "included (the graphs' memory and a static copy of the input are part of ViG-T's peak there). "
+                  f"At 224² DeiT's eager figures are bound by the device machine's host (its "
                   f"Python and launch time{host_speed(res)}), whose speed moves between runs, and so are the "
                   "compiled ones (Inductor's code still launches each kernel from Python): the cells marked ⁱ are "
                   "the median of many windows timed in turn (`benchmarks/interleaved.py`, eager or both models "
@@ -218,16 +219,6 @@ def summary(res: Results) -> list[str]:
                   "[docs/performance.md](docs/performance.md) has every figure, the file it comes from and the "
                   "command and commit behind it."]
     return lines
-
-
-def replay_memory(res: Results) -> str:
-    """The peak-memory cells' caveat at 224: they are without the features' replay, whose graphs hold more."""
-    run = res("models_vig_t_eager_replay_all_sizes")
-    infer, train = (ratio(run, "vig_tiny", DEIT_T, 224, path) for path in (INFER_MIB, TRAIN_MIB))
-    if run is None or "-" in (infer, train):
-        return ""
-    return (f", the peak-memory cells without it; its graphs hold ViG-T's peak at 224 at {infer}x DeiT-T's in "
-            f"inference and {train}x in training (`models_vig_t_eager_replay_all_sizes.json`)")
 
 
 def host_speed(res: Results) -> str:
