@@ -628,6 +628,52 @@ def tests_section(results: Path) -> list[str]:
     return lines
 
 
+NCU_METRICS = {"Duration": "duration", "DRAM Throughput": "dram_pct", "Achieved Occupancy": "occupancy_pct",
+               "Theoretical Occupancy": "theoretical_pct", "Registers Per Thread": "registers",
+               "Issued Warp Per Scheduler": "issued_per_scheduler",
+               "Warp Cycles Per Issued Instruction": "cycles_per_issue"}
+NCU_KERNEL = re.compile(r"^  (\w+) \((\d+, \d+, \d+)\)x\((\d+), \d+, \d+\)")
+NCU_METRIC = re.compile(r"^    (" + "|".join(NCU_METRICS) + r")\s+(\S+\s+)?([\d.,]+)\s*$")
+NCU_SCALE = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+
+
+def ncu_kernels(text: str) -> list[dict]:
+    """The kernels of an Nsight Compute text report (``ncu --section ...``), in launch order: name, grid, threads
+    and :data:`NCU_METRICS` (the duration in microseconds)."""
+    kernels: list[dict] = []
+    for line in text.splitlines():
+        head = NCU_KERNEL.match(line)
+        if head:
+            kernels.append({"kernel": head.group(1), "grid": head.group(2), "threads": int(head.group(3))})
+            continue
+        metric = NCU_METRIC.match(line)
+        if metric and kernels:
+            label, unit = metric.group(1), (metric.group(2) or "").strip()
+            number = float(metric.group(3).replace(",", ""))
+            kernels[-1][NCU_METRICS[label]] = number * NCU_SCALE.get(unit, 1.0) if label == "Duration" else number
+    return kernels
+
+
+def ncu_section(results: Path) -> list[str]:
+    """One table per Nsight Compute report of the BiGLA call (``ncu_*.txt``): what each kernel's launch achieved."""
+    lines = []
+    for report in sorted(results.glob("ncu_vig_t_*.txt"), key=lambda p: (len(p.stem), p.stem)):
+        log = results / "logs" / f"{report.stem}.log"
+        head = log.read_text(errors="replace").splitlines()[:1] if log.exists() else []
+        fields = head[0][len("# commit "):].split(" | ") if head and head[0].startswith("# commit ") else []
+        sha, device = (fields + ["?", "?"])[:2]
+        rows = [[f"{k['kernel']} ({k['grid']}) x {k['threads']}", fmt(k.get("duration"), ".1f"),
+                 fmt(k.get("dram_pct"), ".0f"),
+                 f"{fmt(k.get('occupancy_pct'), '.0f')} / {fmt(k.get('theoretical_pct'), '.0f')}",
+                 fmt(k.get("registers"), ".0f"), fmt(k.get("issued_per_scheduler"), ".2f"),
+                 fmt(k.get("cycles_per_issue"), ".1f")] for k in ncu_kernels(report.read_text(errors="replace"))]
+        if rows:
+            lines += ["", f"`{report.name}` ({sha[:7]}, {device.split(',')[0]}):", ""]
+            lines += table(["kernel (grid x threads)", "us", "DRAM % of peak", "occupancy % achieved / theoretical",
+                            "registers", "warps issued per scheduler per cycle", "cycles per issued instruction"], rows)
+    return lines
+
+
 # ----------------------------------------------------------------------------------------- pages
 
 def performance(res: Results) -> str:
@@ -677,6 +723,14 @@ def performance(res: Results) -> str:
                 "The model's call (`bigla_gated`: bf16 q, k, v as column slices of one projection, bf16 gate "
                 "logits) at ViG layer shapes, `benchmarks/bench_bigla.py`; fla-core's `chunk_gla` runs on "
                 "`[x; flip(x)]`, as the official code trains.", ""] + kernel_section(res)
+    ncu = ncu_section(res.folder)
+    if ncu:
+        out += ["", "## What bounds the BiGLA kernels", "",
+                "Nsight Compute (`python -m benchmarks ncu bigla`: one bf16 forward + backward of the model's call at "
+                "ViG-T layer shapes, clocks not locked), every kernel launch in order: the forward's walk, its output "
+                "kernel's two passes (the second for steep chunks only: with none, its programs return at once), "
+                "the backward's walk and its per-chunk kernel once per scan. Each launch's duration, DRAM throughput "
+                "(share of peak), occupancy, registers, and how often a scheduler issues."] + ncu
     if res("kernel_ops"):
         out += ["", "## The block ops", "",
                 "The depthwise conv + SiLU, add + RMSNorm, locality mix, fc1 + SwiGLU gating and the inference "
