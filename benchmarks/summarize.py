@@ -727,8 +727,9 @@ def performance(res: Results) -> str:
     if ncu:
         out += ["", "## What bounds the BiGLA kernels", "",
                 "Nsight Compute (`python -m benchmarks ncu bigla`: one bf16 forward + backward of the model's call at "
-                "ViG-T layer shapes, clocks not locked), every kernel launch in order: the forward's walk, its output "
-                "kernel's two passes (the second for steep chunks only: with none, its programs return at once), "
+                "ViG-T layer shapes, clocks not locked), every kernel launch in order: the forward's walk (with the "
+                "carry kernel after it where a long walk is cut into segments), its output kernel (with 64-token "
+                "chunks in two passes, the second for steep chunks only: with none, its programs return at once), "
                 "the backward's walk and its per-chunk kernel once per scan. Each launch's duration, DRAM throughput "
                 "(share of peak), occupancy, registers, and how often a scheduler issues."] + ncu
     if res("kernel_ops"):
