@@ -618,13 +618,20 @@ def train_section(result: dict) -> list[str]:
     return table(["model", "data", "epochs", *(f"top-1 @{s}" for s in sizes), "train img/s (fastest epoch)"], rows)
 
 
+def log_header(text: list[str]) -> tuple[str, str]:
+    """The commit and device a suite's log names in its first line (``# commit <sha> | <device>, driver ...``)."""
+    fields = text[0][len("# commit "):].split(" | ") if text and text[0].startswith("# commit ") else []
+    sha, device = (fields + ["?", "?"])[:2]
+    return sha, device.split(",")[0]
+
+
 def tests_section(results: Path) -> list[str]:
     lines = []
     for log in sorted((results / "logs").glob("tests_*.log")):
         text = log.read_text(errors="replace").splitlines()
-        head = text[0][len("# commit "):].split(" | ") if text and text[0].startswith("# commit ") else ["?", "?"]
+        sha, device = log_header(text)
         verdict = next((t.strip() for t in reversed(text) if re.search(r"\d+ (passed|failed)", t)), "no verdict")
-        lines.append(f"* `logs/{log.name}` ({head[0]}, {head[1].split(',')[0]}): {verdict}")
+        lines.append(f"* `logs/{log.name}` ({sha}, {device}): {verdict}")
     return lines
 
 
@@ -655,20 +662,19 @@ def ncu_kernels(text: str) -> list[dict]:
 
 
 def ncu_section(results: Path) -> list[str]:
-    """One table per Nsight Compute report of the BiGLA call (``ncu_*.txt``): what each kernel's launch achieved."""
+    """One table per Nsight Compute report of the BiGLA call (``ncu_vig_t_*.txt``, the commit and device from its
+    log): what each kernel's launch achieved."""
     lines = []
     for report in sorted(results.glob("ncu_vig_t_*.txt"), key=lambda p: (len(p.stem), p.stem)):
         log = results / "logs" / f"{report.stem}.log"
-        head = log.read_text(errors="replace").splitlines()[:1] if log.exists() else []
-        fields = head[0][len("# commit "):].split(" | ") if head and head[0].startswith("# commit ") else []
-        sha, device = (fields + ["?", "?"])[:2]
+        sha, device = log_header(log.read_text(errors="replace").splitlines()[:1] if log.exists() else [])
         rows = [[f"{k['kernel']} ({k['grid']}) x {k['threads']}", fmt(k.get("duration"), ".1f"),
                  fmt(k.get("dram_pct"), ".0f"),
                  f"{fmt(k.get('occupancy_pct'), '.0f')} / {fmt(k.get('theoretical_pct'), '.0f')}",
                  fmt(k.get("registers"), ".0f"), fmt(k.get("issued_per_scheduler"), ".2f"),
                  fmt(k.get("cycles_per_issue"), ".1f")] for k in ncu_kernels(report.read_text(errors="replace"))]
         if rows:
-            lines += ["", f"`{report.name}` ({sha[:7]}, {device.split(',')[0]}):", ""]
+            lines += ["", f"`{report.name}` ({sha[:7]}, {device}):", ""]
             lines += table(["kernel (grid x threads)", "us", "DRAM % of peak", "occupancy % achieved / theoretical",
                             "registers", "warps issued per scheduler per cycle", "cycles per issued instruction"], rows)
     return lines
