@@ -635,10 +635,10 @@ def tests_section(results: Path) -> list[str]:
     return lines
 
 
-NCU_METRICS = {"Duration": "duration", "DRAM Throughput": "dram_pct", "Achieved Occupancy": "occupancy_pct",
-               "Theoretical Occupancy": "theoretical_pct", "Registers Per Thread": "registers",
-               "Issued Warp Per Scheduler": "issued_per_scheduler",
-               "Warp Cycles Per Issued Instruction": "cycles_per_issue"}
+NCU_METRICS = {"Duration": "duration", "DRAM Throughput": "dram_pct", "L2 Hit Rate": "l2_hit_pct",
+               "Achieved Occupancy": "occupancy_pct", "Theoretical Occupancy": "theoretical_pct",
+               "Registers Per Thread": "registers", "Eligible Warps Per Scheduler": "eligible_per_scheduler",
+               "Issued Warp Per Scheduler": "issued_per_scheduler"}
 NCU_KERNEL = re.compile(r"^  (\w+) \((\d+, \d+, \d+)\)x\((\d+), \d+, \d+\)")
 NCU_METRIC = re.compile(r"^    (" + "|".join(NCU_METRICS) + r")\s+(\S+\s+)?([\d.,]+)\s*$")
 NCU_SCALE = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
@@ -669,14 +669,15 @@ def ncu_section(results: Path) -> list[str]:
         log = results / "logs" / f"{report.stem}.log"
         sha, device = log_header(log.read_text(errors="replace").splitlines()[:1] if log.exists() else [])
         rows = [[f"{k['kernel']} ({k['grid']}) x {k['threads']}", fmt(k.get("duration"), ".1f"),
-                 fmt(k.get("dram_pct"), ".0f"),
+                 fmt(k.get("dram_pct"), ".0f"), fmt(k.get("l2_hit_pct"), ".0f"),
                  f"{fmt(k.get('occupancy_pct'), '.0f')} / {fmt(k.get('theoretical_pct'), '.0f')}",
-                 fmt(k.get("registers"), ".0f"), fmt(k.get("issued_per_scheduler"), ".2f"),
-                 fmt(k.get("cycles_per_issue"), ".1f")] for k in ncu_kernels(report.read_text(errors="replace"))]
+                 fmt(k.get("registers"), ".0f"), fmt(k.get("eligible_per_scheduler"), ".2f"),
+                 fmt(k.get("issued_per_scheduler"), ".2f")] for k in ncu_kernels(report.read_text(errors="replace"))]
         if rows:
             lines += ["", f"`{report.name}` ({sha[:7]}, {device}):", ""]
-            lines += table(["kernel (grid x threads)", "us", "DRAM % of peak", "occupancy % achieved / theoretical",
-                            "registers", "warps issued per scheduler per cycle", "cycles per issued instruction"], rows)
+            lines += table(["kernel (grid x threads)", "us", "DRAM % of peak", "L2 hit %",
+                            "occupancy % achieved / theoretical", "registers", "eligible warps per scheduler",
+                            "warps issued per scheduler per cycle"], rows)
     return lines
 
 
@@ -737,7 +738,8 @@ def performance(res: Results) -> str:
                 "carry kernel after it where a long walk is cut into segments), its output kernel (with 64-token "
                 "chunks in two passes, the second for steep chunks only: with none, its programs return at once), "
                 "the backward's walk and its per-chunk kernel once per scan. Each launch's duration, DRAM throughput "
-                "(share of peak), occupancy, registers, and how often a scheduler issues."] + ncu
+                "(share of peak), L2 hit rate, occupancy, registers, the warps ready to issue per scheduler and "
+                "cycle, and how often a scheduler issues (at most once per cycle)."] + ncu
     if res("kernel_ops"):
         out += ["", "## The block ops", "",
                 "The depthwise conv + SiLU, add + RMSNorm, locality mix, fc1 + SwiGLU gating and the inference "

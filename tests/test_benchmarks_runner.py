@@ -492,8 +492,9 @@ def test_ncu_kernels_reads_each_launch_of_a_text_report(tmp_path):
         "    Section: GPU Speed Of Light Throughput",
         "    DRAM Throughput                   %        55.79",
         "    Duration                         us       117.76",
+        "    L2 Hit Rate                                      %        36.95",
         "    Issued Warp Per Scheduler                        0.39",
-        "    Warp Cycles Per Issued Instruction             cycle         4.61",
+        "    Eligible Warps Per Scheduler        warp         0.48",
         "    Registers Per Thread             register/thread               255",
         "    Theoretical Occupancy                     %         12.50",
         "    Achieved Occupancy                        %        10.67",
@@ -503,13 +504,13 @@ def test_ncu_kernels_reads_each_launch_of_a_text_report(tmp_path):
         "    Registers Per Thread             register/thread               128"])
     walk, fwd = summarize.ncu_kernels(text)
     assert walk == {"kernel": "_bigla_walk_kernel", "grid": "2, 1, 384", "threads": 64, "dram_pct": 55.79,
-                    "duration": 117.76, "issued_per_scheduler": 0.39, "cycles_per_issue": 4.61, "registers": 255,
-                    "theoretical_pct": 12.5, "occupancy_pct": 10.67}
+                    "duration": 117.76, "l2_hit_pct": 36.95, "issued_per_scheduler": 0.39,
+                    "eligible_per_scheduler": 0.48, "registers": 255, "theoretical_pct": 12.5, "occupancy_pct": 10.67}
     assert fwd["duration"] == 1250.0 and fwd["registers"] == 128 and "occupancy_pct" not in fwd
     (tmp_path / "logs").mkdir()
     (tmp_path / "ncu_vig_t_224.txt").write_text(text)
     (tmp_path / "logs" / "ncu_vig_t_224.log").write_text("# commit abcdef0123 | NVIDIA H100 80GB HBM3, driver 1\n")
     lines = summarize.ncu_section(tmp_path)
     assert "`ncu_vig_t_224.txt` (abcdef0, NVIDIA H100 80GB HBM3):" in lines
-    assert "| _bigla_walk_kernel (2, 1, 384) x 64 | 117.8 | 56 | 11 / 12 | 255 | 0.39 | 4.6 |" in lines
-    assert "| _bigla_fwd_kernel (1, 16, 384) x 128 | 1250.0 | 0 | - / - | 128 | - | - |" in lines
+    assert "| _bigla_walk_kernel (2, 1, 384) x 64 | 117.8 | 56 | 37 | 11 / 12 | 255 | 0.48 | 0.39 |" in lines
+    assert "| _bigla_fwd_kernel (1, 16, 384) x 128 | 1250.0 | 0 | - | - / - | 128 | - | - |" in lines
