@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vigla.bench.report import ENVELOPE_KEYS
 
+from .runner import read_header
 from .suites import ROOT, SUITES, producers
 
 INDEX = "INDEX.md"
@@ -54,12 +55,12 @@ def _from_json(entry: Entry, path: Path) -> None:
 
 def _from_log(entry: Entry, path: Path) -> None:
     lines = path.read_text(errors="replace").splitlines()[:3]
-    if not lines or not lines[0].startswith("# commit "):
+    head = read_header(lines[0]) if lines else None
+    if head is None:
         entry.problems.append(f"logs/{path.name} has no header (# commit C | device | versions)")
         return
-    head = lines[0][len("# commit "):].split(" | ")
     entry.commit = entry.commit or head[0][:7]
-    entry.device = entry.device or (head[1].split(",")[0] if len(head) > 1 else None)
+    entry.device = entry.device or head[1]
     command = next((line[4:] for line in lines[1:] if line.startswith("# $ ")), None)
     if command is None and len(lines) > 1:  # an older header: "# <how it was run>: <command>"
         command = lines[1].lstrip("# ")

@@ -134,6 +134,15 @@ def log_path(step: Step, out: Path) -> Path:
     return step.log or out / "logs" / f"{step.name}.log"
 
 
+def read_header(first_line: str) -> tuple[str, str | None] | None:
+    """The commit and device (without its driver) that a log's first line names, as :func:`_header` writes it;
+    None for any other line."""
+    if not first_line.startswith("# commit "):
+        return None
+    fields = first_line[len("# commit "):].split(" | ")
+    return fields[0], fields[1].split(",")[0] if len(fields) > 1 else None
+
+
 def _header(step: Step, sha: str | None, where: str, env_versions: str) -> str:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return (f"# commit {sha or 'unknown'} | {where} | {env_versions}\n"

@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from .runner import read_header
 from .suites import ROOT
 
 SIZES = (224, 512, 1024, 2048)
@@ -619,10 +620,10 @@ def train_section(result: dict) -> list[str]:
 
 
 def log_header(text: list[str]) -> tuple[str, str]:
-    """The commit and device a suite's log names in its first line (``# commit <sha> | <device>, driver ...``)."""
-    fields = text[0][len("# commit "):].split(" | ") if text and text[0].startswith("# commit ") else []
-    sha, device = (fields + ["?", "?"])[:2]
-    return sha, device.split(",")[0]
+    """The commit and device a suite's log names in its first line (:func:`benchmarks.runner.read_header`), "?"
+    for what it does not name."""
+    sha, device = (read_header(text[0]) if text else None) or ("?", None)
+    return sha, device or "?"
 
 
 def tests_section(results: Path) -> list[str]:
